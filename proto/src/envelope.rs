@@ -1,0 +1,226 @@
+//! The versioned envelope that carries a batch of events in one broker message.
+//!
+//! # Wire format (version 1)
+//!
+//! All integers are postcard varints; strings are a varint length and UTF-8.
+//!
+//! ```text
+//! v: u16 | sender: str | seq: u64 | sent_at_ms: u64 | count: u32 | count x (len: u32, postcard(Event))
+//! ```
+//!
+//! Each event is framed on its own so a reader skips an event kind it does
+//! not know (a newer agent) and keeps the rest of the batch. The version comes
+//! first and is checked before anything else is read.
+//!
+//! # Guarantees
+//!
+//! [`decode`] never panics, refuses input over [`MAX_ENVELOPE_BYTES`], and
+//! allocates only in proportion to the bytes it actually decodes.
+
+use crate::event::Event;
+use crate::ids::AgentId;
+use serde::{Deserialize, Serialize};
+
+/// The envelope version this crate writes and reads.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest envelope a reader accepts, and that [`EnvelopeBuilder`] users
+/// should flush before reaching.
+pub const MAX_ENVELOPE_BYTES: usize = 1 << 20;
+
+/// Why an envelope could not be read. Readers count these by [`DecodeError::reason`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Larger than [`MAX_ENVELOPE_BYTES`].
+    #[error("envelope of {0} bytes exceeds the {MAX_ENVELOPE_BYTES}-byte limit")]
+    Oversized(usize),
+    /// Written by a version this reader does not speak.
+    #[error("unknown envelope version {0} (this reader speaks {PROTOCOL_VERSION})")]
+    UnknownVersion(u16),
+    /// Not a valid envelope: truncated, bad varint, bad sender id, trailing bytes...
+    #[error("malformed envelope: {0}")]
+    Malformed(&'static str),
+}
+
+impl DecodeError {
+    /// A bounded label for metrics: `oversized`, `version`, `malformed`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Oversized(_) => "oversized",
+            DecodeError::UnknownVersion(_) => "version",
+            DecodeError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Why an envelope could not be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// postcard refused a value (never expected for these types).
+    #[error("cannot encode event: {0}")]
+    Postcard(String),
+    /// The batch grew past [`MAX_ENVELOPE_BYTES`]; flush earlier.
+    #[error("envelope would be {0} bytes, over the {MAX_ENVELOPE_BYTES}-byte limit")]
+    TooLarge(usize),
+}
+
+/// A decoded or to-be-encoded batch of events from one sender.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// Who sent it; events are attributed to this agent.
+    pub sender: AgentId,
+    /// The sender's batch counter, +1 per envelope: gaps and repeats reveal
+    /// lost or duplicated batches.
+    pub seq: u64,
+    /// When the batch was published, on the sender's clock.
+    pub sent_at_ms: u64,
+    /// The events, in the order they happened.
+    pub events: Vec<Event>,
+}
+
+/// The result of [`decode`]: the envelope and how many event frames in it
+/// could not be read (unknown kinds from newer senders, or corrupt frames).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// Everything that could be read.
+    pub envelope: Envelope,
+    /// Frames skipped; callers count them as malformed events.
+    pub skipped: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header<'a> {
+    sender: &'a str,
+    seq: u64,
+    sent_at_ms: u64,
+}
+
+impl Envelope {
+    /// Encodes the whole envelope at once.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut builder = EnvelopeBuilder::default();
+        for event in &self.events {
+            builder.push(event)?;
+        }
+        builder.finish(&self.sender, self.seq, self.sent_at_ms)
+    }
+}
+
+/// Accumulates encoded events for one envelope; agents keep one per batch.
+#[derive(Debug, Default)]
+pub struct EnvelopeBuilder {
+    /// The framed events so far (length prefix + postcard bytes each).
+    frames: Vec<u8>,
+    /// How many events `frames` holds.
+    count: u32,
+    /// Reused buffer for one event's encoding, to avoid an allocation per push.
+    scratch: Vec<u8>,
+}
+
+impl EnvelopeBuilder {
+    /// Appends one event.
+    pub fn push(&mut self, event: &Event) -> Result<(), EncodeError> {
+        self.scratch.clear();
+        let scratch = std::mem::take(&mut self.scratch);
+        let scratch = postcard::to_extend(event, scratch)
+            .map_err(|e| EncodeError::Postcard(e.to_string()))?;
+        let len = u32::try_from(scratch.len()).map_err(|_| EncodeError::TooLarge(scratch.len()))?;
+        self.frames = postcard::to_extend(&len, std::mem::take(&mut self.frames))
+            .map_err(|e| EncodeError::Postcard(e.to_string()))?;
+        self.frames.extend_from_slice(&scratch);
+        self.scratch = scratch;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Events pushed since the last [`finish`](Self::finish).
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether nothing was pushed since the last finish.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes the events take so far (the header adds fewer than 160).
+    pub fn encoded_len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Writes the envelope and empties the builder for the next batch.
+    pub fn finish(
+        &mut self,
+        sender: &AgentId,
+        seq: u64,
+        sent_at_ms: u64,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let header = Header {
+            sender: sender.as_str(),
+            seq,
+            sent_at_ms,
+        };
+        let mut out = Vec::with_capacity(self.frames.len() + 32 + sender.as_str().len());
+        let map = |e: postcard::Error| EncodeError::Postcard(e.to_string());
+        out = postcard::to_extend(&PROTOCOL_VERSION, out).map_err(map)?;
+        out = postcard::to_extend(&header, out).map_err(map)?;
+        out = postcard::to_extend(&self.count, out).map_err(map)?;
+        out.extend_from_slice(&self.frames);
+        self.frames.clear();
+        self.count = 0;
+        if out.len() > MAX_ENVELOPE_BYTES {
+            return Err(EncodeError::TooLarge(out.len()));
+        }
+        Ok(out)
+    }
+}
+
+/// Reads an envelope. Never panics; see the module docs for the guarantees.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    if bytes.len() > MAX_ENVELOPE_BYTES {
+        return Err(DecodeError::Oversized(bytes.len()));
+    }
+    let (v, rest) = postcard::take_from_bytes::<u16>(bytes)
+        .map_err(|_| DecodeError::Malformed("no version"))?;
+    if v != PROTOCOL_VERSION {
+        return Err(DecodeError::UnknownVersion(v));
+    }
+    let (header, rest) = postcard::take_from_bytes::<Header<'_>>(rest)
+        .map_err(|_| DecodeError::Malformed("bad header"))?;
+    let sender =
+        AgentId::new(header.sender).map_err(|_| DecodeError::Malformed("bad sender id"))?;
+    let (count, mut rest) = postcard::take_from_bytes::<u32>(rest)
+        .map_err(|_| DecodeError::Malformed("bad event count"))?;
+    // Every frame takes at least one byte: a larger count is a lie.
+    if count as usize > rest.len() {
+        return Err(DecodeError::Malformed("event count exceeds input"));
+    }
+    let mut events = Vec::new();
+    let mut skipped = 0u32;
+    for _ in 0..count {
+        let (len, after) = postcard::take_from_bytes::<u32>(rest)
+            .map_err(|_| DecodeError::Malformed("bad frame length"))?;
+        let len = len as usize;
+        if len > after.len() {
+            return Err(DecodeError::Malformed("frame exceeds input"));
+        }
+        let (frame, after) = after.split_at(len);
+        match postcard::from_bytes::<Event>(frame) {
+            Ok(event) => events.push(event),
+            Err(_) => skipped += 1,
+        }
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed("trailing bytes"));
+    }
+    Ok(Decoded {
+        envelope: Envelope {
+            sender,
+            seq: header.seq,
+            sent_at_ms: header.sent_at_ms,
+            events,
+        },
+        skipped,
+    })
+}

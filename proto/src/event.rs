@@ -1,0 +1,370 @@
+//! Events: what agents (and submitters) report on the events stream.
+//!
+//! Every time is milliseconds since the Unix epoch on the sender's clock.
+//! Events are self-describing enough that a reader who joins late (the
+//! stream's retention cut the agent's `Hello`) still learns everything it
+//! needs from the next heartbeat.
+
+use crate::ids::{AgentId, Stage, TaskId};
+use serde::{Deserialize, Serialize};
+
+/// One thing that happened, as reported by an agent or a submitter.
+///
+/// New variants are only ever appended, so an older reader skips what it
+/// does not know (see [`crate::envelope`]) instead of dropping a whole batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// An agent started (or restarted) and says what it is.
+    Hello(Hello),
+    /// An agent is alive; sent every `heartbeat_ms`.
+    Heartbeat(Heartbeat),
+    /// A producer put a task on a stage's queue.
+    TaskSubmitted(TaskSubmitted),
+    /// An agent received a task and handed it to its worker.
+    TaskStarted(TaskStarted),
+    /// A worker reported progress on a task it is processing.
+    TaskProgress(TaskProgress),
+    /// A stage attempt succeeded; the task moved on or finished.
+    TaskSucceeded(TaskSucceeded),
+    /// A stage attempt failed. Followed by `TaskRetrying` or `TaskDeadLettered`.
+    TaskFailed(TaskFailed),
+    /// A failed attempt was scheduled for another try after a delay.
+    TaskRetrying(TaskRetrying),
+    /// A task was moved to its stage's dead-letter queue.
+    TaskDeadLettered(TaskDeadLettered),
+    /// The worker process supervised by an agent exited.
+    WorkerExited(WorkerExited),
+    /// An agent is shutting down on purpose (drain, SIGTERM).
+    AgentStopping(AgentStopping),
+    /// A coordinator's own marker, written to find the live end of the stream.
+    Marker(Marker),
+}
+
+impl Event {
+    /// The task this event is about, if any.
+    pub fn task_id(&self) -> Option<&TaskId> {
+        match self {
+            Event::TaskSubmitted(e) => Some(&e.task_id),
+            Event::TaskStarted(e) => Some(&e.task_id),
+            Event::TaskProgress(e) => Some(&e.task_id),
+            Event::TaskSucceeded(e) => Some(&e.task_id),
+            Event::TaskFailed(e) => Some(&e.task_id),
+            Event::TaskRetrying(e) => Some(&e.task_id),
+            Event::TaskDeadLettered(e) => Some(&e.task_id),
+            Event::Hello(_)
+            | Event::Heartbeat(_)
+            | Event::WorkerExited(_)
+            | Event::AgentStopping(_)
+            | Event::Marker(_) => None,
+        }
+    }
+
+    /// A short, stable name for logs and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Hello(_) => "hello",
+            Event::Heartbeat(_) => "heartbeat",
+            Event::TaskSubmitted(_) => "task_submitted",
+            Event::TaskStarted(_) => "task_started",
+            Event::TaskProgress(_) => "task_progress",
+            Event::TaskSucceeded(_) => "task_succeeded",
+            Event::TaskFailed(_) => "task_failed",
+            Event::TaskRetrying(_) => "task_retrying",
+            Event::TaskDeadLettered(_) => "task_dead_lettered",
+            Event::WorkerExited(_) => "worker_exited",
+            Event::AgentStopping(_) => "agent_stopping",
+            Event::Marker(_) => "marker",
+        }
+    }
+}
+
+/// How an agent hands tasks to its worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerMode {
+    /// HTTP POST of each payload to this URL.
+    Http {
+        /// The worker's URL.
+        url: String,
+    },
+    /// One process per task, payload on stdin.
+    Exec {
+        /// The command line, as given.
+        command: String,
+    },
+    /// A built-in simulated worker (demo, benchmarks).
+    Simulated,
+}
+
+/// What an agent is doing, as it reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AgentState {
+    /// Consuming, with no task in hand.
+    Idle,
+    /// Consuming, with at least one task in hand.
+    Processing,
+    /// Not consuming on purpose (a pause command); finishes tasks in hand.
+    Paused,
+    /// Finishing tasks in hand, then exiting.
+    Draining,
+    /// Waiting for its worker process to (re)start.
+    Starting,
+}
+
+impl AgentState {
+    /// Lower-case name used in the API and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Idle => "idle",
+            AgentState::Processing => "processing",
+            AgentState::Paused => "paused",
+            AgentState::Draining => "draining",
+            AgentState::Starting => "starting",
+        }
+    }
+}
+
+/// Sent once when an agent starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Send time.
+    pub at_ms: u64,
+    /// Agent version (`CARGO_PKG_VERSION`), so mixed fleets are visible.
+    pub version: String,
+    /// The stage the agent consumes now.
+    pub stage: Stage,
+    /// The stage successful results go to by default; `None` ends the pipeline.
+    pub next: Option<Stage>,
+    /// Every stage this agent is able to serve (for rebalancing); includes `stage`.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub stages: Vec<Stage>,
+    /// Tasks processed at once (also the consumer prefetch).
+    pub concurrency: u32,
+    /// The heartbeat interval, from which the coordinator derives liveness.
+    pub heartbeat_ms: u32,
+    /// Host the agent runs on.
+    pub hostname: String,
+    /// The agent's own process id.
+    pub pid: u32,
+    /// How tasks reach the worker.
+    pub mode: WorkerMode,
+    /// Whether the agent starts and supervises the worker process.
+    pub supervised: bool,
+}
+
+/// A task an agent holds right now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInHand {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its attempt number at this stage (1 = first try).
+    pub attempt: u32,
+    /// When the worker got it.
+    pub started_at_ms: u64,
+}
+
+/// CPU and memory of one process.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ProcStats {
+    /// The process measured.
+    pub pid: u32,
+    /// CPU used since the last sample, as a share of one core (1.0 = one core busy).
+    pub cpu_ratio: f32,
+    /// Resident memory in bytes.
+    pub rss_bytes: u64,
+}
+
+/// An agent's periodic report. Carries the agent's identity too, so a reader
+/// that never saw the `Hello` still knows the worker's stage and version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Send time.
+    pub at_ms: u64,
+    /// Agent version.
+    pub version: String,
+    /// The stage consumed now.
+    pub stage: Stage,
+    /// Default next stage.
+    pub next: Option<Stage>,
+    /// What the agent is doing.
+    pub state: AgentState,
+    /// Tasks processed at once.
+    pub concurrency: u32,
+    /// The interval between heartbeats; silence for 3 of them means dead.
+    pub heartbeat_ms: u32,
+    /// Tasks in hand with their start times.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub in_hand: Vec<TaskInHand>,
+    /// Stage attempts that succeeded since the agent started.
+    pub done: u64,
+    /// Stage attempts that failed since the agent started.
+    pub failed: u64,
+    /// The worker process, when the agent supervises it (or runs exec tasks).
+    pub worker: Option<ProcStats>,
+    /// The agent process itself.
+    pub agent: Option<ProcStats>,
+    /// Host the agent runs on.
+    pub hostname: String,
+    /// Times the supervised worker process was restarted.
+    pub worker_restarts: u32,
+}
+
+/// A task was published to a stage's queue by a producer (`guildhall submit`,
+/// `POST /api/tasks`); agents report hand-offs to later stages with
+/// [`TaskSucceeded::next`] instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSubmitted {
+    /// Publish time (after the broker confirmed it).
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage whose queue received it.
+    pub stage: Stage,
+    /// Payload size, for the record.
+    pub payload_bytes: u32,
+}
+
+/// An agent handed a task to its worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStarted {
+    /// When the worker got it.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage.
+    pub stage: Stage,
+    /// Attempt number at this stage (1 = first try).
+    pub attempt: u32,
+    /// When the message was put on this stage's queue, if the publisher said.
+    pub enqueued_at_ms: Option<u64>,
+    /// When the task entered the pipeline (first stage), if known.
+    pub submitted_at_ms: Option<u64>,
+    /// The broker redelivered it (a previous holder died or nacked).
+    pub redelivered: bool,
+}
+
+/// Progress reported by a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskProgress {
+    /// Report time.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage.
+    pub stage: Stage,
+    /// Attempt number at this stage.
+    pub attempt: u32,
+    /// Done share, 0.0 to 1.0, if the worker knows it.
+    pub fraction: Option<f32>,
+    /// A short free-text status.
+    pub message: Option<String>,
+}
+
+/// A stage attempt succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSucceeded {
+    /// When the result was safely handed on (next stage's publish confirmed).
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage.
+    pub stage: Stage,
+    /// Attempt number at this stage.
+    pub attempt: u32,
+    /// When the worker got it (so the duration is known without `TaskStarted`).
+    pub started_at_ms: u64,
+    /// Where the result was published; `None` = the pipeline ended here.
+    pub next: Option<Stage>,
+    /// When the task entered the pipeline, if known (for end-to-end times).
+    pub submitted_at_ms: Option<u64>,
+}
+
+/// A stage attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFailed {
+    /// When the failure was known.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage.
+    pub stage: Stage,
+    /// Attempt number at this stage.
+    pub attempt: u32,
+    /// When the worker got it.
+    pub started_at_ms: u64,
+    /// What went wrong, truncated to [`crate::MAX_ERROR_LEN`].
+    pub error: String,
+    /// A bounded classification: the worker's own class, or `http_503`,
+    /// `exit_1`, `timeout`, `connection`, `crash`...
+    pub error_class: String,
+    /// Whether another attempt may succeed.
+    pub retryable: bool,
+}
+
+/// A failed task will be tried again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRetrying {
+    /// When the retry was scheduled (retry message confirmed).
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage.
+    pub stage: Stage,
+    /// The attempt that failed.
+    pub attempt: u32,
+    /// The delay before the next attempt reaches the stage queue again.
+    pub delay_ms: u64,
+}
+
+/// A task was moved to `<ns>.dead.<stage>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskDeadLettered {
+    /// When the dead-letter publish was confirmed.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage.
+    pub stage: Stage,
+    /// The last attempt.
+    pub attempt: u32,
+    /// The last error.
+    pub error: String,
+}
+
+/// The supervised worker process exited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerExited {
+    /// When the exit was seen.
+    pub at_ms: u64,
+    /// The process that exited.
+    pub pid: u32,
+    /// Exit code, if it exited normally.
+    pub code: Option<i32>,
+    /// Signal number, if a signal ended it.
+    pub signal: Option<i32>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// When the agent will start it again, if it will.
+    pub restart_in_ms: Option<u64>,
+}
+
+/// An agent is stopping on purpose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStopping {
+    /// When it decided to stop.
+    pub at_ms: u64,
+    /// Why ("drain", "SIGTERM", ...).
+    pub reason: String,
+}
+
+/// Written by a coordinator to its own stream at start-up: when it reads its
+/// marker back it has caught up with the live end of the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    /// Send time.
+    pub at_ms: u64,
+    /// Random value that identifies this coordinator run.
+    pub nonce: u64,
+}
+
+/// Identity of whoever sent an envelope; events are attributed to it.
+pub type Sender = AgentId;

@@ -1,0 +1,75 @@
+//! Header names: on task messages (AMQP), on the hand-off to an HTTP worker,
+//! and the environment of an exec worker. One place, so agent, coordinator
+//! and users' workers agree.
+
+/// AMQP headers on task messages. The task id itself is the `message_id`
+/// property; the enqueue time is also mirrored in the `timestamp` property
+/// (seconds) for tools that only read that.
+pub mod amqp {
+    /// Attempt number at the current stage, 1 for the first try (long int).
+    pub const ATTEMPT: &str = "x-guildhall-attempt";
+    /// When the message was put on its current stage's queue, ms since epoch.
+    pub const ENQUEUED_AT: &str = "x-guildhall-enqueued-at";
+    /// When the task entered the pipeline, ms since epoch; kept across stages.
+    pub const SUBMITTED_AT: &str = "x-guildhall-submitted-at";
+    /// W3C trace context, kept across stages (new parent span per stage).
+    pub const TRACEPARENT: &str = "traceparent";
+    /// The stage a dead-lettered task failed at.
+    pub const DEAD_STAGE: &str = "x-guildhall-dead-stage";
+    /// The last error of a dead-lettered task.
+    pub const LAST_ERROR: &str = "x-guildhall-last-error";
+    /// The error class of a dead-lettered task's last failure.
+    pub const ERROR_CLASS: &str = "x-guildhall-error-class";
+    /// The agent that dead-lettered a task.
+    pub const DEAD_BY: &str = "x-guildhall-dead-by";
+    /// Set by quorum queues: how many times the broker delivered the message.
+    pub const DELIVERY_COUNT: &str = "x-delivery-count";
+    /// Set by streams on each delivery: the message's offset.
+    pub const STREAM_OFFSET: &str = "x-stream-offset";
+}
+
+/// HTTP headers between an agent and an HTTP worker.
+pub mod http {
+    /// Request: the task id.
+    pub const TASK_ID: &str = "x-guildhall-task-id";
+    /// Request: the stage being processed.
+    pub const STAGE: &str = "x-guildhall-stage";
+    /// Request: the attempt number at this stage.
+    pub const ATTEMPT: &str = "x-guildhall-attempt";
+    /// Request: `<task id>/<stage>/<attempt>`, stable across redeliveries of
+    /// the same attempt; workers use it to make side effects idempotent.
+    pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+    /// Request: W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// Response: send the result to this stage instead of the default next
+    /// one; the value `-` ends the pipeline here.
+    pub const NEXT_STAGE: &str = "x-guildhall-next-stage";
+    /// Response (on failure): the worker's own error class, such as `db_timeout`.
+    pub const ERROR_CLASS: &str = "x-guildhall-error-class";
+}
+
+/// Environment of an exec worker process (one per task).
+pub mod env {
+    /// The task id.
+    pub const TASK_ID: &str = "GUILDHALL_TASK_ID";
+    /// The stage.
+    pub const STAGE: &str = "GUILDHALL_STAGE";
+    /// The attempt number at this stage.
+    pub const ATTEMPT: &str = "GUILDHALL_ATTEMPT";
+    /// `<task id>/<stage>/<attempt>`.
+    pub const IDEMPOTENCY_KEY: &str = "GUILDHALL_IDEMPOTENCY_KEY";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "TRACEPARENT";
+}
+
+/// The value of [`http::NEXT_STAGE`] that ends the pipeline.
+pub const END_OF_PIPELINE: &str = "-";
+
+/// Exit code of an exec worker meaning "this input is bad, do not retry"
+/// (`EX_DATAERR` from sysexits.h). Any other non-zero exit is retried.
+pub const EXIT_PERMANENT_FAILURE: i32 = 65;
+
+/// The idempotency key for one stage attempt.
+pub fn idempotency_key(task_id: &str, stage: &str, attempt: u32) -> String {
+    format!("{task_id}/{stage}/{attempt}")
+}

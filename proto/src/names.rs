@@ -1,0 +1,126 @@
+//! Broker names, all derived from one namespace so that several deployments
+//! (and parallel tests) share one broker without touching each other.
+//!
+//! | what | name | kind |
+//! |---|---|---|
+//! | task exchange | `<ns>.tasks` | direct, routing key = stage |
+//! | stage queue | `<ns>.stage.<stage>` | quorum |
+//! | retry queue | `<ns>.retry.<stage>.<delay_ms>` | quorum, TTL dead-letters back to `<ns>.tasks` |
+//! | dead-letter exchange | `<ns>.dead` | direct, routing key = stage |
+//! | dead-letter queue | `<ns>.dead.<stage>` | quorum |
+//! | events | `<ns>.events` | stream |
+//! | control exchange | `<ns>.control` | topic |
+//! | an agent's command queue | `<ns>.agent.<agent id>` | classic, exclusive |
+//! | an agent's AMQP connection | `guildhall-agent/<agent id>` | connection name |
+
+use crate::ids::{AgentId, Namespace, Stage};
+
+/// The namespace used when none is given.
+pub const DEFAULT_NAMESPACE: &str = "guildhall";
+
+/// Prefix of every agent's AMQP connection name.
+pub const AGENT_CONNECTION_PREFIX: &str = "guildhall-agent/";
+
+/// Routing key that reaches every agent on the control exchange.
+pub const CONTROL_KEY_ALL: &str = "all";
+
+/// Names derived from one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Names {
+    /// The namespace every name starts with.
+    ns: Namespace,
+}
+
+impl Names {
+    /// Names for `ns`.
+    pub fn new(ns: Namespace) -> Self {
+        Self { ns }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
+    /// Prefix shared by every queue and exchange of this namespace (`<ns>.`).
+    pub fn prefix(&self) -> String {
+        format!("{}.", self.ns)
+    }
+
+    /// The direct exchange every task is published to, keyed by stage.
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.ns)
+    }
+
+    /// A stage's work queue.
+    pub fn stage_queue(&self, stage: &Stage) -> String {
+        format!("{}.stage.{stage}", self.ns)
+    }
+
+    /// A stage's retry queue for one delay; its TTL sends tasks back.
+    pub fn retry_queue(&self, stage: &Stage, delay_ms: u64) -> String {
+        format!("{}.retry.{stage}.{delay_ms}", self.ns)
+    }
+
+    /// The exchange that dead-lettered tasks go through, keyed by stage.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+
+    /// A stage's dead-letter queue.
+    pub fn dead_queue(&self, stage: &Stage) -> String {
+        format!("{}.dead.{stage}", self.ns)
+    }
+
+    /// The events stream.
+    pub fn events_stream(&self) -> String {
+        format!("{}.events", self.ns)
+    }
+
+    /// The topic exchange for commands.
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.ns)
+    }
+
+    /// An agent's own command queue.
+    pub fn agent_control_queue(&self, agent: &AgentId) -> String {
+        format!("{}.agent.{agent}", self.ns)
+    }
+
+    /// Routing key that reaches one agent.
+    pub fn control_key_agent(agent: &AgentId) -> String {
+        format!("agent.{agent}")
+    }
+
+    /// Routing key that reaches every agent of a stage.
+    pub fn control_key_stage(stage: &Stage) -> String {
+        format!("stage.{stage}")
+    }
+
+    /// The AMQP connection name an agent uses, so the coordinator can find
+    /// (and close) it in the management API.
+    pub fn agent_connection_name(agent: &AgentId) -> String {
+        format!("{AGENT_CONNECTION_PREFIX}{agent}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_the_namespace() {
+        let names = Names::new("t-1".parse().unwrap());
+        let stage: Stage = "build".parse().unwrap();
+        assert_eq!(names.tasks_exchange(), "t-1.tasks");
+        assert_eq!(names.stage_queue(&stage), "t-1.stage.build");
+        assert_eq!(names.retry_queue(&stage, 2000), "t-1.retry.build.2000");
+        assert_eq!(names.dead_queue(&stage), "t-1.dead.build");
+        assert_eq!(names.events_stream(), "t-1.events");
+        assert_eq!(names.control_exchange(), "t-1.control");
+        let agent: AgentId = "a1".parse().unwrap();
+        assert_eq!(Names::agent_connection_name(&agent), "guildhall-agent/a1");
+        assert!(names.stage_queue(&stage).starts_with(&names.prefix()));
+        assert_eq!(Names::default().events_stream(), "guildhall.events");
+    }
+}

@@ -1,0 +1,378 @@
+//! Envelope and command tests: examples, then properties over generated
+//! events and arbitrary bytes.
+
+use crate::Envelope;
+use crate::command::{self, Command, CommandMessage, CommandReply};
+use crate::envelope::{DecodeError, EnvelopeBuilder, MAX_ENVELOPE_BYTES, decode};
+use crate::event::*;
+use crate::ids::{AgentId, Stage, TaskId};
+use proptest::prelude::*;
+
+fn stage(s: &str) -> Stage {
+    s.parse().unwrap()
+}
+
+fn task(s: &str) -> TaskId {
+    s.parse().unwrap()
+}
+
+fn sample_events() -> Vec<Event> {
+    vec![
+        Event::Hello(Hello {
+            at_ms: 1,
+            version: "0.1.0".into(),
+            stage: stage("build"),
+            next: Some(stage("report")),
+            stages: vec![stage("build")],
+            concurrency: 4,
+            heartbeat_ms: 1000,
+            hostname: "h".into(),
+            pid: 42,
+            mode: WorkerMode::Http {
+                url: "http://127.0.0.1:9000/".into(),
+            },
+            supervised: true,
+        }),
+        Event::Heartbeat(Heartbeat {
+            at_ms: 2,
+            version: "0.1.0".into(),
+            stage: stage("build"),
+            next: None,
+            state: AgentState::Processing,
+            concurrency: 2,
+            heartbeat_ms: 1000,
+            in_hand: vec![TaskInHand {
+                task_id: task("CODE-1"),
+                attempt: 1,
+                started_at_ms: 2,
+            }],
+            done: 10,
+            failed: 1,
+            worker: Some(ProcStats {
+                pid: 7,
+                cpu_ratio: 0.5,
+                rss_bytes: 1 << 20,
+            }),
+            agent: None,
+            hostname: "h".into(),
+            worker_restarts: 0,
+        }),
+        Event::TaskSucceeded(TaskSucceeded {
+            at_ms: 3,
+            task_id: task("CODE-1"),
+            stage: stage("build"),
+            attempt: 1,
+            started_at_ms: 2,
+            next: Some(stage("report")),
+            submitted_at_ms: Some(1),
+        }),
+        Event::TaskFailed(TaskFailed {
+            at_ms: 4,
+            task_id: task("CODE-2"),
+            stage: stage("build"),
+            attempt: 2,
+            started_at_ms: 3,
+            error: "boom".into(),
+            error_class: "http_503".into(),
+            retryable: true,
+        }),
+    ]
+}
+
+fn envelope(events: Vec<Event>) -> Envelope {
+    Envelope {
+        sender: "agent-1".parse().unwrap(),
+        seq: 9,
+        sent_at_ms: 1_700_000_000_000,
+        events,
+    }
+}
+
+#[test]
+fn envelope_round_trips() {
+    let env = envelope(sample_events());
+    let bytes = env.encode().unwrap();
+    let decoded = decode(&bytes).unwrap();
+    assert_eq!(decoded.skipped, 0);
+    assert_eq!(decoded.envelope, env);
+}
+
+#[test]
+fn builder_resets_after_finish() {
+    let mut b = EnvelopeBuilder::default();
+    for e in sample_events() {
+        b.push(&e).unwrap();
+    }
+    assert_eq!(b.len(), 4);
+    let sender: AgentId = "a".parse().unwrap();
+    let first = b.finish(&sender, 1, 5).unwrap();
+    assert!(b.is_empty());
+    assert_eq!(b.encoded_len(), 0);
+    let second = b.finish(&sender, 2, 6).unwrap();
+    assert_eq!(decode(&first).unwrap().envelope.events.len(), 4);
+    assert!(decode(&second).unwrap().envelope.events.is_empty());
+}
+
+#[test]
+fn unknown_version_is_refused_before_anything_else() {
+    let mut bytes = envelope(sample_events()).encode().unwrap();
+    bytes[0] = 2;
+    assert_eq!(decode(&bytes), Err(DecodeError::UnknownVersion(2)));
+    assert_eq!(DecodeError::UnknownVersion(2).reason(), "version");
+}
+
+#[test]
+fn oversized_input_is_refused() {
+    let bytes = vec![1u8; MAX_ENVELOPE_BYTES + 1];
+    assert_eq!(
+        decode(&bytes),
+        Err(DecodeError::Oversized(MAX_ENVELOPE_BYTES + 1))
+    );
+}
+
+#[test]
+fn an_unknown_event_kind_is_skipped_and_the_rest_kept() {
+    // A newer sender's event: variant index 200, which this Event lacks.
+    let known = sample_events().remove(2);
+    let known_body = postcard::to_allocvec(&known).unwrap();
+    let unknown_body = postcard::to_allocvec(&200u32).unwrap();
+    let mut bytes = postcard::to_allocvec(&1u16).unwrap();
+    bytes.extend(postcard::to_allocvec(&("agent-1", 9u64, 5u64, 2u32)).unwrap());
+    for body in [&unknown_body, &known_body] {
+        bytes.extend(postcard::to_allocvec(&(body.len() as u32)).unwrap());
+        bytes.extend_from_slice(body);
+    }
+    let decoded = decode(&bytes).unwrap();
+    assert_eq!(decoded.skipped, 1);
+    assert_eq!(decoded.envelope.events, vec![known]);
+}
+
+#[test]
+fn trailing_bytes_are_malformed() {
+    let mut bytes = envelope(sample_events()).encode().unwrap();
+    bytes.push(0);
+    assert_eq!(
+        decode(&bytes),
+        Err(DecodeError::Malformed("trailing bytes"))
+    );
+}
+
+#[test]
+fn a_lying_event_count_is_refused_without_allocating_for_it() {
+    let mut bytes = postcard::to_allocvec(&1u16).unwrap();
+    bytes.extend(postcard::to_allocvec(&("a", 1u64, 2u64)).unwrap());
+    bytes.extend(postcard::to_allocvec(&u32::MAX).unwrap());
+    assert_eq!(
+        decode(&bytes),
+        Err(DecodeError::Malformed("event count exceeds input"))
+    );
+}
+
+#[test]
+fn a_bad_sender_id_is_malformed() {
+    let mut bytes = postcard::to_allocvec(&1u16).unwrap();
+    bytes.extend(postcard::to_allocvec(&("no spaces allowed", 1u64, 2u64, 0u32)).unwrap());
+    assert_eq!(decode(&bytes), Err(DecodeError::Malformed("bad sender id")));
+}
+
+#[test]
+fn commands_round_trip_and_check_their_version() {
+    let msg = CommandMessage {
+        id: 7,
+        sent_at_ms: 1,
+        command: Command::SetConcurrency { concurrency: 3 },
+    };
+    let bytes = command::encode(&msg).unwrap();
+    assert_eq!(command::decode::<CommandMessage>(&bytes).unwrap(), msg);
+    let mut wrong = bytes.clone();
+    wrong[0] = 9;
+    assert_eq!(
+        command::decode::<CommandMessage>(&wrong),
+        Err(DecodeError::UnknownVersion(9))
+    );
+    let reply = CommandReply {
+        id: 7,
+        agent: "a".parse().unwrap(),
+        ok: true,
+        message: "done".into(),
+        lines: vec!["x".into()],
+    };
+    let bytes = command::encode(&reply).unwrap();
+    assert_eq!(command::decode::<CommandReply>(&bytes).unwrap(), reply);
+}
+
+// ---- properties ----
+
+fn arb_stage() -> impl Strategy<Value = Stage> {
+    "[a-z][a-z0-9_-]{0,20}".prop_map(|s| s.parse().unwrap())
+}
+
+fn arb_task() -> impl Strategy<Value = TaskId> {
+    "[A-Za-z0-9][A-Za-z0-9_.:@-]{0,40}".prop_map(|s| s.parse().unwrap())
+}
+
+fn arb_event() -> impl Strategy<Value = Event> {
+    let started = (
+        any::<u64>(),
+        arb_task(),
+        arb_stage(),
+        1u32..20,
+        any::<Option<u64>>(),
+        any::<bool>(),
+    )
+        .prop_map(|(at_ms, task_id, stage, attempt, enq, redelivered)| {
+            Event::TaskStarted(TaskStarted {
+                at_ms,
+                task_id,
+                stage,
+                attempt,
+                enqueued_at_ms: enq,
+                submitted_at_ms: enq.map(|e| e / 2),
+                redelivered,
+            })
+        });
+    let succeeded = (
+        any::<u64>(),
+        arb_task(),
+        arb_stage(),
+        proptest::option::of(arb_stage()),
+    )
+        .prop_map(|(at_ms, task_id, stage, next)| {
+            Event::TaskSucceeded(TaskSucceeded {
+                at_ms,
+                task_id,
+                stage,
+                attempt: 1,
+                started_at_ms: at_ms / 2,
+                next,
+                submitted_at_ms: None,
+            })
+        });
+    let failed = (
+        arb_task(),
+        arb_stage(),
+        ".{0,50}",
+        "[a-z_0-9]{1,12}",
+        any::<bool>(),
+    )
+        .prop_map(|(task_id, stage, error, error_class, retryable)| {
+            Event::TaskFailed(TaskFailed {
+                at_ms: 5,
+                task_id,
+                stage,
+                attempt: 3,
+                started_at_ms: 4,
+                error,
+                error_class,
+                retryable,
+            })
+        });
+    let heartbeat = (
+        arb_stage(),
+        proptest::collection::vec(arb_task(), 0..5),
+        0u64..1000,
+    )
+        .prop_map(|(stage, tasks, done)| {
+            Event::Heartbeat(Heartbeat {
+                at_ms: 1,
+                version: "v".into(),
+                stage,
+                next: None,
+                state: AgentState::Idle,
+                concurrency: 1,
+                heartbeat_ms: 1000,
+                in_hand: tasks
+                    .into_iter()
+                    .map(|task_id| TaskInHand {
+                        task_id,
+                        attempt: 1,
+                        started_at_ms: 0,
+                    })
+                    .collect(),
+                done,
+                failed: 0,
+                worker: None,
+                agent: Some(ProcStats {
+                    pid: 1,
+                    cpu_ratio: 0.25,
+                    rss_bytes: 3,
+                }),
+                hostname: "h".into(),
+                worker_restarts: 0,
+            })
+        });
+    let other = prop_oneof![
+        (arb_task(), arb_stage(), any::<u32>()).prop_map(|(task_id, stage, n)| {
+            Event::TaskSubmitted(TaskSubmitted {
+                at_ms: 1,
+                task_id,
+                stage,
+                payload_bytes: n,
+            })
+        }),
+        (arb_task(), arb_stage(), any::<u64>()).prop_map(|(task_id, stage, delay_ms)| {
+            Event::TaskRetrying(TaskRetrying {
+                at_ms: 1,
+                task_id,
+                stage,
+                attempt: 1,
+                delay_ms,
+            })
+        }),
+        (any::<Option<i32>>(), any::<Option<i32>>()).prop_map(|(code, signal)| {
+            Event::WorkerExited(WorkerExited {
+                at_ms: 1,
+                pid: 2,
+                code,
+                signal,
+                restarts: 3,
+                restart_in_ms: Some(100),
+            })
+        }),
+        any::<u64>().prop_map(|nonce| Event::Marker(Marker { at_ms: 1, nonce })),
+    ];
+    prop_oneof![started, succeeded, failed, heartbeat, other]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = decode(&bytes);
+        let _ = command::decode::<CommandMessage>(&bytes);
+    }
+
+    #[test]
+    fn decoding_bytes_behind_a_valid_version_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let mut input = vec![1u8];
+        input.extend(bytes);
+        let _ = decode(&input);
+        let _ = command::decode::<CommandReply>(&input);
+    }
+
+    #[test]
+    fn envelopes_round_trip(events in proptest::collection::vec(arb_event(), 0..40), seq in any::<u64>()) {
+        let mut env = envelope(events);
+        env.seq = seq;
+        let bytes = env.encode().unwrap();
+        let decoded = decode(&bytes).unwrap();
+        prop_assert_eq!(decoded.skipped, 0);
+        prop_assert_eq!(decoded.envelope, env);
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_envelope_is_an_error(events in proptest::collection::vec(arb_event(), 1..10), cut in any::<prop::sample::Index>()) {
+        let bytes = envelope(events).encode().unwrap();
+        let cut = cut.index(bytes.len());
+        prop_assert!(decode(&bytes[..cut]).is_err());
+    }
+
+    #[test]
+    fn corrupting_one_byte_never_panics(events in proptest::collection::vec(arb_event(), 1..10), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let mut bytes = envelope(events).encode().unwrap();
+        let at = at.index(bytes.len());
+        bytes[at] = byte;
+        let _ = decode(&bytes);
+    }
+}
