@@ -1,0 +1,81 @@
+//! Guildhall's RabbitMQ glue, shared by the agent, the coordinator and the
+//! command line: everything that turns [`guildhall_proto`] names and types
+//! into AMQP and management-API calls.
+//!
+//! # Layout
+//!
+//! - [`connect`]: open a named connection from an `amqp://` URL, with a
+//!   heartbeat and connect timeout filled in, and a password-free form of the
+//!   URL for log lines.
+//! - [`topology`]: idempotent declarations (task exchange, stage, retry and
+//!   dead-letter queues, the events stream, the control exchange) and the
+//!   passive probe that tells whether a queue exists.
+//! - [`publish`]: publish with `mandatory` and wait for the confirm, turning a
+//!   nack or a returned (unroutable) message into an error.
+//! - [`task`]: the AMQP properties of a task message (id, attempt, times,
+//!   traceparent), written and read in one place.
+//! - [`events`]: the batching event publisher agents use: flush by time, count
+//!   and size, with a confirm the caller can wait for.
+//! - [`management`]: a small client for the RabbitMQ management HTTP API
+//!   (queue depths with unacked counts, connections, deletes).
+//!
+//! **Nothing here is acked or published without a confirm**: every helper
+//! that sends a message returns only after the broker took responsibility for
+//! it, or returns an error.
+
+pub mod connect;
+pub mod events;
+pub mod management;
+pub mod publish;
+pub mod task;
+pub mod topology;
+
+pub use connect::{AmqpUrl, connect};
+pub use events::{EventPublisher, EventPublisherConfig};
+pub use management::Management;
+pub use publish::{PublishError, Publisher};
+pub use task::TaskMeta;
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Errors talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The URL is not a valid `amqp://` or `amqps://` URL.
+    #[error("invalid AMQP URL {url}: {reason}")]
+    InvalidUrl {
+        /// The URL, without its password.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Could not connect (refused, DNS, auth, timeout).
+    #[error("cannot reach RabbitMQ at {url}: {source}")]
+    Connect {
+        /// The URL, without its password.
+        url: String,
+        /// The client's error.
+        source: lapin::Error,
+    },
+    /// An AMQP operation failed.
+    #[error("{what}: {source}")]
+    Amqp {
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        source: lapin::Error,
+    },
+}
+
+impl BrokerError {
+    pub(crate) fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
+        let what = what.into();
+        move |source| BrokerError::Amqp { what, source }
+    }
+}

@@ -1,0 +1,242 @@
+//! Idempotent declarations of everything a namespace uses.
+//!
+//! Arguments of a queue must be the same at every declaration or the broker
+//! refuses with `PRECONDITION_FAILED`, so they are built here and nowhere
+//! else. The events stream is the exception: its retention is the operator's
+//! choice (a coordinator flag or a broker policy), so it is only declared when
+//! missing and otherwise used as it is.
+
+use crate::BrokerError;
+use guildhall_proto::{Names, Stage};
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ExchangeKind};
+
+/// Times the broker delivers one task before it gives up on it and
+/// dead-letters it (a poison message that kills every agent that takes it).
+/// Every redelivery counts, including those after a lost connection.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Retention of the events stream, applied only when the stream is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRetention {
+    /// `x-max-age`, in RabbitMQ's syntax (`7D`, `12h`, `30m`).
+    pub max_age: String,
+    /// `x-max-length-bytes`: the stream's size cap.
+    pub max_bytes: u64,
+}
+
+impl Default for StreamRetention {
+    fn default() -> Self {
+        Self {
+            max_age: "7D".into(),
+            max_bytes: 2_000_000_000,
+        }
+    }
+}
+
+/// What a passive declare reports about a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueProbe {
+    /// Messages ready for delivery (not counting unacked ones).
+    pub ready: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in pairs {
+        table.insert((*key).into(), value.clone());
+    }
+    table
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+async fn exchange(ch: &Channel, name: String, kind: ExchangeKind) -> Result<(), BrokerError> {
+    ch.exchange_declare(
+        name.as_str().into(),
+        kind,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(BrokerError::amqp(format!("declare exchange {name}")))
+}
+
+async fn queue(ch: &Channel, name: &str, table: FieldTable) -> Result<(), BrokerError> {
+    ch.queue_declare(name.into(), durable(), table)
+        .await
+        .map(|_| ())
+        .map_err(BrokerError::amqp(format!("declare queue {name}")))
+}
+
+async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BrokerError> {
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(BrokerError::amqp(format!("bind {queue} to {exchange}")))
+}
+
+/// Declares a stage: the task exchange, the stage's quorum queue bound to it,
+/// and the stage's dead-letter exchange and queue. Safe to repeat.
+pub async fn declare_stage(ch: &Channel, names: &Names, stage: &Stage) -> Result<(), BrokerError> {
+    exchange(ch, names.tasks_exchange(), ExchangeKind::Direct).await?;
+    exchange(ch, names.dead_exchange(), ExchangeKind::Direct).await?;
+    let dead = names.dead_queue(stage);
+    queue(ch, &dead, args(&[("x-queue-type", text("quorum"))])).await?;
+    bind(ch, &dead, &names.dead_exchange(), stage.as_str()).await?;
+    let work = names.stage_queue(stage);
+    let table = args(&[
+        ("x-queue-type", text("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+        ("x-dead-letter-exchange", text(&names.dead_exchange())),
+        ("x-dead-letter-routing-key", text(stage.as_str())),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ]);
+    queue(ch, &work, table).await?;
+    bind(ch, &work, &names.tasks_exchange(), stage.as_str()).await
+}
+
+/// Declares the retry queue of `stage` for one delay: a quorum queue whose
+/// TTL dead-letters (at least once) back to the stage through the task
+/// exchange. Safe to repeat.
+pub async fn declare_retry_queue(
+    ch: &Channel,
+    names: &Names,
+    stage: &Stage,
+    delay_ms: u64,
+) -> Result<String, BrokerError> {
+    let name = names.retry_queue(stage, delay_ms);
+    let table = args(&[
+        ("x-queue-type", text("quorum")),
+        (
+            "x-message-ttl",
+            AMQPValue::LongLongInt(i64::try_from(delay_ms).unwrap_or(i64::MAX)),
+        ),
+        ("x-dead-letter-exchange", text(&names.tasks_exchange())),
+        ("x-dead-letter-routing-key", text(stage.as_str())),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ]);
+    queue(ch, &name, table).await?;
+    Ok(name)
+}
+
+/// Declares the control exchange (topic). Safe to repeat.
+pub async fn declare_control(ch: &Channel, names: &Names) -> Result<(), BrokerError> {
+    exchange(ch, names.control_exchange(), ExchangeKind::Topic).await
+}
+
+/// Makes sure the events stream exists, creating it with `retention` if it
+/// does not; an existing stream is used as it is, whatever its retention.
+pub async fn ensure_events_stream(
+    conn: &Connection,
+    names: &Names,
+    retention: &StreamRetention,
+) -> Result<(), BrokerError> {
+    let name = names.events_stream();
+    if probe_queue(conn, &name).await?.is_some() {
+        return Ok(());
+    }
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("open channel"))?;
+    let table = args(&[
+        ("x-queue-type", text("stream")),
+        ("x-max-age", text(&retention.max_age)),
+        (
+            "x-max-length-bytes",
+            AMQPValue::LongLongInt(i64::try_from(retention.max_bytes).unwrap_or(i64::MAX)),
+        ),
+        (
+            "x-stream-max-segment-size-bytes",
+            AMQPValue::LongLongInt(100_000_000),
+        ),
+    ]);
+    let result = queue(&ch, &name, table).await;
+    let _ = ch.close(200, "declared".into()).await;
+    result
+}
+
+/// Asks whether a queue exists, on a channel of its own (a missing queue
+/// closes the channel that asked). `None` when it does not exist.
+pub async fn probe_queue(conn: &Connection, name: &str) -> Result<Option<QueueProbe>, BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("open channel"))?;
+    let result = ch
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match result {
+        Ok(q) => {
+            let _ = ch.close(200, "probed".into()).await;
+            Ok(Some(QueueProbe {
+                ready: q.message_count(),
+                consumers: q.consumer_count(),
+            }))
+        }
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(source) => Err(BrokerError::Amqp {
+            what: format!("probe queue {name}"),
+            source,
+        }),
+    }
+}
+
+/// Whether an error is the broker's `NOT_FOUND` (404).
+pub fn is_not_found(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+        if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+/// Deletes a queue if it exists (tests and `guildhall` clean-up commands).
+pub async fn delete_queue(conn: &Connection, name: &str) -> Result<(), BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("open channel"))?;
+    let result = ch
+        .queue_delete(name.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch.close(200, "deleted".into()).await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(source) => Err(BrokerError::Amqp {
+            what: format!("delete queue {name}"),
+            source,
+        }),
+    }
+}
