@@ -57,11 +57,13 @@ impl TaskMeta {
         }
     }
 
-    /// The same task's next attempt at the same stage, scheduled now.
-    pub fn retry(&self, now_ms: u64) -> Self {
+    /// The same task's next attempt at the same stage, which reaches the
+    /// stage queue again after `delay_ms` (its `enqueued_at` is then, so queue
+    /// wait does not count the retry delay).
+    pub fn retry(&self, now_ms: u64, delay_ms: u64) -> Self {
         Self {
             attempt: self.attempt.saturating_add(1),
-            enqueued_at_ms: Some(now_ms),
+            enqueued_at_ms: Some(now_ms.saturating_add(delay_ms)),
             ..self.clone()
         }
     }
@@ -176,7 +178,8 @@ mod tests {
         let next = back.next_stage(1_700_000_001_000, Some("00-x".into()));
         assert_eq!(next.attempt, 1);
         assert_eq!(next.submitted_at_ms, meta.submitted_at_ms);
-        let retry = next.retry(5);
+        let retry = next.retry(5, 1000);
+        assert_eq!(retry.enqueued_at_ms, Some(1005));
         assert_eq!(retry.attempt, 2);
         assert_eq!(
             TaskMeta::from_properties(&retry.properties()).unwrap(),

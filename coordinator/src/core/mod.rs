@@ -1,0 +1,743 @@
+//! The coordinator's core: a deterministic state machine with no IO and no
+//! clock of its own (the split of quinn-proto).
+//!
+//! The runtime feeds it inputs with the current time (`handle_*(now_ms, ..)`),
+//! asks when it next needs to be woken ([`Core::poll_timeout`]), calls
+//! [`Core::handle_timeout`] then, and drains what it has to say
+//! ([`Core::poll_notice`]). Tests drive it on virtual time, with no broker.
+//!
+//! # Layout
+//!
+//! - this file: [`Core`], its configuration, inputs, deadlines and notices;
+//! - [`workers`]: per-worker state and liveness;
+//! - [`tasks`]: every task's pipeline, with bounded retention;
+//! - [`stages`]: per-stage state, load analysis and the bottleneck verdict;
+//! - [`stats`]: bounded recent samples and per-second rate windows;
+//! - [`query`]: the views the API serves, including ETAs;
+//! - [`views`]: the serializable view types.
+//!
+//! # Time
+//!
+//! `now_ms` is the coordinator's wall clock. Event times come from agents'
+//! clocks and are used for durations (start and end on the same agent).
+//! Liveness uses the coordinator's clock, except while replaying the
+//! stream's history, when a worker counts as last seen when it sent its
+//! batch: **no worker is judged dead before the core has caught up** with the
+//! live end of the stream.
+
+pub mod query;
+pub mod stages;
+pub mod stats;
+pub mod tasks;
+pub mod views;
+pub mod workers;
+
+#[cfg(test)]
+mod tests;
+
+use crate::metrics::{Metrics, WORKER_STATUSES};
+use guildhall_proto::{AgentId, Decoded, Event, Stage, TaskId};
+use stages::{QueueStats, StageState};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use tasks::TaskStore;
+use workers::{Liveness, Worker};
+
+/// How often housekeeping (retention, forgetting old workers) runs.
+const HOUSEKEEPING_MS: u64 = 1_000;
+/// Most notices kept for the runtime before the oldest are dropped.
+const MAX_NOTICES: usize = 10_000;
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Heartbeat intervals of silence after which a worker is dead.
+    pub missed_heartbeats: u32,
+    /// Most finished tasks kept.
+    pub completed_limit: usize,
+    /// Longest a finished task is kept.
+    pub completed_max_age_ms: u64,
+    /// How long a dead or stopped worker stays listed (and keeps its series).
+    pub worker_retention_ms: u64,
+    /// Window of rate estimates, seconds.
+    pub rate_window_s: u32,
+    /// Most stages tracked; events naming more are dropped and counted.
+    pub max_stages: usize,
+    /// Most workers tracked; events from more are dropped and counted.
+    pub max_workers: usize,
+    /// The nonce of this coordinator's start-up marker: reading it back
+    /// means the replay reached the live end of the stream.
+    pub marker_nonce: Option<u64>,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            missed_heartbeats: 3,
+            completed_limit: 100_000,
+            completed_max_age_ms: 3_600_000,
+            worker_retention_ms: 600_000,
+            rate_window_s: 60,
+            max_stages: 256,
+            max_workers: 100_000,
+            marker_nonce: None,
+        }
+    }
+}
+
+/// Something the runtime should act on or tell someone about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A worker went silent for too long.
+    WorkerDead {
+        /// The worker.
+        worker: AgentId,
+        /// Its stage.
+        stage: Stage,
+        /// When it was last heard from.
+        last_seen_ms: u64,
+        /// The tasks it held.
+        tasks_in_hand: Vec<TaskId>,
+    },
+    /// A worker declared dead was heard from again.
+    WorkerReturned {
+        /// The worker.
+        worker: AgentId,
+        /// Its stage.
+        stage: Stage,
+        /// How long it was dead.
+        dead_for_ms: u64,
+    },
+    /// A task was dead-lettered.
+    TaskDeadLettered {
+        /// The task.
+        task: TaskId,
+        /// The stage.
+        stage: Stage,
+        /// Its last error.
+        error: String,
+    },
+}
+
+/// Counters of what was ingested.
+#[derive(Debug, Clone, Default)]
+pub struct IngestStats {
+    /// Envelopes applied.
+    pub batches: u64,
+    /// Events applied.
+    pub events: u64,
+    /// Messages or events dropped as unreadable or over a limit.
+    pub malformed: u64,
+    /// Stream offset of the last envelope applied.
+    pub last_offset: Option<u64>,
+}
+
+/// The coordinator's state.
+pub struct Core {
+    /// Tunables.
+    config: CoreConfig,
+    /// Metric handles (shared with the HTTP side, which gathers them).
+    metrics: Metrics,
+    /// Every tracked worker.
+    workers: HashMap<AgentId, Worker>,
+    /// Every known stage, in name order for display.
+    stages: BTreeMap<Stage, StageState>,
+    /// Every tracked task.
+    tasks: TaskStore,
+    /// Liveness deadlines `(when, worker)`; an entry may be out of date, the
+    /// worker's own `last_seen_ms` is the truth.
+    deadlines: BinaryHeap<Reverse<(u64, AgentId)>>,
+    /// Notices not yet taken by the runtime.
+    notices: VecDeque<Notice>,
+    /// Whether the stream has been replayed to its live end.
+    caught_up: bool,
+    /// When housekeeping runs next.
+    next_housekeeping_ms: u64,
+    /// What was ingested.
+    stats: IngestStats,
+}
+
+impl Core {
+    /// An empty core.
+    pub fn new(config: CoreConfig, metrics: Metrics, now_ms: u64) -> Self {
+        metrics.caught_up.set(0);
+        Self {
+            tasks: TaskStore::new(config.completed_limit, config.completed_max_age_ms),
+            config,
+            metrics,
+            workers: HashMap::new(),
+            stages: BTreeMap::new(),
+            deadlines: BinaryHeap::new(),
+            notices: VecDeque::new(),
+            caught_up: false,
+            next_housekeeping_ms: now_ms + HOUSEKEEPING_MS,
+            stats: IngestStats::default(),
+        }
+    }
+
+    /// The metric handles.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Whether the stream's history has been replayed.
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up
+    }
+
+    /// Ingest counters.
+    pub fn ingest_stats(&self) -> &IngestStats {
+        &self.stats
+    }
+
+    /// Every known stage.
+    pub fn stage_names(&self) -> impl Iterator<Item = &Stage> {
+        self.stages.keys()
+    }
+
+    /// Whether a stage is known.
+    pub fn knows_stage(&self, stage: &str) -> bool {
+        self.stages.contains_key(stage)
+    }
+
+    /// Declares the replay finished: from now on silence means death.
+    pub fn set_caught_up(&mut self, now_ms: u64) {
+        if !self.caught_up {
+            self.caught_up = true;
+            self.metrics.caught_up.set(1);
+            tracing::info!(
+                workers = self.workers.len(),
+                tasks = self.tasks.in_flight() + self.tasks.finished(),
+                "caught up with the events stream"
+            );
+            self.handle_timeout(now_ms);
+        }
+    }
+
+    /// Counts a message (or event) that could not be used.
+    pub fn handle_malformed(&mut self, reason: &'static str) {
+        self.stats.malformed += 1;
+        self.metrics
+            .events_malformed
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// Makes a stage known (a task was submitted to it). `false` if the stage
+    /// limit is reached.
+    pub fn ensure_stage(&mut self, now_ms: u64, stage: &Stage) -> bool {
+        if self.stages.contains_key(stage) {
+            return true;
+        }
+        if self.stages.len() >= self.config.max_stages {
+            return false;
+        }
+        let metrics = self.metrics.stage(stage.as_str());
+        self.stages.insert(
+            stage.clone(),
+            StageState::new(stage.clone(), now_ms, self.config.rate_window_s, metrics),
+        );
+        true
+    }
+
+    /// Records a stage queue's broker counts.
+    pub fn handle_queue_stats(&mut self, now_ms: u64, stage: &Stage, stats: QueueStats) {
+        if let Some(s) = self.stages.get_mut(stage) {
+            s.set_queue(stats, now_ms);
+        }
+    }
+
+    /// Applies one envelope read from the stream at `offset`.
+    pub fn handle_envelope(&mut self, now_ms: u64, decoded: Decoded, offset: Option<u64>) {
+        let Decoded { envelope, skipped } = decoded;
+        self.stats.batches += 1;
+        self.metrics.event_batches.inc();
+        if offset.is_some() {
+            self.stats.last_offset = offset;
+        }
+        for _ in 0..skipped {
+            self.handle_malformed("unknown_event");
+        }
+        let seen_ms = if self.caught_up {
+            now_ms
+        } else {
+            envelope.sent_at_ms.min(now_ms)
+        };
+        let sender = envelope.sender;
+        for event in envelope.events {
+            self.apply(now_ms, seen_ms, &sender, event);
+        }
+        self.touch(now_ms, seen_ms, &sender, envelope.seq);
+    }
+
+    /// After an envelope from `sender`: it is alive, and its sequence is checked.
+    fn touch(&mut self, now_ms: u64, seen_ms: u64, sender: &AgentId, seq: u64) {
+        let Some(w) = self.workers.get_mut(sender) else {
+            return;
+        };
+        if let Some(last) = w.last_seq
+            && seq > last + 1
+        {
+            self.metrics.event_batches_missing.inc_by(seq - last - 1);
+        }
+        w.last_seq = Some(w.last_seq.map_or(seq, |l| l.max(seq)));
+        if matches!(w.liveness, Liveness::Stopped { .. }) {
+            return;
+        }
+        w.last_seen_ms = w.last_seen_ms.max(seen_ms);
+        if let Some(n) = Self::revive(w, now_ms, self.caught_up) {
+            push_notice(&mut self.notices, n);
+        }
+        if !w.liveness_scheduled {
+            w.liveness_scheduled = true;
+            let deadline = w.last_seen_ms + w.dead_after_ms(self.config.missed_heartbeats);
+            self.deadlines.push(Reverse((deadline, w.id.clone())));
+        }
+    }
+
+    /// Marks `w` alive; the notice to send if it had been declared dead.
+    fn revive(w: &mut Worker, now_ms: u64, caught_up: bool) -> Option<Notice> {
+        let notice = match w.liveness {
+            Liveness::Dead { since_ms } if caught_up => Some(Notice::WorkerReturned {
+                worker: w.id.clone(),
+                stage: w.stage.clone(),
+                dead_for_ms: now_ms.saturating_sub(since_ms),
+            }),
+            _ => None,
+        };
+        w.liveness = Liveness::Alive;
+        notice
+    }
+
+    /// The worker for `sender`, created on first sight if the limits allow.
+    fn worker_mut(
+        &mut self,
+        now_ms: u64,
+        seen_ms: u64,
+        sender: &AgentId,
+        stage: &Stage,
+    ) -> Option<&mut Worker> {
+        if !self.workers.contains_key(sender) {
+            if self.workers.len() >= self.config.max_workers {
+                self.handle_malformed("worker_limit");
+                return None;
+            }
+            let mut w = Worker::new(
+                sender.clone(),
+                stage.clone(),
+                now_ms,
+                self.config.rate_window_s,
+            );
+            w.first_seen_ms = seen_ms;
+            w.last_seen_ms = seen_ms;
+            self.workers.insert(sender.clone(), w);
+        }
+        self.workers.get_mut(sender)
+    }
+
+    fn stage_mut(&mut self, now_ms: u64, stage: &Stage) -> Option<&mut StageState> {
+        if !self.ensure_stage(now_ms, stage) {
+            self.handle_malformed("stage_limit");
+            return None;
+        }
+        self.stages.get_mut(stage)
+    }
+
+    fn apply(&mut self, now_ms: u64, seen_ms: u64, sender: &AgentId, event: Event) {
+        self.stats.events += 1;
+        self.metrics
+            .events_ingested
+            .with_label_values(&[event.kind()])
+            .inc();
+        match event {
+            Event::Hello(h) => {
+                if self.stage_mut(now_ms, &h.stage).is_none() {
+                    return;
+                }
+                if let Some(next) = &h.next {
+                    let _ = self.stage_mut(now_ms, next);
+                }
+                let caught_up = self.caught_up;
+                let Some(w) = self.worker_mut(now_ms, seen_ms, sender, &h.stage) else {
+                    return;
+                };
+                w.apply_hello(&h);
+                w.last_seq = None;
+                if let Some(n) = Self::revive(w, now_ms, caught_up) {
+                    push_notice(&mut self.notices, n);
+                }
+                if let Some(s) = self.stages.get_mut(&h.stage) {
+                    s.next = h.next.clone();
+                }
+            }
+            Event::Heartbeat(h) => {
+                if self.stage_mut(now_ms, &h.stage).is_none() {
+                    return;
+                }
+                let caught_up = self.caught_up;
+                let Some(w) = self.worker_mut(now_ms, seen_ms, sender, &h.stage) else {
+                    return;
+                };
+                w.apply_heartbeat(&h);
+                if let Some(n) = Self::revive(w, now_ms, caught_up) {
+                    push_notice(&mut self.notices, n);
+                }
+                if let Some(s) = self.stages.get_mut(&h.stage) {
+                    s.next = h.next.clone();
+                }
+            }
+            Event::TaskSubmitted(e) => {
+                let Some(s) = self.stage_mut(now_ms, &e.stage) else {
+                    return;
+                };
+                s.arrivals.add(e.at_ms, now_ms, 1);
+                s.metrics.submitted.inc();
+                self.tasks.submitted(&e.task_id, &e.stage, e.at_ms);
+            }
+            Event::TaskStarted(e) => {
+                if self.stage_mut(now_ms, &e.stage).is_none() {
+                    return;
+                }
+                if let Some(w) = self.worker_mut(now_ms, seen_ms, sender, &e.stage)
+                    && !w.in_hand.iter().any(|t| t.task_id == e.task_id)
+                {
+                    w.in_hand.push(guildhall_proto::TaskInHand {
+                        task_id: e.task_id.clone(),
+                        attempt: e.attempt,
+                        started_at_ms: e.at_ms,
+                    });
+                }
+                let started = self.tasks.started(
+                    &e.task_id,
+                    &e.stage,
+                    e.attempt,
+                    sender,
+                    e.at_ms,
+                    e.enqueued_at_ms,
+                    e.submitted_at_ms,
+                    e.redelivered,
+                );
+                if let Some(s) = self.stages.get_mut(&e.stage) {
+                    s.metrics.started.inc();
+                    if let Some(wait) = started.queue_wait_ms {
+                        s.waits.record(wait);
+                        s.metrics.queue_wait.observe(wait as f64 / 1000.0);
+                    }
+                }
+            }
+            Event::TaskProgress(e) => {
+                self.tasks
+                    .progress(&e.task_id, &e.stage, e.attempt, sender, e.at_ms, e.fraction);
+            }
+            Event::TaskSucceeded(e) => {
+                if self.stage_mut(now_ms, &e.stage).is_none() {
+                    return;
+                }
+                if let Some(next) = &e.next
+                    && self.stage_mut(now_ms, next).is_none()
+                {
+                    return;
+                }
+                let done = self.tasks.succeeded(
+                    &e.task_id,
+                    &e.stage,
+                    e.attempt,
+                    sender,
+                    e.at_ms,
+                    e.started_at_ms,
+                    e.next.as_ref(),
+                    e.submitted_at_ms,
+                );
+                if let Some(w) = self.workers.get_mut(sender) {
+                    w.in_hand.retain(|t| t.task_id != e.task_id);
+                    w.durations.record(done.duration_ms);
+                    w.completions.add(e.at_ms, now_ms, 1);
+                    w.last_completed_ms = Some(w.last_completed_ms.unwrap_or(0).max(e.at_ms));
+                }
+                if let Some(s) = self.stages.get_mut(&e.stage) {
+                    s.succeeded += 1;
+                    s.completions.add(e.at_ms, now_ms, 1);
+                    s.durations.record(done.duration_ms);
+                    s.metrics.succeeded.inc();
+                    s.metrics.duration.observe(done.duration_ms as f64 / 1000.0);
+                }
+                if let Some(next) = &e.next
+                    && let Some(s) = self.stages.get_mut(next)
+                {
+                    s.arrivals.add(e.at_ms, now_ms, 1);
+                }
+                if done.finished {
+                    self.metrics.tasks_completed.inc();
+                    if let Some(ms) = done.pipeline_ms {
+                        self.metrics.pipeline_duration.observe(ms as f64 / 1000.0);
+                    }
+                }
+            }
+            Event::TaskFailed(e) => {
+                if self.stage_mut(now_ms, &e.stage).is_none() {
+                    return;
+                }
+                let duration = self.tasks.failed(
+                    &e.task_id,
+                    &e.stage,
+                    e.attempt,
+                    sender,
+                    e.at_ms,
+                    e.started_at_ms,
+                    &e.error,
+                    &e.error_class,
+                );
+                if let Some(w) = self.workers.get_mut(sender) {
+                    w.in_hand.retain(|t| t.task_id != e.task_id);
+                    w.durations.record(duration);
+                    w.completions.add(e.at_ms, now_ms, 1);
+                }
+                if let Some(s) = self.stages.get_mut(&e.stage) {
+                    s.failed += 1;
+                    s.completions.add(e.at_ms, now_ms, 1);
+                    s.durations.record(duration);
+                    s.metrics.duration.observe(duration as f64 / 1000.0);
+                }
+            }
+            Event::TaskRetrying(e) => {
+                let Some(s) = self.stage_mut(now_ms, &e.stage) else {
+                    return;
+                };
+                s.retried += 1;
+                s.arrivals
+                    .add(e.at_ms.saturating_add(e.delay_ms), now_ms, 1);
+                s.metrics.retried.inc();
+                self.tasks
+                    .retrying(&e.task_id, &e.stage, e.attempt, sender, e.at_ms, e.delay_ms);
+            }
+            Event::TaskDeadLettered(e) => {
+                let Some(s) = self.stage_mut(now_ms, &e.stage) else {
+                    return;
+                };
+                s.dead_lettered += 1;
+                s.metrics.dead_lettered.inc();
+                self.tasks
+                    .dead_lettered(&e.task_id, &e.stage, e.attempt, sender, e.at_ms, &e.error);
+                if self.caught_up {
+                    push_notice(
+                        &mut self.notices,
+                        Notice::TaskDeadLettered {
+                            task: e.task_id,
+                            stage: e.stage,
+                            error: e.error,
+                        },
+                    );
+                }
+            }
+            Event::WorkerExited(e) => {
+                if let Some(w) = self.workers.get_mut(sender) {
+                    w.restarts = w.restarts.max(e.restarts);
+                }
+            }
+            Event::AgentStopping(e) => {
+                if let Some(w) = self.workers.get_mut(sender) {
+                    w.liveness = Liveness::Stopped {
+                        at_ms: seen_ms,
+                        reason: e.reason,
+                    };
+                    w.in_hand.clear();
+                }
+            }
+            Event::Marker(m) => {
+                if self.config.marker_nonce == Some(m.nonce) {
+                    self.set_caught_up(now_ms);
+                }
+            }
+        }
+    }
+
+    /// Runs what is due at `now_ms`: liveness verdicts and housekeeping.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        if self.caught_up {
+            while let Some(Reverse((deadline, _))) = self.deadlines.peek() {
+                if *deadline > now_ms {
+                    break;
+                }
+                let Some(Reverse((_, id))) = self.deadlines.pop() else {
+                    break;
+                };
+                let missed = self.config.missed_heartbeats;
+                let Some(w) = self.workers.get_mut(&id) else {
+                    continue;
+                };
+                w.liveness_scheduled = false;
+                if !w.is_alive() {
+                    continue;
+                }
+                let actual = w.last_seen_ms + w.dead_after_ms(missed);
+                if actual > now_ms {
+                    w.liveness_scheduled = true;
+                    self.deadlines.push(Reverse((actual, id)));
+                    continue;
+                }
+                w.liveness = Liveness::Dead { since_ms: now_ms };
+                tracing::warn!(worker = %w.id, stage = %w.stage, "worker declared dead: silent for {} ms", now_ms - w.last_seen_ms);
+                push_notice(
+                    &mut self.notices,
+                    Notice::WorkerDead {
+                        worker: w.id.clone(),
+                        stage: w.stage.clone(),
+                        last_seen_ms: w.last_seen_ms,
+                        tasks_in_hand: w.in_hand.iter().map(|t| t.task_id.clone()).collect(),
+                    },
+                );
+            }
+        }
+        if now_ms >= self.next_housekeeping_ms {
+            self.housekeeping(now_ms);
+            self.next_housekeeping_ms = now_ms + HOUSEKEEPING_MS;
+        }
+    }
+
+    fn housekeeping(&mut self, now_ms: u64) {
+        self.tasks.evict(now_ms);
+        let retention = self.config.worker_retention_ms;
+        let metrics = &self.metrics;
+        self.workers.retain(|_, w| {
+            let gone_since = match &w.liveness {
+                Liveness::Alive => return true,
+                Liveness::Dead { since_ms } => *since_ms,
+                Liveness::Stopped { at_ms, .. } => *at_ms,
+            };
+            let keep = now_ms.saturating_sub(gone_since) < retention;
+            if !keep {
+                metrics.forget_worker(w.id.as_str(), w.stage.as_str());
+            }
+            keep
+        });
+    }
+
+    /// When [`Core::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let liveness = if self.caught_up {
+            self.deadlines.peek().map(|Reverse((d, _))| *d)
+        } else {
+            None
+        };
+        Some(match liveness {
+            Some(d) => d.min(self.next_housekeeping_ms),
+            None => self.next_housekeeping_ms,
+        })
+    }
+
+    /// The next notice for the runtime, oldest first.
+    pub fn poll_notice(&mut self) -> Option<Notice> {
+        self.notices.pop_front()
+    }
+
+    /// Sets the gauges that describe state, just before a scrape.
+    pub fn refresh_metrics(&self, now_ms: u64) {
+        let m = &self.metrics;
+        let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
+        for w in self.workers.values() {
+            *counts.entry((w.stage.as_str(), w.status())).or_default() += 1;
+        }
+        for stage in self.stages.keys() {
+            for status in WORKER_STATUSES {
+                let n = counts.get(&(stage.as_str(), status)).copied().unwrap_or(0);
+                m.workers
+                    .with_label_values(&[stage.as_str(), status])
+                    .set(n);
+            }
+        }
+        let loads = stages::loads(&self.stages, &self.workers, now_ms);
+        let bottleneck = stages::bottleneck(&loads).map(|(s, _)| s);
+        for (name, s) in &self.stages {
+            let label = name.as_str();
+            if let Some((q, _)) = s.queue {
+                m.stage_queue_messages
+                    .with_label_values(&[label, "ready"])
+                    .set(clamp_i64(q.ready));
+                if let Some(unacked) = q.unacked {
+                    m.stage_queue_messages
+                        .with_label_values(&[label, "unacked"])
+                        .set(clamp_i64(unacked));
+                }
+                m.stage_consumers
+                    .with_label_values(&[label])
+                    .set(clamp_i64(q.consumers));
+            }
+            let in_flight = loads.get(name).map(|l| l.in_flight).unwrap_or(0);
+            m.tasks_in_flight
+                .with_label_values(&[label])
+                .set(in_flight as i64);
+            m.stage_bottleneck
+                .with_label_values(&[label])
+                .set(i64::from(bottleneck.as_ref() == Some(name)));
+        }
+        m.tasks_tracked
+            .with_label_values(&["in_flight"])
+            .set(self.tasks.in_flight() as i64);
+        m.tasks_tracked
+            .with_label_values(&["completed"])
+            .set(self.tasks.finished() as i64);
+        if m.per_worker {
+            for w in self.workers.values() {
+                let labels = [w.id.as_str(), w.stage.as_str()];
+                m.worker_up
+                    .with_label_values(&labels)
+                    .set(i64::from(w.is_alive()));
+                m.worker_tasks_in_hand
+                    .with_label_values(&labels)
+                    .set(w.in_hand.len() as i64);
+                if let Some(p) = w.worker_proc.or(w.agent_proc) {
+                    m.worker_cpu_ratio
+                        .with_label_values(&labels)
+                        .set(f64::from(p.cpu_ratio));
+                    m.worker_memory_bytes
+                        .with_label_values(&labels)
+                        .set(clamp_i64(p.rss_bytes));
+                }
+            }
+        }
+    }
+
+    /// Feeds per-worker counters by the growth of the agents' own counts.
+    /// Separate from [`Core::refresh_metrics`] because it remembers what it
+    /// exported.
+    pub fn export_worker_counters(&mut self) {
+        if !self.metrics.per_worker {
+            return;
+        }
+        for w in self.workers.values_mut() {
+            let (done, failed) = w.exported_counts;
+            let labels = |outcome| [w.id.as_str(), w.stage.as_str(), outcome];
+            // A restarted agent (same id) starts counting again from zero.
+            let d = if w.done >= done {
+                w.done - done
+            } else {
+                w.done
+            };
+            let f = if w.failed >= failed {
+                w.failed - failed
+            } else {
+                w.failed
+            };
+            self.metrics
+                .worker_tasks
+                .with_label_values(&labels("succeeded"))
+                .inc_by(d);
+            self.metrics
+                .worker_tasks
+                .with_label_values(&labels("failed"))
+                .inc_by(f);
+            w.exported_counts = (w.done, w.failed);
+        }
+    }
+}
+
+fn push_notice(notices: &mut VecDeque<Notice>, notice: Notice) {
+    if notices.len() >= MAX_NOTICES {
+        notices.pop_front();
+    }
+    notices.push_back(notice);
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,335 @@
+//! Building the API's views from the core's state, including ETAs.
+
+use super::Core;
+use super::stages::{self, StageLoad};
+use super::stats::Reservoir;
+use super::tasks::{AttemptOutcome, TaskRecord, TaskStatus};
+use super::views::*;
+use super::workers::{Liveness, Worker};
+use guildhall_proto::{Stage, WorkerMode};
+use std::collections::BTreeMap;
+
+/// Longest chain of stages an ETA follows (guards against cycles).
+const MAX_ETA_STAGES: usize = 32;
+
+/// Filter of `GET /api/tasks`.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only tasks with this status.
+    pub status: Option<TaskStatus>,
+    /// Only tasks currently at this stage.
+    pub stage: Option<Stage>,
+    /// Most tasks returned, newest first.
+    pub limit: usize,
+}
+
+fn percentiles(r: &Reservoir) -> Option<Percentiles> {
+    let [p50, p95, p99] = r.percentiles([0.5, 0.95, 0.99])?;
+    Some(Percentiles {
+        mean: r.mean()?,
+        p50,
+        p95,
+        p99,
+        samples: r.len(),
+    })
+}
+
+impl Core {
+    fn worker_view_of(&self, w: &Worker, now_ms: u64) -> WorkerView {
+        let queue = self.stages.get(&w.stage).and_then(|s| s.queue);
+        WorkerView {
+            id: w.id.to_string(),
+            stage: w.stage.to_string(),
+            next: w.next.as_ref().map(ToString::to_string),
+            status: w.status(),
+            concurrency: w.concurrency,
+            current_tasks: w
+                .in_hand
+                .iter()
+                .map(|t| CurrentTask {
+                    task_id: t.task_id.to_string(),
+                    attempt: t.attempt,
+                    started_at_ms: t.started_at_ms,
+                    running_ms: now_ms.saturating_sub(t.started_at_ms),
+                })
+                .collect(),
+            queue_size: queue.map(|(q, _)| q.ready),
+            queue_unacked: queue.and_then(|(q, _)| q.unacked),
+            avg_processing_ms: w.durations.mean(),
+            p95_processing_ms: w.durations.percentiles([0.95]).map(|[p]| p),
+            last_completed_at_ms: w.last_completed_ms,
+            last_completed_ago_ms: w.last_completed_ms.map(|t| now_ms.saturating_sub(t)),
+            success_rate: w.success_rate(),
+            throughput_per_s: w.completions.rate(now_ms),
+            done: w.done,
+            failed: w.failed,
+            cpu_ratio: w.worker_proc.map(|p| p.cpu_ratio),
+            memory_bytes: w.worker_proc.map(|p| p.rss_bytes),
+            worker_pid: w.worker_proc.map(|p| p.pid),
+            agent_cpu_ratio: w.agent_proc.map(|p| p.cpu_ratio),
+            agent_memory_bytes: w.agent_proc.map(|p| p.rss_bytes),
+            version: w.version.clone(),
+            hostname: w.hostname.clone(),
+            mode: w.mode.as_ref().map(|m| match m {
+                WorkerMode::Http { .. } => "http",
+                WorkerMode::Exec { .. } => "exec",
+                WorkerMode::Simulated => "simulated",
+            }),
+            supervised: w.supervised,
+            heartbeat_ms: w.heartbeat_ms,
+            last_seen_at_ms: w.last_seen_ms,
+            last_seen_ago_ms: now_ms.saturating_sub(w.last_seen_ms),
+            first_seen_at_ms: w.first_seen_ms,
+            dead_since_ms: match w.liveness {
+                Liveness::Dead { since_ms } => Some(since_ms),
+                _ => None,
+            },
+            stopped_reason: match &w.liveness {
+                Liveness::Stopped { reason, .. } => Some(reason.clone()),
+                _ => None,
+            },
+            restarts: w.restarts,
+        }
+    }
+
+    /// Every worker, by stage then id.
+    pub fn workers_view(&self, now_ms: u64) -> Vec<WorkerView> {
+        let mut list: Vec<&Worker> = self.workers.values().collect();
+        list.sort_by(|a, b| (&a.stage, &a.id).cmp(&(&b.stage, &b.id)));
+        list.into_iter()
+            .map(|w| self.worker_view_of(w, now_ms))
+            .collect()
+    }
+
+    /// One worker.
+    pub fn worker_view(&self, id: &str, now_ms: u64) -> Option<WorkerView> {
+        self.workers.get(id).map(|w| self.worker_view_of(w, now_ms))
+    }
+
+    /// Every stage's load (for views, ETAs and metrics).
+    pub fn stage_loads(&self, now_ms: u64) -> BTreeMap<Stage, StageLoad> {
+        stages::loads(&self.stages, &self.workers, now_ms)
+    }
+
+    /// Every stage, and the bottleneck.
+    pub fn stages_view(&self, now_ms: u64) -> StagesView {
+        let loads = self.stage_loads(now_ms);
+        let bottleneck = stages::bottleneck(&loads);
+        let mut by_stage: BTreeMap<&Stage, WorkerCounts> = BTreeMap::new();
+        for w in self.workers.values() {
+            let c = by_stage.entry(&w.stage).or_insert_with(|| WorkerCounts {
+                total: 0,
+                alive: 0,
+                by_status: BTreeMap::new(),
+            });
+            c.total += 1;
+            c.alive += usize::from(w.is_alive());
+            *c.by_status.entry(w.status()).or_default() += 1;
+        }
+        let stages = self
+            .stages
+            .iter()
+            .map(|(name, s)| {
+                let load = loads.get(name);
+                StageView {
+                    name: name.to_string(),
+                    next: s.next.as_ref().map(ToString::to_string),
+                    queue: s.queue.map(|(q, at)| QueueView {
+                        ready: q.ready,
+                        unacked: q.unacked,
+                        consumers: q.consumers,
+                        updated_ago_ms: now_ms.saturating_sub(at),
+                    }),
+                    workers: by_stage.remove(name).unwrap_or(WorkerCounts {
+                        total: 0,
+                        alive: 0,
+                        by_status: BTreeMap::new(),
+                    }),
+                    in_flight: load.map(|l| l.in_flight).unwrap_or(0),
+                    capacity: load.map(|l| l.servers).unwrap_or(0),
+                    arrival_rate: load.map(|l| l.arrival_rate).unwrap_or(0.0),
+                    completion_rate: load.map(|l| l.completion_rate).unwrap_or(0.0),
+                    processing_ms: percentiles(&s.durations),
+                    queue_wait_ms: percentiles(&s.waits),
+                    success_rate: s.success_rate(),
+                    succeeded: s.succeeded,
+                    failed: s.failed,
+                    retried: s.retried,
+                    dead_lettered: s.dead_lettered,
+                    utilisation: load.and_then(|l| l.utilisation),
+                    backlog_growth_per_s: load.and_then(|l| l.backlog_growth_per_s),
+                    expected_wait_ms: load.and_then(|l| l.expected_wait_ms),
+                    bottleneck: bottleneck.as_ref().is_some_and(|(b, _)| b == name),
+                }
+            })
+            .collect();
+        StagesView {
+            stages,
+            bottleneck: bottleneck.map(|(stage, reason)| BottleneckView {
+                stage: stage.to_string(),
+                reason,
+            }),
+        }
+    }
+
+    /// Time left until `rec` finishes its pipeline, if it can be estimated:
+    /// the rest of its current stage, then wait and service at each stage
+    /// after it.
+    fn eta_in_ms(
+        &self,
+        rec: &TaskRecord,
+        loads: &BTreeMap<Stage, StageLoad>,
+        now_ms: u64,
+    ) -> Option<u64> {
+        if rec.status.is_terminal() {
+            return None;
+        }
+        let load = loads.get(&rec.stage)?;
+        let service = load.mean_service_ms?;
+        let row = rec.rows.last()?;
+        let mut left = match rec.status {
+            TaskStatus::Running => {
+                let elapsed = row
+                    .started_at_ms
+                    .map(|s| now_ms.saturating_sub(s))
+                    .unwrap_or(0);
+                (service - elapsed as f64).max(0.0)
+            }
+            TaskStatus::Queued => load.expected_wait_ms? + service,
+            TaskStatus::Retrying => {
+                let due = row
+                    .queued_at_ms
+                    .map(|q| q.saturating_sub(now_ms))
+                    .unwrap_or(0);
+                due as f64 + load.expected_wait_ms? + service
+            }
+            TaskStatus::Succeeded | TaskStatus::DeadLettered => return None,
+        };
+        let mut stage = self.stages.get(&rec.stage)?.next.clone();
+        let mut hops = 0;
+        while let Some(next) = stage {
+            hops += 1;
+            if hops > MAX_ETA_STAGES {
+                return None;
+            }
+            let l = loads.get(&next)?;
+            left += l.expected_wait_ms? + l.mean_service_ms?;
+            stage = self.stages.get(&next)?.next.clone();
+        }
+        Some(left.round() as u64)
+    }
+
+    /// One task's pipeline.
+    pub fn task_view(&self, id: &str, now_ms: u64) -> Option<TaskView> {
+        let rec = self.tasks.get(id)?;
+        let loads = self.stage_loads(now_ms);
+        let eta_in_ms = self.eta_in_ms(rec, &loads, now_ms);
+        Some(TaskView {
+            id: rec.id.to_string(),
+            status: display_status(rec, now_ms).as_str(),
+            stage: rec.stage.to_string(),
+            submitted_at_ms: rec.submitted_at_ms,
+            updated_at_ms: rec.updated_at_ms,
+            finished_at_ms: rec.finished_at_ms,
+            duration_ms: rec
+                .submitted_at_ms
+                .map(|s| rec.finished_at_ms.unwrap_or(now_ms).saturating_sub(s)),
+            eta_at_ms: eta_in_ms.map(|e| now_ms + e),
+            eta_in_ms,
+            attempts: rec
+                .rows
+                .iter()
+                .map(|r| AttemptView {
+                    stage: r.stage.to_string(),
+                    attempt: r.attempt,
+                    worker: r.worker.as_ref().map(ToString::to_string),
+                    queued_at_ms: r.queued_at_ms,
+                    started_at_ms: r.started_at_ms,
+                    finished_at_ms: r.finished_at_ms,
+                    wait_ms: match (r.queued_at_ms, r.started_at_ms) {
+                        (Some(q), Some(s)) => Some(s.saturating_sub(q)),
+                        _ => None,
+                    },
+                    duration_ms: r.started_at_ms.map(|s| {
+                        let end = match r.outcome {
+                            AttemptOutcome::Running => now_ms,
+                            _ => r.finished_at_ms.unwrap_or(now_ms),
+                        };
+                        end.saturating_sub(s)
+                    }),
+                    outcome: r.outcome.as_str(),
+                    error: r.error.clone(),
+                    error_class: r.error_class.clone(),
+                    redelivered: r.redelivered,
+                    progress: r.progress,
+                })
+                .collect(),
+        })
+    }
+
+    /// Tasks matching `filter`, most recently updated first.
+    pub fn tasks_view(&self, filter: &TaskFilter, now_ms: u64) -> Vec<TaskSummary> {
+        let mut matching: Vec<&TaskRecord> = self
+            .tasks
+            .iter()
+            .filter(|r| filter.status.is_none_or(|s| display_status(r, now_ms) == s))
+            .filter(|r| filter.stage.as_ref().is_none_or(|s| &r.stage == s))
+            .collect();
+        matching.sort_by(|a, b| {
+            b.updated_at_ms
+                .cmp(&a.updated_at_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        matching.truncate(filter.limit);
+        let loads = self.stage_loads(now_ms);
+        matching
+            .into_iter()
+            .map(|r| TaskSummary {
+                id: r.id.to_string(),
+                status: display_status(r, now_ms).as_str(),
+                stage: r.stage.to_string(),
+                worker: r
+                    .rows
+                    .last()
+                    .filter(|row| row.outcome == AttemptOutcome::Running)
+                    .and_then(|row| row.worker.as_ref().map(ToString::to_string)),
+                attempts: r.rows.len(),
+                submitted_at_ms: r.submitted_at_ms,
+                updated_at_ms: r.updated_at_ms,
+                eta_at_ms: self.eta_in_ms(r, &loads, now_ms).map(|e| now_ms + e),
+            })
+            .collect()
+    }
+
+    /// The coordinator's own state.
+    pub fn overview(&self) -> Overview {
+        Overview {
+            caught_up: self.caught_up,
+            batches: self.stats.batches,
+            events: self.stats.events,
+            malformed: self.stats.malformed,
+            last_offset: self.stats.last_offset,
+            workers: self.workers.len(),
+            workers_alive: self.workers.values().filter(|w| w.is_alive()).count(),
+            stages: self.stages.len(),
+            tasks_in_flight: self.tasks.in_flight(),
+            tasks_finished: self.tasks.finished(),
+        }
+    }
+}
+
+/// A retrying task whose delay is over is back in the queue.
+fn display_status(rec: &TaskRecord, now_ms: u64) -> TaskStatus {
+    match rec.status {
+        TaskStatus::Retrying
+            if rec
+                .rows
+                .last()
+                .and_then(|r| r.queued_at_ms)
+                .is_some_and(|due| due <= now_ms) =>
+        {
+            TaskStatus::Queued
+        }
+        s => s,
+    }
+}

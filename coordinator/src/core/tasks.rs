@@ -1,0 +1,689 @@
+//! Every task's pipeline: one row per stage attempt, rebuilt from events,
+//! with bounded retention of finished tasks.
+//!
+//! **In-flight tasks are always kept; finished ones (succeeded or
+//! dead-lettered) are kept up to a count and an age**, oldest first out.
+
+use guildhall_proto::{AgentId, Stage, TaskId};
+use std::collections::{HashMap, VecDeque};
+
+/// Most attempt rows kept per task; older rows are dropped past this (a task
+/// bounced between stages forever must not grow without bound).
+pub const MAX_ROWS: usize = 128;
+
+/// Where a task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskStatus {
+    /// Waiting in its current stage's queue.
+    Queued,
+    /// Held by a worker.
+    Running,
+    /// Failed an attempt; waiting out the retry delay.
+    Retrying,
+    /// Finished the last stage.
+    Succeeded,
+    /// In a dead-letter queue.
+    DeadLettered,
+}
+
+impl TaskStatus {
+    /// Every status, for parsing and listing.
+    pub const ALL: [TaskStatus; 5] = [
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::Retrying,
+        TaskStatus::Succeeded,
+        TaskStatus::DeadLettered,
+    ];
+
+    /// Lower-case name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Retrying => "retrying",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::DeadLettered => "dead_lettered",
+        }
+    }
+
+    /// Parses an API name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether the task is finished (retention applies).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskStatus::Succeeded | TaskStatus::DeadLettered)
+    }
+}
+
+/// How one stage attempt went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Waiting in the queue.
+    Queued,
+    /// A worker holds it.
+    Running,
+    /// Done; the task moved on or finished.
+    Succeeded,
+    /// Failed; what happens next is not known yet.
+    Failed,
+    /// Failed and scheduled for another attempt.
+    Retried,
+    /// Failed and dead-lettered.
+    DeadLettered,
+    /// Its holder stopped answering and the broker gave the task to another worker.
+    Lost,
+}
+
+impl AttemptOutcome {
+    /// Lower-case name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Queued => "queued",
+            AttemptOutcome::Running => "running",
+            AttemptOutcome::Succeeded => "succeeded",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Retried => "retried",
+            AttemptOutcome::DeadLettered => "dead_lettered",
+            AttemptOutcome::Lost => "lost",
+        }
+    }
+}
+
+/// One stage attempt of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    /// The stage.
+    pub stage: Stage,
+    /// Attempt number at this stage, from 1.
+    pub attempt: u32,
+    /// The worker that took it, once one did.
+    pub worker: Option<AgentId>,
+    /// When it was put on the stage queue (or will be, for a retry).
+    pub queued_at_ms: Option<u64>,
+    /// When the worker got it.
+    pub started_at_ms: Option<u64>,
+    /// When the attempt ended.
+    pub finished_at_ms: Option<u64>,
+    /// How it went.
+    pub outcome: AttemptOutcome,
+    /// The error, for failed attempts.
+    pub error: Option<String>,
+    /// The error's class, for failed attempts.
+    pub error_class: Option<String>,
+    /// The broker had delivered this attempt before (a holder died or nacked).
+    pub redelivered: bool,
+    /// Progress the worker reported, 0..=1.
+    pub progress: Option<f32>,
+}
+
+impl AttemptRow {
+    fn queued(stage: Stage, attempt: u32, queued_at_ms: Option<u64>) -> Self {
+        Self {
+            stage,
+            attempt,
+            worker: None,
+            queued_at_ms,
+            started_at_ms: None,
+            finished_at_ms: None,
+            outcome: AttemptOutcome::Queued,
+            error: None,
+            error_class: None,
+            redelivered: false,
+            progress: None,
+        }
+    }
+}
+
+/// A task's record.
+#[derive(Debug, Clone)]
+pub struct TaskRecord {
+    /// The task.
+    pub id: TaskId,
+    /// Where it is.
+    pub status: TaskStatus,
+    /// Its current (or last) stage.
+    pub stage: Stage,
+    /// When it entered the pipeline, if known.
+    pub submitted_at_ms: Option<u64>,
+    /// Time of the last event about it.
+    pub updated_at_ms: u64,
+    /// When it finished (succeeded or dead-lettered).
+    pub finished_at_ms: Option<u64>,
+    /// Its stage attempts, oldest first.
+    pub rows: Vec<AttemptRow>,
+}
+
+impl TaskRecord {
+    fn new(id: TaskId, stage: Stage, at_ms: u64) -> Self {
+        Self {
+            id,
+            status: TaskStatus::Queued,
+            stage,
+            submitted_at_ms: None,
+            updated_at_ms: at_ms,
+            finished_at_ms: None,
+            rows: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, row: AttemptRow) -> &mut AttemptRow {
+        if self.rows.len() >= MAX_ROWS {
+            self.rows.remove(0);
+        }
+        self.rows.push(row);
+        let last = self.rows.len() - 1;
+        &mut self.rows[last]
+    }
+
+    /// The latest row for `(stage, attempt)`, preferring one held by `worker`.
+    fn row_mut(
+        &mut self,
+        stage: &Stage,
+        attempt: u32,
+        worker: Option<&AgentId>,
+    ) -> Option<&mut AttemptRow> {
+        let matches = |r: &AttemptRow| &r.stage == stage && r.attempt == attempt;
+        let idx = self
+            .rows
+            .iter()
+            .rposition(|r| matches(r) && worker.is_some() && r.worker.as_ref() == worker)
+            .or_else(|| self.rows.iter().rposition(matches))?;
+        Some(&mut self.rows[idx])
+    }
+}
+
+/// What the store learned from a `TaskStarted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// Time the task waited in the queue, if its enqueue time is known.
+    pub queue_wait_ms: Option<u64>,
+}
+
+/// What the store learned from a `TaskSucceeded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Succeeded {
+    /// Processing time of the attempt.
+    pub duration_ms: u64,
+    /// Submission to end, when this was the last stage and the start is known.
+    pub pipeline_ms: Option<u64>,
+    /// Whether the task finished its pipeline.
+    pub finished: bool,
+}
+
+/// All tracked tasks.
+#[derive(Debug)]
+pub struct TaskStore {
+    /// Records by id.
+    tasks: HashMap<TaskId, TaskRecord>,
+    /// Finished tasks in finishing order, for eviction (entries can be stale
+    /// when a finished task came back to life; eviction checks).
+    completed: VecDeque<(u64, TaskId)>,
+    /// How many records are finished.
+    terminal: usize,
+    /// Most finished tasks kept.
+    limit: usize,
+    /// Longest a finished task is kept.
+    max_age_ms: u64,
+}
+
+impl TaskStore {
+    /// A store keeping up to `limit` finished tasks for up to `max_age_ms`.
+    pub fn new(limit: usize, max_age_ms: u64) -> Self {
+        Self {
+            tasks: HashMap::new(),
+            completed: VecDeque::new(),
+            terminal: 0,
+            limit,
+            max_age_ms,
+        }
+    }
+
+    /// A task's record.
+    pub fn get(&self, id: &str) -> Option<&TaskRecord> {
+        self.tasks.get(id)
+    }
+
+    /// Every record, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &TaskRecord> {
+        self.tasks.values()
+    }
+
+    /// Records held that are not finished.
+    pub fn in_flight(&self) -> usize {
+        self.tasks.len() - self.terminal
+    }
+
+    /// Finished records held.
+    pub fn finished(&self) -> usize {
+        self.terminal
+    }
+
+    fn record(&mut self, id: &TaskId, stage: &Stage, at_ms: u64) -> &mut TaskRecord {
+        let rec = self
+            .tasks
+            .entry(id.clone())
+            .or_insert_with(|| TaskRecord::new(id.clone(), stage.clone(), at_ms));
+        rec.updated_at_ms = rec.updated_at_ms.max(at_ms);
+        rec
+    }
+
+    /// Moves a record to `status`, keeping the finished count and queue right.
+    fn set_status(&mut self, id: &TaskId, status: TaskStatus, at_ms: u64) {
+        let Some(rec) = self.tasks.get_mut(id) else {
+            return;
+        };
+        let was = rec.status.is_terminal();
+        rec.status = status;
+        match (was, status.is_terminal()) {
+            (false, true) => {
+                rec.finished_at_ms = Some(at_ms);
+                self.terminal += 1;
+                self.completed.push_back((at_ms, id.clone()));
+            }
+            (true, false) => {
+                rec.finished_at_ms = None;
+                self.terminal -= 1;
+            }
+            (true, true) => {
+                rec.finished_at_ms = Some(at_ms);
+                self.completed.push_back((at_ms, id.clone()));
+            }
+            (false, false) => {}
+        }
+    }
+
+    /// A producer put the task on `stage`'s queue.
+    pub fn submitted(&mut self, id: &TaskId, stage: &Stage, at_ms: u64) {
+        let rec = self.record(id, stage, at_ms);
+        rec.submitted_at_ms.get_or_insert(at_ms);
+        rec.stage = stage.clone();
+        rec.push(AttemptRow::queued(stage.clone(), 1, Some(at_ms)));
+        self.set_status(id, TaskStatus::Queued, at_ms);
+    }
+
+    /// A worker started an attempt.
+    #[allow(clippy::too_many_arguments)]
+    pub fn started(
+        &mut self,
+        id: &TaskId,
+        stage: &Stage,
+        attempt: u32,
+        worker: &AgentId,
+        at_ms: u64,
+        enqueued_at_ms: Option<u64>,
+        submitted_at_ms: Option<u64>,
+        redelivered: bool,
+    ) -> Started {
+        let rec = self.record(id, stage, at_ms);
+        if rec.submitted_at_ms.is_none() {
+            rec.submitted_at_ms = submitted_at_ms;
+        }
+        rec.stage = stage.clone();
+        let mut queued_at = enqueued_at_ms;
+        let reuse = match rec.row_mut(stage, attempt, None) {
+            Some(row) if row.outcome == AttemptOutcome::Queued => {
+                queued_at = queued_at.or(row.queued_at_ms);
+                true
+            }
+            Some(row) => {
+                queued_at = queued_at.or(row.queued_at_ms);
+                if row.outcome == AttemptOutcome::Running {
+                    // Its holder lost it; the broker gave it to someone else.
+                    row.outcome = AttemptOutcome::Lost;
+                    row.finished_at_ms = Some(at_ms);
+                }
+                false
+            }
+            None => false,
+        };
+        let row = if reuse {
+            rec.row_mut(stage, attempt, None).expect("row found above")
+        } else {
+            rec.push(AttemptRow::queued(stage.clone(), attempt, queued_at))
+        };
+        row.queued_at_ms = queued_at;
+        row.worker = Some(worker.clone());
+        row.started_at_ms = Some(at_ms);
+        row.outcome = AttemptOutcome::Running;
+        row.redelivered = redelivered;
+        self.set_status(id, TaskStatus::Running, at_ms);
+        Started {
+            queue_wait_ms: queued_at.map(|q| at_ms.saturating_sub(q)),
+        }
+    }
+
+    /// A worker reported progress.
+    pub fn progress(
+        &mut self,
+        id: &TaskId,
+        stage: &Stage,
+        attempt: u32,
+        worker: &AgentId,
+        at_ms: u64,
+        fraction: Option<f32>,
+    ) {
+        if !self.tasks.contains_key(id) {
+            return;
+        }
+        let rec = self.record(id, stage, at_ms);
+        if let Some(row) = rec.row_mut(stage, attempt, Some(worker)) {
+            row.progress = fraction.map(|f| f.clamp(0.0, 1.0));
+        }
+    }
+
+    fn finish_row<'a>(
+        rec: &'a mut TaskRecord,
+        stage: &Stage,
+        attempt: u32,
+        worker: &AgentId,
+        started_at_ms: u64,
+        at_ms: u64,
+    ) -> &'a mut AttemptRow {
+        let found = matches!(
+            rec.row_mut(stage, attempt, Some(worker)),
+            Some(row) if matches!(row.outcome, AttemptOutcome::Running | AttemptOutcome::Queued)
+        );
+        let row = if found {
+            rec.row_mut(stage, attempt, Some(worker))
+                .expect("row found above")
+        } else {
+            rec.push(AttemptRow::queued(stage.clone(), attempt, None))
+        };
+        row.worker = Some(worker.clone());
+        row.started_at_ms = Some(started_at_ms);
+        row.finished_at_ms = Some(at_ms);
+        row
+    }
+
+    /// An attempt succeeded; the task moved to `next` or finished.
+    #[allow(clippy::too_many_arguments)]
+    pub fn succeeded(
+        &mut self,
+        id: &TaskId,
+        stage: &Stage,
+        attempt: u32,
+        worker: &AgentId,
+        at_ms: u64,
+        started_at_ms: u64,
+        next: Option<&Stage>,
+        submitted_at_ms: Option<u64>,
+    ) -> Succeeded {
+        let rec = self.record(id, stage, at_ms);
+        if rec.submitted_at_ms.is_none() {
+            rec.submitted_at_ms = submitted_at_ms;
+        }
+        let row = Self::finish_row(rec, stage, attempt, worker, started_at_ms, at_ms);
+        row.outcome = AttemptOutcome::Succeeded;
+        row.progress = Some(1.0);
+        let duration_ms = at_ms.saturating_sub(started_at_ms);
+        let submitted = rec.submitted_at_ms;
+        match next {
+            Some(next) => {
+                rec.stage = next.clone();
+                rec.push(AttemptRow::queued(next.clone(), 1, Some(at_ms)));
+                self.set_status(id, TaskStatus::Queued, at_ms);
+                Succeeded {
+                    duration_ms,
+                    pipeline_ms: None,
+                    finished: false,
+                }
+            }
+            None => {
+                self.set_status(id, TaskStatus::Succeeded, at_ms);
+                Succeeded {
+                    duration_ms,
+                    pipeline_ms: submitted.map(|s| at_ms.saturating_sub(s)),
+                    finished: true,
+                }
+            }
+        }
+    }
+
+    /// An attempt failed; `retrying` or `dead_lettered` follows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn failed(
+        &mut self,
+        id: &TaskId,
+        stage: &Stage,
+        attempt: u32,
+        worker: &AgentId,
+        at_ms: u64,
+        started_at_ms: u64,
+        error: &str,
+        error_class: &str,
+    ) -> u64 {
+        let rec = self.record(id, stage, at_ms);
+        let row = Self::finish_row(rec, stage, attempt, worker, started_at_ms, at_ms);
+        row.outcome = AttemptOutcome::Failed;
+        row.error = Some(error.to_owned());
+        row.error_class = Some(error_class.to_owned());
+        at_ms.saturating_sub(started_at_ms)
+    }
+
+    /// A failed attempt will be tried again after `delay_ms`.
+    pub fn retrying(
+        &mut self,
+        id: &TaskId,
+        stage: &Stage,
+        attempt: u32,
+        worker: &AgentId,
+        at_ms: u64,
+        delay_ms: u64,
+    ) {
+        let rec = self.record(id, stage, at_ms);
+        if let Some(row) = rec.row_mut(stage, attempt, Some(worker)) {
+            row.outcome = AttemptOutcome::Retried;
+        }
+        rec.stage = stage.clone();
+        let next = attempt.saturating_add(1);
+        rec.push(AttemptRow::queued(
+            stage.clone(),
+            next,
+            Some(at_ms.saturating_add(delay_ms)),
+        ));
+        self.set_status(id, TaskStatus::Retrying, at_ms);
+    }
+
+    /// The task was dead-lettered at `stage`.
+    pub fn dead_lettered(
+        &mut self,
+        id: &TaskId,
+        stage: &Stage,
+        attempt: u32,
+        worker: &AgentId,
+        at_ms: u64,
+        error: &str,
+    ) {
+        let rec = self.record(id, stage, at_ms);
+        rec.stage = stage.clone();
+        match rec.row_mut(stage, attempt, Some(worker)) {
+            Some(row) => {
+                row.outcome = AttemptOutcome::DeadLettered;
+                row.error.get_or_insert_with(|| error.to_owned());
+                row.finished_at_ms.get_or_insert(at_ms);
+            }
+            None => {
+                let row = rec.push(AttemptRow::queued(stage.clone(), attempt, None));
+                row.worker = Some(worker.clone());
+                row.outcome = AttemptOutcome::DeadLettered;
+                row.error = Some(error.to_owned());
+                row.finished_at_ms = Some(at_ms);
+            }
+        }
+        self.set_status(id, TaskStatus::DeadLettered, at_ms);
+    }
+
+    /// Drops finished tasks past the count limit or older than the age limit.
+    /// Returns how many were dropped.
+    pub fn evict(&mut self, now_ms: u64) -> usize {
+        let mut dropped = 0;
+        let oldest_allowed = now_ms.saturating_sub(self.max_age_ms);
+        while let Some((finished_at, id)) = self.completed.front() {
+            let live = self
+                .tasks
+                .get(id)
+                .is_some_and(|r| r.status.is_terminal() && r.finished_at_ms == Some(*finished_at));
+            if !live {
+                self.completed.pop_front();
+                continue;
+            }
+            if self.terminal <= self.limit && *finished_at >= oldest_allowed {
+                break;
+            }
+            if let Some((_, id)) = self.completed.pop_front() {
+                self.tasks.remove(&id);
+                self.terminal -= 1;
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// When the oldest finished task will be too old, if any is held.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.completed
+            .front()
+            .map(|(at, _)| at.saturating_add(self.max_age_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> TaskId {
+        s.parse().unwrap()
+    }
+    fn st(s: &str) -> Stage {
+        s.parse().unwrap()
+    }
+    fn ag(s: &str) -> AgentId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_task_through_two_stages_with_one_retry() {
+        let mut s = TaskStore::new(10, 60_000);
+        let (t, a, b, w1, w2) = (id("T1"), st("a"), st("b"), ag("w1"), ag("w2"));
+        s.submitted(&t, &a, 1_000);
+        let started = s.started(&t, &a, 1, &w1, 1_500, Some(1_000), Some(1_000), false);
+        assert_eq!(started.queue_wait_ms, Some(500));
+        s.failed(&t, &a, 1, &w1, 1_700, 1_500, "boom", "http_503");
+        s.retrying(&t, &a, 1, &w1, 1_700, 1_000);
+        assert_eq!(s.get("T1").unwrap().status, TaskStatus::Retrying);
+        let started = s.started(&t, &a, 2, &w2, 2_800, Some(2_700), Some(1_000), false);
+        assert_eq!(started.queue_wait_ms, Some(100));
+        let r = s.succeeded(&t, &a, 2, &w2, 3_000, 2_800, Some(&b), Some(1_000));
+        assert!(!r.finished);
+        assert_eq!(r.duration_ms, 200);
+        s.started(&t, &b, 1, &w1, 3_100, Some(3_000), Some(1_000), false);
+        let r = s.succeeded(&t, &b, 1, &w1, 3_400, 3_100, None, Some(1_000));
+        assert_eq!(r.pipeline_ms, Some(2_400));
+        let rec = s.get("T1").unwrap();
+        assert_eq!(rec.status, TaskStatus::Succeeded);
+        let outcomes: Vec<_> = rec
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r.stage.as_str(),
+                    r.attempt,
+                    r.worker.as_ref().map(|w| w.as_str()),
+                    r.outcome,
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                ("a", 1, Some("w1"), AttemptOutcome::Retried),
+                ("a", 2, Some("w2"), AttemptOutcome::Succeeded),
+                ("b", 1, Some("w1"), AttemptOutcome::Succeeded),
+            ]
+        );
+        assert_eq!(rec.rows[0].error.as_deref(), Some("boom"));
+        assert_eq!(s.finished(), 1);
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_redelivery_marks_the_first_holder_lost() {
+        let mut s = TaskStore::new(10, 60_000);
+        let (t, a) = (id("T"), st("a"));
+        s.started(&t, &a, 1, &ag("w1"), 10, Some(5), None, false);
+        s.started(&t, &a, 1, &ag("w2"), 20, Some(5), None, true);
+        let rec = s.get("T").unwrap();
+        assert_eq!(rec.rows.len(), 2);
+        assert_eq!(rec.rows[0].outcome, AttemptOutcome::Lost);
+        assert_eq!(rec.rows[1].outcome, AttemptOutcome::Running);
+        assert!(rec.rows[1].redelivered);
+        assert_eq!(rec.rows[1].queued_at_ms, Some(5));
+    }
+
+    #[test]
+    fn events_for_an_unseen_task_build_what_they_can() {
+        let mut s = TaskStore::new(10, 60_000);
+        let r = s.succeeded(&id("X"), &st("a"), 1, &ag("w"), 50, 20, None, None);
+        assert_eq!(r.duration_ms, 30);
+        assert_eq!(r.pipeline_ms, None);
+        let rec = s.get("X").unwrap();
+        assert_eq!(rec.rows[0].started_at_ms, Some(20));
+        s.dead_lettered(&id("Y"), &st("a"), 3, &ag("w"), 60, "gone");
+        assert_eq!(s.get("Y").unwrap().rows[0].error.as_deref(), Some("gone"));
+    }
+
+    #[test]
+    fn retention_keeps_in_flight_tasks_and_bounds_finished_ones() {
+        let mut s = TaskStore::new(3, 1_000);
+        for i in 0..5 {
+            let t = id(&format!("done{i}"));
+            s.succeeded(&t, &st("a"), 1, &ag("w"), 100 + i, 90, None, None);
+        }
+        s.submitted(&id("pending"), &st("a"), 0);
+        assert_eq!(s.evict(200), 2);
+        assert!(s.get("done0").is_none() && s.get("done1").is_none());
+        assert!(s.get("done2").is_some());
+        assert_eq!(s.next_expiry(), Some(1_102));
+        // Age: everything finished is older than 1 s at t=5000.
+        assert_eq!(s.evict(5_000), 3);
+        assert_eq!(s.finished(), 0);
+        assert!(
+            s.get("pending").is_some(),
+            "in-flight tasks are always kept"
+        );
+    }
+
+    #[test]
+    fn a_finished_task_that_comes_back_is_not_evicted_by_its_old_entry() {
+        let mut s = TaskStore::new(0, 1_000_000);
+        let t = id("T");
+        s.succeeded(&t, &st("a"), 1, &ag("w"), 10, 5, None, None);
+        // A duplicate delivery starts it again before eviction runs.
+        s.started(&t, &st("a"), 1, &ag("w2"), 20, None, None, true);
+        assert_eq!(s.evict(30), 0);
+        assert!(s.get("T").is_some());
+        assert_eq!(s.finished(), 0);
+    }
+
+    #[test]
+    fn rows_are_bounded() {
+        let mut s = TaskStore::new(10, 1_000);
+        let t = id("T");
+        for attempt in 1..=(MAX_ROWS as u32 + 10) {
+            s.started(
+                &t,
+                &st("a"),
+                attempt,
+                &ag("w"),
+                u64::from(attempt),
+                None,
+                None,
+                false,
+            );
+        }
+        assert_eq!(s.get("T").unwrap().rows.len(), MAX_ROWS);
+    }
+}

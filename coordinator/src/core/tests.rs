@@ -1,0 +1,853 @@
+//! The core on virtual time: no broker, no clock, no sleeps.
+
+use super::query::TaskFilter;
+use super::stages::QueueStats;
+use super::tasks::TaskStatus;
+use super::*;
+use crate::metrics::Metrics;
+use guildhall_proto::*;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn st(s: &str) -> Stage {
+    s.parse().unwrap()
+}
+fn tid(s: &str) -> TaskId {
+    s.parse().unwrap()
+}
+fn aid(s: &str) -> AgentId {
+    s.parse().unwrap()
+}
+
+/// A core plus a virtual clock and per-sender sequence numbers.
+struct Sim {
+    core: Core,
+    now: u64,
+    seqs: HashMap<String, u64>,
+}
+
+impl Sim {
+    fn new() -> Self {
+        Self::with(CoreConfig::default())
+    }
+
+    fn with(config: CoreConfig) -> Self {
+        let mut core = Core::new(config, Metrics::new(true), T0);
+        core.set_caught_up(T0);
+        Self {
+            core,
+            now: T0,
+            seqs: HashMap::new(),
+        }
+    }
+
+    /// Advances the clock, running every timeout on the way like the runtime would.
+    fn advance(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while let Some(deadline) = self.core.poll_timeout() {
+            if deadline > end {
+                break;
+            }
+            self.now = self.now.max(deadline);
+            self.core.handle_timeout(self.now);
+        }
+        self.now = end;
+        self.core.handle_timeout(self.now);
+    }
+
+    fn send_at(&mut self, sender: &str, sent_at: u64, events: Vec<Event>) {
+        let seq = self.seqs.entry(sender.into()).or_insert(0);
+        *seq += 1;
+        let env = Envelope {
+            sender: aid(sender),
+            seq: *seq,
+            sent_at_ms: sent_at,
+            events,
+        };
+        self.core.handle_envelope(
+            self.now,
+            Decoded {
+                envelope: env,
+                skipped: 0,
+            },
+            Some(*seq),
+        );
+    }
+
+    fn send(&mut self, sender: &str, events: Vec<Event>) {
+        self.send_at(sender, self.now, events);
+    }
+
+    fn heartbeat(&self, stage: &str, state: AgentState, in_hand: &[&str]) -> Event {
+        Event::Heartbeat(Heartbeat {
+            at_ms: self.now,
+            version: "0.1.0".into(),
+            stage: st(stage),
+            next: None,
+            state,
+            concurrency: 1,
+            heartbeat_ms: 1000,
+            in_hand: in_hand
+                .iter()
+                .map(|t| TaskInHand {
+                    task_id: tid(t),
+                    attempt: 1,
+                    started_at_ms: self.now,
+                })
+                .collect(),
+            done: 0,
+            failed: 0,
+            worker: Some(ProcStats {
+                pid: 9,
+                cpu_ratio: 0.25,
+                rss_bytes: 1 << 20,
+            }),
+            agent: None,
+            hostname: "h".into(),
+            worker_restarts: 0,
+        })
+    }
+
+    fn hb_next(&self, stage: &str, next: Option<&str>) -> Event {
+        let mut e = self.heartbeat(stage, AgentState::Idle, &[]);
+        if let Event::Heartbeat(h) = &mut e {
+            h.next = next.map(st);
+        }
+        e
+    }
+
+    fn submitted(&self, task: &str, stage: &str) -> Event {
+        Event::TaskSubmitted(TaskSubmitted {
+            at_ms: self.now,
+            task_id: tid(task),
+            stage: st(stage),
+            payload_bytes: 1,
+        })
+    }
+
+    fn started(&self, task: &str, stage: &str, attempt: u32, enqueued: u64) -> Event {
+        Event::TaskStarted(TaskStarted {
+            at_ms: self.now,
+            task_id: tid(task),
+            stage: st(stage),
+            attempt,
+            enqueued_at_ms: Some(enqueued),
+            submitted_at_ms: Some(T0),
+            redelivered: false,
+        })
+    }
+
+    fn succeeded(
+        &self,
+        task: &str,
+        stage: &str,
+        attempt: u32,
+        started: u64,
+        next: Option<&str>,
+    ) -> Event {
+        Event::TaskSucceeded(TaskSucceeded {
+            at_ms: self.now,
+            task_id: tid(task),
+            stage: st(stage),
+            attempt,
+            started_at_ms: started,
+            next: next.map(st),
+            submitted_at_ms: Some(T0),
+        })
+    }
+
+    fn failed(
+        &self,
+        task: &str,
+        stage: &str,
+        attempt: u32,
+        started: u64,
+        retryable: bool,
+    ) -> Event {
+        Event::TaskFailed(TaskFailed {
+            at_ms: self.now,
+            task_id: tid(task),
+            stage: st(stage),
+            attempt,
+            started_at_ms: started,
+            error: "HTTP 503: busy".into(),
+            error_class: "http_503".into(),
+            retryable,
+        })
+    }
+
+    fn worker(&self, id: &str) -> views::WorkerView {
+        self.core.worker_view(id, self.now).expect("worker tracked")
+    }
+
+    fn notices(&mut self) -> Vec<Notice> {
+        std::iter::from_fn(|| self.core.poll_notice()).collect()
+    }
+
+    fn metrics(&self) -> String {
+        self.core.refresh_metrics(self.now);
+        self.core.metrics().encode()
+    }
+}
+
+#[test]
+fn a_worker_is_dead_after_exactly_three_missed_heartbeats() {
+    let mut sim = Sim::new();
+    let hb = sim.heartbeat("build", AgentState::Processing, &["T1"]);
+    sim.send("w1", vec![hb]);
+    assert_eq!(sim.worker("w1").status, "processing");
+    assert_eq!(
+        sim.core.poll_timeout(),
+        Some(T0 + 1_000),
+        "housekeeping first"
+    );
+    sim.advance(2_999);
+    assert_eq!(sim.worker("w1").status, "processing");
+    assert!(sim.notices().is_empty());
+    sim.advance(1);
+    assert_eq!(sim.worker("w1").status, "dead");
+    assert_eq!(
+        sim.notices(),
+        vec![Notice::WorkerDead {
+            worker: aid("w1"),
+            stage: st("build"),
+            last_seen_ms: T0,
+            tasks_in_hand: vec![tid("T1")],
+        }]
+    );
+    // It comes back: alive again, and the return is noticed.
+    sim.advance(2_000);
+    let hb = sim.heartbeat("build", AgentState::Idle, &[]);
+    sim.send("w1", vec![hb]);
+    assert_eq!(sim.worker("w1").status, "idle");
+    assert_eq!(
+        sim.notices(),
+        vec![Notice::WorkerReturned {
+            worker: aid("w1"),
+            stage: st("build"),
+            dead_for_ms: 2_000,
+        }]
+    );
+}
+
+#[test]
+fn regular_heartbeats_keep_a_worker_alive_with_one_pending_deadline() {
+    let mut sim = Sim::new();
+    for _ in 0..100 {
+        let hb = sim.heartbeat("build", AgentState::Idle, &[]);
+        sim.send("w1", vec![hb]);
+        sim.advance(1_000);
+    }
+    assert_eq!(sim.worker("w1").status, "idle");
+    assert!(
+        sim.core.deadlines.len() <= 1,
+        "{}",
+        sim.core.deadlines.len()
+    );
+}
+
+#[test]
+fn the_heartbeat_interval_is_the_workers_own() {
+    let mut sim = Sim::new();
+    let mut hb = sim.heartbeat("build", AgentState::Idle, &[]);
+    if let Event::Heartbeat(h) = &mut hb {
+        h.heartbeat_ms = 200;
+    }
+    sim.send("fast", vec![hb]);
+    sim.advance(599);
+    assert_eq!(sim.worker("fast").status, "idle");
+    sim.advance(1);
+    assert_eq!(sim.worker("fast").status, "dead");
+}
+
+#[test]
+fn nobody_is_judged_dead_while_replaying_history() {
+    let mut core = Core::new(
+        CoreConfig {
+            marker_nonce: Some(42),
+            ..CoreConfig::default()
+        },
+        Metrics::new(true),
+        T0,
+    );
+    let now = T0 + 3_600_000;
+    let hb = |stage: &str, at: u64| {
+        Event::Heartbeat(Heartbeat {
+            at_ms: at,
+            version: "v".into(),
+            stage: st(stage),
+            next: None,
+            state: AgentState::Idle,
+            concurrency: 1,
+            heartbeat_ms: 1000,
+            in_hand: vec![],
+            done: 0,
+            failed: 0,
+            worker: None,
+            agent: None,
+            hostname: "h".into(),
+            worker_restarts: 0,
+        })
+    };
+    let env = |sender: &str, at: u64, events: Vec<Event>| Decoded {
+        envelope: Envelope {
+            sender: aid(sender),
+            seq: 1,
+            sent_at_ms: at,
+            events,
+        },
+        skipped: 0,
+    };
+    // History: "old" last spoke an hour ago, "recent" a moment ago.
+    core.handle_envelope(now, env("old", T0, vec![hb("a", T0)]), Some(0));
+    core.handle_envelope(
+        now,
+        env("recent", now - 500, vec![hb("a", now - 500)]),
+        Some(1),
+    );
+    core.handle_timeout(now);
+    assert!(!core.is_caught_up());
+    assert_eq!(
+        core.worker_view("old", now).unwrap().status,
+        "idle",
+        "no verdict during replay"
+    );
+    // Our own marker comes back: we are live.
+    let marker = Event::Marker(Marker {
+        at_ms: now,
+        nonce: 42,
+    });
+    core.handle_envelope(
+        now,
+        env("guildhall-coordinator", now, vec![marker]),
+        Some(2),
+    );
+    assert!(core.is_caught_up());
+    assert_eq!(core.worker_view("old", now).unwrap().status, "dead");
+    assert_eq!(core.worker_view("recent", now).unwrap().status, "idle");
+    assert_eq!(
+        core.worker_view("recent", now).unwrap().last_seen_at_ms,
+        now - 500
+    );
+    // Another coordinator's marker changes nothing.
+    let mut other = Core::new(CoreConfig::default(), Metrics::new(true), T0);
+    other.handle_envelope(
+        now,
+        env(
+            "x",
+            now,
+            vec![Event::Marker(Marker {
+                at_ms: now,
+                nonce: 42,
+            })],
+        ),
+        None,
+    );
+    assert!(!other.is_caught_up());
+}
+
+#[test]
+fn a_stopping_agent_is_stopped_not_dead_and_is_forgotten_after_retention() {
+    let mut sim = Sim::with(CoreConfig {
+        worker_retention_ms: 60_000,
+        ..CoreConfig::default()
+    });
+    let hb = sim.heartbeat("build", AgentState::Idle, &[]);
+    sim.send("w1", vec![hb]);
+    sim.metrics();
+    assert!(
+        sim.metrics()
+            .contains("guildhall_worker_up{stage=\"build\",worker=\"w1\"} 1")
+    );
+    sim.send(
+        "w1",
+        vec![Event::AgentStopping(AgentStopping {
+            at_ms: sim.now,
+            reason: "drain".into(),
+        })],
+    );
+    sim.advance(10_000);
+    let w = sim.worker("w1");
+    assert_eq!(w.status, "stopped");
+    assert_eq!(w.stopped_reason.as_deref(), Some("drain"));
+    assert!(sim.notices().is_empty(), "a clean stop is not a death");
+    sim.advance(60_000);
+    assert!(sim.core.worker_view("w1", sim.now).is_none());
+    assert!(
+        !sim.metrics().contains("worker=\"w1\""),
+        "its series are removed"
+    );
+}
+
+#[test]
+fn worker_view_carries_current_tasks_times_rates_and_resources() {
+    let mut sim = Sim::new();
+    let hb = sim.heartbeat("build", AgentState::Idle, &[]);
+    sim.send("w1", vec![hb]);
+    sim.core.handle_queue_stats(
+        sim.now,
+        &st("build"),
+        QueueStats {
+            ready: 7,
+            unacked: Some(1),
+            consumers: 1,
+        },
+    );
+    for i in 0..10u64 {
+        let start = sim.now;
+        let e = sim.started(&format!("T{i}"), "build", 1, start - 50);
+        sim.send("w1", vec![e]);
+        if i == 9 {
+            break;
+        }
+        sim.advance(100 + i * 10);
+        let e = sim.succeeded(&format!("T{i}"), "build", 1, start, None);
+        sim.send("w1", vec![e]);
+    }
+    sim.advance(40);
+    let w = sim.worker("w1");
+    assert_eq!(w.status, "processing");
+    assert_eq!(w.current_tasks.len(), 1);
+    assert_eq!(w.current_tasks[0].task_id, "T9");
+    assert_eq!(w.current_tasks[0].running_ms, 40);
+    assert_eq!(w.queue_size, Some(7));
+    assert_eq!(w.queue_unacked, Some(1));
+    assert_eq!(w.avg_processing_ms, Some(140.0));
+    assert_eq!(w.p95_processing_ms, Some(180));
+    assert_eq!(w.last_completed_ago_ms, Some(40));
+    assert!(w.throughput_per_s > 0.0);
+    assert_eq!(w.cpu_ratio, Some(0.25));
+    assert_eq!(w.memory_bytes, Some(1 << 20));
+    assert_eq!(w.mode, None);
+}
+
+#[test]
+fn a_task_through_three_stages_has_one_row_per_attempt_and_matching_metrics() {
+    let mut sim = Sim::new();
+    let e = sim.submitted("T1", "intake");
+    sim.send("cli", vec![e]);
+    sim.advance(100);
+    let e = sim.started("T1", "intake", 1, T0);
+    sim.send("wa", vec![e]);
+    let s = sim.now;
+    sim.advance(200);
+    let e = sim.succeeded("T1", "intake", 1, s, Some("build"));
+    sim.send("wa", vec![e]);
+    sim.advance(50);
+    let e = sim.started("T1", "build", 1, sim.now - 50);
+    sim.send("wb", vec![e]);
+    let s = sim.now;
+    sim.advance(300);
+    let f = sim.failed("T1", "build", 1, s, true);
+    let r = Event::TaskRetrying(TaskRetrying {
+        at_ms: sim.now,
+        task_id: tid("T1"),
+        stage: st("build"),
+        attempt: 1,
+        delay_ms: 1_000,
+    });
+    sim.send("wb", vec![f, r]);
+    assert_eq!(
+        sim.core.task_view("T1", sim.now).unwrap().status,
+        "retrying"
+    );
+    sim.advance(1_000);
+    assert_eq!(
+        sim.core.task_view("T1", sim.now).unwrap().status,
+        "queued",
+        "the delay is over"
+    );
+    sim.advance(10);
+    let e = sim.started("T1", "build", 2, sim.now - 10);
+    sim.send("wb2", vec![e]);
+    let s = sim.now;
+    sim.advance(100);
+    let e = sim.succeeded("T1", "build", 2, s, Some("report"));
+    sim.send("wb2", vec![e]);
+    let e = sim.started("T1", "report", 1, sim.now);
+    sim.send("wc", vec![e]);
+    let s = sim.now;
+    sim.advance(40);
+    let e = sim.succeeded("T1", "report", 1, s, None);
+    sim.send("wc", vec![e]);
+
+    let t = sim.core.task_view("T1", sim.now).unwrap();
+    assert_eq!(t.status, "succeeded");
+    assert_eq!(t.duration_ms, Some(1_800));
+    let rows: Vec<_> = t
+        .attempts
+        .iter()
+        .map(|a| {
+            (
+                a.stage.as_str(),
+                a.attempt,
+                a.worker.as_deref(),
+                a.outcome,
+                a.duration_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("intake", 1, Some("wa"), "succeeded", Some(200)),
+            ("build", 1, Some("wb"), "retried", Some(300)),
+            ("build", 2, Some("wb2"), "succeeded", Some(100)),
+            ("report", 1, Some("wc"), "succeeded", Some(40)),
+        ]
+    );
+    assert_eq!(t.attempts[0].wait_ms, Some(100));
+    assert_eq!(t.attempts[1].error.as_deref(), Some("HTTP 503: busy"));
+    assert_eq!(t.attempts[1].error_class.as_deref(), Some("http_503"));
+
+    let text = sim.metrics();
+    for line in [
+        "guildhall_tasks_total{outcome=\"succeeded\",stage=\"intake\"} 1",
+        "guildhall_tasks_total{outcome=\"retried\",stage=\"build\"} 1",
+        "guildhall_tasks_total{outcome=\"succeeded\",stage=\"build\"} 1",
+        "guildhall_tasks_submitted_total{stage=\"intake\"} 1",
+        "guildhall_tasks_started_total{stage=\"build\"} 2",
+        "guildhall_tasks_completed_total 1",
+        "guildhall_pipeline_duration_seconds_count 1",
+        "guildhall_pipeline_duration_seconds_sum 1.8",
+        "guildhall_task_duration_seconds_count{stage=\"build\"} 2",
+        "guildhall_task_queue_wait_seconds_count{stage=\"intake\"} 1",
+        "guildhall_events_ingested_total{kind=\"task_started\"} 4",
+        "guildhall_tasks_tracked{state=\"completed\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line}\n{text}");
+    }
+}
+
+#[test]
+fn a_dead_lettered_task_is_finished_and_noticed() {
+    let mut sim = Sim::new();
+    let e = sim.started("T1", "build", 1, T0);
+    sim.send("w", vec![e]);
+    let f = sim.failed("T1", "build", 1, T0, false);
+    let d = Event::TaskDeadLettered(TaskDeadLettered {
+        at_ms: sim.now,
+        task_id: tid("T1"),
+        stage: st("build"),
+        attempt: 1,
+        error: "HTTP 400: bad input".into(),
+    });
+    sim.send("w", vec![f, d]);
+    let t = sim.core.task_view("T1", sim.now).unwrap();
+    assert_eq!(t.status, "dead_lettered");
+    assert_eq!(t.attempts[0].outcome, "dead_lettered");
+    assert_eq!(
+        sim.notices(),
+        vec![Notice::TaskDeadLettered {
+            task: tid("T1"),
+            stage: st("build"),
+            error: "HTTP 400: bad input".into(),
+        }]
+    );
+    assert!(
+        sim.metrics()
+            .contains("guildhall_tasks_total{outcome=\"dead_lettered\",stage=\"build\"} 1")
+    );
+}
+
+#[test]
+fn the_slow_stage_is_the_bottleneck_and_workers_are_counted_by_status() {
+    let mut sim = Sim::new();
+    for (w, stage) in [("a1", "a"), ("b1", "b")] {
+        let hb = sim.hb_next(stage, if stage == "a" { Some("b") } else { None });
+        sim.send(w, vec![hb]);
+    }
+    // 1 task/s through both; a takes 100 ms, b 800 ms.
+    for i in 0..20 {
+        let t = format!("T{i}");
+        let e = sim.started(&t, "a", 1, sim.now);
+        sim.send("a1", vec![e]);
+        let s = sim.now;
+        sim.advance(100);
+        let e = sim.succeeded(&t, "a", 1, s, Some("b"));
+        sim.send("a1", vec![e]);
+        let e = sim.started(&t, "b", 1, sim.now);
+        sim.send("b1", vec![e]);
+        let s = sim.now;
+        sim.advance(800);
+        let e = sim.succeeded(&t, "b", 1, s, None);
+        sim.send("b1", vec![e]);
+        sim.advance(100);
+        for (w, stage) in [("a1", "a"), ("b1", "b")] {
+            let hb = sim.hb_next(stage, if stage == "a" { Some("b") } else { None });
+            sim.send(w, vec![hb]);
+        }
+    }
+    let view = sim.core.stages_view(sim.now);
+    let b = view.bottleneck.expect("a bottleneck");
+    assert_eq!(b.stage, "b");
+    assert!(b.reason.contains("utilisation"), "{}", b.reason);
+    let sb = view.stages.iter().find(|s| s.name == "b").unwrap();
+    assert!(sb.bottleneck);
+    let u = sb.utilisation.unwrap();
+    assert!((0.7..0.9).contains(&u), "{u}");
+    assert_eq!(sb.processing_ms.as_ref().unwrap().p50, 800);
+    assert_eq!(sb.success_rate, Some(1.0));
+    assert_eq!(view.stages[0].next.as_deref(), Some("b"));
+    let text = sim.metrics();
+    assert!(
+        text.contains("guildhall_stage_bottleneck{stage=\"b\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("guildhall_workers{stage=\"a\",status=\"idle\"} 1"));
+    assert!(text.contains("guildhall_workers{stage=\"a\",status=\"dead\"} 0"));
+}
+
+#[test]
+fn a_backlog_with_no_consumer_is_the_bottleneck() {
+    let mut sim = Sim::new();
+    assert!(sim.core.ensure_stage(sim.now, &st("orphan")));
+    sim.core.handle_queue_stats(
+        sim.now,
+        &st("orphan"),
+        QueueStats {
+            ready: 12,
+            unacked: Some(0),
+            consumers: 0,
+        },
+    );
+    let view = sim.core.stages_view(sim.now);
+    assert_eq!(view.bottleneck.unwrap().stage, "orphan");
+}
+
+#[test]
+fn eta_sums_the_rest_of_the_pipeline() {
+    let mut sim = Sim::new();
+    for (w, stage, next) in [("a1", "a", Some("b")), ("b1", "b", None)] {
+        let hb = sim.hb_next(stage, next);
+        sim.send(w, vec![hb]);
+    }
+    // Teach the stages their service times: a = 200 ms, b = 500 ms.
+    for (stage, w, ms) in [("a", "a1", 200), ("b", "b1", 500)] {
+        let e = sim.started("warm", stage, 1, sim.now);
+        sim.send(w, vec![e]);
+        let s = sim.now;
+        sim.advance(ms);
+        let e = sim.succeeded("warm", stage, 1, s, None);
+        sim.send(w, vec![e]);
+    }
+    // Four tasks wait at a, one worker of concurrency 1: 4 x 200 ms wait.
+    sim.core.handle_queue_stats(
+        sim.now,
+        &st("a"),
+        QueueStats {
+            ready: 4,
+            unacked: Some(0),
+            consumers: 1,
+        },
+    );
+    let e = sim.submitted("T", "a");
+    sim.send("cli", vec![e]);
+    let t = sim.core.task_view("T", sim.now).unwrap();
+    // wait 800 + service 200 at a, then wait 0 + service 500 at b.
+    assert_eq!(t.eta_in_ms, Some(1_500));
+    assert_eq!(t.eta_at_ms, Some(sim.now + 1_500));
+    // Running at a for 150 ms: 50 left there, then 500 at b.
+    let e = sim.started("T", "a", 1, sim.now);
+    sim.send("a1", vec![e]);
+    sim.advance(150);
+    let t = sim.core.task_view("T", sim.now).unwrap();
+    assert_eq!(t.eta_in_ms, Some(550));
+    let listed = sim.core.tasks_view(
+        &TaskFilter {
+            status: Some(TaskStatus::Running),
+            stage: None,
+            limit: 10,
+        },
+        sim.now,
+    );
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].eta_at_ms, Some(sim.now + 550));
+    assert_eq!(listed[0].worker.as_deref(), Some("a1"));
+}
+
+#[test]
+fn task_list_filters_by_status_and_stage_newest_first() {
+    let mut sim = Sim::new();
+    for i in 0..5 {
+        let e = sim.submitted(&format!("T{i}"), if i % 2 == 0 { "a" } else { "b" });
+        sim.send("cli", vec![e]);
+        sim.advance(10);
+    }
+    let e = sim.started("T4", "a", 1, T0);
+    sim.send("w", vec![e]);
+    let all = sim.core.tasks_view(
+        &TaskFilter {
+            limit: 3,
+            ..TaskFilter::default()
+        },
+        sim.now,
+    );
+    let ids: Vec<_> = all.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["T4", "T3", "T2"]);
+    let queued_a = sim.core.tasks_view(
+        &TaskFilter {
+            status: Some(TaskStatus::Queued),
+            stage: Some(st("a")),
+            limit: 100,
+        },
+        sim.now,
+    );
+    let ids: Vec<_> = queued_a.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["T2", "T0"]);
+}
+
+#[test]
+fn finished_tasks_are_evicted_by_count_and_age_in_flight_ones_never() {
+    let mut sim = Sim::with(CoreConfig {
+        completed_limit: 10,
+        completed_max_age_ms: 60_000,
+        ..CoreConfig::default()
+    });
+    let e = sim.started("keep", "a", 1, T0);
+    sim.send("w", vec![e]);
+    for i in 0..50 {
+        let e = sim.succeeded(&format!("done{i}"), "a", 1, sim.now, None);
+        sim.send("w", vec![e]);
+    }
+    sim.advance(1_000);
+    let o = sim.core.overview();
+    assert_eq!(o.tasks_finished, 10);
+    assert!(sim.core.task_view("done49", sim.now).is_some());
+    assert!(sim.core.task_view("done0", sim.now).is_none());
+    sim.advance(120_000);
+    let o = sim.core.overview();
+    assert_eq!(o.tasks_finished, 0);
+    assert_eq!(o.tasks_in_flight, 1);
+    assert!(sim.core.task_view("keep", sim.now).is_some());
+}
+
+#[test]
+fn unreadable_input_and_limits_are_counted_not_fatal() {
+    let mut sim = Sim::with(CoreConfig {
+        max_stages: 2,
+        max_workers: 1,
+        ..CoreConfig::default()
+    });
+    sim.core.handle_malformed("malformed");
+    sim.core.handle_envelope(
+        sim.now,
+        Decoded {
+            envelope: Envelope {
+                sender: aid("w1"),
+                seq: 1,
+                sent_at_ms: sim.now,
+                events: vec![],
+            },
+            skipped: 2,
+        },
+        None,
+    );
+    for s in ["a", "b", "c"] {
+        let e = sim.submitted("T", s);
+        sim.send("cli", vec![e]);
+    }
+    let hb = sim.heartbeat("a", AgentState::Idle, &[]);
+    sim.send("w1", vec![hb.clone()]);
+    sim.send("w2", vec![hb]);
+    assert_eq!(sim.core.stage_names().count(), 2);
+    assert_eq!(sim.core.workers_view(sim.now).len(), 1);
+    let text = sim.metrics();
+    for line in [
+        "guildhall_events_malformed_total{reason=\"malformed\"} 1",
+        "guildhall_events_malformed_total{reason=\"unknown_event\"} 2",
+        "guildhall_events_malformed_total{reason=\"stage_limit\"} 1",
+        "guildhall_events_malformed_total{reason=\"worker_limit\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line}\n{text}");
+    }
+    assert_eq!(sim.core.overview().malformed, 5);
+}
+
+#[test]
+fn gaps_in_a_senders_sequence_are_counted() {
+    let mut sim = Sim::new();
+    let hb = sim.heartbeat("a", AgentState::Idle, &[]);
+    sim.send("w1", vec![hb.clone()]);
+    sim.seqs.insert("w1".into(), 4); // batches 2..=4 never arrive
+    sim.send("w1", vec![hb]);
+    assert!(
+        sim.metrics()
+            .contains("guildhall_event_batches_missing_total 3")
+    );
+}
+
+#[test]
+fn a_redelivered_task_shows_the_lost_attempt_and_the_new_holder() {
+    let mut sim = Sim::new();
+    let e = sim.started("T", "a", 1, T0);
+    sim.send("w1", vec![e]);
+    sim.advance(500);
+    let mut e = sim.started("T", "a", 1, T0);
+    if let Event::TaskStarted(s) = &mut e {
+        s.redelivered = true;
+    }
+    sim.send("w2", vec![e]);
+    let t = sim.core.task_view("T", sim.now).unwrap();
+    let rows: Vec<_> = t
+        .attempts
+        .iter()
+        .map(|a| (a.worker.as_deref(), a.outcome, a.redelivered))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![(Some("w1"), "lost", false), (Some("w2"), "running", true)]
+    );
+}
+
+#[test]
+fn per_worker_counters_follow_the_agents_own_counts() {
+    let mut sim = Sim::new();
+    let mut hb = sim.heartbeat("a", AgentState::Idle, &[]);
+    for (done, failed) in [(5, 1), (9, 2)] {
+        if let Event::Heartbeat(h) = &mut hb {
+            h.done = done;
+            h.failed = failed;
+        }
+        sim.send("w1", vec![hb.clone()]);
+        sim.core.export_worker_counters();
+    }
+    let text = sim.metrics();
+    assert!(
+        text.contains(
+            "guildhall_worker_tasks_total{outcome=\"succeeded\",stage=\"a\",worker=\"w1\"} 9"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "guildhall_worker_tasks_total{outcome=\"failed\",stage=\"a\",worker=\"w1\"} 2"
+        )
+    );
+    assert_eq!(sim.worker("w1").success_rate, Some(9.0 / 11.0));
+}
+
+#[test]
+fn per_worker_series_can_be_switched_off() {
+    let mut core = Core::new(CoreConfig::default(), Metrics::new(false), T0);
+    core.set_caught_up(T0);
+    let sim_hb = Sim::new().heartbeat("a", AgentState::Idle, &[]);
+    core.handle_envelope(
+        T0,
+        Decoded {
+            envelope: Envelope {
+                sender: aid("w1"),
+                seq: 1,
+                sent_at_ms: T0,
+                events: vec![sim_hb],
+            },
+            skipped: 0,
+        },
+        None,
+    );
+    core.refresh_metrics(T0);
+    core.export_worker_counters();
+    let text = core.metrics().encode();
+    assert!(!text.contains("worker=\"w1\""));
+    assert!(text.contains("guildhall_workers{stage=\"a\",status=\"idle\"} 1"));
+}

@@ -1,0 +1,370 @@
+//! Every metric the coordinator exports, defined in one place.
+//!
+//! Names follow `guildhall_<thing>_<unit>[_total]`; labels are bounded:
+//! `stage`, `status`, `outcome`, `state`, `kind`, `reason` and (switchable
+//! with `--per-worker-metrics`) `worker`. **Never a task id.**
+//!
+//! Hot-path updates go through [`StageMetrics`], a set of handles resolved
+//! once per stage, so applying an event does no label lookup. Gauges that
+//! describe state (workers by status, queue depths) are set by
+//! [`crate::core::Core::refresh_metrics`] just before a scrape.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Outcome label values of `guildhall_tasks_total`.
+pub mod outcome {
+    /// The stage attempt succeeded.
+    pub const SUCCEEDED: &str = "succeeded";
+    /// The attempt failed and the task was scheduled for another try.
+    pub const RETRIED: &str = "retried";
+    /// The attempt failed and the task was dead-lettered.
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+}
+
+/// Worker status label values, in display order.
+pub const WORKER_STATUSES: [&str; 7] = [
+    "processing",
+    "idle",
+    "paused",
+    "draining",
+    "starting",
+    "dead",
+    "stopped",
+];
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+const WAIT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+const PIPELINE_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 14400.0,
+];
+
+/// Handles to every metric. Cheap to clone (handles share their values), so
+/// the HTTP side gathers without holding the core's lock.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` gathers.
+    registry: Registry,
+    /// Whether per-worker series are exported (off for very large fleets).
+    pub per_worker: bool,
+    /// `guildhall_workers{stage,status}`.
+    pub workers: IntGaugeVec,
+    /// `guildhall_worker_up{worker,stage}`: 1 alive, 0 dead or stopped.
+    pub worker_up: IntGaugeVec,
+    /// `guildhall_worker_tasks_in_hand{worker,stage}`.
+    pub worker_tasks_in_hand: IntGaugeVec,
+    /// `guildhall_worker_tasks_total{worker,stage,outcome}` (succeeded/failed).
+    pub worker_tasks: IntCounterVec,
+    /// `guildhall_worker_cpu_ratio{worker,stage}`: share of one core.
+    pub worker_cpu_ratio: prometheus::GaugeVec,
+    /// `guildhall_worker_memory_bytes{worker,stage}`: resident memory.
+    pub worker_memory_bytes: IntGaugeVec,
+    /// `guildhall_tasks_total{stage,outcome}`: stage attempts by outcome.
+    pub tasks: IntCounterVec,
+    /// `guildhall_tasks_started_total{stage}`.
+    pub tasks_started: IntCounterVec,
+    /// `guildhall_tasks_submitted_total{stage}`: entered the pipeline here.
+    pub tasks_submitted: IntCounterVec,
+    /// `guildhall_tasks_completed_total`: finished the pipeline's last stage.
+    pub tasks_completed: IntCounter,
+    /// `guildhall_tasks_in_flight{stage}`: held by a worker now.
+    pub tasks_in_flight: IntGaugeVec,
+    /// `guildhall_task_duration_seconds{stage}`: processing time per attempt.
+    pub task_duration: HistogramVec,
+    /// `guildhall_task_queue_wait_seconds{stage}`: enqueue to start.
+    pub task_queue_wait: HistogramVec,
+    /// `guildhall_pipeline_duration_seconds`: submission to the end of the last stage.
+    pub pipeline_duration: Histogram,
+    /// `guildhall_stage_queue_messages{stage,state}`: ready / unacked.
+    pub stage_queue_messages: IntGaugeVec,
+    /// `guildhall_stage_consumers{stage}`.
+    pub stage_consumers: IntGaugeVec,
+    /// `guildhall_stage_bottleneck{stage}`: 1 for the stage judged the bottleneck.
+    pub stage_bottleneck: IntGaugeVec,
+    /// `guildhall_events_ingested_total{kind}`.
+    pub events_ingested: IntCounterVec,
+    /// `guildhall_events_malformed_total{reason}`: dropped messages and events.
+    pub events_malformed: IntCounterVec,
+    /// `guildhall_event_batches_total`: envelopes applied.
+    pub event_batches: IntCounter,
+    /// `guildhall_event_batches_missing_total`: gaps in senders' sequence numbers.
+    pub event_batches_missing: IntCounter,
+    /// `guildhall_coordinator_caught_up`: 1 once the stream's backlog is replayed.
+    pub caught_up: IntGauge,
+    /// `guildhall_tasks_tracked{state}`: task records held (in_flight / completed).
+    pub tasks_tracked: IntGaugeVec,
+}
+
+/// Handles for one stage, resolved once.
+#[derive(Clone, Debug)]
+pub struct StageMetrics {
+    /// Attempts succeeded.
+    pub succeeded: IntCounter,
+    /// Attempts retried.
+    pub retried: IntCounter,
+    /// Attempts dead-lettered.
+    pub dead_lettered: IntCounter,
+    /// Attempts started.
+    pub started: IntCounter,
+    /// Tasks submitted to this stage.
+    pub submitted: IntCounter,
+    /// Processing time.
+    pub duration: Histogram,
+    /// Queue wait.
+    pub queue_wait: Histogram,
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let m = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric definition");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+impl Metrics {
+    /// Defines and registers every metric in a fresh registry.
+    pub fn new(per_worker: bool) -> Self {
+        let r = Registry::new();
+        let pipeline_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "guildhall_pipeline_duration_seconds",
+                "Time from a task's submission to the end of its last stage.",
+            )
+            .buckets(PIPELINE_BUCKETS.to_vec()),
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(pipeline_duration.clone()))
+            .expect("metric registered once");
+        let tasks_completed = IntCounter::new(
+            "guildhall_tasks_completed_total",
+            "Tasks that finished the last stage of their pipeline.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(tasks_completed.clone()))
+            .expect("metric registered once");
+        let event_batches = IntCounter::new(
+            "guildhall_event_batches_total",
+            "Event envelopes (broker messages) applied.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(event_batches.clone()))
+            .expect("metric registered once");
+        let event_batches_missing = IntCounter::new(
+            "guildhall_event_batches_missing_total",
+            "Event envelopes missing from a sender's sequence (lost or out of order).",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(event_batches_missing.clone()))
+            .expect("metric registered once");
+        let caught_up = IntGauge::new(
+            "guildhall_coordinator_caught_up",
+            "1 once the coordinator has replayed the events stream up to the live end.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(caught_up.clone()))
+            .expect("metric registered once");
+        let worker_cpu_ratio = prometheus::GaugeVec::new(
+            Opts::new(
+                "guildhall_worker_cpu_ratio",
+                "CPU used by the worker process, as a share of one core.",
+            ),
+            &["worker", "stage"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(worker_cpu_ratio.clone()))
+            .expect("metric registered once");
+        Self {
+            per_worker,
+            workers: gauge_vec(
+                &r,
+                "guildhall_workers",
+                "Workers by stage and status.",
+                &["stage", "status"],
+            ),
+            worker_up: gauge_vec(
+                &r,
+                "guildhall_worker_up",
+                "1 if the worker is alive, 0 if dead or stopped.",
+                &["worker", "stage"],
+            ),
+            worker_tasks_in_hand: gauge_vec(
+                &r,
+                "guildhall_worker_tasks_in_hand",
+                "Tasks the worker holds now.",
+                &["worker", "stage"],
+            ),
+            worker_tasks: counter_vec(
+                &r,
+                "guildhall_worker_tasks_total",
+                "Stage attempts finished by the worker, by outcome (succeeded, failed).",
+                &["worker", "stage", "outcome"],
+            ),
+            worker_cpu_ratio,
+            worker_memory_bytes: gauge_vec(
+                &r,
+                "guildhall_worker_memory_bytes",
+                "Resident memory of the worker process.",
+                &["worker", "stage"],
+            ),
+            tasks: counter_vec(
+                &r,
+                "guildhall_tasks_total",
+                "Stage attempts by outcome: succeeded, retried, dead_lettered.",
+                &["stage", "outcome"],
+            ),
+            tasks_started: counter_vec(
+                &r,
+                "guildhall_tasks_started_total",
+                "Stage attempts started.",
+                &["stage"],
+            ),
+            tasks_submitted: counter_vec(
+                &r,
+                "guildhall_tasks_submitted_total",
+                "Tasks submitted to a stage by a producer.",
+                &["stage"],
+            ),
+            tasks_completed,
+            tasks_in_flight: gauge_vec(
+                &r,
+                "guildhall_tasks_in_flight",
+                "Tasks held by a worker now.",
+                &["stage"],
+            ),
+            task_duration: histogram_vec(
+                &r,
+                "guildhall_task_duration_seconds",
+                "Processing time of a stage attempt, any outcome.",
+                &["stage"],
+                DURATION_BUCKETS,
+            ),
+            task_queue_wait: histogram_vec(
+                &r,
+                "guildhall_task_queue_wait_seconds",
+                "Time a task waited in a stage queue before a worker started it.",
+                &["stage"],
+                WAIT_BUCKETS,
+            ),
+            pipeline_duration,
+            stage_queue_messages: gauge_vec(
+                &r,
+                "guildhall_stage_queue_messages",
+                "Messages in a stage queue: ready or unacked.",
+                &["stage", "state"],
+            ),
+            stage_consumers: gauge_vec(
+                &r,
+                "guildhall_stage_consumers",
+                "Consumers attached to a stage queue.",
+                &["stage"],
+            ),
+            stage_bottleneck: gauge_vec(
+                &r,
+                "guildhall_stage_bottleneck",
+                "1 for the stage judged the pipeline's bottleneck, else 0.",
+                &["stage"],
+            ),
+            events_ingested: counter_vec(
+                &r,
+                "guildhall_events_ingested_total",
+                "Events applied, by kind.",
+                &["kind"],
+            ),
+            events_malformed: counter_vec(
+                &r,
+                "guildhall_events_malformed_total",
+                "Event messages or events dropped because they could not be read, by reason.",
+                &["reason"],
+            ),
+            event_batches,
+            event_batches_missing,
+            caught_up,
+            tasks_tracked: gauge_vec(
+                &r,
+                "guildhall_tasks_tracked",
+                "Task records held in memory: in_flight or completed.",
+                &["state"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// Resolves the handles of one stage.
+    pub fn stage(&self, stage: &str) -> StageMetrics {
+        StageMetrics {
+            succeeded: self.tasks.with_label_values(&[stage, outcome::SUCCEEDED]),
+            retried: self.tasks.with_label_values(&[stage, outcome::RETRIED]),
+            dead_lettered: self
+                .tasks
+                .with_label_values(&[stage, outcome::DEAD_LETTERED]),
+            started: self.tasks_started.with_label_values(&[stage]),
+            submitted: self.tasks_submitted.with_label_values(&[stage]),
+            duration: self.task_duration.with_label_values(&[stage]),
+            queue_wait: self.task_queue_wait.with_label_values(&[stage]),
+        }
+    }
+
+    /// Removes every series of a worker that is no longer tracked.
+    pub fn forget_worker(&self, worker: &str, stage: &str) {
+        let _ = self.worker_up.remove_label_values(&[worker, stage]);
+        let _ = self
+            .worker_tasks_in_hand
+            .remove_label_values(&[worker, stage]);
+        let _ = self.worker_cpu_ratio.remove_label_values(&[worker, stage]);
+        let _ = self
+            .worker_memory_bytes
+            .remove_label_values(&[worker, stage]);
+        for outcome in ["succeeded", "failed"] {
+            let _ = self
+                .worker_tasks
+                .remove_label_values(&[worker, stage, outcome]);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let families = self.registry.gather();
+        TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| format!("# encoding error: {e}\n"))
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(true)
+    }
+}
