@@ -182,7 +182,7 @@ pub fn bottleneck(loads: &BTreeMap<Stage, StageLoad>) -> Option<(Stage, String)>
     if let Some((name, l)) = loads.iter().find(|(_, l)| l.servers == 0 && l.ready > 0) {
         return Some((
             name.clone(),
-            format!("{} tasks waiting and no worker consuming", l.ready),
+            format!("{} task(s) waiting and no worker consuming", l.ready),
         ));
     }
     // Then a backlog that keeps growing.

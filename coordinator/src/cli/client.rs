@@ -1,0 +1,327 @@
+//! `guildhall status` and `guildhall trace`: read a running coordinator's
+//! API and print tables (or the JSON with `--json`).
+
+use super::render::{Table, bytes, clock, duration, ellipsize, opt, percent};
+use super::{ClientArgs, TraceArgs};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator did not answer.
+    #[error(
+        "cannot reach the coordinator at {url} ({source}); is `guildhall serve` or `guildhall demo` running? (--api-url)"
+    )]
+    Unreachable {
+        /// The API URL.
+        url: String,
+        /// The HTTP error.
+        source: reqwest::Error,
+    },
+    /// The coordinator answered with an error.
+    #[error("{0}")]
+    Api(String),
+}
+
+async fn get(args: &ClientArgs, path: &str) -> Result<Value, ClientError> {
+    let base = args.api_url.trim_end_matches('/');
+    let url = format!("{base}{path}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|source| ClientError::Unreachable {
+            url: base.to_owned(),
+            source,
+        })?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|source| ClientError::Unreachable {
+            url: base.to_owned(),
+            source,
+        })?;
+    let status = response.status();
+    let body: Value = response
+        .json()
+        .await
+        .map_err(|source| ClientError::Unreachable {
+            url: base.to_owned(),
+            source,
+        })?;
+    if !status.is_success() {
+        let msg = body["error"].as_str().unwrap_or("no error message");
+        return Err(ClientError::Api(format!("{status}: {msg}")));
+    }
+    Ok(body)
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn ms(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), |m| duration(m.round() as u64))
+}
+
+/// `guildhall status`: workers and stages.
+pub async fn status(args: &ClientArgs) -> Result<String, ClientError> {
+    let workers = get(args, "/api/workers").await?;
+    let stages = get(args, "/api/stages").await?;
+    if args.json {
+        let out = json!({ "workers": workers["workers"], "stages": stages["stages"], "bottleneck": stages["bottleneck"] });
+        return Ok(format!("{out:#}\n"));
+    }
+    Ok(render_status(&workers, &stages))
+}
+
+fn render_status(workers: &Value, stages: &Value) -> String {
+    let empty = Vec::new();
+    let worker_list = workers["workers"].as_array().unwrap_or(&empty);
+    let stage_list = stages["stages"].as_array().unwrap_or(&empty);
+    let alive = worker_list
+        .iter()
+        .filter(|w| !matches!(w["status"].as_str(), Some("dead" | "stopped")))
+        .count();
+    let mut out = format!(
+        "{} workers ({alive} alive), {} stages",
+        worker_list.len(),
+        stage_list.len()
+    );
+    if let Some(b) = stages["bottleneck"].as_object() {
+        out.push_str(&format!(
+            "; bottleneck: {} ({})",
+            s(&b["stage"]),
+            s(&b["reason"])
+        ));
+    }
+    out.push_str("\n\n");
+
+    let mut t = Table::new(&[
+        "STAGE",
+        "NEXT",
+        ">READY",
+        ">UNACKED",
+        ">WORKERS",
+        ">IN FLIGHT",
+        ">IN/S",
+        ">OUT/S",
+        ">P50",
+        ">P95",
+        ">SUCCESS",
+        ">DEAD",
+    ]);
+    for st in stage_list {
+        let workers = &st["workers"];
+        let mut name = s(&st["name"]);
+        if st["bottleneck"].as_bool() == Some(true) {
+            name.push_str(" *");
+        }
+        t.row(vec![
+            name,
+            s(&st["next"]),
+            s(&st["queue"]["ready"]),
+            s(&st["queue"]["unacked"]),
+            format!("{}/{}", s(&workers["alive"]), s(&workers["total"])),
+            s(&st["in_flight"]),
+            format!("{:.1}", st["arrival_rate"].as_f64().unwrap_or(0.0)),
+            format!("{:.1}", st["completion_rate"].as_f64().unwrap_or(0.0)),
+            ms(&st["processing_ms"]["p50"]),
+            ms(&st["processing_ms"]["p95"]),
+            percent(st["success_rate"].as_f64()),
+            s(&st["dead_lettered"]),
+        ]);
+    }
+    if t.is_empty() {
+        out.push_str("no stages yet\n");
+    } else {
+        out.push_str(&t.render());
+    }
+    out.push('\n');
+
+    let mut t = Table::new(&[
+        "WORKER",
+        "STAGE",
+        "STATUS",
+        "CURRENT TASK",
+        ">QUEUE",
+        ">AVG",
+        ">P95",
+        ">LAST DONE",
+        ">SUCCESS",
+        ">TASKS/S",
+        ">CPU",
+        ">MEM",
+    ]);
+    for w in worker_list {
+        let tasks = w["current_tasks"].as_array().unwrap_or(&empty);
+        let current = match tasks.first() {
+            None => "-".to_owned(),
+            Some(task) => {
+                let id = ellipsize(&s(&task["task_id"]), 24);
+                if tasks.len() > 1 {
+                    format!("{id} +{}", tasks.len() - 1)
+                } else {
+                    id
+                }
+            }
+        };
+        t.row(vec![
+            s(&w["id"]),
+            s(&w["stage"]),
+            s(&w["status"]),
+            current,
+            s(&w["queue_size"]),
+            ms(&w["avg_processing_ms"]),
+            ms(&w["p95_processing_ms"]),
+            w["last_completed_ago_ms"]
+                .as_u64()
+                .map_or("-".into(), |a| format!("{} ago", duration(a))),
+            percent(w["success_rate"].as_f64()),
+            format!("{:.1}", w["throughput_per_s"].as_f64().unwrap_or(0.0)),
+            opt(w["cpu_ratio"]
+                .as_f64()
+                .map(|c| format!("{:.0}%", c * 100.0))),
+            opt(w["memory_bytes"].as_u64().map(bytes)),
+        ]);
+    }
+    if t.is_empty() {
+        out.push_str("no workers yet\n");
+    } else {
+        out.push_str(&t.render());
+    }
+    out
+}
+
+/// `guildhall trace ID`: one task's pipeline.
+pub async fn trace(args: &TraceArgs) -> Result<String, ClientError> {
+    let id = guildhall_proto::TaskId::new(args.id.as_str())
+        .map_err(|e| ClientError::Api(e.to_string()))?;
+    let task = get(&args.client, &format!("/api/tasks/{id}")).await?;
+    if args.client.json {
+        return Ok(format!("{task:#}\n"));
+    }
+    Ok(render_trace(&task))
+}
+
+fn render_trace(task: &Value) -> String {
+    let mut out = format!(
+        "task {}: {} at {}",
+        s(&task["id"]),
+        s(&task["status"]),
+        s(&task["stage"])
+    );
+    if let Some(sub) = task["submitted_at_ms"].as_u64() {
+        out.push_str(&format!(", submitted {}", clock(sub)));
+    }
+    if let Some(d) = task["duration_ms"].as_u64() {
+        let verb = if task["finished_at_ms"].is_u64() {
+            "took"
+        } else {
+            "running for"
+        };
+        out.push_str(&format!(", {verb} {}", duration(d)));
+    }
+    if let Some(eta) = task["eta_in_ms"].as_u64() {
+        out.push_str(&format!(", done in ~{}", duration(eta)));
+    }
+    out.push_str("\n\n");
+    let mut t = Table::new(&[
+        ">#",
+        "STAGE",
+        ">ATTEMPT",
+        "WORKER",
+        "QUEUED",
+        ">WAIT",
+        "STARTED",
+        ">DURATION",
+        "OUTCOME",
+        "ERROR",
+    ]);
+    let empty = Vec::new();
+    for (i, a) in task["attempts"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .enumerate()
+    {
+        let mut outcome = s(&a["outcome"]);
+        if a["redelivered"].as_bool() == Some(true) {
+            outcome.push_str(" (redelivered)");
+        }
+        let error = match (a["error_class"].as_str(), a["error"].as_str()) {
+            (Some(class), Some(err)) => ellipsize(&format!("[{class}] {err}"), 60),
+            (None, Some(err)) => ellipsize(err, 60),
+            _ => "-".into(),
+        };
+        t.row(vec![
+            (i + 1).to_string(),
+            s(&a["stage"]),
+            s(&a["attempt"]),
+            s(&a["worker"]),
+            opt(a["queued_at_ms"].as_u64().map(clock)),
+            ms(&a["wait_ms"]),
+            opt(a["started_at_ms"].as_u64().map(clock)),
+            ms(&a["duration_ms"]),
+            outcome,
+            error,
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_renders_stages_and_workers() {
+        let workers = json!({"workers": [{
+            "id": "w1", "stage": "build", "status": "processing",
+            "current_tasks": [{"task_id": "T1"}, {"task_id": "T2"}],
+            "queue_size": 3, "avg_processing_ms": 120.0, "p95_processing_ms": 300,
+            "last_completed_ago_ms": 400, "success_rate": 0.5, "throughput_per_s": 2.0,
+            "cpu_ratio": 0.25, "memory_bytes": 1048576
+        }]});
+        let stages = json!({"stages": [{
+            "name": "build", "next": null, "queue": {"ready": 3, "unacked": 2},
+            "workers": {"alive": 1, "total": 1}, "in_flight": 2, "arrival_rate": 2.0,
+            "completion_rate": 1.5, "processing_ms": {"p50": 100, "p95": 300},
+            "success_rate": 1.0, "dead_lettered": 0, "bottleneck": true
+        }], "bottleneck": {"stage": "build", "reason": "highest utilisation"}});
+        let text = render_status(&workers, &stages);
+        assert!(
+            text.contains("bottleneck: build (highest utilisation)"),
+            "{text}"
+        );
+        assert!(text.contains("build *"), "{text}");
+        assert!(text.contains("T1 +1"), "{text}");
+        assert!(text.contains("1.0 MiB"), "{text}");
+        assert!(text.contains("400 ms ago"), "{text}");
+    }
+
+    #[test]
+    fn trace_renders_one_row_per_attempt() {
+        let task = json!({"id": "T1", "status": "succeeded", "stage": "b", "submitted_at_ms": 0,
+            "finished_at_ms": 1800, "duration_ms": 1800, "attempts": [
+            {"stage": "a", "attempt": 1, "worker": "w1", "queued_at_ms": 0, "wait_ms": 100,
+             "started_at_ms": 100, "duration_ms": 200, "outcome": "retried", "error": "boom", "error_class": "http_503"},
+            {"stage": "a", "attempt": 2, "worker": "w2", "outcome": "succeeded", "redelivered": true}
+        ]});
+        let text = render_trace(&task);
+        assert!(
+            text.starts_with("task T1: succeeded at b, submitted 00:00:00.000Z, took 1.8 s"),
+            "{text}"
+        );
+        assert!(text.contains("[http_503] boom"), "{text}");
+        assert!(text.contains("succeeded (redelivered)"), "{text}");
+        assert_eq!(text.lines().count(), 5, "{text}");
+    }
+}

@@ -1,0 +1,220 @@
+//! Handlers of the JSON API.
+
+use super::error::ApiError;
+use crate::core::query::TaskFilter;
+use crate::core::tasks::TaskStatus;
+use crate::core::views::{StagesView, TaskView, WorkerView};
+use crate::serve::App;
+use crate::submit::SubmitError;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use guildhall_broker::now_ms;
+use guildhall_proto::{AgentId, Stage, TaskId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+type AppState = State<Arc<App>>;
+
+/// Default and largest page of `GET /api/tasks`.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1_000;
+
+pub async fn healthz(State(app): AppState) -> Response {
+    let overview = app.core().overview();
+    let ingest = app.health.ingest_connected.load(Ordering::Relaxed);
+    let started = app.health.ingest_started.load(Ordering::Relaxed);
+    let (status, text) = match (ingest, started) {
+        (true, _) => (StatusCode::OK, "ok"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+        (false, true) => (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable"),
+    };
+    let body = json!({
+        "status": text,
+        "namespace": app.names.namespace().as_str(),
+        "coordinator": app.id.as_str(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "broker_connected": ingest,
+        "management_api": app.health.management_ok.load(Ordering::Relaxed),
+        "core": overview,
+    });
+    (status, Json(body)).into_response()
+}
+
+pub async fn metrics(State(app): AppState) -> Response {
+    {
+        let mut core = app.core();
+        core.export_worker_counters();
+        core.refresh_metrics(now_ms());
+    }
+    let text = app.metrics.encode();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+pub async fn workers(State(app): AppState) -> Json<Value> {
+    let list = app.core().workers_view(now_ms());
+    Json(json!({ "workers": list }))
+}
+
+pub async fn worker(
+    State(app): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<WorkerView>, ApiError> {
+    let id = AgentId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    app.core()
+        .worker_view(id.as_str(), now_ms())
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no worker '{id}'")))
+}
+
+pub async fn stages(State(app): AppState) -> Json<StagesView> {
+    Json(app.core().stages_view(now_ms()))
+}
+
+pub async fn task(
+    State(app): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let id = TaskId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    app.core()
+        .task_view(id.as_str(), now_ms())
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no task '{id}' (unknown, or finished and past the retention limits)"
+            ))
+        })
+}
+
+pub async fn tasks(
+    State(app): AppState,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut filter = TaskFilter {
+        limit: DEFAULT_LIMIT,
+        ..TaskFilter::default()
+    };
+    for (key, value) in &query {
+        match key.as_str() {
+            "status" if value.is_empty() => {}
+            "status" => {
+                filter.status = Some(TaskStatus::parse(value).ok_or_else(|| {
+                    let valid: Vec<_> = TaskStatus::ALL.iter().map(|s| s.as_str()).collect();
+                    ApiError::bad_request(format!(
+                        "unknown status '{value}' (one of: {})",
+                        valid.join(", ")
+                    ))
+                })?);
+            }
+            "stage" if value.is_empty() => {}
+            "stage" => {
+                let stage =
+                    Stage::new(value.as_str()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                if !app.core().knows_stage(stage.as_str()) {
+                    return Err(ApiError::not_found(format!("unknown stage '{stage}'")));
+                }
+                filter.stage = Some(stage);
+            }
+            "limit" => {
+                filter.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=MAX_LIMIT).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "limit must be a number from 1 to {MAX_LIMIT} (got '{value}')"
+                        ))
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter '{other}' (expected status, stage, limit)"
+                )));
+            }
+        }
+    }
+    let list = app.core().tasks_view(&filter, now_ms());
+    Ok(Json(json!({ "tasks": list })))
+}
+
+/// Body of `POST /api/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    /// The stage to queue the task on.
+    stage: String,
+    /// The task's id; a UUIDv7 if absent.
+    id: Option<String>,
+    /// The payload: a string is sent as its UTF-8 bytes, any other JSON
+    /// value as its JSON text.
+    payload: Option<Value>,
+    /// The payload as base64, for binary data.
+    payload_base64: Option<String>,
+}
+
+pub async fn submit(
+    State(app): AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let req: SubmitBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let stage = Stage::new(req.stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let id = req
+        .id
+        .map(TaskId::new)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let payload = match (req.payload, req.payload_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give payload or payload_base64, not both",
+            ));
+        }
+        (Some(Value::String(s)), None) => s.into_bytes(),
+        (Some(v), None) => {
+            serde_json::to_vec(&v).map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| {
+                ApiError::bad_request(format!("payload_base64 is not valid base64: {e}"))
+            })?,
+        (None, None) => Vec::new(),
+    };
+    let (_, publisher) = app
+        .link
+        .get()
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let submitted = app
+        .submitter
+        .submit(&publisher, stage, id, &payload)
+        .await
+        .map_err(|e| match e {
+            SubmitError::UnknownStage { .. } => ApiError::not_found(e.to_string()),
+            SubmitError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            SubmitError::Broker(_) => ApiError::unavailable(e.to_string()),
+        })?;
+    let body = json!({
+        "id": submitted.id.as_str(),
+        "stage": submitted.stage.as_str(),
+        "status": "queued",
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}

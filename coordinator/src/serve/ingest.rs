@@ -1,0 +1,183 @@
+//! The events stream consumer.
+//!
+//! Consumes `<ns>.events` from the start of its retention (or from the offset
+//! after the last one applied, when reconnecting), decodes each envelope and
+//! applies it to the core. A message that cannot be decoded is counted and
+//! logged, never fatal. Acks on a stream are only credit, so they are sent
+//! in batches (`multiple`).
+
+use super::App;
+use futures_lite::StreamExt;
+use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
+use guildhall_broker::{AmqpUrl, BrokerError, connect, now_ms};
+use guildhall_proto::headers::amqp::STREAM_OFFSET;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often pending credit is returned when deliveries slow down.
+const ACK_TICK: Duration = Duration::from_millis(50);
+
+/// Unreadable messages logged in full before only every 1000th is.
+static MALFORMED_LOGGED: AtomicU64 = AtomicU64::new(0);
+
+/// Follows the stream until `stop` flips, reconnecting with backoff.
+pub async fn run(
+    app: Arc<App>,
+    url: AmqpUrl,
+    conn_name: String,
+    prefetch: u16,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut next_offset: Option<u64> = None;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result = follow(
+            &app,
+            &url,
+            &conn_name,
+            prefetch,
+            &mut next_offset,
+            &mut stop,
+            &mut backoff,
+        )
+        .await;
+        app.health.ingest_connected.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                let jitter = Duration::from_millis(
+                    rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1),
+                );
+                tracing::warn!(
+                    "events stream consumer: {e}; reconnecting in {:?}",
+                    backoff + jitter
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum IngestError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("consumer cancelled by the broker")]
+    Cancelled,
+}
+
+async fn follow(
+    app: &App,
+    url: &AmqpUrl,
+    conn_name: &str,
+    prefetch: u16,
+    next_offset: &mut Option<u64>,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> Result<(), IngestError> {
+    let conn = connect(url, conn_name).await?;
+    let stream = app.names.events_stream();
+    ensure_events_stream(&conn, &app.names, &StreamRetention::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(prefetch.max(1), BasicQosOptions::default())
+        .await?;
+    let mut args = FieldTable::default();
+    let start = match *next_offset {
+        Some(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
+        None => AMQPValue::LongString(LongString::from("first")),
+    };
+    args.insert("x-stream-offset".into(), start);
+    let mut consumer = channel
+        .basic_consume(
+            stream.as_str().into(),
+            "guildhall-coordinator".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?;
+    app.health.ingest_connected.store(true, Ordering::Relaxed);
+    app.health.ingest_started.store(true, Ordering::Relaxed);
+    *backoff = Duration::from_millis(200);
+    tracing::info!(%stream, from = ?next_offset, "following the events stream");
+
+    let ack_every = u32::from(prefetch / 4).max(1);
+    let mut unacked = 0u32;
+    let mut last: Option<lapin::Acker> = None;
+    let mut tick = tokio::time::interval(ACK_TICK);
+    loop {
+        tokio::select! {
+            delivery = consumer.next() => {
+                let delivery = match delivery {
+                    Some(d) => d?,
+                    None => return Err(IngestError::Cancelled),
+                };
+                let offset = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| guildhall_broker::task::header_u64(h, STREAM_OFFSET));
+                apply(app, &delivery.data, offset);
+                if let Some(o) = offset {
+                    *next_offset = Some(o + 1);
+                }
+                last = Some(delivery.acker);
+                unacked += 1;
+                if unacked >= ack_every {
+                    ack(&mut last, &mut unacked).await?;
+                }
+            }
+            _ = tick.tick() => {
+                if unacked > 0 {
+                    ack(&mut last, &mut unacked).await?;
+                }
+            }
+            _ = stop.changed() => {
+                let _ = ack(&mut last, &mut unacked).await;
+                let _ = conn.close(200, "shutting down".into()).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn ack(last: &mut Option<lapin::Acker>, unacked: &mut u32) -> Result<(), lapin::Error> {
+    if let Some(acker) = last.take() {
+        acker.ack(BasicAckOptions { multiple: true }).await?;
+    }
+    *unacked = 0;
+    Ok(())
+}
+
+/// Decodes one message and applies it; unreadable ones are counted.
+fn apply(app: &App, data: &[u8], offset: Option<u64>) {
+    match guildhall_proto::decode(data) {
+        Ok(decoded) => {
+            app.core().handle_envelope(now_ms(), decoded, offset);
+            app.wake.notify_one();
+        }
+        Err(e) => {
+            app.core().handle_malformed(e.reason());
+            let n = MALFORMED_LOGGED.fetch_add(1, Ordering::Relaxed);
+            if n < 10 || n % 1000 == 0 {
+                tracing::warn!(
+                    ?offset,
+                    bytes = data.len(),
+                    "dropped unreadable event message: {e}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! `guildhall serve`: the thin runtime around the [`crate::core`] state machine.
+//!
+//! It connects to the broker, makes sure the events stream exists, replays it
+//! into the core (from the start of its retention) and follows it live, polls
+//! stage queue depths, runs the core's timers, and serves the HTTP API. The
+//! **coordinator is never on the task data path**: if it stops, tasks keep
+//! flowing; when it restarts it rebuilds its state from the stream.
+//!
+//! # Layout
+//!
+//! - this file: [`ServeConfig`], the shared [`App`] state and [`run`];
+//! - [`ingest`]: the stream consumer, which reconnects and resumes at the next offset;
+//! - [`queues`]: the stage queue depth poller;
+//! - [`link`]: a lazily (re)connected broker link for publishing and probes.
+
+pub mod ingest;
+pub mod link;
+pub mod queues;
+
+use crate::core::{Core, CoreConfig, Notice};
+use crate::metrics::Metrics;
+use crate::submit::Submitter;
+use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
+use guildhall_broker::{AmqpUrl, BrokerError, Management, now_ms};
+use guildhall_proto::{AgentId, Event, Marker, Names};
+use link::BrokerLink;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+/// Everything `guildhall serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The broker.
+    pub amqp_url: AmqpUrl,
+    /// Broker names of the namespace served.
+    pub names: Names,
+    /// The management API, for unacked counts; `None` to go without.
+    pub management_url: Option<String>,
+    /// The core's tunables.
+    pub core: CoreConfig,
+    /// Whether per-worker metric series are exported.
+    pub per_worker_metrics: bool,
+    /// Retention of the events stream if this coordinator creates it.
+    pub retention: StreamRetention,
+    /// How often stage queue depths are polled.
+    pub queue_poll: Duration,
+    /// Stream consumer prefetch (credit).
+    pub prefetch: u16,
+}
+
+impl ServeConfig {
+    /// Defaults for `names` on the broker at `amqp_url`.
+    pub fn new(amqp_url: AmqpUrl, names: Names) -> Self {
+        Self {
+            amqp_url,
+            names,
+            management_url: Some("http://guest:guest@127.0.0.1:15672".into()),
+            core: CoreConfig::default(),
+            per_worker_metrics: true,
+            retention: StreamRetention::default(),
+            queue_poll: Duration::from_secs(1),
+            prefetch: 2_000,
+        }
+    }
+}
+
+/// Why `serve` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The broker could not be reached or refused the set-up.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Health flags the runtime keeps for `/healthz`.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The stream consumer is connected.
+    pub ingest_connected: AtomicBool,
+    /// The stream consumer has been connected at least once (before that
+    /// the coordinator is starting, not disconnected).
+    pub ingest_started: AtomicBool,
+    /// The management API answered the last time it was asked.
+    pub management_ok: AtomicBool,
+}
+
+/// State shared by the runtime tasks and the HTTP handlers.
+pub struct App {
+    /// The state machine. Locked briefly by each input and each view.
+    core: Mutex<Core>,
+    /// Metric handles; gathered without the core's lock.
+    pub metrics: Metrics,
+    /// Broker names.
+    pub names: Names,
+    /// Publishing link (submissions, marker, probes).
+    pub link: BrokerLink,
+    /// Publishes `TaskSubmitted` events as this coordinator.
+    pub submitter: Submitter,
+    /// Health flags.
+    pub health: Health,
+    /// Wakes the timer task when an input may have moved the next deadline.
+    pub wake: Notify,
+    /// This coordinator's id (sender of its own envelopes).
+    pub id: AgentId,
+}
+
+impl App {
+    /// Locks the core. A panic while holding the lock must not take the
+    /// whole coordinator down, so a poisoned lock is recovered.
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Runs the coordinator until `shutdown` resolves: serves HTTP on
+/// `listener` (bind it to port 0 in tests).
+pub async fn run(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    let id = AgentId::new(format!("coordinator-{suffix}")).expect("a valid id");
+    let conn_name = format!("guildhall-coordinator/{suffix}");
+    let link = BrokerLink::new(config.amqp_url.clone(), conn_name.clone());
+    let (conn, _) = link.get().await?;
+    ensure_events_stream(&conn, &config.names, &config.retention).await?;
+
+    let nonce: u64 = rand::random();
+    let metrics = Metrics::new(config.per_worker_metrics);
+    let core_config = CoreConfig {
+        marker_nonce: Some(nonce),
+        ..config.core.clone()
+    };
+    let app = Arc::new(App {
+        core: Mutex::new(Core::new(core_config, metrics.clone(), now_ms())),
+        metrics,
+        names: config.names.clone(),
+        link,
+        submitter: Submitter::new(id.clone(), config.names.clone()),
+        health: Health::default(),
+        wake: Notify::new(),
+        id,
+    });
+
+    let management = match &config.management_url {
+        Some(url) => match Management::new(url, config.amqp_url.vhost()) {
+            Ok(m) => match m.check().await {
+                Ok(()) => {
+                    app.health.management_ok.store(true, Ordering::Relaxed);
+                    Some(m)
+                }
+                Err(e) => {
+                    tracing::warn!("{e}: unacked counts will be unavailable until it answers");
+                    Some(m)
+                }
+            },
+            Err(e) => {
+                tracing::warn!("{e}: going without the management API");
+                None
+            }
+        },
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(ingest::run(
+        app.clone(),
+        config.amqp_url.clone(),
+        format!("{conn_name}/ingest"),
+        config.prefetch,
+        stop_rx.clone(),
+    ));
+    tasks.spawn(queues::run(
+        app.clone(),
+        management,
+        config.queue_poll,
+        stop_rx.clone(),
+    ));
+    tasks.spawn(timers(app.clone(), stop_rx.clone()));
+    tasks.spawn(publish_marker(app.clone(), nonce));
+
+    tracing::info!(
+        namespace = %config.names.namespace(),
+        broker = %config.amqp_url.redacted(),
+        "coordinator listening on http://{}",
+        listener.local_addr()?
+    );
+    let router = crate::http::router(app.clone());
+    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+    let result = server.await;
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    app.link.close().await;
+    result.map_err(ServeError::Http)
+}
+
+/// Writes this run's marker to the stream; reading it back means the replay
+/// is over. If it cannot be written, the core goes live at once rather than
+/// never.
+async fn publish_marker(app: Arc<App>, nonce: u64) {
+    let marker = Event::Marker(Marker {
+        at_ms: now_ms(),
+        nonce,
+    });
+    let ok = match app.link.get().await {
+        Ok((_, publisher)) => app.submitter.publish_events(&publisher, vec![marker]).await,
+        Err(e) => {
+            tracing::warn!("cannot publish start-up marker: {e}");
+            false
+        }
+    };
+    if !ok {
+        tracing::warn!("start-up marker not written: treating the stream as replayed");
+        app.core().set_caught_up(now_ms());
+    }
+}
+
+/// Runs the core's timers at its deadlines and hands its notices on.
+async fn timers(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let deadline = app.core().poll_timeout();
+        let wait = deadline
+            .map(|d| d.saturating_sub(now_ms()))
+            .unwrap_or(1_000)
+            .min(1_000);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            _ = app.wake.notified() => {}
+            _ = stop.changed() => return,
+        }
+        let notices: Vec<Notice> = {
+            let mut core = app.core();
+            core.handle_timeout(now_ms());
+            std::iter::from_fn(|| core.poll_notice()).collect()
+        };
+        for notice in notices {
+            log_notice(&notice);
+        }
+    }
+}
+
+fn log_notice(notice: &Notice) {
+    match notice {
+        Notice::WorkerDead {
+            worker,
+            stage,
+            tasks_in_hand,
+            ..
+        } => tracing::warn!(%worker, %stage, tasks = tasks_in_hand.len(), "worker dead"),
+        Notice::WorkerReturned {
+            worker,
+            stage,
+            dead_for_ms,
+        } => tracing::info!(%worker, %stage, dead_for_ms, "worker returned"),
+        Notice::TaskDeadLettered { task, stage, error } => {
+            tracing::warn!(%task, %stage, %error, "task dead-lettered")
+        }
+    }
+}

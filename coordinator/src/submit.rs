@@ -1,0 +1,155 @@
+//! Submitting a task: the producer side that `guildhall submit` and
+//! `POST /api/tasks` share.
+//!
+//! The task is published to `<ns>.tasks` with the stage as routing key,
+//! `mandatory` and confirmed: a stage without a queue is an error, never a
+//! silently dropped task. A `TaskSubmitted` event follows on the events stream
+//! so the coordinator knows when the task entered the pipeline.
+
+use guildhall_broker::task::{TaskMeta, new_task_id};
+use guildhall_broker::topology::is_not_found;
+use guildhall_broker::{PublishError, Publisher, now_ms};
+use guildhall_proto::trace::TraceParent;
+use guildhall_proto::{AgentId, Envelope, Event, Names, Stage, TaskId, TaskSubmitted};
+use lapin::BasicProperties;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Largest payload accepted for submission.
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a submission failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// No queue is bound for the stage: nobody declared it.
+    #[error(
+        "unknown stage '{stage}': no queue {queue} exists (start a guildhall-agent --stage {stage} first)"
+    )]
+    UnknownStage {
+        /// The stage.
+        stage: Stage,
+        /// The queue that is missing.
+        queue: String,
+    },
+    /// The payload is over [`MAX_PAYLOAD_BYTES`].
+    #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// The broker did not take the task.
+    #[error("{0}")]
+    Broker(#[from] PublishError),
+}
+
+/// What was submitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The task's id.
+    pub id: TaskId,
+    /// The stage it was queued on.
+    pub stage: Stage,
+    /// Whether the `TaskSubmitted` event reached the stream too.
+    pub event_published: bool,
+}
+
+/// Publishes tasks as one sender (its envelopes carry this id and a sequence).
+#[derive(Debug)]
+pub struct Submitter {
+    /// The sender id on `TaskSubmitted` envelopes.
+    sender: AgentId,
+    /// Envelope sequence numbers.
+    seq: AtomicU64,
+    /// Broker names.
+    names: Names,
+}
+
+impl Submitter {
+    /// A submitter sending as `sender` in the namespace of `names`.
+    pub fn new(sender: AgentId, names: Names) -> Self {
+        Self {
+            sender,
+            seq: AtomicU64::new(0),
+            names,
+        }
+    }
+
+    /// Publishes one task and its `TaskSubmitted` event.
+    pub async fn submit(
+        &self,
+        publisher: &Publisher,
+        stage: Stage,
+        id: Option<TaskId>,
+        payload: &[u8],
+    ) -> Result<Submitted, SubmitError> {
+        if payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(SubmitError::TooLarge(payload.len()));
+        }
+        let id = id.unwrap_or_else(new_task_id);
+        let now = now_ms();
+        let trace = TraceParent::new_root(rand::random(), true);
+        let meta = TaskMeta::submission(id.clone(), now, Some(trace.to_string()));
+        let result = publisher
+            .publish(
+                &self.names.tasks_exchange(),
+                stage.as_str(),
+                payload,
+                meta.properties(),
+            )
+            .await;
+        match result {
+            Ok(()) => {}
+            Err(PublishError::Unroutable { .. }) => {
+                return Err(SubmitError::UnknownStage {
+                    queue: self.names.stage_queue(&stage),
+                    stage,
+                });
+            }
+            // No task exchange at all: nothing was ever declared here.
+            Err(PublishError::Amqp { source, .. }) if is_not_found(&source) => {
+                return Err(SubmitError::UnknownStage {
+                    queue: self.names.stage_queue(&stage),
+                    stage,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let event = Event::TaskSubmitted(TaskSubmitted {
+            at_ms: now_ms(),
+            task_id: id.clone(),
+            stage: stage.clone(),
+            payload_bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+        });
+        let event_published = self.publish_events(publisher, vec![event]).await;
+        Ok(Submitted {
+            id,
+            stage,
+            event_published,
+        })
+    }
+
+    /// Publishes events in one envelope, confirmed. Failures are logged:
+    /// the events are information about tasks that are already safe.
+    pub async fn publish_events(&self, publisher: &Publisher, events: Vec<Event>) -> bool {
+        let envelope = Envelope {
+            sender: self.sender.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            sent_at_ms: now_ms(),
+            events,
+        };
+        let bytes = match envelope.encode() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!("cannot encode events: {e}");
+                return false;
+            }
+        };
+        let props = BasicProperties::default().with_delivery_mode(2);
+        match publisher
+            .publish("", &self.names.events_stream(), &bytes, props)
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("events not published: {e}");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Guildhall's integration tests: one binary, one module per area.
+//! Every test runs against the real RabbitMQ in a namespace of its own.
+
+mod api;

@@ -1,0 +1,198 @@
+//! A worker for the integration tests, in two modes:
+//!
+//! - `guildhall-test-worker http [--listen ADDR]`: an HTTP worker; prints
+//!   `listening on http://ADDR` once bound; `GET /calls` returns how many
+//!   times each `task/stage/attempt` was processed.
+//! - `guildhall-test-worker exec`: one task per process, payload on stdin.
+//!
+//! Behaviour is planted in the payload as words `[stage:]key=value`:
+//! `fail=permanent` (4xx / exit 65), `fail=always` (5xx / exit 1),
+//! `fail=once` (fails on attempt 1 only), `sleep=MS`, `class=NAME` (error
+//! class header). A word with a `stage:` prefix applies only at that stage.
+//! The output is the input with ` @<stage>` appended, so the last stage's
+//! output shows the path the task took.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the payload asks this stage attempt to do.
+#[derive(Debug, Default, PartialEq)]
+struct Plan {
+    fail: Option<String>,
+    sleep_ms: u64,
+    class: Option<String>,
+}
+
+fn plan(payload: &str, stage: &str) -> Plan {
+    let mut plan = Plan::default();
+    for word in payload.split_whitespace() {
+        let word = match word.split_once(':') {
+            Some((s, rest)) if s == stage => rest,
+            Some(_) => continue,
+            None => word,
+        };
+        match word.split_once('=') {
+            Some(("fail", v)) => plan.fail = Some(v.to_owned()),
+            Some(("sleep", v)) => plan.sleep_ms = v.parse().unwrap_or(0),
+            Some(("class", v)) => plan.class = Some(v.to_owned()),
+            _ => {}
+        }
+    }
+    plan
+}
+
+enum Outcome {
+    Ok(String),
+    Permanent(String),
+    Transient(String),
+}
+
+fn decide(payload: &str, stage: &str, attempt: u32) -> (Outcome, Plan) {
+    let p = plan(payload, stage);
+    let outcome = match p.fail.as_deref() {
+        Some("permanent") => Outcome::Permanent(format!("permanent failure requested at {stage}")),
+        Some("always") => Outcome::Transient(format!("transient failure requested at {stage}")),
+        Some("once") if attempt <= 1 => {
+            Outcome::Transient(format!("first attempt fails at {stage}"))
+        }
+        _ => Outcome::Ok(format!("{payload} @{stage}")),
+    };
+    (outcome, p)
+}
+
+type Calls = Arc<Mutex<HashMap<String, u32>>>;
+
+async fn handle(State(calls): State<Calls>, headers: HeaderMap, body: Bytes) -> Response {
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (task, stage) = (h("x-guildhall-task-id"), h("x-guildhall-stage"));
+    let attempt: u32 = h("x-guildhall-attempt").parse().unwrap_or(1);
+    *calls
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(format!("{task}/{stage}/{attempt}"))
+        .or_default() += 1;
+    let payload = String::from_utf8_lossy(&body).into_owned();
+    let (outcome, p) = decide(&payload, &stage, attempt);
+    if p.sleep_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(p.sleep_ms)).await;
+    }
+    let class = p.class.unwrap_or_default();
+    let with_class = |status: StatusCode, msg: String| {
+        let mut r = (status, msg).into_response();
+        if let Ok(v) = class.parse() {
+            if !class.is_empty() {
+                r.headers_mut().insert("x-guildhall-error-class", v);
+            }
+        }
+        r
+    };
+    match outcome {
+        Outcome::Ok(out) => (StatusCode::OK, out).into_response(),
+        Outcome::Permanent(msg) => with_class(StatusCode::UNPROCESSABLE_ENTITY, msg),
+        Outcome::Transient(msg) => with_class(StatusCode::SERVICE_UNAVAILABLE, msg),
+    }
+}
+
+async fn calls(State(calls): State<Calls>) -> Response {
+    let map = calls.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    axum::Json(map).into_response()
+}
+
+async fn http_mode(listen: &str) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let state: Calls = Arc::default();
+    let app = Router::new()
+        .route("/", post(handle))
+        .route("/calls", get(calls))
+        .with_state(state);
+    axum::serve(listener, app).await
+}
+
+fn exec_mode() -> i32 {
+    let mut input = Vec::new();
+    if std::io::stdin().read_to_end(&mut input).is_err() {
+        return 1;
+    }
+    let payload = String::from_utf8_lossy(&input).into_owned();
+    let stage = std::env::var("GUILDHALL_STAGE").unwrap_or_default();
+    let attempt = std::env::var("GUILDHALL_ATTEMPT")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1);
+    let (outcome, p) = decide(&payload, &stage, attempt);
+    if p.sleep_ms > 0 {
+        std::thread::sleep(Duration::from_millis(p.sleep_ms));
+    }
+    match outcome {
+        Outcome::Ok(out) => {
+            print!("{out}");
+            0
+        }
+        Outcome::Permanent(msg) => {
+            eprintln!("{msg}");
+            65
+        }
+        Outcome::Transient(msg) => {
+            eprintln!("{msg}");
+            1
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("exec") => std::process::exit(exec_mode()),
+        Some("http") => {
+            let listen = match (args.get(2).map(String::as_str), args.get(3)) {
+                (Some("--listen"), Some(addr)) => addr.clone(),
+                _ => "127.0.0.1:0".to_owned(),
+            };
+            let rt = tokio::runtime::Runtime::new().expect("a runtime");
+            if let Err(e) = rt.block_on(http_mode(&listen)) {
+                eprintln!("test worker: {e}");
+                std::process::exit(1);
+            }
+        }
+        _ => {
+            eprintln!("usage: guildhall-test-worker http [--listen ADDR] | exec");
+            std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_apply_to_their_stage_only() {
+        assert_eq!(
+            plan("x build:fail=permanent", "build").fail.as_deref(),
+            Some("permanent")
+        );
+        assert_eq!(plan("x build:fail=permanent", "intake").fail, None);
+        assert_eq!(plan("sleep=30 fail=once", "any").sleep_ms, 30);
+        assert!(matches!(decide("fail=once", "s", 2).0, Outcome::Ok(_)));
+        assert!(matches!(
+            decide("fail=once", "s", 1).0,
+            Outcome::Transient(_)
+        ));
+    }
+}

@@ -1,0 +1,603 @@
+//! The integration-test harness: real RabbitMQ, real `guildhall` and
+//! `guildhall-agent` binaries, real worker processes.
+//!
+//! # Layout
+//!
+//! - [`TestNs`]: a random namespace per test, whose queues and exchanges are
+//!   deleted when it is dropped, so tests run in parallel and leave nothing.
+//! - `spawn_*`: one helper per real process ([`spawn_coordinator`],
+//!   [`spawn_agent`], [`spawn_http_worker`]); each child is killed when its
+//!   handle is dropped and its output goes to a log file named in failures.
+//! - [`eventually`]: poll a condition until it holds, instead of sleeping.
+//! - [`Api`]: the coordinator's JSON API and metrics.
+//! - broker helpers: publish tasks, drain a queue.
+//!
+//! Binaries are found next to the test executable (`target/<profile>/`);
+//! `cargo test --workspace` builds them.
+
+use anyhow::{Context, anyhow, bail};
+use futures_lite::StreamExt;
+use guildhall_broker::task::TaskMeta;
+use guildhall_broker::{AmqpUrl, Management, Publisher, connect, now_ms};
+use guildhall_proto::{Names, Namespace, Stage, TaskId};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The broker the tests use (`AMQP_URL` overrides).
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The management API the tests use (`GUILDHALL_MANAGEMENT_URL` overrides).
+pub fn management_url() -> String {
+    std::env::var("GUILDHALL_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into())
+}
+
+/// A workspace binary, next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A namespace of its own for one test; everything in it is deleted on drop.
+pub struct TestNs {
+    /// The namespace.
+    pub ns: Namespace,
+    /// Its broker names.
+    pub names: Names,
+    /// Where process logs of this test go.
+    pub log_dir: PathBuf,
+}
+
+impl TestNs {
+    /// A fresh random namespace, `t-<label>-<8 hex>`.
+    pub fn new(label: &str) -> Self {
+        let ns = Namespace::new(format!("t-{label}-{:08x}", rand::random::<u32>()))
+            .expect("valid namespace");
+        let log_dir = std::env::temp_dir()
+            .join("guildhall-tests")
+            .join(ns.as_str());
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        Self {
+            names: Names::new(ns.clone()),
+            ns,
+            log_dir,
+        }
+    }
+
+    /// The namespace as a string.
+    pub fn name(&self) -> &str {
+        self.ns.as_str()
+    }
+
+    /// A stage name.
+    pub fn stage(s: &str) -> Stage {
+        Stage::new(s).expect("valid stage")
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let prefix = self.names.prefix();
+        // Drop is synchronous: run the clean-up on a runtime of its own.
+        let result = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().ok()?;
+            rt.block_on(async {
+                let m = Management::new(&management_url(), "/").ok()?;
+                m.delete_all_with_prefix(&prefix).await.ok()
+            })
+        })
+        .join();
+        if !matches!(result, Ok(Some(_))) {
+            eprintln!("warning: could not clean up namespace {}", self.ns);
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Ok`, or fails with its last
+/// error after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}: {e:#}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A child process killed on drop, with its output in a log file.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub async fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.pid();
+        if pid != 0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("process did not exit after SIGTERM")?
+            .context("wait")
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Starts `program` with `args`, sending stdout and stderr to `<log_dir>/<name>.log`.
+/// If `ready` is given, waits until an output line contains it and returns that line.
+pub async fn spawn_logged(
+    ns: &TestNs,
+    name: &str,
+    program: &PathBuf,
+    args: &[String],
+    env: &[(&str, String)],
+    ready: Option<&str>,
+) -> anyhow::Result<(Proc, Option<String>)> {
+    let log = ns.log_dir.join(format!("{name}.log"));
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info,lapin=off".into()),
+        );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("spawn {}", program.display()))?;
+    let file = tokio::fs::File::create(&log).await?;
+    let file = std::sync::Arc::new(tokio::sync::Mutex::new(file));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stdout = child.stdout.take().context("stdout")?;
+    let stderr = child.stderr.take().context("stderr")?;
+    for (tag, pipe) in [
+        (
+            "out",
+            Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        ),
+        ("err", Box::new(stderr)),
+    ] {
+        let file = file.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = file
+                    .lock()
+                    .await
+                    .write_all(format!("[{tag}] {line}\n").as_bytes())
+                    .await;
+                let _ = tx.send(line);
+            }
+        });
+    }
+    drop(tx);
+    let mut found = None;
+    if let Some(needle) = ready {
+        let wait = async {
+            while let Some(line) = rx.recv().await {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        };
+        found = tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .ok()
+            .flatten();
+        if found.is_none() {
+            bail!(
+                "{name} did not print {needle:?} (log: {})\n{}",
+                log.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    }
+    Ok((Proc { child, log }, found))
+}
+
+fn url_in(line: &str) -> anyhow::Result<String> {
+    let start = line
+        .find("http://")
+        .ok_or_else(|| anyhow!("no URL in {line:?}"))?;
+    Ok(line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// A running `guildhall serve`.
+pub struct Coordinator {
+    /// The process.
+    pub proc: Proc,
+    /// Its API.
+    pub api: Api,
+}
+
+/// Starts `guildhall serve` for `ns` on a free port, with extra flags.
+pub async fn spawn_coordinator(ns: &TestNs, extra: &[&str]) -> anyhow::Result<Coordinator> {
+    let mut args: Vec<String> = [
+        "serve",
+        "--namespace",
+        ns.name(),
+        "--amqp-url",
+        &amqp_url(),
+        "--management-url",
+        &management_url(),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let (proc, line) = spawn_logged(
+        ns,
+        "coordinator",
+        &bin("guildhall"),
+        &args,
+        &[],
+        Some("listening on http://"),
+    )
+    .await?;
+    let url = url_in(&line.unwrap_or_default())?;
+    Ok(Coordinator {
+        proc,
+        api: Api::new(&url),
+    })
+}
+
+/// A running `guildhall-agent`.
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// Its id.
+    pub id: String,
+}
+
+/// Starts `guildhall-agent --id <id> --stage <stage>` with extra flags.
+pub async fn spawn_agent(
+    ns: &TestNs,
+    id: &str,
+    stage: &str,
+    extra: &[&str],
+) -> anyhow::Result<Agent> {
+    let mut args: Vec<String> = [
+        "--namespace",
+        ns.name(),
+        "--amqp-url",
+        &amqp_url(),
+        "--id",
+        id,
+        "--stage",
+        stage,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let (proc, _) = spawn_logged(ns, id, &bin("guildhall-agent"), &args, &[], None).await?;
+    Ok(Agent {
+        proc,
+        id: id.to_owned(),
+    })
+}
+
+/// A running HTTP test worker.
+pub struct HttpWorker {
+    /// The process.
+    pub proc: Proc,
+    /// Where to POST tasks.
+    pub url: String,
+}
+
+impl HttpWorker {
+    /// How many times each `task/stage/attempt` reached this worker.
+    pub async fn calls(&self) -> anyhow::Result<HashMap<String, u32>> {
+        Ok(reqwest::get(format!("{}calls", self.url))
+            .await?
+            .json()
+            .await?)
+    }
+}
+
+/// Starts `guildhall-test-worker http` on a free port.
+pub async fn spawn_http_worker(ns: &TestNs, name: &str) -> anyhow::Result<HttpWorker> {
+    let args = vec!["http".to_owned()];
+    let (proc, line) = spawn_logged(
+        ns,
+        name,
+        &bin("guildhall-test-worker"),
+        &args,
+        &[],
+        Some("listening on http://"),
+    )
+    .await?;
+    let url = format!("{}/", url_in(&line.unwrap_or_default())?);
+    Ok(HttpWorker { proc, url })
+}
+
+/// The exec command of the test worker, for `guildhall-agent --exec`.
+pub fn exec_worker_command() -> String {
+    format!("{} exec", bin("guildhall-test-worker").display())
+}
+
+/// The coordinator's HTTP API.
+#[derive(Clone)]
+pub struct Api {
+    /// Base URL, without a trailing slash.
+    pub base: String,
+    /// HTTP client.
+    client: reqwest::Client,
+}
+
+impl Api {
+    /// An API client for `base`.
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("HTTP client"),
+        }
+    }
+
+    /// GET `path`: status and JSON body.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let body = r.json().await.context("JSON body")?;
+        Ok((status, body))
+    }
+
+    /// GET `path`, which must answer 200.
+    pub async fn get_ok(&self, path: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.get(path).await?;
+        if status != 200 {
+            bail!("GET {path}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// POST a raw body to `path`: status and JSON body.
+    pub async fn post_raw(&self, path: &str, body: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let body = r.json().await.context("JSON body")?;
+        Ok((status, body))
+    }
+
+    /// `/metrics`, parsed by an independent parser of the text format.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).context("parse /metrics")?;
+        Ok(Metrics { scrape, text })
+    }
+}
+
+/// A parsed scrape.
+pub struct Metrics {
+    /// The parsed samples.
+    pub scrape: prometheus_parse::Scrape,
+    /// The raw text.
+    pub text: String,
+}
+
+impl Metrics {
+    /// The value of the sample `name` whose labels include all of `labels`
+    /// (summed if several match); `None` if none matches.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut found = None;
+        for s in &self.scrape.samples {
+            if s.metric != name || !labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)) {
+                continue;
+            }
+            let v = match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => h.last().map(|b| b.count).unwrap_or(0.0),
+                prometheus_parse::Value::Summary(_) => continue,
+            };
+            *found.get_or_insert(0.0) += v;
+        }
+        found
+    }
+}
+
+/// A broker connection for a test, with a confirm-mode publisher.
+pub struct Broker {
+    /// The connection.
+    pub conn: lapin::Connection,
+    /// Publisher.
+    pub publisher: Publisher,
+    /// Names of the test's namespace.
+    pub names: Names,
+}
+
+impl Broker {
+    /// Connects for `ns`.
+    pub async fn connect(ns: &TestNs) -> anyhow::Result<Self> {
+        let url = AmqpUrl::parse(&amqp_url())?;
+        let conn = connect(&url, &format!("guildhall-test/{}", ns.name())).await?;
+        let publisher = Publisher::open(&conn).await?;
+        Ok(Self {
+            conn,
+            publisher,
+            names: ns.names.clone(),
+        })
+    }
+
+    /// Declares a stage (queue, bindings, dead-letter queue).
+    pub async fn declare_stage(&self, stage: &str) -> anyhow::Result<()> {
+        guildhall_broker::topology::declare_stage(
+            self.publisher.channel(),
+            &self.names,
+            &TestNs::stage(stage),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Publishes a task to `stage` the way a producer outside Guildhall would:
+    /// no `TaskSubmitted` event.
+    pub async fn publish_task(&self, stage: &str, id: &str, payload: &str) -> anyhow::Result<()> {
+        let meta = TaskMeta::submission(TaskId::new(id)?, now_ms(), None);
+        self.publisher
+            .publish(
+                &self.names.tasks_exchange(),
+                stage,
+                payload.as_bytes(),
+                meta.properties(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes raw bytes to the events stream.
+    pub async fn publish_raw_event(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.publisher
+            .publish(
+                "",
+                &self.names.events_stream(),
+                bytes,
+                lapin::BasicProperties::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes every message now in `queue`: `(message id, payload, headers)`.
+    pub async fn drain(&self, queue: &str) -> anyhow::Result<Vec<(String, String, FieldTable)>> {
+        let ch = self.conn.create_channel().await?;
+        let mut out = Vec::new();
+        while let Some(msg) = ch
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await?
+        {
+            let id = msg
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let headers = msg
+                .delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default();
+            out.push((
+                id,
+                String::from_utf8_lossy(&msg.delivery.data).into_owned(),
+                headers,
+            ));
+            msg.delivery.ack(BasicAckOptions::default()).await?;
+        }
+        let _ = ch.close(200, "drained".into()).await;
+        Ok(out)
+    }
+
+    /// Reads every envelope now on the events stream.
+    pub async fn read_events(&self) -> anyhow::Result<Vec<guildhall_proto::Envelope>> {
+        let ch = self.conn.create_channel().await?;
+        ch.basic_qos(500, BasicQosOptions::default()).await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-stream-offset".into(),
+            lapin::types::AMQPValue::LongString("first".into()),
+        );
+        let mut consumer = ch
+            .basic_consume(
+                self.names.events_stream().as_str().into(),
+                "reader".into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await?;
+        let mut out = Vec::new();
+        while let Ok(Some(d)) =
+            tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+        {
+            let d = d?;
+            if let Ok(decoded) = guildhall_proto::decode(&d.data) {
+                out.push(decoded.envelope);
+            }
+            d.ack(BasicAckOptions::default()).await?;
+        }
+        let _ = ch.close(200, "read".into()).await;
+        Ok(out)
+    }
+}
