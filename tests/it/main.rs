@@ -2,3 +2,4 @@
 //! Every test runs against the real RabbitMQ in a namespace of its own.
 
 mod api;
+mod cli;

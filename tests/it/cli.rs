@@ -1,0 +1,116 @@
+//! The `guildhall` command line against the real broker and coordinator.
+
+use guildhall_tests::*;
+use std::process::Output;
+use std::time::Duration;
+
+async fn guildhall(args: &[&str]) -> Output {
+    tokio::process::Command::new(bin("guildhall"))
+        .args(args)
+        .env_remove("AMQP_URL")
+        .output()
+        .await
+        .expect("run guildhall")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failed command: one line on stderr, the given status, no panic.
+fn assert_one_line_error(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "more than one line: {err}");
+    assert!(err.starts_with("guildhall: error: "), "{err}");
+    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[tokio::test]
+async fn submit_status_and_trace() {
+    let ns = TestNs::new("cli");
+    let broker = Broker::connect(&ns).await.unwrap();
+    let c = spawn_coordinator(&ns, &[]).await.unwrap();
+    let url = amqp_url();
+    let common = ["--namespace", ns.name(), "--amqp-url", url.as_str()];
+
+    // No queue for the stage yet: a clear error, nothing published.
+    let mut args = vec!["submit"];
+    args.extend(common);
+    args.extend(["--stage", "build", "--payload", "x"]);
+    let o = guildhall(&args).await;
+    assert_one_line_error(&o, 1, "unknown stage 'build'");
+
+    // --declare creates it; the id is printed.
+    let mut args = vec!["submit"];
+    args.extend(common);
+    args.extend(["--stage", "build", "--id", "CLI-1", "--payload", "hello", "--declare"]);
+    let o = guildhall(&args).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "CLI-1\n");
+
+    let payload_file = ns.log_dir.join("payload.bin");
+    std::fs::write(&payload_file, b"from a file").unwrap();
+    let at_file = format!("@{}", payload_file.display());
+    let mut args = vec!["submit"];
+    args.extend(common);
+    args.extend(["--stage", "build", "--payload", at_file.as_str(), "--json"]);
+    let o = guildhall(&args).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(json["stage"], "build");
+    let msgs = broker.drain(&ns.names.stage_queue(&TestNs::stage("build"))).await.unwrap();
+    let payloads: Vec<&str> = msgs.iter().map(|m| m.1.as_str()).collect();
+    assert_eq!(payloads, ["hello", "from a file"]);
+
+    // Bad flags: status 2.
+    let mut args = vec!["submit"];
+    args.extend(common);
+    args.extend(["--stage", "no good"]);
+    assert_one_line_error(&guildhall(&args).await, 2, "--stage");
+
+    // status and trace read the coordinator.
+    let api = c.api.base.as_str();
+    eventually(Duration::from_secs(10), "the task in the API", || async {
+        c.api.get_ok("/api/tasks/CLI-1").await
+    })
+    .await;
+    let o = guildhall(&["status", "--api-url", api]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("STAGE") && text.contains("build"), "{text}");
+    assert!(text.contains("no workers yet"), "{text}");
+    let o = guildhall(&["status", "--api-url", api, "--json"]).await;
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(json["stages"][0]["name"], "build");
+
+    let o = guildhall(&["trace", "--api-url", api, "CLI-1"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.starts_with("task CLI-1: queued at build"), "{text}");
+    assert!(text.contains("queued"), "{text}");
+    let o = guildhall(&["trace", "--api-url", api, "--json", "CLI-1"]).await;
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(json["id"], "CLI-1");
+    assert_one_line_error(&guildhall(&["trace", "--api-url", api, "NOPE-1"]).await, 1, "404");
+}
+
+#[tokio::test]
+async fn failures_are_one_clear_line() {
+    let dead_broker = "amqp://guest:guest@127.0.0.1:1/%2f";
+    let o = guildhall(&["serve", "--amqp-url", dead_broker, "--listen", "127.0.0.1:0"]).await;
+    assert_one_line_error(&o, 1, "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f");
+    assert!(!stderr(&o).contains("guest:guest"), "password leaked");
+    let o = guildhall(&["submit", "--amqp-url", dead_broker, "--stage", "a"]).await;
+    assert_one_line_error(&o, 1, "cannot reach RabbitMQ");
+    assert_one_line_error(
+        &guildhall(&["status", "--api-url", "http://127.0.0.1:1"]).await,
+        1,
+        "cannot reach the coordinator at http://127.0.0.1:1",
+    );
+}
