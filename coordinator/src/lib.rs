@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`cli`]: the command line's flags and client commands.
+//! - [`demo`]: `guildhall demo`, a coordinator and a simulated pipeline in one process.
 //! - [`core`]: the sans-IO state machine (workers, tasks, stages, liveness),
 //!   tested on virtual time.
 //! - [`serve`]: the runtime around it: stream ingest, queue polling, timers.
@@ -12,15 +13,8 @@
 
 pub mod cli;
 pub mod core;
+pub mod demo;
 pub mod http;
 pub mod metrics;
 pub mod serve;
 pub mod submit;
-pub mod demo {
-    pub async fn run(
-        _a: crate::cli::DemoArgs,
-        _s: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<()> {
-        anyhow::bail!("demo: being written")
-    }
-}

@@ -29,7 +29,10 @@ fn help_lists_every_command() {
         .expect("run guildhall");
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("[env: AMQP_URL"), "{text}");
-    assert!(!text.contains("s3cret"), "a secret from the environment shown in help: {text}");
+    assert!(
+        !text.contains("s3cret"),
+        "a secret from the environment shown in help: {text}"
+    );
 }
 
 #[test]
@@ -38,7 +41,10 @@ fn bad_values_are_one_line_and_status_2() {
         (vec!["serve", "--listen", "nowhere"], "--listen"),
         (vec!["serve", "--namespace", "a.b"], "--namespace"),
         (vec!["serve", "--amqp-url", "http://x"], "--amqp-url"),
-        (vec!["serve", "--missed-heartbeats", "0"], "--missed-heartbeats"),
+        (
+            vec!["serve", "--missed-heartbeats", "0"],
+            "--missed-heartbeats",
+        ),
         (vec!["demo", "--stream-max-age", "soon"], "--stream-max-age"),
         (vec!["submit", "--stage", "a b"], "--stage"),
         (vec!["submit", "--stage", "a", "--id", "x/y"], "--id"),

@@ -186,7 +186,7 @@ impl Core {
         }
         let load = loads.get(&rec.stage)?;
         let service = load.mean_service_ms?;
-        let row = rec.rows.last()?;
+        let row = rec.current_row()?;
         let mut left = match rec.status {
             TaskStatus::Running => {
                 let elapsed = row
@@ -236,9 +236,8 @@ impl Core {
                 .map(|s| rec.finished_at_ms.unwrap_or(now_ms).saturating_sub(s)),
             eta_at_ms: eta_in_ms.map(|e| now_ms + e),
             eta_in_ms,
-            attempts: rec
-                .rows
-                .iter()
+            attempts: rows_in_time_order(rec)
+                .into_iter()
                 .map(|r| AttemptView {
                     stage: r.stage.to_string(),
                     attempt: r.attempt,
@@ -289,8 +288,7 @@ impl Core {
                 status: display_status(r, now_ms).as_str(),
                 stage: r.stage.to_string(),
                 worker: r
-                    .rows
-                    .last()
+                    .current_row()
                     .filter(|row| row.outcome == AttemptOutcome::Running)
                     .and_then(|row| row.worker.as_ref().map(ToString::to_string)),
                 attempts: r.rows.len(),
@@ -318,13 +316,25 @@ impl Core {
     }
 }
 
+/// A task's rows in the order they began (they are stored in arrival order,
+/// which events from different agents can scramble).
+fn rows_in_time_order(rec: &TaskRecord) -> Vec<&super::tasks::AttemptRow> {
+    let mut rows: Vec<_> = rec.rows.iter().collect();
+    rows.sort_by_key(|r| {
+        r.queued_at_ms
+            .or(r.started_at_ms)
+            .or(r.finished_at_ms)
+            .unwrap_or(u64::MAX)
+    });
+    rows
+}
+
 /// A retrying task whose delay is over is back in the queue.
 fn display_status(rec: &TaskRecord, now_ms: u64) -> TaskStatus {
     match rec.status {
         TaskStatus::Retrying
             if rec
-                .rows
-                .last()
+                .current_row()
                 .and_then(|r| r.queued_at_ms)
                 .is_some_and(|due| due <= now_ms) =>
         {

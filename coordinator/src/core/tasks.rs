@@ -3,6 +3,12 @@
 //!
 //! **In-flight tasks are always kept; finished ones (succeeded or
 //! dead-lettered) are kept up to a count and an age**, oldest first out.
+//!
+//! **Events about one task come from several agents, and the stream orders
+//! them by when each agent flushed its batch**, not by when things happened:
+//! the next stage's `TaskStarted` often arrives before the previous stage's
+//! `TaskSucceeded`. So a task's status only moves forward in event time, and a
+//! row is never added for a stage attempt that has already shown up.
 
 use guildhall_proto::{AgentId, Stage, TaskId};
 use std::collections::{HashMap, VecDeque};
@@ -150,6 +156,9 @@ pub struct TaskRecord {
     pub submitted_at_ms: Option<u64>,
     /// Time of the last event about it.
     pub updated_at_ms: u64,
+    /// Event time of the change that set `status` and `stage`: an older
+    /// event arriving late does not move them back.
+    pub status_at_ms: u64,
     /// When it finished (succeeded or dead-lettered).
     pub finished_at_ms: Option<u64>,
     /// Its stage attempts, oldest first.
@@ -164,9 +173,30 @@ impl TaskRecord {
             stage,
             submitted_at_ms: None,
             updated_at_ms: at_ms,
+            status_at_ms: 0,
             finished_at_ms: None,
             rows: Vec::new(),
         }
+    }
+
+    /// Whether a row for `(stage, attempt)` exists that began at or after
+    /// `since_ms` (it is not a leftover of an earlier visit to the stage).
+    fn has_row_since(&self, stage: &Stage, attempt: u32, since_ms: u64) -> bool {
+        self.rows.iter().any(|r| {
+            &r.stage == stage
+                && r.attempt == attempt
+                && r.started_at_ms
+                    .or(r.queued_at_ms)
+                    .is_some_and(|t| t >= since_ms)
+        })
+    }
+
+    /// The row of the task's current stage with the highest attempt.
+    pub fn current_row(&self) -> Option<&AttemptRow> {
+        self.rows
+            .iter()
+            .filter(|r| r.stage == self.stage)
+            .max_by_key(|r| (r.attempt, r.started_at_ms.or(r.queued_at_ms)))
     }
 
     fn push(&mut self, row: AttemptRow) -> &mut AttemptRow {
@@ -270,11 +300,17 @@ impl TaskStore {
         rec
     }
 
-    /// Moves a record to `status`, keeping the finished count and queue right.
-    fn set_status(&mut self, id: &TaskId, status: TaskStatus, at_ms: u64) {
+    /// Moves a record to `status` at `stage`, unless an event later than
+    /// `at_ms` already set it; keeps the finished count and queue right.
+    fn set_status(&mut self, id: &TaskId, status: TaskStatus, stage: &Stage, at_ms: u64) {
         let Some(rec) = self.tasks.get_mut(id) else {
             return;
         };
+        if at_ms < rec.status_at_ms {
+            return;
+        }
+        rec.status_at_ms = at_ms;
+        rec.stage = stage.clone();
         let was = rec.status.is_terminal();
         rec.status = status;
         match (was, status.is_terminal()) {
@@ -299,9 +335,12 @@ impl TaskStore {
     pub fn submitted(&mut self, id: &TaskId, stage: &Stage, at_ms: u64) {
         let rec = self.record(id, stage, at_ms);
         rec.submitted_at_ms.get_or_insert(at_ms);
-        rec.stage = stage.clone();
+        // A worker may have reported the start before the submitter's event arrived.
+        if rec.has_row_since(stage, 1, at_ms) {
+            return;
+        }
         rec.push(AttemptRow::queued(stage.clone(), 1, Some(at_ms)));
-        self.set_status(id, TaskStatus::Queued, at_ms);
+        self.set_status(id, TaskStatus::Queued, stage, at_ms);
     }
 
     /// A worker started an attempt.
@@ -321,7 +360,6 @@ impl TaskStore {
         if rec.submitted_at_ms.is_none() {
             rec.submitted_at_ms = submitted_at_ms;
         }
-        rec.stage = stage.clone();
         let mut queued_at = enqueued_at_ms;
         let reuse = match rec.row_mut(stage, attempt, None) {
             Some(row) if row.outcome == AttemptOutcome::Queued => {
@@ -349,7 +387,7 @@ impl TaskStore {
         row.started_at_ms = Some(at_ms);
         row.outcome = AttemptOutcome::Running;
         row.redelivered = redelivered;
-        self.set_status(id, TaskStatus::Running, at_ms);
+        self.set_status(id, TaskStatus::Running, stage, at_ms);
         Started {
             queue_wait_ms: queued_at.map(|q| at_ms.saturating_sub(q)),
         }
@@ -422,9 +460,11 @@ impl TaskStore {
         let submitted = rec.submitted_at_ms;
         match next {
             Some(next) => {
-                rec.stage = next.clone();
-                rec.push(AttemptRow::queued(next.clone(), 1, Some(at_ms)));
-                self.set_status(id, TaskStatus::Queued, at_ms);
+                // The next stage may have reported before this one did.
+                if !rec.has_row_since(next, 1, started_at_ms) {
+                    rec.push(AttemptRow::queued(next.clone(), 1, Some(at_ms)));
+                }
+                self.set_status(id, TaskStatus::Queued, next, at_ms);
                 Succeeded {
                     duration_ms,
                     pipeline_ms: None,
@@ -432,7 +472,7 @@ impl TaskStore {
                 }
             }
             None => {
-                self.set_status(id, TaskStatus::Succeeded, at_ms);
+                self.set_status(id, TaskStatus::Succeeded, stage, at_ms);
                 Succeeded {
                     duration_ms,
                     pipeline_ms: submitted.map(|s| at_ms.saturating_sub(s)),
@@ -477,14 +517,15 @@ impl TaskStore {
         if let Some(row) = rec.row_mut(stage, attempt, Some(worker)) {
             row.outcome = AttemptOutcome::Retried;
         }
-        rec.stage = stage.clone();
         let next = attempt.saturating_add(1);
-        rec.push(AttemptRow::queued(
-            stage.clone(),
-            next,
-            Some(at_ms.saturating_add(delay_ms)),
-        ));
-        self.set_status(id, TaskStatus::Retrying, at_ms);
+        if !rec.has_row_since(stage, next, at_ms) {
+            rec.push(AttemptRow::queued(
+                stage.clone(),
+                next,
+                Some(at_ms.saturating_add(delay_ms)),
+            ));
+        }
+        self.set_status(id, TaskStatus::Retrying, stage, at_ms);
     }
 
     /// The task was dead-lettered at `stage`.
@@ -498,7 +539,6 @@ impl TaskStore {
         error: &str,
     ) {
         let rec = self.record(id, stage, at_ms);
-        rec.stage = stage.clone();
         match rec.row_mut(stage, attempt, Some(worker)) {
             Some(row) => {
                 row.outcome = AttemptOutcome::DeadLettered;
@@ -513,7 +553,7 @@ impl TaskStore {
                 row.finished_at_ms = Some(at_ms);
             }
         }
-        self.set_status(id, TaskStatus::DeadLettered, at_ms);
+        self.set_status(id, TaskStatus::DeadLettered, stage, at_ms);
     }
 
     /// Drops finished tasks past the count limit or older than the age limit.
@@ -607,6 +647,54 @@ mod tests {
         assert_eq!(rec.rows[0].error.as_deref(), Some("boom"));
         assert_eq!(s.finished(), 1);
         assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn events_from_different_agents_may_arrive_out_of_order() {
+        let mut s = TaskStore::new(10, 60_000);
+        let (t, a, b, c) = (id("T"), st("a"), st("b"), st("c"));
+        // b's worker flushed its TaskStarted before a's worker flushed its
+        // TaskSucceeded; the submitter's event came after a's start.
+        s.started(&t, &a, 1, &ag("wa"), 110, Some(100), Some(100), false);
+        s.submitted(&t, &a, 100);
+        s.started(&t, &b, 1, &ag("wb"), 210, Some(200), Some(100), false);
+        s.succeeded(&t, &a, 1, &ag("wa"), 200, 110, Some(&b), Some(100));
+        let rec = s.get("T").unwrap();
+        assert_eq!((rec.status, rec.stage.as_str()), (TaskStatus::Running, "b"));
+        assert_eq!(rec.submitted_at_ms, Some(100));
+        // c finished the pipeline before b's success arrived.
+        s.started(&t, &c, 1, &ag("wc"), 310, Some(300), Some(100), false);
+        s.succeeded(&t, &c, 1, &ag("wc"), 350, 310, None, Some(100));
+        s.succeeded(&t, &b, 1, &ag("wb"), 300, 210, Some(&c), Some(100));
+        let rec = s.get("T").unwrap();
+        assert_eq!(
+            (rec.status, rec.stage.as_str()),
+            (TaskStatus::Succeeded, "c")
+        );
+        let rows: Vec<_> = rec
+            .rows
+            .iter()
+            .map(|r| (r.stage.as_str(), r.outcome))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("a", AttemptOutcome::Succeeded),
+                ("b", AttemptOutcome::Succeeded),
+                ("c", AttemptOutcome::Succeeded),
+            ]
+        );
+        assert_eq!(s.finished(), 1);
+        // A retry picked up before the retry event arrived.
+        let u = id("U");
+        s.started(&u, &a, 1, &ag("w1"), 10, Some(5), None, false);
+        s.failed(&u, &a, 1, &ag("w1"), 20, 10, "x", "y");
+        s.started(&u, &a, 2, &ag("w2"), 130, Some(120), None, false);
+        s.retrying(&u, &a, 1, &ag("w1"), 20, 100);
+        let rec = s.get("U").unwrap();
+        assert_eq!(rec.status, TaskStatus::Running);
+        assert_eq!(rec.rows.len(), 2);
+        assert_eq!(rec.current_row().unwrap().attempt, 2);
     }
 
     #[test]

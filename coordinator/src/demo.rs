@@ -1,0 +1,224 @@
+//! `guildhall demo`: one command that shows Guildhall working.
+//!
+//! Against the broker at `--amqp-url` it starts the coordinator and a
+//! three-stage pipeline, `task_worker -> pm_worker -> result_worker`, with
+//! `--agents-per-stage` agents each running a simulated worker (lognormal
+//! service times, a small failure rate; `pm_worker` is the slow stage), and
+//! feeds it a Poisson stream of tasks. Everything runs in this process; the
+//! agents are the real agent library with real broker connections.
+
+use crate::cli::{ConfigError, DemoArgs};
+use crate::serve;
+use crate::submit::Submitter;
+use guildhall_agent::{AgentConfig, AgentHandle, RetryPolicy, SimulateSpec, WorkerSpec};
+use guildhall_broker::{Management, Publisher, connect, topology};
+use guildhall_proto::{AgentId, Stage, TaskId};
+use std::future::Future;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The demo pipeline: stage, median service time, retryable and permanent
+/// failure probabilities.
+const PIPELINE: [(&str, u64, f64, f64); 3] = [
+    ("task_worker", 150, 0.03, 0.003),
+    ("pm_worker", 400, 0.02, 0.002),
+    ("result_worker", 80, 0.01, 0.001),
+];
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// RabbitMQ is not there.
+    #[error(
+        "{0}. Start one with `rabbitmq-server -detached` (or `docker run -d -p 5672:5672 -p 15672:15672 rabbitmq:3-management`), or point --amqp-url at yours"
+    )]
+    NoBroker(guildhall_broker::BrokerError),
+    /// Setting up the pipeline failed.
+    #[error("{0}")]
+    Broker(#[from] guildhall_broker::BrokerError),
+    /// The coordinator failed.
+    #[error("{0}")]
+    Serve(#[from] serve::ServeError),
+    /// The HTTP address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the demo until `shutdown` resolves (or `--duration` passes).
+pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let (config, listen) = args.coordinator.validate(&args.broker)?;
+    if !(args.rate > 0.0 && args.rate <= 1000.0) {
+        return Err(ConfigError(format!(
+            "--rate must be above 0 and at most 1000 tasks/s (got {})",
+            args.rate
+        ))
+        .into());
+    }
+    if !(1..=20).contains(&args.agents_per_stage) {
+        return Err(ConfigError(format!(
+            "--agents-per-stage must be between 1 and 20 (got {})",
+            args.agents_per_stage
+        ))
+        .into());
+    }
+    let names = config.names.clone();
+    let conn = connect(&config.amqp_url, "guildhall-demo/feeder")
+        .await
+        .map_err(DemoError::NoBroker)?;
+    let publisher = Publisher::open(&conn).await.map_err(DemoError::Broker)?;
+    let stages: Vec<Stage> = PIPELINE
+        .iter()
+        .map(|(s, ..)| Stage::new(*s).expect("valid stage names"))
+        .collect();
+    for stage in &stages {
+        topology::declare_stage(publisher.channel(), &names, stage)
+            .await
+            .map_err(DemoError::Broker)?;
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| DemoError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+
+    let stop = CancellationToken::new();
+    let coordinator = {
+        let stop = stop.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            serve::run(config, listener, async move { stop.cancelled().await }).await
+        })
+    };
+
+    let mut agents: Vec<AgentHandle> = Vec::new();
+    for (i, (stage, median_ms, fail, permanent)) in PIPELINE.iter().enumerate() {
+        for n in 1..=args.agents_per_stage {
+            let spec = SimulateSpec {
+                median: Duration::from_millis(*median_ms),
+                spread: 0.5,
+                fail: *fail,
+                permanent: *permanent,
+            };
+            let agent = AgentConfig::new(stages[i].clone(), WorkerSpec::Simulated(spec))
+                .with_amqp_url(args.broker.amqp_url.clone())
+                .with_namespace(names.namespace().clone())
+                .with_id(AgentId::new(format!("{stage}-{n}")).expect("valid agent id"))
+                .with_next(stages.get(i + 1).cloned())
+                .with_retry(RetryPolicy {
+                    max_attempts: 4,
+                    base_delay: Duration::from_millis(500),
+                    max_delay: Duration::from_secs(8),
+                })
+                .with_shutdown_timeout(Duration::from_secs(5));
+            agents.push(guildhall_agent::spawn(agent));
+        }
+    }
+
+    let feeder = {
+        let stop = stop.clone();
+        let submitter = Submitter::new(
+            AgentId::new("demo-feeder").expect("valid id"),
+            names.clone(),
+        );
+        let stage = stages[0].clone();
+        let rate = args.rate;
+        tokio::spawn(async move { feed(publisher, submitter, stage, rate, stop).await })
+    };
+
+    let base = format!("http://{addr}");
+    println!(
+        "Guildhall demo: namespace {}, broker {}\n\
+         \x20 pipeline   {}, {} simulated workers each, ~{} tasks/s\n\
+         \x20 API        {base}/api/workers  {base}/api/stages  {base}/api/tasks\n\
+         \x20 metrics    {base}/metrics\n\
+         \x20 terminal   guildhall status --api-url {base}\n\
+         \x20            guildhall trace --api-url {base} <task id>\n\
+         Ctrl-C to stop.",
+        names.namespace(),
+        config.amqp_url.redacted(),
+        PIPELINE.map(|(s, ..)| s).join(" -> "),
+        args.agents_per_stage,
+        args.rate,
+    );
+
+    match args.duration {
+        Some(d) => tokio::select! {
+            _ = shutdown => {}
+            _ = tokio::time::sleep(d) => {}
+        },
+        None => shutdown.await,
+    }
+    println!("stopping: feeder, then agents (finishing their tasks), then the coordinator");
+    stop.cancel();
+    let _ = feeder.await;
+    for agent in agents {
+        if let Err(e) = agent.stop_and_join().await {
+            tracing::warn!("agent stopped with an error: {e}");
+        }
+    }
+    let served = coordinator.await;
+    let _ = conn.close(200, "demo over".into()).await;
+    if args.clean {
+        clean(&config, &names.prefix()).await;
+    }
+    match served {
+        Ok(result) => result.map_err(|e| DemoError::Serve(e).into()),
+        Err(e) => Err(anyhow::anyhow!("coordinator task failed: {e}")),
+    }
+}
+
+/// Submits tasks as a Poisson process of `rate` per second until `stop`.
+async fn feed(
+    publisher: Publisher,
+    submitter: Submitter,
+    stage: Stage,
+    rate: f64,
+    stop: CancellationToken,
+) {
+    let mut n: u64 = 0;
+    loop {
+        // Exponential inter-arrival times.
+        let u: f64 = rand::random::<f64>().max(1e-12);
+        let wait = Duration::from_secs_f64(-u.ln() / rate);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+        n += 1;
+        let id =
+            TaskId::new(format!("demo-{:06}-{:04x}", n, rand::random::<u16>())).expect("valid id");
+        let payload = format!("{{\"order\":{n}}}");
+        if let Err(e) = submitter
+            .submit(&publisher, stage.clone(), Some(id), payload.as_bytes())
+            .await
+        {
+            tracing::warn!("demo feeder: {e}");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Deletes the namespace's queues and exchanges (`--clean`).
+async fn clean(config: &serve::ServeConfig, prefix: &str) {
+    let Some(url) = &config.management_url else {
+        tracing::warn!("--clean needs the management API; nothing deleted");
+        return;
+    };
+    match Management::new(url, config.amqp_url.vhost()) {
+        Ok(m) => match m.delete_all_with_prefix(prefix).await {
+            Ok(n) => println!("deleted {n} queues and exchanges under {prefix}"),
+            Err(e) => tracing::warn!("clean-up failed: {e}"),
+        },
+        Err(e) => tracing::warn!("clean-up failed: {e}"),
+    }
+}
