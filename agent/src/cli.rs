@@ -1,0 +1,361 @@
+//! The command line: every flag, its environment variable and its default,
+//! and the conversion into a validated [`AgentConfig`].
+//!
+//! Values are kept raw here (durations as text, numbers signed) so that every
+//! bad value is judged by [`AgentConfig::validate`] or [`Cli::into_config`]
+//! and reported as one line naming the flag.
+
+use crate::config::{
+    self, AgentConfig, ConfigError, DEFAULT_AMQP_URL, RetryPolicy, WorkerSpec, limits,
+    parse_duration,
+};
+use clap::Parser;
+use clap::builder::FalseyValueParser;
+use guildhall_proto::{AgentId, Namespace, Stage};
+use std::str::FromStr;
+
+/// Guildhall's agent: consumes a stage's queue, hands each task to a worker,
+/// forwards results to the next stage and reports everything on the events
+/// stream.
+///
+/// Not `Debug`: it holds the broker URL with its password.
+#[derive(Clone, Parser)]
+#[command(name = "guildhall-agent", version, about)]
+pub struct Cli {
+    /// Broker URL.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
+    pub amqp_url: String,
+
+    /// Namespace: the prefix of every broker name.
+    #[arg(long, env = "GUILDHALL_NAMESPACE", default_value = "guildhall")]
+    pub namespace: String,
+
+    /// The stage to consume (required).
+    #[arg(long, env = "GUILDHALL_STAGE")]
+    pub stage: Option<String>,
+
+    /// Where results go by default; without it the pipeline ends after this stage.
+    #[arg(long, env = "GUILDHALL_NEXT")]
+    pub next: Option<String>,
+
+    /// Agent id [default: <stage>-<hostname>-<4 random hex>].
+    #[arg(long, env = "GUILDHALL_AGENT_ID")]
+    pub id: Option<String>,
+
+    /// Tasks processed at once (also the consumer prefetch), 1 to 1024.
+    #[arg(
+        long,
+        env = "GUILDHALL_CONCURRENCY",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
+    pub concurrency: i64,
+
+    /// Hand tasks to this URL by HTTP POST.
+    #[arg(long, env = "GUILDHALL_WORKER_URL", value_name = "URL")]
+    pub worker_url: Option<String>,
+
+    /// Run `sh -c COMMAND` per task, payload on stdin, result on stdout.
+    #[arg(long, env = "GUILDHALL_EXEC", value_name = "COMMAND")]
+    pub exec: Option<String>,
+
+    /// Use the built-in simulated worker, e.g. `median=200ms,spread=0.5,fail=0.02,permanent=0.005`.
+    #[arg(long, env = "GUILDHALL_SIMULATE", value_name = "SPEC")]
+    pub simulate: Option<String>,
+
+    /// Longest a worker may take for one task.
+    #[arg(long, env = "GUILDHALL_TASK_TIMEOUT", default_value = "300s")]
+    pub task_timeout: String,
+
+    /// Attempts at this stage before a retryable failure is dead-lettered.
+    #[arg(
+        long,
+        env = "GUILDHALL_MAX_ATTEMPTS",
+        default_value_t = 5,
+        allow_negative_numbers = true
+    )]
+    pub max_attempts: i64,
+
+    /// Delay before the second attempt; doubles with each further attempt.
+    #[arg(long, env = "GUILDHALL_RETRY_DELAY", default_value = "1s")]
+    pub retry_delay: String,
+
+    /// Cap on the retry delay.
+    #[arg(long, env = "GUILDHALL_RETRY_MAX_DELAY", default_value = "60s")]
+    pub retry_max_delay: String,
+
+    /// Heartbeat interval, 100ms to 60s.
+    #[arg(long, env = "GUILDHALL_HEARTBEAT", default_value = "1s")]
+    pub heartbeat: String,
+
+    /// Longest an event waits before its batch is published.
+    #[arg(long, env = "GUILDHALL_FLUSH_INTERVAL", default_value = "50ms")]
+    pub flush_interval: String,
+
+    /// Most events per published batch.
+    #[arg(
+        long,
+        env = "GUILDHALL_BATCH_MAX",
+        default_value_t = 500,
+        allow_negative_numbers = true
+    )]
+    pub batch_max: i64,
+
+    /// Lines of supervised worker output kept (for the logs command).
+    #[arg(
+        long,
+        env = "GUILDHALL_LOG_LINES",
+        default_value_t = 200,
+        allow_negative_numbers = true
+    )]
+    pub log_lines: i64,
+
+    /// Longest a stop waits for tasks in hand before requeueing them.
+    #[arg(long, env = "GUILDHALL_SHUTDOWN_TIMEOUT", default_value = "30s")]
+    pub shutdown_timeout: String,
+
+    /// Cap on the delay between restarts of the supervised worker.
+    #[arg(long, env = "GUILDHALL_RESTART_BACKOFF_MAX", default_value = "30s")]
+    pub restart_backoff_max: String,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "GUILDHALL_JSON_LOGS", value_parser = FalseyValueParser::new())]
+    pub json_logs: bool,
+
+    /// A worker process to start and supervise (restarted when it exits).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub worker_command: Vec<String>,
+}
+
+impl Cli {
+    /// Converts and validates; the error is one line naming the flag.
+    pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
+        let stage: Stage = id(
+            "--stage",
+            self.stage.as_deref().ok_or_else(|| {
+                ConfigError::Missing("--stage is required (or set GUILDHALL_STAGE)".into())
+            })?,
+        )?;
+        let worker = self.worker()?;
+        let mut config = AgentConfig::new(stage, worker);
+        config.amqp_url = self.amqp_url;
+        config.namespace = id::<Namespace>("--namespace", &self.namespace)?;
+        config.next = self.next.as_deref().map(|n| id("--next", n)).transpose()?;
+        if let Some(agent) = &self.id {
+            config.id = id::<AgentId>("--id", agent)?;
+        }
+        config.concurrency = int("--concurrency", self.concurrency, limits::CONCURRENCY)?;
+        config.retry = RetryPolicy {
+            max_attempts: int("--max-attempts", self.max_attempts, limits::MAX_ATTEMPTS)?,
+            base_delay: parse_duration("--retry-delay", &self.retry_delay)?,
+            max_delay: parse_duration("--retry-max-delay", &self.retry_max_delay)?,
+        };
+        config.task_timeout = parse_duration("--task-timeout", &self.task_timeout)?;
+        config.heartbeat = parse_duration("--heartbeat", &self.heartbeat)?;
+        config.flush_interval = parse_duration("--flush-interval", &self.flush_interval)?;
+        config.batch_max = int("--batch-max", self.batch_max, limits::BATCH_MAX)?;
+        config.log_lines = int("--log-lines", self.log_lines, limits::LOG_LINES)?;
+        config.shutdown_timeout = parse_duration("--shutdown-timeout", &self.shutdown_timeout)?;
+        config.restart_backoff_max =
+            parse_duration("--restart-backoff-max", &self.restart_backoff_max)?;
+        config.supervise = self.worker_command;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn worker(&self) -> Result<WorkerSpec, ConfigError> {
+        let given: Vec<&str> = [
+            ("--worker-url", self.worker_url.is_some()),
+            ("--exec", self.exec.is_some()),
+            ("--simulate", self.simulate.is_some()),
+        ]
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(flag, _)| *flag)
+        .collect();
+        if given.len() > 1 {
+            return Err(ConfigError::Missing(format!(
+                "only one of --worker-url, --exec or --simulate may be given (got {})",
+                given.join(" and ")
+            )));
+        }
+        if let Some(url) = &self.worker_url {
+            return Ok(WorkerSpec::Http { url: url.clone() });
+        }
+        if let Some(command) = &self.exec {
+            return Ok(WorkerSpec::Exec {
+                command: command.clone(),
+            });
+        }
+        if let Some(spec) = &self.simulate {
+            let spec = crate::handoff::simulated::SimulateSpec::from_str(spec)
+                .map_err(|e| ConfigError::invalid("--simulate", e.to_string()))?;
+            return Ok(WorkerSpec::Simulated(spec));
+        }
+        Err(ConfigError::Missing(
+            "one of --worker-url, --exec or --simulate is required".into(),
+        ))
+    }
+}
+
+fn id<T: FromStr<Err = guildhall_proto::InvalidId>>(
+    flag: &'static str,
+    value: &str,
+) -> Result<T, ConfigError> {
+    value
+        .parse()
+        .map_err(|source| ConfigError::InvalidId { flag, source })
+}
+
+fn int<T: TryFrom<i64>>(
+    flag: &'static str,
+    value: i64,
+    allowed: std::ops::RangeInclusive<i64>,
+) -> Result<T, ConfigError> {
+    config::range(flag, value, allowed.clone())?;
+    T::try_from(value).map_err(|_| ConfigError::OutOfRange {
+        flag,
+        min: allowed.start().to_string(),
+        max: allowed.end().to_string(),
+        got: value.to_string(),
+    })
+}
+
+/// A clap parse error as one line, without the usage block.
+pub fn clap_error_line(err: &clap::Error) -> String {
+    let text = err.to_string();
+    let head = text.split("\n\n").next().unwrap_or(&text);
+    let line = config::one_line(head);
+    line.strip_prefix("error: ").unwrap_or(&line).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn parse(args: &[&str]) -> Result<AgentConfig, String> {
+        let mut argv = vec!["guildhall-agent"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| clap_error_line(&e))?;
+        cli.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_full_command_line_converts() {
+        let c = parse(&[
+            "--stage",
+            "build",
+            "--next",
+            "report",
+            "--id",
+            "b-1",
+            "--namespace",
+            "ns1",
+            "--concurrency",
+            "8",
+            "--exec",
+            "tr a-z A-Z",
+            "--task-timeout",
+            "5m",
+            "--max-attempts",
+            "3",
+            "--retry-delay",
+            "250ms",
+            "--retry-max-delay",
+            "2s",
+            "--heartbeat",
+            "500ms",
+            "--batch-max",
+            "100",
+            "--",
+            "my-worker",
+            "--port",
+            "8080",
+        ])
+        .unwrap();
+        assert_eq!(c.stage.as_str(), "build");
+        assert_eq!(c.next.as_ref().map(|s| s.as_str()), Some("report"));
+        assert_eq!(c.id.as_str(), "b-1");
+        assert_eq!(c.namespace.as_str(), "ns1");
+        assert_eq!(c.concurrency, 8);
+        assert_eq!(
+            c.worker,
+            WorkerSpec::Exec {
+                command: "tr a-z A-Z".into()
+            }
+        );
+        assert_eq!(c.task_timeout, Duration::from_secs(300));
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.retry.delay(2), Duration::from_millis(500));
+        assert_eq!(c.heartbeat, Duration::from_millis(500));
+        assert_eq!(c.batch_max, 100);
+        assert_eq!(c.supervise, ["my-worker", "--port", "8080"]);
+    }
+
+    #[test]
+    fn bad_command_lines_give_one_line() {
+        for (args, expected) in [
+            (
+                &["--exec", "cat"][..],
+                "--stage is required (or set GUILDHALL_STAGE)",
+            ),
+            (
+                &["--stage", "s"],
+                "one of --worker-url, --exec or --simulate is required",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--simulate", ""],
+                "only one of --worker-url, --exec or --simulate may be given (got --exec and --simulate)",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--concurrency", "0"],
+                "--concurrency must be between 1 and 1024 (got 0)",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--concurrency", "-3"],
+                "--concurrency must be between 1 and 1024 (got -3)",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--concurrency", "many"],
+                "invalid value 'many' for '--concurrency <CONCURRENCY>'",
+            ),
+            (
+                &["--stage", "a b", "--exec", "cat"],
+                "--stage: invalid stage \"a b\"",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--next", "x/y"],
+                "--next: invalid stage",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--id", "a b"],
+                "--id: invalid agent id",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--heartbeat", "10ms"],
+                "--heartbeat must be between 100ms and 1m (got 10ms)",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--task-timeout", "later"],
+                "--task-timeout: invalid duration \"later\"",
+            ),
+            (
+                &["--stage", "s", "--simulate", "fast=1"],
+                "--simulate: unknown key \"fast\"",
+            ),
+            (
+                &["--stage", "s", "--worker-url", "localhost:80"],
+                "--worker-url: \"localhost:80\" is not an http:// or https:// URL with a host",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--bogus"],
+                "unexpected argument '--bogus' found",
+            ),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.starts_with(expected), "{args:?}: {err:?}");
+            assert!(!err.contains('\n'), "{err:?}");
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! HTTP hand-off: POST the payload to the worker's URL.
+//!
+//! | response | outcome |
+//! |---|---|
+//! | 2xx | success; the body is the next payload; `x-guildhall-next-stage` may name another stage or `-` |
+//! | 408, 429 | retryable (the worker asks to be tried again later) |
+//! | other 4xx, 1xx, 3xx | permanent |
+//! | 5xx | retryable |
+//! | connection error | retryable, class `connection` |
+//! | no answer within the task timeout | retryable, class `timeout` |
+//!
+//! A failure's error is `HTTP <code>: <first 1 KiB of the body>`; its class is
+//! the worker's `x-guildhall-error-class` header when that is a valid class,
+//! else `http_<code>`. 408 and 429 are retried (unlike other 4xx) because they
+//! say "not now", not "bad input".
+
+use super::{Failure, NextStage, Outcome, TaskInput, valid_error_class};
+use crate::config::{ConfigError, check_worker_url};
+use guildhall_proto::Stage;
+use guildhall_proto::headers::{END_OF_PIPELINE, http as h};
+use reqwest::header::CONTENT_TYPE;
+use std::time::Duration;
+
+/// Largest response body taken as the next payload.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// Bytes of a failure response's body quoted in the error.
+const ERROR_BODY_BYTES: usize = 1024;
+
+/// Posts each task to one URL.
+#[derive(Debug)]
+pub struct HttpWorker {
+    /// Shared connection pool; no proxy, no redirects, the task timeout.
+    client: reqwest::Client,
+    /// Where tasks are posted.
+    url: reqwest::Url,
+}
+
+impl HttpWorker {
+    /// A worker posting to `url`, giving up on a task after `timeout`.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, ConfigError> {
+        let url = check_worker_url(url)?;
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(|e| ConfigError::invalid("--worker-url", e.to_string()))?;
+        Ok(Self { client, url })
+    }
+
+    /// The worker's host and port (for the readiness probe).
+    pub fn ready_addr(&self) -> Option<(String, u16)> {
+        // IPv6 hosts come bracketed (`[::1]`); connecting wants them bare.
+        let host = self
+            .url
+            .host_str()?
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        Some((host.to_owned(), self.url.port_or_known_default()?))
+    }
+
+    /// Posts one task and maps the answer to an outcome.
+    pub async fn handle(&self, task: &TaskInput) -> Outcome {
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(h::TASK_ID, task.task_id.as_str())
+            .header(h::STAGE, task.stage.as_str())
+            .header(h::ATTEMPT, task.attempt.to_string())
+            .header(h::IDEMPOTENCY_KEY, task.idempotency_key.as_str())
+            .body(task.payload.clone());
+        if let Some(tp) = &task.traceparent {
+            request = request.header(h::TRACEPARENT, tp.as_str());
+        }
+        let mut response = match request.send().await {
+            Ok(response) => response,
+            Err(err) => return Outcome::Failure(request_error(&err)),
+        };
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let next = header(h::NEXT_STAGE);
+        let class = header(h::ERROR_CLASS);
+        // A failure's body is only quoted, so read just its start.
+        let limit = if (200..300).contains(&status) {
+            MAX_RESPONSE_BYTES
+        } else {
+            ERROR_BODY_BYTES
+        };
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > limit {
+                        if limit == MAX_RESPONSE_BYTES {
+                            return Outcome::Failure(Failure::retryable(
+                                "output_too_large",
+                                format!("response body over {MAX_RESPONSE_BYTES} bytes"),
+                            ));
+                        }
+                        body.extend_from_slice(&chunk[..limit - body.len()]);
+                        break;
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(err) => return Outcome::Failure(request_error(&err)),
+            }
+        }
+        map_response(status, next.as_deref(), class.as_deref(), body)
+    }
+}
+
+/// Maps a transport error (no complete response) to a retryable failure.
+fn request_error(err: &reqwest::Error) -> Failure {
+    let class = if err.is_timeout() {
+        "timeout"
+    } else {
+        "connection"
+    };
+    Failure::retryable(class, error_chain(err))
+}
+
+/// An error and its causes on one line (reqwest's own message is terse).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Maps a complete response to an outcome (see the module docs for the table).
+pub fn map_response(
+    status: u16,
+    next_stage: Option<&str>,
+    error_class: Option<&str>,
+    body: Vec<u8>,
+) -> Outcome {
+    if (200..300).contains(&status) {
+        let next = match next_stage.map(str::trim) {
+            None | Some("") => NextStage::Default,
+            Some(END_OF_PIPELINE) => NextStage::End,
+            Some(name) => match Stage::new(name) {
+                Ok(stage) => NextStage::Stage(stage),
+                Err(err) => {
+                    return Outcome::Failure(Failure::permanent(
+                        "invalid_next_stage",
+                        format!("worker answered {}: {err}", h::NEXT_STAGE),
+                    ));
+                }
+            },
+        };
+        return Outcome::Success {
+            payload: body,
+            next,
+        };
+    }
+    let class = match error_class.map(str::trim) {
+        Some(c) if valid_error_class(c) => c.to_owned(),
+        _ => format!("http_{status}"),
+    };
+    let end = body.len().min(ERROR_BODY_BYTES);
+    let text = String::from_utf8_lossy(&body[..end]);
+    let error = format!("HTTP {status}: {}", text.trim());
+    let retryable = status >= 500 || status == 408 || status == 429;
+    Outcome::Failure(Failure {
+        error,
+        class,
+        retryable,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(outcome: Outcome) -> Failure {
+        match outcome {
+            Outcome::Failure(f) => f,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn success_takes_the_body_and_the_next_stage_override() {
+        assert_eq!(
+            map_response(200, None, None, b"out".to_vec()),
+            Outcome::Success {
+                payload: b"out".to_vec(),
+                next: NextStage::Default
+            }
+        );
+        assert_eq!(
+            map_response(204, Some("report"), None, Vec::new()),
+            Outcome::Success {
+                payload: Vec::new(),
+                next: NextStage::Stage("report".parse().unwrap())
+            }
+        );
+        assert_eq!(
+            map_response(201, Some("-"), None, b"x".to_vec()),
+            Outcome::Success {
+                payload: b"x".to_vec(),
+                next: NextStage::End
+            }
+        );
+    }
+
+    #[test]
+    fn an_invalid_next_stage_is_a_permanent_failure() {
+        let f = failure(map_response(200, Some("no such/stage"), None, Vec::new()));
+        assert!(!f.retryable);
+        assert_eq!(f.class, "invalid_next_stage");
+        assert!(f.error.contains("x-guildhall-next-stage"), "{}", f.error);
+    }
+
+    #[test]
+    fn client_errors_are_permanent_and_server_errors_retryable() {
+        let f = failure(map_response(422, None, None, b"bad field".to_vec()));
+        assert_eq!(
+            f,
+            Failure::permanent("http_422", "HTTP 422: bad field".to_owned())
+        );
+        let f = failure(map_response(
+            503,
+            None,
+            Some("db_timeout"),
+            b"later".to_vec(),
+        ));
+        assert_eq!(
+            f,
+            Failure::retryable("db_timeout", "HTTP 503: later".to_owned())
+        );
+        let f = failure(map_response(500, None, Some("Bad Class!"), Vec::new()));
+        assert_eq!(f.class, "http_500");
+        assert!(f.retryable);
+        assert!(failure(map_response(429, None, None, Vec::new())).retryable);
+        assert!(failure(map_response(408, None, None, Vec::new())).retryable);
+        assert!(!failure(map_response(302, None, None, Vec::new())).retryable);
+    }
+
+    #[test]
+    fn the_error_quotes_at_most_one_kib_of_the_body() {
+        let f = failure(map_response(400, None, None, vec![b'x'; 5000]));
+        assert_eq!(f.error.len(), "HTTP 400: ".len() + 1024);
+    }
+
+    #[tokio::test]
+    async fn transport_errors_are_retryable_connection_failures() {
+        // Port 1 on loopback: nothing listens there.
+        let worker = HttpWorker::new("http://127.0.0.1:1/task", Duration::from_secs(2)).unwrap();
+        let task = TaskInput {
+            task_id: "t1".parse().unwrap(),
+            stage: "s".parse().unwrap(),
+            attempt: 1,
+            idempotency_key: "t1/s/1".into(),
+            traceparent: None,
+            payload: b"x".to_vec(),
+        };
+        let f = failure(worker.handle(&task).await);
+        assert_eq!(f.class, "connection");
+        assert!(f.retryable);
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_never_answers_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accept and hold the connection without ever answering.
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            drop(socket);
+        });
+        let worker =
+            HttpWorker::new(&format!("http://{addr}/"), Duration::from_millis(300)).unwrap();
+        let task = TaskInput {
+            task_id: "t1".parse().unwrap(),
+            stage: "s".parse().unwrap(),
+            attempt: 1,
+            idempotency_key: "t1/s/1".into(),
+            traceparent: None,
+            payload: Vec::new(),
+        };
+        let f = failure(worker.handle(&task).await);
+        assert_eq!(f.class, "timeout");
+        assert!(f.retryable);
+        server.abort();
+    }
+}

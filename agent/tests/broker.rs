@@ -1,0 +1,1043 @@
+//! The agent against the real RabbitMQ (`AMQP_URL`, default the local
+//! broker): each test runs agents in process in a namespace of its own and
+//! deletes everything under it at the end.
+
+use futures_lite::StreamExt;
+use guildhall_agent::{AgentConfig, AgentHandle, RetryPolicy, SimulateSpec, WorkerSpec};
+use guildhall_broker::task::{header_str, header_u64};
+use guildhall_broker::topology::{StreamRetention, declare_stage, ensure_events_stream};
+use guildhall_broker::{Management, Publisher, TaskMeta, connect, now_ms};
+use guildhall_proto::command::{decode as decode_reply, encode as encode_command};
+use guildhall_proto::headers::amqp as h;
+use guildhall_proto::{
+    AgentId, AgentState, Command, CommandMessage, CommandReply, Event, Names, Namespace, Stage,
+    TaskId,
+};
+use lapin::message::BasicGetMessage;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn management_url() -> String {
+    std::env::var("GUILDHALL_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into())
+}
+
+/// Polls `check` every 50 ms until it yields a value, or panics after `timeout`.
+async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One test's namespace, connection and helpers.
+struct TestEnv {
+    names: Names,
+    conn: Connection,
+    channel: Channel,
+    publisher: Publisher,
+    /// Agents started, so the clean-up can close their connections (a live
+    /// agent's exclusive command queue cannot be deleted).
+    agents: Arc<Mutex<Vec<AgentId>>>,
+}
+
+/// Runs `body` in a fresh namespace, then deletes everything under it, even
+/// if the body panicked.
+async fn with_namespace<F, Fut>(body: F)
+where
+    F: FnOnce(TestEnv) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let ns: Namespace = format!("t-agent-{:08x}", rand::random::<u32>())
+        .parse()
+        .unwrap();
+    let names = Names::new(ns);
+    let url = guildhall_broker::AmqpUrl::parse(&amqp_url()).unwrap();
+    let conn = connect(&url, "guildhall-agent-tests").await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let publisher = Publisher::open(&conn).await.unwrap();
+    ensure_events_stream(&conn, &names, &StreamRetention::default())
+        .await
+        .unwrap();
+    let prefix = names.prefix();
+    let agents = Arc::new(Mutex::new(Vec::new()));
+    let env = TestEnv {
+        names,
+        conn,
+        channel,
+        publisher,
+        agents: agents.clone(),
+    };
+    let result = tokio::spawn(body(env)).await;
+    let management = Management::new(&management_url(), url.vhost()).unwrap();
+    // Agents still running (the body panicked) hold exclusive command queues
+    // that cannot be deleted: close their connections. A new connection shows
+    // in the management API only after its next stats refresh, so retry.
+    let agents = agents.lock().unwrap().clone();
+    eventually(
+        Duration::from_secs(20),
+        "the namespace to be deleted",
+        || async {
+            for agent in &agents {
+                let name = Names::agent_connection_name(agent);
+                let _ = management.close_connections_named(&name, "test over").await;
+            }
+            management.delete_all_with_prefix(&prefix).await.ok()
+        },
+    )
+    .await;
+    if let Err(err) = result {
+        std::panic::resume_unwind(err.into_panic());
+    }
+}
+
+impl TestEnv {
+    fn stage(&self, name: &str) -> Stage {
+        name.parse().unwrap()
+    }
+
+    /// A config for this namespace with fast heartbeats and event flushes.
+    fn config(&self, stage: &str, next: Option<&str>, worker: WorkerSpec) -> AgentConfig {
+        let id: AgentId = format!("{stage}-{:04x}", rand::random::<u16>())
+            .parse()
+            .unwrap();
+        let mut config = AgentConfig::new(self.stage(stage), worker)
+            .with_amqp_url(amqp_url())
+            .with_namespace(self.names.namespace().clone())
+            .with_next(next.map(|n| self.stage(n)))
+            .with_id(id)
+            .with_heartbeat(Duration::from_millis(200));
+        config.flush_interval = Duration::from_millis(10);
+        config
+    }
+
+    /// Starts an agent in process.
+    fn spawn(&self, config: AgentConfig) -> AgentHandle {
+        self.agents.lock().unwrap().push(config.id.clone());
+        guildhall_agent::spawn(config)
+    }
+
+    /// Starts an agent and waits until it consumes its stage queue.
+    async fn start(&self, config: AgentConfig) -> AgentHandle {
+        let queue = self.names.stage_queue(&config.stage);
+        let agent = self.spawn(config);
+        eventually(Duration::from_secs(10), "the agent to consume", || async {
+            assert!(!agent.is_finished(), "the agent ended early");
+            let consumers = self.probe(&queue).await.map(|(_, c)| c);
+            (consumers == Some(1)).then_some(())
+        })
+        .await;
+        agent
+    }
+
+    /// Ready messages and consumers of a queue (`None` if it does not exist).
+    async fn probe(&self, queue: &str) -> Option<(u32, u32)> {
+        guildhall_broker::topology::probe_queue(&self.conn, queue)
+            .await
+            .unwrap()
+            .map(|p| (p.ready, p.consumers))
+    }
+
+    /// Publishes a task to `stage` as a producer would.
+    async fn submit(&self, stage: &str, id: &str, payload: &[u8]) {
+        let stage = self.stage(stage);
+        declare_stage(&self.channel, &self.names, &stage)
+            .await
+            .unwrap();
+        let id: TaskId = id.parse().unwrap();
+        let props = TaskMeta::submission(id, now_ms(), Some(TRACE.into())).properties();
+        self.publisher
+            .publish(&self.names.tasks_exchange(), stage.as_str(), payload, props)
+            .await
+            .unwrap();
+    }
+
+    /// Takes one message from `queue`, waiting for it.
+    async fn take(&self, queue: &str) -> BasicGetMessage {
+        eventually(
+            Duration::from_secs(15),
+            &format!("a message on {queue}"),
+            || async {
+                // Get only once a message is ready: a get from a missing queue
+                // closes the channel, and RabbitMQ 3.10 answers a get on a
+                // quorum queue whose Raft member is still starting (another
+                // client just declared it) with a connection error (`noproc`).
+                let (ready, _) = self.probe(queue).await?;
+                if ready == 0 {
+                    return None;
+                }
+                self.channel
+                    .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .ok()
+                    .flatten()
+            },
+        )
+        .await
+    }
+
+    /// Sends a command to one agent and waits for its reply.
+    async fn command(&self, agent: &AgentId, command: Command) -> CommandReply {
+        let ch = self.conn.create_channel().await.unwrap();
+        let reply_queue = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut replies = ch
+            .basic_consume(
+                reply_queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let id = rand::random::<u64>();
+        let message = CommandMessage {
+            id,
+            sent_at_ms: now_ms(),
+            command,
+        };
+        let props = BasicProperties::default()
+            .with_reply_to(reply_queue.name().clone())
+            .with_correlation_id(format!("c-{id}").into());
+        self.publisher
+            .publish(
+                &self.names.control_exchange(),
+                &Names::control_key_agent(agent),
+                &encode_command(&message).unwrap(),
+                props,
+            )
+            .await
+            .unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .expect("a reply within 10 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str()),
+            Some(format!("c-{id}").as_str())
+        );
+        let _ = ch.close(200, "done".into()).await;
+        let reply: CommandReply = decode_reply(&delivery.data).unwrap();
+        assert_eq!(reply.id, id);
+        assert_eq!(&reply.agent, agent);
+        reply
+    }
+
+    /// Reads the events stream from the start.
+    async fn events(&self) -> EventReader {
+        let ch = self.conn.create_channel().await.unwrap();
+        ch.basic_qos(500, BasicQosOptions::default()).await.unwrap();
+        let mut args = FieldTable::default();
+        args.insert(
+            h::STREAM_OFFSET.into(),
+            AMQPValue::LongString(LongString::from("first")),
+        );
+        let consumer = ch
+            .basic_consume(
+                self.names.events_stream().as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await
+            .unwrap();
+        EventReader {
+            _channel: ch,
+            consumer,
+            seen: Vec::new(),
+        }
+    }
+}
+
+/// Events read so far from the stream, with their senders.
+struct EventReader {
+    _channel: Channel,
+    consumer: lapin::Consumer,
+    seen: Vec<(AgentId, Event)>,
+}
+
+impl EventReader {
+    /// Reads until `done` holds for the events of `agent`, returning them.
+    async fn until(
+        &mut self,
+        agent: &AgentId,
+        what: &str,
+        done: impl Fn(&[Event]) -> bool,
+    ) -> Vec<Event> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mine: Vec<Event> = self
+                .seen
+                .iter()
+                .filter(|(sender, _)| sender == agent)
+                .map(|(_, e)| e.clone())
+                .collect();
+            if done(&mine) {
+                return mine;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let delivery = match tokio::time::timeout(left, self.consumer.next()).await {
+                Ok(Some(delivery)) => delivery.unwrap(),
+                _ => panic!("timed out waiting for {what}; events: {mine:#?}"),
+            };
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+            let decoded = guildhall_proto::decode(&delivery.data).unwrap();
+            let sender = decoded.envelope.sender.clone();
+            self.seen.extend(
+                decoded
+                    .envelope
+                    .events
+                    .into_iter()
+                    .map(|e| (sender.clone(), e)),
+            );
+        }
+    }
+}
+
+/// The kinds of the events about `task`, in order, with their attempts.
+fn task_story(events: &[Event], task: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.task_id().is_some_and(|t| t.as_str() == task))
+        .map(|e| match e {
+            Event::TaskStarted(s) => format!("started#{}", s.attempt),
+            Event::TaskSucceeded(s) => format!("succeeded#{}", s.attempt),
+            Event::TaskFailed(f) => format!("failed#{}:{}", f.attempt, f.error_class),
+            Event::TaskRetrying(r) => format!("retrying#{}", r.attempt),
+            Event::TaskDeadLettered(d) => format!("dead#{}", d.attempt),
+            other => other.kind().to_owned(),
+        })
+        .collect()
+}
+
+fn has(events: &[Event], kind: &str) -> bool {
+    events.iter().any(|e| e.kind() == kind)
+}
+
+fn attempt_of(message: &BasicGetMessage) -> Option<u64> {
+    header_u64(message.delivery.properties.headers().as_ref()?, h::ATTEMPT)
+}
+
+fn text_header(message: &BasicGetMessage, key: &str) -> Option<String> {
+    header_str(message.delivery.properties.headers().as_ref()?, key)
+}
+
+fn message_id(message: &BasicGetMessage) -> String {
+    message
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+fn exec(command: &str) -> WorkerSpec {
+    WorkerSpec::Exec {
+        command: command.into(),
+    }
+}
+
+#[tokio::test]
+async fn exec_worker_results_reach_the_next_stage_and_events_tell_the_story() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let agent = env
+            .start(env.config("upper", Some("out"), exec("tr a-z A-Z")))
+            .await;
+        let id = agent.id().clone();
+        for (task, payload) in [("T-1", "hello"), ("T-2", "world")] {
+            env.submit("upper", task, payload.as_bytes()).await;
+        }
+        let out = env.names.stage_queue(&env.stage("out"));
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let message = env.take(&out).await;
+            assert_eq!(attempt_of(&message), Some(1));
+            let trace = text_header(&message, h::TRACEPARENT).unwrap();
+            assert_eq!(&trace[3..35], &TRACE[3..35], "the trace id is kept");
+            assert_ne!(trace, TRACE, "each stage is a new span");
+            results.push((message_id(&message), message.delivery.data.clone()));
+        }
+        results.sort();
+        assert_eq!(
+            results,
+            [
+                ("T-1".to_owned(), b"HELLO".to_vec()),
+                ("T-2".to_owned(), b"WORLD".to_vec())
+            ]
+        );
+        let seen = events
+            .until(&id, "both tasks to succeed", |e| {
+                task_story(e, "T-1").contains(&"succeeded#1".to_owned())
+                    && task_story(e, "T-2").contains(&"succeeded#1".to_owned())
+            })
+            .await;
+        assert_eq!(seen[0].kind(), "hello");
+        assert_eq!(seen[1].kind(), "heartbeat");
+        assert_eq!(task_story(&seen, "T-1"), ["started#1", "succeeded#1"]);
+        let Some(Event::TaskSucceeded(done)) = seen
+            .iter()
+            .find(|e| matches!(e, Event::TaskSucceeded(s) if s.task_id.as_str() == "T-1"))
+        else {
+            unreachable!()
+        };
+        assert_eq!(done.next, Some(env.stage("out")));
+        assert!(done.submitted_at_ms.is_some());
+
+        let exit = agent.stop_and_join().await.unwrap();
+        assert_eq!(
+            (exit.done, exit.failed, exit.reason.as_str()),
+            (2, 0, "shutdown")
+        );
+        events
+            .until(&id, "AgentStopping", |e| has(e, "agent_stopping"))
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http_worker_gets_the_task_headers_and_may_pick_the_next_stage() {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+
+    type Seen = Arc<Mutex<Vec<HeaderMap>>>;
+    async fn work(
+        axum::extract::State(seen): axum::extract::State<Seen>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::response::Response {
+        seen.lock().unwrap().push(headers.clone());
+        let mut reply = body.to_vec();
+        reply.reverse();
+        match &body[..] {
+            b"to-special" => (
+                StatusCode::OK,
+                [("x-guildhall-next-stage", "special")],
+                reply,
+            )
+                .into_response(),
+            b"the-end" => {
+                (StatusCode::OK, [("x-guildhall-next-stage", "-")], reply).into_response()
+            }
+            b"bad-input" => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                [("x-guildhall-error-class", "bad_field")],
+                "field x is missing",
+            )
+                .into_response(),
+            _ => (StatusCode::OK, reply).into_response(),
+        }
+    }
+
+    with_namespace(|env| async move {
+        let seen: Seen = Arc::default();
+        let app = axum::Router::new()
+            .route("/work", axum::routing::post(work))
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let worker = WorkerSpec::Http {
+            url: format!("http://{addr}/work"),
+        };
+        let mut events = env.events().await;
+        let agent = env.start(env.config("web", Some("after"), worker)).await;
+        let id = agent.id().clone();
+        env.submit("web", "H-1", b"abc").await;
+        env.submit("web", "H-2", b"to-special").await;
+        env.submit("web", "H-3", b"the-end").await;
+        env.submit("web", "H-4", b"bad-input").await;
+
+        let after = env.take(&env.names.stage_queue(&env.stage("after"))).await;
+        assert_eq!(
+            (message_id(&after).as_str(), &after.delivery.data[..]),
+            ("H-1", &b"cba"[..])
+        );
+        let special = env
+            .take(&env.names.stage_queue(&env.stage("special")))
+            .await;
+        assert_eq!(message_id(&special), "H-2");
+        let dead = env.take(&env.names.dead_queue(&env.stage("web"))).await;
+        assert_eq!(message_id(&dead), "H-4");
+        assert_eq!(
+            text_header(&dead, h::ERROR_CLASS).as_deref(),
+            Some("bad_field")
+        );
+        assert_eq!(
+            text_header(&dead, h::LAST_ERROR).as_deref(),
+            Some("HTTP 422: field x is missing")
+        );
+
+        let story = events
+            .until(&id, "all four tasks settled", |e| {
+                task_story(e, "H-3").contains(&"succeeded#1".to_owned())
+                    && task_story(e, "H-4").contains(&"dead#1".to_owned())
+            })
+            .await;
+        let ended = story.iter().any(|e| {
+            matches!(e, Event::TaskSucceeded(s) if s.task_id.as_str() == "H-3" && s.next.is_none())
+        });
+        assert!(ended, "H-3 ended the pipeline");
+
+        let headers = seen.lock().unwrap().clone();
+        let first = headers
+            .iter()
+            .find(|h| h["x-guildhall-task-id"] == "H-1")
+            .expect("H-1 was posted");
+        assert_eq!(first["x-guildhall-stage"], "web");
+        assert_eq!(first["x-guildhall-attempt"], "1");
+        assert_eq!(first["idempotency-key"], "H-1/web/1");
+        assert_eq!(first["content-type"], "application/octet-stream");
+        let trace = first["traceparent"].to_str().unwrap();
+        assert_eq!(&trace[3..35], &TRACE[3..35]);
+
+        agent.stop_and_join().await.unwrap();
+        server.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_retryable_failure_is_retried_with_attempt_2_and_then_succeeds() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let mut config = env.config(
+            "flaky",
+            Some("done"),
+            exec(r#"if [ "$GUILDHALL_ATTEMPT" = 1 ]; then echo 'not yet' >&2; exit 3; fi; printf '%s:' "$GUILDHALL_ATTEMPT"; cat"#),
+        );
+        config.retry = RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        let agent = env.start(config).await;
+        let id = agent.id().clone();
+        env.submit("flaky", "F-1", b"x").await;
+        let done = env.take(&env.names.stage_queue(&env.stage("done"))).await;
+        assert_eq!(message_id(&done), "F-1");
+        assert_eq!(&done.delivery.data[..], b"2:x", "the worker saw attempt 2");
+        assert_eq!(attempt_of(&done), Some(1), "attempt 1 at the next stage");
+        let seen = events
+            .until(&id, "the retried task to succeed", |e| {
+                task_story(e, "F-1").contains(&"succeeded#2".to_owned())
+            })
+            .await;
+        assert_eq!(
+            task_story(&seen, "F-1"),
+            ["started#1", "failed#1:exit_3", "retrying#1", "started#2", "succeeded#2"]
+        );
+        let retrying = seen.iter().find_map(|e| match e {
+            Event::TaskRetrying(r) => Some(r.delay_ms),
+            _ => None,
+        });
+        assert_eq!(retrying, Some(100));
+        let failed = seen.iter().find_map(|e| match e {
+            Event::TaskFailed(f) => Some((f.error.clone(), f.retryable)),
+            _ => None,
+        });
+        assert_eq!(failed, Some(("not yet".to_owned(), true)));
+        let exit = agent.stop_and_join().await.unwrap();
+        assert_eq!((exit.done, exit.failed), (1, 1));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn permanent_failures_and_invalid_ids_are_dead_lettered_with_the_error() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let agent = env
+            .start(env.config(
+                "strict",
+                None,
+                exec("echo 'checking' >&2; echo 'bad input: no name' >&2; exit 65"),
+            ))
+            .await;
+        let id = agent.id().clone();
+        env.submit("strict", "P-1", b"payload").await;
+        let dead_queue = env.names.dead_queue(&env.stage("strict"));
+        let dead = env.take(&dead_queue).await;
+        assert_eq!(message_id(&dead), "P-1");
+        assert_eq!(&dead.delivery.data[..], b"payload", "the original payload");
+        assert_eq!(
+            text_header(&dead, h::LAST_ERROR).as_deref(),
+            Some("bad input: no name")
+        );
+        assert_eq!(
+            text_header(&dead, h::ERROR_CLASS).as_deref(),
+            Some("exit_65")
+        );
+        assert_eq!(text_header(&dead, h::DEAD_STAGE).as_deref(), Some("strict"));
+        assert_eq!(text_header(&dead, h::DEAD_BY).as_deref(), Some(id.as_str()));
+        let seen = events
+            .until(&id, "the dead-letter event", |e| {
+                has(e, "task_dead_lettered")
+            })
+            .await;
+        assert_eq!(
+            task_story(&seen, "P-1"),
+            ["started#1", "failed#1:exit_65", "dead#1"]
+        );
+
+        // A message id that is not a valid task id cannot be processed at all.
+        let props = BasicProperties::default().with_message_id("has space".into());
+        env.publisher
+            .publish(&env.names.tasks_exchange(), "strict", b"?", props)
+            .await
+            .unwrap();
+        let invalid = env.take(&dead_queue).await;
+        assert_eq!(message_id(&invalid), "has space");
+        assert_eq!(
+            text_header(&invalid, h::ERROR_CLASS).as_deref(),
+            Some("invalid_task_id")
+        );
+        let exit = agent.stop_and_join().await.unwrap();
+        assert_eq!((exit.done, exit.failed), (0, 1));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_task_that_always_fails_is_dead_lettered_after_max_attempts() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let mut config = env.config(
+            "doomed",
+            Some("never"),
+            exec("echo 'still broken' >&2; exit 7"),
+        );
+        config.retry = RetryPolicy {
+            max_attempts: 2,
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(50),
+        };
+        let agent = env.start(config).await;
+        let id = agent.id().clone();
+        env.submit("doomed", "D-1", b"x").await;
+        let dead = env.take(&env.names.dead_queue(&env.stage("doomed"))).await;
+        assert_eq!(message_id(&dead), "D-1");
+        assert_eq!(attempt_of(&dead), Some(2));
+        assert_eq!(
+            text_header(&dead, h::ERROR_CLASS).as_deref(),
+            Some("exit_7")
+        );
+        let seen = events
+            .until(&id, "the dead-letter event", |e| {
+                has(e, "task_dead_lettered")
+            })
+            .await;
+        assert_eq!(
+            task_story(&seen, "D-1"),
+            [
+                "started#1",
+                "failed#1:exit_7",
+                "retrying#1",
+                "started#2",
+                "failed#2:exit_7",
+                "dead#2"
+            ]
+        );
+        assert_eq!(
+            env.probe(&env.names.stage_queue(&env.stage("never"))).await,
+            Some((0, 0))
+        );
+        agent.stop_and_join().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pause_stops_consumption_resume_restarts_it_and_drain_stops_the_agent() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let spec: SimulateSpec = "median=1ms,spread=0".parse().unwrap();
+        let agent = env
+            .start(env.config("sim", Some("next"), WorkerSpec::Simulated(spec)))
+            .await;
+        let id = agent.id().clone();
+        let queue = env.names.stage_queue(&env.stage("sim"));
+
+        let reply = env.command(&id, Command::Pause).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(
+            env.probe(&queue).await,
+            Some((0, 0)),
+            "no consumer while paused"
+        );
+        events
+            .until(&id, "a paused heartbeat", |e| {
+                e.iter()
+                    .any(|e| matches!(e, Event::Heartbeat(h) if h.state == AgentState::Paused))
+            })
+            .await;
+        for i in 0..3 {
+            env.submit("sim", &format!("S-{i}"), b"x").await;
+        }
+        // Nothing consumes while paused: the tasks stay ready.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(env.probe(&queue).await, Some((3, 0)));
+
+        let reply = env.command(&id, Command::Resume).await;
+        assert!(reply.ok, "{reply:?}");
+        let next = env.names.stage_queue(&env.stage("next"));
+        eventually(
+            Duration::from_secs(10),
+            "3 results after resume",
+            || async { (env.probe(&next).await == Some((3, 0))).then_some(()) },
+        )
+        .await;
+
+        let reply = env
+            .command(&id, Command::SetConcurrency { concurrency: 4 })
+            .await;
+        assert!(reply.ok, "{reply:?}");
+        events
+            .until(&id, "a heartbeat with concurrency 4", |e| {
+                e.iter()
+                    .any(|e| matches!(e, Event::Heartbeat(h) if h.concurrency == 4))
+            })
+            .await;
+        assert!(
+            !env.command(&id, Command::SetConcurrency { concurrency: 0 })
+                .await
+                .ok
+        );
+        let reply = env
+            .command(
+                &id,
+                Command::Assign {
+                    stage: env.stage("other"),
+                },
+            )
+            .await;
+        assert_eq!(
+            (reply.ok, reply.message.as_str()),
+            (false, "not supported yet")
+        );
+        assert!(!env.command(&id, Command::Logs { lines: 10 }).await.ok);
+
+        let reply = env.command(&id, Command::Drain).await;
+        assert!(reply.ok, "{reply:?}");
+        let exit = tokio::time::timeout(Duration::from_secs(10), agent.join())
+            .await
+            .expect("the agent stops after a drain")
+            .unwrap();
+        assert_eq!((exit.reason.as_str(), exit.done), ("drain", 3));
+        let seen = events
+            .until(&id, "AgentStopping", |e| has(e, "agent_stopping"))
+            .await;
+        let Some(Event::AgentStopping(stopping)) = seen.last() else {
+            panic!("AgentStopping is the last event: {seen:#?}")
+        };
+        assert_eq!(stopping.reason, "drain");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stop_finishes_the_task_in_hand_and_leaves_the_rest_queued() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let agent = env
+            .start(env.config("slow", Some("after"), exec("sleep 1; cat")))
+            .await;
+        let id = agent.id().clone();
+        env.submit("slow", "L-1", b"one").await;
+        events
+            .until(&id, "the task to start", |e| has(e, "task_started"))
+            .await;
+        env.submit("slow", "L-2", b"two").await;
+        agent.stop();
+        let exit = agent.join().await.unwrap();
+        assert_eq!((exit.done, exit.requeued), (1, 0));
+        let after = env.take(&env.names.stage_queue(&env.stage("after"))).await;
+        assert_eq!(
+            (message_id(&after).as_str(), &after.delivery.data[..]),
+            ("L-1", &b"one"[..])
+        );
+        let queue = env.names.stage_queue(&env.stage("slow"));
+        assert_eq!(env.probe(&queue).await, Some((1, 0)), "L-2 stays queued");
+        let seen = events
+            .until(&id, "AgentStopping", |e| has(e, "agent_stopping"))
+            .await;
+        let kinds: Vec<&str> = seen
+            .iter()
+            .map(Event::kind)
+            .filter(|k| *k != "heartbeat")
+            .collect();
+        assert_eq!(
+            kinds,
+            ["hello", "task_started", "task_succeeded", "agent_stopping"]
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stop_timeout_gives_the_task_back_to_the_queue() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let mut config = env.config("stuck", None, exec("sleep 30"));
+        config.shutdown_timeout = Duration::from_millis(300);
+        let agent = env.start(config).await;
+        let id = agent.id().clone();
+        env.submit("stuck", "K-1", b"x").await;
+        events
+            .until(&id, "the task to start", |e| has(e, "task_started"))
+            .await;
+        let started = Instant::now();
+        let exit = agent.stop_and_join().await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!((exit.done, exit.requeued), (0, 1));
+        let queue = env.names.stage_queue(&env.stage("stuck"));
+        assert_eq!(
+            env.probe(&queue).await,
+            Some((1, 0)),
+            "K-1 is back in the queue"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_supervised_worker_is_restarted_and_its_output_kept() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let spec: SimulateSpec = "median=1ms".parse().unwrap();
+        let config = env
+            .config("super", None, WorkerSpec::Simulated(spec))
+            .with_supervised(vec![
+                "sh".into(),
+                "-c".into(),
+                "echo worker up; sleep 0.3; echo giving up >&2; exit 3".into(),
+            ]);
+        let agent = env.spawn(config);
+        let id = agent.id().clone();
+        let seen = events
+            .until(&id, "two worker exits", |e| {
+                e.iter().filter(|e| e.kind() == "worker_exited").count() >= 2
+            })
+            .await;
+        let exits: Vec<_> = seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::WorkerExited(w) => Some(w.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(exits[0].code, Some(3));
+        assert_eq!(exits[0].restart_in_ms, Some(500));
+        assert_eq!(exits[1].restarts, 1);
+        assert_eq!(exits[1].restart_in_ms, Some(1000), "the backoff doubles");
+        let Event::Hello(hello) = &seen[0] else {
+            panic!("{seen:#?}")
+        };
+        assert!(hello.supervised);
+        let reply = env.command(&id, Command::Logs { lines: 10 }).await;
+        assert!(reply.ok);
+        assert!(reply.lines.iter().any(|l| l == "worker up"), "{reply:?}");
+        assert!(reply.lines.iter().any(|l| l == "giving up"), "{reply:?}");
+        assert!(env.command(&id, Command::RestartWorker).await.ok);
+        agent.stop_and_join().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tasks_in_hand_go_back_to_the_queue_when_the_supervised_worker_exits() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let config = env
+            .config("crashy", None, exec("sleep 10"))
+            .with_supervised(vec!["sh".into(), "-c".into(), "sleep 1; exit 1".into()])
+            .with_shutdown_timeout(Duration::from_millis(300));
+        let agent = env.start(config).await;
+        let id = agent.id().clone();
+        env.submit("crashy", "C-1", b"x").await;
+        let seen = events
+            .until(
+                &id,
+                "the task to be redelivered after the worker exit",
+                |e| {
+                    e.iter()
+                        .any(|e| matches!(e, Event::TaskStarted(s) if s.redelivered))
+                },
+            )
+            .await;
+        let kinds: Vec<&str> = seen
+            .iter()
+            .map(Event::kind)
+            .filter(|k| *k != "heartbeat")
+            .collect();
+        assert_eq!(
+            kinds[..4],
+            ["hello", "task_started", "worker_exited", "task_started"]
+        );
+        assert!(
+            !seen.iter().any(|e| e.kind() == "task_failed"),
+            "not a failure: the task was given back, not retried"
+        );
+        let exit = agent.stop_and_join().await.unwrap();
+        assert!(exit.requeued >= 1, "{exit:?}");
+        assert_eq!(exit.failed, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_binary_finishes_the_task_in_hand_on_sigterm() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let id: AgentId = format!("term-{:04x}", rand::random::<u16>())
+            .parse()
+            .unwrap();
+        env.agents.lock().unwrap().push(id.clone());
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guildhall-agent"))
+            .args([
+                "--stage",
+                "term",
+                "--next",
+                "after",
+                "--exec",
+                "sleep 1; cat",
+            ])
+            .args([
+                "--namespace",
+                env.names.namespace().as_str(),
+                "--id",
+                id.as_str(),
+            ])
+            .args(["--heartbeat", "200ms", "--flush-interval", "10ms"])
+            .env("AMQP_URL", amqp_url())
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let queue = env.names.stage_queue(&env.stage("term"));
+        eventually(Duration::from_secs(10), "the binary to consume", || async {
+            (env.probe(&queue).await.map(|(_, c)| c) == Some(1)).then_some(())
+        })
+        .await;
+        env.submit("term", "G-1", b"graceful").await;
+        events
+            .until(&id, "the task to start", |e| has(e, "task_started"))
+            .await;
+        let pid = rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("the binary exits after SIGTERM")
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+        let after = env.take(&env.names.stage_queue(&env.stage("after"))).await;
+        assert_eq!(&after.delivery.data[..], b"graceful");
+        let seen = events
+            .until(&id, "AgentStopping", |e| has(e, "agent_stopping"))
+            .await;
+        assert_eq!(
+            task_story(&seen, "G-1"),
+            ["started#1", "succeeded#1"],
+            "the task finished before the exit"
+        );
+        let Some(Event::AgentStopping(stopping)) =
+            seen.iter().find(|e| e.kind() == "agent_stopping")
+        else {
+            unreachable!()
+        };
+        assert_eq!(stopping.reason, "SIGTERM");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn set_concurrency_keeps_the_tasks_in_hand() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let agent = env
+            .start(env.config("wide", Some("out"), exec("sleep 0.5; cat")))
+            .await;
+        let id = agent.id().clone();
+        for i in 0..4 {
+            env.submit("wide", &format!("W-{i}"), b"x").await;
+        }
+        events
+            .until(&id, "the first task to start", |e| has(e, "task_started"))
+            .await;
+        let reply = env
+            .command(&id, Command::SetConcurrency { concurrency: 3 })
+            .await;
+        assert_eq!(
+            (reply.ok, reply.message.as_str()),
+            (true, "concurrency 1 -> 3")
+        );
+        let seen = events
+            .until(&id, "all four tasks to succeed", |e| {
+                e.iter().filter(|e| e.kind() == "task_succeeded").count() == 4
+            })
+            .await;
+        let most_in_hand = seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::Heartbeat(h) => Some(h.in_hand.len()),
+                _ => None,
+            })
+            .max();
+        assert!(
+            most_in_hand > Some(1),
+            "tasks ran side by side: {most_in_hand:?}"
+        );
+        let redelivered = seen
+            .iter()
+            .any(|e| matches!(e, Event::TaskStarted(s) if s.redelivered));
+        assert!(!redelivered, "no task was given back");
+        let exit = agent.stop_and_join().await.unwrap();
+        assert_eq!((exit.done, exit.requeued), (4, 0));
+    })
+    .await;
+}
