@@ -282,16 +282,32 @@ impl Management {
     }
 
     /// Deletes every queue and exchange whose name starts with `prefix`
-    /// (`<ns>.`): how tests leave nothing behind.
+    /// (`<ns>.`): how tests and `demo --clean` leave nothing behind. Carries
+    /// on past a failed delete (a live agent's exclusive queue, say) and
+    /// returns the first error after trying everything.
     pub async fn delete_all_with_prefix(&self, prefix: &str) -> Result<usize, ManagementError> {
         let mut n = 0;
+        let mut first_error = None;
         for q in self.queues_with_prefix(prefix).await? {
-            n += usize::from(self.delete_queue(&q.name).await?);
+            match self.delete_queue(&q.name).await {
+                Ok(deleted) => n += usize::from(deleted),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
         for e in self.exchanges_with_prefix(prefix).await? {
-            n += usize::from(self.delete_exchange(&e).await?);
+            match self.delete_exchange(&e).await {
+                Ok(deleted) => n += usize::from(deleted),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(n)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
     }
 }
 
