@@ -138,6 +138,10 @@ async fn settle(
     span: String,
     delivery: &Delivery,
 ) -> Result<(), SettleError> {
+    // One timestamp for the whole hand-off: it is the next message's
+    // `enqueued_at` and the events' `at_ms`, so a later stage's events never
+    // carry an earlier time than the hand-off that caused them.
+    let finished_at_ms = now_ms();
     let failure = match outcome {
         Outcome::Success { payload, next } => {
             let next = match next {
@@ -147,7 +151,7 @@ async fn settle(
             };
             if let Some(next) = &next {
                 ctx.declarer.stage(next).await?;
-                let props = meta.next_stage(now_ms(), Some(span)).properties();
+                let props = meta.next_stage(finished_at_ms, Some(span)).properties();
                 let published = ctx
                     .publisher
                     .publish(&ctx.names.tasks_exchange(), next.as_str(), &payload, props)
@@ -160,7 +164,7 @@ async fn settle(
             }
             ctx.events
                 .emit_confirmed(Event::TaskSucceeded(TaskSucceeded {
-                    at_ms: now_ms(),
+                    at_ms: finished_at_ms,
                     task_id: meta.id.clone(),
                     stage: ctx.stage.clone(),
                     attempt: meta.attempt,
@@ -176,7 +180,7 @@ async fn settle(
     };
     let error = truncate_error(failure.error.clone());
     let failed = Event::TaskFailed(TaskFailed {
-        at_ms: now_ms(),
+        at_ms: finished_at_ms,
         task_id: meta.id.clone(),
         stage: ctx.stage.clone(),
         attempt: meta.attempt,
@@ -188,13 +192,13 @@ async fn settle(
     let then = if failure.retryable && ctx.retry.should_retry(meta.attempt) {
         let delay_ms = ctx.retry.delay(meta.attempt).as_millis() as u64;
         let queue = ctx.declarer.retry_queue(&ctx.stage, delay_ms).await?;
-        let props = meta.retry(now_ms(), delay_ms).properties();
+        let props = meta.retry(finished_at_ms, delay_ms).properties();
         ctx.publisher
             .publish("", &queue, &input.payload, props)
             .await?;
         tracing::debug!(task = %meta.id, attempt = meta.attempt, delay_ms, class = %failure.class, "retrying");
         Event::TaskRetrying(TaskRetrying {
-            at_ms: now_ms(),
+            at_ms: finished_at_ms,
             task_id: meta.id.clone(),
             stage: ctx.stage.clone(),
             attempt: meta.attempt,

@@ -259,10 +259,12 @@ pub struct TaskProgress {
     pub message: Option<String>,
 }
 
-/// A stage attempt succeeded.
+/// A stage attempt succeeded. Sent once the result is safely handed on
+/// (the next stage's publish confirmed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSucceeded {
-    /// When the result was safely handed on (next stage's publish confirmed).
+    /// When the worker finished: also the `enqueued_at` of the message handed
+    /// to the next stage, so no later stage reports an earlier time.
     pub at_ms: u64,
     /// The task.
     pub task_id: TaskId,
@@ -300,10 +302,10 @@ pub struct TaskFailed {
     pub retryable: bool,
 }
 
-/// A failed task will be tried again.
+/// A failed task will be tried again. Sent once the retry message is confirmed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRetrying {
-    /// When the retry was scheduled (retry message confirmed).
+    /// When the attempt failed (the retry reaches the queue `delay_ms` later).
     pub at_ms: u64,
     /// The task.
     pub task_id: TaskId,

@@ -25,7 +25,11 @@ fn stderr(o: &Output) -> String {
 fn assert_one_line_error(o: &Output, code: i32, needle: &str) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(code), "stderr: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "more than one line: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "more than one line: {err}"
+    );
     assert!(err.starts_with("guildhall: error: "), "{err}");
     assert!(err.contains(needle), "{err:?} lacks {needle:?}");
     assert!(!err.contains("panicked"), "{err}");
@@ -49,7 +53,15 @@ async fn submit_status_and_trace() {
     // --declare creates it; the id is printed.
     let mut args = vec!["submit"];
     args.extend(common);
-    args.extend(["--stage", "build", "--id", "CLI-1", "--payload", "hello", "--declare"]);
+    args.extend([
+        "--stage",
+        "build",
+        "--id",
+        "CLI-1",
+        "--payload",
+        "hello",
+        "--declare",
+    ]);
     let o = guildhall(&args).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "CLI-1\n");
@@ -64,7 +76,10 @@ async fn submit_status_and_trace() {
     assert!(o.status.success(), "{}", stderr(&o));
     let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(json["stage"], "build");
-    let msgs = broker.drain(&ns.names.stage_queue(&TestNs::stage("build"))).await.unwrap();
+    let msgs = broker
+        .drain(&ns.names.stage_queue(&TestNs::stage("build")))
+        .await
+        .unwrap();
     let payloads: Vec<&str> = msgs.iter().map(|m| m.1.as_str()).collect();
     assert_eq!(payloads, ["hello", "from a file"]);
 
@@ -97,14 +112,29 @@ async fn submit_status_and_trace() {
     let o = guildhall(&["trace", "--api-url", api, "--json", "CLI-1"]).await;
     let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(json["id"], "CLI-1");
-    assert_one_line_error(&guildhall(&["trace", "--api-url", api, "NOPE-1"]).await, 1, "404");
+    assert_one_line_error(
+        &guildhall(&["trace", "--api-url", api, "NOPE-1"]).await,
+        1,
+        "404",
+    );
 }
 
 #[tokio::test]
 async fn failures_are_one_clear_line() {
     let dead_broker = "amqp://guest:guest@127.0.0.1:1/%2f";
-    let o = guildhall(&["serve", "--amqp-url", dead_broker, "--listen", "127.0.0.1:0"]).await;
-    assert_one_line_error(&o, 1, "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f");
+    let o = guildhall(&[
+        "serve",
+        "--amqp-url",
+        dead_broker,
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    assert_one_line_error(
+        &o,
+        1,
+        "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f",
+    );
     assert!(!stderr(&o).contains("guest:guest"), "password leaked");
     let o = guildhall(&["submit", "--amqp-url", dead_broker, "--stage", "a"]).await;
     assert_one_line_error(&o, 1, "cannot reach RabbitMQ");

@@ -460,11 +460,12 @@ impl TaskStore {
         let submitted = rec.submitted_at_ms;
         match next {
             Some(next) => {
-                // The next stage may have reported before this one did.
+                // The next stage may have reported before this one did: then
+                // it knows better where the task is, whatever the clocks say.
                 if !rec.has_row_since(next, 1, started_at_ms) {
                     rec.push(AttemptRow::queued(next.clone(), 1, Some(at_ms)));
+                    self.set_status(id, TaskStatus::Queued, next, at_ms);
                 }
-                self.set_status(id, TaskStatus::Queued, next, at_ms);
                 Succeeded {
                     duration_ms,
                     pipeline_ms: None,
@@ -524,8 +525,8 @@ impl TaskStore {
                 next,
                 Some(at_ms.saturating_add(delay_ms)),
             ));
+            self.set_status(id, TaskStatus::Retrying, stage, at_ms);
         }
-        self.set_status(id, TaskStatus::Retrying, stage, at_ms);
     }
 
     /// The task was dead-lettered at `stage`.
@@ -662,10 +663,11 @@ mod tests {
         let rec = s.get("T").unwrap();
         assert_eq!((rec.status, rec.stage.as_str()), (TaskStatus::Running, "b"));
         assert_eq!(rec.submitted_at_ms, Some(100));
-        // c finished the pipeline before b's success arrived.
+        // c finished the pipeline before b's success arrived, and b's host
+        // clock runs ahead: its event even carries a later time.
         s.started(&t, &c, 1, &ag("wc"), 310, Some(300), Some(100), false);
         s.succeeded(&t, &c, 1, &ag("wc"), 350, 310, None, Some(100));
-        s.succeeded(&t, &b, 1, &ag("wb"), 300, 210, Some(&c), Some(100));
+        s.succeeded(&t, &b, 1, &ag("wb"), 400, 210, Some(&c), Some(100));
         let rec = s.get("T").unwrap();
         assert_eq!(
             (rec.status, rec.stage.as_str()),
