@@ -65,6 +65,10 @@ pub struct Metrics {
     pub worker_cpu_ratio: prometheus::GaugeVec,
     /// `guildhall_worker_memory_bytes{worker,stage}`: resident memory.
     pub worker_memory_bytes: IntGaugeVec,
+    /// `guildhall_agent_cpu_ratio{worker,stage}`: the agent process's CPU.
+    pub agent_cpu_ratio: prometheus::GaugeVec,
+    /// `guildhall_agent_memory_bytes{worker,stage}`: the agent process's memory.
+    pub agent_memory_bytes: IntGaugeVec,
     /// `guildhall_tasks_total{stage,outcome}`: stage attempts by outcome.
     pub tasks: IntCounterVec,
     /// `guildhall_tasks_started_total{stage}`.
@@ -196,16 +200,21 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(caught_up.clone()))
             .expect("metric registered once");
-        let worker_cpu_ratio = prometheus::GaugeVec::new(
-            Opts::new(
-                "guildhall_worker_cpu_ratio",
-                "CPU used by the worker process, as a share of one core.",
-            ),
-            &["worker", "stage"],
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(worker_cpu_ratio.clone()))
-            .expect("metric registered once");
+        let float_gauge = |name: &str, help: &str| {
+            let m = prometheus::GaugeVec::new(Opts::new(name, help), &["worker", "stage"])
+                .expect("valid metric definition");
+            r.register(Box::new(m.clone()))
+                .expect("metric registered once");
+            m
+        };
+        let worker_cpu_ratio = float_gauge(
+            "guildhall_worker_cpu_ratio",
+            "CPU used by the worker process the agent supervises, as a share of one core.",
+        );
+        let agent_cpu_ratio = float_gauge(
+            "guildhall_agent_cpu_ratio",
+            "CPU used by the agent process, as a share of one core.",
+        );
         Self {
             per_worker,
             workers: gauge_vec(
@@ -236,7 +245,14 @@ impl Metrics {
             worker_memory_bytes: gauge_vec(
                 &r,
                 "guildhall_worker_memory_bytes",
-                "Resident memory of the worker process.",
+                "Resident memory of the worker process the agent supervises.",
+                &["worker", "stage"],
+            ),
+            agent_cpu_ratio,
+            agent_memory_bytes: gauge_vec(
+                &r,
+                "guildhall_agent_memory_bytes",
+                "Resident memory of the agent process.",
                 &["worker", "stage"],
             ),
             tasks: counter_vec(

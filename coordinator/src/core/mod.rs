@@ -685,11 +685,19 @@ impl Core {
                 m.worker_tasks_in_hand
                     .with_label_values(&labels)
                     .set(w.in_hand.len() as i64);
-                if let Some(p) = w.worker_proc.or(w.agent_proc) {
+                if let Some(p) = w.worker_proc {
                     m.worker_cpu_ratio
                         .with_label_values(&labels)
                         .set(f64::from(p.cpu_ratio));
                     m.worker_memory_bytes
+                        .with_label_values(&labels)
+                        .set(clamp_i64(p.rss_bytes));
+                }
+                if let Some(p) = w.agent_proc {
+                    m.agent_cpu_ratio
+                        .with_label_values(&labels)
+                        .set(f64::from(p.cpu_ratio));
+                    m.agent_memory_bytes
                         .with_label_values(&labels)
                         .set(clamp_i64(p.rss_bytes));
                 }
