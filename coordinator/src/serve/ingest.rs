@@ -171,7 +171,7 @@ fn apply(app: &App, data: &[u8], offset: Option<u64>) {
         Err(e) => {
             app.core().handle_malformed(e.reason());
             let n = MALFORMED_LOGGED.fetch_add(1, Ordering::Relaxed);
-            if n < 10 || n % 1000 == 0 {
+            if n < 10 || n.is_multiple_of(1000) {
                 tracing::warn!(
                     ?offset,
                     bytes = data.len(),

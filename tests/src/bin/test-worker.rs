@@ -93,10 +93,10 @@ async fn handle(State(calls): State<Calls>, headers: HeaderMap, body: Bytes) -> 
     let class = p.class.unwrap_or_default();
     let with_class = |status: StatusCode, msg: String| {
         let mut r = (status, msg).into_response();
-        if let Ok(v) = class.parse() {
-            if !class.is_empty() {
-                r.headers_mut().insert("x-guildhall-error-class", v);
-            }
+        if let Ok(v) = class.parse()
+            && !class.is_empty()
+        {
+            r.headers_mut().insert("x-guildhall-error-class", v);
         }
         r
     };
