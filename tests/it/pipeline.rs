@@ -481,6 +481,27 @@ async fn tasks_flow_through_three_stages_and_every_one_is_accounted_for() {
             > 0.0
     );
 
+    // Agents name their connections so the coordinator can find them.
+    let management = guildhall_broker::Management::new(&management_url(), "/").unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "agents' connections listed by name",
+        || async {
+            let names: BTreeSet<String> = management
+                .connections()
+                .await?
+                .into_iter()
+                .filter_map(|c| c.user_provided_name)
+                .collect();
+            for a in &agents {
+                let want = format!("guildhall-agent/{}", a.id);
+                anyhow::ensure!(names.contains(&want), "{want} not among {names:?}");
+            }
+            Ok(())
+        },
+    )
+    .await;
+
     // The stage view agrees, and the agents stop cleanly.
     let stages = c.api.get_ok("/api/stages").await.unwrap();
     let intake = stages["stages"]

@@ -231,6 +231,30 @@ fn a_worker_is_dead_after_exactly_three_missed_heartbeats() {
 }
 
 #[test]
+fn the_reported_state_shows_unless_the_worker_is_dead() {
+    let mut sim = Sim::new();
+    for (state, in_hand, want) in [
+        (AgentState::Paused, &["T1"][..], "paused"),
+        (AgentState::Draining, &["T1"][..], "draining"),
+        (AgentState::Starting, &[][..], "starting"),
+        (AgentState::Idle, &[][..], "idle"),
+        (AgentState::Idle, &["T1"][..], "processing"),
+    ] {
+        let hb = sim.heartbeat("build", state, in_hand);
+        sim.send("w1", vec![hb]);
+        assert_eq!(sim.worker("w1").status, want, "{state:?}");
+    }
+    let hb = sim.heartbeat("build", AgentState::Paused, &[]);
+    sim.send("w1", vec![hb]);
+    sim.advance(3_000);
+    assert_eq!(
+        sim.worker("w1").status,
+        "dead",
+        "a paused worker still heartbeats"
+    );
+}
+
+#[test]
 fn regular_heartbeats_keep_a_worker_alive_with_one_pending_deadline() {
     let mut sim = Sim::new();
     for _ in 0..100 {
