@@ -5,7 +5,9 @@
 //! the message's `reply_to` queue. Both are postcard behind a version number,
 //! like events.
 
-use crate::envelope::{DecodeError, EncodeError, MAX_ENVELOPE_BYTES, PROTOCOL_VERSION};
+use crate::envelope::{
+    DecodeError, EncodeError, MAX_ENVELOPE_BYTES, PROTOCOL_VERSION, check_version,
+};
 use crate::ids::{AgentId, Stage};
 use serde::{Deserialize, Serialize};
 
@@ -98,14 +100,7 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
 
 /// Decodes a control-plane value written by [`encode`]. Never panics.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
-    if bytes.len() > MAX_ENVELOPE_BYTES {
-        return Err(DecodeError::Oversized(bytes.len()));
-    }
-    let (v, rest) = postcard::take_from_bytes::<u16>(bytes)
-        .map_err(|_| DecodeError::Malformed("no version"))?;
-    if v != PROTOCOL_VERSION {
-        return Err(DecodeError::UnknownVersion(v));
-    }
+    let rest = check_version(bytes)?;
     let (value, rest) =
         postcard::take_from_bytes::<T>(rest).map_err(|_| DecodeError::Malformed("bad body"))?;
     if !rest.is_empty() {

@@ -175,8 +175,9 @@ impl EnvelopeBuilder {
     }
 }
 
-/// Reads an envelope. Never panics; see the module docs for the guarantees.
-pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+/// Checks the size limit and the version that starts every message
+/// (envelopes and control messages alike); returns what follows it.
+pub(crate) fn check_version(bytes: &[u8]) -> Result<&[u8], DecodeError> {
     if bytes.len() > MAX_ENVELOPE_BYTES {
         return Err(DecodeError::Oversized(bytes.len()));
     }
@@ -185,6 +186,12 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     if v != PROTOCOL_VERSION {
         return Err(DecodeError::UnknownVersion(v));
     }
+    Ok(rest)
+}
+
+/// Reads an envelope. Never panics; see the module docs for the guarantees.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    let rest = check_version(bytes)?;
     let (header, rest) = postcard::take_from_bytes::<Header<'_>>(rest)
         .map_err(|_| DecodeError::Malformed("bad header"))?;
     let sender =

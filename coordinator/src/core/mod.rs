@@ -448,18 +448,20 @@ impl Core {
                     e.next.as_ref(),
                     e.submitted_at_ms,
                 );
+                self.attempt_finished(
+                    now_ms,
+                    sender,
+                    &e.task_id,
+                    &e.stage,
+                    e.at_ms,
+                    done.duration_ms,
+                );
                 if let Some(w) = self.workers.get_mut(sender) {
-                    w.in_hand.retain(|t| t.task_id != e.task_id);
-                    w.durations.record(done.duration_ms);
-                    w.completions.add(e.at_ms, now_ms, 1);
                     w.last_completed_ms = Some(w.last_completed_ms.unwrap_or(0).max(e.at_ms));
                 }
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.succeeded += 1;
-                    s.completions.add(e.at_ms, now_ms, 1);
-                    s.durations.record(done.duration_ms);
                     s.metrics.succeeded.inc();
-                    s.metrics.duration.observe(done.duration_ms as f64 / 1000.0);
                 }
                 if let Some(next) = &e.next
                     && let Some(s) = self.stages.get_mut(next)
@@ -487,16 +489,9 @@ impl Core {
                     &e.error,
                     &e.error_class,
                 );
-                if let Some(w) = self.workers.get_mut(sender) {
-                    w.in_hand.retain(|t| t.task_id != e.task_id);
-                    w.durations.record(duration);
-                    w.completions.add(e.at_ms, now_ms, 1);
-                }
+                self.attempt_finished(now_ms, sender, &e.task_id, &e.stage, e.at_ms, duration);
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.failed += 1;
-                    s.completions.add(e.at_ms, now_ms, 1);
-                    s.durations.record(duration);
-                    s.metrics.duration.observe(duration as f64 / 1000.0);
                 }
             }
             Event::TaskRetrying(e) => {
@@ -548,6 +543,30 @@ impl Core {
                     self.set_caught_up(now_ms);
                 }
             }
+        }
+    }
+
+    /// Bookkeeping shared by every finished attempt, whatever its outcome:
+    /// the worker no longer holds the task, and both the worker's and the
+    /// stage's times and rates count it.
+    fn attempt_finished(
+        &mut self,
+        now_ms: u64,
+        worker: &AgentId,
+        task: &TaskId,
+        stage: &Stage,
+        at_ms: u64,
+        duration_ms: u64,
+    ) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.in_hand.retain(|t| &t.task_id != task);
+            w.durations.record(duration_ms);
+            w.completions.add(at_ms, now_ms, 1);
+        }
+        if let Some(s) = self.stages.get_mut(stage) {
+            s.completions.add(at_ms, now_ms, 1);
+            s.durations.record(duration_ms);
+            s.metrics.duration.observe(duration_ms as f64 / 1000.0);
         }
     }
 
