@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`cli`]: the command line's flags and client commands.
+//! - [`dead`]: listing and replaying dead-lettered tasks.
 //! - [`demo`]: `guildhall demo`, a coordinator and a simulated pipeline in one process.
 //! - [`core`]: the sans-IO state machine (workers, tasks, stages, liveness),
 //!   tested on virtual time.
@@ -13,6 +14,7 @@
 
 pub mod cli;
 pub mod core;
+pub mod dead;
 pub mod demo;
 pub mod http;
 pub mod metrics;

@@ -22,15 +22,20 @@ pub mod outcome {
     pub const RETRIED: &str = "retried";
     /// The attempt failed and the task was dead-lettered.
     pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// The attempt's worker was declared dead; the task went back to the queue.
+    pub const REQUEUED: &str = "requeued";
+    /// The agent gave the attempt up (connection lost, worker died).
+    pub const ABANDONED: &str = "abandoned";
 }
 
 /// Worker status label values, in display order.
-pub const WORKER_STATUSES: [&str; 7] = [
+pub const WORKER_STATUSES: [&str; 8] = [
     "processing",
     "idle",
     "paused",
     "draining",
     "starting",
+    "suspect",
     "dead",
     "stopped",
 ];
@@ -99,6 +104,19 @@ pub struct Metrics {
     pub event_batches: IntCounter,
     /// `guildhall_event_batches_missing_total`: gaps in senders' sequence numbers.
     pub event_batches_missing: IntCounter,
+    /// `guildhall_event_batches_duplicate_total`: batches seen twice (resent
+    /// after a lost confirm), dropped.
+    pub event_batches_duplicate: IntCounter,
+    /// `guildhall_task_results_stale_total{stage}`: results that arrived from
+    /// attempts already requeued or redelivered elsewhere.
+    pub task_results_stale: IntCounterVec,
+    /// `guildhall_worker_deaths_total{stage}`: workers declared dead.
+    pub worker_deaths: IntCounterVec,
+    /// `guildhall_connections_closed_total{outcome}`: dead workers' broker
+    /// connections closed through the management API (closed, not_found, failed).
+    pub connections_closed: IntCounterVec,
+    /// `guildhall_alerts_total{outcome}`: webhook alerts sent, failed, dropped.
+    pub alerts: IntCounterVec,
     /// `guildhall_coordinator_caught_up`: 1 once the stream's backlog is replayed.
     pub caught_up: IntGauge,
     /// `guildhall_tasks_tracked{state}`: task records held (in_flight / completed).
@@ -114,6 +132,12 @@ pub struct StageMetrics {
     pub retried: IntCounter,
     /// Attempts dead-lettered.
     pub dead_lettered: IntCounter,
+    /// Attempts requeued because their worker was declared dead.
+    pub requeued: IntCounter,
+    /// Attempts given up by their agent.
+    pub abandoned: IntCounter,
+    /// Stale results.
+    pub stale: IntCounter,
     /// Attempts started.
     pub started: IntCounter,
     /// Tasks submitted to this stage.
@@ -193,6 +217,13 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(event_batches_missing.clone()))
             .expect("metric registered once");
+        let event_batches_duplicate = IntCounter::new(
+            "guildhall_event_batches_duplicate_total",
+            "Event envelopes received twice from a sender (resent after a lost confirm) and dropped.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(event_batches_duplicate.clone()))
+            .expect("metric registered once");
         let caught_up = IntGauge::new(
             "guildhall_coordinator_caught_up",
             "1 once the coordinator has replayed the events stream up to the live end.",
@@ -258,7 +289,7 @@ impl Metrics {
             tasks: counter_vec(
                 &r,
                 "guildhall_tasks_total",
-                "Stage attempts by outcome: succeeded, retried, dead_lettered.",
+                "Stage attempts by outcome: succeeded, retried, dead_lettered, requeued (worker declared dead), abandoned (given up by the agent).",
                 &["stage", "outcome"],
             ),
             tasks_started: counter_vec(
@@ -327,6 +358,31 @@ impl Metrics {
             ),
             event_batches,
             event_batches_missing,
+            event_batches_duplicate,
+            task_results_stale: counter_vec(
+                &r,
+                "guildhall_task_results_stale_total",
+                "Results that arrived from stage attempts already requeued or redelivered elsewhere; not counted as completions.",
+                &["stage"],
+            ),
+            worker_deaths: counter_vec(
+                &r,
+                "guildhall_worker_deaths_total",
+                "Workers declared dead after missing heartbeats.",
+                &["stage"],
+            ),
+            connections_closed: counter_vec(
+                &r,
+                "guildhall_connections_closed_total",
+                "Broker connections of dead workers closed through the management API, by outcome: closed, not_found, failed.",
+                &["outcome"],
+            ),
+            alerts: counter_vec(
+                &r,
+                "guildhall_alerts_total",
+                "Webhook alerts by outcome: sent, failed (after retries), dropped (queue full).",
+                &["outcome"],
+            ),
             caught_up,
             tasks_tracked: gauge_vec(
                 &r,
@@ -346,6 +402,9 @@ impl Metrics {
             dead_lettered: self
                 .tasks
                 .with_label_values(&[stage, outcome::DEAD_LETTERED]),
+            requeued: self.tasks.with_label_values(&[stage, outcome::REQUEUED]),
+            abandoned: self.tasks.with_label_values(&[stage, outcome::ABANDONED]),
+            stale: self.task_results_stale.with_label_values(&[stage]),
             started: self.tasks_started.with_label_values(&[stage]),
             submitted: self.tasks_submitted.with_label_values(&[stage]),
             duration: self.task_duration.with_label_values(&[stage]),

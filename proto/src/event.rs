@@ -38,6 +38,10 @@ pub enum Event {
     AgentStopping(AgentStopping),
     /// A coordinator's own marker, written to find the live end of the stream.
     Marker(Marker),
+    /// An agent gave a task up without handing it on (connection lost, worker
+    /// process died, stop timeout): the broker redelivers it, and whatever
+    /// the worker produced is discarded.
+    TaskAbandoned(TaskAbandoned),
 }
 
 impl Event {
@@ -51,6 +55,7 @@ impl Event {
             Event::TaskFailed(e) => Some(&e.task_id),
             Event::TaskRetrying(e) => Some(&e.task_id),
             Event::TaskDeadLettered(e) => Some(&e.task_id),
+            Event::TaskAbandoned(e) => Some(&e.task_id),
             Event::Hello(_)
             | Event::Heartbeat(_)
             | Event::WorkerExited(_)
@@ -74,6 +79,7 @@ impl Event {
             Event::WorkerExited(_) => "worker_exited",
             Event::AgentStopping(_) => "agent_stopping",
             Event::Marker(_) => "marker",
+            Event::TaskAbandoned(_) => "task_abandoned",
         }
     }
 }
@@ -330,6 +336,37 @@ pub struct TaskDeadLettered {
     pub attempt: u32,
     /// The last error.
     pub error: String,
+}
+
+/// What the worker had produced when its agent gave the task up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerResult {
+    /// The worker was still at it (or its process died).
+    Unfinished,
+    /// The worker succeeded; the result was discarded.
+    Succeeded,
+    /// The worker failed; the failure was not acted on.
+    Failed,
+}
+
+/// A task given up without being handed on. Sent once the agent can publish
+/// again (after reconnecting, if the connection was what failed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskAbandoned {
+    /// When the agent gave it up.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage.
+    pub stage: Stage,
+    /// Attempt number at this stage.
+    pub attempt: u32,
+    /// When the worker got it.
+    pub started_at_ms: u64,
+    /// Why: `connection lost`, `worker exited`, `stop timeout`...
+    pub reason: String,
+    /// How far the worker got.
+    pub result: WorkerResult,
 }
 
 /// The supervised worker process exited.

@@ -330,6 +330,17 @@ fn arb_event() -> impl Strategy<Value = Event> {
             })
         }),
         any::<u64>().prop_map(|nonce| Event::Marker(Marker { at_ms: 1, nonce })),
+        (arb_task(), arb_stage(), ".{0,30}").prop_map(|(task_id, stage, reason)| {
+            Event::TaskAbandoned(TaskAbandoned {
+                at_ms: 1,
+                task_id,
+                stage,
+                attempt: 2,
+                started_at_ms: 0,
+                reason,
+                result: WorkerResult::Succeeded,
+            })
+        }),
     ];
     prop_oneof![started, succeeded, failed, heartbeat, other]
 }

@@ -87,9 +87,17 @@ pub struct CoordinatorArgs {
     /// RabbitMQ management API (for unacked counts); "" to go without.
     #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
     pub management_url: String,
-    /// Heartbeat intervals of silence after which a worker is dead.
+    /// Heartbeat intervals of silence after which a worker is suspect.
+    #[arg(long, env = "GUILDHALL_SUSPECT_HEARTBEATS", default_value_t = 2)]
+    pub suspect_heartbeats: u32,
+    /// Heartbeat intervals of silence after which a worker is dead (its
+    /// connection is then closed so the broker requeues its tasks).
     #[arg(long, env = "GUILDHALL_MISSED_HEARTBEATS", default_value_t = 3)]
     pub missed_heartbeats: u32,
+    /// POST a JSON alert (Slack-compatible `text`) here when a worker dies or
+    /// comes back and when a task is dead-lettered.
+    #[arg(long, env = "GUILDHALL_ALERT_WEBHOOK", hide_env_values = true)]
+    pub alert_webhook: Option<String>,
     /// Most finished tasks kept in memory.
     #[arg(long, env = "GUILDHALL_KEEP_COMPLETED", default_value_t = 100_000)]
     pub keep_completed: usize,
@@ -133,6 +141,21 @@ impl CoordinatorArgs {
                 self.missed_heartbeats
             )));
         }
+        if self.suspect_heartbeats == 0 || self.suspect_heartbeats >= self.missed_heartbeats {
+            return Err(ConfigError(format!(
+                "--suspect-heartbeats must be at least 1 and below --missed-heartbeats ({}) (got {})",
+                self.missed_heartbeats, self.suspect_heartbeats
+            )));
+        }
+        if let Some(url) = &self.alert_webhook {
+            let ok = reqwest::Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !ok {
+                return Err(ConfigError(format!(
+                    "--alert-webhook must be an http:// or https:// URL (got '{url}')"
+                )));
+            }
+        }
         if self.queue_poll < Duration::from_millis(100)
             || self.queue_poll > Duration::from_secs(300)
         {
@@ -162,7 +185,9 @@ impl CoordinatorArgs {
         };
         let mut config = ServeConfig::new(url, names);
         config.management_url = management_url;
+        config.alert_webhook = self.alert_webhook.clone();
         config.core = CoreConfig {
+            suspect_heartbeats: self.suspect_heartbeats,
             missed_heartbeats: self.missed_heartbeats,
             completed_limit: self.keep_completed,
             completed_max_age_ms: duration_ms(self.keep_completed_for),
@@ -313,6 +338,8 @@ mod tests {
             (vec!["--namespace", "a.b"], "--namespace"),
             (vec!["--amqp-url", "http://x"], "--amqp-url"),
             (vec!["--missed-heartbeats", "0"], "--missed-heartbeats"),
+            (vec!["--suspect-heartbeats", "3"], "--suspect-heartbeats"),
+            (vec!["--alert-webhook", "slack"], "--alert-webhook"),
             (vec!["--queue-poll", "1ms"], "--queue-poll"),
             (vec!["--stream-max-age", "7 days"], "--stream-max-age"),
             (vec!["--stream-max-bytes", "10"], "--stream-max-bytes"),

@@ -40,7 +40,7 @@ use guildhall_proto::{AgentId, Decoded, Event, Stage, TaskId};
 use stages::{QueueStats, StageState};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use tasks::TaskStore;
+use tasks::{Attempt, TaskStore};
 use workers::{Liveness, Worker};
 
 /// How often housekeeping (retention, forgetting old workers) runs.
@@ -51,6 +51,8 @@ const MAX_NOTICES: usize = 10_000;
 /// Tunables of the core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
+    /// Heartbeat intervals of silence after which a worker is suspect.
+    pub suspect_heartbeats: u32,
     /// Heartbeat intervals of silence after which a worker is dead.
     pub missed_heartbeats: u32,
     /// Most finished tasks kept.
@@ -73,6 +75,7 @@ pub struct CoreConfig {
 impl Default for CoreConfig {
     fn default() -> Self {
         Self {
+            suspect_heartbeats: 2,
             missed_heartbeats: 3,
             completed_limit: 100_000,
             completed_max_age_ms: 3_600_000,
@@ -88,7 +91,8 @@ impl Default for CoreConfig {
 /// Something the runtime should act on or tell someone about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// A worker went silent for too long.
+    /// A worker went silent for too long. Its tasks are marked requeued;
+    /// the runtime closes its connection so the broker requeues them now.
     WorkerDead {
         /// The worker.
         worker: AgentId,
@@ -264,10 +268,25 @@ impl Core {
             envelope.sent_at_ms.min(now_ms)
         };
         let sender = envelope.sender;
+        if self.is_duplicate(&sender, envelope.seq, &envelope.events) {
+            self.metrics.event_batches_duplicate.inc();
+            self.touch(now_ms, seen_ms, &sender, envelope.seq);
+            return;
+        }
         for event in envelope.events {
             self.apply(now_ms, seen_ms, &sender, event);
         }
         self.touch(now_ms, seen_ms, &sender, envelope.seq);
+    }
+
+    /// Whether a batch from `sender` was already applied: its sequence number
+    /// is not above the last one seen. Agents resend batches whose confirm
+    /// they lost; a restarted agent (same id) starts again at 1 with a `Hello`.
+    fn is_duplicate(&self, sender: &AgentId, seq: u64, events: &[Event]) -> bool {
+        let Some(last) = self.workers.get(sender).and_then(|w| w.last_seq) else {
+            return false;
+        };
+        seq <= last && !events.iter().any(|e| matches!(e, Event::Hello(_)))
     }
 
     /// After an envelope from `sender`: it is alive, and its sequence is checked.
@@ -290,7 +309,7 @@ impl Core {
         }
         if !w.liveness_scheduled {
             w.liveness_scheduled = true;
-            let deadline = w.last_seen_ms + w.dead_after_ms(self.config.missed_heartbeats);
+            let deadline = w.last_seen_ms + w.dead_after_ms(self.config.suspect_heartbeats);
             self.deadlines.push(Reverse((deadline, w.id.clone())));
         }
     }
@@ -408,10 +427,7 @@ impl Core {
                     });
                 }
                 let started = self.tasks.started(
-                    &e.task_id,
-                    &e.stage,
-                    e.attempt,
-                    sender,
+                    Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
                     e.at_ms,
                     e.enqueued_at_ms,
                     e.submitted_at_ms,
@@ -426,8 +442,11 @@ impl Core {
                 }
             }
             Event::TaskProgress(e) => {
-                self.tasks
-                    .progress(&e.task_id, &e.stage, e.attempt, sender, e.at_ms, e.fraction);
+                self.tasks.progress(
+                    Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
+                    e.at_ms,
+                    e.fraction,
+                );
             }
             Event::TaskSucceeded(e) => {
                 if self.stage_mut(now_ms, &e.stage).is_none() {
@@ -438,16 +457,16 @@ impl Core {
                 {
                     return;
                 }
-                let done = self.tasks.succeeded(
-                    &e.task_id,
-                    &e.stage,
-                    e.attempt,
-                    sender,
+                let Some(done) = self.tasks.succeeded(
+                    Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
                     e.at_ms,
                     e.started_at_ms,
                     e.next.as_ref(),
                     e.submitted_at_ms,
-                );
+                ) else {
+                    self.stale_result(sender, &e.task_id, &e.stage);
+                    return;
+                };
                 self.attempt_finished(
                     now_ms,
                     sender,
@@ -479,40 +498,53 @@ impl Core {
                 if self.stage_mut(now_ms, &e.stage).is_none() {
                     return;
                 }
-                let duration = self.tasks.failed(
-                    &e.task_id,
-                    &e.stage,
-                    e.attempt,
-                    sender,
+                let Some(duration) = self.tasks.failed(
+                    Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
                     e.at_ms,
                     e.started_at_ms,
                     &e.error,
                     &e.error_class,
-                );
+                ) else {
+                    self.stale_result(sender, &e.task_id, &e.stage);
+                    return;
+                };
                 self.attempt_finished(now_ms, sender, &e.task_id, &e.stage, e.at_ms, duration);
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.failed += 1;
                 }
             }
             Event::TaskRetrying(e) => {
-                let Some(s) = self.stage_mut(now_ms, &e.stage) else {
+                if self.stage_mut(now_ms, &e.stage).is_none()
+                    || !self.tasks.retrying(
+                        Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
+                        e.at_ms,
+                        e.delay_ms,
+                    )
+                {
                     return;
-                };
-                s.retried += 1;
-                s.arrivals
-                    .add(e.at_ms.saturating_add(e.delay_ms), now_ms, 1);
-                s.metrics.retried.inc();
-                self.tasks
-                    .retrying(&e.task_id, &e.stage, e.attempt, sender, e.at_ms, e.delay_ms);
+                }
+                if let Some(s) = self.stages.get_mut(&e.stage) {
+                    s.retried += 1;
+                    s.arrivals
+                        .add(e.at_ms.saturating_add(e.delay_ms), now_ms, 1);
+                    s.metrics.retried.inc();
+                }
             }
             Event::TaskDeadLettered(e) => {
-                let Some(s) = self.stage_mut(now_ms, &e.stage) else {
+                if self.stage_mut(now_ms, &e.stage).is_none() {
                     return;
-                };
-                s.dead_lettered += 1;
-                s.metrics.dead_lettered.inc();
-                self.tasks
-                    .dead_lettered(&e.task_id, &e.stage, e.attempt, sender, e.at_ms, &e.error);
+                }
+                if !self.tasks.dead_lettered(
+                    Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
+                    e.at_ms,
+                    &e.error,
+                ) {
+                    return;
+                }
+                if let Some(s) = self.stages.get_mut(&e.stage) {
+                    s.dead_lettered += 1;
+                    s.metrics.dead_lettered.inc();
+                }
                 if self.caught_up {
                     push_notice(
                         &mut self.notices,
@@ -538,12 +570,45 @@ impl Core {
                     w.in_hand.clear();
                 }
             }
+            Event::TaskAbandoned(e) => {
+                if self.stage_mut(now_ms, &e.stage).is_none() {
+                    return;
+                }
+                let counted = self.tasks.abandoned(
+                    Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
+                    e.at_ms,
+                    &e.reason,
+                    e.result,
+                );
+                if let Some(w) = self.workers.get_mut(sender) {
+                    w.in_hand.retain(|t| t.task_id != e.task_id);
+                }
+                if let Some(s) = self.stages.get(&e.stage) {
+                    if counted {
+                        s.metrics.abandoned.inc();
+                    } else if e.result != guildhall_proto::WorkerResult::Unfinished {
+                        s.metrics.stale.inc();
+                    }
+                }
+            }
             Event::Marker(m) => {
                 if self.config.marker_nonce == Some(m.nonce) {
                     self.set_caught_up(now_ms);
                 }
             }
         }
+    }
+
+    /// A result came from an attempt that had been requeued or redelivered:
+    /// recorded on its row by the task store, counted here, not a completion.
+    fn stale_result(&mut self, worker: &AgentId, task: &TaskId, stage: &Stage) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.in_hand.retain(|t| &t.task_id != task);
+        }
+        if let Some(s) = self.stages.get(stage) {
+            s.metrics.stale.inc();
+        }
+        tracing::info!(%worker, %task, %stage, "stale result from an attempt already requeued");
     }
 
     /// Bookkeeping shared by every finished attempt, whatever its outcome:
@@ -580,31 +645,7 @@ impl Core {
                 let Some(Reverse((_, id))) = self.deadlines.pop() else {
                     break;
                 };
-                let missed = self.config.missed_heartbeats;
-                let Some(w) = self.workers.get_mut(&id) else {
-                    continue;
-                };
-                w.liveness_scheduled = false;
-                if !w.is_alive() {
-                    continue;
-                }
-                let actual = w.last_seen_ms + w.dead_after_ms(missed);
-                if actual > now_ms {
-                    w.liveness_scheduled = true;
-                    self.deadlines.push(Reverse((actual, id)));
-                    continue;
-                }
-                w.liveness = Liveness::Dead { since_ms: now_ms };
-                tracing::warn!(worker = %w.id, stage = %w.stage, "worker declared dead: silent for {} ms", now_ms - w.last_seen_ms);
-                push_notice(
-                    &mut self.notices,
-                    Notice::WorkerDead {
-                        worker: w.id.clone(),
-                        stage: w.stage.clone(),
-                        last_seen_ms: w.last_seen_ms,
-                        tasks_in_hand: w.in_hand.iter().map(|t| t.task_id.clone()).collect(),
-                    },
-                );
+                self.judge(&id, now_ms);
             }
         }
         if now_ms >= self.next_housekeeping_ms {
@@ -613,13 +654,72 @@ impl Core {
         }
     }
 
+    /// A liveness deadline of `id` passed: alive, suspect or dead?
+    fn judge(&mut self, id: &AgentId, now_ms: u64) {
+        let (suspect, dead) = (
+            self.config.suspect_heartbeats,
+            self.config.missed_heartbeats,
+        );
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        w.liveness_scheduled = false;
+        if !w.is_alive() {
+            return;
+        }
+        let silence = now_ms.saturating_sub(w.last_seen_ms);
+        if silence < w.dead_after_ms(dead) {
+            let next = if silence >= w.dead_after_ms(suspect) {
+                if w.liveness == Liveness::Alive {
+                    w.liveness = Liveness::Suspect { since_ms: now_ms };
+                    tracing::info!(worker = %w.id, stage = %w.stage, "worker suspect: silent for {silence} ms");
+                }
+                w.last_seen_ms + w.dead_after_ms(dead)
+            } else {
+                w.last_seen_ms + w.dead_after_ms(suspect)
+            };
+            w.liveness_scheduled = true;
+            self.deadlines.push(Reverse((next, id.clone())));
+            return;
+        }
+        w.liveness = Liveness::Dead { since_ms: now_ms };
+        tracing::warn!(worker = %w.id, stage = %w.stage, tasks = w.in_hand.len(), "worker declared dead: silent for {silence} ms");
+        let in_hand = std::mem::take(&mut w.in_hand);
+        let (worker, stage, last_seen_ms) = (w.id.clone(), w.stage.clone(), w.last_seen_ms);
+        let reason = format!("worker {worker} declared dead after {silence} ms of silence");
+        if let Some(s) = self.stages.get(&stage) {
+            self.metrics
+                .worker_deaths
+                .with_label_values(&[stage.as_str()])
+                .inc();
+            for t in &in_hand {
+                if self.tasks.requeue(
+                    Attempt::new(&t.task_id, &stage, t.attempt, &worker),
+                    now_ms,
+                    &reason,
+                ) {
+                    s.metrics.requeued.inc();
+                }
+            }
+        }
+        push_notice(
+            &mut self.notices,
+            Notice::WorkerDead {
+                worker,
+                stage,
+                last_seen_ms,
+                tasks_in_hand: in_hand.into_iter().map(|t| t.task_id).collect(),
+            },
+        );
+    }
+
     fn housekeeping(&mut self, now_ms: u64) {
         self.tasks.evict(now_ms);
         let retention = self.config.worker_retention_ms;
         let metrics = &self.metrics;
         self.workers.retain(|_, w| {
             let gone_since = match &w.liveness {
-                Liveness::Alive => return true,
+                Liveness::Alive | Liveness::Suspect { .. } => return true,
                 Liveness::Dead { since_ms } => *since_ms,
                 Liveness::Stopped { at_ms, .. } => *at_ms,
             };

@@ -6,7 +6,7 @@ use super::stats::Reservoir;
 use super::tasks::{AttemptOutcome, TaskRecord, TaskStatus};
 use super::views::*;
 use super::workers::{Liveness, Worker};
-use guildhall_proto::{Stage, WorkerMode};
+use guildhall_proto::{Stage, WorkerMode, WorkerResult};
 use std::collections::BTreeMap;
 
 /// Longest chain of stages an ETA follows (guards against cycles).
@@ -82,6 +82,10 @@ impl Core {
             first_seen_at_ms: w.first_seen_ms,
             dead_since_ms: match w.liveness {
                 Liveness::Dead { since_ms } => Some(since_ms),
+                _ => None,
+            },
+            suspect_since_ms: match w.liveness {
+                Liveness::Suspect { since_ms } => Some(since_ms),
                 _ => None,
             },
             stopped_reason: match &w.liveness {
@@ -261,6 +265,11 @@ impl Core {
                     error_class: r.error_class.clone(),
                     redelivered: r.redelivered,
                     progress: r.progress,
+                    stale_result: r.stale.map(|s| match s {
+                        WorkerResult::Succeeded => "succeeded",
+                        WorkerResult::Failed => "failed",
+                        WorkerResult::Unfinished => "unfinished",
+                    }),
                 })
                 .collect(),
         })

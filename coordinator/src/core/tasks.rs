@@ -10,7 +10,7 @@
 //! `TaskSucceeded`. So a task's status only moves forward in event time, and a
 //! row is never added for a stage attempt that has already shown up.
 
-use guildhall_proto::{AgentId, Stage, TaskId};
+use guildhall_proto::{AgentId, Stage, TaskId, WorkerResult};
 use std::collections::{HashMap, VecDeque};
 
 /// Most attempt rows kept per task; older rows are dropped past this (a task
@@ -81,6 +81,11 @@ pub enum AttemptOutcome {
     DeadLettered,
     /// Its holder stopped answering and the broker gave the task to another worker.
     Lost,
+    /// Its worker was declared dead; the task went back to the queue.
+    Requeued,
+    /// Its agent gave it up (connection lost, worker process died); the
+    /// broker redelivers it.
+    Abandoned,
 }
 
 impl AttemptOutcome {
@@ -94,7 +99,15 @@ impl AttemptOutcome {
             AttemptOutcome::Retried => "retried",
             AttemptOutcome::DeadLettered => "dead_lettered",
             AttemptOutcome::Lost => "lost",
+            AttemptOutcome::Requeued => "requeued",
+            AttemptOutcome::Abandoned => "abandoned",
         }
+    }
+
+    /// Whether the attempt's holder was cut off from it: any result it
+    /// reports afterwards is stale.
+    pub fn is_cut_off(self) -> bool {
+        matches!(self, AttemptOutcome::Lost | AttemptOutcome::Requeued)
     }
 }
 
@@ -123,6 +136,9 @@ pub struct AttemptRow {
     pub redelivered: bool,
     /// Progress the worker reported, 0..=1.
     pub progress: Option<f32>,
+    /// A result that arrived after the attempt was requeued or lost: it is
+    /// recorded here, never counted as a completion.
+    pub stale: Option<WorkerResult>,
 }
 
 impl AttemptRow {
@@ -139,6 +155,7 @@ impl AttemptRow {
             error_class: None,
             redelivered: false,
             progress: None,
+            stale: None,
         }
     }
 }
@@ -191,6 +208,21 @@ impl TaskRecord {
         })
     }
 
+    /// The newest row `worker` holds for `(stage, attempt)` if it was cut
+    /// off from it (requeued after a death, or redelivered elsewhere).
+    fn cut_off_row(
+        &mut self,
+        stage: &Stage,
+        attempt: u32,
+        worker: &AgentId,
+    ) -> Option<&mut AttemptRow> {
+        let idx = self.rows.iter().rposition(|r| {
+            &r.stage == stage && r.attempt == attempt && r.worker.as_ref() == Some(worker)
+        })?;
+        let row = &mut self.rows[idx];
+        row.outcome.is_cut_off().then_some(row)
+    }
+
     /// The row of the task's current stage with the highest attempt.
     pub fn current_row(&self) -> Option<&AttemptRow> {
         self.rows
@@ -222,6 +254,31 @@ impl TaskRecord {
             .rposition(|r| matches(r) && worker.is_some() && r.worker.as_ref() == worker)
             .or_else(|| self.rows.iter().rposition(matches))?;
         Some(&mut self.rows[idx])
+    }
+}
+
+/// Which stage attempt an event is about, and who reported it.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    /// The task.
+    pub task: &'a TaskId,
+    /// The stage.
+    pub stage: &'a Stage,
+    /// Attempt number at the stage.
+    pub attempt: u32,
+    /// The agent that holds (or held) it.
+    pub worker: &'a AgentId,
+}
+
+impl<'a> Attempt<'a> {
+    /// The attempt `attempt` of `task` at `stage`, held by `worker`.
+    pub fn new(task: &'a TaskId, stage: &'a Stage, attempt: u32, worker: &'a AgentId) -> Self {
+        Self {
+            task,
+            stage,
+            attempt,
+            worker,
+        }
     }
 }
 
@@ -331,6 +388,81 @@ impl TaskStore {
         }
     }
 
+    /// Records a result from an attempt whose holder was cut off from it.
+    /// Returns whether the result was stale (and so must not be counted).
+    fn stale(&mut self, a: Attempt<'_>, at_ms: u64, result: WorkerResult) -> bool {
+        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
+        let Some(rec) = self.tasks.get_mut(id) else {
+            return false;
+        };
+        match rec.cut_off_row(stage, attempt, worker) {
+            Some(row) => {
+                row.stale = Some(result);
+                rec.updated_at_ms = rec.updated_at_ms.max(at_ms);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The worker holding `(stage, attempt)` of a task was declared dead at
+    /// `now_ms` (coordinator clock): its attempt is marked requeued with
+    /// `reason`, and the task is back in the queue. Returns whether a running
+    /// attempt was found.
+    pub fn requeue(&mut self, a: Attempt<'_>, now_ms: u64, reason: &str) -> bool {
+        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
+        let Some(rec) = self.tasks.get_mut(id) else {
+            return false;
+        };
+        let Some(row) = rec.row_mut(stage, attempt, Some(worker)) else {
+            return false;
+        };
+        if row.outcome != AttemptOutcome::Running || row.worker.as_ref() != Some(worker) {
+            return false;
+        }
+        row.outcome = AttemptOutcome::Requeued;
+        row.finished_at_ms = Some(now_ms);
+        row.error = Some(reason.to_owned());
+        row.error_class = Some("worker_dead".to_owned());
+        if rec.status == TaskStatus::Running && &rec.stage == stage {
+            // Not stamped with `now_ms`: that is the coordinator's clock, and
+            // the redelivery's events carry agents' clocks.
+            rec.status = TaskStatus::Queued;
+        }
+        true
+    }
+
+    /// An agent gave an attempt up without handing it on. Returns `false`
+    /// when the attempt had already been cut off (the report is stale).
+    pub fn abandoned(
+        &mut self,
+        a: Attempt<'_>,
+        at_ms: u64,
+        reason: &str,
+        result: WorkerResult,
+    ) -> bool {
+        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
+        if self.stale(a, at_ms, result) {
+            return false;
+        }
+        let rec = self.record(id, stage, at_ms);
+        let Some(row) = rec.row_mut(stage, attempt, Some(worker)) else {
+            return true;
+        };
+        if row.outcome != AttemptOutcome::Running {
+            return true;
+        }
+        row.outcome = AttemptOutcome::Abandoned;
+        row.finished_at_ms = Some(at_ms);
+        row.error = Some(reason.to_owned());
+        row.error_class = Some("abandoned".to_owned());
+        if result != WorkerResult::Unfinished {
+            row.stale = Some(result);
+        }
+        self.set_status(id, TaskStatus::Queued, stage, at_ms);
+        true
+    }
+
     /// A producer put the task on `stage`'s queue.
     pub fn submitted(&mut self, id: &TaskId, stage: &Stage, at_ms: u64) {
         let rec = self.record(id, stage, at_ms);
@@ -344,18 +476,15 @@ impl TaskStore {
     }
 
     /// A worker started an attempt.
-    #[allow(clippy::too_many_arguments)]
     pub fn started(
         &mut self,
-        id: &TaskId,
-        stage: &Stage,
-        attempt: u32,
-        worker: &AgentId,
+        a: Attempt<'_>,
         at_ms: u64,
         enqueued_at_ms: Option<u64>,
         submitted_at_ms: Option<u64>,
         redelivered: bool,
     ) -> Started {
+        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
         let rec = self.record(id, stage, at_ms);
         if rec.submitted_at_ms.is_none() {
             rec.submitted_at_ms = submitted_at_ms;
@@ -394,15 +523,8 @@ impl TaskStore {
     }
 
     /// A worker reported progress.
-    pub fn progress(
-        &mut self,
-        id: &TaskId,
-        stage: &Stage,
-        attempt: u32,
-        worker: &AgentId,
-        at_ms: u64,
-        fraction: Option<f32>,
-    ) {
+    pub fn progress(&mut self, a: Attempt<'_>, at_ms: u64, fraction: Option<f32>) {
+        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
         if !self.tasks.contains_key(id) {
             return;
         }
@@ -436,19 +558,20 @@ impl TaskStore {
         row
     }
 
-    /// An attempt succeeded; the task moved to `next` or finished.
-    #[allow(clippy::too_many_arguments)]
+    /// An attempt succeeded; the task moved to `next` or finished. `None`
+    /// if the attempt had been cut off: the result is recorded as stale.
     pub fn succeeded(
         &mut self,
-        id: &TaskId,
-        stage: &Stage,
-        attempt: u32,
-        worker: &AgentId,
+        a: Attempt<'_>,
         at_ms: u64,
         started_at_ms: u64,
         next: Option<&Stage>,
         submitted_at_ms: Option<u64>,
-    ) -> Succeeded {
+    ) -> Option<Succeeded> {
+        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
+        if self.stale(a, at_ms, WorkerResult::Succeeded) {
+            return None;
+        }
         let rec = self.record(id, stage, at_ms);
         if rec.submitted_at_ms.is_none() {
             rec.submitted_at_ms = submitted_at_ms;
@@ -466,54 +589,52 @@ impl TaskStore {
                     rec.push(AttemptRow::queued(next.clone(), 1, Some(at_ms)));
                     self.set_status(id, TaskStatus::Queued, next, at_ms);
                 }
-                Succeeded {
+                Some(Succeeded {
                     duration_ms,
                     pipeline_ms: None,
                     finished: false,
-                }
+                })
             }
             None => {
                 self.set_status(id, TaskStatus::Succeeded, stage, at_ms);
-                Succeeded {
+                Some(Succeeded {
                     duration_ms,
                     pipeline_ms: submitted.map(|s| at_ms.saturating_sub(s)),
                     finished: true,
-                }
+                })
             }
         }
     }
 
-    /// An attempt failed; `retrying` or `dead_lettered` follows.
-    #[allow(clippy::too_many_arguments)]
+    /// An attempt failed; `retrying` or `dead_lettered` follows. Returns its
+    /// processing time, or `None` if the attempt had been cut off (stale).
     pub fn failed(
         &mut self,
-        id: &TaskId,
-        stage: &Stage,
-        attempt: u32,
-        worker: &AgentId,
+        a: Attempt<'_>,
         at_ms: u64,
         started_at_ms: u64,
         error: &str,
         error_class: &str,
-    ) -> u64 {
+    ) -> Option<u64> {
+        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
+        if self.stale(a, at_ms, WorkerResult::Failed) {
+            return None;
+        }
         let rec = self.record(id, stage, at_ms);
         let row = Self::finish_row(rec, stage, attempt, worker, started_at_ms, at_ms);
         row.outcome = AttemptOutcome::Failed;
         row.error = Some(error.to_owned());
         row.error_class = Some(error_class.to_owned());
-        at_ms.saturating_sub(started_at_ms)
+        Some(at_ms.saturating_sub(started_at_ms))
     }
 
-    /// A failed attempt will be tried again after `delay_ms`.
-    pub fn retrying(
-        &mut self,
-        id: &TaskId,
-        stage: &Stage,
-        attempt: u32,
-        worker: &AgentId,
-        at_ms: u64,
-        delay_ms: u64,
-    ) {
+    /// A failed attempt will be tried again after `delay_ms`; `false` if the
+    /// report came from a cut-off attempt (recorded as stale).
+    pub fn retrying(&mut self, a: Attempt<'_>, at_ms: u64, delay_ms: u64) -> bool {
+        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
+        if self.stale(a, at_ms, WorkerResult::Failed) {
+            return false;
+        }
         let rec = self.record(id, stage, at_ms);
         if let Some(row) = rec.row_mut(stage, attempt, Some(worker)) {
             row.outcome = AttemptOutcome::Retried;
@@ -527,18 +648,16 @@ impl TaskStore {
             ));
             self.set_status(id, TaskStatus::Retrying, stage, at_ms);
         }
+        true
     }
 
-    /// The task was dead-lettered at `stage`.
-    pub fn dead_lettered(
-        &mut self,
-        id: &TaskId,
-        stage: &Stage,
-        attempt: u32,
-        worker: &AgentId,
-        at_ms: u64,
-        error: &str,
-    ) {
+    /// The task was dead-lettered at `stage`; `false` if the report came
+    /// from a cut-off attempt (recorded as stale).
+    pub fn dead_lettered(&mut self, a: Attempt<'_>, at_ms: u64, error: &str) -> bool {
+        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
+        if self.stale(a, at_ms, WorkerResult::Failed) {
+            return false;
+        }
         let rec = self.record(id, stage, at_ms);
         match rec.row_mut(stage, attempt, Some(worker)) {
             Some(row) => {
@@ -555,6 +674,7 @@ impl TaskStore {
             }
         }
         self.set_status(id, TaskStatus::DeadLettered, stage, at_ms);
+        true
     }
 
     /// Drops finished tasks past the count limit or older than the age limit.
@@ -610,18 +730,58 @@ mod tests {
         let mut s = TaskStore::new(10, 60_000);
         let (t, a, b, w1, w2) = (id("T1"), st("a"), st("b"), ag("w1"), ag("w2"));
         s.submitted(&t, &a, 1_000);
-        let started = s.started(&t, &a, 1, &w1, 1_500, Some(1_000), Some(1_000), false);
+        let started = s.started(
+            Attempt::new(&t, &a, 1, &w1),
+            1_500,
+            Some(1_000),
+            Some(1_000),
+            false,
+        );
         assert_eq!(started.queue_wait_ms, Some(500));
-        s.failed(&t, &a, 1, &w1, 1_700, 1_500, "boom", "http_503");
-        s.retrying(&t, &a, 1, &w1, 1_700, 1_000);
+        s.failed(
+            Attempt::new(&t, &a, 1, &w1),
+            1_700,
+            1_500,
+            "boom",
+            "http_503",
+        );
+        s.retrying(Attempt::new(&t, &a, 1, &w1), 1_700, 1_000);
         assert_eq!(s.get("T1").unwrap().status, TaskStatus::Retrying);
-        let started = s.started(&t, &a, 2, &w2, 2_800, Some(2_700), Some(1_000), false);
+        let started = s.started(
+            Attempt::new(&t, &a, 2, &w2),
+            2_800,
+            Some(2_700),
+            Some(1_000),
+            false,
+        );
         assert_eq!(started.queue_wait_ms, Some(100));
-        let r = s.succeeded(&t, &a, 2, &w2, 3_000, 2_800, Some(&b), Some(1_000));
+        let r = s
+            .succeeded(
+                Attempt::new(&t, &a, 2, &w2),
+                3_000,
+                2_800,
+                Some(&b),
+                Some(1_000),
+            )
+            .unwrap();
         assert!(!r.finished);
         assert_eq!(r.duration_ms, 200);
-        s.started(&t, &b, 1, &w1, 3_100, Some(3_000), Some(1_000), false);
-        let r = s.succeeded(&t, &b, 1, &w1, 3_400, 3_100, None, Some(1_000));
+        s.started(
+            Attempt::new(&t, &b, 1, &w1),
+            3_100,
+            Some(3_000),
+            Some(1_000),
+            false,
+        );
+        let r = s
+            .succeeded(
+                Attempt::new(&t, &b, 1, &w1),
+                3_400,
+                3_100,
+                None,
+                Some(1_000),
+            )
+            .unwrap();
         assert_eq!(r.pipeline_ms, Some(2_400));
         let rec = s.get("T1").unwrap();
         assert_eq!(rec.status, TaskStatus::Succeeded);
@@ -656,18 +816,54 @@ mod tests {
         let (t, a, b, c) = (id("T"), st("a"), st("b"), st("c"));
         // b's worker flushed its TaskStarted before a's worker flushed its
         // TaskSucceeded; the submitter's event came after a's start.
-        s.started(&t, &a, 1, &ag("wa"), 110, Some(100), Some(100), false);
+        s.started(
+            Attempt::new(&t, &a, 1, &ag("wa")),
+            110,
+            Some(100),
+            Some(100),
+            false,
+        );
         s.submitted(&t, &a, 100);
-        s.started(&t, &b, 1, &ag("wb"), 210, Some(200), Some(100), false);
-        s.succeeded(&t, &a, 1, &ag("wa"), 200, 110, Some(&b), Some(100));
+        s.started(
+            Attempt::new(&t, &b, 1, &ag("wb")),
+            210,
+            Some(200),
+            Some(100),
+            false,
+        );
+        s.succeeded(
+            Attempt::new(&t, &a, 1, &ag("wa")),
+            200,
+            110,
+            Some(&b),
+            Some(100),
+        );
         let rec = s.get("T").unwrap();
         assert_eq!((rec.status, rec.stage.as_str()), (TaskStatus::Running, "b"));
         assert_eq!(rec.submitted_at_ms, Some(100));
         // c finished the pipeline before b's success arrived, and b's host
         // clock runs ahead: its event even carries a later time.
-        s.started(&t, &c, 1, &ag("wc"), 310, Some(300), Some(100), false);
-        s.succeeded(&t, &c, 1, &ag("wc"), 350, 310, None, Some(100));
-        s.succeeded(&t, &b, 1, &ag("wb"), 400, 210, Some(&c), Some(100));
+        s.started(
+            Attempt::new(&t, &c, 1, &ag("wc")),
+            310,
+            Some(300),
+            Some(100),
+            false,
+        );
+        s.succeeded(
+            Attempt::new(&t, &c, 1, &ag("wc")),
+            350,
+            310,
+            None,
+            Some(100),
+        );
+        s.succeeded(
+            Attempt::new(&t, &b, 1, &ag("wb")),
+            400,
+            210,
+            Some(&c),
+            Some(100),
+        );
         let rec = s.get("T").unwrap();
         assert_eq!(
             (rec.status, rec.stage.as_str()),
@@ -689,10 +885,16 @@ mod tests {
         assert_eq!(s.finished(), 1);
         // A retry picked up before the retry event arrived.
         let u = id("U");
-        s.started(&u, &a, 1, &ag("w1"), 10, Some(5), None, false);
-        s.failed(&u, &a, 1, &ag("w1"), 20, 10, "x", "y");
-        s.started(&u, &a, 2, &ag("w2"), 130, Some(120), None, false);
-        s.retrying(&u, &a, 1, &ag("w1"), 20, 100);
+        s.started(Attempt::new(&u, &a, 1, &ag("w1")), 10, Some(5), None, false);
+        s.failed(Attempt::new(&u, &a, 1, &ag("w1")), 20, 10, "x", "y");
+        s.started(
+            Attempt::new(&u, &a, 2, &ag("w2")),
+            130,
+            Some(120),
+            None,
+            false,
+        );
+        s.retrying(Attempt::new(&u, &a, 1, &ag("w1")), 20, 100);
         let rec = s.get("U").unwrap();
         assert_eq!(rec.status, TaskStatus::Running);
         assert_eq!(rec.rows.len(), 2);
@@ -703,8 +905,8 @@ mod tests {
     fn a_redelivery_marks_the_first_holder_lost() {
         let mut s = TaskStore::new(10, 60_000);
         let (t, a) = (id("T"), st("a"));
-        s.started(&t, &a, 1, &ag("w1"), 10, Some(5), None, false);
-        s.started(&t, &a, 1, &ag("w2"), 20, Some(5), None, true);
+        s.started(Attempt::new(&t, &a, 1, &ag("w1")), 10, Some(5), None, false);
+        s.started(Attempt::new(&t, &a, 1, &ag("w2")), 20, Some(5), None, true);
         let rec = s.get("T").unwrap();
         assert_eq!(rec.rows.len(), 2);
         assert_eq!(rec.rows[0].outcome, AttemptOutcome::Lost);
@@ -716,12 +918,20 @@ mod tests {
     #[test]
     fn events_for_an_unseen_task_build_what_they_can() {
         let mut s = TaskStore::new(10, 60_000);
-        let r = s.succeeded(&id("X"), &st("a"), 1, &ag("w"), 50, 20, None, None);
+        let r = s
+            .succeeded(
+                Attempt::new(&id("X"), &st("a"), 1, &ag("w")),
+                50,
+                20,
+                None,
+                None,
+            )
+            .unwrap();
         assert_eq!(r.duration_ms, 30);
         assert_eq!(r.pipeline_ms, None);
         let rec = s.get("X").unwrap();
         assert_eq!(rec.rows[0].started_at_ms, Some(20));
-        s.dead_lettered(&id("Y"), &st("a"), 3, &ag("w"), 60, "gone");
+        s.dead_lettered(Attempt::new(&id("Y"), &st("a"), 3, &ag("w")), 60, "gone");
         assert_eq!(s.get("Y").unwrap().rows[0].error.as_deref(), Some("gone"));
     }
 
@@ -730,7 +940,13 @@ mod tests {
         let mut s = TaskStore::new(3, 1_000);
         for i in 0..5 {
             let t = id(&format!("done{i}"));
-            s.succeeded(&t, &st("a"), 1, &ag("w"), 100 + i, 90, None, None);
+            s.succeeded(
+                Attempt::new(&t, &st("a"), 1, &ag("w")),
+                100 + i,
+                90,
+                None,
+                None,
+            );
         }
         s.submitted(&id("pending"), &st("a"), 0);
         assert_eq!(s.evict(200), 2);
@@ -750,9 +966,15 @@ mod tests {
     fn a_finished_task_that_comes_back_is_not_evicted_by_its_old_entry() {
         let mut s = TaskStore::new(0, 1_000_000);
         let t = id("T");
-        s.succeeded(&t, &st("a"), 1, &ag("w"), 10, 5, None, None);
+        s.succeeded(Attempt::new(&t, &st("a"), 1, &ag("w")), 10, 5, None, None);
         // A duplicate delivery starts it again before eviction runs.
-        s.started(&t, &st("a"), 1, &ag("w2"), 20, None, None, true);
+        s.started(
+            Attempt::new(&t, &st("a"), 1, &ag("w2")),
+            20,
+            None,
+            None,
+            true,
+        );
         assert_eq!(s.evict(30), 0);
         assert!(s.get("T").is_some());
         assert_eq!(s.finished(), 0);
@@ -764,10 +986,7 @@ mod tests {
         let t = id("T");
         for attempt in 1..=(MAX_ROWS as u32 + 10) {
             s.started(
-                &t,
-                &st("a"),
-                attempt,
-                &ag("w"),
+                Attempt::new(&t, &st("a"), attempt, &ag("w")),
                 u64::from(attempt),
                 None,
                 None,

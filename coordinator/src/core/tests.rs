@@ -201,11 +201,24 @@ fn a_worker_is_dead_after_exactly_three_missed_heartbeats() {
         Some(T0 + 1_000),
         "housekeeping first"
     );
-    sim.advance(2_999);
+    sim.advance(1_999);
     assert_eq!(sim.worker("w1").status, "processing");
+    sim.advance(1);
+    assert_eq!(
+        sim.worker("w1").status,
+        "suspect",
+        "two intervals of silence"
+    );
+    assert_eq!(sim.worker("w1").suspect_since_ms, Some(T0 + 2_000));
+    sim.advance(999);
+    assert_eq!(sim.worker("w1").status, "suspect");
     assert!(sim.notices().is_empty());
     sim.advance(1);
-    assert_eq!(sim.worker("w1").status, "dead");
+    assert_eq!(
+        sim.worker("w1").status,
+        "dead",
+        "three intervals of silence"
+    );
     assert_eq!(
         sim.notices(),
         vec![Notice::WorkerDead {
@@ -278,8 +291,12 @@ fn the_heartbeat_interval_is_the_workers_own() {
         h.heartbeat_ms = 200;
     }
     sim.send("fast", vec![hb]);
-    sim.advance(599);
+    sim.advance(399);
     assert_eq!(sim.worker("fast").status, "idle");
+    sim.advance(1);
+    assert_eq!(sim.worker("fast").status, "suspect");
+    sim.advance(199);
+    assert_eq!(sim.worker("fast").status, "suspect");
     sim.advance(1);
     assert_eq!(sim.worker("fast").status, "dead");
 }
@@ -874,4 +891,169 @@ fn per_worker_series_can_be_switched_off() {
     let text = core.metrics().encode();
     assert!(!text.contains("worker=\"w1\""));
     assert!(text.contains("guildhall_workers{stage=\"a\",status=\"idle\"} 1"));
+}
+
+#[test]
+fn a_suspect_worker_that_speaks_again_is_simply_alive() {
+    let mut sim = Sim::new();
+    let hb = sim.heartbeat("build", AgentState::Idle, &[]);
+    sim.send("w1", vec![hb.clone()]);
+    sim.advance(2_500);
+    assert_eq!(sim.worker("w1").status, "suspect");
+    sim.send("w1", vec![hb]);
+    assert_eq!(sim.worker("w1").status, "idle");
+    sim.advance(1_999);
+    assert_eq!(
+        sim.worker("w1").status,
+        "idle",
+        "its clock restarted at the heartbeat"
+    );
+    assert!(sim.notices().is_empty(), "doubt is not death");
+}
+
+#[test]
+fn a_dead_workers_tasks_are_requeued_and_its_late_results_are_stale() {
+    let mut sim = Sim::new();
+    let e = sim.started("T1", "build", 1, T0);
+    let hb = sim.heartbeat("build", AgentState::Processing, &["T1"]);
+    sim.send("frozen", vec![e, hb]);
+    sim.advance(3_000);
+    assert_eq!(sim.worker("frozen").status, "dead");
+    assert!(sim.worker("frozen").current_tasks.is_empty());
+    let t = sim.core.task_view("T1", sim.now).unwrap();
+    assert_eq!(t.status, "queued");
+    assert_eq!(t.attempts[0].outcome, "requeued");
+    assert_eq!(t.attempts[0].error_class.as_deref(), Some("worker_dead"));
+    let reason = t.attempts[0].error.clone().unwrap_or_default();
+    assert!(reason.contains("declared dead after 3000 ms"), "{reason}");
+    // The broker redelivers; another worker finishes it.
+    sim.advance(100);
+    let mut e = sim.started("T1", "build", 1, T0);
+    if let Event::TaskStarted(s) = &mut e {
+        s.redelivered = true;
+    }
+    sim.send("w2", vec![e]);
+    let start = sim.now;
+    sim.advance(200);
+    let e = sim.succeeded("T1", "build", 1, start, None);
+    sim.send("w2", vec![e]);
+    // The frozen one wakes up and reports its own, late, success.
+    sim.advance(5_000);
+    let late = sim.succeeded("T1", "build", 1, T0, None);
+    let hb = sim.heartbeat("build", AgentState::Idle, &[]);
+    sim.send("frozen", vec![late, hb]);
+    let t = sim.core.task_view("T1", sim.now).unwrap();
+    assert_eq!(t.status, "succeeded");
+    let rows: Vec<_> = t
+        .attempts
+        .iter()
+        .map(|a| (a.worker.as_deref(), a.outcome, a.stale_result))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (Some("frozen"), "requeued", Some("succeeded")),
+            (Some("w2"), "succeeded", None)
+        ]
+    );
+    let text = sim.metrics();
+    for line in [
+        "guildhall_tasks_total{outcome=\"succeeded\",stage=\"build\"} 1",
+        "guildhall_tasks_total{outcome=\"requeued\",stage=\"build\"} 1",
+        "guildhall_task_results_stale_total{stage=\"build\"} 1",
+        // w2 never heartbeats here, so it went silent for good too.
+        "guildhall_worker_deaths_total{stage=\"build\"} 2",
+        "guildhall_tasks_completed_total 1",
+    ] {
+        assert!(text.contains(line), "missing {line}\n{text}");
+    }
+    assert_eq!(sim.worker("frozen").status, "idle", "and it is back");
+}
+
+fn abandoned(sim: &Sim, task: &str, result: WorkerResult) -> Event {
+    Event::TaskAbandoned(TaskAbandoned {
+        at_ms: sim.now,
+        task_id: tid(task),
+        stage: st("build"),
+        attempt: 1,
+        started_at_ms: T0,
+        reason: "connection lost".into(),
+        result,
+    })
+}
+
+#[test]
+fn an_abandoned_attempt_puts_the_task_back_in_the_queue() {
+    let mut sim = Sim::new();
+    let e = sim.started("T1", "build", 1, T0);
+    sim.send("w1", vec![e]);
+    sim.advance(100);
+    let e = abandoned(&sim, "T1", WorkerResult::Succeeded);
+    sim.send("w1", vec![e]);
+    let t = sim.core.task_view("T1", sim.now).unwrap();
+    assert_eq!(t.status, "queued");
+    assert_eq!(t.attempts[0].outcome, "abandoned");
+    assert_eq!(t.attempts[0].error.as_deref(), Some("connection lost"));
+    assert_eq!(
+        t.attempts[0].stale_result,
+        Some("succeeded"),
+        "the discarded result is on record"
+    );
+    assert!(sim.worker("w1").current_tasks.is_empty());
+    assert!(
+        sim.metrics()
+            .contains("guildhall_tasks_total{outcome=\"abandoned\",stage=\"build\"} 1")
+    );
+    // An abandonment reported after someone else already took the task over.
+    let e = sim.started("T2", "build", 1, T0);
+    sim.send("w1", vec![e]);
+    let mut e = sim.started("T2", "build", 1, T0);
+    if let Event::TaskStarted(s) = &mut e {
+        s.redelivered = true;
+    }
+    sim.send("w2", vec![e]);
+    let e = abandoned(&sim, "T2", WorkerResult::Unfinished);
+    sim.send("w1", vec![e]);
+    let t = sim.core.task_view("T2", sim.now).unwrap();
+    assert_eq!(t.status, "running", "w2 has it");
+    assert_eq!(t.attempts[0].outcome, "lost");
+}
+
+#[test]
+fn a_batch_sent_twice_is_applied_once_and_a_restart_starts_over() {
+    let mut sim = Sim::new();
+    let e = sim.started("T1", "build", 1, T0);
+    let hb = sim.heartbeat("build", AgentState::Processing, &["T1"]);
+    sim.send("w1", vec![hb]);
+    sim.send("w1", vec![e.clone()]);
+    // The agent lost the confirm of batch 2 and resends it.
+    sim.seqs.insert("w1".into(), 1);
+    sim.send("w1", vec![e]);
+    let text = sim.metrics();
+    assert!(
+        text.contains("guildhall_event_batches_duplicate_total 1"),
+        "{text}"
+    );
+    assert!(text.contains("guildhall_tasks_started_total{stage=\"build\"} 1"));
+    // The agent restarts with the same id: sequence 1 again, with a Hello.
+    sim.seqs.insert("w1".into(), 0);
+    let hello = Event::Hello(Hello {
+        at_ms: sim.now,
+        version: "v".into(),
+        stage: st("build"),
+        next: None,
+        stages: vec![st("build")],
+        concurrency: 1,
+        heartbeat_ms: 1000,
+        hostname: "h".into(),
+        pid: 1,
+        mode: WorkerMode::Simulated,
+        supervised: false,
+    });
+    let e = sim.started("T2", "build", 1, T0);
+    sim.send("w1", vec![hello, e]);
+    assert!(
+        sim.metrics()
+            .contains("guildhall_tasks_started_total{stage=\"build\"} 2")
+    );
 }

@@ -81,6 +81,8 @@ pub struct WorkerView {
     pub first_seen_at_ms: u64,
     /// When it was declared dead, if it is.
     pub dead_since_ms: Option<u64>,
+    /// When it became suspect (silent for 2 intervals), if it is.
+    pub suspect_since_ms: Option<u64>,
     /// Why it stopped, if it did.
     pub stopped_reason: Option<String>,
     /// Restarts of its worker process.
@@ -216,6 +218,9 @@ pub struct AttemptView {
     pub redelivered: bool,
     /// Reported progress, 0..=1.
     pub progress: Option<f32>,
+    /// A result that arrived after the attempt was requeued or redelivered
+    /// (`succeeded`, `failed` or `unfinished`): recorded, not counted.
+    pub stale_result: Option<&'static str>,
 }
 
 /// `GET /api/tasks/{id}`.

@@ -11,6 +11,12 @@ use guildhall_proto::{
 pub enum Liveness {
     /// Heard from within the allowed silence.
     Alive,
+    /// Silent for long enough to doubt it (2 heartbeat intervals by
+    /// default); still counted as serving its stage.
+    Suspect {
+        /// When the coordinator began to doubt it.
+        since_ms: u64,
+    },
     /// Silent for too many heartbeat intervals.
     Dead {
         /// When the coordinator declared it dead.
@@ -154,9 +160,9 @@ impl Worker {
         u64::from(self.heartbeat_ms) * u64::from(missed.max(1))
     }
 
-    /// Whether it is counted as serving its stage.
+    /// Whether it is counted as serving its stage (alive or suspect).
     pub fn is_alive(&self) -> bool {
-        self.liveness == Liveness::Alive
+        matches!(self.liveness, Liveness::Alive | Liveness::Suspect { .. })
     }
 
     /// Its status for the API and metrics (one of
@@ -165,6 +171,7 @@ impl Worker {
         match self.liveness {
             Liveness::Dead { .. } => "dead",
             Liveness::Stopped { .. } => "stopped",
+            Liveness::Suspect { .. } => "suspect",
             Liveness::Alive => match self.reported {
                 AgentState::Paused => "paused",
                 AgentState::Draining => "draining",

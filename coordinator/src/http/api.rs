@@ -4,6 +4,7 @@ use super::error::ApiError;
 use crate::core::query::TaskFilter;
 use crate::core::tasks::TaskStatus;
 use crate::core::views::{StagesView, TaskView, WorkerView};
+use crate::dead;
 use crate::serve::App;
 use crate::submit::SubmitError;
 use axum::Json;
@@ -14,7 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use guildhall_broker::now_ms;
-use guildhall_proto::{AgentId, Stage, TaskId};
+use guildhall_proto::{AgentId, Event, Stage, TaskId, TaskSubmitted};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -130,17 +131,7 @@ pub async fn tasks(
                 }
                 filter.stage = Some(stage);
             }
-            "limit" => {
-                filter.limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|l| (1..=MAX_LIMIT).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "limit must be a number from 1 to {MAX_LIMIT} (got '{value}')"
-                        ))
-                    })?;
-            }
+            "limit" => filter.limit = parse_limit(value)?,
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown query parameter '{other}' (expected status, stage, limit)"
@@ -217,4 +208,114 @@ pub async fn submit(
         "status": "queued",
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `GET /api/dead/{stage}?limit=N`: dead-lettered tasks, left in place.
+pub async fn dead_list(
+    State(app): AppState,
+    Path(stage): Path<String>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<dead::Listing>, ApiError> {
+    let stage = Stage::new(stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut limit = DEFAULT_LIMIT;
+    for (key, value) in &query {
+        match key.as_str() {
+            "limit" => limit = parse_limit(value)?,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter '{other}' (expected limit)"
+                )));
+            }
+        }
+    }
+    dead::list(&app.amqp_url, &app.names, &stage, limit)
+        .await
+        .map(Json)
+        .map_err(dead_error)
+}
+
+/// Body of `POST /api/dead/{stage}/replay`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    /// Replay these tasks.
+    ids: Option<Vec<String>>,
+    /// Replay every dead letter of the stage.
+    #[serde(default)]
+    all: bool,
+}
+
+/// `POST /api/dead/{stage}/replay`: `{"ids": [...]}` or `{"all": true}`.
+pub async fn dead_replay(
+    State(app): AppState,
+    Path(stage): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<dead::Replayed>, ApiError> {
+    let stage = Stage::new(stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let req: ReplayBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let selection = match (req.ids, req.all) {
+        (Some(_), true) => {
+            return Err(ApiError::bad_request("give ids or all, not both"));
+        }
+        (Some(ids), false) => {
+            if ids.is_empty() {
+                return Err(ApiError::bad_request("ids is empty"));
+            }
+            for id in &ids {
+                TaskId::new(id.as_str()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            }
+            dead::Selection::Ids(ids.into_iter().collect())
+        }
+        (None, true) => dead::Selection::All,
+        (None, false) => {
+            return Err(ApiError::bad_request(
+                "say what to replay: {\"ids\": [...]} or {\"all\": true}",
+            ));
+        }
+    };
+    let replayed = dead::replay(&app.amqp_url, &app.names, &stage, &selection)
+        .await
+        .map_err(dead_error)?;
+    // Tell the coordinator (and any other reader) the tasks are queued again.
+    if !replayed.replayed.is_empty()
+        && let Ok((_, publisher)) = app.link.get().await
+    {
+        let events = replayed
+            .replayed
+            .iter()
+            .filter_map(|id| TaskId::new(id.as_str()).ok())
+            .map(|task_id| {
+                Event::TaskSubmitted(TaskSubmitted {
+                    at_ms: now_ms(),
+                    task_id,
+                    stage: stage.clone(),
+                    payload_bytes: 0,
+                })
+            })
+            .collect();
+        app.submitter.publish_events(&publisher, events).await;
+    }
+    Ok(Json(replayed))
+}
+
+fn dead_error(e: dead::DeadError) -> ApiError {
+    match e {
+        dead::DeadError::UnknownStage(..) => ApiError::not_found(e.to_string()),
+        _ => ApiError::unavailable(e.to_string()),
+    }
+}
+
+fn parse_limit(value: &str) -> Result<usize, ApiError> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|l| (1..=MAX_LIMIT).contains(l))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "limit must be a number from 1 to {MAX_LIMIT} (got '{value}')"
+            ))
+        })
 }

@@ -10,7 +10,7 @@ use crate::serve::App;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::routing::get;
+use axum::routing::{get, post};
 use error::ApiError;
 use std::sync::Arc;
 
@@ -27,6 +27,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/stages", get(api::stages))
         .route("/api/tasks", get(api::tasks).post(api::submit))
         .route("/api/tasks/{id}", get(api::task))
+        .route("/api/dead/{stage}", get(api::dead_list))
+        .route("/api/dead/{stage}/replay", post(api::dead_replay))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -11,8 +11,15 @@
 //! - this file: [`ServeConfig`], the shared [`App`] state and [`run`];
 //! - [`ingest`]: the stream consumer, which reconnects and resumes at the next offset;
 //! - [`queues`]: the stage queue depth poller;
-//! - [`link`]: a lazily (re)connected broker link for publishing and probes.
+//! - [`link`]: a lazily (re)connected broker link for publishing and probes;
+//! - [`alerts`]: webhook alerts, queued and retried off the core's path.
+//!
+//! When the core declares a worker dead, the runtime closes that agent's
+//! connection through the management API (agents name their connections
+//! `guildhall-agent/<id>`), so the broker requeues a frozen worker's tasks
+//! at once instead of after its own heartbeat timeout.
 
+pub mod alerts;
 pub mod ingest;
 pub mod link;
 pub mod queues;
@@ -50,6 +57,8 @@ pub struct ServeConfig {
     pub queue_poll: Duration,
     /// Stream consumer prefetch (credit).
     pub prefetch: u16,
+    /// Where alerts are POSTed, if anywhere.
+    pub alert_webhook: Option<String>,
 }
 
 impl ServeConfig {
@@ -64,6 +73,7 @@ impl ServeConfig {
             retention: StreamRetention::default(),
             queue_poll: Duration::from_secs(1),
             prefetch: 2_000,
+            alert_webhook: None,
         }
     }
 }
@@ -109,6 +119,14 @@ pub struct App {
     pub wake: Notify,
     /// This coordinator's id (sender of its own envelopes).
     pub id: AgentId,
+    /// The management API, if configured: unacked counts, closing the
+    /// connections of dead workers.
+    pub management: Option<Management>,
+    /// Webhook alerts, if configured.
+    pub alerts: Option<alerts::Alerts>,
+    /// The broker, for operations that open a connection of their own
+    /// (dead-letter listing and replay).
+    pub amqp_url: AmqpUrl,
 }
 
 impl App {
@@ -133,8 +151,49 @@ pub async fn run(
     let (conn, _) = link.get().await?;
     ensure_events_stream(&conn, &config.names, &config.retention).await?;
 
-    let nonce: u64 = rand::random();
+    let mut management_ok = false;
+    let management = match &config.management_url {
+        Some(url) => match Management::new(url, config.amqp_url.vhost()) {
+            Ok(m) => {
+                match m.check().await {
+                    Ok(()) => management_ok = true,
+                    Err(e) => tracing::warn!(
+                        "{e}: unacked counts are unavailable, and frozen workers' tasks return only when the broker's own heartbeat timeout closes their connections"
+                    ),
+                }
+                Some(m)
+            }
+            Err(e) => {
+                tracing::warn!("{e}: going without the management API");
+                None
+            }
+        },
+        None => {
+            tracing::warn!(
+                "no management API: unacked counts are unavailable, and frozen workers' tasks return only when the broker's own heartbeat timeout closes their connections"
+            );
+            None
+        }
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
     let metrics = Metrics::new(config.per_worker_metrics);
+    let alerts = config.alert_webhook.as_ref().map(|url| {
+        let (alerts, task) = alerts::Alerts::spawn(
+            alerts::AlertConfig {
+                url: url.clone(),
+                namespace: config.names.namespace().to_string(),
+            },
+            metrics.alerts.clone(),
+            stop_rx.clone(),
+        );
+        tasks.spawn(async move {
+            let _ = task.await;
+        });
+        alerts
+    });
+    let nonce: u64 = rand::random();
     let core_config = CoreConfig {
         marker_nonce: Some(nonce),
         ..config.core.clone()
@@ -148,30 +207,14 @@ pub async fn run(
         health: Health::default(),
         wake: Notify::new(),
         id,
+        management,
+        alerts,
+        amqp_url: config.amqp_url.clone(),
     });
+    app.health
+        .management_ok
+        .store(management_ok, Ordering::Relaxed);
 
-    let management = match &config.management_url {
-        Some(url) => match Management::new(url, config.amqp_url.vhost()) {
-            Ok(m) => match m.check().await {
-                Ok(()) => {
-                    app.health.management_ok.store(true, Ordering::Relaxed);
-                    Some(m)
-                }
-                Err(e) => {
-                    tracing::warn!("{e}: unacked counts will be unavailable until it answers");
-                    Some(m)
-                }
-            },
-            Err(e) => {
-                tracing::warn!("{e}: going without the management API");
-                None
-            }
-        },
-        None => None,
-    };
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(ingest::run(
         app.clone(),
         config.amqp_url.clone(),
@@ -179,12 +222,7 @@ pub async fn run(
         config.prefetch,
         stop_rx.clone(),
     ));
-    tasks.spawn(queues::run(
-        app.clone(),
-        management,
-        config.queue_poll,
-        stop_rx.clone(),
-    ));
+    tasks.spawn(queues::run(app.clone(), config.queue_poll, stop_rx.clone()));
     tasks.spawn(timers(app.clone(), stop_rx.clone()));
     tasks.spawn(publish_marker(app.clone(), nonce));
 
@@ -243,9 +281,57 @@ async fn timers(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             std::iter::from_fn(|| core.poll_notice()).collect()
         };
         for notice in notices {
-            log_notice(&notice);
+            act_on(&app, notice);
         }
     }
+}
+
+/// Logs a notice, alerts about it, and frees a dead worker's tasks.
+fn act_on(app: &Arc<App>, notice: Notice) {
+    log_notice(&notice);
+    if let Some(alerts) = &app.alerts {
+        alerts.notify(app.names.namespace().as_str(), &notice);
+    }
+    if let Notice::WorkerDead {
+        worker,
+        tasks_in_hand,
+        ..
+    } = notice
+    {
+        tokio::spawn(close_connection(app.clone(), worker, tasks_in_hand.len()));
+    }
+}
+
+/// Closes a dead worker's broker connection so its unacked tasks go back to
+/// the queue now. A killed process has lost its connection already; a frozen
+/// one (SIGSTOP, a stalled VM) keeps it for a minute or more otherwise.
+async fn close_connection(app: Arc<App>, worker: AgentId, tasks: usize) {
+    let Some(management) = &app.management else {
+        tracing::warn!(%worker, tasks, "cannot close a dead worker's connection without the management API");
+        return;
+    };
+    let name = Names::agent_connection_name(&worker);
+    let outcome = match management
+        .close_connections_named(&name, "guildhall: worker declared dead")
+        .await
+    {
+        Ok(0) => {
+            tracing::info!(%worker, "dead worker's connection already gone");
+            "not_found"
+        }
+        Ok(_) => {
+            tracing::warn!(%worker, tasks, "closed the dead worker's connection: the broker requeues its tasks now");
+            "closed"
+        }
+        Err(e) => {
+            tracing::warn!(%worker, "cannot close the dead worker's connection: {e}");
+            "failed"
+        }
+    };
+    app.metrics
+        .connections_closed
+        .with_label_values(&[outcome])
+        .inc();
 }
 
 fn log_notice(notice: &Notice) {

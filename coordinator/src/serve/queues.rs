@@ -6,7 +6,6 @@
 
 use super::App;
 use crate::core::stages::QueueStats;
-use guildhall_broker::Management;
 use guildhall_broker::management::QueueInfo;
 use guildhall_broker::now_ms;
 use guildhall_broker::topology::probe_queue;
@@ -18,12 +17,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Polls every `interval` until `stop` flips.
-pub async fn run(
-    app: Arc<App>,
-    management: Option<Management>,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn run(app: Arc<App>, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned = false;
@@ -36,7 +30,7 @@ pub async fn run(
         if stages.is_empty() {
             continue;
         }
-        let unacked = match &management {
+        let unacked = match &app.management {
             Some(m) => match m.queues_with_prefix(&app.names.prefix()).await {
                 Ok(queues) => {
                     app.health.management_ok.store(true, Ordering::Relaxed);

@@ -1,0 +1,200 @@
+//! Webhook alerts (`--alert-webhook URL`): a JSON POST when a worker dies or
+//! comes back and when a task is dead-lettered.
+//!
+//! The body has a Slack-compatible `text` plus structured fields. Sending
+//! never blocks the core: notices go into a bounded queue (the oldest are
+//! dropped, and counted, when it is full) and a task of its own delivers
+//! them, retrying failures with exponential backoff.
+
+use crate::core::Notice;
+use guildhall_broker::now_ms;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Alerts waiting to be sent before new ones are dropped.
+const QUEUE: usize = 1_000;
+/// Attempts per alert.
+const ATTEMPTS: u32 = 5;
+/// First retry delay; doubles each time.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+
+/// Where alerts go, and what they say about this deployment.
+#[derive(Debug, Clone)]
+pub struct AlertConfig {
+    /// The webhook URL.
+    pub url: String,
+    /// The namespace, in every alert.
+    pub namespace: String,
+}
+
+/// Handle for queueing alerts; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Alerts {
+    /// Queue to the sending task.
+    tx: mpsc::Sender<Value>,
+    /// Counts alerts sent, failed and dropped.
+    outcomes: prometheus::IntCounterVec,
+}
+
+impl Alerts {
+    /// Starts the sending task; it ends when `stop` flips.
+    pub fn spawn(
+        config: AlertConfig,
+        outcomes: prometheus::IntCounterVec,
+        stop: watch::Receiver<bool>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(send_all(config, rx, outcomes.clone(), stop));
+        (Self { tx, outcomes }, task)
+    }
+
+    /// Queues the alert for `notice` (never waits).
+    pub fn notify(&self, namespace: &str, notice: &Notice) {
+        let body = body(namespace, notice, now_ms());
+        if self.tx.try_send(body).is_err() {
+            self.outcomes.with_label_values(&["dropped"]).inc();
+            tracing::warn!("alert queue full: alert dropped");
+        }
+    }
+}
+
+/// The JSON body for a notice.
+pub fn body(namespace: &str, notice: &Notice, at_ms: u64) -> Value {
+    match notice {
+        Notice::WorkerDead {
+            worker,
+            stage,
+            last_seen_ms,
+            tasks_in_hand,
+        } => json!({
+            "text": format!(
+                ":red_circle: [{namespace}] worker {worker} ({stage}) is dead: silent for {:.1} s; {} task(s) it held are back in the queue",
+                at_ms.saturating_sub(*last_seen_ms) as f64 / 1000.0,
+                tasks_in_hand.len()
+            ),
+            "kind": "worker_dead",
+            "namespace": namespace,
+            "worker": worker.as_str(),
+            "stage": stage.as_str(),
+            "last_seen_ms": last_seen_ms,
+            "tasks_requeued": tasks_in_hand.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+            "at_ms": at_ms,
+        }),
+        Notice::WorkerReturned {
+            worker,
+            stage,
+            dead_for_ms,
+        } => json!({
+            "text": format!(
+                ":large_green_circle: [{namespace}] worker {worker} ({stage}) is back after {:.1} s",
+                *dead_for_ms as f64 / 1000.0
+            ),
+            "kind": "worker_returned",
+            "namespace": namespace,
+            "worker": worker.as_str(),
+            "stage": stage.as_str(),
+            "dead_for_ms": dead_for_ms,
+            "at_ms": at_ms,
+        }),
+        Notice::TaskDeadLettered { task, stage, error } => json!({
+            "text": format!(":warning: [{namespace}] task {task} dead-lettered at {stage}: {error}"),
+            "kind": "task_dead_lettered",
+            "namespace": namespace,
+            "task": task.as_str(),
+            "stage": stage.as_str(),
+            "error": error,
+            "at_ms": at_ms,
+        }),
+    }
+}
+
+async fn send_all(
+    config: AlertConfig,
+    mut rx: mpsc::Receiver<Value>,
+    outcomes: prometheus::IntCounterVec,
+    mut stop: watch::Receiver<bool>,
+) {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("alerts disabled: cannot build an HTTP client: {e}");
+            return;
+        }
+    };
+    loop {
+        let body = tokio::select! {
+            b = rx.recv() => match b {
+                Some(b) => b,
+                None => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let mut delay = FIRST_RETRY;
+        let mut sent = false;
+        for attempt in 1..=ATTEMPTS {
+            match client.post(&config.url).json(&body).send().await {
+                Ok(r) if r.status().is_success() => {
+                    sent = true;
+                    break;
+                }
+                Ok(r) => tracing::warn!(attempt, "alert webhook answered {}", r.status()),
+                Err(e) => tracing::warn!(attempt, "alert webhook unreachable: {e}"),
+            }
+            if attempt < ATTEMPTS {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return,
+                }
+                delay *= 2;
+            }
+        }
+        let outcome = if sent { "sent" } else { "failed" };
+        outcomes.with_label_values(&[outcome]).inc();
+        if !sent {
+            tracing::error!(
+                kind = body["kind"].as_str().unwrap_or(""),
+                "alert not delivered after {ATTEMPTS} attempts"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_slack_compatible_and_structured() {
+        let notice = Notice::WorkerDead {
+            worker: "w1".parse().unwrap(),
+            stage: "build".parse().unwrap(),
+            last_seen_ms: 1_000,
+            tasks_in_hand: vec!["T1".parse().unwrap()],
+        };
+        let b = body("prod", &notice, 4_500);
+        assert_eq!(b["kind"], "worker_dead");
+        assert_eq!(b["tasks_requeued"][0], "T1");
+        let text = b["text"].as_str().unwrap();
+        assert!(
+            text.contains("[prod] worker w1 (build) is dead: silent for 3.5 s; 1 task(s)"),
+            "{text}"
+        );
+        let b = body(
+            "prod",
+            &Notice::TaskDeadLettered {
+                task: "T9".parse().unwrap(),
+                stage: "build".parse().unwrap(),
+                error: "HTTP 400".into(),
+            },
+            0,
+        );
+        assert_eq!(
+            b["text"],
+            ":warning: [prod] task T9 dead-lettered at build: HTTP 400"
+        );
+    }
+}
