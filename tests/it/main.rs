@@ -5,3 +5,4 @@ mod api;
 mod cli;
 mod demo;
 mod pipeline;
+mod restart;
