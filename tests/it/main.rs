@@ -5,4 +5,5 @@ mod api;
 mod cli;
 mod demo;
 mod pipeline;
+mod recovery;
 mod restart;

@@ -9,6 +9,9 @@
 //!   [`spawn_agent`], [`spawn_http_worker`]); each child is killed when its
 //!   handle is dropped and its output goes to a log file named in failures.
 //! - [`eventually`]: poll a condition until it holds, instead of sleeping.
+//! - [`TestNs::exclusive`]: for the one test that restarts RabbitMQ; every
+//!   other test holds the broker lock shared for its lifetime.
+//! - [`WebhookSink`]: an HTTP endpoint that records the alerts it receives.
 //! - [`Api`]: the coordinator's JSON API and metrics.
 //! - broker helpers: publish tasks, drain a queue.
 //!
@@ -146,6 +149,11 @@ impl Proc {
         self.child.id().unwrap_or(0)
     }
 
+    /// Sends a signal (`"KILL"`, `"STOP"`, `"CONT"`, `"TERM"`).
+    pub fn signal(&self, sig: &str) {
+        signal_pid(self.pid(), sig);
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub async fn terminate(
         &mut self,
@@ -166,6 +174,70 @@ impl Proc {
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Sends a signal (`"KILL"`, `"STOP"`, `"CONT"`, `"TERM"`) to a process.
+pub fn signal_pid(pid: u32, sig: &str) {
+    if pid != 0 {
+        let _ = std::process::Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status();
+    }
+}
+
+/// A TCP port free right now on 127.0.0.1 (for a worker whose agent must
+/// know its URL before it starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// An HTTP endpoint that records every JSON body POSTed to it (a stand-in
+/// for Slack or any alert webhook).
+pub struct WebhookSink {
+    /// Where to POST.
+    pub url: String,
+    /// What was received, in order.
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl WebhookSink {
+    /// Starts one on a free port; it lives as long as the test's runtime.
+    pub async fn start() -> Self {
+        let received: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+        let store = received.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let store = store.clone();
+                async move {
+                    store.lock().unwrap_or_else(|e| e.into_inner()).push(body);
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, received }
+    }
+
+    /// The bodies received so far whose `kind` is `kind`.
+    pub fn of_kind(&self, kind: &str) -> Vec<Value> {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|b| b["kind"] == kind)
+            .cloned()
+            .collect()
     }
 }
 
@@ -267,7 +339,8 @@ pub struct Coordinator {
     pub api: Api,
 }
 
-/// Starts `guildhall serve` for `ns` on a free port, with extra flags.
+/// Starts `guildhall serve` for `ns` on a free port, with extra flags (which
+/// may replace the default `--management-url`).
 pub async fn spawn_coordinator(ns: &TestNs, extra: &[&str]) -> anyhow::Result<Coordinator> {
     let mut args: Vec<String> = [
         "serve",
@@ -275,14 +348,15 @@ pub async fn spawn_coordinator(ns: &TestNs, extra: &[&str]) -> anyhow::Result<Co
         ns.name(),
         "--amqp-url",
         &amqp_url(),
-        "--management-url",
-        &management_url(),
         "--listen",
         "127.0.0.1:0",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if !extra.contains(&"--management-url") {
+        args.extend(["--management-url".to_owned(), management_url()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let (proc, line) = spawn_logged(
         ns,

@@ -7,8 +7,10 @@
 //!
 //! Behaviour is planted in the payload as words `[stage:]key=value`:
 //! `fail=permanent` (4xx / exit 65), `fail=always` (5xx / exit 1),
-//! `fail=once` (fails on attempt 1 only), `sleep=MS`, `class=NAME` (error
-//! class header). A word with a `stage:` prefix applies only at that stage.
+//! `fail=once` (fails on attempt 1 only), `fail=permanent-first` (HTTP only:
+//! a permanent failure the first time this worker process sees the task at
+//! that stage, success afterwards, as after a fix and a dead-letter replay),
+//! `sleep=MS`, `class=NAME` (error class header). A word with a `stage:` prefix applies only at that stage.
 //! The output is the input with ` @<stage>` appended, so the last stage's
 //! output shows the path the task took.
 
@@ -55,10 +57,15 @@ enum Outcome {
     Transient(String),
 }
 
-fn decide(payload: &str, stage: &str, attempt: u32) -> (Outcome, Plan) {
+/// `seen_before`: whether this worker already processed the task at this
+/// stage (any attempt), for `fail=permanent-first`.
+fn decide(payload: &str, stage: &str, attempt: u32, seen_before: bool) -> (Outcome, Plan) {
     let p = plan(payload, stage);
     let outcome = match p.fail.as_deref() {
         Some("permanent") => Outcome::Permanent(format!("permanent failure requested at {stage}")),
+        Some("permanent-first") if !seen_before => Outcome::Permanent(format!(
+            "permanent failure requested at {stage} (first time only)"
+        )),
         Some("always") => Outcome::Transient(format!("transient failure requested at {stage}")),
         Some("once") if attempt <= 1 => {
             Outcome::Transient(format!("first attempt fails at {stage}"))
@@ -80,13 +87,17 @@ async fn handle(State(calls): State<Calls>, headers: HeaderMap, body: Bytes) -> 
     };
     let (task, stage) = (h("x-guildhall-task-id"), h("x-guildhall-stage"));
     let attempt: u32 = h("x-guildhall-attempt").parse().unwrap_or(1);
-    *calls
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(format!("{task}/{stage}/{attempt}"))
-        .or_default() += 1;
+    let seen_before = {
+        let mut calls = calls.lock().unwrap_or_else(|e| e.into_inner());
+        let prefix = format!("{task}/{stage}/");
+        let seen = calls.keys().any(|k| k.starts_with(&prefix));
+        *calls
+            .entry(format!("{task}/{stage}/{attempt}"))
+            .or_default() += 1;
+        seen
+    };
     let payload = String::from_utf8_lossy(&body).into_owned();
-    let (outcome, p) = decide(&payload, &stage, attempt);
+    let (outcome, p) = decide(&payload, &stage, attempt, seen_before);
     if p.sleep_ms > 0 {
         tokio::time::sleep(Duration::from_millis(p.sleep_ms)).await;
     }
@@ -135,7 +146,7 @@ fn exec_mode() -> i32 {
         .ok()
         .and_then(|a| a.parse().ok())
         .unwrap_or(1);
-    let (outcome, p) = decide(&payload, &stage, attempt);
+    let (outcome, p) = decide(&payload, &stage, attempt, false);
     if p.sleep_ms > 0 {
         std::thread::sleep(Duration::from_millis(p.sleep_ms));
     }
@@ -189,10 +200,21 @@ mod tests {
         );
         assert_eq!(plan("x build:fail=permanent", "intake").fail, None);
         assert_eq!(plan("sleep=30 fail=once", "any").sleep_ms, 30);
-        assert!(matches!(decide("fail=once", "s", 2).0, Outcome::Ok(_)));
         assert!(matches!(
-            decide("fail=once", "s", 1).0,
+            decide("fail=once", "s", 2, false).0,
+            Outcome::Ok(_)
+        ));
+        assert!(matches!(
+            decide("fail=once", "s", 1, false).0,
             Outcome::Transient(_)
+        ));
+        assert!(matches!(
+            decide("fail=permanent-first", "s", 1, false).0,
+            Outcome::Permanent(_)
+        ));
+        assert!(matches!(
+            decide("fail=permanent-first", "s", 1, true).0,
+            Outcome::Ok(_)
         ));
     }
 }
