@@ -61,6 +61,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Tests share the broker; the one that restarts it must run alone.
+static BROKER_LOCK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// A test's hold on the broker: shared by ordinary tests, exclusive for
+/// tests that stop RabbitMQ or need the machine to themselves for timings.
+enum BrokerHold {
+    /// Held by ordinary tests for their lifetime.
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    /// Held by a test that must run alone.
+    Exclusive(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
+
 /// A namespace of its own for one test; everything in it is deleted on drop.
 pub struct TestNs {
     /// The namespace.
@@ -69,11 +81,26 @@ pub struct TestNs {
     pub names: Names,
     /// Where process logs of this test go.
     pub log_dir: PathBuf,
+    /// Keeps the broker from being restarted under this test (or, for an
+    /// exclusive test, keeps every other test out).
+    _hold: BrokerHold,
 }
 
 impl TestNs {
     /// A fresh random namespace, `t-<label>-<8 hex>`.
     pub fn new(label: &str) -> Self {
+        let hold = BrokerHold::Shared(BROKER_LOCK.read().unwrap_or_else(|e| e.into_inner()));
+        Self::with_hold(label, hold)
+    }
+
+    /// A namespace for a test that needs the broker to itself (it restarts
+    /// RabbitMQ, or measures timings): waits until every other test is done.
+    pub fn exclusive(label: &str) -> Self {
+        let hold = BrokerHold::Exclusive(BROKER_LOCK.write().unwrap_or_else(|e| e.into_inner()));
+        Self::with_hold(label, hold)
+    }
+
+    fn with_hold(label: &str, hold: BrokerHold) -> Self {
         let ns = Namespace::new(format!("t-{label}-{:08x}", rand::random::<u32>()))
             .expect("valid namespace");
         let log_dir = std::env::temp_dir()
@@ -84,6 +111,7 @@ impl TestNs {
             names: Names::new(ns.clone()),
             ns,
             log_dir,
+            _hold: hold,
         }
     }
 
