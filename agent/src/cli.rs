@@ -118,6 +118,24 @@ pub struct Cli {
     #[arg(long, env = "GUILDHALL_RESTART_BACKOFF_MAX", default_value = "30s")]
     pub restart_backoff_max: String,
 
+    /// Health-check URL of the supervised worker: polled with GET; failures
+    /// in a row mean the worker is hung, and it is restarted. Needs `-- COMMAND`.
+    #[arg(long, env = "GUILDHALL_HEALTH_URL", value_name = "URL")]
+    pub health_url: Option<String>,
+
+    /// Interval between health checks, and the time each may take.
+    #[arg(long, env = "GUILDHALL_HEALTH_INTERVAL", default_value = "5s")]
+    pub health_interval: String,
+
+    /// Failed health checks in a row that make the worker count as hung.
+    #[arg(
+        long,
+        env = "GUILDHALL_HEALTH_FAILURES",
+        default_value_t = 3,
+        allow_negative_numbers = true
+    )]
+    pub health_failures: i64,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "GUILDHALL_JSON_LOGS", value_parser = FalseyValueParser::new())]
     pub json_logs: bool,
@@ -158,6 +176,13 @@ impl Cli {
         config.shutdown_timeout = parse_duration("--shutdown-timeout", &self.shutdown_timeout)?;
         config.restart_backoff_max =
             parse_duration("--restart-backoff-max", &self.restart_backoff_max)?;
+        config.health_url = self.health_url;
+        config.health_interval = parse_duration("--health-interval", &self.health_interval)?;
+        config.health_failures = int(
+            "--health-failures",
+            self.health_failures,
+            limits::HEALTH_FAILURES,
+        )?;
         config.supervise = self.worker_command;
         config.validate()?;
         Ok(config)
@@ -268,6 +293,12 @@ mod tests {
             "500ms",
             "--batch-max",
             "100",
+            "--health-url",
+            "http://127.0.0.1:8080/health",
+            "--health-interval",
+            "2s",
+            "--health-failures",
+            "4",
             "--",
             "my-worker",
             "--port",
@@ -291,6 +322,16 @@ mod tests {
         assert_eq!(c.heartbeat, Duration::from_millis(500));
         assert_eq!(c.batch_max, 100);
         assert_eq!(c.supervise, ["my-worker", "--port", "8080"]);
+        assert_eq!(
+            c.health_url.as_deref(),
+            Some("http://127.0.0.1:8080/health")
+        );
+        assert_eq!(c.health_interval, Duration::from_secs(2));
+        assert_eq!(c.health_failures, 4);
+        let defaults = parse(&["--stage", "s", "--exec", "cat"]).unwrap();
+        assert_eq!(defaults.health_url, None);
+        assert_eq!(defaults.health_interval, Duration::from_secs(5));
+        assert_eq!(defaults.health_failures, 3);
     }
 
     #[test]
@@ -351,6 +392,43 @@ mod tests {
             (
                 &["--stage", "s", "--exec", "cat", "--bogus"],
                 "unexpected argument '--bogus' found",
+            ),
+            (
+                &[
+                    "--stage",
+                    "s",
+                    "--exec",
+                    "cat",
+                    "--health-url",
+                    "http://h/x",
+                ],
+                "--health-url: only works with a supervised worker (add `-- COMMAND ARGS`)",
+            ),
+            (
+                &[
+                    "--stage",
+                    "s",
+                    "--exec",
+                    "cat",
+                    "--health-failures",
+                    "-1",
+                    "--",
+                    "w",
+                ],
+                "--health-failures must be between 1 and 1000 (got -1)",
+            ),
+            (
+                &[
+                    "--stage",
+                    "s",
+                    "--exec",
+                    "cat",
+                    "--health-interval",
+                    "often",
+                    "--",
+                    "w",
+                ],
+                "--health-interval: invalid duration \"often\"",
             ),
         ] {
             let err = parse(args).unwrap_err();

@@ -31,6 +31,8 @@ pub(crate) mod limits {
     pub const BATCH_MAX: RangeInclusive<i64> = 1..=100_000;
     /// `--log-lines`.
     pub const LOG_LINES: RangeInclusive<i64> = 0..=100_000;
+    /// `--health-failures`.
+    pub const HEALTH_FAILURES: RangeInclusive<i64> = 1..=1000;
 }
 
 /// How tasks reach the worker.
@@ -141,6 +143,15 @@ pub struct AgentConfig {
     pub shutdown_timeout: Duration,
     /// Cap on the delay between restarts of the supervised worker.
     pub restart_backoff_max: Duration,
+    /// A URL of the supervised worker polled with GET: a worker process can
+    /// hang without exiting, and only an answer tells it is alive. `None`
+    /// for no health checks.
+    pub health_url: Option<String>,
+    /// Interval between health checks, and how long each may take.
+    pub health_interval: Duration,
+    /// Consecutive failed health checks after which the worker counts as
+    /// hung and is restarted (one slow answer is not a hang).
+    pub health_failures: u32,
 }
 
 impl AgentConfig {
@@ -165,6 +176,9 @@ impl AgentConfig {
             log_lines: 200,
             shutdown_timeout: Duration::from_secs(30),
             restart_backoff_max: Duration::from_secs(30),
+            health_url: None,
+            health_interval: Duration::from_secs(5),
+            health_failures: 3,
         }
     }
 
@@ -228,6 +242,20 @@ impl AgentConfig {
         self
     }
 
+    /// Health-checks the supervised worker: GET `url` every `interval`;
+    /// `failures` failed checks in a row restart it.
+    pub fn with_health_check(
+        mut self,
+        url: impl Into<String>,
+        interval: Duration,
+        failures: u32,
+    ) -> Self {
+        self.health_url = Some(url.into());
+        self.health_interval = interval;
+        self.health_failures = failures;
+        self
+    }
+
     /// Checks every value; the error is one line naming the flag at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
         range(
@@ -261,6 +289,12 @@ impl AgentConfig {
             ms(500),
             s(3600),
         )?;
+        duration_range("--health-interval", self.health_interval, ms(100), s(3600))?;
+        range(
+            "--health-failures",
+            self.health_failures.into(),
+            limits::HEALTH_FAILURES,
+        )?;
         guildhall_broker::AmqpUrl::parse(&self.amqp_url)
             .map_err(|e| ConfigError::invalid("--amqp-url", e.to_string()))?;
         match &self.worker {
@@ -281,6 +315,15 @@ impl AgentConfig {
                 "worker command",
                 "the program after `--` is empty",
             ));
+        }
+        if let Some(url) = &self.health_url {
+            if self.supervise.is_empty() {
+                return Err(ConfigError::invalid(
+                    "--health-url",
+                    "only works with a supervised worker (add `-- COMMAND ARGS`)",
+                ));
+            }
+            check_http_url("--health-url", url)?;
         }
         Ok(())
     }
@@ -308,6 +351,9 @@ impl std::fmt::Debug for AgentConfig {
             .field("log_lines", &self.log_lines)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("restart_backoff_max", &self.restart_backoff_max)
+            .field("health_url", &self.health_url)
+            .field("health_interval", &self.health_interval)
+            .field("health_failures", &self.health_failures)
             .finish()
     }
 }
@@ -406,11 +452,16 @@ fn duration_range(
 
 /// Checks a worker URL: `http(s)://host[:port]/...`.
 pub(crate) fn check_worker_url(url: &str) -> Result<reqwest::Url, ConfigError> {
+    check_http_url("--worker-url", url)
+}
+
+/// Checks that `url` (given with `flag`) is `http(s)://host[:port]/...`.
+pub(crate) fn check_http_url(flag: &'static str, url: &str) -> Result<reqwest::Url, ConfigError> {
     let parsed = reqwest::Url::parse(url)
-        .map_err(|e| ConfigError::invalid("--worker-url", format!("{url:?} is not a URL: {e}")))?;
+        .map_err(|e| ConfigError::invalid(flag, format!("{url:?} is not a URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         return Err(ConfigError::invalid(
-            "--worker-url",
+            flag,
             format!("{url:?} is not an http:// or https:// URL with a host"),
         ));
     }
@@ -566,6 +617,25 @@ mod tests {
             (
                 Box::new(|c| c.shutdown_timeout = Duration::from_secs(7200)),
                 "--shutdown-timeout must be between 0s and 1h (got 2h)",
+            ),
+            (
+                Box::new(|c| c.health_url = Some("http://127.0.0.1:9/health".into())),
+                "--health-url: only works with a supervised worker (add `-- COMMAND ARGS`)",
+            ),
+            (
+                Box::new(|c| {
+                    c.supervise = vec!["w".into()];
+                    c.health_url = Some("localhost:9/health".into());
+                }),
+                "--health-url: \"localhost:9/health\" is not an http:// or https:// URL with a host",
+            ),
+            (
+                Box::new(|c| c.health_interval = Duration::from_millis(10)),
+                "--health-interval must be between 100ms and 1h (got 10ms)",
+            ),
+            (
+                Box::new(|c| c.health_failures = 0),
+                "--health-failures must be between 1 and 1000 (got 0)",
             ),
             (
                 Box::new(|c| c.amqp_url = "http://x".into()),

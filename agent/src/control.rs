@@ -1,7 +1,9 @@
 //! Commands from the control exchange, and the replies.
 //!
 //! Each agent has an exclusive, auto-deleted queue `<ns>.agent.<id>` bound
-//! on `<ns>.control` to `agent.<id>`, `stage.<stage>` and `all`. A command
+//! on `<ns>.control` to `agent.<id>`, `stage.<stage>` and `all`, declared
+//! again with each connection (it goes with the previous one; commands sent
+//! while the agent is disconnected are not received). A command
 //! (postcard, [`CommandMessage`]) that does not decode is logged and dropped.
 //! When the message has a `reply_to`, a [`CommandReply`] goes there through
 //! the default exchange with the same `correlation_id`.
@@ -16,9 +18,9 @@
 //! | `Logs` | the last lines of the supervised worker's output |
 //! | `Assign`, `SetPrefetch` | refused: not supported yet |
 
+use crate::config;
 use crate::config::MAX_CONCURRENCY;
-use crate::runner::{Mode, Runner};
-use crate::{AgentError, config};
+use crate::runner::{Lost, Mode, Runner};
 use futures_lite::StreamExt;
 use guildhall_broker::BrokerError;
 use guildhall_proto::command::{decode, encode};
@@ -104,15 +106,20 @@ impl ControlQueue {
     }
 
     /// The next command message; an error when the consumer is gone.
-    pub async fn next(&mut self) -> Result<Delivery, AgentError> {
+    pub async fn next(&mut self) -> Result<Delivery, Lost> {
         match self.consumer.next().await {
             Some(Ok(delivery)) => Ok(delivery),
-            Some(Err(err)) => Err(AgentError::lost("command consumer", err)),
-            None => Err(AgentError::lost(
+            Some(Err(err)) => Err(Lost::new("command consumer", err)),
+            None => Err(Lost::new(
                 "command consumer",
                 "the broker cancelled it (was the command queue deleted?)",
             )),
         }
+    }
+
+    /// The channel it is consumed on, watched for health.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
     }
 
     /// Closes the channel (the exclusive queue goes with the connection).
@@ -151,8 +158,8 @@ impl Verdict {
 
 impl Runner {
     /// Applies one command message and replies if asked to. Only a lost
-    /// broker is an error.
-    pub(crate) async fn on_command(&mut self, delivery: Delivery) -> Result<(), AgentError> {
+    /// link is an error (and then there is no reply).
+    pub(crate) async fn on_command(&mut self, delivery: Delivery) -> Result<(), Lost> {
         let message = match decode::<CommandMessage>(&delivery.data) {
             Ok(message) => message,
             Err(err) => {
@@ -195,7 +202,7 @@ impl Runner {
         Ok(())
     }
 
-    async fn apply(&mut self, command: &Command) -> Result<Verdict, AgentError> {
+    async fn apply(&mut self, command: &Command) -> Result<Verdict, Lost> {
         let stopping = matches!(self.mode, Mode::Stopping { .. });
         let in_hand = self.tasks_in_hand();
         Ok(match command {
@@ -276,7 +283,10 @@ impl Runner {
         if let Some(correlation) = correlation {
             props = props.with_correlation_id(correlation);
         }
-        let publisher = self.ctx.publisher.clone();
+        let Some(publisher) = self.publisher() else {
+            tracing::info!("command reply not sent: the broker is unreachable");
+            return;
+        };
         self.replies.spawn(async move {
             if let Err(err) = publisher
                 .publish("", reply_to.as_str(), &bytes, props)

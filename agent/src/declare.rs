@@ -1,6 +1,7 @@
 //! Declarations made lazily while tasks flow: next stages a worker names and
-//! retry queues for each delay. Each is declared once per agent run and
-//! remembered. Declarations run on a short-lived channel of their own, so a
+//! retry queues for each delay. Each is declared once per connection and
+//! remembered (a new connection gets a new, empty [`Declarer`]: the broker
+//! may have lost its queues, a restart of it being one reason to reconnect). Declarations run on a short-lived channel of their own, so a
 //! refused one (arguments that differ from an existing queue's) closes only
 //! that channel.
 

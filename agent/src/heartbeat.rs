@@ -1,6 +1,8 @@
-//! `Hello` at start, then a `Heartbeat` every `--heartbeat` (and right after
-//! a state change, when the runner asks), built from [`Shared`] and the
-//! process stats of the agent and of its supervised worker.
+//! `Hello` at start (once per run, not after a reconnect), then a
+//! `Heartbeat` every `--heartbeat` (and right after a state change or a
+//! reconnect, when the runner asks), built from [`Shared`] and the process
+//! stats of the agent and of its supervised worker. Heartbeats keep their
+//! schedule while the broker is away: the event publisher buffers them.
 
 use crate::procstats::ProcSampler;
 use crate::state::Shared;

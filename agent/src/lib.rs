@@ -12,6 +12,23 @@
 //! the next stage's message, the retry or dead-letter message, and the task's
 //! events. Anything that fails on the way gives the task back to the queue.
 //!
+//! **An agent never gives up and never loses a task or an event** when the
+//! broker, its connection or its worker process fails:
+//!
+//! - a lost connection (or channel) is reopened with backoff, forever, and
+//!   everything declared again; only a refusal no retry can fix ends the
+//!   run ([`AgentError::Refused`]). The first connection must succeed.
+//! - tasks in hand when the connection dies cannot be acked any more (the
+//!   broker has requeued them): their results are discarded and a
+//!   `TaskAbandoned` event says so. A worker process that exits, fails its
+//!   health checks or lets a task time out is restarted, and its tasks are
+//!   given back the same way.
+//! - events wait in the event publisher's buffer while the broker is away,
+//!   and are resent in order, with their sequence numbers, once it is back.
+//!
+//! The tables in `task` (what happens to a task) and `runner` (the reconnect
+//! loop) are the reference.
+//!
 //! # Use
 //!
 //! From the command line, `guildhall-agent --stage build --next report
@@ -36,15 +53,20 @@
 //! - [`config`]: [`AgentConfig`] (a plain struct with defaults and setters),
 //!   [`WorkerSpec`], [`RetryPolicy`] and the validation with one-line errors.
 //! - [`cli`]: the clap command line and its conversion into an `AgentConfig`.
-//! - `runner`: the main loop: connect, declare, consume, commands, stop.
-//! - `task`: one delivery from receipt to ack (publish, confirm, events).
+//! - `runner`: the main loop: connect, consume, commands, reconnect, stop.
+//! - `link`: one connection and everything declared on it, noticing its
+//!   loss, the reconnect backoff, and which broker errors are fatal.
+//! - `task`: one delivery from receipt to ack (publish, confirm, events), or
+//!   to `TaskAbandoned` when it is given up.
 //! - [`handoff`]: the worker modes ([`handoff::http`], [`handoff::exec`],
 //!   [`handoff::simulated`]) and the [`handoff::Outcome`] they produce.
 //! - `control`: the command queue and what each command does.
-//! - `supervisor`: the supervised worker process: restarts, backoff, log lines.
+//! - `supervisor`: the supervised worker process: restarts, backoff, health
+//!   checks, hung workers, log lines.
 //! - `heartbeat`: `Hello` and the periodic `Heartbeat`.
 //! - `procstats`: CPU and memory of a process from `/proc`.
-//! - `declare`: lazy, cached declarations of next stages and retry queues.
+//! - `declare`: lazy, cached (per connection) declarations of next stages
+//!   and retry queues.
 //! - `state`: tasks in hand, counters and state shared across the agent.
 //! - `pgroup`: signalling worker process groups.
 
@@ -54,6 +76,7 @@ mod control;
 mod declare;
 pub mod handoff;
 mod heartbeat;
+mod link;
 mod pgroup;
 mod procstats;
 mod runner;
@@ -75,29 +98,17 @@ pub enum AgentError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The broker could not be reached or refused the set-up.
+    /// The broker could not be reached at start, or refused the set-up.
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    /// The connection or a consumer was lost while running.
-    #[error("lost the broker ({what}): {reason}")]
-    Lost {
-        /// What failed.
-        what: &'static str,
-        /// The error, on one line.
-        reason: String,
-    },
+    /// After a lost connection, the broker refused what the agent needs in a
+    /// way no retry can fix (a queue declared with other arguments, refused
+    /// credentials or permissions).
+    #[error("the broker refused the agent's set-up, retrying cannot help: {0}")]
+    Refused(BrokerError),
     /// The agent's task panicked or was aborted (only from [`AgentHandle::join`]).
     #[error("the agent task failed: {0}")]
     Task(String),
-}
-
-impl AgentError {
-    pub(crate) fn lost(what: &'static str, reason: impl std::fmt::Display) -> Self {
-        AgentError::Lost {
-            what,
-            reason: config::one_line(&reason.to_string()),
-        }
-    }
 }
 
 /// How a graceful stop went.
@@ -111,13 +122,16 @@ pub struct AgentExit {
     pub done: u64,
     /// Stage attempts that failed (retried or dead-lettered).
     pub failed: u64,
-    /// Tasks given back to the queue unprocessed (stop timeout, worker exit,
-    /// broker errors).
+    /// Tasks given up and left to the broker to deliver again (each one a
+    /// `TaskAbandoned` event): lost connection, worker exit, hang or failed
+    /// health checks, stop timeout, a publish that was not confirmed.
     pub requeued: u64,
 }
 
 /// Runs an agent until `shutdown` resolves or a `Drain` command arrives,
-/// then stops gracefully (see [`run_until`]).
+/// then stops gracefully (see [`run_until`]). Fails at once if the broker
+/// cannot be reached or refuses the set-up at start; once running, it only
+/// fails on a refusal no reconnect can fix ([`AgentError::Refused`]).
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
@@ -133,7 +147,8 @@ pub async fn run(
 /// `SIGTERM`) or a `Drain` command arrives. A stop cancels the consumer,
 /// waits up to `shutdown_timeout` for the tasks in hand (then gives the rest
 /// back to the queue), emits `AgentStopping`, stops the supervised worker and
-/// closes the connection.
+/// closes the connection. A stop while the broker is away waits for it up to
+/// `shutdown_timeout`, so that the buffered events get out.
 pub async fn run_until(
     config: AgentConfig,
     stop: impl Future<Output = String>,

@@ -1,7 +1,8 @@
 //! `guildhall-agent`: the command-line entry point. Parses and validates the
 //! flags (a bad value is one line on stderr and exit status 2), sets up
-//! logging, and runs the agent until SIGTERM or SIGINT (a broker that cannot
-//! be reached, or is lost, is one line and exit status 1).
+//! logging, and runs the agent until SIGTERM or SIGINT. A broker that cannot
+//! be reached at start, or refuses the set-up in a way no retry can fix, is
+//! one line and exit status 1; a broker lost later is reconnected to.
 
 use anyhow::Context;
 use clap::Parser;

@@ -1,37 +1,59 @@
-//! The agent's main loop: connect, declare, consume, stop.
+//! The agent's main loop: connect, declare, consume, reconnect, stop.
 //!
 //! One task (this loop) owns every decision about consumption: it starts and
-//! cancels the stage consumer as the mode (running, paused, stopping) and the
-//! supervised worker's readiness change, spawns a handler ([`crate::task`])
-//! per delivery while fewer than `concurrency` are in hand, applies control
-//! commands ([`crate::control`]), and runs the graceful stop.
+//! cancels the stage consumer as the mode (running, paused, stopping), the
+//! supervised worker's readiness and the link to the broker change, spawns a
+//! handler ([`crate::task`]) per delivery while fewer than `concurrency` are
+//! in hand, applies control commands ([`crate::control`]), reconnects, and
+//! runs the graceful stop.
 //!
-//! There is no reconnect loop: if the connection or a consumer channel dies,
-//! [`crate::run`] returns an error (tasks in hand go back to the queue when
-//! the broker sees the channel die), and the process manager restarts the
-//! agent, as it would after a crash.
+//! # Reconnecting
+//!
+//! The first connection must succeed: [`crate::run`] fails at once on an
+//! unreachable broker or a refused set-up, which is how a wrong URL or
+//! password shows. After that the agent never gives up on the broker. When
+//! the link is lost ([`crate::link`]) the loop:
+//!
+//! 1. logs one warning, `lost the broker: <reason>; reconnecting in 1.2s`;
+//! 2. marks the link lost: its task handlers give their tasks up
+//!    (`TaskAbandoned`, reason `connection lost`; see [`crate::task`]);
+//! 3. closes the old connection (the broker requeues its unacked
+//!    deliveries), waits a [`Backoff`] delay (200 ms doubling to 30 s, with
+//!    jitter) and opens a new link, declaring everything again; a failed
+//!    attempt is logged and retried after the next delay, forever, unless
+//!    the error [`is_fatal`] (then the run ends with
+//!    [`AgentError::Refused`]);
+//! 4. once connected, resets the backoff, hands the new events channel to
+//!    the event publisher (which resends what it buffered, in order), sends a
+//!    heartbeat, and consumes again if the mode and the worker allow, with
+//!    the current concurrency as prefetch.
+//!
+//! Meanwhile the loop carries on: handlers finish, heartbeats keep their
+//! schedule (their events wait in the publisher's buffer), the supervised
+//! worker is looked after, and a stop works (it waits for the broker until
+//! `--shutdown-timeout`, so that `AgentStopping` and the buffered events get
+//! out). `Hello` is only sent once, at the start of the run.
 
 use crate::config::AgentConfig;
 use crate::control::ControlQueue;
-use crate::declare::Declarer;
 use crate::handoff::Worker;
 use crate::heartbeat::{Heartbeats, Identity};
+use crate::link::{self, Backoff, Link, LinkParams, is_fatal};
 use crate::state::Shared;
-use crate::supervisor::{Supervisor, SupervisorConfig, WorkerStatus};
+use crate::supervisor::{HealthCheck, Supervisor, SupervisorConfig, WorkerStatus};
 use crate::task::{self, TaskCtx};
 use crate::{AgentError, AgentExit};
 use futures_lite::StreamExt;
-use guildhall_broker::topology::{
-    StreamRetention, declare_control, declare_stage, ensure_events_stream,
-};
 use guildhall_broker::{
-    AmqpUrl, BrokerError, EventPublisher, EventPublisherConfig, Publisher, connect, now_ms,
+    AmqpUrl, BrokerError, EventPublisher, EventPublisherConfig, Publisher, now_ms,
 };
 use guildhall_proto::{AgentState, Names};
+use lapin::Consumer;
+use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -42,11 +64,40 @@ use tokio::time::Instant;
 /// back before they are aborted.
 const ABANDON_GRACE: Duration = Duration::from_secs(10);
 
-/// Longest the stop waits for the broker to confirm the connection close.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
 /// Longest the stop waits for command replies to be confirmed.
 const REPLY_GRACE: Duration = Duration::from_secs(2);
+
+/// Longest the stop waits for the last events to be confirmed.
+const FLUSH_GRACE: Duration = Duration::from_secs(5);
+
+/// A reconnect under way: close the old connection, wait, open a new link.
+type Connecting = Pin<Box<dyn Future<Output = Result<(Link, Publisher), BrokerError>> + Send>>;
+
+/// The link to the broker was lost; the reason is one line.
+#[derive(Debug)]
+pub(crate) struct Lost(pub String);
+
+impl Lost {
+    /// What failed and the error.
+    pub(crate) fn new(what: &str, reason: impl std::fmt::Display) -> Self {
+        Lost(format!(
+            "{what}: {}",
+            crate::config::one_line(&reason.to_string())
+        ))
+    }
+}
+
+/// What the link brought.
+enum LinkEvent {
+    /// A command message.
+    Command(Delivery),
+    /// A task.
+    Delivery(Delivery),
+    /// The broker cancelled the stage consumer (its queue was deleted).
+    ConsumerEnded,
+    /// The link is lost.
+    Lost(Lost),
+}
 
 /// What the loop is doing on purpose.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,14 +123,16 @@ pub(crate) struct Runner {
     pub(crate) config: AgentConfig,
     /// Broker names of the namespace.
     pub(crate) names: Names,
-    /// The agent's one connection.
-    conn: Arc<Connection>,
-    /// The channel the stage consumer lives on (acks go through it).
-    consume_channel: Channel,
-    /// The stage consumer while consuming.
-    consumer: Option<Consumer>,
-    /// Commands from the control exchange.
-    pub(crate) control: ControlQueue,
+    /// What opening a link needs.
+    params: LinkParams,
+    /// The link to the broker; `None` while reconnecting.
+    link: Option<Link>,
+    /// The reconnect under way, while `link` is `None`.
+    connecting: Option<Connecting>,
+    /// Delays between reconnect attempts.
+    backoff: Backoff,
+    /// When the link was lost, for the log line once it is back.
+    lost_at: Option<Instant>,
     /// Shared with every task handler.
     pub(crate) ctx: Arc<TaskCtx>,
     /// The running task handlers.
@@ -96,8 +149,6 @@ pub(crate) struct Runner {
     pub(crate) replies: JoinSet<()>,
     /// The event publisher's background task.
     events_task: tokio::task::JoinHandle<()>,
-    /// The event publisher's channel, watched for health.
-    events_channel: Channel,
 }
 
 impl Runner {
@@ -106,27 +157,27 @@ impl Runner {
     pub(crate) async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         config.validate()?;
         let worker = Worker::from_config(&config)?;
+        let health = config
+            .health_url
+            .as_deref()
+            .map(|url| HealthCheck::new(url, config.health_interval, config.health_failures))
+            .transpose()?;
         let url = AmqpUrl::parse(&config.amqp_url)?;
         let names = Names::new(config.namespace.clone());
-        let conn = Arc::new(connect(&url, &Names::agent_connection_name(&config.id)).await?);
+        let params = LinkParams {
+            url: url.clone(),
+            names: names.clone(),
+            id: config.id.clone(),
+            stage: config.stage.clone(),
+            next: config.next.clone(),
+        };
+        let (link, events_publisher) = Link::open(&params).await?;
         tracing::info!(
             agent = %config.id,
             stage = %config.stage,
             broker = %url.redacted(),
             "connected"
         );
-        let setup = open_channel(&conn, "declarations").await?;
-        declare_stage(&setup, &names, &config.stage).await?;
-        if let Some(next) = &config.next {
-            declare_stage(&setup, &names, next).await?;
-        }
-        declare_control(&setup, &names).await?;
-        let _ = setup.close(200, "declared".into()).await;
-        ensure_events_stream(&conn, &names, &StreamRetention::default()).await?;
-
-        let publisher = Publisher::open(&conn).await?;
-        let events_publisher = Publisher::open(&conn).await?;
-        let events_channel = events_publisher.channel().clone();
         let (events, events_task) = EventPublisher::spawn(
             events_publisher,
             names.events_stream(),
@@ -137,9 +188,6 @@ impl Runner {
                 ..EventPublisherConfig::default()
             },
         );
-        let control = ControlQueue::open(&conn, &names, &config.id, &config.stage).await?;
-        let consume_channel = open_channel(&conn, "stage consumer").await?;
-
         let shared = Shared::new(config.concurrency);
         let identity = Identity {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -160,6 +208,7 @@ impl Runner {
                     ready_addr: worker.ready_addr(),
                     backoff_max: config.restart_backoff_max,
                     log_lines: config.log_lines,
+                    health,
                 },
                 events.clone(),
                 shared.clone(),
@@ -173,29 +222,27 @@ impl Runner {
             config.heartbeat,
             worker_status.clone(),
         );
-        let mut declared = vec![&config.stage];
-        declared.extend(config.next.as_ref());
         let ctx = Arc::new(TaskCtx {
-            declarer: Declarer::new(conn.clone(), names.clone(), &declared),
             names: names.clone(),
             stage: config.stage.clone(),
             next: config.next.clone(),
             agent: config.id.clone(),
             retry: config.retry,
             worker,
-            publisher,
             events,
             shared,
             abandon: tokio_util::sync::CancellationToken::new(),
             worker_status: worker_status.clone(),
+            worker_control: supervisor.as_ref().map(Supervisor::control),
         });
         Ok(Self {
             config,
             names,
-            conn,
-            consume_channel,
-            consumer: None,
-            control,
+            params,
+            link: Some(link),
+            connecting: None,
+            backoff: Backoff::new(),
+            lost_at: None,
             ctx,
             tasks: JoinSet::new(),
             mode: Mode::Running,
@@ -204,12 +251,11 @@ impl Runner {
             heartbeats,
             replies: JoinSet::new(),
             events_task,
-            events_channel,
         })
     }
 
-    /// Runs until a stop completes (`Ok`) or the broker is lost (`Err`),
-    /// then releases everything either way.
+    /// Runs until a stop completes (`Ok`) or a fatal error (`Err`), then
+    /// releases everything either way.
     pub(crate) async fn run(
         mut self,
         stop: impl Future<Output = String>,
@@ -223,8 +269,9 @@ impl Runner {
                 if let Some(supervisor) = self.supervisor.take() {
                     supervisor.stop().await;
                 }
-                let close = self.conn.close(200, "agent failed".into());
-                let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
+                if let Some(link) = self.link.take() {
+                    link::close(&link.conn, "agent failed").await;
+                }
                 self.events_task.abort();
                 Err(err)
             }
@@ -239,48 +286,66 @@ impl Runner {
         let mut hard_deadline: Option<Instant> = None;
         let mut aborted = false;
         loop {
-            self.reconcile().await?;
+            if let Err(lost) = self.reconcile().await {
+                self.on_lost(lost);
+            }
             let deadline = match &self.mode {
-                Mode::Stopping { .. } if self.tasks.is_empty() => return Ok(()),
-                Mode::Stopping { deadline, .. } => Some(*deadline),
+                Mode::Stopping { deadline, .. } => {
+                    // Done once no task is in hand, and the broker is there
+                    // to take the last events (or the stop waited long enough).
+                    if self.tasks.is_empty() && (self.link.is_some() || Instant::now() >= *deadline)
+                    {
+                        return Ok(());
+                    }
+                    Some(*deadline)
+                }
                 _ => None,
             };
-            let can_take = self.consumer.is_some()
+            let can_take = self.link.as_ref().is_some_and(|l| l.consumer.is_some())
                 && self.tasks.len() < self.ctx.shared.concurrency() as usize;
             tokio::select! {
                 reason = &mut stop, if !stop_seen => {
                     stop_seen = true;
                     self.begin_stop(reason);
                 }
-                command = self.control.next() => {
-                    self.on_command(command?).await?;
-                }
+                event = next_link_event(&mut self.link, can_take) => match event {
+                    LinkEvent::Command(delivery) => {
+                        if let Err(lost) = self.on_command(delivery).await {
+                            self.on_lost(lost);
+                        }
+                    }
+                    LinkEvent::Delivery(delivery) => {
+                        if let Some(link) = &self.link {
+                            let handler = task::process(self.ctx.clone(), link.tasks.clone(), delivery);
+                            self.tasks.spawn(handler);
+                        }
+                    }
+                    LinkEvent::ConsumerEnded => {
+                        tracing::warn!("the broker cancelled the stage consumer; consuming again");
+                        if let Some(link) = &mut self.link {
+                            link.consumer = None;
+                        }
+                    }
+                    LinkEvent::Lost(lost) => self.on_lost(lost),
+                },
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Err(err) = joined
                         && err.is_panic()
                     {
                         tracing::error!("a task handler panicked: {err}");
                     }
-                    // A dead channel would fail (and requeue) every task from
-                    // now on: stop instead of spinning.
-                    self.check_channels()?;
                 }
-                delivery = next_delivery(&mut self.consumer), if can_take => match delivery {
-                    Some(Ok(delivery)) => {
-                        self.tasks.spawn(task::process(self.ctx.clone(), delivery));
-                    }
-                    Some(Err(err)) => return Err(AgentError::lost("stage consumer", err)),
-                    None => {
-                        tracing::warn!("the broker cancelled the stage consumer; consuming again");
-                        self.consumer = None;
-                    }
-                },
+                opened = reconnected(&mut self.connecting) => self.on_reconnect(opened).await?,
                 () = worker_changed(&mut self.worker_status) => {}
                 () = sleep_until(deadline), if deadline.is_some() && hard_deadline.is_none() => {
-                    tracing::warn!(
-                        tasks = self.tasks.len(),
-                        "shutdown timeout: giving the tasks in hand back to the queue"
-                    );
+                    if self.tasks.is_empty() {
+                        tracing::warn!("shutdown timeout: stopping without the broker");
+                    } else {
+                        tracing::warn!(
+                            tasks = self.tasks.len(),
+                            "shutdown timeout: giving the tasks in hand back to the queue"
+                        );
+                    }
                     self.ctx.abandon.cancel();
                     hard_deadline = Some(Instant::now() + ABANDON_GRACE);
                 }
@@ -293,22 +358,71 @@ impl Runner {
         }
     }
 
-    /// Fails if the connection or a channel the tasks depend on has closed.
-    fn check_channels(&self) -> Result<(), AgentError> {
-        let channels = [
-            ("task publish channel", self.ctx.publisher.channel()),
-            ("event publish channel", &self.events_channel),
-            ("stage consumer channel", &self.consume_channel),
-        ];
-        if !self.conn.status().connected() {
-            return Err(AgentError::lost("connection", "the connection closed"));
-        }
-        for (what, channel) in channels {
-            if !channel.status().connected() {
-                return Err(AgentError::lost(what, "the channel closed"));
+    /// The link is gone: its handlers give their tasks up, and a reconnect
+    /// starts after the next backoff delay.
+    fn on_lost(&mut self, lost: Lost) {
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        link.mark_lost();
+        let delay = self.backoff.next_delay();
+        tracing::warn!(
+            tasks = self.tasks.len(),
+            "lost the broker: {}; reconnecting in {:.1}s",
+            lost.0,
+            delay.as_secs_f64()
+        );
+        self.lost_at.get_or_insert_with(Instant::now);
+        let old = link.conn.clone();
+        drop(link);
+        let params = self.params.clone();
+        self.connecting = Some(Box::pin(async move {
+            // Closing makes sure the broker requeues what the old connection
+            // held and drops its exclusive command queue, even if only a
+            // channel failed.
+            link::close(&old, "reconnecting").await;
+            drop(old);
+            tokio::time::sleep(delay).await;
+            Link::open(&params).await
+        }));
+    }
+
+    /// A reconnect attempt ended: carry on with the new link, try again
+    /// later, or give up if retrying cannot help.
+    async fn on_reconnect(
+        &mut self,
+        opened: Result<(Link, Publisher), BrokerError>,
+    ) -> Result<(), AgentError> {
+        self.connecting = None;
+        match opened {
+            Ok((link, events)) => {
+                let down = self
+                    .lost_at
+                    .take()
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                tracing::info!("reconnected to the broker after {down:.1}s");
+                self.link = Some(link);
+                self.backoff.reset();
+                self.ctx.events.reconnected(events).await;
+                self.heartbeats.now();
+                Ok(())
+            }
+            Err(err) if is_fatal(&err) => Err(AgentError::Refused(err)),
+            Err(err) => {
+                let delay = self.backoff.next_delay();
+                tracing::warn!(
+                    "cannot reconnect: {}; retrying in {:.1}s",
+                    crate::config::one_line(&err.to_string()),
+                    delay.as_secs_f64()
+                );
+                let params = self.params.clone();
+                self.connecting = Some(Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    Link::open(&params).await
+                }));
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// Starts a graceful stop (once): no new tasks, finish those in hand.
@@ -328,17 +442,18 @@ impl Runner {
         };
     }
 
-    /// Brings consumption in line with the mode and the worker's readiness,
-    /// and reports a state change at once.
-    pub(crate) async fn reconcile(&mut self) -> Result<(), AgentError> {
+    /// Brings consumption in line with the mode, the worker's readiness and
+    /// the link, and reports a state change at once.
+    pub(crate) async fn reconcile(&mut self) -> Result<(), Lost> {
         let worker_ready = self
             .worker_status
             .as_ref()
             .is_none_or(|rx| rx.borrow().ready);
         let want = self.mode == Mode::Running && worker_ready;
-        if want && self.consumer.is_none() {
+        let consuming = self.link.as_ref().map(|l| l.consumer.is_some());
+        if want && consuming == Some(false) {
             self.start_consumer().await?;
-        } else if !want && self.consumer.is_some() {
+        } else if !want && consuming == Some(true) {
             self.cancel_consumer().await?;
         }
         let state = match self.mode {
@@ -354,14 +469,17 @@ impl Runner {
         Ok(())
     }
 
-    async fn start_consumer(&mut self) -> Result<(), AgentError> {
+    async fn start_consumer(&mut self) -> Result<(), Lost> {
         let prefetch = u16::try_from(self.ctx.shared.concurrency()).unwrap_or(u16::MAX);
         let queue = self.names.stage_queue(&self.config.stage);
-        self.consume_channel
+        let Some(link) = self.link.as_mut() else {
+            return Ok(());
+        };
+        link.consume_channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
-            .map_err(|e| AgentError::lost("set the prefetch", e))?;
-        let consumer = self
+            .map_err(|e| Lost::new("set the prefetch", e))?;
+        let consumer = link
             .consume_channel
             .basic_consume(
                 queue.as_str().into(),
@@ -370,22 +488,25 @@ impl Runner {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| AgentError::lost("consume the stage queue", e))?;
+            .map_err(|e| Lost::new("consume the stage queue", e))?;
         tracing::info!(%queue, prefetch, "consuming");
-        self.consumer = Some(consumer);
+        link.consumer = Some(consumer);
         Ok(())
     }
 
     /// Cancels the stage consumer; deliveries it had buffered but not handed
     /// out go back to the queue. Tasks in hand are not touched.
-    pub(crate) async fn cancel_consumer(&mut self) -> Result<(), AgentError> {
-        let Some(mut consumer) = self.consumer.take() else {
+    pub(crate) async fn cancel_consumer(&mut self) -> Result<(), Lost> {
+        let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
-        self.consume_channel
+        let Some(mut consumer) = link.consumer.take() else {
+            return Ok(());
+        };
+        link.consume_channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .await
-            .map_err(|e| AgentError::lost("cancel the stage consumer", e))?;
+            .map_err(|e| Lost::new("cancel the stage consumer", e))?;
         // After cancel-ok the stream yields what it buffered, then ends.
         let drain = async {
             while let Some(Ok(delivery)) = consumer.next().await {
@@ -402,8 +523,8 @@ impl Runner {
     }
 
     /// Re-creates the consumer with the current prefetch, if consuming.
-    pub(crate) async fn restart_consumer(&mut self) -> Result<(), AgentError> {
-        if self.consumer.is_some() {
+    pub(crate) async fn restart_consumer(&mut self) -> Result<(), Lost> {
+        if self.link.as_ref().is_some_and(|l| l.consumer.is_some()) {
             self.cancel_consumer().await?;
             self.start_consumer().await?;
         }
@@ -413,6 +534,11 @@ impl Runner {
     /// Tasks in hand right now.
     pub(crate) fn tasks_in_hand(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// The confirm channel of the current link, for command replies.
+    pub(crate) fn publisher(&self) -> Option<Publisher> {
+        self.link.as_ref().map(|l| l.tasks.publisher.clone())
     }
 
     /// The end of a graceful stop: `AgentStopping`, the worker, the events, the connection.
@@ -434,17 +560,27 @@ impl Runner {
         }
         let replies = async { while self.replies.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(REPLY_GRACE, replies).await;
-        self.ctx.events.flush().await;
-        let _ = self
-            .consume_channel
-            .close(200, "agent stopping".into())
-            .await;
-        self.control.close().await;
-        let close = self.conn.close(200, "agent stopping".into());
-        match tokio::time::timeout(CLOSE_GRACE, close).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::debug!("closing the connection: {err}"),
-            Err(_) => tracing::debug!("the broker did not confirm the connection close"),
+        let _ = tokio::time::timeout(FLUSH_GRACE, self.ctx.events.flush()).await;
+        let unsent = self
+            .ctx
+            .events
+            .stats()
+            .pending
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if unsent > 0 {
+            tracing::warn!(
+                events = unsent,
+                "stopping with events the broker did not take"
+            );
+        }
+        self.connecting = None;
+        if let Some(link) = self.link.take() {
+            let _ = link
+                .consume_channel
+                .close(200, "agent stopping".into())
+                .await;
+            link.control.close().await;
+            link::close(&link.conn, "agent stopping").await;
         }
         self.events_task.abort();
         let exit = AgentExit {
@@ -465,21 +601,49 @@ impl Runner {
     }
 }
 
-async fn open_channel(conn: &Connection, what: &str) -> Result<Channel, BrokerError> {
-    conn.create_channel()
-        .await
-        .map_err(|source| BrokerError::Amqp {
-            what: format!("open the {what} channel"),
-            source,
-        })
+/// The next thing the link brings (never while there is no link).
+async fn next_link_event(link: &mut Option<Link>, take: bool) -> LinkEvent {
+    let Some(link) = link else {
+        return std::future::pending().await;
+    };
+    let Link {
+        consumer,
+        control,
+        watch,
+        ..
+    } = link;
+    tokio::select! {
+        command = control_next(control) => match command {
+            Ok(delivery) => LinkEvent::Command(delivery),
+            Err(lost) => LinkEvent::Lost(lost),
+        },
+        delivery = next_delivery(consumer), if take => match delivery {
+            Some(Ok(delivery)) => LinkEvent::Delivery(delivery),
+            Some(Err(err)) => LinkEvent::Lost(Lost::new("stage consumer", err)),
+            None => LinkEvent::ConsumerEnded,
+        },
+        reason = watch.lost() => LinkEvent::Lost(Lost(reason)),
+    }
+}
+
+async fn control_next(control: &mut ControlQueue) -> Result<Delivery, Lost> {
+    control.next().await
 }
 
 /// The next delivery of the consumer, or never if there is none.
-async fn next_delivery(
-    consumer: &mut Option<Consumer>,
-) -> Option<lapin::Result<lapin::message::Delivery>> {
+async fn next_delivery(consumer: &mut Option<Consumer>) -> Option<lapin::Result<Delivery>> {
     match consumer {
         Some(consumer) => consumer.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome of the reconnect under way (never without one).
+async fn reconnected(
+    connecting: &mut Option<Connecting>,
+) -> Result<(Link, Publisher), BrokerError> {
+    match connecting {
+        Some(future) => future.await,
         None => std::future::pending().await,
     }
 }

@@ -6,11 +6,25 @@
 //! `--restart-backoff-max`, back to 500 ms once a run lasted 60 s. Each exit
 //! is reported as a `WorkerExited` event.
 //!
+//! A process can also hang without exiting. The supervisor then kills it
+//! (SIGTERM to its group, SIGKILL 5 s later) and restarts it with the same
+//! backoff, when:
+//!
+//! - its health URL (`--health-url`, polled with GET every
+//!   `--health-interval`, each check allowed that long) failed
+//!   `--health-failures` times in a row: non-2xx, no connection, or no answer
+//!   in time. Checks start once the worker is ready.
+//! - a task handed to it hit the task timeout ([`WorkerControl::hung`]).
+//!
 //! The runner follows [`WorkerStatus`] through a watch channel: it consumes
 //! only while the worker is ready (in HTTP mode: once the worker URL's
 //! host:port accepts TCP connections), and a task handler gives its task back
-//! to the queue when the process it was handed to exits.
+//! to the queue when the run of the worker it was handed to ends, reporting
+//! [`Ended::reason`]. The end is published before the process is signalled,
+//! so a task whose worker call fails because of the kill is given back, not
+//! counted as failed.
 
+use crate::config::{ConfigError, check_http_url};
 use crate::pgroup::signal_group;
 use crate::state::Shared;
 use guildhall_broker::{EventPublisher, now_ms};
@@ -41,6 +55,17 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest kept output line; the rest of a longer line is dropped.
 const MAX_LINE_BYTES: usize = 4096;
 
+/// Why a run ended: the process exited by itself.
+pub const WORKER_EXITED: &str = "worker exited";
+/// Why a run ended: its health checks failed.
+pub const WORKER_UNHEALTHY: &str = "worker unhealthy";
+/// Why a run ended: a task hit the task timeout.
+pub const WORKER_HUNG: &str = "worker hung: task timeout";
+/// Why a run ended: a `RestartWorker` command.
+pub const WORKER_RESTARTED: &str = "worker restarted";
+/// Why a run ended: the agent is stopping.
+pub const AGENT_STOPPING: &str = "agent stopping";
+
 /// The supervised process as the rest of the agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WorkerStatus {
@@ -50,6 +75,114 @@ pub struct WorkerStatus {
     pub pid: Option<u32>,
     /// Whether tasks may be handed to it.
     pub ready: bool,
+    /// The last run that ended or is being ended, and why: tasks handed to
+    /// that run are given back with this reason. Kept until the next end.
+    pub ended: Option<Ended>,
+}
+
+/// A run of the worker that ended (or is being stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// The run's generation.
+    pub generation: u64,
+    /// Why: [`WORKER_EXITED`], [`WORKER_UNHEALTHY`], [`WORKER_HUNG`]...
+    pub reason: &'static str,
+}
+
+impl WorkerStatus {
+    /// Why run `generation` ended, if it has (or is being ended).
+    pub fn end_of(&self, generation: u64) -> Option<&'static str> {
+        match self.ended {
+            Some(e) if e.generation == generation => Some(e.reason),
+            // A later run ended, so this one did too (by itself).
+            Some(e) if e.generation > generation => Some(WORKER_EXITED),
+            _ => None,
+        }
+    }
+}
+
+/// Health checks of the worker: GET a URL, a 2xx answer in time is healthy.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// Client without proxy, each request bounded by the interval.
+    client: reqwest::Client,
+    /// What is polled.
+    url: reqwest::Url,
+    /// Time between checks, and the most one may take.
+    interval: Duration,
+    /// Failed checks in a row that mean the worker is hung.
+    failures: u32,
+}
+
+impl HealthCheck {
+    /// Checks of `url` every `interval`; `failures` in a row mean hung.
+    pub fn new(url: &str, interval: Duration, failures: u32) -> Result<Self, ConfigError> {
+        let url = check_http_url("--health-url", url)?;
+        let client = reqwest::Client::builder()
+            .timeout(interval)
+            .no_proxy()
+            .build()
+            .map_err(|e| ConfigError::invalid("--health-url", e.to_string()))?;
+        Ok(Self {
+            client,
+            url,
+            interval,
+            failures: failures.max(1),
+        })
+    }
+
+    /// One check: `Err` says what went wrong.
+    async fn check(&self) -> Result<(), String> {
+        match self.client.get(self.url.clone()).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("HTTP {}", response.status().as_u16())),
+            Err(err) if err.is_timeout() => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(self.interval)
+            )),
+            Err(err) => Err(crate::config::one_line(&error_chain(&err))),
+        }
+    }
+
+    /// Checks every interval; returns once `failures` checks in a row failed.
+    /// `failed` carries the count across cancellations.
+    async fn until_unhealthy(&self, failed: &mut u32) {
+        loop {
+            tokio::time::sleep(self.interval).await;
+            match self.check().await {
+                Ok(()) => {
+                    if *failed > 0 {
+                        tracing::info!("worker health check passed again");
+                    }
+                    *failed = 0;
+                }
+                Err(why) => {
+                    *failed += 1;
+                    tracing::warn!(
+                        failed = *failed,
+                        of = self.failures,
+                        url = %self.url,
+                        "worker health check failed: {why}"
+                    );
+                    if *failed >= self.failures {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An error and its causes on one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// What the supervisor needs to know.
@@ -64,6 +197,8 @@ pub struct SupervisorConfig {
     pub backoff_max: Duration,
     /// Output lines kept.
     pub log_lines: usize,
+    /// Health checks, if configured.
+    pub health: Option<HealthCheck>,
 }
 
 /// The last lines a worker wrote, shared with the `Logs` command.
@@ -111,8 +246,26 @@ impl LogBuffer {
 enum Request {
     /// Stop the worker and start it again at once.
     Restart,
+    /// A task handed to this run hit the task timeout: kill the run (if it
+    /// is still the current one) and restart it with the backoff.
+    Hung(u64),
     /// Stop the worker for good; answered once it is gone.
     Stop(oneshot::Sender<()>),
+}
+
+/// Lets task handlers report a hung worker. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct WorkerControl {
+    /// Requests to the supervising task.
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl WorkerControl {
+    /// Reports that run `generation` is hung (a task timed out on it); only
+    /// the first report of a run counts.
+    pub fn hung(&self, generation: u64) {
+        let _ = self.requests.send(Request::Hung(generation));
+    }
 }
 
 /// Handle to the supervising task.
@@ -132,6 +285,7 @@ impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Request::Restart => "Restart",
+            Request::Hung(_) => "Hung",
             Request::Stop(_) => "Stop",
         })
     }
@@ -168,6 +322,13 @@ impl Supervisor {
         self.status.clone()
     }
 
+    /// A handle for task handlers to report a hung worker.
+    pub fn control(&self) -> WorkerControl {
+        WorkerControl {
+            requests: self.requests.clone(),
+        }
+    }
+
     /// The last `n` output lines.
     pub fn logs(&self, n: usize) -> Vec<String> {
         self.logs.last(n)
@@ -192,6 +353,9 @@ impl Supervisor {
 enum RunEnd {
     /// It exited by itself.
     Exited(Option<ExitStatus>),
+    /// It was killed as hung ([`WORKER_UNHEALTHY`] or [`WORKER_HUNG`]); it is
+    /// restarted with the backoff, as after an exit.
+    Killed(&'static str, Option<ExitStatus>),
     /// A restart was asked for; it was stopped.
     Restarted(Option<ExitStatus>),
     /// A stop was asked for (or the handle dropped); it was stopped.
@@ -229,36 +393,54 @@ impl Supervising {
                     RunEnd::Exited(None)
                 }
             };
+            let reason = match &end {
+                RunEnd::Exited(_) => WORKER_EXITED,
+                RunEnd::Killed(reason, _) => reason,
+                RunEnd::Restarted(_) => WORKER_RESTARTED,
+                RunEnd::Stopped(..) => AGENT_STOPPING,
+            };
             let pid = self.status.borrow().pid;
             self.status.send_replace(WorkerStatus {
                 generation: self.generation,
                 pid: None,
                 ready: false,
+                ended: Some(Ended {
+                    generation: self.generation,
+                    reason,
+                }),
             });
             if started.elapsed() >= HEALTHY_UPTIME {
                 backoff = INITIAL_BACKOFF;
             }
             match end {
                 RunEnd::Stopped(status, done) => {
-                    self.report_exit(pid, status, None);
+                    self.report_exit(pid, status, reason, None);
                     if let Some(done) = done {
                         let _ = done.send(());
                     }
                     return;
                 }
-                RunEnd::Restarted(status) => self.report_exit(pid, status, Some(Duration::ZERO)),
-                RunEnd::Exited(status) => {
-                    self.report_exit(pid, status, Some(backoff));
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        request = self.requests.recv() => match request {
-                            Some(Request::Restart) => {}
-                            Some(Request::Stop(done)) => {
-                                let _ = done.send(());
-                                return;
-                            }
-                            None => return,
-                        },
+                RunEnd::Restarted(status) => {
+                    self.report_exit(pid, status, reason, Some(Duration::ZERO))
+                }
+                RunEnd::Exited(status) | RunEnd::Killed(_, status) => {
+                    self.report_exit(pid, status, reason, Some(backoff));
+                    let wait = tokio::time::sleep(backoff);
+                    tokio::pin!(wait);
+                    loop {
+                        tokio::select! {
+                            () = &mut wait => break,
+                            request = self.requests.recv() => match request {
+                                Some(Request::Restart) => break,
+                                // About a run that is already over.
+                                Some(Request::Hung(_)) => {}
+                                Some(Request::Stop(done)) => {
+                                    let _ = done.send(());
+                                    return;
+                                }
+                                None => return,
+                            },
+                        }
                     }
                     backoff = (backoff * 2).min(self.config.backoff_max);
                 }
@@ -288,59 +470,97 @@ impl Supervising {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(capture(err, "stderr", self.logs.clone()));
         }
+        let ended = self.status.borrow().ended;
         self.status.send_replace(WorkerStatus {
             generation: self.generation,
             pid,
             ready: self.config.ready_addr.is_none(),
+            ended,
         });
         Ok(child)
     }
 
-    /// Waits for the run to end, probing readiness meanwhile.
+    /// Waits for the run to end, probing readiness and then health meanwhile.
     async fn watch(&mut self, mut child: Child) -> RunEnd {
         let pid = child.id();
+        let generation = self.generation;
         let ready_addr = self.config.ready_addr.clone();
+        let health = self.config.health.clone();
+        // Failed health checks in a row, kept across loop turns.
+        let mut failed = 0;
         loop {
             let ready = self.status.borrow().ready;
             tokio::select! {
                 status = child.wait() => return RunEnd::Exited(status.ok()),
-                request = self.requests.recv() => {
-                    let status = terminate(&mut child, pid).await;
-                    return match request {
-                        Some(Request::Restart) => RunEnd::Restarted(status),
-                        Some(Request::Stop(done)) => RunEnd::Stopped(status, Some(done)),
-                        None => RunEnd::Stopped(status, None),
-                    };
-                }
+                request = self.requests.recv() => match request {
+                    Some(Request::Hung(g)) if g != generation => {}
+                    Some(Request::Hung(_)) => {
+                        tracing::warn!(pid, "a task timed out: the worker is hung, killing it");
+                        return self.kill(&mut child, pid, WORKER_HUNG).await;
+                    }
+                    Some(Request::Restart) => {
+                        self.mark_ending(WORKER_RESTARTED);
+                        return RunEnd::Restarted(terminate(&mut child, pid).await);
+                    }
+                    Some(Request::Stop(done)) => {
+                        self.mark_ending(AGENT_STOPPING);
+                        return RunEnd::Stopped(terminate(&mut child, pid).await, Some(done));
+                    }
+                    None => {
+                        self.mark_ending(AGENT_STOPPING);
+                        return RunEnd::Stopped(terminate(&mut child, pid).await, None);
+                    }
+                },
                 () = probe(ready_addr.as_ref()), if !ready => {
                     tracing::info!(pid, "worker is accepting connections");
                     self.status.send_modify(|s| s.ready = true);
                 }
+                () = until_unhealthy(health.as_ref(), &mut failed), if ready => {
+                    tracing::warn!(pid, "the worker failed {failed} health checks in a row: it is hung, killing it");
+                    return self.kill(&mut child, pid, WORKER_UNHEALTHY).await;
+                }
             }
         }
+    }
+
+    /// Publishes that the current run is ending and why, before it is
+    /// signalled: no new tasks for it, and tasks in hand are given back.
+    fn mark_ending(&self, reason: &'static str) {
+        let generation = self.generation;
+        self.status.send_modify(|s| {
+            s.ready = false;
+            s.ended = Some(Ended { generation, reason });
+        });
+    }
+
+    /// Kills a hung run.
+    async fn kill(&self, child: &mut Child, pid: Option<u32>, reason: &'static str) -> RunEnd {
+        self.mark_ending(reason);
+        RunEnd::Killed(reason, terminate(child, pid).await)
     }
 
     fn report_exit(
         &self,
         pid: Option<u32>,
         status: Option<ExitStatus>,
+        reason: &'static str,
         restart_in: Option<Duration>,
     ) {
         let code = status.and_then(|s| s.code());
         let signal = status.and_then(|s| s.signal());
-        tracing::warn!(
-            code,
-            signal,
-            restart_in_ms = restart_in.map(|d| d.as_millis() as u64),
-            "worker exited"
-        );
+        let restart_in_ms = restart_in.map(|d| d.as_millis() as u64);
+        if reason == AGENT_STOPPING {
+            tracing::info!(code, signal, "worker stopped");
+        } else {
+            tracing::warn!(code, signal, reason, restart_in_ms, "worker exited");
+        }
         self.events.emit(Event::WorkerExited(WorkerExited {
             at_ms: now_ms(),
             pid: pid.unwrap_or(0),
             code,
             signal,
             restarts: self.shared.worker_restarts(),
-            restart_in_ms: restart_in.map(|d| d.as_millis() as u64),
+            restart_in_ms,
         }));
     }
 }
@@ -358,6 +578,15 @@ async fn terminate(child: &mut Child, pid: Option<u32>) -> Option<ExitStatus> {
             signal_group(pid, Signal::KILL);
             child.wait().await.ok()
         }
+    }
+}
+
+/// Returns once the health checks say the worker is hung (never without
+/// health checks).
+async fn until_unhealthy(health: Option<&HealthCheck>, failed: &mut u32) {
+    match health {
+        Some(health) => health.until_unhealthy(failed).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -443,5 +672,85 @@ mod tests {
             .expect("the probe sees the port open");
         assert!(started.elapsed() >= Duration::from_millis(250));
         drop(opener.await);
+    }
+
+    /// A server answering GET with the status `statuses` gives, in turn
+    /// (the last one forever); `None` never answers.
+    async fn health_server(statuses: Vec<Option<u16>>) -> (String, tokio::task::JoinHandle<()>) {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/health", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            for i in 0.. {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = socket.read(&mut buf).await;
+                match statuses[i.min(statuses.len() - 1)] {
+                    Some(status) => {
+                        let reply = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        );
+                        let _ = socket.write_all(reply.as_bytes()).await;
+                    }
+                    None => held.push(socket),
+                }
+            }
+        });
+        (url, server)
+    }
+
+    #[tokio::test]
+    async fn health_checks_report_a_hang_after_failures_in_a_row() {
+        // Healthy, then a 500, healthy again (the count restarts), then a
+        // 503 and no answer at all: the third failure in a row is the hang.
+        let (url, server) =
+            health_server(vec![Some(200), Some(500), Some(204), Some(503), None]).await;
+        let check = HealthCheck::new(&url, Duration::from_millis(100), 2).unwrap();
+        let mut failed = 0;
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), check.until_unhealthy(&mut failed))
+            .await
+            .expect("judged hung");
+        assert_eq!(failed, 2);
+        // 5 checks at 100 ms intervals, the last one timing out.
+        assert!(
+            started.elapsed() >= Duration::from_millis(550),
+            "{:?}",
+            started.elapsed()
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_healthy_worker_is_never_judged_hung() {
+        let (url, server) = health_server(vec![Some(200)]).await;
+        let check = HealthCheck::new(&url, Duration::from_millis(100), 1).unwrap();
+        let mut failed = 0;
+        let judged = tokio::time::timeout(
+            Duration::from_millis(700),
+            check.until_unhealthy(&mut failed),
+        )
+        .await;
+        assert!(judged.is_err(), "a healthy worker was judged hung");
+        assert_eq!(failed, 0);
+        server.abort();
+    }
+
+    #[test]
+    fn a_run_knows_why_it_ended() {
+        let status = WorkerStatus {
+            generation: 3,
+            pid: Some(10),
+            ready: false,
+            ended: Some(Ended {
+                generation: 3,
+                reason: WORKER_UNHEALTHY,
+            }),
+        };
+        assert_eq!(status.end_of(3), Some(WORKER_UNHEALTHY));
+        assert_eq!(status.end_of(2), Some(WORKER_EXITED), "an earlier run");
+        assert_eq!(status.end_of(4), None, "not started yet");
+        assert_eq!(WorkerStatus::default().end_of(1), None);
     }
 }

@@ -9,30 +9,49 @@
 //! | retryable failure, attempts left | original payload to the retry queue of this attempt's delay | `TaskFailed`, `TaskRetrying` | ack |
 //! | permanent failure, or attempts used up | original payload to `<ns>.dead` / stage, with the error headers | `TaskFailed`, `TaskDeadLettered` | ack |
 //! | invalid message id | original message to `<ns>.dead` / stage | - | ack |
-//! | any of the above fails, the agent stops, or the supervised worker exits mid-task | - | - | nack, requeue |
+//!
+//! A task can also be **given up**: nothing is handed on, whatever the worker
+//! produced is discarded, a `TaskAbandoned` event says why and how far the
+//! worker got (`Unfinished`, `Succeeded`, `Failed`), and the broker delivers
+//! the task again (to this agent or another). It is counted in
+//! [`crate::AgentExit::requeued`].
+//!
+//! | when | reason | result | the delivery |
+//! |---|---|---|---|
+//! | the link to the broker is lost while the worker has the task: it gets [`LOST_LINK_GRACE`] more to answer | `connection lost` | the worker's, or `Unfinished` (the call is cancelled: an exec task's process group is killed) | dropped: it belonged to the dead channel, the broker requeued it |
+//! | the link is lost once the worker answered, or while settling | `connection lost` | the worker's | dropped, as above |
+//! | the supervised worker's run ends while it has the task (or its call fails because of that) | `worker exited`, `worker unhealthy`, `worker restarted` | `Unfinished` | nack, requeue |
+//! | the task hits the task timeout on a supervised worker: the worker is judged hung and restarted | `worker hung: task timeout` | `Unfinished` | nack, requeue |
+//! | a stop's `--shutdown-timeout` runs out | `stop timeout` | `Unfinished` | nack, requeue |
+//! | what the outcome calls for is not confirmed (a nack, an unroutable message, an event batch that failed) | `settle failed` | the worker's | nack, requeue |
+//!
+//! Without a supervised worker, a task timeout is a retryable failure like
+//! any other.
 
 use crate::config::RetryPolicy;
-use crate::declare::Declarer;
 use crate::handoff::{Failure, NextStage, Outcome, Progress, ProgressSink, TaskInput, Worker};
+use crate::link::TaskLink;
 use crate::state::Shared;
-use crate::supervisor::WorkerStatus;
+use crate::supervisor::{WORKER_EXITED, WORKER_HUNG, WorkerControl, WorkerStatus};
 use guildhall_broker::events::EventsError;
 use guildhall_broker::task::with_text_header;
-use guildhall_broker::{BrokerError, EventPublisher, PublishError, Publisher, TaskMeta, now_ms};
+use guildhall_broker::{BrokerError, EventPublisher, PublishError, TaskMeta, now_ms};
 use guildhall_proto::headers::{amqp as h, idempotency_key};
 use guildhall_proto::trace::TraceParent;
 use guildhall_proto::{
-    AgentId, Event, Names, Stage, TaskDeadLettered, TaskFailed, TaskInHand, TaskProgress,
-    TaskRetrying, TaskStarted, TaskSucceeded, truncate_error,
+    AgentId, Event, Names, Stage, TaskAbandoned, TaskDeadLettered, TaskFailed, TaskInHand,
+    TaskProgress, TaskRetrying, TaskStarted, TaskSucceeded, WorkerResult, truncate_error,
 };
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// What every task handler shares.
+/// What every task handler shares, whatever connection its delivery came on
+/// (that part is its [`TaskLink`]).
 #[derive(Debug)]
 pub struct TaskCtx {
     /// Broker names of the namespace.
@@ -47,12 +66,8 @@ pub struct TaskCtx {
     pub retry: RetryPolicy,
     /// Where tasks are handed.
     pub worker: Worker,
-    /// Confirm-mode channel for results, retries and dead letters.
-    pub publisher: Publisher,
     /// The event stream.
     pub events: EventPublisher,
-    /// Lazy declarations of next stages and retry queues.
-    pub declarer: Declarer,
     /// Tasks in hand and counters.
     pub shared: Arc<Shared>,
     /// Cancelled when a stop's `--shutdown-timeout` runs out: tasks still at
@@ -60,6 +75,8 @@ pub struct TaskCtx {
     pub abandon: CancellationToken,
     /// The supervised worker's status, if there is one.
     pub worker_status: Option<watch::Receiver<WorkerStatus>>,
+    /// Reports a hung supervised worker (a task timed out on it).
+    pub worker_control: Option<WorkerControl>,
 }
 
 /// Why a task could not be settled; it goes back to the queue.
@@ -76,11 +93,69 @@ pub enum SettleError {
     Events(#[from] EventsError),
 }
 
+/// How long a task whose link was lost still waits for its worker: a call
+/// that already finished (an agent frozen by SIGSTOP finds its worker done
+/// and its connection closed at the same moment) reports its real result.
+pub const LOST_LINK_GRACE: Duration = Duration::from_secs(1);
+
+/// Longest a task that timed out on a supervised worker waits for the
+/// supervisor to start killing that worker before giving the task back.
+const HUNG_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a task was given up: its link to the broker was lost.
+pub const CONNECTION_LOST: &str = "connection lost";
+/// Why a task was given up: the stop's `--shutdown-timeout` ran out.
+pub const STOP_TIMEOUT: &str = "stop timeout";
+/// Why a task was given up: what its outcome called for was not confirmed.
+pub const SETTLE_FAILED: &str = "settle failed";
+
+/// One delivery being handled, for [`Held::abandon`].
+struct Held<'a> {
+    /// Shared with every handler.
+    ctx: &'a TaskCtx,
+    /// The link the delivery came on.
+    link: &'a TaskLink,
+    /// The delivery.
+    delivery: &'a Delivery,
+    /// Its task.
+    meta: &'a TaskMeta,
+    /// When the worker got it.
+    started_at_ms: u64,
+}
+
+impl Held<'_> {
+    /// Gives the task up without handing it on: reports `TaskAbandoned` and
+    /// gives the delivery back to the queue (a nack, or nothing at all if the
+    /// link is lost: the broker requeues it with the dead channel).
+    async fn abandon(&self, reason: &str, result: WorkerResult) {
+        let lost = self.link.is_lost();
+        tracing::info!(
+            task = %self.meta.id,
+            attempt = self.meta.attempt,
+            ?result,
+            "giving the task back to the queue: {reason}"
+        );
+        self.ctx.shared.count_requeued();
+        self.ctx.events.emit(Event::TaskAbandoned(TaskAbandoned {
+            at_ms: now_ms(),
+            task_id: self.meta.id.clone(),
+            stage: self.ctx.stage.clone(),
+            attempt: self.meta.attempt,
+            started_at_ms: self.started_at_ms,
+            reason: reason.to_owned(),
+            result,
+        }));
+        if !lost {
+            nack(self.delivery).await;
+        }
+    }
+}
+
 /// Handles one delivery to the end: settled and acked, or given back.
-pub async fn process(ctx: Arc<TaskCtx>, mut delivery: Delivery) {
+pub async fn process(ctx: Arc<TaskCtx>, link: Arc<TaskLink>, mut delivery: Delivery) {
     let meta = match TaskMeta::from_properties(&delivery.properties) {
         Ok(meta) => meta,
-        Err(err) => return reject_invalid(&ctx, delivery, &err.to_string()).await,
+        Err(err) => return reject_invalid(&ctx, &link, delivery, &err.to_string()).await,
     };
     let started_at_ms = now_ms();
     let _in_hand = ctx.shared.hold(TaskInHand {
@@ -108,29 +183,76 @@ pub async fn process(ctx: Arc<TaskCtx>, mut delivery: Delivery) {
     };
     let progress = progress_sink(&ctx, &input);
     let generation = ctx.worker_status.as_ref().map(|rx| rx.borrow().generation);
+    let held = Held {
+        ctx: &ctx,
+        link: &link,
+        delivery: &delivery,
+        meta: &meta,
+        started_at_ms,
+    };
+    let unfinished = WorkerResult::Unfinished;
     let outcome = tokio::select! {
         outcome = ctx.worker.handle(&input, &progress) => outcome,
-        () = ctx.abandon.cancelled() => {
-            return give_back(&ctx, &delivery, &meta.id, "the agent is stopping").await;
+        () = ctx.abandon.cancelled() => return held.abandon(STOP_TIMEOUT, unfinished).await,
+        reason = worker_lost(ctx.worker_status.clone(), generation) => {
+            return held.abandon(reason, unfinished).await;
         }
-        () = worker_lost(ctx.worker_status.clone(), generation) => {
-            return give_back(&ctx, &delivery, &meta.id, "the worker process exited").await;
-        }
+        () = link.lost_for(LOST_LINK_GRACE) => return held.abandon(CONNECTION_LOST, unfinished).await,
     };
-    let settled = settle(&ctx, &meta, &input, outcome, started_at_ms, span, &delivery).await;
+    let result = match &outcome {
+        Outcome::Success { .. } => WorkerResult::Succeeded,
+        Outcome::Failure(_) => WorkerResult::Failed,
+    };
+    // Settling would publish for a delivery that can no longer be acked (the
+    // broker already gave it to someone else): discard the result.
+    if link.is_lost() {
+        return held.abandon(CONNECTION_LOST, result).await;
+    }
+    if let (Outcome::Failure(failure), Some(generation)) = (&outcome, generation) {
+        let status = ctx.worker_status.as_ref().map(|rx| *rx.borrow());
+        if let Some(reason) = status.and_then(|s| s.end_of(generation)) {
+            // The failure is the worker's death (or kill), not the task's.
+            return held.abandon(reason, unfinished).await;
+        }
+        if failure.timed_out
+            && let Some(control) = &ctx.worker_control
+        {
+            // A supervised worker that does not answer in time is hung:
+            // restart it and give the task back instead of retrying it.
+            tracing::warn!(task = %meta.id, "task timed out: the worker is hung");
+            control.hung(generation);
+            let restarting = worker_lost(ctx.worker_status.clone(), Some(generation));
+            let _ = tokio::time::timeout(HUNG_GRACE, restarting).await;
+            return held.abandon(WORKER_HUNG, unfinished).await;
+        }
+    }
+    let settled = settle(
+        &ctx,
+        &link,
+        &meta,
+        &input,
+        outcome,
+        started_at_ms,
+        span,
+        &delivery,
+    )
+    .await;
     match settled {
         Ok(()) => ack(&delivery, &meta.id).await,
+        Err(_) if link.is_lost() => held.abandon(CONNECTION_LOST, result).await,
         Err(err) => {
-            tracing::warn!(task = %meta.id, "cannot settle the task, giving it back: {err}");
-            give_back(&ctx, &delivery, &meta.id, "settling failed").await;
+            tracing::warn!(task = %meta.id, "cannot settle the task: {err}");
+            held.abandon(SETTLE_FAILED, result).await;
         }
     }
 }
 
 /// Acts on the outcome: publishes what it calls for and waits for every
 /// confirm. The caller acks only if this succeeds.
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     ctx: &TaskCtx,
+    link: &TaskLink,
     meta: &TaskMeta,
     input: &TaskInput,
     outcome: Outcome,
@@ -150,15 +272,15 @@ async fn settle(
                 NextStage::End => None,
             };
             if let Some(next) = &next {
-                ctx.declarer.stage(next).await?;
+                link.declarer.stage(next).await?;
                 let props = meta.next_stage(finished_at_ms, Some(span)).properties();
-                let published = ctx
+                let published = link
                     .publisher
                     .publish(&ctx.names.tasks_exchange(), next.as_str(), &payload, props)
                     .await;
                 if let Err(PublishError::Unroutable { .. }) = &published {
                     // Someone deleted the queue since it was declared.
-                    ctx.declarer.forget_stage(next);
+                    link.declarer.forget_stage(next);
                 }
                 published?;
             }
@@ -191,9 +313,9 @@ async fn settle(
     });
     let then = if failure.retryable && ctx.retry.should_retry(meta.attempt) {
         let delay_ms = ctx.retry.delay(meta.attempt).as_millis() as u64;
-        let queue = ctx.declarer.retry_queue(&ctx.stage, delay_ms).await?;
+        let queue = link.declarer.retry_queue(&ctx.stage, delay_ms).await?;
         let props = meta.retry(finished_at_ms, delay_ms).properties();
-        ctx.publisher
+        link.publisher
             .publish("", &queue, &input.payload, props)
             .await?;
         tracing::debug!(task = %meta.id, attempt = meta.attempt, delay_ms, class = %failure.class, "retrying");
@@ -206,7 +328,7 @@ async fn settle(
         })
     } else {
         let props = dead_letter_properties(ctx, &delivery.properties, &error, &failure);
-        ctx.publisher
+        link.publisher
             .publish(
                 &ctx.names.dead_exchange(),
                 ctx.stage.as_str(),
@@ -249,11 +371,11 @@ fn dead_letter_properties(
 
 /// A message whose id is not a valid task id cannot be processed or
 /// reported: it goes straight to the dead-letter queue.
-async fn reject_invalid(ctx: &TaskCtx, delivery: Delivery, error: &str) {
+async fn reject_invalid(ctx: &TaskCtx, link: &TaskLink, delivery: Delivery, error: &str) {
     let failure = Failure::permanent("invalid_task_id", error);
     let error = truncate_error(error.to_owned());
     let props = dead_letter_properties(ctx, &delivery.properties, &error, &failure);
-    let published = ctx
+    let published = link
         .publisher
         .publish(
             &ctx.names.dead_exchange(),
@@ -306,16 +428,20 @@ fn progress_sink(ctx: &TaskCtx, input: &TaskInput) -> ProgressSink {
     })
 }
 
-/// Resolves when the supervised worker this task was handed to is gone
-/// (never when there is no supervised worker).
-async fn worker_lost(status: Option<watch::Receiver<WorkerStatus>>, generation: Option<u64>) {
+/// Resolves with the reason when the run of the supervised worker this task
+/// was handed to ends or is being ended (never without a supervised worker).
+async fn worker_lost(
+    status: Option<watch::Receiver<WorkerStatus>>,
+    generation: Option<u64>,
+) -> &'static str {
     let (Some(mut rx), Some(generation)) = (status, generation) else {
         return std::future::pending().await;
     };
-    // An error means the supervisor itself is gone, and the worker with it.
-    let _ = rx
-        .wait_for(|s| s.generation != generation || s.pid.is_none())
-        .await;
+    match rx.wait_for(|s| s.end_of(generation).is_some()).await {
+        Ok(status) => status.end_of(generation).unwrap_or(WORKER_EXITED),
+        // The supervisor itself is gone, and the worker with it.
+        Err(_) => WORKER_EXITED,
+    }
 }
 
 async fn ack(delivery: &Delivery, task: &guildhall_proto::TaskId) {
@@ -326,12 +452,6 @@ async fn ack(delivery: &Delivery, task: &guildhall_proto::TaskId) {
         }
         Err(err) => tracing::warn!(%task, "ack failed (the broker will redeliver): {err}"),
     }
-}
-
-async fn give_back(ctx: &TaskCtx, delivery: &Delivery, task: &guildhall_proto::TaskId, why: &str) {
-    tracing::info!(%task, "giving the task back to the queue: {why}");
-    ctx.shared.count_requeued();
-    nack(delivery).await;
 }
 
 async fn nack(delivery: &Delivery) {

@@ -1,17 +1,24 @@
 //! The agent against the real RabbitMQ (`AMQP_URL`, default the local
 //! broker): each test runs agents in process in a namespace of its own and
 //! deletes everything under it at the end.
+//!
+//! Connection losses are caused the way they happen in production: the
+//! broker closes the agent's connection (through the management API, as the
+//! coordinator does for a frozen agent). The broker itself is never
+//! restarted here: other tests share it.
 
 use futures_lite::StreamExt;
 use guildhall_agent::{AgentConfig, AgentHandle, RetryPolicy, SimulateSpec, WorkerSpec};
 use guildhall_broker::task::{header_str, header_u64};
 use guildhall_broker::topology::{StreamRetention, declare_stage, ensure_events_stream};
-use guildhall_broker::{Management, Publisher, TaskMeta, connect, now_ms};
+use guildhall_broker::{
+    EventPublisher, EventPublisherConfig, Management, Publisher, TaskMeta, connect, now_ms,
+};
 use guildhall_proto::command::{decode as decode_reply, encode as encode_command};
 use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{
-    AgentId, AgentState, Command, CommandMessage, CommandReply, Event, Names, Namespace, Stage,
-    TaskId,
+    AgentId, AgentState, Command, CommandMessage, CommandReply, Event, Marker, Names, Namespace,
+    Stage, TaskAbandoned, TaskId, WorkerResult,
 };
 use lapin::message::BasicGetMessage;
 use lapin::options::{
@@ -20,6 +27,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -130,6 +138,75 @@ impl TestEnv {
             .with_heartbeat(Duration::from_millis(200));
         config.flush_interval = Duration::from_millis(10);
         config
+    }
+
+    /// A management API client for the test broker.
+    fn management(&self) -> Management {
+        let url = guildhall_broker::AmqpUrl::parse(&amqp_url()).unwrap();
+        Management::new(&management_url(), url.vhost()).unwrap()
+    }
+
+    /// Waits until the management API lists the agent's connection (it
+    /// shows a new connection only after its next stats refresh, ~5 s).
+    async fn wait_for_connection(&self, agent: &AgentId) {
+        let management = self.management();
+        let name = Names::agent_connection_name(agent);
+        eventually(
+            Duration::from_secs(20),
+            "the agent's connection to be listed",
+            || async {
+                let listed = management.connections().await.ok()?;
+                listed
+                    .iter()
+                    .any(|c| c.user_provided_name.as_deref() == Some(name.as_str()))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Has the broker close the agent's connection, as the coordinator does
+    /// to a frozen agent.
+    async fn close_connection(&self, agent: &AgentId) {
+        let management = self.management();
+        let name = Names::agent_connection_name(agent);
+        eventually(
+            Duration::from_secs(20),
+            "the agent's connection to be closed",
+            || async {
+                let closed = management
+                    .close_connections_named(&name, "closed by a test")
+                    .await
+                    .ok()?;
+                (closed > 0).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Declares `queue` as an exclusive queue of the test's connection, as
+    /// an agent declares its command queue, retrying for up to a second
+    /// while someone else holds it. `None` if it stayed taken.
+    async fn hold_exclusive_queue(&self, queue: &str) -> Option<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let ch = self.conn.create_channel().await.unwrap();
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("classic")),
+            );
+            let options = QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            };
+            if ch.queue_declare(queue.into(), options, args).await.is_ok() {
+                return Some(ch);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
     }
 
     /// Starts an agent in process.
@@ -284,6 +361,7 @@ impl TestEnv {
             _channel: ch,
             consumer,
             seen: Vec::new(),
+            envelopes: Vec::new(),
         }
     }
 }
@@ -293,6 +371,8 @@ struct EventReader {
     _channel: Channel,
     consumer: lapin::Consumer,
     seen: Vec<(AgentId, Event)>,
+    /// Every envelope read: sender and sequence number, in stream order.
+    envelopes: Vec<(AgentId, u64)>,
 }
 
 impl EventReader {
@@ -326,6 +406,7 @@ impl EventReader {
                 .unwrap();
             let decoded = guildhall_proto::decode(&delivery.data).unwrap();
             let sender = decoded.envelope.sender.clone();
+            self.envelopes.push((sender.clone(), decoded.envelope.seq));
             self.seen.extend(
                 decoded
                     .envelope
@@ -334,6 +415,29 @@ impl EventReader {
                     .map(|e| (sender.clone(), e)),
             );
         }
+    }
+}
+
+impl EventReader {
+    /// Checks that `agent`'s envelopes arrived in sequence order, with
+    /// nothing missing: each is the next number or a resend of one already
+    /// seen (a batch whose confirm was lost). Returns the highest.
+    fn assert_sequence(&self, agent: &AgentId) -> u64 {
+        let seqs: Vec<u64> = self
+            .envelopes
+            .iter()
+            .filter(|(sender, _)| sender == agent)
+            .map(|(_, seq)| *seq)
+            .collect();
+        let mut last = 0;
+        for &seq in &seqs {
+            assert!(
+                seq == last + 1 || seq <= last,
+                "envelope {seq} after {last}: {seqs:?}"
+            );
+            last = last.max(seq);
+        }
+        last
     }
 }
 
@@ -348,6 +452,7 @@ fn task_story(events: &[Event], task: &str) -> Vec<String> {
             Event::TaskFailed(f) => format!("failed#{}:{}", f.attempt, f.error_class),
             Event::TaskRetrying(r) => format!("retrying#{}", r.attempt),
             Event::TaskDeadLettered(d) => format!("dead#{}", d.attempt),
+            Event::TaskAbandoned(a) => format!("abandoned#{}:{}", a.attempt, a.reason),
             other => other.kind().to_owned(),
         })
         .collect()
@@ -355,6 +460,42 @@ fn task_story(events: &[Event], task: &str) -> Vec<String> {
 
 fn has(events: &[Event], kind: &str) -> bool {
     events.iter().any(|e| e.kind() == kind)
+}
+
+/// The `TaskAbandoned` events among `events`.
+fn abandoned(events: &[Event]) -> Vec<TaskAbandoned> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::TaskAbandoned(a) => Some(a.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a `TaskStarted` for `task` says it was redelivered.
+fn redelivered(events: &[Event], task: &str) -> bool {
+    events
+        .iter()
+        .any(|e| matches!(e, Event::TaskStarted(s) if s.task_id.as_str() == task && s.redelivered))
+}
+
+/// A scratch directory of this test process, for workers' marker files.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "gh-agent-{}-{name}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The exec command of a worker that hangs (sleeps `hang_s`) the first time
+/// and echoes its input from then on (a marker file remembers).
+fn hangs_once(marker: &std::path::Path, hang_s: u32) -> String {
+    let m = marker.display();
+    format!("if [ -e '{m}' ]; then cat; else touch '{m}'; sleep {hang_s}; cat; fi")
 }
 
 fn attempt_of(message: &BasicGetMessage) -> Option<u64> {
@@ -841,6 +982,13 @@ async fn a_stop_timeout_gives_the_task_back_to_the_queue() {
             Some((1, 0)),
             "K-1 is back in the queue"
         );
+        let seen = events
+            .until(&id, "AgentStopping", |e| has(e, "agent_stopping"))
+            .await;
+        assert_eq!(
+            task_story(&seen, "K-1"),
+            ["started#1", "abandoned#1:stop timeout"]
+        );
     })
     .await;
 }
@@ -915,9 +1063,16 @@ async fn tasks_in_hand_go_back_to_the_queue_when_the_supervised_worker_exits() {
             .map(Event::kind)
             .filter(|k| *k != "heartbeat")
             .collect();
+        assert_eq!(kinds[..2], ["hello", "task_started"]);
+        // Both follow the exit; which one is published first is a race.
+        let mut middle = kinds[2..4].to_vec();
+        middle.sort();
+        assert_eq!(middle, ["task_abandoned", "worker_exited"]);
+        assert_eq!(kinds[4], "task_started");
+        let gave_up = abandoned(&seen);
         assert_eq!(
-            kinds[..4],
-            ["hello", "task_started", "worker_exited", "task_started"]
+            (gave_up[0].reason.as_str(), gave_up[0].result),
+            ("worker exited", WorkerResult::Unfinished)
         );
         assert!(
             !seen.iter().any(|e| e.kind() == "task_failed"),
@@ -1038,6 +1193,439 @@ async fn set_concurrency_keeps_the_tasks_in_hand() {
         assert!(!redelivered, "no task was given back");
         let exit = agent.stop_and_join().await.unwrap();
         assert_eq!((exit.done, exit.requeued), (4, 0));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_connection_closed_by_the_broker_gives_the_task_back_and_the_agent_reconnects() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let dir = scratch_dir("cut");
+        let agent = env
+            .start(env.config("cut", Some("after"), exec(&hangs_once(&dir.join("m"), 30))))
+            .await;
+        let id = agent.id().clone();
+        env.wait_for_connection(&id).await;
+        env.submit("cut", "R-1", b"once").await;
+        events
+            .until(&id, "the task to start", |e| has(e, "task_started"))
+            .await;
+        env.close_connection(&id).await;
+
+        // Take the agent's command queue name as soon as the broker dropped
+        // it with the old connection: reconnect attempts fail on it
+        // (RESOURCE_LOCKED, retried) while events pile up in the agent.
+        let control_queue = env.names.agent_control_queue(&id);
+        let outage = match env.hold_exclusive_queue(&control_queue).await {
+            Some(ch) => {
+                let from_ms = now_ms();
+                // The outage being simulated, not a wait for a condition.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                ch.queue_delete(control_queue.as_str().into(), Default::default())
+                    .await
+                    .unwrap();
+                Some((from_ms, now_ms()))
+            }
+            None => None,
+        };
+
+        let seen = events
+            .until(&id, "the redelivered task to succeed", |e| {
+                task_story(e, "R-1").contains(&"succeeded#1".to_owned())
+            })
+            .await;
+        assert_eq!(
+            task_story(&seen, "R-1"),
+            [
+                "started#1",
+                "abandoned#1:connection lost",
+                "started#1",
+                "succeeded#1"
+            ]
+        );
+        assert!(redelivered(&seen, "R-1"));
+        let gave_up = abandoned(&seen);
+        assert_eq!(gave_up[0].result, WorkerResult::Unfinished);
+        assert_eq!(
+            seen.iter().filter(|e| e.kind() == "hello").count(),
+            1,
+            "Hello only at the start of the run"
+        );
+
+        // Handed on exactly once: the abandoned attempt published nothing.
+        let after = env.names.stage_queue(&env.stage("after"));
+        assert_eq!(env.probe(&after).await, Some((1, 0)));
+        let message = env.take(&after).await;
+        assert_eq!(
+            (message_id(&message).as_str(), &message.delivery.data[..]),
+            ("R-1", &b"once"[..])
+        );
+
+        // Heartbeats carry on after the reconnect, in sequence, and those
+        // emitted while disconnected arrived too.
+        let reconnected_at = gave_up[0].at_ms;
+        let seen = events
+            .until(&id, "heartbeats after the reconnect", |e| {
+                e.iter()
+                    .filter(|e| matches!(e, Event::Heartbeat(h) if h.at_ms > reconnected_at))
+                    .count()
+                    >= 3
+            })
+            .await;
+        events.assert_sequence(&id);
+        if let Some((from_ms, to_ms)) = outage {
+            let during = seen
+                .iter()
+                .filter(|e| {
+                    matches!(e, Event::Heartbeat(h) if h.at_ms > from_ms + 200 && h.at_ms < to_ms)
+                })
+                .count();
+            assert!(
+                during >= 3,
+                "heartbeats from the {} ms outage: {during}",
+                to_ms - from_ms
+            );
+        }
+
+        let exit = agent.stop_and_join().await.unwrap();
+        assert_eq!((exit.done, exit.requeued), (1, 1));
+        let _ = std::fs::remove_dir_all(dir);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_frozen_agent_gives_up_the_task_its_worker_finished_and_carries_on() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let id: AgentId = format!("frozen-{:04x}", rand::random::<u16>())
+            .parse()
+            .unwrap();
+        env.agents.lock().unwrap().push(id.clone());
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guildhall-agent"))
+            .args([
+                "--stage",
+                "frozen",
+                "--next",
+                "after",
+                "--exec",
+                "sleep 1; cat",
+            ])
+            .args([
+                "--namespace",
+                env.names.namespace().as_str(),
+                "--id",
+                id.as_str(),
+            ])
+            .args(["--heartbeat", "200ms", "--flush-interval", "10ms"])
+            .env("AMQP_URL", amqp_url())
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let agent_pid = child.id().unwrap();
+        let pid = rustix::process::Pid::from_raw(agent_pid as i32).unwrap();
+        let queue = env.names.stage_queue(&env.stage("frozen"));
+        eventually(Duration::from_secs(10), "the binary to consume", || async {
+            (env.probe(&queue).await.map(|(_, c)| c) == Some(1)).then_some(())
+        })
+        .await;
+        env.wait_for_connection(&id).await;
+        env.submit("frozen", "Z-1", b"thawed").await;
+        events
+            .until(&id, "the task to start", |e| has(e, "task_started"))
+            .await;
+
+        // Freeze the agent (not its worker, which has a process group of
+        // its own); the broker takes the task back from it.
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+        env.close_connection(&id).await;
+        eventually(
+            Duration::from_secs(10),
+            "the task to be requeued",
+            || async { (env.probe(&queue).await == Some((1, 0))).then_some(()) },
+        )
+        .await;
+        eventually(
+            Duration::from_secs(10),
+            "the worker to finish while the agent is frozen",
+            || async { children_all_exited(agent_pid) },
+        )
+        .await;
+        rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+
+        let seen = events
+            .until(&id, "the task to be done again", |e| {
+                task_story(e, "Z-1").contains(&"succeeded#1".to_owned())
+            })
+            .await;
+        assert_eq!(
+            task_story(&seen, "Z-1"),
+            [
+                "started#1",
+                "abandoned#1:connection lost",
+                "started#1",
+                "succeeded#1"
+            ]
+        );
+        assert_eq!(
+            abandoned(&seen)[0].result,
+            WorkerResult::Succeeded,
+            "the worker had finished; its result was discarded"
+        );
+        let after = env.names.stage_queue(&env.stage("after"));
+        assert_eq!(env.probe(&after).await, Some((1, 0)), "handed on once");
+        events.assert_sequence(&id);
+
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("the binary exits after SIGTERM")
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+    })
+    .await;
+}
+
+/// `Some` once `pid` has children and all of them have exited (zombies its
+/// parent has not reaped: it is stopped).
+fn children_all_exited(pid: u32) -> Option<()> {
+    let mut children = 0;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces, so split after it.
+        let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if ppid == Some(pid.to_string().as_str()) {
+            children += 1;
+            if state != Some("Z") {
+                return None;
+            }
+        }
+    }
+    (children > 0).then_some(())
+}
+
+#[tokio::test]
+async fn events_published_through_an_outage_reach_the_stream_in_order() {
+    with_namespace(|env| async move {
+        let mut reader = env.events().await;
+        let url = guildhall_broker::AmqpUrl::parse(&amqp_url()).unwrap();
+        let sender: AgentId = format!("outage-{:04x}", rand::random::<u16>())
+            .parse()
+            .unwrap();
+        let marker = |n: u64| Event::Marker(Marker { at_ms: n, nonce: n });
+        let first = connect(&url, "guildhall-agent-tests/events").await.unwrap();
+        let (events, _task) = EventPublisher::spawn(
+            Publisher::open(&first).await.unwrap(),
+            env.names.events_stream(),
+            sender.clone(),
+            EventPublisherConfig {
+                flush_interval: Duration::from_millis(10),
+                max_batch: 2,
+                ..EventPublisherConfig::default()
+            },
+        );
+        events.emit(marker(1));
+        events.emit_confirmed(marker(2)).await.unwrap();
+
+        first.close(200, "outage".into()).await.unwrap();
+        for n in 3..=6 {
+            events.emit(marker(n));
+        }
+        let started = Instant::now();
+        let refused = events.emit_confirmed(marker(7)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the waiter is told promptly"
+        );
+        assert_eq!(events.stats().pending.load(Ordering::Relaxed), 5);
+
+        let second = connect(&url, "guildhall-agent-tests/events").await.unwrap();
+        events
+            .reconnected(Publisher::open(&second).await.unwrap())
+            .await;
+        events.emit_confirmed(marker(8)).await.unwrap();
+        let seen = reader
+            .until(&sender, "all eight events", |e| e.len() >= 8)
+            .await;
+        let order: Vec<u64> = seen
+            .iter()
+            .map(|e| match e {
+                Event::Marker(m) => m.nonce,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(order, (1..=8).collect::<Vec<_>>());
+        assert_eq!(reader.assert_sequence(&sender), 5, "batches of two");
+        assert_eq!(events.stats().dropped.load(Ordering::Relaxed), 0);
+        let _ = second.close(200, "done".into()).await;
+    })
+    .await;
+}
+
+/// A worker for `python3 -c`: serves `/health`, and POSTs by echoing the
+/// body, except the first POST ever (a marker file remembers), which hangs
+/// the whole single-threaded server.
+const HANGING_HTTP_WORKER: &str = r#"
+import http.server, os, sys, time
+port, marker = int(sys.argv[1]), sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def reply(self, body):
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.reply(b"ok")
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(3600)
+        self.reply(body)
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"#;
+
+#[tokio::test]
+async fn a_supervised_worker_that_stops_answering_its_health_url_is_restarted() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let dir = scratch_dir("health");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let worker = WorkerSpec::Http {
+            url: format!("http://127.0.0.1:{port}/work"),
+        };
+        let config = env
+            .config("sick", Some("after"), worker)
+            .with_task_timeout(Duration::from_secs(60))
+            .with_supervised(vec![
+                "python3".into(),
+                "-c".into(),
+                HANGING_HTTP_WORKER.into(),
+                port.to_string(),
+                dir.join("m").display().to_string(),
+            ])
+            // Three failures in a row, so that a slow answer on a busy
+            // machine is not taken for a hang.
+            .with_health_check(
+                format!("http://127.0.0.1:{port}/health"),
+                Duration::from_millis(300),
+                3,
+            );
+        let agent = env.start(config).await;
+        let id = agent.id().clone();
+        env.submit("sick", "U-1", b"healed").await;
+        let seen = events
+            .until(&id, "the task to succeed after the restart", |e| {
+                task_story(e, "U-1").contains(&"succeeded#1".to_owned())
+            })
+            .await;
+        assert_eq!(
+            task_story(&seen, "U-1"),
+            [
+                "started#1",
+                "abandoned#1:worker unhealthy",
+                "started#1",
+                "succeeded#1"
+            ]
+        );
+        assert!(redelivered(&seen, "U-1"));
+        let exit = seen
+            .iter()
+            .find_map(|e| match e {
+                Event::WorkerExited(w) => Some(w.clone()),
+                _ => None,
+            })
+            .expect("WorkerExited");
+        assert_eq!(exit.signal, Some(15), "{exit:?}");
+        assert!(exit.restart_in_ms.is_some());
+        let after = env.take(&env.names.stage_queue(&env.stage("after"))).await;
+        assert_eq!(&after.delivery.data[..], b"healed");
+        let exit = agent.stop_and_join().await.unwrap();
+        assert_eq!((exit.done, exit.failed, exit.requeued), (1, 0, 1));
+        let _ = std::fs::remove_dir_all(dir);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_task_timeout_on_a_supervised_worker_restarts_it_instead_of_retrying() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let dir = scratch_dir("hung");
+        let config = env
+            .config("hung", None, exec(&hangs_once(&dir.join("m"), 30)))
+            .with_task_timeout(Duration::from_secs(1))
+            .with_supervised(vec!["sleep".into(), "3600".into()]);
+        let agent = env.start(config).await;
+        let id = agent.id().clone();
+        env.submit("hung", "T-1", b"x").await;
+        let seen = events
+            .until(&id, "the task to succeed after the restart", |e| {
+                task_story(e, "T-1").contains(&"succeeded#1".to_owned())
+            })
+            .await;
+        assert_eq!(
+            task_story(&seen, "T-1"),
+            [
+                "started#1",
+                "abandoned#1:worker hung: task timeout",
+                "started#1",
+                "succeeded#1"
+            ],
+            "given back, not retried through the retry queue"
+        );
+        assert!(has(&seen, "worker_exited"));
+        let exit = agent.stop_and_join().await.unwrap();
+        assert_eq!((exit.done, exit.failed, exit.requeued), (1, 0, 1));
+        let _ = std::fs::remove_dir_all(dir);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_declaration_refused_after_a_reconnect_ends_the_run() {
+    with_namespace(|env| async move {
+        let agent = env.start(env.config("fa", Some("fb"), exec("cat"))).await;
+        let id = agent.id().clone();
+        env.wait_for_connection(&id).await;
+        // Replace the next stage's queue with one of other arguments: no
+        // retry can make the agent's declaration of it succeed.
+        let queue = env.names.stage_queue(&env.stage("fb"));
+        guildhall_broker::topology::delete_queue(&env.conn, &queue)
+            .await
+            .unwrap();
+        let ch = env.conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        env.close_connection(&id).await;
+        let err = tokio::time::timeout(Duration::from_secs(20), agent.join())
+            .await
+            .expect("the run ends instead of retrying")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retrying cannot help"), "{err}");
+        assert!(err.contains("PRECONDITION"), "{err}");
+        assert!(err.contains(&queue), "{err}");
     })
     .await;
 }

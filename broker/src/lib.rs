@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //!
-//! - [`connect`]: open a named connection from an `amqp://` URL, with a
+//! - [`connect()`]: open a named connection from an `amqp://` URL, with a
 //!   heartbeat and connect timeout filled in, and a password-free form of the
 //!   URL for log lines.
 //! - [`topology`]: idempotent declarations (task exchange, stage, retry and
@@ -15,7 +15,9 @@
 //! - [`task`]: the AMQP properties of a task message (id, attempt, times,
 //!   traceparent), written and read in one place.
 //! - [`events`]: the batching event publisher agents use: flush by time, count
-//!   and size, with a confirm the caller can wait for.
+//!   and size, with a confirm the caller can wait for; batches that could not
+//!   be published wait in a bounded buffer and are resent, in order and with
+//!   their sequence numbers, after a reconnect.
 //! - [`management`]: a small client for the RabbitMQ management HTTP API
 //!   (queue depths with unacked counts, connections, deletes).
 //!

@@ -12,7 +12,7 @@
 //! | any other exit code `n` | retryable, class `exit_<n>` |
 //! | killed by signal `n` | retryable, class `signal_<n>` |
 //! | stdout over 64 MiB | retryable, class `output_too_large` (group killed) |
-//! | no exit within the task timeout | retryable, class `timeout` (group killed) |
+//! | no exit within the task timeout | retryable, class `timeout` (group killed; a supervised worker is restarted instead and the task given back) |
 //! | cannot start `sh` | retryable, class `spawn` |
 //!
 //! The error is the last non-empty line of stderr (of which the last 4 KiB
@@ -123,7 +123,7 @@ impl ExecWorker {
                     error.push_str("; last stderr line: ");
                     error.push_str(&line);
                 }
-                Outcome::Failure(Failure::retryable("timeout", error))
+                Outcome::Failure(Failure::timeout(error))
             }
         }
     }
@@ -406,7 +406,7 @@ mod tests {
         let f = failure(run(&command, Duration::from_millis(500)).await);
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(f.class, "timeout");
-        assert!(f.retryable);
+        assert!(f.retryable && f.timed_out);
         assert!(f.error.contains("still working"), "{}", f.error);
         let pid: u32 = std::fs::read_to_string(&pidfile)
             .unwrap()

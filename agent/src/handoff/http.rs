@@ -7,7 +7,7 @@
 //! | other 4xx, 1xx, 3xx | permanent |
 //! | 5xx | retryable |
 //! | connection error | retryable, class `connection` |
-//! | no answer within the task timeout | retryable, class `timeout` |
+//! | no answer within the task timeout | retryable, class `timeout` (a supervised worker is restarted instead and the task given back) |
 //!
 //! A failure's error is `HTTP <code>: <first 1 KiB of the body>`; its class is
 //! the worker's `x-guildhall-error-class` header when that is a valid class,
@@ -121,12 +121,11 @@ impl HttpWorker {
 
 /// Maps a transport error (no complete response) to a retryable failure.
 fn request_error(err: &reqwest::Error) -> Failure {
-    let class = if err.is_timeout() {
-        "timeout"
+    if err.is_timeout() {
+        Failure::timeout(error_chain(err))
     } else {
-        "connection"
-    };
-    Failure::retryable(class, error_chain(err))
+        Failure::retryable("connection", error_chain(err))
+    }
 }
 
 /// An error and its causes on one line (reqwest's own message is terse).
@@ -179,6 +178,7 @@ pub fn map_response(
         error,
         class,
         retryable,
+        timed_out: false,
     })
 }
 
@@ -296,7 +296,7 @@ mod tests {
         };
         let f = failure(worker.handle(&task).await);
         assert_eq!(f.class, "timeout");
-        assert!(f.retryable);
+        assert!(f.retryable && f.timed_out);
         server.abort();
     }
 }

@@ -54,6 +54,11 @@ pub struct Failure {
     pub class: String,
     /// Whether another attempt may succeed.
     pub retryable: bool,
+    /// The worker gave no answer within the task timeout. A supervised
+    /// worker process is then judged hung and restarted (and the task given
+    /// back) instead of the task being retried. Not inferred from `class`,
+    /// which a worker may set to `timeout` itself.
+    pub timed_out: bool,
 }
 
 impl Failure {
@@ -63,6 +68,7 @@ impl Failure {
             error: error.into(),
             class: class.into(),
             retryable: true,
+            timed_out: false,
         }
     }
 
@@ -72,9 +78,21 @@ impl Failure {
             error: error.into(),
             class: class.into(),
             retryable: false,
+            timed_out: false,
+        }
+    }
+
+    /// No answer within the task timeout: retryable, class `timeout`.
+    pub fn timeout(error: impl Into<String>) -> Self {
+        Self {
+            timed_out: true,
+            ..Self::retryable(TIMEOUT_CLASS, error)
         }
     }
 }
+
+/// The error class of a task that hit the task timeout.
+pub const TIMEOUT_CLASS: &str = "timeout";
 
 /// What a stage attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]

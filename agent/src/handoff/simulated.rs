@@ -185,13 +185,10 @@ impl SimulatedWorker {
         let draw = self.draw(&mut rand::rng());
         if draw.service_time > self.timeout {
             tokio::time::sleep(self.timeout).await;
-            return Outcome::Failure(Failure::retryable(
-                "timeout",
-                format!(
-                    "simulated work took over {}",
-                    humantime::format_duration(self.timeout)
-                ),
-            ));
+            return Outcome::Failure(Failure::timeout(format!(
+                "simulated work took over {}",
+                humantime::format_duration(self.timeout)
+            )));
         }
         tokio::time::sleep(draw.service_time).await;
         match draw.failure {
