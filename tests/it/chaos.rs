@@ -290,20 +290,34 @@ async fn sigstop_an_agent_holding_tasks() {
     let api = fleet.api();
     fleet.submit_all().await;
     let victim = fleet.agents.iter().find(|a| a.0 == "b-1").expect("b-1");
-    let held: Vec<String> = eventually(Duration::from_secs(20), "b-1 holding tasks", || async {
-        let w = api.get_ok("/api/workers/b-1").await?;
+    // Freeze it while it works, then read what it had reported holding: the
+    // view lags by up to one event flush, so it is read after the freeze.
+    let mut frozen = None;
+    for _ in 0..10 {
+        eventually(Duration::from_secs(20), "b-1 processing", || async {
+            let w = api.get_ok("/api/workers/b-1").await?;
+            anyhow::ensure!(w["status"] == "processing", "{w}");
+            Ok(())
+        })
+        .await;
+        victim.3.proc.signal("STOP");
+        let stopped_at = guildhall_broker::now_ms();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let w = api.get_ok("/api/workers/b-1").await.unwrap();
         let held: Vec<String> = w["current_tasks"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
             .collect();
-        anyhow::ensure!(!held.is_empty(), "{w}");
-        Ok(held)
-    })
-    .await;
-    victim.3.proc.signal("STOP");
-    let stopped_at = guildhall_broker::now_ms();
+        if !held.is_empty() {
+            frozen = Some((stopped_at, held));
+            break;
+        }
+        victim.3.proc.signal("CONT");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (stopped_at, held) = frozen.expect("b-1 frozen while holding a task");
     // The tasks it held go to the other b agent once the coordinator has
     // declared it dead and closed its connection.
     let mut redelivery_ms = Vec::new();

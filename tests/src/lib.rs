@@ -134,7 +134,15 @@ impl Drop for TestNs {
             let rt = tokio::runtime::Runtime::new().ok()?;
             rt.block_on(async {
                 let m = Management::new(&management_url(), "/").ok()?;
-                m.delete_all_with_prefix(&prefix).await.ok()
+                // Killed agents' exclusive queues linger until the broker
+                // notices their connections are gone: retry a little.
+                for _ in 0..20 {
+                    if let Ok(n) = m.delete_all_with_prefix(&prefix).await {
+                        return Some(n);
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                None
             })
         })
         .join();
