@@ -8,11 +8,20 @@
 //! once per stage, so applying an event does no label lookup. Gauges that
 //! describe state (workers by status, queue depths) are set by
 //! [`crate::core::Core::refresh_metrics`] just before a scrape.
+//!
+//! Counters survive a coordinator restart: a snapshot records every
+//! counter series ([`Metrics::counter_values`]) and restoring adds them back
+//! ([`Metrics::restore_counters`]). Histograms cannot be set through the
+//! prometheus API and restart at zero (Prometheus sees a counter reset).
 
+use prometheus::core::Collector;
+use prometheus::proto::MetricType;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// Outcome label values of `guildhall_tasks_total`.
 pub mod outcome {
@@ -121,6 +130,43 @@ pub struct Metrics {
     pub caught_up: IntGauge,
     /// `guildhall_tasks_tracked{state}`: task records held (in_flight / completed).
     pub tasks_tracked: IntGaugeVec,
+    /// `guildhall_snapshot_writes_total{outcome}`: snapshot files written or
+    /// failed, by this process (the one counter a snapshot does not carry:
+    /// it cannot count its own write; see [`NOT_SAVED_COUNTER`]).
+    pub snapshot_writes: IntCounterVec,
+    /// `guildhall_snapshot_bytes`: size of the last snapshot written.
+    pub snapshot_bytes: IntGauge,
+}
+
+/// The one counter a snapshot does not carry: it counts this process's writes.
+const NOT_SAVED_COUNTER: &str = "guildhall_snapshot_writes_total";
+
+/// One counter series and its value, as a snapshot carries it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CounterSample {
+    /// The metric's name, to find its handle again.
+    pub name: String,
+    /// The series' labels as `(name, value)`, to find its child again.
+    pub labels: Vec<(String, String)>,
+    /// The count.
+    pub value: u64,
+}
+
+/// A counter handle, labelled or not.
+enum CounterHandle<'a> {
+    /// A counter without labels.
+    One(&'a IntCounter),
+    /// A labelled family.
+    Family(&'a IntCounterVec),
+}
+
+impl CounterHandle<'_> {
+    fn collector(&self) -> &dyn Collector {
+        match self {
+            CounterHandle::One(c) => *c,
+            CounterHandle::Family(v) => *v,
+        }
+    }
 }
 
 /// Handles for one stage, resolved once.
@@ -146,6 +192,31 @@ pub struct StageMetrics {
     pub duration: Histogram,
     /// Queue wait.
     pub queue_wait: Histogram,
+}
+
+impl StageMetrics {
+    /// Handles registered nowhere: a placeholder for a stage read from a
+    /// snapshot, until the restoring core resolves the real ones.
+    pub fn detached() -> Self {
+        let counter =
+            || IntCounter::new("detached", "placeholder").expect("valid metric definition");
+        let histogram = || {
+            Histogram::with_opts(HistogramOpts::new("detached", "placeholder"))
+                .expect("valid metric definition")
+        };
+        Self {
+            succeeded: counter(),
+            retried: counter(),
+            dead_lettered: counter(),
+            requeued: counter(),
+            abandoned: counter(),
+            stale: counter(),
+            started: counter(),
+            submitted: counter(),
+            duration: histogram(),
+            queue_wait: histogram(),
+        }
+    }
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -230,6 +301,13 @@ impl Metrics {
         )
         .expect("valid metric definition");
         r.register(Box::new(caught_up.clone()))
+            .expect("metric registered once");
+        let snapshot_bytes = IntGauge::new(
+            "guildhall_snapshot_bytes",
+            "Size of the last snapshot file written.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(snapshot_bytes.clone()))
             .expect("metric registered once");
         let float_gauge = |name: &str, help: &str| {
             let m = prometheus::GaugeVec::new(Opts::new(name, help), &["worker", "stage"])
@@ -384,6 +462,13 @@ impl Metrics {
                 &["outcome"],
             ),
             caught_up,
+            snapshot_writes: counter_vec(
+                &r,
+                "guildhall_snapshot_writes_total",
+                "Snapshot files written by this process, by outcome: written, failed.",
+                &["outcome"],
+            ),
+            snapshot_bytes,
             tasks_tracked: gauge_vec(
                 &r,
                 "guildhall_tasks_tracked",
@@ -410,6 +495,89 @@ impl Metrics {
             duration: self.task_duration.with_label_values(&[stage]),
             queue_wait: self.task_queue_wait.with_label_values(&[stage]),
         }
+    }
+
+    /// The handle of every counter a snapshot carries, to restore them: all
+    /// but `snapshot_writes` (a test checks that none is missing).
+    fn saved_counters(&self) -> [CounterHandle<'_>; 14] {
+        use CounterHandle::{Family, One};
+        [
+            Family(&self.worker_tasks),
+            Family(&self.tasks),
+            Family(&self.tasks_started),
+            Family(&self.tasks_submitted),
+            One(&self.tasks_completed),
+            Family(&self.events_ingested),
+            Family(&self.events_malformed),
+            One(&self.event_batches),
+            One(&self.event_batches_missing),
+            One(&self.event_batches_duplicate),
+            Family(&self.task_results_stale),
+            Family(&self.worker_deaths),
+            Family(&self.connections_closed),
+            Family(&self.alerts),
+        ]
+    }
+
+    /// The value of every counter series a snapshot carries (every counter
+    /// in the registry but `snapshot_writes`, so a counter added later is
+    /// carried without a list to update), sorted. Read under the core's lock,
+    /// so the counts match the stream offset saved with them.
+    pub fn counter_values(&self) -> Vec<CounterSample> {
+        let mut out = Vec::new();
+        for family in self.registry.gather() {
+            if family.get_field_type() != MetricType::COUNTER || family.name() == NOT_SAVED_COUNTER
+            {
+                continue;
+            }
+            for m in family.get_metric() {
+                out.push(CounterSample {
+                    name: family.name().to_owned(),
+                    labels: m
+                        .get_label()
+                        .iter()
+                        .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                        .collect(),
+                    value: m.get_counter().get_value() as u64,
+                });
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Adds saved counts back (to a fresh set of metrics: they add up).
+    /// Series of an unknown metric or with other labels (a snapshot from
+    /// another version), and per-worker series when those are off, are
+    /// skipped; returns how many were.
+    pub fn restore_counters(&self, samples: &[CounterSample]) -> usize {
+        let handles = self.saved_counters();
+        let by_name: HashMap<&str, &CounterHandle<'_>> = handles
+            .iter()
+            .filter_map(|h| Some((h.collector().desc().first()?.fq_name.as_str(), h)))
+            .collect();
+        let mut skipped = 0;
+        for s in samples {
+            let per_worker = s.labels.iter().any(|(k, _)| k == "worker");
+            let counter = match by_name.get(s.name.as_str()) {
+                _ if per_worker && !self.per_worker => None,
+                Some(CounterHandle::One(c)) if s.labels.is_empty() => Some((*c).clone()),
+                Some(CounterHandle::Family(v)) => {
+                    let labels: HashMap<&str, &str> = s
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    v.get_metric_with(&labels).ok()
+                }
+                _ => None,
+            };
+            match counter {
+                Some(c) => c.inc_by(s.value),
+                None => skipped += 1,
+            }
+        }
+        skipped
     }
 
     /// Removes every series of a worker that is no longer tracked.
@@ -441,5 +609,51 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_carried_and_restored_but_the_snapshot_writes() {
+        let m = Metrics::new(true);
+        // One series in every counter family, so each shows in a gather.
+        for h in m.saved_counters() {
+            match h {
+                CounterHandle::One(c) => c.inc_by(3),
+                CounterHandle::Family(v) => {
+                    let labels = &v.desc()[0].variable_labels;
+                    let values: Vec<&str> = labels.iter().map(|_| "x").collect();
+                    v.with_label_values(&values).inc_by(3);
+                }
+            }
+        }
+        m.snapshot_writes.with_label_values(&["written"]).inc();
+        let saved = m.counter_values();
+        assert_eq!(saved.len(), 14);
+        assert!(
+            saved
+                .iter()
+                .all(|s| s.value == 3 && s.name != NOT_SAVED_COUNTER)
+        );
+        let fresh = Metrics::new(true);
+        assert_eq!(fresh.restore_counters(&saved), 0);
+        assert_eq!(fresh.counter_values(), saved);
+        // A counter this build does not know, or with other labels: skipped.
+        let odd = [
+            CounterSample {
+                name: "guildhall_gone_total".into(),
+                labels: vec![],
+                value: 1,
+            },
+            CounterSample {
+                name: "guildhall_tasks_total".into(),
+                labels: vec![("colour".into(), "red".into())],
+                value: 1,
+            },
+        ];
+        assert_eq!(fresh.restore_counters(&odd), 2);
     }
 }

@@ -10,6 +10,7 @@ fn guildhall(args: &[&str]) -> Output {
         .args(args)
         .env_remove("AMQP_URL")
         .env_remove("GUILDHALL_NAMESPACE")
+        .env_remove("GUILDHALL_DATA_DIR")
         .output()
         .expect("run guildhall")
 }
@@ -46,6 +47,11 @@ fn bad_values_are_one_line_and_status_2() {
             "--missed-heartbeats",
         ),
         (vec!["demo", "--stream-max-age", "soon"], "--stream-max-age"),
+        (vec!["serve", "--data-dir", "/dev/null/data"], "--data-dir"),
+        (
+            vec!["serve", "--snapshot-interval", "0s"],
+            "--snapshot-interval",
+        ),
         (vec!["submit", "--stage", "a b"], "--stage"),
         (vec!["submit", "--stage", "a", "--id", "x/y"], "--id"),
     ] {

@@ -19,6 +19,7 @@ use guildhall_broker::AmqpUrl;
 use guildhall_broker::topology::StreamRetention;
 use guildhall_proto::{Names, Namespace};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The broker every command defaults to.
@@ -123,6 +124,14 @@ pub struct CoordinatorArgs {
     /// How often stage queue depths are polled.
     #[arg(long, env = "GUILDHALL_QUEUE_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub queue_poll: Duration,
+    /// Directory for snapshots of the state (`<namespace>.snapshot`), so a
+    /// restart replays only the events stream's tail. Created if missing.
+    /// Default (or ""): no snapshots; a restart replays the whole stream.
+    #[arg(long, env = "GUILDHALL_DATA_DIR", value_parser = any_path)]
+    pub data_dir: Option<PathBuf>,
+    /// Time between two snapshots (with --data-dir), 1s to 1h.
+    #[arg(long, env = "GUILDHALL_SNAPSHOT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub snapshot_interval: Duration,
 }
 
 impl CoordinatorArgs {
@@ -176,6 +185,23 @@ impl CoordinatorArgs {
                 self.stream_max_bytes
             )));
         }
+        if self.snapshot_interval < Duration::from_secs(1)
+            || self.snapshot_interval > Duration::from_secs(3600)
+        {
+            return Err(ConfigError(format!(
+                "--snapshot-interval must be between 1s and 1h (got {})",
+                humantime::format_duration(self.snapshot_interval)
+            )));
+        }
+        let data_dir = self.data_dir.clone().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = &data_dir {
+            crate::serve::persist::prepare_dir(dir).map_err(|e| {
+                ConfigError(format!(
+                    "--data-dir: cannot write in {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
         let management_url = if self.management_url.trim().is_empty() {
             None
         } else {
@@ -200,8 +226,16 @@ impl CoordinatorArgs {
             max_bytes: self.stream_max_bytes,
         };
         config.queue_poll = self.queue_poll;
+        config.data_dir = data_dir;
+        config.snapshot_interval = self.snapshot_interval;
         Ok((config, listen))
     }
+}
+
+/// A path, the empty one included (it means "none", as `""` does for
+/// `--management-url`), so an empty environment variable is not an error.
+fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }
 
 fn valid_max_age(s: &str) -> bool {
@@ -329,6 +363,28 @@ mod tests {
         assert_eq!(config.names.events_stream(), "guildhall.events");
         assert_eq!(config.core.missed_heartbeats, 3);
         assert!(config.management_url.is_some());
+        assert_eq!(config.data_dir, None);
+        assert_eq!(config.snapshot_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_data_dir_is_created_and_must_be_writable() {
+        let dir =
+            std::env::temp_dir().join(format!("guildhall-cli-{:08x}/data", rand::random::<u32>()));
+        let d = dir.display().to_string();
+        let (config, _) = serve(&["--data-dir", &d, "--snapshot-interval", "1s"]).unwrap();
+        assert_eq!(config.data_dir.as_deref(), Some(dir.as_path()));
+        assert_eq!(config.snapshot_interval, Duration::from_secs(1));
+        assert!(dir.is_dir());
+        let (config, _) = serve(&["--data-dir", ""]).unwrap();
+        assert_eq!(config.data_dir, None);
+        let file = dir.join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let f = file.join("sub").display().to_string();
+        let err = serve(&["--data-dir", &f]).unwrap_err().to_string();
+        assert!(err.starts_with("--data-dir: cannot write in "), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
     }
 
     #[test]
@@ -344,6 +400,9 @@ mod tests {
             (vec!["--stream-max-age", "7 days"], "--stream-max-age"),
             (vec!["--stream-max-bytes", "10"], "--stream-max-bytes"),
             (vec!["--management-url", "ftp://x"], "--management-url"),
+            (vec!["--snapshot-interval", "500ms"], "--snapshot-interval"),
+            (vec!["--snapshot-interval", "2h"], "--snapshot-interval"),
+            (vec!["--data-dir", "/dev/null/guildhall"], "--data-dir"),
         ] {
             let err = serve(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");

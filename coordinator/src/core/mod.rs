@@ -14,7 +14,10 @@
 //! - [`stages`]: per-stage state, load analysis and the bottleneck verdict;
 //! - [`stats`]: bounded recent samples and per-second rate windows;
 //! - [`query`]: the views the API serves, including ETAs;
-//! - [`views`]: the serializable view types.
+//! - [`views`]: the serializable view types;
+//! - [`snapshot`]: the state as bytes and back ([`Core::encode_snapshot`],
+//!   [`snapshot::decode`], [`Core::restore`]), so a restarted coordinator
+//!   replays the stream only from the offset its snapshot covers.
 //!
 //! # Time
 //!
@@ -26,6 +29,7 @@
 //! live end of the stream.
 
 pub mod query;
+pub mod snapshot;
 pub mod stages;
 pub mod stats;
 pub mod tasks;
@@ -33,10 +37,13 @@ pub mod views;
 pub mod workers;
 
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 mod tests;
 
 use crate::metrics::{Metrics, WORKER_STATUSES};
 use guildhall_proto::{AgentId, Decoded, Event, Stage, TaskId};
+use serde::{Deserialize, Serialize};
 use stages::{QueueStats, StageState};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -123,8 +130,8 @@ pub enum Notice {
     },
 }
 
-/// Counters of what was ingested.
-#[derive(Debug, Clone, Default)]
+/// Counters of what was ingested. Saved in a snapshot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IngestStats {
     /// Envelopes applied.
     pub batches: u64,
@@ -225,6 +232,15 @@ impl Core {
             .events_malformed
             .with_label_values(&[reason])
             .inc();
+    }
+
+    /// Counts a stream message at `offset` that could not be decoded. The
+    /// offset counts as applied, so a snapshot taken now resumes after it.
+    pub fn handle_unreadable(&mut self, reason: &'static str, offset: Option<u64>) {
+        if offset.is_some() {
+            self.stats.last_offset = offset;
+        }
+        self.handle_malformed(reason);
     }
 
     /// Makes a stage known (a task was submitted to it). `false` if the stage

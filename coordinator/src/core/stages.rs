@@ -5,6 +5,7 @@ use super::stats::{RateWindow, Reservoir};
 use super::workers::Worker;
 use crate::metrics::StageMetrics;
 use guildhall_proto::Stage;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// How long backlog samples are kept to judge whether it grows.
@@ -13,7 +14,7 @@ const BACKLOG_HISTORY_MS: u64 = 60_000;
 const BACKLOG_MIN_SPAN_MS: u64 = 10_000;
 
 /// A stage queue's counts as the broker reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct QueueStats {
     /// Ready messages.
     pub ready: u64,
@@ -23,8 +24,9 @@ pub struct QueueStats {
     pub consumers: u64,
 }
 
-/// One stage's state.
-#[derive(Debug, Clone)]
+/// One stage's state. Saved whole in a snapshot, but for its metric
+/// handles, which are resolved again from the restoring core's metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageState {
     /// The stage.
     pub name: Stage,
@@ -50,7 +52,9 @@ pub struct StageState {
     pub retried: u64,
     /// Tasks dead-lettered here.
     pub dead_lettered: u64,
-    /// Metric handles, resolved once.
+    /// Metric handles, resolved once. Not saved: detached placeholders until
+    /// [`crate::core::Core::restore`] resolves the real ones.
+    #[serde(skip, default = "StageMetrics::detached")]
     pub metrics: StageMetrics,
 }
 

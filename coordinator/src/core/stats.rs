@@ -1,9 +1,15 @@
 //! Small bounded statistics: recent samples for percentiles, and per-second
 //! counts for rates. Both take their time from the caller.
+//!
+//! Both are part of a snapshot; they deserialize through a check of their
+//! invariants, so a snapshot that breaks them is refused, never a panic later.
+
+use serde::{Deserialize, Serialize};
 
 /// The last `capacity` samples (milliseconds), for means and percentiles of
 /// recent behaviour. Fixed memory; O(1) to record.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "ReservoirRepr")]
 pub struct Reservoir {
     /// Ring buffer of samples.
     samples: Vec<u32>,
@@ -71,7 +77,8 @@ impl Reservoir {
 /// Event counts in one-second buckets over a sliding window, keyed by event
 /// time, for rates such as arrivals per second. The window is the last
 /// `seconds` full seconds plus the current, partial one.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "RateWindowRepr")]
 pub struct RateWindow {
     /// `(second, count)` per slot (`seconds + 1` of them, for the partial
     /// second); a slot is stale when its second is old.
@@ -131,6 +138,65 @@ impl RateWindow {
     }
 }
 
+/// A [`Reservoir`] as read from a snapshot, before its invariants are checked.
+#[derive(Deserialize)]
+struct ReservoirRepr {
+    /// See [`Reservoir`].
+    samples: Vec<u32>,
+    /// See [`Reservoir`].
+    next: usize,
+    /// See [`Reservoir`].
+    capacity: usize,
+}
+
+impl TryFrom<ReservoirRepr> for Reservoir {
+    type Error = String;
+    fn try_from(r: ReservoirRepr) -> Result<Self, String> {
+        if r.capacity == 0 || r.samples.len() > r.capacity || r.next >= r.capacity {
+            return Err(format!(
+                "inconsistent sample ring: {} samples, capacity {}, next {}",
+                r.samples.len(),
+                r.capacity,
+                r.next
+            ));
+        }
+        Ok(Self {
+            samples: r.samples,
+            next: r.next,
+            capacity: r.capacity,
+        })
+    }
+}
+
+/// A [`RateWindow`] as read from a snapshot, before its invariants are checked.
+#[derive(Deserialize)]
+struct RateWindowRepr {
+    /// See [`RateWindow`].
+    slots: Vec<(u64, u32)>,
+    /// See [`RateWindow`].
+    seconds: u64,
+    /// See [`RateWindow`].
+    since_ms: u64,
+}
+
+impl TryFrom<RateWindowRepr> for RateWindow {
+    type Error = String;
+    fn try_from(r: RateWindowRepr) -> Result<Self, String> {
+        if r.seconds == 0 || r.slots.len() as u64 != r.seconds.saturating_add(1) {
+            return Err(format!(
+                "inconsistent rate window: {} slots for {} seconds",
+                r.slots.len(),
+                r.seconds
+            ));
+        }
+        Ok(Self {
+            slots: r.slots,
+            seconds: r.seconds,
+            since_ms: r.since_ms,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +246,32 @@ mod tests {
         assert_eq!(w.rate(120_000), 0.0);
         w.add(200_000, 120_000, 3); // from a clock ahead of ours: counted now
         assert!(w.rate(120_000) > 0.0);
+    }
+
+    #[test]
+    fn a_snapshot_that_breaks_their_invariants_is_refused() {
+        let mut r = Reservoir::new(2);
+        for v in [1, 2, 3] {
+            r.record(v);
+        }
+        let bytes = postcard::to_stdvec(&r).unwrap();
+        let back: Reservoir = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.percentiles([1.0]), r.percentiles([1.0]));
+        // capacity 0, next past the ring, more samples than the capacity
+        for (samples, next, capacity) in [
+            (vec![], 0usize, 0usize),
+            (vec![1], 3, 2),
+            (vec![1, 2, 3], 0, 2),
+        ] {
+            let bytes = postcard::to_stdvec(&(samples, next, capacity)).unwrap();
+            assert!(postcard::from_bytes::<Reservoir>(&bytes).is_err());
+        }
+        let w = RateWindow::new(3, 0);
+        let bytes = postcard::to_stdvec(&w).unwrap();
+        assert!(postcard::from_bytes::<RateWindow>(&bytes).is_ok());
+        for (slots, seconds) in [(vec![], 3u64), (vec![(0u64, 0u32)], 0)] {
+            let bytes = postcard::to_stdvec(&(slots, seconds, 0u64)).unwrap();
+            assert!(postcard::from_bytes::<RateWindow>(&bytes).is_err());
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! row is never added for a stage attempt that has already shown up.
 
 use guildhall_proto::{AgentId, Stage, TaskId, WorkerResult};
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 
 /// Most attempt rows kept per task; older rows are dropped past this (a task
@@ -18,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 pub const MAX_ROWS: usize = 128;
 
 /// Where a task is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TaskStatus {
     /// Waiting in its current stage's queue.
     Queued,
@@ -65,7 +66,7 @@ impl TaskStatus {
 }
 
 /// How one stage attempt went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AttemptOutcome {
     /// Waiting in the queue.
     Queued,
@@ -112,7 +113,7 @@ impl AttemptOutcome {
 }
 
 /// One stage attempt of a task.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRow {
     /// The stage.
     pub stage: Stage,
@@ -161,7 +162,7 @@ impl AttemptRow {
 }
 
 /// A task's record.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskRecord {
     /// The task.
     pub id: TaskId,
@@ -326,6 +327,47 @@ impl TaskStore {
             limit,
             max_age_ms,
         }
+    }
+
+    /// A store holding `records` (from a snapshot), keeping up to `limit`
+    /// finished tasks for up to `max_age_ms`. The finished count and the
+    /// eviction queue are rebuilt from the records, never trusted from the
+    /// file; evicting past the limits happens at the next housekeeping.
+    pub fn restore(
+        records: impl IntoIterator<Item = TaskRecord>,
+        limit: usize,
+        max_age_ms: u64,
+    ) -> Self {
+        let mut store = Self::new(limit, max_age_ms);
+        let mut finished = Vec::new();
+        for mut rec in records {
+            let id = rec.id.clone();
+            let finished_at = if rec.status.is_terminal() {
+                Some(*rec.finished_at_ms.get_or_insert(rec.updated_at_ms))
+            } else {
+                rec.finished_at_ms = None;
+                None
+            };
+            // Keyed by the record's own id: a record filed under another
+            // key in the file replaces the one of its id.
+            if let Some(old) = store.tasks.insert(id.clone(), rec)
+                && old.status.is_terminal()
+            {
+                finished.retain(|(_, f)| f != &id);
+            }
+            if let Some(at) = finished_at {
+                finished.push((at, id));
+            }
+        }
+        finished.sort();
+        store.terminal = finished.len();
+        store.completed = finished.into();
+        store
+    }
+
+    /// Every record by id, for a snapshot.
+    pub fn records(&self) -> &HashMap<TaskId, TaskRecord> {
+        &self.tasks
     }
 
     /// A task's record.

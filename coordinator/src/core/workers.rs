@@ -1,13 +1,17 @@
 //! What the coordinator knows of each worker (one agent and the worker
 //! process behind it), built from its heartbeats and task events.
+//!
+//! A [`Worker`] is saved whole in a snapshot, but for `liveness_scheduled`:
+//! the timer heap is not saved, and restoring re-arms every live worker.
 
 use super::stats::{RateWindow, Reservoir};
 use guildhall_proto::{
     AgentId, AgentState, Heartbeat, Hello, ProcStats, Stage, TaskInHand, WorkerMode,
 };
+use serde::{Deserialize, Serialize};
 
 /// Whether a worker is alive, as judged by the coordinator.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Liveness {
     /// Heard from within the allowed silence.
     Alive,
@@ -32,7 +36,7 @@ pub enum Liveness {
 }
 
 /// One worker's state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Worker {
     /// The agent's id.
     pub id: AgentId,
@@ -86,7 +90,9 @@ pub struct Worker {
     /// `done` and `failed` as last exported, to feed counters by delta.
     pub exported_counts: (u64, u64),
     /// Whether a liveness deadline for it is in the core's timer heap, so a
-    /// busy worker does not add one entry per envelope.
+    /// busy worker does not add one entry per envelope. Not saved: the heap
+    /// is rebuilt on restore.
+    #[serde(skip)]
     pub liveness_scheduled: bool,
 }
 

@@ -1,9 +1,12 @@
 //! The events stream consumer.
 //!
-//! Consumes `<ns>.events` from the start of its retention (or from the offset
-//! after the last one applied, when reconnecting), decodes each envelope and
-//! applies it to the core. A message that cannot be decoded is counted and
-//! logged, never fatal. Acks on a stream are only credit, so they are sent
+//! Consumes `<ns>.events` from the start of its retention, or from the
+//! offset after the one a loaded snapshot covers, and after a reconnection
+//! from the offset after the last one applied; decodes each envelope and
+//! applies it to the core. Deliveries below the offset asked for are skipped
+//! (RabbitMQ 3.10 starts exactly at it, but a reader of whole chunks would
+//! not), so none is applied twice. A message that cannot be decoded is
+//! counted and logged, never fatal. Acks on a stream are only credit, so they are sent
 //! in batches (`multiple`).
 
 use super::App;
@@ -26,15 +29,17 @@ const ACK_TICK: Duration = Duration::from_millis(50);
 /// Unreadable messages logged in full before only every 1000th is.
 static MALFORMED_LOGGED: AtomicU64 = AtomicU64::new(0);
 
-/// Follows the stream until `stop` flips, reconnecting with backoff.
+/// Follows the stream from `start_offset` (`None`: from the start of its
+/// retention) until `stop` flips, reconnecting with backoff.
 pub async fn run(
     app: Arc<App>,
     url: AmqpUrl,
     conn_name: String,
     prefetch: u16,
+    start_offset: Option<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut next_offset: Option<u64> = None;
+    let mut next_offset = start_offset;
     let mut backoff = Duration::from_millis(200);
     loop {
         let result = follow(
@@ -113,6 +118,9 @@ async fn follow(
     *backoff = Duration::from_millis(200);
     tracing::info!(%stream, from = ?next_offset, "following the events stream");
 
+    // What was asked for: anything below it was applied already.
+    let floor = *next_offset;
+    let mut first = true;
     let ack_every = u32::from(prefetch / 4).max(1);
     let mut unacked = 0u32;
     let mut last: Option<lapin::Acker> = None;
@@ -129,9 +137,23 @@ async fn follow(
                     .headers()
                     .as_ref()
                     .and_then(|h| guildhall_broker::task::header_u64(h, STREAM_OFFSET));
-                apply(app, &delivery.data, offset);
-                if let Some(o) = offset {
-                    *next_offset = Some(o + 1);
+                let seen_before = matches!((offset, floor), (Some(o), Some(f)) if o < f);
+                if first && !seen_before {
+                    first = false;
+                    if let (Some(o), Some(f)) = (offset, floor)
+                        && o > f
+                    {
+                        tracing::warn!(
+                            "events stream offsets {f}..{} are gone (retention): what they said is missing from the state",
+                            o - 1
+                        );
+                    }
+                }
+                if !seen_before {
+                    apply(app, &delivery.data, offset);
+                    if let Some(o) = offset {
+                        *next_offset = Some(o + 1);
+                    }
                 }
                 last = Some(delivery.acker);
                 unacked += 1;
@@ -153,6 +175,61 @@ async fn follow(
     }
 }
 
+/// Whether the events stream holds `offset` or a later one, read from its
+/// last chunk (and what arrives for a moment after). A snapshot covering an
+/// offset the stream has not reached belongs to an older stream of the same
+/// name (deleted and declared again): resuming after it would wait for
+/// offsets that may never come.
+pub async fn stream_reaches(
+    conn: &lapin::Connection,
+    names: &guildhall_proto::Names,
+    offset: u64,
+) -> Result<bool, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(1_000, BasicQosOptions::default()).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString(LongString::from("last")),
+    );
+    let mut consumer = channel
+        .basic_consume(
+            names.events_stream().as_str().into(),
+            "guildhall-coordinator-probe".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut reached = false;
+    // An empty stream delivers nothing: wait a little for the first
+    // delivery, then only while more keep coming.
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let until = deadline.min(tokio::time::Instant::now() + wait);
+        let delivery = match tokio::time::timeout_at(until, consumer.next()).await {
+            Ok(Some(d)) => d?,
+            Ok(None) | Err(_) => break,
+        };
+        let seen = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| guildhall_broker::task::header_u64(h, STREAM_OFFSET));
+        delivery
+            .acker
+            .ack(BasicAckOptions { multiple: true })
+            .await?;
+        if seen.is_some_and(|o| o >= offset) {
+            reached = true;
+            break;
+        }
+        wait = Duration::from_millis(200);
+    }
+    let _ = channel.close(200, "probed".into()).await;
+    Ok(reached)
+}
+
 async fn ack(last: &mut Option<lapin::Acker>, unacked: &mut u32) -> Result<(), lapin::Error> {
     if let Some(acker) = last.take() {
         acker.ack(BasicAckOptions { multiple: true }).await?;
@@ -169,7 +246,7 @@ fn apply(app: &App, data: &[u8], offset: Option<u64>) {
             app.wake.notify_one();
         }
         Err(e) => {
-            app.core().handle_malformed(e.reason());
+            app.core().handle_unreadable(e.reason(), offset);
             let n = MALFORMED_LOGGED.fetch_add(1, Ordering::Relaxed);
             if n < 10 || n.is_multiple_of(1000) {
                 tracing::warn!(

@@ -1,10 +1,12 @@
 //! `guildhall serve`: the thin runtime around the [`crate::core`] state machine.
 //!
-//! It connects to the broker, makes sure the events stream exists, replays it
-//! into the core (from the start of its retention) and follows it live, polls
-//! stage queue depths, runs the core's timers, and serves the HTTP API. The
-//! **coordinator is never on the task data path**: if it stops, tasks keep
-//! flowing; when it restarts it rebuilds its state from the stream.
+//! It connects to the broker, makes sure the events stream exists, loads the
+//! last snapshot (with `--data-dir`), replays the stream into the core (from
+//! the offset after the snapshot's, else from the start of its retention)
+//! and follows it live, polls stage queue depths, runs the core's timers,
+//! writes snapshots, and serves the HTTP API. The **coordinator is never on
+//! the task data path**: if it stops, tasks keep flowing; when it restarts it
+//! rebuilds its state from its snapshot and the stream.
 //!
 //! # Layout
 //!
@@ -12,7 +14,8 @@
 //! - [`ingest`]: the stream consumer, which reconnects and resumes at the next offset;
 //! - [`queues`]: the stage queue depth poller;
 //! - [`link`]: a lazily (re)connected broker link for publishing and probes;
-//! - [`alerts`]: webhook alerts, queued and retried off the core's path.
+//! - [`alerts`]: webhook alerts, queued and retried off the core's path;
+//! - [`persist`]: snapshot files (load at start, periodic atomic writes).
 //!
 //! When the core declares a worker dead, the runtime closes that agent's
 //! connection through the management API (agents name their connections
@@ -22,6 +25,7 @@
 pub mod alerts;
 pub mod ingest;
 pub mod link;
+pub mod persist;
 pub mod queues;
 
 use crate::core::{Core, CoreConfig, Notice};
@@ -31,7 +35,9 @@ use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
 use guildhall_broker::{AmqpUrl, BrokerError, Management, now_ms};
 use guildhall_proto::{AgentId, Event, Marker, Names};
 use link::BrokerLink;
+use persist::Persist;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -59,6 +65,11 @@ pub struct ServeConfig {
     pub prefetch: u16,
     /// Where alerts are POSTed, if anywhere.
     pub alert_webhook: Option<String>,
+    /// Where snapshots of the state are kept, so a restart replays only the
+    /// stream's tail; `None`: no snapshots, replay the whole retention.
+    pub data_dir: Option<PathBuf>,
+    /// Time between two snapshots (one more is written on shutdown).
+    pub snapshot_interval: Duration,
 }
 
 impl ServeConfig {
@@ -74,6 +85,8 @@ impl ServeConfig {
             queue_poll: Duration::from_secs(1),
             prefetch: 2_000,
             alert_webhook: None,
+            data_dir: None,
+            snapshot_interval: Duration::from_secs(10),
         }
     }
 }
@@ -198,8 +211,21 @@ pub async fn run(
         marker_nonce: Some(nonce),
         ..config.core.clone()
     };
+    let persist = config.data_dir.as_ref().map(|dir| Persist {
+        dir: dir.clone(),
+        namespace: config.names.namespace().clone(),
+        interval: config.snapshot_interval,
+    });
+    let (core, start_offset) = initial_core(
+        persist.as_ref(),
+        &conn,
+        &config.names,
+        core_config,
+        &metrics,
+    )
+    .await;
     let app = Arc::new(App {
-        core: Mutex::new(Core::new(core_config, metrics.clone(), now_ms())),
+        core: Mutex::new(core),
         metrics,
         names: config.names.clone(),
         link,
@@ -220,9 +246,13 @@ pub async fn run(
         config.amqp_url.clone(),
         format!("{conn_name}/ingest"),
         config.prefetch,
+        start_offset,
         stop_rx.clone(),
     ));
     tasks.spawn(queues::run(app.clone(), config.queue_poll, stop_rx.clone()));
+    if let Some(p) = &persist {
+        tasks.spawn(p.clone().run(app.clone(), stop_rx.clone()));
+    }
     tasks.spawn(timers(app.clone(), stop_rx.clone()));
     tasks.spawn(publish_marker(app.clone(), nonce));
 
@@ -237,8 +267,92 @@ pub async fn run(
     let result = server.await;
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    // The ingest task has stopped: this snapshot covers everything applied.
+    if let Some(p) = &persist {
+        match p.save(&app).await {
+            Ok(Some(offset)) => tracing::info!(
+                "snapshot written to {}: covers the events stream up to offset {offset}",
+                persist::snapshot_path(&p.dir, &p.namespace).display()
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
     app.link.close().await;
     result.map_err(ServeError::Http)
+}
+
+/// The core to start with, and the stream offset to start reading at: the
+/// last snapshot's state and the offset after it, or an empty core and the
+/// start of the stream when there is no usable snapshot. Never fails: a
+/// snapshot that cannot be used is one warning line.
+async fn initial_core(
+    persist: Option<&Persist>,
+    conn: &lapin::Connection,
+    names: &Names,
+    config: CoreConfig,
+    metrics: &Metrics,
+) -> (Core, Option<u64>) {
+    let now = now_ms();
+    let Some(p) = persist else {
+        return (Core::new(config, metrics.clone(), now), None);
+    };
+    let path = persist::snapshot_path(&p.dir, &p.namespace);
+    let (dir, ns) = (p.dir.clone(), p.namespace.clone());
+    let loaded = tokio::task::spawn_blocking(move || persist::load(&dir, &ns)).await;
+    let snap = match loaded {
+        Ok(Ok(Some(snap))) => snap,
+        Ok(Ok(None)) => {
+            tracing::info!(
+                path = %path.display(),
+                "no snapshot: replaying the events stream from the start"
+            );
+            return (Core::new(config, metrics.clone(), now), None);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("{e}; replaying the events stream from the start instead");
+            return (Core::new(config, metrics.clone(), now), None);
+        }
+        Err(e) => {
+            tracing::warn!(
+                "snapshot {}: cannot load it: {e}; replaying the events stream from the start instead",
+                path.display()
+            );
+            return (Core::new(config, metrics.clone(), now), None);
+        }
+    };
+    let Some(offset) = snap.header.offset else {
+        // `load` refuses a snapshot without an offset already.
+        return (Core::new(config, metrics.clone(), now), None);
+    };
+    let resume_at = offset.saturating_add(1);
+    match ingest::stream_reaches(conn, names, offset).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(
+                "snapshot {}: covers offset {offset}, which the events stream has not reached (the stream was deleted and declared again?); replaying the events stream from the start instead",
+                path.display()
+            );
+            return (Core::new(config, metrics.clone(), now), None);
+        }
+        Err(e) => tracing::warn!(
+            "cannot check the events stream's end ({e}); resuming after the snapshot's offset {offset} anyway"
+        ),
+    }
+    let (workers, stages, tasks) = snap.counts();
+    let header = snap.header.clone();
+    let core = Core::restore(snap, config, metrics.clone(), now);
+    tracing::info!(
+        offset,
+        age_s = now.saturating_sub(header.written_at_ms) / 1000,
+        workers,
+        stages,
+        tasks,
+        written_by = %header.crate_version,
+        "loaded snapshot {}: resuming the events stream at offset {resume_at}",
+        path.display(),
+    );
+    (core, Some(resume_at))
 }
 
 /// Writes this run's marker to the stream; reading it back means the replay

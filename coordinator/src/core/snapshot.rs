@@ -1,0 +1,308 @@
+//! Snapshots of the core: its state, its counters and the stream offset they
+//! cover, as bytes. Pure: no file access here (`serve::persist` does the IO).
+//!
+//! # Format
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic "GHSNAP\r\n"
+//! 8       4     format version, u32 little-endian (FORMAT_VERSION)
+//! 12      8     payload length N, u64 little-endian
+//! 20      N     payload: postcard(SnapshotHeader), then postcard(CoreState)
+//! 20+N    4     CRC-32 (IEEE) of bytes 0..20+N, u32 little-endian
+//! ```
+//!
+//! The format version is checked right after the magic, before anything it
+//! could change. postcard is not self-describing, so **any change to a type
+//! saved in a snapshot must bump [`FORMAT_VERSION`]**; the test
+//! `the_body_layout_is_pinned` fails until it is done.
+//!
+//! # What is saved, what is rebuilt
+//!
+//! Saved: workers, stages, tasks, ingest counts (with the last offset
+//! applied), and every counter series of the metrics. Rebuilt on restore:
+//! stage metric handles (from the restoring core's metrics), the liveness
+//! deadline heap (every live worker re-armed), the task store's finished
+//! count and eviction queue. Not kept: notices (already acted on),
+//! histograms (they restart at zero), `caught_up` (the runtime replays from
+//! the offset and reads its new marker back).
+
+use super::stages::StageState;
+use super::tasks::{TaskRecord, TaskStore};
+use super::workers::Worker;
+use super::{Core, CoreConfig, IngestStats};
+use crate::metrics::{CounterSample, Metrics};
+use guildhall_proto::{AgentId, Namespace, Stage, TaskId};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+
+/// The first bytes of every snapshot file.
+pub const MAGIC: [u8; 8] = *b"GHSNAP\r\n";
+/// The layout of the payload. Bump it with any change to a saved type.
+pub const FORMAT_VERSION: u32 = 1;
+/// Magic, format version, payload length.
+const PREFIX_LEN: usize = 8 + 4 + 8;
+/// The trailing checksum.
+const CRC_LEN: usize = 4;
+
+/// What a snapshot says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    /// Version of the coordinator that wrote it, for the log.
+    pub crate_version: String,
+    /// The namespace it belongs to: another one's state must not be loaded.
+    pub namespace: String,
+    /// The last stream offset applied to the state: replay resumes after it.
+    pub offset: Option<u64>,
+    /// When it was written (coordinator clock), for its age in the log.
+    pub written_at_ms: u64,
+}
+
+/// The core's state as saved. Borrowed from the core when writing, owned
+/// when read back: one type, so writer and reader cannot drift apart.
+#[derive(Serialize, Deserialize)]
+struct CoreState<'a> {
+    /// Every tracked worker.
+    workers: Cow<'a, HashMap<AgentId, Worker>>,
+    /// Every known stage, with its counts, rates and samples.
+    stages: Cow<'a, BTreeMap<Stage, StageState>>,
+    /// Every tracked task.
+    tasks: Cow<'a, HashMap<TaskId, TaskRecord>>,
+    /// Ingest counts and the last offset applied.
+    stats: Cow<'a, IngestStats>,
+    /// Every counter series, which live in the metrics, not the core.
+    counters: Vec<CounterSample>,
+}
+
+/// A snapshot read back, ready for [`Core::restore`].
+pub struct Snapshot {
+    /// What it says about itself.
+    pub header: SnapshotHeader,
+    /// The state.
+    state: CoreState<'static>,
+}
+
+impl Snapshot {
+    /// Workers, stages and tasks it holds, for the log.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.state.workers.len(),
+            self.state.stages.len(),
+            self.state.tasks.len(),
+        )
+    }
+}
+
+/// Why a snapshot could not be used. Every reason is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Not a snapshot at all.
+    #[error("not a Guildhall snapshot (wrong magic bytes)")]
+    BadMagic,
+    /// Cut short (a torn write, a full disk).
+    #[error("truncated: {found} bytes, expected {expected}")]
+    Truncated {
+        /// Bytes present.
+        found: usize,
+        /// Bytes the header announces (or the least a snapshot has).
+        expected: u64,
+    },
+    /// More bytes than the header announces.
+    #[error("corrupt: {found} bytes, expected {expected}")]
+    TrailingBytes {
+        /// Bytes present.
+        found: usize,
+        /// Bytes the header announces.
+        expected: u64,
+    },
+    /// Written in a layout this coordinator does not read.
+    #[error("snapshot format version {found}; this coordinator reads version {expected}")]
+    Format {
+        /// The file's format version.
+        found: u32,
+        /// The one this build reads.
+        expected: u32,
+    },
+    /// The bytes changed after they were written.
+    #[error("corrupt: checksum mismatch")]
+    Checksum,
+    /// The header does not decode.
+    #[error("corrupt header: {0}")]
+    Header(postcard::Error),
+    /// Another deployment's state.
+    #[error("snapshot of namespace '{found}', not '{expected}'")]
+    Namespace {
+        /// The file's namespace.
+        found: String,
+        /// The namespace served.
+        expected: String,
+    },
+    /// The state does not decode (or breaks an invariant).
+    #[error("corrupt state: {0}")]
+    Body(postcard::Error),
+    /// The state could not be encoded.
+    #[error("cannot encode the state: {0}")]
+    Encode(postcard::Error),
+}
+
+impl Core {
+    /// The last stream offset applied: what a snapshot taken now covers.
+    pub fn snapshot_offset(&self) -> Option<u64> {
+        self.stats.last_offset
+    }
+
+    /// Encodes the state, the counters and the offset they cover, as the
+    /// bytes of a snapshot file. Called under the core's lock, so state,
+    /// counters and offset agree; the file is written outside it.
+    pub fn encode_snapshot(
+        &self,
+        namespace: &Namespace,
+        written_at_ms: u64,
+    ) -> Result<Vec<u8>, SnapshotError> {
+        let header = SnapshotHeader {
+            crate_version: env!("CARGO_PKG_VERSION").to_owned(),
+            namespace: namespace.to_string(),
+            offset: self.stats.last_offset,
+            written_at_ms,
+        };
+        let state = CoreState {
+            workers: Cow::Borrowed(&self.workers),
+            stages: Cow::Borrowed(&self.stages),
+            tasks: Cow::Borrowed(self.tasks.records()),
+            stats: Cow::Borrowed(&self.stats),
+            counters: self.metrics.counter_values(),
+        };
+        let mut out = Vec::with_capacity(64 * 1024);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&[0; 8]);
+        let out = postcard::to_extend(&header, out).map_err(SnapshotError::Encode)?;
+        let mut out = postcard::to_extend(&state, out).map_err(SnapshotError::Encode)?;
+        let payload_len = (out.len() - PREFIX_LEN) as u64;
+        out[12..PREFIX_LEN].copy_from_slice(&payload_len.to_le_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    /// A core with a snapshot's state: counters added back to `metrics`
+    /// (which must be fresh), stage handles resolved from them, every live
+    /// worker's liveness deadline armed again. It is not caught up: the
+    /// runtime replays the stream from the snapshot's offset first.
+    pub fn restore(snapshot: Snapshot, config: CoreConfig, metrics: Metrics, now_ms: u64) -> Self {
+        let CoreState {
+            workers,
+            stages,
+            tasks,
+            stats,
+            counters,
+        } = snapshot.state;
+        let skipped = metrics.restore_counters(&counters);
+        if skipped > 0 {
+            tracing::info!(skipped, "counter series from the snapshot not restored");
+        }
+        let mut core = Core::new(config, metrics, now_ms);
+        core.tasks = TaskStore::restore(
+            tasks.into_owned().into_values(),
+            core.config.completed_limit,
+            core.config.completed_max_age_ms,
+        );
+        core.stages = stages
+            .into_owned()
+            .into_iter()
+            .map(|(name, mut s)| {
+                s.metrics = core.metrics.stage(name.as_str());
+                s.name = name.clone();
+                (name, s)
+            })
+            .collect();
+        core.workers = workers
+            .into_owned()
+            .into_values()
+            .map(|w| (w.id.clone(), w))
+            .collect();
+        let suspect = core.config.suspect_heartbeats;
+        for w in core.workers.values_mut() {
+            w.liveness_scheduled = w.is_alive();
+            if w.liveness_scheduled {
+                let deadline = w.last_seen_ms.saturating_add(w.dead_after_ms(suspect));
+                core.deadlines.push(Reverse((deadline, w.id.clone())));
+            }
+        }
+        core.stats = stats.into_owned();
+        core
+    }
+}
+
+/// Reads a snapshot of `namespace` from the bytes of its file. Never
+/// panics; anything wrong is a [`SnapshotError`].
+pub fn decode(bytes: &[u8], namespace: &Namespace) -> Result<Snapshot, SnapshotError> {
+    let min = (PREFIX_LEN + CRC_LEN) as u64;
+    if bytes.len() < MAGIC.len() {
+        return Err(if MAGIC.starts_with(bytes) {
+            SnapshotError::Truncated {
+                found: bytes.len(),
+                expected: min,
+            }
+        } else {
+            SnapshotError::BadMagic
+        });
+    }
+    if bytes[..MAGIC.len()] != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    let Some(&[a, b, c, d]) = bytes.get(8..12) else {
+        return Err(SnapshotError::Truncated {
+            found: bytes.len(),
+            expected: min,
+        });
+    };
+    let format = u32::from_le_bytes([a, b, c, d]);
+    if format != FORMAT_VERSION {
+        return Err(SnapshotError::Format {
+            found: format,
+            expected: FORMAT_VERSION,
+        });
+    }
+    let payload_len = bytes
+        .get(12..PREFIX_LEN)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_le_bytes)
+        .ok_or(SnapshotError::Truncated {
+            found: bytes.len(),
+            expected: min,
+        })?;
+    let expected = payload_len.saturating_add(min);
+    let found = bytes.len();
+    if (found as u64) < expected {
+        return Err(SnapshotError::Truncated { found, expected });
+    }
+    if found as u64 > expected {
+        return Err(SnapshotError::TrailingBytes { found, expected });
+    }
+    let (body, crc) = bytes.split_at(found - CRC_LEN);
+    let stored = crc
+        .try_into()
+        .map(u32::from_le_bytes)
+        .map_err(|_| SnapshotError::Checksum)?;
+    if crc32fast::hash(body) != stored {
+        return Err(SnapshotError::Checksum);
+    }
+    let payload = &body[PREFIX_LEN..];
+    let (header, rest): (SnapshotHeader, _) =
+        postcard::take_from_bytes(payload).map_err(SnapshotError::Header)?;
+    if header.namespace != namespace.as_str() {
+        return Err(SnapshotError::Namespace {
+            found: header.namespace,
+            expected: namespace.to_string(),
+        });
+    }
+    let (state, rest): (CoreState<'static>, _) =
+        postcard::take_from_bytes(rest).map_err(SnapshotError::Body)?;
+    if !rest.is_empty() {
+        return Err(SnapshotError::Body(postcard::Error::DeserializeBadEncoding));
+    }
+    Ok(Snapshot { header, state })
+}
