@@ -284,38 +284,42 @@ impl Core {
             envelope.sent_at_ms.min(now_ms)
         };
         let sender = envelope.sender;
-        if self.is_duplicate(&sender, envelope.seq, &envelope.events) {
+        if !self.check_seq(&sender, envelope.seq, &envelope.events) {
             self.metrics.event_batches_duplicate.inc();
-            self.touch(now_ms, seen_ms, &sender, envelope.seq);
+            self.touch(now_ms, seen_ms, &sender);
             return;
         }
         for event in envelope.events {
             self.apply(now_ms, seen_ms, &sender, event);
         }
-        self.touch(now_ms, seen_ms, &sender, envelope.seq);
+        self.touch(now_ms, seen_ms, &sender);
     }
 
-    /// Whether a batch from `sender` was already applied: its sequence number
-    /// is not above the last one seen. Agents resend batches whose confirm
-    /// they lost; a restarted agent (same id) starts again at 1 with a `Hello`.
-    fn is_duplicate(&self, sender: &AgentId, seq: u64, events: &[Event]) -> bool {
-        let Some(last) = self.workers.get(sender).and_then(|w| w.last_seq) else {
-            return false;
+    /// Records a batch's sequence number; `false` if the batch was already
+    /// applied (agents resend batches whose confirm they lost). A batch that
+    /// comes late, after later ones, is applied. A restarted agent (same id)
+    /// counts from 1 again and says `Hello` first.
+    fn check_seq(&mut self, sender: &AgentId, seq: u64, events: &[Event]) -> bool {
+        let Some(w) = self.workers.get_mut(sender) else {
+            return true;
         };
-        seq <= last && !events.iter().any(|e| matches!(e, Event::Hello(_)))
+        if events.iter().any(|e| matches!(e, Event::Hello(_))) {
+            w.seq.reset();
+        }
+        match w.seq.check(seq) {
+            workers::SeqCheck::New { missing } => {
+                self.metrics.event_batches_missing.inc_by(missing);
+                true
+            }
+            workers::SeqCheck::Repeat => false,
+        }
     }
 
-    /// After an envelope from `sender`: it is alive, and its sequence is checked.
-    fn touch(&mut self, now_ms: u64, seen_ms: u64, sender: &AgentId, seq: u64) {
+    /// After an envelope from `sender`: it is alive.
+    fn touch(&mut self, now_ms: u64, seen_ms: u64, sender: &AgentId) {
         let Some(w) = self.workers.get_mut(sender) else {
             return;
         };
-        if let Some(last) = w.last_seq
-            && seq > last + 1
-        {
-            self.metrics.event_batches_missing.inc_by(seq - last - 1);
-        }
-        w.last_seq = Some(w.last_seq.map_or(seq, |l| l.max(seq)));
         if matches!(w.liveness, Liveness::Stopped { .. }) {
             return;
         }
@@ -397,7 +401,6 @@ impl Core {
                     return;
                 };
                 w.apply_hello(&h);
-                w.last_seq = None;
                 if let Some(n) = Self::revive(w, now_ms, caught_up) {
                     push_notice(&mut self.notices, n);
                 }

@@ -810,11 +810,48 @@ fn gaps_in_a_senders_sequence_are_counted() {
     let mut sim = Sim::new();
     let hb = sim.heartbeat("a", AgentState::Idle, &[]);
     sim.send("w1", vec![hb.clone()]);
-    sim.seqs.insert("w1".into(), 4); // batches 2..=4 never arrive
-    sim.send("w1", vec![hb]);
+    sim.send("w1", vec![hb.clone()]);
+    sim.seqs.insert("w1".into(), 5); // batches 3..=5 do not arrive (yet)
+    sim.send("w1", vec![hb.clone()]);
+    let e = sim.started("T-late", "a", 1, T0);
+    // Batch 4 comes late, after 6: it is applied, not taken for a repeat.
+    let mut late = Envelope {
+        sender: aid("w1"),
+        seq: 4,
+        sent_at_ms: sim.now,
+        events: vec![e],
+    };
+    sim.core.handle_envelope(
+        sim.now,
+        Decoded {
+            envelope: late.clone(),
+            skipped: 0,
+        },
+        None,
+    );
+    assert!(sim.core.task_view("T-late", sim.now).is_some());
+    late.events.clear();
+    sim.core.handle_envelope(
+        sim.now,
+        Decoded {
+            envelope: late,
+            skipped: 0,
+        },
+        None,
+    );
+    // 3 and 5 never come: they are missing once 64 later batches pushed
+    // them out of the window.
+    for _ in 0..64 {
+        sim.send("w1", vec![hb.clone()]);
+    }
+    let text = sim.metrics();
     assert!(
-        sim.metrics()
-            .contains("guildhall_event_batches_missing_total 3")
+        text.contains("guildhall_event_batches_missing_total 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("guildhall_event_batches_duplicate_total 1"),
+        "{text}"
     );
 }
 

@@ -85,8 +85,9 @@ pub struct Worker {
     pub agent_proc: Option<ProcStats>,
     /// Times its supervised worker process was restarted.
     pub restarts: u32,
-    /// Last envelope sequence number, to notice lost batches.
-    pub last_seq: Option<u64>,
+    /// Which recent envelope sequence numbers were seen: tells a late batch
+    /// from a repeated one, and counts batches that never came.
+    pub seq: SeqWindow,
     /// `done` and `failed` as last exported, to feed counters by delta.
     pub exported_counts: (u64, u64),
     /// Whether a liveness deadline for it is in the core's timer heap, so a
@@ -123,7 +124,7 @@ impl Worker {
             worker_proc: None,
             agent_proc: None,
             restarts: 0,
-            last_seq: None,
+            seq: SeqWindow::default(),
             exported_counts: (0, 0),
             liveness_scheduled: false,
         }
@@ -197,5 +198,128 @@ impl Worker {
     pub fn success_rate(&self) -> Option<f64> {
         let total = self.done + self.failed;
         (total > 0).then(|| self.done as f64 / total as f64)
+    }
+}
+
+/// How many recent sequence numbers a [`SeqWindow`] remembers.
+const SEQ_WINDOW: u64 = 64;
+
+/// The last 64 envelope sequence numbers seen from one sender.
+///
+/// Agents number their batches and resend unconfirmed ones after an outage,
+/// so a batch may arrive twice, or late (after later ones). A late batch is
+/// applied; a repeated one is dropped; a number that slides out of the window
+/// without having been seen is a lost batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqWindow {
+    /// Highest number seen, if any.
+    last: Option<u64>,
+    /// First number seen since the last reset: nothing below it is missing.
+    first: u64,
+    /// Bit `i` set: `last - i` was seen.
+    seen: u64,
+}
+
+/// What [`SeqWindow::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqCheck {
+    /// Not seen before: apply it. `missing` numbers slid out of the window
+    /// unseen because of it.
+    New {
+        /// Batches now known to be lost.
+        missing: u64,
+    },
+    /// Seen already (or too old to tell): drop it.
+    Repeat,
+}
+
+impl SeqWindow {
+    /// Forgets everything (the sender restarted and counts from 1 again).
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Records `seq` and says whether it is new.
+    pub fn check(&mut self, seq: u64) -> SeqCheck {
+        let Some(last) = self.last else {
+            *self = Self {
+                last: Some(seq),
+                first: seq,
+                seen: 1,
+            };
+            return SeqCheck::New { missing: 0 };
+        };
+        if seq > last {
+            let shift = seq - last;
+            let mut missing = shift.saturating_sub(SEQ_WINDOW);
+            // Old positions pushed out of the window: lost if never seen.
+            for j in SEQ_WINDOW.saturating_sub(shift)..SEQ_WINDOW {
+                let unseen = self.seen & (1 << j) == 0;
+                if unseen && last.checked_sub(j).is_some_and(|p| p >= self.first) {
+                    missing += 1;
+                }
+            }
+            self.seen = if shift >= SEQ_WINDOW {
+                1
+            } else {
+                (self.seen << shift) | 1
+            };
+            self.last = Some(seq);
+            return SeqCheck::New { missing };
+        }
+        let age = last - seq;
+        if age >= SEQ_WINDOW || seq < self.first || self.seen & (1 << age) != 0 {
+            return SeqCheck::Repeat;
+        }
+        self.seen |= 1 << age;
+        SeqCheck::New { missing: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeats_are_dropped_and_late_batches_kept() {
+        let mut w = SeqWindow::default();
+        assert_eq!(w.check(1), SeqCheck::New { missing: 0 });
+        assert_eq!(w.check(3), SeqCheck::New { missing: 0 }, "2 may still come");
+        assert_eq!(w.check(3), SeqCheck::Repeat);
+        assert_eq!(w.check(2), SeqCheck::New { missing: 0 }, "late, applied");
+        assert_eq!(w.check(2), SeqCheck::Repeat);
+        assert_eq!(w.check(1), SeqCheck::Repeat);
+    }
+
+    #[test]
+    fn a_number_is_missing_once_it_leaves_the_window_unseen() {
+        let mut w = SeqWindow::default();
+        w.check(1);
+        // 2 never comes; it leaves the window when 66 arrives.
+        for n in 3..=65 {
+            assert_eq!(w.check(n), SeqCheck::New { missing: 0 }, "{n}");
+        }
+        assert_eq!(w.check(66), SeqCheck::New { missing: 1 });
+        // A jump far ahead: 67..=136 left the window unseen at once;
+        // 137..=199 are still inside it and may yet come.
+        assert_eq!(w.check(200), SeqCheck::New { missing: 70 });
+        assert_eq!(w.check(150), SeqCheck::New { missing: 0 });
+        assert_eq!(w.check(10), SeqCheck::Repeat, "too old to tell: dropped");
+    }
+
+    #[test]
+    fn a_restart_counts_from_the_start_again() {
+        let mut w = SeqWindow::default();
+        w.check(5);
+        assert_eq!(w.check(1), SeqCheck::Repeat);
+        w.reset();
+        assert_eq!(w.check(1), SeqCheck::New { missing: 0 });
+        // Numbers below the first one seen are not missing.
+        assert_eq!(
+            w.check(100),
+            SeqCheck::New {
+                missing: 100 - 1 - 64
+            }
+        );
     }
 }
