@@ -23,13 +23,18 @@ fn planted_dead(i: usize) -> bool {
     i % 50 == 7
 }
 
+/// The first tasks are slow at `b`, so a `b` agent is sure to hold one for
+/// a while (the SIGSTOP test freezes it then).
+const SLOW_AT_B: usize = 8;
+
 fn payload(i: usize) -> String {
     let fail = if planted_dead(i) {
         " b:fail=permanent"
     } else {
         ""
     };
-    format!("chaos-{i} sleep=40{fail}")
+    let slow = if i < SLOW_AT_B { " b:sleep=3000" } else { "" };
+    format!("chaos-{i} sleep=40{fail}{slow}")
 }
 
 /// A running pipeline under test.
@@ -286,37 +291,77 @@ async fn sigkill_random_agents() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_an_agent_holding_tasks() {
-    let fleet = Fleet::start(TestNs::exclusive("chaos-stop"), &[], false).await;
+    let hook = WebhookSink::start().await;
+    let fleet = Fleet::start(
+        TestNs::exclusive("chaos-stop"),
+        &["--alert-webhook", &hook.url],
+        false,
+    )
+    .await;
     let api = fleet.api();
-    fleet.submit_all().await;
     let victim = fleet.agents.iter().find(|a| a.0 == "b-1").expect("b-1");
-    // Freeze it while it works, then read what it had reported holding: the
-    // view lags by up to one event flush, so it is read after the freeze.
-    let mut frozen = None;
-    for _ in 0..10 {
-        eventually(Duration::from_secs(20), "b-1 processing", || async {
-            let w = api.get_ok("/api/workers/b-1").await?;
-            anyhow::ensure!(w["status"] == "processing", "{w}");
+    // The management API lists a connection only after its statistics
+    // refresh (~5 s): wait until it lists b-1's, the usual case of a frozen
+    // worker that had been connected for a while.
+    let management = guildhall_broker::Management::new(&management_url(), "/").unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "b-1's connection listed",
+        || async {
+            let listed = management
+                .connections()
+                .await?
+                .into_iter()
+                .any(|c| c.user_provided_name.as_deref() == Some("guildhall-agent/b-1"));
+            anyhow::ensure!(listed, "not yet");
             Ok(())
-        })
-        .await;
-        victim.3.proc.signal("STOP");
-        let stopped_at = guildhall_broker::now_ms();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let w = api.get_ok("/api/workers/b-1").await.unwrap();
-        let held: Vec<String> = w["current_tasks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
-            .collect();
-        if !held.is_empty() {
-            frozen = Some((stopped_at, held));
-            break;
-        }
-        victim.3.proc.signal("CONT");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        },
+    )
+    .await;
+    fleet.submit_all().await;
+    // Freeze it while it holds one of the slow tasks (the coordinator has
+    // seen it start, and it runs for 3 s). The tasks it held are the ones the
+    // coordinator requeues when it declares it dead (its alert lists them).
+    let slow: Vec<String> = (0..SLOW_AT_B).map(id).collect();
+    eventually(
+        Duration::from_secs(30),
+        "b-1 holding a slow task",
+        || async {
+            let w = api.get_ok("/api/workers/b-1").await?;
+            let holds_slow = w["current_tasks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|t| {
+                    t["task_id"]
+                        .as_str()
+                        .is_some_and(|id| slow.iter().any(|s| s == id))
+                });
+            anyhow::ensure!(holds_slow, "{w}");
+            Ok(())
+        },
+    )
+    .await;
+    victim.3.proc.signal("STOP");
+    let stopped_at = guildhall_broker::now_ms();
+    let alert = eventually(Duration::from_secs(15), "b-1 declared dead", || async {
+        let dead = hook.of_kind("worker_dead");
+        anyhow::ensure!(!dead.is_empty(), "no alert yet");
+        Ok(dead[0].clone())
+    })
+    .await;
+    assert_eq!(alert["worker"], "b-1", "{alert}");
+    let held: Vec<String> = alert["tasks_requeued"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        held.iter().any(|h| slow.contains(h)),
+        "the slow task it held is requeued: {alert}"
+    );
+    let frozen = Some((stopped_at, held));
     let (stopped_at, held) = frozen.expect("b-1 frozen while holding a task");
     // The tasks it held go to the other b agent once the coordinator has
     // declared it dead and closed its connection.

@@ -108,7 +108,7 @@ pub enum Notice {
         /// When it was last heard from.
         last_seen_ms: u64,
         /// The tasks it held.
-        tasks_in_hand: Vec<TaskId>,
+        tasks_requeued: Vec<TaskId>,
     },
     /// A worker declared dead was heard from again.
     WorkerReturned {
@@ -417,7 +417,23 @@ impl Core {
                     return;
                 };
                 w.apply_heartbeat(&h);
-                if let Some(n) = Self::revive(w, now_ms, caught_up) {
+                let notice = Self::revive(w, now_ms, caught_up);
+                let listed = std::mem::take(&mut w.in_hand);
+                // An agent holds a task until it acks it, so a heartbeat sent
+                // between its TaskSucceeded and the ack lists the task again:
+                // attempts already known to be over stay over.
+                let in_hand = listed
+                    .into_iter()
+                    .filter(|t| {
+                        !self
+                            .tasks
+                            .is_over(Attempt::new(&t.task_id, &h.stage, t.attempt, sender))
+                    })
+                    .collect();
+                if let Some(w) = self.workers.get_mut(sender) {
+                    w.in_hand = in_hand;
+                }
+                if let Some(n) = notice {
                     push_notice(&mut self.notices, n);
                 }
                 if let Some(s) = self.stages.get_mut(&h.stage) {
@@ -706,18 +722,19 @@ impl Core {
         let in_hand = std::mem::take(&mut w.in_hand);
         let (worker, stage, last_seen_ms) = (w.id.clone(), w.stage.clone(), w.last_seen_ms);
         let reason = format!("worker {worker} declared dead after {silence} ms of silence");
+        // Only attempts still running are requeued: the agent may have
+        // reported some finished after its last list of tasks in hand.
+        let mut requeued = Vec::new();
         if let Some(s) = self.stages.get(&stage) {
             self.metrics
                 .worker_deaths
                 .with_label_values(&[stage.as_str()])
                 .inc();
-            for t in &in_hand {
-                if self.tasks.requeue(
-                    Attempt::new(&t.task_id, &stage, t.attempt, &worker),
-                    now_ms,
-                    &reason,
-                ) {
+            for t in in_hand {
+                let a = Attempt::new(&t.task_id, &stage, t.attempt, &worker);
+                if self.tasks.requeue(a, t.started_at_ms, now_ms, &reason) {
                     s.metrics.requeued.inc();
+                    requeued.push(t.task_id);
                 }
             }
         }
@@ -727,7 +744,7 @@ impl Core {
                 worker,
                 stage,
                 last_seen_ms,
-                tasks_in_hand: in_hand.into_iter().map(|t| t.task_id).collect(),
+                tasks_requeued: requeued,
             },
         );
     }

@@ -447,29 +447,48 @@ impl TaskStore {
         }
     }
 
-    /// The worker holding `(stage, attempt)` of a task was declared dead at
-    /// `now_ms` (coordinator clock): its attempt is marked requeued with
-    /// `reason`, and the task is back in the queue. Returns whether a running
-    /// attempt was found.
-    pub fn requeue(&mut self, a: Attempt<'_>, now_ms: u64, reason: &str) -> bool {
+    /// The worker holding `(stage, attempt)` of a task (since `started_at_ms`)
+    /// was declared dead at `now_ms` (coordinator clock): its attempt is
+    /// marked requeued with `reason`, and the task is back in the queue. An
+    /// attempt known only from a heartbeat gets a row. Returns `false` if the
+    /// attempt is already over (it finished after the worker's last list).
+    pub fn requeue(
+        &mut self,
+        a: Attempt<'_>,
+        started_at_ms: u64,
+        now_ms: u64,
+        reason: &str,
+    ) -> bool {
         let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        let Some(rec) = self.tasks.get_mut(id) else {
-            return false;
+        let rec = self.record(id, stage, started_at_ms);
+        let running = matches!(
+            rec.row_mut(stage, attempt, Some(worker)),
+            Some(row) if row.outcome == AttemptOutcome::Running && row.worker.as_ref() == Some(worker)
+        );
+        let known = rec.rows.iter().any(|r| {
+            &r.stage == stage && r.attempt == attempt && r.worker.as_ref() == Some(worker)
+        });
+        let row = if running {
+            rec.row_mut(stage, attempt, Some(worker))
+                .expect("row found above")
+        } else if !known {
+            // Known only from a heartbeat (its start was not seen): record it.
+            let row = rec.push(AttemptRow::queued(stage.clone(), attempt, None));
+            row.worker = Some(worker.clone());
+            row.started_at_ms = Some(started_at_ms);
+            row
+        } else {
+            return false; // already over
         };
-        let Some(row) = rec.row_mut(stage, attempt, Some(worker)) else {
-            return false;
-        };
-        if row.outcome != AttemptOutcome::Running || row.worker.as_ref() != Some(worker) {
-            return false;
-        }
         row.outcome = AttemptOutcome::Requeued;
         row.finished_at_ms = Some(now_ms);
         row.error = Some(reason.to_owned());
         row.error_class = Some("worker_dead".to_owned());
-        if rec.status == TaskStatus::Running && &rec.stage == stage {
+        if (rec.status == TaskStatus::Running && &rec.stage == stage) || rec.rows.len() == 1 {
             // Not stamped with `now_ms`: that is the coordinator's clock, and
             // the redelivery's events carry agents' clocks.
             rec.status = TaskStatus::Queued;
+            rec.stage = stage.clone();
         }
         true
     }
@@ -503,6 +522,19 @@ impl TaskStore {
         }
         self.set_status(id, TaskStatus::Queued, stage, at_ms);
         true
+    }
+
+    /// Whether `a`'s worker is known to be done with the attempt (it
+    /// finished, gave it up, or was cut off from it).
+    pub fn is_over(&self, a: Attempt<'_>) -> bool {
+        self.tasks.get(a.task).is_some_and(|rec| {
+            rec.rows.iter().rev().any(|r| {
+                &r.stage == a.stage
+                    && r.attempt == a.attempt
+                    && r.worker.as_ref() == Some(a.worker)
+                    && !matches!(r.outcome, AttemptOutcome::Running | AttemptOutcome::Queued)
+            })
+        })
     }
 
     /// A producer put the task on `stage`'s queue.

@@ -225,7 +225,7 @@ fn a_worker_is_dead_after_exactly_three_missed_heartbeats() {
             worker: aid("w1"),
             stage: st("build"),
             last_seen_ms: T0,
-            tasks_in_hand: vec![tid("T1")],
+            tasks_requeued: vec![tid("T1")],
         }]
     );
     // It comes back: alive again, and the return is noticed.
@@ -1093,4 +1093,42 @@ fn a_batch_sent_twice_is_applied_once_and_a_restart_starts_over() {
         sim.metrics()
             .contains("guildhall_tasks_started_total{stage=\"build\"} 2")
     );
+}
+
+#[test]
+fn a_heartbeat_sent_before_the_ack_does_not_resurrect_a_finished_attempt() {
+    let mut sim = Sim::new();
+    // T1 succeeds; the agent, still waiting to ack it, sends a heartbeat
+    // listing it in hand; then the agent freezes.
+    let e = sim.started("T1", "build", 1, T0);
+    let t2 = sim.started("T2", "build", 1, T0);
+    sim.send("w1", vec![e, t2]);
+    sim.advance(50);
+    let done = sim.succeeded("T1", "build", 1, T0, None);
+    let hb = sim.heartbeat("build", AgentState::Processing, &["T1", "T2"]);
+    sim.send("w1", vec![done, hb]);
+    let held: Vec<_> = sim
+        .worker("w1")
+        .current_tasks
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(held, ["T2"]);
+    sim.advance(3_000);
+    let notices = sim.notices();
+    assert!(
+        matches!(&notices[..], [Notice::WorkerDead { tasks_requeued, .. }] if tasks_requeued == &[tid("T2")]),
+        "{notices:?}"
+    );
+    assert_eq!(
+        sim.core.task_view("T1", sim.now).unwrap().attempts[0].outcome,
+        "succeeded"
+    );
+    // A task known only from a heartbeat is requeued too, with a row of its own.
+    let hb = sim.heartbeat("build", AgentState::Processing, &["T3"]);
+    sim.send("w2", vec![hb]);
+    sim.advance(3_000);
+    let t3 = sim.core.task_view("T3", sim.now).unwrap();
+    assert_eq!((t3.status, t3.attempts[0].outcome), ("queued", "requeued"));
+    assert_eq!(t3.attempts[0].worker.as_deref(), Some("w2"));
 }

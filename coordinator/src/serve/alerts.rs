@@ -66,19 +66,19 @@ pub fn body(namespace: &str, notice: &Notice, at_ms: u64) -> Value {
             worker,
             stage,
             last_seen_ms,
-            tasks_in_hand,
+            tasks_requeued,
         } => json!({
             "text": format!(
                 ":red_circle: [{namespace}] worker {worker} ({stage}) is dead: silent for {:.1} s; {} task(s) it held are back in the queue",
                 at_ms.saturating_sub(*last_seen_ms) as f64 / 1000.0,
-                tasks_in_hand.len()
+                tasks_requeued.len()
             ),
             "kind": "worker_dead",
             "namespace": namespace,
             "worker": worker.as_str(),
             "stage": stage.as_str(),
             "last_seen_ms": last_seen_ms,
-            "tasks_requeued": tasks_in_hand.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+            "tasks_requeued": tasks_requeued.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
             "at_ms": at_ms,
         }),
         Notice::WorkerReturned {
@@ -173,7 +173,7 @@ mod tests {
             worker: "w1".parse().unwrap(),
             stage: "build".parse().unwrap(),
             last_seen_ms: 1_000,
-            tasks_in_hand: vec!["T1".parse().unwrap()],
+            tasks_requeued: vec!["T1".parse().unwrap()],
         };
         let b = body("prod", &notice, 4_500);
         assert_eq!(b["kind"], "worker_dead");

@@ -408,13 +408,16 @@ fn act_on(app: &Arc<App>, notice: Notice) {
     }
     if let Notice::WorkerDead {
         worker,
-        tasks_in_hand,
+        tasks_requeued,
         ..
     } = notice
     {
-        tokio::spawn(close_connection(app.clone(), worker, tasks_in_hand.len()));
+        tokio::spawn(close_connection(app.clone(), worker, tasks_requeued.len()));
     }
 }
+
+/// Times the runtime looks for a dead worker's connection, a second apart.
+const CLOSE_ATTEMPTS: u32 = 10;
 
 /// Closes a dead worker's broker connection so its unacked tasks go back to
 /// the queue now. A killed process has lost its connection already; a frozen
@@ -425,23 +428,35 @@ async fn close_connection(app: Arc<App>, worker: AgentId, tasks: usize) {
         return;
     };
     let name = Names::agent_connection_name(&worker);
-    let outcome = match management
-        .close_connections_named(&name, "guildhall: worker declared dead")
-        .await
-    {
-        Ok(0) => {
-            tracing::info!(%worker, "dead worker's connection already gone");
-            "not_found"
+    // The management API lists a connection only after its next statistics
+    // refresh (5 s by default), so one opened just before the worker froze
+    // may not be there yet: look again for a while before giving up.
+    let mut outcome = "not_found";
+    for attempt in 0..CLOSE_ATTEMPTS {
+        match management
+            .close_connections_named(&name, "guildhall: worker declared dead")
+            .await
+        {
+            Ok(0) => {
+                if attempt + 1 < CLOSE_ATTEMPTS {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            Ok(_) => {
+                tracing::warn!(%worker, tasks, "closed the dead worker's connection: the broker requeues its tasks now");
+                outcome = "closed";
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(%worker, "cannot close the dead worker's connection: {e}");
+                outcome = "failed";
+                break;
+            }
         }
-        Ok(_) => {
-            tracing::warn!(%worker, tasks, "closed the dead worker's connection: the broker requeues its tasks now");
-            "closed"
-        }
-        Err(e) => {
-            tracing::warn!(%worker, "cannot close the dead worker's connection: {e}");
-            "failed"
-        }
-    };
+    }
+    if outcome == "not_found" {
+        tracing::info!(%worker, "dead worker's connection already gone");
+    }
     app.metrics
         .connections_closed
         .with_label_values(&[outcome])
@@ -453,9 +468,9 @@ fn log_notice(notice: &Notice) {
         Notice::WorkerDead {
             worker,
             stage,
-            tasks_in_hand,
+            tasks_requeued,
             ..
-        } => tracing::warn!(%worker, %stage, tasks = tasks_in_hand.len(), "worker dead"),
+        } => tracing::warn!(%worker, %stage, tasks = tasks_requeued.len(), "worker dead"),
         Notice::WorkerReturned {
             worker,
             stage,
