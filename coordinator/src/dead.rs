@@ -80,6 +80,10 @@ pub struct Replayed {
     pub replayed: Vec<String>,
     /// Ids asked for that were not in the queue.
     pub not_found: Vec<String>,
+    /// When each replayed task was put back on the stage queue (its
+    /// `enqueued_at`), for the `TaskSubmitted` events that follow.
+    #[serde(skip)]
+    pub enqueued_at_ms: Vec<u64>,
 }
 
 /// Which dead letters to replay.
@@ -227,6 +231,8 @@ pub async fn replay(
                 .await?;
             d.acker.ack(BasicAckOptions::default()).await?;
             out.replayed.push(meta.id.to_string());
+            out.enqueued_at_ms
+                .push(meta.enqueued_at_ms.unwrap_or_default());
         }
         if let Selection::Ids(ids) = selection {
             out.not_found = ids.iter().filter(|i| !seen.contains(*i)).cloned().collect();

@@ -110,8 +110,12 @@ impl Submitter {
             }
             Err(e) => return Err(e.into()),
         }
+        // Stamped with the enqueue time written into the message, not the
+        // time the broker confirmed it: a fast worker may start (and report)
+        // the task before this event goes out, and its times must not look
+        // older than the submission.
         let event = Event::TaskSubmitted(TaskSubmitted {
-            at_ms: now_ms(),
+            at_ms: now,
             task_id: id.clone(),
             stage: stage.clone(),
             payload_bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),

@@ -976,6 +976,33 @@ mod tests {
     }
 
     #[test]
+    fn a_replayed_dead_letter_that_finishes_before_its_submission_event_arrives() {
+        let mut s = TaskStore::new(10, 60_000);
+        let (t, a, w) = (id("D"), st("a"), ag("w"));
+        s.started(Attempt::new(&t, &a, 1, &w), 10, Some(5), Some(5), false);
+        s.failed(Attempt::new(&t, &a, 1, &w), 12, 10, "bad", "http_422");
+        s.dead_lettered(Attempt::new(&t, &a, 1, &w), 12, "bad");
+        // Replayed at 1000 (its enqueue time); the agent is faster than the
+        // replay's TaskSubmitted event, which arrives last.
+        s.started(
+            Attempt::new(&t, &a, 1, &w),
+            1_003,
+            Some(1_000),
+            Some(5),
+            false,
+        );
+        s.succeeded(Attempt::new(&t, &a, 1, &w), 1_005, 1_003, None, Some(5));
+        s.submitted(&t, &a, 1_000);
+        let rec = s.get("D").unwrap();
+        assert_eq!(rec.status, TaskStatus::Succeeded);
+        let outcomes: Vec<_> = rec.rows.iter().map(|r| r.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [AttemptOutcome::DeadLettered, AttemptOutcome::Succeeded]
+        );
+    }
+
+    #[test]
     fn a_redelivery_marks_the_first_holder_lost() {
         let mut s = TaskStore::new(10, 60_000);
         let (t, a) = (id("T"), st("a"));

@@ -279,17 +279,19 @@ pub async fn dead_replay(
     let replayed = dead::replay(&app.amqp_url, &app.names, &stage, &selection)
         .await
         .map_err(dead_error)?;
-    // Tell the coordinator (and any other reader) the tasks are queued again.
+    // Tell the coordinator (and any other reader) the tasks are queued
+    // again, stamped with when they were (see `Submitter::submit`).
     if !replayed.replayed.is_empty()
         && let Ok((_, publisher)) = app.link.get().await
     {
         let events = replayed
             .replayed
             .iter()
-            .filter_map(|id| TaskId::new(id.as_str()).ok())
-            .map(|task_id| {
+            .zip(&replayed.enqueued_at_ms)
+            .filter_map(|(id, at)| Some((TaskId::new(id.as_str()).ok()?, *at)))
+            .map(|(task_id, at_ms)| {
                 Event::TaskSubmitted(TaskSubmitted {
-                    at_ms: now_ms(),
+                    at_ms,
                     task_id,
                     stage: stage.clone(),
                     payload_bytes: 0,
