@@ -315,4 +315,26 @@ async fn wrong_management_credentials_are_one_clear_warning() {
         "{}",
         warnings[0]
     );
+    // A URL that is not the management API (404): the same kind of warning.
+    let ns = TestNs::new("mgmt404");
+    let c = spawn_coordinator(
+        &ns,
+        &[
+            "--management-url",
+            "http://guest:guest@127.0.0.1:15672/not-the-api",
+        ],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "healthy", || async {
+        c.api.get_ok("/healthz").await
+    })
+    .await;
+    let log = c.proc.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("404 Not Found"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("WARN"), "{}", warnings[0]);
 }
