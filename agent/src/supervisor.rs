@@ -25,6 +25,7 @@
 //! counted as failed.
 
 use crate::config::{ConfigError, check_http_url};
+use crate::handoff::http::error_chain;
 use crate::pgroup::signal_group;
 use crate::state::Shared;
 use guildhall_broker::{EventPublisher, now_ms};
@@ -171,18 +172,6 @@ impl HealthCheck {
             }
         }
     }
-}
-
-/// An error and its causes on one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// What the supervisor needs to know.

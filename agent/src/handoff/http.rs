@@ -129,7 +129,7 @@ fn request_error(err: &reqwest::Error) -> Failure {
 }
 
 /// An error and its causes on one line (reqwest's own message is terse).
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
