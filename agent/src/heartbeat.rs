@@ -131,6 +131,7 @@ async fn beat(
             agent: agent_stats.sample(agent_pid),
             hostname: identity.hostname.clone(),
             worker_restarts: shared.worker_restarts(),
+            rtt_ms: None,
         }));
     }
 }

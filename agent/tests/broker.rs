@@ -894,6 +894,7 @@ async fn pause_stops_consumption_resume_restarts_it_and_drain_stops_the_agent() 
                 &id,
                 Command::Assign {
                     stage: env.stage("other"),
+                    reason: "test".into(),
                 },
             )
             .await;

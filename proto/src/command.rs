@@ -31,6 +31,8 @@ pub enum Command {
     Assign {
         /// The stage to serve.
         stage: Stage,
+        /// Why, in words (kept in the agent's `Reassigned` event).
+        reason: String,
     },
     /// Set the consumer prefetch without changing concurrency.
     SetPrefetch {

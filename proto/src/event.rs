@@ -42,6 +42,8 @@ pub enum Event {
     /// process died, stop timeout): the broker redelivers it, and whatever
     /// the worker produced is discarded.
     TaskAbandoned(TaskAbandoned),
+    /// An agent switched to consuming another stage (an `Assign` command).
+    Reassigned(Reassigned),
 }
 
 impl Event {
@@ -60,7 +62,8 @@ impl Event {
             | Event::Heartbeat(_)
             | Event::WorkerExited(_)
             | Event::AgentStopping(_)
-            | Event::Marker(_) => None,
+            | Event::Marker(_)
+            | Event::Reassigned(_) => None,
         }
     }
 
@@ -80,6 +83,7 @@ impl Event {
             Event::AgentStopping(_) => "agent_stopping",
             Event::Marker(_) => "marker",
             Event::TaskAbandoned(_) => "task_abandoned",
+            Event::Reassigned(_) => "reassigned",
         }
     }
 }
@@ -212,6 +216,9 @@ pub struct Heartbeat {
     pub hostname: String,
     /// Times the supervised worker process was restarted.
     pub worker_restarts: u32,
+    /// Recent broker round trip (publish to confirm) as the agent measures
+    /// it: with the service time it sizes the prefetch.
+    pub rtt_ms: Option<u32>,
 }
 
 /// A task was published to a stage's queue by a producer (`guildhall submit`,
@@ -367,6 +374,19 @@ pub struct TaskAbandoned {
     pub reason: String,
     /// How far the worker got.
     pub result: WorkerResult,
+}
+
+/// An agent moved from one stage to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reassigned {
+    /// When it started consuming the new stage.
+    pub at_ms: u64,
+    /// The stage it left.
+    pub from: Stage,
+    /// The stage it serves now.
+    pub to: Stage,
+    /// Why (from the command).
+    pub reason: String,
 }
 
 /// The supervised worker process exited.

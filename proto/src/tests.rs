@@ -56,6 +56,7 @@ fn sample_events() -> Vec<Event> {
             agent: None,
             hostname: "h".into(),
             worker_restarts: 0,
+            rtt_ms: Some(3),
         }),
         Event::TaskSucceeded(TaskSucceeded {
             at_ms: 3,
@@ -299,6 +300,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
                 }),
                 hostname: "h".into(),
                 worker_restarts: 0,
+                rtt_ms: None,
             })
         });
     let other = prop_oneof![

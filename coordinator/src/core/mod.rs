@@ -626,6 +626,15 @@ impl Core {
                     }
                 }
             }
+            Event::Reassigned(e) => {
+                if self.stage_mut(now_ms, &e.to).is_none() {
+                    return;
+                }
+                if let Some(w) = self.workers.get_mut(sender) {
+                    tracing::info!(worker = %w.id, from = %e.from, to = %e.to, reason = %e.reason, "worker reassigned");
+                    w.stage = e.to;
+                }
+            }
             Event::Marker(m) => {
                 if self.config.marker_nonce == Some(m.nonce) {
                     self.set_caught_up(now_ms);

@@ -103,6 +103,7 @@ impl Feed {
             agent: None,
             hostname: "h".into(),
             worker_restarts: 1,
+            rtt_ms: None,
         })
     }
 

@@ -105,6 +105,7 @@ impl Sim {
             agent: None,
             hostname: "h".into(),
             worker_restarts: 0,
+            rtt_ms: None,
         })
     }
 
@@ -328,6 +329,7 @@ fn nobody_is_judged_dead_while_replaying_history() {
             agent: None,
             hostname: "h".into(),
             worker_restarts: 0,
+            rtt_ms: None,
         })
     };
     let env = |sender: &str, at: u64, events: Vec<Event>| Decoded {
