@@ -13,6 +13,7 @@
 //! - [`tasks`]: every task's pipeline, with bounded retention;
 //! - [`stages`]: per-stage state, load analysis and the bottleneck verdict;
 //! - [`stats`]: bounded recent samples and per-second rate windows;
+//! - [`eta`]: estimated completion of in-flight tasks, with a range;
 //! - [`query`]: the views the API serves, including ETAs;
 //! - [`views`]: the serializable view types;
 //! - [`snapshot`]: the state as bytes and back ([`Core::encode_snapshot`],
@@ -28,6 +29,7 @@
 //! batch: **no worker is judged dead before the core has caught up** with the
 //! live end of the stream.
 
+pub mod eta;
 pub mod query;
 pub mod snapshot;
 pub mod stages;

@@ -1,6 +1,7 @@
 //! Building the API's views from the core's state, including ETAs.
 
 use super::Core;
+use super::eta::{self, QueueIndex, ServiceTimes, StageTiming};
 use super::stages::{self, StageLoad};
 use super::stats::Reservoir;
 use super::tasks::{AttemptOutcome, TaskRecord, TaskStatus};
@@ -8,9 +9,6 @@ use super::views::*;
 use super::workers::{Liveness, Worker};
 use guildhall_proto::{Stage, WorkerMode, WorkerResult};
 use std::collections::BTreeMap;
-
-/// Longest chain of stages an ETA follows (guards against cycles).
-const MAX_ETA_STAGES: usize = 32;
 
 /// Filter of `GET /api/tasks`.
 #[derive(Debug, Clone, Default)]
@@ -176,58 +174,35 @@ impl Core {
         }
     }
 
-    /// Time left until `rec` finishes its pipeline, if it can be estimated:
-    /// the rest of its current stage, then wait and service at each stage
-    /// after it.
-    fn eta_in_ms(
-        &self,
-        rec: &TaskRecord,
-        loads: &BTreeMap<Stage, StageLoad>,
-        now_ms: u64,
-    ) -> Option<u64> {
-        if rec.status.is_terminal() {
-            return None;
-        }
-        let load = loads.get(&rec.stage)?;
-        let service = load.mean_service_ms?;
-        let row = rec.current_row()?;
-        let mut left = match rec.status {
-            TaskStatus::Running => {
-                let elapsed = row
-                    .started_at_ms
-                    .map(|s| now_ms.saturating_sub(s))
-                    .unwrap_or(0);
-                (service - elapsed as f64).max(0.0)
-            }
-            TaskStatus::Queued => load.expected_wait_ms? + service,
-            TaskStatus::Retrying => {
-                let due = row
-                    .queued_at_ms
-                    .map(|q| q.saturating_sub(now_ms))
-                    .unwrap_or(0);
-                due as f64 + load.expected_wait_ms? + service
-            }
-            TaskStatus::Succeeded | TaskStatus::DeadLettered => return None,
-        };
-        let mut stage = self.stages.get(&rec.stage)?.next.clone();
-        let mut hops = 0;
-        while let Some(next) = stage {
-            hops += 1;
-            if hops > MAX_ETA_STAGES {
-                return None;
-            }
-            let l = loads.get(&next)?;
-            left += l.expected_wait_ms? + l.mean_service_ms?;
-            stage = self.stages.get(&next)?.next.clone();
-        }
-        Some(left.round() as u64)
+    /// What ETAs need to know about every stage that can be estimated.
+    pub fn stage_timings(&self, now_ms: u64) -> BTreeMap<Stage, StageTiming> {
+        let loads = self.stage_loads(now_ms);
+        self.stages
+            .iter()
+            .filter_map(|(name, s)| {
+                let load = loads.get(name)?;
+                let service = ServiceTimes::from_samples(&s.durations)?;
+                Some((
+                    name.clone(),
+                    StageTiming {
+                        service,
+                        servers: load.servers,
+                        in_flight: load.in_flight,
+                        ready: load.ready,
+                        wait_ms: load.expected_wait_ms.unwrap_or(0.0),
+                        next: s.next.clone(),
+                    },
+                ))
+            })
+            .collect()
     }
 
     /// One task's pipeline.
     pub fn task_view(&self, id: &str, now_ms: u64) -> Option<TaskView> {
         let rec = self.tasks.get(id)?;
-        let loads = self.stage_loads(now_ms);
-        let eta_in_ms = self.eta_in_ms(rec, &loads, now_ms);
+        let timings = self.stage_timings(now_ms);
+        let queues = QueueIndex::build(self.tasks.iter().filter(|r| r.stage == rec.stage), now_ms);
+        let eta = eta::eta(rec, &timings, &queues, now_ms);
         Some(TaskView {
             id: rec.id.to_string(),
             status: display_status(rec, now_ms).as_str(),
@@ -238,8 +213,10 @@ impl Core {
             duration_ms: rec
                 .submitted_at_ms
                 .map(|s| rec.finished_at_ms.unwrap_or(now_ms).saturating_sub(s)),
-            eta_at_ms: eta_in_ms.map(|e| now_ms + e),
-            eta_in_ms,
+            eta_at_ms: eta.map(|e| now_ms + e.in_ms),
+            eta_in_ms: eta.map(|e| e.in_ms),
+            eta_low_in_ms: eta.map(|e| e.low_in_ms),
+            eta_high_in_ms: eta.map(|e| e.high_in_ms),
             attempts: rows_in_time_order(rec)
                 .into_iter()
                 .map(|r| AttemptView {
@@ -289,7 +266,8 @@ impl Core {
                 .then_with(|| a.id.cmp(&b.id))
         });
         matching.truncate(filter.limit);
-        let loads = self.stage_loads(now_ms);
+        let timings = self.stage_timings(now_ms);
+        let queues = QueueIndex::build(self.tasks.iter(), now_ms);
         matching
             .into_iter()
             .map(|r| TaskSummary {
@@ -303,7 +281,7 @@ impl Core {
                 attempts: r.rows.len(),
                 submitted_at_ms: r.submitted_at_ms,
                 updated_at_ms: r.updated_at_ms,
-                eta_at_ms: self.eta_in_ms(r, &loads, now_ms).map(|e| now_ms + e),
+                eta_at_ms: eta::eta(r, &timings, &queues, now_ms).map(|e| now_ms + e.in_ms),
             })
             .collect()
     }

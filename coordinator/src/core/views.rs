@@ -244,6 +244,11 @@ pub struct TaskView {
     pub eta_at_ms: Option<u64>,
     /// Estimated time left.
     pub eta_in_ms: Option<u64>,
+    /// Optimistic end of the estimate (every stage at its 10th-percentile
+    /// service time).
+    pub eta_low_in_ms: Option<u64>,
+    /// Pessimistic end (90th-percentile service times).
+    pub eta_high_in_ms: Option<u64>,
     /// One row per stage attempt, oldest first.
     pub attempts: Vec<AttemptView>,
 }

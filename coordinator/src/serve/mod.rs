@@ -23,6 +23,7 @@
 //! at once instead of after its own heartbeat timeout.
 
 pub mod alerts;
+pub mod control;
 pub mod ingest;
 pub mod link;
 pub mod persist;

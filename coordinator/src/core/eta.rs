@@ -1,0 +1,323 @@
+//! Estimated completion of in-flight tasks, with a low/high range.
+//!
+//! A task's time left is the rest of its current stage plus, for every stage
+//! after it, the expected wait there and the service time. At the current
+//! stage a queued task waits for the tasks ahead of it (its position in the
+//! queue) to be served by the stage's capacity. The range comes from the
+//! spread of service times: the same sum with every stage's 10th and 90th
+//! percentile instead of its mean.
+
+use super::stats::Reservoir;
+use super::tasks::{TaskRecord, TaskStatus};
+use guildhall_proto::Stage;
+use std::collections::BTreeMap;
+
+/// Longest chain of stages an ETA follows (guards against cycles).
+pub const MAX_ETA_STAGES: usize = 32;
+/// Service-time samples needed before percentiles stand for the spread.
+const MIN_SAMPLES_FOR_RANGE: usize = 5;
+
+/// Service time of a stage: a low, a central and a high estimate (ms).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServiceTimes {
+    /// 10th percentile.
+    pub low: f64,
+    /// Mean.
+    pub mean: f64,
+    /// 90th percentile.
+    pub high: f64,
+}
+
+impl ServiceTimes {
+    /// From recent samples; `None` without any.
+    pub fn from_samples(r: &Reservoir) -> Option<Self> {
+        let mean = r.mean()?;
+        if r.len() < MIN_SAMPLES_FOR_RANGE {
+            return Some(Self {
+                low: mean,
+                mean,
+                high: mean,
+            });
+        }
+        let [low, high] = r.percentiles([0.1, 0.9])?;
+        Some(Self {
+            low: low as f64,
+            mean,
+            high: high as f64,
+        })
+    }
+
+    fn pick(&self, which: Which) -> f64 {
+        match which {
+            Which::Low => self.low,
+            Which::Mean => self.mean,
+            Which::High => self.high,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Low,
+    Mean,
+    High,
+}
+
+/// What an ETA needs to know about a stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageTiming {
+    /// Service time estimates.
+    pub service: ServiceTimes,
+    /// Tasks the stage's consuming workers can hold at once.
+    pub servers: u32,
+    /// Tasks held now.
+    pub in_flight: usize,
+    /// Ready messages in the stage queue, as the broker counts them: it
+    /// includes tasks the coordinator has not seen (producers outside
+    /// Guildhall), which are taken to be ahead.
+    pub ready: u64,
+    /// Expected wait of a task joining the queue now, at the mean service time.
+    pub wait_ms: f64,
+    /// The stage its results go to.
+    pub next: Option<Stage>,
+}
+
+/// Estimated time left, with its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Eta {
+    /// Central estimate.
+    pub in_ms: u64,
+    /// Optimistic end of the range.
+    pub low_in_ms: u64,
+    /// Pessimistic end of the range.
+    pub high_in_ms: u64,
+}
+
+/// Every stage's queued tasks in enqueue order, to find a task's position.
+#[derive(Debug, Default)]
+pub struct QueueIndex {
+    /// Per stage, the enqueue times of its queued tasks, sorted.
+    by_stage: BTreeMap<Stage, Vec<u64>>,
+}
+
+impl QueueIndex {
+    /// Indexes the queued tasks of `tasks` (retrying ones whose delay is over
+    /// count as queued).
+    pub fn build<'a>(tasks: impl Iterator<Item = &'a TaskRecord>, now_ms: u64) -> Self {
+        let mut by_stage: BTreeMap<Stage, Vec<u64>> = BTreeMap::new();
+        for rec in tasks {
+            if let Some(at) = queued_since(rec, now_ms) {
+                by_stage.entry(rec.stage.clone()).or_default().push(at);
+            }
+        }
+        for times in by_stage.values_mut() {
+            times.sort_unstable();
+        }
+        Self { by_stage }
+    }
+
+    /// Tasks queued at `stage` before `since_ms`.
+    pub fn ahead_of(&self, stage: &Stage, since_ms: u64) -> usize {
+        self.by_stage
+            .get(stage)
+            .map_or(0, |t| t.partition_point(|&q| q < since_ms))
+    }
+
+    /// Tasks queued at `stage`.
+    pub fn len(&self, stage: &Stage) -> usize {
+        self.by_stage.get(stage).map_or(0, Vec::len)
+    }
+
+    /// When the oldest task queued at `stage` was enqueued.
+    pub fn oldest(&self, stage: &Stage) -> Option<u64> {
+        self.by_stage.get(stage).and_then(|t| t.first().copied())
+    }
+}
+
+/// When `rec` joined its stage's queue, if it is waiting there now.
+fn queued_since(rec: &TaskRecord, now_ms: u64) -> Option<u64> {
+    let row = rec.current_row()?;
+    let at = row.queued_at_ms.unwrap_or(rec.updated_at_ms);
+    match rec.status {
+        TaskStatus::Queued => Some(at),
+        TaskStatus::Retrying if at <= now_ms => Some(at),
+        _ => None,
+    }
+}
+
+/// The ETA of `rec`, if it is in flight and every stage ahead is known and
+/// served.
+pub fn eta(
+    rec: &TaskRecord,
+    timings: &BTreeMap<Stage, StageTiming>,
+    queues: &QueueIndex,
+    now_ms: u64,
+) -> Option<Eta> {
+    let est = |which| left_ms(rec, timings, queues, now_ms, which);
+    let (low, mean, high) = (est(Which::Low)?, est(Which::Mean)?, est(Which::High)?);
+    Some(Eta {
+        in_ms: mean.round() as u64,
+        low_in_ms: low.min(mean).round() as u64,
+        high_in_ms: high.max(mean).round() as u64,
+    })
+}
+
+fn left_ms(
+    rec: &TaskRecord,
+    timings: &BTreeMap<Stage, StageTiming>,
+    queues: &QueueIndex,
+    now_ms: u64,
+    which: Which,
+) -> Option<f64> {
+    let here = timings.get(&rec.stage)?;
+    let service = here.service.pick(which);
+    let row = rec.current_row()?;
+    let known = queues.len(&rec.stage) as u64;
+    let unseen = usize::try_from(here.ready.saturating_sub(known)).unwrap_or(usize::MAX);
+    // Time until a server is free for a task with `ahead` tasks before it.
+    let start_wait = |ahead: usize| -> Option<f64> {
+        if here.servers == 0 {
+            return None; // nobody serves the stage: no estimate
+        }
+        let idle = (here.servers as usize).saturating_sub(here.in_flight);
+        let waiting_for = (ahead + 1).saturating_sub(idle) as f64;
+        Some(waiting_for / f64::from(here.servers) * service)
+    };
+    let mut left = match rec.status {
+        TaskStatus::Running => {
+            let elapsed = row.started_at_ms.map_or(0, |s| now_ms.saturating_sub(s)) as f64;
+            (service - elapsed).max(0.0)
+        }
+        TaskStatus::Queued => {
+            let since = queued_since(rec, now_ms)?;
+            start_wait(queues.ahead_of(&rec.stage, since) + unseen)? + service
+        }
+        TaskStatus::Retrying => {
+            let due = row.queued_at_ms.map_or(0, |q| q.saturating_sub(now_ms)) as f64;
+            due + start_wait(queues.len(&rec.stage) + unseen)? + service
+        }
+        TaskStatus::Succeeded | TaskStatus::DeadLettered => return None,
+    };
+    let mut next = here.next.clone();
+    for _ in 0..MAX_ETA_STAGES {
+        let Some(stage) = next else {
+            return Some(left);
+        };
+        let t = timings.get(&stage)?;
+        if t.servers == 0 {
+            return None;
+        }
+        let s = t.service.pick(which);
+        // The stage's expected wait scales with its service time.
+        left += t.wait_ms * s / t.service.mean.max(1e-9) + s;
+        next = t.next.clone();
+    }
+    None // a cycle, or a chain longer than any real pipeline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::tasks::{Attempt, TaskStore};
+    use guildhall_proto::{AgentId, TaskId};
+
+    fn st(s: &str) -> Stage {
+        s.parse().unwrap()
+    }
+
+    fn timing(
+        servers: u32,
+        in_flight: usize,
+        low: f64,
+        mean: f64,
+        high: f64,
+        next: Option<&str>,
+    ) -> StageTiming {
+        StageTiming {
+            service: ServiceTimes { low, mean, high },
+            servers,
+            in_flight,
+            ready: 0,
+            wait_ms: 0.0,
+            next: next.map(st),
+        }
+    }
+
+    /// Five tasks queued at `a` at t=1000..1004, one running.
+    fn store() -> TaskStore {
+        let mut s = TaskStore::new(100, 60_000);
+        for i in 0..5u64 {
+            let id: TaskId = format!("Q{i}").parse().unwrap();
+            s.submitted(&id, &st("a"), 1_000 + i);
+        }
+        let (r, w): (TaskId, AgentId) = ("R".parse().unwrap(), "w".parse().unwrap());
+        s.started(
+            Attempt::new(&r, &st("a"), 1, &w),
+            900,
+            Some(800),
+            None,
+            false,
+        );
+        s
+    }
+
+    #[test]
+    fn a_queued_task_waits_for_those_ahead_then_every_later_stage() {
+        let s = store();
+        let now = 1_010;
+        let queues = QueueIndex::build(s.iter(), now);
+        assert_eq!(queues.len(&st("a")), 5);
+        assert_eq!(queues.oldest(&st("a")), Some(1_000));
+        let mut timings = BTreeMap::new();
+        // a: 2 slots, both busy; b: expected wait 20 ms, service 50 ms.
+        timings.insert(st("a"), timing(2, 2, 60.0, 100.0, 150.0, Some("b")));
+        let mut b = timing(1, 0, 40.0, 50.0, 70.0, None);
+        b.wait_ms = 20.0;
+        timings.insert(st("b"), b);
+        let q3 = s.get("Q3").unwrap();
+        // 3 ahead + itself = 4 to serve before it starts, 2 at a time.
+        let e = eta(q3, &timings, &queues, now).unwrap();
+        assert_eq!(e.in_ms, (4.0 / 2.0 * 100.0 + 100.0 + 20.0 + 50.0) as u64);
+        assert_eq!(
+            e.low_in_ms,
+            (4.0 / 2.0 * 60.0 + 60.0 + 20.0 * 40.0 / 50.0 + 40.0) as u64
+        );
+        assert_eq!(
+            e.high_in_ms,
+            (4.0 / 2.0 * 150.0 + 150.0 + 20.0 * 70.0 / 50.0 + 70.0) as u64
+        );
+        // The first in line starts as soon as a slot frees up.
+        let q0 = eta(s.get("Q0").unwrap(), &timings, &queues, now).unwrap();
+        assert_eq!(q0.in_ms, (1.0 / 2.0 * 100.0 + 100.0 + 70.0) as u64);
+        // The running one started at 900: 110 ms in, past a's mean, so
+        // nothing is left at a (90 at the high end), then b.
+        let r = eta(s.get("R").unwrap(), &timings, &queues, now).unwrap();
+        assert_eq!((r.in_ms, r.low_in_ms, r.high_in_ms), (70, 56, 40 + 28 + 70));
+    }
+
+    #[test]
+    fn tasks_the_broker_counts_but_the_coordinator_never_saw_are_ahead() {
+        let s = store();
+        let queues = QueueIndex::build(s.iter(), 1_010);
+        let mut timings = BTreeMap::new();
+        let mut a = timing(1, 1, 100.0, 100.0, 100.0, None);
+        a.ready = 15; // 5 known + 10 unseen
+        timings.insert(st("a"), a);
+        let e = eta(s.get("Q0").unwrap(), &timings, &queues, 1_010).unwrap();
+        assert_eq!(e.in_ms, (11.0 * 100.0 + 100.0) as u64);
+    }
+
+    #[test]
+    fn no_estimate_without_a_server_or_service_times() {
+        let s = store();
+        let queues = QueueIndex::build(s.iter(), 1_010);
+        let mut timings = BTreeMap::new();
+        timings.insert(st("a"), timing(0, 0, 1.0, 1.0, 1.0, None));
+        assert_eq!(eta(s.get("Q0").unwrap(), &timings, &queues, 1_010), None);
+        timings.insert(st("a"), timing(1, 0, 1.0, 1.0, 1.0, Some("unknown")));
+        assert_eq!(eta(s.get("Q0").unwrap(), &timings, &queues, 1_010), None);
+        // A cycle a -> a is not followed forever.
+        timings.insert(st("a"), timing(1, 0, 1.0, 1.0, 1.0, Some("a")));
+        assert_eq!(eta(s.get("Q0").unwrap(), &timings, &queues, 1_010), None);
+    }
+}
