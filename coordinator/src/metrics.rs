@@ -126,6 +126,25 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// `guildhall_alerts_total{outcome}`: webhook alerts sent, failed, dropped.
     pub alerts: IntCounterVec,
+    /// `guildhall_stage_recommended_workers{stage}`: the stabilised worker
+    /// count for the wait-time target (KEDA's Prometheus scaler reads it).
+    pub stage_recommended_workers: IntGaugeVec,
+    /// `guildhall_stage_arrival_rate{stage}`: tasks entering per second, recently.
+    pub stage_arrival_rate: prometheus::GaugeVec,
+    /// `guildhall_stage_forecast_arrival_rate{stage,bound}`: the forecast's
+    /// prediction interval over the lead time (`lower`, `upper`) and its
+    /// point value (`point`).
+    pub stage_forecast_arrival_rate: prometheus::GaugeVec,
+    /// `guildhall_stage_utilisation{stage}`: arrival rate x mean service time / capacity.
+    pub stage_utilisation: prometheus::GaugeVec,
+    /// `guildhall_stage_backlog_age_seconds{stage}`: how long the oldest
+    /// queued task has waited.
+    pub stage_backlog_age_seconds: prometheus::GaugeVec,
+    /// `guildhall_scale_actions_total{outcome}`: scaling decisions carried out
+    /// (`done`, `failed`, `dry_run`).
+    pub scale_actions: IntCounterVec,
+    /// `guildhall_worker_moves_total{from,to}`: agents moved between stages.
+    pub worker_moves: IntCounterVec,
     /// `guildhall_coordinator_caught_up`: 1 once the stream's backlog is replayed.
     pub caught_up: IntGauge,
     /// `guildhall_tasks_tracked{state}`: task records held (in_flight / completed).
@@ -229,6 +248,20 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+fn float_gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::GaugeVec {
+    let m =
+        prometheus::GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     registry
         .register(Box::new(m.clone()))
         .expect("metric registered once");
@@ -454,6 +487,48 @@ impl Metrics {
                 "guildhall_connections_closed_total",
                 "Broker connections of dead workers closed through the management API, by outcome: closed, not_found, failed.",
                 &["outcome"],
+            ),
+            stage_recommended_workers: gauge_vec(
+                &r,
+                "guildhall_stage_recommended_workers",
+                "Workers recommended for the stage to meet its wait-time target (stabilised).",
+                &["stage"],
+            ),
+            stage_arrival_rate: float_gauge_vec(
+                &r,
+                "guildhall_stage_arrival_rate",
+                "Tasks entering the stage per second, recently.",
+                &["stage"],
+            ),
+            stage_forecast_arrival_rate: float_gauge_vec(
+                &r,
+                "guildhall_stage_forecast_arrival_rate",
+                "Forecast arrivals per second over the start-up lead time: point value and prediction interval bounds.",
+                &["stage", "bound"],
+            ),
+            stage_utilisation: float_gauge_vec(
+                &r,
+                "guildhall_stage_utilisation",
+                "Arrival rate x mean service time / capacity (above 1 the queue grows).",
+                &["stage"],
+            ),
+            stage_backlog_age_seconds: float_gauge_vec(
+                &r,
+                "guildhall_stage_backlog_age_seconds",
+                "How long the oldest task queued at the stage has waited.",
+                &["stage"],
+            ),
+            scale_actions: counter_vec(
+                &r,
+                "guildhall_scale_actions_total",
+                "Scaling decisions carried out, by outcome: done, failed, dry_run.",
+                &["outcome"],
+            ),
+            worker_moves: counter_vec(
+                &r,
+                "guildhall_worker_moves_total",
+                "Agents moved from one stage to another by rebalancing.",
+                &["from", "to"],
             ),
             alerts: counter_vec(
                 &r,

@@ -813,6 +813,7 @@ impl Core {
         }
         let loads = stages::loads(&self.stages, &self.workers, now_ms);
         let bottleneck = stages::bottleneck(&loads).map(|(s, _)| s);
+        let queues = eta::QueueIndex::build(self.tasks.iter(), now_ms);
         for (name, s) in &self.stages {
             let label = name.as_str();
             if let Some((q, _)) = s.queue {
@@ -835,6 +836,20 @@ impl Core {
             m.stage_bottleneck
                 .with_label_values(&[label])
                 .set(i64::from(bottleneck.as_ref() == Some(name)));
+            if let Some(l) = loads.get(name) {
+                m.stage_arrival_rate
+                    .with_label_values(&[label])
+                    .set(l.arrival_rate);
+                if let Some(u) = l.utilisation {
+                    m.stage_utilisation.with_label_values(&[label]).set(u);
+                }
+            }
+            let age = queues
+                .oldest(name)
+                .map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
+            m.stage_backlog_age_seconds
+                .with_label_values(&[label])
+                .set(age);
         }
         m.tasks_tracked
             .with_label_values(&["in_flight"])

@@ -117,6 +117,7 @@ impl Core {
     pub fn stages_view(&self, now_ms: u64) -> StagesView {
         let loads = self.stage_loads(now_ms);
         let bottleneck = stages::bottleneck(&loads);
+        let queues = QueueIndex::build(self.tasks.iter(), now_ms);
         let mut by_stage: BTreeMap<&Stage, WorkerCounts> = BTreeMap::new();
         for w in self.workers.values() {
             let c = by_stage.entry(&w.stage).or_insert_with(|| WorkerCounts {
@@ -160,6 +161,7 @@ impl Core {
                     dead_lettered: s.dead_lettered,
                     utilisation: load.and_then(|l| l.utilisation),
                     backlog_growth_per_s: load.and_then(|l| l.backlog_growth_per_s),
+                    backlog_age_ms: queues.oldest(name).map(|t| now_ms.saturating_sub(t)),
                     expected_wait_ms: load.and_then(|l| l.expected_wait_ms),
                     bottleneck: bottleneck.as_ref().is_some_and(|(b, _)| b == name),
                 }

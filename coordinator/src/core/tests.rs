@@ -654,8 +654,16 @@ fn a_backlog_with_no_consumer_is_the_bottleneck() {
             consumers: 0,
         },
     );
+    let e = sim.submitted("O1", "orphan");
+    sim.send("cli", vec![e]);
+    sim.advance(2_500);
     let view = sim.core.stages_view(sim.now);
     assert_eq!(view.bottleneck.unwrap().stage, "orphan");
+    assert_eq!(view.stages[0].backlog_age_ms, Some(2_500));
+    assert!(
+        sim.metrics()
+            .contains("guildhall_stage_backlog_age_seconds{stage=\"orphan\"} 2.5")
+    );
 }
 
 #[test]

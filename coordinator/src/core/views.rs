@@ -165,6 +165,8 @@ pub struct StageView {
     pub utilisation: Option<f64>,
     /// Backlog change per second.
     pub backlog_growth_per_s: Option<f64>,
+    /// How long the oldest task queued here has waited.
+    pub backlog_age_ms: Option<u64>,
     /// Expected wait for a task joining now.
     pub expected_wait_ms: Option<f64>,
     /// Whether this stage is the bottleneck.

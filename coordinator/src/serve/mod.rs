@@ -14,6 +14,7 @@
 //! - [`ingest`]: the stream consumer, which reconnects and resumes at the next offset;
 //! - [`queues`]: the stage queue depth poller;
 //! - [`link`]: a lazily (re)connected broker link for publishing and probes;
+//! - [`actuate`]: carrying out scaling decisions (webhook, command, dry run);
 //! - [`alerts`]: webhook alerts, queued and retried off the core's path;
 //! - [`persist`]: snapshot files (load at start, periodic atomic writes).
 //!
@@ -22,6 +23,7 @@
 //! `guildhall-agent/<id>`), so the broker requeues a frozen worker's tasks
 //! at once instead of after its own heartbeat timeout.
 
+pub mod actuate;
 pub mod alerts;
 pub mod control;
 pub mod ingest;
