@@ -30,13 +30,20 @@ pub struct Cli {
     #[arg(long, env = "GUILDHALL_NAMESPACE", default_value = "guildhall")]
     pub namespace: String,
 
-    /// The stage to consume (required).
+    /// The stage to consume (at start, with --stages) [default: the first of --stages].
     #[arg(long, env = "GUILDHALL_STAGE")]
     pub stage: Option<String>,
 
-    /// Where results go by default; without it the pipeline ends after this stage.
+    /// Where results go by default; without it the pipeline ends after this
+    /// stage [default with --stages: what --stage's entry says].
     #[arg(long, env = "GUILDHALL_NEXT")]
     pub next: Option<String>,
+
+    /// Every stage this agent can serve (the coordinator may move it between
+    /// them), each `stage>next` or `stage` alone to end the pipeline there,
+    /// e.g. `build>report,report`.
+    #[arg(long, env = "GUILDHALL_STAGES", value_name = "LIST")]
+    pub stages: Option<String>,
 
     /// Agent id [default: <stage>-<hostname>-<4 random hex>].
     #[arg(long, env = "GUILDHALL_AGENT_ID")]
@@ -148,17 +155,28 @@ pub struct Cli {
 impl Cli {
     /// Converts and validates; the error is one line naming the flag.
     pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
-        let stage: Stage = id(
-            "--stage",
-            self.stage.as_deref().ok_or_else(|| {
-                ConfigError::Missing("--stage is required (or set GUILDHALL_STAGE)".into())
-            })?,
-        )?;
+        let stages = self
+            .stages
+            .as_deref()
+            .map(config::parse_stages)
+            .transpose()?
+            .unwrap_or_default();
+        let stage: Stage = match (self.stage.as_deref(), stages.first()) {
+            (Some(stage), _) => id("--stage", stage)?,
+            (None, Some(first)) => first.stage.clone(),
+            (None, None) => {
+                return Err(ConfigError::Missing(
+                    "--stage is required (or set GUILDHALL_STAGE)".into(),
+                ));
+            }
+        };
         let worker = self.worker()?;
-        let mut config = AgentConfig::new(stage, worker);
+        let mut config = AgentConfig::new(stage, worker).with_stages(stages);
         config.amqp_url = self.amqp_url;
         config.namespace = id::<Namespace>("--namespace", &self.namespace)?;
-        config.next = self.next.as_deref().map(|n| id("--next", n)).transpose()?;
+        if let Some(next) = self.next.as_deref() {
+            config.next = Some(id("--next", next)?);
+        }
         if let Some(agent) = &self.id {
             config.id = id::<AgentId>("--id", agent)?;
         }
@@ -429,6 +447,84 @@ mod tests {
                     "w",
                 ],
                 "--health-interval: invalid duration \"often\"",
+            ),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.starts_with(expected), "{args:?}: {err:?}");
+            assert!(!err.contains('\n'), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn stages_list_what_the_agent_can_serve() {
+        let c = parse(&["--stages", "build>report,report", "--exec", "cat"]).unwrap();
+        assert_eq!(c.stage.as_str(), "build", "the first entry by default");
+        assert_eq!(c.next.as_ref().map(|s| s.as_str()), Some("report"));
+        let listed: Vec<String> = c.routes().iter().map(ToString::to_string).collect();
+        assert_eq!(listed, ["build>report", "report"]);
+
+        let c = parse(&[
+            "--stage",
+            "report",
+            "--stages",
+            "build>report,report",
+            "--exec",
+            "cat",
+        ])
+        .unwrap();
+        assert_eq!((c.stage.as_str(), c.next.as_ref()), ("report", None));
+        let c = parse(&[
+            "--stage",
+            "build",
+            "--next",
+            "report",
+            "--stages",
+            "build>report,report",
+            "--exec",
+            "cat",
+        ])
+        .unwrap();
+        assert_eq!(c.next.as_ref().map(|s| s.as_str()), Some("report"));
+
+        let plain = parse(&["--stage", "s", "--next", "t", "--exec", "cat"]).unwrap();
+        assert!(plain.stages.is_empty());
+        assert_eq!(plain.routes().len(), 1);
+    }
+
+    #[test]
+    fn bad_stages_give_one_line() {
+        for (args, expected) in [
+            (
+                &["--stages", "a,a", "--exec", "cat"][..],
+                "--stages: stage \"a\" is listed twice",
+            ),
+            (
+                &["--stages", "a>", "--exec", "cat"],
+                "--stages: \"a>\" names no stage after '>'",
+            ),
+            (
+                &["--stages", "", "--exec", "cat"],
+                "--stages: the list is empty",
+            ),
+            (
+                &["--stage", "c", "--stages", "a>b,b", "--exec", "cat"],
+                "--stage: \"c\" is not one of --stages (a, b)",
+            ),
+            (
+                &[
+                    "--stage", "a", "--next", "x", "--stages", "a>b,b", "--exec", "cat",
+                ],
+                "--next: \"x\" disagrees with --stages, which sends a's results to b",
+            ),
+            (
+                &[
+                    "--stage", "b", "--next", "x", "--stages", "a>b,b", "--exec", "cat",
+                ],
+                "--next: \"x\" disagrees with --stages, which ends the pipeline at b",
+            ),
+            (
+                &["--stages", "a>b/c", "--exec", "cat"],
+                "--stages: invalid stage \"b/c\"",
             ),
         ] {
             let err = parse(args).unwrap_err();

@@ -17,6 +17,13 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// Largest accepted `--concurrency` (also the consumer prefetch).
 pub const MAX_CONCURRENCY: u32 = 1024;
 
+/// Largest accepted prefetch (`SetPrefetch`): messages the broker may hand
+/// the agent ahead of its concurrency, to hide the round trip.
+pub const MAX_PREFETCH: u32 = 10_000;
+
+/// Most stages one agent can be able to serve (`--stages`).
+pub const MAX_STAGES: usize = 64;
+
 /// Allowed ranges of the integer settings, shared by [`AgentConfig::validate`]
 /// and the command line (which reads them as signed numbers so that `-1`
 /// gets the same message as `0`).
@@ -63,6 +70,106 @@ impl WorkerSpec {
             WorkerSpec::Simulated(_) => WorkerMode::Simulated,
         }
     }
+}
+
+/// One stage an agent can serve, and where that stage's results go.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StageRoute {
+    /// The stage whose queue is consumed while the agent serves it.
+    pub stage: Stage,
+    /// Where its successful results go unless the worker says otherwise;
+    /// `None` ends the pipeline after this stage.
+    pub next: Option<Stage>,
+}
+
+impl std::fmt::Display for StageRoute {
+    /// The `--stages` form: `stage>next`, or `stage` alone.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.next {
+            Some(next) => write!(f, "{}>{next}", self.stage),
+            None => write!(f, "{}", self.stage),
+        }
+    }
+}
+
+/// How `--stages` is written, for error messages.
+const STAGES_EXAMPLE: &str = "write it like 'build>report,report': a comma-separated list of \
+     stages, each `stage>next` or `stage` alone to end the pipeline there";
+
+/// Parses `--stages`: comma-separated entries, each `stage>next` (results
+/// go to `next`) or `stage` alone (the pipeline ends there). Spaces around
+/// names are ignored. Refuses empty entries, invalid names, more than one
+/// `>`, a stage listed twice and more than [`MAX_STAGES`] entries.
+pub fn parse_stages(value: &str) -> Result<Vec<StageRoute>, ConfigError> {
+    const FLAG: &str = "--stages";
+    if value.trim().is_empty() {
+        return Err(ConfigError::invalid(
+            FLAG,
+            format!("the list is empty ({STAGES_EXAMPLE})"),
+        ));
+    }
+    let stage = |name: &str| -> Result<Stage, ConfigError> {
+        name.trim()
+            .parse()
+            .map_err(|source| ConfigError::InvalidId { flag: FLAG, source })
+    };
+    let mut routes = Vec::new();
+    for (i, entry) in value.split(',').enumerate() {
+        let entry = entry.trim();
+        if entry.is_empty() {
+            return Err(ConfigError::invalid(
+                FLAG,
+                format!("entry {} is empty ({STAGES_EXAMPLE})", i + 1),
+            ));
+        }
+        let mut parts = entry.split('>');
+        let name = parts.next().unwrap_or_default();
+        let next = parts.next();
+        if parts.next().is_some() {
+            return Err(ConfigError::invalid(
+                FLAG,
+                format!("{entry:?} has more than one '>' ({STAGES_EXAMPLE})"),
+            ));
+        }
+        let next = match next.map(str::trim) {
+            Some("") => {
+                return Err(ConfigError::invalid(
+                    FLAG,
+                    format!(
+                        "{entry:?} names no stage after '>' (write {:?} alone to end the pipeline there)",
+                        name.trim()
+                    ),
+                ));
+            }
+            Some(next) => Some(stage(next)?),
+            None => None,
+        };
+        routes.push(StageRoute {
+            stage: stage(name)?,
+            next,
+        });
+    }
+    check_routes(&routes)?;
+    Ok(routes)
+}
+
+/// The rules of a route list whatever its origin: not too long, no stage twice.
+fn check_routes(routes: &[StageRoute]) -> Result<(), ConfigError> {
+    if routes.len() > MAX_STAGES {
+        return Err(ConfigError::invalid(
+            "--stages",
+            format!("at most {MAX_STAGES} stages (got {})", routes.len()),
+        ));
+    }
+    for (i, route) in routes.iter().enumerate() {
+        if routes[..i].iter().any(|r| r.stage == route.stage) {
+            return Err(ConfigError::invalid(
+                "--stages",
+                format!("stage {:?} is listed twice", route.stage.as_str()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// When and how often a failed task is tried again.
@@ -113,14 +220,21 @@ pub struct AgentConfig {
     pub amqp_url: String,
     /// Prefix of every broker name, so deployments (and tests) share a broker.
     pub namespace: Namespace,
-    /// The stage whose queue this agent consumes.
+    /// The stage whose queue this agent consumes at start (an `Assign`
+    /// command may move it to another of `stages`).
     pub stage: Stage,
-    /// Where successful results go unless the worker says otherwise; `None`
-    /// ends the pipeline after this stage.
+    /// Where successful results of `stage` go unless the worker says
+    /// otherwise; `None` ends the pipeline after it. With `stages`, it must
+    /// agree with `stage`'s entry there.
     pub next: Option<Stage>,
+    /// Every stage this agent can serve, each with where its results go, so
+    /// that the coordinator can move it between them (`Assign`). Empty means
+    /// `stage` (with `next`) alone; otherwise `stage` must be one of them.
+    pub stages: Vec<StageRoute>,
     /// This agent's id; its connection is named `guildhall-agent/<id>`.
     pub id: AgentId,
-    /// Tasks processed at once, and the consumer prefetch.
+    /// Tasks processed at once, and the consumer prefetch (a `SetPrefetch`
+    /// command may raise the prefetch above it).
     pub concurrency: u32,
     /// How tasks reach the worker.
     pub worker: WorkerSpec,
@@ -164,6 +278,7 @@ impl AgentConfig {
             namespace: Namespace::default(),
             stage,
             next: None,
+            stages: Vec::new(),
             id,
             concurrency: 1,
             worker,
@@ -198,6 +313,31 @@ impl AgentConfig {
     pub fn with_next(mut self, next: Option<Stage>) -> Self {
         self.next = next;
         self
+    }
+
+    /// Sets every stage the agent can serve (see [`parse_stages`] for the
+    /// command-line form). If `stage` is among them, `next` is set from its
+    /// entry, so a later [`with_next`](Self::with_next) must agree with it.
+    pub fn with_stages(mut self, stages: Vec<StageRoute>) -> Self {
+        if let Some(route) = stages.iter().find(|r| r.stage == self.stage) {
+            self.next = route.next.clone();
+        }
+        self.stages = stages;
+        self
+    }
+
+    /// Every stage the agent can serve with where its results go: `stages`,
+    /// or `stage` with `next` alone when `stages` is empty. The first is not
+    /// necessarily `stage`.
+    pub fn routes(&self) -> Vec<StageRoute> {
+        if self.stages.is_empty() {
+            vec![StageRoute {
+                stage: self.stage.clone(),
+                next: self.next.clone(),
+            }]
+        } else {
+            self.stages.clone()
+        }
     }
 
     /// Sets the agent id.
@@ -316,6 +456,7 @@ impl AgentConfig {
                 "the program after `--` is empty",
             ));
         }
+        self.check_stages()?;
         if let Some(url) = &self.health_url {
             if self.supervise.is_empty() {
                 return Err(ConfigError::invalid(
@@ -324,6 +465,48 @@ impl AgentConfig {
                 ));
             }
             check_http_url("--health-url", url)?;
+        }
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    /// `stages` is a valid list holding `stage`, whose entry agrees with `next`.
+    fn check_stages(&self) -> Result<(), ConfigError> {
+        if self.stages.is_empty() {
+            return Ok(());
+        }
+        check_routes(&self.stages)?;
+        let listed = || {
+            self.stages
+                .iter()
+                .map(|r| r.stage.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let Some(route) = self.stages.iter().find(|r| r.stage == self.stage) else {
+            return Err(ConfigError::invalid(
+                "--stage",
+                format!(
+                    "{:?} is not one of --stages ({})",
+                    self.stage.as_str(),
+                    listed()
+                ),
+            ));
+        };
+        if route.next != self.next {
+            let given = match &self.next {
+                Some(next) => format!("{:?}", next.as_str()),
+                None => "no next stage".to_owned(),
+            };
+            let listed = match &route.next {
+                Some(next) => format!("sends {}'s results to {next}", route.stage),
+                None => format!("ends the pipeline at {}", route.stage),
+            };
+            return Err(ConfigError::invalid(
+                "--next",
+                format!("{given} disagrees with --stages, which {listed}"),
+            ));
         }
         Ok(())
     }
@@ -339,6 +522,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("namespace", &self.namespace)
             .field("stage", &self.stage)
             .field("next", &self.next)
+            .field("stages", &self.stages)
             .field("id", &self.id)
             .field("concurrency", &self.concurrency)
             .field("worker", &self.worker)
@@ -709,5 +893,116 @@ mod tests {
             err.starts_with("--task-timeout: invalid duration \"soon\""),
             "{err}"
         );
+    }
+
+    fn route(stage: &str, next: Option<&str>) -> StageRoute {
+        StageRoute {
+            stage: stage.parse().unwrap(),
+            next: next.map(|n| n.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn stages_parse_as_routes_in_order() {
+        assert_eq!(
+            parse_stages("build>report,report").unwrap(),
+            [route("build", Some("report")), route("report", None)]
+        );
+        assert_eq!(
+            parse_stages(" a > b , c>d,e ").unwrap(),
+            [
+                route("a", Some("b")),
+                route("c", Some("d")),
+                route("e", None)
+            ],
+            "spaces around names are ignored"
+        );
+        assert_eq!(parse_stages("solo").unwrap(), [route("solo", None)]);
+        let routes = parse_stages("x>out,y").unwrap();
+        let shown: Vec<String> = routes.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["x>out", "y"], "displayed as written");
+        let many = (0..MAX_STAGES)
+            .map(|i| format!("s{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(parse_stages(&many).unwrap().len(), MAX_STAGES);
+    }
+
+    #[test]
+    fn bad_stage_lists_give_one_line_naming_the_flag() {
+        let too_many = (0..=MAX_STAGES)
+            .map(|i| format!("s{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (value, expected) in [
+            (
+                "",
+                "--stages: the list is empty (write it like 'build>report,report'",
+            ),
+            ("  ", "--stages: the list is empty"),
+            ("a,,b", "--stages: entry 2 is empty (write it like"),
+            ("a,", "--stages: entry 2 is empty"),
+            (
+                "a>",
+                "--stages: \"a>\" names no stage after '>' (write \"a\" alone to end the pipeline there)",
+            ),
+            ("a>b>c", "--stages: \"a>b>c\" has more than one '>'"),
+            (">b", "--stages: invalid stage \"\""),
+            ("a b>c", "--stages: invalid stage \"a b\""),
+            ("a>c/d", "--stages: invalid stage \"c/d\""),
+            ("a>b,a", "--stages: stage \"a\" is listed twice"),
+            (&too_many, "--stages: at most 64 stages (got 65)"),
+        ] {
+            let err = parse_stages(value).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{value:?}: {err:?}");
+            assert!(!err.contains('\n'), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn stages_must_hold_the_stage_and_agree_with_next() {
+        let ok = config().with_stages(parse_stages("x>out,build>report").unwrap());
+        ok.validate().unwrap();
+        assert_eq!(
+            ok.next,
+            Some("report".parse().unwrap()),
+            "next from the entry"
+        );
+        assert_eq!(
+            ok.routes(),
+            [route("x", Some("out")), route("build", Some("report"))]
+        );
+        let plain = config().with_next(Some("n".parse().unwrap()));
+        assert_eq!(
+            plain.routes(),
+            [route("build", Some("n"))],
+            "without stages"
+        );
+
+        let cases: [(AgentConfig, &str); 4] = [
+            (
+                config().with_stages(parse_stages("x,y").unwrap()),
+                "--stage: \"build\" is not one of --stages (x, y)",
+            ),
+            (
+                config()
+                    .with_stages(parse_stages("build>report").unwrap())
+                    .with_next(Some("other".parse().unwrap())),
+                "--next: \"other\" disagrees with --stages, which sends build's results to report",
+            ),
+            (
+                config()
+                    .with_stages(parse_stages("build").unwrap())
+                    .with_next(Some("other".parse().unwrap())),
+                "--next: \"other\" disagrees with --stages, which ends the pipeline at build",
+            ),
+            (
+                config().with_stages(vec![route("build", None), route("build", None)]),
+                "--stages: stage \"build\" is listed twice",
+            ),
+        ];
+        for (c, expected) in cases {
+            assert_eq!(c.validate().unwrap_err().to_string(), expected);
+        }
     }
 }

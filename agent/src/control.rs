@@ -1,8 +1,9 @@
 //! Commands from the control exchange, and the replies.
 //!
 //! Each agent has an exclusive, auto-deleted queue `<ns>.agent.<id>` bound
-//! on `<ns>.control` to `agent.<id>`, `stage.<stage>` and `all`, declared
-//! again with each connection (it goes with the previous one; commands sent
+//! on `<ns>.control` to `agent.<id>`, `stage.<stage>` (the stage it serves
+//! now: the binding moves with `Assign`) and `all`, declared again with each
+//! connection (it goes with the previous one; commands sent
 //! while the agent is disconnected are not received). A command
 //! (postcard, [`CommandMessage`]) that does not decode is logged and dropped.
 //! When the message has a `reply_to`, a [`CommandReply`] goes there through
@@ -13,13 +14,18 @@
 //! | `Pause` | stop consuming; tasks in hand finish |
 //! | `Resume` | consume again |
 //! | `Drain` | stop consuming, finish tasks in hand, stop the agent |
-//! | `SetConcurrency` | new concurrency and prefetch (consumer re-created; tasks in hand kept) |
+//! | `SetConcurrency` | new concurrency, 1 to 1024; the prefetch follows if it was below (consumer re-created; tasks in hand kept) |
+//! | `SetPrefetch` | new prefetch, 1 to 10,000, in effect never below the concurrency (consumer re-created; tasks in hand kept) |
+//! | `Assign` | serve another of the `--stages` (see [`Runner::assign`]); refused for a stage not listed, or while stopping; a no-op for the stage served |
 //! | `RestartWorker` | restart the supervised worker (its tasks go back to the queue) |
 //! | `Logs` | the last lines of the supervised worker's output |
-//! | `Assign`, `SetPrefetch` | refused: not supported yet |
+//!
+//! Changes of the consumer (pause, prefetch, stage) apply on the next consume
+//! when the agent is paused or waiting for its worker: a paused agent that is
+//! assigned a stage switches and stays paused.
 
 use crate::config;
-use crate::config::MAX_CONCURRENCY;
+use crate::config::{MAX_CONCURRENCY, MAX_PREFETCH};
 use crate::runner::{Lost, Mode, Runner};
 use futures_lite::StreamExt;
 use guildhall_broker::BrokerError;
@@ -36,6 +42,8 @@ use lapin::{BasicProperties, Channel, Connection, Consumer};
 pub struct ControlQueue {
     /// The channel it is consumed on.
     channel: Channel,
+    /// The queue's name, to move its stage binding.
+    queue: String,
     /// Commands, auto-acked.
     consumer: Consumer,
 }
@@ -102,7 +110,20 @@ impl ControlQueue {
             )
             .await
             .map_err(amqp(format!("consume {queue}")))?;
-        Ok(Self { channel, consumer })
+        Ok(Self {
+            channel,
+            queue,
+            consumer,
+        })
+    }
+
+    /// What moving its stage binding needs, apart from the queue itself
+    /// (which the runner's borrow of the link holds).
+    pub fn binding(&self) -> StageBinding {
+        StageBinding {
+            channel: self.channel.clone(),
+            queue: self.queue.clone(),
+        }
     }
 
     /// The next command message; an error when the consumer is gone.
@@ -125,6 +146,43 @@ impl ControlQueue {
     /// Closes the channel (the exclusive queue goes with the connection).
     pub async fn close(&self) {
         let _ = self.channel.close(200, "agent stopping".into()).await;
+    }
+}
+
+/// The command queue's channel and name, to move its stage binding.
+#[derive(Debug, Clone)]
+pub struct StageBinding {
+    /// The command queue's channel.
+    channel: Channel,
+    /// The command queue.
+    queue: String,
+}
+
+impl StageBinding {
+    /// Moves the stage binding from `from` to `to`: commands to the stage
+    /// served reach the agent, those to the stage it left no longer do.
+    pub async fn rebind(&self, names: &Names, from: &Stage, to: &Stage) -> Result<(), Lost> {
+        let exchange = names.control_exchange();
+        let (from, to) = (Names::control_key_stage(from), Names::control_key_stage(to));
+        self.channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                exchange.as_str().into(),
+                to.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Lost::new(&format!("bind the command queue to {to}"), e))?;
+        self.channel
+            .queue_unbind(
+                self.queue.as_str().into(),
+                exchange.as_str().into(),
+                from.as_str().into(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Lost::new(&format!("unbind the command queue from {from}"), e))
     }
 }
 
@@ -233,11 +291,63 @@ impl Runner {
                         "concurrency must be between 1 and {MAX_CONCURRENCY} (got {concurrency})"
                     ))
                 } else {
-                    let old = self.ctx.shared.concurrency();
+                    let (old, old_prefetch) = (self.ctx.shared.concurrency(), self.prefetch());
                     self.ctx.shared.set_concurrency(*concurrency);
-                    self.restart_consumer().await?;
+                    let prefetch = self.prefetch();
+                    if prefetch != old_prefetch {
+                        self.restart_consumer().await?;
+                    }
                     self.heartbeats.now();
-                    Verdict::ok(format!("concurrency {old} -> {concurrency}"))
+                    Verdict::ok(format!(
+                        "concurrency {old} -> {concurrency}{}",
+                        prefetch_change(old_prefetch, prefetch)
+                    ))
+                }
+            }
+            Command::SetPrefetch { prefetch } => {
+                if !(1..=MAX_PREFETCH).contains(prefetch) {
+                    Verdict::refused(format!(
+                        "prefetch must be between 1 and {MAX_PREFETCH} (got {prefetch})"
+                    ))
+                } else {
+                    let old = self.prefetch();
+                    self.prefetch_asked = *prefetch;
+                    let new = self.prefetch();
+                    if new != old {
+                        self.restart_consumer().await?;
+                    }
+                    let floor = if new > *prefetch {
+                        format!(" ({prefetch} asked, never below the concurrency)")
+                    } else {
+                        String::new()
+                    };
+                    Verdict::ok(format!("prefetch {old} -> {new}{floor}"))
+                }
+            }
+            Command::Assign { .. } if stopping => Verdict::refused("the agent is stopping"),
+            Command::Assign { stage, .. } if *stage == self.route.stage => {
+                Verdict::ok(format!("already serving {stage}"))
+            }
+            Command::Assign { stage, reason } => {
+                match self.routes.iter().find(|r| r.stage == *stage).cloned() {
+                    None => Verdict::refused(format!(
+                        "this agent cannot serve stage {stage} (it serves {})",
+                        self.routes
+                            .iter()
+                            .map(|r| r.stage.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                    Some(to) => {
+                        let from = self.route.stage.clone();
+                        let reason = guildhall_proto::truncate_error(reason.clone());
+                        match self.assign(to, &reason).await? {
+                            Ok(()) => Verdict::ok(format!(
+                                "serving {stage} (was {from}); {in_hand} task(s) in hand will finish as tasks of their stage"
+                            )),
+                            Err(refusal) => Verdict::refused(refusal),
+                        }
+                    }
                 }
             }
             Command::RestartWorker => match &self.supervisor {
@@ -259,9 +369,6 @@ impl Runner {
                 }
                 None => Verdict::refused("this agent does not supervise a worker process"),
             },
-            Command::Assign { .. } | Command::SetPrefetch { .. } => {
-                Verdict::refused("not supported yet")
-            }
         })
     }
 
@@ -300,5 +407,14 @@ impl Runner {
         });
         // Reap finished replies so the set does not grow.
         while self.replies.try_join_next().is_some() {}
+    }
+}
+
+/// `, prefetch A -> B` when the prefetch changed, else nothing.
+fn prefetch_change(old: u32, new: u32) -> String {
+    if old == new {
+        String::new()
+    } else {
+        format!(", prefetch {old} -> {new}")
     }
 }

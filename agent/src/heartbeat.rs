@@ -1,9 +1,12 @@
 //! `Hello` at start (once per run, not after a reconnect), then a
-//! `Heartbeat` every `--heartbeat` (and right after a state change or a
-//! reconnect, when the runner asks), built from [`Shared`] and the process
-//! stats of the agent and of its supervised worker. Heartbeats keep their
-//! schedule while the broker is away: the event publisher buffers them.
+//! `Heartbeat` every `--heartbeat` (and right after a state change, a
+//! reconnect or a stage switch, when the runner asks), built from [`Shared`]
+//! (the stage served now, its next stage, the recent broker round trip) and
+//! the process stats of the agent and of its supervised worker. Heartbeats
+//! keep their schedule while the broker is away: the event publisher
+//! buffers them.
 
+use crate::config::StageRoute;
 use crate::procstats::ProcSampler;
 use crate::state::Shared;
 use crate::supervisor::WorkerStatus;
@@ -15,15 +18,14 @@ use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-/// What an agent says about itself in every `Hello` and `Heartbeat`.
+/// What an agent says about itself in every `Hello` and `Heartbeat` (the
+/// stage it serves changes, so it comes from [`Shared`]).
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// Agent version.
     pub version: String,
-    /// The stage consumed.
-    pub stage: Stage,
-    /// The default next stage.
-    pub next: Option<Stage>,
+    /// Every stage the agent can serve, for `Hello`.
+    pub stages: Vec<Stage>,
     /// Host name.
     pub hostname: String,
     /// Heartbeat interval in ms.
@@ -31,14 +33,20 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The `Hello` event.
-    pub fn hello(&self, concurrency: u32, mode: WorkerMode, supervised: bool) -> Event {
+    /// The `Hello` event, serving `route` at start.
+    pub fn hello(
+        &self,
+        route: &StageRoute,
+        concurrency: u32,
+        mode: WorkerMode,
+        supervised: bool,
+    ) -> Event {
         Event::Hello(Hello {
             at_ms: now_ms(),
             version: self.version.clone(),
-            stage: self.stage.clone(),
-            next: self.next.clone(),
-            stages: vec![self.stage.clone()],
+            stage: route.stage.clone(),
+            next: route.next.clone(),
+            stages: self.stages.clone(),
             concurrency,
             heartbeat_ms: self.heartbeat_ms,
             hostname: self.hostname.clone(),
@@ -116,11 +124,15 @@ async fn beat(
             () = stop.cancelled() => return,
         }
         let worker_pid = worker.as_ref().and_then(|w| w.borrow().pid);
+        // The time before the route: a heartbeat that still names the stage
+        // left is never stamped after the switch's `Reassigned`.
+        let at_ms = now_ms();
+        let route = shared.route();
         events.emit(Event::Heartbeat(Heartbeat {
-            at_ms: now_ms(),
+            at_ms,
             version: identity.version.clone(),
-            stage: identity.stage.clone(),
-            next: identity.next.clone(),
+            stage: route.stage.clone(),
+            next: route.next.clone(),
             state: shared.state(),
             concurrency: shared.concurrency(),
             heartbeat_ms: identity.heartbeat_ms,
@@ -131,7 +143,7 @@ async fn beat(
             agent: agent_stats.sample(agent_pid),
             hostname: identity.hostname.clone(),
             worker_restarts: shared.worker_restarts(),
-            rtt_ms: None,
+            rtt_ms: shared.rtt_ms(),
         }));
     }
 }

@@ -4,9 +4,17 @@
 //! task to its worker (HTTP POST, one process per task, or a built-in
 //! simulation), forwards the result to the next stage, retries or
 //! dead-letters failures, and reports everything (hello, heartbeats, task
-//! stage changes) on the events stream. It obeys commands from the control
-//! exchange (pause, resume, drain, concurrency, worker restart, logs) and can
-//! start and supervise the worker process itself.
+//! stage changes, moves between stages) on the events stream. It obeys
+//! commands from the control exchange (pause, resume, drain, concurrency,
+//! prefetch, assign a stage, worker restart, logs) and can start and
+//! supervise the worker process itself.
+//!
+//! An agent may be able to serve several stages (`--stages
+//! 'build>report,report'`: each stage with where its results go); it
+//! consumes one at a time, and an `Assign` command moves it to another
+//! without losing a task: the tasks in hand finish as tasks of the stage
+//! they came from. Its heartbeats report its broker round trip (`rtt_ms`),
+//! from which the coordinator sizes its prefetch (`SetPrefetch`).
 //!
 //! **Nothing is acked before what it depends on is confirmed** by the broker:
 //! the next stage's message, the retry or dead-letter message, and the task's
@@ -32,7 +40,9 @@
 //! # Use
 //!
 //! From the command line, `guildhall-agent --stage build --next report
-//! --exec 'tr a-z A-Z'`. In process (the coordinator's demo):
+//! --exec 'tr a-z A-Z'`, or for an agent that can be moved between two
+//! stages (starting with the first), `guildhall-agent --stages
+//! 'build>report,report' --exec ...`. In process (the coordinator's demo):
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), guildhall_agent::AgentError> {
@@ -40,6 +50,10 @@
 //! let config = AgentConfig::new("build".parse().unwrap(), WorkerSpec::Simulated(Default::default()))
 //!     .with_next(Some("report".parse().unwrap()))
 //!     .with_concurrency(4);
+//! // Or able to serve two stages, starting with build:
+//! let flexible = AgentConfig::new("build".parse().unwrap(), WorkerSpec::Simulated(Default::default()))
+//!     .with_stages(guildhall_agent::config::parse_stages("build>report,report")?);
+//! # drop(flexible);
 //! let agent = guildhall_agent::spawn(config);
 //! println!("started {}", agent.id());
 //! // ... later:
@@ -51,23 +65,30 @@
 //! # Layout
 //!
 //! - [`config`]: [`AgentConfig`] (a plain struct with defaults and setters),
-//!   [`WorkerSpec`], [`RetryPolicy`] and the validation with one-line errors.
+//!   [`WorkerSpec`], [`RetryPolicy`], [`StageRoute`] and the `--stages`
+//!   syntax ([`config::parse_stages`]), and the validation with one-line
+//!   errors.
 //! - [`cli`]: the clap command line and its conversion into an `AgentConfig`.
-//! - `runner`: the main loop: connect, consume, commands, reconnect, stop.
+//! - `runner`: the main loop: connect, consume, commands, reconnect, stop;
+//!   the prefetch, moving to another stage (`Assign`), the round-trip probe.
 //! - `link`: one connection and everything declared on it, noticing its
 //!   loss, the reconnect backoff, and which broker errors are fatal.
 //! - `task`: one delivery from receipt to ack (publish, confirm, events), or
-//!   to `TaskAbandoned` when it is given up.
+//!   to `TaskAbandoned` when it is given up, as a task of the stage it came
+//!   from; each confirmed publish is a round-trip sample.
 //! - [`handoff`]: the worker modes ([`handoff::http`], [`handoff::exec`],
 //!   [`handoff::simulated`]) and the [`handoff::Outcome`] they produce.
-//! - `control`: the command queue and what each command does.
+//! - `control`: the command queue (its stage binding follows the stage
+//!   served) and what each command does.
 //! - `supervisor`: the supervised worker process: restarts, backoff, health
 //!   checks, hung workers, log lines.
-//! - `heartbeat`: `Hello` and the periodic `Heartbeat`.
+//! - `heartbeat`: `Hello` (with every stage the agent can serve) and the
+//!   periodic `Heartbeat` (the stage served now, the round trip).
 //! - `procstats`: CPU and memory of a process from `/proc`.
-//! - `declare`: lazy, cached (per connection) declarations of next stages
-//!   and retry queues.
-//! - `state`: tasks in hand, counters and state shared across the agent.
+//! - `declare`: lazy, cached (per connection) declarations of assigned and
+//!   next stages and retry queues.
+//! - `state`: tasks in hand, counters, the stage served, the window of
+//!   round-trip samples: state shared across the agent.
 //! - `pgroup`: signalling worker process groups.
 
 pub mod cli;
@@ -84,7 +105,7 @@ mod state;
 mod supervisor;
 mod task;
 
-pub use config::{AgentConfig, ConfigError, RetryPolicy, WorkerSpec};
+pub use config::{AgentConfig, ConfigError, RetryPolicy, StageRoute, WorkerSpec};
 pub use handoff::simulated::SimulateSpec;
 
 use guildhall_broker::BrokerError;

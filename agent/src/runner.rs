@@ -2,10 +2,41 @@
 //!
 //! One task (this loop) owns every decision about consumption: it starts and
 //! cancels the stage consumer as the mode (running, paused, stopping), the
-//! supervised worker's readiness and the link to the broker change, spawns a
-//! handler ([`crate::task`]) per delivery while fewer than `concurrency` are
-//! in hand, applies control commands ([`crate::control`]), reconnects, and
-//! runs the graceful stop.
+//! supervised worker's readiness, the stage served and the link to the
+//! broker change, spawns a handler ([`crate::task`]) per delivery while fewer
+//! than `concurrency` are in hand, applies control commands
+//! ([`crate::control`]), reconnects, and runs the graceful stop.
+//!
+//! # Prefetch
+//!
+//! The consumer's prefetch is the larger of the concurrency and the prefetch
+//! asked for by `SetPrefetch` (none at start). Deliveries beyond the
+//! concurrency wait in the consumer, unacked, until a handler slot frees up:
+//! the next task is already in the agent when one finishes, instead of one
+//! broker round trip later. RabbitMQ applies `basic.qos` to consumers
+//! created after it, so a new prefetch re-creates the consumer (deliveries
+//! it held and had not handed out go back to the queue; tasks in hand are
+//! not touched).
+//!
+//! # Serving another stage
+//!
+//! An agent may be able to serve several stages (`--stages`); an `Assign`
+//! command moves it ([`Runner::assign`]). It cancels the current stage's
+//! consumer (waiting deliveries go back to the queue), and consumes the new
+//! stage's queue with the same prefetch. Tasks in hand of the old stage carry
+//! on and are settled as tasks of that stage ([`crate::task::process`] holds
+//! the stage a delivery came from), and they count against the concurrency
+//! with the new stage's. A reconnect consumes the stage served at the time.
+//!
+//! # Broker round trip
+//!
+//! Every confirmed task publish (a result, a retry, a dead letter) is a
+//! sample of the broker's round trip (publish to confirm); heartbeats report
+//! the median of the last 16 of the last two minutes (`rtt_ms`). Every
+//! [`PROBE_INTERVAL`], an agent that published nothing lately (a last stage,
+//! an idle agent) measures one with a probe: an empty, non-mandatory publish
+//! on the task channel to a routing key no queue can have, which the broker
+//! confirms without routing it anywhere.
 //!
 //! # Reconnecting
 //!
@@ -34,7 +65,7 @@
 //! `--shutdown-timeout`, so that `AgentStopping` and the buffered events get
 //! out). `Hello` is only sent once, at the start of the run.
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, StageRoute};
 use crate::control::ControlQueue;
 use crate::handoff::Worker;
 use crate::heartbeat::{Heartbeats, Identity};
@@ -48,10 +79,11 @@ use guildhall_broker::{
     AmqpUrl, BrokerError, EventPublisher, EventPublisherConfig, Publisher, now_ms,
 };
 use guildhall_proto::{AgentState, Names};
-use lapin::Consumer;
 use lapin::message::Delivery;
+use lapin::options::BasicPublishOptions;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::{Confirmation, Consumer};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -69,6 +101,15 @@ const REPLY_GRACE: Duration = Duration::from_secs(2);
 
 /// Longest the stop waits for the last events to be confirmed.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the agent checks for a recent round-trip sample, and measures
+/// one with a probe if there is none.
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The routing key of the round-trip probe, on the default exchange: names
+/// starting with `amq.` are reserved for the broker's own queues, so no
+/// client can declare a queue that would receive it.
+const PROBE_KEY: &str = "amq.guildhall.rtt-probe";
 
 /// A reconnect under way: close the old connection, wait, open a new link.
 type Connecting = Pin<Box<dyn Future<Output = Result<(Link, Publisher), BrokerError>> + Send>>;
@@ -121,9 +162,17 @@ pub(crate) enum Mode {
 pub(crate) struct Runner {
     /// The validated configuration.
     pub(crate) config: AgentConfig,
+    /// Every stage the agent can serve, with where its results go.
+    pub(crate) routes: Vec<StageRoute>,
+    /// The stage served now (the consumer's queue) and its next stage;
+    /// handlers keep the one their delivery came from.
+    pub(crate) route: Arc<StageRoute>,
+    /// The prefetch `SetPrefetch` asked for; 0 until then. The consumer's is
+    /// never below the concurrency ([`Runner::prefetch`]).
+    pub(crate) prefetch_asked: u32,
     /// Broker names of the namespace.
     pub(crate) names: Names,
-    /// What opening a link needs.
+    /// What opening a link needs (its stage follows `route`).
     params: LinkParams,
     /// The link to the broker; `None` while reconnecting.
     link: Option<Link>,
@@ -149,6 +198,8 @@ pub(crate) struct Runner {
     pub(crate) replies: JoinSet<()>,
     /// The event publisher's background task.
     events_task: tokio::task::JoinHandle<()>,
+    /// The round-trip probe under way, if any (one at a time).
+    probe: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runner {
@@ -172,9 +223,15 @@ impl Runner {
             next: config.next.clone(),
         };
         let (link, events_publisher) = Link::open(&params).await?;
+        let routes = config.routes();
+        let route = Arc::new(StageRoute {
+            stage: config.stage.clone(),
+            next: config.next.clone(),
+        });
         tracing::info!(
             agent = %config.id,
             stage = %config.stage,
+            stages = %routes.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             broker = %url.redacted(),
             "connected"
         );
@@ -188,15 +245,15 @@ impl Runner {
                 ..EventPublisherConfig::default()
             },
         );
-        let shared = Shared::new(config.concurrency);
+        let shared = Shared::new(config.concurrency, (*route).clone());
         let identity = Identity {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            stage: config.stage.clone(),
-            next: config.next.clone(),
+            stages: routes.iter().map(|r| r.stage.clone()).collect(),
             hostname: crate::config::hostname(),
             heartbeat_ms: u32::try_from(config.heartbeat.as_millis()).unwrap_or(u32::MAX),
         };
         events.emit(identity.hello(
+            &route,
             config.concurrency,
             config.worker.mode(),
             !config.supervise.is_empty(),
@@ -224,8 +281,6 @@ impl Runner {
         );
         let ctx = Arc::new(TaskCtx {
             names: names.clone(),
-            stage: config.stage.clone(),
-            next: config.next.clone(),
             agent: config.id.clone(),
             retry: config.retry,
             worker,
@@ -237,6 +292,9 @@ impl Runner {
         });
         Ok(Self {
             config,
+            routes,
+            route,
+            prefetch_asked: 0,
             names,
             params,
             link: Some(link),
@@ -251,6 +309,7 @@ impl Runner {
             heartbeats,
             replies: JoinSet::new(),
             events_task,
+            probe: None,
         })
     }
 
@@ -265,6 +324,9 @@ impl Runner {
             Ok(()) => Ok(self.finish().await),
             Err(err) => {
                 self.tasks.abort_all();
+                if let Some(probe) = self.probe.take() {
+                    probe.abort();
+                }
                 self.heartbeats.stop().await;
                 if let Some(supervisor) = self.supervisor.take() {
                     supervisor.stop().await;
@@ -285,6 +347,8 @@ impl Runner {
         // their tasks back; they are aborted if still running at this time.
         let mut hard_deadline: Option<Instant> = None;
         let mut aborted = false;
+        let mut probe_ticks = tokio::time::interval(PROBE_INTERVAL);
+        probe_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(lost) = self.reconcile().await {
                 self.on_lost(lost);
@@ -316,7 +380,12 @@ impl Runner {
                     }
                     LinkEvent::Delivery(delivery) => {
                         if let Some(link) = &self.link {
-                            let handler = task::process(self.ctx.clone(), link.tasks.clone(), delivery);
+                            let handler = task::process(
+                                self.ctx.clone(),
+                                link.tasks.clone(),
+                                self.route.clone(),
+                                delivery,
+                            );
                             self.tasks.spawn(handler);
                         }
                     }
@@ -336,6 +405,7 @@ impl Runner {
                     }
                 }
                 opened = reconnected(&mut self.connecting) => self.on_reconnect(opened).await?,
+                _ = probe_ticks.tick() => self.probe_rtt(),
                 () = worker_changed(&mut self.worker_status) => {}
                 () = sleep_until(deadline), if deadline.is_some() && hard_deadline.is_none() => {
                     if self.tasks.is_empty() {
@@ -469,9 +539,16 @@ impl Runner {
         Ok(())
     }
 
+    /// The consumer's prefetch: what `SetPrefetch` asked for, never below
+    /// the concurrency.
+    pub(crate) fn prefetch(&self) -> u32 {
+        self.prefetch_asked.max(self.ctx.shared.concurrency())
+    }
+
     async fn start_consumer(&mut self) -> Result<(), Lost> {
-        let prefetch = u16::try_from(self.ctx.shared.concurrency()).unwrap_or(u16::MAX);
-        let queue = self.names.stage_queue(&self.config.stage);
+        let prefetch = u16::try_from(self.prefetch()).unwrap_or(u16::MAX);
+        let concurrency = self.ctx.shared.concurrency();
+        let queue = self.names.stage_queue(&self.route.stage);
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
@@ -489,7 +566,7 @@ impl Runner {
             )
             .await
             .map_err(|e| Lost::new("consume the stage queue", e))?;
-        tracing::info!(%queue, prefetch, "consuming");
+        tracing::info!(%queue, prefetch, concurrency, "consuming");
         link.consumer = Some(consumer);
         Ok(())
     }
@@ -531,6 +608,101 @@ impl Runner {
         Ok(())
     }
 
+    /// Moves the agent to `to`, one of the stages it can serve, without
+    /// losing a task: declares `to` and its next stage, moves the command
+    /// queue's stage binding, cancels the current consumer (deliveries it
+    /// held and had not handed out go back to the queue; tasks in hand carry
+    /// on as tasks of their stage), then consumes `to`'s queue if the mode
+    /// and the worker allow, emits `Reassigned` and a heartbeat. `Ok(Err)`
+    /// is a refusal that changed nothing; `Err` a lost link (the switch may
+    /// have happened: a reconnect consumes whichever stage is served).
+    pub(crate) async fn assign(
+        &mut self,
+        to: StageRoute,
+        reason: &str,
+    ) -> Result<Result<(), String>, Lost> {
+        let from = self.route.clone();
+        let Some((tasks, binding)) = self
+            .link
+            .as_ref()
+            .map(|l| (l.tasks.clone(), l.control.binding()))
+        else {
+            return Ok(Err("the broker is unreachable".into()));
+        };
+        for stage in std::iter::once(&to.stage).chain(to.next.as_ref()) {
+            if let Err(err) = tasks.declarer.stage(stage).await {
+                let err = crate::config::one_line(&err.to_string());
+                return Ok(Err(format!("cannot declare stage {stage}: {err}")));
+            }
+        }
+        binding.rebind(&self.names, &from.stage, &to.stage).await?;
+        self.cancel_consumer().await?;
+        let to = Arc::new(to);
+        self.route = to.clone();
+        self.params.stage = to.stage.clone();
+        self.params.next = to.next.clone();
+        self.ctx.shared.set_route(to.clone());
+        tracing::info!(
+            from = %from.stage,
+            to = %to.stage,
+            next = to.next.as_ref().map_or("-", |n| n.as_str()),
+            %reason,
+            in_hand = self.tasks.len(),
+            "serving another stage"
+        );
+        let consuming = self.reconcile().await;
+        self.ctx.events.emit(guildhall_proto::Event::Reassigned(
+            guildhall_proto::Reassigned {
+                at_ms: now_ms(),
+                from: from.stage.clone(),
+                to: to.stage.clone(),
+                reason: reason.to_owned(),
+            },
+        ));
+        self.heartbeats.now();
+        consuming.map(Ok)
+    }
+
+    /// Starts a round-trip probe if no publish measured one lately and none
+    /// is under way.
+    fn probe_rtt(&mut self) {
+        // Half the interval: a probe's own sample, taken just after the last
+        // tick, must not make the next tick skip.
+        if self.probe.as_ref().is_some_and(|p| !p.is_finished())
+            || !self.ctx.shared.rtt_older_than(PROBE_INTERVAL / 2)
+        {
+            return;
+        }
+        let Some(link) = &self.link else {
+            return;
+        };
+        let channel = link.tasks.publisher.channel().clone();
+        let shared = self.ctx.shared.clone();
+        self.probe = Some(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            // Not mandatory: the broker confirms it without routing it
+            // anywhere (and without returning it).
+            let published = channel
+                .basic_publish(
+                    "".into(),
+                    PROBE_KEY.into(),
+                    BasicPublishOptions::default(),
+                    b"",
+                    lapin::BasicProperties::default(),
+                )
+                .await;
+            let confirmed = match published {
+                Ok(confirm) => confirm.await,
+                Err(err) => Err(err),
+            };
+            match confirmed {
+                Ok(Confirmation::Ack(_)) => shared.record_rtt(started.elapsed()),
+                Ok(other) => tracing::debug!("round-trip probe not confirmed: {other:?}"),
+                Err(err) => tracing::debug!("round-trip probe failed: {err}"),
+            }
+        }));
+    }
+
     /// Tasks in hand right now.
     pub(crate) fn tasks_in_hand(&self) -> usize {
         self.tasks.len()
@@ -548,6 +720,9 @@ impl Runner {
             _ => ("stop".to_owned(), now_ms()),
         };
         self.heartbeats.stop().await;
+        if let Some(probe) = self.probe.take() {
+            probe.abort();
+        }
         let stopping = guildhall_proto::Event::AgentStopping(guildhall_proto::AgentStopping {
             at_ms,
             reason: reason.clone(),

@@ -2,10 +2,18 @@
 //! it), the task handlers (which hold tasks) and the heartbeat (which reports
 //! it).
 
+use crate::config::StageRoute;
 use guildhall_proto::{AgentState, TaskInHand};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Round-trip samples kept for the median reported in heartbeats.
+const RTT_SAMPLES: usize = 16;
+
+/// Samples older than this no longer count (the broker's load changes).
+const RTT_MAX_AGE: Duration = Duration::from_secs(120);
 
 /// State shared across the agent's tasks. Cheap to read; locks are never
 /// held across an await.
@@ -29,11 +37,16 @@ pub struct Shared {
     concurrency: AtomicU32,
     /// Restarts of the supervised worker.
     worker_restarts: AtomicU32,
+    /// The stage served now and where its results go (changes with
+    /// `Assign`); heartbeats report it.
+    route: Mutex<Arc<StageRoute>>,
+    /// Recent broker round trips (publish to confirm), for heartbeats.
+    rtt: Mutex<RttWindow>,
 }
 
 impl Shared {
-    /// Fresh state: starting, nothing in hand.
-    pub fn new(concurrency: u32) -> Arc<Self> {
+    /// Fresh state: starting, nothing in hand, serving `route`.
+    pub fn new(concurrency: u32, route: StageRoute) -> Arc<Self> {
         Arc::new(Self {
             in_hand: Mutex::new(HashMap::new()),
             next_slot: AtomicU64::new(0),
@@ -43,7 +56,41 @@ impl Shared {
             mode: Mutex::new(AgentState::Starting),
             concurrency: AtomicU32::new(concurrency),
             worker_restarts: AtomicU32::new(0),
+            route: Mutex::new(Arc::new(route)),
+            rtt: Mutex::new(RttWindow::default()),
         })
+    }
+
+    /// The stage served now and its next stage.
+    pub fn route(&self) -> Arc<StageRoute> {
+        self.route.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Serves another stage from now on.
+    pub fn set_route(&self, route: Arc<StageRoute>) {
+        *self.route.lock().unwrap_or_else(|e| e.into_inner()) = route;
+    }
+
+    fn rtt_window(&self) -> MutexGuard<'_, RttWindow> {
+        self.rtt.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records one broker round trip (a publish until its confirm).
+    pub fn record_rtt(&self, rtt: Duration) {
+        self.rtt_window().record(Instant::now(), rtt);
+    }
+
+    /// The median of the recent round trips in ms (rounded up, so a measured
+    /// round trip is never 0), or `None` without a recent one.
+    pub fn rtt_ms(&self) -> Option<u32> {
+        self.rtt_window().median_ms(Instant::now())
+    }
+
+    /// Whether no round trip was recorded within `age` (time for a probe).
+    pub fn rtt_older_than(&self, age: Duration) -> bool {
+        self.rtt_window()
+            .newest()
+            .is_none_or(|at| at.elapsed() >= age)
     }
 
     fn tasks(&self) -> MutexGuard<'_, HashMap<u64, TaskInHand>> {
@@ -142,6 +189,44 @@ impl Shared {
     }
 }
 
+/// The last [`RTT_SAMPLES`] round trips, each with when it was measured.
+#[derive(Debug, Default)]
+struct RttWindow {
+    /// Oldest first.
+    samples: VecDeque<(Instant, Duration)>,
+}
+
+impl RttWindow {
+    fn record(&mut self, at: Instant, rtt: Duration) {
+        if self.samples.len() == RTT_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((at, rtt));
+    }
+
+    fn newest(&self) -> Option<Instant> {
+        self.samples.back().map(|(at, _)| *at)
+    }
+
+    /// The median (the upper one of an even count) of the samples younger
+    /// than [`RTT_MAX_AGE`], in whole ms rounded up.
+    fn median_ms(&self, now: Instant) -> Option<u32> {
+        let mut recent: Vec<Duration> = self
+            .samples
+            .iter()
+            .filter(|(at, _)| now.saturating_duration_since(*at) < RTT_MAX_AGE)
+            .map(|(_, rtt)| *rtt)
+            .collect();
+        if recent.is_empty() {
+            return None;
+        }
+        recent.sort_unstable();
+        let median = recent[recent.len() / 2];
+        let ms = median.as_micros().div_ceil(1000).max(1);
+        Some(u32::try_from(ms).unwrap_or(u32::MAX))
+    }
+}
+
 /// A task in hand; dropping it removes the task from [`Shared`].
 #[derive(Debug)]
 pub struct InHand {
@@ -161,9 +246,16 @@ impl Drop for InHand {
 mod tests {
     use super::*;
 
+    fn route(stage: &str, next: Option<&str>) -> StageRoute {
+        StageRoute {
+            stage: stage.parse().unwrap(),
+            next: next.map(|n| n.parse().unwrap()),
+        }
+    }
+
     #[test]
     fn tasks_in_hand_come_and_go_with_their_guards() {
-        let shared = Shared::new(2);
+        let shared = Shared::new(2, route("a", None));
         assert_eq!(shared.state(), AgentState::Starting);
         assert!(shared.set_mode(AgentState::Idle));
         assert!(!shared.set_mode(AgentState::Idle));
@@ -181,5 +273,38 @@ mod tests {
         assert_eq!(shared.state(), AgentState::Idle);
         shared.set_mode(AgentState::Paused);
         assert_eq!(shared.state(), AgentState::Paused);
+    }
+
+    #[test]
+    fn the_route_can_change() {
+        let shared = Shared::new(1, route("a", Some("b")));
+        assert_eq!(shared.route().stage.as_str(), "a");
+        shared.set_route(Arc::new(route("c", None)));
+        assert_eq!(*shared.route(), route("c", None));
+    }
+
+    #[test]
+    fn the_round_trip_is_the_median_of_a_bounded_window_of_recent_samples() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut window = RttWindow::default();
+        assert_eq!(window.median_ms(t0), None);
+        window.record(t0, Duration::from_micros(300));
+        assert_eq!(window.median_ms(t0), Some(1), "rounded up, never 0");
+        for rtt in [ms(5), ms(3), ms(400), ms(4)] {
+            window.record(t0, rtt);
+        }
+        assert_eq!(window.median_ms(t0), Some(4), "an outlier does not move it");
+        for _ in 0..RTT_SAMPLES {
+            window.record(t0 + ms(10), ms(9));
+        }
+        assert_eq!(window.samples.len(), RTT_SAMPLES, "bounded");
+        assert_eq!(
+            window.median_ms(t0 + ms(10)),
+            Some(9),
+            "the oldest went first"
+        );
+        assert_eq!(window.median_ms(t0 + RTT_MAX_AGE + ms(10)), None, "too old");
+        assert_eq!(window.newest(), Some(t0 + ms(10)));
     }
 }

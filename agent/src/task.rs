@@ -28,7 +28,7 @@
 //! Without a supervised worker, a task timeout is a retryable failure like
 //! any other.
 
-use crate::config::RetryPolicy;
+use crate::config::{RetryPolicy, StageRoute};
 use crate::handoff::{Failure, NextStage, Outcome, Progress, ProgressSink, TaskInput, Worker};
 use crate::link::TaskLink;
 use crate::state::Shared;
@@ -39,8 +39,8 @@ use guildhall_broker::{BrokerError, EventPublisher, PublishError, TaskMeta, now_
 use guildhall_proto::headers::{amqp as h, idempotency_key};
 use guildhall_proto::trace::TraceParent;
 use guildhall_proto::{
-    AgentId, Event, Names, Stage, TaskAbandoned, TaskDeadLettered, TaskFailed, TaskInHand,
-    TaskProgress, TaskRetrying, TaskStarted, TaskSucceeded, WorkerResult, truncate_error,
+    AgentId, Event, Names, TaskAbandoned, TaskDeadLettered, TaskFailed, TaskInHand, TaskProgress,
+    TaskRetrying, TaskStarted, TaskSucceeded, WorkerResult, truncate_error,
 };
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -51,15 +51,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// What every task handler shares, whatever connection its delivery came on
-/// (that part is its [`TaskLink`]).
+/// (that part is its [`TaskLink`]) and whatever stage it came from (that is
+/// its [`StageRoute`]).
 #[derive(Debug)]
 pub struct TaskCtx {
     /// Broker names of the namespace.
     pub names: Names,
-    /// The stage consumed.
-    pub stage: Stage,
-    /// Default next stage.
-    pub next: Option<Stage>,
     /// This agent, for the dead-letter header.
     pub agent: AgentId,
     /// When to retry.
@@ -119,6 +116,8 @@ struct Held<'a> {
     delivery: &'a Delivery,
     /// Its task.
     meta: &'a TaskMeta,
+    /// The stage it came from.
+    route: &'a StageRoute,
     /// When the worker got it.
     started_at_ms: u64,
 }
@@ -139,7 +138,7 @@ impl Held<'_> {
         self.ctx.events.emit(Event::TaskAbandoned(TaskAbandoned {
             at_ms: now_ms(),
             task_id: self.meta.id.clone(),
-            stage: self.ctx.stage.clone(),
+            stage: self.route.stage.clone(),
             attempt: self.meta.attempt,
             started_at_ms: self.started_at_ms,
             reason: reason.to_owned(),
@@ -151,11 +150,19 @@ impl Held<'_> {
     }
 }
 
-/// Handles one delivery to the end: settled and acked, or given back.
-pub async fn process(ctx: Arc<TaskCtx>, link: Arc<TaskLink>, mut delivery: Delivery) {
+/// Handles one delivery of `route`'s stage to the end: settled and acked,
+/// or given back. Everything about it (events, retry and dead-letter queues,
+/// the next stage) is `route`'s, even if the agent serves another stage by
+/// the time the worker is done.
+pub async fn process(
+    ctx: Arc<TaskCtx>,
+    link: Arc<TaskLink>,
+    route: Arc<StageRoute>,
+    mut delivery: Delivery,
+) {
     let meta = match TaskMeta::from_properties(&delivery.properties) {
         Ok(meta) => meta,
-        Err(err) => return reject_invalid(&ctx, &link, delivery, &err.to_string()).await,
+        Err(err) => return reject_invalid(&ctx, &link, &route, delivery, &err.to_string()).await,
     };
     let started_at_ms = now_ms();
     let _in_hand = ctx.shared.hold(TaskInHand {
@@ -166,7 +173,7 @@ pub async fn process(ctx: Arc<TaskCtx>, link: Arc<TaskLink>, mut delivery: Deliv
     ctx.events.emit(Event::TaskStarted(TaskStarted {
         at_ms: started_at_ms,
         task_id: meta.id.clone(),
-        stage: ctx.stage.clone(),
+        stage: route.stage.clone(),
         attempt: meta.attempt,
         enqueued_at_ms: meta.enqueued_at_ms,
         submitted_at_ms: meta.submitted_at_ms,
@@ -175,9 +182,9 @@ pub async fn process(ctx: Arc<TaskCtx>, link: Arc<TaskLink>, mut delivery: Deliv
     let span = span_for(meta.traceparent.as_deref());
     let input = TaskInput {
         task_id: meta.id.clone(),
-        stage: ctx.stage.clone(),
+        stage: route.stage.clone(),
         attempt: meta.attempt,
-        idempotency_key: idempotency_key(meta.id.as_str(), ctx.stage.as_str(), meta.attempt),
+        idempotency_key: idempotency_key(meta.id.as_str(), route.stage.as_str(), meta.attempt),
         traceparent: Some(span.clone()),
         payload: std::mem::take(&mut delivery.data),
     };
@@ -188,6 +195,7 @@ pub async fn process(ctx: Arc<TaskCtx>, link: Arc<TaskLink>, mut delivery: Deliv
         link: &link,
         delivery: &delivery,
         meta: &meta,
+        route: &route,
         started_at_ms,
     };
     let unfinished = WorkerResult::Unfinished;
@@ -229,6 +237,7 @@ pub async fn process(ctx: Arc<TaskCtx>, link: Arc<TaskLink>, mut delivery: Deliv
     let settled = settle(
         &ctx,
         &link,
+        &route,
         &meta,
         &input,
         outcome,
@@ -253,6 +262,7 @@ pub async fn process(ctx: Arc<TaskCtx>, link: Arc<TaskLink>, mut delivery: Deliv
 async fn settle(
     ctx: &TaskCtx,
     link: &TaskLink,
+    route: &StageRoute,
     meta: &TaskMeta,
     input: &TaskInput,
     outcome: Outcome,
@@ -267,17 +277,22 @@ async fn settle(
     let failure = match outcome {
         Outcome::Success { payload, next } => {
             let next = match next {
-                NextStage::Default => ctx.next.clone(),
+                NextStage::Default => route.next.clone(),
                 NextStage::Stage(stage) => Some(stage),
                 NextStage::End => None,
             };
             if let Some(next) = &next {
                 link.declarer.stage(next).await?;
                 let props = meta.next_stage(finished_at_ms, Some(span)).properties();
-                let published = link
-                    .publisher
-                    .publish(&ctx.names.tasks_exchange(), next.as_str(), &payload, props)
-                    .await;
+                let published = publish(
+                    ctx,
+                    link,
+                    &ctx.names.tasks_exchange(),
+                    next.as_str(),
+                    &payload,
+                    props,
+                )
+                .await;
                 if let Err(PublishError::Unroutable { .. }) = &published {
                     // Someone deleted the queue since it was declared.
                     link.declarer.forget_stage(next);
@@ -288,7 +303,7 @@ async fn settle(
                 .emit_confirmed(Event::TaskSucceeded(TaskSucceeded {
                     at_ms: finished_at_ms,
                     task_id: meta.id.clone(),
-                    stage: ctx.stage.clone(),
+                    stage: route.stage.clone(),
                     attempt: meta.attempt,
                     started_at_ms,
                     next,
@@ -304,7 +319,7 @@ async fn settle(
     let failed = Event::TaskFailed(TaskFailed {
         at_ms: finished_at_ms,
         task_id: meta.id.clone(),
-        stage: ctx.stage.clone(),
+        stage: route.stage.clone(),
         attempt: meta.attempt,
         started_at_ms,
         error: error.clone(),
@@ -313,34 +328,33 @@ async fn settle(
     });
     let then = if failure.retryable && ctx.retry.should_retry(meta.attempt) {
         let delay_ms = ctx.retry.delay(meta.attempt).as_millis() as u64;
-        let queue = link.declarer.retry_queue(&ctx.stage, delay_ms).await?;
+        let queue = link.declarer.retry_queue(&route.stage, delay_ms).await?;
         let props = meta.retry(finished_at_ms, delay_ms).properties();
-        link.publisher
-            .publish("", &queue, &input.payload, props)
-            .await?;
+        publish(ctx, link, "", &queue, &input.payload, props).await?;
         tracing::debug!(task = %meta.id, attempt = meta.attempt, delay_ms, class = %failure.class, "retrying");
         Event::TaskRetrying(TaskRetrying {
             at_ms: finished_at_ms,
             task_id: meta.id.clone(),
-            stage: ctx.stage.clone(),
+            stage: route.stage.clone(),
             attempt: meta.attempt,
             delay_ms,
         })
     } else {
-        let props = dead_letter_properties(ctx, &delivery.properties, &error, &failure);
-        link.publisher
-            .publish(
-                &ctx.names.dead_exchange(),
-                ctx.stage.as_str(),
-                &input.payload,
-                props,
-            )
-            .await?;
+        let props = dead_letter_properties(ctx, route, &delivery.properties, &error, &failure);
+        publish(
+            ctx,
+            link,
+            &ctx.names.dead_exchange(),
+            route.stage.as_str(),
+            &input.payload,
+            props,
+        )
+        .await?;
         tracing::info!(task = %meta.id, attempt = meta.attempt, class = %failure.class, "dead-lettered: {error}");
         Event::TaskDeadLettered(TaskDeadLettered {
             at_ms: now_ms(),
             task_id: meta.id.clone(),
-            stage: ctx.stage.clone(),
+            stage: route.stage.clone(),
             attempt: meta.attempt,
             error,
         })
@@ -357,33 +371,62 @@ async fn settle(
     Ok(())
 }
 
+/// Publishes on the link's confirm channel and waits for the confirm; the
+/// time it took is a sample of the broker round trip (heartbeats report the
+/// median of recent ones).
+async fn publish(
+    ctx: &TaskCtx,
+    link: &TaskLink,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    props: BasicProperties,
+) -> Result<(), PublishError> {
+    let started = std::time::Instant::now();
+    let published = link
+        .publisher
+        .publish(exchange, routing_key, payload, props)
+        .await;
+    if published.is_ok() {
+        ctx.shared.record_rtt(started.elapsed());
+    }
+    published
+}
+
 fn dead_letter_properties(
     ctx: &TaskCtx,
+    route: &StageRoute,
     original: &BasicProperties,
     error: &str,
     failure: &Failure,
 ) -> BasicProperties {
     let props = with_text_header(original.clone(), h::LAST_ERROR, error);
     let props = with_text_header(props, h::ERROR_CLASS, &failure.class);
-    let props = with_text_header(props, h::DEAD_STAGE, ctx.stage.as_str());
+    let props = with_text_header(props, h::DEAD_STAGE, route.stage.as_str());
     with_text_header(props, h::DEAD_BY, ctx.agent.as_str())
 }
 
 /// A message whose id is not a valid task id cannot be processed or
 /// reported: it goes straight to the dead-letter queue.
-async fn reject_invalid(ctx: &TaskCtx, link: &TaskLink, delivery: Delivery, error: &str) {
+async fn reject_invalid(
+    ctx: &TaskCtx,
+    link: &TaskLink,
+    route: &StageRoute,
+    delivery: Delivery,
+    error: &str,
+) {
     let failure = Failure::permanent("invalid_task_id", error);
     let error = truncate_error(error.to_owned());
-    let props = dead_letter_properties(ctx, &delivery.properties, &error, &failure);
-    let published = link
-        .publisher
-        .publish(
-            &ctx.names.dead_exchange(),
-            ctx.stage.as_str(),
-            &delivery.data,
-            props,
-        )
-        .await;
+    let props = dead_letter_properties(ctx, route, &delivery.properties, &error, &failure);
+    let published = publish(
+        ctx,
+        link,
+        &ctx.names.dead_exchange(),
+        route.stage.as_str(),
+        &delivery.data,
+        props,
+    )
+    .await;
     let id = delivery
         .properties
         .message_id()

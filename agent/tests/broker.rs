@@ -900,7 +900,7 @@ async fn pause_stops_consumption_resume_restarts_it_and_drain_stops_the_agent() 
             .await;
         assert_eq!(
             (reply.ok, reply.message.as_str()),
-            (false, "not supported yet")
+            (false, "this agent cannot serve stage other (it serves sim)")
         );
         assert!(!env.command(&id, Command::Logs { lines: 10 }).await.ok);
 
@@ -1170,7 +1170,7 @@ async fn set_concurrency_keeps_the_tasks_in_hand() {
             .await;
         assert_eq!(
             (reply.ok, reply.message.as_str()),
-            (true, "concurrency 1 -> 3")
+            (true, "concurrency 1 -> 3, prefetch 1 -> 3")
         );
         let seen = events
             .until(&id, "all four tasks to succeed", |e| {
@@ -1627,6 +1627,436 @@ async fn a_declaration_refused_after_a_reconnect_ends_the_run() {
         assert!(err.contains("retrying cannot help"), "{err}");
         assert!(err.contains("PRECONDITION"), "{err}");
         assert!(err.contains(&queue), "{err}");
+    })
+    .await;
+}
+
+/// Tasks of `stage` started and not yet settled, from one agent's events.
+fn stage_in_hand(events: &[Event], stage: &str) -> usize {
+    let (mut started, mut settled) = (0usize, 0usize);
+    for event in events {
+        match event {
+            Event::TaskStarted(e) if e.stage.as_str() == stage => started += 1,
+            Event::TaskSucceeded(e) if e.stage.as_str() == stage => settled += 1,
+            Event::TaskFailed(e) if e.stage.as_str() == stage => settled += 1,
+            Event::TaskAbandoned(e) if e.stage.as_str() == stage => settled += 1,
+            _ => {}
+        }
+    }
+    started.saturating_sub(settled)
+}
+
+impl TestEnv {
+    /// Takes the `n` messages waiting on `queue` (a sink nobody else
+    /// consumes) and returns their message ids.
+    async fn drain_ids(&self, queue: &str, n: usize) -> Vec<String> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut ids = Vec::with_capacity(n);
+        while ids.len() < n {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("{} of {n} messages on {queue}", ids.len()))
+                .unwrap()
+                .unwrap();
+            let id = delivery.properties.message_id().as_ref().unwrap();
+            ids.push(id.as_str().to_owned());
+        }
+        let _ = ch.close(200, "drained".into()).await;
+        ids
+    }
+}
+
+#[tokio::test]
+async fn an_agent_moved_between_stages_under_load_loses_and_repeats_no_task() {
+    const PER_STAGE: usize = 150;
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let spec: SimulateSpec = "median=100ms,spread=0".parse().unwrap();
+        let routes = guildhall_agent::config::parse_stages("x>xout,y>yout").unwrap();
+        // Heartbeats far apart: one right after a switch is the agent's own.
+        let config = env
+            .config("x", None, WorkerSpec::Simulated(spec.clone()))
+            .with_stages(routes)
+            .with_concurrency(8)
+            .with_heartbeat(Duration::from_secs(5));
+        let flexible = env.start(config).await;
+        let f = flexible.id().clone();
+        let (qx, qy) = (
+            env.names.stage_queue(&env.stage("x")),
+            env.names.stage_queue(&env.stage("y")),
+        );
+        let assign = |stage: &str, reason: &str| Command::Assign {
+            stage: env.stage(stage),
+            reason: reason.into(),
+        };
+
+        let reply = env.command(&f, assign("z", "not mine")).await;
+        assert_eq!(
+            (reply.ok, reply.message.as_str()),
+            (false, "this agent cannot serve stage z (it serves x, y)")
+        );
+        let reply = env.command(&f, assign("x", "no-op")).await;
+        assert_eq!((reply.ok, reply.message.as_str()), (true, "already serving x"));
+        for bad in [0, 10_001] {
+            let reply = env.command(&f, Command::SetPrefetch { prefetch: bad }).await;
+            assert_eq!(
+                (reply.ok, reply.message),
+                (false, format!("prefetch must be between 1 and 10000 (got {bad})"))
+            );
+        }
+        // Deliveries beyond the concurrency wait in the agent; each switch
+        // gives them back to the queue.
+        let reply = env.command(&f, Command::SetPrefetch { prefetch: 16 }).await;
+        assert_eq!((reply.ok, reply.message.as_str()), (true, "prefetch 8 -> 16"));
+
+        // A paused agent switches too, and stays paused.
+        assert!(env.command(&f, Command::Pause).await.ok);
+        let reply = env.command(&f, assign("y", "while paused")).await;
+        assert_eq!(
+            (reply.ok, reply.message.as_str()),
+            (
+                true,
+                "serving y (was x); 0 task(s) in hand will finish as tasks of their stage"
+            )
+        );
+        assert_eq!(env.probe(&qx).await.map(|p| p.1), Some(0));
+        assert_eq!(env.probe(&qy).await.map(|p| p.1), Some(0), "still paused");
+        events
+            .until(&f, "a paused heartbeat serving y", |e| {
+                e.iter().any(|e| {
+                    matches!(e, Event::Heartbeat(h) if h.state == AgentState::Paused && h.stage.as_str() == "y")
+                })
+            })
+            .await;
+        assert!(env.command(&f, assign("x", "back before the load")).await.ok);
+        assert!(env.command(&f, Command::Resume).await.ok);
+        eventually(Duration::from_secs(10), "x consumed again", || async {
+            (env.probe(&qx).await.map(|p| p.1) == Some(1)).then_some(())
+        })
+        .await;
+
+        // A steady stream to both stages, faster than the agent alone can take
+        // it (80 tasks/s on one stage at a time): each switch finds tasks in
+        // hand and deliveries waiting in the agent.
+        let url = guildhall_broker::AmqpUrl::parse(&amqp_url()).unwrap();
+        let names = env.names.clone();
+        let submitter = tokio::spawn(async move {
+            let conn = connect(&url, "guildhall-agent-tests/submitter")
+                .await
+                .unwrap();
+            let publisher = Publisher::open(&conn).await.unwrap();
+            for i in 0..PER_STAGE {
+                for (stage, prefix) in [("x", "X"), ("y", "Y")] {
+                    let id: TaskId = format!("{prefix}-{i}").parse().unwrap();
+                    let props = TaskMeta::submission(id, now_ms(), None).properties();
+                    publisher
+                        .publish(&names.tasks_exchange(), stage, b"t", props)
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(6)).await;
+                }
+            }
+            let _ = conn.close(200, "submitted".into()).await;
+        });
+
+        // Moves back and forth, each while the agent holds tasks of the
+        // stage it leaves (a few, so that some are still at the worker when
+        // the command arrives).
+        let moves = ["y", "x", "y", "x", "y", "x", "y"];
+        let mut current = "x";
+        let mut expected_moves = vec![
+            ("x".to_owned(), "y".to_owned(), "while paused".to_owned()),
+            ("y".into(), "x".into(), "back before the load".into()),
+        ];
+        for (i, to) in moves.into_iter().enumerate() {
+            events
+                .until(&f, &format!("tasks of {current} in hand"), |e| {
+                    stage_in_hand(e, current) >= 3
+                })
+                .await;
+            let reason = format!("move {}: {current} -> {to}", i + 1);
+            let reply = env.command(&f, assign(to, &reason)).await;
+            assert!(reply.ok, "{reply:?}");
+            assert!(
+                reply
+                    .message
+                    .starts_with(&format!("serving {to} (was {current}); ")),
+                "{reply:?}"
+            );
+            expected_moves.push((current.into(), to.into(), reason));
+            current = to;
+            // The dwell time, as the coordinator would keep it.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        submitter.await.unwrap();
+        // An ordinary agent finishes x while the flexible one serves y.
+        let plain = env
+            .start(
+                env.config("x", Some("xout"), WorkerSpec::Simulated(spec))
+                    .with_concurrency(8),
+            )
+            .await;
+        let g = plain.id().clone();
+        let (xout, yout) = (
+            env.names.stage_queue(&env.stage("xout")),
+            env.names.stage_queue(&env.stage("yout")),
+        );
+        let per_stage = PER_STAGE as u32;
+        eventually(Duration::from_secs(20), "every result", || async {
+            let done = (env.probe(&xout).await?.0, env.probe(&yout).await?.0);
+            (done == (per_stage, per_stage)).then_some(())
+        })
+        .await;
+
+        // After a reconnect the agent consumes the stage it serves now.
+        env.close_connection(&f).await;
+        env.submit("y", "Y-after", b"t").await;
+        eventually(Duration::from_secs(15), "Y-after handed on", || async {
+            (env.probe(&yout).await?.0 == per_stage + 1).then_some(())
+        })
+        .await;
+
+        plain.stop_and_join().await.unwrap();
+        let exit = flexible.stop_and_join().await.unwrap();
+        assert_eq!(exit.requeued, 0, "{exit:?}");
+        assert_eq!(env.probe(&xout).await, Some((per_stage, 0)), "nothing more");
+        assert_eq!(
+            env.probe(&yout).await,
+            Some((per_stage + 1, 0)),
+            "nothing more"
+        );
+
+        // Every task reached its stage's sink exactly once.
+        for (queue, prefix, extra) in [(&xout, "X", None), (&yout, "Y", Some("Y-after"))] {
+            let mut expected: Vec<String> =
+                (0..PER_STAGE).map(|i| format!("{prefix}-{i}")).collect();
+            expected.extend(extra.map(str::to_owned));
+            expected.sort();
+            let mut ids = env.drain_ids(queue, expected.len()).await;
+            ids.sort();
+            assert_eq!(ids, expected, "{queue}");
+        }
+
+        let fe = events
+            .until(&f, "the flexible agent to stop", |e| has(e, "agent_stopping"))
+            .await;
+        let ge = events
+            .until(&g, "the plain agent to stop", |e| has(e, "agent_stopping"))
+            .await;
+        let Event::Hello(hello) = &fe[0] else {
+            panic!("{:?}", fe[0])
+        };
+        let listed: Vec<&str> = hello.stages.iter().map(|s| s.as_str()).collect();
+        assert_eq!(listed, ["x", "y"]);
+        assert_eq!(
+            (hello.stage.as_str(), hello.next.as_ref().map(|n| n.as_str())),
+            ("x", Some("xout"))
+        );
+
+        // No task ran twice, none was given up, each was reported under
+        // its own stage with its own next stage.
+        let all: Vec<&Event> = fe.iter().chain(&ge).collect();
+        assert!(!all.iter().any(|e| matches!(e, Event::TaskAbandoned(_) | Event::TaskFailed(_))));
+        for (stage, prefix) in [("x", "X"), ("y", "Y")] {
+            for i in 0..PER_STAGE {
+                let id = format!("{prefix}-{i}");
+                let mine = |e: &&&Event| e.task_id().is_some_and(|t| t.as_str() == id);
+                let started: Vec<_> = all
+                    .iter()
+                    .filter(mine)
+                    .filter_map(|e| match e {
+                        Event::TaskStarted(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(started.len(), 1, "{id} started once: {started:?}");
+                assert_eq!(started[0].stage.as_str(), stage);
+                let succeeded: Vec<_> = all
+                    .iter()
+                    .filter(mine)
+                    .filter_map(|e| match e {
+                        Event::TaskSucceeded(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(succeeded.len(), 1, "{id} succeeded once");
+                assert_eq!(succeeded[0].stage.as_str(), stage);
+                assert_eq!(
+                    succeeded[0].next.as_ref().map(|n| n.as_str()),
+                    Some(format!("{stage}out").as_str())
+                );
+            }
+        }
+
+        // The moves, in order, with their reasons.
+        let moved: Vec<(usize, &guildhall_proto::Reassigned)> = fe
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e {
+                Event::Reassigned(r) => Some((i, r)),
+                _ => None,
+            })
+            .collect();
+        let seen_moves: Vec<(String, String, String)> = moved
+            .iter()
+            .map(|(_, r)| (r.from.to_string(), r.to.to_string(), r.reason.clone()))
+            .collect();
+        assert_eq!(seen_moves, expected_moves);
+        for (n, (at, r)) in moved.iter().enumerate() {
+            let end = moved.get(n + 1).map_or(fe.len(), |(i, _)| *i);
+            let window = &fe[at + 1..end];
+            let (from, to) = (r.from.as_str(), r.to.as_str());
+            let next_of = |s: &str| Some(format!("{s}out"));
+            // A heartbeat at once, naming the new stage; none stamped after
+            // the switch names the old one.
+            let beats: Vec<_> = window
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Heartbeat(h) => Some(h),
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                beats.iter().any(|h| h.stage.as_str() == to
+                    && h.next.as_ref().map(|s| s.to_string()) == next_of(to)),
+                "a heartbeat serving {to} after {r:?}: {beats:?}"
+            );
+            for h in &beats {
+                assert!(h.at_ms <= r.at_ms || h.stage.as_str() == to, "{h:?} after {r:?}");
+                assert!(h.in_hand.len() <= 8, "the concurrency spans both stages: {h:?}");
+            }
+            if n < 2 {
+                continue; // the moves before the load
+            }
+            // Tasks in hand at the switch finished after it, as tasks of
+            // the stage they came from.
+            let finished_old = window.iter().any(|e| {
+                matches!(e, Event::TaskSucceeded(s) if s.stage.as_str() == from
+                    && s.next.as_ref().map(|n| n.to_string()) == next_of(from)
+                    && s.started_at_ms <= r.at_ms)
+            });
+            assert!(finished_old, "a task of {from} in hand at {r:?} finished after it");
+        }
+        let rtt = fe.iter().rev().find_map(|e| match e {
+            Event::Heartbeat(h) => h.rtt_ms,
+            _ => None,
+        });
+        assert!(rtt.is_some_and(|ms| (1..10_000).contains(&ms)), "{rtt:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn set_prefetch_lets_the_agent_hold_more_tasks_than_its_concurrency() {
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let config = env
+            .config("pf", None, exec("sleep 30"))
+            .with_shutdown_timeout(Duration::from_millis(300));
+        let agent = env.start(config).await;
+        let id = agent.id().clone();
+        let queue = env.names.stage_queue(&env.stage("pf"));
+        for i in 0..30 {
+            env.submit("pf", &format!("P-{i}"), b"x").await;
+        }
+        // Ready messages are the rest: exact and immediate, unlike the
+        // management API's unacked counts. (The consumer count is not: a
+        // quorum queue counts a cancelled consumer until its messages are
+        // settled.)
+        let held = |ready: u32| {
+            let (env, queue) = (&env, &queue);
+            async move {
+                eventually(
+                    Duration::from_secs(10),
+                    &format!("{} tasks held by the agent", 30 - ready),
+                    || async { (env.probe(queue).await?.0 == ready).then_some(()) },
+                )
+                .await
+            }
+        };
+        held(29).await;
+        // A last stage publishes no task: a probe measures the round trip.
+        events
+            .until(&id, "a heartbeat with the broker round trip", |e| {
+                e.iter().any(
+                    |e| matches!(e, Event::Heartbeat(h) if h.rtt_ms.is_some_and(|ms| ms < 10_000)),
+                )
+            })
+            .await;
+        for bad in [0, 10_001] {
+            let reply = env
+                .command(&id, Command::SetPrefetch { prefetch: bad })
+                .await;
+            assert!(!reply.ok, "{reply:?}");
+        }
+        let reply = env
+            .command(&id, Command::SetPrefetch { prefetch: 20 })
+            .await;
+        assert_eq!(
+            (reply.ok, reply.message.as_str()),
+            (true, "prefetch 1 -> 20")
+        );
+        // The new consumer holds 20 (its prefetch), the task in hand came
+        // through the one it replaced.
+        held(9).await;
+        let seen = events
+            .until(&id, "the first task to start", |e| has(e, "task_started"))
+            .await;
+        let started = seen.iter().filter(|e| e.kind() == "task_started").count();
+        assert_eq!(started, 1, "20 held, one at the worker (concurrency 1)");
+
+        let reply = env
+            .command(&id, Command::SetConcurrency { concurrency: 25 })
+            .await;
+        assert_eq!(
+            (reply.ok, reply.message.as_str()),
+            (true, "concurrency 1 -> 25, prefetch 20 -> 25")
+        );
+        // The 20 waiting went back; the new consumer took 25.
+        held(4).await;
+        let reply = env.command(&id, Command::SetPrefetch { prefetch: 3 }).await;
+        assert_eq!(
+            (reply.ok, reply.message.as_str()),
+            (
+                true,
+                "prefetch 25 -> 25 (3 asked, never below the concurrency)"
+            )
+        );
+        let reply = env
+            .command(&id, Command::SetConcurrency { concurrency: 20 })
+            .await;
+        assert_eq!(
+            (reply.ok, reply.message.as_str()),
+            (true, "concurrency 25 -> 20, prefetch 25 -> 20")
+        );
+        let exit = agent.stop_and_join().await.unwrap();
+        assert_eq!(exit.done, 0);
+        let seen = events
+            .until(&id, "AgentStopping", |e| has(e, "agent_stopping"))
+            .await;
+        assert!(
+            !seen
+                .iter()
+                .any(|e| matches!(e, Event::TaskAbandoned(a) if a.reason != "stop timeout")),
+            "only the stop gave tasks back"
+        );
+        assert_eq!(
+            env.probe(&queue).await,
+            Some((30, 0)),
+            "all back in the queue"
+        );
     })
     .await;
 }

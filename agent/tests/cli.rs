@@ -96,6 +96,14 @@ fn bad_flags_give_one_line_and_status_2() {
             &["--stage", "s", "--exec", "cat", "--frobnicate"],
             "unexpected argument '--frobnicate'",
         ),
+        (
+            &["--stages", "a>b,a", "--exec", "cat"],
+            "--stages: stage \"a\" is listed twice",
+        ),
+        (
+            &["--stage", "c", "--stages", "a,b", "--exec", "cat"],
+            "--stage: \"c\" is not one of --stages (a, b)",
+        ),
     ] {
         let output = run(args, &[]);
         assert_one_line(&output, 2, expected);
@@ -116,6 +124,16 @@ fn flags_are_read_from_the_environment_too() {
         &output,
         2,
         "--concurrency must be between 1 and 1024 (got 0)",
+    );
+}
+
+#[test]
+fn the_stage_list_is_read_from_the_environment_too() {
+    let output = run(&["--exec", "cat"], &[("GUILDHALL_STAGES", "a>b,b>")]);
+    assert_one_line(
+        &output,
+        2,
+        "--stages: \"b>\" names no stage after '>' (write \"b\" alone to end the pipeline there)",
     );
 }
 
@@ -150,6 +168,8 @@ fn help_and_version_exit_0() {
         "--exec",
         "--simulate",
         "GUILDHALL_CONCURRENCY",
+        "--stages",
+        "GUILDHALL_STAGES",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - [`capacity`]: forecasting, queueing-theory sizing, HPA-style
+//!   stabilisation and rebalancing of stages (pure, sans-IO).
 //! - [`cli`]: the command line's flags and client commands.
 //! - [`dead`]: listing and replaying dead-lettered tasks.
 //! - [`demo`]: `guildhall demo`, a coordinator and a simulated pipeline in one process.
@@ -10,8 +12,11 @@
 //! - [`serve`]: the runtime around it: stream ingest, queue polling, timers.
 //! - [`http`]: the JSON API, `/metrics` and `/healthz`.
 //! - [`metrics`]: every exported metric, defined in one place.
+//! - [`sim`]: `guildhall simulate`, a discrete-event simulation of scaling
+//!   policies on arrival traces, driving the same [`capacity`] code.
 //! - [`submit`]: publishing tasks (shared by the API and `guildhall submit`).
 
+pub mod capacity;
 pub mod cli;
 pub mod core;
 pub mod dead;
@@ -19,4 +24,5 @@ pub mod demo;
 pub mod http;
 pub mod metrics;
 pub mod serve;
+pub mod sim;
 pub mod submit;

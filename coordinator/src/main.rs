@@ -64,6 +64,7 @@ async fn run(command: Command) -> anyhow::Result<String> {
         Command::Submit(args) => cli::submit::run(&args).await,
         Command::Status(args) => Ok(cli::client::status(&args).await?),
         Command::Trace(args) => Ok(cli::client::trace(&args).await?),
+        Command::Simulate(args) => guildhall::sim::run(&args),
     }
 }
 

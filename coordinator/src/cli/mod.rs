@@ -12,12 +12,15 @@ pub mod client;
 pub mod render;
 pub mod submit;
 
+use crate::capacity::CapacityConfig;
 use crate::core::CoreConfig;
 use crate::serve::ServeConfig;
+use crate::serve::actuate::ActuatorConfig;
 use clap::{Args, Parser, Subcommand};
 use guildhall_broker::AmqpUrl;
 use guildhall_broker::topology::StreamRetention;
-use guildhall_proto::{Names, Namespace};
+use guildhall_proto::{Names, Namespace, Stage};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,6 +58,8 @@ pub enum Command {
     Status(ClientArgs),
     /// Show one task's pipeline, stage by stage (from a running coordinator).
     Trace(TraceArgs),
+    /// Simulate scaling policies on an arrival trace (no broker needed).
+    Simulate(crate::sim::SimulateArgs),
 }
 
 /// Where the broker is and which namespace to use.
@@ -124,6 +129,66 @@ pub struct CoordinatorArgs {
     /// How often stage queue depths are polled.
     #[arg(long, env = "GUILDHALL_QUEUE_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub queue_poll: Duration,
+    /// Longest a task should wait in a stage queue (the sizing target).
+    #[arg(long, env = "GUILDHALL_WAIT_TARGET", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub wait_target: Duration,
+    /// A stage's own wait target, as STAGE=DURATION (repeatable; or a
+    /// comma-separated list in the environment).
+    #[arg(
+        long = "stage-wait-target",
+        env = "GUILDHALL_STAGE_WAIT_TARGETS",
+        value_delimiter = ','
+    )]
+    pub stage_wait_targets: Vec<String>,
+    /// Share of tasks allowed to wait longer than the target.
+    #[arg(long, env = "GUILDHALL_WAIT_QUANTILE", default_value_t = 0.05)]
+    pub wait_quantile: f64,
+    /// Time a new worker takes to start: sizing looks this far ahead.
+    #[arg(long, env = "GUILDHALL_LEAD_TIME", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub lead_time: Duration,
+    /// Scale down only to the highest recommendation of this window.
+    #[arg(long, env = "GUILDHALL_SCALE_DOWN_WINDOW", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub scale_down_window: Duration,
+    /// Fewest workers recommended for a stage.
+    #[arg(long, env = "GUILDHALL_MIN_WORKERS", default_value_t = 1)]
+    pub min_workers: u32,
+    /// Most workers recommended for a stage.
+    #[arg(long, env = "GUILDHALL_MAX_WORKERS", default_value_t = 1000)]
+    pub max_workers: u32,
+    /// Width of the arrival-count buckets the forecast works on.
+    #[arg(long, env = "GUILDHALL_FORECAST_BUCKET", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub forecast_bucket: Duration,
+    /// Length of the forecast's season (a whole number of buckets).
+    #[arg(long, env = "GUILDHALL_FORECAST_SEASON", default_value = "1day", value_parser = humantime::parse_duration)]
+    pub forecast_season: Duration,
+    /// How often stages are re-planned.
+    #[arg(long, env = "GUILDHALL_SYNC_PERIOD", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub sync_period: Duration,
+    /// POST each change of a stage's recommended workers here (JSON).
+    #[arg(long, env = "GUILDHALL_SCALE_WEBHOOK", hide_env_values = true)]
+    pub scale_webhook: Option<String>,
+    /// Run this on each change, with {stage} and {workers} filled in (e.g.
+    /// 'docker compose up -d --no-recreate --scale {stage}={workers}').
+    #[arg(long, env = "GUILDHALL_SCALE_COMMAND")]
+    pub scale_command: Option<String>,
+    /// Only report scaling decisions and rebalancing moves; act on none.
+    #[arg(long, env = "GUILDHALL_SCALE_DRY_RUN")]
+    pub scale_dry_run: bool,
+    /// Least time between two scaling actions on one stage.
+    #[arg(long, env = "GUILDHALL_SCALE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub scale_interval: Duration,
+    /// Move agents that can serve several stages (--stages) where they are needed.
+    #[arg(long, env = "GUILDHALL_REBALANCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub rebalance: bool,
+    /// Least time an agent stays on a stage after a move.
+    #[arg(long, env = "GUILDHALL_MIN_DWELL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub min_dwell: Duration,
+    /// Largest prefetch asked of an agent.
+    #[arg(long, env = "GUILDHALL_PREFETCH_CAP", default_value_t = 256)]
+    pub prefetch_cap: u32,
+    /// How long an agent has to confirm a command.
+    #[arg(long, env = "GUILDHALL_COMMAND_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub command_timeout: Duration,
     /// Directory for snapshots of the state (`<namespace>.snapshot`), so a
     /// restart replays only the events stream's tail. Created if missing.
     /// Default (or ""): no snapshots; a restart replays the whole stream.
@@ -156,15 +221,7 @@ impl CoordinatorArgs {
                 self.missed_heartbeats, self.suspect_heartbeats
             )));
         }
-        if let Some(url) = &self.alert_webhook {
-            let ok = reqwest::Url::parse(url)
-                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-            if !ok {
-                return Err(ConfigError(format!(
-                    "--alert-webhook must be an http:// or https:// URL (got '{url}')"
-                )));
-            }
-        }
+        http_url("--alert-webhook", self.alert_webhook.as_deref())?;
         if self.queue_poll < Duration::from_millis(100)
             || self.queue_poll > Duration::from_secs(300)
         {
@@ -212,7 +269,42 @@ impl CoordinatorArgs {
         let mut config = ServeConfig::new(url, names);
         config.management_url = management_url;
         config.alert_webhook = self.alert_webhook.clone();
+        let capacity = self.capacity()?;
+        config.actuator = ActuatorConfig {
+            webhook: http_url("--scale-webhook", self.scale_webhook.as_deref())?,
+            command: match self.scale_command.as_deref().map(str::trim) {
+                Some("") => return Err(ConfigError("--scale-command is empty".into())),
+                other => other.map(str::to_owned),
+            },
+            dry_run: self.scale_dry_run,
+            min_interval: self.scale_interval,
+            namespace: String::new(),
+        };
+        for (flag, d, min, max) in [
+            ("--sync-period", self.sync_period, 1, 3_600),
+            ("--min-dwell", self.min_dwell, 0, 86_400),
+            ("--command-timeout", self.command_timeout, 1, 600),
+        ] {
+            if d < Duration::from_secs(min) || d > Duration::from_secs(max) {
+                return Err(ConfigError(format!(
+                    "{flag} must be between {min}s and {max}s (got {})",
+                    humantime::format_duration(d)
+                )));
+            }
+        }
+        if !(1..=100_000).contains(&self.prefetch_cap) {
+            return Err(ConfigError(format!(
+                "--prefetch-cap must be between 1 and 100000 (got {})",
+                self.prefetch_cap
+            )));
+        }
+        config.command_timeout = self.command_timeout;
         config.core = CoreConfig {
+            capacity,
+            sync_period_ms: duration_ms(self.sync_period),
+            rebalance: self.rebalance,
+            min_dwell_ms: duration_ms(self.min_dwell),
+            prefetch_cap: self.prefetch_cap,
             suspect_heartbeats: self.suspect_heartbeats,
             missed_heartbeats: self.missed_heartbeats,
             completed_limit: self.keep_completed,
@@ -236,6 +328,72 @@ impl CoordinatorArgs {
 /// `--management-url`), so an empty environment variable is not an error.
 fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(s))
+}
+
+impl CoordinatorArgs {
+    /// The capacity settings, validated.
+    fn capacity(&self) -> Result<CapacityConfig, ConfigError> {
+        let mut stage_wait_targets = BTreeMap::new();
+        for entry in self
+            .stage_wait_targets
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+        {
+            let (stage, d) = entry.split_once('=').ok_or_else(|| {
+                ConfigError(format!(
+                    "--stage-wait-target must be STAGE=DURATION, like build=10s (got '{entry}')"
+                ))
+            })?;
+            let stage = Stage::new(stage.trim())
+                .map_err(|e| ConfigError(format!("--stage-wait-target: {e}")))?;
+            let d = humantime::parse_duration(d.trim()).map_err(|e| {
+                ConfigError(format!(
+                    "--stage-wait-target {stage}: {e} (got '{}')",
+                    d.trim()
+                ))
+            })?;
+            stage_wait_targets.insert(stage, duration_ms(d));
+        }
+        let bucket_ms = duration_ms(self.forecast_bucket);
+        let season_ms = duration_ms(self.forecast_season);
+        if bucket_ms == 0 || !season_ms.is_multiple_of(bucket_ms) {
+            return Err(ConfigError(format!(
+                "--forecast-season ({}) must be a whole number of --forecast-bucket ({})",
+                humantime::format_duration(self.forecast_season),
+                humantime::format_duration(self.forecast_bucket)
+            )));
+        }
+        let config = CapacityConfig {
+            bucket_ms,
+            season_buckets: u32::try_from(season_ms / bucket_ms).unwrap_or(u32::MAX),
+            wait_target_ms: duration_ms(self.wait_target),
+            stage_wait_targets,
+            wait_quantile: self.wait_quantile,
+            lead_time_ms: duration_ms(self.lead_time),
+            scale_down_window_ms: duration_ms(self.scale_down_window),
+            min_workers: self.min_workers,
+            max_workers: self.max_workers,
+            ..CapacityConfig::default()
+        };
+        config.validate().map_err(|e| ConfigError(e.to_string()))?;
+        Ok(config)
+    }
+}
+
+/// An optional http(s) URL flag, validated.
+fn http_url(flag: &str, url: Option<&str>) -> Result<Option<String>, ConfigError> {
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    let ok = reqwest::Url::parse(url)
+        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    if ok {
+        Ok(Some(url.to_owned()))
+    } else {
+        Err(ConfigError(format!(
+            "{flag} must be an http:// or https:// URL (got '{url}')"
+        )))
+    }
 }
 
 fn valid_max_age(s: &str) -> bool {
@@ -396,6 +554,19 @@ mod tests {
             (vec!["--missed-heartbeats", "0"], "--missed-heartbeats"),
             (vec!["--suspect-heartbeats", "3"], "--suspect-heartbeats"),
             (vec!["--alert-webhook", "slack"], "--alert-webhook"),
+            (vec!["--scale-webhook", "ftp://x"], "--scale-webhook"),
+            (vec!["--scale-command", " "], "--scale-command"),
+            (vec!["--stage-wait-target", "build"], "--stage-wait-target"),
+            (vec!["--stage-wait-target", "a.b=1s"], "--stage-wait-target"),
+            (
+                vec!["--stage-wait-target", "build=soon"],
+                "--stage-wait-target",
+            ),
+            (vec!["--forecast-bucket", "7m"], "--forecast-season"),
+            (vec!["--wait-quantile", "1.5"], "quantile"),
+            (vec!["--wait-target", "0s"], "wait"),
+            (vec!["--sync-period", "0s"], "--sync-period"),
+            (vec!["--prefetch-cap", "0"], "--prefetch-cap"),
             (vec!["--queue-poll", "1ms"], "--queue-poll"),
             (vec!["--stream-max-age", "7 days"], "--stream-max-age"),
             (vec!["--stream-max-bytes", "10"], "--stream-max-bytes"),

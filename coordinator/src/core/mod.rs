@@ -13,6 +13,8 @@
 //! - [`tasks`]: every task's pipeline, with bounded retention;
 //! - [`stages`]: per-stage state, load analysis and the bottleneck verdict;
 //! - [`stats`]: bounded recent samples and per-second rate windows;
+//! - [`plan`]: re-planning every sync period: scale decisions, rebalancing
+//!   moves and prefetch, from the capacity [`Planner`];
 //! - [`eta`]: estimated completion of in-flight tasks, with a range;
 //! - [`query`]: the views the API serves, including ETAs;
 //! - [`views`]: the serializable view types;
@@ -30,6 +32,7 @@
 //! live end of the stream.
 
 pub mod eta;
+pub mod plan;
 pub mod query;
 pub mod snapshot;
 pub mod stages;
@@ -39,10 +42,13 @@ pub mod views;
 pub mod workers;
 
 #[cfg(test)]
+mod plan_tests;
+#[cfg(test)]
 mod snapshot_tests;
 #[cfg(test)]
 mod tests;
 
+use crate::capacity::{CapacityConfig, Observation, Planner};
 use crate::metrics::{Metrics, WORKER_STATUSES};
 use guildhall_proto::{AgentId, Decoded, Event, Stage, TaskId};
 use serde::{Deserialize, Serialize};
@@ -79,6 +85,16 @@ pub struct CoreConfig {
     /// The nonce of this coordinator's start-up marker: reading it back
     /// means the replay reached the live end of the stream.
     pub marker_nonce: Option<u64>,
+    /// Forecasting and sizing.
+    pub capacity: CapacityConfig,
+    /// How often stages are re-planned (the HPA's sync period).
+    pub sync_period_ms: u64,
+    /// Whether agents that can serve several stages are moved between them.
+    pub rebalance: bool,
+    /// Least time an agent stays on a stage after a move.
+    pub min_dwell_ms: u64,
+    /// Largest prefetch asked of an agent.
+    pub prefetch_cap: u32,
 }
 
 impl Default for CoreConfig {
@@ -93,6 +109,11 @@ impl Default for CoreConfig {
             max_stages: 256,
             max_workers: 100_000,
             marker_nonce: None,
+            capacity: CapacityConfig::default(),
+            sync_period_ms: 15_000,
+            rebalance: true,
+            min_dwell_ms: 60_000,
+            prefetch_cap: 256,
         }
     }
 }
@@ -120,6 +141,35 @@ pub enum Notice {
         stage: Stage,
         /// How long it was dead.
         dead_for_ms: u64,
+    },
+    /// A stage's recommended worker count changed (for the actuators).
+    Scale {
+        /// The stage.
+        stage: Stage,
+        /// Recommended before.
+        from: u32,
+        /// Recommended now.
+        to: u32,
+        /// Why, in words.
+        reason: String,
+    },
+    /// An agent that can serve several stages should move (rebalancing).
+    Assign {
+        /// The agent.
+        worker: AgentId,
+        /// Where it is.
+        from: Stage,
+        /// Where it should go.
+        to: Stage,
+        /// Why, in words.
+        reason: String,
+    },
+    /// An agent's prefetch should change (broker round trip / service time).
+    SetPrefetch {
+        /// The agent.
+        worker: AgentId,
+        /// The new prefetch.
+        prefetch: u32,
     },
     /// A task was dead-lettered.
     TaskDeadLettered {
@@ -168,6 +218,12 @@ pub struct Core {
     next_housekeeping_ms: u64,
     /// What was ingested.
     stats: IngestStats,
+    /// Forecasts and sizing per stage; fed by events and queue polls.
+    planner: Planner,
+    /// When stages are re-planned next.
+    next_plan_ms: u64,
+    /// Recent rebalancing moves, newest last, for the API.
+    moves: VecDeque<plan::MoveRecord>,
 }
 
 impl Core {
@@ -175,6 +231,9 @@ impl Core {
     pub fn new(config: CoreConfig, metrics: Metrics, now_ms: u64) -> Self {
         metrics.caught_up.set(0);
         Self {
+            planner: Planner::new(config.capacity.clone()),
+            next_plan_ms: now_ms + config.sync_period_ms,
+            moves: VecDeque::new(),
             tasks: TaskStore::new(config.completed_limit, config.completed_max_age_ms),
             config,
             metrics,
@@ -264,9 +323,38 @@ impl Core {
 
     /// Records a stage queue's broker counts.
     pub fn handle_queue_stats(&mut self, now_ms: u64, stage: &Stage, stats: QueueStats) {
-        if let Some(s) = self.stages.get_mut(stage) {
-            s.set_queue(stats, now_ms);
-        }
+        let Some(s) = self.stages.get_mut(stage) else {
+            return;
+        };
+        s.set_queue(stats, now_ms);
+        let consuming: Vec<u32> = self
+            .workers
+            .values()
+            .filter(|w| &w.stage == stage && w.is_consuming())
+            .map(|w| w.concurrency)
+            .collect();
+        let in_hand: usize = self
+            .workers
+            .values()
+            .filter(|w| &w.stage == stage && w.is_alive())
+            .map(|w| w.in_hand.len())
+            .sum();
+        let workers = consuming.len() as u32;
+        let slots_per_worker = if consuming.is_empty() {
+            1.0
+        } else {
+            f64::from(consuming.iter().sum::<u32>()) / consuming.len() as f64
+        };
+        let backlog = stats.ready + stats.unacked.unwrap_or(in_hand as u64);
+        self.planner.observe(
+            stage,
+            now_ms,
+            Observation {
+                workers,
+                slots_per_worker,
+                backlog,
+            },
+        );
     }
 
     /// Applies one envelope read from the stream at `offset`.
@@ -448,6 +536,7 @@ impl Core {
                 };
                 s.arrivals.add(e.at_ms, now_ms, 1);
                 s.metrics.submitted.inc();
+                self.planner.record_arrivals(&e.stage, e.at_ms, 1);
                 self.tasks.submitted(&e.task_id, &e.stage, e.at_ms);
             }
             Event::TaskStarted(e) => {
@@ -523,6 +612,7 @@ impl Core {
                     && let Some(s) = self.stages.get_mut(next)
                 {
                     s.arrivals.add(e.at_ms, now_ms, 1);
+                    self.planner.record_arrivals(next, e.at_ms, 1);
                 }
                 if done.finished {
                     self.metrics.tasks_completed.inc();
@@ -566,6 +656,8 @@ impl Core {
                         .add(e.at_ms.saturating_add(e.delay_ms), now_ms, 1);
                     s.metrics.retried.inc();
                 }
+                self.planner
+                    .record_arrivals(&e.stage, e.at_ms.saturating_add(e.delay_ms), 1);
             }
             Event::TaskDeadLettered(e) => {
                 if self.stage_mut(now_ms, &e.stage).is_none() {
@@ -634,6 +726,11 @@ impl Core {
                 }
                 if let Some(w) = self.workers.get_mut(sender) {
                     tracing::info!(worker = %w.id, from = %e.from, to = %e.to, reason = %e.reason, "worker reassigned");
+                    w.last_move_ms = Some(w.last_move_ms.unwrap_or(0).max(now_ms));
+                    self.metrics
+                        .worker_moves
+                        .with_label_values(&[e.from.as_str(), e.to.as_str()])
+                        .inc();
                     w.stage = e.to;
                 }
             }
@@ -674,6 +771,7 @@ impl Core {
             w.durations.record(duration_ms);
             w.completions.add(at_ms, now_ms, 1);
         }
+        self.planner.record_service(stage, duration_ms);
         if let Some(s) = self.stages.get_mut(stage) {
             s.completions.add(at_ms, now_ms, 1);
             s.durations.record(duration_ms);
@@ -697,6 +795,12 @@ impl Core {
         if now_ms >= self.next_housekeeping_ms {
             self.housekeeping(now_ms);
             self.next_housekeeping_ms = now_ms + HOUSEKEEPING_MS;
+        }
+        if now_ms >= self.next_plan_ms {
+            self.next_plan_ms = now_ms + self.config.sync_period_ms.max(1);
+            if self.caught_up {
+                self.replan(now_ms);
+            }
         }
     }
 
@@ -785,9 +889,10 @@ impl Core {
         } else {
             None
         };
+        let next = self.next_housekeeping_ms.min(self.next_plan_ms);
         Some(match liveness {
-            Some(d) => d.min(self.next_housekeeping_ms),
-            None => self.next_housekeeping_ms,
+            Some(d) => d.min(next),
+            None => next,
         })
     }
 

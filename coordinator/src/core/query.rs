@@ -164,6 +164,7 @@ impl Core {
                     backlog_age_ms: queues.oldest(name).map(|t| now_ms.saturating_sub(t)),
                     expected_wait_ms: load.and_then(|l| l.expected_wait_ms),
                     bottleneck: bottleneck.as_ref().is_some_and(|(b, _)| b == name),
+                    recommended_workers: self.planner.stage(name).map(|p| p.recommended_workers),
                 }
             })
             .collect();
@@ -191,7 +192,23 @@ impl Core {
                         servers: load.servers,
                         in_flight: load.in_flight,
                         ready: load.ready,
-                        wait_ms: load.expected_wait_ms.unwrap_or(0.0),
+                        // The queueing model's expected wait (Allen-Cunneen),
+                        // once the stage is planned; the queue's length over
+                        // its capacity before that.
+                        wait_ms: self
+                            .planner
+                            .stage(name)
+                            .and_then(|p| {
+                                crate::capacity::queueing::expected_wait_ms(
+                                    p.arrival_rate,
+                                    p.service_mean_ms?,
+                                    p.arrival_scv,
+                                    p.service_scv.unwrap_or(1.0),
+                                    load.servers,
+                                )
+                            })
+                            .or(load.expected_wait_ms)
+                            .unwrap_or(0.0),
                         next: s.next.clone(),
                     },
                 ))

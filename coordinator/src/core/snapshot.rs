@@ -20,7 +20,9 @@
 //! # What is saved, what is rebuilt
 //!
 //! Saved: workers, stages, tasks, ingest counts (with the last offset
-//! applied), and every counter series of the metrics. Rebuilt on restore:
+//! applied), every counter series of the metrics, and the capacity planner
+//! (arrival histories and forecasts: kept only if the capacity settings are
+//! the same when restored). Rebuilt on restore:
 //! stage metric handles (from the restoring core's metrics), the liveness
 //! deadline heap (every live worker re-armed), the task store's finished
 //! count and eviction queue. Not kept: notices (already acted on),
@@ -31,6 +33,7 @@ use super::stages::StageState;
 use super::tasks::{TaskRecord, TaskStore};
 use super::workers::Worker;
 use super::{Core, CoreConfig, IngestStats};
+use crate::capacity::Planner;
 use crate::metrics::{CounterSample, Metrics};
 use guildhall_proto::{AgentId, Namespace, Stage, TaskId};
 use serde::{Deserialize, Serialize};
@@ -41,7 +44,7 @@ use std::collections::{BTreeMap, HashMap};
 /// The first bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"GHSNAP\r\n";
 /// The layout of the payload. Bump it with any change to a saved type.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Magic, format version, payload length.
 const PREFIX_LEN: usize = 8 + 4 + 8;
 /// The trailing checksum.
@@ -74,6 +77,9 @@ struct CoreState<'a> {
     stats: Cow<'a, IngestStats>,
     /// Every counter series, which live in the metrics, not the core.
     counters: Vec<CounterSample>,
+    /// Arrival histories, forecasts and stabiliser windows: days of history
+    /// the forecasts need.
+    planner: Cow<'a, Planner>,
 }
 
 /// A snapshot read back, ready for [`Core::restore`].
@@ -173,6 +179,7 @@ impl Core {
             tasks: Cow::Borrowed(self.tasks.records()),
             stats: Cow::Borrowed(&self.stats),
             counters: self.metrics.counter_values(),
+            planner: Cow::Borrowed(&self.planner),
         };
         let mut out = Vec::with_capacity(64 * 1024);
         out.extend_from_slice(&MAGIC);
@@ -198,6 +205,7 @@ impl Core {
             tasks,
             stats,
             counters,
+            planner,
         } = snapshot.state;
         let skipped = metrics.restore_counters(&counters);
         if skipped > 0 {
@@ -232,6 +240,14 @@ impl Core {
             }
         }
         core.stats = stats.into_owned();
+        let planner = planner.into_owned();
+        if planner.config() == &core.config.capacity {
+            core.planner = planner;
+        } else {
+            // Other settings: the history may not fit them (bucket width,
+            // season). Start the forecasts afresh rather than mislead.
+            tracing::info!("capacity settings changed since the snapshot: forecasts start afresh");
+        }
         core
     }
 }

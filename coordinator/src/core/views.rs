@@ -171,6 +171,8 @@ pub struct StageView {
     pub expected_wait_ms: Option<f64>,
     /// Whether this stage is the bottleneck.
     pub bottleneck: bool,
+    /// Workers recommended for the wait target, once planned.
+    pub recommended_workers: Option<u32>,
 }
 
 /// The bottleneck verdict.
@@ -299,4 +301,30 @@ pub struct Overview {
     pub tasks_in_flight: usize,
     /// Finished tasks retained.
     pub tasks_finished: usize,
+}
+
+/// One stage's sizing in `GET /api/scaling`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ScalingStage {
+    /// The planner's last plan: workers now, desired and recommended, the
+    /// forecast and its interval, MASE, utilisation, reason.
+    #[serde(flatten)]
+    pub plan: crate::capacity::StagePlan,
+    /// Whether this stage is the pipeline's bottleneck.
+    pub bottleneck: bool,
+}
+
+/// `GET /api/scaling`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ScalingView {
+    /// Every planned stage, in name order.
+    pub stages: Vec<ScalingStage>,
+    /// Recent rebalancing moves, oldest first.
+    pub moves: Vec<super::plan::MoveRecord>,
+    /// The wait target every stage without its own is sized for.
+    pub wait_target_ms: u64,
+    /// Share of tasks allowed to wait longer than the target.
+    pub wait_quantile: f64,
+    /// How far ahead sizing looks (worker start-up time).
+    pub lead_time_ms: u64,
 }

@@ -90,6 +90,15 @@ pub struct Worker {
     pub seq: SeqWindow,
     /// `done` and `failed` as last exported, to feed counters by delta.
     pub exported_counts: (u64, u64),
+    /// Every stage it can serve (from its `Hello`): more than one makes it
+    /// a candidate for rebalancing.
+    pub stages: Vec<Stage>,
+    /// Its broker round trip, as it measures it (sizes its prefetch).
+    pub rtt_ms: Option<u32>,
+    /// When it was last asked to move (or moved): the dwell time counts from here.
+    pub last_move_ms: Option<u64>,
+    /// The prefetch last asked of it, so it is asked again only on a change.
+    pub prefetch_sent: Option<u32>,
     /// Whether a liveness deadline for it is in the core's timer heap, so a
     /// busy worker does not add one entry per envelope. Not saved: the heap
     /// is rebuilt on restore.
@@ -125,6 +134,10 @@ impl Worker {
             agent_proc: None,
             restarts: 0,
             seq: SeqWindow::default(),
+            stages: Vec::new(),
+            rtt_ms: None,
+            last_move_ms: None,
+            prefetch_sent: None,
             exported_counts: (0, 0),
             liveness_scheduled: false,
         }
@@ -141,6 +154,9 @@ impl Worker {
         self.pid = Some(h.pid);
         self.mode = Some(h.mode.clone());
         self.supervised = h.supervised;
+        self.stages = h.stages.clone();
+        // A (re)started agent starts with its own prefetch.
+        self.prefetch_sent = None;
         self.reported = AgentState::Idle;
         self.in_hand.clear();
     }
@@ -160,6 +176,7 @@ impl Worker {
         self.worker_proc = h.worker;
         self.agent_proc = h.agent;
         self.restarts = h.worker_restarts;
+        self.rtt_ms = h.rtt_ms;
     }
 
     /// How long it may stay silent before it is dead.
@@ -192,6 +209,16 @@ impl Worker {
                 }
             },
         }
+    }
+
+    /// Whether it consumes its stage now (alive, not paused or draining).
+    pub fn is_consuming(&self) -> bool {
+        self.is_alive() && matches!(self.status(), "idle" | "processing" | "suspect")
+    }
+
+    /// Whether it can be moved between stages.
+    pub fn is_flexible(&self) -> bool {
+        self.stages.len() > 1
     }
 
     /// Share of attempts that succeeded, from the agent's own counters.

@@ -86,6 +86,13 @@ pub async fn stages(State(app): AppState) -> Json<StagesView> {
     Json(app.core().stages_view(now_ms()))
 }
 
+pub async fn scaling(State(app): AppState) -> Json<Value> {
+    let view = app.core().scaling_view(now_ms());
+    let mut body = serde_json::to_value(view).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+    body["dry_run"] = json!(app.dry_run);
+    Json(body)
+}
+
 pub async fn task(
     State(app): AppState,
     Path(id): Path<String>,

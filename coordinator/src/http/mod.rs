@@ -25,6 +25,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/workers", get(api::workers))
         .route("/api/workers/{id}", get(api::worker))
         .route("/api/stages", get(api::stages))
+        .route("/api/scaling", get(api::scaling))
         .route("/api/tasks", get(api::tasks).post(api::submit))
         .route("/api/tasks/{id}", get(api::task))
         .route("/api/dead/{stage}", get(api::dead_list))

@@ -49,9 +49,11 @@ impl Alerts {
         (Self { tx, outcomes }, task)
     }
 
-    /// Queues the alert for `notice` (never waits).
+    /// Queues the alert for `notice`, if it is one that alerts (never waits).
     pub fn notify(&self, namespace: &str, notice: &Notice) {
-        let body = body(namespace, notice, now_ms());
+        let Some(body) = body(namespace, notice, now_ms()) else {
+            return;
+        };
         if self.tx.try_send(body).is_err() {
             self.outcomes.with_label_values(&["dropped"]).inc();
             tracing::warn!("alert queue full: alert dropped");
@@ -59,9 +61,9 @@ impl Alerts {
     }
 }
 
-/// The JSON body for a notice.
-pub fn body(namespace: &str, notice: &Notice, at_ms: u64) -> Value {
-    match notice {
+/// The JSON body for a notice that alerts (deaths, returns, dead letters).
+pub fn body(namespace: &str, notice: &Notice, at_ms: u64) -> Option<Value> {
+    Some(match notice {
         Notice::WorkerDead {
             worker,
             stage,
@@ -106,7 +108,8 @@ pub fn body(namespace: &str, notice: &Notice, at_ms: u64) -> Value {
             "error": error,
             "at_ms": at_ms,
         }),
-    }
+        Notice::Scale { .. } | Notice::Assign { .. } | Notice::SetPrefetch { .. } => return None,
+    })
 }
 
 async fn send_all(
@@ -175,7 +178,7 @@ mod tests {
             last_seen_ms: 1_000,
             tasks_requeued: vec!["T1".parse().unwrap()],
         };
-        let b = body("prod", &notice, 4_500);
+        let b = body("prod", &notice, 4_500).unwrap();
         assert_eq!(b["kind"], "worker_dead");
         assert_eq!(b["tasks_requeued"][0], "T1");
         let text = b["text"].as_str().unwrap();
@@ -191,7 +194,8 @@ mod tests {
                 error: "HTTP 400".into(),
             },
             0,
-        );
+        )
+        .unwrap();
         assert_eq!(
             b["text"],
             ":warning: [prod] task T9 dead-lettered at build: HTTP 400"

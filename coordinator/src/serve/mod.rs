@@ -34,9 +34,11 @@ pub mod queues;
 use crate::core::{Core, CoreConfig, Notice};
 use crate::metrics::Metrics;
 use crate::submit::Submitter;
+use actuate::{Actuator, ActuatorConfig, ScaleDecision};
+use control::Controller;
 use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
 use guildhall_broker::{AmqpUrl, BrokerError, Management, now_ms};
-use guildhall_proto::{AgentId, Event, Marker, Names};
+use guildhall_proto::{AgentId, Command, Event, Marker, Names};
 use link::BrokerLink;
 use persist::Persist;
 use std::future::Future;
@@ -73,6 +75,10 @@ pub struct ServeConfig {
     pub data_dir: Option<PathBuf>,
     /// Time between two snapshots (one more is written on shutdown).
     pub snapshot_interval: Duration,
+    /// How scaling decisions are carried out (webhook, command, dry run).
+    pub actuator: ActuatorConfig,
+    /// How long an agent has to confirm a command.
+    pub command_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -90,6 +96,8 @@ impl ServeConfig {
             alert_webhook: None,
             data_dir: None,
             snapshot_interval: Duration::from_secs(10),
+            actuator: ActuatorConfig::default(),
+            command_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -143,6 +151,14 @@ pub struct App {
     /// The broker, for operations that open a connection of their own
     /// (dead-letter listing and replay).
     pub amqp_url: AmqpUrl,
+    /// Sends commands to agents (rebalancing, prefetch, controls).
+    pub control: Controller,
+    /// Carries out scaling decisions, if any actuator is configured.
+    pub actuator: Option<Actuator>,
+    /// Whether scaling decisions and rebalancing moves are only reported.
+    pub dry_run: bool,
+    /// How long an agent has to confirm a command.
+    pub command_timeout: Duration,
 }
 
 impl App {
@@ -209,6 +225,24 @@ pub async fn run(
         });
         alerts
     });
+    let actuator_config = ActuatorConfig {
+        namespace: config.names.namespace().to_string(),
+        ..config.actuator.clone()
+    };
+    let actuator = (actuator_config.webhook.is_some()
+        || actuator_config.command.is_some()
+        || actuator_config.dry_run)
+        .then(|| {
+            let (actuator, task) = Actuator::spawn(
+                actuator_config,
+                metrics.scale_actions.clone(),
+                stop_rx.clone(),
+            );
+            tasks.spawn(async move {
+                let _ = task.await;
+            });
+            actuator
+        });
     let nonce: u64 = rand::random();
     let core_config = CoreConfig {
         marker_nonce: Some(nonce),
@@ -239,6 +273,14 @@ pub async fn run(
         management,
         alerts,
         amqp_url: config.amqp_url.clone(),
+        control: Controller::new(
+            config.amqp_url.clone(),
+            config.names.clone(),
+            format!("{conn_name}/control"),
+        ),
+        actuator,
+        dry_run: config.actuator.dry_run,
+        command_timeout: config.command_timeout,
     });
     app.health
         .management_ok
@@ -282,6 +324,7 @@ pub async fn run(
         }
     }
     app.link.close().await;
+    app.control.close().await;
     result.map_err(ServeError::Http)
 }
 
@@ -409,13 +452,59 @@ fn act_on(app: &Arc<App>, notice: Notice) {
     if let Some(alerts) = &app.alerts {
         alerts.notify(app.names.namespace().as_str(), &notice);
     }
-    if let Notice::WorkerDead {
-        worker,
-        tasks_requeued,
-        ..
-    } = notice
+    match notice {
+        Notice::WorkerDead {
+            worker,
+            tasks_requeued,
+            ..
+        } => {
+            tokio::spawn(close_connection(app.clone(), worker, tasks_requeued.len()));
+        }
+        Notice::Scale {
+            stage,
+            from,
+            to,
+            reason,
+        } => {
+            if let Some(actuator) = &app.actuator {
+                actuator.decide(ScaleDecision {
+                    stage,
+                    from,
+                    to,
+                    reason,
+                });
+            }
+        }
+        Notice::Assign {
+            worker, to, reason, ..
+        } if !app.dry_run => {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let command = Command::Assign { stage: to, reason };
+                send_command(&app, worker, command).await;
+            });
+        }
+        Notice::SetPrefetch { worker, prefetch } if !app.dry_run => {
+            let app = app.clone();
+            tokio::spawn(async move {
+                send_command(&app, worker, Command::SetPrefetch { prefetch }).await;
+            });
+        }
+        _ => {}
+    }
+}
+
+/// Sends a command the core decided on and logs how it went.
+async fn send_command(app: &App, worker: AgentId, command: Command) {
+    let kind = command.kind();
+    match app
+        .control
+        .send(&worker, command, app.command_timeout)
+        .await
     {
-        tokio::spawn(close_connection(app.clone(), worker, tasks_requeued.len()));
+        Ok(reply) if reply.ok => tracing::info!(%worker, kind, "{}", reply.message),
+        Ok(reply) => tracing::warn!(%worker, kind, "agent refused: {}", reply.message),
+        Err(e) => tracing::warn!(%worker, kind, "{e}"),
     }
 }
 
@@ -481,6 +570,21 @@ fn log_notice(notice: &Notice) {
         } => tracing::info!(%worker, %stage, dead_for_ms, "worker returned"),
         Notice::TaskDeadLettered { task, stage, error } => {
             tracing::warn!(%task, %stage, %error, "task dead-lettered")
+        }
+        Notice::Scale {
+            stage,
+            from,
+            to,
+            reason,
+        } => tracing::info!(%stage, from, to, %reason, "recommended workers changed"),
+        Notice::Assign {
+            worker,
+            from,
+            to,
+            reason,
+        } => tracing::info!(%worker, %from, %to, %reason, "moving worker"),
+        Notice::SetPrefetch { worker, prefetch } => {
+            tracing::debug!(%worker, prefetch, "setting prefetch")
         }
     }
 }
