@@ -395,10 +395,7 @@ impl Runner {
             return;
         };
         self.replies.spawn(async move {
-            if let Err(err) = publisher
-                .publish("", reply_to.as_str(), &bytes, props)
-                .await
-            {
+            if let Err(err) = publisher.reply(reply_to.as_str(), &bytes, props).await {
                 tracing::info!(
                     "command reply not delivered: {}",
                     config::one_line(&err.to_string())

@@ -978,11 +978,11 @@ async fn a_stop_timeout_gives_the_task_back_to_the_queue() {
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!((exit.done, exit.requeued), (0, 1));
         let queue = env.names.stage_queue(&env.stage("stuck"));
-        assert_eq!(
-            env.probe(&queue).await,
-            Some((1, 0)),
-            "K-1 is back in the queue"
-        );
+        // The broker requeues asynchronously after the agent's nack.
+        eventually(Duration::from_secs(5), "K-1 back in the queue", || async {
+            (env.probe(&queue).await == Some((1, 0))).then_some(())
+        })
+        .await;
         let seen = events
             .until(&id, "AgentStopping", |e| has(e, "agent_stopping"))
             .await;

@@ -87,6 +87,35 @@ impl Publisher {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<Pending, PublishError> {
+        self.send(exchange, routing_key, payload, properties, true)
+            .await
+    }
+
+    /// Answers a request through RabbitMQ's direct reply-to
+    /// (`amq.rabbitmq.reply-to.*`) and waits for the confirm. Not mandatory:
+    /// the broker treats a reply-to name as "not a queue" and would return
+    /// every mandatory reply as unroutable even when it was delivered. A
+    /// requester that is gone loses its reply, which it no longer waits for.
+    pub async fn reply(
+        &self,
+        reply_to: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        self.send("", reply_to, payload, properties, false)
+            .await?
+            .wait()
+            .await
+    }
+
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<Pending, PublishError> {
         let target = format!("{exchange}/{routing_key}");
         let confirm = self
             .channel
@@ -94,7 +123,7 @@ impl Publisher {
                 exchange.into(),
                 routing_key.into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    mandatory,
                     immediate: false,
                 },
                 payload,

@@ -680,8 +680,10 @@ impl Broker {
         Ok(out)
     }
 
-    /// Reads every envelope now on the events stream.
+    /// Reads every envelope now on the events stream: until nothing new
+    /// came for 500 ms, or for at most 30 s while agents still publish.
     pub async fn read_events(&self) -> anyhow::Result<Vec<guildhall_proto::Envelope>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let ch = self.conn.create_channel().await?;
         ch.basic_qos(500, BasicQosOptions::default()).await?;
         let mut args = FieldTable::default();
@@ -701,6 +703,9 @@ impl Broker {
         while let Ok(Some(d)) =
             tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
         {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
             let d = d?;
             if let Ok(decoded) = guildhall_proto::decode(&d.data) {
                 out.push(decoded.envelope);

@@ -38,9 +38,12 @@ impl Core {
         WorkerView {
             id: w.id.to_string(),
             stage: w.stage.to_string(),
+            stages: w.stages.iter().map(ToString::to_string).collect(),
             next: w.next.as_ref().map(ToString::to_string),
             status: w.status(),
             concurrency: w.concurrency,
+            prefetch_asked: w.prefetch_sent,
+            rtt_ms: w.rtt_ms,
             current_tasks: w
                 .in_hand
                 .iter()

@@ -25,12 +25,20 @@ pub struct WorkerView {
     pub id: String,
     /// Stage consumed.
     pub stage: String,
+    /// Every stage it can serve (`--stages`); more than one lets the
+    /// coordinator move it where it is needed.
+    pub stages: Vec<String>,
     /// Default next stage.
     pub next: Option<String>,
     /// processing / idle / paused / draining / starting / dead / stopped.
     pub status: &'static str,
     /// Tasks processed at once.
     pub concurrency: u32,
+    /// The prefetch the coordinator last asked of it (round trip / service
+    /// time), if it asked.
+    pub prefetch_asked: Option<u32>,
+    /// Its broker round trip as it measures it, ms.
+    pub rtt_ms: Option<u32>,
     /// Tasks in hand.
     pub current_tasks: Vec<CurrentTask>,
     /// Ready messages in its stage's queue.

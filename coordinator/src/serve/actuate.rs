@@ -6,8 +6,9 @@
 //! Decisions queue per stage and only the latest counts (a stage that changed
 //! twice while a command ran is acted on once, with its newest count). Each
 //! stage is acted on at most once per `min_interval`. A failed command or
-//! webhook is logged with its exit status and output and retried on the next
-//! decision for that stage; nothing here ever blocks the core.
+//! webhook is logged with its exit status and output and retried once
+//! `min_interval` has passed (with the stage's newest decision, if one came
+//! meanwhile), until it succeeds; nothing here ever blocks the core.
 
 use guildhall_proto::Stage;
 use serde_json::json;
@@ -137,6 +138,11 @@ async fn act(
                     "failed"
                 }])
                 .inc();
+            if !ok {
+                // Tried again once the interval has passed, unless a newer
+                // decision for the stage arrived meanwhile (that one wins).
+                waiting.entry(stage).or_insert(d);
+            }
         }
     }
 }
@@ -168,11 +174,11 @@ async fn carry_out(
             }
             Ok(r) => {
                 ok = false;
-                tracing::warn!(%stage, to, "scale webhook answered {}; retried on the next decision", r.status());
+                tracing::warn!(%stage, to, "scale webhook answered {}; retried later", r.status());
             }
             Err(e) => {
                 ok = false;
-                tracing::warn!(%stage, to, "scale webhook unreachable: {e}; retried on the next decision");
+                tracing::warn!(%stage, to, "scale webhook unreachable: {e}; retried later");
             }
         }
     }
@@ -195,7 +201,7 @@ async fn run(line: &str, stage: &Stage, to: u32) -> bool {
     let child = match child {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(%stage, to, command = line, "scale command could not start: {e}; retried on the next decision");
+            tracing::warn!(%stage, to, command = line, "scale command could not start: {e}; retried later");
             return false;
         }
     };
@@ -217,16 +223,16 @@ async fn run(line: &str, stage: &Stage, to: u32) -> bool {
                 .collect();
             tracing::warn!(
                 %stage, to, command = line, status = %out.status, output = %tail.trim(),
-                "scale command failed; retried on the next decision"
+                "scale command failed; retried later"
             );
             false
         }
         Ok(Err(e)) => {
-            tracing::warn!(%stage, to, command = line, "scale command failed: {e}; retried on the next decision");
+            tracing::warn!(%stage, to, command = line, "scale command failed: {e}; retried later");
             false
         }
         Err(_) => {
-            tracing::warn!(%stage, to, command = line, "scale command still running after {COMMAND_TIMEOUT:?}: killed; retried on the next decision");
+            tracing::warn!(%stage, to, command = line, "scale command still running after {COMMAND_TIMEOUT:?}: killed; retried later");
             false
         }
     }
@@ -259,7 +265,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn commands_run_with_the_latest_count_and_failures_are_counted() {
+    async fn commands_run_with_the_latest_count_and_failures_are_retried() {
         let dir =
             std::env::temp_dir().join(format!("guildhall-actuate-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -267,9 +273,11 @@ mod tests {
         let outcomes = counter();
         let (stop_tx, stop_rx) = watch::channel(false);
         let config = ActuatorConfig {
+            // Fails the first time it is asked for 9 workers, then succeeds.
             command: Some(format!(
-                "echo {{stage}}={{workers}} >> {} && test {{workers}} -lt 9",
-                log.display()
+                "echo {{stage}}={{workers}} >> {log}; test {{workers}} -lt 9 || test -e {mark} || {{ touch {mark}; echo boom >&2; exit 3; }}",
+                log = log.display(),
+                mark = dir.join("mark").display(),
             )),
             min_interval: Duration::from_millis(200),
             ..Default::default()
@@ -279,19 +287,16 @@ mod tests {
         a.decide(decision("build", 2));
         a.decide(decision("build", 3));
         a.decide(decision("build", 4));
-        a.decide(decision("report", 9)); // the command fails for 9
+        a.decide(decision("report", 9)); // fails once, then is retried
         for _ in 0..40 {
-            if outcomes.with_label_values(&["done"]).get()
-                + outcomes.with_label_values(&["failed"]).get()
-                >= 2
-            {
+            if outcomes.with_label_values(&["done"]).get() >= 2 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let lines = std::fs::read_to_string(&log).unwrap();
-        assert_eq!(lines, "build=4\nreport=9\n");
-        assert_eq!(outcomes.with_label_values(&["done"]).get(), 1);
+        assert_eq!(lines, "build=4\nreport=9\nreport=9\n");
+        assert_eq!(outcomes.with_label_values(&["done"]).get(), 2);
         assert_eq!(outcomes.with_label_values(&["failed"]).get(), 1);
         let _ = stop_tx.send(true);
         let _ = task.await;
