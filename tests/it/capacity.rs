@@ -220,6 +220,14 @@ async fn the_flexible_agent_moves_to_the_overloaded_stage_and_the_actuators_run(
         "failed action counted"
     );
     assert!(m.value("guildhall_scale_actions_total", &[("outcome", "done")]) >= Some(1.0));
+    assert_eq!(
+        m.value(
+            "guildhall_worker_moves_total",
+            &[("from", "light"), ("to", "heavy")]
+        ),
+        Some(1.0),
+        "one move counted"
+    );
     let heavy_label = [("stage", "heavy")];
     for name in [
         "guildhall_stage_recommended_workers",
@@ -336,7 +344,13 @@ async fn a_dry_run_reports_decisions_and_acts_on_none() {
     let w = worker_view(api, "flexible").await.unwrap();
     assert_eq!(w["stage"], "light", "a dry run moves no agent: {w}");
     let queue = ns.names.stage_queue(&TestNs::stage("heavy"));
-    let prefetch = consumer_prefetch(&queue).await.unwrap();
+    // The management API lists consumers after its next statistics refresh.
+    let prefetch = eventually(Duration::from_secs(15), "heavy's consumer", || async {
+        let p = consumer_prefetch(&queue).await?;
+        anyhow::ensure!(!p.is_empty(), "no consumer listed yet");
+        Ok(p)
+    })
+    .await;
     assert_eq!(prefetch, vec![1], "a dry run sets no prefetch");
     assert!(!out.exists(), "a dry run runs no command: {}", read(&out));
     assert!(

@@ -472,6 +472,15 @@ impl Core {
         self.stages.get_mut(stage)
     }
 
+    /// A task entered `stage`'s queue at `at_ms`: counted once per entry, for
+    /// the stage's arrival rate and the planner's forecast.
+    fn record_arrival(&mut self, now_ms: u64, stage: &Stage, at_ms: u64) {
+        if let Some(s) = self.stages.get_mut(stage) {
+            s.arrivals.add(at_ms, now_ms, 1);
+            self.planner.record_arrivals(stage, at_ms, 1);
+        }
+    }
+
     fn apply(&mut self, now_ms: u64, seen_ms: u64, sender: &AgentId, event: Event) {
         self.stats.events += 1;
         self.metrics
@@ -534,10 +543,10 @@ impl Core {
                 let Some(s) = self.stage_mut(now_ms, &e.stage) else {
                     return;
                 };
-                s.arrivals.add(e.at_ms, now_ms, 1);
                 s.metrics.submitted.inc();
-                self.planner.record_arrivals(&e.stage, e.at_ms, 1);
-                self.tasks.submitted(&e.task_id, &e.stage, e.at_ms);
+                if self.tasks.submitted(&e.task_id, &e.stage, e.at_ms) {
+                    self.record_arrival(now_ms, &e.stage, e.at_ms);
+                }
             }
             Event::TaskStarted(e) => {
                 if self.stage_mut(now_ms, &e.stage).is_none() {
@@ -565,6 +574,11 @@ impl Core {
                         s.waits.record(wait);
                         s.metrics.queue_wait.observe(wait as f64 / 1000.0);
                     }
+                }
+                if started.unannounced {
+                    // Published by a producer outside Guildhall (no
+                    // TaskSubmitted): it arrived when it was enqueued.
+                    self.record_arrival(now_ms, &e.stage, e.enqueued_at_ms.unwrap_or(e.at_ms));
                 }
             }
             Event::TaskProgress(e) => {
@@ -609,10 +623,9 @@ impl Core {
                     s.metrics.succeeded.inc();
                 }
                 if let Some(next) = &e.next
-                    && let Some(s) = self.stages.get_mut(next)
+                    && done.queued_next
                 {
-                    s.arrivals.add(e.at_ms, now_ms, 1);
-                    self.planner.record_arrivals(next, e.at_ms, 1);
+                    self.record_arrival(now_ms, next, e.at_ms);
                 }
                 if done.finished {
                     self.metrics.tasks_completed.inc();
@@ -652,12 +665,9 @@ impl Core {
                 }
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.retried += 1;
-                    s.arrivals
-                        .add(e.at_ms.saturating_add(e.delay_ms), now_ms, 1);
                     s.metrics.retried.inc();
                 }
-                self.planner
-                    .record_arrivals(&e.stage, e.at_ms.saturating_add(e.delay_ms), 1);
+                self.record_arrival(now_ms, &e.stage, e.at_ms.saturating_add(e.delay_ms));
             }
             Event::TaskDeadLettered(e) => {
                 if self.stage_mut(now_ms, &e.stage).is_none() {

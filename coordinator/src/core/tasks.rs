@@ -288,6 +288,10 @@ impl<'a> Attempt<'a> {
 pub struct Started {
     /// Time the task waited in the queue, if its enqueue time is known.
     pub queue_wait_ms: Option<u64>,
+    /// Whether this start is the first the store hears of the task at this
+    /// stage and attempt (a producer outside Guildhall published it, or the
+    /// start overtook the event that announces it): the arrival counts now.
+    pub unannounced: bool,
 }
 
 /// What the store learned from a `TaskSucceeded`.
@@ -299,6 +303,10 @@ pub struct Succeeded {
     pub pipeline_ms: Option<u64>,
     /// Whether the task finished its pipeline.
     pub finished: bool,
+    /// Whether this is the first the store hears of the task at its next
+    /// stage (not when the next stage's start overtook this event): the
+    /// arrival there counts now.
+    pub queued_next: bool,
 }
 
 /// All tracked tasks.
@@ -537,16 +545,19 @@ impl TaskStore {
         })
     }
 
-    /// A producer put the task on `stage`'s queue.
-    pub fn submitted(&mut self, id: &TaskId, stage: &Stage, at_ms: u64) {
+    /// A producer put the task on `stage`'s queue. Returns whether this is
+    /// the first the store hears of it there (its arrival counts now; not
+    /// when a worker's start overtook the submitter's event).
+    pub fn submitted(&mut self, id: &TaskId, stage: &Stage, at_ms: u64) -> bool {
         let rec = self.record(id, stage, at_ms);
         rec.submitted_at_ms.get_or_insert(at_ms);
         // A worker may have reported the start before the submitter's event arrived.
         if rec.has_row_since(stage, 1, at_ms) {
-            return;
+            return false;
         }
         rec.push(AttemptRow::queued(stage.clone(), 1, Some(at_ms)));
         self.set_status(id, TaskStatus::Queued, stage, at_ms);
+        true
     }
 
     /// A worker started an attempt.
@@ -564,6 +575,7 @@ impl TaskStore {
             rec.submitted_at_ms = submitted_at_ms;
         }
         let mut queued_at = enqueued_at_ms;
+        let unannounced = rec.row_mut(stage, attempt, None).is_none();
         let reuse = match rec.row_mut(stage, attempt, None) {
             Some(row) if row.outcome == AttemptOutcome::Queued => {
                 queued_at = queued_at.or(row.queued_at_ms);
@@ -593,6 +605,7 @@ impl TaskStore {
         self.set_status(id, TaskStatus::Running, stage, at_ms);
         Started {
             queue_wait_ms: queued_at.map(|q| at_ms.saturating_sub(q)),
+            unannounced,
         }
     }
 
@@ -659,7 +672,8 @@ impl TaskStore {
             Some(next) => {
                 // The next stage may have reported before this one did: then
                 // it knows better where the task is, whatever the clocks say.
-                if !rec.has_row_since(next, 1, started_at_ms) {
+                let queued_next = !rec.has_row_since(next, 1, started_at_ms);
+                if queued_next {
                     rec.push(AttemptRow::queued(next.clone(), 1, Some(at_ms)));
                     self.set_status(id, TaskStatus::Queued, next, at_ms);
                 }
@@ -667,6 +681,7 @@ impl TaskStore {
                     duration_ms,
                     pipeline_ms: None,
                     finished: false,
+                    queued_next,
                 })
             }
             None => {
@@ -675,6 +690,7 @@ impl TaskStore {
                     duration_ms,
                     pipeline_ms: submitted.map(|s| at_ms.saturating_sub(s)),
                     finished: true,
+                    queued_next: false,
                 })
             }
         }

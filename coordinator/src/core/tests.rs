@@ -1144,3 +1144,53 @@ fn a_heartbeat_sent_before_the_ack_does_not_resurrect_a_finished_attempt() {
     assert_eq!((t3.status, t3.attempts[0].outcome), ("queued", "requeued"));
     assert_eq!(t3.attempts[0].worker.as_deref(), Some("w2"));
 }
+
+#[test]
+fn a_task_arrives_at_a_stage_once_whoever_reports_it_first() {
+    let mut sim = Sim::new();
+    let created = sim.now;
+    // At a: announced by a producer (S), published by a producer outside
+    // Guildhall with no TaskSubmitted (X), and started before the
+    // producer's TaskSubmitted reached the stream (O).
+    for i in 0..4 {
+        let (s, x, o) = (format!("S{i}"), format!("X{i}"), format!("O{i}"));
+        let e = sim.submitted(&s, "a");
+        sim.send("producer", vec![e]);
+        let e = sim.started(&s, "a", 1, sim.now);
+        sim.send("a1", vec![e]);
+        let e = sim.started(&x, "a", 1, sim.now);
+        sim.send("a1", vec![e]);
+        let e = sim.started(&o, "a", 1, sim.now);
+        sim.send("a1", vec![e]);
+        let e = sim.submitted(&o, "a");
+        sim.send("producer", vec![e]);
+    }
+    // At b: forwarded by a before b starts them (S), and started at b
+    // before a's TaskSucceeded reached the stream (X).
+    for i in 0..3 {
+        let (s, x) = (format!("S{i}"), format!("X{i}"));
+        let started = sim.now;
+        sim.advance(10);
+        let e = sim.succeeded(&s, "a", 1, started, Some("b"));
+        sim.send("a1", vec![e]);
+        let e = sim.started(&s, "b", 1, sim.now);
+        sim.send("b1", vec![e]);
+        let e = sim.started(&x, "b", 1, sim.now);
+        sim.send("b1", vec![e]);
+        let e = sim.succeeded(&x, "a", 1, started, Some("b"));
+        sim.send("a1", vec![e]);
+    }
+    sim.advance(10_000);
+    let span_s = (sim.now - created) as f64 / 1000.0;
+    let view = sim.core.stages_view(sim.now);
+    let arrived = |name: &str| {
+        let s = view.stages.iter().find(|s| s.name == name).unwrap();
+        (s.arrival_rate * span_s).round() as u64
+    };
+    assert_eq!(
+        arrived("a"),
+        12,
+        "4 announced + 4 unannounced + 4 overtaken"
+    );
+    assert_eq!(arrived("b"), 6, "3 forwarded + 3 overtaken");
+}
