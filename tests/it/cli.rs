@@ -144,3 +144,40 @@ async fn failures_are_one_clear_line() {
         "cannot reach the coordinator at http://127.0.0.1:1",
     );
 }
+
+#[tokio::test]
+async fn simulate_runs_offline_and_names_bad_input() {
+    // A good run: every policy, as JSON, no broker involved.
+    let o = guildhall(&["simulate", "--generate", "step", "--seed", "3", "--json"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let policies: Vec<&str> = report["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["policy"].as_str())
+        .collect();
+    assert_eq!(policies, ["static", "reactive", "predictive"]);
+
+    let dir = std::env::temp_dir().join(format!("guildhall-sim-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("bad.csv");
+    std::fs::write(&trace, "# seconds,rate\n0,1.5\n60,lots\n").unwrap();
+    let trace = trace.display().to_string();
+    for (args, needle) in [
+        (vec!["--trace", trace.as_str()], "bad.csv:3"),
+        (vec!["--generate", "spike", "--policy", "magic"], "magic"),
+        (vec!["--generate", "spike", "--wait-target", "0s"], "wait"),
+        (
+            vec!["--generate", "spike", "--stages", "a:median=1s;a:median=2s"],
+            "a",
+        ),
+        (vec!["--generate", "sideways"], "sideways"),
+    ] {
+        let mut all = vec!["simulate"];
+        all.extend(args.iter().copied());
+        let o = guildhall(&all).await;
+        assert_one_line_error(&o, 2, needle);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
