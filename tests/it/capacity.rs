@@ -145,6 +145,18 @@ async fn the_flexible_agent_moves_to_the_overloaded_stage_and_the_actuators_run(
             };
             anyhow::ensure!(t["status"] == "queued", "{t}");
             anyhow::ensure!(low <= mid && mid <= high && mid >= SERVICE_MS, "{t}");
+            // The task list carries the same range.
+            let list = api
+                .get_ok("/api/tasks?status=queued&stage=heavy&limit=1000")
+                .await?;
+            let item = list["tasks"]
+                .as_array()
+                .and_then(|l| l.iter().find(|t| t["id"] == last.as_str()))
+                .ok_or_else(|| anyhow::anyhow!("{last} not listed: {list}"))?;
+            anyhow::ensure!(
+                item["eta_low_in_ms"].is_u64() && item["eta_high_in_ms"].is_u64(),
+                "{item}"
+            );
             Ok(())
         },
     )

@@ -292,18 +292,24 @@ impl Core {
         let queues = QueueIndex::build(self.tasks.iter(), now_ms);
         matching
             .into_iter()
-            .map(|r| TaskSummary {
-                id: r.id.to_string(),
-                status: display_status(r, now_ms).as_str(),
-                stage: r.stage.to_string(),
-                worker: r
-                    .current_row()
-                    .filter(|row| row.outcome == AttemptOutcome::Running)
-                    .and_then(|row| row.worker.as_ref().map(ToString::to_string)),
-                attempts: r.rows.len(),
-                submitted_at_ms: r.submitted_at_ms,
-                updated_at_ms: r.updated_at_ms,
-                eta_at_ms: eta::eta(r, &timings, &queues, now_ms).map(|e| now_ms + e.in_ms),
+            .map(|r| {
+                let eta = eta::eta(r, &timings, &queues, now_ms);
+                TaskSummary {
+                    id: r.id.to_string(),
+                    status: display_status(r, now_ms).as_str(),
+                    stage: r.stage.to_string(),
+                    worker: r
+                        .current_row()
+                        .filter(|row| row.outcome == AttemptOutcome::Running)
+                        .and_then(|row| row.worker.as_ref().map(ToString::to_string)),
+                    attempts: r.rows.len(),
+                    submitted_at_ms: r.submitted_at_ms,
+                    updated_at_ms: r.updated_at_ms,
+                    eta_at_ms: eta.map(|e| now_ms + e.in_ms),
+                    eta_in_ms: eta.map(|e| e.in_ms),
+                    eta_low_in_ms: eta.map(|e| e.low_in_ms),
+                    eta_high_in_ms: eta.map(|e| e.high_in_ms),
+                }
             })
             .collect()
     }

@@ -284,6 +284,12 @@ pub struct TaskSummary {
     pub updated_at_ms: u64,
     /// Estimated completion.
     pub eta_at_ms: Option<u64>,
+    /// Time left until then.
+    pub eta_in_ms: Option<u64>,
+    /// Optimistic end of the range.
+    pub eta_low_in_ms: Option<u64>,
+    /// Pessimistic end of the range.
+    pub eta_high_in_ms: Option<u64>,
 }
 
 /// The coordinator's own state, for `/healthz` and `guildhall status`.
