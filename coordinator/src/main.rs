@@ -10,7 +10,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(
         cli.command,
-        Command::Submit(_) | Command::Status(_) | Command::Trace(_)
+        Command::Submit(_) | Command::Status(_) | Command::Trace(_) | Command::Worker(_)
     );
     init_logging(if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {
@@ -65,6 +65,7 @@ async fn run(command: Command) -> anyhow::Result<String> {
         Command::Status(args) => Ok(cli::client::status(&args).await?),
         Command::Trace(args) => Ok(cli::client::trace(&args).await?),
         Command::Simulate(args) => guildhall::sim::run(&args),
+        Command::Worker(args) => Ok(cli::client::worker(&args).await?),
     }
 }
 

@@ -5,6 +5,7 @@ mod api;
 mod capacity;
 mod chaos;
 mod cli;
+mod control;
 mod demo;
 mod pipeline;
 mod recovery;

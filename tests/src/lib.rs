@@ -207,6 +207,14 @@ impl Proc {
             .context("wait")
     }
 
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("process did not exit")?
+            .context("wait")
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -492,6 +500,8 @@ pub struct Api {
     pub base: String,
     /// HTTP client.
     client: reqwest::Client,
+    /// Sent as `Authorization: Bearer` when set.
+    token: Option<String>,
 }
 
 impl Api {
@@ -503,14 +513,29 @@ impl Api {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("HTTP client"),
+            token: None,
+        }
+    }
+
+    /// The same client, sending `token` as a bearer token.
+    pub fn with_token(&self, token: &str) -> Self {
+        Self {
+            token: Some(token.to_owned()),
+            ..self.clone()
+        }
+    }
+
+    fn auth(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
         }
     }
 
     /// GET `path`: status and JSON body.
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
         let r = self
-            .client
-            .get(format!("{}{path}", self.base))
+            .auth(self.client.get(format!("{}{path}", self.base)))
             .send()
             .await?;
         let status = r.status().as_u16();
@@ -530,8 +555,7 @@ impl Api {
     /// POST a raw body to `path`: status and JSON body.
     pub async fn post_raw(&self, path: &str, body: &str) -> anyhow::Result<(u16, Value)> {
         let r = self
-            .client
-            .post(format!("{}{path}", self.base))
+            .auth(self.client.post(format!("{}{path}", self.base)))
             .header("content-type", "application/json")
             .body(body.to_owned())
             .send()
@@ -544,8 +568,7 @@ impl Api {
     /// `/metrics`, parsed by an independent parser of the text format.
     pub async fn metrics(&self) -> anyhow::Result<Metrics> {
         let text = self
-            .client
-            .get(format!("{}/metrics", self.base))
+            .auth(self.client.get(format!("{}/metrics", self.base)))
             .send()
             .await?
             .text()

@@ -25,17 +25,35 @@ pub enum ClientError {
 }
 
 async fn get(args: &ClientArgs, path: &str) -> Result<Value, ClientError> {
+    request(args, reqwest::Method::GET, path, None).await
+}
+
+/// Calls the API with the token, if any; an error answer becomes
+/// [`ClientError::Api`] with the coordinator's message.
+async fn request(
+    args: &ClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, ClientError> {
     let base = args.api_url.trim_end_matches('/');
     let url = format!("{base}{path}");
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
+        // Longer than the coordinator's own wait for an agent's answer.
+        .timeout(Duration::from_secs(30))
         .build()
         .map_err(|source| ClientError::Unreachable {
             url: base.to_owned(),
             source,
         })?;
-    let response = client
-        .get(&url)
+    let mut req = client.request(method, &url);
+    if let Some(token) = args.api_token.as_deref().filter(|t| !t.is_empty()) {
+        req = req.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let response = req
         .send()
         .await
         .map_err(|source| ClientError::Unreachable {
@@ -275,6 +293,55 @@ fn render_trace(task: &Value) -> String {
     }
     out.push_str(&t.render());
     out
+}
+
+/// `guildhall worker ...`: one control command through the API.
+pub async fn worker(args: &super::WorkerArgs) -> Result<String, ClientError> {
+    use super::WorkerAction as A;
+    let post = reqwest::Method::POST;
+    let (target, method, action, body) = match &args.action {
+        A::Pause(t) => (t, post, "pause", None),
+        A::Resume(t) => (t, post, "resume", None),
+        A::Drain(t) => (t, post, "drain", None),
+        A::Restart(t) => (t, post, "restart", None),
+        A::Concurrency(c) => (
+            &c.target,
+            post,
+            "concurrency",
+            Some(json!({ "concurrency": c.concurrency })),
+        ),
+        A::Logs(l) => (&l.target, reqwest::Method::GET, "logs", None),
+    };
+    let mut path = format!("/api/workers/{}/{action}", encode_segment(&target.id));
+    if let A::Logs(l) = &args.action {
+        path.push_str(&format!("?lines={}", l.lines));
+    }
+    let answer = request(&target.client, method, &path, body).await?;
+    if target.client.json {
+        return Ok(format!("{answer:#}\n"));
+    }
+    if let A::Logs(_) = &args.action {
+        let mut out = String::new();
+        for line in answer["lines"].as_array().into_iter().flatten() {
+            out.push_str(line.as_str().unwrap_or_default());
+            out.push('\n');
+        }
+        return Ok(out);
+    }
+    Ok(format!("{}: {}\n", target.id, s(&answer["message"])))
+}
+
+/// `id` safe in a URL path (ids are `A-Z a-z 0-9 _ - . : @`; anything else
+/// is escaped, and the coordinator answers 400 for it).
+fn encode_segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' | b':' | b'@' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

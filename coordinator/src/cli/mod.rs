@@ -60,6 +60,65 @@ pub enum Command {
     Trace(TraceArgs),
     /// Simulate scaling policies on an arrival trace (no broker needed).
     Simulate(crate::sim::SimulateArgs),
+    /// Control one worker through a running coordinator: pause, resume,
+    /// drain, restart, concurrency, logs.
+    Worker(WorkerArgs),
+}
+
+/// `guildhall worker ACTION ...`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: WorkerAction,
+}
+
+/// The worker commands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum WorkerAction {
+    /// Stop consuming; finish the tasks in hand.
+    Pause(WorkerTarget),
+    /// Consume again.
+    Resume(WorkerTarget),
+    /// Finish the tasks in hand, then exit.
+    Drain(WorkerTarget),
+    /// Restart the supervised worker process (its tasks go back to the queue).
+    Restart(WorkerTarget),
+    /// Process this many tasks at once (1 to 1024).
+    Concurrency(ConcurrencyArgs),
+    /// Print the last lines of the supervised worker process's output.
+    Logs(LogsArgs),
+}
+
+/// A worker and the API to reach it through.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerTarget {
+    /// API access.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The worker's (agent's) id.
+    pub id: String,
+}
+
+/// `guildhall worker concurrency ID N`.
+#[derive(Debug, Clone, Args)]
+pub struct ConcurrencyArgs {
+    /// The worker.
+    #[command(flatten)]
+    pub target: WorkerTarget,
+    /// Tasks at once.
+    pub concurrency: u32,
+}
+
+/// `guildhall worker logs ID [--lines N]`.
+#[derive(Debug, Clone, Args)]
+pub struct LogsArgs {
+    /// The worker.
+    #[command(flatten)]
+    pub target: WorkerTarget,
+    /// How many lines at most.
+    #[arg(long, default_value_t = 100)]
+    pub lines: u32,
 }
 
 /// Where the broker is and which namespace to use.
@@ -197,9 +256,46 @@ pub struct CoordinatorArgs {
     /// Time between two snapshots (with --data-dir), 1s to 1h.
     #[arg(long, env = "GUILDHALL_SNAPSHOT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub snapshot_interval: Duration,
+    /// Require `Authorization: Bearer TOKEN` on every control endpoint
+    /// (commands to workers, submitting, replaying dead letters).
+    #[arg(long, env = "GUILDHALL_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Require the token on reads too (the API, events and /metrics;
+    /// /healthz and the dashboard page stay open).
+    #[arg(long, env = "GUILDHALL_PROTECT_READS")]
+    pub protect_reads: bool,
 }
 
+/// Smallest `--api-token` accepted.
+const MIN_TOKEN_LEN: usize = 16;
+
 impl CoordinatorArgs {
+    /// Who may read and control, from `--api-token` and `--protect-reads`.
+    fn access(&self) -> Result<crate::http::access::Access, ConfigError> {
+        let token = match self.api_token.as_deref() {
+            None | Some("") => None,
+            Some(t) if t.len() < MIN_TOKEN_LEN => {
+                return Err(ConfigError(format!(
+                    "--api-token must be at least {MIN_TOKEN_LEN} characters (got {}); try `openssl rand -hex 24`",
+                    t.len()
+                )));
+            }
+            Some(t) if !t.chars().all(|c| c.is_ascii_graphic()) => {
+                return Err(ConfigError(
+                    "--api-token must be printable ASCII without spaces".into(),
+                ));
+            }
+            Some(t) => Some(t.to_owned()),
+        };
+        if self.protect_reads && token.is_none() {
+            return Err(ConfigError("--protect-reads needs --api-token".into()));
+        }
+        Ok(crate::http::access::Access {
+            token,
+            protect_reads: self.protect_reads,
+        })
+    }
+
     /// Validates the flags into a [`ServeConfig`] and the listen address.
     pub fn validate(&self, broker: &BrokerArgs) -> Result<(ServeConfig, SocketAddr), ConfigError> {
         let (url, names) = broker.validate()?;
@@ -267,6 +363,7 @@ impl CoordinatorArgs {
             Some(self.management_url.clone())
         };
         let mut config = ServeConfig::new(url, names);
+        config.access = self.access()?;
         config.management_url = management_url;
         config.alert_webhook = self.alert_webhook.clone();
         let capacity = self.capacity()?;
@@ -483,6 +580,9 @@ pub struct ClientArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// The coordinator's --api-token, if it has one.
+    #[arg(long, env = "GUILDHALL_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
 }
 
 /// `guildhall trace`.
@@ -574,6 +674,9 @@ mod tests {
             (vec!["--snapshot-interval", "500ms"], "--snapshot-interval"),
             (vec!["--snapshot-interval", "2h"], "--snapshot-interval"),
             (vec!["--data-dir", "/dev/null/guildhall"], "--data-dir"),
+            (vec!["--api-token", "short"], "--api-token"),
+            (vec!["--api-token", "has a space in it ok"], "--api-token"),
+            (vec!["--protect-reads"], "--protect-reads"),
         ] {
             let err = serve(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");

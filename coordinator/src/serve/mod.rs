@@ -79,6 +79,8 @@ pub struct ServeConfig {
     pub actuator: ActuatorConfig,
     /// How long an agent has to confirm a command.
     pub command_timeout: Duration,
+    /// Who may read and who may control (`--api-token`, `--protect-reads`).
+    pub access: crate::http::access::Access,
 }
 
 impl ServeConfig {
@@ -98,6 +100,7 @@ impl ServeConfig {
             snapshot_interval: Duration::from_secs(10),
             actuator: ActuatorConfig::default(),
             command_timeout: Duration::from_secs(5),
+            access: crate::http::access::Access::default(),
         }
     }
 }
@@ -159,6 +162,11 @@ pub struct App {
     pub dry_run: bool,
     /// How long an agent has to confirm a command.
     pub command_timeout: Duration,
+    /// Who may read and who may control.
+    pub access: crate::http::access::Access,
+    /// Flips when the HTTP server starts shutting down, so long-lived
+    /// responses (event streams) end instead of holding the shutdown up.
+    pub closing: watch::Receiver<bool>,
 }
 
 impl App {
@@ -209,6 +217,7 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (closing_tx, closing_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let metrics = Metrics::new(config.per_worker_metrics);
     let alerts = config.alert_webhook.as_ref().map(|url| {
@@ -281,6 +290,8 @@ pub async fn run(
         actuator,
         dry_run: config.actuator.dry_run,
         command_timeout: config.command_timeout,
+        access: config.access.clone(),
+        closing: closing_rx,
     });
     app.health
         .management_ok
@@ -307,7 +318,17 @@ pub async fn run(
         "coordinator listening on http://{}",
         listener.local_addr()?
     );
+    let local = listener.local_addr()?;
+    if !local.ip().is_loopback() && config.access.token.is_none() {
+        tracing::warn!(
+            "listening on {local}, reachable from other hosts, without --api-token: anyone who can reach it can pause, drain and restart workers"
+        );
+    }
     let router = crate::http::router(app.clone());
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing_tx.send(true);
+    };
     let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
     let result = server.await;
     let _ = stop_tx.send(true);
