@@ -1,8 +1,10 @@
 //! Every metric the coordinator exports, defined in one place.
 //!
 //! Names follow `guildhall_<thing>_<unit>[_total]`; labels are bounded:
-//! `stage`, `status`, `outcome`, `state`, `kind`, `reason` and (switchable
-//! with `--per-worker-metrics`) `worker`. **Never a task id.**
+//! `stage`, `status`, `outcome`, `state`, `kind`, `reason`, `error_class`
+//! (capped per stage by the core's error tracker, the rest counted as
+//! `other`) and (switchable with `--per-worker-metrics`) `worker`. **Never a
+//! task id.**
 //!
 //! Hot-path updates go through [`StageMetrics`], a set of handles resolved
 //! once per stage, so applying an event does no label lookup. Gauges that
@@ -121,6 +123,10 @@ pub struct Metrics {
     pub task_results_stale: IntCounterVec,
     /// `guildhall_worker_deaths_total{stage}`: workers declared dead.
     pub worker_deaths: IntCounterVec,
+    /// `guildhall_task_errors_total{stage,error_class}`: failures by class,
+    /// incremented by the core's error tracker with the class it kept
+    /// (`other` past the per-stage cap, `--error-classes-per-stage`).
+    pub task_errors: IntCounterVec,
     /// `guildhall_connections_closed_total{outcome}`: dead workers' broker
     /// connections closed through the management API (closed, not_found, failed).
     pub connections_closed: IntCounterVec,
@@ -482,6 +488,12 @@ impl Metrics {
                 "Workers declared dead after missing heartbeats.",
                 &["stage"],
             ),
+            task_errors: counter_vec(
+                &r,
+                "guildhall_task_errors_total",
+                "Task failures by stage and error class: failed attempts (retried or not), dead letters without a reported failure, tasks given back because the worker process died (crash) or hung (timeout), tasks requeued from a dead worker (worker_dead). Classes past the per-stage cap count as other.",
+                &["stage", "error_class"],
+            ),
             connections_closed: counter_vec(
                 &r,
                 "guildhall_connections_closed_total",
@@ -574,7 +586,7 @@ impl Metrics {
 
     /// The handle of every counter a snapshot carries, to restore them: all
     /// but `snapshot_writes` (a test checks that none is missing).
-    fn saved_counters(&self) -> [CounterHandle<'_>; 14] {
+    fn saved_counters(&self) -> [CounterHandle<'_>; 15] {
         use CounterHandle::{Family, One};
         [
             Family(&self.worker_tasks),
@@ -589,6 +601,7 @@ impl Metrics {
             One(&self.event_batches_duplicate),
             Family(&self.task_results_stale),
             Family(&self.worker_deaths),
+            Family(&self.task_errors),
             Family(&self.connections_closed),
             Family(&self.alerts),
         ]
@@ -707,7 +720,7 @@ mod tests {
         }
         m.snapshot_writes.with_label_values(&["written"]).inc();
         let saved = m.counter_values();
-        assert_eq!(saved.len(), 14);
+        assert_eq!(saved.len(), 15);
         assert!(
             saved
                 .iter()

@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod control;
 mod demo;
+mod errors;
 mod pipeline;
 mod recovery;
 mod restart;

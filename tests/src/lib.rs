@@ -739,3 +739,73 @@ impl Broker {
         Ok(out)
     }
 }
+
+/// A running `chromedriver` and a headless Chromium session on it.
+pub struct Browser {
+    /// The WebDriver session.
+    pub client: fantoccini::Client,
+    /// The driver process (Chromium is its child).
+    pub driver: Proc,
+    /// Chromium's profile, deleted on drop.
+    profile: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// Starts `chromedriver` on a free port and a headless Chromium session
+/// with a fresh profile (Debian packages `chromium` and `chromium-driver`).
+pub async fn spawn_browser(ns: &TestNs) -> anyhow::Result<Browser> {
+    let port = free_port();
+    let driver_bin = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow!(
+                "chromedriver not found: install the Debian packages chromium and chromium-driver"
+            )
+        })?;
+    let (driver, _) = spawn_logged(
+        ns,
+        "chromedriver",
+        &driver_bin,
+        &[format!("--port={port}")],
+        &[],
+        Some("started successfully"),
+    )
+    .await?;
+    let profile = ns.log_dir.join("chromium-profile");
+    std::fs::create_dir_all(&profile)?;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--window-size=1400,1000",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        }),
+    );
+    let client = fantoccini::ClientBuilder::rustls()?
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .context("start a Chromium session")?;
+    Ok(Browser {
+        client,
+        driver,
+        profile,
+    })
+}

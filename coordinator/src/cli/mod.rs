@@ -256,6 +256,10 @@ pub struct CoordinatorArgs {
     /// Time between two snapshots (with --data-dir), 1s to 1h.
     #[arg(long, env = "GUILDHALL_SNAPSHOT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub snapshot_interval: Duration,
+    /// Distinct error classes tracked per stage; failures of further
+    /// classes count as `other` (bounds memory and metric series).
+    #[arg(long, env = "GUILDHALL_ERROR_CLASSES_PER_STAGE", default_value_t = 20)]
+    pub error_classes_per_stage: usize,
     /// Require `Authorization: Bearer TOKEN` on every control endpoint
     /// (commands to workers, submitting, replaying dead letters).
     #[arg(long, env = "GUILDHALL_API_TOKEN", hide_env_values = true)]
@@ -389,6 +393,12 @@ impl CoordinatorArgs {
                 )));
             }
         }
+        if !(1..=1_000).contains(&self.error_classes_per_stage) {
+            return Err(ConfigError(format!(
+                "--error-classes-per-stage must be between 1 and 1000 (got {})",
+                self.error_classes_per_stage
+            )));
+        }
         if !(1..=100_000).contains(&self.prefetch_cap) {
             return Err(ConfigError(format!(
                 "--prefetch-cap must be between 1 and 100000 (got {})",
@@ -407,6 +417,7 @@ impl CoordinatorArgs {
             completed_limit: self.keep_completed,
             completed_max_age_ms: duration_ms(self.keep_completed_for),
             worker_retention_ms: duration_ms(self.worker_retention),
+            max_error_classes_per_stage: self.error_classes_per_stage,
             ..CoreConfig::default()
         };
         config.per_worker_metrics = self.per_worker_metrics;
@@ -677,6 +688,10 @@ mod tests {
             (vec!["--api-token", "short"], "--api-token"),
             (vec!["--api-token", "has a space in it ok"], "--api-token"),
             (vec!["--protect-reads"], "--protect-reads"),
+            (
+                vec!["--error-classes-per-stage", "0"],
+                "--error-classes-per-stage",
+            ),
         ] {
             let err = serve(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");

@@ -13,6 +13,8 @@
 //! - [`tasks`]: every task's pipeline, with bounded retention;
 //! - [`stages`]: per-stage state, load analysis and the bottleneck verdict;
 //! - [`stats`]: bounded recent samples and per-second rate windows;
+//! - [`errors`]: failures by stage and error class (bounded), new and
+//!   rising classes;
 //! - [`plan`]: re-planning every sync period: scale decisions, rebalancing
 //!   moves and prefetch, from the capacity [`Planner`];
 //! - [`eta`]: estimated completion of in-flight tasks, with a range;
@@ -31,6 +33,7 @@
 //! batch: **no worker is judged dead before the core has caught up** with the
 //! live end of the stream.
 
+pub mod errors;
 pub mod eta;
 pub mod plan;
 pub mod query;
@@ -42,6 +45,8 @@ pub mod views;
 pub mod workers;
 
 #[cfg(test)]
+mod errors_tests;
+#[cfg(test)]
 mod plan_tests;
 #[cfg(test)]
 mod snapshot_tests;
@@ -50,6 +55,7 @@ mod tests;
 
 use crate::capacity::{CapacityConfig, Observation, Planner};
 use crate::metrics::{Metrics, WORKER_STATUSES};
+use errors::ErrorTracker;
 use guildhall_proto::{AgentId, Decoded, Event, Stage, TaskId};
 use serde::{Deserialize, Serialize};
 use stages::{QueueStats, StageState};
@@ -95,6 +101,10 @@ pub struct CoreConfig {
     pub min_dwell_ms: u64,
     /// Largest prefetch asked of an agent.
     pub prefetch_cap: u32,
+    /// Most error classes tracked per stage (and exported as
+    /// `guildhall_task_errors_total` series); failures of further classes
+    /// count under `other`.
+    pub max_error_classes_per_stage: usize,
 }
 
 impl Default for CoreConfig {
@@ -114,12 +124,13 @@ impl Default for CoreConfig {
             rebalance: true,
             min_dwell_ms: 60_000,
             prefetch_cap: 256,
+            max_error_classes_per_stage: errors::DEFAULT_MAX_CLASSES_PER_STAGE,
         }
     }
 }
 
 /// Something the runtime should act on or tell someone about.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
     /// A worker went silent for too long. Its tasks are marked requeued;
     /// the runtime closes its connection so the broker requeues them now.
@@ -180,6 +191,32 @@ pub enum Notice {
         /// Its last error.
         error: String,
     },
+    /// A stage failed with an error class it had not failed with before
+    /// (not sent for classes first seen while the history is replayed).
+    ErrorClassNew {
+        /// The stage.
+        stage: Stage,
+        /// The class (`other` once the stage's cap of classes is reached).
+        error_class: String,
+        /// The failure's message, cut to 500 characters, verbatim.
+        message_sample: String,
+        /// The task that failed.
+        task_id: TaskId,
+    },
+    /// An error class's failure rate jumped: at least 5 failures in the last
+    /// 5 minutes, at 3 times or more its rate of the 10 minutes before. Sent
+    /// once per rise (again only after 5 minutes below those thresholds),
+    /// never while the history is replayed.
+    ErrorClassRising {
+        /// The stage.
+        stage: Stage,
+        /// The class.
+        error_class: String,
+        /// Failures in the last 5 minutes.
+        last_5m: u64,
+        /// Failures per minute in the 10 minutes before those.
+        previous_rate_per_min: f64,
+    },
 }
 
 /// Counters of what was ingested. Saved in a snapshot.
@@ -224,6 +261,8 @@ pub struct Core {
     next_plan_ms: u64,
     /// Recent rebalancing moves, newest last, for the API.
     moves: VecDeque<plan::MoveRecord>,
+    /// Failures by stage and error class.
+    errors: ErrorTracker,
 }
 
 impl Core {
@@ -234,6 +273,7 @@ impl Core {
             planner: Planner::new(config.capacity.clone()),
             next_plan_ms: now_ms + config.sync_period_ms,
             moves: VecDeque::new(),
+            errors: ErrorTracker::new(config.max_error_classes_per_stage, config.max_stages),
             tasks: TaskStore::new(config.completed_limit, config.completed_max_age_ms),
             config,
             metrics,
@@ -652,6 +692,18 @@ impl Core {
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.failed += 1;
                 }
+                let class = errors::classify(&e.error_class, &e.error);
+                self.record_failure(
+                    now_ms,
+                    errors::Failure {
+                        stage: &e.stage,
+                        class: &class,
+                        task_id: &e.task_id,
+                        message: &e.error,
+                        at_ms: e.at_ms,
+                        attempt: e.attempt,
+                    },
+                );
             }
             Event::TaskRetrying(e) => {
                 if self.stage_mut(now_ms, &e.stage).is_none()
@@ -673,6 +725,10 @@ impl Core {
                 if self.stage_mut(now_ms, &e.stage).is_none() {
                     return;
                 }
+                // Agents send `TaskFailed` first, which counted the failure.
+                let failure_known = self
+                    .tasks
+                    .failure_reported(Attempt::new(&e.task_id, &e.stage, e.attempt, sender));
                 if !self.tasks.dead_lettered(
                     Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
                     e.at_ms,
@@ -683,6 +739,20 @@ impl Core {
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.dead_lettered += 1;
                     s.metrics.dead_lettered.inc();
+                }
+                if !failure_known {
+                    let class = errors::classify("", &e.error);
+                    self.record_failure(
+                        now_ms,
+                        errors::Failure {
+                            stage: &e.stage,
+                            class: &class,
+                            task_id: &e.task_id,
+                            message: &e.error,
+                            at_ms: e.at_ms,
+                            attempt: e.attempt,
+                        },
+                    );
                 }
                 if self.caught_up {
                     push_notice(
@@ -729,6 +799,20 @@ impl Core {
                         s.metrics.stale.inc();
                     }
                 }
+                // The worker process died (or hung) under the task.
+                if let Some(class) = errors::abandon_class(&e.reason).filter(|_| counted) {
+                    self.record_failure(
+                        now_ms,
+                        errors::Failure {
+                            stage: &e.stage,
+                            class,
+                            task_id: &e.task_id,
+                            message: &e.reason,
+                            at_ms: e.at_ms,
+                            attempt: e.attempt,
+                        },
+                    );
+                }
             }
             Event::Reassigned(e) => {
                 if self.stage_mut(now_ms, &e.to).is_none() {
@@ -749,6 +833,41 @@ impl Core {
                     self.set_caught_up(now_ms);
                 }
             }
+        }
+    }
+
+    /// Counts a failure by stage and class (the metric under the class the
+    /// tracker kept, `other` over the cap) and, once caught up, notices a
+    /// new or rising class.
+    fn record_failure(&mut self, now_ms: u64, failure: errors::Failure<'_>) {
+        let Some(r) = self.errors.record(now_ms, failure, self.caught_up) else {
+            return;
+        };
+        self.metrics
+            .task_errors
+            .with_label_values(&[failure.stage.as_str(), r.class.as_str()])
+            .inc();
+        if r.new {
+            push_notice(
+                &mut self.notices,
+                Notice::ErrorClassNew {
+                    stage: failure.stage.clone(),
+                    error_class: r.class.clone(),
+                    message_sample: r.message,
+                    task_id: failure.task_id.clone(),
+                },
+            );
+        }
+        if let Some(rise) = r.rising {
+            push_notice(
+                &mut self.notices,
+                Notice::ErrorClassRising {
+                    stage: failure.stage.clone(),
+                    error_class: r.class,
+                    last_5m: rise.last_5m,
+                    previous_rate_per_min: rise.previous_rate_per_min,
+                },
+            );
         }
     }
 
@@ -859,7 +978,7 @@ impl Core {
                 let a = Attempt::new(&t.task_id, &stage, t.attempt, &worker);
                 if self.tasks.requeue(a, t.started_at_ms, now_ms, &reason) {
                     s.metrics.requeued.inc();
-                    requeued.push(t.task_id);
+                    requeued.push((t.task_id, t.attempt));
                 }
             }
         }
@@ -867,15 +986,29 @@ impl Core {
             &mut self.notices,
             Notice::WorkerDead {
                 worker,
-                stage,
+                stage: stage.clone(),
                 last_seen_ms,
-                tasks_requeued: requeued,
+                tasks_requeued: requeued.iter().map(|(t, _)| t.clone()).collect(),
             },
         );
+        for (task_id, attempt) in &requeued {
+            self.record_failure(
+                now_ms,
+                errors::Failure {
+                    stage: &stage,
+                    class: errors::WORKER_DEAD,
+                    task_id,
+                    message: &reason,
+                    at_ms: now_ms,
+                    attempt: *attempt,
+                },
+            );
+        }
     }
 
     fn housekeeping(&mut self, now_ms: u64) {
         self.tasks.evict(now_ms);
+        self.errors.rearm(now_ms);
         let retention = self.config.worker_retention_ms;
         let metrics = &self.metrics;
         self.workers.retain(|_, w| {

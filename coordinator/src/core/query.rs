@@ -329,6 +329,12 @@ impl Core {
             tasks_finished: self.tasks.finished(),
         }
     }
+
+    /// Failures by stage and error class, by stage, then most failures
+    /// first; rates, `rising` and `new` as of `now_ms`.
+    pub fn errors_view(&self, now_ms: u64) -> ErrorsView {
+        self.errors.view(now_ms)
+    }
 }
 
 /// A task's rows in the order they began (they are stored in arrival order,

@@ -20,15 +20,18 @@
 //! # What is saved, what is rebuilt
 //!
 //! Saved: workers, stages, tasks, ingest counts (with the last offset
-//! applied), every counter series of the metrics, and the capacity planner
+//! applied), every counter series of the metrics, the capacity planner
 //! (arrival histories and forecasts: kept only if the capacity settings are
-//! the same when restored). Rebuilt on restore:
+//! the same when restored) and the error tracker (classes, counts, samples,
+//! per-minute rates and whether a rise was reported; its limits come from
+//! the restoring core's configuration). Rebuilt on restore:
 //! stage metric handles (from the restoring core's metrics), the liveness
 //! deadline heap (every live worker re-armed), the task store's finished
 //! count and eviction queue. Not kept: notices (already acted on),
 //! histograms (they restart at zero), `caught_up` (the runtime replays from
 //! the offset and reads its new marker back).
 
+use super::errors::ErrorTracker;
 use super::stages::StageState;
 use super::tasks::{TaskRecord, TaskStore};
 use super::workers::Worker;
@@ -44,7 +47,7 @@ use std::collections::{BTreeMap, HashMap};
 /// The first bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"GHSNAP\r\n";
 /// The layout of the payload. Bump it with any change to a saved type.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Magic, format version, payload length.
 const PREFIX_LEN: usize = 8 + 4 + 8;
 /// The trailing checksum.
@@ -80,6 +83,8 @@ struct CoreState<'a> {
     /// Arrival histories, forecasts and stabiliser windows: days of history
     /// the forecasts need.
     planner: Cow<'a, Planner>,
+    /// Failures by stage and error class.
+    errors: Cow<'a, ErrorTracker>,
 }
 
 /// A snapshot read back, ready for [`Core::restore`].
@@ -180,6 +185,7 @@ impl Core {
             stats: Cow::Borrowed(&self.stats),
             counters: self.metrics.counter_values(),
             planner: Cow::Borrowed(&self.planner),
+            errors: Cow::Borrowed(&self.errors),
         };
         let mut out = Vec::with_capacity(64 * 1024);
         out.extend_from_slice(&MAGIC);
@@ -206,6 +212,7 @@ impl Core {
             stats,
             counters,
             planner,
+            errors,
         } = snapshot.state;
         let skipped = metrics.restore_counters(&counters);
         if skipped > 0 {
@@ -240,6 +247,10 @@ impl Core {
             }
         }
         core.stats = stats.into_owned();
+        core.errors = errors.into_owned().with_limits(
+            core.config.max_error_classes_per_stage,
+            core.config.max_stages,
+        );
         let planner = planner.into_owned();
         if planner.config() == &core.config.capacity {
             core.planner = planner;

@@ -294,6 +294,20 @@ fn a_restored_core_shows_the_same_views_and_counters() {
     assert_eq!(statuses, ["dead", "stopped", "idle", "processing"]);
     assert_eq!(core.workers_view(now), f.core.workers_view(now));
     assert_eq!(core.stages_view(now), f.core.stages_view(now));
+    assert_eq!(core.errors_view(now), f.core.errors_view(now));
+    let errors: Vec<_> = core
+        .errors_view(now)
+        .classes
+        .into_iter()
+        .map(|c| (c.stage, c.error_class, c.count))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            ("a".into(), "http_503".into(), 2),
+            ("a".into(), "worker_dead".into(), 1)
+        ]
+    );
     let stages = core.stages_view(now);
     let a = stages.stages.iter().find(|s| s.name == "a").unwrap();
     assert_eq!(
@@ -325,6 +339,8 @@ fn a_restored_core_shows_the_same_views_and_counters() {
         "guildhall_tasks_total{outcome=\"dead_lettered\",stage=\"a\"} 1",
         "guildhall_tasks_total{outcome=\"requeued\",stage=\"a\"} 1",
         "guildhall_worker_deaths_total{stage=\"a\"} 1",
+        "guildhall_task_errors_total{error_class=\"http_503\",stage=\"a\"} 2",
+        "guildhall_task_errors_total{error_class=\"worker_dead\",stage=\"a\"} 1",
         "guildhall_events_malformed_total{reason=\"unknown_event\"} 1",
         "guildhall_worker_tasks_total{outcome=\"succeeded\",stage=\"a\",worker=\"wa\"} 7",
     ] {
@@ -394,10 +410,16 @@ fn per_worker_counters_are_not_restored_when_switched_off() {
     assert!(text.contains("guildhall_tasks_completed_total 5"));
 }
 
-/// A snapshot of a small core: one worker, one task.
+/// A snapshot of a small core: one worker, one task, whose attempt failed
+/// (so an error class is saved too, and its layout pinned). One of each: the
+/// maps are `HashMap`s, whose order changes from run to run.
 fn small() -> Vec<u8> {
     let mut f = Feed::new(true);
-    let ev = vec![f.heartbeat("a", None, &[]), f.started("T", "a", 1)];
+    let ev = vec![
+        f.heartbeat("a", None, &[]),
+        f.started("T", "a", 1),
+        f.failed("T", "a", 1),
+    ];
     f.send("w", ev);
     f.core.encode_snapshot(&ns(), f.now).unwrap()
 }
@@ -486,7 +508,7 @@ fn the_body_layout_is_pinned() {
     let (_, body) = postcard::take_from_bytes::<SnapshotHeader>(payload(&good)).unwrap();
     assert_eq!(
         (body.len(), crc32fast::hash(body)),
-        (2936, 1903007503),
+        (3279, 3488632317),
         "the layout of a saved type changed: bump FORMAT_VERSION in core/snapshot.rs, then update this test"
     );
 }

@@ -545,6 +545,24 @@ impl TaskStore {
         })
     }
 
+    /// Whether `a`'s worker already reported the attempt failed (so a
+    /// dead-lettering that follows is not another failure).
+    pub fn failure_reported(&self, a: Attempt<'_>) -> bool {
+        self.tasks.get(a.task).is_some_and(|rec| {
+            rec.rows.iter().any(|r| {
+                &r.stage == a.stage
+                    && r.attempt == a.attempt
+                    && r.worker.as_ref() == Some(a.worker)
+                    && matches!(
+                        r.outcome,
+                        AttemptOutcome::Failed
+                            | AttemptOutcome::Retried
+                            | AttemptOutcome::DeadLettered
+                    )
+            })
+        })
+    }
+
     /// A producer put the task on `stage`'s queue. Returns whether this is
     /// the first the store hears of it there (its arrival counts now; not
     /// when a worker's start overtook the submitter's event).

@@ -181,8 +181,17 @@ impl Sim {
         self.core.worker_view(id, self.now).expect("worker tracked")
     }
 
+    /// Notices, but error tracking's (new and rising error classes, tested
+    /// in `errors_tests.rs`).
     fn notices(&mut self) -> Vec<Notice> {
-        std::iter::from_fn(|| self.core.poll_notice()).collect()
+        std::iter::from_fn(|| self.core.poll_notice())
+            .filter(|n| {
+                !matches!(
+                    n,
+                    Notice::ErrorClassNew { .. } | Notice::ErrorClassRising { .. }
+                )
+            })
+            .collect()
     }
 
     fn metrics(&self) -> String {

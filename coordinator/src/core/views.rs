@@ -342,3 +342,52 @@ pub struct ScalingView {
     /// How far ahead sizing looks (worker start-up time).
     pub lead_time_ms: u64,
 }
+
+/// `GET /api/errors`: failures by stage and error class.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorsView {
+    /// Every class of every stage, by stage name, then most failures first.
+    pub classes: Vec<ErrorClassView>,
+}
+
+/// The failures of one error class at one stage.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorClassView {
+    /// The stage.
+    pub stage: String,
+    /// The class: the worker's own (`http_503`, `exit_1`, `timeout`...), one
+    /// derived from the message, `crash` (the worker process died under the
+    /// task), `worker_dead` (its worker was declared dead), `unknown`, or
+    /// `other` (classes over the stage's cap).
+    pub error_class: String,
+    /// Failures counted (kept across restarts by the snapshot).
+    pub count: u64,
+    /// When the first one happened (event time).
+    pub first_seen_ms: u64,
+    /// When the latest one happened (event time).
+    pub last_seen_ms: u64,
+    /// Failures per minute over the last 5 minutes (the current one included).
+    pub rate_per_min: f64,
+    /// Whether the rate jumped: at least 5 failures in the last 5 minutes, at
+    /// 3 times or more the rate of the 10 minutes before (as of now; the
+    /// alert is sent once per rise).
+    pub rising: bool,
+    /// Whether the class was first seen within the last 10 minutes.
+    pub new: bool,
+    /// The most recent failures (at most 5), newest first.
+    pub samples: Vec<ErrorSample>,
+}
+
+/// One failure kept as an example of its class.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorSample {
+    /// The task.
+    pub task_id: String,
+    /// What went wrong, cut to 500 characters (then ending in `…`). Stored
+    /// verbatim: a page must escape it.
+    pub message: String,
+    /// When it happened (event time).
+    pub at_ms: u64,
+    /// Attempt number at the stage.
+    pub attempt: u32,
+}

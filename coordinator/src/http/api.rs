@@ -82,6 +82,11 @@ pub async fn worker(
         .ok_or_else(|| ApiError::not_found(format!("no worker '{id}'")))
 }
 
+/// `GET /api/errors`: failures grouped by stage and error class.
+pub async fn errors(State(app): AppState) -> Json<crate::core::views::ErrorsView> {
+    Json(app.core().errors_view(now_ms()))
+}
+
 pub async fn stages(State(app): AppState) -> Json<StagesView> {
     Json(app.core().stages_view(now_ms()))
 }

@@ -8,8 +8,8 @@
 //!   view changed and the ids that went away. Fields that change on every
 //!   tick by themselves (`*_ago_ms`, a running task's `running_ms`) do not
 //!   count as a change: the page ages them from `now_ms`.
-//! - `stages`, `scaling`: the bodies of `GET /api/stages` and
-//!   `GET /api/scaling`, when they changed.
+//! - `stages`, `scaling`, `errors`: the bodies of `GET /api/stages`,
+//!   `GET /api/scaling` and `GET /api/errors`, when they changed.
 //!
 //! A browser's `EventSource` reconnects by itself (after a coordinator
 //! restart too), and a new connection starts with full state. Streams end
@@ -39,9 +39,10 @@ struct Conn {
     queue: VecDeque<Event>,
     /// Fingerprint of each worker's last sent view.
     workers: HashMap<String, String>,
-    /// The last sent `stages` and `scaling` bodies.
+    /// The last sent `stages`, `scaling` and `errors` bodies.
     stages: String,
     scaling: String,
+    errors: String,
     /// Whether the first (full) round went out.
     started: bool,
     ticker: tokio::time::Interval,
@@ -60,6 +61,7 @@ pub async fn stream(
         workers: HashMap::new(),
         stages: String::new(),
         scaling: String::new(),
+        errors: String::new(),
         started: false,
         ticker,
     };
@@ -101,12 +103,13 @@ impl Conn {
     /// Builds this tick's events.
     fn round(&mut self) {
         let now = now_ms();
-        let (workers, stages, scaling) = {
+        let (workers, stages, scaling, errors) = {
             let core = self.app.core();
             (
                 core.workers_view(now),
                 core.stages_view(now),
                 core.scaling_view(now),
+                core.errors_view(now),
             )
         };
         let full = !self.started;
@@ -144,6 +147,12 @@ impl Conn {
         if print != self.scaling {
             self.scaling = print;
             self.push("scaling", &scaling);
+        }
+        let errors = serde_json::to_value(&errors).unwrap_or(Value::Null);
+        let print = errors.to_string();
+        if print != self.errors {
+            self.errors = print;
+            self.push("errors", &errors);
         }
     }
 

@@ -1,4 +1,14 @@
-//! The HTTP side: JSON API, `/metrics` and `/healthz` (axum on hyper).
+//! The HTTP side: the dashboard, JSON API, Server-Sent Events, `/metrics`
+//! and `/healthz` (axum on hyper).
+//!
+//! # Layout
+//!
+//! - `api`: read endpoints, submitting, dead letters;
+//! - `control`: commands to workers and stages;
+//! - `events`: `GET /api/events` (SSE);
+//! - `access`: the bearer token (`--api-token`, `--protect-reads`);
+//! - `dashboard`: the page, its CSS and JS, embedded in the binary;
+//! - `error`: the JSON error type.
 //!
 //! Handlers lock the core only to build a view, then serialize outside the
 //! lock; `/metrics` refreshes gauges under the lock and gathers without it.
@@ -6,6 +16,7 @@
 pub mod access;
 mod api;
 mod control;
+mod dashboard;
 pub mod error;
 mod events;
 
@@ -21,7 +32,8 @@ use std::sync::Arc;
 /// Largest request body: a 16 MiB payload in base64 inside JSON.
 const MAX_BODY_BYTES: usize = 24 * 1024 * 1024;
 
-/// Every route. Three groups: open (`/healthz`), reads (open unless
+/// Every route. Three groups: open (`/healthz` and the dashboard's static
+/// files: the page asks for the token itself), reads (open unless
 /// `--protect-reads`), and control (with `--api-token`, only with the token):
 /// every command to agents, submitting tasks and replaying dead letters.
 pub fn router(app: Arc<App>) -> Router {
@@ -32,6 +44,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/workers/{id}", get(api::worker))
         .route("/api/stages", get(api::stages))
         .route("/api/scaling", get(api::scaling))
+        .route("/api/errors", get(api::errors))
         .route("/api/tasks", get(api::tasks))
         .route("/api/tasks/{id}", get(api::task))
         .route("/api/dead/{stage}", get(api::dead_list))
@@ -49,6 +62,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(from_fn_with_state(app.clone(), access::require_control));
     Router::new()
         .route("/healthz", get(api::healthz))
+        .route("/", get(dashboard::index))
+        .route("/dashboard/app.css", get(dashboard::css))
+        .route("/dashboard/app.js", get(dashboard::js))
         .merge(reads)
         .merge(control)
         .fallback(not_found)

@@ -1,7 +1,12 @@
 //! Webhook alerts (`--alert-webhook URL`): a JSON POST when a worker dies or
-//! comes back and when a task is dead-lettered.
+//! comes back, when a task is dead-lettered, when a stage fails with an error
+//! class it had not failed with before (`error_class_new`) and when a class's
+//! failure rate jumps (`error_class_rising`).
 //!
-//! The body has a Slack-compatible `text` plus structured fields. Sending
+//! The body has a Slack-compatible `text` plus structured fields (`kind`,
+//! `namespace`, `at_ms` and the notice's own). A worker's error message is
+//! escaped for Slack in `text` (`&`, `<`, `>`: a message must not mention
+//! `@channel` or forge a link) and verbatim in its structured field. Sending
 //! never blocks the core: notices go into a bounded queue (the oldest are
 //! dropped, and counted, when it is full) and a task of its own delivers
 //! them, retrying failures with exponential backoff.
@@ -61,7 +66,16 @@ impl Alerts {
     }
 }
 
-/// The JSON body for a notice that alerts (deaths, returns, dead letters).
+/// `text` made inert inside a Slack message: `&`, `<` and `>` are the only
+/// characters Slack gives a meaning (links, mentions, `<!channel>`).
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The JSON body for a notice that alerts (deaths, returns, dead letters,
+/// new and rising error classes).
 pub fn body(namespace: &str, notice: &Notice, at_ms: u64) -> Option<Value> {
     Some(match notice {
         Notice::WorkerDead {
@@ -106,6 +120,43 @@ pub fn body(namespace: &str, notice: &Notice, at_ms: u64) -> Option<Value> {
             "task": task.as_str(),
             "stage": stage.as_str(),
             "error": error,
+            "at_ms": at_ms,
+        }),
+        Notice::ErrorClassNew {
+            stage,
+            error_class,
+            message_sample,
+            task_id,
+        } => json!({
+            "text": format!(
+                ":new: [{namespace}] new error class {error_class} at stage {stage} (task {task_id}): {}",
+                slack_escape(message_sample)
+            ),
+            "kind": "error_class_new",
+            "namespace": namespace,
+            "stage": stage.as_str(),
+            "error_class": error_class,
+            "message_sample": message_sample,
+            "task": task_id.as_str(),
+            "at_ms": at_ms,
+        }),
+        Notice::ErrorClassRising {
+            stage,
+            error_class,
+            last_5m,
+            previous_rate_per_min,
+        } => json!({
+            "text": format!(
+                ":chart_with_upwards_trend: [{namespace}] error class {error_class} rising at stage {stage}: {last_5m} failure(s) in the last 5 min ({:.1}/min), {previous_rate_per_min:.1}/min in the 10 min before",
+                *last_5m as f64 / 5.0
+            ),
+            "kind": "error_class_rising",
+            "namespace": namespace,
+            "stage": stage.as_str(),
+            "error_class": error_class,
+            "last_5m": last_5m,
+            "rate_per_min": *last_5m as f64 / 5.0,
+            "previous_rate_per_min": previous_rate_per_min,
             "at_ms": at_ms,
         }),
         Notice::Scale { .. } | Notice::Assign { .. } | Notice::SetPrefetch { .. } => return None,
@@ -199,6 +250,46 @@ mod tests {
         assert_eq!(
             b["text"],
             ":warning: [prod] task T9 dead-lettered at build: HTTP 400"
+        );
+    }
+
+    #[test]
+    fn error_class_alerts_say_what_and_keep_the_message_out_of_slack_markup() {
+        let notice = Notice::ErrorClassNew {
+            stage: "build".parse().unwrap(),
+            error_class: "http_503".into(),
+            message_sample: "HTTP 503: <!channel> & <script>x</script>".into(),
+            task_id: "T1".parse().unwrap(),
+        };
+        let b = body("prod", &notice, 7).unwrap();
+        assert_eq!(b["kind"], "error_class_new");
+        assert_eq!(b["stage"], "build");
+        assert_eq!(b["error_class"], "http_503");
+        assert_eq!(b["task"], "T1");
+        assert_eq!(b["at_ms"], 7);
+        assert_eq!(
+            b["message_sample"],
+            "HTTP 503: <!channel> & <script>x</script>"
+        );
+        assert_eq!(
+            b["text"],
+            ":new: [prod] new error class http_503 at stage build (task T1): HTTP 503: &lt;!channel&gt; &amp; &lt;script&gt;x&lt;/script&gt;"
+        );
+        let notice = Notice::ErrorClassRising {
+            stage: "build".parse().unwrap(),
+            error_class: "timeout".into(),
+            last_5m: 12,
+            previous_rate_per_min: 0.3,
+        };
+        let b = body("prod", &notice, 0).unwrap();
+        assert_eq!(b["kind"], "error_class_rising");
+        assert_eq!(b["error_class"], "timeout");
+        assert_eq!(b["last_5m"], 12);
+        assert_eq!(b["rate_per_min"], 2.4);
+        assert_eq!(b["previous_rate_per_min"], 0.3);
+        assert_eq!(
+            b["text"],
+            ":chart_with_upwards_trend: [prod] error class timeout rising at stage build: 12 failure(s) in the last 5 min (2.4/min), 0.3/min in the 10 min before"
         );
     }
 }

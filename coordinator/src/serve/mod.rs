@@ -592,6 +592,22 @@ fn log_notice(notice: &Notice) {
         Notice::TaskDeadLettered { task, stage, error } => {
             tracing::warn!(%task, %stage, %error, "task dead-lettered")
         }
+        Notice::ErrorClassNew {
+            stage,
+            error_class,
+            message_sample,
+            task_id,
+        } => {
+            tracing::warn!(%stage, %error_class, task = %task_id, sample = %message_sample, "new error class")
+        }
+        Notice::ErrorClassRising {
+            stage,
+            error_class,
+            last_5m,
+            previous_rate_per_min,
+        } => {
+            tracing::warn!(%stage, %error_class, last_5m, previous_rate_per_min, "error class rising")
+        }
         Notice::Scale {
             stage,
             from,

@@ -10,7 +10,8 @@
 //! `fail=once` (fails on attempt 1 only), `fail=permanent-first` (HTTP only:
 //! a permanent failure the first time this worker process sees the task at
 //! that stage, success afterwards, as after a fix and a dead-letter replay),
-//! `sleep=MS`, `class=NAME` (error class header). A word with a `stage:` prefix applies only at that stage.
+//! `sleep=MS`, `class=NAME` (error class header), `say=TEXT` (appended to a
+//! failure's message). A word with a `stage:` prefix applies only at that stage.
 //! The output is the input with ` @<stage>` appended, so the last stage's
 //! output shows the path the task took.
 
@@ -31,6 +32,8 @@ struct Plan {
     fail: Option<String>,
     sleep_ms: u64,
     class: Option<String>,
+    /// Appended to a failure's message (`say=TEXT`, no spaces).
+    say: Option<String>,
 }
 
 fn plan(payload: &str, stage: &str) -> Plan {
@@ -45,6 +48,7 @@ fn plan(payload: &str, stage: &str) -> Plan {
             Some(("fail", v)) => plan.fail = Some(v.to_owned()),
             Some(("sleep", v)) => plan.sleep_ms = v.parse().unwrap_or(0),
             Some(("class", v)) => plan.class = Some(v.to_owned()),
+            Some(("say", v)) => plan.say = Some(v.to_owned()),
             _ => {}
         }
     }
@@ -71,6 +75,11 @@ fn decide(payload: &str, stage: &str, attempt: u32, seen_before: bool) -> (Outco
             Outcome::Transient(format!("first attempt fails at {stage}"))
         }
         _ => Outcome::Ok(format!("{payload} @{stage}")),
+    };
+    let outcome = match (outcome, &p.say) {
+        (Outcome::Permanent(m), Some(say)) => Outcome::Permanent(format!("{m}: {say}")),
+        (Outcome::Transient(m), Some(say)) => Outcome::Transient(format!("{m}: {say}")),
+        (o, _) => o,
     };
     (outcome, p)
 }
