@@ -1,0 +1,242 @@
+//! The dashboard in a real browser: headless Chromium through WebDriver,
+//! against a real coordinator, real agents and workers on the real broker.
+//! It sees a card per worker with its status, opens a task's stages, shows
+//! a worker's `<script>` error message as text, pauses a worker with a
+//! click (the card and the API agree), and saves screenshots under the
+//! test's output folder.
+
+use fantoccini::{Client, Locator};
+use guildhall_tests::*;
+use std::time::Duration;
+
+const TOKEN: &str = "browser-token-0123456789";
+
+/// Waits for the element `css` and returns it.
+async fn find(client: &Client, css: &str) -> fantoccini::elements::Element {
+    eventually(Duration::from_secs(20), css, || async {
+        Ok(client.find(Locator::Css(css)).await?)
+    })
+    .await
+}
+
+async fn screenshot(client: &Client, ns: &TestNs, name: &str) {
+    let png = client.screenshot().await.unwrap();
+    let path = ns.log_dir.join(name);
+    std::fs::write(&path, png).unwrap();
+    eprintln!("browser: screenshot {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
+    let ns = TestNs::new("web");
+    let broker = Broker::connect(&ns).await.unwrap();
+    for stage in ["fetch", "render"] {
+        broker.declare_stage(stage).await.unwrap();
+    }
+    let c = spawn_coordinator(&ns, &["--api-token", TOKEN, "--queue-poll", "300ms"])
+        .await
+        .unwrap();
+    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
+    let common = ["--heartbeat", "500ms", "--worker-url", worker.url.as_str()];
+    let mut agents = Vec::new();
+    for (id, stage, next) in [
+        ("fetch-1", "fetch", Some("render")),
+        ("fetch-2", "fetch", Some("render")),
+        ("render-1", "render", None),
+    ] {
+        let mut args = common.to_vec();
+        if let Some(n) = next {
+            args.extend(["--next", n]);
+        }
+        agents.push(spawn_agent(&ns, id, stage, &args).await.unwrap());
+    }
+    let api = c.api.with_token(TOKEN);
+    for (id, payload) in [
+        ("WEB-1", "hello"),
+        (
+            "WEB-XSS",
+            "fetch:fail=permanent say=<script>window.__xss=1</script>",
+        ),
+    ] {
+        let body = serde_json::json!({"stage": "fetch", "id": id, "payload": payload});
+        let (status, answer) = api.post_raw("/api/tasks", &body.to_string()).await.unwrap();
+        assert_eq!(status, 201, "{answer}");
+    }
+    eventually(Duration::from_secs(30), "both tasks finished", || async {
+        for (id, want) in [("WEB-1", "succeeded"), ("WEB-XSS", "dead_lettered")] {
+            let t = api.get_ok(&format!("/api/tasks/{id}")).await?;
+            anyhow::ensure!(t["status"] == want, "{id}: {}", t["status"]);
+        }
+        Ok(())
+    })
+    .await;
+
+    let browser = spawn_browser(&ns).await.unwrap();
+    let client = &browser.client;
+    client
+        .goto(&format!("{}/#workers", c.api.base))
+        .await
+        .unwrap();
+
+    // A card per worker, each with its status; the page is live.
+    find(client, "#live[data-state='live']").await;
+    for id in ["fetch-1", "fetch-2", "render-1"] {
+        let card = find(
+            client,
+            &format!("article.worker-card[data-worker-id='{id}'][data-status='idle']"),
+        )
+        .await;
+        let status = card.find(Locator::Css(".status")).await.unwrap();
+        assert_eq!(status.text().await.unwrap(), "idle");
+    }
+    let cards = client
+        .find_all(Locator::Css("article.worker-card"))
+        .await
+        .unwrap();
+    assert_eq!(cards.len(), 3);
+    screenshot(client, &ns, "workers.png").await;
+
+    // A task's stages, as a timeline.
+    client
+        .goto(&format!("{}/#task/WEB-1", c.api.base))
+        .await
+        .unwrap();
+    find(client, ".attempt-row[data-stage='render']").await;
+    let rows = client.find_all(Locator::Css(".attempt-row")).await.unwrap();
+    let mut stages = Vec::new();
+    for row in &rows {
+        stages.push(row.attr("data-stage").await.unwrap().unwrap_or_default());
+    }
+    assert_eq!(stages, ["fetch", "render"]);
+    screenshot(client, &ns, "task.png").await;
+
+    // A worker's error message with a script in it is shown as text and
+    // never runs.
+    client
+        .goto(&format!("{}/#task/WEB-XSS", c.api.base))
+        .await
+        .unwrap();
+    find(client, ".attempt-row[data-stage='fetch']").await;
+    let text = client
+        .find(Locator::Css("#task-result"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("<script>window.__xss=1</script>"),
+        "the message is shown as text: {text}"
+    );
+    client
+        .goto(&format!("{}/#errors", c.api.base))
+        .await
+        .unwrap();
+    let sample = find(client, ".error-class .error-message").await;
+    assert!(sample.text().await.unwrap().contains("<script>"));
+    let ran = client
+        .execute("return window.__xss === 1;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(ran, serde_json::json!(false), "the script did not run");
+
+    // Pause with a click: the page asks for the token once, the card turns
+    // paused, and the API agrees.
+    client
+        .goto(&format!("{}/#workers", c.api.base))
+        .await
+        .unwrap();
+    let pause = find(
+        client,
+        "article.worker-card[data-worker-id='fetch-2'] button[data-action='pause']",
+    )
+    .await;
+    pause.click().await.unwrap();
+    let input = find(client, "#token-input").await;
+    input.send_keys(TOKEN).await.unwrap();
+    find(client, "#token-form button[type='submit']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    find(
+        client,
+        "article.worker-card[data-worker-id='fetch-2'][data-status='paused']",
+    )
+    .await;
+    let w = api.get_ok("/api/workers/fetch-2").await.unwrap();
+    assert_eq!(w["status"], "paused");
+    screenshot(client, &ns, "workers-paused.png").await;
+
+    // The pipeline, drawn by the page.
+    client
+        .goto(&format!("{}/#pipeline", c.api.base))
+        .await
+        .unwrap();
+    find(client, "svg#pipeline-svg g.stage-node[data-stage='render']").await;
+    find(client, "path.edge[data-from='fetch'][data-to='render']").await;
+    screenshot(client, &ns, "pipeline.png").await;
+
+    browser.client.clone().close().await.unwrap();
+}
+
+/// Refreshes the README's screenshots from a running demo:
+/// `cargo test -p guildhall-tests --test it browser::readme_screenshots -- --ignored`
+/// writes `docs/dashboard-workers.png` and `docs/dashboard-pipeline.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "writes the README's screenshots; run by hand"]
+async fn readme_screenshots() {
+    let ns = TestNs::new("shots");
+    let args: Vec<String> = [
+        "demo",
+        "--namespace",
+        ns.name(),
+        "--amqp-url",
+        &amqp_url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--clean",
+        "--duration",
+        "120s",
+        "--sync-period",
+        "2s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (_demo, line) = spawn_logged(
+        &ns,
+        "demo",
+        &bin("guildhall"),
+        &args,
+        &[],
+        Some("listening on http://"),
+    )
+    .await
+    .unwrap();
+    let line = line.unwrap_or_default();
+    let start = line.find("http://").unwrap();
+    let base = line[start..].split_whitespace().next().unwrap().to_owned();
+    // Let the pipeline fill up and the planner speak.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let browser = spawn_browser(&ns).await.unwrap();
+    let client = &browser.client;
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    for (view, css, file) in [
+        ("workers", "article.worker-card", "dashboard-workers.png"),
+        (
+            "pipeline",
+            "svg#pipeline-svg g.stage-node",
+            "dashboard-pipeline.png",
+        ),
+    ] {
+        client.goto(&format!("{base}/#{view}")).await.unwrap();
+        find(client, "#live[data-state='live']").await;
+        find(client, css).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let png = client.screenshot().await.unwrap();
+        std::fs::write(docs.join(file), png).unwrap();
+    }
+    browser.client.clone().close().await.unwrap();
+}
