@@ -33,9 +33,16 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
     for stage in ["fetch", "render"] {
         broker.declare_stage(stage).await.unwrap();
     }
-    let c = spawn_coordinator(&ns, &["--api-token", TOKEN, "--queue-poll", "300ms"])
-        .await
-        .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let flags = [
+        "--api-token",
+        TOKEN,
+        "--queue-poll",
+        "300ms",
+        "--listen",
+        listen.as_str(),
+    ];
+    let mut c = spawn_coordinator(&ns, &flags).await.unwrap();
     let worker = spawn_http_worker(&ns, "worker").await.unwrap();
     let common = ["--heartbeat", "500ms", "--worker-url", worker.url.as_str()];
     let mut agents = Vec::new();
@@ -176,6 +183,14 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
     find(client, "svg#pipeline-svg g.stage-node[data-stage='render']").await;
     find(client, "path.edge[data-from='fetch'][data-to='render']").await;
     screenshot(client, &ns, "pipeline.png").await;
+
+    // The coordinator restarts: the page says so, then is live again by itself.
+    c.proc.terminate(Duration::from_secs(10)).await.unwrap();
+    find(client, "#live[data-state='reconnecting']").await;
+    let c = spawn_coordinator(&ns, &flags).await.unwrap();
+    find(client, "#live[data-state='live']").await;
+    find(client, "svg#pipeline-svg g.stage-node[data-stage='render']").await;
+    drop(c);
 
     browser.client.clone().close().await.unwrap();
 }

@@ -384,20 +384,15 @@ pub struct Coordinator {
 }
 
 /// Starts `guildhall serve` for `ns` on a free port, with extra flags (which
-/// may replace the default `--management-url`).
+/// may replace the default `--listen` and `--management-url`).
 pub async fn spawn_coordinator(ns: &TestNs, extra: &[&str]) -> anyhow::Result<Coordinator> {
-    let mut args: Vec<String> = [
-        "serve",
-        "--namespace",
-        ns.name(),
-        "--amqp-url",
-        &amqp_url(),
-        "--listen",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = ["serve", "--namespace", ns.name(), "--amqp-url", &amqp_url()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
+    }
     if !extra.contains(&"--management-url") {
         args.extend(["--management-url".to_owned(), management_url()]);
     }
