@@ -255,3 +255,140 @@ async fn readme_screenshots() {
     }
     browser.client.clone().close().await.unwrap();
 }
+
+/// 500 workers (announced on the stream as agents would, with a long
+/// heartbeat so they stay alive for the test): the page shows them all,
+/// grouped by stage, and filtering and collapsing work. Prints how long the
+/// first full render took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_workers_stay_usable() {
+    use guildhall_proto::{AgentId, AgentState, Envelope, Event, Heartbeat, Hello, WorkerMode};
+    const STAGES: usize = 5;
+    const PER_STAGE: usize = 100;
+    let ns = TestNs::new("web500");
+    let broker = Broker::connect(&ns).await.unwrap();
+    let c = spawn_coordinator(&ns, &[]).await.unwrap();
+    let now = guildhall_broker::now_ms();
+    for s in 0..STAGES {
+        let stage = TestNs::stage(&format!("stage{s}"));
+        for w in 0..PER_STAGE {
+            let id = format!("s{s}-worker-{w:03}");
+            let hello = Hello {
+                at_ms: now,
+                version: "0.1.0".into(),
+                stage: stage.clone(),
+                next: None,
+                stages: vec![stage.clone()],
+                concurrency: 2,
+                heartbeat_ms: 600_000,
+                hostname: format!("host-{}", w % 17),
+                pid: 1000 + w as u32,
+                mode: WorkerMode::Http {
+                    url: "http://127.0.0.1:1/".into(),
+                },
+                supervised: false,
+            };
+            let heartbeat = Heartbeat {
+                at_ms: now,
+                version: "0.1.0".into(),
+                stage: stage.clone(),
+                next: None,
+                state: if w % 10 == 0 {
+                    AgentState::Paused
+                } else {
+                    AgentState::Idle
+                },
+                concurrency: 2,
+                heartbeat_ms: 600_000,
+                in_hand: vec![],
+                done: w as u64,
+                failed: 0,
+                worker: None,
+                agent: None,
+                hostname: format!("host-{}", w % 17),
+                worker_restarts: 0,
+                rtt_ms: Some(1),
+            };
+            let envelope = Envelope {
+                sender: AgentId::new(id).unwrap(),
+                seq: 1,
+                sent_at_ms: now,
+                events: vec![Event::Hello(hello), Event::Heartbeat(heartbeat)],
+            };
+            broker
+                .publish_raw_event(&envelope.encode().unwrap())
+                .await
+                .unwrap();
+        }
+    }
+    let total = STAGES * PER_STAGE;
+    eventually(Duration::from_secs(30), "500 workers known", || async {
+        let w = c.api.get_ok("/api/workers").await?;
+        let n = w["workers"].as_array().map_or(0, Vec::len);
+        anyhow::ensure!(n == total, "{n}");
+        Ok(())
+    })
+    .await;
+
+    let browser = spawn_browser(&ns).await.unwrap();
+    let client = &browser.client;
+    let started = std::time::Instant::now();
+    client
+        .goto(&format!("{}/#workers", c.api.base))
+        .await
+        .unwrap();
+    let count_js = "return document.querySelectorAll('article.worker-card').length;";
+    eventually(Duration::from_secs(30), "500 cards", || async {
+        let n = client.execute(count_js, vec![]).await?;
+        anyhow::ensure!(n == serde_json::json!(total), "{n}");
+        Ok(())
+    })
+    .await;
+    eprintln!(
+        "browser: 500 worker cards rendered {} ms after navigation",
+        started.elapsed().as_millis()
+    );
+    let groups = client
+        .find_all(Locator::Css("section.stage-group"))
+        .await
+        .unwrap();
+    assert_eq!(groups.len(), STAGES);
+    screenshot(client, &ns, "workers-500.png").await;
+
+    // Filter by text: only the matching cards stay visible.
+    let visible_js = "return [...document.querySelectorAll('article.worker-card')].filter(c => !c.hidden && c.offsetParent !== null).length;";
+    let filter = find(client, "#worker-filter").await;
+    filter.send_keys("s3-worker-04").await.unwrap();
+    eventually(Duration::from_secs(10), "10 cards match", || async {
+        let n = client.execute(visible_js, vec![]).await?;
+        anyhow::ensure!(n == serde_json::json!(10), "{n}");
+        Ok(())
+    })
+    .await;
+    // Backspaces (WebDriver's key U+E003), so the page sees input events.
+    filter
+        .send_keys(&"\u{E003}".repeat("s3-worker-04".len()))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "all cards again", || async {
+        let n = client.execute(visible_js, vec![]).await?;
+        anyhow::ensure!(n == serde_json::json!(total), "{n}");
+        Ok(())
+    })
+    .await;
+
+    // Collapse one stage's group.
+    let toggle = find(
+        client,
+        "section.stage-group[data-stage='stage0'] .group-toggle",
+    )
+    .await;
+    toggle.click().await.unwrap();
+    eventually(Duration::from_secs(10), "stage0 collapsed", || async {
+        let v = toggle.attr("aria-expanded").await?;
+        anyhow::ensure!(v.as_deref() == Some("false"), "{v:?}");
+        Ok(())
+    })
+    .await;
+    browser.client.clone().close().await.unwrap();
+}
