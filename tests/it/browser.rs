@@ -147,6 +147,14 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
         .unwrap();
     assert_eq!(ran, serde_json::json!(false), "the script did not run");
 
+    // Dead letters: the XSS task is listed (as text) at fetch.
+    client
+        .goto(&format!("{}/#dead/fetch", c.api.base))
+        .await
+        .unwrap();
+    let row = find(client, "tr.dead-row[data-task-id='WEB-XSS']").await;
+    assert!(row.text().await.unwrap().contains("<script>"));
+
     // Pause with a click: the page asks for the token once, the card turns
     // paused, and the API agrees.
     client
@@ -173,6 +181,32 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
     .await;
     let w = api.get_ok("/api/workers/fetch-2").await.unwrap();
     assert_eq!(w["status"], "paused");
+
+    // With the token kept, Replay all sends the dead letter back to its stage.
+    client
+        .goto(&format!("{}/#dead/fetch", c.api.base))
+        .await
+        .unwrap();
+    find(client, "tr.dead-row[data-task-id='WEB-XSS']").await;
+    find(client, "#dead-replay-all")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let result = find(client, "#dead-result").await;
+    eventually(Duration::from_secs(10), "the replay answer", || async {
+        let text = result.text().await?;
+        anyhow::ensure!(text.contains("WEB-XSS"), "{text:?}");
+        Ok(())
+    })
+    .await;
+    eventually(Duration::from_secs(20), "WEB-XSS tried again", || async {
+        let t = api.get_ok("/api/tasks/WEB-XSS").await?;
+        let n = t["attempts"].as_array().map_or(0, Vec::len);
+        anyhow::ensure!(n >= 2, "{n} attempt rows");
+        Ok(())
+    })
+    .await;
     screenshot(client, &ns, "workers-paused.png").await;
 
     // The pipeline, drawn by the page.
