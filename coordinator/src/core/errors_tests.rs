@@ -4,21 +4,14 @@
 
 use super::errors::{self, ErrorTracker, Failure, MINUTE_MS, Rise, classify};
 use super::snapshot;
+use super::test_support::{T0, st, tid};
 use super::views::ErrorsView;
 use super::*;
 use crate::metrics::Metrics;
 use guildhall_proto::*;
 
-const T0: u64 = 1_700_000_000_000;
 /// The first minute boundary after `T0`, so tests count in whole minutes.
 const M0: u64 = (T0 / MINUTE_MS + 1) * MINUTE_MS;
-
-fn st(s: &str) -> Stage {
-    s.parse().unwrap()
-}
-fn tid(s: &str) -> TaskId {
-    s.parse().unwrap()
-}
 
 /// A core on a virtual clock, fed envelopes with per-sender sequence numbers.
 struct Sim {

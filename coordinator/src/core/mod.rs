@@ -51,6 +51,8 @@ mod plan_tests;
 #[cfg(test)]
 mod snapshot_tests;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 use crate::capacity::{CapacityConfig, Observation, Planner};

@@ -2,15 +2,10 @@
 //! prefetch, as notices.
 
 use super::stages::QueueStats;
+use super::test_support::{T0, st};
 use super::*;
 use crate::metrics::Metrics;
 use guildhall_proto::*;
-
-const T0: u64 = 1_700_000_000_000;
-
-fn st(s: &str) -> Stage {
-    s.parse().unwrap()
-}
 
 /// A core with a clock, agents that heartbeat, and a feed of tasks.
 struct Fleet {

@@ -5,21 +5,14 @@
 use super::query::TaskFilter;
 use super::snapshot::{self, FORMAT_VERSION, MAGIC, SnapshotError, SnapshotHeader};
 use super::stages::QueueStats;
+use super::test_support::{T0, st, tid};
 use super::*;
 use crate::metrics::Metrics;
 use guildhall_proto::*;
 use proptest::prelude::*;
 
-const T0: u64 = 1_700_000_000_000;
-
 fn ns() -> Namespace {
     Namespace::new("snap").unwrap()
-}
-fn st(s: &str) -> Stage {
-    s.parse().unwrap()
-}
-fn tid(s: &str) -> TaskId {
-    s.parse().unwrap()
 }
 
 /// Feeds a core envelopes on a virtual clock, with per-sender sequence

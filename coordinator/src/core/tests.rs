@@ -3,21 +3,10 @@
 use super::query::TaskFilter;
 use super::stages::QueueStats;
 use super::tasks::TaskStatus;
+use super::test_support::{T0, aid, st, tid};
 use super::*;
 use crate::metrics::Metrics;
 use guildhall_proto::*;
-
-const T0: u64 = 1_700_000_000_000;
-
-fn st(s: &str) -> Stage {
-    s.parse().unwrap()
-}
-fn tid(s: &str) -> TaskId {
-    s.parse().unwrap()
-}
-fn aid(s: &str) -> AgentId {
-    s.parse().unwrap()
-}
 
 /// A core plus a virtual clock and per-sender sequence numbers.
 struct Sim {
