@@ -103,9 +103,20 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
     assert_eq!(cards.len(), 3);
     screenshot(client, &ns, "workers.png").await;
 
-    // A task's stages, as a timeline.
-    client
-        .goto(&format!("{}/#task/WEB-1", c.api.base))
+    // A task's stages, as a timeline: searched by id, as a person would.
+    find(client, "a[data-view='task']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    find(client, "#task-search")
+        .await
+        .send_keys("WEB-1")
+        .await
+        .unwrap();
+    find(client, "#task-form button[type='submit']")
+        .await
+        .click()
         .await
         .unwrap();
     find(client, ".attempt-row[data-stage='render']").await;
