@@ -163,6 +163,17 @@ pub struct Metrics {
     pub snapshot_bytes: IntGauge,
 }
 
+/// Every `reason` of `guildhall_events_malformed_total`: the decoder's
+/// (`DecodeError::reason`) and the core's own.
+pub const MALFORMED_REASONS: [&str; 6] = [
+    "malformed",
+    "version",
+    "oversized",
+    "unknown_event",
+    "stage_limit",
+    "worker_limit",
+];
+
 /// The one counter a snapshot does not carry: it counts this process's writes.
 const NOT_SAVED_COUNTER: &str = "guildhall_snapshot_writes_total";
 
@@ -363,7 +374,7 @@ impl Metrics {
             "guildhall_agent_cpu_ratio",
             "CPU used by the agent process, as a share of one core.",
         );
-        Self {
+        let metrics = Self {
             per_worker,
             workers: gauge_vec(
                 &r,
@@ -563,11 +574,33 @@ impl Metrics {
                 &["state"],
             ),
             registry: r,
+        };
+        // Every reason exists from the start, at 0, so an alert on its
+        // increase has a series to watch before the first drop.
+        for reason in MALFORMED_REASONS {
+            metrics.events_malformed.with_label_values(&[reason]);
         }
+        for (family, outcomes) in [
+            (&metrics.alerts, &["sent", "failed", "dropped"][..]),
+            (
+                &metrics.connections_closed,
+                &["closed", "not_found", "failed"],
+            ),
+            (&metrics.scale_actions, &["done", "failed", "dry_run"]),
+            (&metrics.snapshot_writes, &["written", "failed"]),
+        ] {
+            for outcome in outcomes {
+                family.with_label_values(&[outcome]);
+            }
+        }
+        metrics
     }
 
     /// Resolves the handles of one stage.
     pub fn stage(&self, stage: &str) -> StageMetrics {
+        // Exists at 0 from the stage's first sight, so rules on its increase
+        // see a series before the first death.
+        self.worker_deaths.with_label_values(&[stage]);
         StageMetrics {
             succeeded: self.tasks.with_label_values(&[stage, outcome::SUCCEEDED]),
             retried: self.tasks.with_label_values(&[stage, outcome::RETRIED]),
@@ -618,7 +651,13 @@ impl Metrics {
             {
                 continue;
             }
-            for m in family.get_metric() {
+            // A series still at 0 carries nothing (a fresh set of metrics
+            // has the pre-created ones anyway).
+            for m in family
+                .get_metric()
+                .iter()
+                .filter(|m| m.get_counter().get_value() > 0.0)
+            {
                 out.push(CounterSample {
                     name: family.name().to_owned(),
                     labels: m

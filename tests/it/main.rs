@@ -10,5 +10,6 @@ mod control;
 mod demo;
 mod errors;
 mod pipeline;
+mod prometheus;
 mod recovery;
 mod restart;
