@@ -247,36 +247,13 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
 #[ignore = "writes the README's screenshots; run by hand"]
 async fn readme_screenshots() {
     let ns = TestNs::new("shots");
-    let args: Vec<String> = [
-        "demo",
-        "--namespace",
-        ns.name(),
-        "--amqp-url",
-        &amqp_url(),
-        "--listen",
-        "127.0.0.1:0",
-        "--clean",
-        "--duration",
-        "120s",
-        "--sync-period",
-        "2s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let (_demo, line) = spawn_logged(
+    let (_demo, api) = spawn_demo(
         &ns,
-        "demo",
-        &bin("guildhall"),
-        &args,
-        &[],
-        Some("listening on http://"),
+        &["--clean", "--duration", "120s", "--sync-period", "2s"],
     )
     .await
     .unwrap();
-    let line = line.unwrap_or_default();
-    let start = line.find("http://").unwrap();
-    let base = line[start..].split_whitespace().next().unwrap().to_owned();
+    let base = api.base.clone();
     // Let the pipeline fill up and the planner speak.
     tokio::time::sleep(Duration::from_secs(20)).await;
     let browser = spawn_browser(&ns).await.unwrap();

@@ -6,38 +6,9 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_a_pipeline_visible_in_status_and_the_api() {
     let ns = TestNs::new("demo");
-    let args: Vec<String> = [
-        "demo",
-        "--namespace",
-        ns.name(),
-        "--amqp-url",
-        &amqp_url(),
-        "--management-url",
-        &management_url(),
-        "--listen",
-        "127.0.0.1:0",
-        "--rate",
-        "6",
-        "--duration",
-        "5m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let (mut demo, line) = spawn_logged(
-        &ns,
-        "demo",
-        &bin("guildhall"),
-        &args,
-        &[],
-        Some("/api/workers"),
-    )
-    .await
-    .unwrap();
-    let line = line.unwrap();
-    let start = line.find("http://").unwrap();
-    let base = line[start..].split("/api/").next().unwrap().to_owned();
-    let api = Api::new(&base);
+    let (mut demo, api) = spawn_demo(&ns, &["--rate", "6", "--duration", "5m"])
+        .await
+        .unwrap();
 
     let workers = eventually(
         Duration::from_secs(30),
@@ -93,7 +64,7 @@ async fn the_demo_runs_a_pipeline_visible_in_status_and_the_api() {
     );
 
     let out = tokio::process::Command::new(bin("guildhall"))
-        .args(["status", "--api-url", &base])
+        .args(["status", "--api-url", &api.base])
         .output()
         .await
         .unwrap();

@@ -413,6 +413,37 @@ pub async fn spawn_coordinator(ns: &TestNs, extra: &[&str]) -> anyhow::Result<Co
     })
 }
 
+/// Starts `guildhall demo` for `ns` on a free port with extra flags; returns
+/// the process and its API once it listens.
+pub async fn spawn_demo(ns: &TestNs, extra: &[&str]) -> anyhow::Result<(Proc, Api)> {
+    let mut args: Vec<String> = [
+        "demo",
+        "--namespace",
+        ns.name(),
+        "--amqp-url",
+        &amqp_url(),
+        "--management-url",
+        &management_url(),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let (proc, line) = spawn_logged(
+        ns,
+        "demo",
+        &bin("guildhall"),
+        &args,
+        &[],
+        Some("listening on http://"),
+    )
+    .await?;
+    let url = url_in(&line.unwrap_or_default())?;
+    Ok((proc, Api::new(&url)))
+}
+
 /// A running `guildhall-agent`.
 pub struct Agent {
     /// The process.

@@ -204,12 +204,7 @@ pub async fn stage_command(
     let workers: Vec<AgentId> = {
         let core = app.core();
         let now = now_ms();
-        if !core
-            .stages_view(now)
-            .stages
-            .iter()
-            .any(|s| s.name == stage.as_str())
-        {
+        if !core.stage_names().any(|s| s == &stage) {
             return Err(ApiError::not_found(format!("unknown stage '{stage}'")));
         }
         core.workers_view(now)
