@@ -143,6 +143,12 @@ pub struct Cli {
     )]
     pub health_failures: i64,
 
+    /// Serve the agent's own health probes here (`GET /livez`, `GET
+    /// /readyz`) for an orchestrator's liveness and readiness checks, e.g.
+    /// `0.0.0.0:9100`. Off unless given.
+    #[arg(long, env = "GUILDHALL_PROBE_LISTEN", value_name = "ADDR")]
+    pub probe_listen: Option<String>,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "GUILDHALL_JSON_LOGS", value_parser = FalseyValueParser::new())]
     pub json_logs: bool,
@@ -201,6 +207,18 @@ impl Cli {
             self.health_failures,
             limits::HEALTH_FAILURES,
         )?;
+        config.probe_listen = self
+            .probe_listen
+            .as_deref()
+            .map(|addr| {
+                addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                    ConfigError::invalid(
+                        "--probe-listen",
+                        format!("{addr:?} is not an address like 0.0.0.0:9100 ({e})"),
+                    )
+                })
+            })
+            .transpose()?;
         config.supervise = self.worker_command;
         config.validate()?;
         Ok(config)
@@ -317,6 +335,8 @@ mod tests {
             "2s",
             "--health-failures",
             "4",
+            "--probe-listen",
+            "0.0.0.0:9100",
             "--",
             "my-worker",
             "--port",
@@ -346,10 +366,12 @@ mod tests {
         );
         assert_eq!(c.health_interval, Duration::from_secs(2));
         assert_eq!(c.health_failures, 4);
+        assert_eq!(c.probe_listen, Some("0.0.0.0:9100".parse().unwrap()));
         let defaults = parse(&["--stage", "s", "--exec", "cat"]).unwrap();
         assert_eq!(defaults.health_url, None);
         assert_eq!(defaults.health_interval, Duration::from_secs(5));
         assert_eq!(defaults.health_failures, 3);
+        assert_eq!(defaults.probe_listen, None);
     }
 
     #[test]
@@ -390,6 +412,10 @@ mod tests {
             (
                 &["--stage", "s", "--exec", "cat", "--id", "a b"],
                 "--id: invalid agent id",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--probe-listen", "9100"],
+                "--probe-listen: \"9100\" is not an address like 0.0.0.0:9100",
             ),
             (
                 &["--stage", "s", "--exec", "cat", "--heartbeat", "10ms"],

@@ -266,6 +266,9 @@ pub struct AgentConfig {
     /// Consecutive failed health checks after which the worker counts as
     /// hung and is restarted (one slow answer is not a hang).
     pub health_failures: u32,
+    /// Where to serve `/livez` and `/readyz` for an orchestrator (a
+    /// Kubernetes probe, a compose healthcheck); `None` serves nothing.
+    pub probe_listen: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -294,6 +297,7 @@ impl AgentConfig {
             health_url: None,
             health_interval: Duration::from_secs(5),
             health_failures: 3,
+            probe_listen: None,
         }
     }
 

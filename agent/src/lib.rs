@@ -90,6 +90,7 @@
 //! - `state`: tasks in hand, counters, the stage served, the window of
 //!   round-trip samples: state shared across the agent.
 //! - `pgroup`: signalling worker process groups.
+//! - [`probe`]: `/livez` and `/readyz` for an orchestrator (`--probe-listen`).
 
 pub mod cli;
 pub mod config;
@@ -99,6 +100,7 @@ pub mod handoff;
 mod heartbeat;
 mod link;
 mod pgroup;
+pub mod probe;
 mod procstats;
 mod runner;
 mod state;

@@ -200,6 +200,8 @@ pub(crate) struct Runner {
     events_task: tokio::task::JoinHandle<()>,
     /// The round-trip probe under way, if any (one at a time).
     probe: Option<tokio::task::JoinHandle<()>>,
+    /// The `/livez` and `/readyz` server (`--probe-listen`), stopped last.
+    probe_server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runner {
@@ -221,6 +223,11 @@ impl Runner {
             id: config.id.clone(),
             stage: config.stage.clone(),
             next: config.next.clone(),
+        };
+        // Bound first, so a taken probe port fails the start at once.
+        let probe_listener = match config.probe_listen {
+            Some(addr) => Some(crate::probe::bind(addr).await?),
+            None => None,
         };
         let (link, events_publisher) = Link::open(&params).await?;
         let routes = config.routes();
@@ -246,6 +253,9 @@ impl Runner {
             },
         );
         let shared = Shared::new(config.concurrency, (*route).clone());
+        shared.set_connected(true);
+        shared.touch_loop();
+        let probe_server = probe_listener.map(|l| crate::probe::spawn(l, shared.clone()));
         let identity = Identity {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             stages: routes.iter().map(|r| r.stage.clone()).collect(),
@@ -310,6 +320,7 @@ impl Runner {
             replies: JoinSet::new(),
             events_task,
             probe: None,
+            probe_server,
         })
     }
 
@@ -335,6 +346,9 @@ impl Runner {
                     link::close(&link.conn, "agent failed").await;
                 }
                 self.events_task.abort();
+                if let Some(server) = self.probe_server.take() {
+                    server.abort();
+                }
                 Err(err)
             }
         }
@@ -350,6 +364,7 @@ impl Runner {
         let mut probe_ticks = tokio::time::interval(PROBE_INTERVAL);
         probe_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.ctx.shared.touch_loop();
             if let Err(lost) = self.reconcile().await {
                 self.on_lost(lost);
             }
@@ -435,6 +450,7 @@ impl Runner {
             return;
         };
         link.mark_lost();
+        self.ctx.shared.set_connected(false);
         let delay = self.backoff.next_delay();
         tracing::warn!(
             tasks = self.tasks.len(),
@@ -472,6 +488,7 @@ impl Runner {
                     .map_or(0.0, |t| t.elapsed().as_secs_f64());
                 tracing::info!("reconnected to the broker after {down:.1}s");
                 self.link = Some(link);
+                self.ctx.shared.set_connected(true);
                 self.backoff.reset();
                 self.ctx.events.reconnected(events).await;
                 self.heartbeats.now();
@@ -758,6 +775,9 @@ impl Runner {
             link::close(&link.conn, "agent stopping").await;
         }
         self.events_task.abort();
+        if let Some(server) = self.probe_server.take() {
+            server.abort();
+        }
         let exit = AgentExit {
             id: self.config.id.clone(),
             reason,

@@ -5,7 +5,7 @@
 use crate::config::StageRoute;
 use guildhall_proto::{AgentState, TaskInHand};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,14 @@ pub struct Shared {
     route: Mutex<Arc<StageRoute>>,
     /// Recent broker round trips (publish to confirm), for heartbeats.
     rtt: Mutex<RttWindow>,
+    /// Whether the agent has a live broker connection now; readiness
+    /// (`/readyz`) needs it.
+    connected: AtomicBool,
+    /// When the agent started; `loop_ms` counts from it.
+    started: Instant,
+    /// Milliseconds after `started` at which the main loop last went round;
+    /// liveness (`/livez`) fails when it stops going round.
+    loop_ms: AtomicU64,
 }
 
 impl Shared {
@@ -58,7 +66,32 @@ impl Shared {
             worker_restarts: AtomicU32::new(0),
             route: Mutex::new(Arc::new(route)),
             rtt: Mutex::new(RttWindow::default()),
+            connected: AtomicBool::new(false),
+            started: Instant::now(),
+            loop_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Records whether the agent has a broker connection now.
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Whether the agent has a broker connection now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Records that the main loop went round.
+    pub fn touch_loop(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.loop_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the main loop last went round.
+    pub fn loop_age(&self) -> Duration {
+        let last = Duration::from_millis(self.loop_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
     }
 
     /// The stage served now and its next stage.

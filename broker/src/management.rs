@@ -242,9 +242,10 @@ impl Management {
             .collect())
     }
 
-    /// Every client connection.
+    /// Every client connection to this client's vhost (another vhost may
+    /// hold another deployment's agent of the same id: never touch it).
     pub async fn connections(&self) -> Result<Vec<ConnectionInfo>, ManagementError> {
-        let mut url = self.url_for(&["connections"]);
+        let mut url = self.url_for(&["vhosts", &self.vhost, "connections"]);
         url.set_query(Some("columns=name,user_provided_name"));
         Ok(self.get(url, "connections").await?.unwrap_or_default())
     }

@@ -184,9 +184,7 @@ async fn feed(
 ) {
     let mut n: u64 = 0;
     loop {
-        // Exponential inter-arrival times.
-        let u: f64 = rand::random::<f64>().max(1e-12);
-        let wait = Duration::from_secs_f64(-u.ln() / rate);
+        let wait = crate::submit::poisson_gap(rate);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return,

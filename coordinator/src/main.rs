@@ -10,7 +10,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(
         cli.command,
-        Command::Submit(_) | Command::Status(_) | Command::Trace(_) | Command::Worker(_)
+        Command::Submit(_)
+            | Command::Status(_)
+            | Command::Trace(_)
+            | Command::Worker(_)
+            | Command::Healthcheck(_)
     );
     init_logging(if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {
@@ -61,11 +65,12 @@ async fn run(command: Command) -> anyhow::Result<String> {
             guildhall::demo::run(args, shutdown_signal()).await?;
             Ok(String::new())
         }
-        Command::Submit(args) => cli::submit::run(&args).await,
+        Command::Submit(args) => cli::submit::run(&args, shutdown_signal()).await,
         Command::Status(args) => Ok(cli::client::status(&args).await?),
         Command::Trace(args) => Ok(cli::client::trace(&args).await?),
         Command::Simulate(args) => guildhall::sim::run(&args),
         Command::Worker(args) => Ok(cli::client::worker(&args).await?),
+        Command::Healthcheck(args) => Ok(cli::health::run(&args).await?),
     }
 }
 

@@ -14,6 +14,14 @@ use guildhall_proto::{AgentId, Envelope, Event, Names, Stage, TaskId, TaskSubmit
 use lapin::BasicProperties;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The wait before the next arrival of a Poisson process of `rate` per
+/// second (an exponential draw): how `guildhall demo` and `guildhall submit
+/// --rate` space their tasks, like independent producers would.
+pub fn poisson_gap(rate: f64) -> std::time::Duration {
+    let u: f64 = rand::random::<f64>().max(1e-12);
+    std::time::Duration::from_secs_f64(-u.ln() / rate)
+}
+
 /// Largest payload accepted for submission.
 pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 

@@ -120,6 +120,76 @@ async fn submit_status_and_trace() {
 }
 
 #[tokio::test]
+async fn submit_a_count_and_a_stream_of_tasks() {
+    let ns = TestNs::new("cli");
+    let broker = Broker::connect(&ns).await.unwrap();
+    let url = amqp_url();
+    let queue = format!("{}.stage.load", ns.name());
+    let common = [
+        "submit",
+        "--namespace",
+        ns.name(),
+        "--amqp-url",
+        url.as_str(),
+        "--stage",
+        "load",
+        "--declare",
+    ];
+
+    // --count: back to back, a summary, each task with its own id.
+    let mut args = common.to_vec();
+    args.extend(["--count", "3", "--payload", "p"]);
+    let o = guildhall(&args).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "submitted 3 tasks to load\n");
+    let drained = broker.drain(&queue).await.unwrap();
+    assert_eq!(drained.len(), 3);
+    let ids: std::collections::HashSet<&String> = drained.iter().map(|(id, _, _)| id).collect();
+    assert_eq!(ids.len(), 3, "{drained:?}");
+
+    // --rate: a load generator that runs until SIGTERM, then says how many
+    // it submitted; every one of them is on the queue.
+    let mut args: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+    args.extend(["--rate".into(), "50".into(), "--json".into()]);
+    let (mut feeder, _) = spawn_logged(&ns, "loadgen", &bin("guildhall"), &args, &[], None)
+        .await
+        .unwrap();
+    let management = guildhall_broker::Management::new(&management_url(), "/").unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "tasks arrive at a steady rate",
+        || async {
+            let depth = management
+                .queue(&queue)
+                .await?
+                .map_or(0, |q| q.messages_ready);
+            anyhow::ensure!(depth >= 5, "{depth} so far");
+            Ok(())
+        },
+    )
+    .await;
+    let status = feeder.terminate(Duration::from_secs(10)).await.unwrap();
+    assert!(status.success(), "{}", feeder.log_text());
+    let summary: serde_json::Value = eventually(Duration::from_secs(5), "the summary", || async {
+        let line = feeder
+            .log_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("[out] ").map(str::to_owned))
+            .ok_or_else(|| anyhow::anyhow!("no output yet"))?;
+        Ok(serde_json::from_str(&line)?)
+    })
+    .await;
+    let submitted = summary["submitted"].as_u64().unwrap();
+    assert_eq!(summary["stage"], "load");
+    assert_eq!(broker.drain(&queue).await.unwrap().len() as u64, submitted);
+
+    // Out of range: one line, status 2.
+    let mut args = common.to_vec();
+    args.extend(["--rate", "0"]);
+    assert_one_line_error(&guildhall(&args).await, 2, "--rate must be between");
+}
+
+#[tokio::test]
 async fn failures_are_one_clear_line() {
     let dead_broker = "amqp://guest:guest@127.0.0.1:1/%2f";
     let o = guildhall(&[

@@ -502,6 +502,19 @@ async fn tasks_flow_through_three_stages_and_every_one_is_accounted_for() {
     )
     .await;
 
+    // ... and only in their own vhost: a coordinator of another vhost never
+    // sees (nor closes) them, even with the same agent ids.
+    let elsewhere = guildhall_broker::Management::new(&management_url(), "gh-other-vhost").unwrap();
+    let foreign = elsewhere.connections().await.unwrap();
+    assert!(
+        foreign.iter().all(|c| !c
+            .user_provided_name
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("guildhall-agent/")),
+        "{foreign:?}"
+    );
+
     // The stage view agrees, and the agents stop cleanly.
     let stages = c.api.get_ok("/api/stages").await.unwrap();
     let intake = stages["stages"]

@@ -384,12 +384,16 @@ pub struct Coordinator {
 }
 
 /// Starts `guildhall serve` for `ns` on a free port, with extra flags (which
-/// may replace the default `--listen` and `--management-url`).
+/// may replace the default `--namespace`, `--amqp-url`, `--listen` and
+/// `--management-url`).
 pub async fn spawn_coordinator(ns: &TestNs, extra: &[&str]) -> anyhow::Result<Coordinator> {
-    let mut args: Vec<String> = ["serve", "--namespace", ns.name(), "--amqp-url", &amqp_url()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> = vec!["serve".to_owned()];
+    if !extra.contains(&"--namespace") {
+        args.extend(["--namespace".to_owned(), ns.name().to_owned()]);
+    }
+    if !extra.contains(&"--amqp-url") {
+        args.extend(["--amqp-url".to_owned(), amqp_url()]);
+    }
     if !extra.contains(&"--listen") {
         args.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
     }
@@ -452,26 +456,24 @@ pub struct Agent {
     pub id: String,
 }
 
-/// Starts `guildhall-agent --id <id> --stage <stage>` with extra flags.
+/// Starts `guildhall-agent --id <id> --stage <stage>` with extra flags (which
+/// may replace the default `--namespace` and `--amqp-url`).
 pub async fn spawn_agent(
     ns: &TestNs,
     id: &str,
     stage: &str,
     extra: &[&str],
 ) -> anyhow::Result<Agent> {
-    let mut args: Vec<String> = [
-        "--namespace",
-        ns.name(),
-        "--amqp-url",
-        &amqp_url(),
-        "--id",
-        id,
-        "--stage",
-        stage,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = ["--id", id, "--stage", stage]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if !extra.contains(&"--namespace") {
+        args.extend(["--namespace".to_owned(), ns.name().to_owned()]);
+    }
+    if !extra.contains(&"--amqp-url") {
+        args.extend(["--amqp-url".to_owned(), amqp_url()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let (proc, _) = spawn_logged(ns, id, &bin("guildhall-agent"), &args, &[], None).await?;
     Ok(Agent {

@@ -5,10 +5,13 @@
 //!
 //! - this file: the clap definitions and their conversion into runtime configs;
 //! - [`client`]: `status` and `trace`, which read the coordinator's API;
-//! - [`submit`]: `submit`, which publishes straight to the broker;
+//! - [`submit`]: `submit`, which publishes straight to the broker (one
+//!   task, a count, or a Poisson stream with `--rate`);
+//! - [`health`]: `healthcheck`, a container's HEALTHCHECK without curl;
 //! - [`render`]: terminal tables and time formatting.
 
 pub mod client;
+pub mod health;
 pub mod render;
 pub mod submit;
 
@@ -63,6 +66,9 @@ pub enum Command {
     /// Control one worker through a running coordinator: pause, resume,
     /// drain, restart, concurrency, logs.
     Worker(WorkerArgs),
+    /// Exit 0 if a URL answers 2xx (default: the local coordinator's
+    /// /healthz), else 1 with one line: a container healthcheck.
+    Healthcheck(HealthcheckArgs),
 }
 
 /// `guildhall worker ACTION ...`.
@@ -573,6 +579,27 @@ pub struct SubmitArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Keep submitting, as a Poisson stream of this many tasks per second
+    /// (0.001 to 10000), until stopped (SIGTERM, Ctrl-C) or `--count` is
+    /// reached: a load generator. Each task gets a new id.
+    #[arg(long, env = "GUILDHALL_SUBMIT_RATE")]
+    pub rate: Option<f64>,
+    /// Submit this many tasks (1 to 100000000), back to back unless `--rate`
+    /// spaces them. Each task gets a new id.
+    #[arg(long, env = "GUILDHALL_SUBMIT_COUNT")]
+    pub count: Option<u64>,
+}
+
+/// `guildhall healthcheck`: for a container's HEALTHCHECK, so an image needs
+/// no curl.
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The URL to GET; any 2xx answer is healthy.
+    #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+    pub url: String,
+    /// Longest the check may take.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// Flags of commands that read a running coordinator's API.

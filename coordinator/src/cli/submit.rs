@@ -1,14 +1,65 @@
-//! `guildhall submit`: publish one task straight to the broker (no
-//! coordinator needed).
+//! `guildhall submit`: publish tasks straight to the broker (no coordinator
+//! needed): one task, `--count N` tasks back to back, or with `--rate R` a
+//! Poisson stream (a load generator, as the compose demo's `loadgen` runs).
 
 use super::{ConfigError, SubmitArgs};
-use crate::submit::{Submitted, Submitter};
+use crate::submit::{Submitted, Submitter, poisson_gap};
 use guildhall_broker::{Publisher, connect, topology};
 use guildhall_proto::{AgentId, Stage, TaskId};
+use std::future::Future;
 use std::io::Read;
 
-/// Runs `submit`; the output to print.
-pub async fn run(args: &SubmitArgs) -> anyhow::Result<String> {
+/// Highest `--rate`, tasks per second.
+const MAX_RATE: f64 = 10_000.0;
+
+/// Highest `--count`.
+const MAX_COUNT: u64 = 100_000_000;
+
+/// How many tasks to submit, and how fast.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Plan {
+    /// Tasks per second, or `None` for back to back.
+    rate: Option<f64>,
+    /// Tasks in all, or `None` until stopped.
+    count: Option<u64>,
+}
+
+impl Plan {
+    /// One task with the given (or a new) id: the plain `submit`.
+    fn single(&self) -> bool {
+        self.rate.is_none() && self.count.is_none_or(|n| n == 1)
+    }
+}
+
+fn plan(args: &SubmitArgs) -> Result<Plan, ConfigError> {
+    if let Some(rate) = args.rate
+        && !(0.001..=MAX_RATE).contains(&rate)
+    {
+        return Err(ConfigError(format!(
+            "--rate must be between 0.001 and {MAX_RATE} tasks/s (got {rate})"
+        )));
+    }
+    if let Some(count) = args.count
+        && !(1..=MAX_COUNT).contains(&count)
+    {
+        return Err(ConfigError(format!(
+            "--count must be between 1 and {MAX_COUNT} (got {count})"
+        )));
+    }
+    let plan = Plan {
+        rate: args.rate,
+        count: args.count,
+    };
+    if args.id.is_some() && !plan.single() {
+        return Err(ConfigError(
+            "--id names one task: it cannot be used with --rate or --count above 1".into(),
+        ));
+    }
+    Ok(plan)
+}
+
+/// Runs `submit` until done or `stop` resolves; the output to print.
+pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::Result<String> {
     let (url, names) = args.broker.validate()?;
     let stage =
         Stage::new(args.stage.as_str()).map_err(|e| ConfigError(format!("--stage: {e}")))?;
@@ -18,6 +69,7 @@ pub async fn run(args: &SubmitArgs) -> anyhow::Result<String> {
         .map(TaskId::new)
         .transpose()
         .map_err(|e| ConfigError(format!("--id: {e}")))?;
+    let plan = plan(args)?;
     let payload = read_payload(&args.payload)?;
     let suffix = format!("{:08x}", rand::random::<u32>());
     let conn = connect(&url, &format!("guildhall-submit/{suffix}")).await?;
@@ -26,17 +78,67 @@ pub async fn run(args: &SubmitArgs) -> anyhow::Result<String> {
         topology::declare_stage(publisher.channel(), &names, &stage).await?;
     }
     let submitter = Submitter::new(AgentId::new(format!("submit-{suffix}"))?, names);
-    let result = submitter.submit(&publisher, stage, id, &payload).await;
+    if plan.single() {
+        let result = submitter.submit(&publisher, stage, id, &payload).await;
+        let _ = conn.close(200, "done".into()).await;
+        let Submitted { id, stage, .. } = result?;
+        return Ok(if args.json {
+            format!(
+                "{}\n",
+                serde_json::json!({ "id": id.as_str(), "stage": stage.as_str() })
+            )
+        } else {
+            format!("{id}\n")
+        });
+    }
+    let result = stream(&submitter, &publisher, &stage, &payload, plan, stop).await;
     let _ = conn.close(200, "done".into()).await;
-    let Submitted { id, stage, .. } = result?;
+    // A failure ends the run with status 1 (a restart policy starts it
+    // again); what was submitted before it is in the log line.
+    let submitted = result?;
     Ok(if args.json {
         format!(
             "{}\n",
-            serde_json::json!({ "id": id.as_str(), "stage": stage.as_str() })
+            serde_json::json!({ "submitted": submitted, "stage": stage.as_str() })
         )
     } else {
-        format!("{id}\n")
+        format!("submitted {submitted} tasks to {stage}\n")
     })
+}
+
+/// Submits tasks by `plan` until the count is reached or `stop` resolves;
+/// how many were submitted.
+async fn stream(
+    submitter: &Submitter,
+    publisher: &Publisher,
+    stage: &Stage,
+    payload: &[u8],
+    plan: Plan,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<u64> {
+    let mut stop = std::pin::pin!(stop);
+    let mut submitted: u64 = 0;
+    tracing::info!(%stage, rate = ?plan.rate, count = ?plan.count, "submitting");
+    while plan.count.is_none_or(|n| submitted < n) {
+        if let Some(rate) = plan.rate {
+            tokio::select! {
+                () = tokio::time::sleep(poisson_gap(rate)) => {}
+                () = &mut stop => break,
+            }
+        }
+        let submit = submitter.submit(publisher, stage.clone(), None, payload);
+        tokio::select! {
+            result = submit => {
+                result.map_err(|e| anyhow::anyhow!("after {submitted} tasks: {e}"))?;
+            }
+            () = &mut stop => break,
+        }
+        submitted += 1;
+        if submitted.is_multiple_of(1000) {
+            tracing::info!(submitted, "submitting");
+        }
+    }
+    Ok(submitted)
 }
 
 fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
@@ -48,5 +150,53 @@ fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
         }
         Some(path) => std::fs::read(path).map_err(|e| anyhow::anyhow!("--payload @{path}: {e}")),
         None => Ok(arg.as_bytes().to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> SubmitArgs {
+        let mut argv = vec!["guildhall", "submit", "--stage", "s"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Submit(args) => args,
+            other => panic!("not submit: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_task_unless_rate_or_count_says_otherwise() {
+        assert!(plan(&args(&[])).unwrap().single());
+        assert!(
+            plan(&args(&["--count", "1", "--id", "t1"]))
+                .unwrap()
+                .single()
+        );
+        let p = plan(&args(&["--rate", "4"])).unwrap();
+        assert_eq!((p.rate, p.count), (Some(4.0), None));
+        assert!(!p.single());
+        assert!(!plan(&args(&["--count", "5"])).unwrap().single());
+    }
+
+    #[test]
+    fn out_of_range_flags_are_one_line() {
+        for (extra, expected) in [
+            (
+                &["--rate", "0"][..],
+                "--rate must be between 0.001 and 10000",
+            ),
+            (&["--rate", "NaN"], "--rate must be between"),
+            (&["--rate", "20000"], "--rate must be between"),
+            (&["--count", "0"], "--count must be between 1 and 100000000"),
+            (&["--count", "5", "--id", "t1"], "--id names one task"),
+            (&["--rate", "2", "--id", "t1"], "--id names one task"),
+        ] {
+            let err = plan(&args(extra)).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{extra:?}: {err}");
+            assert!(!err.contains('\n'));
+        }
     }
 }

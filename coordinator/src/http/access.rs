@@ -1,6 +1,6 @@
 //! Access control: with `--api-token`, every control endpoint needs
 //! `Authorization: Bearer TOKEN`; with `--protect-reads` every read does
-//! too. `/healthz` and the dashboard's static files stay open (the page asks
+//! too. `/healthz`, `/livez` and the dashboard's static files stay open (the page asks
 //! for the token). Tokens are compared in constant time.
 //!
 //! `EventSource` cannot send headers, so a GET may carry the token as the

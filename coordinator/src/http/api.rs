@@ -49,6 +49,14 @@ pub async fn healthz(State(app): AppState) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Liveness for an orchestrator: answers while the HTTP server runs and the
+/// core's lock can be taken, whatever the broker is doing (a lost broker is
+/// `/healthz`'s 503, which a restart would not cure).
+pub async fn livez(State(app): AppState) -> Json<Value> {
+    let workers = app.core().overview();
+    Json(json!({ "status": "ok", "core": workers }))
+}
+
 pub async fn metrics(State(app): AppState) -> Response {
     {
         let mut core = app.core();

@@ -32,7 +32,7 @@ use std::sync::Arc;
 /// Largest request body: a 16 MiB payload in base64 inside JSON.
 const MAX_BODY_BYTES: usize = 24 * 1024 * 1024;
 
-/// Every route. Three groups: open (`/healthz` and the dashboard's static
+/// Every route. Three groups: open (`/healthz`, `/livez` and the dashboard's static
 /// files: the page asks for the token itself), reads (open unless
 /// `--protect-reads`), and control (with `--api-token`, only with the token):
 /// every command to agents, submitting tasks and replaying dead letters.
@@ -62,6 +62,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(from_fn_with_state(app.clone(), access::require_control));
     Router::new()
         .route("/healthz", get(api::healthz))
+        .route("/livez", get(api::livez))
         .route("/", get(dashboard::index))
         .route("/dashboard/app.css", get(dashboard::css))
         .route("/dashboard/app.js", get(dashboard::js))
