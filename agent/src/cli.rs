@@ -149,6 +149,13 @@ pub struct Cli {
     #[arg(long, env = "GUILDHALL_PROBE_LISTEN", value_name = "ADDR")]
     pub probe_listen: Option<String>,
 
+    /// Obey only commands the broker says this RabbitMQ user sent (the
+    /// coordinator's): with a user per component, any other publisher that
+    /// reaches the command queue through the default exchange is ignored.
+    /// Default: obey every command.
+    #[arg(long, env = "GUILDHALL_COMMAND_USER", value_name = "USER")]
+    pub command_user: Option<String>,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "GUILDHALL_JSON_LOGS", value_parser = FalseyValueParser::new())]
     pub json_logs: bool,
@@ -219,6 +226,15 @@ impl Cli {
                 })
             })
             .transpose()?;
+        config.command_user = match self.command_user {
+            Some(user) if user.trim().is_empty() => {
+                return Err(ConfigError::invalid(
+                    "--command-user",
+                    "must name the coordinator's RabbitMQ user (or be left out)",
+                ));
+            }
+            other => other,
+        };
         config.supervise = self.worker_command;
         config.validate()?;
         Ok(config)
@@ -337,6 +353,8 @@ mod tests {
             "4",
             "--probe-listen",
             "0.0.0.0:9100",
+            "--command-user",
+            "coordinator",
             "--",
             "my-worker",
             "--port",
@@ -372,6 +390,8 @@ mod tests {
         assert_eq!(defaults.health_interval, Duration::from_secs(5));
         assert_eq!(defaults.health_failures, 3);
         assert_eq!(defaults.probe_listen, None);
+        assert_eq!(c.command_user.as_deref(), Some("coordinator"));
+        assert_eq!(defaults.command_user, None);
     }
 
     #[test]
@@ -412,6 +432,10 @@ mod tests {
             (
                 &["--stage", "s", "--exec", "cat", "--id", "a b"],
                 "--id: invalid agent id",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--command-user", " "],
+                "--command-user: must name the coordinator's RabbitMQ user",
             ),
             (
                 &["--stage", "s", "--exec", "cat", "--probe-listen", "9100"],

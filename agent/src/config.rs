@@ -269,6 +269,11 @@ pub struct AgentConfig {
     /// Where to serve `/livez` and `/readyz` for an orchestrator (a
     /// Kubernetes probe, a compose healthcheck); `None` serves nothing.
     pub probe_listen: Option<std::net::SocketAddr>,
+    /// The RabbitMQ user whose commands are obeyed (the broker vouches for
+    /// a message's `user_id`); `None` obeys every command. Anyone allowed
+    /// to publish to the default exchange can reach a command queue, so a
+    /// deployment with a user per component sets this.
+    pub command_user: Option<String>,
 }
 
 impl AgentConfig {
@@ -298,6 +303,7 @@ impl AgentConfig {
             health_interval: Duration::from_secs(5),
             health_failures: 3,
             probe_listen: None,
+            command_user: None,
         }
     }
 

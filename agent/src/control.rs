@@ -5,7 +5,9 @@
 //! now: the binding moves with `Assign`) and `all`, declared again with each
 //! connection (it goes with the previous one; commands sent
 //! while the agent is disconnected are not received). A command
-//! (postcard, [`CommandMessage`]) that does not decode is logged and dropped.
+//! (postcard, [`CommandMessage`]) that does not decode is logged and dropped,
+//! and so is one whose broker-checked `user_id` is not `--command-user`
+//! (when given).
 //! When the message has a `reply_to`, a [`CommandReply`] goes there through
 //! the default exchange with the same `correlation_id`.
 //!
@@ -218,6 +220,17 @@ impl Runner {
     /// Applies one command message and replies if asked to. Only a lost
     /// link is an error (and then there is no reply).
     pub(crate) async fn on_command(&mut self, delivery: Delivery) -> Result<(), Lost> {
+        if let Some(want) = &self.config.command_user {
+            let sender = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+            if sender != Some(want.as_str()) {
+                tracing::warn!(
+                    sender = sender.unwrap_or("(none)"),
+                    expected = %want,
+                    "dropping a command not sent by the coordinator's user"
+                );
+                return Ok(());
+            }
+        }
         let message = match decode::<CommandMessage>(&delivery.data) {
             Ok(message) => message,
             Err(err) => {

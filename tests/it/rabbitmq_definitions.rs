@@ -462,17 +462,20 @@ async fn tasks_flow_and_commands_reach_agents_as_the_deployment_users() {
     let (_, health) = c.api.get("/healthz").await.unwrap();
     assert_eq!(health["management_api"], true, "{health}");
 
-    // Agent ids are unique across the broker: the coordinator looks agents'
-    // connections up by name over every vhost.
+    // Agent ids unique to this run (the coordinator only looks agents'
+    // connections up in its own vhost, but other tests share "/").
     let intake_id = format!("{}-intake", d.tag);
     let build_id = format!("{}-build", d.tag);
     let worker = spawn_http_worker(&ns, "worker").await.unwrap();
     let agent_url = d.amqp_url("agent");
+    let coordinator_user = d.user("coordinator");
     let common = [
         "--namespace",
         NS,
         "--amqp-url",
         agent_url.as_str(),
+        "--command-user",
+        coordinator_user.as_str(),
         "--worker-url",
         worker.url.as_str(),
         "--heartbeat",
@@ -566,6 +569,74 @@ async fn tasks_flow_and_commands_reach_agents_as_the_deployment_users() {
         .unwrap();
     assert_eq!(status, 200, "{body}");
     wait_status(&c.api, &build_id, "idle").await;
+
+    // A forged command: the agent user may publish to the default exchange
+    // (events, replies, retries), so it can put a message straight into
+    // another agent's command queue. The broker refuses a `user_id` that is
+    // not the publisher's own, and the agent (`--command-user`) obeys only
+    // the coordinator's user, so the forgery is dropped.
+    let forger = d.connect("agent", "forger").await.unwrap();
+    let pause = guildhall_proto::command::encode(&guildhall_proto::CommandMessage {
+        id: 7,
+        sent_at_ms: guildhall_broker::now_ms(),
+        command: guildhall_proto::Command::Pause,
+    })
+    .unwrap();
+    let build_queue = format!("{NS}.agent.{build_id}");
+    let forge = |user_id: Option<String>| {
+        let pause = pause.clone();
+        let build_queue = build_queue.clone();
+        let forger = &forger;
+        async move {
+            on_channel(forger, |ch| async move {
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                let mut props = BasicProperties::default();
+                if let Some(user) = user_id {
+                    props = props.with_user_id(user.as_str().into());
+                }
+                ch.basic_publish(
+                    "".into(),
+                    build_queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &pause,
+                    props,
+                )
+                .await?
+                .await
+            })
+            .await
+        }
+    };
+    // Posing as the coordinator: refused by the broker (406).
+    assert_refused(
+        "the agent user publishing as the coordinator user",
+        406,
+        forge(Some(coordinator_user.clone())).await,
+    );
+    // As itself, or with no user_id: delivered, and dropped by the agent.
+    forge(None).await.unwrap();
+    forge(Some(d.user("agent"))).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the agent drops both forgeries",
+        || async {
+            let dropped = build
+                .proc
+                .log_text()
+                .matches("dropping a command not sent by the coordinator's user")
+                .count();
+            ensure!(dropped == 2, "{dropped} dropped so far");
+            Ok(())
+        },
+    )
+    .await;
+    let view = c
+        .api
+        .get_ok(&format!("/api/workers/{build_id}"))
+        .await
+        .unwrap();
+    assert_eq!(view["status"], "idle", "a forged pause was obeyed: {view}");
+    let _ = forger.close(200, "done".into()).await;
 
     // A frozen agent: declared dead, and its connection closed through the
     // management API, which the coordinator may do with its administrator tag.

@@ -192,10 +192,18 @@ impl Controller {
         let channel = self.channel().await?;
         // A command that waited longer than the caller would is not carried
         // out late: it expires in the agent's queue.
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_reply_to(REPLY_TO.into())
             .with_correlation_id(id.to_string().into())
             .with_expiration(timeout.as_millis().to_string().into());
+        // The broker refuses a `user_id` other than the publisher's own
+        // user, so agents started with `--command-user` can tell this
+        // coordinator's commands from anything else that reaches their queue
+        // (anyone who may publish to the default exchange can put a message
+        // there).
+        if !self.url.username().is_empty() {
+            props = props.with_user_id(self.url.username().into());
+        }
         let confirm = channel
             .basic_publish(
                 self.names.control_exchange().as_str().into(),
