@@ -2,8 +2,10 @@
 //! (with a real agent and worker on the real broker) and loads
 //! `deploy/prometheus/alerts.yml`; then every alert rule and every PromQL
 //! expression of the Grafana dashboard must be valid, and every Guildhall
-//! metric they name must be in the scrape. This keeps the dashboards, the
-//! alerts and the code from drifting apart.
+//! metric they name must be in the scrape. It also scrapes the local
+//! broker's own exporter (`rabbitmq_prometheus`, as the compose cluster
+//! does), so the dashboard's RabbitMQ panels name metrics that exist too.
+//! This keeps the dashboards, the alerts and the code from drifting apart.
 
 use guildhall_tests::*;
 use serde_json::Value;
@@ -42,23 +44,34 @@ fn instantiate(expr: &str) -> String {
         .replace("$worker", ".*")
 }
 
-/// The Guildhall metric names an expression mentions (a histogram's series
-/// by their `_bucket`, `_sum` or `_count` name).
+/// The Guildhall and RabbitMQ metric names an expression mentions (a
+/// histogram's series by their `_bucket`, `_sum` or `_count` name).
 fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let bytes = expr.as_bytes();
-    let mut i = 0;
-    while let Some(at) = expr[i..].find("guildhall_") {
-        let start = i + at;
-        let mut end = start;
-        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
-            end += 1;
+    for prefix in ["guildhall_", "rabbitmq_"] {
+        let mut i = 0;
+        while let Some(at) = expr[i..].find(prefix) {
+            let start = i + at;
+            let mut end = start;
+            while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+                end += 1;
+            }
+            // Part of a longer identifier (`x_guildhall_y`) is not a name.
+            let inside =
+                start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+            if !inside {
+                names.insert(expr[start..end].to_owned());
+            }
+            i = end;
         }
-        names.insert(expr[start..end].to_owned());
-        i = end;
     }
     names
 }
+
+/// Where the local broker's own exporter (the `rabbitmq_prometheus` plugin,
+/// enabled by `.ci/run`) listens, as in `deploy/rabbitmq/rabbitmq.conf`.
+const RABBITMQ_EXPORTER: &str = "127.0.0.1:15692";
 
 async fn query(client: &reqwest::Client, base: &str, expr: &str) -> anyhow::Result<Value> {
     let mut url = reqwest::Url::parse(&format!("{base}/api/v1/query"))?;
@@ -133,7 +146,7 @@ async fn every_alert_rule_and_dashboard_query_runs_on_a_real_prometheus() {
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: guildhall\n    static_configs:\n      - targets: [\"{target}\"]\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: guildhall\n    static_configs:\n      - targets: [\"{target}\"]\n  - job_name: rabbitmq\n    static_configs:\n      - targets: [\"{RABBITMQ_EXPORTER}\"]\n",
             rules.display()
         ),
     )
@@ -162,6 +175,17 @@ async fn every_alert_rule_and_dashboard_query_runs_on_a_real_prometheus() {
         anyhow::ensure!(n >= 5.0, "{n} scrapes");
         Ok(())
     })
+    .await;
+    // The dashboard's RabbitMQ panels read the broker's own exporter.
+    eventually(
+        Duration::from_secs(30),
+        "RabbitMQ's exporter scraped (rabbitmq-plugins enable rabbitmq_prometheus)",
+        || async {
+            let r = query(&http, &base, "up{job=\"rabbitmq\"}").await?;
+            anyhow::ensure!(r[0]["value"][1] == "1", "{r}");
+            Ok(())
+        },
+    )
     .await;
 
     // Every metric name used anywhere must be in the scrape.
@@ -209,6 +233,11 @@ async fn every_alert_rule_and_dashboard_query_runs_on_a_real_prometheus() {
     // here (which stage an agent moved from and to): no series to pre-create.
     const EVENT_ONLY: [&str; 1] = ["guildhall_worker_moves_total"];
     let mut missing = BTreeSet::new();
+    let named: BTreeSet<String> = exprs.iter().flat_map(|(_, e)| metric_names(e)).collect();
+    assert!(
+        named.iter().any(|n| n.starts_with("rabbitmq_")),
+        "the dashboard's RabbitMQ panels are checked too: {named:?}"
+    );
     for (origin, expr) in &exprs {
         query(&http, &base, expr)
             .await
@@ -227,7 +256,7 @@ async fn every_alert_rule_and_dashboard_query_runs_on_a_real_prometheus() {
     }
     assert!(
         missing.is_empty(),
-        "metrics named in rules or dashboards but not exported: {missing:?}"
+        "metrics named in rules or dashboards but not exported (by the coordinator or RabbitMQ): {missing:?}"
     );
     eprintln!("prometheus: {} expressions checked", exprs.len());
 }
