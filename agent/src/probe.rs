@@ -2,12 +2,16 @@
 //!
 //! | path | 200 when | otherwise |
 //! |---|---|---|
-//! | `GET /livez` | the main loop went round within [`LIVENESS_WINDOW`] (or the agent is stopping) | 503: the agent is wedged; restarting it is the cure |
+//! | `GET /livez` | the main loop went round within [`LIVENESS_WINDOW`], or it is waiting on the broker, or the agent is stopping | 503: the agent is wedged; restarting it is the cure |
 //! | `GET /readyz` | connected to the broker, and consuming or deliberately paused | 503: connecting, reconnecting, waiting for its worker, or draining |
 //!
 //! Both answer JSON: `{"status", "state", "connected", "loop_age_ms",
-//! "reason"?}`. A lost broker makes the agent unready but never unalive: it
-//! reconnects by itself, and a restart would only drop the tasks in hand.
+//! "waiting_on_broker", "reason"?}`. A lost or blocking broker (a memory or
+//! disk alarm stalls the loop inside a broker call for as long as it lasts)
+//! makes the agent unready at worst, never unalive: it reconnects by itself,
+//! and a restart would only drop the tasks in hand. Nothing is served before
+//! the first broker connection: the probes answer once the agent has
+//! connected (a first connection that fails ends the process).
 //! Anything else than these two paths is a JSON 404.
 
 use crate::config::ConfigError;
@@ -23,8 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest the main loop may go without turning round before `/livez`
-/// fails. The loop turns at least every round-trip probe interval (5 s);
-/// broker calls inside it have their own timeouts well under this.
+/// fails, unless it is waiting on the broker. The loop turns at least every
+/// round-trip probe interval (5 s).
 pub const LIVENESS_WINDOW: Duration = Duration::from_secs(60);
 
 /// Binds the probe address (before anything else, so a taken port is a
@@ -66,14 +70,17 @@ struct Report {
     connected: bool,
     /// How long ago the main loop last went round.
     loop_age_ms: u64,
+    /// Whether the loop is inside a broker call now.
+    waiting_on_broker: bool,
     /// Why the probe fails; absent when it passes.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
 }
 
-/// Liveness of an agent in `state` whose loop last turned `loop_age` ago.
-pub fn live(state: AgentState, loop_age: Duration) -> Result<(), String> {
-    if state == AgentState::Draining || loop_age <= LIVENESS_WINDOW {
+/// Liveness of an agent in `state` whose loop last turned `loop_age` ago,
+/// and is or is not `waiting_on_broker`.
+pub fn live(state: AgentState, loop_age: Duration, waiting_on_broker: bool) -> Result<(), String> {
+    if state == AgentState::Draining || waiting_on_broker || loop_age <= LIVENESS_WINDOW {
         Ok(())
     } else {
         Err(format!(
@@ -93,12 +100,30 @@ pub fn ready(state: AgentState, connected: bool) -> Result<(), String> {
     }
 }
 
-fn answer(shared: &Shared, verdict: Result<(), String>) -> Response {
+/// Everything a probe reads, read once so the verdict and the body agree.
+struct Reading {
+    state: AgentState,
+    connected: bool,
+    loop_age: Duration,
+    waiting_on_broker: bool,
+}
+
+fn read(shared: &Shared) -> Reading {
+    Reading {
+        state: shared.state(),
+        connected: shared.connected(),
+        loop_age: shared.loop_age(),
+        waiting_on_broker: shared.is_waiting_on_broker(),
+    }
+}
+
+fn answer(r: &Reading, verdict: Result<(), String>) -> Response {
     let report = Report {
         status: if verdict.is_ok() { "ok" } else { "unavailable" },
-        state: shared.state().as_str(),
-        connected: shared.connected(),
-        loop_age_ms: u64::try_from(shared.loop_age().as_millis()).unwrap_or(u64::MAX),
+        state: r.state.as_str(),
+        connected: r.connected,
+        loop_age_ms: u64::try_from(r.loop_age.as_millis()).unwrap_or(u64::MAX),
+        waiting_on_broker: r.waiting_on_broker,
         reason: verdict.err(),
     };
     let code = if report.reason.is_none() {
@@ -110,13 +135,13 @@ fn answer(shared: &Shared, verdict: Result<(), String>) -> Response {
 }
 
 async fn livez(State(shared): State<Arc<Shared>>) -> Response {
-    let verdict = live(shared.state(), shared.loop_age());
-    answer(&shared, verdict)
+    let r = read(&shared);
+    answer(&r, live(r.state, r.loop_age, r.waiting_on_broker))
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    let verdict = ready(shared.state(), shared.connected());
-    answer(&shared, verdict)
+    let r = read(&shared);
+    answer(&r, ready(r.state, r.connected))
 }
 
 async fn not_found() -> Response {
@@ -134,7 +159,7 @@ mod tests {
     #[test]
     fn a_lost_broker_is_unready_but_alive() {
         assert!(ready(AgentState::Idle, false).is_err());
-        assert!(live(AgentState::Idle, Duration::from_secs(1)).is_ok());
+        assert!(live(AgentState::Idle, Duration::from_secs(1), false).is_ok());
     }
 
     #[test]
@@ -149,8 +174,16 @@ mod tests {
     #[test]
     fn a_stuck_loop_is_not_alive_unless_draining() {
         let stuck = LIVENESS_WINDOW + Duration::from_secs(1);
-        assert!(live(AgentState::Processing, stuck).is_err());
-        assert!(live(AgentState::Draining, stuck).is_ok());
-        assert!(live(AgentState::Processing, LIVENESS_WINDOW).is_ok());
+        assert!(live(AgentState::Processing, stuck, false).is_err());
+        assert!(live(AgentState::Draining, stuck, false).is_ok());
+        assert!(live(AgentState::Processing, LIVENESS_WINDOW, false).is_ok());
+    }
+
+    #[test]
+    fn a_loop_stalled_by_a_blocking_broker_is_still_alive() {
+        // A memory or disk alarm blocks the connection inside a broker call
+        // for as long as it lasts; restarting the agent would not help.
+        let stuck = LIVENESS_WINDOW * 10;
+        assert!(live(AgentState::Idle, stuck, true).is_ok());
     }
 }

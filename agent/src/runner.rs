@@ -365,7 +365,10 @@ impl Runner {
         probe_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.ctx.shared.touch_loop();
-            if let Err(lost) = self.reconcile().await {
+            let waiting = self.ctx.shared.waiting_on_broker();
+            let reconciled = self.reconcile().await;
+            drop(waiting);
+            if let Err(lost) = reconciled {
                 self.on_lost(lost);
             }
             let deadline = match &self.mode {
@@ -389,7 +392,10 @@ impl Runner {
                 }
                 event = next_link_event(&mut self.link, can_take) => match event {
                     LinkEvent::Command(delivery) => {
-                        if let Err(lost) = self.on_command(delivery).await {
+                        let waiting = self.ctx.shared.waiting_on_broker();
+                        let applied = self.on_command(delivery).await;
+                        drop(waiting);
+                        if let Err(lost) = applied {
                             self.on_lost(lost);
                         }
                     }
@@ -419,7 +425,10 @@ impl Runner {
                         tracing::error!("a task handler panicked: {err}");
                     }
                 }
-                opened = reconnected(&mut self.connecting) => self.on_reconnect(opened).await?,
+                opened = reconnected(&mut self.connecting) => {
+                    let _waiting = self.ctx.shared.waiting_on_broker();
+                    self.on_reconnect(opened).await?;
+                }
                 _ = probe_ticks.tick() => self.probe_rtt(),
                 () = worker_changed(&mut self.worker_status) => {}
                 () = sleep_until(deadline), if deadline.is_some() && hard_deadline.is_none() => {

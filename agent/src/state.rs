@@ -50,6 +50,11 @@ pub struct Shared {
     /// Milliseconds after `started` at which the main loop last went round;
     /// liveness (`/livez`) fails when it stops going round.
     loop_ms: AtomicU64,
+    /// Whether the main loop is waiting on the broker (a consume, a cancel,
+    /// a command's declarations, a reconnect): a broker that blocks the
+    /// connection (a memory or disk alarm) stalls the loop, and that is not
+    /// the agent's fault, so liveness does not fail for it.
+    broker_wait: AtomicBool,
 }
 
 impl Shared {
@@ -69,7 +74,19 @@ impl Shared {
             connected: AtomicBool::new(false),
             started: Instant::now(),
             loop_ms: AtomicU64::new(0),
+            broker_wait: AtomicBool::new(false),
         })
+    }
+
+    /// Marks the main loop as waiting on the broker until the guard drops.
+    pub fn waiting_on_broker(self: &Arc<Self>) -> BrokerWait {
+        self.broker_wait.store(true, Ordering::Relaxed);
+        BrokerWait(self.clone())
+    }
+
+    /// Whether the main loop is waiting on the broker now.
+    pub fn is_waiting_on_broker(&self) -> bool {
+        self.broker_wait.load(Ordering::Relaxed)
     }
 
     /// Records whether the agent has a broker connection now.
@@ -219,6 +236,16 @@ impl Shared {
     /// Counts a restart of the supervised worker; returns the new total.
     pub fn count_worker_restart(&self) -> u32 {
         self.worker_restarts.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// While alive, the main loop counts as waiting on the broker.
+#[derive(Debug)]
+pub struct BrokerWait(Arc<Shared>);
+
+impl Drop for BrokerWait {
+    fn drop(&mut self) {
+        self.0.broker_wait.store(false, Ordering::Relaxed);
     }
 }
 

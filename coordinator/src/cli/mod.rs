@@ -580,7 +580,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub json: bool,
     /// Keep submitting, as a Poisson stream of this many tasks per second
-    /// (0.001 to 10000), until stopped (SIGTERM, Ctrl-C) or `--count` is
+    /// (0.001 to 1000), until stopped (SIGTERM, Ctrl-C) or `--count` is
     /// reached: a load generator. Each task gets a new id.
     #[arg(long, env = "GUILDHALL_SUBMIT_RATE")]
     pub rate: Option<f64>,
