@@ -598,10 +598,7 @@ impl ConfigError {
     }
 }
 
-/// Collapses a message to one line (errors from libraries may hold newlines).
-pub fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
+pub use guildhall_broker::one_line;
 
 fn as_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)

@@ -20,6 +20,8 @@
 //!   their sequence numbers, after a reconnect.
 //! - [`management`]: a small client for the RabbitMQ management HTTP API
 //!   (queue depths with unacked counts, connections, deletes).
+//! - [`one_line`] and [`error_chain`]: errors as the one line both binaries
+//!   print and log.
 //!
 //! **Nothing here is acked or published without a confirm**: every helper
 //! that sends a message returns only after the broker took responsibility for
@@ -37,6 +39,24 @@ pub use events::{EventPublisher, EventPublisherConfig};
 pub use management::Management;
 pub use publish::{PublishError, Publisher};
 pub use task::TaskMeta;
+
+/// Collapses a message to one line (errors from libraries may hold newlines).
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// An error and its causes, `: `-separated (reqwest's and hyper's own
+/// messages are terse; the cause says what happened).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> u64 {

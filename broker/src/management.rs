@@ -121,6 +121,15 @@ impl Management {
         })
     }
 
+    /// An authenticated request to `/api/<segments...>` (each segment
+    /// percent-encoded), for calls this client has no method of its own for
+    /// (tests, admin tooling).
+    pub fn request(&self, method: reqwest::Method, segments: &[&str]) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url_for(segments))
+            .basic_auth(&self.user, Some(&self.password))
+    }
+
     /// The base URL, without credentials.
     pub fn url(&self) -> String {
         self.base.to_string()

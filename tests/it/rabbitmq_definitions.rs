@@ -11,7 +11,7 @@
 //! `guildhall`, as in production: the vhost is the isolation.
 
 use anyhow::{Context, bail, ensure};
-use guildhall_broker::{AmqpUrl, connect};
+use guildhall_broker::{AmqpUrl, Management, connect};
 use guildhall_tests::*;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -19,7 +19,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use reqwest::Url;
+use reqwest::{Method, Url};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::time::Duration;
@@ -39,64 +39,25 @@ const ACCESS_REFUSED: u16 = 403;
 /// RabbitMQ's RESOURCE_LOCKED: an exclusive queue used from another connection.
 const RESOURCE_LOCKED: u16 = 405;
 
-/// The management API as the tests' administrator (`management_url()`).
+/// The management API as the tests' administrator (`management_url()`):
+/// the broker crate's client, for the calls it has no method of its own for.
 #[derive(Clone)]
-struct Admin {
-    /// Base URL without credentials.
-    base: Url,
-    /// User name.
-    user: String,
-    /// Password.
-    password: String,
-    /// HTTP client.
-    http: reqwest::Client,
-}
+struct Admin(Management);
+
+/// Longest one admin call may take (an import is slower than a read).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Admin {
     fn new() -> anyhow::Result<Self> {
-        let mut base = Url::parse(&management_url())?;
-        let user = base.username().to_owned();
-        let password = base.password().unwrap_or_default().to_owned();
-        base.set_username("")
-            .map_err(|()| anyhow::anyhow!("management URL without a host"))?;
-        base.set_password(None)
-            .map_err(|()| anyhow::anyhow!("management URL without a host"))?;
-        Ok(Self {
-            base,
-            user: if user.is_empty() {
-                "guest".into()
-            } else {
-                user
-            },
-            password: if password.is_empty() {
-                "guest".into()
-            } else {
-                password
-            },
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()?,
-        })
+        Ok(Self(Management::new(&management_url(), "/")?))
     }
 
-    /// `/api/<segments...>`, each segment percent-encoded.
-    fn url(&self, segments: &[&str]) -> Url {
-        let mut url = self.base.clone();
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty();
-            path.push("api");
-            path.extend(segments);
-        }
-        url
+    fn request(&self, method: Method, segments: &[&str]) -> reqwest::RequestBuilder {
+        self.0.request(method, segments).timeout(ADMIN_TIMEOUT)
     }
 
     async fn get(&self, segments: &[&str]) -> anyhow::Result<(u16, Value)> {
-        let r = self
-            .http
-            .get(self.url(segments))
-            .basic_auth(&self.user, Some(&self.password))
-            .send()
-            .await?;
+        let r = self.request(Method::GET, segments).send().await?;
         let status = r.status().as_u16();
         let body = r.json().await.unwrap_or(Value::Null);
         Ok((status, body))
@@ -104,9 +65,7 @@ impl Admin {
 
     async fn post_definitions(&self, definitions: &Value) -> anyhow::Result<()> {
         let r = self
-            .http
-            .post(self.url(&["definitions"]))
-            .basic_auth(&self.user, Some(&self.password))
+            .request(Method::POST, &["definitions"])
             .json(definitions)
             .send()
             .await?;
@@ -122,13 +81,11 @@ impl Admin {
 
     /// DELETE; a 404 (already gone, or never created) is fine.
     async fn delete(&self, segments: &[&str]) -> anyhow::Result<()> {
-        let r = self
-            .http
-            .delete(self.url(segments))
-            .basic_auth(&self.user, Some(&self.password))
+        let status = self
+            .request(Method::DELETE, segments)
             .send()
-            .await?;
-        let status = r.status();
+            .await?
+            .status();
         ensure!(
             status.is_success() || status.as_u16() == 404,
             "DELETE {segments:?}: {status}"
@@ -181,7 +138,7 @@ impl Deployment {
 
     /// The management URL as `user`.
     fn management_url(&self, user: &str) -> String {
-        let mut url = self.admin.base.clone();
+        let mut url = Url::parse(&self.admin.0.url()).expect("management URL");
         url.set_username(&self.user(user))
             .expect("management URL host");
         url.set_password(Some(user)).expect("management URL host");

@@ -383,61 +383,42 @@ pub struct Coordinator {
     pub api: Api,
 }
 
-/// Starts `guildhall serve` for `ns` on a free port, with extra flags (which
-/// may replace the default `--namespace`, `--amqp-url`, `--listen` and
-/// `--management-url`).
-pub async fn spawn_coordinator(ns: &TestNs, extra: &[&str]) -> anyhow::Result<Coordinator> {
-    let mut args: Vec<String> = vec!["serve".to_owned()];
-    if !extra.contains(&"--namespace") {
-        args.extend(["--namespace".to_owned(), ns.name().to_owned()]);
-    }
-    if !extra.contains(&"--amqp-url") {
-        args.extend(["--amqp-url".to_owned(), amqp_url()]);
-    }
-    if !extra.contains(&"--listen") {
-        args.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
-    }
-    if !extra.contains(&"--management-url") {
-        args.extend(["--management-url".to_owned(), management_url()]);
+/// `first`, then each default flag that `extra` does not give itself, then
+/// `extra`: a test may replace any default.
+fn with_defaults(first: &[&str], defaults: Vec<(&str, String)>, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = first.iter().map(|s| s.to_string()).collect();
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_owned(), value]);
+        }
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    let (proc, line) = spawn_logged(
-        ns,
-        "coordinator",
-        &bin("guildhall"),
-        &args,
-        &[],
-        Some("listening on http://"),
-    )
-    .await?;
-    let url = url_in(&line.unwrap_or_default())?;
-    Ok(Coordinator {
-        proc,
-        api: Api::new(&url),
-    })
+    args
 }
 
-/// Starts `guildhall demo` for `ns` on a free port with extra flags; returns
-/// the process and its API once it listens.
-pub async fn spawn_demo(ns: &TestNs, extra: &[&str]) -> anyhow::Result<(Proc, Api)> {
-    let mut args: Vec<String> = [
-        "demo",
-        "--namespace",
-        ns.name(),
-        "--amqp-url",
-        &amqp_url(),
-        "--management-url",
-        &management_url(),
-        "--listen",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
+/// Starts `guildhall <command>` (serve or demo) for `ns` on a free port with
+/// extra flags (which may replace the default `--namespace`, `--amqp-url`,
+/// `--listen` and `--management-url`); returns it once it listens.
+async fn spawn_listening(
+    ns: &TestNs,
+    command: &str,
+    extra: &[&str],
+) -> anyhow::Result<(Proc, Api)> {
+    let defaults = vec![
+        ("--namespace", ns.name().to_owned()),
+        ("--amqp-url", amqp_url()),
+        ("--listen", "127.0.0.1:0".to_owned()),
+        ("--management-url", management_url()),
+    ];
+    let args = with_defaults(&[command], defaults, extra);
+    let name = if command == "serve" {
+        "coordinator"
+    } else {
+        command
+    };
     let (proc, line) = spawn_logged(
         ns,
-        "demo",
+        name,
         &bin("guildhall"),
         &args,
         &[],
@@ -446,6 +427,20 @@ pub async fn spawn_demo(ns: &TestNs, extra: &[&str]) -> anyhow::Result<(Proc, Ap
     .await?;
     let url = url_in(&line.unwrap_or_default())?;
     Ok((proc, Api::new(&url)))
+}
+
+/// Starts `guildhall serve` for `ns` on a free port, with extra flags (which
+/// may replace the default `--namespace`, `--amqp-url`, `--listen` and
+/// `--management-url`).
+pub async fn spawn_coordinator(ns: &TestNs, extra: &[&str]) -> anyhow::Result<Coordinator> {
+    let (proc, api) = spawn_listening(ns, "serve", extra).await?;
+    Ok(Coordinator { proc, api })
+}
+
+/// Starts `guildhall demo` for `ns` on a free port with extra flags; returns
+/// the process and its API once it listens.
+pub async fn spawn_demo(ns: &TestNs, extra: &[&str]) -> anyhow::Result<(Proc, Api)> {
+    spawn_listening(ns, "demo", extra).await
 }
 
 /// A running `guildhall-agent`.
@@ -464,17 +459,11 @@ pub async fn spawn_agent(
     stage: &str,
     extra: &[&str],
 ) -> anyhow::Result<Agent> {
-    let mut args: Vec<String> = ["--id", id, "--stage", stage]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    if !extra.contains(&"--namespace") {
-        args.extend(["--namespace".to_owned(), ns.name().to_owned()]);
-    }
-    if !extra.contains(&"--amqp-url") {
-        args.extend(["--amqp-url".to_owned(), amqp_url()]);
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let defaults = vec![
+        ("--namespace", ns.name().to_owned()),
+        ("--amqp-url", amqp_url()),
+    ];
+    let args = with_defaults(&["--id", id, "--stage", stage], defaults, extra);
     let (proc, _) = spawn_logged(ns, id, &bin("guildhall-agent"), &args, &[], None).await?;
     Ok(Agent {
         proc,

@@ -128,17 +128,7 @@ fn request_error(err: &reqwest::Error) -> Failure {
     }
 }
 
-/// An error and its causes on one line (reqwest's own message is terse).
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use guildhall_broker::error_chain;
 
 /// Maps a complete response to an outcome (see the module docs for the table).
 pub fn map_response(

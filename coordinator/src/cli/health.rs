@@ -3,6 +3,7 @@
 //! `/healthz`, an agent's `/readyz`), so the runtime image needs no curl.
 
 use super::HealthcheckArgs;
+use guildhall_broker::{error_chain, one_line};
 
 /// Most bytes of a failing answer quoted in the error.
 const QUOTE_BYTES: usize = 200;
@@ -80,21 +81,6 @@ pub async fn run(args: &HealthcheckArgs) -> Result<String, HealthError> {
             body: quoted,
         })
     }
-}
-
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -120,27 +120,20 @@ async fn stream(
     let mut stop = std::pin::pin!(stop);
     let mut submitted: u64 = 0;
     tracing::info!(%stage, rate = ?plan.rate, count = ?plan.count, "submitting");
-    // Arrivals are scheduled on absolute times, so the time a submission
-    // takes does not slow the stream down.
-    let mut next = tokio::time::Instant::now();
     while plan.count.is_none_or(|n| submitted < n) {
         if let Some(rate) = plan.rate {
-            next += poisson_gap(rate);
             tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
+                () = tokio::time::sleep(poisson_gap(rate)) => {}
                 () = &mut stop => break,
             }
         }
-        // A submission once started runs to its end (the task and its
-        // `TaskSubmitted` event, both confirmed), so a stop never leaves a
-        // task counted but without its event.
-        if futures_lite::future::poll_once(&mut stop).await.is_some() {
-            break;
+        let submit = submitter.submit(publisher, stage.clone(), None, payload);
+        tokio::select! {
+            result = submit => {
+                result.map_err(|e| anyhow::anyhow!("after {submitted} tasks: {e}"))?;
+            }
+            () = &mut stop => break,
         }
-        submitter
-            .submit(publisher, stage.clone(), None, payload)
-            .await
-            .map_err(|e| anyhow::anyhow!("after {submitted} tasks: {e}"))?;
         submitted += 1;
         if submitted.is_multiple_of(1000) {
             tracing::info!(submitted, "submitting");
