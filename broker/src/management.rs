@@ -214,6 +214,28 @@ impl Management {
             .map(|_| ())
     }
 
+    /// `RabbitMQ <version> (Erlang <version>)`, from the overview.
+    pub async fn broker_version(&self) -> Result<String, ManagementError> {
+        #[derive(Deserialize)]
+        struct Overview {
+            rabbitmq_version: Option<String>,
+            erlang_version: Option<String>,
+        }
+        let o = self
+            .get::<Overview>(self.url_for(&["overview"]), "overview")
+            .await?
+            .ok_or(ManagementError::Status {
+                status: StatusCode::NOT_FOUND,
+                what: "overview".into(),
+            })?;
+        let unknown = || "unknown".to_string();
+        Ok(format!(
+            "RabbitMQ {} (Erlang {})",
+            o.rabbitmq_version.unwrap_or_else(unknown),
+            o.erlang_version.unwrap_or_else(unknown)
+        ))
+    }
+
     /// One queue's counts; `None` if it does not exist.
     pub async fn queue(&self, name: &str) -> Result<Option<QueueInfo>, ManagementError> {
         let url = self.url_for(&["queues", &self.vhost, name]);

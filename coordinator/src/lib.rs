@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - [`bench`]: `guildhall bench`: ingest, fleet and memory benchmarks on
+//!   the real broker, and the simulated agents they share.
 //! - [`capacity`]: forecasting, queueing-theory sizing, HPA-style
 //!   stabilisation and rebalancing of stages (pure, sans-IO).
 //! - [`cli`]: the command line's flags and client commands.
@@ -16,6 +18,7 @@
 //!   policies on arrival traces, driving the same [`capacity`] code.
 //! - [`submit`]: publishing tasks (shared by the API and `guildhall submit`).
 
+pub mod bench;
 pub mod capacity;
 pub mod cli;
 pub mod core;

@@ -57,6 +57,9 @@ const DURATION_BUCKETS: &[f64] = &[
 const WAIT_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
+const LAG_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 const PIPELINE_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 14400.0,
 ];
@@ -109,6 +112,14 @@ pub struct Metrics {
     pub stage_bottleneck: IntGaugeVec,
     /// `guildhall_events_ingested_total{kind}`.
     pub events_ingested: IntCounterVec,
+    /// The handle of each `kind` of `events_ingested`, indexed by
+    /// [`guildhall_proto::Event::kind_index`]: counting an event is one
+    /// atomic add, no label lookup.
+    pub events_by_kind: Vec<IntCounter>,
+    /// `guildhall_event_lag_seconds`: from an envelope's publish (the
+    /// sender's clock) to its application, the coordinator's delay behind
+    /// its fleet (large while a restarted coordinator replays the stream).
+    pub event_lag: Histogram,
     /// `guildhall_events_malformed_total{reason}`: dropped messages and events.
     pub events_malformed: IntCounterVec,
     /// `guildhall_event_batches_total`: envelopes applied.
@@ -317,6 +328,16 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(pipeline_duration.clone()))
             .expect("metric registered once");
+        let event_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "guildhall_event_lag_seconds",
+                "Time from an event envelope's publish (sender's clock) to its application by the coordinator.",
+            )
+            .buckets(LAG_BUCKETS.to_vec()),
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(event_lag.clone()))
+            .expect("metric registered once");
         let tasks_completed = IntCounter::new(
             "guildhall_tasks_completed_total",
             "Tasks that finished the last stage of their pipeline.",
@@ -324,6 +345,12 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(tasks_completed.clone()))
             .expect("metric registered once");
+        let events_ingested = counter_vec(
+            &r,
+            "guildhall_events_ingested_total",
+            "Events applied, by kind.",
+            &["kind"],
+        );
         let event_batches = IntCounter::new(
             "guildhall_event_batches_total",
             "Event envelopes (broker messages) applied.",
@@ -472,12 +499,12 @@ impl Metrics {
                 "1 for the stage judged the pipeline's bottleneck, else 0.",
                 &["stage"],
             ),
-            events_ingested: counter_vec(
-                &r,
-                "guildhall_events_ingested_total",
-                "Events applied, by kind.",
-                &["kind"],
-            ),
+            events_ingested: events_ingested.clone(),
+            events_by_kind: guildhall_proto::Event::KINDS
+                .iter()
+                .map(|kind| events_ingested.with_label_values(&[kind]))
+                .collect(),
+            event_lag,
             events_malformed: counter_vec(
                 &r,
                 "guildhall_events_malformed_total",
@@ -725,6 +752,11 @@ impl Metrics {
     }
 
     /// The text exposition of every metric.
+    /// The registry (benchmarks).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn encode(&self) -> String {
         let families = self.registry.gather();
         TextEncoder::new()

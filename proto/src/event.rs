@@ -67,23 +67,47 @@ impl Event {
         }
     }
 
+    /// Every [`kind`](Self::kind), indexed by [`kind_index`](Self::kind_index).
+    pub const KINDS: [&'static str; 14] = [
+        "hello",
+        "heartbeat",
+        "task_submitted",
+        "task_started",
+        "task_progress",
+        "task_succeeded",
+        "task_failed",
+        "task_retrying",
+        "task_dead_lettered",
+        "worker_exited",
+        "agent_stopping",
+        "marker",
+        "task_abandoned",
+        "reassigned",
+    ];
+
     /// A short, stable name for logs and metric labels.
     pub fn kind(&self) -> &'static str {
+        Self::KINDS[self.kind_index()]
+    }
+
+    /// The position of this event's kind in [`KINDS`](Self::KINDS), so a
+    /// reader can keep one counter per kind in an array.
+    pub fn kind_index(&self) -> usize {
         match self {
-            Event::Hello(_) => "hello",
-            Event::Heartbeat(_) => "heartbeat",
-            Event::TaskSubmitted(_) => "task_submitted",
-            Event::TaskStarted(_) => "task_started",
-            Event::TaskProgress(_) => "task_progress",
-            Event::TaskSucceeded(_) => "task_succeeded",
-            Event::TaskFailed(_) => "task_failed",
-            Event::TaskRetrying(_) => "task_retrying",
-            Event::TaskDeadLettered(_) => "task_dead_lettered",
-            Event::WorkerExited(_) => "worker_exited",
-            Event::AgentStopping(_) => "agent_stopping",
-            Event::Marker(_) => "marker",
-            Event::TaskAbandoned(_) => "task_abandoned",
-            Event::Reassigned(_) => "reassigned",
+            Event::Hello(_) => 0,
+            Event::Heartbeat(_) => 1,
+            Event::TaskSubmitted(_) => 2,
+            Event::TaskStarted(_) => 3,
+            Event::TaskProgress(_) => 4,
+            Event::TaskSucceeded(_) => 5,
+            Event::TaskFailed(_) => 6,
+            Event::TaskRetrying(_) => 7,
+            Event::TaskDeadLettered(_) => 8,
+            Event::WorkerExited(_) => 9,
+            Event::AgentStopping(_) => 10,
+            Event::Marker(_) => 11,
+            Event::TaskAbandoned(_) => 12,
+            Event::Reassigned(_) => 13,
         }
     }
 }

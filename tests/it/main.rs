@@ -2,6 +2,7 @@
 //! Every test runs against the real RabbitMQ in a namespace of its own.
 
 mod api;
+mod bench;
 mod browser;
 mod capacity;
 mod chaos;

@@ -69,6 +69,9 @@ pub enum Command {
     /// Exit 0 if a URL answers 2xx (default: the local coordinator's
     /// /healthz), else 1 with one line: a container healthcheck.
     Healthcheck(HealthcheckArgs),
+    /// Measure the coordinator on the real broker: ingest rate, a large
+    /// fleet, memory per task.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// `guildhall worker ACTION ...`.
@@ -251,6 +254,10 @@ pub struct CoordinatorArgs {
     /// Largest prefetch asked of an agent.
     #[arg(long, env = "GUILDHALL_PREFETCH_CAP", default_value_t = 256)]
     pub prefetch_cap: u32,
+    /// Events stream messages delivered ahead of the coordinator's acks
+    /// (credit), 1 to 65535: higher keeps a fast coordinator fed.
+    #[arg(long, env = "GUILDHALL_STREAM_PREFETCH", default_value_t = 2_000)]
+    pub stream_prefetch: u32,
     /// How long an agent has to confirm a command.
     #[arg(long, env = "GUILDHALL_COMMAND_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub command_timeout: Duration,
@@ -411,6 +418,15 @@ impl CoordinatorArgs {
                 self.prefetch_cap
             )));
         }
+        config.prefetch = match u16::try_from(self.stream_prefetch) {
+            Ok(p) if p >= 1 => p,
+            _ => {
+                return Err(ConfigError(format!(
+                    "--stream-prefetch must be between 1 and 65535 (got {})",
+                    self.stream_prefetch
+                )));
+            }
+        };
         config.command_timeout = self.command_timeout;
         config.core = CoreConfig {
             capacity,
@@ -705,6 +721,8 @@ mod tests {
             (vec!["--wait-target", "0s"], "wait"),
             (vec!["--sync-period", "0s"], "--sync-period"),
             (vec!["--prefetch-cap", "0"], "--prefetch-cap"),
+            (vec!["--stream-prefetch", "0"], "--stream-prefetch"),
+            (vec!["--stream-prefetch", "70000"], "--stream-prefetch"),
             (vec!["--queue-poll", "1ms"], "--queue-poll"),
             (vec!["--stream-max-age", "7 days"], "--stream-max-age"),
             (vec!["--stream-max-bytes", "10"], "--stream-max-bytes"),

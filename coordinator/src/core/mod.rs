@@ -415,6 +415,9 @@ impl Core {
         } else {
             envelope.sent_at_ms.min(now_ms)
         };
+        self.metrics
+            .event_lag
+            .observe(now_ms.saturating_sub(envelope.sent_at_ms) as f64 / 1000.0);
         let sender = envelope.sender;
         if !self.check_seq(&sender, envelope.seq, &envelope.events) {
             self.metrics.event_batches_duplicate.inc();
@@ -525,10 +528,9 @@ impl Core {
 
     fn apply(&mut self, now_ms: u64, seen_ms: u64, sender: &AgentId, event: Event) {
         self.stats.events += 1;
-        self.metrics
-            .events_ingested
-            .with_label_values(&[event.kind()])
-            .inc();
+        if let Some(counter) = self.metrics.events_by_kind.get(event.kind_index()) {
+            counter.inc();
+        }
         match event {
             Event::Hello(h) => {
                 if self.stage_mut(now_ms, &h.stage).is_none() {

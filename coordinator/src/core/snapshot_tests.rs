@@ -271,6 +271,7 @@ fn without_histograms(text: &str) -> Vec<&str> {
         "guildhall_task_duration_seconds",
         "guildhall_task_queue_wait_seconds",
         "guildhall_pipeline_duration_seconds",
+        "guildhall_event_lag_seconds",
     ];
     text.lines()
         .filter(|l| !histograms.iter().any(|h| l.contains(h)))

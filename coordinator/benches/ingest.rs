@@ -1,0 +1,123 @@
+//! Criterion benchmarks of the coordinator's ingest path, with no broker:
+//!
+//! - `envelope/encode/<stage>` and `envelope/decode/<stage>`: one agent's
+//!   250-event batch of the simulated mix ([`guildhall::bench::mix`]) in
+//!   steady state, through [`EnvelopeBuilder`] and [`guildhall_proto::decode`];
+//!   the first stage's batch announces, starts and finishes tasks, the
+//!   middle stage's has the planted failures and retries;
+//! - `core/apply`: 100,000 events of the mix, already decoded, applied to a
+//!   fresh core (three stages, four agents each, in stream order, see
+//!   [`Feeder`]), with housekeeping when due as the runtime would run it.
+//!
+//! Throughput is in events. `cargo bench -p guildhall --bench ingest`; add
+//! `-- --profile-time 5` to run without analysis (for a profiler).
+
+use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use guildhall::bench::memory::{BATCH, Feeder, START_MS};
+use guildhall::bench::mix::{MixConfig, SimFleet};
+use guildhall::core::{Core, CoreConfig};
+use guildhall::metrics::Metrics;
+use guildhall_proto::{Decoded, EnvelopeBuilder, Event};
+use std::hint::black_box;
+use std::time::Duration;
+
+/// Events applied per `core/apply` iteration.
+const APPLY_EVENTS: usize = 100_000;
+/// Agents per stage of the simulated fleet.
+const AGENTS_PER_STAGE: usize = 4;
+
+/// One steady-state batch of `BATCH` events per stage: the first agent of
+/// each stage, after its first batch (which says `Hello`).
+fn stage_batches() -> Vec<(String, guildhall_proto::AgentId, Vec<Event>)> {
+    let config = MixConfig::three_stages(AGENTS_PER_STAGE, 1);
+    let mut fleet = SimFleet::new(&config);
+    let mut out = Vec::new();
+    for agent in fleet.agents.iter_mut().step_by(AGENTS_PER_STAGE) {
+        let mut warm_up = Vec::new();
+        agent.take(START_MS, BATCH, &mut warm_up);
+        let mut events = Vec::with_capacity(BATCH);
+        agent.take(START_MS + 100, BATCH, &mut events);
+        out.push((agent.stage().to_string(), agent.id.clone(), events));
+    }
+    out
+}
+
+fn envelope(c: &mut Criterion) {
+    let mut group = c.benchmark_group("envelope");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for (stage, sender, events) in stage_batches() {
+        let mut builder = EnvelopeBuilder::default();
+        let encode = |builder: &mut EnvelopeBuilder| {
+            for e in &events {
+                builder.push(e).expect("a mix event encodes");
+            }
+            builder
+                .finish(&sender, 1, START_MS)
+                .expect("a 250-event batch fits an envelope")
+        };
+        let bytes = encode(&mut builder);
+        group.bench_function(format!("encode/{stage}"), |b| {
+            b.iter(|| black_box(encode(&mut builder)))
+        });
+        group.bench_function(format!("decode/{stage}"), |b| {
+            b.iter(|| black_box(guildhall_proto::decode(black_box(&bytes))))
+        });
+    }
+    group.finish();
+}
+
+/// A core as the coordinator runs it once caught up with the stream.
+fn fresh_core() -> Core {
+    let config = CoreConfig {
+        completed_limit: 1_000_000,
+        ..CoreConfig::default()
+    };
+    let mut core = Core::new(config, Metrics::new(false), START_MS);
+    core.set_caught_up(START_MS);
+    core
+}
+
+/// Applies `envelopes` as the runtime would: each at its send time, then
+/// whatever housekeeping is due.
+fn apply(core: &mut Core, envelopes: Vec<Decoded>) {
+    for (offset, d) in envelopes.into_iter().enumerate() {
+        let now_ms = d.envelope.sent_at_ms;
+        core.handle_envelope(now_ms, d, Some(offset as u64));
+        if core.poll_timeout().is_some_and(|t| t <= now_ms) {
+            core.handle_timeout(now_ms);
+        }
+    }
+}
+
+fn core_apply(c: &mut Criterion) {
+    let config = MixConfig::three_stages(AGENTS_PER_STAGE, 1);
+    let envelopes = Feeder::new(&config, u64::MAX, START_MS, BATCH).envelopes(APPLY_EVENTS);
+    let events: usize = envelopes.iter().map(|d| d.envelope.events.len()).sum();
+    let mut group = c.benchmark_group("core");
+    group
+        .throughput(Throughput::Elements(events as u64))
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10);
+    group.bench_function("apply", |b| {
+        b.iter_batched(
+            || (fresh_core(), envelopes.clone()),
+            |(mut core, envelopes)| {
+                apply(&mut core, envelopes);
+                core
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .without_plots();
+    targets = envelope, core_apply
+}
+criterion_main!(benches);

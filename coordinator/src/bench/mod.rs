@@ -1,0 +1,265 @@
+//! `guildhall bench`: how fast the coordinator ingests, how large a fleet it
+//! tracks, and how much memory a task costs, measured on the real broker.
+//!
+//! Every benchmark prints a readable table, or JSON with `--json`, and has a
+//! `--quick` variant for tests and smoke runs. None asserts a timing: the
+//! figures go to `BENCHMARKS.md`.
+//!
+//! # Layout
+//!
+//! - this file: the flags, their validation and the shared report shape;
+//! - [`mix`]: simulated agents and the realistic event mix they send
+//!   (pure, shared with the criterion benchmarks);
+//! - [`ingest`]: `bench ingest`, events/s applied by a real coordinator
+//!   process against a bare lapin consumer of the same messages;
+//! - [`fleet`]: `bench fleet`, 1,000 or 10,000 heartbeating agents: CPU,
+//!   memory, scrape and API times;
+//! - [`memory`]: `bench memory`, bytes per completed and per in-flight task;
+//! - [`probe`]: what the benchmarks read off a running coordinator: CPU and
+//!   peak memory from `/proc`, counters and histograms from `/metrics`.
+
+pub mod fleet;
+pub mod ingest;
+pub mod memory;
+pub mod mix;
+pub mod probe;
+
+use crate::cli::{BrokerArgs, ConfigError};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use std::time::Duration;
+
+/// `guildhall bench ...`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[command(subcommand)]
+    pub which: Which,
+}
+
+/// The benchmarks.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Which {
+    /// Events/s a coordinator applies from the events stream, with lag, CPU
+    /// and memory, and the same messages' rate through a bare lapin consumer.
+    Ingest(IngestArgs),
+    /// A coordinator tracking 1,000 and 10,000 agents heartbeating every
+    /// second with tasks flowing: CPU, memory, /metrics and /api/workers times.
+    Fleet(FleetArgs),
+    /// Bytes per tracked completed task and per in-flight task.
+    Memory(MemoryArgs),
+}
+
+/// Where the broker's version is read (the reports name it).
+#[derive(Debug, Clone, Args)]
+pub struct VersionArgs {
+    /// RabbitMQ management API, to name the broker's version in the
+    /// report; "" to go without.
+    #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = crate::cli::DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
+    pub management_url: String,
+}
+
+impl VersionArgs {
+    /// The broker's version, or why it is unknown.
+    pub async fn broker_version(&self, url: &guildhall_broker::AmqpUrl) -> String {
+        if self.management_url.trim().is_empty() {
+            return "RabbitMQ (version unknown: no --management-url)".into();
+        }
+        match guildhall_broker::Management::new(&self.management_url, url.vhost()) {
+            Ok(m) => m
+                .broker_version()
+                .await
+                .unwrap_or_else(|e| format!("RabbitMQ (version unknown: {e})")),
+            Err(e) => format!("RabbitMQ (version unknown: {e})"),
+        }
+    }
+}
+
+/// Flags every benchmark takes.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// A short run (smaller sizes and durations), for tests and smoke checks.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// `guildhall bench ingest`.
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Broker and namespace prefix (a random namespace is made under it).
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// `--json`, `--quick`.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// `--management-url`.
+    #[command(flatten)]
+    pub version: VersionArgs,
+    /// Simulated agents (spread evenly over three stages).
+    #[arg(long, default_value_t = 30)]
+    pub agents: usize,
+    /// Broker connections the agents share (each agent has its own channel).
+    #[arg(long, default_value_t = 3)]
+    pub connections: usize,
+    /// Most events in one envelope (an agent's batch).
+    #[arg(long, default_value_t = 250)]
+    pub batch: usize,
+    /// Events the stream holds for the drain comparison (default 4,000,000; --quick 200,000).
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Target publish rate of the live phase, events/s (default 200,000; --quick 50,000).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Length of the live phase (default 10s; --quick 2s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Longest wait for the coordinator to catch up after each phase.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Stream consumer prefetch of the coordinator and the bare consumer.
+    #[arg(long, default_value_t = 2_000)]
+    pub prefetch: u16,
+}
+
+/// `guildhall bench fleet`.
+#[derive(Debug, Clone, Args)]
+pub struct FleetArgs {
+    /// Broker and namespace prefix (a random namespace is made under it).
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// `--json`, `--quick`.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// `--management-url`.
+    #[command(flatten)]
+    pub version: VersionArgs,
+    /// Fleet sizes to run, one after the other (default 1000,10000; --quick 200).
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Vec<usize>,
+    /// Tasks per second flowing through the three-stage pipeline (each is
+    /// about seven events).
+    #[arg(long, default_value_t = 1_000)]
+    pub task_rate: u64,
+    /// Agents per broker connection.
+    #[arg(long, default_value_t = 500)]
+    pub agents_per_connection: usize,
+    /// Measurement window, after a warm-up of three heartbeats (default 30s; --quick 3s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Export per-worker series (the slow case for /metrics).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub per_worker_metrics: bool,
+}
+
+/// `guildhall bench memory`.
+#[derive(Debug, Clone, Args)]
+pub struct MemoryArgs {
+    /// `--json`, `--quick`.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Task counts to measure (default 100000,1000000; --quick 20000).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<u64>,
+    /// Internal: measure one case in this process and print its JSON
+    /// (`completed:N`, `inflight:N` or `limit:N`); the parent runs each case in a
+    /// fresh process so one case's freed memory does not flatter the next.
+    #[arg(long, hide = true)]
+    pub case: Option<String>,
+}
+
+/// Runs a benchmark and renders its report.
+pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
+    match &args.which {
+        Which::Ingest(a) => {
+            let report = ingest::run(a).await?;
+            Ok(render(&report, a.common.json, ingest::table))
+        }
+        Which::Fleet(a) => {
+            let report = fleet::run(a).await?;
+            Ok(render(&report, a.common.json, fleet::table))
+        }
+        Which::Memory(a) => memory::run(a).await,
+    }
+}
+
+fn render<R: Serialize>(report: &R, json: bool, table: fn(&R) -> String) -> String {
+    if json {
+        match serde_json::to_string_pretty(report) {
+            Ok(s) => s + "\n",
+            Err(e) => format!("{{\"error\": \"cannot encode the report: {e}\"}}\n"),
+        }
+    } else {
+        table(report)
+    }
+}
+
+/// Checks `value` is within `lo..=hi`; the message names the flag.
+pub(crate) fn in_range<T: PartialOrd + std::fmt::Display>(
+    flag: &str,
+    value: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ConfigError> {
+    if value < lo || value > hi {
+        return Err(ConfigError(format!(
+            "{flag} {value} is out of range ({lo} to {hi})"
+        )));
+    }
+    Ok(value)
+}
+
+/// A plain-text table: a title, then aligned `label  value` lines.
+pub(crate) fn lines(title: &str, rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let mut out = format!("{title}\n");
+    for (label, value) in rows {
+        out.push_str(&format!("  {label:<width$}  {value}\n"));
+    }
+    out
+}
+
+/// `12345678.9` as `12,345,679`.
+pub(crate) fn thousands(x: f64) -> String {
+    let n = x.round() as i128;
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+/// A fresh namespace under `prefix`: `<prefix>-bench-<random>`.
+pub(crate) fn bench_namespace(prefix: &str) -> Result<guildhall_proto::Names, ConfigError> {
+    let ns = format!("{prefix}-bench-{:08x}", rand::random::<u32>());
+    let ns = guildhall_proto::Namespace::new(ns)
+        .map_err(|e| ConfigError(format!("--namespace: {e}")))?;
+    Ok(guildhall_proto::Names::new(ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1_000.0), "1,000");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+        assert_eq!(thousands(-12_345.0), "-12,345");
+    }
+
+    #[test]
+    fn ranges_name_the_flag() {
+        assert!(in_range("--agents", 5, 1, 10).is_ok());
+        let e = in_range("--agents", 0, 1, 10).unwrap_err();
+        assert_eq!(e.to_string(), "--agents 0 is out of range (1 to 10)");
+    }
+}

@@ -1,0 +1,214 @@
+//! `guildhall bench`: each benchmark runs against the real broker, prints a
+//! well-formed result, and leaves nothing behind; bad flags are one line.
+//! No timing is asserted: the figures belong in BENCHMARKS.md.
+
+use guildhall_broker::Management;
+use guildhall_tests::*;
+use serde_json::Value;
+use std::process::Output;
+
+async fn guildhall(args: &[&str]) -> Output {
+    tokio::process::Command::new(bin("guildhall"))
+        .args(args)
+        .env_remove("AMQP_URL")
+        .env_remove("GUILDHALL_NAMESPACE")
+        .output()
+        .await
+        .expect("run guildhall")
+}
+
+fn json(o: &Output) -> Value {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "status {:?}; stderr: {err}", o.status);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+fn num(v: &Value, path: &str) -> f64 {
+    let mut cur = v;
+    for key in path.split('.') {
+        cur = &cur[key];
+    }
+    cur.as_f64()
+        .unwrap_or_else(|| panic!("{path} is not a number in {v}"))
+}
+
+/// Nothing named after the benchmark's namespaces is left on the broker.
+async fn assert_nothing_left(ns: &TestNs) {
+    let m = Management::new(&management_url(), "/").unwrap();
+    let prefix = format!("{}-bench-", ns.name());
+    let left = m.queues_with_prefix(&prefix).await.unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn ingest_quick_prints_a_well_formed_result() {
+    let ns = TestNs::new("bench");
+    let url = amqp_url();
+    let o = guildhall(&[
+        "bench",
+        "ingest",
+        "--quick",
+        "--json",
+        "--amqp-url",
+        &url,
+        "--namespace",
+        ns.name(),
+        "--drain-timeout",
+        "60s",
+    ])
+    .await;
+    let r = json(&o);
+    assert!(
+        r["broker"].as_str().unwrap().starts_with("RabbitMQ 3."),
+        "{r}"
+    );
+    assert_eq!(num(&r, "agents"), 30.0);
+    // Live: something published and applied, lag measured, backlog cleared.
+    assert!(num(&r, "live.published_events") > 0.0, "{r}");
+    assert!(num(&r, "live.applied_events_per_s") > 0.0, "{r}");
+    assert!(
+        num(&r, "live.lag_p50_ms") <= num(&r, "live.lag_p99_ms"),
+        "{r}"
+    );
+    assert!(r["live"]["caught_up_after_s"].is_number(), "{r}");
+    // Drain: the bare consumer and the replaying coordinator read the same
+    // messages; the coordinator reached the end.
+    let events = num(&r, "drain.events");
+    assert!(events >= 200_000.0, "{r}");
+    assert!(num(&r, "drain.messages") >= events / 250.0, "{r}");
+    assert_eq!(r["drain"]["complete"], true, "{r}");
+    assert!(num(&r, "drain.coordinator_events") >= events, "{r}");
+    assert!(num(&r, "drain.bare_events_per_s") > 0.0, "{r}");
+    let ratio = num(&r, "drain.ratio");
+    let expect = num(&r, "drain.coordinator_events_per_s") / num(&r, "drain.bare_events_per_s");
+    assert!((ratio - expect).abs() < 1e-6, "{r}");
+    assert!(num(&r, "drain.coordinator_peak_rss_bytes") > 1e6, "{r}");
+    assert_nothing_left(&ns).await;
+
+    // The table form names each phase.
+    let o = guildhall(&[
+        "bench",
+        "ingest",
+        "--quick",
+        "--events",
+        "20000",
+        "--duration",
+        "1s",
+        "--amqp-url",
+        &url,
+        "--namespace",
+        ns.name(),
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for needle in [
+        "live (",
+        "lag p99",
+        "fill (",
+        "bare lapin consumer",
+        "ratio",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    assert_nothing_left(&ns).await;
+}
+
+#[tokio::test]
+async fn ingest_beyond_what_the_machine_sustains_reports_the_shortfall() {
+    let ns = TestNs::new("bench");
+    let url = amqp_url();
+    // Far more than one process can publish: the run ends on time and
+    // says what it achieved and what was left behind.
+    let t0 = std::time::Instant::now();
+    let o = guildhall(&[
+        "bench",
+        "ingest",
+        "--json",
+        "--amqp-url",
+        &url,
+        "--namespace",
+        ns.name(),
+        "--rate",
+        "10000000",
+        "--duration",
+        "1s",
+        "--events",
+        "1000",
+        "--drain-timeout",
+        "5s",
+    ])
+    .await;
+    let r = json(&o);
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(90),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(num(&r, "live.target_events_per_s"), 10_000_000.0);
+    assert!(num(&r, "live.published_events_per_s") < 10_000_000.0, "{r}");
+    assert!(r["live"]["backlog_events"].is_number(), "{r}");
+    assert!(r["live"]["dropped_events"].is_number(), "{r}");
+    assert_nothing_left(&ns).await;
+}
+
+#[tokio::test]
+async fn fleet_and_memory_quick_print_well_formed_results() {
+    let ns = TestNs::new("bench");
+    let url = amqp_url();
+    let o = guildhall(&[
+        "bench",
+        "fleet",
+        "--quick",
+        "--json",
+        "--amqp-url",
+        &url,
+        "--namespace",
+        ns.name(),
+        "--duration",
+        "2s",
+    ])
+    .await;
+    let r = json(&o);
+    let run = &r["runs"][0];
+    assert_eq!(num(run, "agents"), 201.0, "{r}");
+    assert_eq!(num(run, "workers_tracked"), 201.0, "{r}");
+    assert!(num(run, "envelopes_per_s") > 0.0, "{r}");
+    assert!(num(run, "metrics_bytes") > 10_000.0, "{r}");
+    assert!(num(run, "workers_api_bytes") > 10_000.0, "{r}");
+    assert!(num(run, "coordinator_peak_rss_bytes") > 1e6, "{r}");
+    assert_nothing_left(&ns).await;
+
+    let o = guildhall(&["bench", "memory", "--quick", "--json"]).await;
+    let r = json(&o);
+    assert!(r.is_object() || r.is_array(), "{r}");
+}
+
+#[tokio::test]
+async fn bench_flags_out_of_range_are_one_line() {
+    for (args, needle) in [
+        (vec!["bench", "ingest", "--agents", "0"], "--agents"),
+        (vec!["bench", "ingest", "--batch", "0"], "--batch"),
+        (vec!["bench", "ingest", "--rate", "1"], "--rate"),
+        (vec!["bench", "ingest", "--duration", "0s"], "--duration"),
+        (vec!["bench", "ingest", "--events", "5"], "--events"),
+        (
+            vec!["bench", "ingest", "--connections", "1000"],
+            "--connections",
+        ),
+        (vec!["bench", "fleet", "--agents", "1"], "--agents"),
+        (
+            vec!["bench", "fleet", "--agents-per-connection", "0"],
+            "--agents-per-connection",
+        ),
+        (vec!["bench", "memory", "--tasks", "0"], "--tasks"),
+    ] {
+        let o = guildhall(&args).await;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
