@@ -74,20 +74,6 @@ pub struct Metrics {
     pub per_worker: bool,
     /// `guildhall_workers{stage,status}`.
     pub workers: IntGaugeVec,
-    /// `guildhall_worker_up{worker,stage}`: 1 alive, 0 dead or stopped.
-    pub worker_up: IntGaugeVec,
-    /// `guildhall_worker_tasks_in_hand{worker,stage}`.
-    pub worker_tasks_in_hand: IntGaugeVec,
-    /// `guildhall_worker_tasks_total{worker,stage,outcome}` (succeeded/failed).
-    pub worker_tasks: IntCounterVec,
-    /// `guildhall_worker_cpu_ratio{worker,stage}`: share of one core.
-    pub worker_cpu_ratio: prometheus::GaugeVec,
-    /// `guildhall_worker_memory_bytes{worker,stage}`: resident memory.
-    pub worker_memory_bytes: IntGaugeVec,
-    /// `guildhall_agent_cpu_ratio{worker,stage}`: the agent process's CPU.
-    pub agent_cpu_ratio: prometheus::GaugeVec,
-    /// `guildhall_agent_memory_bytes{worker,stage}`: the agent process's memory.
-    pub agent_memory_bytes: IntGaugeVec,
     /// `guildhall_tasks_total{stage,outcome}`: stage attempts by outcome.
     pub tasks: IntCounterVec,
     /// `guildhall_tasks_started_total{stage}`.
@@ -386,21 +372,6 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(snapshot_bytes.clone()))
             .expect("metric registered once");
-        let float_gauge = |name: &str, help: &str| {
-            let m = prometheus::GaugeVec::new(Opts::new(name, help), &["worker", "stage"])
-                .expect("valid metric definition");
-            r.register(Box::new(m.clone()))
-                .expect("metric registered once");
-            m
-        };
-        let worker_cpu_ratio = float_gauge(
-            "guildhall_worker_cpu_ratio",
-            "CPU used by the worker process the agent supervises, as a share of one core.",
-        );
-        let agent_cpu_ratio = float_gauge(
-            "guildhall_agent_cpu_ratio",
-            "CPU used by the agent process, as a share of one core.",
-        );
         let metrics = Self {
             per_worker,
             workers: gauge_vec(
@@ -408,38 +379,6 @@ impl Metrics {
                 "guildhall_workers",
                 "Workers by stage and status.",
                 &["stage", "status"],
-            ),
-            worker_up: gauge_vec(
-                &r,
-                "guildhall_worker_up",
-                "1 if the worker is alive, 0 if dead or stopped.",
-                &["worker", "stage"],
-            ),
-            worker_tasks_in_hand: gauge_vec(
-                &r,
-                "guildhall_worker_tasks_in_hand",
-                "Tasks the worker holds now.",
-                &["worker", "stage"],
-            ),
-            worker_tasks: counter_vec(
-                &r,
-                "guildhall_worker_tasks_total",
-                "Stage attempts finished by the worker, by outcome (succeeded, failed).",
-                &["worker", "stage", "outcome"],
-            ),
-            worker_cpu_ratio,
-            worker_memory_bytes: gauge_vec(
-                &r,
-                "guildhall_worker_memory_bytes",
-                "Resident memory of the worker process the agent supervises.",
-                &["worker", "stage"],
-            ),
-            agent_cpu_ratio,
-            agent_memory_bytes: gauge_vec(
-                &r,
-                "guildhall_agent_memory_bytes",
-                "Resident memory of the agent process.",
-                &["worker", "stage"],
             ),
             tasks: counter_vec(
                 &r,
@@ -646,10 +585,9 @@ impl Metrics {
 
     /// The handle of every counter a snapshot carries, to restore them: all
     /// but `snapshot_writes` (a test checks that none is missing).
-    fn saved_counters(&self) -> [CounterHandle<'_>; 15] {
+    fn saved_counters(&self) -> [CounterHandle<'_>; 14] {
         use CounterHandle::{Family, One};
         [
-            Family(&self.worker_tasks),
             Family(&self.tasks),
             Family(&self.tasks_started),
             Family(&self.tasks_submitted),
@@ -734,34 +672,158 @@ impl Metrics {
         skipped
     }
 
-    /// Removes every series of a worker that is no longer tracked.
-    pub fn forget_worker(&self, worker: &str, stage: &str) {
-        let _ = self.worker_up.remove_label_values(&[worker, stage]);
-        let _ = self
-            .worker_tasks_in_hand
-            .remove_label_values(&[worker, stage]);
-        let _ = self.worker_cpu_ratio.remove_label_values(&[worker, stage]);
-        let _ = self
-            .worker_memory_bytes
-            .remove_label_values(&[worker, stage]);
-        for outcome in ["succeeded", "failed"] {
-            let _ = self
-                .worker_tasks
-                .remove_label_values(&[worker, stage, outcome]);
+    /// The text exposition of the registry's metrics: everything but the
+    /// per-worker series (see [`Metrics::encode_with`]).
+    pub fn encode(&self) -> String {
+        self.encode_with(Vec::new())
+    }
+
+    /// The text exposition of every metric of the registry, then the
+    /// per-worker series of `workers` (empty when those are off).
+    pub fn encode_with(&self, mut workers: Vec<WorkerSeries>) -> String {
+        let families = self.registry.gather();
+        let mut text = TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| format!("# encoding error: {e}\n"));
+        encode_workers(&mut workers, &mut text);
+        text
+    }
+}
+
+/// One worker's per-worker series, copied out of the core under its lock
+/// and written out after it is released.
+///
+/// **Per-worker series are not in the registry**: with 10,000 workers they
+/// are most of a scrape, and the registry's gather-then-encode took over
+/// 100 ms for them; written straight from these rows they take a few.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSeries {
+    /// The `worker` label (agent id).
+    pub worker: String,
+    /// The `stage` label.
+    pub stage: String,
+    /// `guildhall_worker_up`.
+    pub up: bool,
+    /// `guildhall_worker_tasks_in_hand`.
+    pub in_hand: u64,
+    /// `guildhall_worker_tasks_total`: per stage the worker has served,
+    /// attempts succeeded and failed there.
+    pub tasks: Vec<(String, u64, u64)>,
+    /// `guildhall_worker_cpu_ratio` and `guildhall_worker_memory_bytes`,
+    /// when the agent reports its worker process.
+    pub worker_proc: Option<(f64, u64)>,
+    /// `guildhall_agent_cpu_ratio` and `guildhall_agent_memory_bytes`,
+    /// when the agent reports itself.
+    pub agent_proc: Option<(f64, u64)>,
+}
+
+/// The per-worker families: name, help, type, and the value of a row
+/// (`None`: the row has no such series).
+type WorkerValue = fn(&WorkerSeries) -> Option<f64>;
+const WORKER_FAMILIES: [(&str, &str, &str, WorkerValue); 6] = [
+    (
+        "guildhall_agent_cpu_ratio",
+        "CPU used by the agent process, as a share of one core.",
+        "gauge",
+        |w| w.agent_proc.map(|p| p.0),
+    ),
+    (
+        "guildhall_agent_memory_bytes",
+        "Resident memory of the agent process.",
+        "gauge",
+        |w| w.agent_proc.map(|p| p.1 as f64),
+    ),
+    (
+        "guildhall_worker_cpu_ratio",
+        "CPU used by the worker process the agent supervises, as a share of one core.",
+        "gauge",
+        |w| w.worker_proc.map(|p| p.0),
+    ),
+    (
+        "guildhall_worker_memory_bytes",
+        "Resident memory of the worker process the agent supervises.",
+        "gauge",
+        |w| w.worker_proc.map(|p| p.1 as f64),
+    ),
+    (
+        "guildhall_worker_tasks_in_hand",
+        "Tasks the worker holds now.",
+        "gauge",
+        |w| Some(w.in_hand as f64),
+    ),
+    (
+        "guildhall_worker_up",
+        "1 if the worker is alive, 0 if dead or stopped.",
+        "gauge",
+        |w| Some(if w.up { 1.0 } else { 0.0 }),
+    ),
+];
+/// `guildhall_worker_tasks_total{worker,stage,outcome}`.
+pub const WORKER_TASKS_TOTAL: &str = "guildhall_worker_tasks_total";
+const WORKER_TASKS_HELP: &str =
+    "Stage attempts finished by the worker, by outcome (succeeded, failed).";
+
+/// Appends the per-worker families in the text format, series in label
+/// order as the registry's encoder writes them.
+pub fn encode_workers(rows: &mut [WorkerSeries], out: &mut String) {
+    use std::fmt::Write;
+    if rows.is_empty() {
+        return;
+    }
+    rows.sort_by(|a, b| (&a.stage, &a.worker).cmp(&(&b.stage, &b.worker)));
+    out.reserve(rows.len() * 400);
+    for (name, help, kind, value) in WORKER_FAMILIES {
+        if !rows.iter().any(|r| value(r).is_some()) {
+            continue;
+        }
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for r in rows.iter() {
+            if let Some(v) = value(r) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{stage=\"{}\",worker=\"{}\"}} {v}",
+                    escape(&r.stage),
+                    escape(&r.worker)
+                );
+            }
         }
     }
-
-    /// The text exposition of every metric.
-    /// The registry (benchmarks).
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    let _ = write!(
+        out,
+        "# HELP {WORKER_TASKS_TOTAL} {WORKER_TASKS_HELP}\n# TYPE {WORKER_TASKS_TOTAL} counter\n"
+    );
+    let mut counts: Vec<(&str, &str, u64, u64)> = rows
+        .iter()
+        .flat_map(|r| {
+            r.tasks
+                .iter()
+                .map(|(stage, ok, failed)| (stage.as_str(), r.worker.as_str(), *ok, *failed))
+        })
+        .collect();
+    counts.sort_unstable();
+    for (outcome, failed) in [("failed", true), ("succeeded", false)] {
+        for &(stage, worker, ok, bad) in &counts {
+            let _ = writeln!(
+                out,
+                "{WORKER_TASKS_TOTAL}{{outcome=\"{outcome}\",stage=\"{}\",worker=\"{}\"}} {}",
+                escape(stage),
+                escape(worker),
+                if failed { bad } else { ok }
+            );
+        }
     }
+}
 
-    pub fn encode(&self) -> String {
-        let families = self.registry.gather();
-        TextEncoder::new()
-            .encode_to_string(&families)
-            .unwrap_or_else(|e| format!("# encoding error: {e}\n"))
+/// A label value escaped for the text format (ids are validated and never
+/// need it; this keeps the output valid whatever they hold).
+fn escape(v: &str) -> std::borrow::Cow<'_, str> {
+    if v.contains(['\\', '"', '\n']) {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .into()
+    } else {
+        v.into()
     }
 }
 
@@ -774,6 +836,102 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The per-worker families written by hand read exactly as the
+    /// registry's encoder would write the same series.
+    #[test]
+    fn per_worker_series_match_the_registry_encoder() {
+        let rows = vec![
+            WorkerSeries {
+                worker: "w-2".into(),
+                stage: "b".into(),
+                up: false,
+                in_hand: 0,
+                tasks: vec![("a".into(), 4, 1), ("b".into(), 2, 0)],
+                worker_proc: None,
+                agent_proc: Some((0.125, 2048)),
+            },
+            WorkerSeries {
+                worker: "w-1".into(),
+                stage: "a".into(),
+                up: true,
+                in_hand: 3,
+                tasks: vec![("a".into(), 7, 2)],
+                worker_proc: Some((0.5, 1 << 20)),
+                agent_proc: Some((0.25, 4096)),
+            },
+        ];
+        let mut ours = String::new();
+        encode_workers(&mut rows.clone(), &mut ours);
+
+        let r = Registry::new();
+        let labels = &["worker", "stage"];
+        let gauge = |name: &str, help: &str| gauge_vec(&r, name, help, labels);
+        let float = |name: &str, help: &str| float_gauge_vec(&r, name, help, labels);
+        let help = |name: &str| {
+            WORKER_FAMILIES
+                .iter()
+                .find(|f| f.0 == name)
+                .map(|f| f.1)
+                .unwrap()
+        };
+        let up = gauge("guildhall_worker_up", help("guildhall_worker_up"));
+        let in_hand = gauge(
+            "guildhall_worker_tasks_in_hand",
+            help("guildhall_worker_tasks_in_hand"),
+        );
+        let wcpu = float(
+            "guildhall_worker_cpu_ratio",
+            help("guildhall_worker_cpu_ratio"),
+        );
+        let wmem = gauge(
+            "guildhall_worker_memory_bytes",
+            help("guildhall_worker_memory_bytes"),
+        );
+        let acpu = float(
+            "guildhall_agent_cpu_ratio",
+            help("guildhall_agent_cpu_ratio"),
+        );
+        let amem = gauge(
+            "guildhall_agent_memory_bytes",
+            help("guildhall_agent_memory_bytes"),
+        );
+        let tasks = counter_vec(
+            &r,
+            WORKER_TASKS_TOTAL,
+            WORKER_TASKS_HELP,
+            &["worker", "stage", "outcome"],
+        );
+        for w in &rows {
+            let l = [w.worker.as_str(), w.stage.as_str()];
+            up.with_label_values(&l).set(i64::from(w.up));
+            in_hand.with_label_values(&l).set(w.in_hand as i64);
+            if let Some((cpu, mem)) = w.worker_proc {
+                wcpu.with_label_values(&l).set(cpu);
+                wmem.with_label_values(&l).set(mem as i64);
+            }
+            if let Some((cpu, mem)) = w.agent_proc {
+                acpu.with_label_values(&l).set(cpu);
+                amem.with_label_values(&l).set(mem as i64);
+            }
+            for (stage, ok, failed) in &w.tasks {
+                let l = |o| [w.worker.as_str(), stage.as_str(), o];
+                tasks.with_label_values(&l("succeeded")).inc_by(*ok);
+                tasks.with_label_values(&l("failed")).inc_by(*failed);
+            }
+        }
+        let theirs = TextEncoder::new().encode_to_string(&r.gather()).unwrap();
+        let mut a: Vec<&str> = ours.lines().collect();
+        let mut b: Vec<&str> = theirs.lines().collect();
+        // Same lines; families may come in another order.
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
+        assert!(ours.contains("guildhall_worker_up{stage=\"a\",worker=\"w-1\"} 1\n"));
+        let mut empty = String::new();
+        encode_workers(&mut [], &mut empty);
+        assert!(empty.is_empty(), "no workers, no families");
+    }
 
     #[test]
     fn every_counter_is_carried_and_restored_but_the_snapshot_writes() {
@@ -791,7 +949,7 @@ mod tests {
         }
         m.snapshot_writes.with_label_values(&["written"]).inc();
         let saved = m.counter_values();
-        assert_eq!(saved.len(), 15);
+        assert_eq!(saved.len(), 14);
         assert!(
             saved
                 .iter()

@@ -15,7 +15,9 @@
 //! # Guarantees
 //!
 //! [`decode`] never panics, refuses input over [`MAX_ENVELOPE_BYTES`], and
-//! allocates only in proportion to the bytes it actually decodes.
+//! allocates only in proportion to the bytes it actually decodes, plus one
+//! up-front reservation for the event list, bounded by the input (one event
+//! per 4 bytes) and to 1024 events whatever the event count claims.
 
 use crate::event::Event;
 use crate::ids::AgentId;
@@ -189,6 +191,33 @@ pub(crate) fn check_version(bytes: &[u8]) -> Result<&[u8], DecodeError> {
     Ok(rest)
 }
 
+/// The fewest bytes a frame holding a decodable [`Event`] takes: a length,
+/// the variant index and at least two fields of at least a byte each. Only
+/// bounds the up-front reservation of [`decode`]; nothing relies on it.
+const MIN_EVENT_FRAME: usize = 4;
+
+/// Most events [`decode`] reserves room for before decoding any (about
+/// 220 KB); a larger batch grows the list as its events are decoded.
+const MAX_RESERVED_EVENTS: usize = 1024;
+
+/// Reads a postcard varint `u32` off the front of `bytes`, as
+/// `postcard::take_from_bytes::<u32>` does (at most 5 bytes, the 5th at most
+/// `0x0f`), without setting up a deserializer for each frame.
+#[inline]
+fn take_u32(bytes: &[u8]) -> Option<(u32, &[u8])> {
+    let mut out = 0u32;
+    for (i, &byte) in bytes.iter().take(5).enumerate() {
+        out |= u32::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            if i == 4 && byte > 0x0f {
+                return None;
+            }
+            return Some((out, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
 /// Reads an envelope. Never panics; see the module docs for the guarantees.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     let rest = check_version(bytes)?;
@@ -202,11 +231,15 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     if count as usize > rest.len() {
         return Err(DecodeError::Malformed("event count exceeds input"));
     }
-    let mut events = Vec::new();
+    // Reserve once rather than grow (and copy) the batch several times, but
+    // never more than the input could hold (see the module docs).
+    let reserve = (count as usize)
+        .min(rest.len() / MIN_EVENT_FRAME)
+        .min(MAX_RESERVED_EVENTS);
+    let mut events = Vec::with_capacity(reserve);
     let mut skipped = 0u32;
     for _ in 0..count {
-        let (len, after) = postcard::take_from_bytes::<u32>(rest)
-            .map_err(|_| DecodeError::Malformed("bad frame length"))?;
+        let (len, after) = take_u32(rest).ok_or(DecodeError::Malformed("bad frame length"))?;
         let len = len as usize;
         if len > after.len() {
             return Err(DecodeError::Malformed("frame exceeds input"));
@@ -230,4 +263,64 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         },
         skipped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_u32_reads_what_postcard_reads() {
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0x80],
+            vec![0xff; 5],
+            vec![0xff; 6],
+            vec![0xff, 0xff, 0xff, 0xff, 0x0f],
+            vec![0xff, 0xff, 0xff, 0xff, 0x10],
+            vec![0x80, 0x80, 0x80, 0x80, 0x00, 7],
+            vec![0x80, 0x00],
+        ];
+        for v in [
+            0u32,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u32::MAX / 2,
+            u32::MAX,
+        ] {
+            let mut bytes = postcard::to_allocvec(&v).unwrap();
+            bytes.extend_from_slice(&[1, 2, 3]);
+            cases.push(bytes);
+        }
+        // Every one- and two-byte input, and three-byte ones ending high.
+        for a in 0..=255u8 {
+            cases.push(vec![a]);
+            for b in 0..=255u8 {
+                cases.push(vec![a, b]);
+                cases.push(vec![a, b, 0x81]);
+            }
+        }
+        for bytes in cases {
+            let ours = take_u32(&bytes);
+            let theirs = postcard::take_from_bytes::<u32>(&bytes).ok();
+            assert_eq!(ours, theirs, "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn a_count_larger_than_the_frames_reserves_within_bounds() {
+        // 2000 empty frames claimed and present: all skipped; the reservation
+        // was capped by the input (2000 / MIN_EVENT_FRAME), not the count.
+        let mut bytes = postcard::to_allocvec(&PROTOCOL_VERSION).unwrap();
+        bytes.extend(postcard::to_allocvec(&("a", 1u64, 2u64, 2000u32)).unwrap());
+        bytes.extend(std::iter::repeat_n(0u8, 2000));
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.skipped, 2000);
+        assert!(decoded.envelope.events.capacity() <= MAX_RESERVED_EVENTS);
+        assert!(decoded.envelope.events.capacity() <= 2000 / MIN_EVENT_FRAME);
+    }
 }

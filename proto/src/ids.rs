@@ -20,44 +20,154 @@ pub struct InvalidId {
     pub rule: &'static str,
 }
 
+/// Which characters an identifier kind allows after its first, which is
+/// always an ASCII letter or digit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Chars {
+    /// [`Namespace`], [`Stage`]: A-Z a-z 0-9 _ -.
+    Name,
+    /// [`TaskId`], [`AgentId`]: A-Z a-z 0-9 _ - . : @.
+    Id,
+}
+
+/// Whether `b` is an ASCII letter or digit. No byte of a multi-byte UTF-8
+/// character passes (they are all >= 0x80), nor does any test below.
+#[inline(always)]
+const fn is_alnum(b: u8) -> bool {
+    // `| 0x20` folds A-Z onto a-z and maps nothing else into a-z.
+    (b | 0x20).wrapping_sub(b'a') < 26 || b.wrapping_sub(b'0') < 10
+}
+
+/// Whether byte `b` may appear in an identifier of kind `chars`. Written
+/// without branches so that checking a whole value compiles to SIMD.
+#[inline(always)]
+const fn allowed(b: u8, chars: Chars) -> bool {
+    let name = is_alnum(b) | (b == b'_') | (b == b'-');
+    let id = (b == b'.') | (b == b':') | (b == b'@');
+    name | (id & matches!(chars, Chars::Id))
+}
+
+/// [`allowed`] for every byte, for checking the few bytes left over after
+/// the 16-byte blocks, where a lookup is cheaper than the arithmetic.
+const fn table(chars: Chars) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = allowed(b as u8, chars);
+        b += 1;
+    }
+    t
+}
+
+static NAME_TABLE: [bool; 256] = table(Chars::Name);
+static ID_TABLE: [bool; 256] = table(Chars::Id);
+
+/// Whether `value` is 1 to `max` bytes allowed by `chars`, starting with an
+/// ASCII letter or digit. Only ASCII bytes are ever allowed, so a value that
+/// passes is ASCII (hence UTF-8 with one char per byte): checking bytes
+/// accepts exactly what checking chars would.
+#[inline(always)]
+fn is_valid(value: &[u8], max: usize, chars: Chars) -> bool {
+    let Some((&first, rest)) = value.split_first() else {
+        return false;
+    };
+    if value.len() > max || !is_alnum(first) {
+        return false;
+    }
+    // No early exit inside a block: a fold over 16 bytes compiles to SIMD.
+    let mut blocks = rest.chunks_exact(16);
+    let mut ok = true;
+    for block in &mut blocks {
+        ok &= block.iter().fold(true, |ok, &b| ok & allowed(b, chars));
+    }
+    let table = match chars {
+        Chars::Name => &NAME_TABLE,
+        Chars::Id => &ID_TABLE,
+    };
+    ok & blocks
+        .remainder()
+        .iter()
+        .fold(true, |ok, &b| ok & table[b as usize])
+}
+
+#[inline(always)]
 fn check(
     kind: &'static str,
     value: &str,
     max: usize,
-    allowed: fn(char) -> bool,
+    chars: Chars,
     rule: &'static str,
 ) -> Result<(), InvalidId> {
-    let ok = !value.is_empty()
-        && value.len() <= max
-        && value
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && value.chars().all(allowed);
-    if ok {
+    if is_valid(value.as_bytes(), max, chars) {
         Ok(())
     } else {
-        Err(InvalidId {
-            kind,
-            value: value.chars().take(80).collect(),
-            rule,
-        })
+        Err(refused(kind, value, rule))
     }
 }
 
-fn name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+#[cold]
+#[inline(never)]
+fn refused(kind: &'static str, value: &str, rule: &'static str) -> InvalidId {
+    InvalidId {
+        kind,
+        value: value.chars().take(80).collect(),
+        rule,
+    }
 }
 
-fn id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '@')
+/// Deserializes an identifier from any string the format offers, borrowed,
+/// transient or owned, validating it before copying it (once) into a `String`.
+/// Accepts and refuses exactly what `String` followed by `TryFrom<String>`
+/// would, with the same errors.
+struct IdVisitor<T>(std::marker::PhantomData<T>);
+
+/// An identifier type built by [`validated_string!`].
+trait ValidatedString: Sized {
+    /// Validates `value` without taking it.
+    fn check_str(value: &str) -> Result<(), InvalidId>;
+    /// Wraps an already validated value.
+    fn wrap_checked(value: String) -> Self;
+}
+
+impl<'de, T: ValidatedString> serde::de::Visitor<'de> for IdVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        T::check_str(v).map_err(E::custom)?;
+        Ok(T::wrap_checked(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<T, E> {
+        T::check_str(&v).map_err(E::custom)?;
+        Ok(T::wrap_checked(v))
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<T, E> {
+        match std::str::from_utf8(v) {
+            Ok(s) => self.visit_str(s),
+            Err(_) => Err(E::invalid_value(serde::de::Unexpected::Bytes(v), &self)),
+        }
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<T, E> {
+        match String::from_utf8(v) {
+            Ok(s) => self.visit_string(s),
+            Err(e) => Err(E::invalid_value(
+                serde::de::Unexpected::Bytes(&e.into_bytes()),
+                &self,
+            )),
+        }
+    }
 }
 
 macro_rules! validated_string {
     ($(#[$meta:meta])* $name:ident, $kind:literal, $max:expr, $allowed:expr, $rule:literal) => {
         $(#[$meta])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(String);
 
         impl $name {
@@ -74,6 +184,33 @@ macro_rules! validated_string {
             /// The identifier as a string slice.
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+        }
+
+        impl ValidatedString for $name {
+            #[inline]
+            fn check_str(value: &str) -> Result<(), InvalidId> {
+                check($kind, value, $max, $allowed, $rule)
+            }
+
+            #[inline]
+            fn wrap_checked(value: String) -> Self {
+                Self(value)
+            }
+        }
+
+        /// Written as a plain string, without the copy `into = "String"` made.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        /// Read through the same validation as [`new`](Self::new), copying
+        /// the string once (see [`IdVisitor`]).
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                deserializer.deserialize_string(IdVisitor::<Self>(std::marker::PhantomData))
             }
         }
 
@@ -128,7 +265,7 @@ validated_string!(
     Namespace,
     "namespace",
     64,
-    name_char,
+    Chars::Name,
     "1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit"
 );
 
@@ -137,7 +274,7 @@ validated_string!(
     Stage,
     "stage",
     64,
-    name_char,
+    Chars::Name,
     "1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit"
 );
 
@@ -146,7 +283,7 @@ validated_string!(
     TaskId,
     "task id",
     128,
-    id_char,
+    Chars::Id,
     "1-128 characters of A-Z a-z 0-9 _ - . : @, starting with a letter or digit"
 );
 
@@ -155,7 +292,7 @@ validated_string!(
     AgentId,
     "agent id",
     128,
-    id_char,
+    Chars::Id,
     "1-128 characters of A-Z a-z 0-9 _ - . : @, starting with a letter or digit"
 );
 

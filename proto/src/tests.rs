@@ -5,7 +5,7 @@ use crate::Envelope;
 use crate::command::{self, Command, CommandMessage, CommandReply};
 use crate::envelope::{DecodeError, EnvelopeBuilder, MAX_ENVELOPE_BYTES, decode};
 use crate::event::*;
-use crate::ids::{AgentId, Stage, TaskId};
+use crate::ids::{AgentId, InvalidId, Stage, TaskId};
 use proptest::prelude::*;
 
 fn stage(s: &str) -> Stage {
@@ -387,5 +387,223 @@ proptest! {
         let at = at.index(bytes.len());
         bytes[at] = byte;
         let _ = decode(&bytes);
+    }
+}
+
+// ---- identifiers: the byte rule against the original char rule ----
+
+/// The rule as first written (chars, through a function pointer), kept to
+/// check that the byte-table rule accepts and refuses exactly the same.
+mod old_rule {
+    use crate::ids::InvalidId;
+
+    fn check(
+        kind: &'static str,
+        value: &str,
+        max: usize,
+        allowed: fn(char) -> bool,
+        rule: &'static str,
+    ) -> Result<(), InvalidId> {
+        let ok = !value.is_empty()
+            && value.len() <= max
+            && value
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
+            && value.chars().all(allowed);
+        if ok {
+            Ok(())
+        } else {
+            Err(InvalidId {
+                kind,
+                value: value.chars().take(80).collect(),
+                rule,
+            })
+        }
+    }
+
+    fn name_char(c: char) -> bool {
+        c.is_ascii_alphanumeric() || c == '_' || c == '-'
+    }
+
+    fn id_char(c: char) -> bool {
+        c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '@')
+    }
+
+    const NAME_RULE: &str = "1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit";
+    const ID_RULE: &str =
+        "1-128 characters of A-Z a-z 0-9 _ - . : @, starting with a letter or digit";
+
+    pub fn namespace(v: &str) -> Result<(), InvalidId> {
+        check("namespace", v, 64, name_char, NAME_RULE)
+    }
+    pub fn stage(v: &str) -> Result<(), InvalidId> {
+        check("stage", v, 64, name_char, NAME_RULE)
+    }
+    pub fn task_id(v: &str) -> Result<(), InvalidId> {
+        check("task id", v, 128, id_char, ID_RULE)
+    }
+    pub fn agent_id(v: &str) -> Result<(), InvalidId> {
+        check("agent id", v, 128, id_char, ID_RULE)
+    }
+}
+
+/// Checks one identifier type against the old rule on `value`, through
+/// every way in: `new`, `FromStr`, `TryFrom<String>`, postcard, and serde's
+/// str, string, bytes and wrong-type paths (errors compared as well).
+fn same_as_old_rule<T>(value: &str, old: fn(&str) -> Result<(), InvalidId>)
+where
+    T: std::str::FromStr<Err = InvalidId>
+        + TryFrom<String, Error = InvalidId>
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + AsRef<str>
+        + std::fmt::Debug,
+{
+    use serde::de::{Deserialize, Error as _, IntoDeserializer, value};
+    type E = value::Error;
+    /// What `#[serde(try_from = "String")]` did: a `String`, then `TryFrom`.
+    fn before<
+        'de,
+        T: TryFrom<String, Error = InvalidId>,
+        D: serde::Deserializer<'de, Error = E>,
+    >(
+        d: D,
+    ) -> Result<String, E> {
+        let s = String::deserialize(d)?;
+        T::try_from(s.clone()).map_err(E::custom)?;
+        Ok(s)
+    }
+    let expected = old(value);
+    let parsed = value.parse::<T>();
+    assert_eq!(parsed.as_ref().err(), expected.as_ref().err(), "{value:?}");
+    if let Ok(id) = &parsed {
+        assert_eq!(id.as_ref(), value);
+        // Encoded exactly as the plain string it wraps.
+        assert_eq!(
+            postcard::to_allocvec(id).unwrap(),
+            postcard::to_allocvec(value).unwrap()
+        );
+    }
+    assert_eq!(
+        T::try_from(value.to_owned()).err(),
+        expected.clone().err(),
+        "{value:?}"
+    );
+
+    let bytes = postcard::to_allocvec(value).unwrap();
+    let decoded = postcard::from_bytes::<T>(&bytes);
+    let old_decoded = postcard::from_bytes::<String>(&bytes)
+        .and_then(|s| T::try_from(s).map_err(|_| postcard::Error::SerdeDeCustom));
+    assert_eq!(
+        decoded.as_ref().map(|t| t.as_ref()).map_err(|e| e.clone()),
+        old_decoded
+            .as_ref()
+            .map(|t| t.as_ref())
+            .map_err(|e| e.clone()),
+        "{value:?}"
+    );
+
+    let new_str = T::deserialize(IntoDeserializer::<E>::into_deserializer(value));
+    let old_str = before::<T, _>(IntoDeserializer::<E>::into_deserializer(value));
+    assert_eq!(new_str.map(|t| t.as_ref().to_owned()), old_str, "{value:?}");
+    let new_string = T::deserialize(IntoDeserializer::<E>::into_deserializer(value.to_owned()));
+    let old_string = before::<T, _>(IntoDeserializer::<E>::into_deserializer(value.to_owned()));
+    assert_eq!(
+        new_string.map(|t| t.as_ref().to_owned()),
+        old_string,
+        "{value:?}"
+    );
+    let new_bytes = T::deserialize(value::BytesDeserializer::<E>::new(value.as_bytes()));
+    let old_bytes = before::<T, _>(value::BytesDeserializer::<E>::new(value.as_bytes()));
+    assert_eq!(
+        new_bytes.map(|t| t.as_ref().to_owned()),
+        old_bytes,
+        "{value:?}"
+    );
+}
+
+fn all_kinds_same_as_old_rule(value: &str) {
+    same_as_old_rule::<crate::ids::Namespace>(value, old_rule::namespace);
+    same_as_old_rule::<Stage>(value, old_rule::stage);
+    same_as_old_rule::<TaskId>(value, old_rule::task_id);
+    same_as_old_rule::<AgentId>(value, old_rule::agent_id);
+}
+
+#[test]
+fn ids_match_the_old_rule_on_every_character() {
+    // Every ASCII character and a span of others, alone, first, inside,
+    // last, and at the length limits.
+    let chars = (0u32..0x800)
+        .chain([0xfffd, 0x1f600, 0x10ffff])
+        .filter_map(char::from_u32);
+    for c in chars {
+        for value in [
+            c.to_string(),
+            format!("{c}a"),
+            format!("a{c}"),
+            format!("a{c}b"),
+            format!("a{c}{}", "b".repeat(20)),
+            format!("a{}{c}{}", "b".repeat(16), "b".repeat(20)),
+            format!("{}{c}", "a".repeat(63)),
+            format!("{}{c}", "a".repeat(127)),
+        ] {
+            all_kinds_same_as_old_rule(&value);
+        }
+    }
+    for len in [0, 1, 63, 64, 65, 127, 128, 129, 300] {
+        all_kinds_same_as_old_rule(&"x".repeat(len));
+        all_kinds_same_as_old_rule(&"é".repeat(len));
+    }
+}
+
+#[test]
+fn ids_refuse_bytes_that_are_not_utf8_as_strings_do() {
+    use serde::de::{Deserialize, value};
+    for bytes in [&b"\xff"[..], b"a\xc3", b"ab\x80cd", b"\xed\xa0\x80"] {
+        let new = Stage::deserialize(value::BytesDeserializer::<value::Error>::new(bytes));
+        let old = String::deserialize(value::BytesDeserializer::<value::Error>::new(bytes));
+        assert_eq!(new.unwrap_err(), old.unwrap_err());
+        // postcard refuses them before any identifier rule is applied.
+        let mut framed = postcard::to_allocvec(&(bytes.len() as u32)).unwrap();
+        framed.extend_from_slice(bytes);
+        assert_eq!(
+            postcard::from_bytes::<TaskId>(&framed).unwrap_err(),
+            postcard::Error::DeserializeBadUtf8
+        );
+    }
+    let wrong = Stage::deserialize(value::U32Deserializer::<value::Error>::new(5));
+    let old = String::deserialize(value::U32Deserializer::<value::Error>::new(5));
+    assert_eq!(wrong.unwrap_err(), old.unwrap_err());
+}
+
+/// Strings that are often near-valid identifiers: mostly allowed
+/// characters with a sprinkling of neighbours of the allowed ranges,
+/// controls and non-ASCII.
+fn arb_id_like() -> impl Strategy<Value = String> {
+    let ch = prop_oneof![
+        8 => proptest::char::range('0', '9'),
+        8 => proptest::char::range('a', 'z'),
+        4 => proptest::char::range('A', 'Z'),
+        4 => prop::sample::select(vec!['_', '-', '.', ':', '@']),
+        2 => prop::sample::select(vec![
+            '/', '`', '[', '{', '^', ' ', '#', '*', '\0', '\x7f', '?', '<', ';', '=', '\\',
+        ]),
+        1 => any::<char>(),
+    ];
+    proptest::collection::vec(ch, 0..140).prop_map(|cs| cs.into_iter().collect())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    #[test]
+    fn ids_match_the_old_rule_on_id_like_strings(value in arb_id_like()) {
+        all_kinds_same_as_old_rule(&value);
+    }
+
+    #[test]
+    fn ids_match_the_old_rule_on_arbitrary_strings(value in any::<String>()) {
+        all_kinds_same_as_old_rule(&value);
     }
 }

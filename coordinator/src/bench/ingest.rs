@@ -40,9 +40,12 @@ use std::time::{Duration, Instant};
 
 /// How often a live-phase agent tops its emitted count up to its target.
 const TICK: Duration = Duration::from_millis(10);
-/// Most events one agent emits per tick when behind: past it the target is
+/// Events per task and stage in the mix, on average (three at the first
+/// stage, two elsewhere, a retry now and then): converts `--rate` to tasks.
+const EVENTS_PER_TASK: f64 = 2.36;
+/// Most tasks one agent emits per tick when behind: past it the target is
 /// not met, and the report says so.
-const MAX_PER_TICK: u64 = 20_000;
+const MAX_PER_TICK: u64 = 8_000;
 /// How long the bare consumer waits for one more message before deciding
 /// it has read the whole stream.
 const IDLE_END: Duration = Duration::from_millis(750);
@@ -280,7 +283,7 @@ impl Agents {
     }
 
     /// Each agent emits at `rate_each` events/s (`None`: as fast as the
-    /// publisher takes them) until `until`, or until it has emitted `quota`.
+    /// publisher takes them) until `until`, or until it has done `quota` tasks.
     async fn drive(&mut self, rate_each: Option<f64>, until: Instant, quota: u64) {
         let sims = std::mem::take(&mut self.sims);
         let mut set = tokio::task::JoinSet::new();
@@ -324,29 +327,30 @@ async fn drive_one(
     quota: u64,
 ) -> SimAgent {
     let start = Instant::now();
-    let mut emitted = 0u64;
     let mut events: Vec<Event> = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    while emitted < quota && Instant::now() < until {
+    // Paced in tasks (so every stage keeps step), sized in events.
+    let mut tasks = 0u64;
+    while tasks < quota && Instant::now() < until {
         let due = match rate_each {
             Some(rate) => {
                 tick.tick().await;
-                let target = (rate * start.elapsed().as_secs_f64()) as u64;
-                target.saturating_sub(emitted).min(MAX_PER_TICK)
+                let target = (rate / EVENTS_PER_TASK * start.elapsed().as_secs_f64()) as u64;
+                target.saturating_sub(tasks).min(MAX_PER_TICK)
             }
-            None => 1_000,
+            None => 400,
         }
-        .min(quota - emitted);
+        .min(quota - tasks);
         if due == 0 {
             continue;
         }
         events.clear();
-        sim.take(now_ms(), due as usize, &mut events);
+        sim.take_tasks(now_ms(), due, &mut events);
         for e in events.drain(..) {
             publisher.emit(e);
         }
-        emitted += due;
+        tasks += due;
         if rate_each.is_none() {
             // Back-pressure: wait until the batcher has taken these.
             publisher.flush().await;
@@ -431,7 +435,8 @@ async fn live_phase(
 async fn fill_phase(plan: &Plan, agents: &mut Agents, already: u64) -> FillPhase {
     let (events_before, batches_before, _) = agents.confirmed();
     let left = plan.events.saturating_sub(already);
-    let quota = left.div_ceil(agents.publishers.len() as u64);
+    // Every agent does as many tasks, so each reaches every stage.
+    let quota = (left as f64 / EVENTS_PER_TASK / agents.publishers.len() as f64).ceil() as u64;
     let t0 = Instant::now();
     if quota > 0 {
         agents.drive(None, t0 + plan.drain_timeout, quota).await;

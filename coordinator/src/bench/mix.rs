@@ -141,6 +141,23 @@ impl SimAgent {
         }
     }
 
+    /// Appends every event of its next `tasks` tasks (and its heartbeats),
+    /// as of `now_ms`, to `out`; returns how many events that was. Agents
+    /// paced in tasks stay in step across stages, as a real pipeline's do
+    /// (paced in events, the first stage, with more events per task, would
+    /// fall behind and leave tasks in flight for ever).
+    pub fn take_tasks(&mut self, now_ms: u64, tasks: u64, out: &mut Vec<Event>) -> usize {
+        let before = out.len();
+        for _ in 0..tasks {
+            if self.heartbeat_due(now_ms) {
+                out.push(self.heartbeat(now_ms));
+            }
+            self.next_task_events(now_ms);
+            out.extend(self.pending.drain(..));
+        }
+        out.len() - before
+    }
+
     /// Its next heartbeat only (a fleet heartbeating with no tasks).
     pub fn heartbeat_now(&mut self, now_ms: u64) -> Event {
         self.heartbeat(now_ms)

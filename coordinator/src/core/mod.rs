@@ -56,7 +56,7 @@ mod test_support;
 mod tests;
 
 use crate::capacity::{CapacityConfig, Observation, Planner};
-use crate::metrics::{Metrics, WORKER_STATUSES};
+use crate::metrics::{Metrics, WORKER_STATUSES, WorkerSeries};
 use errors::ErrorTracker;
 use guildhall_proto::{AgentId, Decoded, Event, Stage, TaskId};
 use serde::{Deserialize, Serialize};
@@ -492,37 +492,57 @@ impl Core {
         stage: &Stage,
     ) -> Option<&mut Worker> {
         if !self.workers.contains_key(sender) {
-            if self.workers.len() >= self.config.max_workers {
-                self.handle_malformed("worker_limit");
-                return None;
-            }
-            let mut w = Worker::new(
-                sender.clone(),
-                stage.clone(),
-                now_ms,
-                self.config.rate_window_s,
-            );
-            w.first_seen_ms = seen_ms;
-            w.last_seen_ms = seen_ms;
-            self.workers.insert(sender.clone(), w);
+            return self.add_worker(now_ms, seen_ms, sender, stage);
         }
         self.workers.get_mut(sender)
     }
 
-    fn stage_mut(&mut self, now_ms: u64, stage: &Stage) -> Option<&mut StageState> {
-        if !self.ensure_stage(now_ms, stage) {
-            self.handle_malformed("stage_limit");
+    /// A worker for `sender`, not tracked yet, first heard of at `seen_ms`
+    /// serving `stage`; `None` (counted) if the worker limit is reached.
+    /// The hot paths look the worker up first and call this on a miss only,
+    /// so a known sender's id is hashed once.
+    fn add_worker(
+        &mut self,
+        now_ms: u64,
+        seen_ms: u64,
+        sender: &AgentId,
+        stage: &Stage,
+    ) -> Option<&mut Worker> {
+        if self.workers.len() >= self.config.max_workers {
+            self.handle_malformed("worker_limit");
             return None;
         }
-        self.stages.get_mut(stage)
+        let mut w = Worker::new(
+            sender.clone(),
+            stage.clone(),
+            now_ms,
+            self.config.rate_window_s,
+        );
+        w.first_seen_ms = seen_ms;
+        w.last_seen_ms = seen_ms;
+        Some(
+            self.workers
+                .entry(sender.clone())
+                .insert_entry(w)
+                .into_mut(),
+        )
+    }
+
+    /// Whether `stage` is known, made known now if the stage limit allows
+    /// (an event naming a stage over the limit is counted and dropped).
+    fn known_stage(&mut self, now_ms: u64, stage: &Stage) -> bool {
+        let known = self.ensure_stage(now_ms, stage);
+        if !known {
+            self.handle_malformed("stage_limit");
+        }
+        known
     }
 
     /// A task entered `stage`'s queue at `at_ms`: counted once per entry, for
     /// the stage's arrival rate and the planner's forecast.
     fn record_arrival(&mut self, now_ms: u64, stage: &Stage, at_ms: u64) {
         if let Some(s) = self.stages.get_mut(stage) {
-            s.arrivals.add(at_ms, now_ms, 1);
-            self.planner.record_arrivals(stage, at_ms, 1);
+            arrival(&mut self.planner, stage, s, now_ms, at_ms);
         }
     }
 
@@ -533,11 +553,11 @@ impl Core {
         }
         match event {
             Event::Hello(h) => {
-                if self.stage_mut(now_ms, &h.stage).is_none() {
+                if !self.known_stage(now_ms, &h.stage) {
                     return;
                 }
                 if let Some(next) = &h.next {
-                    let _ = self.stage_mut(now_ms, next);
+                    self.known_stage(now_ms, next);
                 }
                 let caught_up = self.caught_up;
                 let Some(w) = self.worker_mut(now_ms, seen_ms, sender, &h.stage) else {
@@ -552,7 +572,7 @@ impl Core {
                 }
             }
             Event::Heartbeat(h) => {
-                if self.stage_mut(now_ms, &h.stage).is_none() {
+                if !self.known_stage(now_ms, &h.stage) {
                     return;
                 }
                 let caught_up = self.caught_up;
@@ -584,26 +604,20 @@ impl Core {
                 }
             }
             Event::TaskSubmitted(e) => {
-                let Some(s) = self.stage_mut(now_ms, &e.stage) else {
+                if !self.known_stage(now_ms, &e.stage) {
+                    return;
+                }
+                let Some(s) = self.stages.get_mut(&e.stage) else {
                     return;
                 };
                 s.metrics.submitted.inc();
                 if self.tasks.submitted(&e.task_id, &e.stage, e.at_ms) {
-                    self.record_arrival(now_ms, &e.stage, e.at_ms);
+                    arrival(&mut self.planner, &e.stage, s, now_ms, e.at_ms);
                 }
             }
             Event::TaskStarted(e) => {
-                if self.stage_mut(now_ms, &e.stage).is_none() {
+                if !self.known_stage(now_ms, &e.stage) {
                     return;
-                }
-                if let Some(w) = self.worker_mut(now_ms, seen_ms, sender, &e.stage)
-                    && !w.in_hand.iter().any(|t| t.task_id == e.task_id)
-                {
-                    w.in_hand.push(guildhall_proto::TaskInHand {
-                        task_id: e.task_id.clone(),
-                        attempt: e.attempt,
-                        started_at_ms: e.at_ms,
-                    });
                 }
                 let started = self.tasks.started(
                     Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
@@ -618,11 +632,26 @@ impl Core {
                         s.waits.record(wait);
                         s.metrics.queue_wait.observe(wait as f64 / 1000.0);
                     }
+                    if started.unannounced {
+                        // Published by a producer outside Guildhall (no
+                        // TaskSubmitted): it arrived when it was enqueued.
+                        let at_ms = e.enqueued_at_ms.unwrap_or(e.at_ms);
+                        arrival(&mut self.planner, &e.stage, s, now_ms, at_ms);
+                    }
                 }
-                if started.unannounced {
-                    // Published by a producer outside Guildhall (no
-                    // TaskSubmitted): it arrived when it was enqueued.
-                    self.record_arrival(now_ms, &e.stage, e.enqueued_at_ms.unwrap_or(e.at_ms));
+                let worker = match self.workers.get_mut(sender) {
+                    Some(w) => Some(w),
+                    None => self.add_worker(now_ms, seen_ms, sender, &e.stage),
+                };
+                if let Some(w) = worker
+                    && !w.in_hand.iter().any(|t| t.task_id == e.task_id)
+                {
+                    // The event's own id moves into the list: no copy.
+                    w.in_hand.push(guildhall_proto::TaskInHand {
+                        task_id: e.task_id,
+                        attempt: e.attempt,
+                        started_at_ms: e.at_ms,
+                    });
                 }
             }
             Event::TaskProgress(e) => {
@@ -633,16 +662,17 @@ impl Core {
                 );
             }
             Event::TaskSucceeded(e) => {
-                if self.stage_mut(now_ms, &e.stage).is_none() {
+                if !self.known_stage(now_ms, &e.stage) {
                     return;
                 }
                 if let Some(next) = &e.next
-                    && self.stage_mut(now_ms, next).is_none()
+                    && !self.known_stage(now_ms, next)
                 {
                     return;
                 }
+                let a = Attempt::new(&e.task_id, &e.stage, e.attempt, sender);
                 let Some(done) = self.tasks.succeeded(
-                    Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
+                    a,
                     e.at_ms,
                     e.started_at_ms,
                     e.next.as_ref(),
@@ -651,21 +681,7 @@ impl Core {
                     self.stale_result(sender, &e.task_id, &e.stage);
                     return;
                 };
-                self.attempt_finished(
-                    now_ms,
-                    sender,
-                    &e.task_id,
-                    &e.stage,
-                    e.at_ms,
-                    done.duration_ms,
-                );
-                if let Some(w) = self.workers.get_mut(sender) {
-                    w.last_completed_ms = Some(w.last_completed_ms.unwrap_or(0).max(e.at_ms));
-                }
-                if let Some(s) = self.stages.get_mut(&e.stage) {
-                    s.succeeded += 1;
-                    s.metrics.succeeded.inc();
-                }
+                self.attempt_finished(now_ms, a, e.at_ms, done.duration_ms, true);
                 if let Some(next) = &e.next
                     && done.queued_next
                 {
@@ -679,23 +695,18 @@ impl Core {
                 }
             }
             Event::TaskFailed(e) => {
-                if self.stage_mut(now_ms, &e.stage).is_none() {
+                if !self.known_stage(now_ms, &e.stage) {
                     return;
                 }
-                let Some(duration) = self.tasks.failed(
-                    Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
-                    e.at_ms,
-                    e.started_at_ms,
-                    &e.error,
-                    &e.error_class,
-                ) else {
+                let a = Attempt::new(&e.task_id, &e.stage, e.attempt, sender);
+                let Some(duration) =
+                    self.tasks
+                        .failed(a, e.at_ms, e.started_at_ms, &e.error, &e.error_class)
+                else {
                     self.stale_result(sender, &e.task_id, &e.stage);
                     return;
                 };
-                self.attempt_finished(now_ms, sender, &e.task_id, &e.stage, e.at_ms, duration);
-                if let Some(s) = self.stages.get_mut(&e.stage) {
-                    s.failed += 1;
-                }
+                self.attempt_finished(now_ms, a, e.at_ms, duration, false);
                 let class = errors::classify(&e.error_class, &e.error);
                 self.record_failure(
                     now_ms,
@@ -710,7 +721,7 @@ impl Core {
                 );
             }
             Event::TaskRetrying(e) => {
-                if self.stage_mut(now_ms, &e.stage).is_none()
+                if !self.known_stage(now_ms, &e.stage)
                     || !self.tasks.retrying(
                         Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
                         e.at_ms,
@@ -726,7 +737,7 @@ impl Core {
                 self.record_arrival(now_ms, &e.stage, e.at_ms.saturating_add(e.delay_ms));
             }
             Event::TaskDeadLettered(e) => {
-                if self.stage_mut(now_ms, &e.stage).is_none() {
+                if !self.known_stage(now_ms, &e.stage) {
                     return;
                 }
                 // Agents send `TaskFailed` first, which counted the failure.
@@ -784,7 +795,7 @@ impl Core {
                 }
             }
             Event::TaskAbandoned(e) => {
-                if self.stage_mut(now_ms, &e.stage).is_none() {
+                if !self.known_stage(now_ms, &e.stage) {
                     return;
                 }
                 let counted = self.tasks.abandoned(
@@ -819,7 +830,7 @@ impl Core {
                 }
             }
             Event::Reassigned(e) => {
-                if self.stage_mut(now_ms, &e.to).is_none() {
+                if !self.known_stage(now_ms, &e.to) {
                     return;
                 }
                 if let Some(w) = self.workers.get_mut(sender) {
@@ -887,28 +898,38 @@ impl Core {
         tracing::info!(%worker, %task, %stage, "stale result from an attempt already requeued");
     }
 
-    /// Bookkeeping shared by every finished attempt, whatever its outcome:
-    /// the worker no longer holds the task, and both the worker's and the
-    /// stage's times and rates count it.
+    /// Bookkeeping shared by every finished attempt `a` (ended at `at_ms`,
+    /// after `duration_ms`): its worker no longer holds the task, both the
+    /// worker's and the stage's times and rates count it, and the stage's
+    /// tally of attempts that `succeeded` (or failed) too. One lookup each
+    /// of the worker and the stage.
     fn attempt_finished(
         &mut self,
         now_ms: u64,
-        worker: &AgentId,
-        task: &TaskId,
-        stage: &Stage,
+        a: Attempt<'_>,
         at_ms: u64,
         duration_ms: u64,
+        succeeded: bool,
     ) {
-        if let Some(w) = self.workers.get_mut(worker) {
-            w.in_hand.retain(|t| &t.task_id != task);
+        if let Some(w) = self.workers.get_mut(a.worker) {
+            w.in_hand.retain(|t| &t.task_id != a.task);
             w.durations.record(duration_ms);
             w.completions.add(at_ms, now_ms, 1);
+            if succeeded {
+                w.last_completed_ms = Some(w.last_completed_ms.unwrap_or(0).max(at_ms));
+            }
         }
-        self.planner.record_service(stage, duration_ms);
-        if let Some(s) = self.stages.get_mut(stage) {
+        self.planner.record_service(a.stage, duration_ms);
+        if let Some(s) = self.stages.get_mut(a.stage) {
             s.completions.add(at_ms, now_ms, 1);
             s.durations.record(duration_ms);
             s.metrics.duration.observe(duration_ms as f64 / 1000.0);
+            if succeeded {
+                s.succeeded += 1;
+                s.metrics.succeeded.inc();
+            } else {
+                s.failed += 1;
+            }
         }
     }
 
@@ -1014,18 +1035,14 @@ impl Core {
         self.tasks.evict(now_ms);
         self.errors.rearm(now_ms);
         let retention = self.config.worker_retention_ms;
-        let metrics = &self.metrics;
+        // A worker's series go with it: they are written from this table.
         self.workers.retain(|_, w| {
             let gone_since = match &w.liveness {
                 Liveness::Alive | Liveness::Suspect { .. } => return true,
                 Liveness::Dead { since_ms } => *since_ms,
                 Liveness::Stopped { at_ms, .. } => *at_ms,
             };
-            let keep = now_ms.saturating_sub(gone_since) < retention;
-            if !keep {
-                metrics.forget_worker(w.id.as_str(), w.stage.as_str());
-            }
-            keep
+            now_ms.saturating_sub(gone_since) < retention
         });
     }
 
@@ -1109,33 +1126,41 @@ impl Core {
         m.tasks_tracked
             .with_label_values(&["completed"])
             .set(self.tasks.finished() as i64);
-        if m.per_worker {
-            for w in self.workers.values() {
-                let labels = [w.id.as_str(), w.stage.as_str()];
-                m.worker_up
-                    .with_label_values(&labels)
-                    .set(i64::from(w.is_alive()));
-                m.worker_tasks_in_hand
-                    .with_label_values(&labels)
-                    .set(w.in_hand.len() as i64);
-                if let Some(p) = w.worker_proc {
-                    m.worker_cpu_ratio
-                        .with_label_values(&labels)
-                        .set(f64::from(p.cpu_ratio));
-                    m.worker_memory_bytes
-                        .with_label_values(&labels)
-                        .set(clamp_i64(p.rss_bytes));
-                }
-                if let Some(p) = w.agent_proc {
-                    m.agent_cpu_ratio
-                        .with_label_values(&labels)
-                        .set(f64::from(p.cpu_ratio));
-                    m.agent_memory_bytes
-                        .with_label_values(&labels)
-                        .set(clamp_i64(p.rss_bytes));
-                }
-            }
+    }
+
+    /// The per-worker series (empty when they are off), copied out so the
+    /// text is written after the core's lock is released.
+    pub fn worker_series(&self) -> Vec<WorkerSeries> {
+        if !self.metrics.per_worker {
+            return Vec::new();
         }
+        let proc = |p: Option<guildhall_proto::ProcStats>| {
+            p.map(|p| (f64::from(p.cpu_ratio), p.rss_bytes))
+        };
+        self.workers
+            .values()
+            .map(|w| WorkerSeries {
+                worker: w.id.as_str().to_owned(),
+                stage: w.stage.as_str().to_owned(),
+                up: w.is_alive(),
+                in_hand: w.in_hand.len() as u64,
+                tasks: w
+                    .task_counters()
+                    .into_iter()
+                    .map(|(stage, ok, failed)| (stage.as_str().to_owned(), ok, failed))
+                    .collect(),
+                worker_proc: proc(w.worker_proc),
+                agent_proc: proc(w.agent_proc),
+            })
+            .collect()
+    }
+
+    /// The whole `/metrics` text as of `now_ms`, written under whatever
+    /// lock the caller holds (tests; the HTTP side copies the rows out
+    /// first with [`Core::worker_series`]).
+    pub fn metrics_text(&self, now_ms: u64) -> String {
+        self.refresh_metrics(now_ms);
+        self.metrics.encode_with(self.worker_series())
     }
 
     /// Feeds per-worker counters by the growth of the agents' own counts.
@@ -1146,30 +1171,18 @@ impl Core {
             return;
         }
         for w in self.workers.values_mut() {
-            let (done, failed) = w.exported_counts;
-            let labels = |outcome| [w.id.as_str(), w.stage.as_str(), outcome];
-            // A restarted agent (same id) starts counting again from zero.
-            let d = if w.done >= done {
-                w.done - done
-            } else {
-                w.done
-            };
-            let f = if w.failed >= failed {
-                w.failed - failed
-            } else {
-                w.failed
-            };
-            self.metrics
-                .worker_tasks
-                .with_label_values(&labels("succeeded"))
-                .inc_by(d);
-            self.metrics
-                .worker_tasks
-                .with_label_values(&labels("failed"))
-                .inc_by(f);
+            w.tasks_exported = w.task_counters();
             w.exported_counts = (w.done, w.failed);
         }
     }
+}
+
+/// A task entered `stage`'s queue at `at_ms`: its arrival rate (in `s`, its
+/// state, already looked up, so the hot paths look a stage up once per
+/// event) and the planner's forecast count it.
+fn arrival(planner: &mut Planner, stage: &Stage, s: &mut StageState, now_ms: u64, at_ms: u64) {
+    s.arrivals.add(at_ms, now_ms, 1);
+    planner.record_arrivals(stage, at_ms, 1);
 }
 
 fn push_notice(notices: &mut VecDeque<Notice>, notice: Notice) {

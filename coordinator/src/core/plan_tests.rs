@@ -205,8 +205,7 @@ fn a_growing_load_raises_the_recommendation_and_says_so() {
     assert_eq!(plan.plan.recommended_workers, to);
     assert!(plan.bottleneck);
     assert!(!plan.plan.reason.is_empty());
-    f.core.refresh_metrics(f.now);
-    let text = f.core.metrics().encode();
+    let text = f.core.metrics_text(f.now);
     assert!(
         text.contains(&format!(
             "guildhall_stage_recommended_workers{{stage=\"build\"}} {to}"

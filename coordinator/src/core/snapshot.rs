@@ -37,7 +37,7 @@ use super::tasks::{TaskRecord, TaskStore};
 use super::workers::Worker;
 use super::{Core, CoreConfig, IngestStats};
 use crate::capacity::Planner;
-use crate::metrics::{CounterSample, Metrics};
+use crate::metrics::{CounterSample, Metrics, WORKER_TASKS_TOTAL};
 use guildhall_proto::{AgentId, Namespace, Stage, TaskId};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -183,7 +183,7 @@ impl Core {
             stages: Cow::Borrowed(&self.stages),
             tasks: Cow::Borrowed(self.tasks.records()),
             stats: Cow::Borrowed(&self.stats),
-            counters: self.metrics.counter_values(),
+            counters: self.counter_samples(),
             planner: Cow::Borrowed(&self.planner),
             errors: Cow::Borrowed(&self.errors),
         };
@@ -214,6 +214,11 @@ impl Core {
             planner,
             errors,
         } = snapshot.state;
+        // Per-worker counters are not in the registry: they go back to
+        // their workers (once those are restored, below).
+        let (worker_counters, counters): (Vec<_>, Vec<_>) = counters
+            .into_iter()
+            .partition(|c| c.name == WORKER_TASKS_TOTAL);
         let skipped = metrics.restore_counters(&counters);
         if skipped > 0 {
             tracing::info!(skipped, "counter series from the snapshot not restored");
@@ -238,6 +243,9 @@ impl Core {
             .into_values()
             .map(|w| (w.id.clone(), w))
             .collect();
+        if core.metrics.per_worker {
+            core.restore_worker_counters(&worker_counters);
+        }
         let suspect = core.config.suspect_heartbeats;
         for w in core.workers.values_mut() {
             w.liveness_scheduled = w.is_alive();
@@ -260,6 +268,69 @@ impl Core {
             tracing::info!("capacity settings changed since the snapshot: forecasts start afresh");
         }
         core
+    }
+}
+
+impl Core {
+    /// Every counter series a snapshot carries: the registry's, and each
+    /// worker's `guildhall_worker_tasks_total` (written from the workers
+    /// table, not the registry), in one sorted list as before.
+    fn counter_samples(&self) -> Vec<CounterSample> {
+        let mut out = self.metrics.counter_values();
+        for w in self.workers.values() {
+            for (stage, ok, failed) in w.task_counters() {
+                for (outcome, value) in [("failed", failed), ("succeeded", ok)] {
+                    if value == 0 {
+                        continue;
+                    }
+                    out.push(CounterSample {
+                        name: WORKER_TASKS_TOTAL.to_owned(),
+                        labels: vec![
+                            ("outcome".to_owned(), outcome.to_owned()),
+                            ("stage".to_owned(), stage.as_str().to_owned()),
+                            ("worker".to_owned(), w.id.as_str().to_owned()),
+                        ],
+                        value,
+                    });
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Puts saved `guildhall_worker_tasks_total` series back on their
+    /// workers; series of workers no longer in the table are dropped.
+    fn restore_worker_counters(&mut self, samples: &[CounterSample]) {
+        for c in samples {
+            let label = |k: &str| {
+                c.labels
+                    .iter()
+                    .find(|(name, _)| name == k)
+                    .map(|(_, v)| v.as_str())
+            };
+            let (Some(worker), Some(stage), Some(outcome)) =
+                (label("worker"), label("stage"), label("outcome"))
+            else {
+                continue;
+            };
+            let (Some(w), Ok(stage)) = (self.workers.get_mut(worker), Stage::new(stage)) else {
+                continue;
+            };
+            let pos = match w.tasks_exported.iter().position(|(s, _, _)| *s == stage) {
+                Some(i) => i,
+                None => {
+                    w.tasks_exported.push((stage, 0, 0));
+                    w.tasks_exported.len() - 1
+                }
+            };
+            let entry = &mut w.tasks_exported[pos];
+            match outcome {
+                "succeeded" => entry.1 += c.value,
+                "failed" => entry.2 += c.value,
+                _ => {}
+            }
+        }
     }
 }
 

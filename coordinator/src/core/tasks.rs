@@ -18,6 +18,10 @@ use std::collections::{HashMap, VecDeque};
 /// bounced between stages forever must not grow without bound).
 pub const MAX_ROWS: usize = 128;
 
+/// Rows room is first made for: a three-stage pipeline's, the common case
+/// (a finished record's rows are trimmed to what it holds anyway).
+const INITIAL_ROWS: usize = 3;
+
 /// Where a task is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TaskStatus {
@@ -143,6 +147,11 @@ pub struct AttemptRow {
 }
 
 impl AttemptRow {
+    /// Whether this is a row of attempt `attempt` at `stage`.
+    fn is(&self, stage: &Stage, attempt: u32) -> bool {
+        self.attempt == attempt && self.stage == *stage
+    }
+
     fn queued(stage: Stage, attempt: u32, queued_at_ms: Option<u64>) -> Self {
         Self {
             stage,
@@ -201,27 +210,35 @@ impl TaskRecord {
     /// `since_ms` (it is not a leftover of an earlier visit to the stage).
     fn has_row_since(&self, stage: &Stage, attempt: u32, since_ms: u64) -> bool {
         self.rows.iter().any(|r| {
-            &r.stage == stage
-                && r.attempt == attempt
+            r.is(stage, attempt)
                 && r.started_at_ms
                     .or(r.queued_at_ms)
                     .is_some_and(|t| t >= since_ms)
         })
     }
 
-    /// The newest row `worker` holds for `(stage, attempt)` if it was cut
-    /// off from it (requeued after a death, or redelivered elsewhere).
-    fn cut_off_row(
+    /// Records `result` on the newest row `worker` holds for `(stage,
+    /// attempt)` if it was cut off from it (requeued after a death, or
+    /// redelivered elsewhere). Returns whether it was (the result is stale).
+    fn mark_stale(
         &mut self,
         stage: &Stage,
         attempt: u32,
         worker: &AgentId,
-    ) -> Option<&mut AttemptRow> {
-        let idx = self.rows.iter().rposition(|r| {
-            &r.stage == stage && r.attempt == attempt && r.worker.as_ref() == Some(worker)
-        })?;
-        let row = &mut self.rows[idx];
-        row.outcome.is_cut_off().then_some(row)
+        result: WorkerResult,
+    ) -> bool {
+        let row = self
+            .rows
+            .iter_mut()
+            .rev()
+            .find(|r| r.is(stage, attempt) && r.worker.as_ref() == Some(worker));
+        match row {
+            Some(row) if row.outcome.is_cut_off() => {
+                row.stale = Some(result);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The row of the task's current stage with the highest attempt.
@@ -235,10 +252,27 @@ impl TaskRecord {
     fn push(&mut self, row: AttemptRow) -> &mut AttemptRow {
         if self.rows.len() >= MAX_ROWS {
             self.rows.remove(0);
+        } else if self.rows.capacity() == 0 {
+            self.rows.reserve_exact(INITIAL_ROWS);
         }
         self.rows.push(row);
         let last = self.rows.len() - 1;
         &mut self.rows[last]
+    }
+
+    /// Index of the latest row for `(stage, attempt)`, preferring one held
+    /// by `worker`.
+    fn row_index(&self, stage: &Stage, attempt: u32, worker: Option<&AgentId>) -> Option<usize> {
+        let mut latest = None;
+        for (i, r) in self.rows.iter().enumerate().rev() {
+            if r.is(stage, attempt) {
+                if worker.is_some() && r.worker.as_ref() == worker {
+                    return Some(i);
+                }
+                latest.get_or_insert(i);
+            }
+        }
+        latest
     }
 
     /// The latest row for `(stage, attempt)`, preferring one held by `worker`.
@@ -248,13 +282,74 @@ impl TaskRecord {
         attempt: u32,
         worker: Option<&AgentId>,
     ) -> Option<&mut AttemptRow> {
-        let matches = |r: &AttemptRow| &r.stage == stage && r.attempt == attempt;
-        let idx = self
-            .rows
-            .iter()
-            .rposition(|r| matches(r) && worker.is_some() && r.worker.as_ref() == worker)
-            .or_else(|| self.rows.iter().rposition(matches))?;
+        let idx = self.row_index(stage, attempt, worker)?;
         Some(&mut self.rows[idx])
+    }
+
+    /// Moves the record to `status` at `stage`, unless an event later than
+    /// `at_ms` already set it; keeps `retention`'s count and queue right.
+    fn set_status(
+        &mut self,
+        retention: &mut Retention,
+        status: TaskStatus,
+        stage: &Stage,
+        at_ms: u64,
+    ) {
+        if at_ms < self.status_at_ms {
+            return;
+        }
+        self.status_at_ms = at_ms;
+        if self.stage != *stage {
+            self.stage = stage.clone();
+        }
+        let was = self.status.is_terminal();
+        self.status = status;
+        match (was, status.is_terminal()) {
+            (false, true) => {
+                self.finished_at_ms = Some(at_ms);
+                retention.terminal += 1;
+                retention.completed.push_back((at_ms, self.id.clone()));
+                // Finished records are most of those held: no spare rows.
+                self.rows.shrink_to_fit();
+            }
+            (true, false) => {
+                self.finished_at_ms = None;
+                retention.terminal -= 1;
+            }
+            (true, true) => {
+                self.finished_at_ms = Some(at_ms);
+                retention.completed.push_back((at_ms, self.id.clone()));
+            }
+            (false, false) => {}
+        }
+    }
+
+    /// Ends the row of `(stage, attempt)` that `worker` holds (or a queued
+    /// one), or a new one if there is none, stamped with its start and end.
+    fn finish_row(
+        &mut self,
+        stage: &Stage,
+        attempt: u32,
+        worker: &AgentId,
+        started_at_ms: u64,
+        at_ms: u64,
+    ) -> &mut AttemptRow {
+        let found = self.row_index(stage, attempt, Some(worker)).filter(|&i| {
+            matches!(
+                self.rows[i].outcome,
+                AttemptOutcome::Running | AttemptOutcome::Queued
+            )
+        });
+        let row = match found {
+            Some(i) => &mut self.rows[i],
+            None => self.push(AttemptRow::queued(stage.clone(), attempt, None)),
+        };
+        if row.worker.as_ref() != Some(worker) {
+            row.worker = Some(worker.clone());
+        }
+        row.started_at_ms = Some(started_at_ms);
+        row.finished_at_ms = Some(at_ms);
+        row
     }
 }
 
@@ -309,16 +404,24 @@ pub struct Succeeded {
     pub queued_next: bool,
 }
 
-/// All tracked tasks.
-#[derive(Debug)]
-pub struct TaskStore {
-    /// Records by id.
-    tasks: HashMap<TaskId, TaskRecord>,
+/// The bookkeeping of finished records, apart from the records so that one
+/// record and it can be borrowed at once.
+#[derive(Debug, Default)]
+struct Retention {
     /// Finished tasks in finishing order, for eviction (entries can be stale
     /// when a finished task came back to life; eviction checks).
     completed: VecDeque<(u64, TaskId)>,
     /// How many records are finished.
     terminal: usize,
+}
+
+/// All tracked tasks.
+#[derive(Debug)]
+pub struct TaskStore {
+    /// Records by id.
+    tasks: HashMap<TaskId, TaskRecord>,
+    /// Which records are finished, in finishing order.
+    retention: Retention,
     /// Most finished tasks kept.
     limit: usize,
     /// Longest a finished task is kept.
@@ -330,8 +433,7 @@ impl TaskStore {
     pub fn new(limit: usize, max_age_ms: u64) -> Self {
         Self {
             tasks: HashMap::new(),
-            completed: VecDeque::new(),
-            terminal: 0,
+            retention: Retention::default(),
             limit,
             max_age_ms,
         }
@@ -368,8 +470,8 @@ impl TaskStore {
             }
         }
         finished.sort();
-        store.terminal = finished.len();
-        store.completed = finished.into();
+        store.retention.terminal = finished.len();
+        store.retention.completed = finished.into();
         store
     }
 
@@ -390,69 +492,33 @@ impl TaskStore {
 
     /// Records held that are not finished.
     pub fn in_flight(&self) -> usize {
-        self.tasks.len() - self.terminal
+        self.tasks.len() - self.retention.terminal
     }
 
     /// Finished records held.
     pub fn finished(&self) -> usize {
-        self.terminal
+        self.retention.terminal
     }
 
-    fn record(&mut self, id: &TaskId, stage: &Stage, at_ms: u64) -> &mut TaskRecord {
-        let rec = self
-            .tasks
-            .entry(id.clone())
-            .or_insert_with(|| TaskRecord::new(id.clone(), stage.clone(), at_ms));
+    /// Runs `f` on the record of `id` (created at `stage` if new; its id is
+    /// hashed once, and cloned only then), touched at `at_ms`, with the
+    /// retention bookkeeping [`TaskRecord::set_status`] keeps right.
+    fn update<R>(
+        &mut self,
+        id: &TaskId,
+        stage: &Stage,
+        at_ms: u64,
+        f: impl FnOnce(&mut TaskRecord, &mut Retention) -> R,
+    ) -> R {
+        let rec = match self.tasks.get_mut(id) {
+            Some(rec) => rec,
+            None => self
+                .tasks
+                .entry(id.clone())
+                .or_insert_with(|| TaskRecord::new(id.clone(), stage.clone(), at_ms)),
+        };
         rec.updated_at_ms = rec.updated_at_ms.max(at_ms);
-        rec
-    }
-
-    /// Moves a record to `status` at `stage`, unless an event later than
-    /// `at_ms` already set it; keeps the finished count and queue right.
-    fn set_status(&mut self, id: &TaskId, status: TaskStatus, stage: &Stage, at_ms: u64) {
-        let Some(rec) = self.tasks.get_mut(id) else {
-            return;
-        };
-        if at_ms < rec.status_at_ms {
-            return;
-        }
-        rec.status_at_ms = at_ms;
-        rec.stage = stage.clone();
-        let was = rec.status.is_terminal();
-        rec.status = status;
-        match (was, status.is_terminal()) {
-            (false, true) => {
-                rec.finished_at_ms = Some(at_ms);
-                self.terminal += 1;
-                self.completed.push_back((at_ms, id.clone()));
-            }
-            (true, false) => {
-                rec.finished_at_ms = None;
-                self.terminal -= 1;
-            }
-            (true, true) => {
-                rec.finished_at_ms = Some(at_ms);
-                self.completed.push_back((at_ms, id.clone()));
-            }
-            (false, false) => {}
-        }
-    }
-
-    /// Records a result from an attempt whose holder was cut off from it.
-    /// Returns whether the result was stale (and so must not be counted).
-    fn stale(&mut self, a: Attempt<'_>, at_ms: u64, result: WorkerResult) -> bool {
-        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        let Some(rec) = self.tasks.get_mut(id) else {
-            return false;
-        };
-        match rec.cut_off_row(stage, attempt, worker) {
-            Some(row) => {
-                row.stale = Some(result);
-                rec.updated_at_ms = rec.updated_at_ms.max(at_ms);
-                true
-            }
-            None => false,
-        }
+        f(rec, &mut self.retention)
     }
 
     /// The worker holding `(stage, attempt)` of a task (since `started_at_ms`)
@@ -468,37 +534,39 @@ impl TaskStore {
         reason: &str,
     ) -> bool {
         let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        let rec = self.record(id, stage, started_at_ms);
-        let running = matches!(
-            rec.row_mut(stage, attempt, Some(worker)),
-            Some(row) if row.outcome == AttemptOutcome::Running && row.worker.as_ref() == Some(worker)
-        );
-        let known = rec.rows.iter().any(|r| {
-            &r.stage == stage && r.attempt == attempt && r.worker.as_ref() == Some(worker)
-        });
-        let row = if running {
-            rec.row_mut(stage, attempt, Some(worker))
-                .expect("row found above")
-        } else if !known {
-            // Known only from a heartbeat (its start was not seen): record it.
-            let row = rec.push(AttemptRow::queued(stage.clone(), attempt, None));
-            row.worker = Some(worker.clone());
-            row.started_at_ms = Some(started_at_ms);
-            row
-        } else {
-            return false; // already over
-        };
-        row.outcome = AttemptOutcome::Requeued;
-        row.finished_at_ms = Some(now_ms);
-        row.error = Some(reason.to_owned());
-        row.error_class = Some("worker_dead".to_owned());
-        if (rec.status == TaskStatus::Running && &rec.stage == stage) || rec.rows.len() == 1 {
-            // Not stamped with `now_ms`: that is the coordinator's clock, and
-            // the redelivery's events carry agents' clocks.
-            rec.status = TaskStatus::Queued;
-            rec.stage = stage.clone();
-        }
-        true
+        self.update(id, stage, started_at_ms, |rec, _| {
+            let running = matches!(
+                rec.row_mut(stage, attempt, Some(worker)),
+                Some(row) if row.outcome == AttemptOutcome::Running && row.worker.as_ref() == Some(worker)
+            );
+            let known = rec
+                .rows
+                .iter()
+                .any(|r| r.is(stage, attempt) && r.worker.as_ref() == Some(worker));
+            let row = if running {
+                rec.row_mut(stage, attempt, Some(worker))
+                    .expect("row found above")
+            } else if !known {
+                // Known only from a heartbeat (its start was not seen): record it.
+                let row = rec.push(AttemptRow::queued(stage.clone(), attempt, None));
+                row.worker = Some(worker.clone());
+                row.started_at_ms = Some(started_at_ms);
+                row
+            } else {
+                return false; // already over
+            };
+            row.outcome = AttemptOutcome::Requeued;
+            row.finished_at_ms = Some(now_ms);
+            row.error = Some(reason.to_owned());
+            row.error_class = Some("worker_dead".to_owned());
+            if (rec.status == TaskStatus::Running && &rec.stage == stage) || rec.rows.len() == 1 {
+                // Not stamped with `now_ms`: that is the coordinator's clock, and
+                // the redelivery's events carry agents' clocks.
+                rec.status = TaskStatus::Queued;
+                rec.stage = stage.clone();
+            }
+            true
+        })
     }
 
     /// An agent gave an attempt up without handing it on. Returns `false`
@@ -511,25 +579,26 @@ impl TaskStore {
         result: WorkerResult,
     ) -> bool {
         let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        if self.stale(a, at_ms, result) {
-            return false;
-        }
-        let rec = self.record(id, stage, at_ms);
-        let Some(row) = rec.row_mut(stage, attempt, Some(worker)) else {
-            return true;
-        };
-        if row.outcome != AttemptOutcome::Running {
-            return true;
-        }
-        row.outcome = AttemptOutcome::Abandoned;
-        row.finished_at_ms = Some(at_ms);
-        row.error = Some(reason.to_owned());
-        row.error_class = Some("abandoned".to_owned());
-        if result != WorkerResult::Unfinished {
-            row.stale = Some(result);
-        }
-        self.set_status(id, TaskStatus::Queued, stage, at_ms);
-        true
+        self.update(id, stage, at_ms, |rec, retention| {
+            if rec.mark_stale(stage, attempt, worker, result) {
+                return false;
+            }
+            let Some(row) = rec.row_mut(stage, attempt, Some(worker)) else {
+                return true;
+            };
+            if row.outcome != AttemptOutcome::Running {
+                return true;
+            }
+            row.outcome = AttemptOutcome::Abandoned;
+            row.finished_at_ms = Some(at_ms);
+            row.error = Some(reason.to_owned());
+            row.error_class = Some("abandoned".to_owned());
+            if result != WorkerResult::Unfinished {
+                row.stale = Some(result);
+            }
+            rec.set_status(retention, TaskStatus::Queued, stage, at_ms);
+            true
+        })
     }
 
     /// Whether `a`'s worker is known to be done with the attempt (it
@@ -537,8 +606,7 @@ impl TaskStore {
     pub fn is_over(&self, a: Attempt<'_>) -> bool {
         self.tasks.get(a.task).is_some_and(|rec| {
             rec.rows.iter().rev().any(|r| {
-                &r.stage == a.stage
-                    && r.attempt == a.attempt
+                r.is(a.stage, a.attempt)
                     && r.worker.as_ref() == Some(a.worker)
                     && !matches!(r.outcome, AttemptOutcome::Running | AttemptOutcome::Queued)
             })
@@ -550,8 +618,7 @@ impl TaskStore {
     pub fn failure_reported(&self, a: Attempt<'_>) -> bool {
         self.tasks.get(a.task).is_some_and(|rec| {
             rec.rows.iter().any(|r| {
-                &r.stage == a.stage
-                    && r.attempt == a.attempt
+                r.is(a.stage, a.attempt)
                     && r.worker.as_ref() == Some(a.worker)
                     && matches!(
                         r.outcome,
@@ -567,15 +634,16 @@ impl TaskStore {
     /// the first the store hears of it there (its arrival counts now; not
     /// when a worker's start overtook the submitter's event).
     pub fn submitted(&mut self, id: &TaskId, stage: &Stage, at_ms: u64) -> bool {
-        let rec = self.record(id, stage, at_ms);
-        rec.submitted_at_ms.get_or_insert(at_ms);
-        // A worker may have reported the start before the submitter's event arrived.
-        if rec.has_row_since(stage, 1, at_ms) {
-            return false;
-        }
-        rec.push(AttemptRow::queued(stage.clone(), 1, Some(at_ms)));
-        self.set_status(id, TaskStatus::Queued, stage, at_ms);
-        true
+        self.update(id, stage, at_ms, |rec, retention| {
+            rec.submitted_at_ms.get_or_insert(at_ms);
+            // A worker may have reported the start before the submitter's event arrived.
+            if rec.has_row_since(stage, 1, at_ms) {
+                return false;
+            }
+            rec.push(AttemptRow::queued(stage.clone(), 1, Some(at_ms)));
+            rec.set_status(retention, TaskStatus::Queued, stage, at_ms);
+            true
+        })
     }
 
     /// A worker started an attempt.
@@ -588,79 +656,54 @@ impl TaskStore {
         redelivered: bool,
     ) -> Started {
         let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        let rec = self.record(id, stage, at_ms);
-        if rec.submitted_at_ms.is_none() {
-            rec.submitted_at_ms = submitted_at_ms;
-        }
-        let mut queued_at = enqueued_at_ms;
-        let unannounced = rec.row_mut(stage, attempt, None).is_none();
-        let reuse = match rec.row_mut(stage, attempt, None) {
-            Some(row) if row.outcome == AttemptOutcome::Queued => {
-                queued_at = queued_at.or(row.queued_at_ms);
-                true
+        self.update(id, stage, at_ms, |rec, retention| {
+            if rec.submitted_at_ms.is_none() {
+                rec.submitted_at_ms = submitted_at_ms;
             }
-            Some(row) => {
+            let mut queued_at = enqueued_at_ms;
+            let found = rec.row_index(stage, attempt, None);
+            let reuse = found.filter(|&i| {
+                let row = &mut rec.rows[i];
                 queued_at = queued_at.or(row.queued_at_ms);
-                if row.outcome == AttemptOutcome::Running {
-                    // Its holder lost it; the broker gave it to someone else.
-                    row.outcome = AttemptOutcome::Lost;
-                    row.finished_at_ms = Some(at_ms);
+                match row.outcome {
+                    AttemptOutcome::Queued => true,
+                    AttemptOutcome::Running => {
+                        // Its holder lost it; the broker gave it to someone else.
+                        row.outcome = AttemptOutcome::Lost;
+                        row.finished_at_ms = Some(at_ms);
+                        false
+                    }
+                    _ => false,
                 }
-                false
+            });
+            let row = match reuse {
+                Some(i) => &mut rec.rows[i],
+                None => rec.push(AttemptRow::queued(stage.clone(), attempt, queued_at)),
+            };
+            row.queued_at_ms = queued_at;
+            if row.worker.as_ref() != Some(worker) {
+                row.worker = Some(worker.clone());
             }
-            None => false,
-        };
-        let row = if reuse {
-            rec.row_mut(stage, attempt, None).expect("row found above")
-        } else {
-            rec.push(AttemptRow::queued(stage.clone(), attempt, queued_at))
-        };
-        row.queued_at_ms = queued_at;
-        row.worker = Some(worker.clone());
-        row.started_at_ms = Some(at_ms);
-        row.outcome = AttemptOutcome::Running;
-        row.redelivered = redelivered;
-        self.set_status(id, TaskStatus::Running, stage, at_ms);
-        Started {
-            queue_wait_ms: queued_at.map(|q| at_ms.saturating_sub(q)),
-            unannounced,
-        }
+            row.started_at_ms = Some(at_ms);
+            row.outcome = AttemptOutcome::Running;
+            row.redelivered = redelivered;
+            rec.set_status(retention, TaskStatus::Running, stage, at_ms);
+            Started {
+                queue_wait_ms: queued_at.map(|q| at_ms.saturating_sub(q)),
+                unannounced: found.is_none(),
+            }
+        })
     }
 
     /// A worker reported progress.
     pub fn progress(&mut self, a: Attempt<'_>, at_ms: u64, fraction: Option<f32>) {
-        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        if !self.tasks.contains_key(id) {
+        let Some(rec) = self.tasks.get_mut(a.task) else {
             return;
-        }
-        let rec = self.record(id, stage, at_ms);
-        if let Some(row) = rec.row_mut(stage, attempt, Some(worker)) {
+        };
+        rec.updated_at_ms = rec.updated_at_ms.max(at_ms);
+        if let Some(row) = rec.row_mut(a.stage, a.attempt, Some(a.worker)) {
             row.progress = fraction.map(|f| f.clamp(0.0, 1.0));
         }
-    }
-
-    fn finish_row<'a>(
-        rec: &'a mut TaskRecord,
-        stage: &Stage,
-        attempt: u32,
-        worker: &AgentId,
-        started_at_ms: u64,
-        at_ms: u64,
-    ) -> &'a mut AttemptRow {
-        let found = matches!(
-            rec.row_mut(stage, attempt, Some(worker)),
-            Some(row) if matches!(row.outcome, AttemptOutcome::Running | AttemptOutcome::Queued)
-        );
-        let row = if found {
-            rec.row_mut(stage, attempt, Some(worker))
-                .expect("row found above")
-        } else {
-            rec.push(AttemptRow::queued(stage.clone(), attempt, None))
-        };
-        row.worker = Some(worker.clone());
-        row.started_at_ms = Some(started_at_ms);
-        row.finished_at_ms = Some(at_ms);
-        row
     }
 
     /// An attempt succeeded; the task moved to `next` or finished. `None`
@@ -674,44 +717,45 @@ impl TaskStore {
         submitted_at_ms: Option<u64>,
     ) -> Option<Succeeded> {
         let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        if self.stale(a, at_ms, WorkerResult::Succeeded) {
-            return None;
-        }
-        let rec = self.record(id, stage, at_ms);
-        if rec.submitted_at_ms.is_none() {
-            rec.submitted_at_ms = submitted_at_ms;
-        }
-        let row = Self::finish_row(rec, stage, attempt, worker, started_at_ms, at_ms);
-        row.outcome = AttemptOutcome::Succeeded;
-        row.progress = Some(1.0);
-        let duration_ms = at_ms.saturating_sub(started_at_ms);
-        let submitted = rec.submitted_at_ms;
-        match next {
-            Some(next) => {
-                // The next stage may have reported before this one did: then
-                // it knows better where the task is, whatever the clocks say.
-                let queued_next = !rec.has_row_since(next, 1, started_at_ms);
-                if queued_next {
-                    rec.push(AttemptRow::queued(next.clone(), 1, Some(at_ms)));
-                    self.set_status(id, TaskStatus::Queued, next, at_ms);
+        self.update(id, stage, at_ms, |rec, retention| {
+            if rec.mark_stale(stage, attempt, worker, WorkerResult::Succeeded) {
+                return None;
+            }
+            if rec.submitted_at_ms.is_none() {
+                rec.submitted_at_ms = submitted_at_ms;
+            }
+            let row = rec.finish_row(stage, attempt, worker, started_at_ms, at_ms);
+            row.outcome = AttemptOutcome::Succeeded;
+            row.progress = Some(1.0);
+            let duration_ms = at_ms.saturating_sub(started_at_ms);
+            let submitted = rec.submitted_at_ms;
+            match next {
+                Some(next) => {
+                    // The next stage may have reported before this one did: then
+                    // it knows better where the task is, whatever the clocks say.
+                    let queued_next = !rec.has_row_since(next, 1, started_at_ms);
+                    if queued_next {
+                        rec.push(AttemptRow::queued(next.clone(), 1, Some(at_ms)));
+                        rec.set_status(retention, TaskStatus::Queued, next, at_ms);
+                    }
+                    Some(Succeeded {
+                        duration_ms,
+                        pipeline_ms: None,
+                        finished: false,
+                        queued_next,
+                    })
                 }
-                Some(Succeeded {
-                    duration_ms,
-                    pipeline_ms: None,
-                    finished: false,
-                    queued_next,
-                })
+                None => {
+                    rec.set_status(retention, TaskStatus::Succeeded, stage, at_ms);
+                    Some(Succeeded {
+                        duration_ms,
+                        pipeline_ms: submitted.map(|s| at_ms.saturating_sub(s)),
+                        finished: true,
+                        queued_next: false,
+                    })
+                }
             }
-            None => {
-                self.set_status(id, TaskStatus::Succeeded, stage, at_ms);
-                Some(Succeeded {
-                    duration_ms,
-                    pipeline_ms: submitted.map(|s| at_ms.saturating_sub(s)),
-                    finished: true,
-                    queued_next: false,
-                })
-            }
-        }
+        })
     }
 
     /// An attempt failed; `retrying` or `dead_lettered` follows. Returns its
@@ -725,64 +769,67 @@ impl TaskStore {
         error_class: &str,
     ) -> Option<u64> {
         let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        if self.stale(a, at_ms, WorkerResult::Failed) {
-            return None;
-        }
-        let rec = self.record(id, stage, at_ms);
-        let row = Self::finish_row(rec, stage, attempt, worker, started_at_ms, at_ms);
-        row.outcome = AttemptOutcome::Failed;
-        row.error = Some(error.to_owned());
-        row.error_class = Some(error_class.to_owned());
-        Some(at_ms.saturating_sub(started_at_ms))
+        self.update(id, stage, at_ms, |rec, _| {
+            if rec.mark_stale(stage, attempt, worker, WorkerResult::Failed) {
+                return None;
+            }
+            let row = rec.finish_row(stage, attempt, worker, started_at_ms, at_ms);
+            row.outcome = AttemptOutcome::Failed;
+            row.error = Some(error.to_owned());
+            row.error_class = Some(error_class.to_owned());
+            Some(at_ms.saturating_sub(started_at_ms))
+        })
     }
 
     /// A failed attempt will be tried again after `delay_ms`; `false` if the
     /// report came from a cut-off attempt (recorded as stale).
     pub fn retrying(&mut self, a: Attempt<'_>, at_ms: u64, delay_ms: u64) -> bool {
         let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        if self.stale(a, at_ms, WorkerResult::Failed) {
-            return false;
-        }
-        let rec = self.record(id, stage, at_ms);
-        if let Some(row) = rec.row_mut(stage, attempt, Some(worker)) {
-            row.outcome = AttemptOutcome::Retried;
-        }
-        let next = attempt.saturating_add(1);
-        if !rec.has_row_since(stage, next, at_ms) {
-            rec.push(AttemptRow::queued(
-                stage.clone(),
-                next,
-                Some(at_ms.saturating_add(delay_ms)),
-            ));
-            self.set_status(id, TaskStatus::Retrying, stage, at_ms);
-        }
-        true
+        self.update(id, stage, at_ms, |rec, retention| {
+            if rec.mark_stale(stage, attempt, worker, WorkerResult::Failed) {
+                return false;
+            }
+            if let Some(row) = rec.row_mut(stage, attempt, Some(worker)) {
+                row.outcome = AttemptOutcome::Retried;
+            }
+            let next = attempt.saturating_add(1);
+            if !rec.has_row_since(stage, next, at_ms) {
+                rec.push(AttemptRow::queued(
+                    stage.clone(),
+                    next,
+                    Some(at_ms.saturating_add(delay_ms)),
+                ));
+                rec.set_status(retention, TaskStatus::Retrying, stage, at_ms);
+            }
+            true
+        })
     }
 
     /// The task was dead-lettered at `stage`; `false` if the report came
     /// from a cut-off attempt (recorded as stale).
     pub fn dead_lettered(&mut self, a: Attempt<'_>, at_ms: u64, error: &str) -> bool {
         let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        if self.stale(a, at_ms, WorkerResult::Failed) {
-            return false;
-        }
-        let rec = self.record(id, stage, at_ms);
-        match rec.row_mut(stage, attempt, Some(worker)) {
-            Some(row) => {
-                row.outcome = AttemptOutcome::DeadLettered;
-                row.error.get_or_insert_with(|| error.to_owned());
-                row.finished_at_ms.get_or_insert(at_ms);
+        self.update(id, stage, at_ms, |rec, retention| {
+            if rec.mark_stale(stage, attempt, worker, WorkerResult::Failed) {
+                return false;
             }
-            None => {
-                let row = rec.push(AttemptRow::queued(stage.clone(), attempt, None));
-                row.worker = Some(worker.clone());
-                row.outcome = AttemptOutcome::DeadLettered;
-                row.error = Some(error.to_owned());
-                row.finished_at_ms = Some(at_ms);
+            match rec.row_mut(stage, attempt, Some(worker)) {
+                Some(row) => {
+                    row.outcome = AttemptOutcome::DeadLettered;
+                    row.error.get_or_insert_with(|| error.to_owned());
+                    row.finished_at_ms.get_or_insert(at_ms);
+                }
+                None => {
+                    let row = rec.push(AttemptRow::queued(stage.clone(), attempt, None));
+                    row.worker = Some(worker.clone());
+                    row.outcome = AttemptOutcome::DeadLettered;
+                    row.error = Some(error.to_owned());
+                    row.finished_at_ms = Some(at_ms);
+                }
             }
-        }
-        self.set_status(id, TaskStatus::DeadLettered, stage, at_ms);
-        true
+            rec.set_status(retention, TaskStatus::DeadLettered, stage, at_ms);
+            true
+        })
     }
 
     /// Drops finished tasks past the count limit or older than the age limit.
@@ -790,21 +837,21 @@ impl TaskStore {
     pub fn evict(&mut self, now_ms: u64) -> usize {
         let mut dropped = 0;
         let oldest_allowed = now_ms.saturating_sub(self.max_age_ms);
-        while let Some((finished_at, id)) = self.completed.front() {
+        while let Some((finished_at, id)) = self.retention.completed.front() {
             let live = self
                 .tasks
                 .get(id)
                 .is_some_and(|r| r.status.is_terminal() && r.finished_at_ms == Some(*finished_at));
             if !live {
-                self.completed.pop_front();
+                self.retention.completed.pop_front();
                 continue;
             }
-            if self.terminal <= self.limit && *finished_at >= oldest_allowed {
+            if self.retention.terminal <= self.limit && *finished_at >= oldest_allowed {
                 break;
             }
-            if let Some((_, id)) = self.completed.pop_front() {
+            if let Some((_, id)) = self.retention.completed.pop_front() {
                 self.tasks.remove(&id);
-                self.terminal -= 1;
+                self.retention.terminal -= 1;
                 dropped += 1;
             }
         }
@@ -813,7 +860,8 @@ impl TaskStore {
 
     /// When the oldest finished task will be too old, if any is held.
     pub fn next_expiry(&self) -> Option<u64> {
-        self.completed
+        self.retention
+            .completed
             .front()
             .map(|(at, _)| at.saturating_add(self.max_age_ms))
     }
@@ -1113,6 +1161,28 @@ mod tests {
         assert_eq!(s.evict(30), 0);
         assert!(s.get("T").is_some());
         assert_eq!(s.finished(), 0);
+    }
+
+    #[test]
+    fn a_finished_record_keeps_no_spare_rows() {
+        let mut s = TaskStore::new(10, 60_000);
+        let (t, a, b, w) = (id("T"), st("a"), st("b"), ag("w"));
+        s.submitted(&t, &a, 0);
+        s.started(Attempt::new(&t, &a, 1, &w), 1, Some(0), None, false);
+        s.succeeded(Attempt::new(&t, &a, 1, &w), 2, 1, Some(&b), None);
+        let rec = s.get("T").unwrap();
+        assert_eq!(rec.rows.len(), 2);
+        assert!(rec.rows.capacity() >= 2, "room made for a short pipeline");
+        s.started(Attempt::new(&t, &b, 1, &w), 3, Some(2), None, false);
+        s.succeeded(Attempt::new(&t, &b, 1, &w), 4, 3, None, None);
+        let rec = s.get("T").unwrap();
+        assert_eq!(rec.status, TaskStatus::Succeeded);
+        assert_eq!(rec.rows.capacity(), rec.rows.len());
+        assert_eq!(
+            rec.rows[0].worker.as_ref().map(|w| w.as_str()),
+            Some("w"),
+            "the row the start reused keeps its worker"
+        );
     }
 
     #[test]

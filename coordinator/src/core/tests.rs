@@ -184,8 +184,7 @@ impl Sim {
     }
 
     fn metrics(&self) -> String {
-        self.core.refresh_metrics(self.now);
-        self.core.metrics().encode()
+        self.core.metrics_text(self.now)
     }
 }
 
@@ -933,9 +932,8 @@ fn per_worker_series_can_be_switched_off() {
         },
         None,
     );
-    core.refresh_metrics(T0);
     core.export_worker_counters();
-    let text = core.metrics().encode();
+    let text = core.metrics_text(T0);
     assert!(!text.contains("worker=\"w1\""));
     assert!(text.contains("guildhall_workers{stage=\"a\",status=\"idle\"} 1"));
 }

@@ -90,6 +90,12 @@ pub struct Worker {
     pub seq: SeqWindow,
     /// `done` and `failed` as last exported, to feed counters by delta.
     pub exported_counts: (u64, u64),
+    /// Its `guildhall_worker_tasks_total` counters: per stage served,
+    /// attempts succeeded and failed, folded from the agent's own counts
+    /// (which restart at 0 with the agent). Not saved with the worker: a
+    /// snapshot carries them with the other counters.
+    #[serde(skip)]
+    pub tasks_exported: Vec<(Stage, u64, u64)>,
     /// Every stage it can serve (from its `Hello`): more than one makes it
     /// a candidate for rebalancing.
     pub stages: Vec<Stage>,
@@ -139,8 +145,32 @@ impl Worker {
             last_move_ms: None,
             prefetch_sent: None,
             exported_counts: (0, 0),
+            tasks_exported: Vec::new(),
             liveness_scheduled: false,
         }
+    }
+
+    /// What the agent finished since the last export: its counts' growth,
+    /// or all of them if it restarted (same id, counting from zero again).
+    pub fn unexported_counts(&self) -> (u64, u64) {
+        let (done, failed) = self.exported_counts;
+        let grown = |now: u64, then: u64| if now >= then { now - then } else { now };
+        (grown(self.done, done), grown(self.failed, failed))
+    }
+
+    /// Its `guildhall_worker_tasks_total` counters now, per stage: those
+    /// exported plus what is not yet (counted at its current stage).
+    pub fn task_counters(&self) -> Vec<(Stage, u64, u64)> {
+        let mut out = self.tasks_exported.clone();
+        let (d, f) = self.unexported_counts();
+        match out.iter_mut().find(|(s, _, _)| *s == self.stage) {
+            Some(entry) => {
+                entry.1 += d;
+                entry.2 += f;
+            }
+            None => out.push((self.stage.clone(), d, f)),
+        }
+        out
     }
 
     /// Applies a `Hello`.

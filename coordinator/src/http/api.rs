@@ -58,12 +58,15 @@ pub async fn livez(State(app): AppState) -> Json<Value> {
 }
 
 pub async fn metrics(State(app): AppState) -> Response {
-    {
+    // Under the lock only what must be read there; the text is written
+    // after it is released.
+    let workers = {
         let mut core = app.core();
         core.export_worker_counters();
         core.refresh_metrics(now_ms());
-    }
-    let text = app.metrics.encode();
+        core.worker_series()
+    };
+    let text = app.metrics.encode_with(workers);
     (
         [(
             header::CONTENT_TYPE,
