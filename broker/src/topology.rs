@@ -9,7 +9,8 @@
 use crate::BrokerError;
 use guildhall_proto::{Names, Stage};
 use lapin::options::{
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -179,6 +180,48 @@ pub async fn ensure_events_stream(
     let result = queue(&ch, &name, table).await;
     let _ = ch.close(200, "declared".into()).await;
     result
+}
+
+/// Where a consumer of a stream starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamStart {
+    /// The oldest message retention has kept.
+    First,
+    /// The last chunk written (a reader looking for the end).
+    Last,
+    /// This offset.
+    Offset(u64),
+}
+
+/// Starts consuming the stream `name` on `channel` from `start`, with
+/// `prefetch` messages of credit (a stream refuses a consumer without a
+/// prefetch, so 0 is raised to 1). Acks on a stream only return credit:
+/// send them in batches with `multiple`. Each delivery carries its offset
+/// in the `x-stream-offset` header.
+pub async fn consume_stream(
+    channel: &Channel,
+    name: &str,
+    tag: &str,
+    start: StreamStart,
+    prefetch: u16,
+) -> Result<lapin::Consumer, lapin::Error> {
+    channel
+        .basic_qos(prefetch.max(1), BasicQosOptions::default())
+        .await?;
+    let offset = match start {
+        StreamStart::First => text("first"),
+        StreamStart::Last => text("last"),
+        StreamStart::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
+    };
+    let args = args(&[("x-stream-offset", offset)]);
+    channel
+        .basic_consume(
+            name.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await
 }
 
 /// Asks whether a queue exists, on a channel of its own (a missing queue

@@ -13,8 +13,8 @@
 //! `-- --profile-time 5` to run without analysis (for a profiler).
 
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use guildhall::bench::memory::{BATCH, Feeder, START_MS};
-use guildhall::bench::mix::{MixConfig, SimFleet};
+use guildhall::bench::memory::{BATCH, START_MS};
+use guildhall::bench::mix::{Feeder, MixConfig, SimFleet};
 use guildhall::core::{Core, CoreConfig};
 use guildhall::metrics::Metrics;
 use guildhall_proto::{Decoded, EnvelopeBuilder, Event};

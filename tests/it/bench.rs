@@ -7,14 +7,13 @@ use guildhall_tests::*;
 use serde_json::Value;
 use std::process::Output;
 
-async fn guildhall(args: &[&str]) -> Output {
-    tokio::process::Command::new(bin("guildhall"))
-        .args(args)
-        .env_remove("AMQP_URL")
-        .env_remove("GUILDHALL_NAMESPACE")
-        .output()
-        .await
-        .expect("run guildhall")
+/// `guildhall bench WHICH` on the test broker, under the test's namespace,
+/// with `extra` flags.
+async fn bench(ns: &TestNs, which: &str, extra: &[&str]) -> Output {
+    let url = amqp_url();
+    let mut args = vec!["bench", which, "--amqp-url", &url, "--namespace", ns.name()];
+    args.extend_from_slice(extra);
+    run_guildhall(&args).await
 }
 
 fn json(o: &Output) -> Value {
@@ -44,19 +43,11 @@ async fn assert_nothing_left(ns: &TestNs) {
 #[tokio::test]
 async fn ingest_quick_prints_a_well_formed_result() {
     let ns = TestNs::new("bench");
-    let url = amqp_url();
-    let o = guildhall(&[
-        "bench",
+    let o = bench(
+        &ns,
         "ingest",
-        "--quick",
-        "--json",
-        "--amqp-url",
-        &url,
-        "--namespace",
-        ns.name(),
-        "--drain-timeout",
-        "60s",
-    ])
+        &["--quick", "--json", "--drain-timeout", "60s"],
+    )
     .await;
     let r = json(&o);
     assert!(
@@ -87,19 +78,11 @@ async fn ingest_quick_prints_a_well_formed_result() {
     assert_nothing_left(&ns).await;
 
     // The table form names each phase.
-    let o = guildhall(&[
-        "bench",
+    let o = bench(
+        &ns,
         "ingest",
-        "--quick",
-        "--events",
-        "20000",
-        "--duration",
-        "1s",
-        "--amqp-url",
-        &url,
-        "--namespace",
-        ns.name(),
-    ])
+        &["--quick", "--events", "20000", "--duration", "1s"],
+    )
     .await;
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -118,27 +101,24 @@ async fn ingest_quick_prints_a_well_formed_result() {
 #[tokio::test]
 async fn ingest_beyond_what_the_machine_sustains_reports_the_shortfall() {
     let ns = TestNs::new("bench");
-    let url = amqp_url();
     // Far more than one process can publish: the run ends on time and
     // says what it achieved and what was left behind.
     let t0 = std::time::Instant::now();
-    let o = guildhall(&[
-        "bench",
+    let o = bench(
+        &ns,
         "ingest",
-        "--json",
-        "--amqp-url",
-        &url,
-        "--namespace",
-        ns.name(),
-        "--rate",
-        "10000000",
-        "--duration",
-        "1s",
-        "--events",
-        "1000",
-        "--drain-timeout",
-        "5s",
-    ])
+        &[
+            "--json",
+            "--rate",
+            "10000000",
+            "--duration",
+            "1s",
+            "--events",
+            "1000",
+            "--drain-timeout",
+            "5s",
+        ],
+    )
     .await;
     let r = json(&o);
     assert!(
@@ -156,20 +136,7 @@ async fn ingest_beyond_what_the_machine_sustains_reports_the_shortfall() {
 #[tokio::test]
 async fn fleet_and_memory_quick_print_well_formed_results() {
     let ns = TestNs::new("bench");
-    let url = amqp_url();
-    let o = guildhall(&[
-        "bench",
-        "fleet",
-        "--quick",
-        "--json",
-        "--amqp-url",
-        &url,
-        "--namespace",
-        ns.name(),
-        "--duration",
-        "2s",
-    ])
-    .await;
+    let o = bench(&ns, "fleet", &["--quick", "--json", "--duration", "2s"]).await;
     let r = json(&o);
     let run = &r["runs"][0];
     assert_eq!(num(run, "agents"), 201.0, "{r}");
@@ -180,7 +147,7 @@ async fn fleet_and_memory_quick_print_well_formed_results() {
     assert!(num(run, "coordinator_peak_rss_bytes") > 1e6, "{r}");
     assert_nothing_left(&ns).await;
 
-    let o = guildhall(&["bench", "memory", "--quick", "--json"]).await;
+    let o = run_guildhall(&["bench", "memory", "--quick", "--json"]).await;
     let r = json(&o);
     assert!(r.is_object() || r.is_array(), "{r}");
 }
@@ -204,7 +171,7 @@ async fn bench_flags_out_of_range_are_one_line() {
         ),
         (vec!["bench", "memory", "--tasks", "0"], "--tasks"),
     ] {
-        let o = guildhall(&args).await;
+        let o = run_guildhall(&args).await;
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");

@@ -4,15 +4,6 @@ use guildhall_tests::*;
 use std::process::Output;
 use std::time::Duration;
 
-async fn guildhall(args: &[&str]) -> Output {
-    tokio::process::Command::new(bin("guildhall"))
-        .args(args)
-        .env_remove("AMQP_URL")
-        .output()
-        .await
-        .expect("run guildhall")
-}
-
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -47,7 +38,7 @@ async fn submit_status_and_trace() {
     let mut args = vec!["submit"];
     args.extend(common);
     args.extend(["--stage", "build", "--payload", "x"]);
-    let o = guildhall(&args).await;
+    let o = run_guildhall(&args).await;
     assert_one_line_error(&o, 1, "unknown stage 'build'");
 
     // --declare creates it; the id is printed.
@@ -62,7 +53,7 @@ async fn submit_status_and_trace() {
         "hello",
         "--declare",
     ]);
-    let o = guildhall(&args).await;
+    let o = run_guildhall(&args).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "CLI-1\n");
 
@@ -72,7 +63,7 @@ async fn submit_status_and_trace() {
     let mut args = vec!["submit"];
     args.extend(common);
     args.extend(["--stage", "build", "--payload", at_file.as_str(), "--json"]);
-    let o = guildhall(&args).await;
+    let o = run_guildhall(&args).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(json["stage"], "build");
@@ -87,7 +78,7 @@ async fn submit_status_and_trace() {
     let mut args = vec!["submit"];
     args.extend(common);
     args.extend(["--stage", "no good"]);
-    assert_one_line_error(&guildhall(&args).await, 2, "--stage");
+    assert_one_line_error(&run_guildhall(&args).await, 2, "--stage");
 
     // status and trace read the coordinator.
     let api = c.api.base.as_str();
@@ -95,25 +86,25 @@ async fn submit_status_and_trace() {
         c.api.get_ok("/api/tasks/CLI-1").await
     })
     .await;
-    let o = guildhall(&["status", "--api-url", api]).await;
+    let o = run_guildhall(&["status", "--api-url", api]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
     assert!(text.contains("STAGE") && text.contains("build"), "{text}");
     assert!(text.contains("no workers yet"), "{text}");
-    let o = guildhall(&["status", "--api-url", api, "--json"]).await;
+    let o = run_guildhall(&["status", "--api-url", api, "--json"]).await;
     let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(json["stages"][0]["name"], "build");
 
-    let o = guildhall(&["trace", "--api-url", api, "CLI-1"]).await;
+    let o = run_guildhall(&["trace", "--api-url", api, "CLI-1"]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
     assert!(text.starts_with("task CLI-1: queued at build"), "{text}");
     assert!(text.contains("queued"), "{text}");
-    let o = guildhall(&["trace", "--api-url", api, "--json", "CLI-1"]).await;
+    let o = run_guildhall(&["trace", "--api-url", api, "--json", "CLI-1"]).await;
     let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(json["id"], "CLI-1");
     assert_one_line_error(
-        &guildhall(&["trace", "--api-url", api, "NOPE-1"]).await,
+        &run_guildhall(&["trace", "--api-url", api, "NOPE-1"]).await,
         1,
         "404",
     );
@@ -139,7 +130,7 @@ async fn submit_a_count_and_a_stream_of_tasks() {
     // --count: back to back, a summary, each task with its own id.
     let mut args = common.to_vec();
     args.extend(["--count", "3", "--payload", "p"]);
-    let o = guildhall(&args).await;
+    let o = run_guildhall(&args).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "submitted 3 tasks to load\n");
     let drained = broker.drain(&queue).await.unwrap();
@@ -186,13 +177,13 @@ async fn submit_a_count_and_a_stream_of_tasks() {
     // Out of range: one line, status 2.
     let mut args = common.to_vec();
     args.extend(["--rate", "0"]);
-    assert_one_line_error(&guildhall(&args).await, 2, "--rate must be between");
+    assert_one_line_error(&run_guildhall(&args).await, 2, "--rate must be between");
 }
 
 #[tokio::test]
 async fn failures_are_one_clear_line() {
     let dead_broker = "amqp://guest:guest@127.0.0.1:1/%2f";
-    let o = guildhall(&[
+    let o = run_guildhall(&[
         "serve",
         "--amqp-url",
         dead_broker,
@@ -206,10 +197,10 @@ async fn failures_are_one_clear_line() {
         "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f",
     );
     assert!(!stderr(&o).contains("guest:guest"), "password leaked");
-    let o = guildhall(&["submit", "--amqp-url", dead_broker, "--stage", "a"]).await;
+    let o = run_guildhall(&["submit", "--amqp-url", dead_broker, "--stage", "a"]).await;
     assert_one_line_error(&o, 1, "cannot reach RabbitMQ");
     assert_one_line_error(
-        &guildhall(&["status", "--api-url", "http://127.0.0.1:1"]).await,
+        &run_guildhall(&["status", "--api-url", "http://127.0.0.1:1"]).await,
         1,
         "cannot reach the coordinator at http://127.0.0.1:1",
     );
@@ -218,7 +209,7 @@ async fn failures_are_one_clear_line() {
 #[tokio::test]
 async fn simulate_runs_offline_and_names_bad_input() {
     // A good run: every policy, as JSON, no broker involved.
-    let o = guildhall(&["simulate", "--generate", "step", "--seed", "3", "--json"]).await;
+    let o = run_guildhall(&["simulate", "--generate", "step", "--seed", "3", "--json"]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let policies: Vec<&str> = report["policies"]
@@ -246,7 +237,7 @@ async fn simulate_runs_offline_and_names_bad_input() {
     ] {
         let mut all = vec!["simulate"];
         all.extend(args.iter().copied());
-        let o = guildhall(&all).await;
+        let o = run_guildhall(&all).await;
         assert_one_line_error(&o, 2, needle);
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -40,15 +40,6 @@ async fn succeeded(api: &Api) -> anyhow::Result<usize> {
     Ok(list["tasks"].as_array().map_or(0, Vec::len))
 }
 
-async fn guildhall(args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(bin("guildhall"))
-        .args(args)
-        .env_remove("GUILDHALL_API_TOKEN")
-        .output()
-        .await
-        .expect("run guildhall")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_controls_reach_the_real_agent() {
     let ns = TestNs::new("ctl");
@@ -191,7 +182,7 @@ async fn worker_controls_reach_the_real_agent() {
 
     // The command line, through the same API.
     let url = c.api.base.clone();
-    let o = guildhall(&[
+    let o = run_guildhall(&[
         "worker",
         "pause",
         "w1",
@@ -204,11 +195,11 @@ async fn worker_controls_reach_the_real_agent() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("w1: "));
     wait_status(api, "w1", "paused").await;
-    let o = guildhall(&["worker", "resume", "w1", "--api-url", &url]).await;
+    let o = run_guildhall(&["worker", "resume", "w1", "--api-url", &url]).await;
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("401") && err.contains("--api-token"), "{err}");
-    let o = guildhall(&[
+    let o = run_guildhall(&[
         "worker",
         "resume",
         "w1",
@@ -219,7 +210,7 @@ async fn worker_controls_reach_the_real_agent() {
     ])
     .await;
     assert!(o.status.success());
-    let o = guildhall(&[
+    let o = run_guildhall(&[
         "worker",
         "logs",
         "w1",

@@ -299,17 +299,6 @@ async fn consume(channel: Channel, queue: &str) -> Result<lapin::Consumer, lapin
         .await
 }
 
-/// Runs the `guildhall` command line.
-async fn guildhall(args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(bin("guildhall"))
-        .args(args)
-        .env_remove("AMQP_URL")
-        .env_remove("GUILDHALL_NAMESPACE")
-        .output()
-        .await
-        .expect("run guildhall")
-}
-
 async fn wait_status(api: &Api, id: &str, want: &str) {
     eventually(Duration::from_secs(20), &format!("{id} {want}"), || async {
         let w = api.get_ok(&format!("/api/workers/{id}")).await?;
@@ -454,7 +443,7 @@ async fn tasks_flow_and_commands_reach_agents_as_the_deployment_users() {
     let submit = ["submit", "--namespace", NS, "--amqp-url", &producer_url];
     let mut args = submit.to_vec();
     args.extend(["--stage", "brand-new", "--declare", "--payload", "x"]);
-    let o = guildhall(&args).await;
+    let o = run_guildhall(&args).await;
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("ACCESS_REFUSED"), "{err}");
@@ -472,7 +461,7 @@ async fn tasks_flow_and_commands_reach_agents_as_the_deployment_users() {
         if declare {
             args.push("--declare");
         }
-        let o = guildhall(&args).await;
+        let o = run_guildhall(&args).await;
         assert!(
             o.status.success(),
             "{id}: {}",

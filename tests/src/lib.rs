@@ -23,7 +23,7 @@ use futures_lite::StreamExt;
 use guildhall_broker::task::TaskMeta;
 use guildhall_broker::{AmqpUrl, Management, Publisher, connect, now_ms};
 use guildhall_proto::{Names, Namespace, Stage, TaskId};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -59,6 +59,20 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Runs the `guildhall` command line with `args` and captures its output.
+/// The broker, namespace and API token come from the flags alone: the
+/// environment variables that would stand in for them are removed.
+pub async fn run_guildhall(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(bin("guildhall"))
+        .args(args)
+        .env_remove("AMQP_URL")
+        .env_remove("GUILDHALL_NAMESPACE")
+        .env_remove("GUILDHALL_API_TOKEN")
+        .output()
+        .await
+        .expect("run guildhall")
 }
 
 /// Tests share the broker; the one that restarts it must run alone.
@@ -725,20 +739,14 @@ impl Broker {
     pub async fn read_events(&self) -> anyhow::Result<Vec<guildhall_proto::Envelope>> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let ch = self.conn.create_channel().await?;
-        ch.basic_qos(500, BasicQosOptions::default()).await?;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-stream-offset".into(),
-            lapin::types::AMQPValue::LongString("first".into()),
-        );
-        let mut consumer = ch
-            .basic_consume(
-                self.names.events_stream().as_str().into(),
-                "reader".into(),
-                BasicConsumeOptions::default(),
-                args,
-            )
-            .await?;
+        let mut consumer = guildhall_broker::topology::consume_stream(
+            &ch,
+            &self.names.events_stream(),
+            "reader",
+            guildhall_broker::topology::StreamStart::First,
+            500,
+        )
+        .await?;
         let mut out = Vec::new();
         while let Ok(Some(d)) =
             tokio::time::timeout(Duration::from_millis(500), consumer.next()).await

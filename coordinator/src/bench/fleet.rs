@@ -15,7 +15,7 @@
 
 use super::mix::{MixConfig, SimAgent, SimFleet};
 use super::probe::ChildCoordinator;
-use super::{FleetArgs, in_range, thousands};
+use super::{FleetArgs, in_range, secs_in_range, thousands};
 use crate::cli::ConfigError;
 use anyhow::Context;
 use guildhall_broker::publish::Pending;
@@ -117,12 +117,7 @@ fn plan(a: &FleetArgs) -> Result<Plan, ConfigError> {
     let duration = a
         .duration
         .unwrap_or(Duration::from_secs(if a.common.quick { 3 } else { 30 }));
-    if duration < Duration::from_secs(1) || duration > Duration::from_secs(3_600) {
-        return Err(ConfigError(format!(
-            "--duration must be between 1s and 3600s (got {})",
-            humantime::format_duration(duration)
-        )));
-    }
+    let duration = secs_in_range("--duration", duration, 1, 3_600)?;
     Ok(Plan {
         url,
         raw_url: a.broker.amqp_url.clone(),

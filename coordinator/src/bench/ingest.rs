@@ -25,16 +25,17 @@
 
 use super::mix::{MixConfig, SimAgent, SimFleet};
 use super::probe::{Buckets, ChildCoordinator};
-use super::{IngestArgs, in_range, lines, thousands};
+use super::{IngestArgs, in_range, lines, secs_in_range, thousands};
 use crate::cli::ConfigError;
 use anyhow::{Context, bail};
 use futures_lite::StreamExt;
 use guildhall_broker::events::{EventPublisher, EventPublisherConfig};
-use guildhall_broker::topology::{StreamRetention, delete_queue, ensure_events_stream};
+use guildhall_broker::topology::{
+    StreamRetention, StreamStart, consume_stream, delete_queue, ensure_events_stream,
+};
 use guildhall_broker::{AmqpUrl, Publisher, connect, now_ms};
 use guildhall_proto::{Event, Names};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::options::BasicAckOptions;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -87,18 +88,8 @@ fn plan(a: &IngestArgs) -> Result<Plan, ConfigError> {
     let duration = a
         .duration
         .unwrap_or(Duration::from_secs(if quick { 2 } else { 10 }));
-    if duration < Duration::from_secs(1) || duration > Duration::from_secs(600) {
-        return Err(ConfigError(format!(
-            "--duration must be between 1s and 600s (got {})",
-            humantime::format_duration(duration)
-        )));
-    }
-    if a.drain_timeout < Duration::from_secs(1) || a.drain_timeout > Duration::from_secs(3_600) {
-        return Err(ConfigError(format!(
-            "--drain-timeout must be between 1s and 3600s (got {})",
-            humantime::format_duration(a.drain_timeout)
-        )));
-    }
+    let duration = secs_in_range("--duration", duration, 1, 600)?;
+    let drain_timeout = secs_in_range("--drain-timeout", a.drain_timeout, 1, 3_600)?;
     let prefetch = in_range("--prefetch", a.prefetch, 1, u16::MAX)?;
     Ok(Plan {
         url,
@@ -110,7 +101,7 @@ fn plan(a: &IngestArgs) -> Result<Plan, ConfigError> {
         events,
         rate,
         duration,
-        drain_timeout: a.drain_timeout,
+        drain_timeout,
         prefetch,
     })
 }
@@ -525,22 +516,14 @@ async fn bare_drain(plan: &Plan, names: &Names) -> anyhow::Result<(u64, f64)> {
     )
     .await?;
     let channel = conn.create_channel().await?;
-    channel
-        .basic_qos(plan.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString(LongString::from("first")),
-    );
-    let mut consumer = channel
-        .basic_consume(
-            names.events_stream().as_str().into(),
-            "guildhall-bench-bare".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await?;
+    let mut consumer = consume_stream(
+        &channel,
+        &names.events_stream(),
+        "guildhall-bench-bare",
+        StreamStart::First,
+        plan.prefetch,
+    )
+    .await?;
     let ack_every = u64::from(plan.prefetch / 4).max(1);
     let deadline = Instant::now() + plan.drain_timeout;
     let (mut n, mut first, mut last) = (0u64, None, Instant::now());

@@ -11,12 +11,18 @@
 //! `TaskRetrying`, a second `TaskStarted`). Every agent says `Hello` first
 //! and heartbeats every `heartbeat_ms` of the time it is given.
 //!
+//! Agents paced live ([`SimAgent::take_tasks`]) keep step across stages;
+//! fed straight to a core with no broker, [`Feeder`] puts their envelopes in
+//! stream order on a virtual clock, a task's later stages never overtaking
+//! its earlier ones.
+//!
 //! The same generator feeds `guildhall bench`, the criterion benchmarks and
 //! the memory benchmark, so all measure the same work.
 
 use guildhall_proto::{
-    AgentId, AgentState, EncodeError, EnvelopeBuilder, Event, Heartbeat, Hello, Stage, TaskFailed,
-    TaskId, TaskInHand, TaskRetrying, TaskStarted, TaskSubmitted, TaskSucceeded, WorkerMode,
+    AgentId, AgentState, Decoded, EncodeError, Envelope, EnvelopeBuilder, Event, Heartbeat, Hello,
+    Stage, TaskFailed, TaskId, TaskInHand, TaskRetrying, TaskStarted, TaskSubmitted, TaskSucceeded,
+    WorkerMode,
 };
 use std::collections::VecDeque;
 
@@ -326,30 +332,172 @@ impl SimFleet {
             .collect();
         Self { agents }
     }
+}
 
-    /// Envelopes (decoded form) for `total` events, `batch` per envelope,
-    /// round-robin over the agents, as of `now_ms`: what the coordinator's
-    /// core is fed by the benchmarks that skip the broker.
-    pub fn batches(
-        &mut self,
-        now_ms: u64,
-        total: usize,
-        batch: usize,
-    ) -> Vec<(AgentId, u64, Vec<Event>)> {
-        let batch = batch.max(1);
-        let mut out = Vec::with_capacity(total / batch + 1);
-        let mut left = total;
-        let mut i = 0;
-        while left > 0 {
-            let n = batch.min(left);
-            let count = self.agents.len();
-            let agent = &mut self.agents[i % count];
-            let mut events = Vec::with_capacity(n);
-            agent.take(now_ms, n, &mut events);
-            let seq = agent.next_seq();
-            out.push((agent.id.clone(), seq, events));
-            left -= n;
-            i += 1;
+/// Virtual time between two envelopes: 250-event batches every 2 ms are
+/// 125,000 events/s, a busy coordinator, so housekeeping (every virtual
+/// second) runs as often relative to the traffic as it would live.
+pub const MS_PER_BATCH: u64 = 2;
+
+/// One simulated agent and what it may still report.
+#[derive(Debug)]
+struct Lane {
+    /// The agent.
+    agent: SimAgent,
+    /// An event taken from the agent that starts a task it may not report
+    /// yet; sent first when it may.
+    carry: Option<Event>,
+    /// Most tasks it reports in all (its share of the run's tasks).
+    share: u64,
+}
+
+impl Lane {
+    /// Appends up to `max` of its events to `out`, reporting tasks only up
+    /// to its `upto`-th (and its share).
+    fn pull(&mut self, now_ms: u64, max: usize, upto: u64, out: &mut Vec<Event>) {
+        let upto = upto.min(self.share);
+        let mut one = Vec::with_capacity(1);
+        while out.len() < max {
+            if let Some(e) = self.carry.take() {
+                if self.agent.tasks_started() > upto {
+                    self.carry = Some(e);
+                    break;
+                }
+                out.push(e);
+                continue;
+            }
+            let before = self.agent.tasks_started();
+            one.clear();
+            self.agent.take(now_ms, 1, &mut one);
+            let Some(e) = one.pop() else {
+                break;
+            };
+            let started = self.agent.tasks_started();
+            if started > before && started > upto {
+                self.carry = Some(e);
+                break;
+            }
+            out.push(e);
+        }
+    }
+
+    /// Tasks it has reported completely.
+    fn done(&self) -> u64 {
+        self.agent.tasks_started().saturating_sub(1).min(self.share)
+    }
+}
+
+/// The simulated fleet's envelopes in stream order, on a virtual clock: the
+/// decoded envelopes the coordinator's core would read.
+///
+/// Each round every first-stage agent sends a batch; then each agent of a
+/// later stage reports the tasks its counterpart at the stage before has
+/// reported completely (agent `j` of every stage handles the same tasks), so
+/// a task's later stages never overtake its earlier ones. Every envelope
+/// advances the clock by [`MS_PER_BATCH`]. With `finish` off, only the
+/// first stage's agents report (tasks started there and never finished).
+#[derive(Debug)]
+pub struct Feeder {
+    /// The agents, `[stage][j]`.
+    lanes: Vec<Vec<Lane>>,
+    /// The virtual clock.
+    now_ms: u64,
+    /// Most events per envelope.
+    batch: usize,
+    /// The lane to pull from next, `(stage, j)`.
+    cursor: (usize, usize),
+}
+
+impl Feeder {
+    /// `tasks` tasks (numbered from 0) from the fleet of `config`, in
+    /// envelopes of at most `batch` events, the clock starting at `start_ms`.
+    pub fn new(config: &MixConfig, tasks: u64, start_ms: u64, batch: usize) -> Self {
+        let per_stage = config.agents_per_stage.max(1);
+        let stages = if config.finish {
+            config.stages.len()
+        } else {
+            1
+        };
+        let mut lanes: Vec<Vec<Lane>> = (0..stages).map(|_| Vec::new()).collect();
+        // SimFleet lists its agents stage by stage, agent j of each stage
+        // handling tasks j, j + per_stage, ...
+        for (i, agent) in SimFleet::new(config).agents.into_iter().enumerate() {
+            let (s, j) = (i / per_stage, (i % per_stage) as u64);
+            let Some(stage) = lanes.get_mut(s) else {
+                continue;
+            };
+            let n = per_stage as u64;
+            let share = tasks / n + u64::from(j < tasks % n);
+            stage.push(Lane {
+                agent,
+                carry: None,
+                share,
+            });
+        }
+        Self {
+            lanes,
+            now_ms: start_ms,
+            batch: batch.max(1),
+            cursor: (0, 0),
+        }
+    }
+
+    /// The virtual clock: the send time of the last envelope.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// The next envelope, or `None` once every task has been reported by
+    /// every stage.
+    pub fn next_envelope(&mut self) -> Option<Decoded> {
+        let total: usize = self.lanes.iter().map(Vec::len).sum();
+        let mut idle = 0;
+        while idle < total {
+            let (s, j) = self.cursor;
+            self.cursor = if j + 1 < self.lanes[s].len() {
+                (s, j + 1)
+            } else if s + 1 < self.lanes.len() {
+                (s + 1, 0)
+            } else {
+                (0, 0)
+            };
+            let upto = match s.checked_sub(1) {
+                Some(prev) => self.lanes[prev].get(j).map_or(0, Lane::done),
+                None => u64::MAX,
+            };
+            let now_ms = self.now_ms + MS_PER_BATCH;
+            let lane = &mut self.lanes[s][j];
+            let mut events = Vec::with_capacity(self.batch);
+            lane.pull(now_ms, self.batch, upto, &mut events);
+            if events.is_empty() {
+                idle += 1;
+                continue;
+            }
+            self.now_ms = now_ms;
+            return Some(Decoded {
+                envelope: Envelope {
+                    sender: lane.agent.id.clone(),
+                    seq: lane.agent.next_seq(),
+                    sent_at_ms: now_ms,
+                    events,
+                },
+                skipped: 0,
+            });
+        }
+        None
+    }
+
+    /// The next envelopes, until they hold at least `events` events or
+    /// every task has been reported.
+    pub fn envelopes(&mut self, events: usize) -> Vec<Decoded> {
+        let mut out = Vec::new();
+        let mut n = 0;
+        while n < events {
+            let Some(d) = self.next_envelope() else {
+                break;
+            };
+            n += d.envelope.events.len();
+            out.push(d);
         }
         out
     }
@@ -358,6 +506,40 @@ impl SimFleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const START_MS: u64 = 1_767_225_600_000;
+
+    #[test]
+    fn the_feeder_keeps_later_stages_behind_earlier_ones() {
+        let config = MixConfig::three_stages(2, 3);
+        let mut feeder = Feeder::new(&config, 1_001, START_MS, 100);
+        let mut finished = std::collections::HashSet::new();
+        let mut last_ms = START_MS;
+        let mut n = 0;
+        while let Some(d) = feeder.next_envelope() {
+            assert!(d.envelope.events.len() <= 100);
+            assert!(d.envelope.sent_at_ms > last_ms);
+            last_ms = d.envelope.sent_at_ms;
+            for e in &d.envelope.events {
+                if let Event::TaskSucceeded(s) = e {
+                    let stage = config.stages.iter().position(|st| st == &s.stage).unwrap();
+                    if stage > 0 {
+                        assert!(
+                            finished.contains(&(s.task_id.clone(), stage - 1)),
+                            "{} finished {} before the stage before it",
+                            s.task_id,
+                            s.stage
+                        );
+                    }
+                    assert!(finished.insert((s.task_id.clone(), stage)));
+                }
+            }
+            n += 1;
+        }
+        assert!(n > 10);
+        assert_eq!(finished.len(), 3 * 1_001, "every task, every stage, once");
+        assert!(feeder.next_envelope().is_none());
+    }
 
     #[test]
     fn every_task_passes_every_stage_once_and_some_are_retried() {

@@ -211,6 +211,22 @@ pub(crate) fn in_range<T: PartialOrd + std::fmt::Display>(
     Ok(value)
 }
 
+/// Checks `d` is within `lo_s..=hi_s` seconds; the message names the flag.
+pub(crate) fn secs_in_range(
+    flag: &str,
+    d: Duration,
+    lo_s: u64,
+    hi_s: u64,
+) -> Result<Duration, ConfigError> {
+    if d < Duration::from_secs(lo_s) || d > Duration::from_secs(hi_s) {
+        return Err(ConfigError(format!(
+            "{flag} must be between {lo_s}s and {hi_s}s (got {})",
+            humantime::format_duration(d)
+        )));
+    }
+    Ok(d)
+}
+
 /// A plain-text table: a title, then aligned `label  value` lines.
 pub(crate) fn lines(title: &str, rows: &[(&str, String)]) -> String {
     let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);

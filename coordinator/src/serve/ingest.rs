@@ -11,11 +11,12 @@
 
 use super::App;
 use futures_lite::StreamExt;
-use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
+use guildhall_broker::topology::{
+    StreamRetention, StreamStart, consume_stream, ensure_events_stream,
+};
 use guildhall_broker::{AmqpUrl, BrokerError, connect, now_ms};
 use guildhall_proto::headers::amqp::STREAM_OFFSET;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::options::BasicAckOptions;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -96,23 +97,9 @@ async fn follow(
     let stream = app.names.events_stream();
     ensure_events_stream(&conn, &app.names, &StreamRetention::default()).await?;
     let channel = conn.create_channel().await?;
-    channel
-        .basic_qos(prefetch.max(1), BasicQosOptions::default())
-        .await?;
-    let mut args = FieldTable::default();
-    let start = match *next_offset {
-        Some(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
-        None => AMQPValue::LongString(LongString::from("first")),
-    };
-    args.insert("x-stream-offset".into(), start);
-    let mut consumer = channel
-        .basic_consume(
-            stream.as_str().into(),
-            "guildhall-coordinator".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await?;
+    let start = next_offset.map_or(StreamStart::First, StreamStart::Offset);
+    let mut consumer =
+        consume_stream(&channel, &stream, "guildhall-coordinator", start, prefetch).await?;
     app.health.ingest_connected.store(true, Ordering::Relaxed);
     app.health.ingest_started.store(true, Ordering::Relaxed);
     *backoff = Duration::from_millis(200);
@@ -186,20 +173,14 @@ pub async fn stream_reaches(
     offset: u64,
 ) -> Result<bool, lapin::Error> {
     let channel = conn.create_channel().await?;
-    channel.basic_qos(1_000, BasicQosOptions::default()).await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString(LongString::from("last")),
-    );
-    let mut consumer = channel
-        .basic_consume(
-            names.events_stream().as_str().into(),
-            "guildhall-coordinator-probe".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await?;
+    let mut consumer = consume_stream(
+        &channel,
+        &names.events_stream(),
+        "guildhall-coordinator-probe",
+        StreamStart::Last,
+        1_000,
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     let mut reached = false;
     // An empty stream delivers nothing: wait a little for the first
