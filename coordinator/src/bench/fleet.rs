@@ -187,8 +187,10 @@ async fn measure(plan: &Plan, names: &Names, agents: usize) -> anyhow::Result<Fl
     let config = MixConfig::three_stages(per_stage, rand::random());
     let sims = SimFleet::new(&config).agents;
     let total = sims.len();
-    // Events of task traffic per agent per second: about seven per task.
-    let events_each = plan.task_rate as f64 * 7.0 / total as f64;
+    // Tasks per agent per second: every task passes each stage once, so
+    // each stage's agents share all of them. Paced in tasks, not events,
+    // so later stages never run ahead of earlier ones.
+    let tasks_each = plan.task_rate as f64 / per_stage as f64;
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut drivers = tokio::task::JoinSet::new();
@@ -214,7 +216,7 @@ async fn measure(plan: &Plan, names: &Names, agents: usize) -> anyhow::Result<Fl
             chunk,
             publisher,
             names.events_stream(),
-            events_each,
+            tasks_each,
             counts.clone(),
             stop.clone(),
         ));
@@ -282,13 +284,13 @@ async fn drive(
     mut sims: Vec<SimAgent>,
     publisher: Publisher,
     stream: String,
-    events_each: f64,
+    tasks_each: f64,
     counts: Arc<Counts>,
     stop: Arc<AtomicBool>,
 ) {
     let n = sims.len().max(1);
     let start = Instant::now();
-    // When each agent sends next, and the task events it owes.
+    // When each agent sends next, and the tasks it owes.
     let mut due: Vec<Duration> = (0..n)
         .map(|i| Duration::from_millis((i * 1_000 / n) as u64))
         .collect();
@@ -315,13 +317,13 @@ async fn drive(
                 continue;
             }
             due[i] += Duration::from_secs(1);
-            owed[i] += events_each;
+            owed[i] += tasks_each;
             let tasks = owed[i].floor();
             owed[i] -= tasks;
             let now = now_ms();
             scratch.clear();
             scratch.push(sim.heartbeat_now(now));
-            sim.take(now, tasks as usize, &mut scratch);
+            sim.take_tasks(now, tasks as u64, &mut scratch);
             let mut ok = true;
             for e in &scratch {
                 ok &= builder.push(e).is_ok();

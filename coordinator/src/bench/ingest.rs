@@ -277,12 +277,17 @@ impl Agents {
     /// publisher takes them) until `until`, or until it has done `quota` tasks.
     async fn drive(&mut self, rate_each: Option<f64>, until: Instant, quota: u64) {
         let sims = std::mem::take(&mut self.sims);
-        let mut set = tokio::task::JoinSet::new();
-        for (sim, publisher) in sims.into_iter().zip(self.publishers.iter().cloned()) {
-            set.spawn(drive_one(sim, publisher, rate_each, until, quota));
-        }
-        while let Some(done) = set.join_next().await {
-            if let Ok(sim) = done {
+        let handles: Vec<_> = sims
+            .into_iter()
+            .zip(self.publishers.iter().cloned())
+            .map(|(sim, publisher)| {
+                tokio::spawn(drive_one(sim, publisher, rate_each, until, quota))
+            })
+            .collect();
+        // Back in the publishers' order: agent `i` must stay on the
+        // publisher that sends as agent `i`.
+        for handle in handles {
+            if let Ok(sim) = handle.await {
                 self.sims.push(sim);
             }
         }
