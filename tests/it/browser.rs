@@ -19,6 +19,16 @@ async fn find(client: &Client, css: &str) -> fantoccini::elements::Element {
     .await
 }
 
+/// The text of the first element matching `css`, found and read again if
+/// the page re-renders it in between (views refresh every second, which
+/// leaves a found element stale).
+async fn text_of(client: &Client, css: &str) -> String {
+    eventually(Duration::from_secs(20), css, || async {
+        Ok(client.find(Locator::Css(css)).await?.text().await?)
+    })
+    .await
+}
+
 async fn screenshot(client: &Client, ns: &TestNs, name: &str) {
     let png = client.screenshot().await.unwrap();
     let path = ns.log_dir.join(name);
@@ -150,8 +160,8 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
         .goto(&format!("{}/#errors", c.api.base))
         .await
         .unwrap();
-    let sample = find(client, ".error-class .error-message").await;
-    assert!(sample.text().await.unwrap().contains("<script>"));
+    let sample = text_of(client, ".error-class .error-message").await;
+    assert!(sample.contains("<script>"));
     let ran = client
         .execute("return window.__xss === 1;", vec![])
         .await
@@ -163,8 +173,8 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
         .goto(&format!("{}/#dead/fetch", c.api.base))
         .await
         .unwrap();
-    let row = find(client, "tr.dead-row[data-task-id='WEB-XSS']").await;
-    assert!(row.text().await.unwrap().contains("<script>"));
+    let row = text_of(client, "tr.dead-row[data-task-id='WEB-XSS']").await;
+    assert!(row.contains("<script>"));
 
     // Pause with a click: the page asks for the token once, the card turns
     // paused, and the API agrees.

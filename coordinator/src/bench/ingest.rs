@@ -363,7 +363,7 @@ async fn measure(plan: &Plan, names: &Names, broker: String) -> anyhow::Result<I
     let live = live_phase(plan, &mut agents, &mut coordinator).await?;
     coordinator.stop().await;
 
-    let fill = fill_phase(plan, &mut agents, live.published_events).await;
+    let fill = fill_phase(plan, &mut agents).await;
     let (events, _, _) = agents.confirmed();
     agents.close().await;
 
@@ -428,16 +428,24 @@ async fn live_phase(
     })
 }
 
-async fn fill_phase(plan: &Plan, agents: &mut Agents, already: u64) -> FillPhase {
+async fn fill_phase(plan: &Plan, agents: &mut Agents) -> FillPhase {
     let (events_before, batches_before, _) = agents.confirmed();
-    let left = plan.events.saturating_sub(already);
-    // Every agent does as many tasks, so each reaches every stage.
-    let quota = (left as f64 / EVENTS_PER_TASK / agents.publishers.len() as f64).ceil() as u64;
     let t0 = Instant::now();
-    if quota > 0 {
-        agents.drive(None, t0 + plan.drain_timeout, quota).await;
+    let until = t0 + plan.drain_timeout;
+    // Tasks, not events, are shared out (every agent does as many, so each
+    // task reaches every stage); events per task only average
+    // EVENTS_PER_TASK, so go round again until the stream holds --events.
+    loop {
+        let left = plan.events.saturating_sub(agents.confirmed().0);
+        if left == 0 || Instant::now() >= until {
+            break;
+        }
+        let per_agent = left as f64 / EVENTS_PER_TASK / agents.publishers.len() as f64;
+        agents.drive(None, until, per_agent.ceil() as u64).await;
+        agents
+            .settle(until.saturating_duration_since(Instant::now()))
+            .await;
     }
-    agents.settle(plan.drain_timeout).await;
     let seconds = t0.elapsed().as_secs_f64().max(1e-9);
     let (events, batches, _) = agents.confirmed();
     FillPhase {
