@@ -136,6 +136,12 @@ impl QueueIndex {
 
 /// When `rec` joined its stage's queue, if it is waiting there now.
 fn queued_since(rec: &TaskRecord, now_ms: u64) -> Option<u64> {
+    // The status first: most records are running or finished, and finding
+    // the current row compares stage names (this runs over every record
+    // at each scrape).
+    if !matches!(rec.status, TaskStatus::Queued | TaskStatus::Retrying) {
+        return None;
+    }
     let row = rec.current_row()?;
     let at = row.queued_at_ms.unwrap_or(rec.updated_at_ms);
     match rec.status {

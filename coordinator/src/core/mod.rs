@@ -1171,8 +1171,7 @@ impl Core {
             return;
         }
         for w in self.workers.values_mut() {
-            w.tasks_exported = w.task_counters();
-            w.exported_counts = (w.done, w.failed);
+            w.export_counts();
         }
     }
 }

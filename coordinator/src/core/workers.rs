@@ -158,6 +158,28 @@ impl Worker {
         (grown(self.done, done), grown(self.failed, failed))
     }
 
+    /// Adds what the agent finished since the last export to its counters
+    /// (at its current stage), in place: this runs for every worker at
+    /// every scrape.
+    pub fn export_counts(&mut self) {
+        let (d, f) = self.unexported_counts();
+        self.exported_counts = (self.done, self.failed);
+        if d == 0 && f == 0 {
+            return;
+        }
+        match self
+            .tasks_exported
+            .iter_mut()
+            .find(|(s, _, _)| *s == self.stage)
+        {
+            Some(entry) => {
+                entry.1 += d;
+                entry.2 += f;
+            }
+            None => self.tasks_exported.push((self.stage.clone(), d, f)),
+        }
+    }
+
     /// Its `guildhall_worker_tasks_total` counters now, per stage: those
     /// exported plus what is not yet (counted at its current stage).
     pub fn task_counters(&self) -> Vec<(Stage, u64, u64)> {
