@@ -184,7 +184,8 @@ async fn measure(plan: &Plan, names: &Names, agents: usize) -> anyhow::Result<Fl
     coordinator.wait_caught_up(Duration::from_secs(30)).await?;
 
     let per_stage = agents.div_ceil(3);
-    let config = MixConfig::three_stages(per_stage, rand::random());
+    let config =
+        MixConfig::three_stages(per_stage, rand::random()).clocked(now_ms(), plan.task_rate as f64);
     let sims = SimFleet::new(&config).agents;
     let total = sims.len();
     // Tasks per agent per second: every task passes each stage once, so

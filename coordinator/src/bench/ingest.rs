@@ -227,7 +227,11 @@ impl Agents {
             let name = format!("guildhall-bench/{}/{i}", names.namespace());
             conns.push(connect(&plan.url, &name).await?);
         }
-        let config = MixConfig::three_stages(plan.agents_per_stage, rand::random());
+        // Task times follow the live rate; in the fill they run ahead of
+        // the wall clock, which only ages tasks less.
+        let tasks_per_s = plan.rate as f64 / (3.0 * EVENTS_PER_TASK);
+        let config = MixConfig::three_stages(plan.agents_per_stage, rand::random())
+            .clocked(now_ms(), tasks_per_s);
         let sims = SimFleet::new(&config).agents;
         let mut publishers = Vec::new();
         let mut tasks = Vec::new();

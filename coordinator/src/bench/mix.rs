@@ -43,6 +43,17 @@ pub struct MixConfig {
     pub finish: bool,
     /// Distinguishes the task and agent ids of one run from another's.
     pub run: u32,
+    /// Where task times come from. `None`: the time an agent is given when
+    /// it takes the task (fine when something else keeps the stages in
+    /// order, as [`Feeder`] does). `Some(epoch_ms)`: task `k` enters the
+    /// pipeline at `epoch_ms + k × task_gap_us`, whenever an agent takes it,
+    /// so a task's stages keep their order in time however far apart in
+    /// wall time the agents of different stages happen to run (the core
+    /// orders a task's events by their times, not by their arrival).
+    pub epoch_ms: Option<u64>,
+    /// With `epoch_ms`: virtual time between two tasks entering the
+    /// pipeline (1e6 / tasks per second to follow the wall clock).
+    pub task_gap_us: u64,
 }
 
 impl MixConfig {
@@ -59,9 +70,27 @@ impl MixConfig {
             heartbeat_ms: 1_000,
             finish: true,
             run,
+            epoch_ms: None,
+            task_gap_us: 0,
         }
     }
+
+    /// The same, with task times on a virtual clock: task `k` enters at
+    /// `epoch_ms + k × 1e6 / tasks_per_s` µs (see [`MixConfig::epoch_ms`]).
+    pub fn clocked(mut self, epoch_ms: u64, tasks_per_s: f64) -> Self {
+        self.epoch_ms = Some(epoch_ms);
+        self.task_gap_us = if tasks_per_s > 0.0 {
+            (1e6 / tasks_per_s).round() as u64
+        } else {
+            1_000
+        };
+        self
+    }
 }
+
+/// Virtual time a task spends at each stage in the mix (its events there
+/// fall within it), so its stages never share a time.
+const STAGE_SPAN_MS: u64 = 10;
 
 /// The id of task number `k` of run `run`: as long as a UUID (36 bytes).
 pub fn task_id(run: u32, k: u64) -> TaskId {
@@ -79,6 +108,8 @@ pub struct SimAgent {
     next: Option<Stage>,
     /// Whether it is the first stage (announces tasks).
     first: bool,
+    /// Its stage's position in the pipeline (0 = first).
+    index: usize,
     /// Whether it is the stage where planted failures happen.
     failing: bool,
     /// Number of the next task it takes.
@@ -108,6 +139,7 @@ impl SimAgent {
             id,
             next: config.stages.get(stage_index + 1).cloned(),
             first: stage_index == 0,
+            index: stage_index,
             failing: stage_index == config.stages.len() / 2,
             stage,
             next_task: j as u64,
@@ -251,43 +283,50 @@ impl SimAgent {
         let k = self.next_task;
         self.next_task += self.step;
         let id = task_id(self.config.run, k);
-        let started = now_ms.saturating_sub(5);
-        let submitted = Some(now_ms.saturating_sub(50));
+        // When the task entered the pipeline; each stage then has its own
+        // span of STAGE_SPAN_MS, in pipeline order.
+        let entered = match self.config.epoch_ms {
+            Some(epoch) => epoch + k * self.config.task_gap_us / 1_000,
+            None => now_ms.saturating_sub(STAGE_SPAN_MS * self.config.stages.len() as u64),
+        };
+        let span = entered + STAGE_SPAN_MS * self.index as u64;
+        let done_at = span + STAGE_SPAN_MS - 1;
+        let started = done_at - 3;
+        let submitted = Some(entered);
         let stage = &self.stage;
         if self.first {
             self.pending.push_back(Event::TaskSubmitted(TaskSubmitted {
-                at_ms: now_ms.saturating_sub(50),
+                at_ms: entered,
                 task_id: id.clone(),
                 stage: stage.clone(),
                 payload_bytes: 512,
             }));
         }
-        let start = |attempt: u32, at_ms: u64| {
+        let start = |attempt: u32, at_ms: u64, enqueued_at_ms: u64| {
             Event::TaskStarted(TaskStarted {
                 at_ms,
                 task_id: id.clone(),
                 stage: stage.clone(),
                 attempt,
-                enqueued_at_ms: Some(at_ms.saturating_sub(10)),
+                enqueued_at_ms: Some(enqueued_at_ms),
                 submitted_at_ms: submitted,
                 redelivered: false,
             })
         };
         if !self.config.finish {
-            self.pending.push_back(start(1, started));
+            self.pending.push_back(start(1, started, span));
             return;
         }
         let mut attempt = 1;
         if self.failing && self.config.fail_every > 0 && k.is_multiple_of(self.config.fail_every) {
-            let failed_at = started.saturating_sub(10);
-            self.pending
-                .push_back(start(1, failed_at.saturating_sub(5)));
+            let failed_at = span + 3;
+            self.pending.push_back(start(1, span + 1, span));
             self.pending.push_back(Event::TaskFailed(TaskFailed {
                 at_ms: failed_at,
                 task_id: id.clone(),
                 stage: stage.clone(),
                 attempt: 1,
-                started_at_ms: failed_at.saturating_sub(5),
+                started_at_ms: span + 1,
                 error: "upstream answered 503 Service Unavailable".into(),
                 error_class: "http_503".into(),
                 retryable: true,
@@ -302,9 +341,11 @@ impl SimAgent {
             self.failed += 1;
             attempt = 2;
         }
-        self.pending.push_back(start(attempt, started));
+        // A retry is back in the queue once its delay (1 ms) is over.
+        let enqueued = if attempt == 1 { span } else { span + 4 };
+        self.pending.push_back(start(attempt, started, enqueued));
         self.pending.push_back(Event::TaskSucceeded(TaskSucceeded {
-            at_ms: now_ms,
+            at_ms: done_at,
             task_id: id,
             stage: stage.clone(),
             attempt,
@@ -589,6 +630,42 @@ mod tests {
         // more events per task: none left part-way through the pipeline.
         assert_eq!(finished.len(), 200);
         assert!(finished.values().all(|&n| n == 3), "{finished:?}");
+    }
+
+    /// Agents of different stages publish independently, so the stream
+    /// may hold a task's last stage before its first: the core still ends
+    /// with every task finished (its times say which stage came first).
+    #[test]
+    fn tasks_finish_whatever_order_the_stages_arrive_in() {
+        use crate::core::{Core, CoreConfig};
+        use crate::metrics::Metrics;
+        let config = MixConfig::three_stages(2, 5).clocked(START_MS, 1_000.0);
+        let mut fleet = SimFleet::new(&config);
+        let mut core = Core::new(CoreConfig::default(), Metrics::new(false), START_MS);
+        core.set_caught_up(START_MS);
+        // Last stage first, and the earlier a stage the later its agents
+        // run on the wall clock (up to 5 s apart).
+        for (i, agent) in fleet.agents.iter_mut().rev().enumerate() {
+            let mut events = Vec::new();
+            agent.take_tasks(START_MS + 1_000 * i as u64, 100, &mut events);
+            let seq = agent.next_seq();
+            let envelope = Envelope {
+                sender: agent.id.clone(),
+                seq,
+                sent_at_ms: START_MS,
+                events,
+            };
+            core.handle_envelope(
+                START_MS,
+                Decoded {
+                    envelope,
+                    skipped: 0,
+                },
+                None,
+            );
+        }
+        let o = core.overview();
+        assert_eq!((o.tasks_finished, o.tasks_in_flight), (200, 0), "{o:?}");
     }
 
     #[test]
