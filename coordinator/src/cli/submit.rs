@@ -127,13 +127,14 @@ async fn stream(
                 () = &mut stop => break,
             }
         }
-        let submit = submitter.submit(publisher, stage.clone(), None, payload);
-        tokio::select! {
-            result = submit => {
-                result.map_err(|e| anyhow::anyhow!("after {submitted} tasks: {e}"))?;
-            }
-            () = &mut stop => break,
-        }
+        // Never cut short: once the task is published it is on the queue,
+        // and a stop that dropped this future then would leave it uncounted
+        // (one more task on the queue than the summary says). A stop waits
+        // at most for this one confirm.
+        submitter
+            .submit(publisher, stage.clone(), None, payload)
+            .await
+            .map_err(|e| anyhow::anyhow!("after {submitted} tasks: {e}"))?;
         submitted += 1;
         if submitted.is_multiple_of(1000) {
             tracing::info!(submitted, "submitting");
