@@ -9,8 +9,8 @@
 use crate::BrokerError;
 use guildhall_proto::{Names, Stage};
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -262,6 +262,26 @@ pub fn is_not_found(error: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
         if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+/// Deletes an exchange if it exists (benchmarks cleaning up their namespace).
+pub async fn delete_exchange(conn: &Connection, name: &str) -> Result<(), BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("open channel"))?;
+    let result = ch
+        .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = ch.close(200, "deleted".into()).await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(source) => Err(BrokerError::Amqp {
+            what: format!("delete exchange {name}"),
+            source,
+        }),
+    }
 }
 
 /// Deletes a queue if it exists (tests and `guildhall` clean-up commands).

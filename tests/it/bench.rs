@@ -38,6 +38,8 @@ async fn assert_nothing_left(ns: &TestNs) {
     let prefix = format!("{}-bench-", ns.name());
     let left = m.queues_with_prefix(&prefix).await.unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
+    let left = m.exchanges_with_prefix(&prefix).await.unwrap();
+    assert!(left.is_empty(), "exchanges left behind: {left:?}");
 }
 
 #[tokio::test]
@@ -153,6 +155,50 @@ async fn fleet_and_memory_quick_print_well_formed_results() {
 }
 
 #[tokio::test]
+async fn agent_quick_compares_the_agent_with_a_bare_consumer() {
+    let ns = TestNs::new("bench");
+    let o = bench(
+        &ns,
+        "agent",
+        &["--quick", "--json", "--tasks", "100", "--burst", "50"],
+    )
+    .await;
+    let r = json(&o);
+    assert!(
+        r["broker"].as_str().unwrap().starts_with("RabbitMQ 3."),
+        "{r}"
+    );
+    // Both paths carried every task from a to b, and were timed.
+    for path in ["agent", "bare"] {
+        let p = &r[path];
+        assert_eq!(num(p, "measured"), 100.0, "{path}: {r}");
+        assert_eq!(num(p, "missing"), 0.0, "{path}: {r}");
+        assert!(num(p, "p50_ms") > 0.0, "{path}: {r}");
+        assert!(num(p, "p50_ms") <= num(p, "p99_ms"), "{path}: {r}");
+        assert!(num(p, "p99_ms") <= num(p, "max_ms"), "{path}: {r}");
+        assert!(num(p, "burst_tasks_per_s") > 0.0, "{path}: {r}");
+    }
+    let overhead = num(&r, "overhead_p99_ms");
+    let expect = num(&r, "agent.p99_ms") - num(&r, "bare.p99_ms");
+    assert!((overhead - expect).abs() < 1e-9, "{r}");
+    assert_eq!(num(&r, "overhead_p99_target_ms"), 1.0);
+    assert_nothing_left(&ns).await;
+
+    // The table names both paths and the difference.
+    let o = bench(&ns, "agent", &["--quick", "--tasks", "20", "--burst", "10"]).await;
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for needle in [
+        "agent: stage latency",
+        "bare lapin consumer",
+        "agent overhead",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    assert_nothing_left(&ns).await;
+}
+
+#[tokio::test]
 async fn bench_flags_out_of_range_are_one_line() {
     for (args, needle) in [
         (vec!["bench", "ingest", "--agents", "0"], "--agents"),
@@ -170,6 +216,14 @@ async fn bench_flags_out_of_range_are_one_line() {
             "--agents-per-connection",
         ),
         (vec!["bench", "memory", "--tasks", "0"], "--tasks"),
+        (vec!["bench", "agent", "--payload", "4"], "--payload"),
+        (vec!["bench", "agent", "--rate", "0"], "--rate"),
+        (
+            vec!["bench", "agent", "--concurrency", "0"],
+            "--concurrency",
+        ),
+        (vec!["bench", "agent", "--tasks", "1"], "--tasks"),
+        (vec!["bench", "agent", "--rounds", "0"], "--rounds"),
     ] {
         let o = run_guildhall(&args).await;
         let err = String::from_utf8_lossy(&o.stderr);

@@ -19,7 +19,7 @@ use super::{FleetArgs, in_range, secs_in_range, thousands};
 use crate::cli::ConfigError;
 use anyhow::Context;
 use guildhall_broker::publish::Pending;
-use guildhall_broker::topology::{StreamRetention, delete_queue, ensure_events_stream};
+use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
 use guildhall_broker::{AmqpUrl, Publisher, connect, now_ms};
 use guildhall_proto::{EnvelopeBuilder, Names};
 use lapin::BasicProperties;
@@ -157,9 +157,7 @@ async fn one_size(plan: &Plan, agents: usize) -> anyhow::Result<FleetRun> {
     };
     ensure_events_stream(&admin, &names, &retention).await?;
     let result = measure(plan, &names, agents).await;
-    if let Err(e) = delete_queue(&admin, &names.events_stream()).await {
-        tracing::warn!("cannot delete the benchmark's stream: {e}");
-    }
+    super::clean_up(&admin, &names, &[]).await;
     let _ = admin.close(200, "benchmark over".into()).await;
     result
 }

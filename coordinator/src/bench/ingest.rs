@@ -31,7 +31,7 @@ use anyhow::{Context, bail};
 use futures_lite::StreamExt;
 use guildhall_broker::events::{EventPublisher, EventPublisherConfig};
 use guildhall_broker::topology::{
-    StreamRetention, StreamStart, consume_stream, delete_queue, ensure_events_stream,
+    StreamRetention, StreamStart, consume_stream, ensure_events_stream,
 };
 use guildhall_broker::{AmqpUrl, Publisher, connect, now_ms};
 use guildhall_proto::{Event, Names};
@@ -205,9 +205,7 @@ pub async fn run(args: &IngestArgs) -> anyhow::Result<IngestReport> {
     };
     ensure_events_stream(&admin, &names, &retention).await?;
     let result = measure(&plan, &names, broker).await;
-    if let Err(e) = delete_queue(&admin, &names.events_stream()).await {
-        tracing::warn!("cannot delete the benchmark's stream: {e}");
-    }
+    super::clean_up(&admin, &names, &[]).await;
     let _ = admin.close(200, "benchmark over".into()).await;
     result
 }

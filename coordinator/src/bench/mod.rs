@@ -15,6 +15,8 @@
 //! - [`fleet`]: `bench fleet`, 1,000 or 10,000 heartbeating agents: CPU,
 //!   memory, scrape and API times;
 //! - [`memory`]: `bench memory`, bytes per completed and per in-flight task;
+//! - [`overhead`]: `bench agent`, what the agent adds to a task's stage
+//!   against a bare lapin consumer doing the same hand-off;
 //! - [`probe`]: what the benchmarks read off a running coordinator: CPU and
 //!   peak memory from `/proc`, counters and histograms from `/metrics`.
 
@@ -22,10 +24,12 @@ pub mod fleet;
 pub mod ingest;
 pub mod memory;
 pub mod mix;
+pub mod overhead;
 pub mod probe;
 
 use crate::cli::{BrokerArgs, ConfigError};
 use clap::{Args, Subcommand};
+use guildhall_proto::{Names, Stage};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -48,6 +52,9 @@ pub enum Which {
     Fleet(FleetArgs),
     /// Bytes per tracked completed task and per in-flight task.
     Memory(MemoryArgs),
+    /// What the agent adds to a task's stage (latency, throughput, CPU)
+    /// against a bare lapin consumer doing the same hand-off.
+    Agent(AgentArgs),
 }
 
 /// Where the broker's version is read (the reports name it).
@@ -170,6 +177,43 @@ pub struct MemoryArgs {
     pub case: Option<String>,
 }
 
+/// `guildhall bench agent`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// Broker and namespace prefix (a random namespace is made under it).
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// `--json`, `--quick`.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// `--management-url`.
+    #[command(flatten)]
+    pub version: VersionArgs,
+    /// Rounds; each runs both paths, in alternating order (default 3; --quick 1).
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Tasks published at `--rate` per path and round, whose latency is
+    /// measured (default 2,000; --quick 200).
+    #[arg(long)]
+    pub tasks: Option<u64>,
+    /// Publish rate of the measured tasks, tasks/s.
+    #[arg(long, default_value_t = 200)]
+    pub rate: u64,
+    /// Tasks put on the queue before each path starts, for its throughput
+    /// (default 2,000; --quick 200).
+    #[arg(long)]
+    pub burst: Option<u64>,
+    /// Prefetch and worker concurrency of both paths.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u32,
+    /// Payload size, bytes (at least 8: the publish time).
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Longest wait for a phase's tasks to arrive.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
 /// Runs a benchmark and renders its report.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     match &args.which {
@@ -182,6 +226,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             Ok(render(&report, a.common.json, fleet::table))
         }
         Which::Memory(a) => memory::run(a).await,
+        Which::Agent(a) => {
+            let report = overhead::run(a).await?;
+            Ok(render(&report, a.common.json, overhead::table))
+        }
     }
 }
 
@@ -252,11 +300,38 @@ pub(crate) fn thousands(x: f64) -> String {
 }
 
 /// A fresh namespace under `prefix`: `<prefix>-bench-<random>`.
-pub(crate) fn bench_namespace(prefix: &str) -> Result<guildhall_proto::Names, ConfigError> {
+pub(crate) fn bench_namespace(prefix: &str) -> Result<Names, ConfigError> {
     let ns = format!("{prefix}-bench-{:08x}", rand::random::<u32>());
     let ns = guildhall_proto::Namespace::new(ns)
         .map_err(|e| ConfigError(format!("--namespace: {e}")))?;
-    Ok(guildhall_proto::Names::new(ns))
+    Ok(Names::new(ns))
+}
+
+/// Deletes what a benchmark's namespace may hold: the events stream, the
+/// queues of `stages` (work and dead-letter) and the exchanges (tasks, dead,
+/// control: a `guildhall serve` child or an agent declares the last). A
+/// failure is logged, not fatal: the figures are already measured.
+pub(crate) async fn clean_up(conn: &lapin::Connection, names: &Names, stages: &[&Stage]) {
+    use guildhall_broker::topology::{delete_exchange, delete_queue};
+    let mut queues = vec![names.events_stream()];
+    for s in stages {
+        queues.push(names.stage_queue(s));
+        queues.push(names.dead_queue(s));
+    }
+    for q in queues {
+        if let Err(e) = delete_queue(conn, &q).await {
+            tracing::warn!("cannot delete the benchmark's queue {q}: {e}");
+        }
+    }
+    for x in [
+        names.tasks_exchange(),
+        names.dead_exchange(),
+        names.control_exchange(),
+    ] {
+        if let Err(e) = delete_exchange(conn, &x).await {
+            tracing::warn!("cannot delete the benchmark's exchange {x}: {e}");
+        }
+    }
 }
 
 #[cfg(test)]
