@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 /// Why a string was refused as an identifier.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,7 +117,8 @@ fn refused(kind: &'static str, value: &str, rule: &'static str) -> InvalidId {
 }
 
 /// Deserializes an identifier from any string the format offers, borrowed,
-/// transient or owned, validating it before copying it (once) into a `String`.
+/// transient or owned, validating it before copying it (once) into its
+/// shared string.
 /// Accepts and refuses exactly what `String` followed by `TryFrom<String>`
 /// would, with the same errors.
 struct IdVisitor<T>(std::marker::PhantomData<T>);
@@ -126,7 +128,7 @@ trait ValidatedString: Sized {
     /// Validates `value` without taking it.
     fn check_str(value: &str) -> Result<(), InvalidId>;
     /// Wraps an already validated value.
-    fn wrap_checked(value: String) -> Self;
+    fn wrap_checked(value: &str) -> Self;
 }
 
 impl<'de, T: ValidatedString> serde::de::Visitor<'de> for IdVisitor<T> {
@@ -138,12 +140,12 @@ impl<'de, T: ValidatedString> serde::de::Visitor<'de> for IdVisitor<T> {
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
         T::check_str(v).map_err(E::custom)?;
-        Ok(T::wrap_checked(v.to_owned()))
+        Ok(T::wrap_checked(v))
     }
 
     fn visit_string<E: serde::de::Error>(self, v: String) -> Result<T, E> {
         T::check_str(&v).map_err(E::custom)?;
-        Ok(T::wrap_checked(v))
+        Ok(T::wrap_checked(&v))
     }
 
     fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<T, E> {
@@ -155,7 +157,7 @@ impl<'de, T: ValidatedString> serde::de::Visitor<'de> for IdVisitor<T> {
 
     fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<T, E> {
         match String::from_utf8(v) {
-            Ok(s) => self.visit_string(s),
+            Ok(s) => self.visit_str(&s),
             Err(e) => Err(E::invalid_value(
                 serde::de::Unexpected::Bytes(&e.into_bytes()),
                 &self,
@@ -167,8 +169,12 @@ impl<'de, T: ValidatedString> serde::de::Visitor<'de> for IdVisitor<T> {
 macro_rules! validated_string {
     ($(#[$meta:meta])* $name:ident, $kind:literal, $max:expr, $allowed:expr, $rule:literal) => {
         $(#[$meta])*
+        ///
+        /// The text is shared (`Arc<str>`): a clone is a reference count, so
+        /// the coordinator's many copies of one id (a map key, a record, a
+        /// row per stage attempt) cost one allocation between them.
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Longest accepted value, in bytes.
@@ -178,7 +184,19 @@ macro_rules! validated_string {
             pub fn new(value: impl Into<String>) -> Result<Self, InvalidId> {
                 let value = value.into();
                 check($kind, &value, $max, $allowed, $rule)?;
-                Ok(Self(value))
+                Ok(Self(Arc::from(value)))
+            }
+
+            /// Whether another clone of this very value is alive (so an
+            /// interner holding it can tell when it is the last holder).
+            pub fn is_shared(&self) -> bool {
+                Arc::strong_count(&self.0) > 1
+            }
+
+            /// Whether `other` is a clone of this very value (one allocation
+            /// between them), not merely equal.
+            pub fn shares_text_with(&self, other: &Self) -> bool {
+                Arc::ptr_eq(&self.0, &other.0)
             }
 
             /// The identifier as a string slice.
@@ -194,8 +212,8 @@ macro_rules! validated_string {
             }
 
             #[inline]
-            fn wrap_checked(value: String) -> Self {
-                Self(value)
+            fn wrap_checked(value: &str) -> Self {
+                Self(Arc::from(value))
             }
         }
 
@@ -230,7 +248,7 @@ macro_rules! validated_string {
 
         impl From<$name> for String {
             fn from(value: $name) -> String {
-                value.0
+                String::from(&*value.0)
             }
         }
 
@@ -298,7 +316,7 @@ validated_string!(
 
 impl Default for Namespace {
     fn default() -> Self {
-        Namespace(crate::names::DEFAULT_NAMESPACE.to_owned())
+        Namespace(Arc::from(crate::names::DEFAULT_NAMESPACE))
     }
 }
 

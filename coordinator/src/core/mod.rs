@@ -418,7 +418,12 @@ impl Core {
         self.metrics
             .event_lag
             .observe(now_ms.saturating_sub(envelope.sent_at_ms) as f64 / 1000.0);
-        let sender = envelope.sender;
+        // The worker table's copy of the id, so the rows this envelope makes
+        // share it rather than the decoded one.
+        let sender = match self.workers.get_key_value(&envelope.sender) {
+            Some((shared, _)) => shared.clone(),
+            None => envelope.sender,
+        };
         if !self.check_seq(&sender, envelope.seq, &envelope.events) {
             self.metrics.event_batches_duplicate.inc();
             self.touch(now_ms, seen_ms, &sender);
@@ -529,8 +534,15 @@ impl Core {
     }
 
     /// Whether `stage` is known, made known now if the stage limit allows
-    /// (an event naming a stage over the limit is counted and dropped).
-    fn known_stage(&mut self, now_ms: u64, stage: &Stage) -> bool {
+    /// (an event naming a stage over the limit is counted and dropped). A
+    /// known stage's name is swapped for the stage table's copy, so the
+    /// rows and records made from the event share one allocation instead of
+    /// one per event.
+    fn known_stage(&mut self, now_ms: u64, stage: &mut Stage) -> bool {
+        if let Some((shared, _)) = self.stages.get_key_value(stage) {
+            *stage = shared.clone();
+            return true;
+        }
         let known = self.ensure_stage(now_ms, stage);
         if !known {
             self.handle_malformed("stage_limit");
@@ -552,11 +564,11 @@ impl Core {
             counter.inc();
         }
         match event {
-            Event::Hello(h) => {
-                if !self.known_stage(now_ms, &h.stage) {
+            Event::Hello(mut h) => {
+                if !self.known_stage(now_ms, &mut h.stage) {
                     return;
                 }
-                if let Some(next) = &h.next {
+                if let Some(next) = &mut h.next {
                     self.known_stage(now_ms, next);
                 }
                 let caught_up = self.caught_up;
@@ -571,8 +583,8 @@ impl Core {
                     s.next = h.next.clone();
                 }
             }
-            Event::Heartbeat(h) => {
-                if !self.known_stage(now_ms, &h.stage) {
+            Event::Heartbeat(mut h) => {
+                if !self.known_stage(now_ms, &mut h.stage) {
                     return;
                 }
                 let caught_up = self.caught_up;
@@ -603,8 +615,8 @@ impl Core {
                     s.next = h.next.clone();
                 }
             }
-            Event::TaskSubmitted(e) => {
-                if !self.known_stage(now_ms, &e.stage) {
+            Event::TaskSubmitted(mut e) => {
+                if !self.known_stage(now_ms, &mut e.stage) {
                     return;
                 }
                 let Some(s) = self.stages.get_mut(&e.stage) else {
@@ -615,8 +627,8 @@ impl Core {
                     arrival(&mut self.planner, &e.stage, s, now_ms, e.at_ms);
                 }
             }
-            Event::TaskStarted(e) => {
-                if !self.known_stage(now_ms, &e.stage) {
+            Event::TaskStarted(mut e) => {
+                if !self.known_stage(now_ms, &mut e.stage) {
                     return;
                 }
                 let started = self.tasks.started(
@@ -661,11 +673,11 @@ impl Core {
                     e.fraction,
                 );
             }
-            Event::TaskSucceeded(e) => {
-                if !self.known_stage(now_ms, &e.stage) {
+            Event::TaskSucceeded(mut e) => {
+                if !self.known_stage(now_ms, &mut e.stage) {
                     return;
                 }
-                if let Some(next) = &e.next
+                if let Some(next) = &mut e.next
                     && !self.known_stage(now_ms, next)
                 {
                     return;
@@ -694,8 +706,8 @@ impl Core {
                     }
                 }
             }
-            Event::TaskFailed(e) => {
-                if !self.known_stage(now_ms, &e.stage) {
+            Event::TaskFailed(mut e) => {
+                if !self.known_stage(now_ms, &mut e.stage) {
                     return;
                 }
                 let a = Attempt::new(&e.task_id, &e.stage, e.attempt, sender);
@@ -720,8 +732,8 @@ impl Core {
                     },
                 );
             }
-            Event::TaskRetrying(e) => {
-                if !self.known_stage(now_ms, &e.stage)
+            Event::TaskRetrying(mut e) => {
+                if !self.known_stage(now_ms, &mut e.stage)
                     || !self.tasks.retrying(
                         Attempt::new(&e.task_id, &e.stage, e.attempt, sender),
                         e.at_ms,
@@ -736,8 +748,8 @@ impl Core {
                 }
                 self.record_arrival(now_ms, &e.stage, e.at_ms.saturating_add(e.delay_ms));
             }
-            Event::TaskDeadLettered(e) => {
-                if !self.known_stage(now_ms, &e.stage) {
+            Event::TaskDeadLettered(mut e) => {
+                if !self.known_stage(now_ms, &mut e.stage) {
                     return;
                 }
                 // Agents send `TaskFailed` first, which counted the failure.
@@ -794,8 +806,8 @@ impl Core {
                     w.in_hand.clear();
                 }
             }
-            Event::TaskAbandoned(e) => {
-                if !self.known_stage(now_ms, &e.stage) {
+            Event::TaskAbandoned(mut e) => {
+                if !self.known_stage(now_ms, &mut e.stage) {
                     return;
                 }
                 let counted = self.tasks.abandoned(
@@ -829,8 +841,8 @@ impl Core {
                     );
                 }
             }
-            Event::Reassigned(e) => {
-                if !self.known_stage(now_ms, &e.to) {
+            Event::Reassigned(mut e) => {
+                if !self.known_stage(now_ms, &mut e.to) {
                     return;
                 }
                 if let Some(w) = self.workers.get_mut(sender) {

@@ -560,6 +560,33 @@ fn a_task_through_three_stages_has_one_row_per_attempt_and_matching_metrics() {
 }
 
 #[test]
+fn rows_share_the_stage_and_worker_names_instead_of_copying_each_events() {
+    // Every event below is decoded afresh (its own copy of each name); the
+    // rows keep the stage table's and the worker table's copies.
+    let mut sim = Sim::new();
+    let hb = sim.heartbeat("intake", AgentState::Idle, &[]);
+    sim.send("wa", vec![hb]);
+    for task in ["T1", "T2"] {
+        let e = sim.started(task, "intake", 1, T0);
+        sim.send("wa", vec![e]);
+        let e = sim.succeeded(task, "intake", 1, sim.now, Some("build"));
+        sim.send("wa", vec![e]);
+    }
+    let t1 = sim.core.tasks.get("T1").unwrap();
+    let t2 = sim.core.tasks.get("T2").unwrap();
+    let (r1, r2) = (&t1.rows[0], &t2.rows[0]);
+    assert_eq!(r1.stage, st("intake"));
+    assert!(r1.stage.shares_text_with(&r2.stage));
+    let (w1, w2) = (r1.worker.as_ref().unwrap(), r2.worker.as_ref().unwrap());
+    assert!(w1.shares_text_with(w2));
+    // The next stage, named only in `next`, is shared too.
+    assert!(t1.rows[1].stage.shares_text_with(&t2.rows[1].stage));
+    assert!(t1.stage.shares_text_with(&t1.rows[1].stage));
+    // And a fresh copy of an equal name is not.
+    assert!(!r1.stage.shares_text_with(&st("intake")));
+}
+
+#[test]
 fn a_dead_lettered_task_is_finished_and_noticed() {
     let mut sim = Sim::new();
     let e = sim.started("T1", "build", 1, T0);
