@@ -144,6 +144,12 @@ async fn fleet_and_memory_quick_print_well_formed_results() {
     assert_eq!(num(run, "agents"), 201.0, "{r}");
     assert_eq!(num(run, "workers_tracked"), 201.0, "{r}");
     assert!(num(run, "envelopes_per_s") > 0.0, "{r}");
+    assert!(num(run, "envelopes_per_s_slowest_second") > 0.0, "{r}");
+    assert!(
+        num(run, "envelopes_per_s_slowest_second") <= num(run, "envelopes_per_s") * 1.5,
+        "{r}"
+    );
+    assert!(num(run, "lag_p50_ms") <= num(run, "lag_p99_ms"), "{r}");
     assert!(num(run, "metrics_bytes") > 10_000.0, "{r}");
     assert!(num(run, "workers_api_bytes") > 10_000.0, "{r}");
     assert!(num(run, "coordinator_peak_rss_bytes") > 1e6, "{r}");

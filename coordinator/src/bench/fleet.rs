@@ -14,7 +14,7 @@
 //! not deliver in time shows up here, not as a hang).
 
 use super::mix::{MixConfig, SimAgent, SimFleet};
-use super::probe::ChildCoordinator;
+use super::probe::{Buckets, ChildCoordinator};
 use super::{FleetArgs, in_range, secs_in_range, thousands};
 use crate::cli::ConfigError;
 use anyhow::Context;
@@ -34,6 +34,8 @@ const WINDOW: usize = 512;
 const WARM_UP: Duration = Duration::from_secs(3);
 /// Samples of each HTTP timing.
 const SAMPLES: usize = 5;
+/// The coordinator's lag histogram.
+const LAG: &str = "guildhall_event_lag_seconds";
 
 /// What `bench fleet` measured.
 #[derive(Debug, Clone, Serialize)]
@@ -59,8 +61,16 @@ pub struct FleetRun {
     pub seconds: f64,
     /// Envelopes the broker confirmed per second (target: one per agent).
     pub envelopes_per_s: f64,
+    /// The lowest rate of any one second of the window (a dip means the
+    /// broker or the load generator stalled: agents may be judged dead).
+    pub envelopes_per_s_slowest_second: f64,
     /// Events in them per second.
     pub events_per_s: f64,
+    /// Coordinator lag in the window, publish to applied, median, ms
+    /// (histogram estimate; `None` if nothing was applied).
+    pub lag_p50_ms: Option<f64>,
+    /// The same at p99.
+    pub lag_p99_ms: Option<f64>,
     /// Coordinator CPU in the window, as a share of one core.
     pub coordinator_cpu_cores: f64,
     /// Its peak resident memory, bytes.
@@ -222,15 +232,32 @@ async fn measure(plan: &Plan, names: &Names, agents: usize) -> anyhow::Result<Fl
     }
 
     tokio::time::sleep(WARM_UP).await;
+    let lag_before = Buckets::parse(&coordinator.metrics().await?, LAG);
     let cpu0 = coordinator.cpu_seconds().unwrap_or(0.0);
     let env0 = counts.envelopes.load(Ordering::Relaxed);
     let ev0 = counts.events.load(Ordering::Relaxed);
     let t0 = Instant::now();
-    tokio::time::sleep(plan.duration).await;
+    // The confirmed envelope rate, second by second: a dip here is the
+    // broker or this load generator, not the coordinator (whose lag says
+    // how far behind what reached the stream it was).
+    let mut slowest_second = f64::INFINITY;
+    let mut last = (t0, env0);
+    while t0.elapsed() < plan.duration {
+        let left = plan.duration.saturating_sub(t0.elapsed());
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        let now = (Instant::now(), counts.envelopes.load(Ordering::Relaxed));
+        let secs = (now.0 - last.0).as_secs_f64();
+        if secs >= 0.5 {
+            slowest_second = slowest_second.min((now.1 - last.1) as f64 / secs);
+        }
+        last = now;
+    }
     let seconds = t0.elapsed().as_secs_f64();
     let cpu = coordinator.cpu_seconds().unwrap_or(0.0) - cpu0;
     let envelopes = counts.envelopes.load(Ordering::Relaxed) - env0;
     let events = counts.events.load(Ordering::Relaxed) - ev0;
+    let lag = Buckets::parse(&coordinator.metrics().await?, LAG).since(&lag_before);
+    let lag_ms = |q: f64| lag.quantile(q).map(|s| s * 1000.0);
 
     let mut metrics = Vec::new();
     let mut workers = Vec::new();
@@ -264,7 +291,14 @@ async fn measure(plan: &Plan, names: &Names, agents: usize) -> anyhow::Result<Fl
         connections: conns.len(),
         seconds,
         envelopes_per_s: envelopes as f64 / seconds,
+        envelopes_per_s_slowest_second: if slowest_second.is_finite() {
+            slowest_second
+        } else {
+            envelopes as f64 / seconds
+        },
         events_per_s: events as f64 / seconds,
+        lag_p50_ms: lag_ms(0.5),
+        lag_p99_ms: lag_ms(0.99),
         coordinator_cpu_cores: cpu / seconds,
         coordinator_peak_rss_bytes: peak,
         metrics_ms: ms(metrics_t),
@@ -373,11 +407,13 @@ pub fn table(r: &FleetReport) -> String {
         r.broker
     );
     out += &format!(
-        "{:>7} {:>6} {:>11} {:>10} {:>9} {:>10} {:>14} {:>10} {:>14} {:>11}\n",
+        "{:>7} {:>6} {:>11} {:>9} {:>10} {:>17} {:>9} {:>10} {:>14} {:>10} {:>14} {:>11}\n",
         "agents",
         "conns",
         "envelopes/s",
+        "slowest s",
         "events/s",
+        "lag p50/p99 (ms)",
         "CPU",
         "peak RSS",
         "/metrics",
@@ -387,11 +423,13 @@ pub fn table(r: &FleetReport) -> String {
     );
     for run in &r.runs {
         out += &format!(
-            "{:>7} {:>6} {:>11} {:>10} {:>8.1}% {:>7.1} MB {:>8.1} ms    {:>7.1} kB {:>11.1} ms {:>11}\n",
+            "{:>7} {:>6} {:>11} {:>9} {:>10} {:>17} {:>8.1}% {:>7.1} MB {:>8.1} ms    {:>7.1} kB {:>11.1} ms {:>11}\n",
             thousands(run.agents as f64),
             run.connections,
             thousands(run.envelopes_per_s),
+            thousands(run.envelopes_per_s_slowest_second),
             thousands(run.events_per_s),
+            format!("{}/{}", opt_ms(run.lag_p50_ms), opt_ms(run.lag_p99_ms)),
             run.coordinator_cpu_cores * 100.0,
             run.coordinator_peak_rss_bytes as f64 / 1e6,
             run.metrics_ms,
@@ -401,5 +439,10 @@ pub fn table(r: &FleetReport) -> String {
         );
     }
     out += "\nCPU is the coordinator's, as a share of one core; /metrics and /api/workers are medians of 5 requests made under load.\n";
+    out += "'slowest s' is the lowest envelope rate of any one second (a dip there is the broker or the load generator); lag is the coordinator's, publish to applied.\n";
     out
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1}"))
 }
