@@ -264,42 +264,46 @@ pub fn is_not_found(error: &lapin::Error) -> bool {
         if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
-/// Deletes an exchange if it exists (benchmarks cleaning up their namespace).
-pub async fn delete_exchange(conn: &Connection, name: &str) -> Result<(), BrokerError> {
+/// Something to delete, by name.
+enum Doomed<'a> {
+    Queue(&'a str),
+    Exchange(&'a str),
+}
+
+/// Deletes a queue or an exchange on a channel of its own; one that does
+/// not exist is no error.
+async fn delete(conn: &Connection, doomed: Doomed<'_>) -> Result<(), BrokerError> {
     let ch = conn
         .create_channel()
         .await
         .map_err(BrokerError::amqp("open channel"))?;
-    let result = ch
-        .exchange_delete(name.into(), ExchangeDeleteOptions::default())
-        .await;
+    let (result, what) = match doomed {
+        Doomed::Queue(name) => (
+            ch.queue_delete(name.into(), QueueDeleteOptions::default())
+                .await
+                .map(drop),
+            format!("delete queue {name}"),
+        ),
+        Doomed::Exchange(name) => (
+            ch.exchange_delete(name.into(), ExchangeDeleteOptions::default())
+                .await,
+            format!("delete exchange {name}"),
+        ),
+    };
     let _ = ch.close(200, "deleted".into()).await;
     match result {
-        Ok(_) => Ok(()),
+        Ok(()) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
-        Err(source) => Err(BrokerError::Amqp {
-            what: format!("delete exchange {name}"),
-            source,
-        }),
+        Err(source) => Err(BrokerError::Amqp { what, source }),
     }
+}
+
+/// Deletes an exchange if it exists (benchmarks cleaning up their namespace).
+pub async fn delete_exchange(conn: &Connection, name: &str) -> Result<(), BrokerError> {
+    delete(conn, Doomed::Exchange(name)).await
 }
 
 /// Deletes a queue if it exists (tests and `guildhall` clean-up commands).
 pub async fn delete_queue(conn: &Connection, name: &str) -> Result<(), BrokerError> {
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(BrokerError::amqp("open channel"))?;
-    let result = ch
-        .queue_delete(name.into(), QueueDeleteOptions::default())
-        .await;
-    let _ = ch.close(200, "deleted".into()).await;
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(source) => Err(BrokerError::Amqp {
-            what: format!("delete queue {name}"),
-            source,
-        }),
-    }
+    delete(conn, Doomed::Queue(name)).await
 }

@@ -260,8 +260,8 @@ impl Core {
                         end.saturating_sub(s)
                     }),
                     outcome: r.outcome.as_str(),
-                    error: r.error.clone(),
-                    error_class: r.error_class.clone(),
+                    error: r.error.as_deref().map(String::from),
+                    error_class: r.error_class.as_deref().map(String::from),
                     redelivered: r.redelivered,
                     progress: r.progress,
                     stale_result: r.stale.map(|s| match s {
