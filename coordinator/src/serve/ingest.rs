@@ -8,13 +8,6 @@
 //! not), so none is applied twice. A message that cannot be decoded is
 //! counted and logged, never fatal. Acks on a stream are only credit, so they are sent
 //! in batches (`multiple`).
-//!
-//! Decoding and applying are a two-step pipeline: the consumer task decodes
-//! each message and hands it, in stream order, to an applier task over a
-//! short bounded channel, so a replay decodes on one core while the core's
-//! state is updated on the other. Before the consumer reconnects (or
-//! stops) the applier is drained, so the offset it resumes from is the one
-//! after the last applied: nothing is applied twice.
 
 use super::App;
 use futures_lite::StreamExt;
@@ -91,23 +84,8 @@ enum IngestError {
     Cancelled,
 }
 
-/// Messages decoded and waiting for the applier: enough to keep it busy
-/// while the consumer decodes the next (each holds up to a batch of events).
-const PIPELINE: usize = 16;
-
-/// One stream message, decoded, on its way to the core.
-enum Decoded {
-    /// A readable envelope.
-    Envelope(guildhall_proto::Decoded),
-    /// An unreadable message, and why (counted by the core).
-    Unreadable(&'static str),
-}
-
-/// Follows the stream once (until it fails or `stop`), decoding here and
-/// applying on an applier task; on the way out, waits for the applier to
-/// apply everything handed to it and moves `next_offset` past it.
 async fn follow(
-    app: &Arc<App>,
+    app: &App,
     url: &AmqpUrl,
     conn_name: &str,
     prefetch: u16,
@@ -115,65 +93,20 @@ async fn follow(
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Result<(), IngestError> {
-    let (tx, rx) = tokio::sync::mpsc::channel(PIPELINE);
-    let applier = tokio::spawn(applier(app.clone(), rx));
-    let floor = *next_offset;
-    let result = consume(app, url, conn_name, prefetch, floor, tx, stop, backoff).await;
-    match applier.await {
-        Ok(Some(applied)) => *next_offset = Some(applied + 1),
-        Ok(None) => {}
-        Err(e) => tracing::error!("the events applier failed: {e}"),
-    }
-    result
-}
-
-/// Applies what the consumer decoded, in order; returns the last offset
-/// applied once the consumer is gone.
-async fn applier(
-    app: Arc<App>,
-    mut rx: tokio::sync::mpsc::Receiver<(Decoded, Option<u64>)>,
-) -> Option<u64> {
-    let mut last = None;
-    let mut batch = Vec::with_capacity(PIPELINE);
-    while rx.recv_many(&mut batch, PIPELINE).await > 0 {
-        for (decoded, offset) in batch.drain(..) {
-            // The lock is taken per message, not per batch, so an HTTP
-            // reader never waits behind more than one envelope.
-            match decoded {
-                Decoded::Envelope(d) => app.core().handle_envelope(now_ms(), d, offset),
-                Decoded::Unreadable(reason) => app.core().handle_unreadable(reason, offset),
-            }
-            last = offset.or(last);
-        }
-        app.wake.notify_one();
-    }
-    last
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn consume(
-    app: &App,
-    url: &AmqpUrl,
-    conn_name: &str,
-    prefetch: u16,
-    floor: Option<u64>,
-    tx: tokio::sync::mpsc::Sender<(Decoded, Option<u64>)>,
-    stop: &mut watch::Receiver<bool>,
-    backoff: &mut Duration,
-) -> Result<(), IngestError> {
     let conn = connect(url, conn_name).await?;
     let stream = app.names.events_stream();
     ensure_events_stream(&conn, &app.names, &StreamRetention::default()).await?;
     let channel = conn.create_channel().await?;
-    let start = floor.map_or(StreamStart::First, StreamStart::Offset);
+    let start = next_offset.map_or(StreamStart::First, StreamStart::Offset);
     let mut consumer =
         consume_stream(&channel, &stream, "guildhall-coordinator", start, prefetch).await?;
     app.health.ingest_connected.store(true, Ordering::Relaxed);
     app.health.ingest_started.store(true, Ordering::Relaxed);
     *backoff = Duration::from_millis(200);
-    tracing::info!(%stream, from = ?floor, "following the events stream");
+    tracing::info!(%stream, from = ?next_offset, "following the events stream");
 
-    // `floor`, what was asked for: anything below it was applied already.
+    // What was asked for: anything below it was applied already.
+    let floor = *next_offset;
     let mut first = true;
     let ack_every = u32::from(prefetch / 4).max(1);
     let mut unacked = 0u32;
@@ -203,11 +136,11 @@ async fn consume(
                         );
                     }
                 }
-                if !seen_before
-                    && tx.send((decode(&delivery.data, offset), offset)).await.is_err()
-                {
-                    // The applier is gone: only when the process is ending.
-                    return Ok(());
+                if !seen_before {
+                    apply(app, &delivery.data, offset);
+                    if let Some(o) = offset {
+                        *next_offset = Some(o + 1);
+                    }
                 }
                 last = Some(delivery.acker);
                 unacked += 1;
@@ -286,12 +219,15 @@ async fn ack(last: &mut Option<lapin::Acker>, unacked: &mut u32) -> Result<(), l
     Ok(())
 }
 
-/// Decodes one message; an unreadable one is logged here and counted by
-/// the core when the applier reaches it.
-fn decode(data: &[u8], offset: Option<u64>) -> Decoded {
+/// Decodes one message and applies it; unreadable ones are counted.
+fn apply(app: &App, data: &[u8], offset: Option<u64>) {
     match guildhall_proto::decode(data) {
-        Ok(decoded) => Decoded::Envelope(decoded),
+        Ok(decoded) => {
+            app.core().handle_envelope(now_ms(), decoded, offset);
+            app.wake.notify_one();
+        }
         Err(e) => {
+            app.core().handle_unreadable(e.reason(), offset);
             let n = MALFORMED_LOGGED.fetch_add(1, Ordering::Relaxed);
             if n < 10 || n.is_multiple_of(1000) {
                 tracing::warn!(
@@ -300,7 +236,6 @@ fn decode(data: &[u8], offset: Option<u64>) -> Decoded {
                     "dropped unreadable event message: {e}"
                 );
             }
-            Decoded::Unreadable(e.reason())
         }
     }
 }
