@@ -27,6 +27,9 @@ fn planted_dead(i: usize) -> bool {
 /// sure to hold one for a while (it is frozen then).
 const SLOW_AT_B: usize = 8;
 
+/// What every task costs its worker at each stage, ms.
+const WORK_MS: u64 = 100;
+
 fn payload(i: usize, slow_at_b: bool) -> String {
     let fail = if planted_dead(i) {
         " b:fail=permanent"
@@ -38,7 +41,11 @@ fn payload(i: usize, slow_at_b: bool) -> String {
     } else {
         ""
     };
-    format!("chaos-{i} sleep=40{fail}{slow}")
+    // 100 ms a stage: with 8 slots a stage, 1,000 tasks take ~12 s, long
+    // enough for each test's chaos to strike mid-run (at 40 ms, once agents
+    // stopped holding each slot for the 50 ms event flush, a run ended in
+    // ~4 s, before the broker restart at 3 s or the coordinator kill).
+    format!("chaos-{i} sleep={WORK_MS}{fail}{slow}")
 }
 
 /// A running pipeline under test.
