@@ -205,6 +205,48 @@ async fn agent_quick_compares_the_agent_with_a_bare_consumer() {
 }
 
 #[tokio::test]
+async fn agent_beyond_what_the_broker_takes_reports_the_rate_achieved() {
+    let ns = TestNs::new("bench");
+    // 100,000 confirmed publishes a second to a quorum queue is more than
+    // this broker takes: the run ends on time and says what it achieved.
+    let t0 = std::time::Instant::now();
+    let o = bench(
+        &ns,
+        "agent",
+        &[
+            "--json",
+            "--rounds",
+            "1",
+            "--tasks",
+            "3000",
+            "--burst",
+            "10",
+            "--rate",
+            "100000",
+            "--drain-timeout",
+            "20s",
+        ],
+    )
+    .await;
+    let r = json(&o);
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(120),
+        "took {:?}",
+        t0.elapsed()
+    );
+    for path in ["agent", "bare"] {
+        let achieved = num(&r[path], "published_per_s");
+        assert!(achieved > 0.0 && achieved < 100_000.0, "{path}: {r}");
+        // Every paced task was timed or counted missing (missing also
+        // counts the burst's).
+        let (measured, missing) = (num(&r[path], "measured"), num(&r[path], "missing"));
+        assert!(measured <= 3_000.0, "{path}: {r}");
+        assert!(measured + missing >= 3_000.0, "{path}: {r}");
+    }
+    assert_nothing_left(&ns).await;
+}
+
+#[tokio::test]
 async fn bench_flags_out_of_range_are_one_line() {
     for (args, needle) in [
         (vec!["bench", "ingest", "--agents", "0"], "--agents"),

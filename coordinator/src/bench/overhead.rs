@@ -110,6 +110,9 @@ pub struct PathFigures {
     pub max_ms: f64,
     /// Burst throughput, first to last arrival (median over rounds), tasks/s.
     pub burst_tasks_per_s: f64,
+    /// The paced tasks' achieved publish rate (median over rounds), tasks/s:
+    /// below `rate` when the broker could not take them that fast.
+    pub published_per_s: f64,
     /// CPU of this whole process per task in the paced phase, µs.
     pub cpu_us_per_task: f64,
 }
@@ -266,6 +269,8 @@ struct Samples {
     /// CPU seconds and tasks of the paced phases.
     cpu_s: f64,
     cpu_tasks: u64,
+    /// Achieved publish rate of each round's paced tasks, tasks/s.
+    published: Vec<f64>,
 }
 
 impl Samples {
@@ -274,6 +279,7 @@ impl Samples {
         let [p50, p90, p99, max] =
             quantiles(&mut self.latencies_us, [0.5, 0.9, 0.99, 1.0]).unwrap_or([0; 4]);
         self.bursts.sort_by(f64::total_cmp);
+        self.published.sort_by(f64::total_cmp);
         PathFigures {
             measured: self.latencies_us.len() as u64,
             missing: self.missing,
@@ -284,6 +290,11 @@ impl Samples {
             burst_tasks_per_s: self
                 .bursts
                 .get(self.bursts.len() / 2)
+                .copied()
+                .unwrap_or(0.0),
+            published_per_s: self
+                .published
+                .get(self.published.len() / 2)
                 .copied()
                 .unwrap_or(0.0),
             cpu_us_per_task: if self.cpu_tasks == 0 {
@@ -318,7 +329,8 @@ async fn one_round(
     // Paced: every connection is warm by now.
     let collector = Collector::start(ctx, plan.tasks).await?;
     let cpu0 = super::probe::cpu_seconds(std::process::id());
-    produce(ctx, publisher, plan.tasks, Some(plan.rate as f64)).await?;
+    let secs = produce(ctx, publisher, plan.tasks, Some(plan.rate as f64)).await?;
+    s.published.push(plan.tasks as f64 / secs.max(1e-9));
     let paced = collector.finish(plan.drain_timeout).await;
     if let (Some(c0), Some(c1)) = (cpu0, super::probe::cpu_seconds(std::process::id())) {
         s.cpu_s += c1 - c0;
@@ -335,13 +347,15 @@ async fn one_round(
 }
 
 /// Publishes `n` tasks to stage `a`, at `rate` tasks/s or as fast as the
-/// broker confirms them; each payload starts with its publish time.
+/// broker confirms them; each payload starts with its publish time. Returns
+/// how long it took, to the last confirm (a broker slower than `rate`
+/// shows as a lower achieved rate).
 async fn produce(
     ctx: &Ctx,
     publisher: &Publisher,
     n: u64,
     rate: Option<f64>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<f64> {
     let exchange = ctx.names.tasks_exchange();
     let mut payload = vec![b'x'; ctx.plan.payload];
     let mut pending: VecDeque<Pending> = VecDeque::new();
@@ -367,7 +381,7 @@ async fn produce(
     for p in pending {
         p.wait().await?;
     }
-    Ok(())
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// What the collector saw.
@@ -746,6 +760,18 @@ pub fn table(r: &OverheadReport) -> String {
             ),
         ),
     ];
+    let shortfall = |p: &PathFigures| p.published_per_s < 0.95 * r.rate as f64;
+    if shortfall(&r.agent) || shortfall(&r.bare) {
+        rows.push((
+            "rate achieved (below target)",
+            format!(
+                "agent {} tasks/s, bare {} tasks/s of {} asked",
+                thousands(r.agent.published_per_s),
+                thousands(r.bare.published_per_s),
+                thousands(r.rate as f64)
+            ),
+        ));
+    }
     if r.agent.missing + r.bare.missing > 0 {
         rows.push((
             "missing (not arrived in time)",
@@ -769,6 +795,7 @@ mod tests {
             bursts: vec![300.0, 100.0, 200.0],
             cpu_s: 0.5,
             cpu_tasks: 1_000,
+            published: vec![190.0, 200.0, 150.0],
         };
         let f = s.figures();
         assert_eq!(f.measured, 1_000);
@@ -778,6 +805,7 @@ mod tests {
         assert_eq!(f.max_ms, 1.0);
         assert_eq!(f.burst_tasks_per_s, 200.0);
         assert_eq!(f.cpu_us_per_task, 500.0);
+        assert_eq!(f.published_per_s, 190.0);
         let empty = Samples::default().figures();
         assert_eq!(
             (empty.measured, empty.p99_ms, empty.cpu_us_per_task),
