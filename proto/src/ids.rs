@@ -187,12 +187,6 @@ macro_rules! validated_string {
                 Ok(Self(Arc::from(value)))
             }
 
-            /// Whether another clone of this very value is alive (so an
-            /// interner holding it can tell when it is the last holder).
-            pub fn is_shared(&self) -> bool {
-                Arc::strong_count(&self.0) > 1
-            }
-
             /// Whether `other` is a clone of this very value (one allocation
             /// between them), not merely equal.
             pub fn shares_text_with(&self, other: &Self) -> bool {

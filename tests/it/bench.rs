@@ -16,6 +16,31 @@ async fn bench(ns: &TestNs, which: &str, extra: &[&str]) -> Output {
     run_guildhall(&args).await
 }
 
+/// The table form of `bench WHICH extra`: it succeeds and names each of
+/// `needles`.
+async fn assert_table(ns: &TestNs, which: &str, extra: &[&str], needles: &[&str]) {
+    let o = bench(ns, which, extra).await;
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for needle in needles {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+}
+
+/// `bench WHICH extra` as JSON, ended within `limit`: a target out of reach
+/// is reported, never waited out.
+async fn json_within(
+    ns: &TestNs,
+    which: &str,
+    extra: &[&str],
+    limit: std::time::Duration,
+) -> Value {
+    let t0 = std::time::Instant::now();
+    let r = json(&bench(ns, which, extra).await);
+    assert!(t0.elapsed() < limit, "took {:?}", t0.elapsed());
+    r
+}
+
 fn json(o: &Output) -> Value {
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -80,23 +105,19 @@ async fn ingest_quick_prints_a_well_formed_result() {
     assert_nothing_left(&ns).await;
 
     // The table form names each phase.
-    let o = bench(
+    assert_table(
         &ns,
         "ingest",
         &["--quick", "--events", "20000", "--duration", "1s"],
+        &[
+            "live (",
+            "lag p99",
+            "fill (",
+            "bare lapin consumer",
+            "ratio",
+        ],
     )
     .await;
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for needle in [
-        "live (",
-        "lag p99",
-        "fill (",
-        "bare lapin consumer",
-        "ratio",
-    ] {
-        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
-    }
     assert_nothing_left(&ns).await;
 }
 
@@ -105,8 +126,7 @@ async fn ingest_beyond_what_the_machine_sustains_reports_the_shortfall() {
     let ns = TestNs::new("bench");
     // Far more than one process can publish: the run ends on time and
     // says what it achieved and what was left behind.
-    let t0 = std::time::Instant::now();
-    let o = bench(
+    let r = json_within(
         &ns,
         "ingest",
         &[
@@ -120,14 +140,9 @@ async fn ingest_beyond_what_the_machine_sustains_reports_the_shortfall() {
             "--drain-timeout",
             "5s",
         ],
+        std::time::Duration::from_secs(90),
     )
     .await;
-    let r = json(&o);
-    assert!(
-        t0.elapsed() < std::time::Duration::from_secs(90),
-        "took {:?}",
-        t0.elapsed()
-    );
     assert_eq!(num(&r, "live.target_events_per_s"), 10_000_000.0);
     assert!(num(&r, "live.published_events_per_s") < 10_000_000.0, "{r}");
     assert!(r["live"]["backlog_events"].is_number(), "{r}");
@@ -191,16 +206,17 @@ async fn agent_quick_compares_the_agent_with_a_bare_consumer() {
     assert_nothing_left(&ns).await;
 
     // The table names both paths and the difference.
-    let o = bench(&ns, "agent", &["--quick", "--tasks", "20", "--burst", "10"]).await;
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for needle in [
-        "agent: stage latency",
-        "bare lapin consumer",
-        "agent overhead",
-    ] {
-        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
-    }
+    assert_table(
+        &ns,
+        "agent",
+        &["--quick", "--tasks", "20", "--burst", "10"],
+        &[
+            "agent: stage latency",
+            "bare lapin consumer",
+            "agent overhead",
+        ],
+    )
+    .await;
     assert_nothing_left(&ns).await;
 }
 
@@ -209,8 +225,7 @@ async fn agent_beyond_what_the_broker_takes_reports_the_rate_achieved() {
     let ns = TestNs::new("bench");
     // 100,000 confirmed publishes a second to a quorum queue is more than
     // this broker takes: the run ends on time and says what it achieved.
-    let t0 = std::time::Instant::now();
-    let o = bench(
+    let r = json_within(
         &ns,
         "agent",
         &[
@@ -226,14 +241,9 @@ async fn agent_beyond_what_the_broker_takes_reports_the_rate_achieved() {
             "--drain-timeout",
             "20s",
         ],
+        std::time::Duration::from_secs(120),
     )
     .await;
-    let r = json(&o);
-    assert!(
-        t0.elapsed() < std::time::Duration::from_secs(120),
-        "took {:?}",
-        t0.elapsed()
-    );
     for path in ["agent", "bare"] {
         let achieved = num(&r[path], "published_per_s");
         assert!(achieved > 0.0 && achieved < 100_000.0, "{path}: {r}");

@@ -15,12 +15,12 @@
 
 use super::mix::{MixConfig, SimAgent, SimFleet};
 use super::probe::{Buckets, ChildCoordinator};
-use super::{FleetArgs, in_range, secs_in_range, thousands};
+use super::{FleetArgs, Target, in_range, secs_in_range, thousands};
 use crate::cli::ConfigError;
 use anyhow::Context;
 use guildhall_broker::publish::Pending;
 use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
-use guildhall_broker::{AmqpUrl, Publisher, connect, now_ms};
+use guildhall_broker::{Publisher, connect, now_ms};
 use guildhall_proto::{EnvelopeBuilder, Names};
 use lapin::BasicProperties;
 use serde::Serialize;
@@ -93,9 +93,8 @@ pub struct FleetRun {
 
 #[derive(Debug, Clone)]
 struct Plan {
-    url: AmqpUrl,
-    raw_url: String,
-    prefix: String,
+    /// Broker and namespace prefix.
+    target: Target,
     sizes: Vec<usize>,
     task_rate: u64,
     per_connection: usize,
@@ -104,9 +103,9 @@ struct Plan {
 }
 
 fn plan(a: &FleetArgs) -> Result<Plan, ConfigError> {
-    let (url, names) = a.broker.validate()?;
+    let target = a.target.resolve()?;
     let sizes = if a.agents.is_empty() {
-        if a.common.quick {
+        if a.target.common.quick {
             vec![200]
         } else {
             vec![1_000, 10_000]
@@ -126,12 +125,14 @@ fn plan(a: &FleetArgs) -> Result<Plan, ConfigError> {
     )?;
     let duration = a
         .duration
-        .unwrap_or(Duration::from_secs(if a.common.quick { 3 } else { 30 }));
+        .unwrap_or(Duration::from_secs(if a.target.common.quick {
+            3
+        } else {
+            30
+        }));
     let duration = secs_in_range("--duration", duration, 1, 3_600)?;
     Ok(Plan {
-        url,
-        raw_url: a.broker.amqp_url.clone(),
-        prefix: names.namespace().to_string(),
+        target,
         sizes,
         task_rate,
         per_connection,
@@ -143,7 +144,7 @@ fn plan(a: &FleetArgs) -> Result<Plan, ConfigError> {
 /// Runs the benchmark for each fleet size.
 pub async fn run(args: &FleetArgs) -> anyhow::Result<FleetReport> {
     let plan = plan(args)?;
-    let broker = args.version.broker_version(&plan.url).await;
+    let broker = args.target.version.broker_version(&plan.target.url).await;
     let mut runs = Vec::new();
     for &n in &plan.sizes {
         runs.push(one_size(&plan, n).await?);
@@ -157,10 +158,13 @@ pub async fn run(args: &FleetArgs) -> anyhow::Result<FleetReport> {
 }
 
 async fn one_size(plan: &Plan, agents: usize) -> anyhow::Result<FleetRun> {
-    let names = super::bench_namespace(&plan.prefix)?;
-    let admin = connect(&plan.url, &format!("guildhall-bench/{}", names.namespace()))
-        .await
-        .context("cannot reach the broker")?;
+    let names = super::bench_namespace(&plan.target.prefix)?;
+    let admin = connect(
+        &plan.target.url,
+        &format!("guildhall-bench/{}", names.namespace()),
+    )
+    .await
+    .context("cannot reach the broker")?;
     let retention = StreamRetention {
         max_age: "1h".into(),
         max_bytes: 5_000_000_000,
@@ -188,7 +192,7 @@ async fn measure(plan: &Plan, names: &Names, agents: usize) -> anyhow::Result<Fl
         "--rebalance".to_string(),
         "false".to_string(),
     ];
-    let mut coordinator = ChildCoordinator::spawn(&plan.raw_url, names, &extra).await?;
+    let mut coordinator = ChildCoordinator::spawn(&plan.target.raw_url, names, &extra).await?;
     coordinator.wait_caught_up(Duration::from_secs(30)).await?;
 
     let per_stage = agents.div_ceil(3);
@@ -215,7 +219,7 @@ async fn measure(plan: &Plan, names: &Names, agents: usize) -> anyhow::Result<Fl
     }
     for (i, chunk) in chunks.into_iter().enumerate() {
         let conn = connect(
-            &plan.url,
+            &plan.target.url,
             &format!("guildhall-bench/{}/{i}", names.namespace()),
         )
         .await?;

@@ -25,7 +25,7 @@
 
 use super::mix::{MixConfig, SimAgent, SimFleet};
 use super::probe::{Buckets, ChildCoordinator};
-use super::{IngestArgs, in_range, lines, secs_in_range, thousands};
+use super::{IngestArgs, Target, in_range, lines, secs_in_range, thousands};
 use crate::cli::ConfigError;
 use anyhow::{Context, bail};
 use futures_lite::StreamExt;
@@ -33,7 +33,7 @@ use guildhall_broker::events::{EventPublisher, EventPublisherConfig};
 use guildhall_broker::topology::{
     StreamRetention, StreamStart, consume_stream, ensure_events_stream,
 };
-use guildhall_broker::{AmqpUrl, Publisher, connect, now_ms};
+use guildhall_broker::{Publisher, connect, now_ms};
 use guildhall_proto::{Event, Names};
 use lapin::options::BasicAckOptions;
 use serde::Serialize;
@@ -54,9 +54,8 @@ const IDLE_END: Duration = Duration::from_millis(750);
 /// Settled flags.
 #[derive(Debug, Clone)]
 struct Plan {
-    url: AmqpUrl,
-    raw_url: String,
-    prefix: String,
+    /// Broker and namespace prefix.
+    target: Target,
     agents_per_stage: usize,
     connections: usize,
     batch: usize,
@@ -68,11 +67,11 @@ struct Plan {
 }
 
 fn plan(a: &IngestArgs) -> Result<Plan, ConfigError> {
-    let (url, names) = a.broker.validate()?;
+    let target = a.target.resolve()?;
     let agents = in_range("--agents", a.agents, 3, 3_000)?;
     let connections = in_range("--connections", a.connections, 1, 64)?;
     let batch = in_range("--batch", a.batch, 1, 5_000)?;
-    let quick = a.common.quick;
+    let quick = a.target.common.quick;
     let events = in_range(
         "--events",
         a.events.unwrap_or(if quick { 200_000 } else { 4_000_000 }),
@@ -92,9 +91,7 @@ fn plan(a: &IngestArgs) -> Result<Plan, ConfigError> {
     let drain_timeout = secs_in_range("--drain-timeout", a.drain_timeout, 1, 3_600)?;
     let prefetch = in_range("--prefetch", a.prefetch, 1, u16::MAX)?;
     Ok(Plan {
-        url,
-        raw_url: a.broker.amqp_url.clone(),
-        prefix: names.namespace().to_string(),
+        target,
         agents_per_stage: agents.div_ceil(3),
         connections: connections.min(agents),
         batch,
@@ -194,11 +191,14 @@ pub struct DrainPhase {
 /// Runs the benchmark; the namespace's stream is deleted afterwards.
 pub async fn run(args: &IngestArgs) -> anyhow::Result<IngestReport> {
     let plan = plan(args)?;
-    let names = super::bench_namespace(&plan.prefix)?;
-    let admin = connect(&plan.url, &format!("guildhall-bench/{}", names.namespace()))
-        .await
-        .context("cannot reach the broker")?;
-    let broker = args.version.broker_version(&plan.url).await;
+    let names = super::bench_namespace(&plan.target.prefix)?;
+    let admin = connect(
+        &plan.target.url,
+        &format!("guildhall-bench/{}", names.namespace()),
+    )
+    .await
+    .context("cannot reach the broker")?;
+    let broker = args.target.version.broker_version(&plan.target.url).await;
     let retention = StreamRetention {
         max_age: "1h".into(),
         max_bytes: 20_000_000_000,
@@ -223,7 +223,7 @@ impl Agents {
         let mut conns = Vec::new();
         for i in 0..plan.connections {
             let name = format!("guildhall-bench/{}/{i}", names.namespace());
-            conns.push(connect(&plan.url, &name).await?);
+            conns.push(connect(&plan.target.url, &name).await?);
         }
         // Task times follow the live rate; in the fill they run ahead of
         // the wall clock, which only ages tasks less.
@@ -359,7 +359,7 @@ async fn drive_one(
 
 async fn measure(plan: &Plan, names: &Names, broker: String) -> anyhow::Result<IngestReport> {
     let extra = vec!["--stream-prefetch".to_string(), plan.prefetch.to_string()];
-    let mut coordinator = ChildCoordinator::spawn(&plan.raw_url, names, &extra).await?;
+    let mut coordinator = ChildCoordinator::spawn(&plan.target.raw_url, names, &extra).await?;
     coordinator.wait_caught_up(Duration::from_secs(30)).await?;
     let mut agents = Agents::open(plan, names).await?;
     let live = live_phase(plan, &mut agents, &mut coordinator).await?;
@@ -464,7 +464,7 @@ async fn drain_phase(
     agent_events: u64,
 ) -> anyhow::Result<DrainPhase> {
     let (messages, bare_s) = bare_drain(plan, names).await?;
-    let mut coordinator = ChildCoordinator::spawn(&plan.raw_url, names, extra).await?;
+    let mut coordinator = ChildCoordinator::spawn(&plan.target.raw_url, names, extra).await?;
     // Time from its first applied event to reading its own start marker,
     // which it published behind everything else.
     let deadline = Instant::now() + plan.drain_timeout + Duration::from_secs(10);
@@ -526,7 +526,7 @@ async fn drain_phase(
 /// first delivery to the last.
 async fn bare_drain(plan: &Plan, names: &Names) -> anyhow::Result<(u64, f64)> {
     let conn = connect(
-        &plan.url,
+        &plan.target.url,
         &format!("guildhall-bench/{}/bare", names.namespace()),
     )
     .await?;

@@ -93,9 +93,10 @@ pub struct CommonArgs {
     pub quick: bool,
 }
 
-/// `guildhall bench ingest`.
+/// What every benchmark on the broker takes: the broker and namespace
+/// prefix, `--json`/`--quick`, and where the broker's version is read.
 #[derive(Debug, Clone, Args)]
-pub struct IngestArgs {
+pub struct BenchTarget {
     /// Broker and namespace prefix (a random namespace is made under it).
     #[command(flatten)]
     pub broker: BrokerArgs,
@@ -105,6 +106,37 @@ pub struct IngestArgs {
     /// `--management-url`.
     #[command(flatten)]
     pub version: VersionArgs,
+}
+
+/// A validated [`BenchTarget`].
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// The broker.
+    pub url: guildhall_broker::AmqpUrl,
+    /// The same, as given (for a `guildhall serve` child or an agent).
+    pub raw_url: String,
+    /// Prefix of the benchmark's own namespaces.
+    pub prefix: String,
+}
+
+impl BenchTarget {
+    /// Validates the broker URL and namespace prefix.
+    pub(crate) fn resolve(&self) -> Result<Target, ConfigError> {
+        let (url, names) = self.broker.validate()?;
+        Ok(Target {
+            url,
+            raw_url: self.broker.amqp_url.clone(),
+            prefix: names.namespace().to_string(),
+        })
+    }
+}
+
+/// `guildhall bench ingest`.
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
+    #[command(flatten)]
+    pub target: BenchTarget,
     /// Simulated agents (spread evenly over three stages).
     #[arg(long, default_value_t = 30)]
     pub agents: usize,
@@ -134,15 +166,9 @@ pub struct IngestArgs {
 /// `guildhall bench fleet`.
 #[derive(Debug, Clone, Args)]
 pub struct FleetArgs {
-    /// Broker and namespace prefix (a random namespace is made under it).
+    /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
     #[command(flatten)]
-    pub broker: BrokerArgs,
-    /// `--json`, `--quick`.
-    #[command(flatten)]
-    pub common: CommonArgs,
-    /// `--management-url`.
-    #[command(flatten)]
-    pub version: VersionArgs,
+    pub target: BenchTarget,
     /// Fleet sizes to run, one after the other (default 1000,10000; --quick 200).
     #[arg(long, value_delimiter = ',')]
     pub agents: Vec<usize>,
@@ -180,15 +206,9 @@ pub struct MemoryArgs {
 /// `guildhall bench agent`.
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
-    /// Broker and namespace prefix (a random namespace is made under it).
+    /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
     #[command(flatten)]
-    pub broker: BrokerArgs,
-    /// `--json`, `--quick`.
-    #[command(flatten)]
-    pub common: CommonArgs,
-    /// `--management-url`.
-    #[command(flatten)]
-    pub version: VersionArgs,
+    pub target: BenchTarget,
     /// Rounds; each runs both paths, in alternating order (default 3; --quick 1).
     #[arg(long)]
     pub rounds: Option<u32>,
@@ -219,16 +239,16 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     match &args.which {
         Which::Ingest(a) => {
             let report = ingest::run(a).await?;
-            Ok(render(&report, a.common.json, ingest::table))
+            Ok(render(&report, a.target.common.json, ingest::table))
         }
         Which::Fleet(a) => {
             let report = fleet::run(a).await?;
-            Ok(render(&report, a.common.json, fleet::table))
+            Ok(render(&report, a.target.common.json, fleet::table))
         }
         Which::Memory(a) => memory::run(a).await,
         Which::Agent(a) => {
             let report = overhead::run(a).await?;
-            Ok(render(&report, a.common.json, overhead::table))
+            Ok(render(&report, a.target.common.json, overhead::table))
         }
     }
 }

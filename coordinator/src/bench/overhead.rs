@@ -9,8 +9,10 @@
 //!   publishes the answer to `b` (confirmed), emits the task's events
 //!   (confirmed) and acks;
 //! - **bare**: a hand-written lapin consumer of `a` with the same prefetch
-//!   and the same HTTP worker, which posts each task, publishes the answer
-//!   to `b` (confirmed) and acks: no events, no bookkeeping.
+//!   and the same HTTP worker, which posts each task (through the agent's
+//!   own HTTP hand-off, [`HttpWorker`], so the request is the same),
+//!   publishes the answer to `b` (confirmed) and acks: no events, no
+//!   bookkeeping.
 //!
 //! Nothing consumes `b` but the benchmark's collector. Each task's payload
 //! starts with the time it was published (ns since the run began), which the
@@ -32,7 +34,7 @@
 //! time is reported with what arrived (and the rest counted missing), not
 //! waited for.
 
-use super::{AgentArgs, in_range, secs_in_range, thousands};
+use super::{AgentArgs, Target, in_range, secs_in_range, thousands};
 use crate::cli::ConfigError;
 use crate::sim::report::quantiles;
 use anyhow::Context;
@@ -40,12 +42,14 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::routing::post;
 use futures_lite::StreamExt;
+use guildhall_agent::handoff::http::HttpWorker;
+use guildhall_agent::handoff::{Outcome, TaskInput};
 use guildhall_agent::{AgentConfig, WorkerSpec};
 use guildhall_broker::publish::Pending;
 use guildhall_broker::task::new_task_id;
 use guildhall_broker::topology::{declare_stage, probe_queue};
-use guildhall_broker::{AmqpUrl, Publisher, TaskMeta, connect, now_ms};
-use guildhall_proto::headers::{http as hh, idempotency_key};
+use guildhall_broker::{Publisher, TaskMeta, connect, now_ms};
+use guildhall_proto::headers::idempotency_key;
 use guildhall_proto::{AgentId, Names, Stage};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -61,6 +65,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Publishes awaiting their confirm before the producer waits for the oldest.
 const WINDOW: usize = 256;
+/// The bare consumer's consumer tag.
+const BARE_TAG: &str = "guildhall-bench-bare";
+/// Longest the worker may take with one task (both paths).
+const TASK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The agent's overhead target at p99, ms (issue 7).
 const TARGET_P99_MS: f64 = 1.0;
 
@@ -128,9 +136,8 @@ enum Path {
 
 #[derive(Debug, Clone)]
 struct Plan {
-    url: AmqpUrl,
-    raw_url: String,
-    prefix: String,
+    /// Broker and namespace prefix.
+    target: Target,
     rounds: u32,
     tasks: u64,
     rate: u64,
@@ -141,8 +148,8 @@ struct Plan {
 }
 
 fn plan(a: &AgentArgs) -> Result<Plan, ConfigError> {
-    let (url, names) = a.broker.validate()?;
-    let quick = a.common.quick;
+    let target = a.target.resolve()?;
+    let quick = a.target.common.quick;
     let rounds = in_range(
         "--rounds",
         a.rounds.unwrap_or(if quick { 1 } else { 3 }),
@@ -166,9 +173,7 @@ fn plan(a: &AgentArgs) -> Result<Plan, ConfigError> {
     let payload = in_range("--payload", a.payload, 8, 1 << 20)?;
     let drain_timeout = secs_in_range("--drain-timeout", a.drain_timeout, 1, 3_600)?;
     Ok(Plan {
-        url,
-        raw_url: a.broker.amqp_url.clone(),
-        prefix: names.namespace().to_string(),
+        target,
         rounds,
         tasks,
         rate,
@@ -198,11 +203,14 @@ struct Ctx {
 /// Runs the benchmark.
 pub async fn run(args: &AgentArgs) -> anyhow::Result<OverheadReport> {
     let plan = plan(args)?;
-    let names = super::bench_namespace(&plan.prefix)?;
-    let broker = args.version.broker_version(&plan.url).await;
-    let conn = connect(&plan.url, &format!("guildhall-bench/{}", names.namespace()))
-        .await
-        .context("cannot reach the broker")?;
+    let names = super::bench_namespace(&plan.target.prefix)?;
+    let broker = args.target.version.broker_version(&plan.target.url).await;
+    let conn = connect(
+        &plan.target.url,
+        &format!("guildhall-bench/{}", names.namespace()),
+    )
+    .await
+    .context("cannot reach the broker")?;
     let (worker_url, worker) = spawn_echo_worker().await?;
     let ctx = Ctx {
         a: "a".parse().context("stage name")?,
@@ -278,8 +286,6 @@ impl Samples {
         let ms = |us: u64| us as f64 / 1_000.0;
         let [p50, p90, p99, max] =
             quantiles(&mut self.latencies_us, [0.5, 0.9, 0.99, 1.0]).unwrap_or([0; 4]);
-        self.bursts.sort_by(f64::total_cmp);
-        self.published.sort_by(f64::total_cmp);
         PathFigures {
             measured: self.latencies_us.len() as u64,
             missing: self.missing,
@@ -287,16 +293,8 @@ impl Samples {
             p90_ms: ms(p90),
             p99_ms: ms(p99),
             max_ms: ms(max),
-            burst_tasks_per_s: self
-                .bursts
-                .get(self.bursts.len() / 2)
-                .copied()
-                .unwrap_or(0.0),
-            published_per_s: self
-                .published
-                .get(self.published.len() / 2)
-                .copied()
-                .unwrap_or(0.0),
+            burst_tasks_per_s: median(&mut self.bursts),
+            published_per_s: median(&mut self.published),
             cpu_us_per_task: if self.cpu_tasks == 0 {
                 0.0
             } else {
@@ -304,6 +302,12 @@ impl Samples {
             },
         }
     }
+}
+
+/// The median of `v` (reordered), 0 when empty.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// One path, one round: the burst, then the paced tasks.
@@ -385,6 +389,7 @@ async fn produce(
 }
 
 /// What the collector saw.
+#[derive(Default)]
 struct Collected {
     /// Stage latency of each task, µs, in arrival order.
     latencies_us: Vec<u32>,
@@ -452,17 +457,10 @@ impl Collector {
     async fn finish(self, timeout: Duration) -> Collected {
         let Self { mut task, done } = self;
         match tokio::time::timeout(timeout, &mut task).await {
-            Ok(Ok(got)) => got,
-            Ok(Err(_)) => Collected {
-                latencies_us: Vec::new(),
-                arrivals: Vec::new(),
-            },
+            Ok(got) => got.unwrap_or_default(),
             Err(_) => {
                 done.cancel();
-                task.await.unwrap_or(Collected {
-                    latencies_us: Vec::new(),
-                    arrivals: Vec::new(),
-                })
+                task.await.unwrap_or_default()
             }
         }
     }
@@ -491,11 +489,12 @@ impl HandOff {
                         url: ctx.worker_url.clone(),
                     },
                 )
-                .with_amqp_url(ctx.plan.raw_url.clone())
+                .with_amqp_url(ctx.plan.target.raw_url.clone())
                 .with_namespace(ctx.names.namespace().clone())
                 .with_next(Some(ctx.b.clone()))
                 .with_id(id)
-                .with_concurrency(ctx.plan.concurrency);
+                .with_concurrency(ctx.plan.concurrency)
+                .with_task_timeout(TASK_TIMEOUT);
                 config.validate()?;
                 HandOff::Agent(guildhall_agent::spawn(config))
             }
@@ -554,18 +553,22 @@ struct Bare {
 
 /// What each bare handler needs.
 struct BareShared {
+    /// Confirmed publishes to the next stage.
     publisher: Publisher,
-    client: reqwest::Client,
-    worker_url: String,
+    /// The same HTTP hand-off the agent uses.
+    worker: HttpWorker,
+    /// `<ns>.tasks`.
     exchange: String,
+    /// The stage consumed.
     stage: Stage,
+    /// Where results go.
     next: Stage,
 }
 
 impl Bare {
     async fn open(ctx: &Ctx) -> anyhow::Result<Self> {
         let conn = connect(
-            &ctx.plan.url,
+            &ctx.plan.target.url,
             &format!("guildhall-bench/{}/bare", ctx.names.namespace()),
         )
         .await?;
@@ -577,20 +580,14 @@ impl Bare {
         let consumer = channel
             .basic_consume(
                 ctx.names.stage_queue(&ctx.a).as_str().into(),
-                "guildhall-bench-bare".into(),
+                BARE_TAG.into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(30))
-            .build()?;
         let shared = Arc::new(BareShared {
             publisher: Publisher::open(&conn).await?,
-            client,
-            worker_url: ctx.worker_url.clone(),
+            worker: HttpWorker::new(&ctx.worker_url, TASK_TIMEOUT)?,
             exchange: ctx.names.tasks_exchange(),
             stage: ctx.a.clone(),
             next: ctx.b.clone(),
@@ -621,7 +618,7 @@ impl Bare {
         }
         let _ = self
             .channel
-            .basic_cancel("guildhall-bench-bare".into(), BasicCancelOptions::default())
+            .basic_cancel(BARE_TAG.into(), BasicCancelOptions::default())
             .await;
         while handlers.join_next().await.is_some() {}
         let _ = self.channel.close(200, "stopped".into()).await;
@@ -634,21 +631,18 @@ impl Bare {
 async fn bare_handle(s: Arc<BareShared>, delivery: Delivery) {
     let handed = async {
         let meta = TaskMeta::from_properties(&delivery.properties)?;
-        let response = s
-            .client
-            .post(&s.worker_url)
-            .header(hh::TASK_ID, meta.id.as_str())
-            .header(hh::STAGE, s.stage.as_str())
-            .header(hh::ATTEMPT, meta.attempt.to_string())
-            .header(
-                hh::IDEMPOTENCY_KEY,
-                idempotency_key(meta.id.as_str(), s.stage.as_str(), meta.attempt),
-            )
-            .body(delivery.data.clone())
-            .send()
-            .await?
-            .error_for_status()?;
-        let body = response.bytes().await?;
+        let input = TaskInput {
+            idempotency_key: idempotency_key(meta.id.as_str(), s.stage.as_str(), meta.attempt),
+            task_id: meta.id.clone(),
+            stage: s.stage.clone(),
+            attempt: meta.attempt,
+            traceparent: meta.traceparent.clone(),
+            payload: delivery.data.clone(),
+        };
+        let body = match s.worker.handle(&input).await {
+            Outcome::Success { payload, .. } => payload,
+            Outcome::Failure(f) => anyhow::bail!("the worker failed: {}", f.error),
+        };
         let props = meta.next_stage(now_ms(), None).properties();
         s.publisher
             .publish(&s.exchange, s.next.as_str(), &body, props)

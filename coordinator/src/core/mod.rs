@@ -1191,8 +1191,6 @@ impl Core {
 /// A task entered `stage`'s queue at `at_ms`: its arrival rate (in `s`, its
 /// state, already looked up, so the hot paths look a stage up once per
 /// event) and the planner's forecast count it.
-/// A task entered stage `s`'s queue at `at_ms`: its arrival rate and the
-/// planner's forecast count it (for callers already holding the stage).
 fn arrival(planner: &mut Planner, stage: &Stage, s: &mut StageState, now_ms: u64, at_ms: u64) {
     s.arrivals.add(at_ms, now_ms, 1);
     planner.record_arrivals(stage, at_ms, 1);
