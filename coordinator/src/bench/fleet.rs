@@ -17,7 +17,6 @@ use super::mix::{MixConfig, SimAgent, SimFleet};
 use super::probe::{Buckets, ChildCoordinator};
 use super::{FleetArgs, Target, in_range, secs_in_range, thousands};
 use crate::cli::ConfigError;
-use anyhow::Context;
 use guildhall_broker::publish::Pending;
 use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
 use guildhall_broker::{Publisher, connect, now_ms};
@@ -158,13 +157,7 @@ pub async fn run(args: &FleetArgs) -> anyhow::Result<FleetReport> {
 }
 
 async fn one_size(plan: &Plan, agents: usize) -> anyhow::Result<FleetRun> {
-    let names = super::bench_namespace(&plan.target.prefix)?;
-    let admin = connect(
-        &plan.target.url,
-        &format!("guildhall-bench/{}", names.namespace()),
-    )
-    .await
-    .context("cannot reach the broker")?;
+    let (names, admin) = plan.target.open().await?;
     let retention = StreamRetention {
         max_age: "1h".into(),
         max_bytes: 5_000_000_000,

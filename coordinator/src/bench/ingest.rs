@@ -27,7 +27,7 @@ use super::mix::{MixConfig, SimAgent, SimFleet};
 use super::probe::{Buckets, ChildCoordinator};
 use super::{IngestArgs, Target, in_range, lines, secs_in_range, thousands};
 use crate::cli::ConfigError;
-use anyhow::{Context, bail};
+use anyhow::bail;
 use futures_lite::StreamExt;
 use guildhall_broker::events::{EventPublisher, EventPublisherConfig};
 use guildhall_broker::topology::{
@@ -191,13 +191,7 @@ pub struct DrainPhase {
 /// Runs the benchmark; the namespace's stream is deleted afterwards.
 pub async fn run(args: &IngestArgs) -> anyhow::Result<IngestReport> {
     let plan = plan(args)?;
-    let names = super::bench_namespace(&plan.target.prefix)?;
-    let admin = connect(
-        &plan.target.url,
-        &format!("guildhall-bench/{}", names.namespace()),
-    )
-    .await
-    .context("cannot reach the broker")?;
+    let (names, admin) = plan.target.open().await?;
     let broker = args.target.version.broker_version(&plan.target.url).await;
     let retention = StreamRetention {
         max_age: "1h".into(),

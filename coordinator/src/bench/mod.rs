@@ -119,6 +119,20 @@ pub(crate) struct Target {
     pub prefix: String,
 }
 
+impl Target {
+    /// A fresh namespace under the prefix, and a connection (named after
+    /// it) for setting it up and cleaning it away.
+    pub(crate) async fn open(&self) -> anyhow::Result<(Names, lapin::Connection)> {
+        use anyhow::Context;
+        let names = bench_namespace(&self.prefix)?;
+        let conn =
+            guildhall_broker::connect(&self.url, &format!("guildhall-bench/{}", names.namespace()))
+                .await
+                .context("cannot reach the broker")?;
+        Ok((names, conn))
+    }
+}
+
 impl BenchTarget {
     /// Validates the broker URL and namespace prefix.
     pub(crate) fn resolve(&self) -> Result<Target, ConfigError> {

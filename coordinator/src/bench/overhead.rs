@@ -203,14 +203,8 @@ struct Ctx {
 /// Runs the benchmark.
 pub async fn run(args: &AgentArgs) -> anyhow::Result<OverheadReport> {
     let plan = plan(args)?;
-    let names = super::bench_namespace(&plan.target.prefix)?;
+    let (names, conn) = plan.target.open().await?;
     let broker = args.target.version.broker_version(&plan.target.url).await;
-    let conn = connect(
-        &plan.target.url,
-        &format!("guildhall-bench/{}", names.namespace()),
-    )
-    .await
-    .context("cannot reach the broker")?;
     let (worker_url, worker) = spawn_echo_worker().await?;
     let ctx = Ctx {
         a: "a".parse().context("stage name")?,
