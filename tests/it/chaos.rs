@@ -152,13 +152,24 @@ impl Fleet {
     }
 
     async fn submit_all(&self) {
-        self.submit(false).await;
+        self.submit(0..TASKS, false).await;
     }
 
-    /// Submits every task; `slow_at_b` makes the first few slow at `b`.
-    async fn submit(&self, slow_at_b: bool) {
-        let broker = Broker::connect(&self.ns).await.unwrap();
-        for i in 0..TASKS {
+    /// Submits tasks `range`; `slow_at_b` makes the first few slow at `b`.
+    /// Waits up to 30 s for the broker (it may have just been restarted).
+    async fn submit(&self, range: std::ops::Range<usize>, slow_at_b: bool) {
+        let started = Instant::now();
+        let broker = loop {
+            match Broker::connect(&self.ns).await {
+                Ok(broker) => break broker,
+                Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                    eprintln!("submit: broker not ready yet: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("submit: no broker after 30 s: {e:#}"),
+            }
+        };
+        for i in range {
             broker
                 .publish_task("a", &id(i), &payload(i, slow_at_b))
                 .await
@@ -337,7 +348,7 @@ async fn sigstop_an_agent_holding_tasks() {
         },
     )
     .await;
-    fleet.submit(true).await;
+    fleet.submit(0..TASKS, true).await;
     // Freeze it while it holds one of the slow tasks (the coordinator has
     // seen it start, and it runs for 3 s). The tasks it held are the ones the
     // coordinator requeues when it declares it dead (its alert lists them).
@@ -555,18 +566,26 @@ impl Drop for BrokerGuard {
 async fn restart_rabbitmq_mid_run() {
     let fleet = Fleet::start(TestNs::exclusive("chaos-broker"), &[], false).await;
     let api = fleet.api();
-    fleet.submit_all().await;
+    // Half the tasks before the restart and half after, so the run spans it
+    // however fast this machine drains a queue (publishing 1,000 tasks one
+    // confirm at a time can take longer than the pipeline needs for them).
+    fleet.submit(0..TASKS / 2, false).await;
     let mut guard = BrokerGuard { stopped: false };
     let mut restarted = false;
+    let rest = &fleet;
     let tally = run_until_done(&fleet.ns, Duration::from_secs(180), |elapsed| {
-        let due = !restarted && elapsed >= Duration::from_secs(3);
+        let due = !restarted && elapsed >= Duration::from_secs(1);
         if due {
             restarted = true;
             guard.stop();
             std::thread::sleep(Duration::from_secs(3));
             guard.start();
         }
-        async {}
+        async move {
+            if due {
+                rest.submit(TASKS / 2..TASKS, false).await;
+            }
+        }
     })
     .await;
     assert!(restarted, "the run ended before the broker restart");
@@ -593,19 +612,22 @@ async fn kill_and_restart_the_coordinator() {
     let dir = data_dir.display().to_string();
     let flags = ["--data-dir", dir.as_str(), "--snapshot-interval", "1s"];
     let mut fleet = Fleet::start(TestNs::exclusive("chaos-coord"), &flags, false).await;
-    fleet.submit_all().await;
+    // Half the tasks before the kill and half after, so the run spans it
+    // however fast the pipeline is next to the submitter.
+    fleet.submit(0..TASKS / 2, false).await;
     let mut killed = false;
     let mut tally = Tally::default();
     let started = Instant::now();
     while !tally.done() {
         assert!(started.elapsed() < Duration::from_secs(120), "timed out");
-        if !killed && tally.finished.len() >= TASKS / 3 {
+        if !killed && tally.finished.len() >= TASKS / 6 {
             let mut c = fleet.coordinator.take().expect("running");
             c.proc.signal("KILL");
             let _ = c.proc.child.wait().await;
             tokio::time::sleep(Duration::from_secs(2)).await;
             fleet.coordinator = Some(spawn_coordinator(&fleet.ns, &flags).await.unwrap());
             killed = true;
+            fleet.submit(TASKS / 2..TASKS, false).await;
         }
         tally.drain(&fleet.ns).await;
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -8,7 +8,7 @@
 //! percentile instead of its mean.
 
 use super::stats::Reservoir;
-use super::tasks::{TaskRecord, TaskStatus};
+use super::tasks::{TaskRef, TaskStatus};
 use guildhall_proto::Stage;
 use std::collections::BTreeMap;
 
@@ -103,11 +103,11 @@ pub struct QueueIndex {
 impl QueueIndex {
     /// Indexes the queued tasks of `tasks` (retrying ones whose delay is over
     /// count as queued).
-    pub fn build<'a>(tasks: impl Iterator<Item = &'a TaskRecord>, now_ms: u64) -> Self {
+    pub fn build<'a>(tasks: impl Iterator<Item = TaskRef<'a>>, now_ms: u64) -> Self {
         let mut by_stage: BTreeMap<Stage, Vec<u64>> = BTreeMap::new();
         for rec in tasks {
             if let Some(at) = queued_since(rec, now_ms) {
-                by_stage.entry(rec.stage.clone()).or_default().push(at);
+                by_stage.entry(rec.stage().clone()).or_default().push(at);
             }
         }
         for times in by_stage.values_mut() {
@@ -135,16 +135,16 @@ impl QueueIndex {
 }
 
 /// When `rec` joined its stage's queue, if it is waiting there now.
-fn queued_since(rec: &TaskRecord, now_ms: u64) -> Option<u64> {
+fn queued_since(rec: TaskRef<'_>, now_ms: u64) -> Option<u64> {
     // The status first: most records are running or finished, and finding
     // the current row compares stage names (this runs over every record
     // at each scrape).
-    if !matches!(rec.status, TaskStatus::Queued | TaskStatus::Retrying) {
+    if !matches!(rec.status(), TaskStatus::Queued | TaskStatus::Retrying) {
         return None;
     }
     let row = rec.current_row()?;
-    let at = row.queued_at_ms.unwrap_or(rec.updated_at_ms);
-    match rec.status {
+    let at = row.queued_at_ms().unwrap_or(rec.updated_at_ms());
+    match rec.status() {
         TaskStatus::Queued => Some(at),
         TaskStatus::Retrying if at <= now_ms => Some(at),
         _ => None,
@@ -154,7 +154,7 @@ fn queued_since(rec: &TaskRecord, now_ms: u64) -> Option<u64> {
 /// The ETA of `rec`, if it is in flight and every stage ahead is known and
 /// served.
 pub fn eta(
-    rec: &TaskRecord,
+    rec: TaskRef<'_>,
     timings: &BTreeMap<Stage, StageTiming>,
     queues: &QueueIndex,
     now_ms: u64,
@@ -169,16 +169,16 @@ pub fn eta(
 }
 
 fn left_ms(
-    rec: &TaskRecord,
+    rec: TaskRef<'_>,
     timings: &BTreeMap<Stage, StageTiming>,
     queues: &QueueIndex,
     now_ms: u64,
     which: Which,
 ) -> Option<f64> {
-    let here = timings.get(&rec.stage)?;
+    let here = timings.get(rec.stage())?;
     let service = here.service.pick(which);
     let row = rec.current_row()?;
-    let known = queues.len(&rec.stage) as u64;
+    let known = queues.len(rec.stage()) as u64;
     let unseen = usize::try_from(here.ready.saturating_sub(known)).unwrap_or(usize::MAX);
     // Time until a server is free for a task with `ahead` tasks before it.
     let start_wait = |ahead: usize| -> Option<f64> {
@@ -189,18 +189,18 @@ fn left_ms(
         let waiting_for = (ahead + 1).saturating_sub(idle) as f64;
         Some(waiting_for / f64::from(here.servers) * service)
     };
-    let mut left = match rec.status {
+    let mut left = match rec.status() {
         TaskStatus::Running => {
-            let elapsed = row.started_at_ms.map_or(0, |s| now_ms.saturating_sub(s)) as f64;
+            let elapsed = row.started_at_ms().map_or(0, |s| now_ms.saturating_sub(s)) as f64;
             (service - elapsed).max(0.0)
         }
         TaskStatus::Queued => {
             let since = queued_since(rec, now_ms)?;
-            start_wait(queues.ahead_of(&rec.stage, since) + unseen)? + service
+            start_wait(queues.ahead_of(rec.stage(), since) + unseen)? + service
         }
         TaskStatus::Retrying => {
-            let due = row.queued_at_ms.map_or(0, |q| q.saturating_sub(now_ms)) as f64;
-            due + start_wait(queues.len(&rec.stage) + unseen)? + service
+            let due = row.queued_at_ms().map_or(0, |q| q.saturating_sub(now_ms)) as f64;
+            due + start_wait(queues.len(rec.stage()) + unseen)? + service
         }
         TaskStatus::Succeeded | TaskStatus::DeadLettered => return None,
     };
@@ -280,7 +280,7 @@ mod tests {
         let mut b = timing(1, 0, 40.0, 50.0, 70.0, None);
         b.wait_ms = 20.0;
         timings.insert(st("b"), b);
-        let q3 = s.get("Q3").unwrap();
+        let q3 = s.get_ref("Q3").unwrap();
         // 3 ahead + itself = 4 to serve before it starts, 2 at a time.
         let e = eta(q3, &timings, &queues, now).unwrap();
         assert_eq!(e.in_ms, (4.0 / 2.0 * 100.0 + 100.0 + 20.0 + 50.0) as u64);
@@ -293,11 +293,11 @@ mod tests {
             (4.0 / 2.0 * 150.0 + 150.0 + 20.0 * 70.0 / 50.0 + 70.0) as u64
         );
         // The first in line starts as soon as a slot frees up.
-        let q0 = eta(s.get("Q0").unwrap(), &timings, &queues, now).unwrap();
+        let q0 = eta(s.get_ref("Q0").unwrap(), &timings, &queues, now).unwrap();
         assert_eq!(q0.in_ms, (1.0 / 2.0 * 100.0 + 100.0 + 70.0) as u64);
         // The running one started at 900: 110 ms in, past a's mean, so
         // nothing is left at a (90 at the high end), then b.
-        let r = eta(s.get("R").unwrap(), &timings, &queues, now).unwrap();
+        let r = eta(s.get_ref("R").unwrap(), &timings, &queues, now).unwrap();
         assert_eq!((r.in_ms, r.low_in_ms, r.high_in_ms), (70, 56, 40 + 28 + 70));
     }
 
@@ -309,7 +309,7 @@ mod tests {
         let mut a = timing(1, 1, 100.0, 100.0, 100.0, None);
         a.ready = 15; // 5 known + 10 unseen
         timings.insert(st("a"), a);
-        let e = eta(s.get("Q0").unwrap(), &timings, &queues, 1_010).unwrap();
+        let e = eta(s.get_ref("Q0").unwrap(), &timings, &queues, 1_010).unwrap();
         assert_eq!(e.in_ms, (11.0 * 100.0 + 100.0) as u64);
     }
 
@@ -319,11 +319,20 @@ mod tests {
         let queues = QueueIndex::build(s.iter(), 1_010);
         let mut timings = BTreeMap::new();
         timings.insert(st("a"), timing(0, 0, 1.0, 1.0, 1.0, None));
-        assert_eq!(eta(s.get("Q0").unwrap(), &timings, &queues, 1_010), None);
+        assert_eq!(
+            eta(s.get_ref("Q0").unwrap(), &timings, &queues, 1_010),
+            None
+        );
         timings.insert(st("a"), timing(1, 0, 1.0, 1.0, 1.0, Some("unknown")));
-        assert_eq!(eta(s.get("Q0").unwrap(), &timings, &queues, 1_010), None);
+        assert_eq!(
+            eta(s.get_ref("Q0").unwrap(), &timings, &queues, 1_010),
+            None
+        );
         // A cycle a -> a is not followed forever.
         timings.insert(st("a"), timing(1, 0, 1.0, 1.0, 1.0, Some("a")));
-        assert_eq!(eta(s.get("Q0").unwrap(), &timings, &queues, 1_010), None);
+        assert_eq!(
+            eta(s.get_ref("Q0").unwrap(), &timings, &queues, 1_010),
+            None
+        );
     }
 }

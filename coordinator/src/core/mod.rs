@@ -37,6 +37,7 @@ pub mod errors;
 pub mod eta;
 pub mod plan;
 pub mod query;
+pub mod records;
 pub mod snapshot;
 pub mod stages;
 pub mod stats;

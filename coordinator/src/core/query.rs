@@ -4,7 +4,7 @@ use super::Core;
 use super::eta::{self, QueueIndex, ServiceTimes, StageTiming};
 use super::stages::{self, StageLoad};
 use super::stats::Reservoir;
-use super::tasks::{AttemptOutcome, TaskRecord, TaskStatus};
+use super::tasks::{AttemptOutcome, TaskRecord, TaskRef, TaskStatus};
 use super::views::*;
 use super::workers::{Liveness, Worker};
 use guildhall_proto::{Stage, WorkerMode, WorkerResult};
@@ -221,13 +221,17 @@ impl Core {
 
     /// One task's pipeline.
     pub fn task_view(&self, id: &str, now_ms: u64) -> Option<TaskView> {
-        let rec = self.tasks.get(id)?;
+        let task = self.tasks.get_ref(id)?;
         let timings = self.stage_timings(now_ms);
-        let queues = QueueIndex::build(self.tasks.iter().filter(|r| r.stage == rec.stage), now_ms);
-        let eta = eta::eta(rec, &timings, &queues, now_ms);
+        let queues = QueueIndex::build(
+            self.tasks.iter().filter(|r| r.stage() == task.stage()),
+            now_ms,
+        );
+        let eta = eta::eta(task, &timings, &queues, now_ms);
+        let rec = task.to_record();
         Some(TaskView {
             id: rec.id.to_string(),
-            status: display_status(rec, now_ms).as_str(),
+            status: display_status(task, now_ms).as_str(),
             stage: rec.stage.to_string(),
             submitted_at_ms: rec.submitted_at_ms,
             updated_at_ms: rec.updated_at_ms,
@@ -239,7 +243,7 @@ impl Core {
             eta_in_ms: eta.map(|e| e.in_ms),
             eta_low_in_ms: eta.map(|e| e.low_in_ms),
             eta_high_in_ms: eta.map(|e| e.high_in_ms),
-            attempts: rows_in_time_order(rec)
+            attempts: rows_in_time_order(&rec)
                 .into_iter()
                 .map(|r| AttemptView {
                     stage: r.stage.to_string(),
@@ -276,16 +280,20 @@ impl Core {
 
     /// Tasks matching `filter`, most recently updated first.
     pub fn tasks_view(&self, filter: &TaskFilter, now_ms: u64) -> Vec<TaskSummary> {
-        let mut matching: Vec<&TaskRecord> = self
+        let mut matching: Vec<TaskRef<'_>> = self
             .tasks
             .iter()
-            .filter(|r| filter.status.is_none_or(|s| display_status(r, now_ms) == s))
-            .filter(|r| filter.stage.as_ref().is_none_or(|s| &r.stage == s))
+            .filter(|r| {
+                filter
+                    .status
+                    .is_none_or(|s| display_status(*r, now_ms) == s)
+            })
+            .filter(|r| filter.stage.as_ref().is_none_or(|s| r.stage() == s))
             .collect();
         matching.sort_by(|a, b| {
-            b.updated_at_ms
-                .cmp(&a.updated_at_ms)
-                .then_with(|| a.id.cmp(&b.id))
+            b.updated_at_ms()
+                .cmp(&a.updated_at_ms())
+                .then_with(|| a.cmp_id(b))
         });
         matching.truncate(filter.limit);
         let timings = self.stage_timings(now_ms);
@@ -295,16 +303,16 @@ impl Core {
             .map(|r| {
                 let eta = eta::eta(r, &timings, &queues, now_ms);
                 TaskSummary {
-                    id: r.id.to_string(),
+                    id: r.id().to_string(),
                     status: display_status(r, now_ms).as_str(),
-                    stage: r.stage.to_string(),
+                    stage: r.stage().to_string(),
                     worker: r
                         .current_row()
-                        .filter(|row| row.outcome == AttemptOutcome::Running)
-                        .and_then(|row| row.worker.as_ref().map(ToString::to_string)),
-                    attempts: r.rows.len(),
-                    submitted_at_ms: r.submitted_at_ms,
-                    updated_at_ms: r.updated_at_ms,
+                        .filter(|row| row.outcome() == AttemptOutcome::Running)
+                        .and_then(|row| row.worker().map(ToString::to_string)),
+                    attempts: r.attempts(),
+                    submitted_at_ms: r.submitted_at_ms(),
+                    updated_at_ms: r.updated_at_ms(),
                     eta_at_ms: eta.map(|e| now_ms + e.in_ms),
                     eta_in_ms: eta.map(|e| e.in_ms),
                     eta_low_in_ms: eta.map(|e| e.low_in_ms),
@@ -351,12 +359,12 @@ fn rows_in_time_order(rec: &TaskRecord) -> Vec<&super::tasks::AttemptRow> {
 }
 
 /// A retrying task whose delay is over is back in the queue.
-fn display_status(rec: &TaskRecord, now_ms: u64) -> TaskStatus {
-    match rec.status {
+fn display_status(rec: TaskRef<'_>, now_ms: u64) -> TaskStatus {
+    match rec.status() {
         TaskStatus::Retrying
             if rec
                 .current_row()
-                .and_then(|r| r.queued_at_ms)
+                .and_then(|r| r.queued_at_ms())
                 .is_some_and(|due| due <= now_ms) =>
         {
             TaskStatus::Queued

@@ -75,7 +75,7 @@ struct CoreState<'a> {
     /// Every known stage, with its counts, rates and samples.
     stages: Cow<'a, BTreeMap<Stage, StageState>>,
     /// Every tracked task.
-    tasks: Cow<'a, HashMap<TaskId, TaskRecord>>,
+    tasks: Tasks<'a>,
     /// Ingest counts and the last offset applied.
     stats: Cow<'a, IngestStats>,
     /// Every counter series, which live in the metrics, not the core.
@@ -85,6 +85,56 @@ struct CoreState<'a> {
     planner: Cow<'a, Planner>,
     /// Failures by stage and error class.
     errors: Cow<'a, ErrorTracker>,
+}
+
+/// The tasks as saved: a map of id to [`TaskRecord`]. Written from the live
+/// store one record at a time (the packed records are unpacked as they are
+/// encoded, never all at once), read back as the map.
+enum Tasks<'a> {
+    /// The core's store, being written.
+    Live(&'a TaskStore),
+    /// Read back from a file.
+    Read(HashMap<TaskId, TaskRecord>),
+}
+
+impl Tasks<'_> {
+    /// How many tasks.
+    fn len(&self) -> usize {
+        match self {
+            Tasks::Live(store) => store.len(),
+            Tasks::Read(map) => map.len(),
+        }
+    }
+
+    /// The records read back.
+    fn into_records(self) -> Vec<TaskRecord> {
+        match self {
+            Tasks::Live(store) => store.iter().map(|t| t.to_record()).collect(),
+            Tasks::Read(map) => map.into_values().collect(),
+        }
+    }
+}
+
+impl Serialize for Tasks<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Tasks::Live(store) => {
+                let mut map = serializer.serialize_map(Some(store.len()))?;
+                for task in store.iter() {
+                    map.serialize_entry(&task.id(), &task.to_record())?;
+                }
+                map.end()
+            }
+            Tasks::Read(records) => records.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Tasks<'_> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        HashMap::deserialize(deserializer).map(Tasks::Read)
+    }
 }
 
 /// A snapshot read back, ready for [`Core::restore`].
@@ -181,7 +231,7 @@ impl Core {
         let state = CoreState {
             workers: Cow::Borrowed(&self.workers),
             stages: Cow::Borrowed(&self.stages),
-            tasks: Cow::Borrowed(self.tasks.records()),
+            tasks: Tasks::Live(&self.tasks),
             stats: Cow::Borrowed(&self.stats),
             counters: self.counter_samples(),
             planner: Cow::Borrowed(&self.planner),
@@ -225,7 +275,7 @@ impl Core {
         }
         let mut core = Core::new(config, metrics, now_ms);
         core.tasks = TaskStore::restore(
-            tasks.into_owned().into_values(),
+            tasks.into_records(),
             core.config.completed_limit,
             core.config.completed_max_age_ms,
         );

@@ -9,18 +9,24 @@
 //! the next stage's `TaskStarted` often arrives before the previous stage's
 //! `TaskSucceeded`. So a task's status only moves forward in event time, and a
 //! row is never added for a stage attempt that has already shown up.
+//!
+//! Records are kept packed ([`super::records`]): in a slab indexed by a
+//! hash table of `u32` slots, with names as symbols. [`TaskRecord`] and
+//! [`AttemptRow`] are the owned form the API and snapshots use.
 
+use super::records::{Interner, KeyRef, Ms48, NO_WORKER, Names, Rec, Row, Slab, TaskKey};
+pub use super::records::{RowRef, TaskRef};
 use guildhall_proto::{AgentId, Stage, TaskId, WorkerResult};
+use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use smallvec::SmallVec;
+use std::collections::VecDeque;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 
 /// Most attempt rows kept per task; older rows are dropped past this (a task
 /// bounced between stages forever must not grow without bound).
 pub const MAX_ROWS: usize = 128;
-
-/// Rows room is first made for: a three-stage pipeline's, the common case
-/// (a finished record's rows are trimmed to what it holds anyway).
-const INITIAL_ROWS: usize = 3;
 
 /// Where a task is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -147,30 +153,6 @@ pub struct AttemptRow {
     pub stale: Option<WorkerResult>,
 }
 
-impl AttemptRow {
-    /// Whether this is a row of attempt `attempt` at `stage`.
-    fn is(&self, stage: &Stage, attempt: u32) -> bool {
-        self.attempt == attempt && self.stage == *stage
-    }
-
-    fn queued(stage: Stage, attempt: u32, queued_at_ms: Option<u64>) -> Self {
-        Self {
-            stage,
-            attempt,
-            worker: None,
-            queued_at_ms,
-            started_at_ms: None,
-            finished_at_ms: None,
-            outcome: AttemptOutcome::Queued,
-            error: None,
-            error_class: None,
-            redelivered: false,
-            progress: None,
-            stale: None,
-        }
-    }
-}
-
 /// A task's record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -194,163 +176,12 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
-    fn new(id: TaskId, stage: Stage, at_ms: u64) -> Self {
-        Self {
-            id,
-            status: TaskStatus::Queued,
-            stage,
-            submitted_at_ms: None,
-            updated_at_ms: at_ms,
-            status_at_ms: 0,
-            finished_at_ms: None,
-            rows: Vec::new(),
-        }
-    }
-
-    /// Whether a row for `(stage, attempt)` exists that began at or after
-    /// `since_ms` (it is not a leftover of an earlier visit to the stage).
-    fn has_row_since(&self, stage: &Stage, attempt: u32, since_ms: u64) -> bool {
-        self.rows.iter().any(|r| {
-            r.is(stage, attempt)
-                && r.started_at_ms
-                    .or(r.queued_at_ms)
-                    .is_some_and(|t| t >= since_ms)
-        })
-    }
-
-    /// Records `result` on the newest row `worker` holds for `(stage,
-    /// attempt)` if it was cut off from it (requeued after a death, or
-    /// redelivered elsewhere). Returns whether it was (the result is stale).
-    fn mark_stale(
-        &mut self,
-        stage: &Stage,
-        attempt: u32,
-        worker: &AgentId,
-        result: WorkerResult,
-    ) -> bool {
-        let row = self
-            .rows
-            .iter_mut()
-            .rev()
-            .find(|r| r.is(stage, attempt) && r.worker.as_ref() == Some(worker));
-        match row {
-            Some(row) if row.outcome.is_cut_off() => {
-                row.stale = Some(result);
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// The row of the task's current stage with the highest attempt.
     pub fn current_row(&self) -> Option<&AttemptRow> {
         self.rows
             .iter()
             .filter(|r| r.stage == self.stage)
             .max_by_key(|r| (r.attempt, r.started_at_ms.or(r.queued_at_ms)))
-    }
-
-    fn push(&mut self, row: AttemptRow) -> &mut AttemptRow {
-        if self.rows.len() >= MAX_ROWS {
-            self.rows.remove(0);
-        } else if self.rows.capacity() == 0 {
-            self.rows.reserve_exact(INITIAL_ROWS);
-        }
-        self.rows.push(row);
-        let last = self.rows.len() - 1;
-        &mut self.rows[last]
-    }
-
-    /// Index of the latest row for `(stage, attempt)`, preferring one held
-    /// by `worker`.
-    fn row_index(&self, stage: &Stage, attempt: u32, worker: Option<&AgentId>) -> Option<usize> {
-        let mut latest = None;
-        for (i, r) in self.rows.iter().enumerate().rev() {
-            if r.is(stage, attempt) {
-                if worker.is_some() && r.worker.as_ref() == worker {
-                    return Some(i);
-                }
-                latest.get_or_insert(i);
-            }
-        }
-        latest
-    }
-
-    /// The latest row for `(stage, attempt)`, preferring one held by `worker`.
-    fn row_mut(
-        &mut self,
-        stage: &Stage,
-        attempt: u32,
-        worker: Option<&AgentId>,
-    ) -> Option<&mut AttemptRow> {
-        let idx = self.row_index(stage, attempt, worker)?;
-        Some(&mut self.rows[idx])
-    }
-
-    /// Moves the record to `status` at `stage`, unless an event later than
-    /// `at_ms` already set it; keeps `retention`'s count and queue right.
-    fn set_status(
-        &mut self,
-        retention: &mut Retention,
-        status: TaskStatus,
-        stage: &Stage,
-        at_ms: u64,
-    ) {
-        if at_ms < self.status_at_ms {
-            return;
-        }
-        self.status_at_ms = at_ms;
-        if self.stage != *stage {
-            self.stage = stage.clone();
-        }
-        let was = self.status.is_terminal();
-        self.status = status;
-        match (was, status.is_terminal()) {
-            (false, true) => {
-                self.finished_at_ms = Some(at_ms);
-                retention.terminal += 1;
-                retention.completed.push_back((at_ms, self.id.clone()));
-                // Finished records are most of those held: no spare rows.
-                self.rows.shrink_to_fit();
-            }
-            (true, false) => {
-                self.finished_at_ms = None;
-                retention.terminal -= 1;
-            }
-            (true, true) => {
-                self.finished_at_ms = Some(at_ms);
-                retention.completed.push_back((at_ms, self.id.clone()));
-            }
-            (false, false) => {}
-        }
-    }
-
-    /// Ends the row of `(stage, attempt)` that `worker` holds (or a queued
-    /// one), or a new one if there is none, stamped with its start and end.
-    fn finish_row(
-        &mut self,
-        stage: &Stage,
-        attempt: u32,
-        worker: &AgentId,
-        started_at_ms: u64,
-        at_ms: u64,
-    ) -> &mut AttemptRow {
-        let found = self.row_index(stage, attempt, Some(worker)).filter(|&i| {
-            matches!(
-                self.rows[i].outcome,
-                AttemptOutcome::Running | AttemptOutcome::Queued
-            )
-        });
-        let row = match found {
-            Some(i) => &mut self.rows[i],
-            None => self.push(AttemptRow::queued(stage.clone(), attempt, None)),
-        };
-        if row.worker.as_ref() != Some(worker) {
-            row.worker = Some(worker.clone());
-        }
-        row.started_at_ms = Some(started_at_ms);
-        row.finished_at_ms = Some(at_ms);
-        row
     }
 }
 
@@ -409,9 +240,10 @@ pub struct Succeeded {
 /// record and it can be borrowed at once.
 #[derive(Debug, Default)]
 struct Retention {
-    /// Finished tasks in finishing order, for eviction (entries can be stale
-    /// when a finished task came back to life; eviction checks).
-    completed: VecDeque<(u64, TaskId)>,
+    /// Finished tasks' finishing times and slots, in finishing order, for
+    /// eviction (entries can be stale when a finished task came back to
+    /// life or its slot was reused; eviction checks).
+    completed: VecDeque<(u64, u32)>,
     /// How many records are finished.
     terminal: usize,
 }
@@ -419,8 +251,18 @@ struct Retention {
 /// All tracked tasks.
 #[derive(Debug)]
 pub struct TaskStore {
-    /// Records by id.
-    tasks: HashMap<TaskId, TaskRecord>,
+    /// Packed records by slot (a record costs its own bytes, no hash
+    /// bucket of its size).
+    slots: Slab,
+    /// Each record's slot, by its id's hash (4 bytes a bucket).
+    index: HashTable<u32>,
+    /// Hashes ids: SipHash with a random key, as task ids come from
+    /// producers and the coordinator runs for months (no crafted collisions).
+    hasher: RandomState,
+    /// Stage names the records use.
+    stages: Interner<Stage>,
+    /// Worker names the rows use.
+    workers: Interner<AgentId>,
     /// Which records are finished, in finishing order.
     retention: Retention,
     /// Most finished tasks kept.
@@ -429,11 +271,166 @@ pub struct TaskStore {
     max_age_ms: u64,
 }
 
+impl Rec {
+    fn new(key: TaskKey, stage: u32, at_ms: u64) -> Self {
+        Self {
+            key,
+            updated_at_ms: at_ms,
+            status_at_ms: 0,
+            submitted: Ms48::NONE,
+            finished: Ms48::NONE,
+            stage,
+            status: TaskStatus::Queued,
+            errors: None,
+            rows: SmallVec::new(),
+        }
+    }
+
+    /// Whether a row for `(stage, attempt)` exists that began at or after
+    /// `since_ms` (it is not a leftover of an earlier visit to the stage).
+    fn has_row_since(&self, stage: u32, attempt: u32, since_ms: u64) -> bool {
+        self.rows.iter().any(|r| {
+            r.is(stage, attempt)
+                && r.started
+                    .get()
+                    .or(r.queued.get())
+                    .is_some_and(|t| t >= since_ms)
+        })
+    }
+
+    /// Records `result` on the newest row `worker` holds for `(stage,
+    /// attempt)` if it was cut off from it (requeued after a death, or
+    /// redelivered elsewhere). Returns whether it was (the result is stale).
+    fn mark_stale(&mut self, stage: u32, attempt: u32, worker: u32, result: WorkerResult) -> bool {
+        let row = self
+            .rows
+            .iter_mut()
+            .rev()
+            .find(|r| r.is(stage, attempt) && r.worker == worker);
+        match row {
+            Some(row) if row.outcome.is_cut_off() => {
+                row.stale = Some(result);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds `row`, dropping the oldest past [`MAX_ROWS`]; returns its index.
+    fn push(&mut self, row: Row) -> usize {
+        if self.rows.len() >= MAX_ROWS {
+            self.drop_first_row();
+        }
+        self.rows.push(row);
+        self.rows.len() - 1
+    }
+
+    /// Index of the latest row for `(stage, attempt)`, preferring one held
+    /// by `worker`.
+    fn row_index(&self, stage: u32, attempt: u32, worker: Option<u32>) -> Option<usize> {
+        let mut latest = None;
+        for (i, r) in self.rows.iter().enumerate().rev() {
+            if r.is(stage, attempt) {
+                if worker == Some(r.worker) {
+                    return Some(i);
+                }
+                latest.get_or_insert(i);
+            }
+        }
+        latest
+    }
+
+    /// Moves the record (in `slot`) to `status` at `stage`, unless an event
+    /// later than `at_ms` already set it; keeps `retention`'s count and
+    /// queue right.
+    fn set_status(
+        &mut self,
+        slot: u32,
+        retention: &mut Retention,
+        status: TaskStatus,
+        stage: u32,
+        at_ms: u64,
+    ) {
+        if at_ms < self.status_at_ms {
+            return;
+        }
+        self.status_at_ms = at_ms;
+        self.stage = stage;
+        let was = self.status.is_terminal();
+        self.status = status;
+        let at = Ms48::new(Some(at_ms));
+        match (was, status.is_terminal()) {
+            (false, true) => {
+                self.finished = at;
+                retention.terminal += 1;
+                retention
+                    .completed
+                    .push_back((at.get().unwrap_or(at_ms), slot));
+                // Finished records are most of those held: no spare rows.
+                self.rows.shrink_to_fit();
+            }
+            (true, false) => {
+                self.finished = Ms48::NONE;
+                retention.terminal -= 1;
+            }
+            (true, true) => {
+                self.finished = at;
+                retention
+                    .completed
+                    .push_back((at.get().unwrap_or(at_ms), slot));
+            }
+            (false, false) => {}
+        }
+    }
+
+    /// Ends the row of `(stage, attempt)` that `worker` holds (or a queued
+    /// one), or a new one if there is none, stamped with its start and end.
+    fn finish_row(
+        &mut self,
+        stage: u32,
+        attempt: u32,
+        worker: u32,
+        started_at_ms: u64,
+        at_ms: u64,
+    ) -> usize {
+        let found = self.row_index(stage, attempt, Some(worker)).filter(|&i| {
+            matches!(
+                self.rows[i].outcome,
+                AttemptOutcome::Running | AttemptOutcome::Queued
+            )
+        });
+        let i = match found {
+            Some(i) => i,
+            None => self.push(Row::queued(stage, attempt, None)),
+        };
+        let row = &mut self.rows[i];
+        row.worker = worker;
+        row.started = Ms48::new(Some(started_at_ms));
+        row.finished = Ms48::new(Some(at_ms));
+        i
+    }
+}
+
+/// An event's attempt with its names as the store's symbols.
+#[derive(Debug, Clone, Copy)]
+struct Symbols {
+    /// The stage's symbol.
+    stage: u32,
+    /// The attempt number.
+    attempt: u32,
+    /// The worker's symbol.
+    worker: u32,
+}
+
 impl TaskStore {
     /// A store keeping up to `limit` finished tasks for up to `max_age_ms`.
     pub fn new(limit: usize, max_age_ms: u64) -> Self {
         Self {
-            tasks: HashMap::new(),
+            slots: Slab::default(),
+            index: HashTable::new(),
+            hasher: RandomState::new(),
+            stages: Interner::default(),
+            workers: Interner::default(),
             retention: Retention::default(),
             limit,
             max_age_ms,
@@ -450,50 +447,137 @@ impl TaskStore {
         max_age_ms: u64,
     ) -> Self {
         let mut store = Self::new(limit, max_age_ms);
-        let mut finished = Vec::new();
-        for mut rec in records {
-            let id = rec.id.clone();
-            let finished_at = if rec.status.is_terminal() {
-                Some(*rec.finished_at_ms.get_or_insert(rec.updated_at_ms))
-            } else {
-                rec.finished_at_ms = None;
-                None
-            };
-            // Keyed by the record's own id: a record filed under another
-            // key in the file replaces the one of its id.
-            if let Some(old) = store.tasks.insert(id.clone(), rec)
-                && old.status.is_terminal()
-            {
-                finished.retain(|(_, f)| f != &id);
+        let mut finished: Vec<(u64, u32)> = Vec::new();
+        for rec in records {
+            let stage = store.stages.intern(&rec.stage);
+            let (slot, replaced) = store.slot_of(KeyRef::of(rec.id.as_str()), stage, 0);
+            if replaced {
+                // Keyed by the record's own id: a record filed under another
+                // key in the file replaces the one of its id.
+                finished.retain(|&(_, s)| s != slot);
             }
-            if let Some(at) = finished_at {
-                finished.push((at, id));
+            let skip = rec.rows.len().saturating_sub(MAX_ROWS);
+            let mut packed = Rec::new(KeyRef::of(rec.id.as_str()).to_owned(), stage, 0);
+            for (i, row) in rec.rows.into_iter().skip(skip).enumerate() {
+                packed.rows.push(Row {
+                    stage: store.stages.intern(&row.stage),
+                    worker: row
+                        .worker
+                        .as_ref()
+                        .map_or(NO_WORKER, |w| store.workers.intern(w)),
+                    attempt: row.attempt,
+                    progress: f32::NAN,
+                    queued: Ms48::new(row.queued_at_ms),
+                    started: Ms48::new(row.started_at_ms),
+                    finished: Ms48::new(row.finished_at_ms),
+                    outcome: row.outcome,
+                    redelivered: row.redelivered,
+                    stale: row.stale,
+                });
+                packed.rows[i].set_progress(row.progress);
+                if row.error.is_some() || row.error_class.is_some() {
+                    let e = packed.error_mut(i);
+                    e.error = row.error;
+                    e.class = row.error_class;
+                }
             }
+            packed.rows.shrink_to_fit();
+            packed.status = rec.status;
+            packed.updated_at_ms = rec.updated_at_ms;
+            packed.status_at_ms = rec.status_at_ms;
+            packed.submitted = Ms48::new(rec.submitted_at_ms);
+            if rec.status.is_terminal() {
+                packed.finished = Ms48::new(Some(rec.finished_at_ms.unwrap_or(rec.updated_at_ms)));
+                finished.push((packed.finished.get().unwrap_or(0), slot));
+            }
+            store.slots.replace(slot, packed);
         }
-        finished.sort();
+        finished.sort_unstable();
         store.retention.terminal = finished.len();
         store.retention.completed = finished.into();
         store
     }
 
-    /// Every record by id, for a snapshot.
-    pub fn records(&self) -> &HashMap<TaskId, TaskRecord> {
-        &self.tasks
+    /// The slot of the record keyed `key`, made (at `stage`, touched at
+    /// `at_ms`) if there is none; and whether it existed.
+    fn slot_of(&mut self, key: KeyRef<'_>, stage: u32, at_ms: u64) -> (u32, bool) {
+        let hash = self.hasher.hash_one(key);
+        if let Some(slot) = self.find_slot(key, hash) {
+            return (slot, true);
+        }
+        let rec = Rec::new(key.to_owned(), stage, at_ms);
+        let slot = self.slots.insert(rec);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index.insert_unique(hash, slot, |&s| {
+            slots.get(s).map_or(0, |r| hasher.hash_one(r.key.as_ref()))
+        });
+        (slot, false)
+    }
+
+    /// The slot of the record keyed `key` (whose hash is `hash`).
+    fn find_slot(&self, key: KeyRef<'_>, hash: u64) -> Option<u32> {
+        self.index
+            .find(hash, |&s| {
+                self.slots.get(s).is_some_and(|r| r.key.as_ref() == key)
+            })
+            .copied()
+    }
+
+    /// The packed record of `id`.
+    fn find(&self, id: &str) -> Option<&Rec> {
+        let key = KeyRef::of(id);
+        let slot = self.find_slot(key, self.hasher.hash_one(key))?;
+        self.slots.get(slot)
+    }
+
+    /// Takes the record in `slot` out of the store.
+    fn remove(&mut self, slot: u32) {
+        let Some(rec) = self.slots.take(slot) else {
+            return;
+        };
+        let hash = self.hasher.hash_one(rec.key.as_ref());
+        if let Ok(entry) = self.index.find_entry(hash, |&s| s == slot) {
+            entry.remove();
+        }
+    }
+
+    /// The store's name tables, for views.
+    fn names(&self) -> Names<'_> {
+        Names {
+            stages: &self.stages,
+            workers: &self.workers,
+        }
+    }
+
+    /// A task's record, read in place.
+    pub fn get_ref(&self, id: &str) -> Option<TaskRef<'_>> {
+        Some(TaskRef::new(self.names(), self.find(id)?))
     }
 
     /// A task's record.
-    pub fn get(&self, id: &str) -> Option<&TaskRecord> {
-        self.tasks.get(id)
+    pub fn get(&self, id: &str) -> Option<TaskRecord> {
+        self.get_ref(id).map(|t| t.to_record())
     }
 
     /// Every record, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = &TaskRecord> {
-        self.tasks.values()
+    pub fn iter(&self) -> impl Iterator<Item = TaskRef<'_>> {
+        let names = self.names();
+        self.slots.iter().map(move |rec| TaskRef::new(names, rec))
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Records held that are not finished.
     pub fn in_flight(&self) -> usize {
-        self.tasks.len() - self.retention.terminal
+        self.len() - self.retention.terminal
     }
 
     /// Finished records held.
@@ -501,25 +585,42 @@ impl TaskStore {
         self.retention.terminal
     }
 
-    /// Runs `f` on the record of `id` (created at `stage` if new; its id is
-    /// hashed once, and cloned only then), touched at `at_ms`, with the
-    /// retention bookkeeping [`TaskRecord::set_status`] keeps right.
+    /// The symbols of attempt `a`'s names (added if new).
+    fn symbols(&mut self, a: Attempt<'_>) -> Symbols {
+        Symbols {
+            stage: self.stages.intern(a.stage),
+            attempt: a.attempt,
+            worker: self.workers.intern(a.worker),
+        }
+    }
+
+    /// The symbols of attempt `a`'s names, if both are known (no row can
+    /// be about it otherwise).
+    fn known_symbols(&self, a: Attempt<'_>) -> Option<Symbols> {
+        Some(Symbols {
+            stage: self.stages.lookup(a.stage.as_str())?,
+            attempt: a.attempt,
+            worker: self.workers.lookup(a.worker.as_str())?,
+        })
+    }
+
+    /// Runs `f` on the record of `id` (created at `stage` if new), touched
+    /// at `at_ms`, with its slot and the retention bookkeeping
+    /// [`Rec::set_status`] keeps right.
     fn update<R>(
         &mut self,
         id: &TaskId,
-        stage: &Stage,
+        stage: u32,
         at_ms: u64,
-        f: impl FnOnce(&mut TaskRecord, &mut Retention) -> R,
+        f: impl FnOnce(&mut Rec, u32, &mut Retention) -> R,
     ) -> R {
-        let rec = match self.tasks.get_mut(id) {
-            Some(rec) => rec,
-            None => self
-                .tasks
-                .entry(id.clone())
-                .or_insert_with(|| TaskRecord::new(id.clone(), stage.clone(), at_ms)),
-        };
+        let (slot, _) = self.slot_of(KeyRef::of(id.as_str()), stage, at_ms);
+        let rec = self
+            .slots
+            .get_mut(slot)
+            .expect("slot_of returns a held slot");
         rec.updated_at_ms = rec.updated_at_ms.max(at_ms);
-        f(rec, &mut self.retention)
+        f(rec, slot, &mut self.retention)
     }
 
     /// The worker holding `(stage, attempt)` of a task (since `started_at_ms`)
@@ -534,37 +635,39 @@ impl TaskStore {
         now_ms: u64,
         reason: &str,
     ) -> bool {
-        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        self.update(id, stage, started_at_ms, |rec, _| {
-            let running = matches!(
-                rec.row_mut(stage, attempt, Some(worker)),
-                Some(row) if row.outcome == AttemptOutcome::Running && row.worker.as_ref() == Some(worker)
-            );
+        let Symbols {
+            stage,
+            attempt,
+            worker,
+        } = self.symbols(a);
+        self.update(a.task, stage, started_at_ms, |rec, _, _| {
+            let found = rec.row_index(stage, attempt, Some(worker));
+            let running = found.filter(|&i| {
+                rec.rows[i].outcome == AttemptOutcome::Running && rec.rows[i].worker == worker
+            });
             let known = rec
                 .rows
                 .iter()
-                .any(|r| r.is(stage, attempt) && r.worker.as_ref() == Some(worker));
-            let row = if running {
-                rec.row_mut(stage, attempt, Some(worker))
-                    .expect("row found above")
-            } else if !known {
-                // Known only from a heartbeat (its start was not seen): record it.
-                let row = rec.push(AttemptRow::queued(stage.clone(), attempt, None));
-                row.worker = Some(worker.clone());
-                row.started_at_ms = Some(started_at_ms);
-                row
-            } else {
-                return false; // already over
+                .any(|r| r.is(stage, attempt) && r.worker == worker);
+            let i = match running {
+                Some(i) => i,
+                None if !known => {
+                    // Known only from a heartbeat (its start was not seen): record it.
+                    let i = rec.push(Row::queued(stage, attempt, None));
+                    rec.rows[i].worker = worker;
+                    rec.rows[i].started = Ms48::new(Some(started_at_ms));
+                    i
+                }
+                None => return false, // already over
             };
-            row.outcome = AttemptOutcome::Requeued;
-            row.finished_at_ms = Some(now_ms);
-            row.error = Some(reason.into());
-            row.error_class = Some("worker_dead".into());
-            if (rec.status == TaskStatus::Running && &rec.stage == stage) || rec.rows.len() == 1 {
+            rec.rows[i].outcome = AttemptOutcome::Requeued;
+            rec.rows[i].finished = Ms48::new(Some(now_ms));
+            rec.set_error(i, reason, "worker_dead");
+            if (rec.status == TaskStatus::Running && rec.stage == stage) || rec.rows.len() == 1 {
                 // Not stamped with `now_ms`: that is the coordinator's clock, and
                 // the redelivery's events carry agents' clocks.
                 rec.status = TaskStatus::Queued;
-                rec.stage = stage.clone();
+                rec.stage = stage;
             }
             true
         })
@@ -579,25 +682,29 @@ impl TaskStore {
         reason: &str,
         result: WorkerResult,
     ) -> bool {
-        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        self.update(id, stage, at_ms, |rec, retention| {
+        let Symbols {
+            stage,
+            attempt,
+            worker,
+        } = self.symbols(a);
+        self.update(a.task, stage, at_ms, |rec, slot, retention| {
             if rec.mark_stale(stage, attempt, worker, result) {
                 return false;
             }
-            let Some(row) = rec.row_mut(stage, attempt, Some(worker)) else {
+            let Some(i) = rec.row_index(stage, attempt, Some(worker)) else {
                 return true;
             };
-            if row.outcome != AttemptOutcome::Running {
+            if rec.rows[i].outcome != AttemptOutcome::Running {
                 return true;
             }
+            let row = &mut rec.rows[i];
             row.outcome = AttemptOutcome::Abandoned;
-            row.finished_at_ms = Some(at_ms);
-            row.error = Some(reason.into());
-            row.error_class = Some("abandoned".into());
+            row.finished = Ms48::new(Some(at_ms));
             if result != WorkerResult::Unfinished {
                 row.stale = Some(result);
             }
-            rec.set_status(retention, TaskStatus::Queued, stage, at_ms);
+            rec.set_error(i, reason, "abandoned");
+            rec.set_status(slot, retention, TaskStatus::Queued, stage, at_ms);
             true
         })
     }
@@ -605,10 +712,13 @@ impl TaskStore {
     /// Whether `a`'s worker is known to be done with the attempt (it
     /// finished, gave it up, or was cut off from it).
     pub fn is_over(&self, a: Attempt<'_>) -> bool {
-        self.tasks.get(a.task).is_some_and(|rec| {
+        let Some(s) = self.known_symbols(a) else {
+            return false;
+        };
+        self.find(a.task.as_str()).is_some_and(|rec| {
             rec.rows.iter().rev().any(|r| {
-                r.is(a.stage, a.attempt)
-                    && r.worker.as_ref() == Some(a.worker)
+                r.is(s.stage, s.attempt)
+                    && r.worker == s.worker
                     && !matches!(r.outcome, AttemptOutcome::Running | AttemptOutcome::Queued)
             })
         })
@@ -617,10 +727,13 @@ impl TaskStore {
     /// Whether `a`'s worker already reported the attempt failed (so a
     /// dead-lettering that follows is not another failure).
     pub fn failure_reported(&self, a: Attempt<'_>) -> bool {
-        self.tasks.get(a.task).is_some_and(|rec| {
+        let Some(s) = self.known_symbols(a) else {
+            return false;
+        };
+        self.find(a.task.as_str()).is_some_and(|rec| {
             rec.rows.iter().any(|r| {
-                r.is(a.stage, a.attempt)
-                    && r.worker.as_ref() == Some(a.worker)
+                r.is(s.stage, s.attempt)
+                    && r.worker == s.worker
                     && matches!(
                         r.outcome,
                         AttemptOutcome::Failed
@@ -635,14 +748,17 @@ impl TaskStore {
     /// the first the store hears of it there (its arrival counts now; not
     /// when a worker's start overtook the submitter's event).
     pub fn submitted(&mut self, id: &TaskId, stage: &Stage, at_ms: u64) -> bool {
-        self.update(id, stage, at_ms, |rec, retention| {
-            rec.submitted_at_ms.get_or_insert(at_ms);
+        let stage = self.stages.intern(stage);
+        self.update(id, stage, at_ms, |rec, slot, retention| {
+            if rec.submitted == Ms48::NONE {
+                rec.submitted = Ms48::new(Some(at_ms));
+            }
             // A worker may have reported the start before the submitter's event arrived.
             if rec.has_row_since(stage, 1, at_ms) {
                 return false;
             }
-            rec.push(AttemptRow::queued(stage.clone(), 1, Some(at_ms)));
-            rec.set_status(retention, TaskStatus::Queued, stage, at_ms);
+            rec.push(Row::queued(stage, 1, Some(at_ms)));
+            rec.set_status(slot, retention, TaskStatus::Queued, stage, at_ms);
             true
         })
     }
@@ -656,39 +772,42 @@ impl TaskStore {
         submitted_at_ms: Option<u64>,
         redelivered: bool,
     ) -> Started {
-        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        self.update(id, stage, at_ms, |rec, retention| {
-            if rec.submitted_at_ms.is_none() {
-                rec.submitted_at_ms = submitted_at_ms;
+        let Symbols {
+            stage,
+            attempt,
+            worker,
+        } = self.symbols(a);
+        self.update(a.task, stage, at_ms, |rec, slot, retention| {
+            if rec.submitted == Ms48::NONE {
+                rec.submitted = Ms48::new(submitted_at_ms);
             }
             let mut queued_at = enqueued_at_ms;
             let found = rec.row_index(stage, attempt, None);
             let reuse = found.filter(|&i| {
                 let row = &mut rec.rows[i];
-                queued_at = queued_at.or(row.queued_at_ms);
+                queued_at = queued_at.or(row.queued.get());
                 match row.outcome {
                     AttemptOutcome::Queued => true,
                     AttemptOutcome::Running => {
                         // Its holder lost it; the broker gave it to someone else.
                         row.outcome = AttemptOutcome::Lost;
-                        row.finished_at_ms = Some(at_ms);
+                        row.finished = Ms48::new(Some(at_ms));
                         false
                     }
                     _ => false,
                 }
             });
-            let row = match reuse {
-                Some(i) => &mut rec.rows[i],
-                None => rec.push(AttemptRow::queued(stage.clone(), attempt, queued_at)),
+            let i = match reuse {
+                Some(i) => i,
+                None => rec.push(Row::queued(stage, attempt, queued_at)),
             };
-            row.queued_at_ms = queued_at;
-            if row.worker.as_ref() != Some(worker) {
-                row.worker = Some(worker.clone());
-            }
-            row.started_at_ms = Some(at_ms);
+            let row = &mut rec.rows[i];
+            row.queued = Ms48::new(queued_at);
+            row.worker = worker;
+            row.started = Ms48::new(Some(at_ms));
             row.outcome = AttemptOutcome::Running;
             row.redelivered = redelivered;
-            rec.set_status(retention, TaskStatus::Running, stage, at_ms);
+            rec.set_status(slot, retention, TaskStatus::Running, stage, at_ms);
             Started {
                 queue_wait_ms: queued_at.map(|q| at_ms.saturating_sub(q)),
                 unannounced: found.is_none(),
@@ -698,12 +817,19 @@ impl TaskStore {
 
     /// A worker reported progress.
     pub fn progress(&mut self, a: Attempt<'_>, at_ms: u64, fraction: Option<f32>) {
-        let Some(rec) = self.tasks.get_mut(a.task) else {
+        let Some(s) = self.known_symbols(a) else {
+            return;
+        };
+        let key = KeyRef::of(a.task.as_str());
+        let Some(slot) = self.find_slot(key, self.hasher.hash_one(key)) else {
+            return;
+        };
+        let Some(rec) = self.slots.get_mut(slot) else {
             return;
         };
         rec.updated_at_ms = rec.updated_at_ms.max(at_ms);
-        if let Some(row) = rec.row_mut(a.stage, a.attempt, Some(a.worker)) {
-            row.progress = fraction.map(|f| f.clamp(0.0, 1.0));
+        if let Some(i) = rec.row_index(s.stage, s.attempt, Some(s.worker)) {
+            rec.rows[i].set_progress(fraction.map(|f| f.clamp(0.0, 1.0)));
         }
     }
 
@@ -717,27 +843,32 @@ impl TaskStore {
         next: Option<&Stage>,
         submitted_at_ms: Option<u64>,
     ) -> Option<Succeeded> {
-        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        self.update(id, stage, at_ms, |rec, retention| {
+        let Symbols {
+            stage,
+            attempt,
+            worker,
+        } = self.symbols(a);
+        let next = next.map(|n| self.stages.intern(n));
+        self.update(a.task, stage, at_ms, |rec, slot, retention| {
             if rec.mark_stale(stage, attempt, worker, WorkerResult::Succeeded) {
                 return None;
             }
-            if rec.submitted_at_ms.is_none() {
-                rec.submitted_at_ms = submitted_at_ms;
+            if rec.submitted == Ms48::NONE {
+                rec.submitted = Ms48::new(submitted_at_ms);
             }
-            let row = rec.finish_row(stage, attempt, worker, started_at_ms, at_ms);
-            row.outcome = AttemptOutcome::Succeeded;
-            row.progress = Some(1.0);
+            let i = rec.finish_row(stage, attempt, worker, started_at_ms, at_ms);
+            rec.rows[i].outcome = AttemptOutcome::Succeeded;
+            rec.rows[i].set_progress(Some(1.0));
             let duration_ms = at_ms.saturating_sub(started_at_ms);
-            let submitted = rec.submitted_at_ms;
+            let submitted = rec.submitted.get();
             match next {
                 Some(next) => {
                     // The next stage may have reported before this one did: then
                     // it knows better where the task is, whatever the clocks say.
                     let queued_next = !rec.has_row_since(next, 1, started_at_ms);
                     if queued_next {
-                        rec.push(AttemptRow::queued(next.clone(), 1, Some(at_ms)));
-                        rec.set_status(retention, TaskStatus::Queued, next, at_ms);
+                        rec.push(Row::queued(next, 1, Some(at_ms)));
+                        rec.set_status(slot, retention, TaskStatus::Queued, next, at_ms);
                     }
                     Some(Succeeded {
                         duration_ms,
@@ -747,7 +878,7 @@ impl TaskStore {
                     })
                 }
                 None => {
-                    rec.set_status(retention, TaskStatus::Succeeded, stage, at_ms);
+                    rec.set_status(slot, retention, TaskStatus::Succeeded, stage, at_ms);
                     Some(Succeeded {
                         duration_ms,
                         pipeline_ms: submitted.map(|s| at_ms.saturating_sub(s)),
@@ -769,15 +900,18 @@ impl TaskStore {
         error: &str,
         error_class: &str,
     ) -> Option<u64> {
-        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        self.update(id, stage, at_ms, |rec, _| {
+        let Symbols {
+            stage,
+            attempt,
+            worker,
+        } = self.symbols(a);
+        self.update(a.task, stage, at_ms, |rec, _, _| {
             if rec.mark_stale(stage, attempt, worker, WorkerResult::Failed) {
                 return None;
             }
-            let row = rec.finish_row(stage, attempt, worker, started_at_ms, at_ms);
-            row.outcome = AttemptOutcome::Failed;
-            row.error = Some(error.into());
-            row.error_class = Some(error_class.into());
+            let i = rec.finish_row(stage, attempt, worker, started_at_ms, at_ms);
+            rec.rows[i].outcome = AttemptOutcome::Failed;
+            rec.set_error(i, error, error_class);
             Some(at_ms.saturating_sub(started_at_ms))
         })
     }
@@ -785,22 +919,26 @@ impl TaskStore {
     /// A failed attempt will be tried again after `delay_ms`; `false` if the
     /// report came from a cut-off attempt (recorded as stale).
     pub fn retrying(&mut self, a: Attempt<'_>, at_ms: u64, delay_ms: u64) -> bool {
-        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        self.update(id, stage, at_ms, |rec, retention| {
+        let Symbols {
+            stage,
+            attempt,
+            worker,
+        } = self.symbols(a);
+        self.update(a.task, stage, at_ms, |rec, slot, retention| {
             if rec.mark_stale(stage, attempt, worker, WorkerResult::Failed) {
                 return false;
             }
-            if let Some(row) = rec.row_mut(stage, attempt, Some(worker)) {
-                row.outcome = AttemptOutcome::Retried;
+            if let Some(i) = rec.row_index(stage, attempt, Some(worker)) {
+                rec.rows[i].outcome = AttemptOutcome::Retried;
             }
             let next = attempt.saturating_add(1);
             if !rec.has_row_since(stage, next, at_ms) {
-                rec.push(AttemptRow::queued(
-                    stage.clone(),
+                rec.push(Row::queued(
+                    stage,
                     next,
                     Some(at_ms.saturating_add(delay_ms)),
                 ));
-                rec.set_status(retention, TaskStatus::Retrying, stage, at_ms);
+                rec.set_status(slot, retention, TaskStatus::Retrying, stage, at_ms);
             }
             true
         })
@@ -809,54 +947,101 @@ impl TaskStore {
     /// The task was dead-lettered at `stage`; `false` if the report came
     /// from a cut-off attempt (recorded as stale).
     pub fn dead_lettered(&mut self, a: Attempt<'_>, at_ms: u64, error: &str) -> bool {
-        let (id, stage, attempt, worker) = (a.task, a.stage, a.attempt, a.worker);
-        self.update(id, stage, at_ms, |rec, retention| {
+        let Symbols {
+            stage,
+            attempt,
+            worker,
+        } = self.symbols(a);
+        self.update(a.task, stage, at_ms, |rec, slot, retention| {
             if rec.mark_stale(stage, attempt, worker, WorkerResult::Failed) {
                 return false;
             }
-            match rec.row_mut(stage, attempt, Some(worker)) {
-                Some(row) => {
+            match rec.row_index(stage, attempt, Some(worker)) {
+                Some(i) => {
+                    let row = &mut rec.rows[i];
                     row.outcome = AttemptOutcome::DeadLettered;
-                    row.error.get_or_insert_with(|| error.into());
-                    row.finished_at_ms.get_or_insert(at_ms);
+                    if row.finished == Ms48::NONE {
+                        row.finished = Ms48::new(Some(at_ms));
+                    }
+                    let e = rec.error_mut(i);
+                    e.error.get_or_insert_with(|| error.into());
                 }
                 None => {
-                    let row = rec.push(AttemptRow::queued(stage.clone(), attempt, None));
-                    row.worker = Some(worker.clone());
+                    let i = rec.push(Row::queued(stage, attempt, None));
+                    let row = &mut rec.rows[i];
+                    row.worker = worker;
                     row.outcome = AttemptOutcome::DeadLettered;
-                    row.error = Some(error.into());
-                    row.finished_at_ms = Some(at_ms);
+                    row.finished = Ms48::new(Some(at_ms));
+                    rec.error_mut(i).error = Some(error.into());
                 }
             }
-            rec.set_status(retention, TaskStatus::DeadLettered, stage, at_ms);
+            rec.set_status(slot, retention, TaskStatus::DeadLettered, stage, at_ms);
             true
         })
     }
 
-    /// Drops finished tasks past the count limit or older than the age limit.
-    /// Returns how many were dropped.
+    /// Drops finished tasks past the count limit or older than the age
+    /// limit, and names no record uses any more. Returns how many tasks
+    /// were dropped.
     pub fn evict(&mut self, now_ms: u64) -> usize {
         let mut dropped = 0;
         let oldest_allowed = now_ms.saturating_sub(self.max_age_ms);
-        while let Some((finished_at, id)) = self.retention.completed.front() {
+        while let Some(&(finished_at, slot)) = self.retention.completed.front() {
             let live = self
-                .tasks
-                .get(id)
-                .is_some_and(|r| r.status.is_terminal() && r.finished_at_ms == Some(*finished_at));
+                .slots
+                .get(slot)
+                .is_some_and(|r| r.status.is_terminal() && r.finished.get() == Some(finished_at));
             if !live {
                 self.retention.completed.pop_front();
                 continue;
             }
-            if self.retention.terminal <= self.limit && *finished_at >= oldest_allowed {
+            if self.retention.terminal <= self.limit && finished_at >= oldest_allowed {
                 break;
             }
-            if let Some((_, id)) = self.retention.completed.pop_front() {
-                self.tasks.remove(&id);
-                self.retention.terminal -= 1;
-                dropped += 1;
+            self.retention.completed.pop_front();
+            self.remove(slot);
+            self.retention.terminal -= 1;
+            dropped += 1;
+        }
+        self.compact_names();
+        dropped
+    }
+
+    /// Drops stage and worker names no record uses, once their tables have
+    /// doubled since the last time (workers come and go: a table of every
+    /// name ever seen would grow without bound). A pass over every record,
+    /// paid for by the names added since the last.
+    fn compact_names(&mut self) {
+        if self.stages.compaction_due() {
+            let mut used = vec![false; self.stages.len()];
+            for rec in self.slots.iter() {
+                used[rec.stage as usize] = true;
+                for r in &rec.rows {
+                    used[r.stage as usize] = true;
+                }
+            }
+            let remap = self.stages.compact(&used);
+            for rec in self.slots.iter_mut() {
+                rec.stage = remap[rec.stage as usize];
+                for r in &mut rec.rows {
+                    r.stage = remap[r.stage as usize];
+                }
             }
         }
-        dropped
+        if self.workers.compaction_due() {
+            let mut used = vec![false; self.workers.len()];
+            for rec in self.slots.iter() {
+                for r in rec.rows.iter().filter(|r| r.worker != NO_WORKER) {
+                    used[r.worker as usize] = true;
+                }
+            }
+            let remap = self.workers.compact(&used);
+            for rec in self.slots.iter_mut() {
+                for r in rec.rows.iter_mut().filter(|r| r.worker != NO_WORKER) {
+                    r.worker = remap[r.worker as usize];
+                }
+            }
+        }
     }
 
     /// When the oldest finished task will be too old, if any is held.
@@ -880,17 +1065,6 @@ mod tests {
     }
     fn ag(s: &str) -> AgentId {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn an_attempt_row_stays_small() {
-        // Three of these per completed task are most of its memory: names
-        // are shared `Arc<str>`s (16 bytes), errors `Box<str>` (16).
-        assert!(
-            std::mem::size_of::<AttemptRow>() <= 128,
-            "{}",
-            std::mem::size_of::<AttemptRow>()
-        );
     }
 
     #[test]
@@ -1182,14 +1356,25 @@ mod tests {
         s.submitted(&t, &a, 0);
         s.started(Attempt::new(&t, &a, 1, &w), 1, Some(0), None, false);
         s.succeeded(Attempt::new(&t, &a, 1, &w), 2, 1, Some(&b), None);
-        let rec = s.get("T").unwrap();
-        assert_eq!(rec.rows.len(), 2);
-        assert!(rec.rows.capacity() >= 2, "room made for a short pipeline");
+        assert_eq!(s.get("T").unwrap().rows.len(), 2);
+        assert!(
+            !s.find("T").unwrap().rows.spilled(),
+            "a short trace is inline"
+        );
         s.started(Attempt::new(&t, &b, 1, &w), 3, Some(2), None, false);
         s.succeeded(Attempt::new(&t, &b, 1, &w), 4, 3, None, None);
         let rec = s.get("T").unwrap();
         assert_eq!(rec.status, TaskStatus::Succeeded);
-        assert_eq!(rec.rows.capacity(), rec.rows.len());
+        assert!(!s.find("T").unwrap().rows.spilled());
+        // A longer trace spills to the heap, trimmed to its length once done.
+        let u = id("U");
+        for attempt in 1..=5 {
+            s.started(Attempt::new(&u, &a, attempt, &w), 10, None, None, false);
+        }
+        s.succeeded(Attempt::new(&u, &a, 5, &w), 11, 10, None, None);
+        let packed = s.find("U").unwrap();
+        assert!(packed.rows.spilled());
+        assert_eq!(packed.rows.capacity(), 5);
         assert_eq!(
             rec.rows[0].worker.as_ref().map(|w| w.as_str()),
             Some("w"),
@@ -1211,5 +1396,103 @@ mod tests {
             );
         }
         assert_eq!(s.get("T").unwrap().rows.len(), MAX_ROWS);
+    }
+
+    #[test]
+    fn errors_stay_with_their_rows_when_old_rows_are_dropped() {
+        let mut s = TaskStore::new(10, 1_000);
+        let (t, a, w) = (id("T"), st("a"), ag("w"));
+        let last = MAX_ROWS as u32 + 3;
+        for attempt in 1..=last {
+            let at = u64::from(attempt) * 10;
+            s.started(Attempt::new(&t, &a, attempt, &w), at, None, None, false);
+            if attempt % 2 == 0 {
+                s.failed(
+                    Attempt::new(&t, &a, attempt, &w),
+                    at + 1,
+                    at,
+                    &format!("boom {attempt}"),
+                    "http_500",
+                );
+            }
+        }
+        let rec = s.get("T").unwrap();
+        assert_eq!(rec.rows.len(), MAX_ROWS);
+        for row in &rec.rows {
+            let want = (row.attempt % 2 == 0).then(|| format!("boom {}", row.attempt));
+            assert_eq!(
+                row.error.as_deref(),
+                want.as_deref(),
+                "attempt {}",
+                row.attempt
+            );
+        }
+    }
+
+    #[test]
+    fn a_freed_slot_is_reused_and_its_old_retention_entry_evicts_nothing() {
+        let mut s = TaskStore::new(1, 1_000_000);
+        let (a, w) = (st("a"), ag("w"));
+        s.succeeded(Attempt::new(&id("A"), &a, 1, &w), 10, 5, None, None);
+        s.succeeded(Attempt::new(&id("B"), &a, 1, &w), 20, 15, None, None);
+        assert_eq!(s.evict(30), 1, "A goes: one finished task is kept");
+        // C takes A's slot; it is in flight, so A's entry must not touch it.
+        s.started(Attempt::new(&id("C"), &a, 1, &w), 40, None, None, false);
+        assert_eq!(s.slots.slots_used(), 2, "the slot was reused");
+        assert_eq!(s.evict(50), 0);
+        assert!(s.get("C").is_some() && s.get("B").is_some() && s.get("A").is_none());
+        s.succeeded(Attempt::new(&id("C"), &a, 1, &w), 60, 40, None, None);
+        assert_eq!(s.evict(70), 1);
+        assert!(s.get("B").is_none() && s.get("C").is_some());
+        assert_eq!((s.finished(), s.in_flight(), s.len()), (1, 0, 1));
+    }
+
+    #[test]
+    fn names_of_evicted_tasks_are_dropped() {
+        // Every worker ever seen would otherwise stay in the name table.
+        let mut s = TaskStore::new(10, 1_000_000);
+        let a = st("a");
+        for i in 0..2_000u64 {
+            let w = ag(&format!("w{i}"));
+            s.succeeded(
+                Attempt::new(&id(&format!("T{i}")), &a, 1, &w),
+                i,
+                i,
+                None,
+                None,
+            );
+            s.evict(i);
+        }
+        assert_eq!(s.finished(), 10);
+        assert!(
+            s.workers.len() <= 600,
+            "{} worker names held",
+            s.workers.len()
+        );
+        // The kept tasks still read their own workers.
+        let rec = s.get("T1999").unwrap();
+        assert_eq!(
+            rec.rows[0].worker.as_ref().map(|w| w.as_str()),
+            Some("w1999")
+        );
+        let rec = s.get("T1990").unwrap();
+        assert_eq!(
+            rec.rows[0].worker.as_ref().map(|w| w.as_str()),
+            Some("w1990")
+        );
+    }
+
+    #[test]
+    fn uuid_ids_are_packed_and_read_back() {
+        let mut s = TaskStore::new(10, 1_000);
+        let uuid = "0195f3a2-7c1e-7b3a-9f00-00000000002a";
+        s.submitted(&id(uuid), &st("a"), 1);
+        s.submitted(&id("plain"), &st("a"), 2);
+        assert!(matches!(s.find(uuid).unwrap().key, TaskKey::Uuid(_)));
+        assert_eq!(s.get(uuid).unwrap().id.as_str(), uuid);
+        assert!(s.get("0195F3A2-7C1E-7B3A-9F00-00000000002A").is_none());
+        let mut ids: Vec<_> = s.iter().map(|t| t.id().to_string()).collect();
+        ids.sort();
+        assert_eq!(ids, [uuid, "plain"]);
     }
 }
