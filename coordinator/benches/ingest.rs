@@ -7,7 +7,10 @@
 //!   middle stage's has the planted failures and retries;
 //! - `core/apply`: 100,000 events of the mix, already decoded, applied to a
 //!   fresh core (three stages, four agents each, in stream order, see
-//!   [`Feeder`]), with housekeeping when due as the runtime would run it.
+//!   [`Feeder`]), with housekeeping when due as the runtime would run it;
+//! - `snapshot/encode`, `snapshot/decode`, `snapshot/restore`: a core
+//!   holding ~100,000 finished three-stage tasks written as a snapshot
+//!   (under the core's lock in the coordinator), read back, and restored.
 //!
 //! Throughput is in events. `cargo bench -p guildhall --bench ingest`; add
 //! `-- --profile-time 5` to run without analysis (for a profiler).
@@ -15,7 +18,7 @@
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use guildhall::bench::memory::{BATCH, START_MS};
 use guildhall::bench::mix::{Feeder, MixConfig, SimFleet};
-use guildhall::core::{Core, CoreConfig};
+use guildhall::core::{Core, CoreConfig, snapshot};
 use guildhall::metrics::Metrics;
 use guildhall_proto::{Decoded, EnvelopeBuilder, Event};
 use std::hint::black_box;
@@ -111,6 +114,40 @@ fn core_apply(c: &mut Criterion) {
     group.finish();
 }
 
+/// Events fed to the core the `snapshot` group saves: ~100,000 tasks.
+const SNAPSHOT_EVENTS: usize = 1_000_000;
+
+fn snapshot(c: &mut Criterion) {
+    let config = MixConfig::three_stages(AGENTS_PER_STAGE, 1);
+    let envelopes = Feeder::new(&config, u64::MAX, START_MS, BATCH).envelopes(SNAPSHOT_EVENTS);
+    let now = envelopes.last().map_or(START_MS, |d| d.envelope.sent_at_ms);
+    let mut core = fresh_core();
+    apply(&mut core, envelopes);
+    let tasks = core.overview().tasks_finished + core.overview().tasks_in_flight;
+    let ns: guildhall_proto::Namespace = "bench".parse().expect("a valid namespace");
+    let bytes = core.encode_snapshot(&ns, now).expect("the state encodes");
+    eprintln!("snapshot: {tasks} tasks, {} bytes", bytes.len());
+    let mut group = c.benchmark_group("snapshot");
+    group
+        .throughput(Throughput::Elements(tasks as u64))
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10);
+    group.bench_function("encode", |b| {
+        b.iter(|| black_box(core.encode_snapshot(&ns, now)))
+    });
+    group.bench_function("decode", |b| {
+        b.iter(|| black_box(snapshot::decode(&bytes, &ns)))
+    });
+    group.bench_function("restore", |b| {
+        b.iter_batched(
+            || snapshot::decode(&bytes, &ns).expect("the snapshot decodes"),
+            |snap| Core::restore(snap, CoreConfig::default(), Metrics::new(false), now),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
@@ -118,6 +155,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .without_plots();
-    targets = envelope, core_apply
+    targets = envelope, core_apply, snapshot
 }
 criterion_main!(benches);

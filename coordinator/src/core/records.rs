@@ -707,7 +707,10 @@ mod tests {
         assert_eq!(slots.last().copied(), Some((CHUNK + 9) as u32));
         assert_eq!(slab.chunks.len(), 2);
         assert!(slab.chunks.iter().all(|c| c.capacity() == CHUNK));
-        assert_eq!(slab.get(CHUNK as u32).map(|r| r.updated_at_ms), Some(CHUNK as u64));
+        assert_eq!(
+            slab.get(CHUNK as u32).map(|r| r.updated_at_ms),
+            Some(CHUNK as u64)
+        );
         assert_eq!(slab.take(5).map(|r| r.updated_at_ms), Some(5));
         assert!(slab.get(5).is_none() && slab.take(5).is_none());
         assert_eq!(slab.len(), CHUNK + 9);
