@@ -8,6 +8,10 @@
 //! - `core/apply`: 100,000 events of the mix, already decoded, applied to a
 //!   fresh core (three stages, four agents each, in stream order, see
 //!   [`Feeder`]), with housekeeping when due as the runtime would run it;
+//! - `replay/decode_apply`: what the coordinator does per stream message
+//!   when it replays the stream, with no broker: 1,000,000 events of the mix
+//!   as encoded envelopes, decoded and applied in stream order to a core
+//!   with the default retention (100,000 finished tasks), not caught up;
 //! - `snapshot/encode`, `snapshot/decode`, `snapshot/restore`: a core
 //!   holding ~100,000 finished three-stage tasks written as a snapshot
 //!   (under the core's lock in the coordinator), read back, and restored.
@@ -114,6 +118,56 @@ fn core_apply(c: &mut Criterion) {
     group.finish();
 }
 
+/// Events in one `replay` iteration.
+const REPLAY_EVENTS: usize = 1_000_000;
+/// Agents per stage in `replay`: `guildhall bench ingest`'s 30 agents.
+const REPLAY_AGENTS_PER_STAGE: usize = 10;
+
+fn replay(c: &mut Criterion) {
+    let config = MixConfig::three_stages(REPLAY_AGENTS_PER_STAGE, 1);
+    let decoded = Feeder::new(&config, u64::MAX, START_MS, BATCH).envelopes(REPLAY_EVENTS);
+    let events: usize = decoded.iter().map(|d| d.envelope.events.len()).sum();
+    let mut builder = EnvelopeBuilder::default();
+    let messages: Vec<Vec<u8>> = decoded
+        .iter()
+        .map(|d| {
+            let e = &d.envelope;
+            for event in &e.events {
+                builder.push(event).expect("a mix event encodes");
+            }
+            builder
+                .finish(&e.sender, e.seq, e.sent_at_ms)
+                .expect("a batch fits an envelope")
+        })
+        .collect();
+    drop(decoded);
+    let now_ms = START_MS + 3_600_000;
+    let mut group = c.benchmark_group("replay");
+    group
+        .throughput(Throughput::Elements(events as u64))
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10);
+    group.bench_function("decode_apply", |b| {
+        b.iter_batched(
+            || Core::new(CoreConfig::default(), Metrics::new(false), now_ms),
+            |mut core| {
+                for (offset, bytes) in messages.iter().enumerate() {
+                    match guildhall_proto::decode(bytes) {
+                        Ok(d) => core.handle_envelope(now_ms, d, Some(offset as u64)),
+                        Err(e) => panic!("a mix envelope decodes: {e}"),
+                    }
+                    if offset % 1_000 == 0 && core.poll_timeout().is_some_and(|t| t <= now_ms) {
+                        core.handle_timeout(now_ms);
+                    }
+                }
+                core
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
 /// Events fed to the core the `snapshot` group saves: ~100,000 tasks.
 const SNAPSHOT_EVENTS: usize = 1_000_000;
 
@@ -155,6 +209,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .without_plots();
-    targets = envelope, core_apply, snapshot
+    targets = envelope, core_apply, replay, snapshot
 }
 criterion_main!(benches);

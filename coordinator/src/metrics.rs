@@ -7,7 +7,11 @@
 //! task id.**
 //!
 //! Hot-path updates go through [`StageMetrics`], a set of handles resolved
-//! once per stage, so applying an event does no label lookup. Gauges that
+//! once per stage, so applying an event does no label lookup; the counts
+//! and histograms every task touches are buffered there without atomics
+//! (prometheus' local metrics) and flushed by the core at the end of each
+//! input ([`StageMetrics::flush`]), so a scrape or a snapshot, which take
+//! the core's lock, never sees a partial envelope. Gauges that
 //! describe state (workers by status, queue depths) are set by
 //! [`crate::core::Core::refresh_metrics`] just before a scrape.
 //!
@@ -17,6 +21,7 @@
 //! prometheus API and restart at zero (Prometheus sees a counter reset).
 
 use prometheus::core::Collector;
+use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::proto::MetricType;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -202,11 +207,12 @@ impl CounterHandle<'_> {
     }
 }
 
-/// Handles for one stage, resolved once.
+/// Handles for one stage, resolved once. The ones every task touches
+/// buffer what they are given until [`flush`](Self::flush).
 #[derive(Clone, Debug)]
 pub struct StageMetrics {
-    /// Attempts succeeded.
-    pub succeeded: IntCounter,
+    /// Attempts succeeded (buffered).
+    pub succeeded: LocalIntCounter,
     /// Attempts retried.
     pub retried: IntCounter,
     /// Attempts dead-lettered.
@@ -217,14 +223,14 @@ pub struct StageMetrics {
     pub abandoned: IntCounter,
     /// Stale results.
     pub stale: IntCounter,
-    /// Attempts started.
-    pub started: IntCounter,
-    /// Tasks submitted to this stage.
-    pub submitted: IntCounter,
-    /// Processing time.
-    pub duration: Histogram,
-    /// Queue wait.
-    pub queue_wait: Histogram,
+    /// Attempts started (buffered).
+    pub started: LocalIntCounter,
+    /// Tasks submitted to this stage (buffered).
+    pub submitted: LocalIntCounter,
+    /// Processing time (buffered).
+    pub duration: LocalHistogram,
+    /// Queue wait (buffered).
+    pub queue_wait: LocalHistogram,
 }
 
 impl StageMetrics {
@@ -238,17 +244,49 @@ impl StageMetrics {
                 .expect("valid metric definition")
         };
         Self {
-            succeeded: counter(),
+            succeeded: counter().local(),
             retried: counter(),
             dead_lettered: counter(),
             requeued: counter(),
             abandoned: counter(),
             stale: counter(),
-            started: counter(),
-            submitted: counter(),
-            duration: histogram(),
-            queue_wait: histogram(),
+            started: counter().local(),
+            submitted: counter().local(),
+            duration: histogram().local(),
+            queue_wait: histogram().local(),
         }
+    }
+
+    /// Hands what the buffered handles hold to the registry's metrics.
+    pub fn flush(&self) {
+        self.succeeded.flush();
+        self.started.flush();
+        self.submitted.flush();
+        self.duration.flush();
+        self.queue_wait.flush();
+    }
+}
+
+/// The core's buffered handles of the fleet-wide series it updates per
+/// event; flushed with the stages' at the end of each input.
+#[derive(Debug)]
+pub struct CoreMetrics {
+    /// `events_ingested` by [`guildhall_proto::Event::kind_index`].
+    pub events_by_kind: Vec<LocalIntCounter>,
+    /// `tasks_completed`.
+    pub tasks_completed: LocalIntCounter,
+    /// `pipeline_duration`.
+    pub pipeline_duration: LocalHistogram,
+}
+
+impl CoreMetrics {
+    /// Hands what the handles hold to the registry's metrics.
+    pub fn flush(&self) {
+        for counter in &self.events_by_kind {
+            counter.flush();
+        }
+        self.tasks_completed.flush();
+        self.pipeline_duration.flush();
     }
 }
 
@@ -563,12 +601,24 @@ impl Metrics {
     }
 
     /// Resolves the handles of one stage.
+    /// Buffered handles for the core (see [`CoreMetrics`]).
+    pub fn core_buffers(&self) -> CoreMetrics {
+        CoreMetrics {
+            events_by_kind: self.events_by_kind.iter().map(IntCounter::local).collect(),
+            tasks_completed: self.tasks_completed.local(),
+            pipeline_duration: self.pipeline_duration.local(),
+        }
+    }
+
     pub fn stage(&self, stage: &str) -> StageMetrics {
         // Exists at 0 from the stage's first sight, so rules on its increase
         // see a series before the first death.
         self.worker_deaths.with_label_values(&[stage]);
         StageMetrics {
-            succeeded: self.tasks.with_label_values(&[stage, outcome::SUCCEEDED]),
+            succeeded: self
+                .tasks
+                .with_label_values(&[stage, outcome::SUCCEEDED])
+                .local(),
             retried: self.tasks.with_label_values(&[stage, outcome::RETRIED]),
             dead_lettered: self
                 .tasks
@@ -576,10 +626,10 @@ impl Metrics {
             requeued: self.tasks.with_label_values(&[stage, outcome::REQUEUED]),
             abandoned: self.tasks.with_label_values(&[stage, outcome::ABANDONED]),
             stale: self.task_results_stale.with_label_values(&[stage]),
-            started: self.tasks_started.with_label_values(&[stage]),
-            submitted: self.tasks_submitted.with_label_values(&[stage]),
-            duration: self.task_duration.with_label_values(&[stage]),
-            queue_wait: self.task_queue_wait.with_label_values(&[stage]),
+            started: self.tasks_started.with_label_values(&[stage]).local(),
+            submitted: self.tasks_submitted.with_label_values(&[stage]).local(),
+            duration: self.task_duration.with_label_values(&[stage]).local(),
+            queue_wait: self.task_queue_wait.with_label_values(&[stage]).local(),
         }
     }
 

@@ -129,6 +129,54 @@ trait ValidatedString: Sized {
     fn check_str(value: &str) -> Result<(), InvalidId>;
     /// Wraps an already validated value.
     fn wrap_checked(value: &str) -> Self;
+    /// Validates and wraps a value read from the wire.
+    #[inline]
+    fn from_wire(value: &str) -> Result<Self, InvalidId> {
+        Self::check_str(value)?;
+        Ok(Self::wrap_checked(value))
+    }
+}
+
+/// How many names [`Recent`] keeps.
+const RECENT: usize = 8;
+
+/// The last few distinct names of one kind decoded on a thread. Events
+/// name few stages, over and over: a name read lately is cloned from here
+/// (a reference count), not validated and copied again.
+struct Recent {
+    /// The names, validated when they came in.
+    names: [Option<Arc<str>>; RECENT],
+    /// The entry the next new name replaces.
+    next: usize,
+}
+
+impl Recent {
+    const fn new() -> Self {
+        Self {
+            names: [const { None }; RECENT],
+            next: 0,
+        }
+    }
+
+    /// `value` as one of the names kept, if it is one.
+    fn get(&self, value: &str) -> Option<Arc<str>> {
+        self.names
+            .iter()
+            .flatten()
+            .find(|name| name.len() == value.len() && ***name == *value)
+            .cloned()
+    }
+
+    /// Keeps `name`, validated, in place of the oldest.
+    fn put(&mut self, name: &Arc<str>) {
+        self.names[self.next] = Some(name.clone());
+        self.next = (self.next + 1) % RECENT;
+    }
+}
+
+thread_local! {
+    /// Stage names decoded lately on this thread.
+    static RECENT_STAGES: std::cell::RefCell<Recent> = const { std::cell::RefCell::new(Recent::new()) };
 }
 
 impl<'de, T: ValidatedString> serde::de::Visitor<'de> for IdVisitor<T> {
@@ -139,8 +187,7 @@ impl<'de, T: ValidatedString> serde::de::Visitor<'de> for IdVisitor<T> {
     }
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
-        T::check_str(v).map_err(E::custom)?;
-        Ok(T::wrap_checked(v))
+        T::from_wire(v).map_err(E::custom)
     }
 
     fn visit_string<E: serde::de::Error>(self, v: String) -> Result<T, E> {
@@ -167,7 +214,7 @@ impl<'de, T: ValidatedString> serde::de::Visitor<'de> for IdVisitor<T> {
 }
 
 macro_rules! validated_string {
-    ($(#[$meta:meta])* $name:ident, $kind:literal, $max:expr, $allowed:expr, $rule:literal) => {
+    ($(#[$meta:meta])* $name:ident, $kind:literal, $max:expr, $allowed:expr, $rule:literal $(, recent: $recent:ident)?) => {
         $(#[$meta])*
         ///
         /// The text is shared (`Arc<str>`): a clone is a reference count, so
@@ -209,6 +256,25 @@ macro_rules! validated_string {
             fn wrap_checked(value: &str) -> Self {
                 Self(Arc::from(value))
             }
+
+            $(
+            /// A name decoded lately on this thread is shared, not copied.
+            fn from_wire(value: &str) -> Result<Self, InvalidId> {
+                $recent.with(|recent| {
+                    if let Ok(recent) = recent.try_borrow()
+                        && let Some(name) = recent.get(value)
+                    {
+                        return Ok(Self(name));
+                    }
+                    Self::check_str(value)?;
+                    let name: Arc<str> = Arc::from(value);
+                    if let Ok(mut recent) = recent.try_borrow_mut() {
+                        recent.put(&name);
+                    }
+                    Ok(Self(name))
+                })
+            }
+            )?
         }
 
         /// Written as a plain string, without the copy `into = "String"` made.
@@ -287,7 +353,8 @@ validated_string!(
     "stage",
     64,
     Chars::Name,
-    "1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit"
+    "1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
+    recent: RECENT_STAGES
 );
 
 validated_string!(
@@ -351,6 +418,28 @@ mod tests {
         assert_eq!(err.kind, "stage");
         assert_eq!(err.value.chars().count(), 80);
         assert!(err.to_string().contains("starting with a letter or digit"));
+    }
+
+    #[test]
+    fn stages_decoded_lately_share_their_text_and_are_still_validated() {
+        let wire = |s: &str| postcard::to_allocvec(&s.to_string()).unwrap();
+        let decode = |s: &str| postcard::from_bytes::<Stage>(&wire(s));
+        let first = decode("build").unwrap();
+        let again = decode("build").unwrap();
+        assert!(again.shares_text_with(&first), "a recent name is shared");
+        assert!(!decode("build2").unwrap().shares_text_with(&first));
+        // What was refused stays refused, even next to a known name.
+        assert!(decode("build ").is_err());
+        assert!(decode("").is_err());
+        // Only the last few names are kept: the memory is bounded.
+        for i in 0..RECENT {
+            decode(&format!("other{i}")).unwrap();
+        }
+        assert!(!decode("build").unwrap().shares_text_with(&first));
+        // Other id kinds are copied as before (task ids rarely repeat).
+        let t = postcard::from_bytes::<TaskId>(&wire("t-1")).unwrap();
+        let u = postcard::from_bytes::<TaskId>(&wire("t-1")).unwrap();
+        assert!(!t.shares_text_with(&u));
     }
 
     #[test]

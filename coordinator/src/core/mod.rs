@@ -57,7 +57,7 @@ mod test_support;
 mod tests;
 
 use crate::capacity::{CapacityConfig, Observation, Planner};
-use crate::metrics::{Metrics, WORKER_STATUSES, WorkerSeries};
+use crate::metrics::{CoreMetrics, Metrics, WORKER_STATUSES, WorkerSeries};
 use errors::ErrorTracker;
 use guildhall_proto::{AgentId, Decoded, Event, Stage, TaskId};
 use serde::{Deserialize, Serialize};
@@ -241,6 +241,9 @@ pub struct Core {
     config: CoreConfig,
     /// Metric handles (shared with the HTTP side, which gathers them).
     metrics: Metrics,
+    /// Buffered handles of the series every event touches, flushed at the
+    /// end of each envelope (with the stages').
+    hot: CoreMetrics,
     /// Every tracked worker.
     workers: HashMap<AgentId, Worker>,
     /// Every known stage, in name order for display.
@@ -279,6 +282,7 @@ impl Core {
             errors: ErrorTracker::new(config.max_error_classes_per_stage, config.max_stages),
             tasks: TaskStore::new(config.completed_limit, config.completed_max_age_ms),
             config,
+            hot: metrics.core_buffers(),
             metrics,
             workers: HashMap::new(),
             stages: BTreeMap::new(),
@@ -434,6 +438,16 @@ impl Core {
             self.apply(now_ms, seen_ms, &sender, event);
         }
         self.touch(now_ms, seen_ms, &sender);
+        self.flush_metrics();
+    }
+
+    /// Hands the buffered metric updates to the registry, so what a scrape
+    /// or a snapshot reads agrees with the state.
+    fn flush_metrics(&self) {
+        self.hot.flush();
+        for s in self.stages.values() {
+            s.metrics.flush();
+        }
     }
 
     /// Records a batch's sequence number; `false` if the batch was already
@@ -561,7 +575,7 @@ impl Core {
 
     fn apply(&mut self, now_ms: u64, seen_ms: u64, sender: &AgentId, event: Event) {
         self.stats.events += 1;
-        if let Some(counter) = self.metrics.events_by_kind.get(event.kind_index()) {
+        if let Some(counter) = self.hot.events_by_kind.get(event.kind_index()) {
             counter.inc();
         }
         match event {
@@ -701,9 +715,9 @@ impl Core {
                     self.record_arrival(now_ms, next, e.at_ms);
                 }
                 if done.finished {
-                    self.metrics.tasks_completed.inc();
+                    self.hot.tasks_completed.inc();
                     if let Some(ms) = done.pipeline_ms {
-                        self.metrics.pipeline_duration.observe(ms as f64 / 1000.0);
+                        self.hot.pipeline_duration.observe(ms as f64 / 1000.0);
                     }
                 }
             }
@@ -1071,6 +1085,11 @@ impl Core {
             Some(d) => d.min(next),
             None => next,
         })
+    }
+
+    /// Whether notices wait for [`poll_notice`](Self::poll_notice).
+    pub fn has_notices(&self) -> bool {
+        !self.notices.is_empty()
     }
 
     /// The next notice for the runtime, oldest first.

@@ -156,6 +156,10 @@ pub(super) struct Interner<T> {
     names: Vec<T>,
     /// Symbols by name.
     index: HashMap<T, u32>,
+    /// The symbol found last: consecutive events mostly name the same stage
+    /// and worker (an envelope is one agent's), so most look-ups end here,
+    /// without hashing the name.
+    last: Option<u32>,
     /// How many names the last compaction kept: the next one is due when
     /// the table has doubled since.
     kept: usize,
@@ -166,9 +170,16 @@ impl<T> Default for Interner<T> {
         Self {
             names: Vec::new(),
             index: HashMap::new(),
+            last: None,
             kept: 0,
         }
     }
+}
+
+/// Whether `a` and `b` are the same text, at once if they are one string.
+#[inline]
+fn same_text(a: &str, b: &str) -> bool {
+    (std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len()) || a == b
 }
 
 impl<T: Clone + Eq + Hash + Borrow<str>> Interner<T> {
@@ -177,18 +188,32 @@ impl<T: Clone + Eq + Hash + Borrow<str>> Interner<T> {
 
     /// The symbol of `name`, added if new.
     pub(super) fn intern(&mut self, name: &T) -> u32 {
-        if let Some(&sym) = self.index.get(name.borrow()) {
+        if let Some(sym) = self.last_is(name.borrow()) {
             return sym;
         }
-        let sym = u32::try_from(self.names.len()).expect("fewer than 2^32 distinct names");
-        self.names.push(name.clone());
-        self.index.insert(name.clone(), sym);
+        let sym = match self.index.get(name.borrow()) {
+            Some(&sym) => sym,
+            None => {
+                let sym = u32::try_from(self.names.len()).expect("fewer than 2^32 distinct names");
+                self.names.push(name.clone());
+                self.index.insert(name.clone(), sym);
+                sym
+            }
+        };
+        self.last = Some(sym);
         sym
     }
 
     /// The symbol of `name`, if it has one.
     pub(super) fn lookup(&self, name: &str) -> Option<u32> {
-        self.index.get(name).copied()
+        self.last_is(name).or_else(|| self.index.get(name).copied())
+    }
+
+    /// The last symbol found, if it is `name`'s.
+    #[inline]
+    fn last_is(&self, name: &str) -> Option<u32> {
+        let sym = self.last?;
+        same_text(self.names.get(sym as usize)?.borrow(), name).then_some(sym)
     }
 
     /// The name of `sym`.
@@ -208,6 +233,7 @@ impl<T: Clone + Eq + Hash + Borrow<str>> Interner<T> {
         let mut remap = vec![u32::MAX; self.names.len()];
         let old = std::mem::take(&mut self.names);
         self.index.clear();
+        self.last = None;
         for (sym, name) in old.into_iter().enumerate() {
             if used.get(sym).copied().unwrap_or(false) {
                 remap[sym] = self.intern(&name);
@@ -639,6 +665,32 @@ impl<'a> RowRef<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_interner_remembers_its_last_symbol_only_while_it_is_right() {
+        let st = |s: &str| Stage::new(s).unwrap();
+        let mut names: Interner<Stage> = Interner::default();
+        let (a, b) = (st("a"), st("b"));
+        assert_eq!(names.intern(&a), 0);
+        assert_eq!(names.intern(&b), 1);
+        // The last one found, by its own text or an equal copy.
+        assert_eq!(names.lookup("b"), Some(1));
+        assert_eq!(names.intern(&st("b")), 1);
+        assert_eq!(names.intern(&a), 0);
+        assert_eq!(names.lookup("a"), Some(0));
+        assert_eq!(names.lookup("c"), None);
+        // A compaction renumbers: the remembered symbol must not survive it.
+        let remap = names.compact(&[false, true]);
+        assert_eq!(remap, [u32::MAX, 0]);
+        assert_eq!(
+            names.lookup("a"),
+            None,
+            "dropped, though it was the last found"
+        );
+        assert_eq!(names.intern(&b), 0);
+        assert_eq!(names.intern(&a), 1, "a new symbol, not the old one");
+        assert_eq!(names.name(1).as_str(), "a");
+    }
 
     #[test]
     fn the_packed_layout_stays_small() {

@@ -387,6 +387,28 @@ impl Core {
 /// Reads a snapshot of `namespace` from the bytes of its file. Never
 /// panics; anything wrong is a [`SnapshotError`].
 pub fn decode(bytes: &[u8], namespace: &Namespace) -> Result<Snapshot, SnapshotError> {
+    let (header, rest) = open(bytes, namespace)?;
+    let (state, rest): (CoreState<'static>, _) =
+        postcard::take_from_bytes(rest).map_err(SnapshotError::Body)?;
+    if !rest.is_empty() {
+        return Err(SnapshotError::Body(postcard::Error::DeserializeBadEncoding));
+    }
+    Ok(Snapshot { header, state })
+}
+
+/// Reads only the header of a snapshot of `namespace`, after checking the
+/// whole file's framing and checksum as [`decode`] does: what a runtime
+/// needs to know before it decides to restore the state.
+pub fn decode_header(bytes: &[u8], namespace: &Namespace) -> Result<SnapshotHeader, SnapshotError> {
+    open(bytes, namespace).map(|(header, _)| header)
+}
+
+/// Checks a snapshot file's framing, checksum and namespace; its header
+/// and the state's bytes.
+fn open<'a>(
+    bytes: &'a [u8],
+    namespace: &Namespace,
+) -> Result<(SnapshotHeader, &'a [u8]), SnapshotError> {
     let min = (PREFIX_LEN + CRC_LEN) as u64;
     if bytes.len() < MAGIC.len() {
         return Err(if MAGIC.starts_with(bytes) {
@@ -447,10 +469,5 @@ pub fn decode(bytes: &[u8], namespace: &Namespace) -> Result<Snapshot, SnapshotE
             expected: namespace.to_string(),
         });
     }
-    let (state, rest): (CoreState<'static>, _) =
-        postcard::take_from_bytes(rest).map_err(SnapshotError::Body)?;
-    if !rest.is_empty() {
-        return Err(SnapshotError::Body(postcard::Error::DeserializeBadEncoding));
-    }
-    Ok(Snapshot { header, state })
+    Ok((header, rest))
 }

@@ -248,14 +248,34 @@ struct Retention {
     terminal: usize,
 }
 
+/// An index entry: a record's slot and its id's [`short_hash`].
+#[derive(Debug, Clone, Copy)]
+struct Indexed {
+    slot: u32,
+    hash: u32,
+}
+
+/// The 32 bits of an id's hash the index keeps.
+fn short_hash(hash: u64) -> u32 {
+    (hash ^ (hash >> 32)) as u32
+}
+
+/// The table hash of a [`short_hash`]: spread over 64 bits, since the table
+/// takes positions from the low bits and tags from the high ones.
+fn table_hash(short: u32) -> u64 {
+    u64::from(short).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// All tracked tasks.
 #[derive(Debug)]
 pub struct TaskStore {
     /// Packed records by slot (a record costs its own bytes, no hash
     /// bucket of its size).
     slots: Slab,
-    /// Each record's slot, by its id's hash (4 bytes a bucket).
-    index: HashTable<u32>,
+    /// Each record's slot with 32 bits of its id's hash, by that hash (8
+    /// bytes a bucket): growing the table and probing past other ids read
+    /// the bucket only, never the record (a cache miss each).
+    index: HashTable<Indexed>,
     /// Hashes ids: SipHash with a random key, as task ids come from
     /// producers and the coordinator runs for months (no crafted collisions).
     hasher: RandomState,
@@ -501,32 +521,41 @@ impl TaskStore {
     /// The slot of the record keyed `key`, made (at `stage`, touched at
     /// `at_ms`) if there is none; and whether it existed.
     fn slot_of(&mut self, key: KeyRef<'_>, stage: u32, at_ms: u64) -> (u32, bool) {
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hash_of(key);
         if let Some(slot) = self.find_slot(key, hash) {
             return (slot, true);
         }
         let rec = Rec::new(key.to_owned(), stage, at_ms);
         let slot = self.slots.insert(rec);
-        let (slots, hasher) = (&self.slots, &self.hasher);
-        self.index.insert_unique(hash, slot, |&s| {
-            slots.get(s).map_or(0, |r| hasher.hash_one(r.key.as_ref()))
-        });
+        self.index
+            .insert_unique(table_hash(hash), Indexed { slot, hash }, |e| {
+                table_hash(e.hash)
+            });
         (slot, false)
     }
 
-    /// The slot of the record keyed `key` (whose hash is `hash`).
-    fn find_slot(&self, key: KeyRef<'_>, hash: u64) -> Option<u32> {
+    /// The [`short_hash`] of `key`.
+    fn hash_of(&self, key: KeyRef<'_>) -> u32 {
+        short_hash(self.hasher.hash_one(key))
+    }
+
+    /// The slot of the record keyed `key` (whose short hash is `hash`).
+    fn find_slot(&self, key: KeyRef<'_>, hash: u32) -> Option<u32> {
         self.index
-            .find(hash, |&s| {
-                self.slots.get(s).is_some_and(|r| r.key.as_ref() == key)
+            .find(table_hash(hash), |e| {
+                e.hash == hash
+                    && self
+                        .slots
+                        .get(e.slot)
+                        .is_some_and(|r| r.key.as_ref() == key)
             })
-            .copied()
+            .map(|e| e.slot)
     }
 
     /// The packed record of `id`.
     fn find(&self, id: &str) -> Option<&Rec> {
         let key = KeyRef::of(id);
-        let slot = self.find_slot(key, self.hasher.hash_one(key))?;
+        let slot = self.find_slot(key, self.hash_of(key))?;
         self.slots.get(slot)
     }
 
@@ -535,8 +564,8 @@ impl TaskStore {
         let Some(rec) = self.slots.take(slot) else {
             return;
         };
-        let hash = self.hasher.hash_one(rec.key.as_ref());
-        if let Ok(entry) = self.index.find_entry(hash, |&s| s == slot) {
+        let hash = self.hash_of(rec.key.as_ref());
+        if let Ok(entry) = self.index.find_entry(table_hash(hash), |e| e.slot == slot) {
             entry.remove();
         }
     }
@@ -821,7 +850,7 @@ impl TaskStore {
             return;
         };
         let key = KeyRef::of(a.task.as_str());
-        let Some(slot) = self.find_slot(key, self.hasher.hash_one(key)) else {
+        let Some(slot) = self.find_slot(key, self.hash_of(key)) else {
             return;
         };
         let Some(rec) = self.slots.get_mut(slot) else {

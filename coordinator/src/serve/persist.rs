@@ -8,7 +8,7 @@
 //! the periodic writer.
 
 use super::App;
-use crate::core::snapshot::{self, Snapshot, SnapshotError};
+use crate::core::snapshot::{self, Snapshot, SnapshotError, SnapshotHeader};
 use guildhall_broker::now_ms;
 use guildhall_proto::Namespace;
 use std::fs::{self, File};
@@ -59,22 +59,53 @@ pub enum LoadError {
     },
 }
 
-/// Reads the snapshot of `namespace` in `dir`: `Ok(None)` when there is none.
-pub fn load(dir: &Path, namespace: &Namespace) -> Result<Option<Snapshot>, LoadError> {
+/// A snapshot file read and checked, its state not decoded yet.
+#[derive(Debug)]
+pub struct Loaded {
+    /// What it says about itself; it covers an offset.
+    pub header: SnapshotHeader,
+    /// The whole file, for [`Loaded::decode`].
+    bytes: Vec<u8>,
+    /// The namespace it was checked against.
+    namespace: Namespace,
+    /// Where it was read from, for errors.
+    path: PathBuf,
+}
+
+impl Loaded {
+    /// The snapshot's state.
+    pub fn decode(&self) -> Result<Snapshot, LoadError> {
+        snapshot::decode(&self.bytes, &self.namespace).map_err(|source| LoadError::Decode {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Reads the snapshot of `namespace` in `dir` and checks it (framing,
+/// checksum, namespace, an offset): `Ok(None)` when there is none. Its
+/// state is decoded by [`Loaded::decode`], once the runtime knows it will
+/// use it.
+pub fn load(dir: &Path, namespace: &Namespace) -> Result<Option<Loaded>, LoadError> {
     let path = snapshot_path(dir, namespace);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(LoadError::Read { path, source }),
     };
-    let snap = match snapshot::decode(&bytes, namespace) {
-        Ok(s) => s,
+    let header = match snapshot::decode_header(&bytes, namespace) {
+        Ok(h) => h,
         Err(source) => return Err(LoadError::Decode { path, source }),
     };
-    if snap.header.offset.is_none() {
+    if header.offset.is_none() {
         return Err(LoadError::NoOffset { path });
     }
-    Ok(Some(snap))
+    Ok(Some(Loaded {
+        header,
+        bytes,
+        namespace: namespace.clone(),
+        path,
+    }))
 }
 
 /// Replaces the snapshot of `namespace` in `dir` with `bytes`, atomically.
@@ -239,6 +270,8 @@ mod tests {
         write(&dir, &ns, &encoded(&ns, Some(9))).unwrap();
         let snap = load(&dir, &ns).unwrap().unwrap();
         assert_eq!(snap.header.offset, Some(9));
+        let state = snap.decode().expect("the state decodes");
+        assert_eq!(state.header.offset, Some(9));
         let names: Vec<_> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
