@@ -41,7 +41,7 @@ impl Identity {
         mode: WorkerMode,
         supervised: bool,
     ) -> Event {
-        Event::Hello(Hello {
+        Event::Hello(Box::new(Hello {
             at_ms: now_ms(),
             version: self.version.clone(),
             stage: route.stage.clone(),
@@ -53,7 +53,7 @@ impl Identity {
             pid: std::process::id(),
             mode,
             supervised,
-        })
+        }))
     }
 }
 
@@ -128,7 +128,7 @@ async fn beat(
         // left is never stamped after the switch's `Reassigned`.
         let at_ms = now_ms();
         let route = shared.route();
-        events.emit(Event::Heartbeat(Heartbeat {
+        events.emit(Event::Heartbeat(Box::new(Heartbeat {
             at_ms,
             version: identity.version.clone(),
             stage: route.stage.clone(),
@@ -144,6 +144,6 @@ async fn beat(
             hostname: identity.hostname.clone(),
             worker_restarts: shared.worker_restarts(),
             rtt_ms: shared.rtt_ms(),
-        }));
+        })));
     }
 }

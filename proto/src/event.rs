@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// An agent started (or restarted) and says what it is.
-    Hello(Hello),
+    Hello(Box<Hello>),
     /// An agent is alive; sent every `heartbeat_ms`.
-    Heartbeat(Heartbeat),
+    Heartbeat(Box<Heartbeat>),
     /// A producer put a task on a stage's queue.
     TaskSubmitted(TaskSubmitted),
     /// An agent received a task and handed it to its worker.

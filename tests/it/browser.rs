@@ -345,7 +345,10 @@ async fn five_hundred_workers_stay_usable() {
                 sender: AgentId::new(id).unwrap(),
                 seq: 1,
                 sent_at_ms: now,
-                events: vec![Event::Hello(hello), Event::Heartbeat(heartbeat)],
+                events: vec![
+                    Event::Hello(Box::new(hello)),
+                    Event::Heartbeat(Box::new(heartbeat)),
+                ],
             };
             broker
                 .publish_raw_event(&envelope.encode().unwrap())

@@ -235,7 +235,7 @@ impl SimAgent {
         let first = self.last_heartbeat_ms.is_none();
         self.last_heartbeat_ms = Some(now_ms);
         if first {
-            return Event::Hello(Hello {
+            return Event::Hello(Box::new(Hello {
                 at_ms: now_ms,
                 version: env!("CARGO_PKG_VERSION").into(),
                 stage: self.stage.clone(),
@@ -247,7 +247,7 @@ impl SimAgent {
                 pid: 1,
                 mode: WorkerMode::Simulated,
                 supervised: false,
-            });
+            }));
         }
         let in_hand = if self.config.finish || self.next_task == 0 {
             Vec::new()
@@ -260,7 +260,7 @@ impl SimAgent {
                 started_at_ms: now_ms,
             }]
         };
-        Event::Heartbeat(Heartbeat {
+        Event::Heartbeat(Box::new(Heartbeat {
             at_ms: now_ms,
             version: env!("CARGO_PKG_VERSION").into(),
             stage: self.stage.clone(),
@@ -276,7 +276,7 @@ impl SimAgent {
             hostname: "bench".into(),
             worker_restarts: 0,
             rtt_ms: Some(1),
-        })
+        }))
     }
 
     fn next_task_events(&mut self, now_ms: u64) {

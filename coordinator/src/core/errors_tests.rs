@@ -125,7 +125,7 @@ impl Sim {
     }
 
     fn heartbeat(&self, stage: &str, in_hand: &[&TaskId]) -> Event {
-        Event::Heartbeat(Heartbeat {
+        Event::Heartbeat(Box::new(Heartbeat {
             at_ms: self.now,
             version: "0.1.0".into(),
             stage: st(stage),
@@ -148,7 +148,7 @@ impl Sim {
             hostname: "h".into(),
             worker_restarts: 0,
             rtt_ms: None,
-        })
+        }))
     }
 
     /// The error notices taken from the core (the others are dropped).

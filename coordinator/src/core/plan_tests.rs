@@ -61,7 +61,7 @@ impl Fleet {
 
     fn hello_and_heartbeat(&mut self, a: &AgentSpec<'_>) {
         let stages: Vec<Stage> = a.stages.iter().map(|s| st(s)).collect();
-        let hello = Event::Hello(Hello {
+        let hello = Event::Hello(Box::new(Hello {
             at_ms: self.now,
             version: "v".into(),
             stage: st(a.stage),
@@ -73,7 +73,7 @@ impl Fleet {
             pid: 1,
             mode: WorkerMode::Simulated,
             supervised: false,
-        });
+        }));
         self.send(a.id, vec![hello]);
         self.heartbeat(a);
     }
@@ -84,7 +84,7 @@ impl Fleet {
             .worker_view(a.id, self.now)
             .map(|w| w.stage)
             .unwrap_or_else(|| a.stage.to_owned());
-        let hb = Event::Heartbeat(Heartbeat {
+        let hb = Event::Heartbeat(Box::new(Heartbeat {
             at_ms: self.now,
             version: "v".into(),
             stage: st(&stage),
@@ -100,7 +100,7 @@ impl Fleet {
             hostname: "h".into(),
             worker_restarts: 0,
             rtt_ms: a.rtt_ms,
-        });
+        }));
         self.send(a.id, vec![hb]);
     }
 

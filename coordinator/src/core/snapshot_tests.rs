@@ -70,7 +70,7 @@ impl Feed {
     }
 
     fn heartbeat(&self, stage: &str, next: Option<&str>, in_hand: &[(&str, u32)]) -> Event {
-        Event::Heartbeat(Heartbeat {
+        Event::Heartbeat(Box::new(Heartbeat {
             at_ms: self.now,
             version: "0.1.0".into(),
             stage: st(stage),
@@ -97,7 +97,7 @@ impl Feed {
             hostname: "h".into(),
             worker_restarts: 1,
             rtt_ms: None,
-        })
+        }))
     }
 
     fn started(&self, task: &str, stage: &str, attempt: u32) -> Event {

@@ -68,7 +68,7 @@ impl Sim {
     }
 
     fn heartbeat(&self, stage: &str, state: AgentState, in_hand: &[&str]) -> Event {
-        Event::Heartbeat(Heartbeat {
+        Event::Heartbeat(Box::new(Heartbeat {
             at_ms: self.now,
             version: "0.1.0".into(),
             stage: st(stage),
@@ -95,7 +95,7 @@ impl Sim {
             hostname: "h".into(),
             worker_restarts: 0,
             rtt_ms: None,
-        })
+        }))
     }
 
     fn hb_next(&self, stage: &str, next: Option<&str>) -> Event {
@@ -311,7 +311,7 @@ fn nobody_is_judged_dead_while_replaying_history() {
     );
     let now = T0 + 3_600_000;
     let hb = |stage: &str, at: u64| {
-        Event::Heartbeat(Heartbeat {
+        Event::Heartbeat(Box::new(Heartbeat {
             at_ms: at,
             version: "v".into(),
             stage: st(stage),
@@ -327,7 +327,7 @@ fn nobody_is_judged_dead_while_replaying_history() {
             hostname: "h".into(),
             worker_restarts: 0,
             rtt_ms: None,
-        })
+        }))
     };
     let env = |sender: &str, at: u64, events: Vec<Event>| Decoded {
         envelope: Envelope {
@@ -1109,7 +1109,7 @@ fn a_batch_sent_twice_is_applied_once_and_a_restart_starts_over() {
     assert!(text.contains("guildhall_tasks_started_total{stage=\"build\"} 1"));
     // The agent restarts with the same id: sequence 1 again, with a Hello.
     sim.seqs.insert("w1".into(), 0);
-    let hello = Event::Hello(Hello {
+    let hello = Event::Hello(Box::new(Hello {
         at_ms: sim.now,
         version: "v".into(),
         stage: st("build"),
@@ -1121,7 +1121,7 @@ fn a_batch_sent_twice_is_applied_once_and_a_restart_starts_over() {
         pid: 1,
         mode: WorkerMode::Simulated,
         supervised: false,
-    });
+    }));
     let e = sim.started("T2", "build", 1, T0);
     sim.send("w1", vec![hello, e]);
     assert!(
