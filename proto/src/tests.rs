@@ -94,7 +94,11 @@ fn an_event_stays_small() {
     // Decoding moves each event two or three times and the coordinator
     // applies millions a second: the rare, large ones (Hello, Heartbeat)
     // are boxed so that every event is not as large as they are.
-    assert!(std::mem::size_of::<Event>() <= 112, "{}", std::mem::size_of::<Event>());
+    assert!(
+        std::mem::size_of::<Event>() <= 112,
+        "{}",
+        std::mem::size_of::<Event>()
+    );
 }
 
 #[test]

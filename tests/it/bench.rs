@@ -73,7 +73,14 @@ async fn ingest_quick_prints_a_well_formed_result() {
     let o = bench(
         &ns,
         "ingest",
-        &["--quick", "--json", "--drain-timeout", "60s"],
+        &[
+            "--quick",
+            "--json",
+            "--drain-timeout",
+            "60s",
+            "--drain-rounds",
+            "2",
+        ],
     )
     .await;
     let r = json(&o);
@@ -102,6 +109,16 @@ async fn ingest_quick_prints_a_well_formed_result() {
     let expect = num(&r, "drain.coordinator_events_per_s") / num(&r, "drain.bare_events_per_s");
     assert!((ratio - expect).abs() < 1e-6, "{r}");
     assert!(num(&r, "drain.coordinator_peak_rss_bytes") > 1e6, "{r}");
+    // Two alternate reads each; the figures are their medians.
+    let rounds = r["drain"]["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{r}");
+    for field in ["bare_events_per_s", "coordinator_events_per_s"] {
+        let values: Vec<f64> = rounds.iter().map(|x| x[field].as_f64().unwrap()).collect();
+        assert!(values.iter().all(|v| *v > 0.0), "{field}: {r}");
+        let m = num(&r, &format!("drain.{field}"));
+        assert!(values.contains(&m), "{field} is one of the rounds': {r}");
+    }
+    assert!(rounds.iter().all(|x| x["complete"] == true), "{r}");
     assert_nothing_left(&ns).await;
 
     // The table form names each phase.
@@ -264,6 +281,14 @@ async fn bench_flags_out_of_range_are_one_line() {
         (vec!["bench", "ingest", "--rate", "1"], "--rate"),
         (vec!["bench", "ingest", "--duration", "0s"], "--duration"),
         (vec!["bench", "ingest", "--events", "5"], "--events"),
+        (
+            vec!["bench", "ingest", "--drain-rounds", "0"],
+            "--drain-rounds",
+        ),
+        (
+            vec!["bench", "ingest", "--drain-rounds", "21"],
+            "--drain-rounds",
+        ),
         (
             vec!["bench", "ingest", "--connections", "1000"],
             "--connections",

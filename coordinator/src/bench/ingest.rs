@@ -16,8 +16,10 @@
 //!    stream holds `--events` events.
 //! 3. **Drain.** With nothing else running, a bare lapin consumer reads the
 //!    whole stream without decoding it; then a fresh coordinator replays
-//!    the same messages from the start. The ratio of the two rates is the
-//!    coordinator's share of the broker's own limit.
+//!    the same messages from the start; `--drain-rounds` times, alternately.
+//!    The ratio of the two median rates is the coordinator's share of the
+//!    broker's own limit (which varies by a third from one read to the
+//!    next on a shared 2-core machine, hence the rounds).
 //!
 //! Every wait is bounded (`--drain-timeout`): a coordinator that cannot keep
 //! up shows as a backlog and a rate, never as a hang. The namespace's
@@ -25,7 +27,7 @@
 
 use super::mix::{MixConfig, SimAgent, SimFleet};
 use super::probe::{Buckets, ChildCoordinator};
-use super::{IngestArgs, Target, in_range, lines, secs_in_range, thousands};
+use super::{IngestArgs, Target, in_range, lines, median, secs_in_range, thousands};
 use crate::cli::ConfigError;
 use anyhow::bail;
 use futures_lite::StreamExt;
@@ -64,6 +66,8 @@ struct Plan {
     duration: Duration,
     drain_timeout: Duration,
     prefetch: u16,
+    /// Bare and coordinator reads of the stream, each.
+    drain_rounds: usize,
 }
 
 fn plan(a: &IngestArgs) -> Result<Plan, ConfigError> {
@@ -90,6 +94,12 @@ fn plan(a: &IngestArgs) -> Result<Plan, ConfigError> {
     let duration = secs_in_range("--duration", duration, 1, 600)?;
     let drain_timeout = secs_in_range("--drain-timeout", a.drain_timeout, 1, 3_600)?;
     let prefetch = in_range("--prefetch", a.prefetch, 1, u16::MAX)?;
+    let drain_rounds = in_range(
+        "--drain-rounds",
+        a.drain_rounds.unwrap_or(if quick { 1 } else { 3 }),
+        1,
+        20,
+    )?;
     Ok(Plan {
         target,
         agents_per_stage: agents.div_ceil(3),
@@ -100,6 +110,7 @@ fn plan(a: &IngestArgs) -> Result<Plan, ConfigError> {
         duration,
         drain_timeout,
         prefetch,
+        drain_rounds,
     })
 }
 
@@ -163,26 +174,48 @@ pub struct FillPhase {
     pub published_events_per_s: f64,
 }
 
-/// The drain comparison's figures.
+/// The drain comparison's figures: medians over the rounds, which follow.
 #[derive(Debug, Clone, Serialize)]
 pub struct DrainPhase {
     /// Messages in the stream.
     pub messages: u64,
     /// Events in them.
     pub events: u64,
-    /// Messages/s a bare lapin consumer read (no decoding).
+    /// Messages/s a bare lapin consumer read (no decoding), median.
     pub bare_messages_per_s: f64,
     /// The same, in events/s.
     pub bare_events_per_s: f64,
-    /// Events/s a fresh coordinator applied replaying the same messages.
+    /// Events/s a fresh coordinator applied replaying the same messages,
+    /// median.
     pub coordinator_events_per_s: f64,
     /// `coordinator_events_per_s / bare_events_per_s`.
     pub ratio: f64,
-    /// Events the coordinator applied in the replay.
+    /// Events the coordinator applied in the last replay.
     pub coordinator_events: u64,
-    /// Whether its replay reached the end within `--drain-timeout`.
+    /// Whether every replay reached the end within `--drain-timeout`.
     pub complete: bool,
-    /// Its CPU during the replay, in cores.
+    /// Its CPU during the replay, in cores, median.
+    pub coordinator_cpu_cores: f64,
+    /// Its peak resident memory, bytes, the highest of the rounds.
+    pub coordinator_peak_rss_bytes: u64,
+    /// Each round: the bare read, then the coordinator's.
+    pub rounds: Vec<DrainRound>,
+}
+
+/// One bare read and one coordinator replay of the stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainRound {
+    /// Events/s the bare consumer read.
+    pub bare_events_per_s: f64,
+    /// Messages/s the bare consumer read.
+    pub bare_messages_per_s: f64,
+    /// Events/s the coordinator applied.
+    pub coordinator_events_per_s: f64,
+    /// Events it applied.
+    pub coordinator_events: u64,
+    /// Whether it reached the end within `--drain-timeout`.
+    pub complete: bool,
+    /// Its CPU, in cores.
     pub coordinator_cpu_cores: f64,
     /// Its peak resident memory, bytes.
     pub coordinator_peak_rss_bytes: u64,
@@ -457,10 +490,45 @@ async fn drain_phase(
     extra: &[String],
     agent_events: u64,
 ) -> anyhow::Result<DrainPhase> {
-    let (messages, bare_s) = bare_drain(plan, names).await?;
+    let mut rounds = Vec::with_capacity(plan.drain_rounds);
+    let mut messages = 0;
+    for _ in 0..plan.drain_rounds {
+        let (read, bare_s) = bare_drain(plan, names).await?;
+        messages = read;
+        let replay = replay(plan, names, extra).await?;
+        rounds.push(DrainRound {
+            bare_events_per_s: agent_events as f64 / bare_s,
+            bare_messages_per_s: read as f64 / bare_s,
+            ..replay
+        });
+    }
+    let med = |f: fn(&DrainRound) -> f64| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
+    let bare_events = med(|r| r.bare_events_per_s);
+    let coordinator_rate = med(|r| r.coordinator_events_per_s);
+    Ok(DrainPhase {
+        messages,
+        events: agent_events,
+        bare_messages_per_s: med(|r| r.bare_messages_per_s),
+        bare_events_per_s: bare_events,
+        coordinator_events_per_s: coordinator_rate,
+        ratio: coordinator_rate / bare_events.max(1e-9),
+        coordinator_events: rounds.last().map_or(0, |r| r.coordinator_events),
+        complete: rounds.iter().all(|r| r.complete),
+        coordinator_cpu_cores: med(|r| r.coordinator_cpu_cores),
+        coordinator_peak_rss_bytes: rounds
+            .iter()
+            .map(|r| r.coordinator_peak_rss_bytes)
+            .max()
+            .unwrap_or(0),
+        rounds,
+    })
+}
+
+/// A fresh coordinator replays the stream from the start: its rate from
+/// its first applied event to reading its own start marker, which it
+/// published behind everything else (the bare figures are left at 0).
+async fn replay(plan: &Plan, names: &Names, extra: &[String]) -> anyhow::Result<DrainRound> {
     let mut coordinator = ChildCoordinator::spawn(&plan.target.raw_url, names, extra).await?;
-    // Time from its first applied event to reading its own start marker,
-    // which it published behind everything else.
     let deadline = Instant::now() + plan.drain_timeout + Duration::from_secs(10);
     let mut first: Option<(Instant, f64, u64)> = None;
     let mut last = (Instant::now(), 0.0, 0u64);
@@ -498,16 +566,10 @@ async fn drain_phase(
     coordinator.stop().await;
     let (t_first, cpu_first, ev_first) = first.unwrap_or(last);
     let seconds = last.0.duration_since(t_first).as_secs_f64().max(1e-3);
-    let applied = last.2.saturating_sub(ev_first);
-    let coordinator_rate = applied as f64 / seconds;
-    let bare_events = agent_events as f64 / bare_s;
-    Ok(DrainPhase {
-        messages,
-        events: agent_events,
-        bare_messages_per_s: messages as f64 / bare_s,
-        bare_events_per_s: bare_events,
-        coordinator_events_per_s: coordinator_rate,
-        ratio: coordinator_rate / bare_events,
+    Ok(DrainRound {
+        bare_events_per_s: 0.0,
+        bare_messages_per_s: 0.0,
+        coordinator_events_per_s: last.2.saturating_sub(ev_first) as f64 / seconds,
         coordinator_events: last.2,
         complete,
         coordinator_cpu_cores: (last.1 - cpu_first) / seconds,
@@ -623,26 +685,41 @@ pub fn table(r: &IngestReport) -> String {
         )],
     );
     out += "\n";
+    let range = |f: fn(&DrainRound) -> f64| {
+        let (lo, hi) = drain
+            .rounds
+            .iter()
+            .map(f)
+            .fold((f64::MAX, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        if drain.rounds.len() > 1 {
+            format!(" ({}-{})", thousands(lo), thousands(hi))
+        } else {
+            String::new()
+        }
+    };
     out += &lines(
         &format!(
-            "drain ({} events in {} messages)",
+            "drain ({} events in {} messages; median of {} alternate reads each)",
             thousands(drain.events as f64),
-            thousands(drain.messages as f64)
+            thousands(drain.messages as f64),
+            drain.rounds.len()
         ),
         &[
             (
                 "bare lapin consumer",
                 format!(
-                    "{} events/s ({} messages/s)",
+                    "{} events/s{} ({} messages/s)",
                     thousands(drain.bare_events_per_s),
+                    range(|r| r.bare_events_per_s),
                     thousands(drain.bare_messages_per_s)
                 ),
             ),
             (
                 "coordinator",
                 format!(
-                    "{} events/s{}",
+                    "{} events/s{}{}",
                     thousands(drain.coordinator_events_per_s),
+                    range(|r| r.coordinator_events_per_s),
                     if drain.complete {
                         ""
                     } else {

@@ -175,6 +175,12 @@ pub struct IngestArgs {
     /// Stream consumer prefetch of the coordinator and the bare consumer.
     #[arg(long, default_value_t = 2_000)]
     pub prefetch: u16,
+    /// Times the whole stream is read, alternately by the bare consumer and
+    /// by a fresh coordinator: the broker's own delivery rate varies from
+    /// one read to the next, so the figures are medians (default 3;
+    /// --quick 1).
+    #[arg(long)]
+    pub drain_rounds: Option<usize>,
 }
 
 /// `guildhall bench fleet`.
@@ -331,6 +337,13 @@ pub(crate) fn thousands(x: f64) -> String {
         out.push(c);
     }
     if n < 0 { format!("-{out}") } else { out }
+}
+
+/// The median of `v` (sorted in place; the upper one of an even count, 0
+/// when empty).
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// A fresh namespace under `prefix`: `<prefix>-bench-<random>`.

@@ -34,7 +34,7 @@
 //! time is reported with what arrived (and the rest counted missing), not
 //! waited for.
 
-use super::{AgentArgs, Target, in_range, secs_in_range, thousands};
+use super::{AgentArgs, Target, in_range, median, secs_in_range, thousands};
 use crate::cli::ConfigError;
 use crate::sim::report::quantiles;
 use anyhow::Context;
@@ -299,11 +299,6 @@ impl Samples {
 }
 
 /// The median of `v` (reordered), 0 when empty.
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// One path, one round: the burst, then the paced tasks.
 async fn one_round(
     ctx: &Ctx,
