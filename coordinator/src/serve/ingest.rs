@@ -223,8 +223,18 @@ async fn ack(last: &mut Option<lapin::Acker>, unacked: &mut u32) -> Result<(), l
 fn apply(app: &App, data: &[u8], offset: Option<u64>) {
     match guildhall_proto::decode(data) {
         Ok(decoded) => {
-            app.core().handle_envelope(now_ms(), decoded, offset);
-            app.wake.notify_one();
+            let wake = {
+                let mut core = app.core();
+                let before = core.poll_timeout();
+                core.handle_envelope(now_ms(), decoded, offset);
+                core.has_notices() || core.poll_timeout() < before
+            };
+            // The timer task sleeps until the core's next deadline: it is
+            // woken only if this envelope left it something to do sooner
+            // (waking it for every envelope cost a thread switch each).
+            if wake {
+                app.wake.notify_one();
+            }
         }
         Err(e) => {
             app.core().handle_unreadable(e.reason(), offset);
