@@ -276,6 +276,11 @@ pub struct TaskStore {
     /// bytes a bucket): growing the table and probing past other ids read
     /// the bucket only, never the record (a cache miss each).
     index: HashTable<Indexed>,
+    /// The task the last update was about and its slot: a task's events
+    /// come together (its start and its end in one batch), so most
+    /// updates skip the id's parsing, hashing and probing. Cleared when a
+    /// record leaves the store (its slot may be reused).
+    last: Option<(TaskId, u32)>,
     /// Hashes ids: SipHash with a random key, as task ids come from
     /// producers and the coordinator runs for months (no crafted collisions).
     hasher: RandomState,
@@ -448,6 +453,7 @@ impl TaskStore {
         Self {
             slots: Slab::default(),
             index: HashTable::new(),
+            last: None,
             hasher: RandomState::new(),
             stages: Interner::default(),
             workers: Interner::default(),
@@ -564,6 +570,7 @@ impl TaskStore {
         let Some(rec) = self.slots.take(slot) else {
             return;
         };
+        self.last = None;
         let hash = self.hash_of(rec.key.as_ref());
         if let Ok(entry) = self.index.find_entry(table_hash(hash), |e| e.slot == slot) {
             entry.remove();
@@ -643,7 +650,14 @@ impl TaskStore {
         at_ms: u64,
         f: impl FnOnce(&mut Rec, u32, &mut Retention) -> R,
     ) -> R {
-        let (slot, _) = self.slot_of(KeyRef::of(id.as_str()), stage, at_ms);
+        let slot = match &self.last {
+            Some((last, slot)) if last == id => *slot,
+            _ => {
+                let (slot, _) = self.slot_of(KeyRef::of(id.as_str()), stage, at_ms);
+                self.last = Some((id.clone(), slot));
+                slot
+            }
+        };
         let rec = self
             .slots
             .get_mut(slot)
@@ -1456,6 +1470,27 @@ mod tests {
                 row.attempt
             );
         }
+    }
+
+    #[test]
+    fn the_last_task_updated_is_forgotten_when_its_record_goes() {
+        let mut s = TaskStore::new(0, 1_000_000);
+        let (a, w) = (st("a"), ag("w"));
+        // A is the last task updated when it is evicted; news of it comes
+        // again (a replayed dead letter): a fresh record, in a held slot.
+        s.succeeded(Attempt::new(&id("A"), &a, 1, &w), 10, 5, None, None);
+        assert_eq!(s.evict(20), 1);
+        s.started(Attempt::new(&id("A"), &a, 2, &w), 30, None, None, false);
+        assert_eq!(s.get("A").unwrap().rows[0].attempt, 2);
+        // B takes a freed slot; A's news goes to A's record, not B's.
+        s.succeeded(Attempt::new(&id("A"), &a, 2, &w), 40, 30, None, None);
+        assert_eq!(s.evict(50), 1);
+        s.started(Attempt::new(&id("B"), &a, 1, &w), 60, None, None, false);
+        s.started(Attempt::new(&id("A"), &a, 3, &w), 70, None, None, false);
+        let b = s.get("B").unwrap();
+        assert_eq!((b.rows.len(), b.rows[0].attempt), (1, 1), "{b:?}");
+        assert_eq!(s.get("A").unwrap().rows[0].attempt, 3);
+        assert_eq!(s.len(), 2);
     }
 
     #[test]
