@@ -12,6 +12,11 @@
 //!   when it replays the stream, with no broker: 1,000,000 events of the mix
 //!   as encoded envelopes, decoded and applied in stream order to a core
 //!   with the default retention (100,000 finished tasks), not caught up;
+//! - `scrape/locked` and `scrape/text`: `/metrics` for 10,002 workers (the
+//!   first agent of each stage with tasks, the rest heartbeating) and
+//!   ~100,000 retained tasks, per-worker series on: what is done under
+//!   the core's lock (counters exported, gauges refreshed, the per-worker
+//!   rows copied out), then the text written after it;
 //! - `snapshot/encode`, `snapshot/decode`, `snapshot/restore`: a core
 //!   holding ~100,000 finished three-stage tasks written as a snapshot
 //!   (under the core's lock in the coordinator), read back, and restored.
@@ -168,6 +173,63 @@ fn replay(c: &mut Criterion) {
     group.finish();
 }
 
+/// Workers in the `scrape` group: `bench fleet`'s large size.
+const SCRAPE_AGENTS_PER_STAGE: usize = 3_334;
+
+fn scrape(c: &mut Criterion) {
+    let config = MixConfig::three_stages(SCRAPE_AGENTS_PER_STAGE, 1);
+    let mut core = Core::new(CoreConfig::default(), Metrics::new(true), START_MS);
+    core.set_caught_up(START_MS);
+    // Every agent says Hello; tasks flow through the first agent of each
+    // stage until ~100,000 are retained.
+    let mut fleet = SimFleet::new(&config);
+    for agent in &mut fleet.agents {
+        let mut events = Vec::new();
+        agent.take(START_MS, 1, &mut events);
+        let seq = agent.next_seq();
+        core.handle_envelope(
+            START_MS,
+            Decoded {
+                envelope: guildhall_proto::Envelope {
+                    sender: agent.id.clone(),
+                    seq,
+                    sent_at_ms: START_MS,
+                    events,
+                },
+                skipped: 0,
+            },
+            None,
+        );
+    }
+    let small = MixConfig::three_stages(1, 1);
+    apply(
+        &mut core,
+        Feeder::new(&small, 100_000, START_MS, BATCH).envelopes(usize::MAX),
+    );
+    let now = START_MS + 1_000;
+    let workers = core.overview().workers;
+    assert!(workers > 10_000, "{workers} workers");
+    let mut group = c.benchmark_group("scrape");
+    group.sampling_mode(SamplingMode::Flat).sample_size(20);
+    group.bench_function("locked", |b| {
+        b.iter(|| {
+            core.export_worker_counters();
+            core.refresh_metrics(now);
+            black_box(core.worker_series())
+        })
+    });
+    let rows = core.worker_series();
+    let metrics = core.metrics().clone();
+    group.bench_function("text", |b| {
+        b.iter_batched(
+            || rows.clone(),
+            |rows| black_box(metrics.encode_with(rows)),
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
 /// Events fed to the core the `snapshot` group saves: ~100,000 tasks.
 const SNAPSHOT_EVENTS: usize = 1_000_000;
 
@@ -209,6 +271,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .without_plots();
-    targets = envelope, core_apply, replay, snapshot
+    targets = envelope, core_apply, replay, scrape, snapshot
 }
 criterion_main!(benches);
