@@ -78,6 +78,21 @@ fn envelope(c: &mut Criterion) {
     group.finish();
 }
 
+/// A group whose every iteration is long (a whole core's worth): few
+/// samples, throughput in `elements` (events or tasks).
+fn slow_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    elements: usize,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
+    group
+        .throughput(Throughput::Elements(elements as u64))
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10);
+    group
+}
+
 /// A core as the coordinator runs it once caught up with the stream.
 fn fresh_core() -> Core {
     let config = CoreConfig {
@@ -105,11 +120,7 @@ fn core_apply(c: &mut Criterion) {
     let config = MixConfig::three_stages(AGENTS_PER_STAGE, 1);
     let envelopes = Feeder::new(&config, u64::MAX, START_MS, BATCH).envelopes(APPLY_EVENTS);
     let events: usize = envelopes.iter().map(|d| d.envelope.events.len()).sum();
-    let mut group = c.benchmark_group("core");
-    group
-        .throughput(Throughput::Elements(events as u64))
-        .sampling_mode(SamplingMode::Flat)
-        .sample_size(10);
+    let mut group = slow_group(c, "core", events);
     group.bench_function("apply", |b| {
         b.iter_batched(
             || (fresh_core(), envelopes.clone()),
@@ -147,11 +158,7 @@ fn replay(c: &mut Criterion) {
         .collect();
     drop(decoded);
     let now_ms = START_MS + 3_600_000;
-    let mut group = c.benchmark_group("replay");
-    group
-        .throughput(Throughput::Elements(events as u64))
-        .sampling_mode(SamplingMode::Flat)
-        .sample_size(10);
+    let mut group = slow_group(c, "replay", events);
     group.bench_function("decode_apply", |b| {
         b.iter_batched(
             || Core::new(CoreConfig::default(), Metrics::new(false), now_ms),
@@ -243,11 +250,7 @@ fn snapshot(c: &mut Criterion) {
     let ns: guildhall_proto::Namespace = "bench".parse().expect("a valid namespace");
     let bytes = core.encode_snapshot(&ns, now).expect("the state encodes");
     eprintln!("snapshot: {tasks} tasks, {} bytes", bytes.len());
-    let mut group = c.benchmark_group("snapshot");
-    group
-        .throughput(Throughput::Elements(tasks as u64))
-        .sampling_mode(SamplingMode::Flat)
-        .sample_size(10);
+    let mut group = slow_group(c, "snapshot", tasks);
     group.bench_function("encode", |b| {
         b.iter(|| black_box(core.encode_snapshot(&ns, now)))
     });

@@ -366,32 +366,24 @@ async fn initial_core(
     };
     let path = persist::snapshot_path(&p.dir, &p.namespace);
     let (dir, ns) = (p.dir.clone(), p.namespace.clone());
+    // Whatever goes wrong, the stream is replayed from its start.
+    let fresh = || (Core::new(config.clone(), metrics.clone(), now), None);
     let loaded = tokio::task::spawn_blocking(move || persist::load(&dir, &ns)).await;
-    let loaded = match loaded {
-        Ok(Ok(Some(loaded))) => loaded,
-        Ok(Ok(None)) => {
+    let loaded = match snapshot_step(loaded, &path, "load") {
+        Some(Some(loaded)) => loaded,
+        Some(None) => {
             tracing::info!(
                 path = %path.display(),
                 "no snapshot: replaying the events stream from the start"
             );
-            return (Core::new(config, metrics.clone(), now), None);
+            return fresh();
         }
-        Ok(Err(e)) => {
-            tracing::warn!("{e}; replaying the events stream from the start instead");
-            return (Core::new(config, metrics.clone(), now), None);
-        }
-        Err(e) => {
-            tracing::warn!(
-                "snapshot {}: cannot load it: {e}; replaying the events stream from the start instead",
-                path.display()
-            );
-            return (Core::new(config, metrics.clone(), now), None);
-        }
+        None => return fresh(),
     };
     let header = loaded.header.clone();
     let Some(offset) = header.offset else {
         // `load` refuses a snapshot without an offset already.
-        return (Core::new(config, metrics.clone(), now), None);
+        return fresh();
     };
     let resume_at = offset.saturating_add(1);
     match ingest::stream_reaches(conn, names, offset).await {
@@ -401,7 +393,7 @@ async fn initial_core(
                 "snapshot {}: covers offset {offset}, which the events stream has not reached (the stream was deleted and declared again?); replaying the events stream from the start instead",
                 path.display()
             );
-            return (Core::new(config, metrics.clone(), now), None);
+            return fresh();
         }
         Err(e) => tracing::warn!(
             "cannot check the events stream's end ({e}); resuming after the snapshot's offset {offset} anyway"
@@ -419,19 +411,8 @@ async fn initial_core(
         ))
     })
     .await;
-    let ((workers, stages, tasks), core) = match restored {
-        Ok(Ok(restored)) => restored,
-        Ok(Err(e)) => {
-            tracing::warn!("{e}; replaying the events stream from the start instead");
-            return (Core::new(config, metrics.clone(), now), None);
-        }
-        Err(e) => {
-            tracing::warn!(
-                "snapshot {}: cannot restore it: {e}; replaying the events stream from the start instead",
-                path.display()
-            );
-            return (Core::new(config, metrics.clone(), now), None);
-        }
+    let Some(((workers, stages, tasks), core)) = snapshot_step(restored, &path, "restore") else {
+        return fresh();
     };
     tracing::info!(
         offset,
@@ -444,6 +425,29 @@ async fn initial_core(
         path.display(),
     );
     (core, Some(resume_at))
+}
+
+/// What a snapshot step run off the runtime gave, or `None` after a warning
+/// (the caller replays the events stream from its start instead).
+fn snapshot_step<T>(
+    step: Result<Result<T, persist::LoadError>, tokio::task::JoinError>,
+    path: &std::path::Path,
+    doing: &str,
+) -> Option<T> {
+    match step {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            tracing::warn!("{e}; replaying the events stream from the start instead");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(
+                "snapshot {}: cannot {doing} it: {e}; replaying the events stream from the start instead",
+                path.display()
+            );
+            None
+        }
+    }
 }
 
 /// Writes this run's marker to the stream; reading it back means the replay
