@@ -10,8 +10,11 @@
 //! once per stage, so applying an event does no label lookup; the counts
 //! and histograms every task touches are buffered there without atomics
 //! (prometheus' local metrics) and flushed by the core at the end of each
-//! input ([`StageMetrics::flush`]), so a scrape or a snapshot, which take
-//! the core's lock, never sees a partial envelope. Gauges that
+//! envelope ([`StageMetrics::flush`], [`CoreMetrics::flush`]), under its
+//! lock: a snapshot (written under the lock) never sees part of an
+//! envelope, and a scrape (which gathers after releasing it) may catch
+//! one envelope's flush half done, as it could catch atomic updates in the
+//! middle of an envelope before. Gauges that
 //! describe state (workers by status, queue depths) are set by
 //! [`crate::core::Core::refresh_metrics`] just before a scrape.
 //!
@@ -600,7 +603,6 @@ impl Metrics {
         metrics
     }
 
-    /// Resolves the handles of one stage.
     /// Buffered handles for the core (see [`CoreMetrics`]).
     pub fn core_buffers(&self) -> CoreMetrics {
         CoreMetrics {
@@ -610,6 +612,7 @@ impl Metrics {
         }
     }
 
+    /// Resolves the handles of one stage.
     pub fn stage(&self, stage: &str) -> StageMetrics {
         // Exists at 0 from the stage's first sight, so rules on its increase
         // see a series before the first death.

@@ -298,7 +298,6 @@ impl Samples {
     }
 }
 
-/// The median of `v` (reordered), 0 when empty.
 /// One path, one round: the burst, then the paced tasks.
 async fn one_round(
     ctx: &Ctx,

@@ -441,8 +441,11 @@ impl Core {
         self.flush_metrics();
     }
 
-    /// Hands the buffered metric updates to the registry, so what a scrape
-    /// or a snapshot reads agrees with the state.
+    /// Hands the buffered metric updates to the registry, so what a
+    /// snapshot reads agrees with the state. Every stage is looked at (a
+    /// few borrow-flag checks each when it has nothing buffered): with 3
+    /// stages and 250 events an envelope that is nothing; with the
+    /// 256-stage limit ~1,300 checks, ~2% of the envelope's cost.
     fn flush_metrics(&self) {
         self.hot.flush();
         for s in self.stages.values() {

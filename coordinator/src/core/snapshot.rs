@@ -269,10 +269,6 @@ impl Core {
         let (worker_counters, counters): (Vec<_>, Vec<_>) = counters
             .into_iter()
             .partition(|c| c.name == WORKER_TASKS_TOTAL);
-        let skipped = metrics.restore_counters(&counters);
-        if skipped > 0 {
-            tracing::info!(skipped, "counter series from the snapshot not restored");
-        }
         let mut core = Core::new(config, metrics, now_ms);
         core.tasks = TaskStore::restore(
             tasks.into_records(),
@@ -316,6 +312,12 @@ impl Core {
             // Other settings: the history may not fit them (bucket width,
             // season). Start the forecasts afresh rather than mislead.
             tracing::info!("capacity settings changed since the snapshot: forecasts start afresh");
+        }
+        // Last: the registry is shared, so nothing that could still fail
+        // (and send the runtime back to a fresh core) comes after it.
+        let skipped = core.metrics.restore_counters(&counters);
+        if skipped > 0 {
+            tracing::info!(skipped, "counter series from the snapshot not restored");
         }
         core
     }
