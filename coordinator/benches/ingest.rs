@@ -143,18 +143,9 @@ fn replay(c: &mut Criterion) {
     let config = MixConfig::three_stages(REPLAY_AGENTS_PER_STAGE, 1);
     let decoded = Feeder::new(&config, u64::MAX, START_MS, BATCH).envelopes(REPLAY_EVENTS);
     let events: usize = decoded.iter().map(|d| d.envelope.events.len()).sum();
-    let mut builder = EnvelopeBuilder::default();
     let messages: Vec<Vec<u8>> = decoded
         .iter()
-        .map(|d| {
-            let e = &d.envelope;
-            for event in &e.events {
-                builder.push(event).expect("a mix event encodes");
-            }
-            builder
-                .finish(&e.sender, e.seq, e.sent_at_ms)
-                .expect("a batch fits an envelope")
-        })
+        .map(|d| d.envelope.encode().expect("a batch fits an envelope"))
         .collect();
     drop(decoded);
     let now_ms = START_MS + 3_600_000;
@@ -190,23 +181,13 @@ fn scrape(c: &mut Criterion) {
     // Every agent says Hello; tasks flow through the first agent of each
     // stage until ~100,000 are retained.
     let mut fleet = SimFleet::new(&config);
+    let (mut scratch, mut builder) = (Vec::new(), EnvelopeBuilder::default());
     for agent in &mut fleet.agents {
-        let mut events = Vec::new();
-        agent.take(START_MS, 1, &mut events);
-        let seq = agent.next_seq();
-        core.handle_envelope(
-            START_MS,
-            Decoded {
-                envelope: guildhall_proto::Envelope {
-                    sender: agent.id.clone(),
-                    seq,
-                    sent_at_ms: START_MS,
-                    events,
-                },
-                skipped: 0,
-            },
-            None,
-        );
+        let bytes = agent
+            .envelope(START_MS, 1, &mut scratch, &mut builder)
+            .expect("a Hello encodes");
+        let hello = guildhall_proto::decode(&bytes).expect("a Hello decodes");
+        core.handle_envelope(START_MS, hello, None);
     }
     let small = MixConfig::three_stages(1, 1);
     apply(

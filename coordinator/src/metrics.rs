@@ -107,8 +107,8 @@ pub struct Metrics {
     /// `guildhall_events_ingested_total{kind}`.
     pub events_ingested: IntCounterVec,
     /// The handle of each `kind` of `events_ingested`, indexed by
-    /// [`guildhall_proto::Event::kind_index`]: counting an event is one
-    /// atomic add, no label lookup.
+    /// [`guildhall_proto::Event::kind_index`]: the core counts through its
+    /// buffered copies ([`CoreMetrics`]), no label lookup.
     pub events_by_kind: Vec<IntCounter>,
     /// `guildhall_event_lag_seconds`: from an envelope's publish (the
     /// sender's clock) to its application, the coordinator's delay behind
@@ -271,7 +271,7 @@ impl StageMetrics {
 }
 
 /// The core's buffered handles of the fleet-wide series it updates per
-/// event; flushed with the stages' at the end of each input.
+/// event; flushed with the stages' at the end of each envelope.
 #[derive(Debug)]
 pub struct CoreMetrics {
     /// `events_ingested` by [`guildhall_proto::Event::kind_index`].

@@ -553,9 +553,9 @@ impl Core {
 
     /// Whether `stage` is known, made known now if the stage limit allows
     /// (an event naming a stage over the limit is counted and dropped). A
-    /// known stage's name is swapped for the stage table's copy, so the
-    /// rows and records made from the event share one allocation instead of
-    /// one per event.
+    /// known stage's name is swapped for the stage table's copy (unless it
+    /// is that copy already), so what the event leaves behind (a worker's
+    /// stage, an error sample, a notice) shares the table's allocation.
     fn known_stage(&mut self, now_ms: u64, stage: &mut Stage) -> bool {
         if let Some((shared, _)) = self.stages.get_key_value(stage) {
             // Decoding shares the text of a stage name it read lately, so
