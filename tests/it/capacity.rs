@@ -226,7 +226,21 @@ async fn the_flexible_agent_moves_to_the_overloaded_stage_and_the_actuators_run(
             && log.contains("exit status: 3"),
         "the failure is logged with its status and output:\n{log}"
     );
-    let m = api.metrics().await.unwrap();
+    // An action is counted once it has returned, a moment after its
+    // effects (the webhook's body, the command's output) were seen above.
+    let m = eventually(
+        Duration::from_secs(10),
+        "the scale actions counted",
+        || async {
+            let m = api.metrics().await?;
+            anyhow::ensure!(
+                m.value("guildhall_scale_actions_total", &[("outcome", "done")]) >= Some(1.0),
+                "no action counted done yet"
+            );
+            Ok(m)
+        },
+    )
+    .await;
     assert!(
         m.value("guildhall_scale_actions_total", &[("outcome", "failed")]) >= Some(1.0),
         "failed action counted"
