@@ -239,6 +239,8 @@ impl EventPublisher {
             sink,
             sink_generation: 0,
             sender,
+            // Never 0, which readers take for "unknown" (version 1 envelopes).
+            incarnation: rand::random::<u64>() | 1,
             config,
             stats: stats.clone(),
             builder: EnvelopeBuilder::default(),
@@ -366,6 +368,10 @@ struct Batcher {
     sink_generation: u64,
     /// Sender id written in every envelope.
     sender: AgentId,
+    /// This publisher's random start id, written in every envelope: a
+    /// reader tells this run of the sender from an earlier one (which
+    /// counted its batches from 1 too) and from batches forged in its name.
+    incarnation: u64,
     /// Batching and buffering limits.
     config: EventPublisherConfig,
     /// Counters shared with the handles.
@@ -495,7 +501,10 @@ impl Batcher {
         let events = self.builder.len() as u64;
         let waiters = std::mem::take(&mut self.waiters);
         self.seq += 1;
-        let bytes = match self.builder.finish(&self.sender, self.seq, now_ms()) {
+        let bytes = match self
+            .builder
+            .finish(&self.sender, self.incarnation, self.seq, now_ms())
+        {
             Ok(bytes) => bytes,
             Err(err) => {
                 // A bug (an event too large for any envelope), not an outage.

@@ -116,6 +116,10 @@ pub struct Metrics {
     pub event_lag: Histogram,
     /// `guildhall_events_malformed_total{reason}`: dropped messages and events.
     pub events_malformed: IntCounterVec,
+    /// `guildhall_deliveries_rejected_total{stage,reason}`: messages agents
+    /// found on a stage queue and could not treat as tasks (reported by
+    /// their `DeliveryRejected` events), set aside without reaching a worker.
+    pub deliveries_rejected: IntCounterVec,
     /// `guildhall_event_batches_total`: envelopes applied.
     pub event_batches: IntCounter,
     /// `guildhall_event_batches_missing_total`: gaps in senders' sequence numbers.
@@ -491,6 +495,12 @@ impl Metrics {
                 "Event messages or events dropped because they could not be read, by reason.",
                 &["reason"],
             ),
+            deliveries_rejected: counter_vec(
+                &r,
+                "guildhall_deliveries_rejected_total",
+                "Messages agents could not treat as tasks (a message_id that is not a valid task id, ...), set aside to the dead-letter queue without reaching a worker, by stage and reason.",
+                &["stage", "reason"],
+            ),
             event_batches,
             event_batches_missing,
             event_batches_duplicate,
@@ -615,8 +625,12 @@ impl Metrics {
     /// Resolves the handles of one stage.
     pub fn stage(&self, stage: &str) -> StageMetrics {
         // Exists at 0 from the stage's first sight, so rules on its increase
-        // see a series before the first death.
+        // see a series before the first death (or rejected delivery).
         self.worker_deaths.with_label_values(&[stage]);
+        for reason in guildhall_proto::RejectReason::ALL {
+            self.deliveries_rejected
+                .with_label_values(&[stage, reason.as_str()]);
+        }
         StageMetrics {
             succeeded: self
                 .tasks
@@ -638,7 +652,7 @@ impl Metrics {
 
     /// The handle of every counter a snapshot carries, to restore them: all
     /// but `snapshot_writes` (a test checks that none is missing).
-    fn saved_counters(&self) -> [CounterHandle<'_>; 14] {
+    fn saved_counters(&self) -> [CounterHandle<'_>; 15] {
         use CounterHandle::{Family, One};
         [
             Family(&self.tasks),
@@ -647,6 +661,7 @@ impl Metrics {
             One(&self.tasks_completed),
             Family(&self.events_ingested),
             Family(&self.events_malformed),
+            Family(&self.deliveries_rejected),
             One(&self.event_batches),
             One(&self.event_batches_missing),
             One(&self.event_batches_duplicate),
@@ -1002,7 +1017,7 @@ mod tests {
         }
         m.snapshot_writes.with_label_values(&["written"]).inc();
         let saved = m.counter_values();
-        assert_eq!(saved.len(), 14);
+        assert_eq!(saved.len(), m.saved_counters().len());
         assert!(
             saved
                 .iter()

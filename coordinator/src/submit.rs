@@ -64,6 +64,9 @@ pub struct Submitter {
     sender: AgentId,
     /// Envelope sequence numbers.
     seq: AtomicU64,
+    /// This process's random start id, written in every envelope (readers
+    /// tell a restart from a forgery by it).
+    incarnation: u64,
     /// Broker names.
     names: Names,
 }
@@ -74,6 +77,7 @@ impl Submitter {
         Self {
             sender,
             seq: AtomicU64::new(0),
+            incarnation: rand::random::<u64>() | 1,
             names,
         }
     }
@@ -141,6 +145,7 @@ impl Submitter {
     pub async fn publish_events(&self, publisher: &Publisher, events: Vec<Event>) -> bool {
         let envelope = Envelope {
             sender: self.sender.clone(),
+            incarnation: self.incarnation,
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             sent_at_ms: now_ms(),
             events,

@@ -665,7 +665,7 @@ async fn each_user_is_refused_what_it_must_not_do() {
     // Another agent, same `agent` user.
     let intruder_id = format!("{}-intruder", d.tag);
     let agent = d
-        .connect("agent", &format!("guildhall-agent/{intruder_id}"))
+        .connect("agent", &format!("guildhall-agent/{NS}/{intruder_id}"))
         .await
         .unwrap();
     let allowed = on_channel(&agent, |ch| {

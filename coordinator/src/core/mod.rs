@@ -269,6 +269,8 @@ pub struct Core {
     moves: VecDeque<plan::MoveRecord>,
     /// Failures by stage and error class.
     errors: ErrorTracker,
+    /// `DeliveryRejected` events logged so far (the log is rate-limited).
+    rejected_logged: u64,
 }
 
 impl Core {
@@ -291,6 +293,7 @@ impl Core {
             caught_up: false,
             next_housekeeping_ms: now_ms + HOUSEKEEPING_MS,
             stats: IngestStats::default(),
+            rejected_logged: 0,
         }
     }
 
@@ -876,6 +879,28 @@ impl Core {
                         .with_label_values(&[e.from.as_str(), e.to.as_str()])
                         .inc();
                     w.stage = e.to;
+                }
+            }
+            Event::DeliveryRejected(mut e) => {
+                if !self.known_stage(now_ms, &mut e.stage) {
+                    return;
+                }
+                self.metrics
+                    .deliveries_rejected
+                    .with_label_values(&[e.stage.as_str(), e.reason.as_str()])
+                    .inc();
+                // A flood of poison messages must not flood the log: the
+                // first few, then every 1000th (the metric counts them all).
+                self.rejected_logged += 1;
+                if self.rejected_logged <= 10 || self.rejected_logged.is_multiple_of(1000) {
+                    tracing::warn!(
+                        worker = %sender,
+                        stage = %e.stage,
+                        reason = e.reason.as_str(),
+                        dead_lettered = e.dead_lettered,
+                        detail = %e.detail,
+                        "an agent set aside a message it cannot treat as a task"
+                    );
                 }
             }
             Event::Marker(m) => {

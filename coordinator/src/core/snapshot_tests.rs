@@ -41,6 +41,7 @@ impl Feed {
         *seq += 1;
         let envelope = Envelope {
             sender: sender.parse().unwrap(),
+            incarnation: 1,
             seq: *seq,
             sent_at_ms: self.now,
             events,
@@ -356,6 +357,7 @@ fn a_restored_core_keeps_working() {
         Decoded {
             envelope: Envelope {
                 sender: "wb".parse().unwrap(),
+                incarnation: 1,
                 seq,
                 sent_at_ms: g.now,
                 events: vec![g.succeeded("R", "b", 1, None)],

@@ -49,6 +49,7 @@ impl Sim {
         *seq += 1;
         let env = Envelope {
             sender: aid(sender),
+            incarnation: 1,
             seq: *seq,
             sent_at_ms: sent_at,
             events,
@@ -332,6 +333,7 @@ fn nobody_is_judged_dead_while_replaying_history() {
     let env = |sender: &str, at: u64, events: Vec<Event>| Decoded {
         envelope: Envelope {
             sender: aid(sender),
+            incarnation: 1,
             seq: 1,
             sent_at_ms: at,
             events,
@@ -812,6 +814,7 @@ fn unreadable_input_and_limits_are_counted_not_fatal() {
         Decoded {
             envelope: Envelope {
                 sender: aid("w1"),
+                incarnation: 1,
                 seq: 1,
                 sent_at_ms: sim.now,
                 events: vec![],
@@ -853,6 +856,7 @@ fn gaps_in_a_senders_sequence_are_counted() {
     // Batch 4 comes late, after 6: it is applied, not taken for a repeat.
     let mut late = Envelope {
         sender: aid("w1"),
+        incarnation: 1,
         seq: 4,
         sent_at_ms: sim.now,
         events: vec![e],
@@ -951,6 +955,7 @@ fn per_worker_series_can_be_switched_off() {
         Decoded {
             envelope: Envelope {
                 sender: aid("w1"),
+                incarnation: 1,
                 seq: 1,
                 sent_at_ms: T0,
                 events: vec![sim_hb],

@@ -20,7 +20,7 @@
 //!
 //! When the core declares a worker dead, the runtime closes that agent's
 //! connection through the management API (agents name their connections
-//! `guildhall-agent/<id>`), so the broker requeues a frozen worker's tasks
+//! `guildhall-agent/<namespace>/<id>`), so the broker requeues a frozen worker's tasks
 //! at once instead of after its own heartbeat timeout.
 
 pub mod actuate;
@@ -568,7 +568,7 @@ async fn close_connection(app: Arc<App>, worker: AgentId, tasks: usize) {
         tracing::warn!(%worker, tasks, "cannot close a dead worker's connection without the management API");
         return;
     };
-    let name = Names::agent_connection_name(&worker);
+    let name = app.names.agent_connection_name(&worker);
     // The management API lists a connection only after its next statistics
     // refresh (5 s by default), so one opened just before the worker froze
     // may not be there yet: look again for a while before giving up.
