@@ -124,9 +124,9 @@ pub struct Metrics {
     /// into bounds (`time`: implausible event times, `heartbeat_interval`:
     /// intervals outside the agent's own bounds).
     pub events_clamped: IntCounterVec,
-    /// `guildhall_sender_conflicts_total`: times a run of an agent that had
-    /// been replaced (by a `Hello` of a new incarnation) sent again: a
-    /// forged `Hello`, or two processes sharing an agent id.
+    /// `guildhall_sender_conflicts_total`: times a run of an agent spoke
+    /// again after another run (a `Hello` of a new incarnation) started
+    /// under its id: a forged `Hello`, or two processes sharing an agent id.
     pub sender_conflicts: IntCounter,
     /// `guildhall_coordinator_listening`: 1 while the coordinator hears the
     /// fleet (its stream consumer is connected and its echoes come back), 0
@@ -186,7 +186,7 @@ pub struct Metrics {
 
 /// Every `reason` of `guildhall_events_malformed_total`: the decoder's
 /// (`DecodeError::reason`) and the core's own.
-pub const MALFORMED_REASONS: [&str; 11] = [
+pub const MALFORMED_REASONS: [&str; 10] = [
     "malformed",
     "version",
     "oversized",
@@ -195,10 +195,9 @@ pub const MALFORMED_REASONS: [&str; 11] = [
     "worker_limit",
     // A batch numbered too far ahead of its sender's last (forged).
     "seq_jump",
-    // A batch of a run (incarnation) of its sender that is not followed.
+    // A batch of an unknown run (incarnation) of its sender, without the
+    // Hello that starts a run, while a known run of it is alive.
     "incarnation",
-    // A batch of a run refused after it was found to be a forged restart.
-    "incarnation_refused",
     // With --event-users: a message whose validated user_id is not allowed
     // to speak for its envelope's sender.
     "forged",
@@ -435,7 +434,7 @@ impl Metrics {
             .expect("metric registered once");
         let sender_conflicts = IntCounter::new(
             "guildhall_sender_conflicts_total",
-            "Times a replaced run of an agent sent again: a forged Hello of a new incarnation, or two processes sharing an agent id. The run that was there first is followed, the other refused.",
+            "Times a run of an agent spoke again after another run started under its id: a forged Hello, or two processes sharing an agent id. Both runs are applied, each with its own batch numbers.",
         )
         .expect("valid metric definition");
         r.register(Box::new(sender_conflicts.clone()))

@@ -491,7 +491,6 @@ impl Core {
             incarnation: envelope.incarnation,
             seq: envelope.seq,
             hello: envelope.events.iter().any(|e| matches!(e, Event::Hello(_))),
-            followed_gone: false,
         };
         let known = self.workers.contains_key(&sender);
         if known {
@@ -521,7 +520,8 @@ impl Core {
         }
         if !known && let Some(w) = self.workers.get_mut(&sender) {
             // First sight: its run and numbering start with this batch.
-            let _ = w.sender.admit(head);
+            let quiet = w.dead_after_ms(self.config.missed_heartbeats);
+            let _ = w.sender.admit(head, now_ms, quiet);
         }
         self.touch(now_ms, seen_ms, &sender, active.then_some(head));
         self.flush_metrics();
@@ -575,31 +575,32 @@ impl Core {
     }
 
     /// Decides on a known sender's batch: logs and counts what it found.
-    fn admit(&mut self, now_ms: u64, sender: &AgentId, mut head: senders::BatchHead) -> Admitted {
-        let dead_after = self.config.missed_heartbeats;
+    fn admit(&mut self, now_ms: u64, sender: &AgentId, head: senders::BatchHead) -> Admitted {
+        let missed = self.config.missed_heartbeats;
         let Some(w) = self.workers.get_mut(sender) else {
             return Admitted::Apply;
         };
-        head.followed_gone =
-            !w.is_alive() || now_ms.saturating_sub(w.last_seen_ms) >= w.dead_after_ms(dead_after);
-        match w.sender.admit(head) {
+        // Every run of it quiet for this long: a new one may start without
+        // a Hello. Silence on the coordinator's clock, which no forged
+        // event moves (a forged stop makes it look stopped, not silent).
+        let quiet = w.dead_after_ms(missed);
+        match w.sender.admit(head, now_ms, quiet) {
             senders::Admission::Apply { missing, change } => {
                 self.metrics.event_batches_missing.inc_by(missing);
                 match change {
                     senders::RunChange::Same => {}
-                    senders::RunChange::Restarted { from } => tracing::info!(
+                    senders::RunChange::Started { after } => tracing::info!(
                         worker = %sender,
-                        from = format_args!("{from:016x}"),
-                        to = format_args!("{:016x}", head.incarnation),
-                        "agent restarted (a new incarnation)"
+                        after = format_args!("{after:016x}"),
+                        run = format_args!("{:016x}", head.incarnation),
+                        "agent restarted (a new run)"
                     ),
-                    senders::RunChange::Conflict { refused } => {
+                    senders::RunChange::Conflict => {
                         self.metrics.sender_conflicts.inc();
                         tracing::warn!(
                             worker = %sender,
-                            followed = format_args!("{:016x}", head.incarnation),
-                            refused = format_args!("{refused:016x}"),
-                            "two runs send as this agent (a forged Hello, or two processes with one id): following the one that was there first, refusing the other"
+                            run = format_args!("{:016x}", head.incarnation),
+                            "two runs send as this agent (a forged Hello, or two processes with one id): both are applied, each with its own batch numbers"
                         );
                     }
                 }

@@ -11,16 +11,17 @@
 //!   one, and the most it can skip is what its bounded resend buffer
 //!   dropped. (Adopted, a forged `seq = 10^15` made every later real batch
 //!   look old, for good.)
-//! - **A run is an incarnation.** Envelopes of version 2 carry the random
-//!   start id of the process that wrote them. A new incarnation is adopted
-//!   when its batch says `Hello` early in its numbering (a restart), or when
-//!   the one followed has gone silent; any other batch of an incarnation
-//!   that is not followed is dropped.
-//! - **The run that keeps talking wins.** If the incarnation left behind at
-//!   a switch sends again, the switch was no restart (a forged `Hello`, or
-//!   two processes with one id): the coordinator goes back to it and
-//!   refuses the other from then on. A forgery costs one heartbeat
-//!   interval of confusion, not the agent.
+//! - **A run is an incarnation, numbered on its own.** Envelopes of version
+//!   2 carry the random start id of the process that wrote them, and each
+//!   run has its own window of batch numbers, so no batch of one run can
+//!   make another's look old. A new run starts when its batch says `Hello`
+//!   early in its numbering (a restart), or when every known run has gone
+//!   quiet; any other batch of an unknown run is dropped.
+//! - **No run is blinded.** A forged `Hello` starts a run, but the real one
+//!   keeps being applied; its next batch shows two runs under one id
+//!   (counted, logged). At most [`MAX_RUNS`] runs are remembered, and the
+//!   one with the least history goes first, so fresh forged runs never
+//!   push out a long-lived real one.
 //!
 //! Version 1 envelopes (incarnation 0) keep the old rules, with the jump
 //! bound: a `Hello` starts the numbering again.
@@ -34,9 +35,6 @@ const SEQ_WINDOW: u64 = 64;
 /// skips numbers only when its resend buffer (100,000 events by default,
 /// at least one per batch) drops batches during an outage.
 pub const MAX_SEQ_JUMP: u64 = 1 << 18;
-
-/// Incarnations refused after a conflict that are remembered.
-const MAX_REFUSED: usize = 4;
 
 /// The last 64 envelope sequence numbers seen from one sender.
 ///
@@ -115,19 +113,32 @@ impl SeqWindow {
     }
 }
 
-/// What the coordinator follows of one sender.
+/// Runs of one sender remembered at once.
+const MAX_RUNS: usize = 4;
+
+/// One run (incarnation) of a sender.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SenderState {
-    /// The incarnation followed (0: unknown, or a sender of version 1
-    /// envelopes).
+pub struct Run {
+    /// Its random start id (0: a sender of version 1 envelopes).
     pub incarnation: u64,
     /// Its batch numbers.
     pub window: SeqWindow,
-    /// The incarnation followed before the last switch, and its window: if
-    /// it sends again, the switch was not a restart.
-    pub previous: Option<(u64, SeqWindow)>,
-    /// Incarnations refused after a conflict, newest last.
-    pub refused: Vec<u64>,
+    /// Batches of it applied: a run with a history is not evicted by
+    /// fresh ones.
+    pub batches: u64,
+    /// When it was last heard from (coordinator clock).
+    pub last_heard_ms: u64,
+    /// Another run started after it was last heard: if it speaks again,
+    /// two runs send under one id.
+    pub superseded: bool,
+}
+
+/// The runs of one sender the coordinator accepts batches from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SenderState {
+    /// At most [`MAX_RUNS`], each with its own batch numbers, so a batch of
+    /// one run never makes another's look old.
+    pub runs: Vec<Run>,
 }
 
 /// A batch's header, as far as admission goes.
@@ -139,10 +150,6 @@ pub struct BatchHead {
     pub seq: u64,
     /// Whether it carries a `Hello`.
     pub hello: bool,
-    /// Whether the incarnation followed has been silent long enough to be
-    /// judged dead (or said it was stopping): a new one may take over
-    /// without a `Hello` (the batch holding it may have been lost).
-    pub followed_gone: bool,
 }
 
 /// What to do with a batch.
@@ -152,7 +159,7 @@ pub enum Admission {
     Apply {
         /// Batches now known to be lost.
         missing: u64,
-        /// What changed about the run followed, if anything.
+        /// What changed about the sender's runs, if anything.
         change: RunChange,
     },
     /// A batch seen already: drop it (counted as a duplicate).
@@ -162,78 +169,93 @@ pub enum Admission {
     Refused(&'static str),
 }
 
-/// A change of the incarnation followed.
+/// A change in a sender's runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunChange {
     /// None.
     Same,
-    /// A new run took over (a restart).
-    Restarted {
-        /// The run left behind (0 if unknown).
-        from: u64,
+    /// A new run started (a restart, or a forged `Hello`).
+    Started {
+        /// The run heard from last before it (0 if none or unknown).
+        after: u64,
     },
-    /// The run left at the last switch is still sending: followed again,
-    /// and the one that replaced it refused.
-    Conflict {
-        /// The run refused from now on.
-        refused: u64,
-    },
+    /// A run that another had superseded spoke again: two runs send under
+    /// one id (a forged `Hello`, or two processes with one id).
+    Conflict,
 }
 
 impl SenderState {
-    /// Decides on a batch, and records it if it is applied.
-    pub fn admit(&mut self, b: BatchHead) -> Admission {
-        if b.incarnation == 0 {
-            // A version 1 sender: a Hello early in its numbering starts it
-            // again (a Hello far into it would let a jump in).
-            if b.hello && b.seq <= SEQ_WINDOW {
-                self.window.reset();
-            }
-            return self.check(RunChange::Same, b.seq);
-        }
-        if self.refused.contains(&b.incarnation) {
-            return Admission::Refused("incarnation_refused");
-        }
-        if b.incarnation == self.incarnation {
-            return self.check(RunChange::Same, b.seq);
-        }
-        if let Some((prev, _)) = self.previous
-            && prev == b.incarnation
-        {
-            // Left behind at the last switch, yet still sending.
-            let Some((_, window)) = self.previous.take() else {
-                return Admission::Refused("incarnation");
-            };
-            let refused = std::mem::replace(&mut self.incarnation, prev);
-            self.window = window;
-            if self.refused.len() >= MAX_REFUSED {
-                self.refused.remove(0);
-            }
-            self.refused.push(refused);
-            return self.check(RunChange::Conflict { refused }, b.seq);
-        }
+    /// Decides on a batch read at `now_ms`, and records it if applied.
+    /// `quiet_ms`: the silence after which every known run counts as gone,
+    /// so that a new run may start without a `Hello` (the batch holding it
+    /// may have been dropped by its resend buffer).
+    pub fn admit(&mut self, b: BatchHead, now_ms: u64, quiet_ms: u64) -> Admission {
         let starts = b.hello && b.seq <= SEQ_WINDOW;
-        if self.incarnation == 0 || starts || b.followed_gone {
-            let from = self.incarnation;
-            let window = std::mem::take(&mut self.window);
-            self.previous = (from != 0).then_some((from, window));
-            self.incarnation = b.incarnation;
-            let change = if from == 0 {
-                RunChange::Same
-            } else {
-                RunChange::Restarted { from }
+        if let Some(run) = self
+            .runs
+            .iter_mut()
+            .find(|r| r.incarnation == b.incarnation)
+        {
+            if b.incarnation == 0 && starts {
+                // A version 1 sender restarted: its numbering starts again.
+                run.window.reset();
+            }
+            return match run.window.check(b.seq) {
+                SeqCheck::New { missing } => {
+                    run.batches += 1;
+                    run.last_heard_ms = run.last_heard_ms.max(now_ms);
+                    let change = if std::mem::take(&mut run.superseded) {
+                        RunChange::Conflict
+                    } else {
+                        RunChange::Same
+                    };
+                    Admission::Apply { missing, change }
+                }
+                SeqCheck::Repeat => Admission::Repeat,
+                SeqCheck::Jump => Admission::Refused("seq_jump"),
             };
-            return self.check(change, b.seq);
         }
-        Admission::Refused("incarnation")
-    }
-
-    fn check(&mut self, change: RunChange, seq: u64) -> Admission {
-        match self.window.check(seq) {
-            SeqCheck::New { missing } => Admission::Apply { missing, change },
-            SeqCheck::Repeat => Admission::Repeat,
-            SeqCheck::Jump => Admission::Refused("seq_jump"),
+        let all_quiet = self
+            .runs
+            .iter()
+            .all(|r| now_ms.saturating_sub(r.last_heard_ms) >= quiet_ms);
+        if !(self.runs.is_empty() || starts || all_quiet) {
+            return Admission::Refused("incarnation");
         }
+        let after = self
+            .runs
+            .iter()
+            .max_by_key(|r| r.last_heard_ms)
+            .map_or(0, |r| r.incarnation);
+        let change = if self.runs.is_empty() {
+            RunChange::Same
+        } else {
+            RunChange::Started { after }
+        };
+        for r in &mut self.runs {
+            r.superseded = true;
+        }
+        if self.runs.len() >= MAX_RUNS
+            && let Some(i) = self
+                .runs
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, r)| (r.batches, r.last_heard_ms))
+                .map(|(i, _)| i)
+        {
+            // The run with the least history goes: a long-lived real run
+            // outlasts any number of fresh forged ones.
+            self.runs.swap_remove(i);
+        }
+        let mut run = Run {
+            incarnation: b.incarnation,
+            last_heard_ms: now_ms,
+            batches: 1,
+            ..Run::default()
+        };
+        run.window.check(b.seq);
+        self.runs.push(run);
+        Admission::Apply { missing: 0, change }
     }
 }
 
@@ -301,12 +323,14 @@ mod tests {
         );
     }
 
+    const NOW: u64 = 1_700_000_000_000;
+    const QUIET: u64 = 3_000;
+
     fn head(incarnation: u64, seq: u64, hello: bool) -> BatchHead {
         BatchHead {
             incarnation,
             seq,
             hello,
-            followed_gone: false,
         }
     }
 
@@ -320,106 +344,117 @@ mod tests {
     #[test]
     fn a_restart_with_hello_is_followed() {
         let mut s = SenderState::default();
-        assert_eq!(applied(s.admit(head(7, 1, true))), RunChange::Same);
+        assert_eq!(
+            applied(s.admit(head(7, 1, true), NOW, QUIET)),
+            RunChange::Same
+        );
         for seq in 2..=50 {
-            applied(s.admit(head(7, seq, false)));
+            applied(s.admit(head(7, seq, false), NOW, QUIET));
         }
         // Restarted: numbers from 1 again, Hello first.
         assert_eq!(
-            applied(s.admit(head(9, 1, true))),
-            RunChange::Restarted { from: 7 }
+            applied(s.admit(head(9, 1, true), NOW + 10, QUIET)),
+            RunChange::Started { after: 7 }
         );
-        assert_eq!(applied(s.admit(head(9, 2, false))), RunChange::Same);
-        assert_eq!(s.incarnation, 9);
+        assert_eq!(
+            applied(s.admit(head(9, 2, false), NOW + 20, QUIET)),
+            RunChange::Same
+        );
     }
 
     #[test]
-    fn another_runs_batch_without_hello_is_refused_while_the_followed_one_lives() {
+    fn another_runs_batch_without_hello_is_refused_while_a_known_run_lives() {
         let mut s = SenderState::default();
-        applied(s.admit(head(7, 1, true)));
-        applied(s.admit(head(7, 2, false)));
+        applied(s.admit(head(7, 1, true), NOW, QUIET));
+        applied(s.admit(head(7, 2, false), NOW, QUIET));
         // A forged batch (an incarnation of its own, no Hello).
         assert_eq!(
-            s.admit(head(666, 10, false)),
+            s.admit(head(666, 10, false), NOW + 1, QUIET),
             Admission::Refused("incarnation")
         );
-        // A Hello far into its numbering is no restart either.
+        // A Hello far into its numbering is no start either.
         assert_eq!(
-            s.admit(head(666, 1_000, true)),
+            s.admit(head(666, 1_000, true), NOW + 2, QUIET),
             Admission::Refused("incarnation")
         );
-        assert_eq!(applied(s.admit(head(7, 3, false))), RunChange::Same);
-        // Once the followed run is gone, a new one takes over without Hello
-        // (its Hello batch may have been dropped by its resend buffer).
-        let gone = BatchHead {
-            followed_gone: true,
-            ..head(8, 40, false)
-        };
-        assert_eq!(applied(s.admit(gone)), RunChange::Restarted { from: 7 });
-    }
-
-    #[test]
-    fn a_forged_restart_is_undone_when_the_real_run_speaks_again() {
-        let mut s = SenderState::default();
-        applied(s.admit(head(7, 1, true)));
-        applied(s.admit(head(7, 2, false)));
-        // A forged Hello with an incarnation of its own is taken for a restart...
         assert_eq!(
-            applied(s.admit(head(666, 1, true))),
-            RunChange::Restarted { from: 7 }
+            applied(s.admit(head(7, 3, false), NOW + 3, QUIET)),
+            RunChange::Same
         );
-        // ... until the real run sends its next batch: followed again.
+        // Once every known run has been quiet long enough, a new one starts
+        // without Hello (its Hello batch may have been dropped).
         assert_eq!(
-            applied(s.admit(head(7, 3, false))),
-            RunChange::Conflict { refused: 666 }
-        );
-        assert_eq!(s.incarnation, 7);
-        // Its window was kept: a repeat is still a repeat.
-        assert_eq!(s.admit(head(7, 3, false)), Admission::Repeat);
-        // The forger's run is refused from now on, Hello or not.
-        assert_eq!(
-            s.admit(head(666, 2, true)),
-            Admission::Refused("incarnation_refused")
-        );
-        // Another forged restart: undone the same way.
-        assert_eq!(
-            applied(s.admit(head(667, 1, true))),
-            RunChange::Restarted { from: 7 }
-        );
-        assert_eq!(
-            applied(s.admit(head(7, 4, false))),
-            RunChange::Conflict { refused: 667 }
+            applied(s.admit(head(8, 40, false), NOW + 3 + QUIET, QUIET)),
+            RunChange::Started { after: 7 }
         );
     }
 
     #[test]
-    fn refused_runs_are_remembered_up_to_a_bound() {
+    fn a_forged_start_blinds_no_run_and_shows_as_a_conflict() {
         let mut s = SenderState::default();
-        applied(s.admit(head(7, 1, true)));
-        for (i, forged) in (100..110).enumerate() {
-            applied(s.admit(head(forged, 1, true)));
-            applied(s.admit(head(7, 2 + i as u64, false)));
+        applied(s.admit(head(7, 1, true), NOW, QUIET));
+        applied(s.admit(head(7, 2, false), NOW, QUIET));
+        // A forged Hello with an incarnation of its own starts a run...
+        assert_eq!(
+            applied(s.admit(head(666, 1, true), NOW + 1, QUIET)),
+            RunChange::Started { after: 7 }
+        );
+        // ... but the real run keeps its own numbering: its next batch is
+        // applied, and shows two runs under one id.
+        assert_eq!(
+            applied(s.admit(head(7, 3, false), NOW + 2, QUIET)),
+            RunChange::Conflict
+        );
+        assert_eq!(
+            applied(s.admit(head(7, 4, false), NOW + 3, QUIET)),
+            RunChange::Same
+        );
+        assert_eq!(
+            s.admit(head(7, 4, false), NOW + 4, QUIET),
+            Admission::Repeat
+        );
+        // The forged run's numbers cannot make the real ones look old.
+        applied(s.admit(head(666, 60, false), NOW + 5, QUIET));
+        assert_eq!(
+            applied(s.admit(head(7, 5, false), NOW + 6, QUIET)),
+            RunChange::Same
+        );
+    }
+
+    #[test]
+    fn fresh_runs_never_evict_a_run_with_a_history() {
+        let mut s = SenderState::default();
+        for seq in 1..=100 {
+            applied(s.admit(head(7, seq, seq == 1), NOW + seq, QUIET));
         }
-        assert_eq!(s.refused, vec![106, 107, 108, 109]);
+        // Many forged starts between two real batches.
+        for forged in 1_000..1_020 {
+            applied(s.admit(head(forged, 1, true), NOW + 200, QUIET));
+        }
+        assert_eq!(s.runs.len(), MAX_RUNS);
+        assert_eq!(
+            applied(s.admit(head(7, 101, false), NOW + 300, QUIET)),
+            RunChange::Conflict
+        );
     }
 
     #[test]
     fn version_1_senders_keep_the_old_rules_and_the_jump_bound() {
         let mut s = SenderState::default();
-        applied(s.admit(head(0, 5, true)));
-        assert_eq!(s.admit(head(0, 5, false)), Admission::Repeat);
-        // A Hello starts the numbering again.
-        applied(s.admit(head(0, 1, true)));
+        applied(s.admit(head(0, 5, true), NOW, QUIET));
+        assert_eq!(s.admit(head(0, 5, false), NOW, QUIET), Admission::Repeat);
+        // A Hello early in the numbering starts it again.
+        applied(s.admit(head(0, 1, true), NOW, QUIET));
         assert_eq!(
-            s.admit(head(0, 1 << 40, false)),
+            s.admit(head(0, 1 << 40, false), NOW, QUIET),
             Admission::Refused("seq_jump")
         );
-        applied(s.admit(head(0, 2, false)));
+        applied(s.admit(head(0, 2, false), NOW, QUIET));
         // A Hello far into the numbering does not open the door to a jump.
         assert_eq!(
-            s.admit(head(0, 1 << 40, true)),
+            s.admit(head(0, 1 << 40, true), NOW, QUIET),
             Admission::Refused("seq_jump")
         );
-        applied(s.admit(head(0, 3, false)));
+        applied(s.admit(head(0, 3, false), NOW, QUIET));
     }
 }
