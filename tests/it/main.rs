@@ -17,3 +17,4 @@ mod prometheus;
 mod rabbitmq_definitions;
 mod recovery;
 mod restart;
+mod tls;
