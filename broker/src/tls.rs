@@ -288,9 +288,9 @@ fn read_pem_file(path: &Path, label: &'static str) -> Result<Vec<u8>, TlsError> 
         path: shown(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(read_error)?;
-    // Checked before reading: a FIFO would block, a device never end.
-    let meta = file.metadata().map_err(read_error)?;
+    // Checked before opening: opening a FIFO blocks until it has a writer,
+    // and a device may never end.
+    let meta = std::fs::metadata(path).map_err(read_error)?;
     if !meta.is_file() {
         return Err(TlsError::Invalid {
             label,
@@ -298,6 +298,7 @@ fn read_pem_file(path: &Path, label: &'static str) -> Result<Vec<u8>, TlsError> 
             reason: "is not a regular file".into(),
         });
     }
+    let file = std::fs::File::open(path).map_err(read_error)?;
     let mut bytes = Vec::new();
     file.take(MAX_PEM_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -343,21 +344,37 @@ tZB0pR04bE53jpqiRaK1J0vd6yGIReaM2zV6wg==
 -----END CERTIFICATE-----
 ";
 
-    fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "guildhall-tls-unit-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
+    /// A directory of its own for a test's files, deleted on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "guildhall-tls-unit-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, contents).unwrap();
+            path
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn a_ca_file_loads_and_reaches_both_clients() {
-        let path = temp_file("ca.pem", format!("comment line\n{CA_PEM}").as_bytes());
+        let scratch = Scratch::new();
+        let path = scratch.file("ca.pem", format!("comment line\n{CA_PEM}").as_bytes());
         let ca = CaBundle::load(&path, "--amqp-ca-file").unwrap();
         assert_eq!(ca.count, 1);
         assert_eq!(ca.reqwest_certificates().unwrap().len(), 1);
@@ -374,8 +391,9 @@ tZB0pR04bE53jpqiRaK1J0vd6yGIReaM2zV6wg==
 
     #[test]
     fn a_key_file_without_a_key_is_refused() {
-        let cert = temp_file("client.pem", CA_PEM.as_bytes());
-        let key = temp_file("client.key", CA_PEM.as_bytes());
+        let scratch = Scratch::new();
+        let cert = scratch.file("client.pem", CA_PEM.as_bytes());
+        let key = scratch.file("client.key", CA_PEM.as_bytes());
         let err = ClientIdentity::load(&cert, &key, &TlsLabels::FLAGS)
             .unwrap_err()
             .to_string();
@@ -396,6 +414,7 @@ tZB0pR04bE53jpqiRaK1J0vd6yGIReaM2zV6wg==
 
     #[test]
     fn garbage_empty_and_key_only_files_are_refused() {
+        let scratch = Scratch::new();
         for (name, contents, expect) in [
             ("garbage.pem", &b"this is not a certificate\n"[..], "holds no PEM certificate"),
             ("empty.pem", b"", "holds no PEM certificate"),
@@ -415,7 +434,7 @@ tZB0pR04bE53jpqiRaK1J0vd6yGIReaM2zV6wg==
                 "not a usable CA certificate",
             ),
         ] {
-            let path = temp_file(name, contents);
+            let path = scratch.file(name, contents);
             let err = CaBundle::load(&path, "--amqp-ca-file").unwrap_err().to_string();
             assert!(err.contains(expect), "{name}: {err}");
             assert!(err.starts_with("--amqp-ca-file "), "{name}: {err}");
@@ -437,7 +456,16 @@ tZB0pR04bE53jpqiRaK1J0vd6yGIReaM2zV6wg==
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a regular file"), "{err}");
-        let big = temp_file("big.pem", &vec![b'A'; MAX_PEM_BYTES as usize + 10]);
+        let scratch = Scratch::new();
+        let fifo = scratch.0.join("ca.fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let err = CaBundle::load(&fifo, "--amqp-ca-file")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("not a regular file"), "{err}");
+        }
+        let big = scratch.file("big.pem", &vec![b'A'; MAX_PEM_BYTES as usize + 10]);
         let err = CaBundle::load(&big, "--amqp-ca-file")
             .unwrap_err()
             .to_string();
