@@ -107,11 +107,7 @@ impl AmqpUrl {
             )));
         }
         let given = ClientTls::load(files, &TlsLabels::FLAGS)?;
-        let given_files = TlsFiles {
-            ca: files.ca.clone().filter(|p| !p.as_os_str().is_empty()),
-            cert: files.cert.clone().filter(|p| !p.as_os_str().is_empty()),
-            key: files.key.clone().filter(|p| !p.as_os_str().is_empty()),
-        };
+        let given_files = files.normalized();
         if given.ca.is_some() {
             self.tls.ca = given.ca;
             self.files.ca = given_files.ca;

@@ -99,7 +99,7 @@ impl TlsFiles {
     }
 
     /// The same without empty paths.
-    fn normalized(&self) -> TlsFiles {
+    pub(crate) fn normalized(&self) -> TlsFiles {
         let keep = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
         TlsFiles {
             ca: keep(&self.ca),
