@@ -18,3 +18,4 @@ mod prometheus;
 mod rabbitmq_definitions;
 mod recovery;
 mod restart;
+mod tls;

@@ -21,6 +21,7 @@ use crate::serve::ServeConfig;
 use crate::serve::actuate::ActuatorConfig;
 use clap::{Args, Parser, Subcommand};
 use guildhall_broker::AmqpUrl;
+use guildhall_broker::tls::{CaBundle, TlsFiles};
 use guildhall_broker::topology::StreamRetention;
 use guildhall_proto::{Names, Namespace, Stage};
 use std::collections::BTreeMap;
@@ -139,13 +140,31 @@ pub struct BrokerArgs {
     /// Prefix of every broker name, so deployments can share a broker.
     #[arg(long, env = "GUILDHALL_NAMESPACE", default_value = guildhall_proto::names::DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// PEM CA certificates to trust, besides the system's, for an amqps://
+    /// broker (and the management API, unless --management-ca-file).
+    #[arg(long, env = "GUILDHALL_AMQP_CA_FILE", value_parser = any_path)]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// PEM client certificate for a broker that requires one (mutual TLS);
+    /// needs --amqp-key-file.
+    #[arg(long, env = "GUILDHALL_AMQP_CERT_FILE", value_parser = any_path)]
+    pub amqp_cert_file: Option<PathBuf>,
+    /// PEM private key of --amqp-cert-file (not encrypted).
+    #[arg(long, env = "GUILDHALL_AMQP_KEY_FILE", value_parser = any_path)]
+    pub amqp_key_file: Option<PathBuf>,
 }
 
 impl BrokerArgs {
-    /// Parses the URL and namespace.
+    /// Parses the URL and namespace, and reads and checks the TLS files.
     pub fn validate(&self) -> Result<(AmqpUrl, Names), ConfigError> {
         let url =
             AmqpUrl::parse(&self.amqp_url).map_err(|e| ConfigError(format!("--amqp-url: {e}")))?;
+        let url = url
+            .with_tls_files(&TlsFiles {
+                ca: self.amqp_ca_file.clone(),
+                cert: self.amqp_cert_file.clone(),
+                key: self.amqp_key_file.clone(),
+            })
+            .map_err(|e| ConfigError(e.to_string()))?;
         let ns = Namespace::new(self.namespace.as_str())
             .map_err(|e| ConfigError(format!("--namespace: {e}")))?;
         Ok((url, Names::new(ns)))
@@ -161,6 +180,10 @@ pub struct CoordinatorArgs {
     /// RabbitMQ management API (for unacked counts); "" to go without.
     #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
     pub management_url: String,
+    /// PEM CA certificates to trust, besides the system's, for an https://
+    /// --management-url [default: --amqp-ca-file].
+    #[arg(long, env = "GUILDHALL_MANAGEMENT_CA_FILE", value_parser = any_path)]
+    pub management_ca_file: Option<PathBuf>,
     /// Heartbeat intervals of silence after which a worker is suspect.
     #[arg(long, env = "GUILDHALL_SUSPECT_HEARTBEATS", default_value_t = 2)]
     pub suspect_heartbeats: u32,
@@ -383,11 +406,20 @@ impl CoordinatorArgs {
                 ))
             })?;
         }
+        let management_ca = management_ca(
+            &self.management_url,
+            self.management_ca_file.as_deref(),
+            &url,
+        )?;
         let management_url = if self.management_url.trim().is_empty() {
             None
         } else {
-            guildhall_broker::Management::new(&self.management_url, url.vhost())
-                .map_err(|e| ConfigError(format!("--management-url: {e}")))?;
+            guildhall_broker::Management::with_ca(
+                &self.management_url,
+                url.vhost(),
+                management_ca.as_ref(),
+            )
+            .map_err(|e| ConfigError(format!("--management-url: {e}")))?;
             Some(self.management_url.clone())
         };
         let trusted: Vec<String> = self
@@ -414,6 +446,7 @@ impl CoordinatorArgs {
             .then(|| crate::serve::EventUsers::new(trusted.into_iter().chain(own_user).collect()));
         config.access = self.access()?;
         config.management_url = management_url;
+        config.management_ca = management_ca;
         config.alert_webhook = self.alert_webhook.clone();
         let capacity = self.capacity()?;
         config.actuator = ActuatorConfig {
@@ -488,8 +521,30 @@ impl CoordinatorArgs {
 
 /// A path, the empty one included (it means "none", as `""` does for
 /// `--management-url`), so an empty environment variable is not an error.
-fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+pub(crate) fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(s))
+}
+
+/// The CA bundle the management API client trusts: `--management-ca-file`
+/// (only with an https:// URL), else the broker's `--amqp-ca-file`.
+pub(crate) fn management_ca(
+    management_url: &str,
+    ca_file: Option<&std::path::Path>,
+    amqp: &AmqpUrl,
+) -> Result<Option<CaBundle>, ConfigError> {
+    match ca_file.filter(|p| !p.as_os_str().is_empty()) {
+        Some(path) => {
+            if !management_url.trim_start().starts_with("https://") {
+                return Err(ConfigError(
+                    "--management-ca-file needs an https:// --management-url".into(),
+                ));
+            }
+            CaBundle::load(path, "--management-ca-file")
+                .map(Some)
+                .map_err(|e| ConfigError(e.to_string()))
+        }
+        None => Ok(amqp.ca().cloned()),
+    }
 }
 
 impl CoordinatorArgs {

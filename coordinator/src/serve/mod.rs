@@ -58,6 +58,9 @@ pub struct ServeConfig {
     pub names: Names,
     /// The management API, for unacked counts; `None` to go without.
     pub management_url: Option<String>,
+    /// Extra CA certificates the management API client trusts (an https://
+    /// management API with a private CA).
+    pub management_ca: Option<guildhall_broker::tls::CaBundle>,
     /// The core's tunables.
     pub core: CoreConfig,
     /// Whether per-worker metric series are exported.
@@ -118,6 +121,7 @@ impl ServeConfig {
             amqp_url,
             names,
             management_url: Some("http://guest:guest@127.0.0.1:15672".into()),
+            management_ca: None,
             core: CoreConfig::default(),
             per_worker_metrics: true,
             retention: StreamRetention::default(),
@@ -229,21 +233,23 @@ pub async fn run(
 
     let mut management_ok = false;
     let management = match &config.management_url {
-        Some(url) => match Management::new(url, config.amqp_url.vhost()) {
-            Ok(m) => {
-                match m.check().await {
-                    Ok(()) => management_ok = true,
-                    Err(e) => tracing::warn!(
-                        "{e}: unacked counts are unavailable, and frozen workers' tasks return only when the broker's own heartbeat timeout closes their connections"
-                    ),
+        Some(url) => {
+            match Management::with_ca(url, config.amqp_url.vhost(), config.management_ca.as_ref()) {
+                Ok(m) => {
+                    match m.check().await {
+                        Ok(()) => management_ok = true,
+                        Err(e) => tracing::warn!(
+                            "{e}: unacked counts are unavailable, and frozen workers' tasks return only when the broker's own heartbeat timeout closes their connections"
+                        ),
+                    }
+                    Some(m)
                 }
-                Some(m)
+                Err(e) => {
+                    tracing::warn!("{e}: going without the management API");
+                    None
+                }
             }
-            Err(e) => {
-                tracing::warn!("{e}: going without the management API");
-                None
-            }
-        },
+        }
         None => {
             tracing::warn!(
                 "no management API: unacked counts are unavailable, and frozen workers' tasks return only when the broker's own heartbeat timeout closes their connections"
