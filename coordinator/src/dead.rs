@@ -6,6 +6,10 @@
 //! trace and submission time), waits for each confirm, and only then acks
 //! the dead copy.
 //!
+//! Messages a closed channel held come back a moment after the close, so a
+//! call waits (briefly) until the queue holds them again before it returns:
+//! the next call sees the whole queue.
+//!
 //! Calls share one connection (the caller's, see
 //! `http::dead_letters`), each on a channel of its own, and each runs
 //! until a deadline: between two messages it stops cleanly once the
@@ -158,6 +162,20 @@ pub enum Selection {
     Ids(BTreeSet<String>),
 }
 
+/// Waits (at most [`CLOSE_WAIT`], and not past `deadline`) until `queue`
+/// holds `ready` messages again: the broker puts back what a closed channel
+/// held a moment after the close, and the next call must see all of it.
+async fn settle(conn: &Arc<Connection>, queue: &str, ready: u64, deadline: Instant) {
+    let until = deadline.min(Instant::now() + CLOSE_WAIT);
+    while Instant::now() < until {
+        match tokio::time::timeout_at(until, probe_queue(conn, queue)).await {
+            Ok(Ok(Some(probe))) if u64::from(probe.ready) >= ready => return,
+            Ok(Ok(Some(_))) => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => return,
+        }
+    }
+}
+
 /// The number of dead letters of `stage`; `UnknownStage` if it has no queue.
 async fn count(
     conn: &Arc<Connection>,
@@ -227,6 +245,7 @@ pub async fn list(
     // Closing the channel gives back every unacked message.
     close(conn, &ch).await;
     result?;
+    settle(conn, &queue, count, deadline).await;
     Ok(Listing {
         stage: stage.to_string(),
         count,
@@ -304,6 +323,8 @@ pub async fn replay(
     .await;
     close(conn, &ch).await;
     result?;
+    let left = count.saturating_sub(out.replayed.len() as u64);
+    settle(conn, &queue, left, deadline).await;
     if let (Selection::Ids(ids), false) = (selection, out.timed_out) {
         out.not_found = ids.iter().filter(|i| !seen.contains(*i)).cloned().collect();
     }

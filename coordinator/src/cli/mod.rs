@@ -310,7 +310,7 @@ pub struct CoordinatorArgs {
     pub http_max_event_streams: usize,
     /// Longest an API request waits on the broker: submitting a task,
     /// listing or replaying dead letters (504 after).
-    #[arg(long, env = "GUILDHALL_BROKER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GUILDHALL_BROKER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub broker_timeout: Duration,
 }
 

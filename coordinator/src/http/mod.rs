@@ -83,7 +83,7 @@ impl Default for HttpConfig {
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(30),
             max_event_streams: 32,
-            broker_timeout: Duration::from_secs(10),
+            broker_timeout: Duration::from_secs(30),
             allowed_hosts: AllowedHosts::default(),
         }
     }
