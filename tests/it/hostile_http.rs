@@ -34,22 +34,6 @@ fn rss_mib(pid: u32) -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
-/// Raises this test process's open-files limit to at least `want` (root may
-/// raise the hard limit too); answers the soft limit now.
-fn raise_nofile(want: u64) -> u64 {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let now = getrlimit(Resource::Nofile);
-    let hard = now.maximum.map_or(want, |h| h.max(want));
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: Some(hard),
-            maximum: Some(hard),
-        },
-    );
-    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
-}
-
 /// A raw answer: status, headers (lower-case names) and body.
 struct Raw {
     status: u16,

@@ -228,20 +228,24 @@ pub async fn list(
             }
         }
     }
-    let listing = detached(&app, "listing the dead letters", move |app, deadline| async move {
-        let mut turn = take_turn(&app, &stage, deadline).await?;
-        if let Some(listing) = turn.state().fresh_listing(requested, limit) {
-            return Ok(listing);
-        }
-        let started = Instant::now();
-        let names = app.names.clone();
-        let listing = on_broker(&app, deadline, |conn, _| async move {
-            dead::list(&conn, &names, &stage, limit, deadline).await
-        })
-        .await?;
-        turn.state().listing = Some((started, limit, listing.clone()));
-        Ok(listing)
-    })
+    let listing = detached(
+        &app,
+        "listing the dead letters",
+        move |app, deadline| async move {
+            let mut turn = take_turn(&app, &stage, deadline).await?;
+            if let Some(listing) = turn.state().fresh_listing(requested, limit) {
+                return Ok(listing);
+            }
+            let started = Instant::now();
+            let names = app.names.clone();
+            let listing = on_broker(&app, deadline, |conn, _| async move {
+                dead::list(&conn, &names, &stage, limit, deadline).await
+            })
+            .await?;
+            turn.state().listing = Some((started, limit, listing.clone()));
+            Ok(listing)
+        },
+    )
     .await?;
     let mut body = serde_json::to_value(listing)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -298,7 +302,15 @@ pub async fn replay(
         turn.state().listing = None;
         let names = app.names.clone();
         on_broker(&app, deadline, |conn, publisher| async move {
-            dead::replay(&conn, &publisher, &names, &replay_stage, &selection, deadline).await
+            dead::replay(
+                &conn,
+                &publisher,
+                &names,
+                &replay_stage,
+                &selection,
+                deadline,
+            )
+            .await
         })
         .await
     })
@@ -406,7 +418,10 @@ mod tests {
         assert_eq!(state.fresh_listing(before, 100), Some(listing.clone()));
         assert_eq!(state.fresh_listing(before, 5).map(|l| l.count), Some(3));
         // Asked after it started: it may miss what came since.
-        assert_eq!(state.fresh_listing(started + Duration::from_millis(1), 100), None);
+        assert_eq!(
+            state.fresh_listing(started + Duration::from_millis(1), 100),
+            None
+        );
         // Asked for more than it took.
         assert_eq!(state.fresh_listing(before, 101), None);
         assert_eq!(StageState::default().fresh_listing(before, 1), None);

@@ -39,7 +39,9 @@ async fn worker_written_text_is_withheld_from_readers_without_the_token() {
     let ns = TestNs::new("hh-redact");
     let broker = Broker::connect(&ns).await.unwrap();
     broker.declare_stage("work").await.unwrap();
-    let c = spawn_coordinator(&ns, &["--api-token", TOKEN]).await.unwrap();
+    let c = spawn_coordinator(&ns, &["--api-token", TOKEN])
+        .await
+        .unwrap();
     let worker = spawn_http_worker(&ns, "worker").await.unwrap();
     let _agent = spawn_agent(
         &ns,
@@ -66,7 +68,12 @@ async fn worker_written_text_is_withheld_from_readers_without_the_token() {
     let task = api.get_ok("/api/tasks/R-1").await.unwrap();
     assert!(task.to_string().contains(CARD), "{task}");
     let dead = api.get_ok("/api/dead/work").await.unwrap();
-    assert!(dead["tasks"][0]["payload_preview"].as_str().unwrap().contains(CARD));
+    assert!(
+        dead["tasks"][0]["payload_preview"]
+            .as_str()
+            .unwrap()
+            .contains(CARD)
+    );
 
     // Without: the text is withheld, and says so; the rest is there.
     let errors = open.get_ok("/api/errors").await.unwrap();
@@ -79,7 +86,10 @@ async fn worker_written_text_is_withheld_from_readers_without_the_token() {
     let task = open.get_ok("/api/tasks/R-1").await.unwrap();
     assert!(!task.to_string().contains(CARD), "{task}");
     let attempt = &task["attempts"][0];
-    assert_eq!((&attempt["error"], &attempt["redacted"]), (&Value::Null, &Value::Bool(true)));
+    assert_eq!(
+        (&attempt["error"], &attempt["redacted"]),
+        (&Value::Null, &Value::Bool(true))
+    );
     assert_eq!(attempt["outcome"], "dead_lettered");
     let dead = open.get_ok("/api/dead/work").await.unwrap();
     assert!(!dead.to_string().contains(CARD), "{dead}");
@@ -90,11 +100,24 @@ async fn worker_written_text_is_withheld_from_readers_without_the_token() {
     assert!(row["payload_bytes"].as_u64().unwrap() > 0);
     // A wrong token is no token.
     let wrong = open.with_token("wrong-token-0123456789");
-    assert!(!wrong.get_ok("/api/errors").await.unwrap().to_string().contains(CARD));
+    assert!(
+        !wrong
+            .get_ok("/api/errors")
+            .await
+            .unwrap()
+            .to_string()
+            .contains(CARD)
+    );
     // Statuses and metrics stay open.
     open.get_ok("/api/workers").await.unwrap();
     open.get_ok("/api/stages").await.unwrap();
-    assert!(open.metrics().await.unwrap().value("guildhall_workers", &[]).is_some());
+    assert!(
+        open.metrics()
+            .await
+            .unwrap()
+            .value("guildhall_workers", &[])
+            .is_some()
+    );
 
     // The event stream likewise, the token in its query.
     let base = format!("{}/api/events", c.api.base);
@@ -144,24 +167,50 @@ async fn access_token_is_form_decoded_on_every_read() {
         "/api/tasks",
         "/api/dead/work",
     ] {
-        assert_eq!(get(format!("{path}?access_token={encoded}")).await, 200, "{path}");
-        assert_eq!(get(path.to_owned()).await, 401, "{path}");
-        assert_eq!(get(format!("{path}?access_token={token}")).await, 401, "{path} raw");
         assert_eq!(
-            get(format!("{path}?access_token=a%2Fb+c%3Dd%25e%26f%3Fg%23h-0123456789")).await,
+            get(format!("{path}?access_token={encoded}")).await,
+            200,
+            "{path}"
+        );
+        assert_eq!(get(path.to_owned()).await, 401, "{path}");
+        assert_eq!(
+            get(format!("{path}?access_token={token}")).await,
+            401,
+            "{path} raw"
+        );
+        assert_eq!(
+            get(format!(
+                "{path}?access_token=a%2Fb+c%3Dd%25e%26f%3Fg%23h-0123456789"
+            ))
+            .await,
             401,
             "{path}: + is a space"
         );
     }
     // Next to the route's own parameters, which still work and are checked.
     assert_eq!(
-        get(format!("/api/tasks?limit=5&access_token={encoded}&status=queued")).await,
+        get(format!(
+            "/api/tasks?limit=5&access_token={encoded}&status=queued"
+        ))
+        .await,
         200
     );
-    assert_eq!(get(format!("/api/tasks?limit=0&access_token={encoded}")).await, 400);
-    assert_eq!(get(format!("/api/tasks?bogus=1&access_token={encoded}")).await, 400);
-    assert_eq!(get(format!("/api/dead/work?limit=5&access_token={encoded}")).await, 200);
-    assert_eq!(get(format!("/api/tasks/NOPE?access_token={encoded}")).await, 404);
+    assert_eq!(
+        get(format!("/api/tasks?limit=0&access_token={encoded}")).await,
+        400
+    );
+    assert_eq!(
+        get(format!("/api/tasks?bogus=1&access_token={encoded}")).await,
+        400
+    );
+    assert_eq!(
+        get(format!("/api/dead/work?limit=5&access_token={encoded}")).await,
+        200
+    );
+    assert_eq!(
+        get(format!("/api/tasks/NOPE?access_token={encoded}")).await,
+        404
+    );
     let events = reqwest::get(format!("{}/api/events?access_token={encoded}", c.api.base))
         .await
         .unwrap();

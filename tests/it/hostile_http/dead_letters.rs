@@ -86,11 +86,15 @@ async fn a_hundred_concurrent_listings_keep_memory_modest_and_take_nothing() {
     assert!(peak <= before + 128, "peak {peak} MiB (was {before} MiB)");
     // Listing took nothing.
     let queue = ns.names.dead_queue(&TestNs::stage("p1"));
-    eventually(Duration::from_secs(10), "50 dead letters still ready", || async {
-        let n = ready(&broker, &queue).await;
-        anyhow::ensure!(n == 50, "{n}");
-        Ok(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "50 dead letters still ready",
+        || async {
+            let n = ready(&broker, &queue).await;
+            anyhow::ensure!(n == 50, "{n}");
+            Ok(())
+        },
+    )
     .await;
 }
 
@@ -119,11 +123,15 @@ async fn a_slow_dead_letter_queue_answers_504_in_time_and_loses_nothing() {
         "{body}"
     );
     assert!(took < Duration::from_secs(5), "answered after {took:?}");
-    eventually(Duration::from_secs(20), "every dead letter back", || async {
-        let n = ready(&broker, &queue).await;
-        anyhow::ensure!(n == N, "{n} ready");
-        Ok(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "every dead letter back",
+        || async {
+            let n = ready(&broker, &queue).await;
+            anyhow::ensure!(n == N, "{n} ready");
+            Ok(())
+        },
+    )
     .await;
 
     let started = std::time::Instant::now();
@@ -142,7 +150,10 @@ async fn a_slow_dead_letter_queue_answers_504_in_time_and_loses_nothing() {
     // Each task is a dead letter or back on its stage (at most one twice,
     // if the deadline cut a republish before its ack).
     let (dead, queued) = eventually(Duration::from_secs(20), "all accounted for", || async {
-        let (dead, queued) = (ready(&broker, &queue).await, ready(&broker, &stage_queue).await);
+        let (dead, queued) = (
+            ready(&broker, &queue).await,
+            ready(&broker, &stage_queue).await,
+        );
         anyhow::ensure!((N..=N + 1).contains(&(dead + queued)), "{dead} + {queued}");
         Ok((dead, queued))
     })

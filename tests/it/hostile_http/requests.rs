@@ -62,7 +62,12 @@ async fn json_posts_need_json_fit_their_limit_and_arrive_in_time() {
     let big = format!(r#"{{"concurrency": 1, "x": "{}"}}"#, "a".repeat(2000));
     let r = raw(
         &a,
-        &post(&a, "/api/workers/w1/concurrency", Some("application/json"), &big),
+        &post(
+            &a,
+            "/api/workers/w1/concurrency",
+            Some("application/json"),
+            &big,
+        ),
     )
     .await;
     expect(&r, 413, "at most 1 KiB");
@@ -132,8 +137,9 @@ async fn only_allowed_hosts_are_served_and_cross_origin_posts_refused() {
         expect(&raw(&a, &get(&host)).await, 421, "--allowed-hosts");
     }
     // The absolute-form target counts as the host too.
-    let absolute =
-        format!("GET http://evil.example/api/workers HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n");
+    let absolute = format!(
+        "GET http://evil.example/api/workers HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n"
+    );
     expect(&raw(&a, &absolute).await, 421, "evil.example");
     // HTTP/1.0 without Host: 400.
     let r = raw(&a, "GET /api/workers HTTP/1.0\r\n\r\n").await;
@@ -174,9 +180,15 @@ async fn only_allowed_hosts_are_served_and_cross_origin_posts_refused() {
     let b = addr(&listed.api);
     assert_eq!(raw(&b, &get("coordinator:8080")).await.status, 200);
     assert_eq!(raw(&b, &get("g.example.org:80")).await.status, 200);
-    expect(&raw(&b, &get("g.example.org:8080")).await, 421, "g.example.org");
+    expect(
+        &raw(&b, &get("g.example.org:8080")).await,
+        421,
+        "g.example.org",
+    );
     expect(&raw(&b, &get("evil.example")).await, 421, "evil.example");
-    let any = spawn_coordinator(&ns, &["--allowed-hosts", "*"]).await.unwrap();
+    let any = spawn_coordinator(&ns, &["--allowed-hosts", "*"])
+        .await
+        .unwrap();
     let d = addr(&any.api);
     assert_eq!(raw(&d, &get("evil.example")).await.status, 200);
 
@@ -184,5 +196,8 @@ async fn only_allowed_hosts_are_served_and_cross_origin_posts_refused() {
     let out = run_guildhall(&["serve", "--allowed-hosts", "ok,not a host"]).await;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--allowed-hosts") && err.trim().lines().count() == 1, "{err}");
+    assert!(
+        err.contains("--allowed-hosts") && err.trim().lines().count() == 1,
+        "{err}"
+    );
 }
