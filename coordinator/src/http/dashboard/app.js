@@ -313,6 +313,7 @@
     if (value) {
       setToken(value);
       if (source) connectEvents(); // EventSource carries the token in its URL
+      reloadWithheld();
     }
     if (resolve) resolve(value || null);
   }
@@ -362,13 +363,16 @@
     return text == null || text === '' ? empty : text;
   }
 
-  /** Asks for the token, then reloads everything that showed withheld text. */
-  async function signIn() {
-    const entered = await askToken('Error messages and payload previews are shown only with the access token. Enter the coordinator\'s --api-token:');
-    if (!entered) return;
-    await loadAll();
+  /** Fetches again the views that may hold text withheld without the token. */
+  function reloadWithheld() {
     if (state.task.id) loadTask(state.task.id, { quiet: true });
     if (state.dead.stage) loadDead();
+  }
+
+  /** Asks for the token (a "hidden: sign in" was clicked), then reloads. */
+  async function signIn() {
+    const entered = await askToken('Error messages and payload previews are shown only with the access token. Enter the coordinator\'s --api-token:');
+    if (entered) loadAll();
   }
 
   function setupHiddenText() {
