@@ -552,7 +552,7 @@ impl CoordinatorArgs {
                 "--http-max-connections",
                 self.http_max_connections,
                 16,
-                1_000_000,
+                100_000,
             ),
             (
                 "--http-max-event-streams",

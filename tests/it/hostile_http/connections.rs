@@ -265,3 +265,57 @@ async fn event_streams_are_bounded() {
     .await;
     drop(second);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_files_limit_lowers_the_connection_limit_instead_of_failing_accept() {
+    let ns = TestNs::new("hh-nofile");
+    // 400 files at most (soft and hard): 144 connections, 256 kept for the rest.
+    let script = "ulimit -n 400 && exec \"$0\" \"$@\"".to_owned();
+    let args = vec![
+        "-c".to_owned(),
+        script,
+        bin("guildhall").display().to_string(),
+        "serve".into(),
+        "--namespace".into(),
+        ns.name().into(),
+        "--amqp-url".into(),
+        amqp_url(),
+        "--management-url".into(),
+        management_url(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    let (proc, line) = spawn_logged(
+        &ns,
+        "coordinator",
+        &"/bin/sh".into(),
+        &args,
+        &[],
+        Some("listening on http://"),
+    )
+    .await
+    .unwrap();
+    let line = line.unwrap();
+    let base = &line[line.find("http://").unwrap()..];
+    let api = Api::new(base.split_whitespace().next().unwrap());
+    // 1,000 idle connections: the server sheds them, and never runs out of
+    // files to accept a real client with.
+    let idle = hold_idle(&addr(&api), 1_000).await;
+    eventually(Duration::from_secs(20), "/livez and a read", || async {
+        let fresh = Api::new(&api.base);
+        fresh.get_ok("/livez").await?;
+        fresh.get_ok("/api/workers").await?;
+        Ok(())
+    })
+    .await;
+    let m = api.metrics().await.unwrap();
+    let open = m.value("guildhall_http_connections", &[]).unwrap();
+    assert!(open <= 144.0, "{open} open");
+    release(idle).await;
+    let log = proc.log_text();
+    assert!(
+        log.contains("at most 144 HTTP connections instead of --http-max-connections 1024"),
+        "{log}"
+    );
+    assert!(!log.contains("cannot accept"), "{log}");
+}
