@@ -36,8 +36,11 @@ fn rss_mib(pid: u32) -> u64 {
 
 /// A raw answer: status, headers (lower-case names) and body.
 struct Raw {
+    /// The status code.
     status: u16,
+    /// The headers, names in lower case.
     headers: Vec<(String, String)>,
+    /// The body as text.
     body: String,
 }
 
