@@ -306,14 +306,15 @@ pub async fn replay(
                 enqueued_at_ms: Some(now_ms()),
                 ..old
             };
-            // Once republished, the dead copy is acked even a little past
-            // the deadline (at most one more call), so a task is not
-            // replayed twice by a replay that retries this one.
+            // A task begun is finished even a little past the deadline
+            // (republished, then its dead copy acked): cut in between, it
+            // would be both queued and dead, and replayed twice.
+            let finish_by = deadline.max(Instant::now() + CLOSE_WAIT);
             let exchange = names.tasks_exchange();
             let publish = publisher.publish(&exchange, stage.as_str(), &d.data, meta.properties());
-            until(conn, deadline, publish).await?;
+            until(conn, finish_by, publish).await?;
             let ack = d.acker.ack(BasicAckOptions::default());
-            until(conn, deadline.max(Instant::now() + CLOSE_WAIT), ack).await?;
+            until(conn, finish_by, ack).await?;
             out.replayed.push(meta.id.to_string());
             out.enqueued_at_ms
                 .push(meta.enqueued_at_ms.unwrap_or_default());

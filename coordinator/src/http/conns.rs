@@ -8,7 +8,8 @@
 //!
 //! - **header time-out**: a connection that has not sent a complete request
 //!   head within `header_timeout` of its accept (its first request), or of
-//!   the first byte of a later request, is cut (slowloris);
+//!   the first byte of a later request (a pipelined one too), is cut
+//!   (slowloris);
 //! - **idle time-out**: a kept-alive connection with no request for
 //!   `idle_timeout` is cut;
 //! - **stalled**: a response whose client stopped reading (nothing written
@@ -132,7 +133,7 @@ pub struct Snapshot {
     pub since_ms: u64,
     /// Whether a request was ever received on it.
     pub served: bool,
-    /// While idle: when the first byte of the next request arrived.
+    /// When the first byte of the next request arrived, if it did.
     pub first_byte_ms: Option<u64>,
     /// While responding: the last write or body poll.
     pub progress_ms: u64,
@@ -188,7 +189,8 @@ pub struct Conn {
     since_ms: AtomicU64,
     /// Whether a request was ever received.
     served: AtomicBool,
-    /// While idle: first byte of the next request (0: none yet).
+    /// First byte of the next request, read while idle or responding (0:
+    /// none yet).
     first_byte_ms: AtomicU64,
     /// While responding: the last write or body poll.
     progress_ms: AtomicU64,
@@ -203,9 +205,11 @@ impl Conn {
         clock_ms(self.origin)
     }
 
-    /// Bytes were read from the socket.
+    /// Bytes were read from the socket: unless a request is with the
+    /// router (its body), they begin the next request (read while a
+    /// response is written, they are a pipelined one).
     pub fn on_read(&self) {
-        if self.phase.load(Ordering::Relaxed) == Phase::Idle.as_u8()
+        if self.phase.load(Ordering::Relaxed) != Phase::Handling.as_u8()
             && self.first_byte_ms.load(Ordering::Relaxed) == 0
         {
             self.first_byte_ms.store(self.now(), Ordering::Relaxed);
@@ -219,6 +223,7 @@ impl Conn {
 
     /// A complete request head arrived and goes to the router.
     pub fn request_started(&self) {
+        self.first_byte_ms.store(0, Ordering::Relaxed);
         self.set_phase(Phase::Handling);
         self.served.store(true, Ordering::Relaxed);
     }
@@ -231,7 +236,6 @@ impl Conn {
 
     /// The response is written (or dropped): waiting for the next request.
     pub fn response_done(&self) {
-        self.first_byte_ms.store(0, Ordering::Relaxed);
         self.set_phase(Phase::Idle);
     }
 
@@ -565,7 +569,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_first_byte_is_stamped_only_while_idle_and_reset_after_a_response() {
+    async fn the_first_byte_of_each_request_is_stamped_and_a_body_is_not_one() {
         let t = tracker(4);
         let c = t.admit().unwrap();
         assert_eq!(c.snapshot().first_byte_ms, None);
@@ -573,7 +577,10 @@ mod tests {
         let first = c.snapshot().first_byte_ms.unwrap();
         c.on_read();
         assert_eq!(c.snapshot().first_byte_ms, Some(first));
+        // The head is complete: its body's bytes begin nothing.
         c.request_started();
+        c.on_read();
+        assert_eq!(c.snapshot().first_byte_ms, None);
         c.response_started();
         c.response_done();
         let s = c.snapshot();
@@ -581,6 +588,13 @@ mod tests {
             (s.phase, s.served, s.first_byte_ms),
             (Phase::Idle, true, None)
         );
+        // A pipelined request begun while the response was written counts
+        // from its first byte once the connection is idle again.
+        c.request_started();
+        c.response_started();
+        c.on_read();
+        c.response_done();
+        assert!(c.snapshot().first_byte_ms.is_some());
         t.remove(&c);
         tokio::time::timeout(Duration::from_secs(1), t.wait_empty())
             .await
