@@ -231,7 +231,7 @@ pub struct AgentConfig {
     /// that the coordinator can move it between them (`Assign`). Empty means
     /// `stage` (with `next`) alone; otherwise `stage` must be one of them.
     pub stages: Vec<StageRoute>,
-    /// This agent's id; its connection is named `guildhall-agent/<id>`.
+    /// This agent's id; its connection is named `guildhall-agent/<namespace>/<id>`.
     pub id: AgentId,
     /// Tasks processed at once, and the consumer prefetch (a `SetPrefetch`
     /// command may raise the prefetch above it).

@@ -200,7 +200,7 @@ pub fn spawn(config: AgentConfig) -> AgentHandle {
 }
 
 impl AgentHandle {
-    /// The agent's id (its connection is `guildhall-agent/<id>`).
+    /// The agent's id (its connection is `guildhall-agent/<namespace>/<id>`).
     pub fn id(&self) -> &AgentId {
         &self.id
     }

@@ -137,7 +137,7 @@ impl Link {
     /// Connects and declares everything; returns the link and the confirm
     /// channel for the event publisher. On error nothing stays open.
     pub async fn open(params: &LinkParams) -> Result<(Self, Publisher), BrokerError> {
-        let name = Names::agent_connection_name(&params.id);
+        let name = params.names.agent_connection_name(&params.id);
         let conn = Arc::new(connect(&params.url, &name).await?);
         match Self::set_up(conn.clone(), params).await {
             Ok(opened) => Ok(opened),

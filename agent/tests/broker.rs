@@ -91,7 +91,7 @@ where
     let prefix = names.prefix();
     let agents = Arc::new(Mutex::new(Vec::new()));
     let env = TestEnv {
-        names,
+        names: names.clone(),
         conn,
         channel,
         publisher,
@@ -108,7 +108,7 @@ where
         "the namespace to be deleted",
         || async {
             for agent in &agents {
-                let name = Names::agent_connection_name(agent);
+                let name = names.agent_connection_name(agent);
                 let _ = management.close_connections_named(&name, "test over").await;
             }
             management.delete_all_with_prefix(&prefix).await.ok()
@@ -150,7 +150,7 @@ impl TestEnv {
     /// shows a new connection only after its next stats refresh, ~5 s).
     async fn wait_for_connection(&self, agent: &AgentId) {
         let management = self.management();
-        let name = Names::agent_connection_name(agent);
+        let name = self.names.agent_connection_name(agent);
         eventually(
             Duration::from_secs(20),
             "the agent's connection to be listed",
@@ -169,7 +169,7 @@ impl TestEnv {
     /// to a frozen agent.
     async fn close_connection(&self, agent: &AgentId) {
         let management = self.management();
-        let name = Names::agent_connection_name(agent);
+        let name = self.names.agent_connection_name(agent);
         eventually(
             Duration::from_secs(20),
             "the agent's connection to be closed",

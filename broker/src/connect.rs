@@ -53,9 +53,28 @@ impl AmqpUrl {
         &self.uri.authority.host
     }
 
+    /// The port (5672 for `amqp://` unless given).
+    pub fn port(&self) -> u16 {
+        self.uri.authority.port
+    }
+
     /// The user name.
     pub fn username(&self) -> &str {
         &self.uri.authority.userinfo.username
+    }
+
+    /// The user the broker knows this connection by, when the URL says it
+    /// (a user in the URL, logging in with a password): what a message's
+    /// `user_id` must be, which RabbitMQ checks. `None` for a URL without
+    /// a user or with `auth_mechanism=external` (the user then comes from
+    /// the client certificate).
+    pub fn user_id(&self) -> Option<&str> {
+        let authority = self.raw.split_once("://")?.1.split('/').next()?;
+        let external = matches!(
+            self.uri.query.auth_mechanism,
+            Some(lapin::uri::SASLMechanism::External)
+        );
+        (authority.contains('@') && !external).then(|| self.username())
     }
 
     /// The password.

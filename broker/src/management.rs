@@ -61,7 +61,7 @@ pub struct QueueInfo {
 pub struct ConnectionInfo {
     /// The broker's name for it, `"ip:port -> ip:port"`: what `DELETE` takes.
     pub name: String,
-    /// The name the client gave (`guildhall-agent/<id>`), if any.
+    /// The name the client gave (`guildhall-agent/<namespace>/<id>`), if any.
     #[serde(default)]
     pub user_provided_name: Option<String>,
 }

@@ -64,7 +64,7 @@ fn envelope(c: &mut Criterion) {
                 builder.push(e).expect("a mix event encodes");
             }
             builder
-                .finish(&sender, 1, START_MS)
+                .finish(&sender, 1, 1, START_MS)
                 .expect("a 250-event batch fits an envelope")
         };
         let bytes = encode(&mut builder);

@@ -126,7 +126,8 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         let submitter = Submitter::new(
             AgentId::new("demo-feeder").expect("valid id"),
             names.clone(),
-        );
+        )
+        .with_user_id(config.amqp_url.user_id());
         let stage = stages[0].clone();
         let rate = args.rate;
         tokio::spawn(async move { feed(publisher, submitter, stage, rate, stop).await })

@@ -32,6 +32,7 @@ pub enum Command {
         /// The stage to serve.
         stage: Stage,
         /// Why, in words (kept in the agent's `Reassigned` event).
+        #[serde(deserialize_with = "crate::bounded::text")]
         reason: String,
     },
     /// Set the consumer prefetch without changing concurrency.
@@ -83,6 +84,7 @@ pub struct CommandReply {
     /// Whether the command was carried out.
     pub ok: bool,
     /// What happened, in words.
+    #[serde(deserialize_with = "crate::bounded::text")]
     pub message: String,
     /// Log lines, for [`Command::Logs`].
     #[serde(deserialize_with = "crate::bounded::vec")]

@@ -1,12 +1,17 @@
 //! The versioned envelope that carries a batch of events in one broker message.
 //!
-//! # Wire format (version 1)
+//! # Wire format (version 2)
 //!
 //! All integers are postcard varints; strings are a varint length and UTF-8.
 //!
 //! ```text
-//! v: u16 | sender: str | seq: u64 | sent_at_ms: u64 | count: u32 | count x (len: u32, postcard(Event))
+//! v: u16 | sender: str | incarnation: u64 | seq: u64 | sent_at_ms: u64 | count: u32 | count x (len: u32, postcard(Event))
 //! ```
+//!
+//! Version 1 (still read, never written) has no `incarnation`: it reads as 0,
+//! "unknown". The incarnation is a random number a sender draws when it
+//! starts: with it a reader tells a restarted sender (a new incarnation,
+//! counting from 1 again) from a batch forged under its name.
 //!
 //! Each event is framed on its own so a reader skips an event kind it does
 //! not know (a newer agent) and keeps the rest of the batch. The version comes
@@ -23,8 +28,12 @@ use crate::event::Event;
 use crate::ids::AgentId;
 use serde::{Deserialize, Serialize};
 
-/// The envelope version this crate writes and reads.
+/// The version of control messages (commands and replies), and of the
+/// envelopes written before they carried an incarnation.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The envelope version this crate writes (it reads 1 and 2).
+pub const ENVELOPE_VERSION: u16 = 2;
 
 /// Largest envelope a reader accepts, and that [`EnvelopeBuilder`] users
 /// should flush before reaching.
@@ -37,7 +46,9 @@ pub enum DecodeError {
     #[error("envelope of {0} bytes exceeds the {MAX_ENVELOPE_BYTES}-byte limit")]
     Oversized(usize),
     /// Written by a version this reader does not speak.
-    #[error("unknown envelope version {0} (this reader speaks {PROTOCOL_VERSION})")]
+    #[error(
+        "unknown message version {0} (this reader speaks {PROTOCOL_VERSION} and {ENVELOPE_VERSION})"
+    )]
     UnknownVersion(u16),
     /// Not a valid envelope: truncated, bad varint, bad sender id, trailing bytes...
     #[error("malformed envelope: {0}")]
@@ -71,6 +82,9 @@ pub enum EncodeError {
 pub struct Envelope {
     /// Who sent it; events are attributed to this agent.
     pub sender: AgentId,
+    /// The sending process's random start id (0: unknown, an envelope of
+    /// version 1): tells a restart (a new incarnation) from a forgery.
+    pub incarnation: u64,
     /// The sender's batch counter, +1 per envelope: gaps and repeats reveal
     /// lost or duplicated batches.
     pub seq: u64,
@@ -90,9 +104,19 @@ pub struct Decoded {
     pub skipped: u32,
 }
 
+/// The header of a version 1 envelope.
+#[derive(Serialize, Deserialize)]
+struct HeaderV1<'a> {
+    sender: &'a str,
+    seq: u64,
+    sent_at_ms: u64,
+}
+
+/// The header of a version 2 envelope.
 #[derive(Serialize, Deserialize)]
 struct Header<'a> {
     sender: &'a str,
+    incarnation: u64,
     seq: u64,
     sent_at_ms: u64,
 }
@@ -104,7 +128,7 @@ impl Envelope {
         for event in &self.events {
             builder.push(event)?;
         }
-        builder.finish(&self.sender, self.seq, self.sent_at_ms)
+        builder.finish(&self.sender, self.incarnation, self.seq, self.sent_at_ms)
     }
 }
 
@@ -154,17 +178,19 @@ impl EnvelopeBuilder {
     pub fn finish(
         &mut self,
         sender: &AgentId,
+        incarnation: u64,
         seq: u64,
         sent_at_ms: u64,
     ) -> Result<Vec<u8>, EncodeError> {
         let header = Header {
             sender: sender.as_str(),
+            incarnation,
             seq,
             sent_at_ms,
         };
         let mut out = Vec::with_capacity(self.frames.len() + 32 + sender.as_str().len());
         let map = |e: postcard::Error| EncodeError::Postcard(e.to_string());
-        out = postcard::to_extend(&PROTOCOL_VERSION, out).map_err(map)?;
+        out = postcard::to_extend(&ENVELOPE_VERSION, out).map_err(map)?;
         out = postcard::to_extend(&header, out).map_err(map)?;
         out = postcard::to_extend(&self.count, out).map_err(map)?;
         out.extend_from_slice(&self.frames);
@@ -218,11 +244,29 @@ fn take_u32(bytes: &[u8]) -> Option<(u32, &[u8])> {
     None
 }
 
-/// Reads an envelope. Never panics; see the module docs for the guarantees.
+/// Reads an envelope (version 1 or 2). Never panics; see the module docs
+/// for the guarantees.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
-    let rest = check_version(bytes)?;
-    let (header, rest) = postcard::take_from_bytes::<Header<'_>>(rest)
-        .map_err(|_| DecodeError::Malformed("bad header"))?;
+    if bytes.len() > MAX_ENVELOPE_BYTES {
+        return Err(DecodeError::Oversized(bytes.len()));
+    }
+    let (v, rest) = postcard::take_from_bytes::<u16>(bytes)
+        .map_err(|_| DecodeError::Malformed("no version"))?;
+    let bad_header = |_| DecodeError::Malformed("bad header");
+    let (header, rest) = match v {
+        ENVELOPE_VERSION => postcard::take_from_bytes::<Header<'_>>(rest).map_err(bad_header)?,
+        PROTOCOL_VERSION => {
+            let (h, rest) = postcard::take_from_bytes::<HeaderV1<'_>>(rest).map_err(bad_header)?;
+            let h = Header {
+                sender: h.sender,
+                incarnation: 0,
+                seq: h.seq,
+                sent_at_ms: h.sent_at_ms,
+            };
+            (h, rest)
+        }
+        other => return Err(DecodeError::UnknownVersion(other)),
+    };
     let sender =
         AgentId::new(header.sender).map_err(|_| DecodeError::Malformed("bad sender id"))?;
     let (count, mut rest) = postcard::take_from_bytes::<u32>(rest)
@@ -257,6 +301,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     Ok(Decoded {
         envelope: Envelope {
             sender,
+            incarnation: header.incarnation,
             seq: header.seq,
             sent_at_ms: header.sent_at_ms,
             events,

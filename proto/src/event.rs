@@ -44,6 +44,10 @@ pub enum Event {
     TaskAbandoned(TaskAbandoned),
     /// An agent switched to consuming another stage (an `Assign` command).
     Reassigned(Reassigned),
+    /// An agent received a message it cannot treat as a task (its
+    /// `message_id` is not a valid task id, ...) and set it aside without
+    /// handing it to the worker.
+    DeliveryRejected(DeliveryRejected),
 }
 
 impl Event {
@@ -63,12 +67,13 @@ impl Event {
             | Event::WorkerExited(_)
             | Event::AgentStopping(_)
             | Event::Marker(_)
-            | Event::Reassigned(_) => None,
+            | Event::Reassigned(_)
+            | Event::DeliveryRejected(_) => None,
         }
     }
 
     /// Every [`kind`](Self::kind), indexed by [`kind_index`](Self::kind_index).
-    pub const KINDS: [&'static str; 14] = [
+    pub const KINDS: [&'static str; 15] = [
         "hello",
         "heartbeat",
         "task_submitted",
@@ -83,6 +88,7 @@ impl Event {
         "marker",
         "task_abandoned",
         "reassigned",
+        "delivery_rejected",
     ];
 
     /// A short, stable name for logs and metric labels.
@@ -108,6 +114,7 @@ impl Event {
             Event::Marker(_) => 11,
             Event::TaskAbandoned(_) => 12,
             Event::Reassigned(_) => 13,
+            Event::DeliveryRejected(_) => 14,
         }
     }
 }
@@ -118,11 +125,13 @@ pub enum WorkerMode {
     /// HTTP POST of each payload to this URL.
     Http {
         /// The worker's URL.
+        #[serde(deserialize_with = "crate::bounded::text")]
         url: String,
     },
     /// One process per task, payload on stdin.
     Exec {
         /// The command line, as given.
+        #[serde(deserialize_with = "crate::bounded::text")]
         command: String,
     },
     /// A built-in simulated worker (demo, benchmarks).
@@ -163,19 +172,21 @@ pub struct Hello {
     /// Send time.
     pub at_ms: u64,
     /// Agent version (`CARGO_PKG_VERSION`), so mixed fleets are visible.
+    #[serde(deserialize_with = "crate::bounded::name")]
     pub version: String,
     /// The stage the agent consumes now.
     pub stage: Stage,
     /// The stage successful results go to by default; `None` ends the pipeline.
     pub next: Option<Stage>,
     /// Every stage this agent is able to serve (for rebalancing); includes `stage`.
-    #[serde(deserialize_with = "crate::bounded::vec")]
+    #[serde(deserialize_with = "crate::bounded::short_vec")]
     pub stages: Vec<Stage>,
     /// Tasks processed at once (also the consumer prefetch).
     pub concurrency: u32,
     /// The heartbeat interval, from which the coordinator derives liveness.
     pub heartbeat_ms: u32,
     /// Host the agent runs on.
+    #[serde(deserialize_with = "crate::bounded::name")]
     pub hostname: String,
     /// The agent's own process id.
     pub pid: u32,
@@ -214,6 +225,7 @@ pub struct Heartbeat {
     /// Send time.
     pub at_ms: u64,
     /// Agent version.
+    #[serde(deserialize_with = "crate::bounded::name")]
     pub version: String,
     /// The stage consumed now.
     pub stage: Stage,
@@ -226,7 +238,7 @@ pub struct Heartbeat {
     /// The interval between heartbeats; silence for 3 of them means dead.
     pub heartbeat_ms: u32,
     /// Tasks in hand with their start times.
-    #[serde(deserialize_with = "crate::bounded::vec")]
+    #[serde(deserialize_with = "crate::bounded::short_vec")]
     pub in_hand: Vec<TaskInHand>,
     /// Stage attempts that succeeded since the agent started.
     pub done: u64,
@@ -237,6 +249,7 @@ pub struct Heartbeat {
     /// The agent process itself.
     pub agent: Option<ProcStats>,
     /// Host the agent runs on.
+    #[serde(deserialize_with = "crate::bounded::name")]
     pub hostname: String,
     /// Times the supervised worker process was restarted.
     pub worker_restarts: u32,
@@ -293,6 +306,7 @@ pub struct TaskProgress {
     /// Done share, 0.0 to 1.0, if the worker knows it.
     pub fraction: Option<f32>,
     /// A short free-text status.
+    #[serde(deserialize_with = "crate::bounded::opt_text")]
     pub message: Option<String>,
 }
 
@@ -331,9 +345,11 @@ pub struct TaskFailed {
     /// When the worker got it.
     pub started_at_ms: u64,
     /// What went wrong, truncated to [`crate::MAX_ERROR_LEN`].
+    #[serde(deserialize_with = "crate::bounded::text")]
     pub error: String,
     /// A bounded classification: the worker's own class, or `http_503`,
     /// `exit_1`, `timeout`, `connection`, `crash`...
+    #[serde(deserialize_with = "crate::bounded::name")]
     pub error_class: String,
     /// Whether another attempt may succeed.
     pub retryable: bool,
@@ -366,6 +382,7 @@ pub struct TaskDeadLettered {
     /// The last attempt.
     pub attempt: u32,
     /// The last error.
+    #[serde(deserialize_with = "crate::bounded::text")]
     pub error: String,
 }
 
@@ -395,6 +412,7 @@ pub struct TaskAbandoned {
     /// When the worker got it.
     pub started_at_ms: u64,
     /// Why: `connection lost`, `worker exited`, `stop timeout`...
+    #[serde(deserialize_with = "crate::bounded::text")]
     pub reason: String,
     /// How far the worker got.
     pub result: WorkerResult,
@@ -410,6 +428,7 @@ pub struct Reassigned {
     /// The stage it serves now.
     pub to: Stage,
     /// Why (from the command).
+    #[serde(deserialize_with = "crate::bounded::text")]
     pub reason: String,
 }
 
@@ -436,7 +455,52 @@ pub struct AgentStopping {
     /// When it decided to stop.
     pub at_ms: u64,
     /// Why ("drain", "SIGTERM", ...).
+    #[serde(deserialize_with = "crate::bounded::text")]
     pub reason: String,
+}
+
+/// Why an agent set a delivery aside: a bounded label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// The `message_id` is not a valid task id (not UTF-8, bad characters,
+    /// too long).
+    InvalidMessageId,
+    /// The message could not be read as a task for another reason.
+    Unreadable,
+}
+
+impl RejectReason {
+    /// Every reason, for metric labels that exist from the start.
+    pub const ALL: [RejectReason; 2] = [RejectReason::InvalidMessageId, RejectReason::Unreadable];
+
+    /// Lower-case name used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::InvalidMessageId => "invalid_message_id",
+            RejectReason::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// A message on a stage queue that could not be treated as a task. It has
+/// no task id to report it under, so it is reported on its own, and the
+/// message itself goes to the stage's dead-letter queue (or, if even that
+/// fails, is rejected without requeue), never back to the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRejected {
+    /// When.
+    pub at_ms: u64,
+    /// The stage queue it came from.
+    pub stage: Stage,
+    /// Why.
+    pub reason: RejectReason,
+    /// What was wrong, for people (e.g. the offending id, with the bytes
+    /// that are not UTF-8 replaced): never parsed.
+    #[serde(deserialize_with = "crate::bounded::text")]
+    pub detail: String,
+    /// Whether it went to the dead-letter queue (else it was rejected
+    /// without requeue, and the broker dropped it or dead-lettered it).
+    pub dead_lettered: bool,
 }
 
 /// Written by a coordinator to its own stream at start-up: when it reads its

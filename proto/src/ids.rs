@@ -367,7 +367,7 @@ validated_string!(
 );
 
 validated_string!(
-    /// An agent's id; its AMQP connection is named `guildhall-agent/<id>`.
+    /// An agent's id; its AMQP connection is named `guildhall-agent/<namespace>/<id>`.
     AgentId,
     "agent id",
     128,

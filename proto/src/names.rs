@@ -11,7 +11,7 @@
 //! | events | `<ns>.events` | stream |
 //! | control exchange | `<ns>.control` | topic |
 //! | an agent's command queue | `<ns>.agent.<agent id>` | classic, exclusive |
-//! | an agent's AMQP connection | `guildhall-agent/<agent id>` | connection name |
+//! | an agent's AMQP connection | `guildhall-agent/<ns>/<agent id>` | connection name |
 
 use crate::ids::{AgentId, Namespace, Stage};
 
@@ -97,10 +97,13 @@ impl Names {
         format!("stage.{stage}")
     }
 
-    /// The AMQP connection name an agent uses, so the coordinator can find
-    /// (and close) it in the management API.
-    pub fn agent_connection_name(agent: &AgentId) -> String {
-        format!("{AGENT_CONNECTION_PREFIX}{agent}")
+    /// The AMQP connection name an agent of this namespace uses, so the
+    /// coordinator can find (and close) it in the management API. It names
+    /// the namespace: a coordinator closes only its own namespace's agents,
+    /// even when an agent of another namespace on the same vhost has the
+    /// same id.
+    pub fn agent_connection_name(&self, agent: &AgentId) -> String {
+        format!("{AGENT_CONNECTION_PREFIX}{}/{agent}", self.ns)
     }
 }
 
@@ -119,7 +122,10 @@ mod tests {
         assert_eq!(names.events_stream(), "t-1.events");
         assert_eq!(names.control_exchange(), "t-1.control");
         let agent: AgentId = "a1".parse().unwrap();
-        assert_eq!(Names::agent_connection_name(&agent), "guildhall-agent/a1");
+        assert_eq!(
+            names.agent_connection_name(&agent),
+            "guildhall-agent/t-1/a1"
+        );
         assert!(names.stage_queue(&stage).starts_with(&names.prefix()));
         assert_eq!(Names::default().events_stream(), "guildhall.events");
     }

@@ -83,6 +83,7 @@ fn sample_events() -> Vec<Event> {
 fn envelope(events: Vec<Event>) -> Envelope {
     Envelope {
         sender: "agent-1".parse().unwrap(),
+        incarnation: 0xfeed_beef,
         seq: 9,
         sent_at_ms: 1_700_000_000_000,
         events,
@@ -118,10 +119,10 @@ fn builder_resets_after_finish() {
     }
     assert_eq!(b.len(), 4);
     let sender: AgentId = "a".parse().unwrap();
-    let first = b.finish(&sender, 1, 5).unwrap();
+    let first = b.finish(&sender, 7, 1, 5).unwrap();
     assert!(b.is_empty());
     assert_eq!(b.encoded_len(), 0);
-    let second = b.finish(&sender, 2, 6).unwrap();
+    let second = b.finish(&sender, 7, 2, 6).unwrap();
     assert_eq!(decode(&first).unwrap().envelope.events.len(), 4);
     assert!(decode(&second).unwrap().envelope.events.is_empty());
 }
@@ -129,9 +130,121 @@ fn builder_resets_after_finish() {
 #[test]
 fn unknown_version_is_refused_before_anything_else() {
     let mut bytes = envelope(sample_events()).encode().unwrap();
-    bytes[0] = 2;
-    assert_eq!(decode(&bytes), Err(DecodeError::UnknownVersion(2)));
-    assert_eq!(DecodeError::UnknownVersion(2).reason(), "version");
+    assert_eq!(bytes[0], 2, "version 2 is written");
+    bytes[0] = 3;
+    assert_eq!(decode(&bytes), Err(DecodeError::UnknownVersion(3)));
+    assert_eq!(DecodeError::UnknownVersion(3).reason(), "version");
+}
+
+#[test]
+fn a_version_1_envelope_still_decodes_with_an_unknown_incarnation() {
+    // Written as agents before the incarnation wrote it.
+    let mut bytes = postcard::to_allocvec(&1u16).unwrap();
+    bytes.extend(postcard::to_allocvec(&("agent-1", 9u64, 1_700_000_000_000u64)).unwrap());
+    let events = sample_events();
+    bytes.extend(postcard::to_allocvec(&(events.len() as u32)).unwrap());
+    for e in &events {
+        let frame = postcard::to_allocvec(e).unwrap();
+        bytes.extend(postcard::to_allocvec(&(frame.len() as u32)).unwrap());
+        bytes.extend(frame);
+    }
+    let decoded = decode(&bytes).unwrap();
+    assert_eq!(
+        decoded.envelope,
+        Envelope {
+            incarnation: 0,
+            ..envelope(events)
+        }
+    );
+}
+
+#[test]
+fn text_from_the_wire_is_cut_to_its_limit_at_decode() {
+    // A forged heartbeat with a 1 MB hostname and version, and a failure
+    // with a 1 MB error: what a reader keeps is bounded in bytes.
+    let big = "é".repeat(400_000);
+    let hb = Heartbeat {
+        at_ms: 1,
+        version: big.clone(),
+        stage: stage("s"),
+        next: None,
+        state: AgentState::Idle,
+        concurrency: 1,
+        heartbeat_ms: 1000,
+        in_hand: Vec::new(),
+        done: 0,
+        failed: 0,
+        worker: None,
+        agent: None,
+        hostname: big.clone(),
+        worker_restarts: 0,
+        rtt_ms: None,
+    };
+    let failed = TaskFailed {
+        at_ms: 5,
+        task_id: task("t"),
+        stage: stage("s"),
+        attempt: 1,
+        started_at_ms: 4,
+        error: big.clone(),
+        error_class: big.clone(),
+        retryable: true,
+    };
+    for event in [Event::Heartbeat(Box::new(hb)), Event::TaskFailed(failed)] {
+        let bytes = postcard::to_allocvec(&event).unwrap();
+        let back: Event = postcard::from_bytes(&bytes).unwrap();
+        let texts: Vec<&str> = match &back {
+            Event::Heartbeat(h) => vec![&h.version, &h.hostname],
+            Event::TaskFailed(f) => vec![&f.error_class, &f.error],
+            _ => unreachable!(),
+        };
+        let limits = match &back {
+            Event::Heartbeat(_) => [255, 255],
+            _ => [255, crate::MAX_ERROR_LEN],
+        };
+        for (text, limit) in texts.into_iter().zip(limits) {
+            // Cut on a character boundary: "é" is 2 bytes.
+            assert_eq!(text.len(), limit - limit % 2, "{limit}");
+            assert!(big.starts_with(text));
+        }
+    }
+}
+
+#[test]
+fn long_lists_from_the_wire_keep_their_first_entries_and_the_rest_still_decodes() {
+    let in_hand: Vec<TaskInHand> = (0..5000)
+        .map(|i| TaskInHand {
+            task_id: task(&format!("t{i}")),
+            attempt: 1,
+            started_at_ms: 0,
+        })
+        .collect();
+    let hb = Heartbeat {
+        at_ms: 1,
+        version: "v".into(),
+        stage: stage("s"),
+        next: None,
+        state: AgentState::Processing,
+        concurrency: 1,
+        heartbeat_ms: 1000,
+        in_hand: in_hand.clone(),
+        done: 7,
+        failed: 0,
+        worker: None,
+        agent: None,
+        hostname: "h".into(),
+        worker_restarts: 3,
+        rtt_ms: Some(2),
+    };
+    let bytes = postcard::to_allocvec(&Event::Heartbeat(Box::new(hb))).unwrap();
+    let Event::Heartbeat(back) = postcard::from_bytes::<Event>(&bytes).unwrap() else {
+        panic!("not a heartbeat");
+    };
+    assert_eq!(back.in_hand, in_hand[..crate::bounded::MAX_LIST_LEN]);
+    assert_eq!(
+        (back.done, back.worker_restarts, back.rtt_ms),
+        (7, 3, Some(2))
+    );
 }
 
 #[test]
@@ -344,6 +457,15 @@ fn arb_event() -> impl Strategy<Value = Event> {
             })
         }),
         any::<u64>().prop_map(|nonce| Event::Marker(Marker { at_ms: 1, nonce })),
+        (arb_stage(), ".{0,30}", any::<bool>()).prop_map(|(stage, detail, dead_lettered)| {
+            Event::DeliveryRejected(DeliveryRejected {
+                at_ms: 1,
+                stage,
+                reason: RejectReason::InvalidMessageId,
+                detail,
+                dead_lettered,
+            })
+        }),
         (arb_task(), arb_stage(), ".{0,30}").prop_map(|(task_id, stage, reason)| {
             Event::TaskAbandoned(TaskAbandoned {
                 at_ms: 1,

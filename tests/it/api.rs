@@ -234,6 +234,7 @@ async fn unreadable_event_messages_are_counted_and_dropped() {
 
     let good = |id: &str| Envelope {
         sender: AgentId::new("producer-1").unwrap(),
+        incarnation: 1,
         seq: 1,
         sent_at_ms: guildhall_broker::now_ms(),
         events: vec![Event::TaskSubmitted(TaskSubmitted {

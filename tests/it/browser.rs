@@ -379,6 +379,7 @@ async fn five_hundred_workers_stay_usable() {
             };
             let envelope = Envelope {
                 sender: AgentId::new(id).unwrap(),
+                incarnation: 1,
                 seq: 1,
                 sent_at_ms: now,
                 events: vec![

@@ -338,11 +338,16 @@ async fn sigstop_an_agent_holding_tasks() {
         Duration::from_secs(20),
         "b-1's connection listed",
         || async {
-            let listed = management
-                .connections()
-                .await?
-                .into_iter()
-                .any(|c| c.user_provided_name.as_deref() == Some("guildhall-agent/b-1"));
+            let listed = management.connections().await?.into_iter().any(|c| {
+                c.user_provided_name.as_deref()
+                    == Some(
+                        fleet
+                            .ns
+                            .names
+                            .agent_connection_name(&"b-1".parse().expect("id"))
+                            .as_str(),
+                    )
+            });
             anyhow::ensure!(listed, "not yet");
             Ok(())
         },

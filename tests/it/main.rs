@@ -11,6 +11,7 @@ mod control;
 mod demo;
 mod demo_worker;
 mod errors;
+mod hostile;
 mod hostile_http;
 mod pipeline;
 mod probes;

@@ -494,7 +494,7 @@ async fn tasks_flow_through_three_stages_and_every_one_is_accounted_for() {
                 .filter_map(|c| c.user_provided_name)
                 .collect();
             for a in &agents {
-                let want = format!("guildhall-agent/{}", a.id);
+                let want = ns.names.agent_connection_name(&a.id.parse()?);
                 anyhow::ensure!(names.contains(&want), "{want} not among {names:?}");
             }
             Ok(())

@@ -77,7 +77,10 @@ async fn agent_probes_follow_the_broker_and_the_worker() {
         "the agent's connection closed by the broker",
         || async {
             let closed = management
-                .close_connections_named("guildhall-agent/p-1", "probe test")
+                .close_connections_named(
+                    &ns.names.agent_connection_name(&"p-1".parse()?),
+                    "probe test",
+                )
                 .await?;
             anyhow::ensure!(closed > 0, "not listed yet");
             Ok(())

@@ -359,7 +359,7 @@ async fn drive(
                 ok &= builder.push(e).is_ok();
             }
             let seq = sim.next_seq();
-            let Ok(bytes) = builder.finish(&sim.id, seq, now) else {
+            let Ok(bytes) = builder.finish(&sim.id, sim.incarnation, seq, now) else {
                 counts.failed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };

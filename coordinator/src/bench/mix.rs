@@ -122,6 +122,8 @@ pub struct SimAgent {
     last_heartbeat_ms: Option<u64>,
     /// Envelopes written, for the next sequence number.
     seq: u64,
+    /// Its incarnation (fixed: one simulated run per agent).
+    pub incarnation: u64,
     /// Attempts that succeeded, as its heartbeats report.
     done: u64,
     /// Attempts that failed.
@@ -147,6 +149,7 @@ impl SimAgent {
             pending: VecDeque::new(),
             last_heartbeat_ms: None,
             seq: 0,
+            incarnation: 1,
             done: 0,
             failed: 0,
             config: config.clone(),
@@ -221,7 +224,7 @@ impl SimAgent {
             builder.push(e)?;
         }
         let seq = self.next_seq();
-        builder.finish(&self.id, seq, now_ms)
+        builder.finish(&self.id, self.incarnation, seq, now_ms)
     }
 
     fn heartbeat_due(&self, now_ms: u64) -> bool {
@@ -518,6 +521,7 @@ impl Feeder {
             return Some(Decoded {
                 envelope: Envelope {
                     sender: lane.agent.id.clone(),
+                    incarnation: lane.agent.incarnation,
                     seq: lane.agent.next_seq(),
                     sent_at_ms: now_ms,
                     events,
@@ -651,6 +655,7 @@ mod tests {
             let seq = agent.next_seq();
             let envelope = Envelope {
                 sender: agent.id.clone(),
+                incarnation: agent.incarnation,
                 seq,
                 sent_at_ms: START_MS,
                 events,

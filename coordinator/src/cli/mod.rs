@@ -312,6 +312,17 @@ pub struct CoordinatorArgs {
     /// listing or replaying dead letters (504 after).
     #[arg(long, env = "GUILDHALL_BROKER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub broker_timeout: Duration,
+    /// Strong mode: accept an events-stream message only if it carries
+    /// RabbitMQ's validated `user_id` and that user is the envelope's
+    /// sender (one broker user per agent, named as the agent id), or one
+    /// of --trusted-users. Agents set `user_id` from their URL's user.
+    #[arg(long, env = "GUILDHALL_REQUIRE_USER_ID")]
+    pub require_user_id: bool,
+    /// Broker users whose event messages are accepted under any sender id
+    /// with --require-user-id (producers running `guildhall submit`; this
+    /// coordinator's own user always is), comma-separated.
+    #[arg(long, env = "GUILDHALL_TRUSTED_USERS", value_delimiter = ',')]
+    pub trusted_users: Vec<String>,
 }
 
 /// Smallest `--api-token` accepted.
@@ -410,7 +421,28 @@ impl CoordinatorArgs {
                 .map_err(|e| ConfigError(format!("--management-url: {e}")))?;
             Some(self.management_url.clone())
         };
+        let trusted: Vec<String> = self
+            .trusted_users
+            .iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if !trusted.is_empty() && !self.require_user_id {
+            return Err(ConfigError(
+                "--trusted-users needs --require-user-id".into(),
+            ));
+        }
+        if let Some(bad) = trusted.iter().find(|u| u.len() > 255) {
+            return Err(ConfigError(format!(
+                "--trusted-users: a user name is at most 255 bytes (got {})",
+                bad.len()
+            )));
+        }
+        let own_user = url.user_id().map(str::to_owned);
         let mut config = ServeConfig::new(url, names);
+        config.event_users = self
+            .require_user_id
+            .then(|| crate::serve::EventUsers::new(trusted.into_iter().chain(own_user).collect()));
         config.access = self.access()?;
         config.http = self.http()?;
         config.management_url = management_url;
@@ -802,6 +834,37 @@ mod tests {
     }
 
     #[test]
+    fn strong_mode_trusts_agents_own_users_the_listed_ones_and_its_own() {
+        let (config, _) = serve(&[]).unwrap();
+        assert_eq!(config.event_users, None, "off by default");
+        let (config, _) = serve(&[
+            "--require-user-id",
+            "--trusted-users",
+            "producer, loadgen",
+            "--amqp-url",
+            "amqp://coordinator:pw@127.0.0.1:5672/%2f",
+        ])
+        .unwrap();
+        let users = config.event_users.expect("strong mode");
+        assert!(
+            users.allows(Some("build-1"), "build-1"),
+            "an agent's own user"
+        );
+        assert!(
+            !users.allows(Some("build-2"), "build-1"),
+            "another agent's user"
+        );
+        assert!(!users.allows(None, "build-1"), "no user_id");
+        for trusted in ["producer", "loadgen", "coordinator"] {
+            assert!(users.allows(Some(trusted), "submit-1"), "{trusted}");
+        }
+        // A URL without a user names none to trust.
+        let (config, _) = serve(&["--require-user-id", "--amqp-url", "amqp://127.0.0.1"]).unwrap();
+        let users = config.event_users.expect("strong mode");
+        assert!(!users.allows(Some("guest"), "x"));
+    }
+
+    #[test]
     fn bad_values_give_one_line_naming_the_flag() {
         for (args, needle) in [
             (vec!["--listen", "nowhere"], "--listen"),
@@ -835,6 +898,7 @@ mod tests {
             (vec!["--api-token", "short"], "--api-token"),
             (vec!["--api-token", "has a space in it ok"], "--api-token"),
             (vec!["--protect-reads"], "--protect-reads"),
+            (vec!["--trusted-users", "producer"], "--trusted-users"),
             (
                 vec!["--error-classes-per-stage", "0"],
                 "--error-classes-per-stage",

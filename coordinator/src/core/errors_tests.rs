@@ -47,6 +47,7 @@ impl Sim {
         self.offset += 1;
         let envelope = Envelope {
             sender: sender.parse().unwrap(),
+            incarnation: 1,
             seq: *seq,
             sent_at_ms: self.now,
             events,

@@ -45,6 +45,7 @@ impl Fleet {
         *seq += 1;
         let envelope = Envelope {
             sender: sender.parse().unwrap(),
+            incarnation: 1,
             seq: *seq,
             sent_at_ms: self.now,
             events,
