@@ -4,22 +4,41 @@
 //! the channel, which puts every one of them back: nothing is consumed.
 //! Replaying republishes the chosen tasks to their stage (attempt 1, same id,
 //! trace and submission time), waits for each confirm, and only then acks
-//! the dead copy. Each call uses a connection of its own, so a broker error
-//! on it cannot disturb the coordinator's other links.
+//! the dead copy.
+//!
+//! Messages a closed channel held come back a moment after the close, so a
+//! call waits (briefly) until the queue holds them again before it returns:
+//! the next call sees the whole queue.
+//!
+//! Calls share one connection (the caller's, see
+//! `http::dead_letters`), each on a channel of its own, and each runs
+//! until a deadline: between two messages it stops cleanly once the
+//! deadline has passed ([`DeadError::TimedOut`]; a replay reports what it
+//! did so far), and a broker call still unanswered then is abandoned. A
+//! channel that cannot be closed after that, or an abandoned call, closes
+//! the whole connection, so the broker puts back every message it held (the
+//! next call connects again): nothing stays taken.
 
 use guildhall_broker::task::{TaskMeta, header_str, header_u64};
 use guildhall_broker::topology::probe_queue;
-use guildhall_broker::{AmqpUrl, BrokerError, PublishError, Publisher, connect, now_ms};
+use guildhall_broker::{BrokerError, PublishError, Publisher, now_ms};
 use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{Names, Stage, TaskId};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::{Channel, Connection};
 use serde::Serialize;
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Most messages one list or replay call looks at.
 pub const MAX_SCAN: usize = 10_000;
 /// Bytes of payload shown in a listing.
 const PREVIEW_BYTES: usize = 200;
+/// Longest wait for a channel to close once a call is over.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a dead-letter operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +55,50 @@ pub enum DeadError {
     /// Republishing a task failed; it stays in the dead-letter queue.
     #[error("replay stopped: {0}")]
     Publish(#[from] PublishError),
+    /// The deadline passed before the call was done.
+    #[error("the broker did not finish in time")]
+    TimedOut,
+}
+
+/// Awaits a broker call until `deadline`; past it the call is abandoned and
+/// the connection closed (whatever it was doing is unknown).
+async fn until<T, E>(
+    conn: &Arc<Connection>,
+    deadline: Instant,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, DeadError>
+where
+    DeadError: From<E>,
+{
+    match tokio::time::timeout_at(deadline, call).await {
+        Ok(result) => result.map_err(DeadError::from),
+        Err(_) => {
+            abandon(conn);
+            Err(DeadError::TimedOut)
+        }
+    }
+}
+
+/// Closes `conn` in the background: the broker then puts back every message
+/// its channels held.
+fn abandon(conn: &Arc<Connection>) {
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(
+            CLOSE_WAIT,
+            conn.close(200, "dead-letter call abandoned".into()),
+        )
+        .await;
+    });
+}
+
+/// Closes a call's channel, which gives back what it left unacked; if it
+/// does not close in time, the connection goes.
+async fn close(conn: &Arc<Connection>, ch: &Channel) {
+    match tokio::time::timeout(CLOSE_WAIT, ch.close(200, "done".into())).await {
+        Ok(Ok(())) => {}
+        _ => abandon(conn),
+    }
 }
 
 /// One dead-lettered task.
@@ -84,6 +147,10 @@ pub struct Replayed {
     /// `enqueued_at`), for the `TaskSubmitted` events that follow.
     #[serde(skip)]
     pub enqueued_at_ms: Vec<u64>,
+    /// Whether the deadline stopped the replay before it looked at every
+    /// dead letter (`not_found` is then not known: left empty).
+    #[serde(skip)]
+    pub timed_out: bool,
 }
 
 /// Which dead letters to replay.
@@ -95,23 +162,31 @@ pub enum Selection {
     Ids(BTreeSet<String>),
 }
 
-async fn open(
-    url: &AmqpUrl,
+/// Waits (at most [`CLOSE_WAIT`], and not past `deadline`) until `queue`
+/// holds `ready` messages again: the broker puts back what a closed channel
+/// held a moment after the close, and the next call must see all of it.
+async fn settle(conn: &Arc<Connection>, queue: &str, ready: u64, deadline: Instant) {
+    let until = deadline.min(Instant::now() + CLOSE_WAIT);
+    while Instant::now() < until {
+        match tokio::time::timeout_at(until, probe_queue(conn, queue)).await {
+            Ok(Ok(Some(probe))) if u64::from(probe.ready) >= ready => return,
+            Ok(Ok(Some(_))) => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => return,
+        }
+    }
+}
+
+/// The number of dead letters of `stage`; `UnknownStage` if it has no queue.
+async fn count(
+    conn: &Arc<Connection>,
     names: &Names,
     stage: &Stage,
-) -> Result<(lapin::Connection, u64), DeadError> {
-    let conn = connect(
-        url,
-        &format!("guildhall-coordinator/dead-letters/{}", names.namespace()),
-    )
-    .await?;
+    deadline: Instant,
+) -> Result<u64, DeadError> {
     let queue = names.dead_queue(stage);
-    match probe_queue(&conn, &queue).await? {
-        Some(probe) => Ok((conn, u64::from(probe.ready))),
-        None => {
-            let _ = conn.close(200, "done".into()).await;
-            Err(DeadError::UnknownStage(stage.clone(), queue))
-        }
+    match until(conn, deadline, probe_queue(conn, &queue)).await? {
+        Some(probe) => Ok(u64::from(probe.ready)),
+        None => Err(DeadError::UnknownStage(stage.clone(), queue)),
     }
 }
 
@@ -137,63 +212,73 @@ fn describe(delivery: &lapin::message::Delivery) -> DeadLetter {
     }
 }
 
-/// Lists up to `limit` dead letters of `stage`, leaving them in place.
+/// Lists up to `limit` dead letters of `stage`, leaving them in place;
+/// [`DeadError::TimedOut`] if that takes past `deadline`.
 pub async fn list(
-    url: &AmqpUrl,
+    conn: &Arc<Connection>,
     names: &Names,
     stage: &Stage,
     limit: usize,
+    deadline: Instant,
 ) -> Result<Listing, DeadError> {
-    let (conn, count) = open(url, names, stage).await?;
+    let count = count(conn, names, stage, deadline).await?;
+    let ch = until(conn, deadline, conn.create_channel()).await?;
+    let queue = names.dead_queue(stage);
+    let take = limit
+        .min(MAX_SCAN)
+        .min(usize::try_from(count).unwrap_or(usize::MAX));
+    let mut tasks = Vec::new();
     let result = async {
-        let ch = conn.create_channel().await?;
-        let queue = names.dead_queue(stage);
-        let mut tasks = Vec::new();
-        let take = limit
-            .min(MAX_SCAN)
-            .min(usize::try_from(count).unwrap_or(usize::MAX));
         while tasks.len() < take {
-            match ch
-                .basic_get(queue.as_str().into(), BasicGetOptions::default())
-                .await?
-            {
+            if Instant::now() >= deadline {
+                return Err(DeadError::TimedOut);
+            }
+            let get = ch.basic_get(queue.as_str().into(), BasicGetOptions::default());
+            match until(conn, deadline, get).await? {
                 Some(msg) => tasks.push(describe(&msg.delivery)),
                 None => break,
             }
         }
-        // Closing the channel gives back every unacked message.
-        let _ = ch.close(200, "listed".into()).await;
-        Ok::<_, DeadError>(tasks)
+        Ok(())
     }
     .await;
-    let _ = conn.close(200, "done".into()).await;
+    // Closing the channel gives back every unacked message.
+    close(conn, &ch).await;
+    result?;
+    settle(conn, &queue, count, deadline).await;
     Ok(Listing {
         stage: stage.to_string(),
         count,
-        tasks: result?,
+        tasks,
     })
 }
 
-/// Sends the selected dead letters of `stage` back to the stage queue.
+/// Sends the selected dead letters of `stage` back to the stage queue,
+/// until `deadline`: past it the replay stops between two messages (what was
+/// replayed is in the answer, with `timed_out`); a broker call unanswered
+/// at the deadline is [`DeadError::TimedOut`].
 pub async fn replay(
-    url: &AmqpUrl,
+    conn: &Arc<Connection>,
+    publisher: &Publisher,
     names: &Names,
     stage: &Stage,
     selection: &Selection,
+    deadline: Instant,
 ) -> Result<Replayed, DeadError> {
-    let (conn, count) = open(url, names, stage).await?;
+    let count = count(conn, names, stage, deadline).await?;
+    let ch = until(conn, deadline, conn.create_channel()).await?;
+    let queue = names.dead_queue(stage);
+    let mut out = Replayed::default();
+    let mut seen = BTreeSet::new();
+    let scan = usize::try_from(count).unwrap_or(usize::MAX).min(MAX_SCAN);
     let result = async {
-        let publisher = Publisher::open(&conn).await?;
-        let ch = conn.create_channel().await?;
-        let queue = names.dead_queue(stage);
-        let mut out = Replayed::default();
-        let mut seen = BTreeSet::new();
-        let scan = usize::try_from(count).unwrap_or(usize::MAX).min(MAX_SCAN);
         for _ in 0..scan {
-            let Some(msg) = ch
-                .basic_get(queue.as_str().into(), BasicGetOptions::default())
-                .await?
-            else {
+            if Instant::now() >= deadline {
+                out.timed_out = true;
+                return Ok(());
+            }
+            let get = ch.basic_get(queue.as_str().into(), BasicGetOptions::default());
+            let Some(msg) = until(conn, deadline, get).await? else {
                 break;
             };
             let d = msg.delivery;
@@ -221,26 +306,28 @@ pub async fn replay(
                 enqueued_at_ms: Some(now_ms()),
                 ..old
             };
-            publisher
-                .publish(
-                    &names.tasks_exchange(),
-                    stage.as_str(),
-                    &d.data,
-                    meta.properties(),
-                )
-                .await?;
-            d.acker.ack(BasicAckOptions::default()).await?;
+            // A task begun is finished even a little past the deadline
+            // (republished, then its dead copy acked): cut in between, it
+            // would be both queued and dead, and replayed twice.
+            let finish_by = deadline.max(Instant::now() + CLOSE_WAIT);
+            let exchange = names.tasks_exchange();
+            let publish = publisher.publish(&exchange, stage.as_str(), &d.data, meta.properties());
+            until(conn, finish_by, publish).await?;
+            let ack = d.acker.ack(BasicAckOptions::default());
+            until(conn, finish_by, ack).await?;
             out.replayed.push(meta.id.to_string());
             out.enqueued_at_ms
                 .push(meta.enqueued_at_ms.unwrap_or_default());
         }
-        if let Selection::Ids(ids) = selection {
-            out.not_found = ids.iter().filter(|i| !seen.contains(*i)).cloned().collect();
-        }
-        let _ = ch.close(200, "replayed".into()).await;
-        Ok::<_, DeadError>(out)
+        Ok::<_, DeadError>(())
     }
     .await;
-    let _ = conn.close(200, "done".into()).await;
-    result
+    close(conn, &ch).await;
+    result?;
+    let left = count.saturating_sub(out.replayed.len() as u64);
+    settle(conn, &queue, left, deadline).await;
+    if let (Selection::Ids(ids), false) = (selection, out.timed_out) {
+        out.not_found = ids.iter().filter(|i| !seen.contains(*i)).cloned().collect();
+    }
+    Ok(out)
 }

@@ -182,6 +182,14 @@ pub struct Metrics {
     pub snapshot_writes: IntCounterVec,
     /// `guildhall_snapshot_bytes`: size of the last snapshot written.
     pub snapshot_bytes: IntGauge,
+    /// `guildhall_http_connections`: HTTP connections open now.
+    pub http_connections: IntGauge,
+    /// `guildhall_http_connections_closed_total{reason}`: connections the
+    /// server cut or turned away (`header_timeout`, `idle_timeout`,
+    /// `stalled`, `shed`, `refused`), so a flood or a slow client shows.
+    pub http_connections_closed: IntCounterVec,
+    /// `guildhall_http_event_streams`: `GET /api/events` streams open now.
+    pub http_event_streams: IntGauge,
 }
 
 /// Every `reason` of `guildhall_events_malformed_total`: the decoder's
@@ -321,6 +329,14 @@ impl CoreMetrics {
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let m = IntGauge::new(name, help).expect("valid metric definition");
     registry
         .register(Box::new(m.clone()))
         .expect("metric registered once");
@@ -635,6 +651,22 @@ impl Metrics {
                 "Task records held in memory: in_flight or completed.",
                 &["state"],
             ),
+            http_connections: int_gauge(
+                &r,
+                "guildhall_http_connections",
+                "HTTP connections open now.",
+            ),
+            http_connections_closed: counter_vec(
+                &r,
+                "guildhall_http_connections_closed_total",
+                "HTTP connections the server cut or turned away, by reason: header_timeout, idle_timeout, stalled (the client stopped reading), shed (idle, to admit a new one at the limit), refused (at the limit, every one busy).",
+                &["reason"],
+            ),
+            http_event_streams: int_gauge(
+                &r,
+                "guildhall_http_event_streams",
+                "GET /api/events streams open now.",
+            ),
             registry: r,
         };
         // Every reason exists from the start, at 0, so an alert on its
@@ -653,6 +685,10 @@ impl Metrics {
             ),
             (&metrics.scale_actions, &["done", "failed", "dry_run"]),
             (&metrics.snapshot_writes, &["written", "failed"]),
+            (
+                &metrics.http_connections_closed,
+                &crate::http::conns::CloseReason::LABELS,
+            ),
         ] {
             for outcome in outcomes {
                 family.with_label_values(&[outcome]);
@@ -700,7 +736,7 @@ impl Metrics {
 
     /// The handle of every counter a snapshot carries, to restore them: all
     /// but `snapshot_writes` (a test checks that none is missing).
-    fn saved_counters(&self) -> [CounterHandle<'_>; 17] {
+    fn saved_counters(&self) -> [CounterHandle<'_>; 18] {
         use CounterHandle::{Family, One};
         [
             Family(&self.tasks),
@@ -720,6 +756,7 @@ impl Metrics {
             Family(&self.task_errors),
             Family(&self.connections_closed),
             Family(&self.alerts),
+            Family(&self.http_connections_closed),
         ]
     }
 

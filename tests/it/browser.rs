@@ -1,9 +1,10 @@
 //! The dashboard in a real browser: headless Chromium through WebDriver,
 //! against a real coordinator, real agents and workers on the real broker.
 //! It sees a card per worker with its status, opens a task's stages, shows
-//! a worker's `<script>` error message as text, pauses a worker with a
-//! click (the card and the API agree), and saves screenshots under the
-//! test's output folder.
+//! what a worker wrote as "hidden: sign in" until the token is given (the
+//! coordinator has one), then a worker's `<script>` error message as text,
+//! pauses a worker with a click (the card and the API agree), and saves
+//! screenshots under the test's output folder.
 
 use fantoccini::{Client, Locator};
 use guildhall_tests::*;
@@ -138,8 +139,70 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
     assert_eq!(stages, ["fetch", "render"]);
     screenshot(client, &ns, "task.png").await;
 
-    // A worker's error message with a script in it is shown as text and
-    // never runs.
+    // Without the token, what the worker wrote (its error message, the
+    // payload) is withheld: "hidden: sign in", which asks for the token.
+    client
+        .goto(&format!("{}/#task/WEB-XSS", c.api.base))
+        .await
+        .unwrap();
+    let hidden = text_of(client, ".attempt-row[data-stage='fetch'] button.redacted").await;
+    assert_eq!(hidden, "hidden: sign in");
+    client
+        .goto(&format!("{}/#errors", c.api.base))
+        .await
+        .unwrap();
+    let sample = text_of(client, ".error-class .error-message").await;
+    assert_eq!(sample, "hidden: sign in");
+    client
+        .goto(&format!("{}/#dead/fetch", c.api.base))
+        .await
+        .unwrap();
+    let row = text_of(client, "tr.dead-row[data-task-id='WEB-XSS']").await;
+    assert!(
+        row.contains("hidden: sign in") && !row.contains("<script>"),
+        "{row}"
+    );
+    find(
+        client,
+        "tr.dead-row[data-task-id='WEB-XSS'] button.redacted",
+    )
+    .await
+    .click()
+    .await
+    .unwrap();
+    find(client, "#token-dialog[open]").await;
+    find(client, "#token-cancel").await.click().await.unwrap();
+    screenshot(client, &ns, "dead-withheld.png").await;
+
+    // Pause with a click: the page asks for the token once, the card turns
+    // paused, and the API agrees.
+    client
+        .goto(&format!("{}/#workers", c.api.base))
+        .await
+        .unwrap();
+    let pause = find(
+        client,
+        "article.worker-card[data-worker-id='fetch-2'] button[data-action='pause']",
+    )
+    .await;
+    pause.click().await.unwrap();
+    let input = find(client, "#token-input").await;
+    input.send_keys(TOKEN).await.unwrap();
+    find(client, "#token-form button[type='submit']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    find(
+        client,
+        "article.worker-card[data-worker-id='fetch-2'][data-status='paused']",
+    )
+    .await;
+    let w = api.get_ok("/api/workers/fetch-2").await.unwrap();
+    assert_eq!(w["status"], "paused");
+
+    // With the token, a worker's error message with a script in it is shown
+    // as text and never runs.
     client
         .goto(&format!("{}/#task/WEB-XSS", c.api.base))
         .await
@@ -175,33 +238,6 @@ async fn the_dashboard_shows_the_fleet_and_its_buttons_act() {
         .unwrap();
     let row = text_of(client, "tr.dead-row[data-task-id='WEB-XSS']").await;
     assert!(row.contains("<script>"));
-
-    // Pause with a click: the page asks for the token once, the card turns
-    // paused, and the API agrees.
-    client
-        .goto(&format!("{}/#workers", c.api.base))
-        .await
-        .unwrap();
-    let pause = find(
-        client,
-        "article.worker-card[data-worker-id='fetch-2'] button[data-action='pause']",
-    )
-    .await;
-    pause.click().await.unwrap();
-    let input = find(client, "#token-input").await;
-    input.send_keys(TOKEN).await.unwrap();
-    find(client, "#token-form button[type='submit']")
-        .await
-        .click()
-        .await
-        .unwrap();
-    find(
-        client,
-        "article.worker-card[data-worker-id='fetch-2'][data-status='paused']",
-    )
-    .await;
-    let w = api.get_ok("/api/workers/fetch-2").await.unwrap();
-    assert_eq!(w["status"], "paused");
 
     // With the token kept, Replay all sends the dead letter back to its stage.
     client

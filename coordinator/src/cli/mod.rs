@@ -304,6 +304,37 @@ pub struct CoordinatorArgs {
     /// /healthz and the dashboard page stay open).
     #[arg(long, env = "GUILDHALL_PROTECT_READS")]
     pub protect_reads: bool,
+    /// Host names the HTTP API answers besides IP addresses and localhost
+    /// (against DNS rebinding): NAME, NAME:PORT or *.DOMAIN, repeated or
+    /// comma-separated; `*` for any. Other names get 421.
+    #[arg(
+        long = "allowed-hosts",
+        env = "GUILDHALL_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+    /// Most HTTP connections open at once; at the limit an idle one is
+    /// closed to admit a new one (fewer if the open-files limit is lower).
+    #[arg(long, env = "GUILDHALL_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
+    /// Longest a client may take to send a complete request head (from
+    /// its connection, or the first byte of a later request).
+    #[arg(long, env = "GUILDHALL_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+    /// Longest a kept-alive connection may wait for its next request, and
+    /// a response may wait for its client to read.
+    #[arg(long, env = "GUILDHALL_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Duration,
+    /// Longest a JSON request body may take to arrive (408 after).
+    #[arg(long, env = "GUILDHALL_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_body_timeout: Duration,
+    /// Most `GET /api/events` streams open at once (503 past it).
+    #[arg(long, env = "GUILDHALL_HTTP_MAX_EVENT_STREAMS", default_value_t = 32)]
+    pub http_max_event_streams: usize,
+    /// Longest an API request waits on the broker: submitting a task,
+    /// listing or replaying dead letters (504 after).
+    #[arg(long, env = "GUILDHALL_BROKER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub broker_timeout: Duration,
     /// Strong mode: accept an events-stream message only if it carries
     /// RabbitMQ's validated `user_id` and that user is the envelope's
     /// sender (one broker user per agent, named as the agent id), or one
@@ -445,6 +476,7 @@ impl CoordinatorArgs {
             .require_user_id
             .then(|| crate::serve::EventUsers::new(trusted.into_iter().chain(own_user).collect()));
         config.access = self.access()?;
+        config.http = self.http()?;
         config.management_url = management_url;
         config.management_ca = management_ca;
         config.alert_webhook = self.alert_webhook.clone();
@@ -594,6 +626,64 @@ impl CoordinatorArgs {
         };
         config.validate().map_err(|e| ConfigError(e.to_string()))?;
         Ok(config)
+    }
+}
+
+impl CoordinatorArgs {
+    /// The HTTP server's limits, validated.
+    fn http(&self) -> Result<crate::http::HttpConfig, ConfigError> {
+        let allowed_hosts =
+            crate::http::hosts::AllowedHosts::parse(&self.allowed_hosts).map_err(ConfigError)?;
+        for (flag, n, min, max) in [
+            (
+                "--http-max-connections",
+                self.http_max_connections,
+                16,
+                100_000,
+            ),
+            (
+                "--http-max-event-streams",
+                self.http_max_event_streams,
+                1,
+                10_000,
+            ),
+        ] {
+            if !(min..=max).contains(&n) {
+                return Err(ConfigError(format!(
+                    "{flag} must be between {min} and {max} (got {n})"
+                )));
+            }
+        }
+        for (flag, d, min_ms, max_s) in [
+            (
+                "--http-header-timeout",
+                self.http_header_timeout,
+                1_000,
+                600,
+            ),
+            ("--http-idle-timeout", self.http_idle_timeout, 2_000, 3_600),
+            ("--http-body-timeout", self.http_body_timeout, 1_000, 3_600),
+            ("--broker-timeout", self.broker_timeout, 50, 600),
+        ] {
+            let (min, max) = (Duration::from_millis(min_ms), Duration::from_secs(max_s));
+            if d < min || d > max {
+                return Err(ConfigError(format!(
+                    "{flag} must be between {} and {} (got {})",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max),
+                    humantime::format_duration(d)
+                )));
+            }
+        }
+        Ok(crate::http::HttpConfig {
+            max_connections: self.http_max_connections,
+            header_timeout: self.http_header_timeout,
+            idle_timeout: self.http_idle_timeout,
+            body_timeout: self.http_body_timeout,
+            max_event_streams: self.http_max_event_streams,
+            broker_timeout: self.broker_timeout,
+            allowed_hosts,
+        })
     }
 }
 
@@ -764,6 +854,18 @@ mod tests {
         assert!(config.management_url.is_some());
         assert_eq!(config.data_dir, None);
         assert_eq!(config.snapshot_interval, Duration::from_secs(10));
+        assert_eq!(config.http.max_connections, 1024);
+        assert_eq!(config.http.header_timeout, Duration::from_secs(10));
+        assert!(!config.http.allowed_hosts.any());
+        let (config, _) = serve(&[
+            "--allowed-hosts",
+            "coordinator,*.svc",
+            "--allowed-hosts",
+            "*",
+        ])
+        .unwrap();
+        assert!(config.http.allowed_hosts.allows("coordinator:8080"));
+        assert!(config.http.allowed_hosts.any());
     }
 
     #[test]
@@ -856,6 +958,23 @@ mod tests {
                 vec!["--error-classes-per-stage", "0"],
                 "--error-classes-per-stage",
             ),
+            (vec!["--allowed-hosts", "a b"], "--allowed-hosts"),
+            (vec!["--allowed-hosts", "ok,http://x"], "--allowed-hosts"),
+            (
+                vec!["--http-max-connections", "1"],
+                "--http-max-connections",
+            ),
+            (
+                vec!["--http-max-event-streams", "0"],
+                "--http-max-event-streams",
+            ),
+            (
+                vec!["--http-header-timeout", "100ms"],
+                "--http-header-timeout",
+            ),
+            (vec!["--http-idle-timeout", "1s"], "--http-idle-timeout"),
+            (vec!["--http-body-timeout", "2h"], "--http-body-timeout"),
+            (vec!["--broker-timeout", "10ms"], "--broker-timeout"),
         ] {
             let err = serve(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");

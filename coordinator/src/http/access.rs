@@ -4,16 +4,27 @@
 //! for the token). Tokens are compared in constant time.
 //!
 //! `EventSource` cannot send headers, so a GET may carry the token as the
-//! `access_token` query parameter instead (RFC 6750 §2.3).
+//! `access_token` query parameter instead (RFC 6750 §2.3), form-encoded
+//! (`%XX`, `+` for a space), on every route that checks it. The parameter
+//! is taken out of the URI before the handler sees it.
+//!
+//! Reads also learn whether the reader presented the token
+//! ([`super::redact::ReadScope`]): without it, worker-written text is withheld.
 
 use super::error::ApiError;
+use super::redact::ReadScope;
 use crate::serve::App;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::uri::PathAndQuery;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use std::borrow::Cow;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
+
+/// The query parameter that may carry the token.
+const QUERY_KEY: &str = "access_token";
 
 /// Who may do what.
 #[derive(Debug, Clone, Default)]
@@ -22,6 +33,29 @@ pub struct Access {
     pub token: Option<String>,
     /// Whether reads need the token too.
     pub protect_reads: bool,
+}
+
+/// The `access_token` query parameter, decoded; `None` if absent.
+pub fn query_token(query: &str) -> Option<Cow<'_, str>> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == QUERY_KEY)
+        .map(|(_, v)| v)
+}
+
+/// `query` without its `access_token` parameters (the others kept as sent);
+/// `None` if nothing is left.
+pub fn strip_token(query: &str) -> Option<String> {
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or("");
+            !pair.is_empty()
+                && form_urlencoded::parse(key.as_bytes())
+                    .next()
+                    .is_none_or(|(k, _)| k != QUERY_KEY)
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
 }
 
 impl Access {
@@ -38,14 +72,34 @@ impl Access {
                 scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
             });
         let from_query = (method == Method::GET)
-            .then(|| {
-                query?
-                    .split('&')
-                    .find_map(|pair| pair.strip_prefix("access_token="))
-            })
+            .then(|| query_token(query?))
             .flatten();
-        let presented = from_header.or(from_query).unwrap_or("");
+        let presented = match (from_header, &from_query) {
+            (Some(h), _) => h,
+            (None, Some(q)) => q.as_ref(),
+            (None, None) => "",
+        };
         bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
+    }
+}
+
+/// Takes `access_token` out of the request's URI, so no handler sees it (nor
+/// refuses it as an unknown parameter) and no log shows it.
+fn remove_query_token(req: &mut Request) {
+    let Some(query) = req.uri().query() else {
+        return;
+    };
+    if query_token(query).is_none() {
+        return;
+    }
+    let path_and_query = match strip_token(query) {
+        Some(rest) => format!("{}?{rest}", req.uri().path()),
+        None => req.uri().path().to_owned(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(path_and_query).ok();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
     }
 }
 
@@ -63,28 +117,35 @@ fn unauthorized() -> Response {
 }
 
 /// Middleware of the control routes.
-pub async fn require_control(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+pub async fn require_control(
+    State(app): State<Arc<App>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     if app
         .access
         .allows(req.method(), req.headers(), req.uri().query())
     {
+        remove_query_token(&mut req);
+        req.extensions_mut().insert(ReadScope { full: true });
         next.run(req).await
     } else {
         unauthorized()
     }
 }
 
-/// Middleware of the read routes: open unless `--protect-reads`.
-pub async fn require_read(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    if !app.access.protect_reads
-        || app
-            .access
-            .allows(req.method(), req.headers(), req.uri().query())
-    {
-        next.run(req).await
-    } else {
-        unauthorized()
+/// Middleware of the read routes: open unless `--protect-reads`; tells the
+/// handler whether the reader may see worker-written text.
+pub async fn require_read(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
+    let allowed = app
+        .access
+        .allows(req.method(), req.headers(), req.uri().query());
+    if app.access.protect_reads && !allowed {
+        return unauthorized();
     }
+    remove_query_token(&mut req);
+    req.extensions_mut().insert(ReadScope { full: allowed });
+    next.run(req).await
 }
 
 #[cfg(test)]
@@ -116,5 +177,41 @@ mod tests {
         assert!(a.allows(&Method::GET, &HeaderMap::new(), q));
         assert!(!a.allows(&Method::POST, &HeaderMap::new(), q));
         assert!(!a.allows(&Method::GET, &HeaderMap::new(), Some("access_token=no")));
+    }
+
+    #[test]
+    fn the_query_token_is_form_decoded() {
+        let token = "a/b+c=d%e f-0123456789";
+        let a = Access {
+            token: Some(token.into()),
+            protect_reads: true,
+        };
+        let get = |q: &str| a.allows(&Method::GET, &HeaderMap::new(), Some(q));
+        // As `encodeURIComponent` writes it, and with `+` for the space.
+        assert!(get("access_token=a%2Fb%2Bc%3Dd%25e%20f-0123456789"));
+        assert!(get("limit=5&access_token=a%2Fb%2Bc%3Dd%25e+f-0123456789"));
+        // Sent raw, `+` is a space and `%e ` no escape: refused, not a crash.
+        assert!(!get("access_token=a/b+c=d%e f-0123456789"));
+        assert!(!get("access_token=a%2Fb%2Bc%3Dd%25e%20f"));
+        assert!(!get("access_token=%ZZ"));
+        assert_eq!(
+            query_token("x=1&access_token=%2B+%20").as_deref(),
+            Some("+  ")
+        );
+        assert_eq!(query_token("x=1"), None);
+    }
+
+    #[test]
+    fn the_query_token_is_stripped_and_the_rest_kept() {
+        assert_eq!(strip_token("access_token=x"), None);
+        assert_eq!(
+            strip_token("limit=5&access_token=x&stage=a%20b").as_deref(),
+            Some("limit=5&stage=a%20b")
+        );
+        assert_eq!(
+            strip_token("access%5Ftoken=x&limit=1").as_deref(),
+            Some("limit=1")
+        );
+        assert_eq!(strip_token("limit=1&&").as_deref(), Some("limit=1"));
     }
 }

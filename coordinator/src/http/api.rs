@@ -1,10 +1,10 @@
 //! Handlers of the JSON API.
 
 use super::error::ApiError;
+use super::redact::{self, ReadScope};
 use crate::core::query::TaskFilter;
 use crate::core::tasks::TaskStatus;
 use crate::core::views::{StagesView, TaskView, WorkerView};
-use crate::dead;
 use crate::serve::App;
 use crate::submit::SubmitError;
 use axum::Json;
@@ -15,7 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use guildhall_broker::now_ms;
-use guildhall_proto::{AgentId, Event, Stage, TaskId, TaskSubmitted};
+use guildhall_proto::{AgentId, Stage, TaskId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 type AppState = State<Arc<App>>;
 
 /// Default and largest page of `GET /api/tasks`.
-const DEFAULT_LIMIT: usize = 100;
+pub(super) const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1_000;
 
 pub async fn healthz(State(app): AppState) -> Response {
@@ -93,9 +93,20 @@ pub async fn worker(
         .ok_or_else(|| ApiError::not_found(format!("no worker '{id}'")))
 }
 
-/// `GET /api/errors`: failures grouped by stage and error class.
-pub async fn errors(State(app): AppState) -> Json<crate::core::views::ErrorsView> {
-    Json(app.core().errors_view(now_ms()))
+/// `GET /api/errors`: failures grouped by stage and error class (sample
+/// messages withheld from a reader without the token).
+pub async fn errors(State(app): AppState, scope: ReadScope) -> Result<Json<Value>, ApiError> {
+    let view = app.core().errors_view(now_ms());
+    let mut body = to_json(&view)?;
+    if !scope.full {
+        redact::errors(&mut body);
+    }
+    Ok(Json(body))
+}
+
+fn to_json<T: serde::Serialize>(view: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(view)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 pub async fn stages(State(app): AppState) -> Json<StagesView> {
@@ -109,19 +120,23 @@ pub async fn scaling(State(app): AppState) -> Json<Value> {
     Json(body)
 }
 
+/// `GET /api/tasks/{id}` (attempt errors withheld from a reader without the token).
 pub async fn task(
     State(app): AppState,
+    scope: ReadScope,
     Path(id): Path<String>,
-) -> Result<Json<TaskView>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let id = TaskId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    app.core()
-        .task_view(id.as_str(), now_ms())
-        .map(Json)
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no task '{id}' (unknown, or finished and past the retention limits)"
-            ))
-        })
+    let view: TaskView = app.core().task_view(id.as_str(), now_ms()).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no task '{id}' (unknown, or finished and past the retention limits)"
+        ))
+    })?;
+    let mut body = to_json(&view)?;
+    if !scope.full {
+        redact::task(&mut body);
+    }
+    Ok(Json(body))
 }
 
 pub async fn tasks(
@@ -211,20 +226,33 @@ pub async fn submit(
             })?,
         (None, None) => Vec::new(),
     };
-    let (_, publisher) = app
-        .link
-        .get()
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    let submitted = app
-        .submitter
-        .submit(&publisher, stage, id, &payload)
-        .await
-        .map_err(|e| match e {
-            SubmitError::UnknownStage { .. } => ApiError::not_found(e.to_string()),
-            SubmitError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-            SubmitError::Broker(_) => ApiError::unavailable(e.to_string()),
-        })?;
+    let timeout = app.http.config.broker_timeout;
+    let publish = async {
+        let (_, publisher) = app
+            .link
+            .get()
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        app.submitter
+            .submit(&publisher, stage, id, &payload)
+            .await
+            .map_err(|e| match e {
+                SubmitError::UnknownStage { .. } => ApiError::not_found(e.to_string()),
+                SubmitError::TooLarge(_) => {
+                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+                }
+                SubmitError::Broker(_) => ApiError::unavailable(e.to_string()),
+            })
+    };
+    let submitted = tokio::time::timeout(timeout, publish).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the broker did not confirm the task within {} (--broker-timeout): it may or may not be queued; look for it with GET /api/tasks/{{id}} before sending it again",
+                humantime::format_duration(timeout)
+            ),
+        )
+    })??;
     let body = json!({
         "id": submitted.id.as_str(),
         "stage": submitted.stage.as_str(),
@@ -233,107 +261,7 @@ pub async fn submit(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// `GET /api/dead/{stage}?limit=N`: dead-lettered tasks, left in place.
-pub async fn dead_list(
-    State(app): AppState,
-    Path(stage): Path<String>,
-    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<dead::Listing>, ApiError> {
-    let stage = Stage::new(stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let mut limit = DEFAULT_LIMIT;
-    for (key, value) in &query {
-        match key.as_str() {
-            "limit" => limit = parse_limit(value)?,
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown query parameter '{other}' (expected limit)"
-                )));
-            }
-        }
-    }
-    dead::list(&app.amqp_url, &app.names, &stage, limit)
-        .await
-        .map(Json)
-        .map_err(dead_error)
-}
-
-/// Body of `POST /api/dead/{stage}/replay`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReplayBody {
-    /// Replay these tasks.
-    ids: Option<Vec<String>>,
-    /// Replay every dead letter of the stage.
-    #[serde(default)]
-    all: bool,
-}
-
-/// `POST /api/dead/{stage}/replay`: `{"ids": [...]}` or `{"all": true}`.
-pub async fn dead_replay(
-    State(app): AppState,
-    Path(stage): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<dead::Replayed>, ApiError> {
-    let stage = Stage::new(stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let req: ReplayBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-    let selection = match (req.ids, req.all) {
-        (Some(_), true) => {
-            return Err(ApiError::bad_request("give ids or all, not both"));
-        }
-        (Some(ids), false) => {
-            if ids.is_empty() {
-                return Err(ApiError::bad_request("ids is empty"));
-            }
-            for id in &ids {
-                TaskId::new(id.as_str()).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            }
-            dead::Selection::Ids(ids.into_iter().collect())
-        }
-        (None, true) => dead::Selection::All,
-        (None, false) => {
-            return Err(ApiError::bad_request(
-                "say what to replay: {\"ids\": [...]} or {\"all\": true}",
-            ));
-        }
-    };
-    let replayed = dead::replay(&app.amqp_url, &app.names, &stage, &selection)
-        .await
-        .map_err(dead_error)?;
-    // Tell the coordinator (and any other reader) the tasks are queued
-    // again, stamped with when they were (see `Submitter::submit`).
-    if !replayed.replayed.is_empty()
-        && let Ok((_, publisher)) = app.link.get().await
-    {
-        let events = replayed
-            .replayed
-            .iter()
-            .zip(&replayed.enqueued_at_ms)
-            .filter_map(|(id, at)| Some((TaskId::new(id.as_str()).ok()?, *at)))
-            .map(|(task_id, at_ms)| {
-                Event::TaskSubmitted(TaskSubmitted {
-                    at_ms,
-                    task_id,
-                    stage: stage.clone(),
-                    payload_bytes: 0,
-                })
-            })
-            .collect();
-        app.submitter.publish_events(&publisher, events).await;
-    }
-    Ok(Json(replayed))
-}
-
-fn dead_error(e: dead::DeadError) -> ApiError {
-    match e {
-        dead::DeadError::UnknownStage(..) => ApiError::not_found(e.to_string()),
-        _ => ApiError::unavailable(e.to_string()),
-    }
-}
-
-fn parse_limit(value: &str) -> Result<usize, ApiError> {
+pub(super) fn parse_limit(value: &str) -> Result<usize, ApiError> {
     value
         .parse::<usize>()
         .ok()

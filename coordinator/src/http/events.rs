@@ -14,7 +14,14 @@
 //! A browser's `EventSource` reconnects by itself (after a coordinator
 //! restart too), and a new connection starts with full state. Streams end
 //! when the server shuts down, so they never hold a graceful shutdown up.
+//!
+//! Each stream costs a view of every worker per second, so at most
+//! `--http-max-event-streams` are open at once (`guildhall_http_event_streams`);
+//! past that a new one gets 503. A reader without the token gets `errors`
+//! with the sample messages withheld ([`super::redact`]).
 
+use super::error::ApiError;
+use super::redact::{self, ReadScope};
 use crate::serve::App;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -25,14 +32,32 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 
 /// How often views are compared.
 const TICK: Duration = Duration::from_secs(1);
 
+/// One of the `--http-max-event-streams` places, held while a stream is open.
+struct Slot {
+    /// The place.
+    _permit: OwnedSemaphorePermit,
+    /// `guildhall_http_event_streams`, decremented when the stream ends.
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// What one connection has sent so far.
 struct Conn {
     app: Arc<App>,
+    /// Its place among the open streams.
+    _slot: Slot,
+    /// Whether the reader may see worker-written text.
+    scope: ReadScope,
     /// Flips when the server shuts down.
     closing: watch::Receiver<bool>,
     /// Events built but not yet sent.
@@ -48,15 +73,34 @@ struct Conn {
     ticker: tokio::time::Interval,
 }
 
-/// The SSE stream of one client.
+/// The SSE stream of one client; 503 when `--http-max-event-streams` are open.
 pub async fn stream(
     State(app): State<Arc<App>>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    scope: ReadScope,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let permit = app
+        .http
+        .event_streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::unavailable(format!(
+                "too many event streams open (--http-max-event-streams {}): close one, or try again later",
+                app.http.config.max_event_streams
+            ))
+        })?;
+    let gauge = app.metrics.http_event_streams.clone();
+    gauge.inc();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let conn = Conn {
         closing: app.closing.clone(),
         app,
+        _slot: Slot {
+            _permit: permit,
+            gauge,
+        },
+        scope,
         queue: VecDeque::new(),
         workers: HashMap::new(),
         stages: String::new(),
@@ -79,7 +123,7 @@ pub async fn stream(
             }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
 /// `value` without the fields that change by themselves as time passes.
@@ -148,7 +192,10 @@ impl Conn {
             self.scaling = print;
             self.push("scaling", &scaling);
         }
-        let errors = serde_json::to_value(&errors).unwrap_or(Value::Null);
+        let mut errors = serde_json::to_value(&errors).unwrap_or(Value::Null);
+        if !self.scope.full {
+            redact::errors(&mut errors);
+        }
         let print = errors.to_string();
         if print != self.errors {
             self.errors = print;

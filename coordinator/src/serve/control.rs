@@ -143,7 +143,8 @@ impl Controller {
         Ok(channel)
     }
 
-    /// Sends `command` to `agent` and waits up to `timeout` for its reply.
+    /// Sends `command` to `agent` and waits for its reply: all of it within
+    /// `timeout`.
     pub async fn send(
         &self,
         agent: &AgentId,
@@ -163,9 +164,18 @@ impl Controller {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
-        let result = self.publish(agent, id, &bytes, timeout).await;
+        // One deadline for all of it: connecting, the broker's confirm and
+        // the agent's reply (a stuck broker must not hold a request).
+        let deadline = tokio::time::Instant::now() + timeout;
+        let result = tokio::time::timeout_at(deadline, self.publish(agent, id, &bytes, timeout))
+            .await
+            .unwrap_or(Err(ControlError::Timeout {
+                agent: agent.clone(),
+                command: kind,
+                timeout,
+            }));
         let outcome = match result {
-            Ok(()) => match tokio::time::timeout(timeout, rx).await {
+            Ok(()) => match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(reply)) => Ok(reply),
                 _ => Err(ControlError::Timeout {
                     agent: agent.clone(),

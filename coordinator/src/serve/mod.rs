@@ -84,6 +84,8 @@ pub struct ServeConfig {
     pub command_timeout: Duration,
     /// Who may read and who may control (`--api-token`, `--protect-reads`).
     pub access: crate::http::access::Access,
+    /// The HTTP server's limits and time-outs, and the hosts it serves.
+    pub http: crate::http::HttpConfig,
     /// Strong mode (`--require-user-id`): who may speak for which sender
     /// on the events stream; `None`: anyone who may publish to it.
     pub event_users: Option<EventUsers>,
@@ -133,6 +135,7 @@ impl ServeConfig {
             actuator: ActuatorConfig::default(),
             command_timeout: Duration::from_secs(5),
             access: crate::http::access::Access::default(),
+            http: crate::http::HttpConfig::default(),
             event_users: None,
         }
     }
@@ -184,8 +187,7 @@ pub struct App {
     pub management: Option<Management>,
     /// Webhook alerts, if configured.
     pub alerts: Option<alerts::Alerts>,
-    /// The broker, for operations that open a connection of their own
-    /// (dead-letter listing and replay).
+    /// The broker.
     pub amqp_url: AmqpUrl,
     /// Sends commands to agents (rebalancing, prefetch, controls).
     pub control: Controller,
@@ -200,6 +202,8 @@ pub struct App {
     /// Flips when the HTTP server starts shutting down, so long-lived
     /// responses (event streams) end instead of holding the shutdown up.
     pub closing: watch::Receiver<bool>,
+    /// The HTTP side's limits, event stream places and dead-letter link.
+    pub http: crate::http::HttpState,
     /// Strong mode: who may speak for which sender on the events stream.
     pub event_users: Option<EventUsers>,
 }
@@ -335,7 +339,11 @@ pub async fn run(
         dry_run: config.actuator.dry_run,
         command_timeout: config.command_timeout,
         access: config.access.clone(),
-        closing: closing_rx,
+        closing: closing_rx.clone(),
+        http: crate::http::HttpState::new(
+            config.http.clone(),
+            BrokerLink::new(config.amqp_url.clone(), format!("{conn_name}/dead-letters")),
+        ),
         event_users: config.event_users.clone(),
     });
     app.health
@@ -370,12 +378,12 @@ pub async fn run(
         );
     }
     let router = crate::http::router(app.clone());
-    let shutdown = async move {
+    tokio::spawn(async move {
         shutdown.await;
         let _ = closing_tx.send(true);
-    };
-    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
-    let result = server.await;
+    });
+    let tracker = http_tracker(&config.http, &app.metrics);
+    let result = crate::http::server::serve(listener, router, tracker, closing_rx).await;
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     // The ingest task has stopped: this snapshot covers everything applied.
@@ -390,8 +398,37 @@ pub async fn run(
         }
     }
     app.link.close().await;
+    app.http.dead_letters.link.close().await;
     app.control.close().await;
     result.map_err(ServeError::Http)
+}
+
+/// The connection tracker for `config`: the open-files limit is raised to
+/// its maximum first, and the connection limit lowered if that is not
+/// room enough.
+fn http_tracker(
+    config: &crate::http::HttpConfig,
+    metrics: &Metrics,
+) -> Arc<crate::http::conns::Tracker> {
+    use crate::http::server::{RESERVED_FDS, connection_budget, raise_fd_limit};
+    let fd_limit = raise_fd_limit();
+    let max = connection_budget(config.max_connections, fd_limit);
+    if max < config.max_connections {
+        tracing::warn!(
+            "at most {max} HTTP connections instead of --http-max-connections {}: the open-files limit is {} (raise it with `ulimit -n`; {RESERVED_FDS} are kept for the rest)",
+            config.max_connections,
+            fd_limit.unwrap_or_default()
+        );
+    }
+    Arc::new(crate::http::conns::Tracker::new(
+        max,
+        config.header_timeout,
+        config.idle_timeout,
+        crate::http::conns::ConnMetrics {
+            open: metrics.http_connections.clone(),
+            closed: metrics.http_connections_closed.clone(),
+        },
+    ))
 }
 
 /// The core to start with, and the stream offset to start reading at: the

@@ -1,8 +1,9 @@
 /*
  * Guildhall dashboard: plain JavaScript, no framework, no build step.
  *
- * Sections: DOM helpers, formatting, API client (with the access token),
- * toasts, state, routing, workers view, logs panel, pipeline view, task view,
+ * Sections: DOM helpers, formatting, API client (with the access token,
+ * and the "hidden: sign in" marker of text withheld without it), toasts,
+ * state, routing, workers view, logs panel, pipeline view, task view,
  * errors view, dead letters view, live updates (SSE), start-up.
  *
  * Security: every string that comes from the server goes into the page as
@@ -312,6 +313,7 @@
     if (value) {
       setToken(value);
       if (source) connectEvents(); // EventSource carries the token in its URL
+      reloadWithheld();
     }
     if (resolve) resolve(value || null);
   }
@@ -337,6 +339,45 @@
         ? 'A token is stored for this tab. Enter another one, or forget it:'
         : 'Enter the coordinator\'s --api-token:');
       if (entered) loadAll();
+    });
+  }
+
+  // ---- text withheld without the token ----
+
+  /**
+   * What stands for worker-written text the coordinator withheld (it has a
+   * token and this page has not given it): a button that asks for it.
+   */
+  function hiddenText() {
+    return el('button', {
+      type: 'button',
+      class: 'redacted',
+      'data-redacted': 'true',
+      title: 'Worker-written text (error messages, payload previews) is shown only with the coordinator\'s access token. Click to enter it.',
+    }, 'hidden: sign in');
+  }
+
+  /** `text`, or the withheld marker when the server said `redacted`. */
+  function workerText(text, redacted, empty = '') {
+    if (redacted && text == null) return hiddenText();
+    return text == null || text === '' ? empty : text;
+  }
+
+  /** Fetches again the views that may hold text withheld without the token. */
+  function reloadWithheld() {
+    if (state.task.id) loadTask(state.task.id, { quiet: true });
+    if (state.dead.stage) loadDead();
+  }
+
+  /** Asks for the token (a "hidden: sign in" was clicked), then reloads. */
+  async function signIn() {
+    const entered = await askToken('Error messages and payload previews are shown only with the access token. Enter the coordinator\'s --api-token:');
+    if (entered) loadAll();
+  }
+
+  function setupHiddenText() {
+    document.addEventListener('click', (e) => {
+      if (e.target.closest('button.redacted')) signIn();
     });
   }
 
@@ -1303,7 +1344,8 @@
           extra.length ? el('span', { class: 'summary' }, ` ${extra.join(', ')}`) : null),
         el('td', null,
           a.error_class ? el('span', { class: 'attempt-error-class' }, a.error_class) : null,
-          a.error ? el('span', { class: 'attempt-error' }, a.error) : (a.error_class ? null : el('span', { class: 'none' }, DASH))),
+          a.redacted && a.error == null ? hiddenText()
+            : a.error ? el('span', { class: 'attempt-error' }, a.error) : (a.error_class ? null : el('span', { class: 'none' }, DASH))),
         el('td', { class: 'bar-cell', title: `${a.stage} #${a.attempt}: wait ${fmtMs(a.wait_ms)}, run ${fmtMs(a.duration_ms)}` }, bars));
     });
     return el('div', null,
@@ -1387,7 +1429,7 @@
           el('li', { class: 'error-sample' },
             s.task_id ? taskLink(s.task_id) : el('span', { class: 'none' }, DASH),
             isNum(s.attempt) ? el('span', { class: 'summary', title: 'attempt at the stage' }, `#${s.attempt}`) : null,
-            el('span', { class: 'error-message' }, s.message == null ? '' : s.message),
+            el('span', { class: 'error-message' }, workerText(s.message, s.redacted)),
             isNum(s.at_ms) ? agoNode(s.at_ms) : null)))
         : null);
   }
@@ -1483,12 +1525,12 @@
         el('td', null, el('input', { type: 'checkbox', class: 'dead-check', value: t.id || '', disabled: !t.id, checked, 'aria-label': `Select ${t.id || 'task'}` })),
         el('td', { class: 'mono' }, t.id ? taskLink(t.id) : el('span', { class: 'none' }, 'no id')),
         el('td', { class: 'mono' }, t.error_class || DASH),
-        el('td', { class: 'err' }, t.error || DASH),
+        el('td', { class: 'err' }, workerText(t.error, t.redacted, DASH)),
         el('td', { class: 'num' }, t.attempt == null ? DASH : String(t.attempt)),
         el('td', { class: 'mono' }, t.dead_by || DASH),
         el('td', null, isNum(t.enqueued_at_ms) ? agoNode(t.enqueued_at_ms) : DASH),
         el('td', { class: 'num' }, fmtBytes(t.payload_bytes)),
-        el('td', { class: 'preview', title: t.payload_preview || '' }, t.payload_preview || ''));
+        el('td', { class: 'preview', title: t.payload_preview || '' }, workerText(t.payload_preview, t.redacted)));
     });
     fill(table,
       el('thead', null, el('tr', null,
@@ -1741,6 +1783,7 @@
 
   function start() {
     setupTokenDialog();
+    setupHiddenText();
     setupWorkersView();
     setupLogs();
     setupTaskView();
