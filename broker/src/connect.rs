@@ -53,6 +53,11 @@ impl AmqpUrl {
         &self.uri.authority.host
     }
 
+    /// The port (5672 for `amqp://` unless given).
+    pub fn port(&self) -> u16 {
+        self.uri.authority.port
+    }
+
     /// The user name.
     pub fn username(&self) -> &str {
         &self.uri.authority.userinfo.username

@@ -13,10 +13,13 @@
 //!   other test holds the broker lock shared for its lifetime.
 //! - [`WebhookSink`]: an HTTP endpoint that records the alerts it receives.
 //! - [`Api`]: the coordinator's JSON API and metrics.
-//! - broker helpers: publish tasks, drain a queue.
+//! - broker helpers: publish tasks, drain a queue; [`raw_amqp`]: publish
+//!   what proper clients refuse to (short strings that are not UTF-8).
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`);
 //! `cargo test --workspace` builds them.
+
+pub mod raw_amqp;
 
 use anyhow::{Context, anyhow, bail};
 use futures_lite::StreamExt;
