@@ -30,8 +30,8 @@
 //!    is never requeued, so it cannot loop;
 //! 3. emits `DeliveryRejected` (counted by the coordinator in
 //!    `guildhall_deliveries_rejected_total{stage,reason}`), counts it in
-//!    the agent, and logs one line with its delivery tag (at most one line
-//!    a second: a producer may send any number of them).
+//!    the agent, and logs one line with its delivery tag (at most 10 lines
+//!    in 10 s: a producer may send any number of them).
 //!
 //! If the link is lost meanwhile, nothing can be acked or rejected: the
 //! broker requeues the delivery with the dead channel and the next delivery
@@ -51,8 +51,12 @@ use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use std::time::Duration;
 
-/// Least time between two log lines about rejected deliveries.
-pub(crate) const REJECTED_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Log lines about rejected deliveries: at most [`REJECTED_LOG_BURST`] per
+/// this interval.
+pub(crate) const REJECTED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// See [`REJECTED_LOG_INTERVAL`].
+pub(crate) const REJECTED_LOG_BURST: u32 = 10;
 
 /// Bytes of a content header frame besides the properties: frame type,
 /// channel, size and end octet (8), class, weight and body size (12), and
@@ -280,7 +284,7 @@ pub(crate) async fn reject_unreadable(
 
 /// A fresh limiter for [`reject_unreadable`]'s log line.
 pub(crate) fn rejected_log() -> RateLimited {
-    RateLimited::new(REJECTED_LOG_INTERVAL)
+    RateLimited::new(REJECTED_LOG_INTERVAL, REJECTED_LOG_BURST)
 }
 
 #[cfg(test)]

@@ -73,6 +73,8 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| EnvFilter::new("info,lapin=off,amq_protocol=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -303,7 +303,7 @@ impl Runner {
             worker_control: supervisor.as_ref().map(Supervisor::control),
             next_stages: NextStages::new(&routes, config.allow_new_stages),
             rejected_log: crate::dead::rejected_log(),
-            implausible_log: RateLimited::new(task::IMPLAUSIBLE_LOG_INTERVAL),
+            implausible_log: RateLimited::new(task::IMPLAUSIBLE_LOG_INTERVAL, 1),
         });
         Ok(Self {
             config,

@@ -11,6 +11,7 @@ mod control;
 mod demo;
 mod demo_worker;
 mod errors;
+mod hostile_agent;
 mod pipeline;
 mod probes;
 mod prometheus;
