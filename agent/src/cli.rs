@@ -11,7 +11,10 @@ use crate::config::{
 };
 use clap::Parser;
 use clap::builder::FalseyValueParser;
+use guildhall_broker::AmqpUrl;
+use guildhall_broker::tls::TlsFiles;
 use guildhall_proto::{AgentId, Namespace, Stage};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 /// Guildhall's agent: consumes a stage's queue, hands each task to a worker,
@@ -25,6 +28,19 @@ pub struct Cli {
     /// Broker URL.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
     pub amqp_url: String,
+
+    /// PEM CA certificates to trust, besides the system's, for an amqps:// broker.
+    #[arg(long, env = "GUILDHALL_AMQP_CA_FILE", value_name = "FILE")]
+    pub amqp_ca_file: Option<String>,
+
+    /// PEM client certificate for a broker that requires one (mutual TLS);
+    /// needs --amqp-key-file.
+    #[arg(long, env = "GUILDHALL_AMQP_CERT_FILE", value_name = "FILE")]
+    pub amqp_cert_file: Option<String>,
+
+    /// PEM private key of --amqp-cert-file (not encrypted).
+    #[arg(long, env = "GUILDHALL_AMQP_KEY_FILE", value_name = "FILE")]
+    pub amqp_key_file: Option<String>,
 
     /// Namespace: the prefix of every broker name.
     #[arg(long, env = "GUILDHALL_NAMESPACE", default_value = "guildhall")]
@@ -192,7 +208,14 @@ impl Cli {
         };
         let worker = self.worker()?;
         let mut config = AgentConfig::new(stage, worker).with_stages(stages);
-        config.amqp_url = self.amqp_url;
+        config.amqp_url = broker_url(
+            &self.amqp_url,
+            &TlsFiles {
+                ca: self.amqp_ca_file.map(PathBuf::from),
+                cert: self.amqp_cert_file.map(PathBuf::from),
+                key: self.amqp_key_file.map(PathBuf::from),
+            },
+        )?;
         config.namespace = id::<Namespace>("--namespace", &self.namespace)?;
         if let Some(next) = self.next.as_deref() {
             config.next = Some(id("--next", next)?);
@@ -281,6 +304,17 @@ impl Cli {
             "one of --worker-url, --exec or --simulate is required".into(),
         ))
     }
+}
+
+/// The broker URL with the TLS files of the flags (which replace those the
+/// URL names) as query parameters, read and checked: the string the agent
+/// connects with.
+fn broker_url(raw: &str, files: &TlsFiles) -> Result<String, ConfigError> {
+    if files.is_empty() {
+        return Ok(raw.to_owned());
+    }
+    let url = AmqpUrl::parse(raw).map_err(|e| ConfigError::invalid("--amqp-url", e.to_string()))?;
+    Ok(url.with_tls_files(files)?.raw().to_owned())
 }
 
 fn id<T: FromStr<Err = guildhall_proto::InvalidId>>(

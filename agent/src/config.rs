@@ -590,6 +590,10 @@ pub enum ConfigError {
         /// What is wrong, in words a user can act on.
         message: String,
     },
+    /// A TLS file that cannot be used (`--amqp-ca-file`, ...), or TLS
+    /// flags with an `amqp://` URL; the message names the flag.
+    #[error("{0}")]
+    Tls(String),
     /// A flag that must be given is missing.
     #[error("{0}")]
     Missing(String),
@@ -602,6 +606,12 @@ impl ConfigError {
             flag,
             message: one_line(&message.into()),
         }
+    }
+}
+
+impl From<guildhall_broker::tls::TlsError> for ConfigError {
+    fn from(e: guildhall_broker::tls::TlsError) -> Self {
+        ConfigError::Tls(one_line(&e.to_string()))
     }
 }
 

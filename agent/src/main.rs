@@ -68,9 +68,12 @@ fn signals() -> std::io::Result<impl Future<Output = String>> {
 fn init_logging(json: bool) {
     // lapin's own log lines repeat errors that reach the agent as results
     // anyway, and include expected ones (the 404 of a passive probe for a
-    // queue that does not exist yet), so they are off unless RUST_LOG asks.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off,amq_protocol=off"));
+    // queue that does not exist yet), so they are off unless RUST_LOG asks;
+    // so are rustls-platform-verifier's, which repeat a certificate error
+    // the connection reports anyway.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,lapin=off,amq_protocol=off,rustls_platform_verifier=off")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colours only for a person at a terminal, not in log files.

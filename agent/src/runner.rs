@@ -251,6 +251,9 @@ impl Runner {
             EventPublisherConfig {
                 flush_interval: config.flush_interval,
                 max_batch: config.batch_max,
+                // Who sent each batch, checked by the broker: a coordinator
+                // with --require-user-id trusts it.
+                user_id: url.user_id().map(str::to_owned),
                 ..EventPublisherConfig::default()
             },
         );

@@ -86,6 +86,11 @@ pub struct EventPublisherConfig {
     /// Longest to wait for a batch's confirm before counting it as failed
     /// and keeping it for a resend.
     pub confirm_timeout: Duration,
+    /// The `user_id` property set on every message: the connection's user
+    /// ([`crate::AmqpUrl::user_id`]). RabbitMQ refuses a message whose
+    /// `user_id` is not its connection's user, so a coordinator in strong
+    /// mode (`--require-user-id`) can trust it.
+    pub user_id: Option<String>,
 }
 
 impl Default for EventPublisherConfig {
@@ -97,6 +102,7 @@ impl Default for EventPublisherConfig {
             queue_capacity: 65_536,
             buffer_capacity: 100_000,
             confirm_timeout: Duration::from_secs(30),
+            user_id: None,
         }
     }
 }
@@ -159,12 +165,19 @@ struct StreamSink {
     publisher: Publisher,
     /// The stream's name (the routing key on the default exchange).
     stream: Arc<str>,
+    /// The `user_id` property of every message (the connection's user,
+    /// which RabbitMQ checks), so a coordinator in strong mode knows who
+    /// sent it.
+    user_id: Option<Arc<str>>,
 }
 
 impl Sink for StreamSink {
     fn start<'a>(&'a self, bytes: &'a [u8]) -> Started<'a> {
         Box::pin(async move {
-            let props = BasicProperties::default().with_delivery_mode(2);
+            let mut props = BasicProperties::default().with_delivery_mode(2);
+            if let Some(user) = &self.user_id {
+                props = props.with_user_id(user.as_ref().into());
+            }
             let pending = self
                 .publisher
                 .start("", &self.stream, bytes, props)
@@ -198,6 +211,8 @@ pub struct EventPublisher {
     stats: Arc<EventStats>,
     /// The stream published to, for the sink of a new channel.
     stream: Arc<str>,
+    /// The `user_id` set on every message, for the sink of a new channel.
+    user_id: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -220,9 +235,11 @@ impl EventPublisher {
         config: EventPublisherConfig,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let stream: Arc<str> = stream.into();
+        let user_id = config.user_id.as_deref().map(Arc::from);
         let sink = StreamSink {
             publisher,
             stream: stream.clone(),
+            user_id: user_id.clone(),
         };
         Self::spawn_with_sink(Box::new(sink), stream, sender, config)
     }
@@ -235,6 +252,7 @@ impl EventPublisher {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let stats = Arc::new(EventStats::default());
+        let user_id = config.user_id.as_deref().map(Arc::from);
         let batcher = Batcher {
             sink,
             sink_generation: 0,
@@ -257,7 +275,15 @@ impl EventPublisher {
             drops: DropLog::default(),
         };
         let task = tokio::spawn(batcher.run(rx));
-        (Self { tx, stats, stream }, task)
+        (
+            Self {
+                tx,
+                stats,
+                stream,
+                user_id,
+            },
+            task,
+        )
     }
 
     /// Queues an event; never waits. If the queue is full the event is
@@ -303,6 +329,7 @@ impl EventPublisher {
         let sink = StreamSink {
             publisher,
             stream: self.stream.clone(),
+            user_id: self.user_id.clone(),
         };
         self.reconnected_to(Box::new(sink)).await;
     }

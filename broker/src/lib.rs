@@ -4,9 +4,11 @@
 //!
 //! # Layout
 //!
-//! - [`connect()`]: open a named connection from an `amqp://` URL, with a
-//!   heartbeat and connect timeout filled in, and a password-free form of the
-//!   URL for log lines.
+//! - [`connect()`]: open a named connection from an `amqp://` or `amqps://`
+//!   URL, with a heartbeat and connect timeout filled in, and a password-free
+//!   form of the URL for log lines.
+//! - [`tls`]: the CA bundle and client identity of `amqps://` (and of the
+//!   management API over https), read from PEM files and checked at start.
 //! - [`topology`]: idempotent declarations (task exchange, stage, retry and
 //!   dead-letter queues, the events stream, the control exchange) and the
 //!   passive probe that tells whether a queue exists.
@@ -32,6 +34,7 @@ pub mod events;
 pub mod management;
 pub mod publish;
 pub mod task;
+pub mod tls;
 pub mod topology;
 
 pub use connect::{AmqpUrl, connect};
@@ -77,8 +80,8 @@ pub enum BrokerError {
         /// What is wrong with it.
         reason: String,
     },
-    /// Could not connect (refused, DNS, auth, timeout).
-    #[error("cannot reach RabbitMQ at {url}: {source}")]
+    /// Could not connect (refused, DNS, auth, timeout, TLS).
+    #[error("cannot reach RabbitMQ at {url}: {source}{}", tls_hint(source))]
     Connect {
         /// The URL, without its password.
         url: String,
@@ -93,6 +96,34 @@ pub enum BrokerError {
         /// The client's error.
         source: lapin::Error,
     },
+}
+
+/// What to check when a TLS handshake failed over certificates (rustls's
+/// own words name the error, not the flag that fixes it); "" otherwise.
+fn tls_hint(err: &lapin::Error) -> &'static str {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert};
+    let lapin::ErrorKind::IOError(io) = err.kind() else {
+        return "";
+    };
+    match io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature)) => {
+            " (no CA this client trusts signed the broker's certificate: is --amqp-ca-file its CA?)"
+        }
+        Some(rustls::Error::InvalidCertificate(
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. },
+        )) => " (the broker's certificate does not name the URL's host)",
+        Some(rustls::Error::AlertReceived(
+            Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown
+            | Alert::UnsupportedCertificate
+            | Alert::CertificateExpired,
+        )) => {
+            " (the broker wants a client certificate it trusts: --amqp-cert-file and --amqp-key-file)"
+        }
+        _ => "",
+    }
 }
 
 impl BrokerError {

@@ -2,7 +2,9 @@
 //! unacked counts, and the way to close a frozen agent's connection.
 //!
 //! Plain HTTP calls rather than `rabbitmq_http_client`, whose types target
-//! 3.13/4.x and lack `messages_ready` on 3.10.
+//! 3.13/4.x and lack `messages_ready` on 3.10. Over `https://`, the
+//! certificate is verified against the system's roots plus an optional CA
+//! bundle ([`Management::with_ca`]).
 
 use reqwest::{Client, StatusCode, Url};
 use serde::Deserialize;
@@ -14,8 +16,12 @@ pub enum ManagementError {
     /// The management URL is not a valid `http(s)://` URL.
     #[error("invalid management URL: {0}")]
     InvalidUrl(String),
-    /// No answer (plugin disabled, wrong port, network).
-    #[error("management API unreachable at {url}: {source}")]
+    /// The CA bundle cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// No answer (plugin disabled, wrong port, network, a certificate not
+    /// trusted): the message carries reqwest's causes, which say which.
+    #[error("management API unreachable at {url}: {}", crate::one_line(&crate::error_chain(source)))]
     Unreachable {
         /// The URL without credentials.
         url: String,
@@ -89,6 +95,16 @@ pub struct Management {
 impl Management {
     /// A client for `url` (`http://user:pass@host:15672`), scoped to `vhost`.
     pub fn new(url: &str, vhost: &str) -> Result<Self, ManagementError> {
+        Self::with_ca(url, vhost, None)
+    }
+
+    /// A client for `url` that also trusts the certificates of `ca` (for
+    /// `https://` with a private CA; unused over `http://`).
+    pub fn with_ca(
+        url: &str,
+        vhost: &str,
+        ca: Option<&crate::tls::CaBundle>,
+    ) -> Result<Self, ManagementError> {
         let mut base = Url::parse(url).map_err(|e| ManagementError::InvalidUrl(e.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(ManagementError::InvalidUrl(format!(
@@ -100,10 +116,13 @@ impl Management {
         let password = percent_decode(base.password().unwrap_or(""));
         let _ = base.set_username("");
         let _ = base.set_password(None);
-        let http = Client::builder()
-            .timeout(Duration::from_secs(5))
+        let mut builder = Client::builder().timeout(Duration::from_secs(5));
+        if let Some(ca) = ca {
+            builder = builder.tls_certs_merge(ca.reqwest_certificates()?);
+        }
+        let http = builder
             .build()
-            .map_err(|e| ManagementError::InvalidUrl(e.to_string()))?;
+            .map_err(|e| ManagementError::InvalidUrl(crate::error_chain(&e)))?;
         Ok(Self {
             base,
             user: if user.is_empty() {

@@ -107,7 +107,7 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> anyhow::
                 permanent: *permanent,
             };
             let agent = AgentConfig::new(stages[i].clone(), WorkerSpec::Simulated(spec))
-                .with_amqp_url(args.broker.amqp_url.clone())
+                .with_amqp_url(config.amqp_url.raw())
                 .with_namespace(names.namespace().clone())
                 .with_id(AgentId::new(format!("{stage}-{n}")).expect("valid agent id"))
                 .with_next(stages.get(i + 1).cloned())
@@ -126,7 +126,8 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         let submitter = Submitter::new(
             AgentId::new("demo-feeder").expect("valid id"),
             names.clone(),
-        );
+        )
+        .with_user_id(config.amqp_url.user_id());
         let stage = stages[0].clone();
         let rate = args.rate;
         tokio::spawn(async move { feed(publisher, submitter, stage, rate, stop).await })
@@ -212,7 +213,7 @@ async fn clean(config: &serve::ServeConfig, prefix: &str) {
         tracing::warn!("--clean needs the management API; nothing deleted");
         return;
     };
-    match Management::new(url, config.amqp_url.vhost()) {
+    match Management::with_ca(url, config.amqp_url.vhost(), config.management_ca.as_ref()) {
         Ok(m) => match m.delete_all_with_prefix(prefix).await {
             Ok(n) => println!("deleted {n} queues and exchanges under {prefix}"),
             Err(e) => tracing::warn!("clean-up failed: {e}"),

@@ -43,9 +43,13 @@ fn fail(e: &anyhow::Error) -> ExitCode {
 
 fn init_logging(default: &str) {
     // lapin logs expected events (a passive probe's 404, a returned message
-    // we handle) as errors; its failures reach us as values anyway.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},lapin=off")));
+    // we handle) as errors; its failures reach us as values anyway, as do
+    // the certificate errors rustls-platform-verifier also logs.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{default},lapin=off,rustls_platform_verifier=off"
+        ))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

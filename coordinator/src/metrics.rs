@@ -120,6 +120,18 @@ pub struct Metrics {
     /// found on a stage queue and could not treat as tasks (reported by
     /// their `DeliveryRejected` events), set aside without reaching a worker.
     pub deliveries_rejected: IntCounterVec,
+    /// `guildhall_events_clamped_total{field}`: values from the wire brought
+    /// into bounds (`time`: implausible event times, `heartbeat_interval`:
+    /// intervals outside the agent's own bounds).
+    pub events_clamped: IntCounterVec,
+    /// `guildhall_sender_conflicts_total`: times a run of an agent spoke
+    /// again after another run (a `Hello` of a new incarnation) started
+    /// under its id: a forged `Hello`, or two processes sharing an agent id.
+    pub sender_conflicts: IntCounter,
+    /// `guildhall_coordinator_listening`: 1 while the coordinator hears the
+    /// fleet (its stream consumer is connected and its echoes come back), 0
+    /// while it is deaf and judges no one.
+    pub listening: IntGauge,
     /// `guildhall_event_batches_total`: envelopes applied.
     pub event_batches: IntCounter,
     /// `guildhall_event_batches_missing_total`: gaps in senders' sequence numbers.
@@ -174,13 +186,23 @@ pub struct Metrics {
 
 /// Every `reason` of `guildhall_events_malformed_total`: the decoder's
 /// (`DecodeError::reason`) and the core's own.
-pub const MALFORMED_REASONS: [&str; 6] = [
+pub const MALFORMED_REASONS: [&str; 10] = [
     "malformed",
     "version",
     "oversized",
     "unknown_event",
     "stage_limit",
     "worker_limit",
+    // A batch numbered too far ahead of its sender's last (forged).
+    "seq_jump",
+    // A batch of an unknown run (incarnation) of its sender, without the
+    // Hello that starts a run, while a known run of it is alive.
+    "incarnation",
+    // With --event-users: a message whose validated user_id is not allowed
+    // to speak for its envelope's sender.
+    "forged",
+    // A stream message the AMQP client library could not parse, skipped.
+    "unparsable",
 ];
 
 /// The one counter a snapshot does not carry: it counts this process's writes.
@@ -410,6 +432,21 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(caught_up.clone()))
             .expect("metric registered once");
+        let sender_conflicts = IntCounter::new(
+            "guildhall_sender_conflicts_total",
+            "Times a run of an agent spoke again after another run started under its id: a forged Hello, or two processes sharing an agent id. Both runs are applied, each with its own batch numbers.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(sender_conflicts.clone()))
+            .expect("metric registered once");
+        let listening = IntGauge::new(
+            "guildhall_coordinator_listening",
+            "1 while the coordinator hears the fleet (stream consumer connected, its own echoes read back); 0 while it is deaf and judges no worker dead.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(listening.clone()))
+            .expect("metric registered once");
+        listening.set(1);
         let snapshot_bytes = IntGauge::new(
             "guildhall_snapshot_bytes",
             "Size of the last snapshot file written.",
@@ -501,6 +538,14 @@ impl Metrics {
                 "Messages agents could not treat as tasks (a message_id that is not a valid task id, ...), set aside to the dead-letter queue without reaching a worker, by stage and reason.",
                 &["stage", "reason"],
             ),
+            events_clamped: counter_vec(
+                &r,
+                "guildhall_events_clamped_total",
+                "Values from the events stream brought into bounds, by field: time (an event time out of range: dropped or replaced by the coordinator's clock), heartbeat_interval (outside the agent's own 100 ms to 60 s).",
+                &["field"],
+            ),
+            sender_conflicts,
+            listening,
             event_batches,
             event_batches_missing,
             event_batches_duplicate,
@@ -597,11 +642,14 @@ impl Metrics {
         for reason in MALFORMED_REASONS {
             metrics.events_malformed.with_label_values(&[reason]);
         }
+        for field in ["time", "heartbeat_interval"] {
+            metrics.events_clamped.with_label_values(&[field]);
+        }
         for (family, outcomes) in [
             (&metrics.alerts, &["sent", "failed", "dropped"][..]),
             (
                 &metrics.connections_closed,
-                &["closed", "not_found", "failed"],
+                &["closed", "not_found", "failed", "deaf"],
             ),
             (&metrics.scale_actions, &["done", "failed", "dry_run"]),
             (&metrics.snapshot_writes, &["written", "failed"]),
@@ -652,7 +700,7 @@ impl Metrics {
 
     /// The handle of every counter a snapshot carries, to restore them: all
     /// but `snapshot_writes` (a test checks that none is missing).
-    fn saved_counters(&self) -> [CounterHandle<'_>; 15] {
+    fn saved_counters(&self) -> [CounterHandle<'_>; 17] {
         use CounterHandle::{Family, One};
         [
             Family(&self.tasks),
@@ -662,6 +710,8 @@ impl Metrics {
             Family(&self.events_ingested),
             Family(&self.events_malformed),
             Family(&self.deliveries_rejected),
+            Family(&self.events_clamped),
+            One(&self.sender_conflicts),
             One(&self.event_batches),
             One(&self.event_batches_missing),
             One(&self.event_batches_duplicate),

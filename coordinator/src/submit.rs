@@ -67,6 +67,9 @@ pub struct Submitter {
     /// This process's random start id, written in every envelope (readers
     /// tell a restart from a forgery by it).
     incarnation: u64,
+    /// The `user_id` property of its event messages (its connection's
+    /// user), for coordinators in strong mode.
+    user_id: Option<String>,
     /// Broker names.
     names: Names,
 }
@@ -78,8 +81,16 @@ impl Submitter {
             sender,
             seq: AtomicU64::new(0),
             incarnation: rand::random::<u64>() | 1,
+            user_id: None,
             names,
         }
+    }
+
+    /// Sets the `user_id` of its event messages: its connection's user
+    /// ([`guildhall_broker::AmqpUrl::user_id`]), checked by the broker.
+    pub fn with_user_id(mut self, user_id: Option<&str>) -> Self {
+        self.user_id = user_id.map(str::to_owned);
+        self
     }
 
     /// Publishes one task and its `TaskSubmitted` event.
@@ -143,6 +154,22 @@ impl Submitter {
     /// Publishes events in one envelope, confirmed. Failures are logged:
     /// the events are information about tasks that are already safe.
     pub async fn publish_events(&self, publisher: &Publisher, events: Vec<Event>) -> bool {
+        match self.try_publish_events(publisher, events).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("events not published: {e}");
+                false
+            }
+        }
+    }
+
+    /// Publishes events in one envelope, confirmed; the error is the
+    /// caller's to report.
+    pub async fn try_publish_events(
+        &self,
+        publisher: &Publisher,
+        events: Vec<Event>,
+    ) -> Result<(), String> {
         let envelope = Envelope {
             sender: self.sender.clone(),
             incarnation: self.incarnation,
@@ -150,23 +177,16 @@ impl Submitter {
             sent_at_ms: now_ms(),
             events,
         };
-        let bytes = match envelope.encode() {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                tracing::error!("cannot encode events: {e}");
-                return false;
-            }
-        };
-        let props = BasicProperties::default().with_delivery_mode(2);
-        match publisher
+        let bytes = envelope
+            .encode()
+            .map_err(|e| format!("cannot encode events: {e}"))?;
+        let mut props = BasicProperties::default().with_delivery_mode(2);
+        if let Some(user) = &self.user_id {
+            props = props.with_user_id(user.as_str().into());
+        }
+        publisher
             .publish("", &self.names.events_stream(), &bytes, props)
             .await
-        {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("events not published: {e}");
-                false
-            }
-        }
+            .map_err(|e| e.to_string())
     }
 }

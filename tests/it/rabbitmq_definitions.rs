@@ -103,6 +103,9 @@ struct Deployment {
     vhost: String,
     /// Admin access for the import, checks and clean-up.
     admin: Admin,
+    /// Users the test added (one per agent, for the strong mode), deleted
+    /// with the others.
+    extra_users: std::sync::Mutex<Vec<String>>,
 }
 
 impl Deployment {
@@ -115,6 +118,7 @@ impl Deployment {
             tag: format!("ghd{hex}"),
             vhost: format!("gh-defs-{hex}"),
             admin: Admin::new()?,
+            extra_users: std::sync::Mutex::new(Vec::new()),
         };
         let original: Value = serde_json::from_str(DEFINITIONS)?;
         let rewritten = rewrite(&original, &deployment.vhost, &deployment.tag)?;
@@ -151,6 +155,46 @@ impl Deployment {
         Ok(connect(&url, name).await?)
     }
 
+    /// Adds a broker user of its own for agent `id` (named `id`, password
+    /// `id`, the definitions' `agent` permissions), as the strong mode
+    /// wants: one user per agent. Returns its AMQP URL into the vhost.
+    async fn add_agent_user(&self, id: &str) -> anyhow::Result<String> {
+        self.extra_users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id.to_owned());
+        let definitions: Value = serde_json::from_str(DEFINITIONS)?;
+        let perms = definitions["permissions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["user"] == "agent"))
+            .context("the agent's permissions")?
+            .clone();
+        for (segments, body) in [
+            (vec!["users", id], json!({ "password": id, "tags": "" })),
+            (
+                vec!["permissions", self.vhost.as_str(), id],
+                json!({
+                    "configure": perms["configure"],
+                    "write": perms["write"],
+                    "read": perms["read"],
+                }),
+            ),
+        ] {
+            let r = self
+                .admin
+                .request(Method::PUT, &segments)
+                .json(&body)
+                .send()
+                .await?;
+            ensure!(r.status().is_success(), "PUT {segments:?}: {}", r.status());
+        }
+        let mut url = Url::parse(&amqp_url()).expect("AMQP_URL is a URL");
+        url.set_username(id).expect("AMQP URL host");
+        url.set_password(Some(id)).expect("AMQP URL host");
+        url.set_path(&format!("/{}", self.vhost));
+        Ok(url.to_string())
+    }
+
     /// A queue of the vhost as the management API shows it (`None`: absent).
     async fn queue(&self, name: &str) -> anyhow::Result<Option<Value>> {
         let (status, body) = self.admin.get(&["queues", &self.vhost, name]).await?;
@@ -166,7 +210,13 @@ impl Drop for Deployment {
     fn drop(&mut self) {
         let admin = self.admin.clone();
         let vhost = self.vhost.clone();
-        let users: Vec<String> = USERS.iter().map(|u| self.user(u)).collect();
+        let mut users: Vec<String> = USERS.iter().map(|u| self.user(u)).collect();
+        users.extend(
+            self.extra_users
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..),
+        );
         // Drop is synchronous: run the clean-up on a runtime of its own.
         let result = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new()?;
@@ -861,4 +911,140 @@ async fn each_user_is_refused_what_it_must_not_do() {
     let _ = agent.close(200, "done".into()).await;
     let _ = producer.close(200, "done".into()).await;
     let _ = coordinator.close(200, "done".into()).await;
+}
+
+/// Publishes raw bytes to the events stream on `conn`, with `user_id`.
+async fn publish_event(
+    conn: &Connection,
+    bytes: &[u8],
+    user_id: Option<&str>,
+) -> Result<Confirmation, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut props = BasicProperties::default();
+    if let Some(user) = user_id {
+        props = props.with_user_id(user.into());
+    }
+    channel
+        .basic_publish(
+            "".into(),
+            "guildhall.events".into(),
+            BasicPublishOptions::default(),
+            bytes,
+            props,
+        )
+        .await?
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_user_per_agent_only_an_agents_own_user_speaks_for_it() {
+    let ns = TestNs::new("defs-strong");
+    let d = Deployment::import().await.unwrap();
+    let producer = d.user("producer");
+    let c = spawn_coordinator(
+        &ns,
+        &[
+            "--namespace",
+            NS,
+            "--amqp-url",
+            &d.amqp_url("coordinator"),
+            "--management-url",
+            &d.management_url("coordinator"),
+            "--require-user-id",
+            "--trusted-users",
+            &producer,
+        ],
+    )
+    .await
+    .unwrap();
+    // The strong mode's deployment: the agent logs in as a user of its own,
+    // named as the agent.
+    let id = format!("{}-a1", d.tag);
+    let url = d.add_agent_user(&id).await.unwrap();
+    let coordinator_user = d.user("coordinator");
+    let _agent = spawn_agent(
+        &ns,
+        &id,
+        "strong",
+        &[
+            "--namespace",
+            NS,
+            "--amqp-url",
+            &url,
+            "--command-user",
+            &coordinator_user,
+            "--simulate",
+            "median=5ms",
+            "--heartbeat",
+            "500ms",
+        ],
+    )
+    .await
+    .unwrap();
+    wait_status(&c.api, &id, "idle").await;
+    // A trusted producer's events are taken (TaskSubmitted under its own
+    // sender id).
+    let o = run_guildhall(&[
+        "submit",
+        "--namespace",
+        NS,
+        "--amqp-url",
+        &d.amqp_url("producer"),
+        "--stage",
+        "strong",
+        "--id",
+        "STRONG-1",
+        "--payload",
+        "x",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_succeeded(&c.api, "STRONG-1").await;
+
+    // Another agent's credentials (the shared `agent` user) forging a stop
+    // for it: with that user's id, or none, it is dropped as forged.
+    let forged = guildhall_proto::Envelope {
+        sender: id.parse().unwrap(),
+        incarnation: 0xbad,
+        seq: 1,
+        sent_at_ms: guildhall_broker::now_ms(),
+        events: vec![guildhall_proto::Event::AgentStopping(
+            guildhall_proto::AgentStopping {
+                at_ms: guildhall_broker::now_ms(),
+                reason: "forged".into(),
+            },
+        )],
+    }
+    .encode()
+    .unwrap();
+    let intruder = d.connect("agent", "guildhall-test/intruder").await.unwrap();
+    let agent_user = d.user("agent");
+    publish_event(&intruder, &forged, Some(&agent_user))
+        .await
+        .unwrap();
+    publish_event(&intruder, &forged, None).await.unwrap();
+    // Claiming to be the agent's user is refused by the broker itself.
+    let claimed = publish_event(&intruder, &forged, Some(&id)).await;
+    let (code, text) = refusal("user_id of another user", claimed);
+    assert_eq!(code, 406, "{text}");
+    eventually(
+        Duration::from_secs(10),
+        "two forged messages counted",
+        || async {
+            let m = c.api.metrics().await?;
+            let forged = m.value("guildhall_events_malformed_total", &[("reason", "forged")]);
+            ensure!(forged == Some(2.0), "{forged:?}");
+            Ok(())
+        },
+    )
+    .await;
+    // The agent was never stopped, and its own events keep coming.
+    for _ in 0..8 {
+        let w = c.api.get_ok(&format!("/api/workers/{id}")).await.unwrap();
+        assert_eq!(w["status"], "idle", "{w}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

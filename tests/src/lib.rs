@@ -15,6 +15,8 @@
 //! - [`Api`]: the coordinator's JSON API and metrics.
 //! - broker helpers: publish tasks, drain a queue; [`raw_amqp`]: publish
 //!   what proper clients refuse to (short strings that are not UTF-8).
+//! - [`node`]: a private RabbitMQ node with TLS listeners, stopped on drop
+//!   ([`spawn_rabbitmq_node`]); [`certs`]: throw-away CAs for it.
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`);
 //! `cargo test --workspace` builds them.
@@ -36,6 +38,11 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
+
+pub mod certs;
+pub mod node;
+pub use certs::{CertFiles, CertUse, TestCa};
+pub use node::{NodeTls, RabbitNode, spawn_rabbitmq_node};
 
 /// The broker the tests use (`AMQP_URL` overrides).
 pub fn amqp_url() -> String {

@@ -64,6 +64,10 @@ pub struct VersionArgs {
     /// report; "" to go without.
     #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = crate::cli::DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
     pub management_url: String,
+    /// PEM CA certificates to trust, besides the system's, for an https://
+    /// --management-url [default: --amqp-ca-file].
+    #[arg(long, env = "GUILDHALL_MANAGEMENT_CA_FILE", value_parser = crate::cli::any_path)]
+    pub management_ca_file: Option<std::path::PathBuf>,
 }
 
 impl VersionArgs {
@@ -72,7 +76,16 @@ impl VersionArgs {
         if self.management_url.trim().is_empty() {
             return "RabbitMQ (version unknown: no --management-url)".into();
         }
-        match guildhall_broker::Management::new(&self.management_url, url.vhost()) {
+        let ca = match crate::cli::management_ca(
+            &self.management_url,
+            self.management_ca_file.as_deref(),
+            url,
+        ) {
+            Ok(ca) => ca,
+            Err(e) => return format!("RabbitMQ (version unknown: {e})"),
+        };
+        match guildhall_broker::Management::with_ca(&self.management_url, url.vhost(), ca.as_ref())
+        {
             Ok(m) => m
                 .broker_version()
                 .await
@@ -113,7 +126,8 @@ pub struct BenchTarget {
 pub(crate) struct Target {
     /// The broker.
     pub url: guildhall_broker::AmqpUrl,
-    /// The same, as given (for a `guildhall serve` child or an agent).
+    /// The same as a string, with TLS files from flags as query parameters
+    /// (for a `guildhall serve` child or an agent).
     pub raw_url: String,
     /// Prefix of the benchmark's own namespaces.
     pub prefix: String,
@@ -137,9 +151,14 @@ impl BenchTarget {
     /// Validates the broker URL and namespace prefix.
     pub(crate) fn resolve(&self) -> Result<Target, ConfigError> {
         let (url, names) = self.broker.validate()?;
+        crate::cli::management_ca(
+            &self.version.management_url,
+            self.version.management_ca_file.as_deref(),
+            &url,
+        )?;
         Ok(Target {
+            raw_url: url.raw().to_owned(),
             url,
-            raw_url: self.broker.amqp_url.clone(),
             prefix: names.namespace().to_string(),
         })
     }

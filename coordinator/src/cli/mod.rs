@@ -21,6 +21,7 @@ use crate::serve::ServeConfig;
 use crate::serve::actuate::ActuatorConfig;
 use clap::{Args, Parser, Subcommand};
 use guildhall_broker::AmqpUrl;
+use guildhall_broker::tls::{CaBundle, TlsFiles};
 use guildhall_broker::topology::StreamRetention;
 use guildhall_proto::{Names, Namespace, Stage};
 use std::collections::BTreeMap;
@@ -139,13 +140,31 @@ pub struct BrokerArgs {
     /// Prefix of every broker name, so deployments can share a broker.
     #[arg(long, env = "GUILDHALL_NAMESPACE", default_value = guildhall_proto::names::DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// PEM CA certificates to trust, besides the system's, for an amqps://
+    /// broker (and the management API, unless --management-ca-file).
+    #[arg(long, env = "GUILDHALL_AMQP_CA_FILE", value_parser = any_path)]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// PEM client certificate for a broker that requires one (mutual TLS);
+    /// needs --amqp-key-file.
+    #[arg(long, env = "GUILDHALL_AMQP_CERT_FILE", value_parser = any_path)]
+    pub amqp_cert_file: Option<PathBuf>,
+    /// PEM private key of --amqp-cert-file (not encrypted).
+    #[arg(long, env = "GUILDHALL_AMQP_KEY_FILE", value_parser = any_path)]
+    pub amqp_key_file: Option<PathBuf>,
 }
 
 impl BrokerArgs {
-    /// Parses the URL and namespace.
+    /// Parses the URL and namespace, and reads and checks the TLS files.
     pub fn validate(&self) -> Result<(AmqpUrl, Names), ConfigError> {
         let url =
             AmqpUrl::parse(&self.amqp_url).map_err(|e| ConfigError(format!("--amqp-url: {e}")))?;
+        let url = url
+            .with_tls_files(&TlsFiles {
+                ca: self.amqp_ca_file.clone(),
+                cert: self.amqp_cert_file.clone(),
+                key: self.amqp_key_file.clone(),
+            })
+            .map_err(|e| ConfigError(e.to_string()))?;
         let ns = Namespace::new(self.namespace.as_str())
             .map_err(|e| ConfigError(format!("--namespace: {e}")))?;
         Ok((url, Names::new(ns)))
@@ -161,6 +180,10 @@ pub struct CoordinatorArgs {
     /// RabbitMQ management API (for unacked counts); "" to go without.
     #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
     pub management_url: String,
+    /// PEM CA certificates to trust, besides the system's, for an https://
+    /// --management-url [default: --amqp-ca-file].
+    #[arg(long, env = "GUILDHALL_MANAGEMENT_CA_FILE", value_parser = any_path)]
+    pub management_ca_file: Option<PathBuf>,
     /// Heartbeat intervals of silence after which a worker is suspect.
     #[arg(long, env = "GUILDHALL_SUSPECT_HEARTBEATS", default_value_t = 2)]
     pub suspect_heartbeats: u32,
@@ -281,6 +304,17 @@ pub struct CoordinatorArgs {
     /// /healthz and the dashboard page stay open).
     #[arg(long, env = "GUILDHALL_PROTECT_READS")]
     pub protect_reads: bool,
+    /// Strong mode: accept an events-stream message only if it carries
+    /// RabbitMQ's validated `user_id` and that user is the envelope's
+    /// sender (one broker user per agent, named as the agent id), or one
+    /// of --trusted-users. Agents set `user_id` from their URL's user.
+    #[arg(long, env = "GUILDHALL_REQUIRE_USER_ID")]
+    pub require_user_id: bool,
+    /// Broker users whose event messages are accepted under any sender id
+    /// with --require-user-id (producers running `guildhall submit`; this
+    /// coordinator's own user always is), comma-separated.
+    #[arg(long, env = "GUILDHALL_TRUSTED_USERS", value_delimiter = ',')]
+    pub trusted_users: Vec<String>,
 }
 
 /// Smallest `--api-token` accepted.
@@ -372,16 +406,47 @@ impl CoordinatorArgs {
                 ))
             })?;
         }
+        let management_ca = management_ca(
+            &self.management_url,
+            self.management_ca_file.as_deref(),
+            &url,
+        )?;
         let management_url = if self.management_url.trim().is_empty() {
             None
         } else {
-            guildhall_broker::Management::new(&self.management_url, url.vhost())
-                .map_err(|e| ConfigError(format!("--management-url: {e}")))?;
+            guildhall_broker::Management::with_ca(
+                &self.management_url,
+                url.vhost(),
+                management_ca.as_ref(),
+            )
+            .map_err(|e| ConfigError(format!("--management-url: {e}")))?;
             Some(self.management_url.clone())
         };
+        let trusted: Vec<String> = self
+            .trusted_users
+            .iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if !trusted.is_empty() && !self.require_user_id {
+            return Err(ConfigError(
+                "--trusted-users needs --require-user-id".into(),
+            ));
+        }
+        if let Some(bad) = trusted.iter().find(|u| u.len() > 255) {
+            return Err(ConfigError(format!(
+                "--trusted-users: a user name is at most 255 bytes (got {})",
+                bad.len()
+            )));
+        }
+        let own_user = url.user_id().map(str::to_owned);
         let mut config = ServeConfig::new(url, names);
+        config.event_users = self
+            .require_user_id
+            .then(|| crate::serve::EventUsers::new(trusted.into_iter().chain(own_user).collect()));
         config.access = self.access()?;
         config.management_url = management_url;
+        config.management_ca = management_ca;
         config.alert_webhook = self.alert_webhook.clone();
         let capacity = self.capacity()?;
         config.actuator = ActuatorConfig {
@@ -456,8 +521,30 @@ impl CoordinatorArgs {
 
 /// A path, the empty one included (it means "none", as `""` does for
 /// `--management-url`), so an empty environment variable is not an error.
-fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+pub(crate) fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(s))
+}
+
+/// The CA bundle the management API client trusts: `--management-ca-file`
+/// (only with an https:// URL), else the broker's `--amqp-ca-file`.
+pub(crate) fn management_ca(
+    management_url: &str,
+    ca_file: Option<&std::path::Path>,
+    amqp: &AmqpUrl,
+) -> Result<Option<CaBundle>, ConfigError> {
+    match ca_file.filter(|p| !p.as_os_str().is_empty()) {
+        Some(path) => {
+            if !management_url.trim_start().starts_with("https://") {
+                return Err(ConfigError(
+                    "--management-ca-file needs an https:// --management-url".into(),
+                ));
+            }
+            CaBundle::load(path, "--management-ca-file")
+                .map(Some)
+                .map_err(|e| ConfigError(e.to_string()))
+        }
+        None => Ok(amqp.ca().cloned()),
+    }
 }
 
 impl CoordinatorArgs {
@@ -700,6 +787,37 @@ mod tests {
     }
 
     #[test]
+    fn strong_mode_trusts_agents_own_users_the_listed_ones_and_its_own() {
+        let (config, _) = serve(&[]).unwrap();
+        assert_eq!(config.event_users, None, "off by default");
+        let (config, _) = serve(&[
+            "--require-user-id",
+            "--trusted-users",
+            "producer, loadgen",
+            "--amqp-url",
+            "amqp://coordinator:pw@127.0.0.1:5672/%2f",
+        ])
+        .unwrap();
+        let users = config.event_users.expect("strong mode");
+        assert!(
+            users.allows(Some("build-1"), "build-1"),
+            "an agent's own user"
+        );
+        assert!(
+            !users.allows(Some("build-2"), "build-1"),
+            "another agent's user"
+        );
+        assert!(!users.allows(None, "build-1"), "no user_id");
+        for trusted in ["producer", "loadgen", "coordinator"] {
+            assert!(users.allows(Some(trusted), "submit-1"), "{trusted}");
+        }
+        // A URL without a user names none to trust.
+        let (config, _) = serve(&["--require-user-id", "--amqp-url", "amqp://127.0.0.1"]).unwrap();
+        let users = config.event_users.expect("strong mode");
+        assert!(!users.allows(Some("guest"), "x"));
+    }
+
+    #[test]
     fn bad_values_give_one_line_naming_the_flag() {
         for (args, needle) in [
             (vec!["--listen", "nowhere"], "--listen"),
@@ -733,6 +851,7 @@ mod tests {
             (vec!["--api-token", "short"], "--api-token"),
             (vec!["--api-token", "has a space in it ok"], "--api-token"),
             (vec!["--protect-reads"], "--protect-reads"),
+            (vec!["--trusted-users", "producer"], "--trusted-users"),
             (
                 vec!["--error-classes-per-stage", "0"],
                 "--error-classes-per-stage",

@@ -78,7 +78,8 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
     if args.declare {
         topology::declare_stage(publisher.channel(), &names, &stage).await?;
     }
-    let submitter = Submitter::new(AgentId::new(format!("submit-{suffix}"))?, names);
+    let submitter = Submitter::new(AgentId::new(format!("submit-{suffix}"))?, names)
+        .with_user_id(url.user_id());
     if plan.single() {
         let result = submitter.submit(&publisher, stage, id, &payload).await;
         let _ = conn.close(200, "done".into()).await;

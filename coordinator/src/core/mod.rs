@@ -10,6 +10,9 @@
 //!
 //! - this file: [`Core`], its configuration, inputs, deadlines and notices;
 //! - [`workers`]: per-worker state and liveness;
+//! - [`senders`]: which batches of a sender are applied (its run, or
+//!   incarnation, and batch numbers), so a forged batch does no lasting harm;
+//! - [`sanity`]: times from the wire brought into a plausible range;
 //! - [`tasks`]: every task's pipeline, with bounded retention;
 //! - [`stages`]: per-stage state, load analysis and the bottleneck verdict;
 //! - [`stats`]: bounded recent samples and per-second rate windows;
@@ -32,12 +35,25 @@
 //! stream's history, when a worker counts as last seen when it sent its
 //! batch: **no worker is judged dead before the core has caught up** with the
 //! live end of the stream.
+//!
+//! # A deaf coordinator judges no one
+//!
+//! Silence is evidence only when the listener is listening (the rule of a
+//! phi-accrual failure detector). The runtime says when its stream consumer
+//! is disconnected ([`Core::set_listening`]), and writes an echo (its
+//! marker) to the stream every [`CoreConfig::echo_interval_ms`]: **a worker
+//! is judged dead only once the core has read an echo written after the
+//! worker's deadline**, which proves the stream delivered what the worker
+//! would have sent by then. While the consumer is down, stalled or behind,
+//! no echo comes, and no one is judged (nor has its connection closed).
 
 pub mod errors;
 pub mod eta;
 pub mod plan;
 pub mod query;
 pub mod records;
+pub mod sanity;
+pub mod senders;
 pub mod snapshot;
 pub mod stages;
 pub mod stats;
@@ -55,6 +71,8 @@ mod snapshot_tests;
 mod test_support;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trust_tests;
 
 use crate::capacity::{CapacityConfig, Observation, Planner};
 use crate::metrics::{CoreMetrics, Metrics, WORKER_STATUSES, WorkerSeries};
@@ -108,7 +126,18 @@ pub struct CoreConfig {
     /// `guildhall_task_errors_total` series); failures of further classes
     /// count under `other`.
     pub max_error_classes_per_stage: usize,
+    /// How often the runtime writes its echo (a marker with
+    /// `marker_nonce`) to the stream. With it, a worker is judged dead only
+    /// once an echo written after its deadline has been read back, and the
+    /// core counts itself deaf after [`DEAF_AFTER_ECHOES`] intervals
+    /// without one. `None`: no echoes (tests, benchmarks); only
+    /// [`Core::set_listening`] tells the core it is deaf.
+    pub echo_interval_ms: Option<u64>,
 }
+
+/// Echo intervals without an echo read after which the core counts itself
+/// deaf (see [`CoreConfig::echo_interval_ms`]).
+pub const DEAF_AFTER_ECHOES: u64 = 4;
 
 impl Default for CoreConfig {
     fn default() -> Self {
@@ -128,8 +157,19 @@ impl Default for CoreConfig {
             min_dwell_ms: 60_000,
             prefetch_cap: 256,
             max_error_classes_per_stage: errors::DEFAULT_MAX_CLASSES_PER_STAGE,
+            echo_interval_ms: None,
         }
     }
+}
+
+/// What [`Core::admit`] decided.
+enum Admitted {
+    /// Apply the batch.
+    Apply,
+    /// Seen already.
+    Repeat,
+    /// Refused (counted).
+    Refused,
 }
 
 /// Something the runtime should act on or tell someone about.
@@ -271,6 +311,17 @@ pub struct Core {
     errors: ErrorTracker,
     /// `DeliveryRejected` events logged so far (the log is rate-limited).
     rejected_logged: u64,
+    /// Whether the runtime's stream consumer is connected (it says so with
+    /// [`Core::set_listening`]).
+    listening: bool,
+    /// When the core last started listening again after being deaf:
+    /// silence before it is not counted.
+    heard_since_ms: u64,
+    /// When the newest echo read back was written (coordinator clock).
+    last_echo_ms: Option<u64>,
+    /// Whether the core counted itself deaf when it last looked: no
+    /// verdicts, and its liveness deadlines are not reported.
+    deaf: bool,
 }
 
 impl Core {
@@ -294,6 +345,10 @@ impl Core {
             next_housekeeping_ms: now_ms + HOUSEKEEPING_MS,
             stats: IngestStats::default(),
             rejected_logged: 0,
+            listening: true,
+            heard_since_ms: 0,
+            last_echo_ms: None,
+            deaf: false,
         }
     }
 
@@ -432,16 +487,132 @@ impl Core {
             Some((shared, _)) => shared.clone(),
             None => envelope.sender,
         };
-        if !self.check_seq(&sender, envelope.seq, &envelope.events) {
-            self.metrics.event_batches_duplicate.inc();
-            self.touch(now_ms, seen_ms, &sender);
+        let head = senders::BatchHead {
+            incarnation: envelope.incarnation,
+            seq: envelope.seq,
+            hello: envelope.events.iter().any(|e| matches!(e, Event::Hello(_))),
+        };
+        let known = self.workers.contains_key(&sender);
+        if known {
+            match self.admit(now_ms, &sender, head) {
+                Admitted::Apply => {}
+                Admitted::Repeat => {
+                    self.metrics.event_batches_duplicate.inc();
+                    self.touch(now_ms, seen_ms, &sender, None);
+                    return;
+                }
+                Admitted::Refused => return,
+            }
+        }
+        // A batch showing the agent at work: it is not stopped.
+        let active = envelope
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Heartbeat(_) | Event::TaskStarted(_)));
+        for event in envelope.events {
+            self.apply(
+                now_ms,
+                seen_ms,
+                &sender,
+                (head.incarnation, head.seq),
+                event,
+            );
+        }
+        if !known && let Some(w) = self.workers.get_mut(&sender) {
+            // First sight: its run and numbering start with this batch.
+            let quiet = w.dead_after_ms(self.config.missed_heartbeats);
+            let _ = w.sender.admit(head, now_ms, quiet);
+        }
+        self.touch(now_ms, seen_ms, &sender, active.then_some(head));
+        self.flush_metrics();
+    }
+
+    /// Tells the core whether the runtime's stream consumer is connected.
+    /// While it is not, the core is deaf: it judges no one. When it is
+    /// again, silence is counted from `now_ms`.
+    pub fn set_listening(&mut self, now_ms: u64, listening: bool) {
+        if listening && !self.listening {
+            self.heard_since_ms = now_ms;
+        }
+        self.listening = listening;
+        self.update_hearing(now_ms);
+    }
+
+    /// Whether the core can hear the fleet now: its stream consumer is
+    /// connected and (with echoes) it read one of its echoes lately. The
+    /// runtime asks before closing a dead worker's connection.
+    pub fn is_listening(&self, now_ms: u64) -> bool {
+        self.listening
+            && match self.config.echo_interval_ms {
+                None => true,
+                Some(every) => self
+                    .last_echo_ms
+                    .is_some_and(|t| now_ms.saturating_sub(t) <= every * DEAF_AFTER_ECHOES),
+            }
+    }
+
+    /// Re-evaluates deafness at `now_ms`, logging and exporting a change.
+    fn update_hearing(&mut self, now_ms: u64) {
+        // Before the replay is over nothing is judged anyway.
+        let deaf = self.caught_up && !self.is_listening(now_ms);
+        if deaf == self.deaf {
             return;
         }
-        for event in envelope.events {
-            self.apply(now_ms, seen_ms, &sender, event);
+        self.deaf = deaf;
+        self.metrics.listening.set(i64::from(!deaf));
+        if deaf {
+            tracing::warn!(
+                consumer_connected = self.listening,
+                last_echo_ago_ms = self.last_echo_ms.map(|t| now_ms.saturating_sub(t)),
+                "the coordinator cannot hear the fleet (its stream consumer is down, stalled or behind): no worker is judged dead until it can"
+            );
+        } else {
+            self.heard_since_ms = self.heard_since_ms.max(now_ms);
+            // The deadlines that passed meanwhile are judged now, each
+            // counting silence from here.
+            tracing::info!("the coordinator hears the fleet again: silence counts from now");
         }
-        self.touch(now_ms, seen_ms, &sender);
-        self.flush_metrics();
+    }
+
+    /// Decides on a known sender's batch: logs and counts what it found.
+    fn admit(&mut self, now_ms: u64, sender: &AgentId, head: senders::BatchHead) -> Admitted {
+        let missed = self.config.missed_heartbeats;
+        let Some(w) = self.workers.get_mut(sender) else {
+            return Admitted::Apply;
+        };
+        // Every run of it quiet for this long: a new one may start without
+        // a Hello. Silence on the coordinator's clock, which no forged
+        // event moves (a forged stop makes it look stopped, not silent).
+        let quiet = w.dead_after_ms(missed);
+        match w.sender.admit(head, now_ms, quiet) {
+            senders::Admission::Apply { missing, change } => {
+                self.metrics.event_batches_missing.inc_by(missing);
+                match change {
+                    senders::RunChange::Same => {}
+                    senders::RunChange::Started { after } => tracing::info!(
+                        worker = %sender,
+                        after = format_args!("{after:016x}"),
+                        run = format_args!("{:016x}", head.incarnation),
+                        "agent restarted (a new run)"
+                    ),
+                    senders::RunChange::Conflict => {
+                        self.metrics.sender_conflicts.inc();
+                        tracing::warn!(
+                            worker = %sender,
+                            run = format_args!("{:016x}", head.incarnation),
+                            "two runs send as this agent (a forged Hello, or two processes with one id): both are applied, each with its own batch numbers"
+                        );
+                    }
+                }
+                Admitted::Apply
+            }
+            senders::Admission::Repeat => Admitted::Repeat,
+            senders::Admission::Refused(reason) => {
+                self.handle_malformed(reason);
+                tracing::debug!(worker = %sender, seq = head.seq, reason, "batch refused");
+                Admitted::Refused
+            }
+        }
     }
 
     /// Hands the buffered metric updates to the registry, so what a
@@ -456,33 +627,32 @@ impl Core {
         }
     }
 
-    /// Records a batch's sequence number; `false` if the batch was already
-    /// applied (agents resend batches whose confirm they lost). A batch that
-    /// comes late, after later ones, is applied. A restarted agent (same id)
-    /// counts from 1 again and says `Hello` first.
-    fn check_seq(&mut self, sender: &AgentId, seq: u64, events: &[Event]) -> bool {
-        let Some(w) = self.workers.get_mut(sender) else {
-            return true;
-        };
-        if events.iter().any(|e| matches!(e, Event::Hello(_))) {
-            w.seq.reset();
-        }
-        match w.seq.check(seq) {
-            workers::SeqCheck::New { missing } => {
-                self.metrics.event_batches_missing.inc_by(missing);
-                true
-            }
-            workers::SeqCheck::Repeat => false,
-        }
-    }
-
-    /// After an envelope from `sender`: it is alive.
-    fn touch(&mut self, now_ms: u64, seen_ms: u64, sender: &AgentId) {
+    /// After an envelope from `sender`: it is alive. `active`: the batch
+    /// showed it at work (a heartbeat, a task started), which revives a
+    /// worker that said it was stopping if the batch comes from another
+    /// run or after the one that said so (a stop that was forged, or is
+    /// over).
+    fn touch(
+        &mut self,
+        now_ms: u64,
+        seen_ms: u64,
+        sender: &AgentId,
+        active: Option<senders::BatchHead>,
+    ) {
         let Some(w) = self.workers.get_mut(sender) else {
             return;
         };
         if matches!(w.liveness, Liveness::Stopped { .. }) {
-            return;
+            let revived = match (active, w.stopped_by) {
+                (Some(b), Some((incarnation, seq))) => b.incarnation != incarnation || b.seq > seq,
+                _ => false,
+            };
+            if !revived {
+                return;
+            }
+            tracing::info!(worker = %w.id, "heard at work after it said it was stopping: alive");
+            w.stopped_by = None;
+            w.liveness = Liveness::Alive;
         }
         w.last_seen_ms = w.last_seen_ms.max(seen_ms);
         if let Some(n) = Self::revive(w, now_ms, self.caught_up) {
@@ -584,8 +754,23 @@ impl Core {
         }
     }
 
-    fn apply(&mut self, now_ms: u64, seen_ms: u64, sender: &AgentId, event: Event) {
+    /// Applies one event of `sender`'s batch `batch` (incarnation, number).
+    fn apply(
+        &mut self,
+        now_ms: u64,
+        seen_ms: u64,
+        sender: &AgentId,
+        batch: (u64, u64),
+        mut event: Event,
+    ) {
         self.stats.events += 1;
+        let clamped = sanity::clamp_times(&mut event, now_ms);
+        if clamped > 0 {
+            self.metrics
+                .events_clamped
+                .with_label_values(&["time"])
+                .inc_by(clamped.into());
+        }
         if let Some(counter) = self.hot.events_by_kind.get(event.kind_index()) {
             counter.inc();
         }
@@ -601,9 +786,16 @@ impl Core {
                 let Some(w) = self.worker_mut(now_ms, seen_ms, sender, &h.stage) else {
                     return;
                 };
-                w.apply_hello(&h);
+                let clamped = w.apply_hello(now_ms, &h);
+                w.stopped_by = None;
                 if let Some(n) = Self::revive(w, now_ms, caught_up) {
                     push_notice(&mut self.notices, n);
+                }
+                if clamped {
+                    self.metrics
+                        .events_clamped
+                        .with_label_values(&["heartbeat_interval"])
+                        .inc();
                 }
                 if let Some(s) = self.stages.get_mut(&h.stage) {
                     s.next = h.next.clone();
@@ -617,9 +809,20 @@ impl Core {
                 let Some(w) = self.worker_mut(now_ms, seen_ms, sender, &h.stage) else {
                     return;
                 };
-                w.apply_heartbeat(&h);
-                let notice = Self::revive(w, now_ms, caught_up);
+                let clamped = w.apply_heartbeat(now_ms, &h);
+                let notice = if matches!(w.liveness, Liveness::Stopped { .. }) {
+                    // Revived (or not) by `touch`, which knows the batch.
+                    None
+                } else {
+                    Self::revive(w, now_ms, caught_up)
+                };
                 let listed = std::mem::take(&mut w.in_hand);
+                if clamped {
+                    self.metrics
+                        .events_clamped
+                        .with_label_values(&["heartbeat_interval"])
+                        .inc();
+                }
                 // An agent holds a task until it acks it, so a heartbeat sent
                 // between its TaskSucceeded and the ack lists the task again:
                 // attempts already known to be over stay over.
@@ -829,6 +1032,7 @@ impl Core {
                         at_ms: seen_ms,
                         reason: e.reason,
                     };
+                    w.stopped_by = Some(batch);
                     w.in_hand.clear();
                 }
             }
@@ -905,7 +1109,12 @@ impl Core {
             }
             Event::Marker(m) => {
                 if self.config.marker_nonce == Some(m.nonce) {
+                    // This coordinator's own marker: at start-up it ends the
+                    // replay; every one read back is an echo, proof that
+                    // the stream delivered what was written before it.
+                    self.last_echo_ms = Some(self.last_echo_ms.unwrap_or(0).max(m.at_ms));
                     self.set_caught_up(now_ms);
+                    self.update_hearing(now_ms);
                 }
             }
         }
@@ -995,7 +1204,8 @@ impl Core {
 
     /// Runs what is due at `now_ms`: liveness verdicts and housekeeping.
     pub fn handle_timeout(&mut self, now_ms: u64) {
-        if self.caught_up {
+        self.update_hearing(now_ms);
+        if self.caught_up && !self.deaf {
             while let Some(Reverse((deadline, _))) = self.deadlines.peek() {
                 if *deadline > now_ms {
                     break;
@@ -1031,16 +1241,33 @@ impl Core {
         if !w.is_alive() {
             return;
         }
-        let silence = now_ms.saturating_sub(w.last_seen_ms);
+        // Silence while the core was deaf is not the worker's.
+        let heard_from = w.last_seen_ms.max(self.heard_since_ms);
+        let silence = now_ms.saturating_sub(heard_from);
+        let due = heard_from + w.dead_after_ms(dead);
+        let echo_after_due = match (self.config.echo_interval_ms, self.last_echo_ms) {
+            (None, _) => true,
+            (Some(_), Some(echo)) => echo >= due,
+            (Some(_), None) => false,
+        };
+        if silence >= w.dead_after_ms(dead) && !echo_after_due {
+            // Due, but the core has not read an echo written after the
+            // deadline: what the worker sent by then may still be on its
+            // way. Look again after another echo.
+            let every = self.config.echo_interval_ms.unwrap_or(1_000).max(1);
+            w.liveness_scheduled = true;
+            self.deadlines.push(Reverse((now_ms + every, id.clone())));
+            return;
+        }
         if silence < w.dead_after_ms(dead) {
             let next = if silence >= w.dead_after_ms(suspect) {
                 if w.liveness == Liveness::Alive {
                     w.liveness = Liveness::Suspect { since_ms: now_ms };
                     tracing::info!(worker = %w.id, stage = %w.stage, "worker suspect: silent for {silence} ms");
                 }
-                w.last_seen_ms + w.dead_after_ms(dead)
+                due
             } else {
-                w.last_seen_ms + w.dead_after_ms(suspect)
+                heard_from + w.dead_after_ms(suspect)
             };
             w.liveness_scheduled = true;
             self.deadlines.push(Reverse((next, id.clone())));
@@ -1108,7 +1335,7 @@ impl Core {
 
     /// When [`Core::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<u64> {
-        let liveness = if self.caught_up {
+        let liveness = if self.caught_up && !self.deaf {
             self.deadlines.peek().map(|Reverse((d, _))| *d)
         } else {
             None

@@ -47,7 +47,7 @@ use std::collections::{BTreeMap, HashMap};
 /// The first bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"GHSNAP\r\n";
 /// The layout of the payload. Bump it with any change to a saved type.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// Magic, format version, payload length.
 const PREFIX_LEN: usize = 8 + 4 + 8;
 /// The trailing checksum.

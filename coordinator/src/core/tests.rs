@@ -9,29 +9,33 @@ use crate::metrics::Metrics;
 use guildhall_proto::*;
 
 /// A core plus a virtual clock and per-sender sequence numbers.
-struct Sim {
-    core: Core,
-    now: u64,
-    seqs: HashMap<String, u64>,
+pub(super) struct Sim {
+    pub(super) core: Core,
+    pub(super) now: u64,
+    pub(super) seqs: HashMap<String, u64>,
+    /// The incarnation every envelope is sent with (a restarted agent
+    /// draws a new one).
+    pub(super) incarnation: u64,
 }
 
 impl Sim {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self::with(CoreConfig::default())
     }
 
-    fn with(config: CoreConfig) -> Self {
+    pub(super) fn with(config: CoreConfig) -> Self {
         let mut core = Core::new(config, Metrics::new(true), T0);
         core.set_caught_up(T0);
         Self {
             core,
             now: T0,
             seqs: HashMap::new(),
+            incarnation: 1,
         }
     }
 
     /// Advances the clock, running every timeout on the way like the runtime would.
-    fn advance(&mut self, ms: u64) {
+    pub(super) fn advance(&mut self, ms: u64) {
         let end = self.now + ms;
         while let Some(deadline) = self.core.poll_timeout() {
             if deadline > end {
@@ -44,12 +48,12 @@ impl Sim {
         self.core.handle_timeout(self.now);
     }
 
-    fn send_at(&mut self, sender: &str, sent_at: u64, events: Vec<Event>) {
+    pub(super) fn send_at(&mut self, sender: &str, sent_at: u64, events: Vec<Event>) {
         let seq = self.seqs.entry(sender.into()).or_insert(0);
         *seq += 1;
         let env = Envelope {
             sender: aid(sender),
-            incarnation: 1,
+            incarnation: self.incarnation,
             seq: *seq,
             sent_at_ms: sent_at,
             events,
@@ -64,11 +68,11 @@ impl Sim {
         );
     }
 
-    fn send(&mut self, sender: &str, events: Vec<Event>) {
+    pub(super) fn send(&mut self, sender: &str, events: Vec<Event>) {
         self.send_at(sender, self.now, events);
     }
 
-    fn heartbeat(&self, stage: &str, state: AgentState, in_hand: &[&str]) -> Event {
+    pub(super) fn heartbeat(&self, stage: &str, state: AgentState, in_hand: &[&str]) -> Event {
         Event::Heartbeat(Box::new(Heartbeat {
             at_ms: self.now,
             version: "0.1.0".into(),
@@ -99,7 +103,7 @@ impl Sim {
         }))
     }
 
-    fn hb_next(&self, stage: &str, next: Option<&str>) -> Event {
+    pub(super) fn hb_next(&self, stage: &str, next: Option<&str>) -> Event {
         let mut e = self.heartbeat(stage, AgentState::Idle, &[]);
         if let Event::Heartbeat(h) = &mut e {
             h.next = next.map(st);
@@ -107,7 +111,7 @@ impl Sim {
         e
     }
 
-    fn submitted(&self, task: &str, stage: &str) -> Event {
+    pub(super) fn submitted(&self, task: &str, stage: &str) -> Event {
         Event::TaskSubmitted(TaskSubmitted {
             at_ms: self.now,
             task_id: tid(task),
@@ -116,7 +120,7 @@ impl Sim {
         })
     }
 
-    fn started(&self, task: &str, stage: &str, attempt: u32, enqueued: u64) -> Event {
+    pub(super) fn started(&self, task: &str, stage: &str, attempt: u32, enqueued: u64) -> Event {
         Event::TaskStarted(TaskStarted {
             at_ms: self.now,
             task_id: tid(task),
@@ -128,7 +132,7 @@ impl Sim {
         })
     }
 
-    fn succeeded(
+    pub(super) fn succeeded(
         &self,
         task: &str,
         stage: &str,
@@ -147,7 +151,7 @@ impl Sim {
         })
     }
 
-    fn failed(
+    pub(super) fn failed(
         &self,
         task: &str,
         stage: &str,
@@ -167,13 +171,13 @@ impl Sim {
         })
     }
 
-    fn worker(&self, id: &str) -> views::WorkerView {
+    pub(super) fn worker(&self, id: &str) -> views::WorkerView {
         self.core.worker_view(id, self.now).expect("worker tracked")
     }
 
     /// Notices, but error tracking's (new and rising error classes, tested
     /// in `errors_tests.rs`).
-    fn notices(&mut self) -> Vec<Notice> {
+    pub(super) fn notices(&mut self) -> Vec<Notice> {
         std::iter::from_fn(|| self.core.poll_notice())
             .filter(|n| {
                 !matches!(
@@ -184,7 +188,7 @@ impl Sim {
             .collect()
     }
 
-    fn metrics(&self) -> String {
+    pub(super) fn metrics(&self) -> String {
         self.core.metrics_text(self.now)
     }
 }
@@ -1112,8 +1116,10 @@ fn a_batch_sent_twice_is_applied_once_and_a_restart_starts_over() {
         "{text}"
     );
     assert!(text.contains("guildhall_tasks_started_total{stage=\"build\"} 1"));
-    // The agent restarts with the same id: sequence 1 again, with a Hello.
+    // The agent restarts with the same id: a new incarnation, sequence 1
+    // again, with a Hello.
     sim.seqs.insert("w1".into(), 0);
+    sim.incarnation = 2;
     let hello = Event::Hello(Box::new(Hello {
         at_ms: sim.now,
         version: "v".into(),

@@ -4,11 +4,23 @@
 //! A [`Worker`] is saved whole in a snapshot, but for `liveness_scheduled`:
 //! the timer heap is not saved, and restoring re-arms every live worker.
 
+use super::senders::SenderState;
 use super::stats::{RateWindow, Reservoir};
 use guildhall_proto::{
     AgentId, AgentState, Heartbeat, Hello, ProcStats, Stage, TaskInHand, WorkerMode,
 };
 use serde::{Deserialize, Serialize};
+
+/// Shortest heartbeat interval taken from the wire (an agent refuses a
+/// shorter `--heartbeat`).
+pub const MIN_HEARTBEAT_MS: u32 = 100;
+
+/// Longest heartbeat interval taken from the wire (an agent refuses a
+/// longer `--heartbeat`).
+pub const MAX_HEARTBEAT_MS: u32 = 60_000;
+
+/// How long a declared heartbeat interval holds against a shorter one.
+pub const INTERVAL_HOLD_MS: u64 = 60_000;
 
 /// Whether a worker is alive, as judged by the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,8 +60,19 @@ pub struct Worker {
     pub reported: AgentState,
     /// Tasks it processes at once: its share of the stage's capacity.
     pub concurrency: u32,
-    /// Its heartbeat interval: the unit of allowed silence.
+    /// Its heartbeat interval: the unit of allowed silence. The longest it
+    /// declared lately (see [`Worker::declare_interval`]), within
+    /// [`MIN_HEARTBEAT_MS`]..=[`MAX_HEARTBEAT_MS`].
     pub heartbeat_ms: u32,
+    /// When an interval at least as long as `heartbeat_ms` was last
+    /// declared: a shorter one counts only after [`INTERVAL_HOLD_MS`]
+    /// without it, so a forged heartbeat cannot shorten a healthy agent's
+    /// allowed silence and have it judged dead.
+    pub interval_held_ms: u64,
+    /// The batch (incarnation, number) that said it was stopping, while it
+    /// is `Stopped`: activity in a later batch of that run, or from another
+    /// run, shows the stop was not (or is no longer) true.
+    pub stopped_by: Option<(u64, u64)>,
     /// Agent version, so mixed fleets show.
     pub version: String,
     /// Host it runs on.
@@ -85,9 +108,10 @@ pub struct Worker {
     pub agent_proc: Option<ProcStats>,
     /// Times its supervised worker process was restarted.
     pub restarts: u32,
-    /// Which recent envelope sequence numbers were seen: tells a late batch
-    /// from a repeated one, and counts batches that never came.
-    pub seq: SeqWindow,
+    /// The run (incarnation) of the agent followed and its recent batch
+    /// numbers: tells a late batch from a repeated one, a restart from a
+    /// forgery, and counts batches that never came.
+    pub sender: SenderState,
     /// `done` and `failed` as last exported, to feed counters by delta.
     pub exported_counts: (u64, u64),
     /// Its `guildhall_worker_tasks_total` counters: per stage served,
@@ -122,6 +146,9 @@ impl Worker {
             reported: AgentState::Idle,
             concurrency: 1,
             heartbeat_ms: 1000,
+            // Nothing declared yet: the first interval counts as it is.
+            interval_held_ms: 0,
+            stopped_by: None,
             version: String::new(),
             hostname: String::new(),
             pid: None,
@@ -139,7 +166,7 @@ impl Worker {
             worker_proc: None,
             agent_proc: None,
             restarts: 0,
-            seq: SeqWindow::default(),
+            sender: SenderState::default(),
             stages: Vec::new(),
             rtt_ms: None,
             last_move_ms: None,
@@ -195,12 +222,27 @@ impl Worker {
         out
     }
 
-    /// Applies a `Hello`.
-    pub fn apply_hello(&mut self, h: &Hello) {
+    /// Takes a heartbeat interval from the wire (at `now_ms`), clamped to
+    /// the agent's own bounds. A longer one than the current counts at
+    /// once; a shorter one only once no interval as long has been declared
+    /// for [`INTERVAL_HOLD_MS`]. `true` if it had to be clamped.
+    pub fn declare_interval(&mut self, now_ms: u64, declared_ms: u32) -> bool {
+        let ms = declared_ms.clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS);
+        let held = now_ms.saturating_sub(self.interval_held_ms) < INTERVAL_HOLD_MS;
+        if ms >= self.heartbeat_ms || !held {
+            self.heartbeat_ms = ms;
+            self.interval_held_ms = now_ms;
+        }
+        ms != declared_ms
+    }
+
+    /// Applies a `Hello` read at `now_ms`; `true` if its heartbeat interval
+    /// had to be clamped.
+    pub fn apply_hello(&mut self, now_ms: u64, h: &Hello) -> bool {
         self.stage = h.stage.clone();
         self.next = h.next.clone();
         self.concurrency = h.concurrency.max(1);
-        self.heartbeat_ms = h.heartbeat_ms.max(1);
+        let clamped = self.declare_interval(now_ms, h.heartbeat_ms);
         self.version = h.version.clone();
         self.hostname = h.hostname.clone();
         self.pid = Some(h.pid);
@@ -211,15 +253,17 @@ impl Worker {
         self.prefetch_sent = None;
         self.reported = AgentState::Idle;
         self.in_hand.clear();
+        clamped
     }
 
-    /// Applies a heartbeat.
-    pub fn apply_heartbeat(&mut self, h: &Heartbeat) {
+    /// Applies a heartbeat read at `now_ms`; `true` if its interval had to
+    /// be clamped.
+    pub fn apply_heartbeat(&mut self, now_ms: u64, h: &Heartbeat) -> bool {
         self.stage = h.stage.clone();
         self.next = h.next.clone();
         self.reported = h.state;
         self.concurrency = h.concurrency.max(1);
-        self.heartbeat_ms = h.heartbeat_ms.max(1);
+        let clamped = self.declare_interval(now_ms, h.heartbeat_ms);
         self.version = h.version.clone();
         self.hostname = h.hostname.clone();
         self.in_hand = h.in_hand.clone();
@@ -229,6 +273,7 @@ impl Worker {
         self.agent_proc = h.agent;
         self.restarts = h.worker_restarts;
         self.rtt_ms = h.rtt_ms;
+        clamped
     }
 
     /// How long it may stay silent before it is dead.
@@ -280,125 +325,49 @@ impl Worker {
     }
 }
 
-/// How many recent sequence numbers a [`SeqWindow`] remembers.
-const SEQ_WINDOW: u64 = 64;
-
-/// The last 64 envelope sequence numbers seen from one sender.
-///
-/// Agents number their batches and resend unconfirmed ones after an outage,
-/// so a batch may arrive twice, or late (after later ones). A late batch is
-/// applied; a repeated one is dropped; a number that slides out of the window
-/// without having been seen is a lost batch.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeqWindow {
-    /// Highest number seen, if any.
-    last: Option<u64>,
-    /// First number seen since the last reset: nothing below it is missing.
-    first: u64,
-    /// Bit `i` set: `last - i` was seen.
-    seen: u64,
-}
-
-/// What [`SeqWindow::check`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SeqCheck {
-    /// Not seen before: apply it. `missing` numbers slid out of the window
-    /// unseen because of it.
-    New {
-        /// Batches now known to be lost.
-        missing: u64,
-    },
-    /// Seen already (or too old to tell): drop it.
-    Repeat,
-}
-
-impl SeqWindow {
-    /// Forgets everything (the sender restarted and counts from 1 again).
-    pub fn reset(&mut self) {
-        *self = Self::default();
-    }
-
-    /// Records `seq` and says whether it is new.
-    pub fn check(&mut self, seq: u64) -> SeqCheck {
-        let Some(last) = self.last else {
-            *self = Self {
-                last: Some(seq),
-                first: seq,
-                seen: 1,
-            };
-            return SeqCheck::New { missing: 0 };
-        };
-        if seq > last {
-            let shift = seq - last;
-            let mut missing = shift.saturating_sub(SEQ_WINDOW);
-            // Old positions pushed out of the window: lost if never seen.
-            for j in SEQ_WINDOW.saturating_sub(shift)..SEQ_WINDOW {
-                let unseen = self.seen & (1 << j) == 0;
-                if unseen && last.checked_sub(j).is_some_and(|p| p >= self.first) {
-                    missing += 1;
-                }
-            }
-            self.seen = if shift >= SEQ_WINDOW {
-                1
-            } else {
-                (self.seen << shift) | 1
-            };
-            self.last = Some(seq);
-            return SeqCheck::New { missing };
-        }
-        let age = last - seq;
-        if age >= SEQ_WINDOW || seq < self.first || self.seen & (1 << age) != 0 {
-            return SeqCheck::Repeat;
-        }
-        self.seen |= 1 << age;
-        SeqCheck::New { missing: 0 }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn repeats_are_dropped_and_late_batches_kept() {
-        let mut w = SeqWindow::default();
-        assert_eq!(w.check(1), SeqCheck::New { missing: 0 });
-        assert_eq!(w.check(3), SeqCheck::New { missing: 0 }, "2 may still come");
-        assert_eq!(w.check(3), SeqCheck::Repeat);
-        assert_eq!(w.check(2), SeqCheck::New { missing: 0 }, "late, applied");
-        assert_eq!(w.check(2), SeqCheck::Repeat);
-        assert_eq!(w.check(1), SeqCheck::Repeat);
+    const T: u64 = 1_700_000_000_000;
+
+    fn worker() -> Worker {
+        Worker::new("w".parse().unwrap(), "s".parse().unwrap(), T, 60)
     }
 
     #[test]
-    fn a_number_is_missing_once_it_leaves_the_window_unseen() {
-        let mut w = SeqWindow::default();
-        w.check(1);
-        // 2 never comes; it leaves the window when 66 arrives.
-        for n in 3..=65 {
-            assert_eq!(w.check(n), SeqCheck::New { missing: 0 }, "{n}");
+    fn intervals_from_the_wire_are_clamped_to_the_agents_own_bounds() {
+        let mut w = worker();
+        // The first interval declared counts as it is, clamped.
+        assert!(w.declare_interval(T, 1));
+        assert_eq!(w.heartbeat_ms, MIN_HEARTBEAT_MS);
+        assert!(w.declare_interval(T, u32::MAX));
+        assert_eq!(w.heartbeat_ms, MAX_HEARTBEAT_MS);
+        assert!(!w.declare_interval(T, 2_000));
+        assert_eq!(w.heartbeat_ms, MAX_HEARTBEAT_MS, "shorter: held");
+    }
+
+    #[test]
+    fn a_shorter_interval_counts_only_once_the_longer_one_is_no_longer_declared() {
+        let mut w = worker();
+        w.declare_interval(T, 1_000);
+        // A forger says 1 ms every second, the real agent 1 s every second:
+        // the interval stays 1 s.
+        for t in (T..T + 300_000).step_by(1_000) {
+            w.declare_interval(t, 1);
+            assert_eq!(w.heartbeat_ms, 1_000, "{t}");
+            w.declare_interval(t + 500, 1_000);
         }
-        assert_eq!(w.check(66), SeqCheck::New { missing: 1 });
-        // A jump far ahead: 67..=136 left the window unseen at once;
-        // 137..=199 are still inside it and may yet come.
-        assert_eq!(w.check(200), SeqCheck::New { missing: 70 });
-        assert_eq!(w.check(150), SeqCheck::New { missing: 0 });
-        assert_eq!(w.check(10), SeqCheck::Repeat, "too old to tell: dropped");
-    }
-
-    #[test]
-    fn a_restart_counts_from_the_start_again() {
-        let mut w = SeqWindow::default();
-        w.check(5);
-        assert_eq!(w.check(1), SeqCheck::Repeat);
-        w.reset();
-        assert_eq!(w.check(1), SeqCheck::New { missing: 0 });
-        // Numbers below the first one seen are not missing.
-        assert_eq!(
-            w.check(100),
-            SeqCheck::New {
-                missing: 100 - 1 - 64
-            }
-        );
+        // An agent restarted with a shorter interval: it counts once the
+        // longer one has not been declared for the hold time.
+        let mut w = worker();
+        w.declare_interval(T, 5_000);
+        w.declare_interval(T + 1_000, 500);
+        assert_eq!(w.heartbeat_ms, 5_000);
+        w.declare_interval(T + INTERVAL_HOLD_MS, 500);
+        assert_eq!(w.heartbeat_ms, 500);
+        // Longer counts at once.
+        w.declare_interval(T + INTERVAL_HOLD_MS + 1, 2_000);
+        assert_eq!(w.heartbeat_ms, 2_000);
     }
 }

@@ -8,6 +8,16 @@
 //! not), so none is applied twice. A message that cannot be decoded is
 //! counted and logged, never fatal. Acks on a stream are only credit, so they are sent
 //! in batches (`multiple`).
+//!
+//! **A poison message never stalls the reader.** One the client library
+//! cannot even parse breaks the connection before its offset is known; if
+//! the consumer keeps failing that way at the same offset
+//! ([`PoisonGuard`]), the offset is skipped and counted (`unparsable`).
+//! While the consumer is down the core is told it cannot hear the fleet
+//! ([`crate::core::Core::set_listening`]): it judges no one meanwhile.
+//!
+//! In strong mode (`--require-user-id`) a message is applied only if its
+//! `user_id`, which RabbitMQ validates, may speak for the envelope's sender.
 
 use super::App;
 use futures_lite::StreamExt;
@@ -30,6 +40,51 @@ const ACK_TICK: Duration = Duration::from_millis(50);
 /// Unreadable messages logged in full before only every 1000th is.
 static MALFORMED_LOGGED: AtomicU64 = AtomicU64::new(0);
 
+/// Forged messages (strong mode) logged likewise.
+static FORGED_LOGGED: AtomicU64 = AtomicU64::new(0);
+
+/// Consecutive failures at one offset, each of them the client library
+/// unable to parse a delivery, after which that offset is skipped.
+const POISON_FAILURES: u32 = 3;
+
+/// Tells a message the AMQP client cannot parse (its connection fails the
+/// same way at the same offset, again and again) from a broker that is
+/// down (which fails differently, and is waited for).
+#[derive(Debug, Default)]
+struct PoisonGuard {
+    /// The offset the consumer was failing at, and how many times in a row.
+    at: Option<(Option<u64>, u32)>,
+}
+
+impl PoisonGuard {
+    /// The consumer applied something: whatever failed before is past.
+    fn progressed(&mut self) {
+        self.at = None;
+    }
+
+    /// The consumer failed while it was to read `next` next; `unparsable`:
+    /// the failure was the client unable to parse a delivery. The offset
+    /// to skip, once that happened [`POISON_FAILURES`] times in a row at
+    /// the same offset. An unknown offset (reading from the start of the
+    /// stream) is taken as 0, the first a stream can have.
+    fn failed(&mut self, next: Option<u64>, unparsable: bool) -> Option<u64> {
+        if !unparsable {
+            self.at = None;
+            return None;
+        }
+        let count = match self.at {
+            Some((at, n)) if at == next => n + 1,
+            _ => 1,
+        };
+        if count >= POISON_FAILURES {
+            self.at = None;
+            return Some(next.unwrap_or(0));
+        }
+        self.at = Some((next, count));
+        None
+    }
+}
+
 /// Follows the stream from `start_offset` (`None`: from the start of its
 /// retention) until `stop` flips, reconnecting with backoff.
 pub async fn run(
@@ -42,7 +97,9 @@ pub async fn run(
 ) {
     let mut next_offset = start_offset;
     let mut backoff = Duration::from_millis(200);
+    let mut guard = PoisonGuard::default();
     loop {
+        let before = next_offset;
         let result = follow(
             &app,
             &url,
@@ -54,9 +111,27 @@ pub async fn run(
         )
         .await;
         app.health.ingest_connected.store(false, Ordering::Relaxed);
+        app.core().set_listening(now_ms(), false);
         match result {
             Ok(()) => return,
             Err(e) => {
+                let unparsable = matches!(
+                    &e,
+                    IngestError::Amqp(err) if matches!(err.kind(), lapin::ErrorKind::ParsingError(_))
+                );
+                if next_offset != before {
+                    guard.progressed();
+                }
+                if let Some(skip) = guard.failed(next_offset, unparsable) {
+                    tracing::error!(
+                        offset = skip,
+                        "events stream offset {skip}: the AMQP client cannot parse this message ({e}); skipped"
+                    );
+                    app.core().handle_unreadable("unparsable", Some(skip));
+                    next_offset = Some(skip + 1);
+                    backoff = Duration::from_millis(200);
+                    continue;
+                }
                 let jitter = Duration::from_millis(
                     rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1),
                 );
@@ -102,6 +177,7 @@ async fn follow(
         consume_stream(&channel, &stream, "guildhall-coordinator", start, prefetch).await?;
     app.health.ingest_connected.store(true, Ordering::Relaxed);
     app.health.ingest_started.store(true, Ordering::Relaxed);
+    app.core().set_listening(now_ms(), true);
     *backoff = Duration::from_millis(200);
     tracing::info!(%stream, from = ?next_offset, "following the events stream");
 
@@ -137,7 +213,8 @@ async fn follow(
                     }
                 }
                 if !seen_before {
-                    apply(app, &delivery.data, offset);
+                    let user_id = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+                    apply(app, &delivery.data, offset, user_id);
                     if let Some(o) = offset {
                         *next_offset = Some(o + 1);
                     }
@@ -219,9 +296,27 @@ async fn ack(last: &mut Option<lapin::Acker>, unacked: &mut u32) -> Result<(), l
     Ok(())
 }
 
-/// Decodes one message and applies it; unreadable ones are counted.
-fn apply(app: &App, data: &[u8], offset: Option<u64>) {
+/// Decodes one message and applies it; unreadable ones (and, in strong
+/// mode, ones whose `user_id` may not speak for their sender) are counted.
+fn apply(app: &App, data: &[u8], offset: Option<u64>, user_id: Option<&str>) {
     match guildhall_proto::decode(data) {
+        Ok(decoded)
+            if app
+                .event_users
+                .as_ref()
+                .is_some_and(|u| !u.allows(user_id, decoded.envelope.sender.as_str())) =>
+        {
+            app.core().handle_unreadable("forged", offset);
+            let n = FORGED_LOGGED.fetch_add(1, Ordering::Relaxed);
+            if n < 10 || n.is_multiple_of(1000) {
+                tracing::warn!(
+                    ?offset,
+                    sender = %decoded.envelope.sender,
+                    user_id,
+                    "dropped an event message whose broker user may not speak for its sender (--require-user-id)"
+                );
+            }
+        }
         Ok(decoded) => {
             let wake = {
                 let mut core = app.core();
@@ -247,5 +342,38 @@ fn apply(app: &App, data: &[u8], offset: Option<u64>) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offset_that_cannot_be_parsed_three_times_running_is_skipped() {
+        let mut g = PoisonGuard::default();
+        assert_eq!(g.failed(Some(41), true), None);
+        assert_eq!(g.failed(Some(41), true), None);
+        assert_eq!(g.failed(Some(41), true), Some(41));
+        // Counting starts over at the next offset.
+        assert_eq!(g.failed(Some(42), true), None);
+    }
+
+    #[test]
+    fn a_broker_outage_or_progress_is_not_a_poison_message() {
+        let mut g = PoisonGuard::default();
+        g.failed(Some(7), true);
+        g.failed(Some(7), true);
+        // The broker went away in between: not the message's fault.
+        assert_eq!(g.failed(Some(7), false), None);
+        assert_eq!(g.failed(Some(7), true), None);
+        g.failed(Some(7), true);
+        g.progressed();
+        assert_eq!(g.failed(Some(7), true), None, "progress resets the count");
+        // From the start of the stream, the first offset is 0.
+        let mut g = PoisonGuard::default();
+        g.failed(None, true);
+        g.failed(None, true);
+        assert_eq!(g.failed(None, true), Some(0));
     }
 }

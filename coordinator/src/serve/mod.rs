@@ -58,6 +58,9 @@ pub struct ServeConfig {
     pub names: Names,
     /// The management API, for unacked counts; `None` to go without.
     pub management_url: Option<String>,
+    /// Extra CA certificates the management API client trusts (an https://
+    /// management API with a private CA).
+    pub management_ca: Option<guildhall_broker::tls::CaBundle>,
     /// The core's tunables.
     pub core: CoreConfig,
     /// Whether per-worker metric series are exported.
@@ -81,6 +84,34 @@ pub struct ServeConfig {
     pub command_timeout: Duration,
     /// Who may read and who may control (`--api-token`, `--protect-reads`).
     pub access: crate::http::access::Access,
+    /// Strong mode (`--require-user-id`): who may speak for which sender
+    /// on the events stream; `None`: anyone who may publish to it.
+    pub event_users: Option<EventUsers>,
+}
+
+/// Who may speak for whom on the events stream, by RabbitMQ's validated
+/// `user_id` (the broker refuses a message whose `user_id` is not its
+/// connection's user): the strong mode of `--require-user-id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventUsers {
+    /// Users accepted under any sender id (this coordinator's own user,
+    /// producers' users).
+    trusted: Vec<String>,
+}
+
+impl EventUsers {
+    /// Only agents' own users, and `trusted`.
+    pub fn new(trusted: Vec<String>) -> Self {
+        Self { trusted }
+    }
+
+    /// Whether a message with `user_id` may carry an envelope of `sender`.
+    pub fn allows(&self, user_id: Option<&str>, sender: &str) -> bool {
+        match user_id {
+            None => false,
+            Some(user) => user == sender || self.trusted.iter().any(|t| t == user),
+        }
+    }
 }
 
 impl ServeConfig {
@@ -90,6 +121,7 @@ impl ServeConfig {
             amqp_url,
             names,
             management_url: Some("http://guest:guest@127.0.0.1:15672".into()),
+            management_ca: None,
             core: CoreConfig::default(),
             per_worker_metrics: true,
             retention: StreamRetention::default(),
@@ -101,6 +133,7 @@ impl ServeConfig {
             actuator: ActuatorConfig::default(),
             command_timeout: Duration::from_secs(5),
             access: crate::http::access::Access::default(),
+            event_users: None,
         }
     }
 }
@@ -167,7 +200,14 @@ pub struct App {
     /// Flips when the HTTP server starts shutting down, so long-lived
     /// responses (event streams) end instead of holding the shutdown up.
     pub closing: watch::Receiver<bool>,
+    /// Strong mode: who may speak for which sender on the events stream.
+    pub event_users: Option<EventUsers>,
 }
+
+/// How often the coordinator writes its echo (its marker) to the events
+/// stream: a worker is judged dead only once an echo written after its
+/// deadline has been read back (see the core's "deaf coordinator" rule).
+pub const ECHO_INTERVAL: Duration = Duration::from_millis(250);
 
 impl App {
     /// Locks the core. A panic while holding the lock must not take the
@@ -193,21 +233,23 @@ pub async fn run(
 
     let mut management_ok = false;
     let management = match &config.management_url {
-        Some(url) => match Management::new(url, config.amqp_url.vhost()) {
-            Ok(m) => {
-                match m.check().await {
-                    Ok(()) => management_ok = true,
-                    Err(e) => tracing::warn!(
-                        "{e}: unacked counts are unavailable, and frozen workers' tasks return only when the broker's own heartbeat timeout closes their connections"
-                    ),
+        Some(url) => {
+            match Management::with_ca(url, config.amqp_url.vhost(), config.management_ca.as_ref()) {
+                Ok(m) => {
+                    match m.check().await {
+                        Ok(()) => management_ok = true,
+                        Err(e) => tracing::warn!(
+                            "{e}: unacked counts are unavailable, and frozen workers' tasks return only when the broker's own heartbeat timeout closes their connections"
+                        ),
+                    }
+                    Some(m)
                 }
-                Some(m)
+                Err(e) => {
+                    tracing::warn!("{e}: going without the management API");
+                    None
+                }
             }
-            Err(e) => {
-                tracing::warn!("{e}: going without the management API");
-                None
-            }
-        },
+        }
         None => {
             tracing::warn!(
                 "no management API: unacked counts are unavailable, and frozen workers' tasks return only when the broker's own heartbeat timeout closes their connections"
@@ -255,6 +297,7 @@ pub async fn run(
     let nonce: u64 = rand::random();
     let core_config = CoreConfig {
         marker_nonce: Some(nonce),
+        echo_interval_ms: Some(ECHO_INTERVAL.as_millis() as u64),
         ..config.core.clone()
     };
     let persist = config.data_dir.as_ref().map(|dir| Persist {
@@ -275,7 +318,8 @@ pub async fn run(
         metrics,
         names: config.names.clone(),
         link,
-        submitter: Submitter::new(id.clone(), config.names.clone()),
+        submitter: Submitter::new(id.clone(), config.names.clone())
+            .with_user_id(config.amqp_url.user_id()),
         health: Health::default(),
         wake: Notify::new(),
         id,
@@ -292,6 +336,7 @@ pub async fn run(
         command_timeout: config.command_timeout,
         access: config.access.clone(),
         closing: closing_rx,
+        event_users: config.event_users.clone(),
     });
     app.health
         .management_ok
@@ -310,7 +355,7 @@ pub async fn run(
         tasks.spawn(p.clone().run(app.clone(), stop_rx.clone()));
     }
     tasks.spawn(timers(app.clone(), stop_rx.clone()));
-    tasks.spawn(publish_marker(app.clone(), nonce));
+    tasks.spawn(publish_marker(app.clone(), nonce, stop_rx.clone()));
 
     tracing::info!(
         namespace = %config.names.namespace(),
@@ -452,22 +497,48 @@ fn snapshot_step<T>(
 
 /// Writes this run's marker to the stream; reading it back means the replay
 /// is over. If it cannot be written, the core goes live at once rather than
-/// never.
-async fn publish_marker(app: Arc<App>, nonce: u64) {
+/// never. Then writes it again every [`ECHO_INTERVAL`], until `stop`: each
+/// one read back is an echo, which tells the core it hears the fleet.
+async fn publish_marker(app: Arc<App>, nonce: u64, mut stop: watch::Receiver<bool>) {
+    if !write_marker(&app, nonce, true).await {
+        tracing::warn!("start-up marker not written: treating the stream as replayed");
+        app.core().set_caught_up(now_ms());
+    }
+    let mut tick = tokio::time::interval(ECHO_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        // A failure (broker down) is the echo not coming back: the core
+        // counts itself deaf, which is right. Not logged each time.
+        let _ = write_marker(&app, nonce, false).await;
+    }
+}
+
+/// Writes the marker once, confirmed; whether it was.
+async fn write_marker(app: &App, nonce: u64, log: bool) -> bool {
     let marker = Event::Marker(Marker {
         at_ms: now_ms(),
         nonce,
     });
-    let ok = match app.link.get().await {
-        Ok((_, publisher)) => app.submitter.publish_events(&publisher, vec![marker]).await,
+    let written = match app.link.get().await {
+        Ok((_, publisher)) => app
+            .submitter
+            .try_publish_events(&publisher, vec![marker])
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match written {
+        Ok(()) => true,
         Err(e) => {
-            tracing::warn!("cannot publish start-up marker: {e}");
+            if log {
+                tracing::warn!("cannot publish start-up marker: {e}");
+            }
             false
         }
-    };
-    if !ok {
-        tracing::warn!("start-up marker not written: treating the stream as replayed");
-        app.core().set_caught_up(now_ms());
     }
 }
 
@@ -574,6 +645,13 @@ async fn close_connection(app: Arc<App>, worker: AgentId, tasks: usize) {
     // may not be there yet: look again for a while before giving up.
     let mut outcome = "not_found";
     for attempt in 0..CLOSE_ATTEMPTS {
+        // A coordinator that cannot hear the fleet now closes no one: the
+        // verdict may be its own deafness (it is re-judged when it hears).
+        if !app.core().is_listening(now_ms()) {
+            tracing::warn!(%worker, "not closing the dead worker's connection: the coordinator cannot hear the fleet now");
+            outcome = "deaf";
+            break;
+        }
         match management
             .close_connections_named(&name, "guildhall: worker declared dead")
             .await

@@ -1,0 +1,278 @@
+//! A private RabbitMQ node for one test, beside the machine's own
+//! `rabbit@localhost` (which is never touched): its own node name, ports,
+//! data, logs, config and env file, started as the `rabbitmq` user (so it
+//! shares the Erlang cookie), **stopped and deleted when dropped**, a failed
+//! test included.
+//!
+//! Its only AMQP listener is TLS (`listeners.tcp = none`), and its
+//! management API is served over https only, both with the certificates the
+//! test gives; [`NodeTls::require_client_cert`] makes it ask clients for a
+//! certificate signed by the same CA (mutual TLS).
+//!
+//! Needs root (to start the server as `rabbitmq`) and RabbitMQ 3.x at
+//! `/usr/lib/rabbitmq`. One node starts in 10-20 s on a 2-core machine.
+
+use crate::certs::CertFiles;
+use crate::{TestNs, free_port};
+use anyhow::{Context, bail};
+use guildhall_broker::Management;
+use guildhall_broker::tls::CaBundle;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The server script of Debian's package.
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+/// Longest a node may take to answer on its management API.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a killed node's processes may take to be gone.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The certificates a node serves with.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    /// The CA that signed `server` (and, with `require_client_cert`, the
+    /// certificates clients must present).
+    pub ca: PathBuf,
+    /// The node's certificate (for 127.0.0.1) and key.
+    pub server: CertFiles,
+    /// Refuse AMQP clients without a certificate the CA signed
+    /// (`ssl_options.fail_if_no_peer_cert`). The management API never asks.
+    pub require_client_cert: bool,
+}
+
+/// A running private node; stopped, and its files deleted, on drop.
+pub struct RabbitNode {
+    /// Its Erlang node name (`gh<label><hex>@localhost`).
+    pub name: String,
+    /// The TLS AMQP listener's port (127.0.0.1).
+    pub amqps_port: u16,
+    /// The https management API's port (127.0.0.1).
+    pub management_port: u16,
+    /// The CA clients must trust.
+    pub ca: PathBuf,
+    /// Everything of the node's: config, certificates, data, logs.
+    dir: PathBuf,
+    /// Where its log is copied when it is dropped.
+    keep_log: PathBuf,
+    /// `runuser ... rabbitmq-server`, leader of a process group of its own.
+    server: Child,
+    /// The Erlang VM's pid, from the pid file, once known.
+    beam: Option<u32>,
+}
+
+impl RabbitNode {
+    /// `amqps://guest:guest@127.0.0.1:<port>/%2f`.
+    pub fn amqps_url(&self) -> String {
+        format!("amqps://guest:guest@127.0.0.1:{}/%2f", self.amqps_port)
+    }
+
+    /// `https://guest:guest@127.0.0.1:<port>`.
+    pub fn management_url(&self) -> String {
+        format!("https://guest:guest@127.0.0.1:{}", self.management_port)
+    }
+
+    /// A management API client that trusts the node's CA.
+    pub fn management(&self) -> anyhow::Result<Management> {
+        let ca = CaBundle::load(&self.ca, "node CA")?;
+        Ok(Management::with_ca(&self.management_url(), "/", Some(&ca))?)
+    }
+
+    /// The node's log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.join("log").join(format!("{}.log", self.name))
+    }
+
+    fn server_output(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default()
+    }
+
+    /// Stops the node: SIGKILL to the VM and the process group (its data is
+    /// deleted next, so a graceful stop, 5-10 s, would buy nothing), then
+    /// waits up to [`STOP_TIMEOUT`] for them to be gone.
+    fn stop(&mut self) {
+        let group = format!("-{}", self.server.id());
+        let beam = self.beam.map(|pid| pid.to_string());
+        let signal = |sig: &str| {
+            let mut targets = vec![group.clone()];
+            targets.extend(beam.clone());
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg("--")
+                .args(&targets)
+                .stderr(Stdio::null())
+                .status();
+        };
+        signal("KILL");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let gone = |node: &mut Self| {
+            let beam_gone = node
+                .beam
+                .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            beam_gone && matches!(node.server.try_wait(), Ok(Some(_)))
+        };
+        while !gone(self) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !gone(self) {
+            eprintln!(
+                "warning: the private node {} (pid {:?}) is still there {STOP_TIMEOUT:?} after SIGKILL",
+                self.name, self.beam
+            );
+        }
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::copy(self.log_file(), &self.keep_log);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!(
+                "warning: could not remove the node's files {}: {e}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+/// Starts a private node with TLS listeners only and waits until its
+/// management API answers over https. Its log is copied to the test's log
+/// directory when it stops.
+pub async fn spawn_rabbitmq_node(
+    ns: &TestNs,
+    label: &str,
+    tls: &NodeTls,
+) -> anyhow::Result<RabbitNode> {
+    if !Path::new(SERVER).exists() {
+        bail!("{SERVER} not found: a private RabbitMQ node needs the rabbitmq-server package");
+    }
+    let name = format!("gh{label}{:08x}@localhost", rand::random::<u32>());
+    let dir = std::env::temp_dir()
+        .join("guildhall-nodes")
+        .join(name.replace('@', "-"));
+    std::fs::create_dir_all(dir.join("mnesia"))?;
+    std::fs::create_dir_all(dir.join("log"))?;
+    // The node reads its certificates as the rabbitmq user: copies it owns.
+    for (from, to) in [
+        (&tls.ca, "ca.pem"),
+        (&tls.server.cert, "server.pem"),
+        (&tls.server.key, "server.key"),
+    ] {
+        std::fs::copy(from, dir.join(to))
+            .with_context(|| format!("copy {} for the node", from.display()))?;
+    }
+    let (amqps_port, management_port, dist_port) = (free_port(), free_port(), free_port());
+    let d = dir.display();
+    let config = format!(
+        "listeners.tcp = none\n\
+         listeners.ssl.default = 127.0.0.1:{amqps_port}\n\
+         ssl_options.cacertfile = {d}/ca.pem\n\
+         ssl_options.certfile = {d}/server.pem\n\
+         ssl_options.keyfile = {d}/server.key\n\
+         ssl_options.verify = verify_peer\n\
+         ssl_options.fail_if_no_peer_cert = {}\n\
+         management.ssl.port = {management_port}\n\
+         management.ssl.ip = 127.0.0.1\n\
+         management.ssl.cacertfile = {d}/ca.pem\n\
+         management.ssl.certfile = {d}/server.pem\n\
+         management.ssl.keyfile = {d}/server.key\n",
+        tls.require_client_cert
+    );
+    std::fs::write(dir.join("rabbitmq.conf"), config)?;
+    // Not rabbitmq_prometheus: its fixed port 15692 is the system node's.
+    std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n")?;
+    // The system env file sets NODENAME=rabbit@localhost, which would win.
+    std::fs::write(
+        dir.join("rabbitmq-env.conf"),
+        "ERL_EPMD_ADDRESS=127.0.0.1\n\
+         export ERL_FLAGS=\"-kernel inet_dist_use_interface {127,0,0,1}\"\n",
+    )?;
+    let chown = Command::new("chown")
+        .args(["-R", "rabbitmq:rabbitmq"])
+        .arg(&dir)
+        .status()
+        .context("chown")?;
+    if !chown.success() {
+        bail!(
+            "cannot give {d} to the rabbitmq user (a private node must run as rabbitmq to share its Erlang cookie; the tests need root for that)"
+        );
+    }
+    let out = std::fs::File::create(dir.join("server.out"))?;
+    let path = |f: &str| dir.join(f);
+    let server = Command::new("runuser")
+        .args(["-u", "rabbitmq", "--", SERVER])
+        .env("RABBITMQ_NODENAME", &name)
+        .env("RABBITMQ_NODE_PORT", free_port().to_string())
+        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+        .env("RABBITMQ_MNESIA_BASE", path("mnesia"))
+        .env("RABBITMQ_LOG_BASE", path("log"))
+        .env("RABBITMQ_PID_FILE", path("node.pid"))
+        .env("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf"))
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins"))
+        .env("RABBITMQ_CONF_ENV_FILE", path("rabbitmq-env.conf"))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .context("cannot start runuser -u rabbitmq -- rabbitmq-server")?;
+    let mut node = RabbitNode {
+        name,
+        amqps_port,
+        management_port,
+        ca: dir.join("ca.pem"),
+        keep_log: ns.log_dir.join(format!("rabbitmq-{label}.log")),
+        dir,
+        server,
+        beam: None,
+    };
+    let management = node.management()?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if node.beam.is_none() {
+            node.beam = read_pid(&node.dir.join("node.pid"));
+        }
+        if let Ok(Some(status)) = node.server.try_wait() {
+            bail!(
+                "the node {} exited at start ({status}):\n{}\n{}",
+                node.name,
+                node.server_output(),
+                tail(&node.log_text(), 40)
+            );
+        }
+        if node.beam.is_some() && management.check().await.is_ok() {
+            return Ok(node);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the node {} did not answer on https://127.0.0.1:{} within {START_TIMEOUT:?}:\n{}\n{}",
+                node.name,
+                node.management_port,
+                node.server_output(),
+                tail(&node.log_text(), 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .read_to_string(&mut text)
+        .ok()?;
+    text.trim().parse().ok()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
