@@ -15,6 +15,12 @@
 //! every property at its longest and the longest reasons fit together in the
 //! protocol's smallest frame, 4096 bytes).
 //!
+//! Two properties of the original are not carried over: `user_id`, which
+//! the broker checks against the publishing connection's user (a producer's
+//! own would make the broker close the agent's channel, and the agent's
+//! link with it), and `expiration`, which would let the dead letter expire
+//! from the dead-letter queue.
+//!
 //! # Deliveries that cannot be tasks
 //!
 //! A message on a stage queue whose `message_id` is not a valid task id
@@ -100,6 +106,7 @@ pub(crate) fn dead_letter_properties(
         n => n as usize,
     };
     let fits = |props: &BasicProperties| properties_size(props) + HEADER_FRAME_OVERHEAD <= limit;
+    let original = &republishable(original);
     let mut headers = original.headers().clone().unwrap_or_default();
     let original_count = headers.inner().len();
     add_reasons(&mut headers, reasons);
@@ -120,6 +127,34 @@ pub(crate) fn dead_letter_properties(
         bare = bare.with_message_id(id.clone());
     }
     (bare, Trimmed::Properties)
+}
+
+/// `original` without the properties a dead letter must not carry (see
+/// the module docs): `user_id` and `expiration`.
+fn republishable(original: &BasicProperties) -> BasicProperties {
+    let mut props = BasicProperties::default();
+    macro_rules! copy {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(v) = original.$get() {
+                props = props.$set(v.clone());
+            })*
+        };
+    }
+    copy!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    props
 }
 
 fn add_reasons(headers: &mut FieldTable, reasons: Reasons<'_>) {
@@ -371,6 +406,48 @@ mod tests {
             assert!(headers.inner().contains_key(key), "{key}");
         }
         assert_eq!(props.message_id().as_ref().unwrap().as_str(), "T-1");
+    }
+
+    #[test]
+    fn the_user_id_and_the_expiration_are_not_carried_over() {
+        let (stage, agent) = ("p1".parse().unwrap(), "a-1".parse().unwrap());
+        let original = BasicProperties::default()
+            .with_message_id("T-1".into())
+            .with_user_id("someone-else".into())
+            .with_expiration("1".into())
+            .with_content_type("text/plain".into())
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_content_encoding("gzip".into())
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_timestamp(1_700_000_000)
+            .with_type("t".into())
+            .with_app_id("app".into())
+            .with_cluster_id("cl".into());
+        let (props, trimmed) = dead_letter_properties(&original, reasons(&stage, &agent), 131_072);
+        assert_eq!(trimmed, Trimmed::Nothing);
+        assert_eq!(props.user_id(), &None);
+        assert_eq!(props.expiration(), &None);
+        let mut expected = original.clone();
+        expected = expected.with_headers(props.headers().clone().unwrap());
+        // Everything else as it was.
+        let same = |p: &BasicProperties| {
+            (
+                p.content_type().clone(),
+                p.content_encoding().clone(),
+                *p.delivery_mode(),
+                *p.priority(),
+                p.correlation_id().clone(),
+                p.reply_to().clone(),
+                p.message_id().clone(),
+                *p.timestamp(),
+                p.kind().clone(),
+                p.app_id().clone(),
+                p.cluster_id().clone(),
+            )
+        };
+        assert_eq!(same(&props), same(&expected));
     }
 
     #[test]

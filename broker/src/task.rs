@@ -177,9 +177,7 @@ impl TaskMeta {
             Some(ms) => plausible(h::ENQUEUED_AT, Some(ms)),
             None => plausible(
                 "timestamp",
-                props
-                    .timestamp()
-                    .map(|s| s.checked_mul(1000).unwrap_or(u64::MAX)),
+                props.timestamp().map(|s| s.saturating_mul(1000)),
             ),
         };
         let submitted_at_ms = plausible(h::SUBMITTED_AT, get(h::SUBMITTED_AT));

@@ -516,3 +516,144 @@ async fn an_overflowing_timestamp_is_no_enqueue_time() {
     let meta = TaskMeta::from_properties(&BasicProperties::default().with_timestamp(1 << 62));
     assert_eq!(meta.unwrap().enqueued_at_ms, None);
 }
+
+/// A RabbitMQ user of its own in the default vhost, allowed only to publish
+/// to the namespace's task exchange; deleted on drop.
+struct ProducerUser {
+    /// User name (and password).
+    name: String,
+    /// The management API without credentials, and the admin's.
+    api: (reqwest::Url, String, String),
+}
+
+impl ProducerUser {
+    async fn create(ns: &TestNs) -> Self {
+        let mut api = reqwest::Url::parse(&management_url()).unwrap();
+        let (user, pass) = (
+            api.username().to_owned(),
+            api.password().unwrap_or("").to_owned(),
+        );
+        api.set_username("").unwrap();
+        api.set_password(None).unwrap();
+        let me = Self {
+            name: format!("{}-producer", ns.name()),
+            api: (api, user, pass),
+        };
+        let tasks = regex_escape(&ns.names.tasks_exchange());
+        for (path, body) in [
+            (
+                format!("api/users/{}", me.name),
+                serde_json::json!({ "password": me.name, "tags": "" }),
+            ),
+            (
+                format!("api/permissions/%2F/{}", me.name),
+                serde_json::json!({ "configure": "^$", "write": format!("^{tasks}$"), "read": "^$" }),
+            ),
+        ] {
+            let status = me
+                .request(reqwest::Method::PUT, &path)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert!(status.is_success(), "PUT {path}: {status}");
+        }
+        me
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let (base, user, pass) = &self.api;
+        reqwest::Client::new()
+            .request(method, format!("{}{path}", base.as_str()))
+            .basic_auth(user, Some(pass))
+    }
+
+    /// An AMQP URL as this user.
+    fn amqp_url(&self) -> String {
+        let mut url = reqwest::Url::parse(&amqp_url()).unwrap();
+        url.set_username(&self.name).unwrap();
+        url.set_password(Some(&self.name)).unwrap();
+        url.to_string()
+    }
+}
+
+impl Drop for ProducerUser {
+    fn drop(&mut self) {
+        let request = self.request(reqwest::Method::DELETE, &format!("api/users/{}", self.name));
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().ok()?;
+            rt.block_on(request.send()).ok()
+        })
+        .join();
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| match c {
+            '.' | '-' => vec!['\\', c],
+            c => vec![c],
+        })
+        .collect()
+}
+
+/// A producer of another RabbitMQ user sets `user_id` (the broker checks it
+/// against its own user). Dead-lettering such a task with that `user_id`
+/// would make the broker close the agent's channel (it is not the agent's
+/// user), lose the link and loop: the dead letter goes without it, and the
+/// connection stays.
+#[tokio::test]
+async fn a_producers_user_id_on_a_task_costs_the_agent_no_connection() {
+    let ns = TestNs::new("hostile-user");
+    let broker = Broker::connect(&ns).await.unwrap();
+    broker.declare_stage("u1").await.unwrap();
+    let producer = ProducerUser::create(&ns).await;
+    let mut agent = spawn_agent(
+        &ns,
+        "u1a",
+        "u1",
+        &["--exec", "cat >/dev/null; echo 'bad input' >&2; exit 65"],
+    )
+    .await
+    .unwrap();
+    let url = guildhall_broker::AmqpUrl::parse(&producer.amqp_url()).unwrap();
+    let conn = guildhall_broker::connect(&url, "hostile-producer")
+        .await
+        .unwrap();
+    let publisher = guildhall_broker::Publisher::open(&conn).await.unwrap();
+    for id in ["U-1", "not a task id"] {
+        let props = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_user_id(producer.name.as_str().into());
+        publisher
+            .publish(&ns.names.tasks_exchange(), "u1", b"x", props)
+            .await
+            .unwrap();
+    }
+    let dead_queue = ns.names.dead_queue(&TestNs::stage("u1"));
+    eventually(Duration::from_secs(30), "two dead letters", || async {
+        let n = ready(&broker, &dead_queue).await?.unwrap_or(0);
+        anyhow::ensure!(n == 2, "{n} dead letters");
+        Ok(())
+    })
+    .await;
+    let dead = broker.drain(&dead_queue).await.unwrap();
+    let mut classes: Vec<_> = dead
+        .iter()
+        .map(|(id, _, hd)| (id.clone(), text(hd, h::ERROR_CLASS).unwrap_or_default()))
+        .collect();
+    classes.sort();
+    assert_eq!(
+        classes,
+        [
+            ("U-1".to_owned(), "exit_65".to_owned()),
+            ("not a task id".to_owned(), "invalid_message_id".to_owned())
+        ]
+    );
+    agent.proc.terminate(Duration::from_secs(30)).await.unwrap();
+    let log = agent.proc.log_text();
+    assert!(!log.contains("lost the broker"), "{log}");
+    assert!(log.contains("links_lost=0"), "{log}");
+    let _ = conn.close(200, "done".into()).await;
+}
