@@ -172,6 +172,13 @@ pub struct Cli {
     #[arg(long, env = "GUILDHALL_COMMAND_USER", value_name = "USER")]
     pub command_user: Option<String>,
 
+    /// Declare any next stage a worker names (`x-guildhall-next-stage`).
+    /// Default: only the agent's own stages and their next stages are
+    /// declared; another stage must exist already, or the task is
+    /// dead-lettered with class `unknown_stage`.
+    #[arg(long, env = "GUILDHALL_ALLOW_NEW_STAGES", value_parser = FalseyValueParser::new())]
+    pub allow_new_stages: bool,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "GUILDHALL_JSON_LOGS", value_parser = FalseyValueParser::new())]
     pub json_logs: bool,
@@ -258,6 +265,7 @@ impl Cli {
             }
             other => other,
         };
+        config.allow_new_stages = self.allow_new_stages;
         config.supervise = self.worker_command;
         config.validate()?;
         Ok(config)
@@ -389,6 +397,7 @@ mod tests {
             "0.0.0.0:9100",
             "--command-user",
             "coordinator",
+            "--allow-new-stages",
             "--",
             "my-worker",
             "--port",
@@ -426,6 +435,8 @@ mod tests {
         assert_eq!(defaults.probe_listen, None);
         assert_eq!(c.command_user.as_deref(), Some("coordinator"));
         assert_eq!(defaults.command_user, None);
+        assert!(c.allow_new_stages);
+        assert!(!defaults.allow_new_stages);
     }
 
     #[test]

@@ -274,6 +274,11 @@ pub struct AgentConfig {
     /// to publish to the default exchange can reach a command queue, so a
     /// deployment with a user per component sets this.
     pub command_user: Option<String>,
+    /// Declare any next stage a worker names (`x-guildhall-next-stage`),
+    /// as agents did before: off, a stage that is neither the agent's own
+    /// nor already declared fails the task (`unknown_stage`) instead of
+    /// creating a queue nobody consumes.
+    pub allow_new_stages: bool,
 }
 
 impl AgentConfig {
@@ -304,6 +309,7 @@ impl AgentConfig {
             health_failures: 3,
             probe_listen: None,
             command_user: None,
+            allow_new_stages: false,
         }
     }
 
@@ -548,6 +554,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("health_url", &self.health_url)
             .field("health_interval", &self.health_interval)
             .field("health_failures", &self.health_failures)
+            .field("allow_new_stages", &self.allow_new_stages)
             .finish()
     }
 }

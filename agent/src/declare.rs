@@ -4,13 +4,71 @@
 //! may have lost its queues, a restart of it being one reason to reconnect). Declarations run on a short-lived channel of their own, so a
 //! refused one (arguments that differ from an existing queue's) closes only
 //! that channel.
+//!
+//! # Which next stage a worker may name
+//!
+//! A worker may send its result to another stage than the default
+//! (`x-guildhall-next-stage`). Declaring whatever it names would let one
+//! typo (or one hostile answer) create a queue nobody consumes, where the
+//! task would sit for ever. So ([`NextStages`]):
+//!
+//! | the stage named | what happens |
+//! |---|---|
+//! | one of the agent's own stages, or where one of them sends results (`--stage`, `--next`, `--stages`) | declared if missing, as at start |
+//! | any other stage whose queue exists (the coordinator's submit, another agent or the operator declared it) | used |
+//! | any other stage | the task fails permanently at its current stage with class `unknown_stage` (dead-lettered) |
+//! | anything, with `--allow-new-stages` | declared if missing |
 
+use crate::config::StageRoute;
 use guildhall_broker::BrokerError;
-use guildhall_broker::topology::{declare_retry_queue, declare_stage};
+use guildhall_broker::topology::{declare_retry_queue, declare_stage, probe_queue};
 use guildhall_proto::{Names, Stage};
 use lapin::{Channel, Connection};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+
+/// What to do with a next stage a worker named ([`NextStages::rule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStageRule {
+    /// Declare it if missing (one of the agent's own, or new stages allowed).
+    Declare,
+    /// Use it only if its queue exists already.
+    MustExist,
+}
+
+/// The next stages an agent declares on its own: those of its configuration
+/// (see the module docs).
+#[derive(Debug, Clone)]
+pub struct NextStages {
+    /// Every stage the agent can serve and every stage they send results to.
+    configured: HashSet<Stage>,
+    /// `--allow-new-stages`: declare any stage a worker names.
+    allow_new: bool,
+}
+
+impl NextStages {
+    /// The rule for an agent serving `routes`.
+    pub fn new(routes: &[StageRoute], allow_new: bool) -> Self {
+        let configured = routes
+            .iter()
+            .flat_map(|r| std::iter::once(&r.stage).chain(r.next.as_ref()))
+            .cloned()
+            .collect();
+        Self {
+            configured,
+            allow_new,
+        }
+    }
+
+    /// What to do with `stage`, named by a worker as the next stage.
+    pub fn rule(&self, stage: &Stage) -> NextStageRule {
+        if self.allow_new || self.configured.contains(stage) {
+            NextStageRule::Declare
+        } else {
+            NextStageRule::MustExist
+        }
+    }
+}
 
 /// Declares stages and retry queues at most once each.
 #[derive(Debug)]
@@ -81,6 +139,21 @@ impl Declarer {
         Ok(())
     }
 
+    /// Whether `stage`'s queue exists (asked of the broker with a passive
+    /// declare, on a channel of its own: the broker closes it for a missing
+    /// queue). A stage found is remembered like a declared one.
+    pub async fn exists(&self, stage: &Stage) -> Result<bool, BrokerError> {
+        let queue = self.names.stage_queue(stage);
+        if self.known(&queue) {
+            return Ok(true);
+        }
+        let found = probe_queue(&self.conn, &queue).await?.is_some();
+        if found {
+            self.remember(queue);
+        }
+        Ok(found)
+    }
+
     /// Makes sure the retry queue of `stage` for `delay_ms` exists; returns its name.
     pub async fn retry_queue(&self, stage: &Stage, delay_ms: u64) -> Result<String, BrokerError> {
         let queue = self.names.retry_queue(stage, delay_ms);
@@ -93,5 +166,32 @@ impl Declarer {
         let queue = result?;
         self.remember(queue.clone());
         Ok(queue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(s: &str) -> Stage {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn own_stages_and_their_next_stages_are_declared_others_must_exist() {
+        let routes = crate::config::parse_stages("build>report,report,fix>deploy").unwrap();
+        let rule = NextStages::new(&routes, false);
+        for own in ["build", "report", "fix", "deploy"] {
+            assert_eq!(rule.rule(&stage(own)), NextStageRule::Declare, "{own}");
+        }
+        for other in ["nosuchstage", "Build", "reports"] {
+            assert_eq!(
+                rule.rule(&stage(other)),
+                NextStageRule::MustExist,
+                "{other}"
+            );
+        }
+        let open = NextStages::new(&routes, true);
+        assert_eq!(open.rule(&stage("nosuchstage")), NextStageRule::Declare);
     }
 }

@@ -86,7 +86,11 @@
 //!   periodic `Heartbeat` (the stage served now, the round trip).
 //! - `procstats`: CPU and memory of a process from `/proc`.
 //! - `declare`: lazy, cached (per connection) declarations of assigned and
-//!   next stages and retry queues.
+//!   next stages and retry queues, and which next stages a worker may name.
+//! - `dead`: dead-letter messages (the reason headers, kept within a frame)
+//!   and deliveries that cannot be tasks (poison messages).
+//! - `ratelog`: log lines that a hostile producer could otherwise repeat
+//!   without bound, at most one per interval.
 //! - `state`: tasks in hand, counters, the stage served, the window of
 //!   round-trip samples: state shared across the agent.
 //! - `pgroup`: signalling worker process groups.
@@ -95,6 +99,7 @@
 pub mod cli;
 pub mod config;
 mod control;
+mod dead;
 mod declare;
 pub mod handoff;
 mod heartbeat;
@@ -102,6 +107,7 @@ mod link;
 mod pgroup;
 pub mod probe;
 mod procstats;
+mod ratelog;
 mod runner;
 mod state;
 mod supervisor;
@@ -149,6 +155,15 @@ pub struct AgentExit {
     /// `TaskAbandoned` event): lost connection, worker exit, hang or failed
     /// health checks, stop timeout, a publish that was not confirmed.
     pub requeued: u64,
+    /// Deliveries that could not be tasks (an invalid `message_id`): each
+    /// dead-lettered with its reason, or rejected without requeue, and
+    /// reported in a `DeliveryRejected` event.
+    pub rejected: u64,
+    /// Enqueue or submit times in task messages that could not be right
+    /// (before 2000, over an hour ahead, overflowing), read as absent.
+    pub implausible_times: u64,
+    /// Times the link to the broker was lost (and reopened).
+    pub links_lost: u64,
 }
 
 /// Runs an agent until `shutdown` resolves or a `Drain` command arrives,

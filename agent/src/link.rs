@@ -105,6 +105,10 @@ pub struct TaskLink {
     pub publisher: Publisher,
     /// Declarations of next stages and retry queues, fresh for each link.
     pub declarer: Declarer,
+    /// The connection's negotiated largest frame: a message's properties
+    /// must fit in one, or the broker closes the connection (a dead letter
+    /// adds headers to a producer's, see [`crate::dead`]).
+    pub frame_max: u32,
     /// The channel deliveries came on: no ack is possible once it is closed.
     consume_channel: Channel,
     /// Cancelled by the runner when the link is lost.
@@ -174,6 +178,7 @@ impl Link {
         let tasks = Arc::new(TaskLink {
             publisher,
             declarer: Declarer::new(conn.clone(), names.clone(), &stages),
+            frame_max: conn.configuration().frame_max(),
             consume_channel: consume_channel.clone(),
             lost: CancellationToken::new(),
         });

@@ -67,9 +67,11 @@
 
 use crate::config::{AgentConfig, StageRoute};
 use crate::control::ControlQueue;
+use crate::declare::NextStages;
 use crate::handoff::Worker;
 use crate::heartbeat::{Heartbeats, Identity};
 use crate::link::{self, Backoff, Link, LinkParams, is_fatal};
+use crate::ratelog::RateLimited;
 use crate::state::Shared;
 use crate::supervisor::{HealthCheck, Supervisor, SupervisorConfig, WorkerStatus};
 use crate::task::{self, TaskCtx};
@@ -302,6 +304,9 @@ impl Runner {
             abandon: tokio_util::sync::CancellationToken::new(),
             worker_status: worker_status.clone(),
             worker_control: supervisor.as_ref().map(Supervisor::control),
+            next_stages: NextStages::new(&routes, config.allow_new_stages),
+            rejected_log: crate::dead::rejected_log(),
+            implausible_log: RateLimited::new(task::IMPLAUSIBLE_LOG_INTERVAL, 1),
         });
         Ok(Self {
             config,
@@ -463,6 +468,7 @@ impl Runner {
         };
         link.mark_lost();
         self.ctx.shared.set_connected(false);
+        self.ctx.shared.count_link_lost();
         let delay = self.backoff.next_delay();
         tracing::warn!(
             tasks = self.tasks.len(),
@@ -796,12 +802,18 @@ impl Runner {
             done: self.ctx.shared.done(),
             failed: self.ctx.shared.failed(),
             requeued: self.ctx.shared.requeued(),
+            rejected: self.ctx.shared.rejected(),
+            implausible_times: self.ctx.shared.implausible_times(),
+            links_lost: self.ctx.shared.links_lost(),
         };
         tracing::info!(
             reason = %exit.reason,
             done = exit.done,
             failed = exit.failed,
             requeued = exit.requeued,
+            rejected = exit.rejected,
+            implausible_times = exit.implausible_times,
+            links_lost = exit.links_lost,
             "stopped"
         );
         exit

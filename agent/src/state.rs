@@ -30,6 +30,17 @@ pub struct Shared {
     failed: AtomicU64,
     /// Tasks given back to the broker unprocessed (stop, worker exit, errors).
     requeued: AtomicU64,
+    /// Deliveries that could not be tasks (an invalid `message_id`), set
+    /// aside to the dead-letter queue or rejected: a poison message must
+    /// show somewhere even when no coordinator runs.
+    rejected: AtomicU64,
+    /// Enqueue or submit times read as absent because they could not be
+    /// right (a producer's clock or a forged header), see
+    /// [`guildhall_broker::task::plausible_time`].
+    implausible_times: AtomicU64,
+    /// Links to the broker lost since start: a poison message or a hostile
+    /// header must never be one of the causes.
+    links_lost: AtomicU64,
     /// What the runner decided: `Idle` means "consuming"; `Processing` is
     /// derived from `in_hand` when read.
     mode: Mutex<AgentState>,
@@ -66,6 +77,9 @@ impl Shared {
             done: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             requeued: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            implausible_times: AtomicU64::new(0),
+            links_lost: AtomicU64::new(0),
             mode: Mutex::new(AgentState::Starting),
             concurrency: AtomicU32::new(concurrency),
             worker_restarts: AtomicU32::new(0),
@@ -226,6 +240,36 @@ impl Shared {
     /// Tasks given back so far.
     pub fn requeued(&self) -> u64 {
         self.requeued.load(Ordering::Relaxed)
+    }
+
+    /// Counts a delivery set aside as unreadable.
+    pub fn count_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Deliveries set aside as unreadable so far.
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` implausible times read as absent.
+    pub fn count_implausible_times(&self, n: u64) {
+        self.implausible_times.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Implausible times read as absent so far.
+    pub fn implausible_times(&self) -> u64 {
+        self.implausible_times.load(Ordering::Relaxed)
+    }
+
+    /// Counts a lost link to the broker.
+    pub fn count_link_lost(&self) {
+        self.links_lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Links to the broker lost so far.
+    pub fn links_lost(&self) -> u64 {
+        self.links_lost.load(Ordering::Relaxed)
     }
 
     /// Restarts of the supervised worker so far.

@@ -8,7 +8,14 @@
 //! | success, pipeline ends | - | `TaskSucceeded` | ack |
 //! | retryable failure, attempts left | original payload to the retry queue of this attempt's delay | `TaskFailed`, `TaskRetrying` | ack |
 //! | permanent failure, or attempts used up | original payload to `<ns>.dead` / stage, with the error headers | `TaskFailed`, `TaskDeadLettered` | ack |
-//! | invalid message id | original message to `<ns>.dead` / stage | - | ack |
+//! | success naming a next stage that is neither the agent's own nor declared ([`crate::declare`]) | as a permanent failure, class `unknown_stage` | `TaskFailed`, `TaskDeadLettered` | ack |
+//! | invalid message id (not a task: [`crate::dead`]) | original message to `<ns>.dead` / stage, with the error headers | `DeliveryRejected` | ack; reject without requeue if the dead letter is refused |
+//!
+//! A dead letter keeps the original properties and adds the error headers,
+//! cut down if they would not fit in one frame ([`crate::dead`]). Times in a
+//! message that cannot be right (before 2000, over an hour ahead) are read
+//! as absent ([`TaskMeta::read`]), counted, and logged at most once per
+//! [`IMPLAUSIBLE_LOG_INTERVAL`].
 //!
 //! A task can also be **given up**: nothing is handed on, whatever the worker
 //! produced is discarded, a `TaskAbandoned` event says why and how far the
@@ -29,18 +36,22 @@
 //! any other.
 
 use crate::config::{RetryPolicy, StageRoute};
+use crate::dead::{self, Reasons};
+use crate::declare::{NextStageRule, NextStages};
 use crate::handoff::{Failure, NextStage, Outcome, Progress, ProgressSink, TaskInput, Worker};
 use crate::link::TaskLink;
+use crate::ratelog::RateLimited;
 use crate::state::Shared;
 use crate::supervisor::{WORKER_EXITED, WORKER_HUNG, WorkerControl, WorkerStatus};
 use guildhall_broker::events::EventsError;
-use guildhall_broker::task::with_text_header;
+use guildhall_broker::task::{ImplausibleTime, TaskMetaError};
 use guildhall_broker::{BrokerError, EventPublisher, PublishError, TaskMeta, now_ms};
-use guildhall_proto::headers::{amqp as h, idempotency_key};
+use guildhall_proto::headers::idempotency_key;
 use guildhall_proto::trace::TraceParent;
 use guildhall_proto::{
-    AgentId, Event, Names, TaskAbandoned, TaskDeadLettered, TaskFailed, TaskInHand, TaskProgress,
-    TaskRetrying, TaskStarted, TaskSucceeded, WorkerResult, truncate_error,
+    AgentId, Event, Names, RejectReason, Stage, TaskAbandoned, TaskDeadLettered, TaskFailed,
+    TaskInHand, TaskProgress, TaskRetrying, TaskStarted, TaskSucceeded, WorkerResult,
+    truncate_error,
 };
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -74,7 +85,21 @@ pub struct TaskCtx {
     pub worker_status: Option<watch::Receiver<WorkerStatus>>,
     /// Reports a hung supervised worker (a task timed out on it).
     pub worker_control: Option<WorkerControl>,
+    /// Which next stages named by a worker are declared, and which must
+    /// exist already.
+    pub next_stages: NextStages,
+    /// Bounds the log lines about deliveries that cannot be tasks.
+    pub rejected_log: RateLimited,
+    /// Bounds the log lines about implausible times in task messages.
+    pub implausible_log: RateLimited,
 }
+
+/// Least time between two log lines about implausible times.
+pub const IMPLAUSIBLE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The error class of a task whose worker named a next stage that does not
+/// exist (and that the agent may not create).
+pub const UNKNOWN_STAGE_CLASS: &str = "unknown_stage";
 
 /// Why a task could not be settled; it goes back to the queue.
 #[derive(Debug, thiserror::Error)]
@@ -160,9 +185,21 @@ pub async fn process(
     route: Arc<StageRoute>,
     mut delivery: Delivery,
 ) {
-    let meta = match TaskMeta::from_properties(&delivery.properties) {
-        Ok(meta) => meta,
-        Err(err) => return reject_invalid(&ctx, &link, &route, delivery, &err.to_string()).await,
+    let meta = match TaskMeta::read(&delivery.properties, now_ms()) {
+        Ok((meta, implausible)) => {
+            if !implausible.is_empty() {
+                report_implausible(&ctx, &meta, &implausible);
+            }
+            meta
+        }
+        Err(err) => {
+            let reason = match err {
+                TaskMetaError::InvalidId(_) => RejectReason::InvalidMessageId,
+            };
+            let detail = err.to_string();
+            return dead::reject_unreadable(&ctx, &link, &route.stage, delivery, reason, detail)
+                .await;
+        }
     };
     let started_at_ms = now_ms();
     let _in_hand = ctx.shared.hold(TaskInHand {
@@ -275,14 +312,16 @@ async fn settle(
     // carry an earlier time than the hand-off that caused them.
     let finished_at_ms = now_ms();
     let failure = match outcome {
-        Outcome::Success { payload, next } => {
+        Outcome::Success { payload, next } => 'success: {
             let next = match next {
                 NextStage::Default => route.next.clone(),
                 NextStage::Stage(stage) => Some(stage),
                 NextStage::End => None,
             };
             if let Some(next) = &next {
-                link.declarer.stage(next).await?;
+                if let Err(failure) = next_stage_ready(ctx, link, next).await? {
+                    break 'success failure;
+                }
                 let props = meta.next_stage(finished_at_ms, Some(span)).properties();
                 let published = publish(
                     ctx,
@@ -340,7 +379,14 @@ async fn settle(
             delay_ms,
         })
     } else {
-        let props = dead_letter_properties(ctx, route, &delivery.properties, &error, &failure);
+        let reasons = Reasons {
+            error: &error,
+            class: &failure.class,
+            stage: &route.stage,
+            agent: &ctx.agent,
+        };
+        let (props, trimmed) =
+            dead::dead_letter_properties(&delivery.properties, reasons, link.frame_max);
         publish(
             ctx,
             link,
@@ -350,6 +396,7 @@ async fn settle(
             props,
         )
         .await?;
+        dead::log_trimmed(trimmed, &format!("task {}", meta.id));
         tracing::info!(task = %meta.id, attempt = meta.attempt, class = %failure.class, "dead-lettered: {error}");
         Event::TaskDeadLettered(TaskDeadLettered {
             at_ms: now_ms(),
@@ -371,10 +418,55 @@ async fn settle(
     Ok(())
 }
 
+/// Makes sure a next stage can take the result: declared if the agent may
+/// declare it, else it must exist ([`crate::declare`]). `Ok(Err)` is the
+/// permanent failure the task then is; `Err` a broker failure (the task goes
+/// back to the queue).
+async fn next_stage_ready(
+    ctx: &TaskCtx,
+    link: &TaskLink,
+    next: &Stage,
+) -> Result<Result<(), Failure>, BrokerError> {
+    match ctx.next_stages.rule(next) {
+        NextStageRule::Declare => link.declarer.stage(next).await.map(Ok),
+        NextStageRule::MustExist => {
+            if link.declarer.exists(next).await? {
+                return Ok(Ok(()));
+            }
+            Ok(Err(Failure::permanent(
+                UNKNOWN_STAGE_CLASS,
+                format!(
+                    "the worker named next stage {next:?}, which does not exist (no queue {}) \
+                     and is not one of this agent's stages; declare it, or run the agent with \
+                     --allow-new-stages",
+                    ctx.names.stage_queue(next)
+                ),
+            )))
+        }
+    }
+}
+
+/// Counts and logs (at most once per [`IMPLAUSIBLE_LOG_INTERVAL`]) the
+/// times of a task message that were read as absent.
+fn report_implausible(ctx: &TaskCtx, meta: &TaskMeta, dropped: &[ImplausibleTime]) {
+    ctx.shared.count_implausible_times(dropped.len() as u64);
+    if let Some(held_back) = ctx.implausible_log.hit() {
+        for time in dropped {
+            tracing::warn!(
+                task = %meta.id,
+                field = time.field,
+                value_ms = time.value_ms,
+                more_since_last_line = held_back,
+                "ignored an implausible time in a task message (before 2000 or over an hour ahead): the task's waits are not measured from it"
+            );
+        }
+    }
+}
+
 /// Publishes on the link's confirm channel and waits for the confirm; the
 /// time it took is a sample of the broker round trip (heartbeats report the
 /// median of recent ones).
-async fn publish(
+pub(crate) async fn publish(
     ctx: &TaskCtx,
     link: &TaskLink,
     exchange: &str,
@@ -391,60 +483,6 @@ async fn publish(
         ctx.shared.record_rtt(started.elapsed());
     }
     published
-}
-
-fn dead_letter_properties(
-    ctx: &TaskCtx,
-    route: &StageRoute,
-    original: &BasicProperties,
-    error: &str,
-    failure: &Failure,
-) -> BasicProperties {
-    let props = with_text_header(original.clone(), h::LAST_ERROR, error);
-    let props = with_text_header(props, h::ERROR_CLASS, &failure.class);
-    let props = with_text_header(props, h::DEAD_STAGE, route.stage.as_str());
-    with_text_header(props, h::DEAD_BY, ctx.agent.as_str())
-}
-
-/// A message whose id is not a valid task id cannot be processed or
-/// reported: it goes straight to the dead-letter queue.
-async fn reject_invalid(
-    ctx: &TaskCtx,
-    link: &TaskLink,
-    route: &StageRoute,
-    delivery: Delivery,
-    error: &str,
-) {
-    let failure = Failure::permanent("invalid_task_id", error);
-    let error = truncate_error(error.to_owned());
-    let props = dead_letter_properties(ctx, route, &delivery.properties, &error, &failure);
-    let published = publish(
-        ctx,
-        link,
-        &ctx.names.dead_exchange(),
-        route.stage.as_str(),
-        &delivery.data,
-        props,
-    )
-    .await;
-    let id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.as_str().chars().take(80).collect::<String>())
-        .unwrap_or_default();
-    match published {
-        Ok(()) => {
-            tracing::warn!(message_id = %id, "dead-lettered a message with an invalid id: {error}");
-            if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
-                tracing::warn!(message_id = %id, "ack failed: {err}");
-            }
-        }
-        Err(err) => {
-            tracing::warn!(message_id = %id, "cannot dead-letter an invalid message, requeueing: {err}");
-            nack(&delivery).await;
-        }
-    }
 }
 
 /// The span of this stage attempt: a child of the incoming trace, or a new trace.

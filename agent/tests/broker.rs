@@ -629,6 +629,10 @@ async fn http_worker_gets_the_task_headers_and_may_pick_the_next_stage() {
         let mut events = env.events().await;
         let agent = env.start(env.config("web", Some("after"), worker)).await;
         let id = agent.id().clone();
+        // A stage the worker names must exist (it is not one of the agent's).
+        declare_stage(&env.channel, &env.names, &env.stage("special"))
+            .await
+            .unwrap();
         env.submit("web", "H-1", b"abc").await;
         env.submit("web", "H-2", b"to-special").await;
         env.submit("web", "H-3", b"the-end").await;
@@ -776,10 +780,112 @@ async fn permanent_failures_and_invalid_ids_are_dead_lettered_with_the_error() {
         assert_eq!(message_id(&invalid), "has space");
         assert_eq!(
             text_header(&invalid, h::ERROR_CLASS).as_deref(),
-            Some("invalid_task_id")
+            Some("invalid_message_id")
         );
+        let seen = events
+            .until(&id, "the rejection reported", |e| {
+                e.iter()
+                    .any(|e| matches!(e, Event::DeliveryRejected(r) if r.dead_lettered))
+            })
+            .await;
+        let rejected = seen.iter().find_map(|e| match e {
+            Event::DeliveryRejected(r) => Some(r.clone()),
+            _ => None,
+        });
+        let rejected = rejected.unwrap();
+        assert_eq!(rejected.stage.as_str(), "strict");
+        assert_eq!(
+            rejected.reason,
+            guildhall_proto::RejectReason::InvalidMessageId
+        );
+        assert!(rejected.detail.contains("has space"), "{}", rejected.detail);
         let exit = agent.stop_and_join().await.unwrap();
         assert_eq!((exit.done, exit.failed), (0, 1));
+        assert_eq!((exit.rejected, exit.links_lost), (1, 0));
+    })
+    .await;
+}
+
+/// Deliveries a producer got wrong: odd header types on a task (processed
+/// like any task, with defaults), and an invalid `message_id` whose dead
+/// letter the broker refuses (its dead-letter queue was deleted): rejected
+/// without requeue, once, never looping, and the connection kept.
+#[tokio::test]
+async fn odd_deliveries_neither_loop_nor_break_the_connection() {
+    use lapin::options::QueueDeleteOptions;
+    use lapin::types::FieldArray;
+    with_namespace(|env| async move {
+        let mut events = env.events().await;
+        let agent = env
+            .start(env.config("odd", Some("fine"), exec("cat")))
+            .await;
+        let id = agent.id().clone();
+        // A task whose headers are all the wrong type, or huge.
+        let mut headers = FieldTable::default();
+        headers.insert(h::ATTEMPT.into(), AMQPValue::Double(2.5));
+        headers.insert(
+            h::SUBMITTED_AT.into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Void])),
+        );
+        headers.insert(h::ENQUEUED_AT.into(), AMQPValue::LongLongInt(-1));
+        headers.insert(
+            h::TRACEPARENT.into(),
+            AMQPValue::LongString("0".repeat(60_000).into()),
+        );
+        headers.insert("x-void".into(), AMQPValue::Void);
+        let props = BasicProperties::default()
+            .with_message_id("ODD-1".into())
+            .with_timestamp(u64::MAX)
+            .with_headers(headers);
+        env.publisher
+            .publish(&env.names.tasks_exchange(), "odd", b"odd", props)
+            .await
+            .unwrap();
+        let fine = env.take(&env.names.stage_queue(&env.stage("fine"))).await;
+        assert_eq!(message_id(&fine), "ODD-1");
+        assert_eq!(attempt_of(&fine), Some(1));
+        let tp = text_header(&fine, h::TRACEPARENT).unwrap_or_default();
+        assert!(tp.len() < 100, "a trace of its own, not the 60 KB header");
+
+        // Now nothing can be dead-lettered at this stage.
+        env.channel
+            .queue_delete(
+                env.names.dead_queue(&env.stage("odd")).as_str().into(),
+                QueueDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+        let props = BasicProperties::default().with_message_id("not a task id".into());
+        env.publisher
+            .publish(&env.names.tasks_exchange(), "odd", b"?", props)
+            .await
+            .unwrap();
+        env.submit("odd", "AFTER-1", b"after").await;
+        let after = env.take(&env.names.stage_queue(&env.stage("fine"))).await;
+        assert_eq!(message_id(&after), "AFTER-1");
+        let seen = events
+            .until(&id, "the rejection reported", |e| {
+                has(e, "delivery_rejected")
+                    && task_story(e, "AFTER-1").contains(&"succeeded#1".to_owned())
+            })
+            .await;
+        let rejected: Vec<_> = seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::DeliveryRejected(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert!(!rejected[0].dead_lettered);
+        let queue = env.names.stage_queue(&env.stage("odd"));
+        assert_eq!(env.probe(&queue).await.map(|(ready, _)| ready), Some(0));
+        let exit = agent.stop_and_join().await.unwrap();
+        assert_eq!((exit.done, exit.rejected, exit.links_lost), (2, 1, 0));
+        assert_eq!(
+            exit.implausible_times, 1,
+            "the timestamp (the header was -1: none)"
+        );
     })
     .await;
 }

@@ -1,10 +1,47 @@
 //! The AMQP form of a task message: everything but the payload, which is
 //! opaque bytes and never re-encoded.
+//!
+//! Whatever a producer put in the properties is read without trust: an
+//! attempt header of any type or none gives attempt 1, a traceparent longer
+//! than [`MAX_TRACEPARENT_BYTES`] is ignored, and a time that cannot be a
+//! task's (before [`EARLIEST_PLAUSIBLE_MS`], or more than
+//! [`FUTURE_TOLERANCE_MS`] ahead of the reader's clock; an AMQP `timestamp`
+//! whose milliseconds do not fit 64 bits) is read as absent and reported by
+//! [`TaskMeta::read`], so no wait or latency is computed from it.
 
 use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{InvalidId, TaskId};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// 2000-01-01T00:00:00Z in ms since the epoch: no task time is older.
+pub const EARLIEST_PLAUSIBLE_MS: u64 = 946_684_800_000;
+
+/// How far in the future (by the reader's clock) a task time may be: clocks
+/// of different hosts disagree a little, and a retry's enqueue time is when
+/// its delay ends. One hour.
+pub const FUTURE_TOLERANCE_MS: u64 = 3_600_000;
+
+/// Longest `traceparent` header kept (a W3C version-00 one is 55 bytes).
+pub const MAX_TRACEPARENT_BYTES: usize = 512;
+
+/// Whether `t_ms` can be a task's enqueue or submit time when read at
+/// `now_ms`: not before 2000, not more than [`FUTURE_TOLERANCE_MS`] ahead.
+pub fn plausible_time(t_ms: u64, now_ms: u64) -> bool {
+    t_ms >= EARLIEST_PLAUSIBLE_MS && t_ms <= now_ms.saturating_add(FUTURE_TOLERANCE_MS)
+}
+
+/// A time in a message's properties that was read as absent because it
+/// cannot be right (see [`plausible_time`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImplausibleTime {
+    /// Where it was: `x-guildhall-enqueued-at`, `x-guildhall-submitted-at`
+    /// or `timestamp` (the AMQP property, in seconds).
+    pub field: &'static str,
+    /// The value in ms (saturated at `u64::MAX` for a `timestamp` whose
+    /// milliseconds overflow).
+    pub value_ms: u64,
+}
 
 /// What travels with a task's payload from stage to stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +138,20 @@ impl TaskMeta {
     /// Reads a delivered message's metadata. A missing `message_id` gets a
     /// fresh id (producers outside Guildhall may not set one); an invalid one
     /// is an error, so the message can be dead-lettered with that reason.
+    ///
+    /// Implausible times are read as absent; [`TaskMeta::read`] also says
+    /// which.
     pub fn from_properties(props: &BasicProperties) -> Result<Self, TaskMetaError> {
+        Self::read(props, crate::now_ms()).map(|(meta, _)| meta)
+    }
+
+    /// [`TaskMeta::from_properties`] at the reader's time `now_ms`, with the
+    /// times that were dropped as implausible (usually none: the list is
+    /// then empty and allocates nothing).
+    pub fn read(
+        props: &BasicProperties,
+        now_ms: u64,
+    ) -> Result<(Self, Vec<ImplausibleTime>), TaskMetaError> {
         let id = match props.message_id() {
             Some(id) => TaskId::new(id.as_str())?,
             None => new_task_id(),
@@ -112,17 +162,37 @@ impl TaskMeta {
             .and_then(|a| u32::try_from(a).ok())
             .filter(|a| *a >= 1)
             .unwrap_or(1);
-        let enqueued_at_ms = get(h::ENQUEUED_AT).or_else(|| props.timestamp().map(|s| s * 1000));
+        let mut dropped = Vec::new();
+        let mut plausible = |field: &'static str, value_ms: Option<u64>| {
+            let value_ms = value_ms?;
+            if plausible_time(value_ms, now_ms) {
+                return Some(value_ms);
+            }
+            dropped.push(ImplausibleTime { field, value_ms });
+            None
+        };
+        // The header is the precise one; the `timestamp` property (whole
+        // seconds, set by many producers) stands in only when it is missing.
+        let enqueued_at_ms = match get(h::ENQUEUED_AT) {
+            Some(ms) => plausible(h::ENQUEUED_AT, Some(ms)),
+            None => plausible(
+                "timestamp",
+                props.timestamp().map(|s| s.saturating_mul(1000)),
+            ),
+        };
+        let submitted_at_ms = plausible(h::SUBMITTED_AT, get(h::SUBMITTED_AT));
         let traceparent = headers
             .and_then(|t| t.inner().get(h::TRACEPARENT))
-            .and_then(value_str);
-        Ok(Self {
+            .and_then(value_str)
+            .filter(|tp| tp.len() <= MAX_TRACEPARENT_BYTES);
+        let meta = Self {
             id,
             attempt,
             enqueued_at_ms,
-            submitted_at_ms: get(h::SUBMITTED_AT),
+            submitted_at_ms,
             traceparent,
-        })
+        };
+        Ok((meta, dropped))
     }
 }
 
@@ -178,8 +248,8 @@ mod tests {
         let next = back.next_stage(1_700_000_001_000, Some("00-x".into()));
         assert_eq!(next.attempt, 1);
         assert_eq!(next.submitted_at_ms, meta.submitted_at_ms);
-        let retry = next.retry(5, 1000);
-        assert_eq!(retry.enqueued_at_ms, Some(1005));
+        let retry = next.retry(1_700_000_002_000, 1000);
+        assert_eq!(retry.enqueued_at_ms, Some(1_700_000_003_000));
         assert_eq!(retry.attempt, 2);
         assert_eq!(
             TaskMeta::from_properties(&retry.properties()).unwrap(),
@@ -196,6 +266,105 @@ mod tests {
         assert!(uuid::Uuid::parse_str(meta.id.as_str()).is_ok());
         let bad = BasicProperties::default().with_message_id("has space".into());
         assert!(TaskMeta::from_properties(&bad).is_err());
+    }
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    #[test]
+    fn times_before_2000_or_over_an_hour_ahead_are_implausible() {
+        assert!(plausible_time(EARLIEST_PLAUSIBLE_MS, NOW));
+        assert!(!plausible_time(EARLIEST_PLAUSIBLE_MS - 1, NOW));
+        assert!(!plausible_time(0, NOW));
+        assert!(plausible_time(NOW, NOW));
+        assert!(plausible_time(NOW + FUTURE_TOLERANCE_MS, NOW));
+        assert!(!plausible_time(NOW + FUTURE_TOLERANCE_MS + 1, NOW));
+        assert!(!plausible_time(u64::MAX, NOW));
+        assert!(
+            plausible_time(u64::MAX - 1, u64::MAX),
+            "no overflow at the top"
+        );
+    }
+
+    #[test]
+    fn a_timestamp_whose_milliseconds_overflow_is_absent_not_wrapped() {
+        // 2^62 s: `* 1000` wraps in u64 (to a plausible-looking value, or a
+        // wait of 4294967295 ms once subtracted).
+        let props = BasicProperties::default().with_timestamp(1 << 62);
+        let (meta, dropped) = TaskMeta::read(&props, NOW).unwrap();
+        assert_eq!(meta.enqueued_at_ms, None);
+        assert_eq!(
+            dropped,
+            [ImplausibleTime {
+                field: "timestamp",
+                value_ms: u64::MAX
+            }]
+        );
+        // u64::MAX seconds, and a timestamp in the year 1970.
+        for s in [u64::MAX, 5] {
+            let props = BasicProperties::default().with_timestamp(s);
+            let (meta, dropped) = TaskMeta::read(&props, NOW).unwrap();
+            assert_eq!((meta.enqueued_at_ms, dropped.len()), (None, 1), "{s}");
+        }
+        let props = BasicProperties::default().with_timestamp(NOW / 1000);
+        let (meta, dropped) = TaskMeta::read(&props, NOW).unwrap();
+        assert_eq!(meta.enqueued_at_ms, Some(NOW));
+        assert!(dropped.is_empty());
+    }
+
+    #[test]
+    fn implausible_header_times_are_absent_and_reported() {
+        let mut t = FieldTable::default();
+        t.insert(h::ENQUEUED_AT.into(), AMQPValue::LongLongInt(i64::MAX));
+        t.insert(h::SUBMITTED_AT.into(), AMQPValue::LongString("12".into()));
+        // Even with a sane `timestamp`, the header was given: it is not
+        // replaced by the property.
+        let props = BasicProperties::default()
+            .with_headers(t)
+            .with_timestamp(NOW / 1000);
+        let (meta, dropped) = TaskMeta::read(&props, NOW).unwrap();
+        assert_eq!((meta.enqueued_at_ms, meta.submitted_at_ms), (None, None));
+        let fields: Vec<_> = dropped.iter().map(|d| d.field).collect();
+        assert_eq!(fields, [h::ENQUEUED_AT, h::SUBMITTED_AT]);
+        // A retry's enqueue time is a little ahead: fine.
+        let meta = TaskMeta::submission("T-1".parse().unwrap(), NOW, None).retry(NOW, 60_000);
+        let (back, dropped) = TaskMeta::read(&meta.properties(), NOW).unwrap();
+        assert_eq!(back, meta);
+        assert!(dropped.is_empty());
+    }
+
+    #[test]
+    fn odd_headers_give_defaults_never_an_error() {
+        let mut t = FieldTable::default();
+        t.insert(h::ATTEMPT.into(), AMQPValue::Double(2.5));
+        t.insert(
+            h::TRACEPARENT.into(),
+            AMQPValue::LongString("x".repeat(10_000).into()),
+        );
+        t.insert(h::SUBMITTED_AT.into(), AMQPValue::Boolean(true));
+        t.insert("\u{fffd}(".into(), AMQPValue::Void);
+        let props = BasicProperties::default()
+            .with_message_id("T-1".into())
+            .with_headers(t);
+        let (meta, dropped) = TaskMeta::read(&props, NOW).unwrap();
+        assert_eq!(meta.attempt, 1);
+        assert_eq!(meta.traceparent, None);
+        assert_eq!(meta.submitted_at_ms, None);
+        assert!(dropped.is_empty());
+        for attempt in [
+            AMQPValue::LongLongInt(-3),
+            AMQPValue::LongLongInt(i64::MAX),
+            AMQPValue::LongString("many".into()),
+            AMQPValue::LongInt(0),
+        ] {
+            let mut t = FieldTable::default();
+            t.insert(h::ATTEMPT.into(), attempt.clone());
+            let props = BasicProperties::default().with_headers(t);
+            assert_eq!(
+                TaskMeta::from_properties(&props).unwrap().attempt,
+                1,
+                "{attempt:?}"
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod demo;
 mod demo_worker;
 mod errors;
 mod hostile;
+mod hostile_agent;
 mod hostile_http;
 mod pipeline;
 mod probes;

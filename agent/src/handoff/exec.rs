@@ -18,6 +18,14 @@
 //! The error is the last non-empty line of stderr (of which the last 4 KiB
 //! are kept). Stderr lines `@progress 0.5 some message` are progress reports,
 //! not errors.
+//!
+//! The task is over when the process exits, not when its output pipes close:
+//! a background child it left (`(sleep 50 &); echo done`) holds them open.
+//! After the exit, what is already in the pipes is read for at most
+//! [`OUTPUT_GRACE`], then the agent stops reading: output a background child
+//! writes later is lost (its writes fail with `EPIPE`, or `SIGPIPE` kills
+//! it). Such a child is left running after a success; the task timeout
+//! kills the whole process group, background children included.
 
 use super::{Failure, NextStage, Outcome, Progress, ProgressSink, TaskInput};
 use crate::pgroup::GroupGuard;
@@ -33,6 +41,10 @@ pub const MAX_OUTPUT_BYTES: usize = 64 << 20;
 
 /// Bytes of stderr kept to find the error line.
 pub const STDERR_TAIL_BYTES: usize = 4096;
+
+/// How long output is still read after the process exited (see the module
+/// docs).
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(150);
 
 /// Shortest interval between two progress reports of one task.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -85,7 +97,9 @@ impl ExecWorker {
         let (stdin, stdout, stderr) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let payload = task.payload.as_slice();
-        let run = async {
+        let mut out = Vec::new();
+        let mut too_large = false;
+        let result = {
             let write = async move {
                 if let Some(mut stdin) = stdin {
                     // A worker that exits without reading its input is not an
@@ -93,17 +107,44 @@ impl ExecWorker {
                     let _ = stdin.write_all(payload).await;
                 }
             };
-            let read_out = read_stdout(stdout, &group);
+            let read_out = async {
+                too_large = read_stdout(stdout, &group, &mut out).await.is_err();
+            };
             let read_err = read_stderr(stderr, &tail);
-            let (((), out), ()) =
-                futures_lite::future::zip(futures_lite::future::zip(write, read_out), read_err)
-                    .await;
-            (out, child.wait().await)
+            let io =
+                futures_lite::future::zip(futures_lite::future::zip(write, read_out), read_err);
+            let mut io = std::pin::pin!(io);
+            let run = async {
+                tokio::select! {
+                    status = child.wait() => (status, true),
+                    _ = &mut io => (child.wait().await, false),
+                }
+            };
+            let result = tokio::time::timeout(self.timeout, run).await;
+            // The process is gone; what it wrote is in the pipes. Only a
+            // child it left in the background can keep them open (the
+            // grace does not count against the task timeout).
+            if let Ok((_, true)) = result
+                && tokio::time::timeout(OUTPUT_GRACE, &mut io).await.is_err()
+            {
+                tracing::debug!(
+                    task = %task.task_id,
+                    "the process exited but its output stays open (a background child): stopped reading"
+                );
+            }
+            result.map(|(status, _)| status)
         };
-        let result = tokio::time::timeout(self.timeout, run).await;
+        if let Ok(mut tail) = tail.lock() {
+            tail.finish();
+        }
         let last_line = tail.lock().map(|t| t.last_line()).unwrap_or_default();
+        let out = if too_large {
+            Err(OutputTooLarge)
+        } else {
+            Ok(out)
+        };
         match result {
-            Ok((out, status)) => {
+            Ok(status) => {
                 group.disarm();
                 match status {
                     Ok(status) => map_exit(status, out, last_line),
@@ -133,18 +174,20 @@ impl ExecWorker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutputTooLarge;
 
+/// Reads stdout into `out` until it closes (or until this future is
+/// dropped: `out` keeps what was read).
 async fn read_stdout(
     stdout: Option<impl AsyncRead + Unpin>,
     group: &GroupGuard,
-) -> Result<Vec<u8>, OutputTooLarge> {
-    let mut out = Vec::new();
+    out: &mut Vec<u8>,
+) -> Result<(), OutputTooLarge> {
     let Some(mut stdout) = stdout else {
-        return Ok(out);
+        return Ok(());
     };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match stdout.read(&mut buf).await {
-            Ok(0) | Err(_) => return Ok(out),
+            Ok(0) | Err(_) => return Ok(()),
             Ok(n) => {
                 if out.len() + n > MAX_OUTPUT_BYTES {
                     // It would block writing the rest forever: stop it now.
@@ -432,6 +475,48 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn success_is_the_exit_not_the_pipes_closing() {
+        // The background `sleep` holds stdout and stderr open for 50 s.
+        let started = Instant::now();
+        let out = run("(sleep 50 >&2 &); echo done", Duration::from_secs(10)).await;
+        assert_eq!(
+            out,
+            Outcome::Success {
+                payload: b"done\n".to_vec(),
+                next: NextStage::Default
+            }
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn output_written_before_the_exit_is_all_read_despite_a_background_child() {
+        // More than a pipe buffer, written by the process itself, plus a
+        // failure's stderr line: all there although the pipes stay open.
+        let out = run(
+            "(sleep 50 &); head -c 200000 /dev/zero | tr '\\0' x; echo ok",
+            Duration::from_secs(10),
+        )
+        .await;
+        let Outcome::Success { payload, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(payload.len(), 200_003);
+        let f = failure(
+            run(
+                "(sleep 50 &); echo 'the real reason' >&2; exit 3",
+                Duration::from_secs(10),
+            )
+            .await,
+        );
+        assert_eq!(f, Failure::retryable("exit_3", "the real reason"));
     }
 
     #[tokio::test]

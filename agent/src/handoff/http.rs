@@ -9,6 +9,11 @@
 //! | connection error | retryable, class `connection` |
 //! | no answer within the task timeout | retryable, class `timeout` (a supervised worker is restarted instead and the task given back) |
 //!
+//! A next stage that is not a valid stage name (bad characters, bytes that
+//! are not ASCII, over 255 bytes) is a permanent failure, class
+//! `invalid_next_stage`; whether a valid one may be used is the agent's
+//! rule ([`crate::declare`]).
+//!
 //! A failure's error is `HTTP <code>: <first 1 KiB of the body>`; its class is
 //! the worker's `x-guildhall-error-class` header when that is a valid class,
 //! else `http_<code>`. 408 and 429 are retried (unlike other 4xx) because they
@@ -80,12 +85,14 @@ impl HttpWorker {
             Err(err) => return Outcome::Failure(request_error(&err)),
         };
         let status = response.status().as_u16();
+        // A header that is there but not text (bytes over 0x7f) is read
+        // lossily, so it is refused as a value instead of ignored as absent
+        // (an unreadable next stage must not send the result to the default).
         let header = |name: &str| {
             response
                 .headers()
                 .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         };
         let next = header(h::NEXT_STAGE);
         let class = header(h::ERROR_CLASS);
@@ -210,10 +217,25 @@ mod tests {
 
     #[test]
     fn an_invalid_next_stage_is_a_permanent_failure() {
-        let f = failure(map_response(200, Some("no such/stage"), None, Vec::new()));
-        assert!(!f.retryable);
-        assert_eq!(f.class, "invalid_next_stage");
-        assert!(f.error.contains("x-guildhall-next-stage"), "{}", f.error);
+        let long = "a".repeat(10 * 1024);
+        for bad in [
+            "no such/stage",
+            "\u{fffd}\u{fffd}",
+            "stage\u{fffd}",
+            &long,
+            "_x",
+            "x.y",
+        ] {
+            let f = failure(map_response(200, Some(bad), None, Vec::new()));
+            assert!(!f.retryable, "{bad}");
+            assert_eq!(f.class, "invalid_next_stage", "{bad}");
+            assert!(f.error.contains("x-guildhall-next-stage"), "{}", f.error);
+            assert!(
+                f.error.len() < 400,
+                "the value is quoted cut short: {}",
+                f.error
+            );
+        }
     }
 
     #[test]
