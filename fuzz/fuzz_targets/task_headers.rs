@@ -1,0 +1,83 @@
+//! What an agent reads off every delivery, from the raw bytes on up: the
+//! AMQP basic properties (amq-protocol's own parser, as lapin runs it on a
+//! content header frame, with the workspace's patched `amq-protocol-types`:
+//! short strings that are not UTF-8 are read lossily), then
+//! `TaskMeta::from_properties`, `header_u64` / `header_str` on every header,
+//! and the `traceparent` the agent continues.
+//!
+//! Properties:
+//!
+//! - nothing panics, whatever the bytes;
+//! - properties that parse write out and parse back to the same bytes
+//!   (compared as bytes: a `NaN` float header is not `==` to itself), so a
+//!   lossily read short string stays within the 255-byte limit;
+//! - the metadata an agent writes for a task it read (the same attempt,
+//!   the next stage, a retry) travels through the wire format and reads back
+//!   as written, times past `i64::MAX` ms excepted: they are written clamped
+//!   (`TaskMeta::properties`);
+//! - a `traceparent` that parses prints as one that parses the same.
+
+#![no_main]
+
+use guildhall_broker::task::{TaskMeta, header_str, header_u64};
+use guildhall_proto::trace::TraceParent;
+use lapin::BasicProperties;
+use lapin::protocol::basic::{gen_properties, parse_properties};
+use libfuzzer_sys::fuzz_target;
+
+/// The properties as the wire carries them (the content header's tail).
+fn write(props: &BasicProperties) -> Vec<u8> {
+    cookie_factory::gen_simple(gen_properties(props), Vec::new())
+        .expect("parsed properties write out")
+}
+
+/// Parses what [`write`] wrote: all of it, and without error.
+fn read(bytes: &[u8]) -> BasicProperties {
+    match parse_properties(bytes) {
+        Ok((rest, props)) if rest.is_empty() => props,
+        Ok((rest, _)) => panic!("{} bytes left after re-reading properties", rest.len()),
+        Err(e) => panic!("written properties do not parse: {e:?}"),
+    }
+}
+
+/// `meta` as the next reader gets it: what it reads back is `meta`, with
+/// times clamped to what the header's signed 64-bit integer holds.
+fn check_travels(meta: &TaskMeta) {
+    let back = TaskMeta::from_properties(&read(&write(&meta.properties())))
+        .expect("metadata the agent wrote reads back");
+    let clamp = |t: Option<u64>| t.map(|t| t.min(i64::MAX as u64));
+    let expected = TaskMeta {
+        enqueued_at_ms: clamp(meta.enqueued_at_ms),
+        submitted_at_ms: clamp(meta.submitted_at_ms),
+        ..meta.clone()
+    };
+    assert_eq!(back, expected);
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok((_rest, props)) = parse_properties(data) else {
+        return;
+    };
+    let bytes = write(&props);
+    assert_eq!(write(&read(&bytes)), bytes, "properties do not round-trip");
+
+    if let Some(headers) = props.headers() {
+        for key in headers.inner().keys() {
+            let _ = header_u64(headers, key.as_str());
+            let _ = header_str(headers, key.as_str());
+        }
+    }
+
+    let Ok(meta) = TaskMeta::from_properties(&props) else {
+        // Only an invalid id is refused (a missing one gets a fresh id).
+        assert!(props.message_id().is_some());
+        return;
+    };
+    assert!(meta.attempt >= 1);
+    if let Some(parent) = meta.traceparent.as_deref().and_then(TraceParent::parse) {
+        assert_eq!(TraceParent::parse(&parent.to_string()), Some(parent));
+    }
+    check_travels(&meta);
+    check_travels(&meta.next_stage(1_700_000_000_000, None));
+    check_travels(&meta.retry(u64::MAX - 5, 1000));
+});
