@@ -100,11 +100,30 @@ pub type ParserError = nom::Err<ParserErrors>;
 /// Return type of parsers
 pub type ParserResult<I, T> = Result<(I, T), ParserError>;
 
+/// How many levels of field tables and arrays may nest inside the outermost
+/// one (RabbitMQ's own headers, such as `x-death`, take three).
+///
+/// Parsing them recurses, and a broker relays headers nested as deep as a
+/// frame holds (tens of thousands of levels in 128 KiB): that overflowed the
+/// parsing thread's stack and aborted the whole process. A table or array
+/// nested deeper is skipped by its length and read as empty, so the frame
+/// still parses, as a short string that is not UTF-8 still parses.
+pub const MAX_NESTING_DEPTH: usize = 64;
+
 /// Parse the [AMQPValue](../type.AMQPValue.html) of the given [AMQPType](../type.AMQPType.html)
 #[must_use]
 pub fn parse_raw_value<I: ParsableInput>(
     amqp_type: AMQPType,
 ) -> impl Parser<I, Output = AMQPValue, Error = ParserErrors> {
+    move |i| parse_raw_value_at(i, amqp_type, 0)
+}
+
+/// [parse_raw_value], nested `depth` tables or arrays deep.
+fn parse_raw_value_at<I: ParsableInput>(
+    i: I,
+    amqp_type: AMQPType,
+    depth: usize,
+) -> ParserResult<I, AMQPValue> {
     context("parse_raw_value", move |i| match amqp_type {
         AMQPType::Boolean => map(parse_boolean, AMQPValue::Boolean).parse(i),
         AMQPType::ShortShortInt => map(parse_short_short_int, AMQPValue::ShortShortInt).parse(i),
@@ -121,17 +140,38 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        AMQPType::FieldArray => {
+            map(|i| parse_field_array_at(i, depth), AMQPValue::FieldArray).parse(i)
+        }
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable => {
+            map(|i| parse_field_table_at(i, depth), AMQPValue::FieldTable).parse(i)
+        }
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
+    .parse(i)
 }
 
 /// Parse an [AMQPValue](../type.AMQPValue.html)
 pub fn parse_value<I: ParsableInput>(i: I) -> ParserResult<I, AMQPValue> {
-    context("parse_value", flat_map(parse_type, parse_raw_value)).parse(i)
+    parse_value_at(i, 0)
+}
+
+/// [parse_value], nested `depth` tables or arrays deep.
+fn parse_value_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, AMQPValue> {
+    context(
+        "parse_value",
+        flat_map(parse_type, move |t| {
+            move |i| parse_raw_value_at(i, t, depth)
+        }),
+    )
+    .parse(i)
+}
+
+/// The length-prefixed bytes of a table or array nested too deep, skipped.
+fn skip_too_deep<I: ParsableInput, T: Default>(i: I) -> ParserResult<I, T> {
+    map(flat_map(parse_long_uint, take), |_| T::default()).parse(i)
 }
 
 /// Parse an [AMQPType](../type.AMQPType.html)
@@ -244,12 +284,24 @@ pub fn parse_long_string<I: ParsableInput>(i: I) -> ParserResult<I, LongString> 
 
 /// Parse a [FieldArray](../type.FieldArray.html)
 pub fn parse_field_array<I: ParsableInput>(i: I) -> ParserResult<I, FieldArray> {
+    parse_field_array_at(i, 0)
+}
+
+/// [parse_field_array], nested `depth` tables or arrays deep; read as
+/// empty beyond [MAX_NESTING_DEPTH].
+fn parse_field_array_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldArray> {
+    if depth > MAX_NESTING_DEPTH {
+        return context("parse_field_array", skip_too_deep).parse(i);
+    }
     context(
         "parse_field_array",
         map_parser(
             flat_map(parse_long_uint, take),
             all_consuming(fold_many0(
-                context("parse_field_array_entry", complete(parse_value)),
+                context(
+                    "parse_field_array_entry",
+                    complete(|i| parse_value_at(i, depth + 1)),
+                ),
                 FieldArray::default,
                 |mut acc, elem| {
                     acc.push(elem);
@@ -268,6 +320,15 @@ pub fn parse_timestamp<I: ParsableInput>(i: I) -> ParserResult<I, Timestamp> {
 
 /// Parse a [FieldTable](../type.FieldTable.html)
 pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> {
+    parse_field_table_at(i, 0)
+}
+
+/// [parse_field_table], nested `depth` tables or arrays deep; read as
+/// empty beyond [MAX_NESTING_DEPTH].
+fn parse_field_table_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldTable> {
+    if depth > MAX_NESTING_DEPTH {
+        return context("parse_field_table", skip_too_deep).parse(i);
+    }
     context(
         "parse_field_table",
         map_parser(
@@ -275,7 +336,7 @@ pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> 
             all_consuming(fold_many0(
                 context(
                     "parse_field_table_entry",
-                    complete(pair(parse_short_string, parse_value)),
+                    complete(pair(parse_short_string, |i| parse_value_at(i, depth + 1))),
                 ),
                 FieldTable::default,
                 |mut acc, (key, value)| {
@@ -560,6 +621,81 @@ mod test {
             ),
             Ok((EMPTY, table))
         );
+    }
+
+    /// A field table with, under "a", arrays (`b'A'`) or tables (`b'F'`,
+    /// each holding the next under "k") nested `depth` levels deep, the
+    /// innermost holding the long int 7.
+    fn nested(kind: u8, depth: usize) -> Vec<u8> {
+        let key: &[u8] = if kind == b'F' { &[1, b'k'] } else { &[] };
+        let level = 5 + key.len();
+        let mut out = Vec::with_capacity(6 + depth * level + 5);
+        out.extend(((2 + depth * level + 5) as u32).to_be_bytes());
+        out.extend([1, b'a']);
+        for l in 1..=depth {
+            out.push(kind);
+            out.extend((((depth - l) * level + 5 + key.len()) as u32).to_be_bytes());
+            out.extend(key);
+        }
+        out.extend([b'I', 0, 0, 0, 7]);
+        out
+    }
+
+    /// What [nested] reads as: the levels past [MAX_NESTING_DEPTH] empty.
+    fn nested_read(kind: u8, depth: usize) -> FieldTable {
+        let wrap = |inner: Option<AMQPValue>| {
+            if kind == b'F' {
+                let mut t = FieldTable::default();
+                if let Some(v) = inner {
+                    t.insert("k".into(), v);
+                }
+                AMQPValue::FieldTable(t)
+            } else {
+                AMQPValue::FieldArray(inner.into_iter().collect::<Vec<_>>().into())
+            }
+        };
+        let kept = depth.min(MAX_NESTING_DEPTH + 1);
+        let mut value = (depth == kept).then_some(AMQPValue::LongInt(7));
+        for l in (1..=kept).rev() {
+            value = Some(wrap(if l > MAX_NESTING_DEPTH { None } else { value }));
+        }
+        let mut table = FieldTable::default();
+        table.insert("a".into(), value.unwrap_or(AMQPValue::LongInt(7)));
+        table
+    }
+
+    #[test]
+    fn test_parse_deeply_nested_values() {
+        // As deep as a frame holds (100 000 levels: 500 KB; RabbitMQ relays
+        // such headers unchanged): no stack overflow, the frame still
+        // parses, and what is nested past the limit reads as empty.
+        for kind in [b'A', b'F'] {
+            for depth in [
+                0,
+                3,
+                MAX_NESTING_DEPTH,
+                MAX_NESTING_DEPTH + 1,
+                MAX_NESTING_DEPTH + 2,
+                100_000,
+            ] {
+                let input = nested(kind, depth);
+                let (rest, table) = parse_field_table(&input[..]).unwrap();
+                assert_eq!(rest, EMPTY, "{} {depth}", kind as char);
+                assert_eq!(table, nested_read(kind, depth), "{} {depth}", kind as char);
+            }
+        }
+        // The limit counts from the outermost value parsed, whatever it is:
+        // that array, MAX_NESTING_DEPTH inside it, and an empty one.
+        fn levels(v: &AMQPValue) -> usize {
+            match v {
+                AMQPValue::FieldArray(a) => 1 + a.as_slice().first().map_or(0, levels),
+                _ => 0,
+            }
+        }
+        let array = &nested(b'A', 100_000)[6..];
+        let (rest, value) = parse_value(array).unwrap();
+        assert_eq!(rest, EMPTY);
+        assert_eq!(levels(&value), MAX_NESTING_DEPTH + 2);
     }
 
     #[test]
