@@ -29,6 +29,7 @@ fn task(s: &str) -> TaskId {
 fn envelope(seq: u64, events: Vec<Event>) -> Vec<u8> {
     Envelope {
         sender: "agent-1".parse().expect("a valid agent id"),
+        incarnation: 0x5eed,
         seq,
         sent_at_ms: 1_700_000_000_000,
         events,
@@ -170,12 +171,34 @@ fn envelopes() -> Vec<(&'static str, Vec<u8>)> {
             at_ms: 14,
             nonce: 99,
         }),
+        Event::DeliveryRejected(DeliveryRejected {
+            at_ms: 15,
+            stage: s.clone(),
+            reason: RejectReason::InvalidMessageId,
+            detail: "message_id is not a valid task id".into(),
+            dead_lettered: true,
+        }),
     ];
+    // Version 1 (still read): no incarnation. The same bytes as version 2
+    // with incarnation 0, less that 0 (right after the sender id "agent-1").
+    let mut v1 = Envelope {
+        sender: "agent-1".parse().expect("a valid agent id"),
+        incarnation: 0,
+        seq: 5,
+        sent_at_ms: 1_700_000_000_000,
+        events: vec![Event::Marker(Marker { at_ms: 1, nonce: 2 })],
+    }
+    .encode()
+    .expect("a seed envelope encodes");
+    assert_eq!(v1[0], 2, "the envelope version this was written for");
+    v1[0] = 1;
+    v1.remove(1 + 1 + "agent-1".len());
     vec![
         ("empty", envelope(1, vec![])),
         ("hello_heartbeat", envelope(2, vec![hello, heartbeat])),
         ("task_lifecycle", envelope(3, lifecycle)),
         ("ends_and_agent_events", envelope(4, ends)),
+        ("version_1", v1),
     ]
 }
 
@@ -207,7 +230,10 @@ fn commands() -> Vec<(&'static str, Vec<u8>)> {
                 },
             ),
         ),
-        ("prefetch", message(7, Command::SetPrefetch { prefetch: 16 })),
+        (
+            "prefetch",
+            message(7, Command::SetPrefetch { prefetch: 16 }),
+        ),
         ("logs", message(8, Command::Logs { lines: 100 })),
         (
             "reply",
@@ -230,12 +256,11 @@ fn properties(props: &BasicProperties) -> Vec<u8> {
 
 fn task_headers() -> Vec<(&'static str, Vec<u8>)> {
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let submitted = TaskMeta::submission(
-        task("CODE-1"),
-        1_700_000_000_123,
-        Some(traceparent.into()),
-    );
-    let retried = submitted.next_stage(1_700_000_001_000, None).retry(1_700_000_002_000, 500);
+    let submitted =
+        TaskMeta::submission(task("CODE-1"), 1_700_000_000_123, Some(traceparent.into()));
+    let retried = submitted
+        .next_stage(1_700_000_001_000, None)
+        .retry(1_700_000_002_000, 500);
     let dead = with_text_header(
         with_text_header(retried.properties(), h::LAST_ERROR, "HTTP 400: bad input"),
         h::ERROR_CLASS,
@@ -259,7 +284,18 @@ fn task_headers() -> Vec<(&'static str, Vec<u8>)> {
     let mut not_utf8 = properties(&BasicProperties::default().with_message_id("xx".into()));
     let at = not_utf8.len() - 2;
     not_utf8[at..].copy_from_slice(&[0xc3, 0x28]);
+    // Header values nested past amq-protocol's limit (vendor/README.md).
+    let mut deep = AMQPValue::LongInt(7);
+    for _ in 0..70 {
+        deep = AMQPValue::FieldArray(vec![deep].into());
+    }
+    let mut headers = FieldTable::default();
+    headers.insert("x-deep".into(), deep);
+    let nested = BasicProperties::default()
+        .with_message_id("CODE-4".into())
+        .with_headers(headers);
     vec![
+        ("nested_headers", properties(&nested)),
         ("submitted", properties(&submitted.properties())),
         ("retried", properties(&retried.properties())),
         ("dead_lettered", properties(&dead)),
@@ -289,7 +325,10 @@ fn worker_responses() -> Vec<(&'static str, Vec<u8>)> {
         ("ok", response(200, None, None, b"{\"done\":true}")),
         ("ok_next_stage", response(200, Some("report"), None, b"x")),
         ("ok_end", response(204, Some("-"), None, b"")),
-        ("retry_class", response(503, None, Some("db_timeout"), b"busy")),
+        (
+            "retry_class",
+            response(503, None, Some("db_timeout"), b"busy"),
+        ),
         ("bad_input", response(422, None, None, b"no such field")),
         ("too_many", response(429, None, Some("Not A Class"), b"")),
     ]

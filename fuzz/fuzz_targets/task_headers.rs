@@ -10,7 +10,9 @@
 //! - nothing panics, whatever the bytes;
 //! - properties that parse write out and parse back to the same bytes
 //!   (compared as bytes: a `NaN` float header is not `==` to itself), so a
-//!   lossily read short string stays within the 255-byte limit;
+//!   lossily read short string stays within the 255-byte limit, and a
+//!   header nested past the parser's depth limit reads as empty rather
+//!   than overflowing the stack (both patches in vendor/README.md);
 //! - the metadata an agent writes for a task it read (the same attempt,
 //!   the next stage, a retry) travels through the wire format and reads back
 //!   as written, times past `i64::MAX` ms excepted: they are written clamped

@@ -63,7 +63,11 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(failure.retryable, retryable);
                 // `HTTP <status>: ` and at most 1 KiB of body, each byte
                 // that is not UTF-8 becoming a 3-byte U+FFFD.
-                assert!(failure.error.len() <= 12 + 3 * 1024, "{}", failure.error.len());
+                assert!(
+                    failure.error.len() <= 12 + 3 * 1024,
+                    "{}",
+                    failure.error.len()
+                );
             }
         }
     }
