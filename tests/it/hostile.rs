@@ -541,3 +541,90 @@ async fn text_from_the_stream_is_bounded_in_bytes() {
         s.abort();
     }
 }
+
+/// A header table entry `x-deep` holding arrays nested `depth` deep (5
+/// bytes a level), the innermost holding a long int.
+fn deeply_nested_header(depth: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 5 * depth + 5);
+    out.push(6);
+    out.extend(b"x-deep");
+    for level in 1..=depth {
+        out.push(b'A');
+        out.extend((((depth - level) * 5 + 5) as u32).to_be_bytes());
+    }
+    out.extend([b'I', 0, 0, 0, 7]);
+    out
+}
+
+#[tokio::test]
+async fn headers_nested_thousands_deep_kill_neither_agent_nor_coordinator() {
+    // 20 000 levels (100 KB) fit a frame and RabbitMQ relays them to a
+    // queue as they are; the AMQP parser recursed per level, and ~1 500
+    // overflowed the stack of lapin's io-loop thread: the agent aborted, and
+    // every agent after it, as the message went back to the queue.
+    // (RabbitMQ 3.10 drops such headers from stream messages: the events
+    // stream is checked for a broker that keeps them.)
+    let ns = TestNs::new("deep-headers");
+    let mut c = spawn_coordinator(&ns, &[]).await.unwrap();
+    let mut agents = simulated_agents(&ns, "d1", &["d1-a"]).await;
+    wait_workers(&c.api, &["d1-a"], "idle").await;
+    let deep = deeply_nested_header(20_000);
+
+    raw_amqp::publish(
+        &amqp_url(),
+        &ns.names.tasks_exchange(),
+        "d1",
+        &RawMessage {
+            message_id: Some(b"DEEP-1".to_vec()),
+            raw_headers: deep.clone(),
+            body: b"payload".to_vec(),
+            ..RawMessage::default()
+        },
+    )
+    .await
+    .unwrap();
+    raw_amqp::publish(
+        &amqp_url(),
+        "",
+        &ns.names.events_stream(),
+        &RawMessage {
+            raw_headers: deep,
+            body: submitted("T-deep", "d1").encode().unwrap(),
+            ..RawMessage::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    // The task is done as any other, and the event is applied: both
+    // messages parsed (the headers past the parser's depth limit read as
+    // empty, which nothing here reads).
+    eventually(Duration::from_secs(20), "both messages handled", || async {
+        let t = c.api.get_ok("/api/tasks/DEEP-1").await?;
+        anyhow::ensure!(t["status"] == "succeeded", "DEEP-1: {t}");
+        let t = c.api.get_ok("/api/tasks/T-deep").await?;
+        anyhow::ensure!(t["status"] == "queued", "T-deep: {t}");
+        Ok(())
+    })
+    .await;
+    let agent = &mut agents[0];
+    assert!(
+        agent.proc.child.try_wait().unwrap().is_none(),
+        "the agent exited:\n{}",
+        agent.proc.log_text()
+    );
+    assert!(
+        c.proc.child.try_wait().unwrap().is_none(),
+        "the coordinator exited"
+    );
+    for (who, log) in [
+        ("agent", agent.proc.log_text()),
+        ("coordinator", c.proc.log_text()),
+    ] {
+        assert!(
+            !log.contains("reconnecting"),
+            "the {who} lost its connection:\n{log}"
+        );
+    }
+    nobody_judged(&c.api, &["d1-a"], Duration::from_secs(2)).await;
+}

@@ -1,6 +1,7 @@
 //! A publisher that writes AMQP 0-9-1 frames by hand, for what a proper
 //! client refuses to send but any client can: short strings that are not
-//! UTF-8 (a `message_id` of `b"\xc3\x28"`, a header name of raw bytes).
+//! UTF-8 (a `message_id` of `b"\xc3\x28"`, a header name of raw bytes),
+//! header values in any encoding (arrays nested thousands deep).
 //! lapin keeps short strings as `String`, so it cannot forge them; Python's
 //! pika, say, sends whatever bytes it is given, and so does this.
 //!
@@ -21,6 +22,9 @@ pub struct RawMessage {
     pub message_id: Option<Vec<u8>>,
     /// Headers as (name bytes, long-string value bytes).
     pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    /// More header table entries, already encoded (name, type, value),
+    /// written after `headers`.
+    pub raw_headers: Vec<u8>,
     /// The body.
     pub body: Vec<u8>,
 }
@@ -134,7 +138,7 @@ async fn publish_inner(
 fn content_header(m: &RawMessage) -> anyhow::Result<Vec<u8>> {
     let mut flags = 0x1000u16; // delivery-mode
     let mut props = Vec::new();
-    if !m.headers.is_empty() {
+    if !m.headers.is_empty() || !m.raw_headers.is_empty() {
         flags |= 0x2000;
         let mut table = Vec::new();
         for (name, value) in &m.headers {
@@ -142,6 +146,7 @@ fn content_header(m: &RawMessage) -> anyhow::Result<Vec<u8>> {
             table.push(b'S');
             long(&mut table, value);
         }
+        table.extend(&m.raw_headers);
         props.extend(u32::try_from(table.len())?.to_be_bytes());
         props.extend(table);
     }
