@@ -36,7 +36,7 @@ fn write(props: &BasicProperties) -> Vec<u8> {
 /// Parses what [`write`] wrote: all of it, and without error.
 fn read(bytes: &[u8]) -> BasicProperties {
     match parse_properties(bytes) {
-        Ok((rest, props)) if rest.is_empty() => props,
+        Ok(([], props)) => props,
         Ok((rest, _)) => panic!("{} bytes left after re-reading properties", rest.len()),
         Err(e) => panic!("written properties do not parse: {e:?}"),
     }
