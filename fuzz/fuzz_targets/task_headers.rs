@@ -1,9 +1,9 @@
 //! What an agent reads off every delivery, from the raw bytes on up: the
 //! AMQP basic properties (amq-protocol's own parser, as lapin runs it on a
 //! content header frame, with the workspace's patched `amq-protocol-types`:
-//! short strings that are not UTF-8 are read lossily), then
-//! `TaskMeta::from_properties`, `header_u64` / `header_str` on every header,
-//! and the `traceparent` the agent continues.
+//! short strings that are not UTF-8 are read lossily), then `TaskMeta::read`
+//! (at a fixed "now", so a run is repeatable), `header_u64` / `header_str`
+//! on every header, and the `traceparent` the agent continues.
 //!
 //! Properties:
 //!
@@ -13,15 +13,16 @@
 //!   lossily read short string stays within the 255-byte limit, and a
 //!   header nested past the parser's depth limit reads as empty rather
 //!   than overflowing the stack (both patches in vendor/README.md);
+//! - a time read as absent is one `plausible_time` refuses, and is reported;
 //! - the metadata an agent writes for a task it read (the same attempt,
 //!   the next stage, a retry) travels through the wire format and reads back
-//!   as written, times past `i64::MAX` ms excepted: they are written clamped
-//!   (`TaskMeta::properties`);
+//!   as written (a time `TaskMeta::properties` clamps to `i64::MAX` ms, or
+//!   that is implausible, reads back as absent);
 //! - a `traceparent` that parses prints as one that parses the same.
 
 #![no_main]
 
-use guildhall_broker::task::{TaskMeta, header_str, header_u64};
+use guildhall_broker::task::{TaskMeta, header_str, header_u64, plausible_time};
 use guildhall_proto::trace::TraceParent;
 use lapin::BasicProperties;
 use lapin::protocol::basic::{gen_properties, parse_properties};
@@ -42,12 +43,19 @@ fn read(bytes: &[u8]) -> BasicProperties {
     }
 }
 
+/// The reader's clock for the whole run (2027-01-15).
+const NOW_MS: u64 = 1_800_000_000_000;
+
 /// `meta` as the next reader gets it: what it reads back is `meta`, with
-/// times clamped to what the header's signed 64-bit integer holds.
+/// times clamped to what the header's signed 64-bit integer holds, and
+/// those that are then implausible absent.
 fn check_travels(meta: &TaskMeta) {
-    let back = TaskMeta::from_properties(&read(&write(&meta.properties())))
+    let (back, _) = TaskMeta::read(&read(&write(&meta.properties())), NOW_MS)
         .expect("metadata the agent wrote reads back");
-    let clamp = |t: Option<u64>| t.map(|t| t.min(i64::MAX as u64));
+    let clamp = |t: Option<u64>| {
+        t.map(|t| t.min(i64::MAX as u64))
+            .filter(|t| plausible_time(*t, NOW_MS))
+    };
     let expected = TaskMeta {
         enqueued_at_ms: clamp(meta.enqueued_at_ms),
         submitted_at_ms: clamp(meta.submitted_at_ms),
@@ -70,16 +78,28 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let Ok(meta) = TaskMeta::from_properties(&props) else {
+    let Ok((meta, dropped)) = TaskMeta::read(&props, NOW_MS) else {
         // Only an invalid id is refused (a missing one gets a fresh id).
         assert!(props.message_id().is_some());
         return;
     };
     assert!(meta.attempt >= 1);
+    for time in [meta.enqueued_at_ms, meta.submitted_at_ms]
+        .into_iter()
+        .flatten()
+    {
+        assert!(plausible_time(time, NOW_MS), "{time} kept");
+    }
+    for time in &dropped {
+        assert!(!plausible_time(time.value_ms, NOW_MS), "{time:?} dropped");
+    }
     if let Some(parent) = meta.traceparent.as_deref().and_then(TraceParent::parse) {
         assert_eq!(TraceParent::parse(&parent.to_string()), Some(parent));
     }
     check_travels(&meta);
-    check_travels(&meta.next_stage(1_700_000_000_000, None));
+    check_travels(&meta.next_stage(NOW_MS, None));
+    check_travels(&meta.retry(NOW_MS, 1000));
+    // A retry whose delay ends past the clamp: written as i64::MAX ms,
+    // read back as absent (implausible), not as a wrapped time.
     check_travels(&meta.retry(u64::MAX - 5, 1000));
 });

@@ -5,8 +5,8 @@
 //! Input layout (so seeds are easy to write by hand, see `examples/seeds.rs`):
 //! `status: u16 LE | next: field | class: field | body: rest`, where a field
 //! is a length byte then that many bytes, and the length 255 means "header
-//! absent". A header that is not UTF-8 is read as absent, as
-//! `HeaderValue::to_str` fails on it in the agent.
+//! absent". A header is read lossily, as the agent reads one (bytes that are
+//! not UTF-8 become U+FFFD, which no stage name or class accepts).
 //!
 //! Properties: it never panics; a 2xx is a success carrying the body, unless
 //! it names a next stage that is not a valid stage name (a permanent
@@ -29,7 +29,7 @@ fn field(data: &mut &[u8]) -> Option<Option<String>> {
     }
     let (value, rest) = rest.split_at_checked(len.into())?;
     *data = rest;
-    Some(String::from_utf8(value.to_vec()).ok())
+    Some(Some(String::from_utf8_lossy(value).into_owned()))
 }
 
 fuzz_target!(|data: &[u8]| {
