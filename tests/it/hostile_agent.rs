@@ -81,12 +81,14 @@ async fn poison_messages_are_dead_lettered_and_break_no_connection() {
         message_id: Some(b"\xff\xfe".to_vec()),
         headers: vec![(b"big".to_vec(), vec![b'x'; 130_900])],
         body: b"fat".to_vec(),
+        ..Default::default()
     };
     // A valid task, but a header name that is not UTF-8: a task like any other.
     let odd_header = RawMessage {
         message_id: Some(b"ODD-1".to_vec()),
         headers: vec![(b"x-\xff\xfe".to_vec(), b"v".to_vec())],
         body: b"odd".to_vec(),
+        ..Default::default()
     };
     for i in 0..8 {
         broker
