@@ -28,11 +28,10 @@ const PIPELINE: [(&str, u64, f64, f64); 3] = [
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    /// RabbitMQ is not there.
-    #[error(
-        "{0}. Start one with `rabbitmq-server -detached` (or `docker run -d -p 5672:5672 -p 15672:15672 rabbitmq:3-management`), or point --amqp-url at yours"
-    )]
-    NoBroker(guildhall_broker::BrokerError),
+    /// RabbitMQ is not there: the error, and the one command that starts
+    /// one ([`start_hint`]).
+    #[error("{0}. {1}")]
+    NoBroker(guildhall_broker::BrokerError, String),
     /// Setting up the pipeline failed.
     #[error("{0}")]
     Broker(#[from] guildhall_broker::BrokerError),
@@ -47,6 +46,27 @@ pub enum DemoError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// Where `rabbitmq-server` is, if it is installed here: on `PATH`, or in
+/// the Debian package's `sbin` (not on a normal user's `PATH`).
+fn installed_server(path: &std::ffi::OsStr) -> Option<std::path::PathBuf> {
+    std::env::split_paths(path)
+        .chain([std::path::PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("rabbitmq-server"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The one command that starts a broker for the demo: the local server when
+/// it is installed and the URL is local, otherwise the container image.
+fn start_hint(local: bool, server: Option<std::path::PathBuf>) -> String {
+    match server {
+        Some(server) if local => format!(
+            "RabbitMQ is installed here ({}) but not running: start it with `rabbitmq-server -detached` (as root), then run the demo again",
+            server.display()
+        ),
+        _ => "Start one with `rabbitmq-server -detached` once RabbitMQ is installed (or `docker run -d -p 5672:5672 -p 15672:15672 rabbitmq:3-management`), or point --amqp-url at yours".to_string(),
+    }
 }
 
 /// Runs the demo until `shutdown` resolves (or `--duration` passes).
@@ -69,7 +89,11 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> anyhow::
     let names = config.names.clone();
     let conn = connect(&config.amqp_url, "guildhall-demo/feeder")
         .await
-        .map_err(DemoError::NoBroker)?;
+        .map_err(|e| {
+            let local = matches!(config.amqp_url.host(), "127.0.0.1" | "localhost" | "::1");
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            DemoError::NoBroker(e, start_hint(local, installed_server(&path)))
+        })?;
     let publisher = Publisher::open(&conn).await.map_err(DemoError::Broker)?;
     let stages: Vec<Stage> = PIPELINE
         .iter()
@@ -219,5 +243,36 @@ async fn clean(config: &serve::ServeConfig, prefix: &str) {
             Err(e) => tracing::warn!("clean-up failed: {e}"),
         },
         Err(e) => tracing::warn!("clean-up failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hint_names_the_installed_server_only_for_a_local_url() {
+        let dir = std::env::temp_dir().join(format!("guildhall-demo-hint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let server = dir.join("rabbitmq-server");
+        std::fs::write(&server, "#!/bin/sh\n").expect("fake server");
+        let path = std::env::join_paths([&dir]).expect("path");
+        let found = installed_server(&path);
+        assert_eq!(found.as_deref(), Some(server.as_path()));
+        let hint = start_hint(true, found.clone());
+        assert!(hint.contains("installed here"), "{hint}");
+        assert!(hint.contains(&server.display().to_string()), "{hint}");
+        assert!(hint.contains("`rabbitmq-server -detached`"), "{hint}");
+        // A remote URL: starting the local server would not help.
+        let remote = start_hint(false, found);
+        assert!(remote.contains("docker run"), "{remote}");
+        assert!(!remote.contains("installed here"), "{remote}");
+        // Nothing installed.
+        let none = start_hint(true, None);
+        assert!(
+            none.contains("docker run") && none.contains("rabbitmq-server -detached"),
+            "{none}"
+        );
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

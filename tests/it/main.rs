@@ -20,4 +20,5 @@ mod prometheus;
 mod rabbitmq_definitions;
 mod recovery;
 mod restart;
+mod test_command;
 mod tls;
