@@ -1,7 +1,8 @@
 //! The agent against the real RabbitMQ, one module per theme: what happens
 //! to tasks ([`tasks`]), commands ([`commands`]), stopping ([`stop`]), the
-//! supervised worker ([`supervised`]), lost connections ([`reconnect`]) and
-//! moves between stages ([`assign`]).
+//! supervised worker ([`supervised`]), lost connections ([`reconnect`]),
+//! moves between stages ([`assign`]), and the binary's command line
+//! ([`cli`]: bad flags and an unreachable broker, no broker needed).
 //!
 //! Most tests run the agent in process ([`start_agent`]) to read its exit
 //! counters; those about the binary's signals run the real one
@@ -12,6 +13,7 @@
 //! tests share it.
 
 mod assign;
+mod cli;
 mod commands;
 mod reconnect;
 mod stop;
