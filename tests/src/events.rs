@@ -90,6 +90,17 @@ impl EventReader {
         }
     }
 
+    /// Reads until the story of `task` (as [`task_story`] tells it) among
+    /// `agent`'s events reaches `step` (`succeeded#1`, ...), returning
+    /// `agent`'s events.
+    pub async fn until_step(&mut self, agent: &AgentId, task: &str, step: &str) -> Vec<Event> {
+        let what = format!("{task} to reach {step}");
+        self.until(agent, &what, |e| {
+            task_story(e, task).iter().any(|s| s == step)
+        })
+        .await
+    }
+
     /// Checks that `agent`'s envelopes arrived in sequence order, with
     /// nothing missing: each is the next number or a resend of one already
     /// seen (a batch whose confirm was lost). Returns the highest.
@@ -132,6 +143,15 @@ pub fn task_story(events: &[Event], task: &str) -> Vec<String> {
             Event::TaskAbandoned(a) => format!("abandoned#{}:{}", a.attempt, a.reason),
             other => other.kind().to_owned(),
         })
+        .collect()
+}
+
+/// The kinds of `events` in order, heartbeats left out.
+pub fn kinds_but_heartbeats(events: &[Event]) -> Vec<&str> {
+    events
+        .iter()
+        .map(Event::kind)
+        .filter(|k| *k != "heartbeat")
         .collect()
 }
 

@@ -14,8 +14,7 @@ use std::time::Duration;
 #[tokio::test]
 async fn an_agent_moved_between_stages_under_load_loses_and_repeats_no_task() {
     const PER_STAGE: usize = 300;
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let spec: SimulateSpec = "median=100ms,spread=0".parse().unwrap();
     let routes = guildhall_agent::config::parse_stages("x>xout,y>yout").unwrap();
     // Heartbeats far apart: one right after a switch is the agent's own.

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn pause_stops_consumption_resume_restarts_it_and_drain_stops_the_agent() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let spec: SimulateSpec = "median=1ms,spread=0".parse().unwrap();
     let agent = start_agent(
         &broker,
@@ -107,8 +106,7 @@ async fn pause_stops_consumption_resume_restarts_it_and_drain_stops_the_agent() 
 
 #[tokio::test]
 async fn set_concurrency_keeps_the_tasks_in_hand() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let agent = start_agent(
         &broker,
         agent_config(&ns, "wide", Some("out"), exec("sleep 0.5; cat")),
@@ -154,8 +152,7 @@ async fn set_concurrency_keeps_the_tasks_in_hand() {
 
 #[tokio::test]
 async fn set_prefetch_lets_the_agent_hold_more_tasks_than_its_concurrency() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let config = agent_config(&ns, "pf", None, exec("sleep 30"))
         .with_shutdown_timeout(Duration::from_millis(300));
     let agent = start_agent(&broker, config).await;

@@ -23,7 +23,7 @@ mod tasks;
 use guildhall_broker::task::{header_str, header_u64};
 use guildhall_proto::AgentId;
 use guildhall_proto::headers::amqp as h;
-use guildhall_tests::{Agent, Broker, TestNs, eventually, spawn_agent};
+use guildhall_tests::{Agent, Broker, EventReader, TestNs, eventually, spawn_agent};
 use lapin::message::BasicGetMessage;
 use std::time::Duration;
 
@@ -34,16 +34,17 @@ const TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 /// the in-process agents' ([`guildhall_tests::inproc::agent_config`]).
 const FAST_BEATS: [&str; 4] = ["--heartbeat", "200ms", "--flush-interval", "10ms"];
 
-/// A namespace of its own and a broker connection, with the events stream
-/// declared so that a reader can start before the agent.
-async fn setup(label: &str) -> (TestNs, Broker) {
-    let ns = TestNs::new(label);
+/// A namespace of its own, a broker connection, and a reader of the events
+/// stream from its start (declared here, before any agent).
+async fn setup() -> (TestNs, Broker, EventReader) {
+    let ns = TestNs::new("agent");
     let broker = Broker::connect(&ns).await.expect("connect to the broker");
     broker
         .ensure_events_stream()
         .await
         .expect("declare the events stream");
-    (ns, broker)
+    let events = broker.events().await.expect("read the events stream");
+    (ns, broker, events)
 }
 
 /// Starts the real agent binary serving `stage`, each task taking a second
@@ -63,6 +64,16 @@ async fn start_binary(ns: &TestNs, broker: &Broker, stage: &str) -> (Agent, Agen
     })
     .await;
     (agent, id.parse().expect("a valid agent id"))
+}
+
+/// Sends the agent binary SIGTERM; it must exit with status 0 within 10 s.
+async fn terminate_cleanly(agent: &mut Agent) {
+    let status = agent
+        .proc
+        .terminate(Duration::from_secs(10))
+        .await
+        .expect("the binary exits after SIGTERM");
+    assert_eq!(status.code(), Some(0));
 }
 
 /// Publishes a task to `stage` (declared first) as a traced producer would.

@@ -3,7 +3,7 @@
 //! the agent reconnects, and its events get through, in order. A refusal no
 //! retry can fix ends the run.
 
-use super::{hangs_once, message_id, setup, start_binary, submit};
+use super::{hangs_once, message_id, setup, start_binary, submit, terminate_cleanly};
 use guildhall_broker::{EventPublisher, EventPublisherConfig, Publisher, connect, now_ms};
 use guildhall_proto::{AgentId, Event, Marker, WorkerResult};
 use guildhall_tests::events::{abandoned, has, redelivered, task_story};
@@ -17,8 +17,7 @@ use tokio::time::Instant;
 
 #[tokio::test]
 async fn a_connection_closed_by_the_broker_gives_the_task_back_and_the_agent_reconnects() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let agent = start_agent(
         &broker,
         agent_config(
@@ -54,11 +53,7 @@ async fn a_connection_closed_by_the_broker_gives_the_task_back_and_the_agent_rec
         None => None,
     };
 
-    let seen = events
-        .until(&id, "the redelivered task to succeed", |e| {
-            task_story(e, "R-1").contains(&"succeeded#1".to_owned())
-        })
-        .await;
+    let seen = events.until_step(&id, "R-1", "succeeded#1").await;
     assert_eq!(
         task_story(&seen, "R-1"),
         [
@@ -118,8 +113,7 @@ async fn a_connection_closed_by_the_broker_gives_the_task_back_and_the_agent_rec
 
 #[tokio::test]
 async fn a_frozen_agent_gives_up_the_task_its_worker_finished_and_carries_on() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let (mut agent, id) = start_binary(&ns, &broker, "frozen").await;
     let agent_pid = agent.proc.pid();
     let queue = broker.names.stage_queue(&TestNs::stage("frozen"));
@@ -153,11 +147,7 @@ async fn a_frozen_agent_gives_up_the_task_its_worker_finished_and_carries_on() {
     .await;
     agent.proc.signal("CONT");
 
-    let seen = events
-        .until(&id, "the task to be done again", |e| {
-            task_story(e, "Z-1").contains(&"succeeded#1".to_owned())
-        })
-        .await;
+    let seen = events.until_step(&id, "Z-1", "succeeded#1").await;
     assert_eq!(
         task_story(&seen, "Z-1"),
         [
@@ -176,18 +166,12 @@ async fn a_frozen_agent_gives_up_the_task_its_worker_finished_and_carries_on() {
     assert_eq!(broker.probe(&after).await, Some((1, 0)), "handed on once");
     events.assert_sequence(&id);
 
-    let status = agent
-        .proc
-        .terminate(Duration::from_secs(10))
-        .await
-        .expect("the binary exits after SIGTERM");
-    assert_eq!(status.code(), Some(0));
+    terminate_cleanly(&mut agent).await;
 }
 
 #[tokio::test]
 async fn events_published_through_an_outage_reach_the_stream_in_order() {
-    let (_ns, broker) = setup("agent").await;
-    let mut reader = broker.events().await.unwrap();
+    let (_ns, broker, mut reader) = setup().await;
     let url = guildhall_broker::AmqpUrl::parse(&amqp_url()).unwrap();
     let sender: AgentId = format!("outage-{:04x}", rand::random::<u16>())
         .parse()
@@ -243,7 +227,7 @@ async fn events_published_through_an_outage_reach_the_stream_in_order() {
 
 #[tokio::test]
 async fn a_declaration_refused_after_a_reconnect_ends_the_run() {
-    let (ns, broker) = setup("agent").await;
+    let (ns, broker, _events) = setup().await;
     let agent = start_agent(&broker, agent_config(&ns, "fa", Some("fb"), exec("cat"))).await;
     let id = agent.id().clone();
     broker.wait_for_connection(&id).await;

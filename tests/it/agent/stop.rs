@@ -2,9 +2,9 @@
 //! queued, a stop timeout gives it back, and the binary does the same on
 //! SIGTERM.
 
-use super::{message_id, setup, start_binary, submit};
+use super::{message_id, setup, start_binary, submit, terminate_cleanly};
 use guildhall_proto::Event;
-use guildhall_tests::events::{has, task_story};
+use guildhall_tests::events::{has, kinds_but_heartbeats, task_story};
 use guildhall_tests::inproc::{agent_config, exec, start_agent};
 use guildhall_tests::{TestNs, eventually};
 use std::time::Duration;
@@ -12,8 +12,7 @@ use tokio::time::Instant;
 
 #[tokio::test]
 async fn a_stop_finishes_the_task_in_hand_and_leaves_the_rest_queued() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let agent = start_agent(
         &broker,
         agent_config(&ns, "slow", Some("after"), exec("sleep 1; cat")),
@@ -40,11 +39,7 @@ async fn a_stop_finishes_the_task_in_hand_and_leaves_the_rest_queued() {
     let seen = events
         .until(&id, "AgentStopping", |e| has(e, "agent_stopping"))
         .await;
-    let kinds: Vec<&str> = seen
-        .iter()
-        .map(Event::kind)
-        .filter(|k| *k != "heartbeat")
-        .collect();
+    let kinds = kinds_but_heartbeats(&seen);
     assert_eq!(
         kinds,
         ["hello", "task_started", "task_succeeded", "agent_stopping"]
@@ -53,8 +48,7 @@ async fn a_stop_finishes_the_task_in_hand_and_leaves_the_rest_queued() {
 
 #[tokio::test]
 async fn a_stop_timeout_gives_the_task_back_to_the_queue() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let mut config = agent_config(&ns, "stuck", None, exec("sleep 30"));
     config.shutdown_timeout = Duration::from_millis(300);
     let agent = start_agent(&broker, config).await;
@@ -88,19 +82,13 @@ async fn a_stop_timeout_gives_the_task_back_to_the_queue() {
 
 #[tokio::test]
 async fn the_binary_finishes_the_task_in_hand_on_sigterm() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let (mut agent, id) = start_binary(&ns, &broker, "term").await;
     submit(&broker, "term", "G-1", b"graceful").await;
     events
         .until(&id, "the task to start", |e| has(e, "task_started"))
         .await;
-    let status = agent
-        .proc
-        .terminate(Duration::from_secs(10))
-        .await
-        .expect("the binary exits after SIGTERM");
-    assert_eq!(status.code(), Some(0));
+    terminate_cleanly(&mut agent).await;
     let after = broker
         .take(&broker.names.stage_queue(&TestNs::stage("after")))
         .await;

@@ -5,15 +5,14 @@
 use super::{hangs_once, setup, submit};
 use guildhall_agent::{SimulateSpec, WorkerSpec};
 use guildhall_proto::{Command, Event, WorkerResult};
-use guildhall_tests::events::{abandoned, has, redelivered, task_story};
+use guildhall_tests::events::{abandoned, has, kinds_but_heartbeats, redelivered, task_story};
 use guildhall_tests::inproc::{agent_config, exec, start_agent};
 use guildhall_tests::{TestNs, free_port};
 use std::time::Duration;
 
 #[tokio::test]
 async fn a_supervised_worker_is_restarted_and_its_output_kept() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let spec: SimulateSpec = "median=1ms".parse().unwrap();
     let config =
         agent_config(&ns, "super", None, WorkerSpec::Simulated(spec)).with_supervised(vec![
@@ -53,8 +52,7 @@ async fn a_supervised_worker_is_restarted_and_its_output_kept() {
 
 #[tokio::test]
 async fn tasks_in_hand_go_back_to_the_queue_when_the_supervised_worker_exits() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let config = agent_config(&ns, "crashy", None, exec("sleep 10"))
         .with_supervised(vec!["sh".into(), "-c".into(), "sleep 1; exit 1".into()])
         .with_shutdown_timeout(Duration::from_millis(300));
@@ -71,11 +69,7 @@ async fn tasks_in_hand_go_back_to_the_queue_when_the_supervised_worker_exits() {
             },
         )
         .await;
-    let kinds: Vec<&str> = seen
-        .iter()
-        .map(Event::kind)
-        .filter(|k| *k != "heartbeat")
-        .collect();
+    let kinds = kinds_but_heartbeats(&seen);
     assert_eq!(kinds[..2], ["hello", "task_started"]);
     // Both follow the exit; which one is published first is a race.
     let mut middle = kinds[2..4].to_vec();
@@ -98,8 +92,7 @@ async fn tasks_in_hand_go_back_to_the_queue_when_the_supervised_worker_exits() {
 
 #[tokio::test]
 async fn a_supervised_worker_that_stops_answering_its_health_url_is_restarted() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let port = free_port();
     let worker = WorkerSpec::Http {
         url: format!("http://127.0.0.1:{port}/work"),
@@ -123,11 +116,7 @@ async fn a_supervised_worker_that_stops_answering_its_health_url_is_restarted() 
     let agent = start_agent(&broker, config).await;
     let id = agent.id().clone();
     submit(&broker, "sick", "U-1", b"healed").await;
-    let seen = events
-        .until(&id, "the task to succeed after the restart", |e| {
-            task_story(e, "U-1").contains(&"succeeded#1".to_owned())
-        })
-        .await;
+    let seen = events.until_step(&id, "U-1", "succeeded#1").await;
     assert_eq!(
         task_story(&seen, "U-1"),
         [
@@ -157,8 +146,7 @@ async fn a_supervised_worker_that_stops_answering_its_health_url_is_restarted() 
 
 #[tokio::test]
 async fn a_task_timeout_on_a_supervised_worker_restarts_it_instead_of_retrying() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let config = agent_config(
         &ns,
         "hung",
@@ -170,11 +158,7 @@ async fn a_task_timeout_on_a_supervised_worker_restarts_it_instead_of_retrying()
     let agent = start_agent(&broker, config).await;
     let id = agent.id().clone();
     submit(&broker, "hung", "T-1", b"x").await;
-    let seen = events
-        .until(&id, "the task to succeed after the restart", |e| {
-            task_story(e, "T-1").contains(&"succeeded#1".to_owned())
-        })
-        .await;
+    let seen = events.until_step(&id, "T-1", "succeeded#1").await;
     assert_eq!(
         task_story(&seen, "T-1"),
         [

@@ -16,8 +16,7 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn exec_worker_results_reach_the_next_stage_and_events_tell_the_story() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let agent = start_agent(
         &broker,
         agent_config(&ns, "upper", Some("out"), exec("tr a-z A-Z")),
@@ -107,7 +106,7 @@ async fn http_worker_gets_the_task_headers_and_may_pick_the_next_stage() {
         }
     }
 
-    let (ns, broker) = setup("agent").await;
+    let (ns, broker, mut events) = setup().await;
     let seen: Seen = Arc::default();
     let app = axum::Router::new()
         .route("/work", axum::routing::post(work))
@@ -118,7 +117,6 @@ async fn http_worker_gets_the_task_headers_and_may_pick_the_next_stage() {
     let worker = WorkerSpec::Http {
         url: format!("http://{addr}/work"),
     };
-    let mut events = broker.events().await.unwrap();
     let agent = start_agent(&broker, agent_config(&ns, "web", Some("after"), worker)).await;
     let id = agent.id().clone();
     // A stage the worker names must exist (it is not one of the agent's).
@@ -181,8 +179,7 @@ async fn http_worker_gets_the_task_headers_and_may_pick_the_next_stage() {
 
 #[tokio::test]
 async fn a_retryable_failure_is_retried_with_attempt_2_and_then_succeeds() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let mut config = agent_config(
         &ns,
         "flaky",
@@ -205,11 +202,7 @@ async fn a_retryable_failure_is_retried_with_attempt_2_and_then_succeeds() {
     assert_eq!(message_id(&done), "F-1");
     assert_eq!(&done.delivery.data[..], b"2:x", "the worker saw attempt 2");
     assert_eq!(attempt_of(&done), Some(1), "attempt 1 at the next stage");
-    let seen = events
-        .until(&id, "the retried task to succeed", |e| {
-            task_story(e, "F-1").contains(&"succeeded#2".to_owned())
-        })
-        .await;
+    let seen = events.until_step(&id, "F-1", "succeeded#2").await;
     assert_eq!(
         task_story(&seen, "F-1"),
         [
@@ -236,8 +229,7 @@ async fn a_retryable_failure_is_retried_with_attempt_2_and_then_succeeds() {
 
 #[tokio::test]
 async fn permanent_failures_and_invalid_ids_are_dead_lettered_with_the_error() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let agent = start_agent(
         &broker,
         agent_config(
@@ -317,8 +309,7 @@ async fn permanent_failures_and_invalid_ids_are_dead_lettered_with_the_error() {
 async fn odd_deliveries_neither_loop_nor_break_the_connection() {
     use lapin::options::QueueDeleteOptions;
     use lapin::types::FieldArray;
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let agent = start_agent(&broker, agent_config(&ns, "odd", Some("fine"), exec("cat"))).await;
     let id = agent.id().clone();
     // A task whose headers are all the wrong type, or huge.
@@ -402,8 +393,7 @@ async fn odd_deliveries_neither_loop_nor_break_the_connection() {
 
 #[tokio::test]
 async fn a_task_that_always_fails_is_dead_lettered_after_max_attempts() {
-    let (ns, broker) = setup("agent").await;
-    let mut events = broker.events().await.unwrap();
+    let (ns, broker, mut events) = setup().await;
     let mut config = agent_config(
         &ns,
         "doomed",
