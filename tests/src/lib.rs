@@ -13,23 +13,30 @@
 //!   other test holds the broker lock shared for its lifetime.
 //! - [`WebhookSink`]: an HTTP endpoint that records the alerts it receives.
 //! - [`Api`]: the coordinator's JSON API and metrics.
-//! - broker helpers: publish tasks, drain a queue; [`raw_amqp`]: publish
-//!   what proper clients refuse to (short strings that are not UTF-8).
+//! - [`Broker`] (`broker`): a test's own connection: declare stages,
+//!   publish tasks, take and drain messages, probe queues, command agents,
+//!   close an agent's connection as the coordinator does; [`raw_amqp`]:
+//!   publish what proper clients refuse to (short strings that are not UTF-8).
+//! - [`events`]: [`EventReader`] reads the events stream by sender, and the
+//!   summaries tests compare ([`events::task_story`], ...).
+//! - [`inproc`]: agents run in this process through the library API, for
+//!   tests that read their exit counters: [`inproc::agent_config`] holds the
+//!   arguments they share, [`inproc::start_agent`] starts one.
 //! - [`node`]: a private RabbitMQ node with TLS listeners, stopped on drop
 //!   ([`spawn_rabbitmq_node`]); [`certs`]: throw-away CAs for it.
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`);
 //! `cargo test --workspace` builds them.
 
+mod broker;
+pub mod events;
+pub mod inproc;
 pub mod raw_amqp;
 
 use anyhow::{Context, anyhow, bail};
-use futures_lite::StreamExt;
-use guildhall_broker::task::TaskMeta;
-use guildhall_broker::{AmqpUrl, Management, Publisher, connect, now_ms};
-use guildhall_proto::{Names, Namespace, Stage, TaskId};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::FieldTable;
+use guildhall_broker::{AmqpUrl, Management};
+use guildhall_proto::names::AGENT_CONNECTION_PREFIX;
+use guildhall_proto::{Names, Namespace, Stage};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,7 +48,9 @@ use tokio::process::{Child, Command};
 
 pub mod certs;
 pub mod node;
+pub use broker::Broker;
 pub use certs::{CertFiles, CertUse, TestCa};
+pub use events::EventReader;
 pub use node::{NodeTls, RabbitNode, spawn_rabbitmq_node};
 
 /// The broker the tests use (`AMQP_URL` overrides).
@@ -53,6 +62,14 @@ pub fn amqp_url() -> String {
 pub fn management_url() -> String {
     std::env::var("GUILDHALL_MANAGEMENT_URL")
         .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into())
+}
+
+/// A management API client for the test broker's vhost.
+pub fn management() -> Management {
+    let vhost = AmqpUrl::parse(&amqp_url())
+        .map(|u| u.vhost().to_owned())
+        .unwrap_or_else(|_| "/".to_owned());
+    Management::new(&management_url(), &vhost).expect("a management API client")
 }
 
 /// A workspace binary, next to the running test executable.
@@ -153,16 +170,27 @@ impl TestNs {
 impl Drop for TestNs {
     fn drop(&mut self) {
         let prefix = self.names.prefix();
+        let agents = format!("{AGENT_CONNECTION_PREFIX}{}/", self.ns);
         // Drop is synchronous: run the clean-up on a runtime of its own.
         let result = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().ok()?;
             rt.block_on(async {
-                let m = Management::new(&management_url(), "/").ok()?;
+                let m = management();
                 // Killed agents' exclusive queues linger until the broker
-                // notices their connections are gone: retry a little.
-                for _ in 0..20 {
+                // notices their connections are gone: retry a little. An
+                // agent still running (in this process, after a failed test)
+                // holds its command queue: close its connection. A new
+                // connection is listed only after its next stats refresh
+                // (~5 s): retry for up to 20 s.
+                for _ in 0..80 {
                     if let Ok(n) = m.delete_all_with_prefix(&prefix).await {
                         return Some(n);
+                    }
+                    for c in m.connections().await.unwrap_or_default() {
+                        if let Some(name) = c.user_provided_name.filter(|n| n.starts_with(&agents))
+                        {
+                            let _ = m.close_connections_named(&name, "test over").await;
+                        }
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
@@ -647,131 +675,6 @@ impl Metrics {
             *found.get_or_insert(0.0) += v;
         }
         found
-    }
-}
-
-/// A broker connection for a test, with a confirm-mode publisher.
-pub struct Broker {
-    /// The connection.
-    pub conn: lapin::Connection,
-    /// Publisher.
-    pub publisher: Publisher,
-    /// Names of the test's namespace.
-    pub names: Names,
-}
-
-impl Broker {
-    /// Connects for `ns`.
-    pub async fn connect(ns: &TestNs) -> anyhow::Result<Self> {
-        let url = AmqpUrl::parse(&amqp_url())?;
-        let conn = connect(&url, &format!("guildhall-test/{}", ns.name())).await?;
-        let publisher = Publisher::open(&conn).await?;
-        Ok(Self {
-            conn,
-            publisher,
-            names: ns.names.clone(),
-        })
-    }
-
-    /// Declares a stage (queue, bindings, dead-letter queue).
-    pub async fn declare_stage(&self, stage: &str) -> anyhow::Result<()> {
-        guildhall_broker::topology::declare_stage(
-            self.publisher.channel(),
-            &self.names,
-            &TestNs::stage(stage),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Publishes a task to `stage` the way a producer outside Guildhall would:
-    /// no `TaskSubmitted` event.
-    pub async fn publish_task(&self, stage: &str, id: &str, payload: &str) -> anyhow::Result<()> {
-        let meta = TaskMeta::submission(TaskId::new(id)?, now_ms(), None);
-        self.publisher
-            .publish(
-                &self.names.tasks_exchange(),
-                stage,
-                payload.as_bytes(),
-                meta.properties(),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Publishes raw bytes to the events stream.
-    pub async fn publish_raw_event(&self, bytes: &[u8]) -> anyhow::Result<()> {
-        self.publisher
-            .publish(
-                "",
-                &self.names.events_stream(),
-                bytes,
-                lapin::BasicProperties::default(),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Takes every message now in `queue`: `(message id, payload, headers)`.
-    pub async fn drain(&self, queue: &str) -> anyhow::Result<Vec<(String, String, FieldTable)>> {
-        let ch = self.conn.create_channel().await?;
-        let mut out = Vec::new();
-        while let Some(msg) = ch
-            .basic_get(queue.into(), BasicGetOptions::default())
-            .await?
-        {
-            let id = msg
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            let headers = msg
-                .delivery
-                .properties
-                .headers()
-                .clone()
-                .unwrap_or_default();
-            out.push((
-                id,
-                String::from_utf8_lossy(&msg.delivery.data).into_owned(),
-                headers,
-            ));
-            msg.delivery.ack(BasicAckOptions::default()).await?;
-        }
-        let _ = ch.close(200, "drained".into()).await;
-        Ok(out)
-    }
-
-    /// Reads every envelope now on the events stream: until nothing new
-    /// came for 500 ms, or for at most 30 s while agents still publish.
-    pub async fn read_events(&self) -> anyhow::Result<Vec<guildhall_proto::Envelope>> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let ch = self.conn.create_channel().await?;
-        let mut consumer = guildhall_broker::topology::consume_stream(
-            &ch,
-            &self.names.events_stream(),
-            "reader",
-            guildhall_broker::topology::StreamStart::First,
-            500,
-        )
-        .await?;
-        let mut out = Vec::new();
-        while let Ok(Some(d)) =
-            tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
-        {
-            if tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            let d = d?;
-            if let Ok(decoded) = guildhall_proto::decode(&d.data) {
-                out.push(decoded.envelope);
-            }
-            d.ack(BasicAckOptions::default()).await?;
-        }
-        let _ = ch.close(200, "read".into()).await;
-        Ok(out)
     }
 }
 

@@ -1,13 +1,12 @@
 //! The real `guildhall-agent` binary refuses bad flags and an unreachable
 //! broker with one line on stderr and the right exit status, never a panic.
 
+use guildhall_tests::bin;
 use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_guildhall-agent");
 
 /// Runs the binary with `args` and `env`, clear of the caller's agent settings.
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin("guildhall-agent"));
     cmd.args(args);
     for (key, _) in std::env::vars() {
         if key.starts_with("GUILDHALL_") || key == "AMQP_URL" || key == "RUST_LOG" {
