@@ -99,6 +99,7 @@
 pub mod cli;
 pub mod config;
 mod control;
+pub mod core;
 mod dead;
 mod declare;
 pub mod handoff;
