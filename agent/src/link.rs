@@ -135,7 +135,6 @@ impl TaskLink {
         self.lost.is_cancelled() || !self.consume_channel.status().connected()
     }
 }
-}
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
