@@ -355,7 +355,10 @@ impl Runner {
             if self.core.is_finished(now_ms()) && self.releases.is_empty() {
                 return Ok(());
             }
+            // A delivery counts against the concurrency until its ack (or
+            // nack) is sent, as the core's slot frees up when it asks for it.
             let can_take = self.core.can_take()
+                && self.held.len() + self.releases.len() < self.core.concurrency() as usize
                 && self.link.as_ref().is_some_and(|l| l.consumer.is_some());
             let deadline = self.core.poll_timeout();
             tokio::select! {

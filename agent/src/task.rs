@@ -177,8 +177,15 @@ async fn try_publish(
                 return Ok(Confirm::NoSuchStage);
             }
             let exchange = ctx.names.tasks_exchange();
-            let published = send(ctx, link, &exchange, stage.as_str(), payload, meta.properties())
-                .await;
+            let published = send(
+                ctx,
+                link,
+                &exchange,
+                stage.as_str(),
+                payload,
+                meta.properties(),
+            )
+            .await;
             if let Err(PublishError::Unroutable { .. }) = &published {
                 // Someone deleted the queue since it was declared.
                 link.declarer.forget_stage(&stage);
@@ -211,8 +218,7 @@ async fn try_publish(
                 stage: &stage,
                 agent: &ctx.agent,
             };
-            let (props, trimmed) =
-                dead::dead_letter_properties(&original, reasons, link.frame_max);
+            let (props, trimmed) = dead::dead_letter_properties(&original, reasons, link.frame_max);
             let exchange = ctx.names.dead_exchange();
             send(ctx, link, &exchange, stage.as_str(), payload, props)
                 .await

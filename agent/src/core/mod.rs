@@ -34,9 +34,9 @@
 
 pub mod commands;
 pub mod settle;
-pub mod task;
 #[cfg(test)]
 mod settle_tests;
+pub mod task;
 #[cfg(test)]
 mod tests;
 
@@ -285,7 +285,10 @@ impl AgentCore {
             _ => None,
         };
         let tasks = self.tasks.values().filter_map(task::Task::deadline).min();
-        [stop, self.hard_deadline, tasks].into_iter().flatten().min()
+        [stop, self.hard_deadline, tasks]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Time passed: the stop timeout, the lost link's grace, a hung worker.

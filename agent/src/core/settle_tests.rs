@@ -78,47 +78,115 @@ fn every_row_of_the_settle_table() {
         (
             "success with a next stage",
             settle::plan(success(NextStage::Default), &ctx(route, m1)),
-            ("next b declare=true".into(), "output", vec!["task_succeeded"], Settled::Done, Then::Ack),
+            (
+                "next b declare=true".into(),
+                "output",
+                vec!["task_succeeded"],
+                Settled::Done,
+                Then::Ack,
+            ),
         ),
         (
             "success, pipeline ends (no next stage)",
             settle::plan(success(NextStage::Default), &ctx(last, m1)),
-            ("-".into(), "-", vec!["task_succeeded"], Settled::Done, Then::Ack),
+            (
+                "-".into(),
+                "-",
+                vec!["task_succeeded"],
+                Settled::Done,
+                Then::Ack,
+            ),
         ),
         (
             "success, the worker ends the pipeline",
             settle::plan(success(NextStage::End), &ctx(route, m1)),
-            ("-".into(), "-", vec!["task_succeeded"], Settled::Done, Then::Ack),
+            (
+                "-".into(),
+                "-",
+                vec!["task_succeeded"],
+                Settled::Done,
+                Then::Ack,
+            ),
         ),
         (
             "success naming a stage the agent does not declare",
             settle::plan(success(NextStage::Stage(stage("x"))), &ctx(route, m1)),
-            ("next x declare=false".into(), "output", vec!["task_succeeded"], Settled::Done, Then::Ack),
+            (
+                "next x declare=false".into(),
+                "output",
+                vec!["task_succeeded"],
+                Settled::Done,
+                Then::Ack,
+            ),
         ),
         (
             "retryable failure, attempts left",
-            settle::plan(Outcome::Failure(Failure::retryable("e", "boom")), &ctx(route, m1)),
-            (format!("retry a {delay}"), "input", vec!["task_failed", "task_retrying"], Settled::Failed, Then::Ack),
+            settle::plan(
+                Outcome::Failure(Failure::retryable("e", "boom")),
+                &ctx(route, m1),
+            ),
+            (
+                format!("retry a {delay}"),
+                "input",
+                vec!["task_failed", "task_retrying"],
+                Settled::Failed,
+                Then::Ack,
+            ),
         ),
         (
             "retryable failure, attempts used up",
-            settle::plan(Outcome::Failure(Failure::retryable("e", "boom")), &ctx(route, m_last)),
-            ("dead a e".into(), "input", vec!["task_failed", "task_dead_lettered"], Settled::Failed, Then::Ack),
+            settle::plan(
+                Outcome::Failure(Failure::retryable("e", "boom")),
+                &ctx(route, m_last),
+            ),
+            (
+                "dead a e".into(),
+                "input",
+                vec!["task_failed", "task_dead_lettered"],
+                Settled::Failed,
+                Then::Ack,
+            ),
         ),
         (
             "permanent failure",
-            settle::plan(Outcome::Failure(Failure::permanent("bad", "no")), &ctx(route, m1)),
-            ("dead a bad".into(), "input", vec!["task_failed", "task_dead_lettered"], Settled::Failed, Then::Ack),
+            settle::plan(
+                Outcome::Failure(Failure::permanent("bad", "no")),
+                &ctx(route, m1),
+            ),
+            (
+                "dead a bad".into(),
+                "input",
+                vec!["task_failed", "task_dead_lettered"],
+                Settled::Failed,
+                Then::Ack,
+            ),
         ),
         (
             "success naming a next stage that does not exist",
             settle::unknown_stage(&stage("x"), &ctx(route, m1)),
-            ("dead a unknown_stage".into(), "input", vec!["task_failed", "task_dead_lettered"], Settled::Failed, Then::Ack),
+            (
+                "dead a unknown_stage".into(),
+                "input",
+                vec!["task_failed", "task_dead_lettered"],
+                Settled::Failed,
+                Then::Ack,
+            ),
         ),
         (
             "invalid message id",
-            settle::unreadable(&stage("a"), RejectReason::InvalidMessageId, "bad id".into(), 300),
-            ("dead a invalid_message_id".into(), "input", vec!["delivery_rejected"], Settled::Rejected, Then::AckOrReject),
+            settle::unreadable(
+                &stage("a"),
+                RejectReason::InvalidMessageId,
+                "bad id".into(),
+                300,
+            ),
+            (
+                "dead a invalid_message_id".into(),
+                "input",
+                vec!["delivery_rejected"],
+                Settled::Rejected,
+                Then::AckOrReject,
+            ),
         ),
     ];
     for (name, plan, want) in rows {
@@ -135,9 +203,15 @@ fn every_row_of_the_settle_table() {
     let Event::TaskSucceeded(succeeded) = &plan.events[0] else {
         panic!("not TaskSucceeded");
     };
-    assert_eq!((succeeded.at_ms, succeeded.next.clone()), (200, Some(stage("b"))));
+    assert_eq!(
+        (succeeded.at_ms, succeeded.next.clone()),
+        (200, Some(stage("b")))
+    );
     // A retry is the next attempt of the same stage.
-    let plan = settle::plan(Outcome::Failure(Failure::retryable("e", "boom")), &ctx(route, m1));
+    let plan = settle::plan(
+        Outcome::Failure(Failure::retryable("e", "boom")),
+        &ctx(route, m1),
+    );
     let Some(Target::Retry { meta, .. }) = plan.publish.map(|p| p.target) else {
         panic!("no retry");
     };

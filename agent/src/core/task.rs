@@ -145,15 +145,16 @@ impl AgentCore {
         let generation = self.worker.map(|w| w.generation);
         let (meta, phase) = match delivery.meta {
             Ok(meta) => {
-                self.actions.push_back(Action::Emit(Event::TaskStarted(TaskStarted {
-                    at_ms: now,
-                    task_id: meta.id.clone(),
-                    stage: route.stage.clone(),
-                    attempt: meta.attempt,
-                    enqueued_at_ms: meta.enqueued_at_ms,
-                    submitted_at_ms: meta.submitted_at_ms,
-                    redelivered: delivery.redelivered,
-                })));
+                self.actions
+                    .push_back(Action::Emit(Event::TaskStarted(TaskStarted {
+                        at_ms: now,
+                        task_id: meta.id.clone(),
+                        stage: route.stage.clone(),
+                        attempt: meta.attempt,
+                        enqueued_at_ms: meta.enqueued_at_ms,
+                        submitted_at_ms: meta.submitted_at_ms,
+                        redelivered: delivery.redelivered,
+                    })));
                 self.actions.push_back(Action::Work(key));
                 (Some(meta), Phase::Working { generation })
             }
@@ -162,8 +163,12 @@ impl AgentCore {
                 let Some(publish) = plan.publish.clone() else {
                     unreachable!("an unreadable delivery is dead-lettered");
                 };
-                self.actions.push_back(Action::Publish { task: key, publish });
-                (None, Phase::Publishing(pending(plan, None, WorkerResult::Failed)))
+                self.actions
+                    .push_back(Action::Publish { task: key, publish });
+                (
+                    None,
+                    Phase::Publishing(pending(plan, None, WorkerResult::Failed)),
+                )
             }
         };
         self.tasks.insert(
@@ -245,10 +250,7 @@ impl AgentCore {
         let Some(task) = self.tasks.get_mut(&key) else {
             return;
         };
-        let phase = std::mem::replace(
-            &mut task.phase,
-            Phase::Working { generation: None },
-        );
+        let phase = std::mem::replace(&mut task.phase, Phase::Working { generation: None });
         match (phase, confirm) {
             (Phase::Publishing(mut p), Confirm::Confirmed) => {
                 p.dead_lettered = true;
@@ -326,7 +328,8 @@ impl AgentCore {
         match publish {
             Some(publish) => {
                 task.phase = Phase::Publishing(pending);
-                self.actions.push_back(Action::Publish { task: key, publish });
+                self.actions
+                    .push_back(Action::Publish { task: key, publish });
             }
             None => {
                 task.phase = Phase::Confirming(pending.clone());
@@ -407,15 +410,16 @@ impl AgentCore {
                 ?result,
                 "giving the task back to the queue: {reason}"
             );
-            self.actions.push_back(Action::Emit(Event::TaskAbandoned(TaskAbandoned {
-                at_ms: now,
-                task_id: meta.id.clone(),
-                stage: task.route.stage.clone(),
-                attempt: meta.attempt,
-                started_at_ms: task.started_at_ms,
-                reason: reason.to_owned(),
-                result,
-            })));
+            self.actions
+                .push_back(Action::Emit(Event::TaskAbandoned(TaskAbandoned {
+                    at_ms: now,
+                    task_id: meta.id.clone(),
+                    stage: task.route.stage.clone(),
+                    attempt: meta.attempt,
+                    started_at_ms: task.started_at_ms,
+                    reason: reason.to_owned(),
+                    result,
+                })));
         }
         self.actions.push_back(if alive {
             Action::Requeue(key)

@@ -122,7 +122,10 @@ fn nothing_is_acked_before_the_next_stage_and_the_events_are_confirmed() {
     core.handle_confirm(1_510, key, Confirm::Confirmed);
     let actions = drain(&mut core);
     assert_eq!(events(&actions), ["task_succeeded"]);
-    assert!(!actions.contains(&Action::Ack(key)), "not before the events");
+    assert!(
+        !actions.contains(&Action::Ack(key)),
+        "not before the events"
+    );
     core.handle_confirm(1_520, key, Confirm::Confirmed);
     assert_eq!(drain(&mut core), [Action::Ack(key)]);
     assert_eq!(core.counts().done, 1);
@@ -161,7 +164,13 @@ fn permanent_failures_and_used_up_attempts_are_dead_lettered() {
         let actions = drain(&mut core);
         assert!(matches!(
             &actions[..],
-            [Action::Publish { publish: Publish { target: Target::Dead { .. }, .. }, .. }]
+            [Action::Publish {
+                publish: Publish {
+                    target: Target::Dead { .. },
+                    ..
+                },
+                ..
+            }]
         ));
         core.handle_confirm(42, key, Confirm::Confirmed);
         let actions = drain(&mut core);
@@ -190,7 +199,13 @@ fn a_next_stage_that_does_not_exist_dead_letters_the_task() {
     let actions = drain(&mut core);
     assert!(matches!(
         &actions[..],
-        [Action::Publish { publish: Publish { target: Target::Next { declare: false, .. }, .. }, .. }]
+        [Action::Publish {
+            publish: Publish {
+                target: Target::Next { declare: false, .. },
+                ..
+            },
+            ..
+        }]
     ));
     core.handle_confirm(20, key, Confirm::NoSuchStage);
     let actions = drain(&mut core);
@@ -204,7 +219,11 @@ fn a_next_stage_that_does_not_exist_dead_letters_the_task() {
 fn an_invalid_message_id_is_dead_lettered_or_rejected_never_requeued() {
     let mut core = core(false);
     for (confirm, then, dead_lettered) in [
-        (Confirm::Confirmed, Action::Ack as fn(TaskKey) -> Action, true),
+        (
+            Confirm::Confirmed,
+            Action::Ack as fn(TaskKey) -> Action,
+            true,
+        ),
         (Confirm::Failed("nacked".into()), Action::Reject, false),
     ] {
         let delivery = Delivery {
@@ -216,7 +235,13 @@ fn an_invalid_message_id_is_dead_lettered_or_rejected_never_requeued() {
         let actions = drain(&mut core);
         assert!(matches!(
             &actions[..],
-            [Action::Publish { publish: Publish { target: Target::Dead { .. }, body: Body::Input }, .. }]
+            [Action::Publish {
+                publish: Publish {
+                    target: Target::Dead { .. },
+                    body: Body::Input
+                },
+                ..
+            }]
         ));
         core.handle_confirm(5, key, confirm);
         let actions = drain(&mut core);
@@ -263,7 +288,14 @@ fn pause_stops_consumption_resume_restarts_it_and_drain_stops_the_agent() {
         panic!()
     };
     assert!(!verdict.ok, "no resume while stopping");
-    core.handle_outcome(5, key, Outcome::Success { payload: vec![], next: NextStage::End });
+    core.handle_outcome(
+        5,
+        key,
+        Outcome::Success {
+            payload: vec![],
+            next: NextStage::End,
+        },
+    );
     drain(&mut core);
     core.handle_confirm(6, key, Confirm::Confirmed);
     assert_eq!(drain(&mut core), [Action::Ack(key)]);
@@ -315,7 +347,10 @@ fn tasks_go_back_to_the_queue_when_the_supervised_worker_exits() {
         [(WORKER_EXITED.to_owned(), WorkerResult::Unfinished)]
     );
     assert!(actions.contains(&Action::Requeue(key)));
-    assert!(actions.contains(&Action::CancelConsume), "not ready: no consuming");
+    assert!(
+        actions.contains(&Action::CancelConsume),
+        "not ready: no consuming"
+    );
     assert!(actions.contains(&Action::State(AgentState::Starting)));
     let restarted = WorkerStatus {
         generation: 2,
@@ -356,7 +391,13 @@ fn a_task_timeout_on_a_supervised_worker_restarts_it_instead_of_retrying() {
     core.handle_outcome(10, key, Outcome::Failure(Failure::timeout("no answer")));
     assert!(matches!(
         &drain(&mut core)[..],
-        [Action::Publish { publish: Publish { target: Target::Retry { .. }, .. }, .. }]
+        [Action::Publish {
+            publish: Publish {
+                target: Target::Retry { .. },
+                ..
+            },
+            ..
+        }]
     ));
 }
 
@@ -366,7 +407,10 @@ fn a_hung_worker_that_is_not_restarted_in_time_still_gives_the_task_back() {
     let key = start(&mut core, 0, "t1");
     core.handle_outcome(10, key, Outcome::Failure(Failure::timeout("no answer")));
     drain(&mut core);
-    assert_eq!(core.poll_timeout(), Some(10 + task::HUNG_GRACE.as_millis() as u64));
+    assert_eq!(
+        core.poll_timeout(),
+        Some(10 + task::HUNG_GRACE.as_millis() as u64)
+    );
     core.handle_timeout(5_010);
     assert_eq!(
         abandoned(&drain(&mut core)),
@@ -398,7 +442,14 @@ fn set_concurrency_keeps_the_tasks_in_hand_and_the_prefetch_follows() {
         panic!()
     };
     assert!(!refused.ok);
-    core.handle_outcome(2, key, Outcome::Success { payload: vec![], next: NextStage::End });
+    core.handle_outcome(
+        2,
+        key,
+        Outcome::Success {
+            payload: vec![],
+            next: NextStage::End,
+        },
+    );
     assert_eq!(events(&drain(&mut core)), ["task_succeeded"]);
 }
 
@@ -441,7 +492,10 @@ fn a_lost_connection_gives_the_task_back_after_a_grace_and_the_agent_consumes_ag
         abandoned(&actions),
         [(CONNECTION_LOST.to_owned(), WorkerResult::Unfinished)]
     );
-    assert!(actions.contains(&Action::Forget(key)), "the broker requeued it");
+    assert!(
+        actions.contains(&Action::Forget(key)),
+        "the broker requeued it"
+    );
     assert!(!actions.contains(&Action::Requeue(key)));
     core.handle_connected(2_000);
     assert_eq!(
