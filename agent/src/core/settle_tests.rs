@@ -21,8 +21,11 @@ fn meta(attempt: u32) -> TaskMeta {
     }
 }
 
+/// A row of the table: target, body, events, what it counts as, then.
+type Row = (String, &'static str, Vec<&'static str>, Settled, Then);
+
 /// The target's kind and stage, the body, the events' kinds, what it counts as.
-fn row(plan: &Plan) -> (String, &'static str, Vec<&'static str>, Settled, Then) {
+fn row(plan: &Plan) -> Row {
     let target = match plan.publish.as_ref().map(|p| &p.target) {
         None => "-".to_owned(),
         Some(Target::Next { stage, declare, .. }) => format!("next {stage} declare={declare}"),
@@ -74,7 +77,7 @@ fn every_row_of_the_settle_table() {
         next,
     };
     let delay = retry.delay(1).as_millis();
-    let rows: Vec<(&str, Plan, (String, &str, Vec<&str>, Settled, Then))> = vec![
+    let rows: Vec<(&str, Plan, Row)> = vec![
         (
             "success with a next stage",
             settle::plan(success(NextStage::Default), &ctx(route, m1)),

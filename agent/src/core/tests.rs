@@ -28,7 +28,7 @@ fn config(supervised: bool) -> CoreConfig {
         concurrency: 2,
         retry: RetryPolicy::default(),
         shutdown_timeout: Duration::from_secs(30),
-        worker: supervised.then(|| WorkerStatus {
+        worker: supervised.then_some(WorkerStatus {
             generation: 1,
             pid: Some(10),
             ready: true,
