@@ -37,7 +37,7 @@
 //!    is never requeued, so it cannot loop;
 //! 3. emits `DeliveryRejected` (counted by the coordinator in
 //!    `guildhall_deliveries_rejected_total{stage,reason}`), counts it in
-//!    the agent, and logs one line (at most 10 lines
+//!    the agent, and logs one line with its delivery tag (at most 10 lines
 //!    in 10 s: a producer may send any number of them).
 //!
 //! If the link is lost meanwhile, nothing can be acked or rejected: the
@@ -232,7 +232,7 @@ pub(crate) fn log_trimmed(trimmed: Trimmed, what: &str) {
 /// Logs a delivery that could not be a task (at most
 /// [`REJECTED_LOG_BURST`] lines per [`REJECTED_LOG_INTERVAL`]: a producer
 /// may send any number of them).
-pub(crate) fn log_rejected(log: &RateLimited, rejected: &DeliveryRejected) {
+pub(crate) fn log_rejected(log: &RateLimited, rejected: &DeliveryRejected, delivery_tag: u64) {
     if let Some(held_back) = log.hit() {
         let outcome = if rejected.dead_lettered {
             "dead-lettered"
@@ -240,6 +240,7 @@ pub(crate) fn log_rejected(log: &RateLimited, rejected: &DeliveryRejected) {
             "rejected without requeue (its dead letter was refused)"
         };
         tracing::warn!(
+            delivery_tag,
             stage = %rejected.stage,
             reason = rejected.reason.as_str(),
             more_since_last_line = held_back,

@@ -162,6 +162,9 @@ pub(crate) struct Runner {
     io: JoinSet<(TaskKey, Done)>,
     /// Acks, nacks and rejects being sent.
     releases: JoinSet<()>,
+    /// The delivery tag of the last unreadable delivery let go, for the
+    /// log line of its `DeliveryRejected`.
+    last_unreadable_tag: Option<u64>,
     /// The supervised worker, if any.
     supervisor: Option<Supervisor>,
     /// Its status, followed to start and stop consuming.
@@ -278,7 +281,6 @@ impl Runner {
             shutdown_timeout: config.shutdown_timeout,
             worker: worker_status.as_ref().map(|rx| *rx.borrow()),
             next_stages: NextStages::new(&routes, config.allow_new_stages),
-            log_lines: config.log_lines,
         });
         let ctx = Arc::new(TaskCtx {
             names: names.clone(),
@@ -302,6 +304,7 @@ impl Runner {
             held: HashMap::new(),
             io: JoinSet::new(),
             releases: JoinSet::new(),
+            last_unreadable_tag: None,
             worker_control: supervisor.as_ref().map(Supervisor::control),
             supervisor,
             worker_status,
@@ -485,7 +488,9 @@ impl Runner {
             }
             Action::Emit(event) => {
                 if let Event::DeliveryRejected(rejected) = &event {
-                    crate::dead::log_rejected(&self.ctx.rejected_log, rejected);
+                    // The core asks for it right after the delivery's ack or reject.
+                    let tag = self.last_unreadable_tag.take().unwrap_or_default();
+                    crate::dead::log_rejected(&self.ctx.rejected_log, rejected, tag);
                 }
                 self.ctx.events.emit(event);
             }
@@ -514,6 +519,9 @@ impl Runner {
         };
         if let Some(pending) = held.pending.take() {
             pending.abort();
+        }
+        if held._in_hand.is_none() {
+            self.last_unreadable_tag = Some(held.delivery.delivery_tag);
         }
         if let Some(how) = how {
             self.releases.spawn(task::release(held, how));

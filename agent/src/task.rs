@@ -223,8 +223,10 @@ async fn try_publish(
             send(ctx, link, &exchange, stage.as_str(), payload, props)
                 .await
                 .map_err(|e| e.to_string())?;
-            dead::log_trimmed(trimmed, &format!("task {}", input.task_id));
-            if input.attempt > 0 {
+            if input.attempt == 0 {
+                dead::log_trimmed(trimmed, "an unreadable delivery");
+            } else {
+                dead::log_trimmed(trimmed, &format!("task {}", input.task_id));
                 tracing::info!(task = %input.task_id, attempt = input.attempt, %class, "dead-lettered: {error}");
             }
         }

@@ -80,8 +80,6 @@ pub struct CoreConfig {
     pub worker: Option<WorkerStatus>,
     /// Which next stages named by a worker are declared.
     pub next_stages: NextStages,
-    /// Most log lines a `Logs` command may ask for.
-    pub log_lines: usize,
 }
 
 /// What the driver must do, in order.

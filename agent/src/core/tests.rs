@@ -34,7 +34,6 @@ fn config(supervised: bool) -> CoreConfig {
             ready: true,
             ended: None,
         }),
-        log_lines: 100,
     }
 }
 
