@@ -18,7 +18,7 @@
 //! | `Drain` | stop consuming, finish tasks in hand, stop the agent |
 //! | `SetConcurrency` | new concurrency, 1 to 1024; the prefetch follows if it was below (consumer re-created; tasks in hand kept) |
 //! | `SetPrefetch` | new prefetch, 1 to 10,000, in effect never below the concurrency (consumer re-created; tasks in hand kept) |
-//! | `Assign` | serve another of the `--stages` (see [`Runner::assign`]); refused for a stage not listed, or while stopping; a no-op for the stage served |
+//! | `Assign` | serve another of the `--stages` (see [`crate::core::AgentCore::assign`]); refused for a stage not listed, or while stopping; a no-op for the stage served |
 //! | `RestartWorker` | restart the supervised worker (its tasks go back to the queue) |
 //! | `Logs` | the last lines of the supervised worker's output |
 //!
@@ -26,18 +26,23 @@
 //! when the agent is paused or waiting for its worker: a paused agent that is
 //! assigned a stage switches and stays paused.
 
+//!
+//! What each command does is the core's ([`crate::core::commands`]); this
+//! module is the queue, reading a command and sending the reply.
+
 use crate::config;
-use crate::config::{MAX_CONCURRENCY, MAX_PREFETCH};
-use crate::runner::{Lost, Mode, Runner};
+use crate::core::Verdict;
+use crate::link::Lost;
 use futures_lite::StreamExt;
-use guildhall_broker::BrokerError;
+use guildhall_broker::{BrokerError, Publisher};
 use guildhall_proto::command::{decode, encode};
 use guildhall_proto::names::CONTROL_KEY_ALL;
-use guildhall_proto::{AgentId, Command, CommandMessage, CommandReply, Names, Stage};
+use guildhall_proto::{AgentId, CommandMessage, CommandReply, Names, Stage};
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
+use tokio::task::JoinSet;
 
 /// The agent's command queue and its consumer.
 #[derive(Debug)]
@@ -188,243 +193,93 @@ impl StageBinding {
     }
 }
 
-/// The verdict on one command.
-struct Verdict {
-    /// Whether it was carried out.
-    ok: bool,
-    /// What happened.
-    message: String,
-    /// Log lines for `Logs`.
-    lines: Vec<String>,
-}
-
-impl Verdict {
-    fn ok(message: impl Into<String>) -> Self {
-        Self {
-            ok: true,
-            message: message.into(),
-            lines: Vec::new(),
-        }
-    }
-
-    fn refused(message: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            message: message.into(),
-            lines: Vec::new(),
-        }
-    }
-}
-
-impl Runner {
-    /// Applies one command message and replies if asked to. Only a lost
-    /// link is an error (and then there is no reply).
-    pub(crate) async fn on_command(&mut self, delivery: Delivery) -> Result<(), Lost> {
-        if let Some(want) = &self.config.command_user {
-            let sender = delivery.properties.user_id().as_ref().map(|u| u.as_str());
-            if sender != Some(want.as_str()) {
-                tracing::warn!(
-                    sender = sender.unwrap_or("(none)"),
-                    expected = %want,
-                    "dropping a command not sent by the coordinator's user"
-                );
-                return Ok(());
-            }
-        }
-        let message = match decode::<CommandMessage>(&delivery.data) {
-            Ok(message) => message,
-            Err(err) => {
-                tracing::warn!(
-                    bytes = delivery.data.len(),
-                    "dropping an unreadable command: {err}"
-                );
-                return Ok(());
-            }
-        };
-        tracing::info!(
-            command = message.command.kind(),
-            id = message.id,
-            "command received"
-        );
-        let verdict = self.apply(&message.command).await?;
-        if verdict.ok {
-            tracing::info!(command = message.command.kind(), "{}", verdict.message);
-        } else {
+/// The command in `delivery`, if it is to be obeyed: one whose sender is
+/// not `command_user` (when given) or that does not decode is logged and
+/// dropped.
+pub fn read(delivery: &Delivery, command_user: Option<&str>) -> Option<CommandMessage> {
+    if let Some(want) = command_user {
+        let sender = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+        if sender != Some(want) {
             tracing::warn!(
+                sender = sender.unwrap_or("(none)"),
+                expected = %want,
+                "dropping a command not sent by the coordinator's user"
+            );
+            return None;
+        }
+    }
+    match decode::<CommandMessage>(&delivery.data) {
+        Ok(message) => {
+            tracing::info!(
                 command = message.command.kind(),
-                "refused: {}",
-                verdict.message
+                id = message.id,
+                "command received"
             );
+            Some(message)
         }
-        if let Some(reply_to) = delivery.properties.reply_to() {
-            let reply = CommandReply {
-                id: message.id,
-                agent: self.config.id.clone(),
-                ok: verdict.ok,
-                message: verdict.message,
-                lines: verdict.lines,
-            };
-            self.reply(
-                reply_to.clone(),
-                delivery.properties.correlation_id().clone(),
-                &reply,
+        Err(err) => {
+            tracing::warn!(
+                bytes = delivery.data.len(),
+                "dropping an unreadable command: {err}"
             );
+            None
         }
-        Ok(())
-    }
-
-    async fn apply(&mut self, command: &Command) -> Result<Verdict, Lost> {
-        let stopping = matches!(self.mode, Mode::Stopping { .. });
-        let in_hand = self.tasks_in_hand();
-        Ok(match command {
-            Command::Pause if stopping => Verdict::refused("the agent is stopping"),
-            Command::Pause if self.mode == Mode::Paused => Verdict::ok("already paused"),
-            Command::Pause => {
-                self.mode = Mode::Paused;
-                self.reconcile().await?;
-                Verdict::ok(format!("paused; {in_hand} task(s) in hand will finish"))
-            }
-            Command::Resume if stopping => Verdict::refused("the agent is stopping"),
-            Command::Resume if self.mode == Mode::Running => Verdict::ok("already running"),
-            Command::Resume => {
-                self.mode = Mode::Running;
-                self.reconcile().await?;
-                Verdict::ok("resumed")
-            }
-            Command::Drain => {
-                self.begin_stop("drain".into());
-                self.reconcile().await?;
-                Verdict::ok(format!(
-                    "draining: stopping after {in_hand} task(s) in hand"
-                ))
-            }
-            Command::SetConcurrency { concurrency } => {
-                if !(1..=MAX_CONCURRENCY).contains(concurrency) {
-                    Verdict::refused(format!(
-                        "concurrency must be between 1 and {MAX_CONCURRENCY} (got {concurrency})"
-                    ))
-                } else {
-                    let (old, old_prefetch) = (self.ctx.shared.concurrency(), self.prefetch());
-                    self.ctx.shared.set_concurrency(*concurrency);
-                    let prefetch = self.prefetch();
-                    if prefetch != old_prefetch {
-                        self.restart_consumer().await?;
-                    }
-                    self.heartbeats.now();
-                    Verdict::ok(format!(
-                        "concurrency {old} -> {concurrency}{}",
-                        prefetch_change(old_prefetch, prefetch)
-                    ))
-                }
-            }
-            Command::SetPrefetch { prefetch } => {
-                if !(1..=MAX_PREFETCH).contains(prefetch) {
-                    Verdict::refused(format!(
-                        "prefetch must be between 1 and {MAX_PREFETCH} (got {prefetch})"
-                    ))
-                } else {
-                    let old = self.prefetch();
-                    self.prefetch_asked = *prefetch;
-                    let new = self.prefetch();
-                    if new != old {
-                        self.restart_consumer().await?;
-                    }
-                    let floor = if new > *prefetch {
-                        format!(" ({prefetch} asked, never below the concurrency)")
-                    } else {
-                        String::new()
-                    };
-                    Verdict::ok(format!("prefetch {old} -> {new}{floor}"))
-                }
-            }
-            Command::Assign { .. } if stopping => Verdict::refused("the agent is stopping"),
-            Command::Assign { stage, .. } if *stage == self.route.stage => {
-                Verdict::ok(format!("already serving {stage}"))
-            }
-            Command::Assign { stage, reason } => {
-                match self.routes.iter().find(|r| r.stage == *stage).cloned() {
-                    None => Verdict::refused(format!(
-                        "this agent cannot serve stage {stage} (it serves {})",
-                        self.routes
-                            .iter()
-                            .map(|r| r.stage.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )),
-                    Some(to) => {
-                        let from = self.route.stage.clone();
-                        let reason = guildhall_proto::truncate_error(reason.clone());
-                        match self.assign(to, &reason).await? {
-                            Ok(()) => Verdict::ok(format!(
-                                "serving {stage} (was {from}); {in_hand} task(s) in hand will finish as tasks of their stage"
-                            )),
-                            Err(refusal) => Verdict::refused(refusal),
-                        }
-                    }
-                }
-            }
-            Command::RestartWorker => match &self.supervisor {
-                Some(supervisor) if supervisor.restart() => {
-                    Verdict::ok("restarting the worker process")
-                }
-                Some(_) => Verdict::refused("the supervisor has stopped"),
-                None => Verdict::refused("this agent does not supervise a worker process"),
-            },
-            Command::Logs { lines } => match &self.supervisor {
-                Some(supervisor) => {
-                    let n = (*lines as usize).min(self.config.log_lines);
-                    let lines = supervisor.logs(n);
-                    Verdict {
-                        ok: true,
-                        message: format!("{} line(s)", lines.len()),
-                        lines,
-                    }
-                }
-                None => Verdict::refused("this agent does not supervise a worker process"),
-            },
-        })
-    }
-
-    /// Publishes a reply in the background (a gone reply queue is only logged).
-    fn reply(
-        &mut self,
-        reply_to: ShortString,
-        correlation: Option<ShortString>,
-        reply: &CommandReply,
-    ) {
-        let bytes = match encode(reply) {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                tracing::warn!("cannot encode a command reply: {err}");
-                return;
-            }
-        };
-        let mut props = BasicProperties::default();
-        if let Some(correlation) = correlation {
-            props = props.with_correlation_id(correlation);
-        }
-        let Some(publisher) = self.publisher() else {
-            tracing::info!("command reply not sent: the broker is unreachable");
-            return;
-        };
-        self.replies.spawn(async move {
-            if let Err(err) = publisher.reply(reply_to.as_str(), &bytes, props).await {
-                tracing::info!(
-                    "command reply not delivered: {}",
-                    config::one_line(&err.to_string())
-                );
-            }
-        });
-        // Reap finished replies so the set does not grow.
-        while self.replies.try_join_next().is_some() {}
     }
 }
 
-/// `, prefetch A -> B` when the prefetch changed, else nothing.
-fn prefetch_change(old: u32, new: u32) -> String {
-    if old == new {
-        String::new()
+/// Logs the verdict on `command` and, if its message asked for one,
+/// publishes the reply in the background on `replies` (a gone reply queue
+/// is only logged; without a link it is not sent).
+pub fn answer(
+    delivery: &Delivery,
+    message: &CommandMessage,
+    agent: &AgentId,
+    verdict: Verdict,
+    publisher: Option<Publisher>,
+    replies: &mut JoinSet<()>,
+) {
+    if verdict.ok {
+        tracing::info!(command = message.command.kind(), "{}", verdict.message);
     } else {
-        format!(", prefetch {old} -> {new}")
+        tracing::warn!(
+            command = message.command.kind(),
+            "refused: {}",
+            verdict.message
+        );
     }
+    let Some(reply_to) = delivery.properties.reply_to().clone() else {
+        return;
+    };
+    let reply = CommandReply {
+        id: message.id,
+        agent: agent.clone(),
+        ok: verdict.ok,
+        message: verdict.message,
+        lines: verdict.lines,
+    };
+    let bytes = match encode(&reply) {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            tracing::warn!("cannot encode a command reply: {err}");
+            return;
+        }
+    };
+    let mut props = BasicProperties::default();
+    if let Some(correlation) = delivery.properties.correlation_id().clone() {
+        props = props.with_correlation_id(correlation);
+    }
+    let Some(publisher) = publisher else {
+        tracing::info!("command reply not sent: the broker is unreachable");
+        return;
+    };
+    replies.spawn(async move {
+        if let Err(err) = publisher.reply(reply_to.as_str(), &bytes, props).await {
+            tracing::info!(
+                "command reply not delivered: {}",
+                config::one_line(&err.to_string())
+            );
+        }
+    });
+    // Reap finished replies so the set does not grow.
+    while replies.try_join_next().is_some() {}
 }

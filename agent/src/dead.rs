@@ -26,7 +26,8 @@
 //! A message on a stage queue whose `message_id` is not a valid task id
 //! (not UTF-8: the patched AMQP parser hands its bytes over with U+FFFD in
 //! place of what is not UTF-8; bad characters; too long) has no task id to
-//! be reported under. [`reject_unreadable`]:
+//! be reported under. The core ([`crate::core::settle::unreadable`]) and the
+//! driver:
 //!
 //! 1. publishes it to the stage's dead-letter queue with the reason headers
 //!    (class `invalid_message_id`) and waits for the confirm;
@@ -44,16 +45,10 @@
 //! of it goes through the same steps. The connection and the agent's other
 //! tasks are never affected.
 
-use crate::handoff::Failure;
-use crate::link::TaskLink;
 use crate::ratelog::RateLimited;
-use crate::task::{TaskCtx, publish};
-use guildhall_broker::now_ms;
 use guildhall_proto::headers::amqp as h;
-use guildhall_proto::{AgentId, DeliveryRejected, Event, RejectReason, Stage, truncate_error};
+use guildhall_proto::{AgentId, DeliveryRejected, Stage};
 use lapin::BasicProperties;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use std::time::Duration;
 
@@ -234,90 +229,28 @@ pub(crate) fn log_trimmed(trimmed: Trimmed, what: &str) {
     }
 }
 
-/// Sets aside a delivery that cannot be a task (see the module docs); never
-/// requeues it.
-pub(crate) async fn reject_unreadable(
-    ctx: &TaskCtx,
-    link: &TaskLink,
-    stage: &Stage,
-    delivery: Delivery,
-    reason: RejectReason,
-    detail: String,
-) {
-    let tag = delivery.delivery_tag;
-    let failure = Failure::permanent(reason.as_str(), detail);
-    let error = truncate_error(failure.error.clone());
-    let reasons = Reasons {
-        error: &error,
-        class: &failure.class,
-        stage,
-        agent: &ctx.agent,
-    };
-    let (props, trimmed) = dead_letter_properties(&delivery.properties, reasons, link.frame_max);
-    let published = publish(
-        ctx,
-        link,
-        &ctx.names.dead_exchange(),
-        stage.as_str(),
-        &delivery.data,
-        props,
-    )
-    .await;
-    if link.is_lost() {
-        // Neither an ack nor a reject can reach the broker: it requeues the
-        // delivery with the dead channel, and its next delivery comes here.
-        tracing::debug!(
-            delivery_tag = tag,
-            "link lost while setting aside an unreadable delivery"
-        );
-        return;
-    }
-    let dead_lettered = match &published {
-        Ok(()) => {
-            log_trimmed(trimmed, "an unreadable delivery");
-            if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
-                tracing::warn!(
-                    delivery_tag = tag,
-                    "ack failed (the broker will redeliver): {err}"
-                );
-            }
-            true
-        }
-        Err(_) => {
-            let options = BasicRejectOptions { requeue: false };
-            if let Err(err) = delivery.acker.reject(options).await {
-                tracing::warn!(
-                    delivery_tag = tag,
-                    "reject failed (the broker will redeliver): {err}"
-                );
-            }
-            false
-        }
-    };
-    ctx.shared.count_rejected();
-    ctx.events.emit(Event::DeliveryRejected(DeliveryRejected {
-        at_ms: now_ms(),
-        stage: stage.clone(),
-        reason,
-        detail: error.clone(),
-        dead_lettered,
-    }));
-    if let Some(held_back) = ctx.rejected_log.hit() {
-        let outcome = match &published {
-            Ok(()) => "dead-lettered".to_owned(),
-            Err(err) => format!("rejected without requeue (dead letter failed: {err})"),
+/// Logs a delivery that could not be a task (at most
+/// [`REJECTED_LOG_BURST`] lines per [`REJECTED_LOG_INTERVAL`]: a producer
+/// may send any number of them).
+pub(crate) fn log_rejected(log: &RateLimited, rejected: &DeliveryRejected, delivery_tag: u64) {
+    if let Some(held_back) = log.hit() {
+        let outcome = if rejected.dead_lettered {
+            "dead-lettered"
+        } else {
+            "rejected without requeue (its dead letter was refused)"
         };
         tracing::warn!(
-            delivery_tag = tag,
-            %stage,
-            reason = reason.as_str(),
+            delivery_tag,
+            stage = %rejected.stage,
+            reason = rejected.reason.as_str(),
             more_since_last_line = held_back,
-            "a delivery that cannot be a task was {outcome}: {error}"
+            "a delivery that cannot be a task was {outcome}: {}",
+            rejected.detail
         );
     }
 }
 
-/// A fresh limiter for [`reject_unreadable`]'s log line.
+/// A fresh limiter for [`log_rejected`].
 pub(crate) fn rejected_log() -> RateLimited {
     RateLimited::new(REJECTED_LOG_INTERVAL, REJECTED_LOG_BURST)
 }

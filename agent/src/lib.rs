@@ -34,7 +34,8 @@
 //! - events wait in the event publisher's buffer while the broker is away,
 //!   and are resent in order, with their sequence numbers, once it is back.
 //!
-//! The tables in `task` (what happens to a task) and `runner` (the reconnect
+//! The tables in [`core::settle`] (what an outcome calls for),
+//! [`core::task`] (when a task is given up) and `runner` (the reconnect
 //! loop) are the reference.
 //!
 //! # Use
@@ -69,17 +70,22 @@
 //!   syntax ([`config::parse_stages`]), and the validation with one-line
 //!   errors.
 //! - [`cli`]: the clap command line and its conversion into an `AgentConfig`.
-//! - `runner`: the main loop: connect, consume, commands, reconnect, stop;
-//!   the prefetch, moving to another stage (`Assign`), the round-trip probe.
+//! - [`core`]: the agent's decisions as a sans-IO state machine
+//!   ([`core::AgentCore`]: inputs with `now`, actions, deadlines): consumption,
+//!   each task from delivery to ack or `TaskAbandoned` ([`core::task`]), the
+//!   settle table as a pure function ([`core::settle`]), commands
+//!   ([`core::commands`]). No tokio, lapin or clock; tested on virtual time.
+//! - `runner`: the driver: connect, reconnect, feed the core and carry out
+//!   its actions, the round-trip probe, the graceful stop.
 //! - `link`: one connection and everything declared on it, noticing its
 //!   loss, the reconnect backoff, and which broker errors are fatal.
-//! - `task`: one delivery from receipt to ack (publish, confirm, events), or
-//!   to `TaskAbandoned` when it is given up, as a task of the stage it came
-//!   from; each confirmed publish is a round-trip sample.
+//! - `task`: the IO of one task for the driver (read a delivery, call the
+//!   worker, publish with declarations, confirmed events, ack / nack /
+//!   reject); each confirmed publish is a round-trip sample.
 //! - [`handoff`]: the worker modes ([`handoff::http`], [`handoff::exec`],
 //!   [`handoff::simulated`]) and the [`handoff::Outcome`] they produce.
 //! - `control`: the command queue (its stage binding follows the stage
-//!   served) and what each command does.
+//!   served), reading a command and sending the reply.
 //! - `supervisor`: the supervised worker process: restarts, backoff, health
 //!   checks, hung workers, log lines.
 //! - `heartbeat`: `Hello` (with every stage the agent can serve) and the
@@ -99,6 +105,7 @@
 pub mod cli;
 pub mod config;
 mod control;
+pub mod core;
 mod dead;
 mod declare;
 pub mod handoff;

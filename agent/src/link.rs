@@ -54,6 +54,20 @@ const BACKOFF_START: Duration = Duration::from_millis(200);
 /// Cap on the reconnect delay (before jitter).
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// The link to the broker was lost; the reason is one line.
+#[derive(Debug)]
+pub(crate) struct Lost(pub String);
+
+impl Lost {
+    /// What failed and the error.
+    pub(crate) fn new(what: &str, reason: impl std::fmt::Display) -> Self {
+        Lost(format!(
+            "{what}: {}",
+            crate::config::one_line(&reason.to_string())
+        ))
+    }
+}
+
 /// What opening a link needs.
 #[derive(Debug, Clone)]
 pub(crate) struct LinkParams {
@@ -119,12 +133,6 @@ impl TaskLink {
     /// Whether deliveries of this link can no longer be acked or nacked.
     pub fn is_lost(&self) -> bool {
         self.lost.is_cancelled() || !self.consume_channel.status().connected()
-    }
-
-    /// Resolves `grace` after the link was lost (never while it lives).
-    pub async fn lost_for(&self, grace: Duration) {
-        self.lost.cancelled().await;
-        tokio::time::sleep(grace).await;
     }
 }
 

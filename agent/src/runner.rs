@@ -1,11 +1,13 @@
-//! The agent's main loop: connect, declare, consume, reconnect, stop.
+//! The agent's driver: connect, declare, consume, reconnect, stop.
 //!
-//! One task (this loop) owns every decision about consumption: it starts and
-//! cancels the stage consumer as the mode (running, paused, stopping), the
-//! supervised worker's readiness, the stage served and the link to the
-//! broker change, spawns a handler ([`crate::task`]) per delivery while fewer
-//! than `concurrency` are in hand, applies control commands
-//! ([`crate::control`]), reconnects, and runs the graceful stop.
+//! Every decision is the core's ([`crate::core::AgentCore`]): this loop
+//! feeds it what happens (deliveries while [`AgentCore::can_take`], worker
+//! outcomes, confirms, commands, the link lost and back, the supervised
+//! worker's status, a stop, time) and carries out its actions in order:
+//! the broker calls about consumption (`basic.qos`, consume, cancel, the
+//! command queue's binding) are awaited in the loop; worker calls,
+//! publishes and event batches run on their own tasks and come back as
+//! inputs; acks, nacks and rejects are sent on their own tasks too.
 //!
 //! # Prefetch
 //!
@@ -21,11 +23,11 @@
 //! # Serving another stage
 //!
 //! An agent may be able to serve several stages (`--stages`); an `Assign`
-//! command moves it ([`Runner::assign`]). It cancels the current stage's
+//! command moves it ([`AgentCore::assign`]). It cancels the current stage's
 //! consumer (waiting deliveries go back to the queue), and consumes the new
 //! stage's queue with the same prefetch. Tasks in hand of the old stage carry
-//! on and are settled as tasks of that stage ([`crate::task::process`] holds
-//! the stage a delivery came from), and they count against the concurrency
+//! on and are settled as tasks of that stage (the core holds the stage a
+//! delivery came from), and they count against the concurrency
 //! with the new stage's. A reconnect consumes the stage served at the time.
 //!
 //! # Broker round trip
@@ -47,7 +49,7 @@
 //!
 //! 1. logs one warning, `lost the broker: <reason>; reconnecting in 1.2s`;
 //! 2. marks the link lost: its task handlers give their tasks up
-//!    (`TaskAbandoned`, reason `connection lost`; see [`crate::task`]);
+//!    (`TaskAbandoned`, reason `connection lost`; see [`crate::core::task`]);
 //! 3. closes the old connection (the broker requeues its unacked
 //!    deliveries), waits a [`Backoff`] delay (200 ms doubling to 30 s, with
 //!    jitter) and opens a new link, declaring everything again; a failed
@@ -66,26 +68,28 @@
 //! out). `Hello` is only sent once, at the start of the run.
 
 use crate::config::{AgentConfig, StageRoute};
-use crate::control::ControlQueue;
+use crate::control::{self, ControlQueue};
+use crate::core::{Action, AgentCore, Confirm, CoreConfig, Step, TaskKey, Verdict};
 use crate::declare::NextStages;
-use crate::handoff::Worker;
+use crate::handoff::{Outcome, Worker};
 use crate::heartbeat::{Heartbeats, Identity};
-use crate::link::{self, Backoff, Link, LinkParams, is_fatal};
+use crate::link::{self, Backoff, Link, LinkParams, Lost, TaskLink, is_fatal};
 use crate::ratelog::RateLimited;
 use crate::state::Shared;
-use crate::supervisor::{HealthCheck, Supervisor, SupervisorConfig, WorkerStatus};
-use crate::task::{self, TaskCtx};
+use crate::supervisor::{HealthCheck, Supervisor, SupervisorConfig, WorkerControl, WorkerStatus};
+use crate::task::{self, Held, Release, TaskCtx};
 use crate::{AgentError, AgentExit};
 use futures_lite::StreamExt;
 use guildhall_broker::{
     AmqpUrl, BrokerError, EventPublisher, EventPublisherConfig, Publisher, now_ms,
 };
-use guildhall_proto::{AgentState, Names};
+use guildhall_proto::{Command, Event, Names};
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Confirmation, Consumer};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -93,10 +97,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-
-/// Extra time after `--shutdown-timeout` for handlers to give their tasks
-/// back before they are aborted.
-const ABANDON_GRACE: Duration = Duration::from_secs(10);
 
 /// Longest the stop waits for command replies to be confirmed.
 const REPLY_GRACE: Duration = Duration::from_secs(2);
@@ -116,20 +116,6 @@ const PROBE_KEY: &str = "amq.guildhall.rtt-probe";
 /// A reconnect under way: close the old connection, wait, open a new link.
 type Connecting = Pin<Box<dyn Future<Output = Result<(Link, Publisher), BrokerError>> + Send>>;
 
-/// The link to the broker was lost; the reason is one line.
-#[derive(Debug)]
-pub(crate) struct Lost(pub String);
-
-impl Lost {
-    /// What failed and the error.
-    pub(crate) fn new(what: &str, reason: impl std::fmt::Display) -> Self {
-        Lost(format!(
-            "{what}: {}",
-            crate::config::one_line(&reason.to_string())
-        ))
-    }
-}
-
 /// What the link brought.
 enum LinkEvent {
     /// A command message.
@@ -142,39 +128,21 @@ enum LinkEvent {
     Lost(Lost),
 }
 
-/// What the loop is doing on purpose.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Consuming whenever the worker is ready.
-    Running,
-    /// Not consuming because of a `Pause` command.
-    Paused,
-    /// Finishing the tasks in hand, then exiting.
-    Stopping {
-        /// Why (`drain`, `SIGTERM`, ...), for `AgentStopping` and the exit.
-        reason: String,
-        /// When the decision was taken (ms since epoch).
-        at_ms: u64,
-        /// When tasks still in hand are given back.
-        deadline: Instant,
-    },
+/// The IO of a task that came back.
+enum Done {
+    /// The worker's outcome.
+    Outcome(Outcome),
+    /// A publish's or an event batch's confirm.
+    Confirm(Confirm),
 }
 
-/// The main loop's state.
+/// The driver's state.
 pub(crate) struct Runner {
     /// The validated configuration.
-    pub(crate) config: AgentConfig,
-    /// Every stage the agent can serve, with where its results go.
-    pub(crate) routes: Vec<StageRoute>,
-    /// The stage served now (the consumer's queue) and its next stage;
-    /// handlers keep the one their delivery came from.
-    pub(crate) route: Arc<StageRoute>,
-    /// The prefetch `SetPrefetch` asked for; 0 until then. The consumer's is
-    /// never below the concurrency ([`Runner::prefetch`]).
-    pub(crate) prefetch_asked: u32,
+    config: AgentConfig,
     /// Broker names of the namespace.
-    pub(crate) names: Names,
-    /// What opening a link needs (its stage follows `route`).
+    names: Names,
+    /// What opening a link needs (its stage follows the stage served).
     params: LinkParams,
     /// The link to the broker; `None` while reconnecting.
     link: Option<Link>,
@@ -184,20 +152,29 @@ pub(crate) struct Runner {
     backoff: Backoff,
     /// When the link was lost, for the log line once it is back.
     lost_at: Option<Instant>,
-    /// Shared with every task handler.
-    pub(crate) ctx: Arc<TaskCtx>,
-    /// The running task handlers.
-    tasks: JoinSet<()>,
-    /// Running, paused or stopping.
-    pub(crate) mode: Mode,
+    /// Every decision.
+    core: AgentCore,
+    /// Shared with every task's IO.
+    ctx: Arc<TaskCtx>,
+    /// The deliveries in hand, by the core's key.
+    held: HashMap<TaskKey, Held>,
+    /// Worker calls, publishes and event batches under way.
+    io: JoinSet<(TaskKey, Done)>,
+    /// Acks, nacks and rejects being sent.
+    releases: JoinSet<()>,
+    /// The delivery tag of the last unreadable delivery let go, for the
+    /// log line of its `DeliveryRejected`.
+    last_unreadable_tag: Option<u64>,
     /// The supervised worker, if any.
-    pub(crate) supervisor: Option<Supervisor>,
+    supervisor: Option<Supervisor>,
     /// Its status, followed to start and stop consuming.
     worker_status: Option<watch::Receiver<WorkerStatus>>,
+    /// Reports a hung supervised worker.
+    worker_control: Option<WorkerControl>,
     /// The heartbeat task.
-    pub(crate) heartbeats: Heartbeats,
+    heartbeats: Heartbeats,
     /// Command replies being published.
-    pub(crate) replies: JoinSet<()>,
+    replies: JoinSet<()>,
     /// The event publisher's background task.
     events_task: tokio::task::JoinHandle<()>,
     /// The round-trip probe under way, if any (one at a time).
@@ -233,10 +210,10 @@ impl Runner {
         };
         let (link, events_publisher) = Link::open(&params).await?;
         let routes = config.routes();
-        let route = Arc::new(StageRoute {
+        let route = StageRoute {
             stage: config.stage.clone(),
             next: config.next.clone(),
-        });
+        };
         tracing::info!(
             agent = %config.id,
             stage = %config.stage,
@@ -257,7 +234,7 @@ impl Runner {
                 ..EventPublisherConfig::default()
             },
         );
-        let shared = Shared::new(config.concurrency, (*route).clone());
+        let shared = Shared::new(config.concurrency, route.clone());
         shared.set_connected(true);
         shared.touch_loop();
         let probe_server = probe_listener.map(|l| crate::probe::spawn(l, shared.clone()));
@@ -294,34 +271,41 @@ impl Runner {
             config.heartbeat,
             worker_status.clone(),
         );
+        let core = AgentCore::new(CoreConfig {
+            agent: config.id.clone(),
+            names: names.clone(),
+            routes: routes.clone(),
+            route,
+            concurrency: config.concurrency,
+            retry: config.retry,
+            shutdown_timeout: config.shutdown_timeout,
+            worker: worker_status.as_ref().map(|rx| *rx.borrow()),
+            next_stages: NextStages::new(&routes, config.allow_new_stages),
+        });
         let ctx = Arc::new(TaskCtx {
             names: names.clone(),
             agent: config.id.clone(),
-            retry: config.retry,
             worker,
             events,
             shared,
-            abandon: tokio_util::sync::CancellationToken::new(),
-            worker_status: worker_status.clone(),
-            worker_control: supervisor.as_ref().map(Supervisor::control),
-            next_stages: NextStages::new(&routes, config.allow_new_stages),
             rejected_log: crate::dead::rejected_log(),
             implausible_log: RateLimited::new(task::IMPLAUSIBLE_LOG_INTERVAL, 1),
         });
         Ok(Self {
             config,
-            routes,
-            route,
-            prefetch_asked: 0,
             names,
             params,
             link: Some(link),
             connecting: None,
             backoff: Backoff::new(),
             lost_at: None,
+            core,
             ctx,
-            tasks: JoinSet::new(),
-            mode: Mode::Running,
+            held: HashMap::new(),
+            io: JoinSet::new(),
+            releases: JoinSet::new(),
+            last_unreadable_tag: None,
+            worker_control: supervisor.as_ref().map(Supervisor::control),
             supervisor,
             worker_status,
             heartbeats,
@@ -342,7 +326,8 @@ impl Runner {
         match result {
             Ok(()) => Ok(self.finish().await),
             Err(err) => {
-                self.tasks.abort_all();
+                self.io.abort_all();
+                self.releases.abort_all();
                 if let Some(probe) = self.probe.take() {
                     probe.abort();
                 }
@@ -365,123 +350,304 @@ impl Runner {
     async fn serve(&mut self, stop: impl Future<Output = String>) -> Result<(), AgentError> {
         let mut stop = std::pin::pin!(stop);
         let mut stop_seen = false;
-        // Set once the shutdown timeout ran out and handlers were told to give
-        // their tasks back; they are aborted if still running at this time.
-        let mut hard_deadline: Option<Instant> = None;
-        let mut aborted = false;
         let mut probe_ticks = tokio::time::interval(PROBE_INTERVAL);
         probe_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.ctx.shared.touch_loop();
-            let waiting = self.ctx.shared.waiting_on_broker();
-            let reconciled = self.reconcile().await;
-            drop(waiting);
-            if let Err(lost) = reconciled {
-                self.on_lost(lost);
+            self.drive().await;
+            if self.core.is_finished(now_ms()) && self.releases.is_empty() {
+                return Ok(());
             }
-            let deadline = match &self.mode {
-                Mode::Stopping { deadline, .. } => {
-                    // Done once no task is in hand, and the broker is there
-                    // to take the last events (or the stop waited long enough).
-                    if self.tasks.is_empty() && (self.link.is_some() || Instant::now() >= *deadline)
-                    {
-                        return Ok(());
-                    }
-                    Some(*deadline)
-                }
-                _ => None,
-            };
-            let can_take = self.link.as_ref().is_some_and(|l| l.consumer.is_some())
-                && self.tasks.len() < self.ctx.shared.concurrency() as usize;
+            // A delivery counts against the concurrency until its ack (or
+            // nack) is sent, as the core's slot frees up when it asks for it.
+            let can_take = self.core.can_take()
+                && self.held.len() + self.releases.len() < self.core.concurrency() as usize
+                && self.link.as_ref().is_some_and(|l| l.consumer.is_some());
+            let deadline = self.core.poll_timeout();
             tokio::select! {
                 reason = &mut stop, if !stop_seen => {
                     stop_seen = true;
-                    self.begin_stop(reason);
+                    self.core.handle_stop(now_ms(), reason);
                 }
                 event = next_link_event(&mut self.link, can_take) => match event {
-                    LinkEvent::Command(delivery) => {
-                        let waiting = self.ctx.shared.waiting_on_broker();
-                        let applied = self.on_command(delivery).await;
-                        drop(waiting);
-                        if let Err(lost) = applied {
-                            self.on_lost(lost);
-                        }
-                    }
-                    LinkEvent::Delivery(delivery) => {
-                        if let Some(link) = &self.link {
-                            let handler = task::process(
-                                self.ctx.clone(),
-                                link.tasks.clone(),
-                                self.route.clone(),
-                                delivery,
-                            );
-                            self.tasks.spawn(handler);
-                        }
-                    }
+                    LinkEvent::Command(delivery) => self.on_command(delivery).await,
+                    LinkEvent::Delivery(delivery) => self.on_delivery(delivery),
                     LinkEvent::ConsumerEnded => {
-                        tracing::warn!("the broker cancelled the stage consumer; consuming again");
                         if let Some(link) = &mut self.link {
                             link.consumer = None;
                         }
+                        self.core.handle_consumer_ended(now_ms());
                     }
                     LinkEvent::Lost(lost) => self.on_lost(lost),
                 },
-                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                    if let Err(err) = joined
-                        && err.is_panic()
-                    {
-                        tracing::error!("a task handler panicked: {err}");
-                    }
-                }
+                Some(joined) = self.io.join_next(), if !self.io.is_empty() => match joined {
+                    Ok((key, done)) => self.on_done(key, done),
+                    Err(err) if err.is_panic() => tracing::error!("a task's IO panicked: {err}"),
+                    Err(_) => {} // aborted: the core gave the task up
+                },
+                Some(_) = self.releases.join_next(), if !self.releases.is_empty() => {}
                 opened = reconnected(&mut self.connecting) => {
                     let _waiting = self.ctx.shared.waiting_on_broker();
                     self.on_reconnect(opened).await?;
                 }
                 _ = probe_ticks.tick() => self.probe_rtt(),
-                () = worker_changed(&mut self.worker_status) => {}
-                () = sleep_until(deadline), if deadline.is_some() && hard_deadline.is_none() => {
-                    if self.tasks.is_empty() {
-                        tracing::warn!("shutdown timeout: stopping without the broker");
-                    } else {
-                        tracing::warn!(
-                            tasks = self.tasks.len(),
-                            "shutdown timeout: giving the tasks in hand back to the queue"
-                        );
+                () = worker_changed(&mut self.worker_status) => {
+                    if let Some(rx) = &self.worker_status {
+                        let status = *rx.borrow();
+                        self.core.handle_worker_status(now_ms(), status);
                     }
-                    self.ctx.abandon.cancel();
-                    hard_deadline = Some(Instant::now() + ABANDON_GRACE);
                 }
-                () = sleep_until(hard_deadline), if hard_deadline.is_some() && !aborted => {
-                    tracing::error!(tasks = self.tasks.len(), "task handlers did not finish: aborting them");
-                    self.tasks.abort_all();
-                    aborted = true;
+                () = sleep_until_ms(deadline) => {
+                    let at = deadline.unwrap_or(0);
+                    self.core.handle_timeout(now_ms().max(at));
                 }
             }
         }
     }
 
-    /// The link is gone: its handlers give their tasks up, and a reconnect
+    /// Carries out what the core asks, in order; a lost link is told to
+    /// the core (which drops what can no longer be done).
+    async fn drive(&mut self) {
+        let waiting = self.ctx.shared.waiting_on_broker();
+        while let Some(action) = self.core.poll_action() {
+            if let Err(lost) = self.perform(action).await {
+                self.on_lost(lost);
+            }
+        }
+        drop(waiting);
+        let (shared, counts) = (&self.ctx.shared, self.core.counts());
+        shared.set_concurrency(self.core.concurrency());
+        shared.set_counts(counts.done, counts.failed, counts.requeued, counts.rejected);
+    }
+
+    async fn perform(&mut self, action: Action) -> Result<(), Lost> {
+        match action {
+            Action::SetPrefetch(prefetch) => {
+                let channel = self.link.as_ref().map(|l| l.consume_channel.clone());
+                if let Some(channel) = channel {
+                    channel
+                        .basic_qos(prefetch, BasicQosOptions::default())
+                        .await
+                        .map_err(|e| Lost::new("set the prefetch", e))?;
+                }
+            }
+            Action::Consume(stage) => self.start_consumer(&stage).await?,
+            Action::CancelConsume => self.cancel_consumer().await?,
+            Action::Rebind { from, to } => {
+                let binding = self.link.as_ref().map(|l| l.control.binding());
+                if let Some(binding) = binding {
+                    let names = self.names.clone();
+                    binding.rebind(&names, &from, &to).await?;
+                }
+            }
+            Action::Route(route) => {
+                self.params.stage = route.stage.clone();
+                self.params.next = route.next.clone();
+                self.ctx.shared.set_route(Arc::new(route));
+            }
+            Action::State(state) => {
+                if self.ctx.shared.set_mode(state) {
+                    tracing::info!(state = state.as_str(), "state changed");
+                    self.heartbeats.now();
+                }
+            }
+            Action::Heartbeat => self.heartbeats.now(),
+            Action::Work(key) => {
+                if let Some(held) = self.held.get_mut(&key) {
+                    let (ctx, input) = (self.ctx.clone(), held.input.clone());
+                    let handle = self
+                        .io
+                        .spawn(async move { (key, Done::Outcome(task::work(ctx, input).await)) });
+                    held.pending = Some(handle);
+                }
+            }
+            Action::CancelWork(key) => {
+                if let Some(pending) = self.held.get_mut(&key).and_then(|h| h.pending.take()) {
+                    pending.abort();
+                }
+            }
+            Action::WorkerHung(generation) => {
+                if let Some(control) = &self.worker_control {
+                    control.hung(generation);
+                }
+            }
+            Action::Publish { task: key, publish } => {
+                if let Some(held) = self.held.get_mut(&key) {
+                    let published = task::publish(
+                        self.ctx.clone(),
+                        held.link.clone(),
+                        held.delivery.properties.clone(),
+                        held.input.clone(),
+                        publish,
+                    );
+                    let handle = self
+                        .io
+                        .spawn(async move { (key, Done::Confirm(published.await)) });
+                    held.pending = Some(handle);
+                }
+            }
+            Action::Emit(event) => {
+                if let Event::DeliveryRejected(rejected) = &event {
+                    // The core asks for it right after the delivery's ack or reject.
+                    let tag = self.last_unreadable_tag.take().unwrap_or_default();
+                    crate::dead::log_rejected(&self.ctx.rejected_log, rejected, tag);
+                }
+                self.ctx.events.emit(event);
+            }
+            Action::EmitConfirmed { task: key, events } => {
+                let ctx = self.ctx.clone();
+                let handle = self.io.spawn(async move {
+                    (key, Done::Confirm(task::emit_confirmed(ctx, events).await))
+                });
+                if let Some(held) = self.held.get_mut(&key) {
+                    held.pending = Some(handle);
+                }
+            }
+            Action::Ack(key) => self.release(key, Some(Release::Ack)),
+            Action::Requeue(key) => self.release(key, Some(Release::Requeue)),
+            Action::Reject(key) => self.release(key, Some(Release::Reject)),
+            Action::Forget(key) => self.release(key, None),
+        }
+        Ok(())
+    }
+
+    /// Lets a delivery go: acked, nacked or rejected on a task of its own,
+    /// or just dropped.
+    fn release(&mut self, key: TaskKey, how: Option<Release>) {
+        let Some(mut held) = self.held.remove(&key) else {
+            return;
+        };
+        if let Some(pending) = held.pending.take() {
+            pending.abort();
+        }
+        if held._in_hand.is_none() {
+            self.last_unreadable_tag = Some(held.delivery.delivery_tag);
+        }
+        if let Some(how) = how {
+            self.releases.spawn(task::release(held, how));
+        }
+    }
+
+    /// A delivery from the stage consumer: to the core.
+    fn on_delivery(&mut self, mut delivery: Delivery) {
+        let Some(link) = &self.link else {
+            return;
+        };
+        let now = now_ms();
+        let route = self.core.route().clone();
+        let (read, input, in_hand) = task::read(&self.ctx, &route, &mut delivery, now);
+        let key = self.core.handle_delivery(now, read);
+        self.held.insert(
+            key,
+            Held {
+                delivery,
+                link: link.tasks.clone(),
+                input: Arc::new(input),
+                _in_hand: in_hand,
+                pending: None,
+            },
+        );
+    }
+
+    /// A task's IO came back: to the core.
+    fn on_done(&mut self, key: TaskKey, done: Done) {
+        let mut channel_closed = false;
+        if let Some(held) = self.held.get_mut(&key) {
+            held.pending = None;
+            // The channel the delivery came on closed before the watch
+            // noticed: nothing of this link can be acked any more.
+            channel_closed = held.link.is_lost()
+                && self
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| Arc::ptr_eq(&l.tasks, &held.link));
+        }
+        if channel_closed {
+            self.on_lost(Lost("the stage consumer channel closed".into()));
+        }
+        let now = now_ms();
+        match done {
+            Done::Outcome(outcome) => self.core.handle_outcome(now, key, outcome),
+            Done::Confirm(confirm) => self.core.handle_confirm(now, key, confirm),
+        }
+    }
+
+    /// Applies one command message and replies if asked to.
+    async fn on_command(&mut self, delivery: Delivery) {
+        let Some(message) = control::read(&delivery, self.config.command_user.as_deref()) else {
+            return;
+        };
+        let verdict = match self.core.handle_command(now_ms(), &message.command) {
+            Step::Done(verdict) => verdict,
+            Step::Supervisor => self.supervisor_command(&message.command),
+            Step::Declare { route, reason } => {
+                let waiting = self.ctx.shared.waiting_on_broker();
+                let tasks = self.link.as_ref().map(|l| l.tasks.clone());
+                let declared = declare(tasks, &route).await;
+                drop(waiting);
+                match declared {
+                    Ok(()) => self.core.assign(now_ms(), route, &reason),
+                    Err(refusal) => Verdict::refused(refusal),
+                }
+            }
+        };
+        self.drive().await;
+        let publisher = self.link.as_ref().map(|l| l.tasks.publisher.clone());
+        control::answer(
+            &delivery,
+            &message,
+            &self.config.id,
+            verdict,
+            publisher,
+            &mut self.replies,
+        );
+    }
+
+    /// `RestartWorker` and `Logs`: the supervisor's.
+    fn supervisor_command(&self, command: &Command) -> Verdict {
+        let Some(supervisor) = &self.supervisor else {
+            return Verdict::refused("this agent does not supervise a worker process");
+        };
+        match command {
+            Command::RestartWorker if supervisor.restart() => {
+                Verdict::ok("restarting the worker process")
+            }
+            Command::RestartWorker => Verdict::refused("the supervisor has stopped"),
+            Command::Logs { lines } => {
+                let n = (*lines as usize).min(self.config.log_lines);
+                let lines = supervisor.logs(n);
+                Verdict {
+                    ok: true,
+                    message: format!("{} line(s)", lines.len()),
+                    lines,
+                }
+            }
+            _ => Verdict::refused("not a command for the worker process"),
+        }
+    }
+
+    /// The link is gone: the core gives its tasks up, and a reconnect
     /// starts after the next backoff delay.
     fn on_lost(&mut self, lost: Lost) {
         let Some(link) = self.link.take() else {
             return;
         };
         link.mark_lost();
+        self.core.handle_connection_lost(now_ms());
         self.ctx.shared.set_connected(false);
         self.ctx.shared.count_link_lost();
         let delay = self.backoff.next_delay();
         tracing::warn!(
-            tasks = self.tasks.len(),
+            tasks = self.core.in_hand(),
             "lost the broker: {}; reconnecting in {:.1}s",
             lost.0,
             delay.as_secs_f64()
         );
         self.lost_at.get_or_insert_with(Instant::now);
         let old = link.conn.clone();
-        drop(link);
         let params = self.params.clone();
         self.connecting = Some(Box::pin(async move {
-            // Closing makes sure the broker requeues what the old connection
+            // Closing the old connection makes the broker requeue what it
             // held and drops its exclusive command queue, even if only a
             // channel failed.
             link::close(&old, "reconnecting").await;
@@ -510,6 +676,7 @@ impl Runner {
                 self.backoff.reset();
                 self.ctx.events.reconnected(events).await;
                 self.heartbeats.now();
+                self.core.handle_connected(now_ms());
                 Ok(())
             }
             Err(err) if is_fatal(&err) => Err(AgentError::Refused(err)),
@@ -530,67 +697,13 @@ impl Runner {
         }
     }
 
-    /// Starts a graceful stop (once): no new tasks, finish those in hand.
-    pub(crate) fn begin_stop(&mut self, reason: String) {
-        if matches!(self.mode, Mode::Stopping { .. }) {
-            return;
-        }
-        tracing::info!(
-            %reason,
-            tasks = self.tasks.len(),
-            "stopping: finishing the tasks in hand"
-        );
-        self.mode = Mode::Stopping {
-            reason,
-            at_ms: now_ms(),
-            deadline: Instant::now() + self.config.shutdown_timeout,
-        };
-    }
-
-    /// Brings consumption in line with the mode, the worker's readiness and
-    /// the link, and reports a state change at once.
-    pub(crate) async fn reconcile(&mut self) -> Result<(), Lost> {
-        let worker_ready = self
-            .worker_status
-            .as_ref()
-            .is_none_or(|rx| rx.borrow().ready);
-        let want = self.mode == Mode::Running && worker_ready;
-        let consuming = self.link.as_ref().map(|l| l.consumer.is_some());
-        if want && consuming == Some(false) {
-            self.start_consumer().await?;
-        } else if !want && consuming == Some(true) {
-            self.cancel_consumer().await?;
-        }
-        let state = match self.mode {
-            Mode::Running if worker_ready => AgentState::Idle,
-            Mode::Running => AgentState::Starting,
-            Mode::Paused => AgentState::Paused,
-            Mode::Stopping { .. } => AgentState::Draining,
-        };
-        if self.ctx.shared.set_mode(state) {
-            tracing::info!(state = state.as_str(), "state changed");
-            self.heartbeats.now();
-        }
-        Ok(())
-    }
-
-    /// The consumer's prefetch: what `SetPrefetch` asked for, never below
-    /// the concurrency.
-    pub(crate) fn prefetch(&self) -> u32 {
-        self.prefetch_asked.max(self.ctx.shared.concurrency())
-    }
-
-    async fn start_consumer(&mut self) -> Result<(), Lost> {
-        let prefetch = u16::try_from(self.prefetch()).unwrap_or(u16::MAX);
-        let concurrency = self.ctx.shared.concurrency();
-        let queue = self.names.stage_queue(&self.route.stage);
+    async fn start_consumer(&mut self, stage: &guildhall_proto::Stage) -> Result<(), Lost> {
+        let prefetch = self.core.prefetch();
+        let concurrency = self.core.concurrency();
+        let queue = self.names.stage_queue(stage);
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
-        link.consume_channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| Lost::new("set the prefetch", e))?;
         let consumer = link
             .consume_channel
             .basic_consume(
@@ -608,7 +721,7 @@ impl Runner {
 
     /// Cancels the stage consumer; deliveries it had buffered but not handed
     /// out go back to the queue. Tasks in hand are not touched.
-    pub(crate) async fn cancel_consumer(&mut self) -> Result<(), Lost> {
+    async fn cancel_consumer(&mut self) -> Result<(), Lost> {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
@@ -632,70 +745,6 @@ impl Runner {
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
         tracing::info!("stopped consuming");
         Ok(())
-    }
-
-    /// Re-creates the consumer with the current prefetch, if consuming.
-    pub(crate) async fn restart_consumer(&mut self) -> Result<(), Lost> {
-        if self.link.as_ref().is_some_and(|l| l.consumer.is_some()) {
-            self.cancel_consumer().await?;
-            self.start_consumer().await?;
-        }
-        Ok(())
-    }
-
-    /// Moves the agent to `to`, one of the stages it can serve, without
-    /// losing a task: declares `to` and its next stage, moves the command
-    /// queue's stage binding, cancels the current consumer (deliveries it
-    /// held and had not handed out go back to the queue; tasks in hand carry
-    /// on as tasks of their stage), then consumes `to`'s queue if the mode
-    /// and the worker allow, emits `Reassigned` and a heartbeat. `Ok(Err)`
-    /// is a refusal that changed nothing; `Err` a lost link (the switch may
-    /// have happened: a reconnect consumes whichever stage is served).
-    pub(crate) async fn assign(
-        &mut self,
-        to: StageRoute,
-        reason: &str,
-    ) -> Result<Result<(), String>, Lost> {
-        let from = self.route.clone();
-        let Some((tasks, binding)) = self
-            .link
-            .as_ref()
-            .map(|l| (l.tasks.clone(), l.control.binding()))
-        else {
-            return Ok(Err("the broker is unreachable".into()));
-        };
-        for stage in std::iter::once(&to.stage).chain(to.next.as_ref()) {
-            if let Err(err) = tasks.declarer.stage(stage).await {
-                let err = crate::config::one_line(&err.to_string());
-                return Ok(Err(format!("cannot declare stage {stage}: {err}")));
-            }
-        }
-        binding.rebind(&self.names, &from.stage, &to.stage).await?;
-        self.cancel_consumer().await?;
-        let to = Arc::new(to);
-        self.route = to.clone();
-        self.params.stage = to.stage.clone();
-        self.params.next = to.next.clone();
-        self.ctx.shared.set_route(to.clone());
-        tracing::info!(
-            from = %from.stage,
-            to = %to.stage,
-            next = to.next.as_ref().map_or("-", |n| n.as_str()),
-            %reason,
-            in_hand = self.tasks.len(),
-            "serving another stage"
-        );
-        let consuming = self.reconcile().await;
-        self.ctx.events.emit(guildhall_proto::Event::Reassigned(
-            guildhall_proto::Reassigned {
-                at_ms: now_ms(),
-                from: from.stage.clone(),
-                to: to.stage.clone(),
-                reason: reason.to_owned(),
-            },
-        ));
-        self.heartbeats.now();
-        consuming.map(Ok)
     }
 
     /// Starts a round-trip probe if no publish measured one lately and none
@@ -737,23 +786,13 @@ impl Runner {
             }
         }));
     }
-
-    /// Tasks in hand right now.
-    pub(crate) fn tasks_in_hand(&self) -> usize {
-        self.tasks.len()
-    }
-
-    /// The confirm channel of the current link, for command replies.
-    pub(crate) fn publisher(&self) -> Option<Publisher> {
-        self.link.as_ref().map(|l| l.tasks.publisher.clone())
-    }
-
     /// The end of a graceful stop: `AgentStopping`, the worker, the events, the connection.
     async fn finish(mut self) -> AgentExit {
-        let (reason, at_ms) = match &self.mode {
-            Mode::Stopping { reason, at_ms, .. } => (reason.clone(), *at_ms),
-            _ => ("stop".to_owned(), now_ms()),
+        let (reason, at_ms) = match self.core.stopping() {
+            Some((reason, at_ms)) => (reason.to_owned(), at_ms),
+            None => ("stop".to_owned(), now_ms()),
         };
+        self.io.abort_all();
         self.heartbeats.stop().await;
         if let Some(probe) = self.probe.take() {
             probe.abort();
@@ -820,6 +859,20 @@ impl Runner {
     }
 }
 
+/// Declares `route`'s stage and its next stage, for an `Assign`.
+async fn declare(link: Option<Arc<TaskLink>>, route: &StageRoute) -> Result<(), String> {
+    let Some(link) = link else {
+        return Err("the broker is unreachable".into());
+    };
+    for stage in std::iter::once(&route.stage).chain(route.next.as_ref()) {
+        if let Err(err) = link.declarer.stage(stage).await {
+            let err = crate::config::one_line(&err.to_string());
+            return Err(format!("cannot declare stage {stage}: {err}"));
+        }
+    }
+    Ok(())
+}
+
 /// The next thing the link brings (never while there is no link).
 async fn next_link_event(link: &mut Option<Link>, take: bool) -> LinkEvent {
     let Some(link) = link else {
@@ -877,9 +930,13 @@ async fn worker_changed(status: &mut Option<watch::Receiver<WorkerStatus>>) {
     std::future::pending().await
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
+/// Resolves at `deadline` (ms since the epoch), or never without one.
+async fn sleep_until_ms(deadline: Option<u64>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        Some(deadline) => {
+            let wait = deadline.saturating_sub(now_ms());
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
         None => std::future::pending().await,
     }
 }

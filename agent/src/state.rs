@@ -212,6 +212,14 @@ impl Shared {
         self.concurrency.store(concurrency, Ordering::Relaxed);
     }
 
+    /// Sets the task counters (the core keeps them).
+    pub fn set_counts(&self, done: u64, failed: u64, requeued: u64, rejected: u64) {
+        self.done.store(done, Ordering::Relaxed);
+        self.failed.store(failed, Ordering::Relaxed);
+        self.requeued.store(requeued, Ordering::Relaxed);
+        self.rejected.store(rejected, Ordering::Relaxed);
+    }
+
     /// Counts a successful stage attempt.
     pub fn count_done(&self) {
         self.done.fetch_add(1, Ordering::Relaxed);

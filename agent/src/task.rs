@@ -1,93 +1,43 @@
-//! One delivery from the stage queue, from receipt to ack.
+//! The IO of one task, for the driver: reading a delivery, the worker call,
+//! the publishes (with their declarations) and event batches the core asks
+//! for, and the ack, nack or reject that ends it. What to do, and when, is
+//! the core's ([`crate::core::task`], [`crate::core::settle`]).
 //!
-//! The rule: **nothing is acked before what it depends on is confirmed.**
-//!
-//! | outcome | published (confirmed) | events (confirmed) | then |
-//! |---|---|---|---|
-//! | success with a next stage | result to `<ns>.tasks` / next stage | `TaskSucceeded` | ack |
-//! | success, pipeline ends | - | `TaskSucceeded` | ack |
-//! | retryable failure, attempts left | original payload to the retry queue of this attempt's delay | `TaskFailed`, `TaskRetrying` | ack |
-//! | permanent failure, or attempts used up | original payload to `<ns>.dead` / stage, with the error headers | `TaskFailed`, `TaskDeadLettered` | ack |
-//! | success naming a next stage that is neither the agent's own nor declared ([`crate::declare`]) | as a permanent failure, class `unknown_stage` | `TaskFailed`, `TaskDeadLettered` | ack |
-//! | invalid message id (not a task: [`crate::dead`]) | original message to `<ns>.dead` / stage, with the error headers | `DeliveryRejected` | ack; reject without requeue if the dead letter is refused |
-//!
-//! A dead letter keeps the original properties and adds the error headers,
-//! cut down if they would not fit in one frame ([`crate::dead`]). Times in a
-//! message that cannot be right (before 2000, over an hour ahead) are read
-//! as absent ([`TaskMeta::read`]), counted, and logged at most once per
-//! [`IMPLAUSIBLE_LOG_INTERVAL`].
-//!
-//! A task can also be **given up**: nothing is handed on, whatever the worker
-//! produced is discarded, a `TaskAbandoned` event says why and how far the
-//! worker got (`Unfinished`, `Succeeded`, `Failed`), and the broker delivers
-//! the task again (to this agent or another). It is counted in
-//! [`crate::AgentExit::requeued`].
-//!
-//! | when | reason | result | the delivery |
-//! |---|---|---|---|
-//! | the link to the broker is lost while the worker has the task: it gets [`LOST_LINK_GRACE`] more to answer | `connection lost` | the worker's, or `Unfinished` (the call is cancelled: an exec task's process group is killed) | dropped: it belonged to the dead channel, the broker requeued it |
-//! | the link is lost once the worker answered, or while settling | `connection lost` | the worker's | dropped, as above |
-//! | the supervised worker's run ends while it has the task (or its call fails because of that) | `worker exited`, `worker unhealthy`, `worker restarted` | `Unfinished` | nack, requeue |
-//! | the task hits the task timeout on a supervised worker: the worker is judged hung and restarted | `worker hung: task timeout` | `Unfinished` | nack, requeue |
-//! | a stop's `--shutdown-timeout` runs out | `stop timeout` | `Unfinished` | nack, requeue |
-//! | what the outcome calls for is not confirmed (a nack, an unroutable message, an event batch that failed) | `settle failed` | the worker's | nack, requeue |
-//!
-//! Without a supervised worker, a task timeout is a retryable failure like
-//! any other.
+//! Times in a message that cannot be right (before 2000, over an hour
+//! ahead) are read as absent ([`TaskMeta::read`]), counted, and logged at
+//! most once per [`IMPLAUSIBLE_LOG_INTERVAL`].
 
-use crate::config::{RetryPolicy, StageRoute};
+use crate::core::{self, Body, Confirm, Publish, Target};
 use crate::dead::{self, Reasons};
-use crate::declare::{NextStageRule, NextStages};
-use crate::handoff::{Failure, NextStage, Outcome, Progress, ProgressSink, TaskInput, Worker};
+use crate::handoff::{Failure, Outcome, Progress, ProgressSink, TaskInput, Worker};
 use crate::link::TaskLink;
 use crate::ratelog::RateLimited;
-use crate::state::Shared;
-use crate::supervisor::{WORKER_EXITED, WORKER_HUNG, WorkerControl, WorkerStatus};
-use guildhall_broker::events::EventsError;
+use crate::state::{InHand, Shared};
+use futures_lite::FutureExt;
 use guildhall_broker::task::{ImplausibleTime, TaskMetaError};
-use guildhall_broker::{BrokerError, EventPublisher, PublishError, TaskMeta, now_ms};
-use guildhall_proto::headers::idempotency_key;
+use guildhall_broker::{EventPublisher, PublishError, TaskMeta, now_ms};
 use guildhall_proto::trace::TraceParent;
-use guildhall_proto::{
-    AgentId, Event, Names, RejectReason, Stage, TaskAbandoned, TaskDeadLettered, TaskFailed,
-    TaskInHand, TaskProgress, TaskRetrying, TaskStarted, TaskSucceeded, WorkerResult,
-    truncate_error,
-};
+use guildhall_proto::{AgentId, Event, Names, RejectReason, TaskInHand, TaskProgress};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
-/// What every task handler shares, whatever connection its delivery came on
-/// (that part is its [`TaskLink`]) and whatever stage it came from (that is
-/// its [`StageRoute`]).
+/// What the IO of every task shares, whatever connection its delivery came
+/// on (that part is its [`TaskLink`]).
 #[derive(Debug)]
 pub struct TaskCtx {
     /// Broker names of the namespace.
     pub names: Names,
     /// This agent, for the dead-letter header.
     pub agent: AgentId,
-    /// When to retry.
-    pub retry: RetryPolicy,
     /// Where tasks are handed.
     pub worker: Worker,
     /// The event stream.
     pub events: EventPublisher,
     /// Tasks in hand and counters.
     pub shared: Arc<Shared>,
-    /// Cancelled when a stop's `--shutdown-timeout` runs out: tasks still at
-    /// the worker are given back to the queue.
-    pub abandon: CancellationToken,
-    /// The supervised worker's status, if there is one.
-    pub worker_status: Option<watch::Receiver<WorkerStatus>>,
-    /// Reports a hung supervised worker (a task timed out on it).
-    pub worker_control: Option<WorkerControl>,
-    /// Which next stages named by a worker are declared, and which must
-    /// exist already.
-    pub next_stages: NextStages,
     /// Bounds the log lines about deliveries that cannot be tasks.
     pub rejected_log: RateLimited,
     /// Bounds the log lines about implausible times in task messages.
@@ -97,352 +47,221 @@ pub struct TaskCtx {
 /// Least time between two log lines about implausible times.
 pub const IMPLAUSIBLE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The error class of a task whose worker named a next stage that does not
-/// exist (and that the agent may not create).
-pub const UNKNOWN_STAGE_CLASS: &str = "unknown_stage";
-
-/// Why a task could not be settled; it goes back to the queue.
-#[derive(Debug, thiserror::Error)]
-pub enum SettleError {
-    /// A queue could not be declared.
-    #[error(transparent)]
-    Declare(#[from] BrokerError),
-    /// A publish was not confirmed.
-    #[error(transparent)]
-    Publish(#[from] PublishError),
-    /// An event batch was not confirmed.
-    #[error(transparent)]
-    Events(#[from] EventsError),
+/// One delivery in hand, on the driver's side.
+#[derive(Debug)]
+pub struct Held {
+    /// The delivery (its payload moved to `input`).
+    pub delivery: Delivery,
+    /// The link it came on.
+    pub link: Arc<TaskLink>,
+    /// What the worker gets (the payload of a retry or a dead letter).
+    pub input: Arc<TaskInput>,
+    /// Reported in heartbeats while held (not for an unreadable delivery).
+    pub _in_hand: Option<InHand>,
+    /// The IO under way for it (a worker call, a publish), to abort.
+    pub pending: Option<tokio::task::AbortHandle>,
 }
 
-/// How long a task whose link was lost still waits for its worker: a call
-/// that already finished (an agent frozen by SIGSTOP finds its worker done
-/// and its connection closed at the same moment) reports its real result.
-pub const LOST_LINK_GRACE: Duration = Duration::from_secs(1);
-
-/// Longest a task that timed out on a supervised worker waits for the
-/// supervisor to start killing that worker before giving the task back.
-const HUNG_GRACE: Duration = Duration::from_secs(5);
-
-/// Why a task was given up: its link to the broker was lost.
-pub const CONNECTION_LOST: &str = "connection lost";
-/// Why a task was given up: the stop's `--shutdown-timeout` ran out.
-pub const STOP_TIMEOUT: &str = "stop timeout";
-/// Why a task was given up: what its outcome called for was not confirmed.
-pub const SETTLE_FAILED: &str = "settle failed";
-
-/// One delivery being handled, for [`Held::abandon`].
-struct Held<'a> {
-    /// Shared with every handler.
-    ctx: &'a TaskCtx,
-    /// The link the delivery came on.
-    link: &'a TaskLink,
-    /// The delivery.
-    delivery: &'a Delivery,
-    /// Its task.
-    meta: &'a TaskMeta,
-    /// The stage it came from.
-    route: &'a StageRoute,
-    /// When the worker got it.
-    started_at_ms: u64,
-}
-
-impl Held<'_> {
-    /// Gives the task up without handing it on: reports `TaskAbandoned` and
-    /// gives the delivery back to the queue (a nack, or nothing at all if the
-    /// link is lost: the broker requeues it with the dead channel).
-    async fn abandon(&self, reason: &str, result: WorkerResult) {
-        let lost = self.link.is_lost();
-        tracing::info!(
-            task = %self.meta.id,
-            attempt = self.meta.attempt,
-            ?result,
-            "giving the task back to the queue: {reason}"
-        );
-        self.ctx.shared.count_requeued();
-        self.ctx.events.emit(Event::TaskAbandoned(TaskAbandoned {
-            at_ms: now_ms(),
-            task_id: self.meta.id.clone(),
-            stage: self.route.stage.clone(),
-            attempt: self.meta.attempt,
-            started_at_ms: self.started_at_ms,
-            reason: reason.to_owned(),
-            result,
-        }));
-        if !lost {
-            nack(self.delivery).await;
-        }
-    }
-}
-
-/// Handles one delivery of `route`'s stage to the end: settled and acked,
-/// or given back. Everything about it (events, retry and dead-letter queues,
-/// the next stage) is `route`'s, even if the agent serves another stage by
-/// the time the worker is done.
-pub async fn process(
-    ctx: Arc<TaskCtx>,
-    link: Arc<TaskLink>,
-    route: Arc<StageRoute>,
-    mut delivery: Delivery,
-) {
-    let meta = match TaskMeta::read(&delivery.properties, now_ms()) {
+/// Reads a delivery of `stage` for the core: its task (or why it cannot be
+/// one), with its span. The payload moves into the returned input.
+pub fn read(
+    ctx: &TaskCtx,
+    route: &crate::config::StageRoute,
+    delivery: &mut Delivery,
+    now: u64,
+) -> (core::Delivery, TaskInput, Option<InHand>) {
+    let payload = std::mem::take(&mut delivery.data);
+    let meta = match TaskMeta::read(&delivery.properties, now) {
         Ok((meta, implausible)) => {
             if !implausible.is_empty() {
-                report_implausible(&ctx, &meta, &implausible);
+                report_implausible(ctx, &meta, &implausible);
             }
-            meta
+            Ok(meta)
         }
         Err(err) => {
             let reason = match err {
                 TaskMetaError::InvalidId(_) => RejectReason::InvalidMessageId,
             };
-            let detail = err.to_string();
-            return dead::reject_unreadable(&ctx, &link, &route.stage, delivery, reason, detail)
-                .await;
+            Err((reason, err.to_string()))
         }
     };
-    let started_at_ms = now_ms();
-    let _in_hand = ctx.shared.hold(TaskInHand {
-        task_id: meta.id.clone(),
-        attempt: meta.attempt,
-        started_at_ms,
-    });
-    ctx.events.emit(Event::TaskStarted(TaskStarted {
-        at_ms: started_at_ms,
-        task_id: meta.id.clone(),
-        stage: route.stage.clone(),
-        attempt: meta.attempt,
-        enqueued_at_ms: meta.enqueued_at_ms,
-        submitted_at_ms: meta.submitted_at_ms,
+    let span = span_for(meta.as_ref().ok().and_then(|m| m.traceparent.as_deref()));
+    let (input, in_hand) = match &meta {
+        Ok(meta) => {
+            let in_hand = ctx.shared.hold(TaskInHand {
+                task_id: meta.id.clone(),
+                attempt: meta.attempt,
+                started_at_ms: now,
+            });
+            (
+                core::task::task_input(meta, route, &span, payload),
+                Some(in_hand),
+            )
+        }
+        Err(_) => (
+            TaskInput {
+                task_id: guildhall_broker::task::new_task_id(),
+                stage: route.stage.clone(),
+                attempt: 0,
+                idempotency_key: String::new(),
+                traceparent: None,
+                payload,
+            },
+            None,
+        ),
+    };
+    let read = core::Delivery {
+        meta,
         redelivered: delivery.redelivered,
-    }));
-    let span = span_for(meta.traceparent.as_deref());
-    let input = TaskInput {
-        task_id: meta.id.clone(),
-        stage: route.stage.clone(),
-        attempt: meta.attempt,
-        idempotency_key: idempotency_key(meta.id.as_str(), route.stage.as_str(), meta.attempt),
-        traceparent: Some(span.clone()),
-        payload: std::mem::take(&mut delivery.data),
-    };
-    let progress = progress_sink(&ctx, &input);
-    let generation = ctx.worker_status.as_ref().map(|rx| rx.borrow().generation);
-    let held = Held {
-        ctx: &ctx,
-        link: &link,
-        delivery: &delivery,
-        meta: &meta,
-        route: &route,
-        started_at_ms,
-    };
-    let unfinished = WorkerResult::Unfinished;
-    let outcome = tokio::select! {
-        outcome = ctx.worker.handle(&input, &progress) => outcome,
-        () = ctx.abandon.cancelled() => return held.abandon(STOP_TIMEOUT, unfinished).await,
-        reason = worker_lost(ctx.worker_status.clone(), generation) => {
-            return held.abandon(reason, unfinished).await;
-        }
-        () = link.lost_for(LOST_LINK_GRACE) => return held.abandon(CONNECTION_LOST, unfinished).await,
-    };
-    let result = match &outcome {
-        Outcome::Success { .. } => WorkerResult::Succeeded,
-        Outcome::Failure(_) => WorkerResult::Failed,
-    };
-    // Settling would publish for a delivery that can no longer be acked (the
-    // broker already gave it to someone else): discard the result.
-    if link.is_lost() {
-        return held.abandon(CONNECTION_LOST, result).await;
-    }
-    if let (Outcome::Failure(failure), Some(generation)) = (&outcome, generation) {
-        let status = ctx.worker_status.as_ref().map(|rx| *rx.borrow());
-        if let Some(reason) = status.and_then(|s| s.end_of(generation)) {
-            // The failure is the worker's death (or kill), not the task's.
-            return held.abandon(reason, unfinished).await;
-        }
-        if failure.timed_out
-            && let Some(control) = &ctx.worker_control
-        {
-            // A supervised worker that does not answer in time is hung:
-            // restart it and give the task back instead of retrying it.
-            tracing::warn!(task = %meta.id, "task timed out: the worker is hung");
-            control.hung(generation);
-            let restarting = worker_lost(ctx.worker_status.clone(), Some(generation));
-            let _ = tokio::time::timeout(HUNG_GRACE, restarting).await;
-            return held.abandon(WORKER_HUNG, unfinished).await;
-        }
-    }
-    let settled = settle(
-        &ctx,
-        &link,
-        &route,
-        &meta,
-        &input,
-        outcome,
-        started_at_ms,
         span,
-        &delivery,
-    )
-    .await;
-    match settled {
-        Ok(()) => ack(&delivery, &meta.id).await,
-        Err(_) if link.is_lost() => held.abandon(CONNECTION_LOST, result).await,
-        Err(err) => {
-            tracing::warn!(task = %meta.id, "cannot settle the task: {err}");
-            held.abandon(SETTLE_FAILED, result).await;
-        }
+    };
+    (read, input, in_hand)
+}
+
+/// Hands the task to the worker; a panic is a retryable failure.
+pub async fn work(ctx: Arc<TaskCtx>, input: Arc<TaskInput>) -> Outcome {
+    let progress = progress_sink(&ctx, &input);
+    let call = std::panic::AssertUnwindSafe(ctx.worker.handle(&input, &progress));
+    match call.catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::Failure(Failure::retryable(
+            "agent_panic",
+            "the agent's worker call panicked",
+        )),
     }
 }
 
-/// Acts on the outcome: publishes what it calls for and waits for every
-/// confirm. The caller acks only if this succeeds.
-#[allow(clippy::too_many_arguments)]
-async fn settle(
-    ctx: &TaskCtx,
-    link: &TaskLink,
-    route: &StageRoute,
-    meta: &TaskMeta,
-    input: &TaskInput,
-    outcome: Outcome,
-    started_at_ms: u64,
-    span: String,
-    delivery: &Delivery,
-) -> Result<(), SettleError> {
-    // One timestamp for the whole hand-off: it is the next message's
-    // `enqueued_at` and the events' `at_ms`, so a later stage's events never
-    // carry an earlier time than the hand-off that caused them.
-    let finished_at_ms = now_ms();
-    let failure = match outcome {
-        Outcome::Success { payload, next } => 'success: {
-            let next = match next {
-                NextStage::Default => route.next.clone(),
-                NextStage::Stage(stage) => Some(stage),
-                NextStage::End => None,
-            };
-            if let Some(next) = &next {
-                if let Err(failure) = next_stage_ready(ctx, link, next).await? {
-                    break 'success failure;
-                }
-                let props = meta.next_stage(finished_at_ms, Some(span)).properties();
-                let published = publish(
-                    ctx,
-                    link,
-                    &ctx.names.tasks_exchange(),
-                    next.as_str(),
-                    &payload,
-                    props,
-                )
-                .await;
-                if let Err(PublishError::Unroutable { .. }) = &published {
-                    // Someone deleted the queue since it was declared.
-                    link.declarer.forget_stage(next);
-                }
-                published?;
-            }
-            ctx.events
-                .emit_confirmed(Event::TaskSucceeded(TaskSucceeded {
-                    at_ms: finished_at_ms,
-                    task_id: meta.id.clone(),
-                    stage: route.stage.clone(),
-                    attempt: meta.attempt,
-                    started_at_ms,
-                    next,
-                    submitted_at_ms: meta.submitted_at_ms,
-                }))
-                .await?;
-            ctx.shared.count_done();
-            return Ok(());
-        }
-        Outcome::Failure(failure) => failure,
-    };
-    let error = truncate_error(failure.error.clone());
-    let failed = Event::TaskFailed(TaskFailed {
-        at_ms: finished_at_ms,
-        task_id: meta.id.clone(),
-        stage: route.stage.clone(),
-        attempt: meta.attempt,
-        started_at_ms,
-        error: error.clone(),
-        error_class: failure.class.clone(),
-        retryable: failure.retryable,
-    });
-    let then = if failure.retryable && ctx.retry.should_retry(meta.attempt) {
-        let delay_ms = ctx.retry.delay(meta.attempt).as_millis() as u64;
-        let queue = link.declarer.retry_queue(&route.stage, delay_ms).await?;
-        let props = meta.retry(finished_at_ms, delay_ms).properties();
-        publish(ctx, link, "", &queue, &input.payload, props).await?;
-        tracing::debug!(task = %meta.id, attempt = meta.attempt, delay_ms, class = %failure.class, "retrying");
-        Event::TaskRetrying(TaskRetrying {
-            at_ms: finished_at_ms,
-            task_id: meta.id.clone(),
-            stage: route.stage.clone(),
-            attempt: meta.attempt,
-            delay_ms,
-        })
-    } else {
-        let reasons = Reasons {
-            error: &error,
-            class: &failure.class,
-            stage: &route.stage,
-            agent: &ctx.agent,
-        };
-        let (props, trimmed) =
-            dead::dead_letter_properties(&delivery.properties, reasons, link.frame_max);
-        publish(
-            ctx,
-            link,
-            &ctx.names.dead_exchange(),
-            route.stage.as_str(),
-            &input.payload,
-            props,
-        )
-        .await?;
-        dead::log_trimmed(trimmed, &format!("task {}", meta.id));
-        tracing::info!(task = %meta.id, attempt = meta.attempt, class = %failure.class, "dead-lettered: {error}");
-        Event::TaskDeadLettered(TaskDeadLettered {
-            at_ms: now_ms(),
-            task_id: meta.id.clone(),
-            stage: route.stage.clone(),
-            attempt: meta.attempt,
-            error,
-        })
-    };
-    // Both events ride in one batch; `zip` queues them in this order.
-    let (a, b) = futures_lite::future::zip(
-        ctx.events.emit_confirmed(failed),
-        ctx.events.emit_confirmed(then),
-    )
-    .await;
-    a?;
-    b?;
-    ctx.shared.count_failed();
-    Ok(())
+/// Publishes what the core asked for (declaring what it needs first) and
+/// waits for the confirm.
+pub async fn publish(
+    ctx: Arc<TaskCtx>,
+    link: Arc<TaskLink>,
+    original: BasicProperties,
+    input: Arc<TaskInput>,
+    publish: Publish,
+) -> Confirm {
+    match try_publish(&ctx, &link, original, &input, publish).await {
+        Ok(confirm) => confirm,
+        Err(err) => Confirm::Failed(crate::config::one_line(&err)),
+    }
 }
 
-/// Makes sure a next stage can take the result: declared if the agent may
-/// declare it, else it must exist ([`crate::declare`]). `Ok(Err)` is the
-/// permanent failure the task then is; `Err` a broker failure (the task goes
-/// back to the queue).
-async fn next_stage_ready(
+async fn try_publish(
     ctx: &TaskCtx,
     link: &TaskLink,
-    next: &Stage,
-) -> Result<Result<(), Failure>, BrokerError> {
-    match ctx.next_stages.rule(next) {
-        NextStageRule::Declare => link.declarer.stage(next).await.map(Ok),
-        NextStageRule::MustExist => {
-            if link.declarer.exists(next).await? {
-                return Ok(Ok(()));
+    original: BasicProperties,
+    input: &TaskInput,
+    publish: Publish,
+) -> Result<Confirm, String> {
+    let payload: &[u8] = match &publish.body {
+        Body::Output(payload) => payload,
+        Body::Input => &input.payload,
+    };
+    match publish.target {
+        Target::Next {
+            stage,
+            declare,
+            meta,
+        } => {
+            if declare {
+                link.declarer
+                    .stage(&stage)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            } else if !link
+                .declarer
+                .exists(&stage)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(Confirm::NoSuchStage);
             }
-            Ok(Err(Failure::permanent(
-                UNKNOWN_STAGE_CLASS,
-                format!(
-                    "the worker named next stage {next:?}, which does not exist (no queue {}) \
-                     and is not one of this agent's stages; declare it, or run the agent with \
-                     --allow-new-stages",
-                    ctx.names.stage_queue(next)
-                ),
-            )))
+            let exchange = ctx.names.tasks_exchange();
+            let published = send(
+                ctx,
+                link,
+                &exchange,
+                stage.as_str(),
+                payload,
+                meta.properties(),
+            )
+            .await;
+            if let Err(PublishError::Unroutable { .. }) = &published {
+                // Someone deleted the queue since it was declared.
+                link.declarer.forget_stage(&stage);
+            }
+            published.map_err(|e| e.to_string())?;
         }
+        Target::Retry {
+            stage,
+            delay_ms,
+            meta,
+        } => {
+            let queue = link
+                .declarer
+                .retry_queue(&stage, delay_ms)
+                .await
+                .map_err(|e| e.to_string())?;
+            send(ctx, link, "", &queue, payload, meta.properties())
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(task = %input.task_id, attempt = input.attempt, delay_ms, "retrying");
+        }
+        Target::Dead {
+            stage,
+            error,
+            class,
+        } => {
+            let reasons = Reasons {
+                error: &error,
+                class: &class,
+                stage: &stage,
+                agent: &ctx.agent,
+            };
+            let (props, trimmed) = dead::dead_letter_properties(&original, reasons, link.frame_max);
+            let exchange = ctx.names.dead_exchange();
+            send(ctx, link, &exchange, stage.as_str(), payload, props)
+                .await
+                .map_err(|e| e.to_string())?;
+            if input.attempt == 0 {
+                dead::log_trimmed(trimmed, "an unreadable delivery");
+            } else {
+                dead::log_trimmed(trimmed, &format!("task {}", input.task_id));
+                tracing::info!(task = %input.task_id, attempt = input.attempt, %class, "dead-lettered: {error}");
+            }
+        }
+    }
+    Ok(Confirm::Confirmed)
+}
+
+/// Emits `events` in one batch, in order, and waits for its confirm.
+pub async fn emit_confirmed(ctx: Arc<TaskCtx>, events: Vec<Event>) -> Confirm {
+    // Every event is queued (in order) before any confirm is waited for.
+    let mut waits: Vec<_> = events
+        .into_iter()
+        .map(|e| Box::pin(ctx.events.emit_confirmed(e)))
+        .collect();
+    let mut results: Vec<Option<Result<(), String>>> = waits.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (wait, result) in waits.iter_mut().zip(results.iter_mut()) {
+            if result.is_none() {
+                match wait.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => *result = Some(r.map_err(|e| e.to_string())),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    match results.into_iter().flatten().find_map(Result::err) {
+        Some(err) => Confirm::Failed(err),
+        None => Confirm::Confirmed,
     }
 }
 
@@ -466,7 +285,7 @@ fn report_implausible(ctx: &TaskCtx, meta: &TaskMeta, dropped: &[ImplausibleTime
 /// Publishes on the link's confirm channel and waits for the confirm; the
 /// time it took is a sample of the broker round trip (heartbeats report the
 /// median of recent ones).
-pub(crate) async fn publish(
+async fn send(
     ctx: &TaskCtx,
     link: &TaskLink,
     exchange: &str,
@@ -509,38 +328,50 @@ fn progress_sink(ctx: &TaskCtx, input: &TaskInput) -> ProgressSink {
     })
 }
 
-/// Resolves with the reason when the run of the supervised worker this task
-/// was handed to ends or is being ended (never without a supervised worker).
-async fn worker_lost(
-    status: Option<watch::Receiver<WorkerStatus>>,
-    generation: Option<u64>,
-) -> &'static str {
-    let (Some(mut rx), Some(generation)) = (status, generation) else {
-        return std::future::pending().await;
-    };
-    match rx.wait_for(|s| s.end_of(generation).is_some()).await {
-        Ok(status) => status.end_of(generation).unwrap_or(WORKER_EXITED),
-        // The supervisor itself is gone, and the worker with it.
-        Err(_) => WORKER_EXITED,
-    }
+/// How a delivery is let go.
+#[derive(Debug, Clone, Copy)]
+pub enum Release {
+    /// Ack.
+    Ack,
+    /// Nack with requeue.
+    Requeue,
+    /// Reject without requeue.
+    Reject,
 }
 
-async fn ack(delivery: &Delivery, task: &guildhall_proto::TaskId) {
-    match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::warn!(%task, "ack not sent: the channel is gone (the broker will redeliver)")
+/// Acks, nacks or rejects `held`'s delivery; it is let go after that.
+pub async fn release(held: Held, how: Release) {
+    let task = &held.input.task_id;
+    let tag = held.delivery.delivery_tag;
+    let acker = &held.delivery.acker;
+    match how {
+        Release::Ack => match acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                %task,
+                "ack not sent: the channel is gone (the broker will redeliver)"
+            ),
+            Err(err) => tracing::warn!(%task, "ack failed (the broker will redeliver): {err}"),
+        },
+        Release::Requeue => {
+            let options = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            if let Err(err) = acker.nack(options).await {
+                tracing::warn!(
+                    "nack failed (the broker will redeliver when the channel closes): {err}"
+                );
+            }
         }
-        Err(err) => tracing::warn!(%task, "ack failed (the broker will redeliver): {err}"),
+        Release::Reject => {
+            if let Err(err) = acker.reject(BasicRejectOptions { requeue: false }).await {
+                tracing::warn!(
+                    delivery_tag = tag,
+                    "reject failed (the broker will redeliver): {err}"
+                );
+            }
+        }
     }
-}
-
-async fn nack(delivery: &Delivery) {
-    let options = BasicNackOptions {
-        multiple: false,
-        requeue: true,
-    };
-    if let Err(err) = delivery.acker.nack(options).await {
-        tracing::warn!("nack failed (the broker will redeliver when the channel closes): {err}");
-    }
+    drop(held);
 }
