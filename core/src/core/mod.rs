@@ -72,8 +72,6 @@ mod errors_tests;
 #[cfg(test)]
 mod plan_tests;
 #[cfg(test)]
-mod snapshot_tests;
-#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod trust_tests;
