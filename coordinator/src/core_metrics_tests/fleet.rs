@@ -4,6 +4,7 @@
 
 use super::{metered, metrics_of};
 use crate::core::CoreConfig;
+use crate::core::stages::QueueStats;
 use crate::core::test_support::{Sim, T0, aid, st, tid};
 use crate::core::{Core, Notice};
 use crate::metrics::Metrics;
@@ -378,7 +379,8 @@ fn per_worker_counters_follow_the_agents_own_counts() {
 
 #[test]
 fn per_worker_series_can_be_switched_off() {
-    let mut core = Core::new(CoreConfig::default(), Metrics::new(false), T0);
+    let m = Metrics::new(false);
+    let mut core = Core::new(CoreConfig::default(), m.clone(), T0);
     core.set_caught_up(T0);
     let sim_hb = Sim::new().heartbeat("a", AgentState::Idle, &[]);
     core.handle_envelope(
@@ -396,7 +398,7 @@ fn per_worker_series_can_be_switched_off() {
         None,
     );
     core.export_worker_counters();
-    let text = Metrics::new(false).text_of(&mut core, T0);
+    let text = m.text_of(&mut core, T0);
     assert!(!text.contains("worker=\"w1\""));
     assert!(text.contains("guildhall_workers{stage=\"a\",status=\"idle\"} 1"));
 }
