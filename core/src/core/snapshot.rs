@@ -158,7 +158,9 @@ where
     serializer.collect_map(entries)
 }
 
-/// The workers table in id order (see [`in_key_order`]).
+/// The workers table in id order (see [`in_key_order`]). serde hands
+/// `serialize_with` the field's own type, a `&Cow`.
+#[allow(clippy::ptr_arg)]
 fn workers_in_id_order<S: serde::Serializer>(
     workers: &Cow<'_, HashMap<AgentId, Worker>>,
     serializer: S,
