@@ -349,8 +349,8 @@ fn per_worker_counters_are_not_restored_when_switched_off() {
 }
 
 /// A snapshot of a small core: one worker, one task, whose attempt failed
-/// (so an error class is saved too, and its layout pinned). One of each: the
-/// maps are `HashMap`s, whose order changes from run to run.
+/// (so an error class is saved too, and its layout pinned). One of each,
+/// though maps are now written in key order.
 fn small() -> Vec<u8> {
     let mut f = Sim::with_telemetry(CoreConfig::default(), Metrics::new(true), true);
     let ev = vec![
@@ -447,7 +447,7 @@ fn the_body_layout_is_pinned() {
     assert_eq!(
         (body.len(), crc32fast::hash(body)),
         (2972, 3961311725),
-        "the layout of a saved type changed: bump FORMAT_VERSION in core/snapshot.rs, then update this test"
+        "the layout of a saved type changed: bump FORMAT_VERSION in core/src/core/snapshot.rs, then update this test"
     );
 }
 

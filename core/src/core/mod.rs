@@ -25,7 +25,20 @@
 //! - [`views`]: the serializable view types;
 //! - [`snapshot`]: the state as bytes and back ([`Core::encode_snapshot`],
 //!   [`snapshot::decode`], [`Core::restore`]), so a restarted coordinator
-//!   replays the stream only from the offset its snapshot covers.
+//!   replays the stream only from the offset its snapshot covers;
+//! - [`telemetry`]: the metrics the core hands the runtime, as data (the
+//!   [`telemetry::Telemetry`] the runtime implements on its registry);
+//! - [`exported`]: the gauges and per-worker rows handed over before a
+//!   scrape;
+//! - `test_support` (tests, and the `test-support` feature): the one test
+//!   driver, `Sim`, on virtual time.
+//!
+//! # Determinism
+//!
+//! The same inputs give the same outputs in the same order: notices,
+//! deadlines, views, metric data and snapshot bytes. The workers table is a
+//! `HashMap`; whatever walks it into an output sorts by id first
+//! (`determinism_tests.rs` feeds one recorded sequence to two cores).
 //!
 //! # Time
 //!

@@ -15,7 +15,8 @@
 //! The format version is checked right after the magic, before anything it
 //! could change. postcard is not self-describing, so **any change to a type
 //! saved in a snapshot must bump [`FORMAT_VERSION`]**; the test
-//! `the_body_layout_is_pinned` fails until it is done.
+//! `the_body_layout_is_pinned` (in the coordinator's `core_metrics_tests`,
+//! where the real counters are) fails until it is done.
 //!
 //! # What is saved, what is rebuilt
 //!
