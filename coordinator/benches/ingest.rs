@@ -176,7 +176,8 @@ const SCRAPE_AGENTS_PER_STAGE: usize = 3_334;
 
 fn scrape(c: &mut Criterion) {
     let config = MixConfig::three_stages(SCRAPE_AGENTS_PER_STAGE, 1);
-    let mut core = Core::new(CoreConfig::default(), Metrics::new(true), START_MS);
+    let metrics = Metrics::new(true);
+    let mut core = Core::new(CoreConfig::default(), metrics.clone(), START_MS);
     core.set_caught_up(START_MS);
     // Every agent says Hello; tasks flow through the first agent of each
     // stage until ~100,000 are retained.
@@ -207,7 +208,6 @@ fn scrape(c: &mut Criterion) {
         })
     });
     let rows = core.worker_series();
-    let metrics = core.metrics().clone();
     group.bench_function("text", |b| {
         b.iter_batched(
             || rows.clone(),

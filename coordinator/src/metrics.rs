@@ -6,31 +6,38 @@
 //! `other`) and (switchable with `--per-worker-metrics`) `worker`. **Never a
 //! task id.**
 //!
-//! Hot-path updates go through [`StageMetrics`], a set of handles resolved
-//! once per stage, so applying an event does no label lookup; the counts
-//! and histograms every task touches are buffered there without atomics
-//! (prometheus' local metrics) and flushed by the core at the end of each
-//! envelope ([`StageMetrics::flush`], [`CoreMetrics::flush`]), under its
-//! lock: a snapshot (written under the lock) never sees part of an
-//! envelope, and a scrape (which gathers after releasing it) may catch
-//! one envelope's flush half done, as it could catch atomic updates in the
-//! middle of an envelope before. Gauges that
-//! describe state (workers by status, queue depths) are set by
-//! [`crate::core::Core::refresh_metrics`] just before a scrape.
+//! The core (`guildhall-core`, no prometheus there) hands its metrics over
+//! as data through [`crate::core::telemetry::Telemetry`]; [`telemetry`]
+//! implements it on these handles ([`Metrics::telemetry`]), resolving a
+//! stage's handles once, when the core first names the stage. The counts
+//! and histograms every task touches are buffered in the core as plain
+//! numbers and handed over at the end of each envelope, under its lock: a
+//! snapshot (written under the lock) never sees part of an envelope, and a
+//! scrape (which gathers after releasing it) may catch one envelope's flush
+//! half done, as it could catch atomic updates in the middle of an envelope
+//! before. Gauges that describe state (workers by status, queue depths) are
+//! handed over by [`crate::core::Core::refresh_metrics`] just before a
+//! scrape.
 //!
 //! Counters survive a coordinator restart: a snapshot records every
 //! counter series ([`Metrics::counter_values`]) and restoring adds them back
 //! ([`Metrics::restore_counters`]). Histograms cannot be set through the
 //! prometheus API and restart at zero (Prometheus sees a counter reset).
+//!
+//! # Layout
+//!
+//! - this file: [`Metrics`] (every definition), the counters a snapshot
+//!   carries, the per-worker families written by hand;
+//! - [`telemetry`]: the core's data mapped onto these handles.
+
+pub mod telemetry;
 
 use prometheus::core::Collector;
-use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::proto::MetricType;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// Outcome label values of `guildhall_tasks_total`.
@@ -47,17 +54,9 @@ pub mod outcome {
     pub const ABANDONED: &str = "abandoned";
 }
 
-/// Worker status label values, in display order.
-pub const WORKER_STATUSES: [&str; 8] = [
-    "processing",
-    "idle",
-    "paused",
-    "draining",
-    "starting",
-    "suspect",
-    "dead",
-    "stopped",
-];
+pub use crate::core::exported::WorkerSeries;
+pub use crate::core::telemetry::{CounterSample, WORKER_STATUSES, WORKER_TASKS_TOTAL};
+pub use telemetry::PromTelemetry;
 
 const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -107,8 +106,8 @@ pub struct Metrics {
     /// `guildhall_events_ingested_total{kind}`.
     pub events_ingested: IntCounterVec,
     /// The handle of each `kind` of `events_ingested`, indexed by
-    /// [`guildhall_proto::Event::kind_index`]: the core counts through its
-    /// buffered copies ([`CoreMetrics`]), no label lookup.
+    /// [`guildhall_proto::Event::kind_index`]: the core hands its counts
+    /// over by that index, no label lookup.
     pub events_by_kind: Vec<IntCounter>,
     /// `guildhall_event_lag_seconds`: from an envelope's publish (the
     /// sender's clock) to its application, the coordinator's delay behind
@@ -216,17 +215,6 @@ pub const MALFORMED_REASONS: [&str; 10] = [
 /// The one counter a snapshot does not carry: it counts this process's writes.
 const NOT_SAVED_COUNTER: &str = "guildhall_snapshot_writes_total";
 
-/// One counter series and its value, as a snapshot carries it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct CounterSample {
-    /// The metric's name, to find its handle again.
-    pub name: String,
-    /// The series' labels as `(name, value)`, to find its child again.
-    pub labels: Vec<(String, String)>,
-    /// The count.
-    pub value: u64,
-}
-
 /// A counter handle, labelled or not.
 enum CounterHandle<'a> {
     /// A counter without labels.
@@ -241,89 +229,6 @@ impl CounterHandle<'_> {
             CounterHandle::One(c) => *c,
             CounterHandle::Family(v) => *v,
         }
-    }
-}
-
-/// Handles for one stage, resolved once. The ones every task touches
-/// buffer what they are given until [`flush`](Self::flush).
-#[derive(Clone, Debug)]
-pub struct StageMetrics {
-    /// Attempts succeeded (buffered).
-    pub succeeded: LocalIntCounter,
-    /// Attempts retried.
-    pub retried: IntCounter,
-    /// Attempts dead-lettered.
-    pub dead_lettered: IntCounter,
-    /// Attempts requeued because their worker was declared dead.
-    pub requeued: IntCounter,
-    /// Attempts given up by their agent.
-    pub abandoned: IntCounter,
-    /// Stale results.
-    pub stale: IntCounter,
-    /// Attempts started (buffered).
-    pub started: LocalIntCounter,
-    /// Tasks submitted to this stage (buffered).
-    pub submitted: LocalIntCounter,
-    /// Processing time (buffered).
-    pub duration: LocalHistogram,
-    /// Queue wait (buffered).
-    pub queue_wait: LocalHistogram,
-}
-
-impl StageMetrics {
-    /// Handles registered nowhere: a placeholder for a stage read from a
-    /// snapshot, until the restoring core resolves the real ones.
-    pub fn detached() -> Self {
-        let counter =
-            || IntCounter::new("detached", "placeholder").expect("valid metric definition");
-        let histogram = || {
-            Histogram::with_opts(HistogramOpts::new("detached", "placeholder"))
-                .expect("valid metric definition")
-        };
-        Self {
-            succeeded: counter().local(),
-            retried: counter(),
-            dead_lettered: counter(),
-            requeued: counter(),
-            abandoned: counter(),
-            stale: counter(),
-            started: counter().local(),
-            submitted: counter().local(),
-            duration: histogram().local(),
-            queue_wait: histogram().local(),
-        }
-    }
-
-    /// Hands what the buffered handles hold to the registry's metrics.
-    pub fn flush(&self) {
-        self.succeeded.flush();
-        self.started.flush();
-        self.submitted.flush();
-        self.duration.flush();
-        self.queue_wait.flush();
-    }
-}
-
-/// The core's buffered handles of the fleet-wide series it updates per
-/// event; flushed with the stages' at the end of each envelope.
-#[derive(Debug)]
-pub struct CoreMetrics {
-    /// `events_ingested` by [`guildhall_proto::Event::kind_index`].
-    pub events_by_kind: Vec<LocalIntCounter>,
-    /// `tasks_completed`.
-    pub tasks_completed: LocalIntCounter,
-    /// `pipeline_duration`.
-    pub pipeline_duration: LocalHistogram,
-}
-
-impl CoreMetrics {
-    /// Hands what the handles hold to the registry's metrics.
-    pub fn flush(&self) {
-        for counter in &self.events_by_kind {
-            counter.flush();
-        }
-        self.tasks_completed.flush();
-        self.pipeline_duration.flush();
     }
 }
 
@@ -697,43 +602,6 @@ impl Metrics {
         metrics
     }
 
-    /// Buffered handles for the core (see [`CoreMetrics`]).
-    pub fn core_buffers(&self) -> CoreMetrics {
-        CoreMetrics {
-            events_by_kind: self.events_by_kind.iter().map(IntCounter::local).collect(),
-            tasks_completed: self.tasks_completed.local(),
-            pipeline_duration: self.pipeline_duration.local(),
-        }
-    }
-
-    /// Resolves the handles of one stage.
-    pub fn stage(&self, stage: &str) -> StageMetrics {
-        // Exists at 0 from the stage's first sight, so rules on its increase
-        // see a series before the first death (or rejected delivery).
-        self.worker_deaths.with_label_values(&[stage]);
-        for reason in guildhall_proto::RejectReason::ALL {
-            self.deliveries_rejected
-                .with_label_values(&[stage, reason.as_str()]);
-        }
-        StageMetrics {
-            succeeded: self
-                .tasks
-                .with_label_values(&[stage, outcome::SUCCEEDED])
-                .local(),
-            retried: self.tasks.with_label_values(&[stage, outcome::RETRIED]),
-            dead_lettered: self
-                .tasks
-                .with_label_values(&[stage, outcome::DEAD_LETTERED]),
-            requeued: self.tasks.with_label_values(&[stage, outcome::REQUEUED]),
-            abandoned: self.tasks.with_label_values(&[stage, outcome::ABANDONED]),
-            stale: self.task_results_stale.with_label_values(&[stage]),
-            started: self.tasks_started.with_label_values(&[stage]).local(),
-            submitted: self.tasks_submitted.with_label_values(&[stage]).local(),
-            duration: self.task_duration.with_label_values(&[stage]).local(),
-            queue_wait: self.task_queue_wait.with_label_values(&[stage]).local(),
-        }
-    }
-
     /// The handle of every counter a snapshot carries, to restore them: all
     /// but `snapshot_writes` (a test checks that none is missing).
     fn saved_counters(&self) -> [CounterHandle<'_>; 18] {
@@ -845,33 +713,6 @@ impl Metrics {
     }
 }
 
-/// One worker's per-worker series, copied out of the core under its lock
-/// and written out after it is released.
-///
-/// **Per-worker series are not in the registry**: with 10,000 workers they
-/// are most of a scrape, and the registry's gather-then-encode took over
-/// 100 ms for them; written straight from these rows they take a few.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkerSeries {
-    /// The `worker` label (agent id).
-    pub worker: String,
-    /// The `stage` label.
-    pub stage: String,
-    /// `guildhall_worker_up`.
-    pub up: bool,
-    /// `guildhall_worker_tasks_in_hand`.
-    pub in_hand: u64,
-    /// `guildhall_worker_tasks_total`: per stage the worker has served,
-    /// attempts succeeded and failed there.
-    pub tasks: Vec<(String, u64, u64)>,
-    /// `guildhall_worker_cpu_ratio` and `guildhall_worker_memory_bytes`,
-    /// when the agent reports its worker process.
-    pub worker_proc: Option<(f64, u64)>,
-    /// `guildhall_agent_cpu_ratio` and `guildhall_agent_memory_bytes`,
-    /// when the agent reports itself.
-    pub agent_proc: Option<(f64, u64)>,
-}
-
 /// The per-worker families: name, help, type, and the value of a row
 /// (`None`: the row has no such series).
 type WorkerValue = fn(&WorkerSeries) -> Option<f64>;
@@ -913,8 +754,6 @@ const WORKER_FAMILIES: [(&str, &str, &str, WorkerValue); 6] = [
         |w| Some(if w.up { 1.0 } else { 0.0 }),
     ),
 ];
-/// `guildhall_worker_tasks_total{worker,stage,outcome}`.
-pub const WORKER_TASKS_TOTAL: &str = "guildhall_worker_tasks_total";
 const WORKER_TASKS_HELP: &str =
     "Stage attempts finished by the worker, by outcome (succeeded, failed).";
 

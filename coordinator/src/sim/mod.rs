@@ -28,6 +28,7 @@
 //! # Layout
 //!
 //! - this file: the flags ([`SimulateArgs`]), their validation and [`run`];
+//! - the engine, in `guildhall-core` (`guildhall_core::sim`), re-exported:
 //! - [`trace`]: the trace format, its parser and the generators;
 //! - [`spec`]: `--stages` and service-time distributions;
 //! - [`engine`]: the event loop, workers, accounting;
@@ -35,12 +36,7 @@
 //! - [`report`]: results, the table and JSON;
 //! - [`rng`]: the seeded random-number generator.
 
-pub mod engine;
-pub mod policy;
-pub mod report;
-pub mod rng;
-pub mod spec;
-pub mod trace;
+pub use guildhall_core::sim::{engine, policy, report, rng, spec, trace};
 
 #[cfg(test)]
 mod tests;

@@ -2,18 +2,10 @@
 //! prefetch, as notices.
 
 use super::stages::QueueStats;
-use super::test_support::{T0, st};
+use super::telemetry::Count;
+use super::test_support::{Sim, st};
 use super::*;
-use crate::metrics::Metrics;
 use guildhall_proto::*;
-
-/// A core with a clock, agents that heartbeat, and a feed of tasks.
-struct Fleet {
-    core: Core,
-    now: u64,
-    seq: HashMap<String, u64>,
-    task: u64,
-}
 
 struct AgentSpec<'a> {
     id: &'a str,
@@ -23,43 +15,23 @@ struct AgentSpec<'a> {
     rtt_ms: Option<u32>,
 }
 
-impl Fleet {
-    fn new() -> Self {
-        let config = CoreConfig {
-            sync_period_ms: 15_000,
-            min_dwell_ms: 60_000,
-            ..CoreConfig::default()
-        };
-        let mut core = Core::new(config, Metrics::new(true), T0);
-        core.set_caught_up(T0);
-        Self {
-            core,
-            now: T0,
-            seq: HashMap::new(),
-            task: 0,
-        }
-    }
+/// A caught-up core re-planning every 15 s, moves dwelling 60 s.
+fn fleet() -> Sim {
+    Sim::with(CoreConfig {
+        sync_period_ms: 15_000,
+        min_dwell_ms: 60_000,
+        ..CoreConfig::default()
+    })
+}
 
-    fn send(&mut self, sender: &str, events: Vec<Event>) {
-        let seq = self.seq.entry(sender.into()).or_insert(0);
-        *seq += 1;
-        let envelope = Envelope {
-            sender: sender.parse().unwrap(),
-            incarnation: 1,
-            seq: *seq,
-            sent_at_ms: self.now,
-            events,
-        };
-        self.core.handle_envelope(
-            self.now,
-            Decoded {
-                envelope,
-                skipped: 0,
-            },
-            None,
-        );
-    }
+/// The agents and load of this file's scenarios, on the shared driver.
+trait Agents {
+    fn hello_and_heartbeat(&mut self, a: &AgentSpec<'_>);
+    fn beat(&mut self, a: &AgentSpec<'_>);
+    fn second(&mut self, stage: &str, agent: &str, rate: u32, service_ms: u64, backlog: u64);
+}
 
+impl Agents for Sim {
     fn hello_and_heartbeat(&mut self, a: &AgentSpec<'_>) {
         let stages: Vec<Stage> = a.stages.iter().map(|s| st(s)).collect();
         let hello = Event::Hello(Box::new(Hello {
@@ -76,10 +48,10 @@ impl Fleet {
             supervised: false,
         }));
         self.send(a.id, vec![hello]);
-        self.heartbeat(a);
+        self.beat(a);
     }
 
-    fn heartbeat(&mut self, a: &AgentSpec<'_>) {
+    fn beat(&mut self, a: &AgentSpec<'_>) {
         let stage = self
             .core
             .worker_view(a.id, self.now)
@@ -110,8 +82,7 @@ impl Fleet {
     fn second(&mut self, stage: &str, agent: &str, rate: u32, service_ms: u64, backlog: u64) {
         let mut events = Vec::new();
         for i in 0..rate {
-            self.task += 1;
-            let id: TaskId = format!("T{}", self.task).parse().unwrap();
+            let id = self.next_task();
             let at = self.now + u64::from(i) * 1000 / u64::from(rate.max(1));
             events.push(Event::TaskSubmitted(TaskSubmitted {
                 at_ms: at,
@@ -150,28 +121,11 @@ impl Fleet {
             },
         );
     }
-
-    fn advance(&mut self, ms: u64) {
-        let end = self.now + ms;
-        while let Some(d) = self.core.poll_timeout() {
-            if d > end {
-                break;
-            }
-            self.now = self.now.max(d);
-            self.core.handle_timeout(self.now);
-        }
-        self.now = end;
-        self.core.handle_timeout(end);
-    }
-
-    fn notices(&mut self) -> Vec<Notice> {
-        std::iter::from_fn(|| self.core.poll_notice()).collect()
-    }
 }
 
 #[test]
 fn a_growing_load_raises_the_recommendation_and_says_so() {
-    let mut f = Fleet::new();
+    let mut f = fleet();
     let a = AgentSpec {
         id: "w1",
         stage: "build",
@@ -183,12 +137,12 @@ fn a_growing_load_raises_the_recommendation_and_says_so() {
     // 1 task/s of 500 ms on one slot: fine. Then 8/s: far too much.
     for second in 0..120 {
         let rate = if second < 60 { 1 } else { 8 };
-        f.heartbeat(&a);
+        f.beat(&a);
         f.second("build", "w1", rate, 500, if second < 60 { 0 } else { 50 });
         f.advance(1_000);
     }
     let scales: Vec<(u32, u32)> = f
-        .notices()
+        .all_notices()
         .into_iter()
         .filter_map(|n| match n {
             Notice::Scale { from, to, .. } => Some((from, to)),
@@ -206,21 +160,21 @@ fn a_growing_load_raises_the_recommendation_and_says_so() {
     assert_eq!(plan.plan.recommended_workers, to);
     assert!(plan.bottleneck);
     assert!(!plan.plan.reason.is_empty());
-    let text = f.core.metrics_text(f.now);
-    assert!(
-        text.contains(&format!(
-            "guildhall_stage_recommended_workers{{stage=\"build\"}} {to}"
-        )),
-        "{text}"
+    let gauges = f.recorder.recorded().gauges;
+    assert_eq!(
+        gauges["RecommendedWorkers { stage: \"build\""],
+        format!("RecommendedWorkers {{ stage: \"build\", n: {to} }}"),
+        "{gauges:?}"
     );
     assert!(
-        text.contains("guildhall_stage_forecast_arrival_rate{bound=\"upper\",stage=\"build\"}")
+        gauges.contains_key("ForecastArrivalRate { stage: \"build\", bound: \"upper\""),
+        "{gauges:?}"
     );
 }
 
 #[test]
 fn a_flexible_agent_moves_to_the_overloaded_stage_and_then_dwells() {
-    let mut f = Fleet::new();
+    let mut f = fleet();
     let fixed_a = AgentSpec {
         id: "a1",
         stage: "a",
@@ -248,14 +202,14 @@ fn a_flexible_agent_moves_to_the_overloaded_stage_and_then_dwells() {
     // a: 1/s of 100 ms on 4 slots (idle); b: 3/s of 500 ms on 1 slot (unstable).
     for _ in 0..30 {
         for a in [&fixed_a, &fixed_b, &flex] {
-            f.heartbeat(a);
+            f.beat(a);
         }
         f.second("a", "a1", 1, 100, 0);
         f.second("b", "b1", 3, 500, 40);
         f.advance(1_000);
     }
     let moves: Vec<(AgentId, Stage, Stage, String)> = f
-        .notices()
+        .all_notices()
         .into_iter()
         .filter_map(|n| match n {
             Notice::Assign {
@@ -280,13 +234,13 @@ fn a_flexible_agent_moves_to_the_overloaded_stage_and_then_dwells() {
     // The agent has not confirmed yet, but it is not asked again meanwhile.
     for _ in 0..30 {
         for a in [&fixed_a, &fixed_b, &flex] {
-            f.heartbeat(a);
+            f.beat(a);
         }
         f.second("b", "b1", 3, 500, 40);
         f.advance(1_000);
     }
     assert!(
-        !f.notices()
+        !f.all_notices()
             .iter()
             .any(|n| matches!(n, Notice::Assign { .. })),
         "inside its dwell time"
@@ -302,18 +256,16 @@ fn a_flexible_agent_moves_to_the_overloaded_stage_and_then_dwells() {
         })],
     );
     assert_eq!(f.core.worker_view("flex", f.now).unwrap().stage, "b");
-    f.core.refresh_metrics(f.now);
-    assert!(
-        f.core
-            .metrics()
-            .encode()
-            .contains("guildhall_worker_moves_total{from=\"a\",to=\"b\"} 1")
+    assert_eq!(
+        f.recorder
+            .count_of(Count::WorkerMove { from: "a", to: "b" }),
+        1
     );
 }
 
 #[test]
 fn prefetch_follows_round_trip_over_service_time_and_is_asked_once() {
-    let mut f = Fleet::new();
+    let mut f = fleet();
     let a = AgentSpec {
         id: "w1",
         stage: "fast",
@@ -323,12 +275,12 @@ fn prefetch_follows_round_trip_over_service_time_and_is_asked_once() {
     };
     f.hello_and_heartbeat(&a);
     for _ in 0..40 {
-        f.heartbeat(&a);
+        f.beat(&a);
         f.second("fast", "w1", 5, 5, 0);
         f.advance(1_000);
     }
     let asks: Vec<u32> = f
-        .notices()
+        .all_notices()
         .into_iter()
         .filter_map(|n| match n {
             Notice::SetPrefetch { worker, prefetch } if worker.as_str() == "w1" => Some(prefetch),
@@ -345,8 +297,7 @@ fn nothing_is_decided_while_the_history_is_replayed() {
         marker_nonce: Some(7),
         ..CoreConfig::default()
     };
-    let mut f = Fleet::new();
-    f.core = Core::new(config, Metrics::new(true), T0);
+    let mut f = Sim::replaying(config);
     let a = AgentSpec {
         id: "w1",
         stage: "build",
@@ -356,10 +307,10 @@ fn nothing_is_decided_while_the_history_is_replayed() {
     };
     f.hello_and_heartbeat(&a);
     for _ in 0..60 {
-        f.heartbeat(&a);
+        f.beat(&a);
         f.second("build", "w1", 8, 500, 50);
         f.advance(1_000);
     }
-    assert!(f.notices().is_empty());
+    assert!(f.all_notices().is_empty());
     assert!(f.core.scaling_view(f.now).stages.is_empty());
 }

@@ -9,6 +9,7 @@
 //!
 //! [`Planner`]: crate::capacity::Planner
 
+use super::telemetry::Gauge;
 use super::views::{ScalingStage, ScalingView};
 use super::{Core, Notice, push_notice};
 use crate::capacity::{FlexibleAgent, StageDemand, StagePlan, prefetch_for, rebalance};
@@ -58,20 +59,19 @@ impl Core {
         self.size_prefetch();
     }
 
-    fn export_plan(&self, p: &StagePlan) {
-        let label = p.stage.as_str();
-        let m = &self.metrics;
-        m.stage_recommended_workers
-            .with_label_values(&[label])
-            .set(i64::from(p.recommended_workers));
-        for (bound, value) in [
+    fn export_plan(&mut self, p: &StagePlan) {
+        let stage = p.stage.as_str();
+        self.telemetry.set(Gauge::RecommendedWorkers {
+            stage,
+            n: i64::from(p.recommended_workers),
+        });
+        for (bound, rate) in [
             ("point", p.forecast.rate),
             ("lower", p.forecast.lower),
             ("upper", p.forecast.upper),
         ] {
-            m.stage_forecast_arrival_rate
-                .with_label_values(&[label, bound])
-                .set(value);
+            self.telemetry
+                .set(Gauge::ForecastArrivalRate { stage, bound, rate });
         }
     }
 
@@ -94,6 +94,10 @@ impl Core {
         if flexible.is_empty() {
             return;
         }
+        // In id order, not the workers table's (a `HashMap`): ties between
+        // agents resolve the same way on every run.
+        let mut flexible = flexible;
+        flexible.sort_by(|a, b| a.id.cmp(&b.id));
         let mut fixed: BTreeMap<&Stage, u32> = BTreeMap::new();
         for w in self.workers.values() {
             if w.is_consuming() && !w.is_flexible() {
@@ -162,6 +166,9 @@ impl Core {
                 asks.push((w.id.clone(), prefetch));
             }
         }
+        // The workers table is a `HashMap`: the asks go out in id order, so
+        // the same inputs give the same notices in the same order.
+        asks.sort_unstable();
         for (worker, prefetch) in asks {
             push_notice(&mut self.notices, Notice::SetPrefetch { worker, prefetch });
         }

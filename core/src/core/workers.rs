@@ -287,7 +287,7 @@ impl Worker {
     }
 
     /// Its status for the API and metrics (one of
-    /// [`crate::metrics::WORKER_STATUSES`]).
+    /// [`super::telemetry::WORKER_STATUSES`]).
     pub fn status(&self) -> &'static str {
         match self.liveness {
             Liveness::Dead { .. } => "dead",

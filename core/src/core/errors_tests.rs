@@ -4,83 +4,51 @@
 
 use super::errors::{self, ErrorTracker, Failure, MINUTE_MS, Rise, classify};
 use super::snapshot;
-use super::test_support::{T0, st, tid};
+use super::telemetry::{Count, Recorder};
+use super::test_support::{Sim, T0, st, tid};
 use super::views::ErrorsView;
 use super::*;
-use crate::metrics::Metrics;
 use guildhall_proto::*;
 
 /// The first minute boundary after `T0`, so tests count in whole minutes.
 const M0: u64 = (T0 / MINUTE_MS + 1) * MINUTE_MS;
 
-/// A core on a virtual clock, fed envelopes with per-sender sequence numbers.
-struct Sim {
-    core: Core,
-    now: u64,
-    seqs: HashMap<String, u64>,
-    offset: u64,
-    tasks: u64,
+/// A core that has caught up with the stream.
+fn live(config: CoreConfig) -> Sim {
+    Sim::with(config)
 }
 
-impl Sim {
-    /// A core that has caught up with the stream.
-    fn live(config: CoreConfig) -> Self {
-        let mut sim = Self::replaying(config);
-        sim.core.set_caught_up(sim.now);
-        sim
-    }
+/// `sim`'s state restored from its snapshot on `config`, driven on from
+/// where `sim` is (fresh telemetry, the saved counters added back).
+fn resume(sim: &Sim, config: CoreConfig) -> Sim {
+    let ns = Namespace::new("errs").unwrap();
+    let bytes = sim.core.encode_snapshot(&ns, sim.now).unwrap();
+    let snap = snapshot::decode(&bytes, &ns).unwrap();
+    let recorder = Recorder::new(true);
+    let core = Core::restore(snap, config, recorder.clone(), sim.now);
+    let mut resumed = Sim::around(core, sim.now);
+    resumed.recorder = recorder;
+    resumed.seqs = sim.seqs.clone();
+    resumed.offset = sim.offset;
+    resumed.tasks = sim.tasks;
+    resumed
+}
 
-    /// A core still replaying the stream's history.
-    fn replaying(config: CoreConfig) -> Self {
-        Self {
-            core: Core::new(config, Metrics::new(true), T0),
-            now: T0,
-            seqs: HashMap::new(),
-            offset: 0,
-            tasks: 0,
-        }
-    }
+/// Events and views of this file's scenarios, on the shared driver.
+trait Failures {
+    fn start(&self, task: &TaskId, stage: &str) -> Event;
+    fn failure(&self, task: &TaskId, stage: &str, class: &str, error: &str) -> Event;
+    fn failed_at(&self, at_ms: u64, task: &TaskId, stage: &str, class: &str, error: &str) -> Event;
+    fn fail(&mut self, stage: &str, class: &str, error: &str) -> TaskId;
+    fn fail_at(&mut self, at_ms: u64, stage: &str, class: &str, error: &str) -> TaskId;
+    fn holding(&self, stage: &str, in_hand: &[&TaskId]) -> Event;
+    fn view(&self) -> ErrorsView;
+    fn counts(&self) -> Vec<(String, String, u64)>;
+    fn metric(&self, stage: &str, class: &str) -> Option<u64>;
+}
 
-    fn send(&mut self, sender: &str, events: Vec<Event>) {
-        let seq = self.seqs.entry(sender.into()).or_insert(0);
-        *seq += 1;
-        self.offset += 1;
-        let envelope = Envelope {
-            sender: sender.parse().unwrap(),
-            incarnation: 1,
-            seq: *seq,
-            sent_at_ms: self.now,
-            events,
-        };
-        self.core.handle_envelope(
-            self.now,
-            Decoded {
-                envelope,
-                skipped: 0,
-            },
-            Some(self.offset),
-        );
-    }
-
-    /// Moves the clock to `t`, running every timeout on the way.
-    fn advance_to(&mut self, t: u64) {
-        while let Some(deadline) = self.core.poll_timeout() {
-            if deadline > t {
-                break;
-            }
-            self.now = self.now.max(deadline);
-            self.core.handle_timeout(self.now);
-        }
-        self.now = self.now.max(t);
-        self.core.handle_timeout(self.now);
-    }
-
-    fn next_task(&mut self) -> TaskId {
-        self.tasks += 1;
-        tid(&format!("T{}", self.tasks))
-    }
-
-    fn started(&self, task: &TaskId, stage: &str) -> Event {
+impl Failures for Sim {
+    fn start(&self, task: &TaskId, stage: &str) -> Event {
         Event::TaskStarted(TaskStarted {
             at_ms: self.now,
             task_id: task.clone(),
@@ -92,7 +60,7 @@ impl Sim {
         })
     }
 
-    fn failed(&self, task: &TaskId, stage: &str, class: &str, error: &str) -> Event {
+    fn failure(&self, task: &TaskId, stage: &str, class: &str, error: &str) -> Event {
         self.failed_at(self.now, task, stage, class, error)
     }
 
@@ -118,14 +86,14 @@ impl Sim {
     fn fail_at(&mut self, at_ms: u64, stage: &str, class: &str, error: &str) -> TaskId {
         let task = self.next_task();
         let events = vec![
-            self.started(&task, stage),
+            self.start(&task, stage),
             self.failed_at(at_ms, &task, stage, class, error),
         ];
         self.send("w", events);
         task
     }
 
-    fn heartbeat(&self, stage: &str, in_hand: &[&TaskId]) -> Event {
+    fn holding(&self, stage: &str, in_hand: &[&TaskId]) -> Event {
         Event::Heartbeat(Box::new(Heartbeat {
             at_ms: self.now,
             version: "0.1.0".into(),
@@ -152,18 +120,6 @@ impl Sim {
         }))
     }
 
-    /// The error notices taken from the core (the others are dropped).
-    fn error_notices(&mut self) -> Vec<Notice> {
-        std::iter::from_fn(|| self.core.poll_notice())
-            .filter(|n| {
-                matches!(
-                    n,
-                    Notice::ErrorClassNew { .. } | Notice::ErrorClassRising { .. }
-                )
-            })
-            .collect()
-    }
-
     fn view(&self) -> ErrorsView {
         self.core.errors_view(self.now)
     }
@@ -177,15 +133,11 @@ impl Sim {
             .collect()
     }
 
-    /// The value of `guildhall_task_errors_total{stage,error_class}`.
+    /// The count of `stage`'s failures of `class` handed to the telemetry
+    /// (`guildhall_task_errors_total{stage,error_class}` in the runtime).
     fn metric(&self, stage: &str, class: &str) -> Option<u64> {
-        let prefix =
-            format!("guildhall_task_errors_total{{error_class=\"{class}\",stage=\"{stage}\"}} ");
-        self.core
-            .metrics()
-            .encode()
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        let n = self.recorder.count_of(Count::TaskError { stage, class });
+        (n > 0).then_some(n)
     }
 }
 
@@ -243,7 +195,7 @@ fn classes_come_from_the_worker_or_else_the_message() {
 
 #[test]
 fn the_21st_class_of_a_stage_counts_as_other() {
-    let mut sim = Sim::live(CoreConfig::default());
+    let mut sim = live(CoreConfig::default());
     for i in 0..20 {
         sim.fail("a", &format!("class_{i:02}"), "boom");
     }
@@ -273,7 +225,7 @@ fn the_21st_class_of_a_stage_counts_as_other() {
     assert_eq!(sim.metric("a", "class_20"), None);
     assert_eq!(sim.metric("b", "class_20"), Some(1));
     // A worker's own `other` is that same bucket, and takes no slot.
-    let mut sim = Sim::live(CoreConfig {
+    let mut sim = live(CoreConfig {
         max_error_classes_per_stage: 1,
         ..CoreConfig::default()
     });
@@ -291,7 +243,7 @@ fn the_21st_class_of_a_stage_counts_as_other() {
 
 #[test]
 fn samples_are_bounded_and_messages_cut() {
-    let mut sim = Sim::live(CoreConfig::default());
+    let mut sim = live(CoreConfig::default());
     let mut tasks = Vec::new();
     for i in 0..8 {
         tasks.push(sim.fail("a", "http_503", &format!("HTTP 503: try {i}")));
@@ -326,7 +278,7 @@ fn samples_are_bounded_and_messages_cut() {
 
 #[test]
 fn messages_are_stored_verbatim() {
-    let mut sim = Sim::live(CoreConfig::default());
+    let mut sim = live(CoreConfig::default());
     let message = "<script>alert('x')</script> & \"quotes\"";
     let task = sim.fail("a", "", message);
     assert_eq!(
@@ -408,7 +360,7 @@ fn take(sim: &mut Sim, rises: &mut Vec<(u64, String, u64, f64)>) {
 
 #[test]
 fn a_rising_class_is_noticed_once_per_rise() {
-    let mut sim = Sim::live(CoreConfig::default());
+    let mut sim = live(CoreConfig::default());
     let mut rises = Vec::new();
     // One failure a minute: a young class rises from nothing once it has 5
     // in 5 minutes, then hovers at the thresholds (out of the window at each
@@ -536,12 +488,12 @@ fn the_tracker_alone_rises_and_rearms() {
 
 #[test]
 fn crashes_dead_workers_and_dead_letters_have_their_classes() {
-    let mut sim = Sim::live(CoreConfig::default());
+    let mut sim = live(CoreConfig::default());
     // A worker process exit gives the task back: crash. A lost connection
     // does not count.
     for (task, reason) in [("C1", "worker exited"), ("C2", "connection lost")] {
         let ev = vec![
-            sim.started(&tid(task), "a"),
+            sim.start(&tid(task), "a"),
             Event::TaskAbandoned(TaskAbandoned {
                 at_ms: sim.now,
                 task_id: tid(task),
@@ -566,8 +518,8 @@ fn crashes_dead_workers_and_dead_letters_have_their_classes() {
     // nobody reported a failure for: one, classified from its error.
     let d1 = tid("D1");
     let ev = vec![
-        sim.started(&d1, "a"),
-        sim.failed(&d1, "a", "http_422", "HTTP 422: bad"),
+        sim.start(&d1, "a"),
+        sim.failure(&d1, "a", "http_422", "HTTP 422: bad"),
         Event::TaskDeadLettered(TaskDeadLettered {
             at_ms: sim.now,
             task_id: d1.clone(),
@@ -589,7 +541,7 @@ fn crashes_dead_workers_and_dead_letters_have_their_classes() {
     );
     // A worker holding G falls silent and is declared dead: worker_dead.
     let g = tid("G");
-    let ev = vec![sim.started(&g, "a"), sim.heartbeat("a", &[&g])];
+    let ev = vec![sim.start(&g, "a"), sim.holding("a", &[&g])];
     sim.send("gone", ev);
     sim.advance_to(sim.now + 3_000);
     let notices: Vec<Notice> = std::iter::from_fn(|| sim.core.poll_notice()).collect();
@@ -628,7 +580,7 @@ fn crashes_dead_workers_and_dead_letters_have_their_classes() {
 
 #[test]
 fn the_tracker_survives_a_snapshot() {
-    let mut sim = Sim::live(CoreConfig::default());
+    let mut sim = live(CoreConfig::default());
     sim.advance_to(M0);
     for _ in 0..6 {
         sim.fail("a", "http_503", "HTTP 503: <b>busy</b>");
@@ -641,19 +593,9 @@ fn the_tracker_survives_a_snapshot() {
             .any(|n| matches!(n, Notice::ErrorClassRising { .. })),
         "{notices:?}"
     );
-    let ns = Namespace::new("errs").unwrap();
-    let bytes = sim.core.encode_snapshot(&ns, sim.now).unwrap();
-    let snap = snapshot::decode(&bytes, &ns).unwrap();
-    let core = Core::restore(snap, CoreConfig::default(), Metrics::new(true), sim.now);
-    assert_eq!(core.errors_view(sim.now), sim.view());
-    assert_eq!(core.errors_view(sim.now).classes.len(), 2);
-    let mut restored = Sim {
-        core,
-        now: sim.now,
-        seqs: sim.seqs.clone(),
-        offset: sim.offset,
-        tasks: sim.tasks,
-    };
+    let mut restored = resume(&sim, CoreConfig::default());
+    assert_eq!(restored.core.errors_view(sim.now), sim.view());
+    assert_eq!(restored.core.errors_view(sim.now).classes.len(), 2);
     assert_eq!(restored.metric("a", "http_503"), Some(6));
     assert_eq!(restored.metric("b", "exit_2"), Some(1));
     restored.core.set_caught_up(restored.now);
@@ -663,19 +605,11 @@ fn the_tracker_survives_a_snapshot() {
     assert_eq!(restored.error_notices(), []);
     assert_eq!(restored.metric("a", "http_503"), Some(7));
     // The restoring core's cap applies to classes not seen yet.
-    let bytes = sim.core.encode_snapshot(&ns, sim.now).unwrap();
-    let snap = snapshot::decode(&bytes, &ns).unwrap();
     let config = CoreConfig {
         max_error_classes_per_stage: 1,
         ..CoreConfig::default()
     };
-    let mut capped = Sim {
-        core: Core::restore(snap, config, Metrics::new(true), sim.now),
-        now: sim.now,
-        seqs: sim.seqs.clone(),
-        offset: sim.offset,
-        tasks: sim.tasks,
-    };
+    let mut capped = resume(&sim, config);
     capped.core.set_caught_up(capped.now);
     capped.fail("a", "timeout", "timed out");
     assert_eq!(capped.metric("a", "other"), Some(1));

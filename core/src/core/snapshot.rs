@@ -15,17 +15,18 @@
 //! The format version is checked right after the magic, before anything it
 //! could change. postcard is not self-describing, so **any change to a type
 //! saved in a snapshot must bump [`FORMAT_VERSION`]**; the test
-//! `the_body_layout_is_pinned` fails until it is done.
+//! `the_body_layout_is_pinned` (in the coordinator's `core_metrics_tests`,
+//! where the real counters are) fails until it is done.
 //!
 //! # What is saved, what is rebuilt
 //!
 //! Saved: workers, stages, tasks, ingest counts (with the last offset
-//! applied), every counter series of the metrics, the capacity planner
+//! applied), every counter series of the telemetry, the capacity planner
 //! (arrival histories and forecasts: kept only if the capacity settings are
 //! the same when restored) and the error tracker (classes, counts, samples,
 //! per-minute rates and whether a rise was reported; its limits come from
 //! the restoring core's configuration). Rebuilt on restore:
-//! stage metric handles (from the restoring core's metrics), the liveness
+//! the stages' metric series (announced to the restoring core's telemetry), the liveness
 //! deadline heap (every live worker re-armed), the task store's finished
 //! count and eviction queue. Not kept: notices (already acted on),
 //! histograms (they restart at zero), `caught_up` (the runtime replays from
@@ -34,10 +35,10 @@
 use super::errors::ErrorTracker;
 use super::stages::StageState;
 use super::tasks::{TaskRecord, TaskStore};
+use super::telemetry::{CounterSample, Telemetry, WORKER_TASKS_TOTAL};
 use super::workers::Worker;
 use super::{Core, CoreConfig, IngestStats};
 use crate::capacity::Planner;
-use crate::metrics::{CounterSample, Metrics, WORKER_TASKS_TOTAL};
 use guildhall_proto::{AgentId, Namespace, Stage, TaskId};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -70,7 +71,9 @@ pub struct SnapshotHeader {
 /// when read back: one type, so writer and reader cannot drift apart.
 #[derive(Serialize, Deserialize)]
 struct CoreState<'a> {
-    /// Every tracked worker.
+    /// Every tracked worker, written in id order (the same state gives
+    /// the same bytes; read back in any order).
+    #[serde(serialize_with = "workers_in_id_order")]
     workers: Cow<'a, HashMap<AgentId, Worker>>,
     /// Every known stage, with its counts, rates and samples.
     stages: Cow<'a, BTreeMap<Stage, StageState>>,
@@ -78,7 +81,8 @@ struct CoreState<'a> {
     tasks: Tasks<'a>,
     /// Ingest counts and the last offset applied.
     stats: Cow<'a, IngestStats>,
-    /// Every counter series, which live in the metrics, not the core.
+    /// Every counter series, which live in the runtime's metrics (its
+    /// [`Telemetry`]), not the core.
     counters: Vec<CounterSample>,
     /// Arrival histories, forecasts and stabiliser windows: days of history
     /// the forecasts need.
@@ -110,7 +114,12 @@ impl Tasks<'_> {
     fn into_records(self) -> Vec<TaskRecord> {
         match self {
             Tasks::Live(store) => store.iter().map(|t| t.to_record()).collect(),
-            Tasks::Read(map) => map.into_values().collect(),
+            Tasks::Read(map) => {
+                // In id order: the same file restores the same store.
+                let mut records: Vec<(TaskId, TaskRecord)> = map.into_iter().collect();
+                records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                records.into_iter().map(|(_, r)| r).collect()
+            }
         }
     }
 }
@@ -126,7 +135,7 @@ impl Serialize for Tasks<'_> {
                 }
                 map.end()
             }
-            Tasks::Read(records) => records.serialize(serializer),
+            Tasks::Read(records) => in_key_order(records, serializer),
         }
     }
 }
@@ -135,6 +144,29 @@ impl<'de> Deserialize<'de> for Tasks<'_> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         HashMap::deserialize(deserializer).map(Tasks::Read)
     }
+}
+
+/// Writes a map in key order, so the bytes do not depend on a `HashMap`'s
+/// iteration order (the format is the same: a map, in any order).
+fn in_key_order<K, V, S>(map: &HashMap<K, V>, serializer: S) -> Result<S::Ok, S::Error>
+where
+    K: Ord + Serialize,
+    V: Serialize,
+    S: serde::Serializer,
+{
+    let mut entries: Vec<(&K, &V)> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    serializer.collect_map(entries)
+}
+
+/// The workers table in id order (see [`in_key_order`]). serde hands
+/// `serialize_with` the field's own type, a `&Cow`.
+#[allow(clippy::ptr_arg)]
+fn workers_in_id_order<S: serde::Serializer>(
+    workers: &Cow<'_, HashMap<AgentId, Worker>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    in_key_order(workers, serializer)
 }
 
 /// A snapshot read back, ready for [`Core::restore`].
@@ -250,11 +282,16 @@ impl Core {
         Ok(out)
     }
 
-    /// A core with a snapshot's state: counters added back to `metrics`
-    /// (which must be fresh), stage handles resolved from them, every live
+    /// A core with a snapshot's state: counters added back to `telemetry`
+    /// (which must be fresh), its stages announced to it, every live
     /// worker's liveness deadline armed again. It is not caught up: the
     /// runtime replays the stream from the snapshot's offset first.
-    pub fn restore(snapshot: Snapshot, config: CoreConfig, metrics: Metrics, now_ms: u64) -> Self {
+    pub fn restore(
+        snapshot: Snapshot,
+        config: CoreConfig,
+        telemetry: impl Into<Box<dyn Telemetry>>,
+        now_ms: u64,
+    ) -> Self {
         let CoreState {
             workers,
             stages,
@@ -269,7 +306,7 @@ impl Core {
         let (worker_counters, counters): (Vec<_>, Vec<_>) = counters
             .into_iter()
             .partition(|c| c.name == WORKER_TASKS_TOTAL);
-        let mut core = Core::new(config, metrics, now_ms);
+        let mut core = Core::new(config, telemetry, now_ms);
         core.tasks = TaskStore::restore(
             tasks.into_records(),
             core.config.completed_limit,
@@ -279,17 +316,19 @@ impl Core {
             .into_owned()
             .into_iter()
             .map(|(name, mut s)| {
-                s.metrics = core.metrics.stage(name.as_str());
                 s.name = name.clone();
                 (name, s)
             })
             .collect();
+        for name in core.stages.keys() {
+            core.telemetry.stage_added(name.as_str());
+        }
         core.workers = workers
             .into_owned()
             .into_values()
             .map(|w| (w.id.clone(), w))
             .collect();
-        if core.metrics.per_worker {
+        if core.telemetry.per_worker() {
             core.restore_worker_counters(&worker_counters);
         }
         let suspect = core.config.suspect_heartbeats;
@@ -315,7 +354,7 @@ impl Core {
         }
         // Last: the registry is shared, so nothing that could still fail
         // (and send the runtime back to a fresh core) comes after it.
-        let skipped = core.metrics.restore_counters(&counters);
+        let skipped = core.telemetry.restore_counters(&counters);
         if skipped > 0 {
             tracing::info!(skipped, "counter series from the snapshot not restored");
         }
@@ -324,11 +363,11 @@ impl Core {
 }
 
 impl Core {
-    /// Every counter series a snapshot carries: the registry's, and each
+    /// Every counter series a snapshot carries: the telemetry's, and each
     /// worker's `guildhall_worker_tasks_total` (written from the workers
     /// table, not the registry), in one sorted list as before.
     fn counter_samples(&self) -> Vec<CounterSample> {
-        let mut out = self.metrics.counter_values();
+        let mut out = self.telemetry.counter_values();
         for w in self.workers.values() {
             for (stage, ok, failed) in w.task_counters() {
                 for (outcome, value) in [("failed", failed), ("succeeded", ok)] {

@@ -2,8 +2,8 @@
 //! one, and forged batches (jumps, stops, restarts, intervals, times) do no
 //! lasting harm.
 
-use super::test_support::{T0, aid, st};
-use super::tests::Sim;
+use super::telemetry::Count;
+use super::test_support::{Sim, T0, aid, st};
 use super::*;
 use guildhall_proto::*;
 
@@ -79,8 +79,19 @@ fn forge(sim: &mut Sim, sender: &str, incarnation: u64, seq: u64, events: Vec<Ev
     );
 }
 
-fn metric(sim: &Sim, line: &str) -> bool {
-    sim.metrics().lines().any(|l| l == line)
+/// Whether the core last said it hears the fleet (it says so on a change;
+/// the runtime's gauge starts at 1).
+fn listening(sim: &Sim) -> bool {
+    sim.recorder
+        .recorded()
+        .gauges
+        .get("Listening")
+        .is_none_or(|g| g == "Listening(true)")
+}
+
+/// The total of a counter the core handed over.
+fn counted(sim: &Sim, count: Count<'_>) -> u64 {
+    sim.recorder.count_of(count)
 }
 
 fn stopping() -> Event {
@@ -95,20 +106,20 @@ fn a_deaf_coordinator_judges_no_one() {
     let mut sim = with_echoes();
     run(&mut sim, 5_000, true);
     assert_eq!(sim.worker("w1").status, "idle");
-    assert!(metric(&sim, "guildhall_coordinator_listening 1"));
+    assert!(listening(&sim));
 
     // The stream consumer stalls: no heartbeat, no echo, for 30 s. The
     // worker is silent to the core, but so is the core's own echo.
     sim.advance(30_000);
     assert!(dead_notices(&mut sim).is_empty(), "judged while deaf");
     assert_ne!(sim.worker("w1").status, "dead");
-    assert!(metric(&sim, "guildhall_coordinator_listening 0"));
+    assert!(!listening(&sim));
 
     // The stream flows again: the worker was alive all along.
     run(&mut sim, 10_000, true);
     assert!(dead_notices(&mut sim).is_empty());
     assert_eq!(sim.worker("w1").status, "idle");
-    assert!(metric(&sim, "guildhall_coordinator_listening 1"));
+    assert!(listening(&sim));
 
     // Now it really goes silent while the core hears itself: dead, within
     // 3 heartbeat intervals plus an echo.
@@ -159,7 +170,7 @@ fn silence_while_the_consumer_was_disconnected_is_not_the_workers() {
         dead_notices(&mut sim).is_empty(),
         "judged while disconnected"
     );
-    assert!(metric(&sim, "guildhall_coordinator_listening 0"));
+    assert!(!listening(&sim));
     // Reconnected: silence counts from now.
     sim.core.set_listening(sim.now, true);
     sim.advance(2_500);
@@ -180,10 +191,7 @@ fn a_forged_jump_does_not_blind_a_real_agent_even_across_a_restart() {
     }
     // envelope('w1', seq=10**15, [AgentStopping]) in the agent's own run.
     forge(&mut sim, "w1", 1, 1_000_000_000_000_000, vec![stopping()]);
-    assert!(metric(
-        &sim,
-        "guildhall_events_malformed_total{reason=\"seq_jump\"} 1"
-    ));
+    assert_eq!(counted(&sim, Count::Malformed { reason: "seq_jump" }), 1);
     assert_eq!(sim.worker("w1").status, "idle", "the stop was not applied");
     // The agent's next real batches are applied.
     let e = sim.started("T1", "build", 1, T0);
@@ -194,7 +202,8 @@ fn a_forged_jump_does_not_blind_a_real_agent_even_across_a_restart() {
     let ns = Namespace::new("trust").unwrap();
     let bytes = sim.core.encode_snapshot(&ns, sim.now).unwrap();
     let snap = snapshot::decode(&bytes, &ns).unwrap();
-    sim.core = Core::restore(snap, CoreConfig::default(), Metrics::new(true), sim.now);
+    sim.recorder = telemetry::Recorder::new(true);
+    sim.core = Core::restore(snap, CoreConfig::default(), sim.recorder.clone(), sim.now);
     sim.core.set_caught_up(sim.now);
     forge(&mut sim, "w1", 1, 1_000_000_000_000_001, vec![stopping()]);
     let hb = sim.heartbeat("build", AgentState::Processing, &["T1"]);
@@ -261,16 +270,21 @@ fn a_forged_restart_blinds_no_one_and_shows_as_a_conflict() {
     // again), and two runs under one id are counted.
     run(&mut sim, 1_000, true);
     assert_eq!(sim.worker("w1").status, "idle");
-    assert!(metric(&sim, "guildhall_sender_conflicts_total 1"));
+    assert_eq!(counted(&sim, Count::SenderConflict), 1);
     // Forged heartbeats of yet other runs, without a Hello: refused.
     for forged in 1_000..1_010 {
         let hb = sim.heartbeat("build", AgentState::Idle, &[]);
         forge(&mut sim, "w1", forged, 2, vec![hb]);
     }
-    assert!(metric(
-        &sim,
-        "guildhall_events_malformed_total{reason=\"incarnation\"} 10"
-    ));
+    assert_eq!(
+        counted(
+            &sim,
+            Count::Malformed {
+                reason: "incarnation"
+            }
+        ),
+        10
+    );
     // Nobody was judged dead on the forged 1 ms interval.
     run(&mut sim, 10_000, true);
     assert!(dead_notices(&mut sim).is_empty());
@@ -296,10 +310,15 @@ fn forged_short_intervals_do_not_make_a_healthy_agent_flap() {
     }
     assert!(dead_notices(&mut sim).is_empty(), "flapped");
     assert_eq!(sim.worker("w1").status, "idle");
-    assert!(metric(
-        &sim,
-        "guildhall_events_clamped_total{field=\"heartbeat_interval\"} 30"
-    ));
+    assert_eq!(
+        counted(
+            &sim,
+            Count::Clamped {
+                field: "heartbeat_interval"
+            }
+        ),
+        30
+    );
 }
 
 #[test]
@@ -309,15 +328,8 @@ fn an_implausible_enqueue_time_is_dropped_and_counted() {
     let wrapped = (1u64 << 62).wrapping_mul(1000);
     let e = sim.started("T1", "build", 1, wrapped);
     sim.send("w1", vec![e]);
-    assert!(metric(
-        &sim,
-        "guildhall_events_clamped_total{field=\"time\"} 1"
-    ));
-    // No queue wait was made up from it.
-    assert!(
-        !sim.metrics()
-            .contains("guildhall_task_queue_wait_seconds_count{stage=\"build\"} 1"),
-        "{}",
-        sim.metrics()
-    );
+    assert_eq!(counted(&sim, Count::Clamped { field: "time" }), 1);
+    // No queue wait was made up from it (the start itself counts).
+    assert_eq!(sim.recorder.buffered(Some("build"), "started"), 1);
+    assert_eq!(sim.recorder.buffered(Some("build"), "queue_waits"), 0);
 }

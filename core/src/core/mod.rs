@@ -25,7 +25,20 @@
 //! - [`views`]: the serializable view types;
 //! - [`snapshot`]: the state as bytes and back ([`Core::encode_snapshot`],
 //!   [`snapshot::decode`], [`Core::restore`]), so a restarted coordinator
-//!   replays the stream only from the offset its snapshot covers.
+//!   replays the stream only from the offset its snapshot covers;
+//! - [`telemetry`]: the metrics the core hands the runtime, as data (the
+//!   [`telemetry::Telemetry`] the runtime implements on its registry);
+//! - [`exported`]: the gauges and per-worker rows handed over before a
+//!   scrape;
+//! - `test_support` (tests, and the `test-support` feature): the one test
+//!   driver, `Sim`, on virtual time.
+//!
+//! # Determinism
+//!
+//! The same inputs give the same outputs in the same order: notices,
+//! deadlines, views, metric data and snapshot bytes. The workers table is a
+//! `HashMap`; whatever walks it into an output sorts by id first
+//! (`determinism_tests.rs` feeds one recorded sequence to two cores).
 //!
 //! # Time
 //!
@@ -49,6 +62,7 @@
 
 pub mod errors;
 pub mod eta;
+pub mod exported;
 pub mod plan;
 pub mod query;
 pub mod records;
@@ -58,24 +72,24 @@ pub mod snapshot;
 pub mod stages;
 pub mod stats;
 pub mod tasks;
+pub mod telemetry;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod views;
 pub mod workers;
 
 #[cfg(test)]
+mod determinism_tests;
+#[cfg(test)]
 mod errors_tests;
 #[cfg(test)]
 mod plan_tests;
-#[cfg(test)]
-mod snapshot_tests;
-#[cfg(test)]
-mod test_support;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod trust_tests;
 
 use crate::capacity::{CapacityConfig, Observation, Planner};
-use crate::metrics::{CoreMetrics, Metrics, WORKER_STATUSES, WorkerSeries};
 use errors::ErrorTracker;
 use guildhall_proto::{AgentId, Decoded, Event, Stage, TaskId};
 use serde::{Deserialize, Serialize};
@@ -83,6 +97,7 @@ use stages::{QueueStats, StageState};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use tasks::{Attempt, TaskStore};
+use telemetry::{AttemptOutcome, Count, FleetCounts, Gauge, Telemetry};
 use workers::{Liveness, Worker};
 
 /// How often housekeeping (retention, forgetting old workers) runs.
@@ -279,11 +294,11 @@ pub struct IngestStats {
 pub struct Core {
     /// Tunables.
     config: CoreConfig,
-    /// Metric handles (shared with the HTTP side, which gathers them).
-    metrics: Metrics,
-    /// Buffered handles of the series every event touches, flushed at the
-    /// end of each envelope (with the stages').
-    hot: CoreMetrics,
+    /// Where its metrics go (the runtime's Prometheus registry).
+    telemetry: Box<dyn Telemetry>,
+    /// What the fleet-wide series every event touches gained, handed to
+    /// `telemetry` at the end of each input (with the stages').
+    hot: FleetCounts,
     /// Every tracked worker.
     workers: HashMap<AgentId, Worker>,
     /// Every known stage, in name order for display.
@@ -325,9 +340,11 @@ pub struct Core {
 }
 
 impl Core {
-    /// An empty core.
-    pub fn new(config: CoreConfig, metrics: Metrics, now_ms: u64) -> Self {
-        metrics.caught_up.set(0);
+    /// An empty core, handing its metrics to `telemetry` (the runtime's
+    /// `Metrics`, or a [`telemetry::Recorder`]).
+    pub fn new(config: CoreConfig, telemetry: impl Into<Box<dyn Telemetry>>, now_ms: u64) -> Self {
+        let mut telemetry = telemetry.into();
+        telemetry.set(Gauge::CaughtUp(false));
         Self {
             planner: Planner::new(config.capacity.clone()),
             next_plan_ms: now_ms + config.sync_period_ms,
@@ -335,8 +352,8 @@ impl Core {
             errors: ErrorTracker::new(config.max_error_classes_per_stage, config.max_stages),
             tasks: TaskStore::new(config.completed_limit, config.completed_max_age_ms),
             config,
-            hot: metrics.core_buffers(),
-            metrics,
+            hot: FleetCounts::default(),
+            telemetry,
             workers: HashMap::new(),
             stages: BTreeMap::new(),
             deadlines: BinaryHeap::new(),
@@ -352,9 +369,9 @@ impl Core {
         }
     }
 
-    /// The metric handles.
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    /// Whether per-worker series are exported.
+    pub fn per_worker_metrics(&self) -> bool {
+        self.telemetry.per_worker()
     }
 
     /// Whether the stream's history has been replayed.
@@ -381,7 +398,7 @@ impl Core {
     pub fn set_caught_up(&mut self, now_ms: u64) {
         if !self.caught_up {
             self.caught_up = true;
-            self.metrics.caught_up.set(1);
+            self.telemetry.set(Gauge::CaughtUp(true));
             tracing::info!(
                 workers = self.workers.len(),
                 tasks = self.tasks.in_flight() + self.tasks.finished(),
@@ -394,10 +411,7 @@ impl Core {
     /// Counts a message (or event) that could not be used.
     pub fn handle_malformed(&mut self, reason: &'static str) {
         self.stats.malformed += 1;
-        self.metrics
-            .events_malformed
-            .with_label_values(&[reason])
-            .inc();
+        self.telemetry.count(Count::Malformed { reason }, 1);
     }
 
     /// Counts a stream message at `offset` that could not be decoded. The
@@ -418,10 +432,10 @@ impl Core {
         if self.stages.len() >= self.config.max_stages {
             return false;
         }
-        let metrics = self.metrics.stage(stage.as_str());
+        self.telemetry.stage_added(stage.as_str());
         self.stages.insert(
             stage.clone(),
-            StageState::new(stage.clone(), now_ms, self.config.rate_window_s, metrics),
+            StageState::new(stage.clone(), now_ms, self.config.rate_window_s),
         );
         true
     }
@@ -464,9 +478,15 @@ impl Core {
 
     /// Applies one envelope read from the stream at `offset`.
     pub fn handle_envelope(&mut self, now_ms: u64, decoded: Decoded, offset: Option<u64>) {
+        self.apply_envelope(now_ms, decoded, offset);
+        self.flush_metrics();
+    }
+
+    /// [`Core::handle_envelope`] but the flush of its metrics.
+    fn apply_envelope(&mut self, now_ms: u64, decoded: Decoded, offset: Option<u64>) {
         let Decoded { envelope, skipped } = decoded;
         self.stats.batches += 1;
-        self.metrics.event_batches.inc();
+        self.telemetry.count(Count::EventBatch, 1);
         if offset.is_some() {
             self.stats.last_offset = offset;
         }
@@ -478,9 +498,9 @@ impl Core {
         } else {
             envelope.sent_at_ms.min(now_ms)
         };
-        self.metrics
-            .event_lag
-            .observe(now_ms.saturating_sub(envelope.sent_at_ms) as f64 / 1000.0);
+        self.hot
+            .event_lag_s
+            .push(now_ms.saturating_sub(envelope.sent_at_ms) as f64 / 1000.0);
         // The worker table's copy of the id, so the rows this envelope makes
         // share it rather than the decoded one.
         let sender = match self.workers.get_key_value(&envelope.sender) {
@@ -497,7 +517,7 @@ impl Core {
             match self.admit(now_ms, &sender, head) {
                 Admitted::Apply => {}
                 Admitted::Repeat => {
-                    self.metrics.event_batches_duplicate.inc();
+                    self.telemetry.count(Count::BatchDuplicate, 1);
                     self.touch(now_ms, seen_ms, &sender, None);
                     return;
                 }
@@ -524,7 +544,6 @@ impl Core {
             let _ = w.sender.admit(head, now_ms, quiet);
         }
         self.touch(now_ms, seen_ms, &sender, active.then_some(head));
-        self.flush_metrics();
     }
 
     /// Tells the core whether the runtime's stream consumer is connected.
@@ -559,7 +578,7 @@ impl Core {
             return;
         }
         self.deaf = deaf;
-        self.metrics.listening.set(i64::from(!deaf));
+        self.telemetry.set(Gauge::Listening(!deaf));
         if deaf {
             tracing::warn!(
                 consumer_connected = self.listening,
@@ -586,7 +605,9 @@ impl Core {
         let quiet = w.dead_after_ms(missed);
         match w.sender.admit(head, now_ms, quiet) {
             senders::Admission::Apply { missing, change } => {
-                self.metrics.event_batches_missing.inc_by(missing);
+                if missing > 0 {
+                    self.telemetry.count(Count::BatchesMissing, missing);
+                }
                 match change {
                     senders::RunChange::Same => {}
                     senders::RunChange::Started { after } => tracing::info!(
@@ -596,7 +617,7 @@ impl Core {
                         "agent restarted (a new run)"
                     ),
                     senders::RunChange::Conflict => {
-                        self.metrics.sender_conflicts.inc();
+                        self.telemetry.count(Count::SenderConflict, 1);
                         tracing::warn!(
                             worker = %sender,
                             run = format_args!("{:016x}", head.incarnation),
@@ -615,15 +636,19 @@ impl Core {
         }
     }
 
-    /// Hands the buffered metric updates to the registry, so what a
+    /// Hands the buffered metric counts to the telemetry, so what a
     /// snapshot reads agrees with the state. Every stage is looked at (a
-    /// few borrow-flag checks each when it has nothing buffered): with 3
-    /// stages and 250 events an envelope that is nothing; with the
-    /// 256-stage limit ~1,300 checks, ~2% of the envelope's cost.
-    fn flush_metrics(&self) {
-        self.hot.flush();
-        for s in self.stages.values() {
-            s.metrics.flush();
+    /// few comparisons each when it has nothing buffered), in name order.
+    fn flush_metrics(&mut self) {
+        if !self.hot.is_empty() {
+            self.telemetry.flush_fleet(&self.hot);
+            self.hot.clear();
+        }
+        for (name, s) in &mut self.stages {
+            if !s.pending.is_empty() {
+                self.telemetry.flush_stage(name.as_str(), &s.pending);
+                s.pending.clear();
+            }
         }
     }
 
@@ -766,13 +791,11 @@ impl Core {
         self.stats.events += 1;
         let clamped = sanity::clamp_times(&mut event, now_ms);
         if clamped > 0 {
-            self.metrics
-                .events_clamped
-                .with_label_values(&["time"])
-                .inc_by(clamped.into());
+            self.telemetry
+                .count(Count::Clamped { field: "time" }, clamped.into());
         }
-        if let Some(counter) = self.hot.events_by_kind.get(event.kind_index()) {
-            counter.inc();
+        if let Some(n) = self.hot.events_by_kind.get_mut(event.kind_index()) {
+            *n += 1;
         }
         match event {
             Event::Hello(mut h) => {
@@ -792,10 +815,12 @@ impl Core {
                     push_notice(&mut self.notices, n);
                 }
                 if clamped {
-                    self.metrics
-                        .events_clamped
-                        .with_label_values(&["heartbeat_interval"])
-                        .inc();
+                    self.telemetry.count(
+                        Count::Clamped {
+                            field: "heartbeat_interval",
+                        },
+                        1,
+                    );
                 }
                 if let Some(s) = self.stages.get_mut(&h.stage) {
                     s.next = h.next.clone();
@@ -818,10 +843,12 @@ impl Core {
                 };
                 let listed = std::mem::take(&mut w.in_hand);
                 if clamped {
-                    self.metrics
-                        .events_clamped
-                        .with_label_values(&["heartbeat_interval"])
-                        .inc();
+                    self.telemetry.count(
+                        Count::Clamped {
+                            field: "heartbeat_interval",
+                        },
+                        1,
+                    );
                 }
                 // An agent holds a task until it acks it, so a heartbeat sent
                 // between its TaskSucceeded and the ack lists the task again:
@@ -851,7 +878,7 @@ impl Core {
                 let Some(s) = self.stages.get_mut(&e.stage) else {
                     return;
                 };
-                s.metrics.submitted.inc();
+                s.pending.submitted += 1;
                 if self.tasks.submitted(&e.task_id, &e.stage, e.at_ms) {
                     arrival(&mut self.planner, &e.stage, s, now_ms, e.at_ms);
                 }
@@ -868,10 +895,10 @@ impl Core {
                     e.redelivered,
                 );
                 if let Some(s) = self.stages.get_mut(&e.stage) {
-                    s.metrics.started.inc();
+                    s.pending.started += 1;
                     if let Some(wait) = started.queue_wait_ms {
                         s.waits.record(wait);
-                        s.metrics.queue_wait.observe(wait as f64 / 1000.0);
+                        s.pending.queue_waits_s.push(wait as f64 / 1000.0);
                     }
                     if started.unannounced {
                         // Published by a producer outside Guildhall (no
@@ -929,9 +956,9 @@ impl Core {
                     self.record_arrival(now_ms, next, e.at_ms);
                 }
                 if done.finished {
-                    self.hot.tasks_completed.inc();
+                    self.hot.tasks_completed += 1;
                     if let Some(ms) = done.pipeline_ms {
-                        self.hot.pipeline_duration.observe(ms as f64 / 1000.0);
+                        self.hot.pipeline_s.push(ms as f64 / 1000.0);
                     }
                 }
             }
@@ -973,7 +1000,13 @@ impl Core {
                 }
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.retried += 1;
-                    s.metrics.retried.inc();
+                    self.telemetry.count(
+                        Count::Attempt {
+                            stage: e.stage.as_str(),
+                            outcome: AttemptOutcome::Retried,
+                        },
+                        1,
+                    );
                 }
                 self.record_arrival(now_ms, &e.stage, e.at_ms.saturating_add(e.delay_ms));
             }
@@ -994,7 +1027,13 @@ impl Core {
                 }
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.dead_lettered += 1;
-                    s.metrics.dead_lettered.inc();
+                    self.telemetry.count(
+                        Count::Attempt {
+                            stage: e.stage.as_str(),
+                            outcome: AttemptOutcome::DeadLettered,
+                        },
+                        1,
+                    );
                 }
                 if !failure_known {
                     let class = errors::classify("", &e.error);
@@ -1049,11 +1088,22 @@ impl Core {
                 if let Some(w) = self.workers.get_mut(sender) {
                     w.in_hand.retain(|t| t.task_id != e.task_id);
                 }
-                if let Some(s) = self.stages.get(&e.stage) {
+                if self.stages.contains_key(&e.stage) {
                     if counted {
-                        s.metrics.abandoned.inc();
+                        self.telemetry.count(
+                            Count::Attempt {
+                                stage: e.stage.as_str(),
+                                outcome: AttemptOutcome::Abandoned,
+                            },
+                            1,
+                        );
                     } else if e.result != guildhall_proto::WorkerResult::Unfinished {
-                        s.metrics.stale.inc();
+                        self.telemetry.count(
+                            Count::StaleResult {
+                                stage: e.stage.as_str(),
+                            },
+                            1,
+                        );
                     }
                 }
                 // The worker process died (or hung) under the task.
@@ -1078,10 +1128,13 @@ impl Core {
                 if let Some(w) = self.workers.get_mut(sender) {
                     tracing::info!(worker = %w.id, from = %e.from, to = %e.to, reason = %e.reason, "worker reassigned");
                     w.last_move_ms = Some(w.last_move_ms.unwrap_or(0).max(now_ms));
-                    self.metrics
-                        .worker_moves
-                        .with_label_values(&[e.from.as_str(), e.to.as_str()])
-                        .inc();
+                    self.telemetry.count(
+                        Count::WorkerMove {
+                            from: e.from.as_str(),
+                            to: e.to.as_str(),
+                        },
+                        1,
+                    );
                     w.stage = e.to;
                 }
             }
@@ -1089,10 +1142,13 @@ impl Core {
                 if !self.known_stage(now_ms, &mut e.stage) {
                     return;
                 }
-                self.metrics
-                    .deliveries_rejected
-                    .with_label_values(&[e.stage.as_str(), e.reason.as_str()])
-                    .inc();
+                self.telemetry.count(
+                    Count::DeliveryRejected {
+                        stage: e.stage.as_str(),
+                        reason: e.reason.as_str(),
+                    },
+                    1,
+                );
                 // A flood of poison messages must not flood the log: the
                 // first few, then every 1000th (the metric counts them all).
                 self.rejected_logged += 1;
@@ -1127,10 +1183,13 @@ impl Core {
         let Some(r) = self.errors.record(now_ms, failure, self.caught_up) else {
             return;
         };
-        self.metrics
-            .task_errors
-            .with_label_values(&[failure.stage.as_str(), r.class.as_str()])
-            .inc();
+        self.telemetry.count(
+            Count::TaskError {
+                stage: failure.stage.as_str(),
+                class: r.class.as_str(),
+            },
+            1,
+        );
         if r.new {
             push_notice(
                 &mut self.notices,
@@ -1161,8 +1220,13 @@ impl Core {
         if let Some(w) = self.workers.get_mut(worker) {
             w.in_hand.retain(|t| &t.task_id != task);
         }
-        if let Some(s) = self.stages.get(stage) {
-            s.metrics.stale.inc();
+        if self.stages.contains_key(stage) {
+            self.telemetry.count(
+                Count::StaleResult {
+                    stage: stage.as_str(),
+                },
+                1,
+            );
         }
         tracing::info!(%worker, %task, %stage, "stale result from an attempt already requeued");
     }
@@ -1192,10 +1256,10 @@ impl Core {
         if let Some(s) = self.stages.get_mut(a.stage) {
             s.completions.add(at_ms, now_ms, 1);
             s.durations.record(duration_ms);
-            s.metrics.duration.observe(duration_ms as f64 / 1000.0);
+            s.pending.durations_s.push(duration_ms as f64 / 1000.0);
             if succeeded {
                 s.succeeded += 1;
-                s.metrics.succeeded.inc();
+                s.pending.succeeded += 1;
             } else {
                 s.failed += 1;
             }
@@ -1281,15 +1345,23 @@ impl Core {
         // Only attempts still running are requeued: the agent may have
         // reported some finished after its last list of tasks in hand.
         let mut requeued = Vec::new();
-        if let Some(s) = self.stages.get(&stage) {
-            self.metrics
-                .worker_deaths
-                .with_label_values(&[stage.as_str()])
-                .inc();
+        if self.stages.contains_key(&stage) {
+            self.telemetry.count(
+                Count::WorkerDeath {
+                    stage: stage.as_str(),
+                },
+                1,
+            );
             for t in in_hand {
                 let a = Attempt::new(&t.task_id, &stage, t.attempt, &worker);
                 if self.tasks.requeue(a, t.started_at_ms, now_ms, &reason) {
-                    s.metrics.requeued.inc();
+                    self.telemetry.count(
+                        Count::Attempt {
+                            stage: stage.as_str(),
+                            outcome: AttemptOutcome::Requeued,
+                        },
+                        1,
+                    );
                     requeued.push((t.task_id, t.attempt));
                 }
             }
@@ -1356,116 +1428,6 @@ impl Core {
     pub fn poll_notice(&mut self) -> Option<Notice> {
         self.notices.pop_front()
     }
-
-    /// Sets the gauges that describe state, just before a scrape.
-    pub fn refresh_metrics(&self, now_ms: u64) {
-        let m = &self.metrics;
-        let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
-        for w in self.workers.values() {
-            *counts.entry((w.stage.as_str(), w.status())).or_default() += 1;
-        }
-        for stage in self.stages.keys() {
-            for status in WORKER_STATUSES {
-                let n = counts.get(&(stage.as_str(), status)).copied().unwrap_or(0);
-                m.workers
-                    .with_label_values(&[stage.as_str(), status])
-                    .set(n);
-            }
-        }
-        let loads = stages::loads(&self.stages, &self.workers, now_ms);
-        let bottleneck = stages::bottleneck(&loads).map(|(s, _)| s);
-        let queues = eta::QueueIndex::build(self.tasks.iter(), now_ms);
-        for (name, s) in &self.stages {
-            let label = name.as_str();
-            if let Some((q, _)) = s.queue {
-                m.stage_queue_messages
-                    .with_label_values(&[label, "ready"])
-                    .set(clamp_i64(q.ready));
-                if let Some(unacked) = q.unacked {
-                    m.stage_queue_messages
-                        .with_label_values(&[label, "unacked"])
-                        .set(clamp_i64(unacked));
-                }
-                m.stage_consumers
-                    .with_label_values(&[label])
-                    .set(clamp_i64(q.consumers));
-            }
-            let in_flight = loads.get(name).map(|l| l.in_flight).unwrap_or(0);
-            m.tasks_in_flight
-                .with_label_values(&[label])
-                .set(in_flight as i64);
-            m.stage_bottleneck
-                .with_label_values(&[label])
-                .set(i64::from(bottleneck.as_ref() == Some(name)));
-            if let Some(l) = loads.get(name) {
-                m.stage_arrival_rate
-                    .with_label_values(&[label])
-                    .set(l.arrival_rate);
-                if let Some(u) = l.utilisation {
-                    m.stage_utilisation.with_label_values(&[label]).set(u);
-                }
-            }
-            let age = queues
-                .oldest(name)
-                .map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
-            m.stage_backlog_age_seconds
-                .with_label_values(&[label])
-                .set(age);
-        }
-        m.tasks_tracked
-            .with_label_values(&["in_flight"])
-            .set(self.tasks.in_flight() as i64);
-        m.tasks_tracked
-            .with_label_values(&["completed"])
-            .set(self.tasks.finished() as i64);
-    }
-
-    /// The per-worker series (empty when they are off), copied out so the
-    /// text is written after the core's lock is released.
-    pub fn worker_series(&self) -> Vec<WorkerSeries> {
-        if !self.metrics.per_worker {
-            return Vec::new();
-        }
-        let proc = |p: Option<guildhall_proto::ProcStats>| {
-            p.map(|p| (f64::from(p.cpu_ratio), p.rss_bytes))
-        };
-        self.workers
-            .values()
-            .map(|w| WorkerSeries {
-                worker: w.id.as_str().to_owned(),
-                stage: w.stage.as_str().to_owned(),
-                up: w.is_alive(),
-                in_hand: w.in_hand.len() as u64,
-                tasks: w
-                    .task_counters()
-                    .into_iter()
-                    .map(|(stage, ok, failed)| (stage.as_str().to_owned(), ok, failed))
-                    .collect(),
-                worker_proc: proc(w.worker_proc),
-                agent_proc: proc(w.agent_proc),
-            })
-            .collect()
-    }
-
-    /// The whole `/metrics` text as of `now_ms`, written under whatever
-    /// lock the caller holds (tests; the HTTP side copies the rows out
-    /// first with [`Core::worker_series`]).
-    pub fn metrics_text(&self, now_ms: u64) -> String {
-        self.refresh_metrics(now_ms);
-        self.metrics.encode_with(self.worker_series())
-    }
-
-    /// Feeds per-worker counters by the growth of the agents' own counts.
-    /// Separate from [`Core::refresh_metrics`] because it remembers what it
-    /// exported.
-    pub fn export_worker_counters(&mut self) {
-        if !self.metrics.per_worker {
-            return;
-        }
-        for w in self.workers.values_mut() {
-            w.export_counts();
-        }
-    }
 }
 
 /// A task entered `stage`'s queue at `at_ms`: its arrival rate (in `s`, its
@@ -1481,8 +1443,4 @@ fn push_notice(notices: &mut VecDeque<Notice>, notice: Notice) {
         notices.pop_front();
     }
     notices.push_back(notice);
-}
-
-fn clamp_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }

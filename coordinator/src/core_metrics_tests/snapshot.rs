@@ -2,11 +2,11 @@
 //! restore with the same views and counters, keeps working afterwards, and
 //! corrupt bytes are refused without a panic.
 
-use super::query::TaskFilter;
-use super::snapshot::{self, FORMAT_VERSION, MAGIC, SnapshotError, SnapshotHeader};
-use super::stages::QueueStats;
-use super::test_support::{T0, st, tid};
-use super::*;
+use crate::core::query::TaskFilter;
+use crate::core::snapshot::{self, FORMAT_VERSION, MAGIC, SnapshotError, SnapshotHeader};
+use crate::core::stages::QueueStats;
+use crate::core::test_support::{Sim, T0, st, tid};
+use crate::core::{Core, CoreConfig, Notice};
 use crate::metrics::Metrics;
 use guildhall_proto::*;
 use proptest::prelude::*;
@@ -15,142 +15,90 @@ fn ns() -> Namespace {
     Namespace::new("snap").unwrap()
 }
 
-/// Feeds a core envelopes on a virtual clock, with per-sender sequence
-/// numbers and a stream offset per envelope.
-struct Feed {
-    core: Core,
-    now: u64,
-    seqs: HashMap<String, u64>,
-    offset: u64,
+/// The `/metrics` text of `f`'s core on `m`, per-worker counters exported
+/// first, as a scrape does.
+fn metrics(f: &mut Sim, m: &Metrics) -> String {
+    f.core.export_worker_counters();
+    m.text_of(&mut f.core, f.now)
 }
 
-impl Feed {
-    fn new(per_worker: bool) -> Self {
-        let mut core = Core::new(CoreConfig::default(), Metrics::new(per_worker), T0);
-        core.set_caught_up(T0);
-        Self {
-            core,
-            now: T0,
-            seqs: HashMap::new(),
-            offset: 0,
-        }
-    }
+/// A heartbeat of an agent at concurrency 2 that reports its own counts.
+fn heartbeat(f: &Sim, stage: &str, next: Option<&str>, in_hand: &[(&str, u32)]) -> Event {
+    Event::Heartbeat(Box::new(Heartbeat {
+        at_ms: f.now,
+        version: "0.1.0".into(),
+        stage: st(stage),
+        next: next.map(st),
+        state: AgentState::Processing,
+        concurrency: 2,
+        heartbeat_ms: 1000,
+        in_hand: in_hand
+            .iter()
+            .map(|(t, attempt)| TaskInHand {
+                task_id: tid(t),
+                attempt: *attempt,
+                started_at_ms: f.now,
+            })
+            .collect(),
+        done: 7,
+        failed: 2,
+        worker: Some(ProcStats {
+            pid: 9,
+            cpu_ratio: 0.25,
+            rss_bytes: 1 << 20,
+        }),
+        agent: None,
+        hostname: "h".into(),
+        worker_restarts: 1,
+        rtt_ms: None,
+    }))
+}
 
-    fn send(&mut self, sender: &str, events: Vec<Event>) {
-        let seq = self.seqs.entry(sender.into()).or_insert(0);
-        *seq += 1;
-        let envelope = Envelope {
-            sender: sender.parse().unwrap(),
-            incarnation: 1,
-            seq: *seq,
-            sent_at_ms: self.now,
-            events,
-        };
-        self.offset += 1;
-        self.core.handle_envelope(
-            self.now,
-            Decoded {
-                envelope,
-                skipped: 0,
-            },
-            Some(self.offset),
-        );
-    }
+fn started(f: &Sim, task: &str, stage: &str, attempt: u32) -> Event {
+    Event::TaskStarted(TaskStarted {
+        at_ms: f.now,
+        task_id: tid(task),
+        stage: st(stage),
+        attempt,
+        enqueued_at_ms: Some(f.now - 20),
+        submitted_at_ms: Some(T0),
+        redelivered: false,
+    })
+}
 
-    fn advance(&mut self, ms: u64) {
-        let end = self.now + ms;
-        while let Some(deadline) = self.core.poll_timeout() {
-            if deadline > end {
-                break;
-            }
-            self.now = self.now.max(deadline);
-            self.core.handle_timeout(self.now);
-        }
-        self.now = end;
-        self.core.handle_timeout(self.now);
-    }
+fn succeeded(f: &Sim, task: &str, stage: &str, attempt: u32, next: Option<&str>) -> Event {
+    Event::TaskSucceeded(TaskSucceeded {
+        at_ms: f.now,
+        task_id: tid(task),
+        stage: st(stage),
+        attempt,
+        started_at_ms: f.now - 50,
+        next: next.map(st),
+        submitted_at_ms: Some(T0),
+    })
+}
 
-    fn heartbeat(&self, stage: &str, next: Option<&str>, in_hand: &[(&str, u32)]) -> Event {
-        Event::Heartbeat(Box::new(Heartbeat {
-            at_ms: self.now,
-            version: "0.1.0".into(),
-            stage: st(stage),
-            next: next.map(st),
-            state: AgentState::Processing,
-            concurrency: 2,
-            heartbeat_ms: 1000,
-            in_hand: in_hand
-                .iter()
-                .map(|(t, attempt)| TaskInHand {
-                    task_id: tid(t),
-                    attempt: *attempt,
-                    started_at_ms: self.now,
-                })
-                .collect(),
-            done: 7,
-            failed: 2,
-            worker: Some(ProcStats {
-                pid: 9,
-                cpu_ratio: 0.25,
-                rss_bytes: 1 << 20,
-            }),
-            agent: None,
-            hostname: "h".into(),
-            worker_restarts: 1,
-            rtt_ms: None,
-        }))
-    }
-
-    fn started(&self, task: &str, stage: &str, attempt: u32) -> Event {
-        Event::TaskStarted(TaskStarted {
-            at_ms: self.now,
-            task_id: tid(task),
-            stage: st(stage),
-            attempt,
-            enqueued_at_ms: Some(self.now - 20),
-            submitted_at_ms: Some(T0),
-            redelivered: false,
-        })
-    }
-
-    fn succeeded(&self, task: &str, stage: &str, attempt: u32, next: Option<&str>) -> Event {
-        Event::TaskSucceeded(TaskSucceeded {
-            at_ms: self.now,
-            task_id: tid(task),
-            stage: st(stage),
-            attempt,
-            started_at_ms: self.now - 50,
-            next: next.map(st),
-            submitted_at_ms: Some(T0),
-        })
-    }
-
-    fn failed(&self, task: &str, stage: &str, attempt: u32) -> Event {
-        Event::TaskFailed(TaskFailed {
-            at_ms: self.now,
-            task_id: tid(task),
-            stage: st(stage),
-            attempt,
-            started_at_ms: self.now - 30,
-            error: "HTTP 503: busy".into(),
-            error_class: "http_503".into(),
-            retryable: true,
-        })
-    }
-
-    fn metrics(&mut self) -> String {
-        self.core.export_worker_counters();
-        self.core.metrics_text(self.now)
-    }
+fn failed(f: &Sim, task: &str, stage: &str, attempt: u32) -> Event {
+    Event::TaskFailed(TaskFailed {
+        at_ms: f.now,
+        task_id: tid(task),
+        stage: st(stage),
+        attempt,
+        started_at_ms: f.now - 30,
+        error: "HTTP 503: busy".into(),
+        error_class: "http_503".into(),
+        retryable: true,
+    })
 }
 
 /// A core with live, stopped and dead workers on two stages, and tasks
 /// finished, retried, dead-lettered, requeued, running and queued.
-fn busy(per_worker: bool) -> Feed {
-    let mut f = Feed::new(per_worker);
+fn busy(per_worker: bool) -> (Sim, Metrics) {
+    let fm = Metrics::new(per_worker);
+    let mut f = Sim::with_telemetry(CoreConfig::default(), fm.clone(), true);
     let (hb_a, hb_b) = (
-        f.heartbeat("a", Some("b"), &[]),
-        f.heartbeat("b", None, &[]),
+        heartbeat(&f, "a", Some("b"), &[]),
+        heartbeat(&f, "b", None, &[]),
     );
     f.send("wa", vec![hb_a.clone()]);
     f.send("wb", vec![hb_b]);
@@ -165,23 +113,23 @@ fn busy(per_worker: bool) -> Feed {
             payload_bytes: 3,
         })];
         f.send("submitter", ev);
-        let ev = vec![f.started(&t, "a", 1)];
+        let ev = vec![started(&f, &t, "a", 1)];
         f.send("wa", ev);
         f.advance(60);
-        let ev = vec![f.succeeded(&t, "a", 1, Some("b"))];
+        let ev = vec![succeeded(&f, &t, "a", 1, Some("b"))];
         f.send("wa", ev);
-        let ev = vec![f.started(&t, "b", 1)];
+        let ev = vec![started(&f, &t, "b", 1)];
         f.send("wb", ev);
         f.advance(60);
-        let ev = vec![f.succeeded(&t, "b", 1, None)];
+        let ev = vec![succeeded(&f, &t, "b", 1, None)];
         f.send("wb", ev);
     }
     // R: fails once at a, retried, succeeds, now running at b.
-    let ev = vec![f.started("R", "a", 1)];
+    let ev = vec![started(&f, "R", "a", 1)];
     f.send("wa", ev);
     f.advance(40);
     let ev = vec![
-        f.failed("R", "a", 1),
+        failed(&f, "R", "a", 1),
         Event::TaskRetrying(TaskRetrying {
             at_ms: f.now,
             task_id: tid("R"),
@@ -192,19 +140,19 @@ fn busy(per_worker: bool) -> Feed {
     ];
     f.send("wa", ev);
     f.advance(150);
-    let ev = vec![f.started("R", "a", 2)];
+    let ev = vec![started(&f, "R", "a", 2)];
     f.send("wa", ev);
     f.advance(60);
-    let ev = vec![f.succeeded("R", "a", 2, Some("b"))];
+    let ev = vec![succeeded(&f, "R", "a", 2, Some("b"))];
     f.send("wa", ev);
-    let ev = vec![f.started("R", "b", 1)];
+    let ev = vec![started(&f, "R", "b", 1)];
     f.send("wb", ev);
     // D: dead-lettered at a.
-    let ev = vec![f.started("D", "a", 1)];
+    let ev = vec![started(&f, "D", "a", 1)];
     f.send("wa", ev);
     f.advance(40);
     let ev = vec![
-        f.failed("D", "a", 1),
+        failed(&f, "D", "a", 1),
         Event::TaskDeadLettered(TaskDeadLettered {
             at_ms: f.now,
             task_id: tid("D"),
@@ -225,8 +173,8 @@ fn busy(per_worker: bool) -> Feed {
         })],
     );
     let ev = vec![
-        f.started("G", "a", 1),
-        f.heartbeat("a", Some("b"), &[("G", 1)]),
+        started(&f, "G", "a", 1),
+        heartbeat(&f, "a", Some("b"), &[("G", 1)]),
     ];
     f.send("gone", ev);
     f.send(
@@ -239,9 +187,9 @@ fn busy(per_worker: bool) -> Feed {
     f.core.handle_malformed("unknown_event");
     for _ in 0..4 {
         f.advance(1_000);
-        let ev = vec![f.heartbeat("a", Some("b"), &[])];
+        let ev = vec![heartbeat(&f, "a", Some("b"), &[])];
         f.send("wa", ev);
-        let ev = vec![f.heartbeat("b", None, &[("R", 1)])];
+        let ev = vec![heartbeat(&f, "b", None, &[("R", 1)])];
         f.send("wb", ev);
     }
     for (stage, ready) in [("a", 3), ("b", 0)] {
@@ -252,17 +200,19 @@ fn busy(per_worker: bool) -> Feed {
         };
         f.core.handle_queue_stats(f.now, &st(stage), q);
     }
-    let _ = std::iter::from_fn(|| f.core.poll_notice()).count();
-    f
+    let _ = f.all_notices();
+    (f, fm)
 }
 
 /// Encode, decode and restore `f`'s core (on fresh metrics).
-fn restored(f: &Feed, per_worker: bool) -> Core {
+fn restored(f: &Sim, per_worker: bool) -> (Core, Metrics) {
     let bytes = f.core.encode_snapshot(&ns(), f.now).unwrap();
     let snap = snapshot::decode(&bytes, &ns()).unwrap();
     assert_eq!(snap.header.offset, Some(f.offset));
     assert_eq!(snap.header.written_at_ms, f.now);
-    Core::restore(snap, CoreConfig::default(), Metrics::new(per_worker), f.now)
+    let m = Metrics::new(per_worker);
+    let core = Core::restore(snap, CoreConfig::default(), m.clone(), f.now);
+    (core, m)
 }
 
 /// The exposition without histogram series (they restart at zero).
@@ -280,9 +230,9 @@ fn without_histograms(text: &str) -> Vec<&str> {
 
 #[test]
 fn a_restored_core_shows_the_same_views_and_counters() {
-    let mut f = busy(true);
-    let before = f.metrics();
-    let mut core = restored(&f, true);
+    let (mut f, fm) = busy(true);
+    let before = metrics(&mut f, &fm);
+    let (mut core, cm) = restored(&f, true);
     let now = f.now;
     let statuses: Vec<_> = f.core.workers_view(now).iter().map(|w| w.status).collect();
     assert_eq!(statuses, ["dead", "stopped", "idle", "processing"]);
@@ -324,7 +274,7 @@ fn a_restored_core_shows_the_same_views_and_counters() {
     core.set_caught_up(now);
     assert_eq!(core.overview(), f.core.overview());
     core.export_worker_counters();
-    let after = core.metrics_text(now);
+    let after = cm.text_of(&mut core, now);
     assert_eq!(without_histograms(&after), without_histograms(&before));
     for needle in [
         "guildhall_tasks_completed_total 5",
@@ -343,13 +293,11 @@ fn a_restored_core_shows_the_same_views_and_counters() {
 
 #[test]
 fn a_restored_core_keeps_working() {
-    let f = busy(true);
-    let mut g = Feed {
-        core: restored(&f, true),
-        now: f.now,
-        seqs: f.seqs.clone(),
-        offset: f.offset,
-    };
+    let (f, _) = busy(true);
+    let (core, gm) = restored(&f, true);
+    let mut g = Sim::around(core, f.now);
+    g.seqs = f.seqs.clone();
+    g.offset = f.offset;
     // Replay goes on from the snapshot: a batch seen before is a duplicate.
     let seq = g.seqs["wb"];
     g.core.handle_envelope(
@@ -360,7 +308,7 @@ fn a_restored_core_keeps_working() {
                 incarnation: 1,
                 seq,
                 sent_at_ms: g.now,
-                events: vec![g.succeeded("R", "b", 1, None)],
+                events: vec![succeeded(&g, "R", "b", 1, None)],
             },
             skipped: 0,
         },
@@ -368,16 +316,16 @@ fn a_restored_core_keeps_working() {
     );
     assert_eq!(g.core.task_view("R", g.now).unwrap().status, "running");
     g.core.set_caught_up(g.now);
-    let ev = vec![g.succeeded("R", "b", 1, None)];
+    let ev = vec![succeeded(&g, "R", "b", 1, None)];
     g.send("wb", ev);
     assert_eq!(g.core.task_view("R", g.now).unwrap().status, "succeeded");
-    assert!(g.metrics().contains("guildhall_tasks_completed_total 6"));
+    assert!(metrics(&mut g, &gm).contains("guildhall_tasks_completed_total 6"));
     assert_eq!(g.core.snapshot_offset(), Some(g.offset));
     // wb goes on heartbeating; wa falls silent and dies on the virtual clock.
     let last_wa = g.core.worker_view("wa", g.now).unwrap().last_seen_at_ms;
     for _ in 0..3 {
         g.advance(1_000);
-        let ev = vec![g.heartbeat("b", None, &[])];
+        let ev = vec![heartbeat(&g, "b", None, &[])];
         g.send("wb", ev);
     }
     assert_eq!(g.core.worker_view("wb", g.now).unwrap().status, "idle");
@@ -388,30 +336,27 @@ fn a_restored_core_keeps_working() {
             if worker.as_str() == "wa" && *last_seen_ms == last_wa),
         "{notices:?}"
     );
-    assert!(
-        g.metrics()
-            .contains("guildhall_worker_deaths_total{stage=\"a\"} 2")
-    );
+    assert!(metrics(&mut g, &gm).contains("guildhall_worker_deaths_total{stage=\"a\"} 2"));
 }
 
 #[test]
 fn per_worker_counters_are_not_restored_when_switched_off() {
-    let f = busy(true);
-    let core = restored(&f, false);
-    let text = core.metrics_text(f.now);
+    let (f, _) = busy(true);
+    let (mut core, cm) = restored(&f, false);
+    let text = cm.text_of(&mut core, f.now);
     assert!(!text.contains("worker=\""), "{text}");
     assert!(text.contains("guildhall_tasks_completed_total 5"));
 }
 
 /// A snapshot of a small core: one worker, one task, whose attempt failed
-/// (so an error class is saved too, and its layout pinned). One of each: the
-/// maps are `HashMap`s, whose order changes from run to run.
+/// (so an error class is saved too, and its layout pinned). One of each,
+/// though maps are now written in key order.
 fn small() -> Vec<u8> {
-    let mut f = Feed::new(true);
+    let mut f = Sim::with_telemetry(CoreConfig::default(), Metrics::new(true), true);
     let ev = vec![
-        f.heartbeat("a", None, &[]),
-        f.started("T", "a", 1),
-        f.failed("T", "a", 1),
+        heartbeat(&f, "a", None, &[]),
+        started(&f, "T", "a", 1),
+        failed(&f, "T", "a", 1),
     ];
     f.send("w", ev);
     f.core.encode_snapshot(&ns(), f.now).unwrap()
@@ -502,7 +447,7 @@ fn the_body_layout_is_pinned() {
     assert_eq!(
         (body.len(), crc32fast::hash(body)),
         (2972, 3961311725),
-        "the layout of a saved type changed: bump FORMAT_VERSION in core/snapshot.rs, then update this test"
+        "the layout of a saved type changed: bump FORMAT_VERSION in core/src/core/snapshot.rs, then update this test"
     );
 }
 

@@ -2,8 +2,8 @@
 //! events) and the load analysis behind the bottleneck verdict and ETAs.
 
 use super::stats::{RateWindow, Reservoir};
+use super::telemetry::StageCounts;
 use super::workers::Worker;
-use crate::metrics::StageMetrics;
 use guildhall_proto::Stage;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -24,8 +24,8 @@ pub struct QueueStats {
     pub consumers: u64,
 }
 
-/// One stage's state. Saved whole in a snapshot, but for its metric
-/// handles, which are resolved again from the restoring core's metrics.
+/// One stage's state. Saved whole in a snapshot, but for its metric counts
+/// not yet handed over (none, between inputs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageState {
     /// The stage.
@@ -52,15 +52,15 @@ pub struct StageState {
     pub retried: u64,
     /// Tasks dead-lettered here.
     pub dead_lettered: u64,
-    /// Metric handles, resolved once. Not saved: detached placeholders until
-    /// [`crate::core::Core::restore`] resolves the real ones.
-    #[serde(skip, default = "StageMetrics::detached")]
-    pub metrics: StageMetrics,
+    /// Metric counts of this stage not yet handed to the telemetry (at the
+    /// end of the input that made them). Not saved: empty between inputs.
+    #[serde(skip)]
+    pub pending: StageCounts,
 }
 
 impl StageState {
     /// A stage first heard of at `now_ms`.
-    pub fn new(name: Stage, now_ms: u64, rate_window_s: u32, metrics: StageMetrics) -> Self {
+    pub fn new(name: Stage, now_ms: u64, rate_window_s: u32) -> Self {
         Self {
             name,
             next: None,
@@ -74,7 +74,7 @@ impl StageState {
             failed: 0,
             retried: 0,
             dead_lettered: 0,
-            metrics,
+            pending: StageCounts::default(),
         }
     }
 

@@ -1,0 +1,361 @@
+//! Deterministic output: one recorded input sequence (agents on three
+//! stages, flexible agents the planner moves and sizes, tasks that succeed,
+//! fail, retry, are dead-lettered, abandoned and rejected, a worker that
+//! dies holding tasks, a duplicate batch, an unreadable message, the
+//! stream consumer lost and back, queue polls, scrapes and snapshots) fed
+//! twice, through two fresh cores, gives the same outputs in the same
+//! order: notices, deadlines, views, per-worker rows, every metric handed
+//! over, and snapshot bytes. The workers table is a `HashMap` whose order
+//! differs between two maps even in one process, so an output that walks
+//! it unsorted fails here.
+
+use super::stages::QueueStats;
+use super::telemetry::Recorder;
+use super::test_support::{Sim, T0, st, tid};
+use super::*;
+use guildhall_proto::*;
+
+/// One input to the core, as the runtime would give it.
+#[derive(Debug, Clone)]
+enum Input {
+    /// An envelope read from the stream at an offset.
+    Envelope {
+        now: u64,
+        envelope: Envelope,
+        offset: u64,
+    },
+    /// The runtime's timer fired.
+    Timeout(u64),
+    /// A queue poll's counts.
+    Queue {
+        now: u64,
+        stage: &'static str,
+        ready: u64,
+        consumers: u64,
+    },
+    /// A stream message that could not be decoded.
+    Unreadable { offset: u64 },
+    /// The stream consumer disconnected or reconnected.
+    Listening { now: u64, on: bool },
+    /// A `/metrics` scrape.
+    Scrape(u64),
+    /// A snapshot written.
+    Snapshot(u64),
+}
+
+/// Build stage agents (with round trips, so prefetch is sized), test and
+/// report agents, and flexible ones the planner may move.
+const AGENTS: [(&str, &str, &[&str], Option<u32>); 8] = [
+    ("b1", "build", &["build"], Some(20)),
+    ("b2", "build", &["build"], Some(30)),
+    ("b3", "build", &["build"], Some(40)),
+    ("t1", "test", &["test"], Some(25)),
+    ("t2", "test", &["test"], Some(35)),
+    ("r1", "report", &["report"], Some(15)),
+    ("flex1", "report", &["build", "test", "report"], Some(10)),
+    ("flex2", "report", &["build", "test", "report"], Some(12)),
+];
+
+/// Records the inputs: the scenario uses a driver's clock and event
+/// constructors only (its core is never fed).
+struct Script {
+    /// Clock and event constructors.
+    b: Sim,
+    /// The inputs so far.
+    inputs: Vec<Input>,
+    /// Batch numbers per sender.
+    seqs: std::collections::BTreeMap<String, u64>,
+    /// Stream offset of the last message.
+    offset: u64,
+}
+
+impl Script {
+    fn send(&mut self, sender: &str, events: Vec<Event>) {
+        let seq = self.seqs.entry(sender.to_owned()).or_insert(0);
+        *seq += 1;
+        let seq = *seq;
+        self.resend(sender, seq, events);
+    }
+
+    fn resend(&mut self, sender: &str, seq: u64, events: Vec<Event>) {
+        self.offset += 1;
+        self.inputs.push(Input::Envelope {
+            now: self.b.now,
+            envelope: Envelope {
+                sender: sender.parse().expect("valid id"),
+                incarnation: 1,
+                seq,
+                sent_at_ms: self.b.now.saturating_sub(3),
+                events,
+            },
+            offset: self.offset,
+        });
+    }
+
+    fn tick(&mut self, ms: u64) {
+        self.b.now += ms;
+        self.inputs.push(Input::Timeout(self.b.now));
+    }
+
+    fn heartbeat(&self, id: &str, stage: &str, rtt: Option<u32>, in_hand: &[&str]) -> Event {
+        let mut e = self.b.heartbeat(stage, AgentState::Processing, in_hand);
+        if let Event::Heartbeat(h) = &mut e {
+            h.rtt_ms = rtt;
+            h.concurrency = 2;
+            h.hostname = format!("host-{id}");
+        }
+        e
+    }
+}
+
+fn hello(at_ms: u64, stage: &str, stages: &[&str]) -> Event {
+    Event::Hello(Box::new(Hello {
+        at_ms,
+        version: "0.1.0".into(),
+        stage: st(stage),
+        next: None,
+        stages: stages.iter().map(|s| st(s)).collect(),
+        concurrency: 2,
+        heartbeat_ms: 1000,
+        hostname: "h".into(),
+        pid: 1,
+        mode: WorkerMode::Simulated,
+        supervised: false,
+    }))
+}
+
+/// The recorded input sequence: about three minutes of a busy pipeline.
+fn script() -> Vec<Input> {
+    let mut s = Script {
+        b: Sim::new(),
+        inputs: Vec::new(),
+        seqs: Default::default(),
+        offset: 0,
+    };
+    for (id, stage, stages, _) in AGENTS {
+        let ev = vec![hello(s.b.now, stage, stages)];
+        s.send(id, ev);
+    }
+    let pipeline = |stage: &str| match stage {
+        "build" => Some("test"),
+        "test" => Some("report"),
+        _ => None,
+    };
+    let mut task = 0;
+    for second in 0..180u64 {
+        // Every agent heartbeats, but b3 after 60 s: it dies holding tasks.
+        for (id, stage, _, rtt) in AGENTS {
+            if id == "b3" && second >= 60 {
+                continue;
+            }
+            let held: &[&str] = if id == "b3" { &["H1", "H2"] } else { &[] };
+            let hb = s.heartbeat(id, stage, rtt, held);
+            s.send(id, vec![hb]);
+        }
+        // Six tasks a second through build, test, report.
+        for _ in 0..6 {
+            task += 1;
+            let t = format!("T{task}");
+            let ev = vec![s.b.submitted(&t, "build")];
+            s.send("producer", ev);
+            for (i, stage) in ["build", "test", "report"].into_iter().enumerate() {
+                let worker = match stage {
+                    "build" => ["b1", "b2"][task % 2],
+                    "test" => ["t1", "t2"][task % 2],
+                    _ => ["r1", "flex1", "flex2"][task % 3],
+                };
+                let start = s.b.now;
+                let mut ev = vec![s.b.started(&t, stage, 1, start.saturating_sub(5))];
+                if task % 17 == 0 && i == 1 {
+                    // Fails once at test, retried.
+                    ev.push(s.b.failed(&t, stage, 1, start, true));
+                    ev.push(Event::TaskRetrying(TaskRetrying {
+                        at_ms: start,
+                        task_id: tid(&t),
+                        stage: st(stage),
+                        attempt: 1,
+                        delay_ms: 100,
+                    }));
+                    ev.push(s.b.started(&t, stage, 2, start));
+                    ev.push(s.b.succeeded(&t, stage, 2, start, pipeline(stage)));
+                } else if task % 41 == 0 && i == 0 {
+                    // Fails for good at build.
+                    ev.push(s.b.failed(&t, stage, 1, start, false));
+                    ev.push(Event::TaskDeadLettered(TaskDeadLettered {
+                        at_ms: start,
+                        task_id: tid(&t),
+                        stage: st(stage),
+                        attempt: 1,
+                        error: "HTTP 422: bad input".into(),
+                    }));
+                    s.send(worker, ev);
+                    break;
+                } else if task % 53 == 0 && i == 2 {
+                    // The worker process died under it.
+                    ev.push(Event::TaskAbandoned(TaskAbandoned {
+                        at_ms: start,
+                        task_id: tid(&t),
+                        stage: st(stage),
+                        attempt: 1,
+                        started_at_ms: start,
+                        reason: "worker process exited (exit code 2)".into(),
+                        result: WorkerResult::Unfinished,
+                    }));
+                } else {
+                    ev.push(s.b.succeeded(&t, stage, 1, start, pipeline(stage)));
+                }
+                s.send(worker, ev);
+            }
+        }
+        if second == 30 {
+            let ev = vec![Event::DeliveryRejected(DeliveryRejected {
+                at_ms: s.b.now,
+                stage: st("build"),
+                reason: RejectReason::InvalidMessageId,
+                detail: "message_id 'x'".into(),
+                dead_lettered: true,
+            })];
+            s.send("b1", ev);
+            // A batch resent after a lost confirm.
+            let seq = s.seqs["b1"];
+            let hb = s.heartbeat("b1", "build", Some(20), &[]);
+            s.resend("b1", seq, vec![hb]);
+            s.offset += 1;
+            s.inputs.push(Input::Unreadable { offset: s.offset });
+        }
+        if second == 90 {
+            // flex1 carries out a move to build.
+            let ev = vec![Event::Reassigned(Reassigned {
+                at_ms: s.b.now,
+                from: st("report"),
+                to: st("build"),
+                reason: "rebalance".into(),
+            })];
+            s.send("flex1", ev);
+        }
+        if second == 100 {
+            s.inputs.push(Input::Listening {
+                now: s.b.now,
+                on: false,
+            });
+        }
+        if second == 104 {
+            s.inputs.push(Input::Listening {
+                now: s.b.now,
+                on: true,
+            });
+        }
+        if second % 5 == 0 {
+            for (stage, ready) in [("build", 40 - second / 5), ("test", 3), ("report", 0)] {
+                s.inputs.push(Input::Queue {
+                    now: s.b.now,
+                    stage,
+                    ready,
+                    consumers: 2,
+                });
+            }
+        }
+        if second % 20 == 0 {
+            s.inputs.push(Input::Scrape(s.b.now));
+        }
+        if second % 60 == 59 {
+            s.inputs.push(Input::Snapshot(s.b.now));
+        }
+        s.tick(1_000);
+    }
+    s.inputs
+}
+
+/// Feeds `inputs` to a fresh core; every output, in order, as text, and
+/// every snapshot's bytes.
+fn run(inputs: &[Input]) -> (Vec<String>, Vec<Vec<u8>>, Recorder) {
+    let recorder = Recorder::new(true);
+    let config = CoreConfig {
+        sync_period_ms: 15_000,
+        min_dwell_ms: 30_000,
+        ..CoreConfig::default()
+    };
+    let mut core = Core::new(config, recorder.clone(), T0);
+    core.set_caught_up(T0);
+    let ns = Namespace::new("det").expect("valid namespace");
+    let (mut out, mut snapshots) = (Vec::new(), Vec::new());
+    for input in inputs {
+        match input.clone() {
+            Input::Envelope {
+                now,
+                envelope,
+                offset,
+            } => core.handle_envelope(
+                now,
+                Decoded {
+                    envelope,
+                    skipped: 0,
+                },
+                Some(offset),
+            ),
+            Input::Timeout(now) => core.handle_timeout(now),
+            Input::Queue {
+                now,
+                stage,
+                ready,
+                consumers,
+            } => core.handle_queue_stats(
+                now,
+                &st(stage),
+                QueueStats {
+                    ready,
+                    unacked: Some(1),
+                    consumers,
+                },
+            ),
+            Input::Unreadable { offset } => core.handle_unreadable("unparsable", Some(offset)),
+            Input::Listening { now, on } => core.set_listening(now, on),
+            Input::Scrape(now) => {
+                core.export_worker_counters();
+                core.refresh_metrics(now);
+                out.push(format!("rows {:?}", core.worker_series()));
+                out.push(format!("workers {:?}", core.workers_view(now)));
+                out.push(format!("stages {:?}", core.stages_view(now)));
+                out.push(format!("scaling {:?}", core.scaling_view(now)));
+            }
+            Input::Snapshot(now) => {
+                snapshots.push(core.encode_snapshot(&ns, now).expect("the state encodes"));
+            }
+        }
+        out.push(format!("timeout {:?}", core.poll_timeout()));
+        while let Some(n) = core.poll_notice() {
+            out.push(format!("notice {n:?}"));
+        }
+    }
+    (out, snapshots, recorder)
+}
+
+#[test]
+fn one_input_sequence_twice_gives_the_same_outputs_in_the_same_order() {
+    let inputs = script();
+    let (out_a, snaps_a, rec_a) = run(&inputs);
+    let (out_b, snaps_b, rec_b) = run(&inputs);
+    // The scenario does what it says: the outputs worth comparing exist.
+    let has = |what: &str| out_a.iter().any(|o| o.starts_with(what));
+    assert!(has("notice WorkerDead"), "b3 dies");
+    assert!(has("notice SetPrefetch"), "prefetch is sized");
+    assert!(has("notice TaskDeadLettered"));
+    assert!(has("notice ErrorClassNew"));
+    let prefetch_asks = out_a
+        .iter()
+        .filter(|o| o.starts_with("notice SetPrefetch"))
+        .count();
+    assert!(prefetch_asks >= 3, "several agents asked at once");
+    assert_eq!(snaps_a.len(), 3);
+    for (i, (a, b)) in out_a.iter().zip(&out_b).enumerate() {
+        assert_eq!(a, b, "output {i} differs");
+    }
+    assert_eq!(out_a.len(), out_b.len());
+    assert!(snaps_a == snaps_b, "snapshot bytes differ");
+    let (log_a, log_b) = (rec_a.recorded(), rec_b.recorded());
+    assert!(log_a.log.len() > 1_000, "metrics were handed over");
+    for (i, (a, b)) in log_a.log.iter().zip(&log_b.log).enumerate() {
+        assert_eq!(a, b, "metric call {i} differs");
+    }
+    assert_eq!(log_a, log_b);
+}
