@@ -2,11 +2,11 @@
 //!
 //! # Layout
 //!
-//! - [`bench`]: `guildhall bench`: ingest, fleet and memory benchmarks on
-//!   the real broker, and the simulated agents they share.
 //! - [`capacity`]: forecasting, queueing-theory sizing, HPA-style
 //!   stabilisation and rebalancing of stages (pure, sans-IO).
 //! - [`cli`]: the command line's flags and client commands.
+//! - [`config`]: the broker flags, `ConfigError` and the defaults, shared
+//!   by the command line, [`sim`] and the `guildhall-bench` crate.
 //! - [`dead`]: listing and replaying dead-lettered tasks.
 //! - [`demo`]: `guildhall demo`, a coordinator and a simulated pipeline in one process.
 //! - [`core`]: the sans-IO state machine (workers, tasks, stages, liveness),
@@ -18,9 +18,9 @@
 //!   policies on arrival traces, driving the same [`capacity`] code.
 //! - [`submit`]: publishing tasks (shared by the API and `guildhall submit`).
 
-pub mod bench;
 pub mod capacity;
 pub mod cli;
+pub mod config;
 pub mod core;
 pub mod dead;
 pub mod demo;

@@ -46,7 +46,7 @@ pub mod trace;
 mod tests;
 
 use crate::capacity::{CapacityConfig, format_wait, queueing};
-use crate::cli::ConfigError;
+use crate::config::ConfigError;
 use clap::Args;
 use engine::{SYNC_MS, Setup};
 use policy::{Policy, PolicyKind};

@@ -1,5 +1,7 @@
-//! `guildhall bench`: how fast the coordinator ingests, how large a fleet it
-//! tracks, and how much memory a task costs, measured on the real broker.
+//! `guildhall-bench`: how fast the coordinator ingests, how large a fleet it
+//! tracks, how much memory a task costs, what the agent adds to a stage and
+//! how many tasks/s a whole pipeline moves, measured on the real broker. Its
+//! own binary, so the shipped `guildhall` carries none of it.
 //!
 //! Every benchmark prints a readable table, or JSON with `--json`, and has a
 //! `--quick` variant for tests and smoke runs. None asserts a timing: the
@@ -8,6 +10,7 @@
 //! # Layout
 //!
 //! - this file: the flags, their validation and the shared report shape;
+//! - `main.rs`: the `guildhall-bench` binary (logging, runtime, exit status);
 //! - [`mix`]: simulated agents and the realistic event mix they send
 //!   (pure, shared with the criterion benchmarks);
 //! - [`ingest`]: `bench ingest`, events/s applied by a real coordinator
@@ -18,7 +21,8 @@
 //! - [`overhead`]: `bench agent`, what the agent adds to a task's stage
 //!   against a bare lapin consumer doing the same hand-off;
 //! - [`probe`]: what the benchmarks read off a running coordinator: CPU and
-//!   peak memory from `/proc`, counters and histograms from `/metrics`.
+//!   peak memory from `/proc`, counters and histograms from `/metrics`; and
+//!   where the sibling binaries (`guildhall`, `guildhall-agent`) are.
 
 pub mod fleet;
 pub mod ingest;
@@ -27,14 +31,15 @@ pub mod mix;
 pub mod overhead;
 pub mod probe;
 
-use crate::cli::{BrokerArgs, ConfigError};
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use guildhall::config::{BrokerArgs, ConfigError};
 use guildhall_proto::{Names, Stage};
 use serde::Serialize;
 use std::time::Duration;
 
-/// `guildhall bench ...`.
-#[derive(Debug, Clone, Args)]
+/// `guildhall-bench ...`: Guildhall's benchmarks on the real broker.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "guildhall-bench", version, about, propagate_version = true)]
 pub struct BenchArgs {
     /// Which benchmark.
     #[command(subcommand)]
@@ -62,11 +67,11 @@ pub enum Which {
 pub struct VersionArgs {
     /// RabbitMQ management API, to name the broker's version in the
     /// report; "" to go without.
-    #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = crate::cli::DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
+    #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = guildhall::config::DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
     pub management_url: String,
     /// PEM CA certificates to trust, besides the system's, for an https://
     /// --management-url [default: --amqp-ca-file].
-    #[arg(long, env = "GUILDHALL_MANAGEMENT_CA_FILE", value_parser = crate::cli::any_path)]
+    #[arg(long, env = "GUILDHALL_MANAGEMENT_CA_FILE", value_parser = guildhall::config::any_path)]
     pub management_ca_file: Option<std::path::PathBuf>,
 }
 
@@ -76,7 +81,7 @@ impl VersionArgs {
         if self.management_url.trim().is_empty() {
             return "RabbitMQ (version unknown: no --management-url)".into();
         }
-        let ca = match crate::cli::management_ca(
+        let ca = match guildhall::config::management_ca(
             &self.management_url,
             self.management_ca_file.as_deref(),
             url,
@@ -151,7 +156,7 @@ impl BenchTarget {
     /// Validates the broker URL and namespace prefix.
     pub(crate) fn resolve(&self) -> Result<Target, ConfigError> {
         let (url, names) = self.broker.validate()?;
-        crate::cli::management_ca(
+        guildhall::config::management_ca(
             &self.version.management_url,
             self.version.management_ca_file.as_deref(),
             &url,
@@ -164,7 +169,7 @@ impl BenchTarget {
     }
 }
 
-/// `guildhall bench ingest`.
+/// `guildhall-bench ingest`.
 #[derive(Debug, Clone, Args)]
 pub struct IngestArgs {
     /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
@@ -202,7 +207,7 @@ pub struct IngestArgs {
     pub drain_rounds: Option<usize>,
 }
 
-/// `guildhall bench fleet`.
+/// `guildhall-bench fleet`.
 #[derive(Debug, Clone, Args)]
 pub struct FleetArgs {
     /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
@@ -226,7 +231,7 @@ pub struct FleetArgs {
     pub per_worker_metrics: bool,
 }
 
-/// `guildhall bench memory`.
+/// `guildhall-bench memory`.
 #[derive(Debug, Clone, Args)]
 pub struct MemoryArgs {
     /// `--json`, `--quick`.
@@ -242,7 +247,7 @@ pub struct MemoryArgs {
     pub case: Option<String>,
 }
 
-/// `guildhall bench agent`.
+/// `guildhall-bench agent`.
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
     /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
