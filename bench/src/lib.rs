@@ -20,6 +20,9 @@
 //! - [`memory`]: `bench memory`, bytes per completed and per in-flight task;
 //! - [`overhead`]: `bench agent`, what the agent adds to a task's stage
 //!   against a bare lapin consumer doing the same hand-off;
+//! - [`pipeline`]: `bench pipeline`, tasks/s through N stages of real
+//!   agent processes and HTTP workers, per-stage latencies, and a model of
+//!   the task path timed step by step;
 //! - [`probe`]: what the benchmarks read off a running coordinator: CPU and
 //!   peak memory from `/proc`, counters and histograms from `/metrics`; and
 //!   where the sibling binaries (`guildhall`, `guildhall-agent`) are.
@@ -29,6 +32,7 @@ pub mod ingest;
 pub mod memory;
 pub mod mix;
 pub mod overhead;
+pub mod pipeline;
 pub mod probe;
 
 use clap::{Args, Parser, Subcommand};
@@ -60,6 +64,10 @@ pub enum Which {
     /// What the agent adds to a task's stage (latency, throughput, CPU)
     /// against a bare lapin consumer doing the same hand-off.
     Agent(AgentArgs),
+    /// Tasks/s end to end through N stages of real agents (one process per
+    /// stage) and no-op HTTP workers, per-stage latency p50/p99, and with
+    /// --profile where a task's time goes.
+    Pipeline(PipelineArgs),
 }
 
 /// Where the broker's version is read (the reports name it).
@@ -278,6 +286,42 @@ pub struct AgentArgs {
     pub drain_timeout: Duration,
 }
 
+/// `guildhall-bench pipeline`.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineArgs {
+    /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
+    #[command(flatten)]
+    pub target: BenchTarget,
+    /// Stages in the pipeline, one agent each.
+    #[arg(long, default_value_t = 3)]
+    pub stages: usize,
+    /// Tasks published at once per run (default 2,000; --quick 200).
+    #[arg(long)]
+    pub tasks: Option<u64>,
+    /// Each agent's concurrency, one series of runs per value (default 4,32; --quick 4).
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<u32>,
+    /// Runs per concurrency (default 3; --quick 1).
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// The no-op HTTP worker every stage posts to.
+    #[arg(long, value_enum, default_value = "rust")]
+    pub worker: pipeline::workers::WorkerKind,
+    /// The Python interpreter, for the Python workers.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Payload size, bytes (at least 8: the publish time).
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Longest wait for a run's tasks.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Also run a model of the agent's task path in this process, timed
+    /// step by step (worker, next-stage confirm, events confirm, ack).
+    #[arg(long)]
+    pub profile: bool,
+}
+
 /// Runs a benchmark and renders its report.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     match &args.which {
@@ -293,6 +337,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         Which::Agent(a) => {
             let report = overhead::run(a).await?;
             Ok(render(&report, a.target.common.json, overhead::table))
+        }
+        Which::Pipeline(a) => {
+            let report = pipeline::run(a).await?;
+            Ok(render(&report, a.target.common.json, pipeline::table))
         }
     }
 }
