@@ -286,6 +286,65 @@ async fn agent_beyond_what_the_broker_takes_reports_the_rate_achieved() {
 }
 
 #[tokio::test]
+async fn pipeline_quick_moves_every_task_through_real_agents() {
+    let ns = TestNs::new("bench");
+    let r = json_within(
+        &ns,
+        "pipeline",
+        &[
+            "--quick",
+            "--json",
+            "--stages",
+            "2",
+            "--tasks",
+            "60",
+            "--concurrency",
+            "2,8",
+            "--profile",
+            "--drain-timeout",
+            "60s",
+        ],
+        std::time::Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(num(&r, "stages"), 2.0, "{r}");
+    let series = r["series"].as_array().expect("series");
+    assert_eq!(series.len(), 2, "{r}");
+    for s in series {
+        let run = &s["median_run"];
+        assert_eq!(num(run, "arrived"), 60.0, "{s}");
+        assert_eq!(num(run, "missing"), 0.0, "{s}");
+        assert!(num(s, "tasks_per_s") > 0.0, "{s}");
+        assert!(
+            num(s, "tasks_per_s_min") <= num(s, "tasks_per_s_max"),
+            "{s}"
+        );
+        assert!(
+            num(run, "end_to_end_p50_ms") <= num(run, "end_to_end_p99_ms"),
+            "{s}"
+        );
+        // Every task's two events were read back for every stage.
+        let stages = run["stages"].as_array().expect("stages");
+        assert_eq!(stages.len(), 2, "{s}");
+        for st in stages {
+            assert_eq!(num(st, "tasks"), 60.0, "{st}");
+            assert!(
+                num(st, "latency_p50_ms") <= num(st, "latency_p99_ms"),
+                "{st}"
+            );
+        }
+        // The model timed each step of every task.
+        for variant in ["sequential", "concurrent_confirms"] {
+            let v = &s["profile"][variant];
+            assert_eq!(num(v, "missing"), 0.0, "{variant}: {s}");
+            assert_eq!(v["steps"].as_array().map(Vec::len), Some(5), "{s}");
+            assert!(num(&v["steps"][4], "p50_us") > 0.0, "{variant}: {s}");
+        }
+    }
+    assert_nothing_left(&ns).await;
+}
+
+#[tokio::test]
 async fn bench_flags_out_of_range_are_one_line() {
     for (args, needle) in [
         (vec!["ingest", "--agents", "0"], "--agents"),
@@ -307,6 +366,10 @@ async fn bench_flags_out_of_range_are_one_line() {
         (vec!["agent", "--concurrency", "0"], "--concurrency"),
         (vec!["agent", "--tasks", "1"], "--tasks"),
         (vec!["agent", "--rounds", "0"], "--rounds"),
+        (vec!["pipeline", "--stages", "0"], "--stages"),
+        (vec!["pipeline", "--concurrency", "0"], "--concurrency"),
+        (vec!["pipeline", "--tasks", "5"], "--tasks"),
+        (vec!["pipeline", "--payload", "4"], "--payload"),
     ] {
         let o = run_bench(&args).await;
         let err = String::from_utf8_lossy(&o.stderr);
