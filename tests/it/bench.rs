@@ -334,7 +334,11 @@ async fn pipeline_quick_moves_every_task_through_real_agents() {
             );
         }
         // The model timed each step of every task.
-        for variant in ["sequential", "concurrent_confirms"] {
+        for variant in [
+            "sequential",
+            "concurrent_confirms",
+            "concurrent_confirms_prefetch_2x",
+        ] {
             let v = &s["profile"][variant];
             assert_eq!(num(v, "missing"), 0.0, "{variant}: {s}");
             assert_eq!(v["steps"].as_array().map(Vec::len), Some(5), "{s}");

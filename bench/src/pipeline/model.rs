@@ -9,7 +9,10 @@
 //! POST to the worker, publish the result to the next stage and wait for
 //! its confirm, emit `TaskSucceeded` and wait for its batch's confirm, ack.
 //! Each step is timed in µs. The *concurrent* variant awaits the two
-//! confirms together; nothing else changes. No bookkeeping, no control
+//! confirms together; nothing else changes. The third variant also takes a
+//! prefetch of twice the concurrency (still at most `concurrency` tasks in
+//! hand), so a freed slot does not wait a broker round trip for its next
+//! delivery. No bookkeeping, no control
 //! channel, no heartbeats: what the model moves per second is the task
 //! path's own ceiling on this broker.
 
@@ -29,6 +32,7 @@ use lapin::types::FieldTable;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +46,10 @@ pub struct Profile {
     pub sequential: Variant,
     /// The two confirms awaited together.
     pub concurrent_confirms: Variant,
+    /// The two confirms together and a prefetch of twice the concurrency
+    /// (at most `concurrency` tasks at once still): the next delivery is
+    /// already in hand when a task is acked.
+    pub concurrent_confirms_prefetch_2x: Variant,
 }
 
 /// One variant's figures.
@@ -109,15 +117,25 @@ impl Profile {
 /// Runs both variants at concurrency `c`.
 pub(crate) async fn profile(plan: &Plan, urls: &[String], c: u32) -> anyhow::Result<Profile> {
     Ok(Profile {
-        sequential: one(plan, urls, c, false).await?,
-        concurrent_confirms: one(plan, urls, c, true).await?,
+        sequential: one(plan, urls, c, false, 1).await?,
+        concurrent_confirms: one(plan, urls, c, true, 1).await?,
+        concurrent_confirms_prefetch_2x: one(plan, urls, c, true, 2).await?,
     })
 }
 
 /// Times per step, µs, gathered from every handler.
 type Times = Arc<Mutex<[Vec<u32>; 5]>>;
 
-async fn one(plan: &Plan, urls: &[String], c: u32, together: bool) -> anyhow::Result<Variant> {
+/// One variant: `together` awaits the two confirms together; the
+/// consumer's prefetch is `prefetch_x` times `c`, with `c` tasks at most
+/// in hand.
+async fn one(
+    plan: &Plan,
+    urls: &[String],
+    c: u32,
+    together: bool,
+    prefetch_x: u32,
+) -> anyhow::Result<Variant> {
     let stages = stage_names(plan.stages)?;
     let (names, conn) = setup(&plan.target, &stages).await?;
     let times: Times = Arc::default();
@@ -125,8 +143,15 @@ async fn one(plan: &Plan, urls: &[String], c: u32, together: bool) -> anyhow::Re
         let stop = CancellationToken::new();
         let mut running = Vec::new();
         for (i, pair) in stages.windows(2).enumerate() {
-            let s = ModelStage::open(plan, &names, &pair[0], &pair[1], &urls[i], c).await?;
-            running.push(tokio::spawn(s.run(stop.clone(), times.clone(), together)));
+            let s = ModelStage::open(plan, &names, &pair[0], &pair[1], &urls[i], c * prefetch_x)
+                .await?;
+            let slots = Arc::new(Semaphore::new(c as usize));
+            running.push(tokio::spawn(s.run(
+                stop.clone(),
+                times.clone(),
+                together,
+                slots,
+            )));
         }
         let sink = names.stage_queue(&stages[plan.stages]);
         let collector = Collector::start(&conn, &sink, plan.tasks).await?;
@@ -191,13 +216,14 @@ struct Shared {
 }
 
 impl ModelStage {
+    /// A stage consuming with `prefetch`.
     async fn open(
         plan: &Plan,
         names: &Names,
         stage: &Stage,
         next: &Stage,
         url: &str,
-        c: u32,
+        prefetch: u32,
     ) -> anyhow::Result<Self> {
         let conn = connect(
             &plan.target.url,
@@ -212,7 +238,7 @@ impl ModelStage {
             EventPublisherConfig::default(),
         );
         let channel = conn.create_channel().await?;
-        let prefetch = u16::try_from(c).unwrap_or(u16::MAX);
+        let prefetch = u16::try_from(prefetch).unwrap_or(u16::MAX);
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
@@ -246,16 +272,26 @@ impl ModelStage {
         stop: CancellationToken,
         times: Times,
         together: bool,
+        slots: Arc<Semaphore>,
     ) -> anyhow::Result<()> {
         let mut handlers = JoinSet::new();
         loop {
+            // A task in hand holds a slot until it is acked.
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s?,
+                () = stop.cancelled() => break,
+            };
             let delivery = tokio::select! {
                 d = self.consumer.next() => d,
                 () = stop.cancelled() => break,
             };
             match delivery {
                 Some(Ok(d)) => {
-                    handlers.spawn(handle(self.shared.clone(), d, times.clone(), together));
+                    let (shared, times) = (self.shared.clone(), times.clone());
+                    handlers.spawn(async move {
+                        handle(shared, d, times, together).await;
+                        drop(slot);
+                    });
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => break,
