@@ -338,6 +338,7 @@ async fn pipeline_quick_moves_every_task_through_real_agents() {
             "sequential",
             "concurrent_confirms",
             "concurrent_confirms_prefetch_2x",
+            "slot_freed_at_answer",
         ] {
             let v = &s["profile"][variant];
             assert_eq!(num(v, "missing"), 0.0, "{variant}: {s}");

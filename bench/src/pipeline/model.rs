@@ -12,7 +12,8 @@
 //! confirms together; nothing else changes. The third variant also takes a
 //! prefetch of twice the concurrency (still at most `concurrency` tasks in
 //! hand), so a freed slot does not wait a broker round trip for its next
-//! delivery. No bookkeeping, no control
+//! delivery; the fourth frees a task's slot when the worker answers, so
+//! up to `concurrency` tasks are at the worker while as many more settle. No bookkeeping, no control
 //! channel, no heartbeats: what the model moves per second is the task
 //! path's own ceiling on this broker.
 
@@ -32,7 +33,7 @@ use lapin::types::FieldTable;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +51,10 @@ pub struct Profile {
     /// (at most `concurrency` tasks at once still): the next delivery is
     /// already in hand when a task is acked.
     pub concurrent_confirms_prefetch_2x: Variant,
+    /// The two confirms together, prefetch twice the concurrency, and a
+    /// task's slot freed when the worker answers: at most `concurrency`
+    /// tasks at the worker, up to as many more settling.
+    pub slot_freed_at_answer: Variant,
 }
 
 /// One variant's figures.
@@ -98,6 +103,14 @@ impl Profile {
                 "model, the two confirms together",
                 &self.concurrent_confirms,
             ),
+            (
+                "model, together, prefetch 2x",
+                &self.concurrent_confirms_prefetch_2x,
+            ),
+            (
+                "model, together, prefetch 2x, slot freed at the answer",
+                &self.slot_freed_at_answer,
+            ),
         ] {
             out.push_str(&format!(
                 "  {name}: {:.0} tasks/s ({} missing)\n",
@@ -117,25 +130,67 @@ impl Profile {
 /// Runs both variants at concurrency `c`.
 pub(crate) async fn profile(plan: &Plan, urls: &[String], c: u32) -> anyhow::Result<Profile> {
     Ok(Profile {
-        sequential: one(plan, urls, c, false, 1).await?,
-        concurrent_confirms: one(plan, urls, c, true, 1).await?,
-        concurrent_confirms_prefetch_2x: one(plan, urls, c, true, 2).await?,
+        sequential: one(plan, urls, c, Mode::AGENT).await?,
+        concurrent_confirms: one(
+            plan,
+            urls,
+            c,
+            Mode {
+                together: true,
+                ..Mode::AGENT
+            },
+        )
+        .await?,
+        concurrent_confirms_prefetch_2x: one(
+            plan,
+            urls,
+            c,
+            Mode {
+                together: true,
+                prefetch_x: 2,
+                ..Mode::AGENT
+            },
+        )
+        .await?,
+        slot_freed_at_answer: one(
+            plan,
+            urls,
+            c,
+            Mode {
+                together: true,
+                prefetch_x: 2,
+                free_at_answer: true,
+            },
+        )
+        .await?,
     })
 }
 
 /// Times per step, µs, gathered from every handler.
 type Times = Arc<Mutex<[Vec<u32>; 5]>>;
 
-/// One variant: `together` awaits the two confirms together; the
-/// consumer's prefetch is `prefetch_x` times `c`, with `c` tasks at most
-/// in hand.
-async fn one(
-    plan: &Plan,
-    urls: &[String],
-    c: u32,
+/// How a variant runs the task path.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    /// Await the two confirms together.
     together: bool,
+    /// The consumer's prefetch, in multiples of the concurrency.
     prefetch_x: u32,
-) -> anyhow::Result<Variant> {
+    /// Free a task's slot when the worker answers, not when it is acked.
+    free_at_answer: bool,
+}
+
+impl Mode {
+    /// As the agent does today.
+    const AGENT: Mode = Mode {
+        together: false,
+        prefetch_x: 1,
+        free_at_answer: false,
+    };
+}
+
+/// One variant at concurrency `c`: `c` slots per stage.
+async fn one(plan: &Plan, urls: &[String], c: u32, mode: Mode) -> anyhow::Result<Variant> {
     let stages = stage_names(plan.stages)?;
     let (names, conn) = setup(&plan.target, &stages).await?;
     let times: Times = Arc::default();
@@ -143,13 +198,20 @@ async fn one(
         let stop = CancellationToken::new();
         let mut running = Vec::new();
         for (i, pair) in stages.windows(2).enumerate() {
-            let s = ModelStage::open(plan, &names, &pair[0], &pair[1], &urls[i], c * prefetch_x)
-                .await?;
+            let s = ModelStage::open(
+                plan,
+                &names,
+                &pair[0],
+                &pair[1],
+                &urls[i],
+                c * mode.prefetch_x,
+            )
+            .await?;
             let slots = Arc::new(Semaphore::new(c as usize));
             running.push(tokio::spawn(s.run(
                 stop.clone(),
                 times.clone(),
-                together,
+                mode,
                 slots,
             )));
         }
@@ -271,12 +333,13 @@ impl ModelStage {
         mut self,
         stop: CancellationToken,
         times: Times,
-        together: bool,
+        mode: Mode,
         slots: Arc<Semaphore>,
     ) -> anyhow::Result<()> {
         let mut handlers = JoinSet::new();
         loop {
-            // A task in hand holds a slot until it is acked.
+            // A task in hand holds a slot until it is acked (or, with
+            // `free_at_answer`, until the worker answers).
             let slot = tokio::select! {
                 s = slots.clone().acquire_owned() => s?,
                 () = stop.cancelled() => break,
@@ -288,10 +351,7 @@ impl ModelStage {
             match delivery {
                 Some(Ok(d)) => {
                     let (shared, times) = (self.shared.clone(), times.clone());
-                    handlers.spawn(async move {
-                        handle(shared, d, times, together).await;
-                        drop(slot);
-                    });
+                    handlers.spawn(handle(shared, d, times, mode, slot));
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => break,
@@ -308,7 +368,15 @@ impl ModelStage {
 }
 
 /// One delivery through the model, timed.
-async fn handle(s: Arc<Shared>, delivery: Delivery, times: Times, together: bool) {
+async fn handle(
+    s: Arc<Shared>,
+    delivery: Delivery,
+    times: Times,
+    mode: Mode,
+    slot: OwnedSemaphorePermit,
+) {
+    let together = mode.together;
+    let mut slot = Some(slot);
     let t0 = Instant::now();
     let us = |a: Instant, b: Instant| u32::try_from((b - a).as_micros()).unwrap_or(u32::MAX);
     let handed = async {
@@ -336,6 +404,9 @@ async fn handle(s: Arc<Shared>, delivery: Delivery, times: Times, together: bool
             Outcome::Failure(f) => anyhow::bail!("the worker failed: {}", f.error),
         };
         let t1 = Instant::now();
+        if mode.free_at_answer {
+            slot.take();
+        }
         let finished = now_ms();
         let props = meta.next_stage(finished, None).properties();
         let event = Event::TaskSucceeded(TaskSucceeded {
