@@ -2,12 +2,12 @@
 //!
 //! # Layout
 //!
-//! - [`bench`]: `guildhall bench`: ingest, fleet and memory benchmarks on
-//!   the real broker, and the simulated agents they share.
 //! - [`capacity`]: forecasting, queueing-theory sizing, HPA-style
 //!   stabilisation and rebalancing of stages (pure, sans-IO): the
 //!   `guildhall-core` crate's, re-exported.
 //! - [`cli`]: the command line's flags and client commands.
+//! - [`config`]: the broker flags, `ConfigError` and the defaults, shared
+//!   by the command line, [`sim`] and the `guildhall-bench` crate.
 //! - [`dead`]: listing and replaying dead-lettered tasks.
 //! - [`demo`]: `guildhall demo`, a coordinator and a simulated pipeline in one process.
 //! - [`core`]: the sans-IO state machine (workers, tasks, stages, liveness),
@@ -21,9 +21,9 @@
 //!   engine it drives is `guildhall-core`'s.
 //! - [`submit`]: publishing tasks (shared by the API and `guildhall submit`).
 
-pub mod bench;
 pub use guildhall_core::{capacity, core};
 pub mod cli;
+pub mod config;
 pub mod dead;
 pub mod demo;
 pub mod http;

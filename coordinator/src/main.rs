@@ -75,7 +75,10 @@ async fn run(command: Command) -> anyhow::Result<String> {
         Command::Simulate(args) => guildhall::sim::run(&args),
         Command::Worker(args) => Ok(cli::client::worker(&args).await?),
         Command::Healthcheck(args) => Ok(cli::health::run(&args).await?),
-        Command::Bench(args) => guildhall::bench::run(&args).await,
+        Command::Bench(_) => Err(ConfigError(
+            "`guildhall bench` moved to its own binary: run `guildhall-bench` (same subcommands and flags)".into(),
+        )
+        .into()),
     }
 }
 

@@ -150,6 +150,13 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     # HTTP/1.0: one request per connection (see the header comment).
     protocol_version = "HTTP/1.0"
+    # Head and body leave in one write: the writer is buffered (flushed once
+    # the request is answered) and TCP_NODELAY is set. With an unbuffered
+    # writer the head and the body are two writes, and Nagle's algorithm
+    # holds the second until the agent ACKs the first, which a client that
+    # delays its ACKs does for up to ~40 ms: on every task.
+    wbufsize = -1
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):  # the default logs every request to stderr
         pass

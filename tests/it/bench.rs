@@ -1,4 +1,4 @@
-//! `guildhall bench`: each benchmark runs against the real broker, prints a
+//! `guildhall-bench`: each benchmark runs against the real broker, prints a
 //! well-formed result, and leaves nothing behind; bad flags are one line.
 //! No timing is asserted: the figures belong in BENCHMARKS.md.
 
@@ -7,13 +7,25 @@ use guildhall_tests::*;
 use serde_json::Value;
 use std::process::Output;
 
-/// `guildhall bench WHICH` on the test broker, under the test's namespace,
+/// `guildhall-bench WHICH` on the test broker, under the test's namespace,
 /// with `extra` flags.
 async fn bench(ns: &TestNs, which: &str, extra: &[&str]) -> Output {
     let url = amqp_url();
-    let mut args = vec!["bench", which, "--amqp-url", &url, "--namespace", ns.name()];
+    let mut args = vec![which, "--amqp-url", &url, "--namespace", ns.name()];
     args.extend_from_slice(extra);
-    run_guildhall(&args).await
+    run_bench(&args).await
+}
+
+/// Runs `guildhall-bench` with `args`; the broker and namespace come from
+/// the flags alone.
+async fn run_bench(args: &[&str]) -> Output {
+    tokio::process::Command::new(bin("guildhall-bench"))
+        .args(args)
+        .env_remove("AMQP_URL")
+        .env_remove("GUILDHALL_NAMESPACE")
+        .output()
+        .await
+        .expect("guildhall-bench runs")
 }
 
 /// The table form of `bench WHICH extra`: it succeeds and names each of
@@ -187,7 +199,7 @@ async fn fleet_and_memory_quick_print_well_formed_results() {
     assert!(num(run, "coordinator_peak_rss_bytes") > 1e6, "{r}");
     assert_nothing_left(&ns).await;
 
-    let o = run_guildhall(&["bench", "memory", "--quick", "--json"]).await;
+    let o = run_bench(&["memory", "--quick", "--json"]).await;
     let r = json(&o);
     assert!(r.is_object() || r.is_array(), "{r}");
 }
@@ -274,45 +286,110 @@ async fn agent_beyond_what_the_broker_takes_reports_the_rate_achieved() {
 }
 
 #[tokio::test]
+async fn pipeline_quick_moves_every_task_through_real_agents() {
+    let ns = TestNs::new("bench");
+    let r = json_within(
+        &ns,
+        "pipeline",
+        &[
+            "--quick",
+            "--json",
+            "--stages",
+            "2",
+            "--tasks",
+            "60",
+            "--concurrency",
+            "2,8",
+            "--profile",
+            "--drain-timeout",
+            "60s",
+        ],
+        std::time::Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(num(&r, "stages"), 2.0, "{r}");
+    let series = r["series"].as_array().expect("series");
+    assert_eq!(series.len(), 2, "{r}");
+    for s in series {
+        let run = &s["median_run"];
+        assert_eq!(num(run, "arrived"), 60.0, "{s}");
+        assert_eq!(num(run, "missing"), 0.0, "{s}");
+        assert!(num(s, "tasks_per_s") > 0.0, "{s}");
+        assert!(
+            num(s, "tasks_per_s_min") <= num(s, "tasks_per_s_max"),
+            "{s}"
+        );
+        assert!(
+            num(run, "end_to_end_p50_ms") <= num(run, "end_to_end_p99_ms"),
+            "{s}"
+        );
+        // Every task's two events were read back for every stage.
+        let stages = run["stages"].as_array().expect("stages");
+        assert_eq!(stages.len(), 2, "{s}");
+        for st in stages {
+            assert_eq!(num(st, "tasks"), 60.0, "{st}");
+            assert!(
+                num(st, "latency_p50_ms") <= num(st, "latency_p99_ms"),
+                "{st}"
+            );
+        }
+        // The model timed each step of every task.
+        for variant in [
+            "sequential",
+            "concurrent_confirms",
+            "concurrent_confirms_prefetch_2x",
+            "slot_freed_at_answer",
+        ] {
+            let v = &s["profile"][variant];
+            assert_eq!(num(v, "missing"), 0.0, "{variant}: {s}");
+            assert_eq!(v["steps"].as_array().map(Vec::len), Some(5), "{s}");
+            assert!(num(&v["steps"][4], "p50_us") > 0.0, "{variant}: {s}");
+        }
+    }
+    assert_nothing_left(&ns).await;
+}
+
+#[tokio::test]
 async fn bench_flags_out_of_range_are_one_line() {
     for (args, needle) in [
-        (vec!["bench", "ingest", "--agents", "0"], "--agents"),
-        (vec!["bench", "ingest", "--batch", "0"], "--batch"),
-        (vec!["bench", "ingest", "--rate", "1"], "--rate"),
-        (vec!["bench", "ingest", "--duration", "0s"], "--duration"),
-        (vec!["bench", "ingest", "--events", "5"], "--events"),
+        (vec!["ingest", "--agents", "0"], "--agents"),
+        (vec!["ingest", "--batch", "0"], "--batch"),
+        (vec!["ingest", "--rate", "1"], "--rate"),
+        (vec!["ingest", "--duration", "0s"], "--duration"),
+        (vec!["ingest", "--events", "5"], "--events"),
+        (vec!["ingest", "--drain-rounds", "0"], "--drain-rounds"),
+        (vec!["ingest", "--drain-rounds", "21"], "--drain-rounds"),
+        (vec!["ingest", "--connections", "1000"], "--connections"),
+        (vec!["fleet", "--agents", "1"], "--agents"),
         (
-            vec!["bench", "ingest", "--drain-rounds", "0"],
-            "--drain-rounds",
-        ),
-        (
-            vec!["bench", "ingest", "--drain-rounds", "21"],
-            "--drain-rounds",
-        ),
-        (
-            vec!["bench", "ingest", "--connections", "1000"],
-            "--connections",
-        ),
-        (vec!["bench", "fleet", "--agents", "1"], "--agents"),
-        (
-            vec!["bench", "fleet", "--agents-per-connection", "0"],
+            vec!["fleet", "--agents-per-connection", "0"],
             "--agents-per-connection",
         ),
-        (vec!["bench", "memory", "--tasks", "0"], "--tasks"),
-        (vec!["bench", "agent", "--payload", "4"], "--payload"),
-        (vec!["bench", "agent", "--rate", "0"], "--rate"),
-        (
-            vec!["bench", "agent", "--concurrency", "0"],
-            "--concurrency",
-        ),
-        (vec!["bench", "agent", "--tasks", "1"], "--tasks"),
-        (vec!["bench", "agent", "--rounds", "0"], "--rounds"),
+        (vec!["memory", "--tasks", "0"], "--tasks"),
+        (vec!["agent", "--payload", "4"], "--payload"),
+        (vec!["agent", "--rate", "0"], "--rate"),
+        (vec!["agent", "--concurrency", "0"], "--concurrency"),
+        (vec!["agent", "--tasks", "1"], "--tasks"),
+        (vec!["agent", "--rounds", "0"], "--rounds"),
+        (vec!["pipeline", "--stages", "0"], "--stages"),
+        (vec!["pipeline", "--concurrency", "0"], "--concurrency"),
+        (vec!["pipeline", "--tasks", "5"], "--tasks"),
+        (vec!["pipeline", "--payload", "4"], "--payload"),
     ] {
-        let o = run_guildhall(&args).await;
+        let o = run_bench(&args).await;
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[tokio::test]
+async fn guildhall_bench_says_where_it_moved() {
+    let o = run_guildhall(&["bench", "ingest", "--quick"]).await;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("guildhall-bench"), "{err}");
 }

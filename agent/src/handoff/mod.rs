@@ -6,11 +6,13 @@
 //! nothing of the broker; [`crate::task`] acts on the outcome.
 //!
 //! - [`http`]: POST to a worker URL.
+//! - [`quickack`]: the connector of `http://` workers (TCP_NODELAY, TCP_QUICKACK).
 //! - [`exec`]: one `sh -c` process per task, payload on stdin.
 //! - [`simulated`]: a built-in worker with a lognormal service time.
 
 pub mod exec;
 pub mod http;
+pub mod quickack;
 pub mod simulated;
 
 use crate::config::{AgentConfig, ConfigError, WorkerSpec};

@@ -20,24 +20,18 @@ use crate::core::CoreConfig;
 use crate::serve::ServeConfig;
 use crate::serve::actuate::ActuatorConfig;
 use clap::{Args, Parser, Subcommand};
-use guildhall_broker::AmqpUrl;
-use guildhall_broker::tls::{CaBundle, TlsFiles};
 use guildhall_broker::topology::StreamRetention;
-use guildhall_proto::{Names, Namespace, Stage};
+use guildhall_proto::Stage;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The broker every command defaults to.
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-/// The management API `serve` and `demo` default to.
-pub const DEFAULT_MANAGEMENT_URL: &str = "http://guest:guest@127.0.0.1:15672";
-
-/// A flag value that failed validation: printed as one line, exit status 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+// The broker flags and the flag error live in [`crate::config`] (shared
+// with the simulator and `guildhall-bench`); re-exported for the commands.
+pub use crate::config::{
+    BrokerArgs, ConfigError, DEFAULT_AMQP_URL, DEFAULT_MANAGEMENT_URL, any_path, management_ca,
+};
 
 /// Guildhall: watch and steer a fleet of workers processing tasks through
 /// multi-stage pipelines on RabbitMQ.
@@ -70,9 +64,17 @@ pub enum Command {
     /// Exit 0 if a URL answers 2xx (default: the local coordinator's
     /// /healthz), else 1 with one line: a container healthcheck.
     Healthcheck(HealthcheckArgs),
-    /// Measure the coordinator on the real broker: ingest rate, a large
-    /// fleet, memory per task.
-    Bench(crate::bench::BenchArgs),
+    /// Moved to its own binary, `guildhall-bench`: prints where (hidden).
+    #[command(hide = true, disable_help_flag = true)]
+    Bench(MovedArgs),
+}
+
+/// Whatever follows a command that moved to another binary.
+#[derive(Debug, Clone, Args)]
+pub struct MovedArgs {
+    /// Ignored.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub rest: Vec<String>,
 }
 
 /// `guildhall worker ACTION ...`.
@@ -129,46 +131,6 @@ pub struct LogsArgs {
     /// How many lines at most.
     #[arg(long, default_value_t = 100)]
     pub lines: u32,
-}
-
-/// Where the broker is and which namespace to use.
-#[derive(Debug, Clone, Args)]
-pub struct BrokerArgs {
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: String,
-    /// Prefix of every broker name, so deployments can share a broker.
-    #[arg(long, env = "GUILDHALL_NAMESPACE", default_value = guildhall_proto::names::DEFAULT_NAMESPACE)]
-    pub namespace: String,
-    /// PEM CA certificates to trust, besides the system's, for an amqps://
-    /// broker (and the management API, unless --management-ca-file).
-    #[arg(long, env = "GUILDHALL_AMQP_CA_FILE", value_parser = any_path)]
-    pub amqp_ca_file: Option<PathBuf>,
-    /// PEM client certificate for a broker that requires one (mutual TLS);
-    /// needs --amqp-key-file.
-    #[arg(long, env = "GUILDHALL_AMQP_CERT_FILE", value_parser = any_path)]
-    pub amqp_cert_file: Option<PathBuf>,
-    /// PEM private key of --amqp-cert-file (not encrypted).
-    #[arg(long, env = "GUILDHALL_AMQP_KEY_FILE", value_parser = any_path)]
-    pub amqp_key_file: Option<PathBuf>,
-}
-
-impl BrokerArgs {
-    /// Parses the URL and namespace, and reads and checks the TLS files.
-    pub fn validate(&self) -> Result<(AmqpUrl, Names), ConfigError> {
-        let url =
-            AmqpUrl::parse(&self.amqp_url).map_err(|e| ConfigError(format!("--amqp-url: {e}")))?;
-        let url = url
-            .with_tls_files(&TlsFiles {
-                ca: self.amqp_ca_file.clone(),
-                cert: self.amqp_cert_file.clone(),
-                key: self.amqp_key_file.clone(),
-            })
-            .map_err(|e| ConfigError(e.to_string()))?;
-        let ns = Namespace::new(self.namespace.as_str())
-            .map_err(|e| ConfigError(format!("--namespace: {e}")))?;
-        Ok((url, Names::new(ns)))
-    }
 }
 
 /// Flags of the coordinator (`serve` and `demo`).
@@ -548,34 +510,6 @@ impl CoordinatorArgs {
         config.data_dir = data_dir;
         config.snapshot_interval = self.snapshot_interval;
         Ok((config, listen))
-    }
-}
-
-/// A path, the empty one included (it means "none", as `""` does for
-/// `--management-url`), so an empty environment variable is not an error.
-pub(crate) fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
-    Ok(PathBuf::from(s))
-}
-
-/// The CA bundle the management API client trusts: `--management-ca-file`
-/// (only with an https:// URL), else the broker's `--amqp-ca-file`.
-pub(crate) fn management_ca(
-    management_url: &str,
-    ca_file: Option<&std::path::Path>,
-    amqp: &AmqpUrl,
-) -> Result<Option<CaBundle>, ConfigError> {
-    match ca_file.filter(|p| !p.as_os_str().is_empty()) {
-        Some(path) => {
-            if !management_url.trim_start().starts_with("https://") {
-                return Err(ConfigError(
-                    "--management-ca-file needs an https:// --management-url".into(),
-                ));
-            }
-            CaBundle::load(path, "--management-ca-file")
-                .map(Some)
-                .map_err(|e| ConfigError(e.to_string()))
-        }
-        None => Ok(amqp.ca().cloned()),
     }
 }
 

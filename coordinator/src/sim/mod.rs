@@ -42,7 +42,7 @@ pub use guildhall_core::sim::{engine, policy, report, rng, spec, trace};
 mod tests;
 
 use crate::capacity::{CapacityConfig, format_wait, queueing};
-use crate::cli::ConfigError;
+use crate::config::ConfigError;
 use clap::Args;
 use engine::{SYNC_MS, Setup};
 use policy::{Policy, PolicyKind};

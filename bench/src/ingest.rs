@@ -1,4 +1,4 @@
-//! `guildhall bench ingest`: how many events a coordinator applies per
+//! `guildhall-bench ingest`: how many events a coordinator applies per
 //! second from the events stream, against what the broker itself delivers.
 //!
 //! In a fresh namespace on the real broker:
@@ -28,9 +28,9 @@
 use super::mix::{MixConfig, SimAgent, SimFleet};
 use super::probe::{Buckets, ChildCoordinator};
 use super::{IngestArgs, Target, in_range, lines, median, secs_in_range, thousands};
-use crate::cli::ConfigError;
 use anyhow::bail;
 use futures_lite::StreamExt;
+use guildhall::config::ConfigError;
 use guildhall_broker::events::{EventPublisher, EventPublisherConfig};
 use guildhall_broker::topology::{
     StreamRetention, StreamStart, consume_stream, ensure_events_stream,
@@ -628,7 +628,7 @@ pub fn table(r: &IngestReport) -> String {
     let live = &r.live;
     let drain = &r.drain;
     let mut out = format!(
-        "guildhall bench ingest: {} agents on {} connections, batches of up to {}, prefetch {}; {}\n\n",
+        "guildhall-bench ingest: {} agents on {} connections, batches of up to {}, prefetch {}; {}\n\n",
         r.agents, r.connections, r.batch, r.prefetch, r.broker
     );
     out += &lines(

@@ -1,7 +1,7 @@
 //! Criterion benchmarks of the coordinator's ingest path, with no broker:
 //!
 //! - `envelope/encode/<stage>` and `envelope/decode/<stage>`: one agent's
-//!   250-event batch of the simulated mix ([`guildhall::bench::mix`]) in
+//!   250-event batch of the simulated mix ([`guildhall_bench::mix`]) in
 //!   steady state, through [`EnvelopeBuilder`] and [`guildhall_proto::decode`];
 //!   the first stage's batch announces, starts and finishes tasks, the
 //!   middle stage's has the planted failures and retries;
@@ -21,14 +21,14 @@
 //!   holding ~100,000 finished three-stage tasks written as a snapshot
 //!   (under the core's lock in the coordinator), read back, and restored.
 //!
-//! Throughput is in events. `cargo bench -p guildhall --bench ingest`; add
+//! Throughput is in events. `cargo bench -p guildhall-bench --bench ingest`; add
 //! `-- --profile-time 5` to run without analysis (for a profiler).
 
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use guildhall::bench::memory::{BATCH, START_MS};
-use guildhall::bench::mix::{Feeder, MixConfig, SimFleet};
 use guildhall::core::{Core, CoreConfig, snapshot};
 use guildhall::metrics::Metrics;
+use guildhall_bench::memory::{BATCH, START_MS};
+use guildhall_bench::mix::{Feeder, MixConfig, SimFleet};
 use guildhall_proto::{Decoded, EnvelopeBuilder, Event};
 use std::hint::black_box;
 use std::time::Duration;

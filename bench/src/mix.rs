@@ -16,7 +16,7 @@
 //! stream order on a virtual clock, a task's later stages never overtaking
 //! its earlier ones.
 //!
-//! The same generator feeds `guildhall bench`, the criterion benchmarks and
+//! The same generator feeds `guildhall-bench`, the criterion benchmarks and
 //! the memory benchmark, so all measure the same work.
 
 use guildhall_proto::{
@@ -641,8 +641,8 @@ mod tests {
     /// with every task finished (its times say which stage came first).
     #[test]
     fn tasks_finish_whatever_order_the_stages_arrive_in() {
-        use crate::core::{Core, CoreConfig};
-        use crate::metrics::Metrics;
+        use guildhall::core::{Core, CoreConfig};
+        use guildhall::metrics::Metrics;
         let config = MixConfig::three_stages(2, 5).clocked(START_MS, 1_000.0);
         let mut fleet = SimFleet::new(&config);
         let mut core = Core::new(CoreConfig::default(), Metrics::new(false), START_MS);

@@ -1,4 +1,4 @@
-//! `guildhall bench memory`: resident bytes per tracked task.
+//! `guildhall-bench memory`: resident bytes per tracked task.
 //!
 //! No broker: the coordinator's core is fed the simulated agents' mix
 //! ([`super::mix`]) directly, on a virtual clock, in this very process. Each
@@ -30,10 +30,10 @@
 
 use super::mix::{Feeder, MixConfig};
 use super::{MemoryArgs, in_range, thousands};
-use crate::cli::ConfigError;
-use crate::core::{Core, CoreConfig};
-use crate::metrics::Metrics;
 use anyhow::{Context, bail};
+use guildhall::config::ConfigError;
+use guildhall::core::{Core, CoreConfig};
+use guildhall::metrics::Metrics;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Instant;
@@ -264,7 +264,7 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<String> {
 async fn run_child(case: Case) -> anyhow::Result<CaseResult> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let out = tokio::process::Command::new(exe)
-        .args(["bench", "memory", "--case", &case.to_string()])
+        .args(["memory", "--case", &case.to_string()])
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -460,7 +460,7 @@ pub fn table(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::CommonArgs;
+    use crate::CommonArgs;
 
     fn args(tasks: Vec<u64>, quick: bool) -> MemoryArgs {
         MemoryArgs {

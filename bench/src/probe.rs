@@ -45,11 +45,35 @@ pub struct CoreState {
     pub workers_alive: u64,
 }
 
+/// A Guildhall binary installed next to this one (`guildhall`,
+/// `guildhall-agent`: `cargo build --workspace` puts them side by side),
+/// else found on `PATH`.
+pub fn sibling_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    if let Some(dir) = exe.parent() {
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "cannot find `{name}` next to this program or on PATH (run `cargo build --workspace`)"
+            )
+        })
+}
+
 impl ChildCoordinator {
     /// Starts `guildhall serve` for `names` on the broker at `amqp_url`,
     /// with `extra` flags, on a free local port, without the management API.
     pub async fn spawn(amqp_url: &str, names: &Names, extra: &[String]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find this program's path")?;
+        let exe = sibling_bin("guildhall")?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .context("cannot find a free local port")?

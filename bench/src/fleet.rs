@@ -1,4 +1,4 @@
-//! `guildhall bench fleet`: a coordinator tracking a large fleet.
+//! `guildhall-bench fleet`: a coordinator tracking a large fleet.
 //!
 //! For each fleet size, in a fresh namespace on the real broker: a
 //! coordinator (`guildhall serve`, a child process, per-worker series on
@@ -16,7 +16,7 @@
 use super::mix::{MixConfig, SimAgent, SimFleet};
 use super::probe::{Buckets, ChildCoordinator};
 use super::{FleetArgs, Target, in_range, secs_in_range, thousands};
-use crate::cli::ConfigError;
+use guildhall::config::ConfigError;
 use guildhall_broker::publish::Pending;
 use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
 use guildhall_broker::{Publisher, connect, now_ms};
@@ -398,7 +398,7 @@ async fn settle(p: Pending, events: u64, counts: &Counts) {
 /// The report as a table, one row per fleet size.
 pub fn table(r: &FleetReport) -> String {
     let mut out = format!(
-        "guildhall bench fleet: agents heartbeating every second, {} tasks/s through three stages, per-worker series {}; {}\n\n",
+        "guildhall-bench fleet: agents heartbeating every second, {} tasks/s through three stages, per-worker series {}; {}\n\n",
         thousands(r.task_rate as f64),
         if r.per_worker_metrics { "on" } else { "off" },
         r.broker

@@ -1,5 +1,7 @@
-//! `guildhall bench`: how fast the coordinator ingests, how large a fleet it
-//! tracks, and how much memory a task costs, measured on the real broker.
+//! `guildhall-bench`: how fast the coordinator ingests, how large a fleet it
+//! tracks, how much memory a task costs, what the agent adds to a stage and
+//! how many tasks/s a whole pipeline moves, measured on the real broker. Its
+//! own binary, so the shipped `guildhall` carries none of it.
 //!
 //! Every benchmark prints a readable table, or JSON with `--json`, and has a
 //! `--quick` variant for tests and smoke runs. None asserts a timing: the
@@ -8,6 +10,7 @@
 //! # Layout
 //!
 //! - this file: the flags, their validation and the shared report shape;
+//! - `main.rs`: the `guildhall-bench` binary (logging, runtime, exit status);
 //! - [`mix`]: simulated agents and the realistic event mix they send
 //!   (pure, shared with the criterion benchmarks);
 //! - [`ingest`]: `bench ingest`, events/s applied by a real coordinator
@@ -17,24 +20,30 @@
 //! - [`memory`]: `bench memory`, bytes per completed and per in-flight task;
 //! - [`overhead`]: `bench agent`, what the agent adds to a task's stage
 //!   against a bare lapin consumer doing the same hand-off;
+//! - [`pipeline`]: `bench pipeline`, tasks/s through N stages of real
+//!   agent processes and HTTP workers, per-stage latencies, and a model of
+//!   the task path timed step by step;
 //! - [`probe`]: what the benchmarks read off a running coordinator: CPU and
-//!   peak memory from `/proc`, counters and histograms from `/metrics`.
+//!   peak memory from `/proc`, counters and histograms from `/metrics`; and
+//!   where the sibling binaries (`guildhall`, `guildhall-agent`) are.
 
 pub mod fleet;
 pub mod ingest;
 pub mod memory;
 pub mod mix;
 pub mod overhead;
+pub mod pipeline;
 pub mod probe;
 
-use crate::cli::{BrokerArgs, ConfigError};
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use guildhall::config::{BrokerArgs, ConfigError};
 use guildhall_proto::{Names, Stage};
 use serde::Serialize;
 use std::time::Duration;
 
-/// `guildhall bench ...`.
-#[derive(Debug, Clone, Args)]
+/// `guildhall-bench ...`: Guildhall's benchmarks on the real broker.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "guildhall-bench", version, about, propagate_version = true)]
 pub struct BenchArgs {
     /// Which benchmark.
     #[command(subcommand)]
@@ -55,6 +64,10 @@ pub enum Which {
     /// What the agent adds to a task's stage (latency, throughput, CPU)
     /// against a bare lapin consumer doing the same hand-off.
     Agent(AgentArgs),
+    /// Tasks/s end to end through N stages of real agents (one process per
+    /// stage) and no-op HTTP workers, per-stage latency p50/p99, and with
+    /// --profile where a task's time goes.
+    Pipeline(PipelineArgs),
 }
 
 /// Where the broker's version is read (the reports name it).
@@ -62,11 +75,11 @@ pub enum Which {
 pub struct VersionArgs {
     /// RabbitMQ management API, to name the broker's version in the
     /// report; "" to go without.
-    #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = crate::cli::DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
+    #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = guildhall::config::DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
     pub management_url: String,
     /// PEM CA certificates to trust, besides the system's, for an https://
     /// --management-url [default: --amqp-ca-file].
-    #[arg(long, env = "GUILDHALL_MANAGEMENT_CA_FILE", value_parser = crate::cli::any_path)]
+    #[arg(long, env = "GUILDHALL_MANAGEMENT_CA_FILE", value_parser = guildhall::config::any_path)]
     pub management_ca_file: Option<std::path::PathBuf>,
 }
 
@@ -76,7 +89,7 @@ impl VersionArgs {
         if self.management_url.trim().is_empty() {
             return "RabbitMQ (version unknown: no --management-url)".into();
         }
-        let ca = match crate::cli::management_ca(
+        let ca = match guildhall::config::management_ca(
             &self.management_url,
             self.management_ca_file.as_deref(),
             url,
@@ -151,7 +164,7 @@ impl BenchTarget {
     /// Validates the broker URL and namespace prefix.
     pub(crate) fn resolve(&self) -> Result<Target, ConfigError> {
         let (url, names) = self.broker.validate()?;
-        crate::cli::management_ca(
+        guildhall::config::management_ca(
             &self.version.management_url,
             self.version.management_ca_file.as_deref(),
             &url,
@@ -164,7 +177,7 @@ impl BenchTarget {
     }
 }
 
-/// `guildhall bench ingest`.
+/// `guildhall-bench ingest`.
 #[derive(Debug, Clone, Args)]
 pub struct IngestArgs {
     /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
@@ -202,7 +215,7 @@ pub struct IngestArgs {
     pub drain_rounds: Option<usize>,
 }
 
-/// `guildhall bench fleet`.
+/// `guildhall-bench fleet`.
 #[derive(Debug, Clone, Args)]
 pub struct FleetArgs {
     /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
@@ -226,7 +239,7 @@ pub struct FleetArgs {
     pub per_worker_metrics: bool,
 }
 
-/// `guildhall bench memory`.
+/// `guildhall-bench memory`.
 #[derive(Debug, Clone, Args)]
 pub struct MemoryArgs {
     /// `--json`, `--quick`.
@@ -242,7 +255,7 @@ pub struct MemoryArgs {
     pub case: Option<String>,
 }
 
-/// `guildhall bench agent`.
+/// `guildhall-bench agent`.
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
     /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
@@ -273,6 +286,42 @@ pub struct AgentArgs {
     pub drain_timeout: Duration,
 }
 
+/// `guildhall-bench pipeline`.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineArgs {
+    /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
+    #[command(flatten)]
+    pub target: BenchTarget,
+    /// Stages in the pipeline, one agent each.
+    #[arg(long, default_value_t = 3)]
+    pub stages: usize,
+    /// Tasks published at once per run (default 2,000; --quick 200).
+    #[arg(long)]
+    pub tasks: Option<u64>,
+    /// Each agent's concurrency, one series of runs per value (default 4,32; --quick 4).
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<u32>,
+    /// Runs per concurrency (default 3; --quick 1).
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// The no-op HTTP worker every stage posts to.
+    #[arg(long, value_enum, default_value = "rust")]
+    pub worker: pipeline::workers::WorkerKind,
+    /// The Python interpreter, for the Python workers.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Payload size, bytes (at least 8: the publish time).
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Longest wait for a run's tasks.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Also run a model of the agent's task path in this process, timed
+    /// step by step (worker, next-stage confirm, events confirm, ack).
+    #[arg(long)]
+    pub profile: bool,
+}
+
 /// Runs a benchmark and renders its report.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     match &args.which {
@@ -288,6 +337,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         Which::Agent(a) => {
             let report = overhead::run(a).await?;
             Ok(render(&report, a.target.common.json, overhead::table))
+        }
+        Which::Pipeline(a) => {
+            let report = pipeline::run(a).await?;
+            Ok(render(&report, a.target.common.json, pipeline::table))
         }
     }
 }

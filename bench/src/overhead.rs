@@ -1,4 +1,4 @@
-//! `guildhall bench agent`: what the agent adds to a task's stage, against a
+//! `guildhall-bench agent`: what the agent adds to a task's stage, against a
 //! bare lapin consumer doing the same hand-off.
 //!
 //! In a fresh namespace on the real broker, a two-stage pipeline `a -> b`
@@ -35,13 +35,13 @@
 //! waited for.
 
 use super::{AgentArgs, Target, in_range, median, secs_in_range, thousands};
-use crate::cli::ConfigError;
-use crate::sim::report::quantiles;
 use anyhow::Context;
 use axum::Router;
 use axum::body::Bytes;
 use axum::routing::post;
 use futures_lite::StreamExt;
+use guildhall::config::ConfigError;
+use guildhall::sim::report::quantiles;
 use guildhall_agent::handoff::http::HttpWorker;
 use guildhall_agent::handoff::{Outcome, TaskInput};
 use guildhall_agent::{AgentConfig, WorkerSpec};

@@ -1,0 +1,94 @@
+//! Configuration shared by the command line, the simulator and the
+//! benchmarks (`guildhall-bench`): the broker flags and their validation,
+//! the error a bad flag value gives, and the defaults. Nothing here knows
+//! the `guildhall` command line's subcommands.
+//!
+//! # Layout
+//!
+//! One file: [`BrokerArgs`] (the broker URL, namespace and TLS files, a
+//! clap `Args` group any command flattens), [`ConfigError`], [`any_path`]
+//! and [`management_ca`].
+
+use clap::Args;
+use guildhall_broker::AmqpUrl;
+use guildhall_broker::tls::{CaBundle, TlsFiles};
+use guildhall_proto::{Names, Namespace};
+use std::path::PathBuf;
+
+/// The broker every command defaults to.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The management API `serve` and `demo` default to.
+pub const DEFAULT_MANAGEMENT_URL: &str = "http://guest:guest@127.0.0.1:15672";
+
+/// A flag value that failed validation: printed as one line, exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Where the broker is and which namespace to use.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+    /// Prefix of every broker name, so deployments can share a broker.
+    #[arg(long, env = "GUILDHALL_NAMESPACE", default_value = guildhall_proto::names::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// PEM CA certificates to trust, besides the system's, for an amqps://
+    /// broker (and the management API, unless --management-ca-file).
+    #[arg(long, env = "GUILDHALL_AMQP_CA_FILE", value_parser = any_path)]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// PEM client certificate for a broker that requires one (mutual TLS);
+    /// needs --amqp-key-file.
+    #[arg(long, env = "GUILDHALL_AMQP_CERT_FILE", value_parser = any_path)]
+    pub amqp_cert_file: Option<PathBuf>,
+    /// PEM private key of --amqp-cert-file (not encrypted).
+    #[arg(long, env = "GUILDHALL_AMQP_KEY_FILE", value_parser = any_path)]
+    pub amqp_key_file: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    /// Parses the URL and namespace, and reads and checks the TLS files.
+    pub fn validate(&self) -> Result<(AmqpUrl, Names), ConfigError> {
+        let url =
+            AmqpUrl::parse(&self.amqp_url).map_err(|e| ConfigError(format!("--amqp-url: {e}")))?;
+        let url = url
+            .with_tls_files(&TlsFiles {
+                ca: self.amqp_ca_file.clone(),
+                cert: self.amqp_cert_file.clone(),
+                key: self.amqp_key_file.clone(),
+            })
+            .map_err(|e| ConfigError(e.to_string()))?;
+        let ns = Namespace::new(self.namespace.as_str())
+            .map_err(|e| ConfigError(format!("--namespace: {e}")))?;
+        Ok((url, Names::new(ns)))
+    }
+}
+
+/// A path, the empty one included (it means "none", as `""` does for
+/// `--management-url`), so an empty environment variable is not an error.
+pub fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
+}
+
+/// The CA bundle the management API client trusts: `--management-ca-file`
+/// (only with an https:// URL), else the broker's `--amqp-ca-file`.
+pub fn management_ca(
+    management_url: &str,
+    ca_file: Option<&std::path::Path>,
+    amqp: &AmqpUrl,
+) -> Result<Option<CaBundle>, ConfigError> {
+    match ca_file.filter(|p| !p.as_os_str().is_empty()) {
+        Some(path) => {
+            if !management_url.trim_start().starts_with("https://") {
+                return Err(ConfigError(
+                    "--management-ca-file needs an https:// --management-url".into(),
+                ));
+            }
+            CaBundle::load(path, "--management-ca-file")
+                .map(Some)
+                .map_err(|e| ConfigError(e.to_string()))
+        }
+        None => Ok(amqp.ca().cloned()),
+    }
+}
