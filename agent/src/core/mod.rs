@@ -20,6 +20,8 @@
 //! - [`settle`]: the settle table, a pure function from an outcome to a
 //!   [`settle::Plan`];
 //! - [`commands`]: what each command does;
+//! - [`worker`]: the supervised worker's runs as plain data (which run a
+//!   task went to, why a run ended), produced by the supervisor;
 //! - `tests`, `settle_tests`: virtual time.
 //!
 //! # Consumption
@@ -39,10 +41,10 @@ mod settle_tests;
 pub mod task;
 #[cfg(test)]
 mod tests;
+pub mod worker;
 
 use crate::config::{RetryPolicy, StageRoute};
 use crate::declare::NextStages;
-use crate::supervisor::WorkerStatus;
 use guildhall_broker::TaskMeta;
 use guildhall_proto::{AgentId, AgentState, Event, Names, RejectReason, Stage};
 use std::collections::{BTreeMap, VecDeque};
@@ -51,6 +53,7 @@ use std::time::Duration;
 pub use commands::{Step, Verdict};
 pub use settle::{Body, Publish, Target};
 pub use task::{CONNECTION_LOST, LOST_LINK_GRACE, SETTLE_FAILED, STOP_TIMEOUT};
+pub use worker::WorkerStatus;
 
 /// A task in hand, as the core and the driver name it.
 pub type TaskKey = u64;

@@ -27,10 +27,10 @@
 //! any other.
 
 use super::settle::{self, Plan, Settled, Target, Then};
+use super::worker::{WORKER_HUNG, WorkerStatus};
 use super::{Action, AgentCore, Confirm, Delivery, TaskKey};
 use crate::config::StageRoute;
 use crate::handoff::{Outcome, TaskInput};
-use crate::supervisor::{WORKER_HUNG, WorkerStatus};
 use guildhall_broker::TaskMeta;
 use guildhall_proto::headers::idempotency_key;
 use guildhall_proto::{Event, TaskAbandoned, TaskStarted, WorkerResult};

@@ -1,9 +1,9 @@
 //! The agent's rules on virtual time, with no broker: each test is the
 //! unit counterpart of a broker test in `agent/tests/broker.rs`.
 
+use super::worker::{Ended, WORKER_EXITED, WORKER_HUNG};
 use super::*;
 use crate::handoff::{Failure, NextStage, Outcome};
-use crate::supervisor::{Ended, WORKER_EXITED, WORKER_HUNG};
 use guildhall_proto::{Command, WorkerResult};
 
 fn stage(s: &str) -> Stage {
