@@ -348,32 +348,67 @@ async fn produce(
     n: u64,
     rate: Option<f64>,
 ) -> anyhow::Result<f64> {
-    let exchange = ctx.names.tasks_exchange();
-    let mut payload = vec![b'x'; ctx.plan.payload];
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let start = tokio::time::Instant::now();
-    for i in 0..n {
-        if let Some(rate) = rate {
-            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+    let start = Instant::now();
+    let stamped = Stamped {
+        exchange: &ctx.names.tasks_exchange(),
+        routing_key: ctx.a.as_str(),
+        payload: ctx.plan.payload,
+        epoch: ctx.epoch,
+    };
+    stamped.publish(publisher, n, rate).await?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Tasks whose payload starts with their publish time (ns since `epoch`, big
+/// endian), so whoever receives them knows how long they took: the
+/// producer of this benchmark and of `pipeline`.
+pub(crate) struct Stamped<'a> {
+    /// Where they are published.
+    pub exchange: &'a str,
+    /// Their routing key (the first stage).
+    pub routing_key: &'a str,
+    /// Payload bytes (at least 8, for the time).
+    pub payload: usize,
+    /// Time zero of the stamps.
+    pub epoch: Instant,
+}
+
+impl Stamped<'_> {
+    /// Publishes `n` tasks, at `rate` tasks/s or as fast as the broker
+    /// confirms them (at most [`WINDOW`] unconfirmed), and waits for every
+    /// confirm.
+    pub(crate) async fn publish(
+        &self,
+        publisher: &Publisher,
+        n: u64,
+        rate: Option<f64>,
+    ) -> anyhow::Result<()> {
+        let mut payload = vec![b'x'; self.payload.max(8)];
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let start = tokio::time::Instant::now();
+        for i in 0..n {
+            if let Some(rate) = rate {
+                tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+            }
+            let sent = self.epoch.elapsed().as_nanos() as u64;
+            payload[..8].copy_from_slice(&sent.to_be_bytes());
+            let props = TaskMeta::submission(new_task_id(), now_ms(), None).properties();
+            pending.push_back(
+                publisher
+                    .start(self.exchange, self.routing_key, &payload, props)
+                    .await?,
+            );
+            if pending.len() >= WINDOW
+                && let Some(p) = pending.pop_front()
+            {
+                p.wait().await?;
+            }
         }
-        let sent = ctx.epoch.elapsed().as_nanos() as u64;
-        payload[..8].copy_from_slice(&sent.to_be_bytes());
-        let props = TaskMeta::submission(new_task_id(), now_ms(), None).properties();
-        pending.push_back(
-            publisher
-                .start(&exchange, ctx.a.as_str(), &payload, props)
-                .await?,
-        );
-        if pending.len() >= WINDOW
-            && let Some(p) = pending.pop_front()
-        {
+        for p in pending {
             p.wait().await?;
         }
+        Ok(())
     }
-    for p in pending {
-        p.wait().await?;
-    }
-    Ok(start.elapsed().as_secs_f64())
 }
 
 /// What the collector saw.
@@ -655,8 +690,9 @@ async fn bare_handle(s: Arc<BareShared>, delivery: Delivery) {
     }
 }
 
-/// The worker both paths post to: answers 200 with the body it was sent.
-async fn spawn_echo_worker() -> anyhow::Result<(String, CancellationToken)> {
+/// The worker both paths post to (and `pipeline`'s `rust` worker): answers
+/// 200 with the body it was sent.
+pub(crate) async fn spawn_echo_worker() -> anyhow::Result<(String, CancellationToken)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("cannot bind the echo worker")?;

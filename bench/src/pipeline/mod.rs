@@ -36,31 +36,27 @@ pub mod model;
 pub mod stages;
 pub mod workers;
 
+use crate::overhead::Stamped;
 use crate::probe::sibling_bin;
 use crate::{PipelineArgs, Target, in_range, median, secs_in_range, thousands};
 use anyhow::{Context, anyhow};
 use futures_lite::StreamExt;
 use guildhall::config::ConfigError;
 use guildhall::sim::report::quantiles;
-use guildhall_broker::publish::Pending;
-use guildhall_broker::task::new_task_id;
+use guildhall_broker::Publisher;
 use guildhall_broker::topology::{
     StreamRetention, declare_stage, ensure_events_stream, probe_queue,
 };
-use guildhall_broker::{Publisher, TaskMeta, now_ms};
 use guildhall_proto::{Names, Stage};
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
 use stages::StageFigures;
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use workers::{WorkerKind, Workers};
 
-/// Publishes awaiting their confirm before the producer waits for the oldest.
-const WINDOW: usize = 256;
 /// The stage after the last: read by the collector, served by no agent.
 const SINK: &str = "sink";
 /// Longest an agent may take with one task.
@@ -424,27 +420,13 @@ pub(crate) async fn produce(
     stage: &Stage,
     epoch: Instant,
 ) -> anyhow::Result<f64> {
-    let exchange = names.tasks_exchange();
-    let mut payload = vec![b'x'; plan.payload];
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    for _ in 0..plan.tasks {
-        let sent = epoch.elapsed().as_nanos() as u64;
-        payload[..8].copy_from_slice(&sent.to_be_bytes());
-        let props = TaskMeta::submission(new_task_id(), now_ms(), None).properties();
-        pending.push_back(
-            publisher
-                .start(&exchange, stage.as_str(), &payload, props)
-                .await?,
-        );
-        if pending.len() >= WINDOW
-            && let Some(p) = pending.pop_front()
-        {
-            p.wait().await?;
-        }
-    }
-    for p in pending {
-        p.wait().await?;
-    }
+    let stamped = Stamped {
+        exchange: &names.tasks_exchange(),
+        routing_key: stage.as_str(),
+        payload: plan.payload,
+        epoch,
+    };
+    stamped.publish(publisher, plan.tasks, None).await?;
     Ok(epoch.elapsed().as_secs_f64())
 }
 

@@ -13,9 +13,6 @@
 //! - `python-nodelay`: the same with `disable_nagle_algorithm = True`.
 
 use anyhow::{Context, anyhow};
-use axum::Router;
-use axum::body::Bytes;
-use axum::routing::post;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -92,7 +89,7 @@ impl Workers {
         };
         match kind {
             WorkerKind::Rust => {
-                let (url, stop) = rust_echo().await?;
+                let (url, stop) = crate::overhead::spawn_echo_worker().await?;
                 w.urls = vec![url; stages];
                 w.stop = Some(stop);
             }
@@ -132,26 +129,6 @@ impl Drop for Workers {
             let _ = std::fs::remove_file(s);
         }
     }
-}
-
-/// The in-process echo worker: its URL and its stop switch.
-async fn rust_echo() -> anyhow::Result<(String, CancellationToken)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("cannot bind the echo worker")?;
-    let url = format!("http://{}/task", listener.local_addr()?);
-    let app = Router::new().route("/task", post(|body: Bytes| async move { body }));
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::warn!("echo worker: {e}");
-        }
-    });
-    Ok((url, stop))
 }
 
 /// Starts one Python worker on a free port of 127.0.0.1 and reads its URL
