@@ -41,12 +41,6 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-/// First delay before restarting a worker that exited.
-const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
-
-/// A run this long resets the backoff.
-const HEALTHY_UPTIME: Duration = Duration::from_secs(60);
-
 /// Time between SIGTERM and SIGKILL when stopping the worker.
 const TERM_GRACE: Duration = Duration::from_secs(5);
 
@@ -59,8 +53,8 @@ const MAX_LINE_BYTES: usize = 4096;
 // The supervised run as the agent's core sees it: plain data, defined in
 // the core (which does no IO) and re-exported here for the supervisor.
 pub use crate::core::worker::{
-    AGENT_STOPPING, Ended, WORKER_EXITED, WORKER_HUNG, WORKER_RESTARTED, WORKER_UNHEALTHY,
-    WorkerStatus,
+    AGENT_STOPPING, Ended, RestartBackoff, WORKER_EXITED, WORKER_HUNG, WORKER_RESTARTED,
+    WORKER_UNHEALTHY, WorkerStatus,
 };
 
 /// Health checks of the worker: GET a URL, a 2xx answer in time is healthy.
@@ -332,7 +326,7 @@ struct Supervising {
 
 impl Supervising {
     async fn run(mut self) {
-        let mut backoff = INITIAL_BACKOFF;
+        let mut backoff = RestartBackoff::new(self.config.backoff_max);
         loop {
             let started = Instant::now();
             let end = match self.start() {
@@ -359,9 +353,7 @@ impl Supervising {
                     reason,
                 }),
             });
-            if started.elapsed() >= HEALTHY_UPTIME {
-                backoff = INITIAL_BACKOFF;
-            }
+            let uptime = started.elapsed();
             match end {
                 RunEnd::Stopped(status, done) => {
                     self.report_exit(pid, status, reason, None);
@@ -371,11 +363,13 @@ impl Supervising {
                     return;
                 }
                 RunEnd::Restarted(status) => {
+                    backoff.after_restart(uptime);
                     self.report_exit(pid, status, reason, Some(Duration::ZERO))
                 }
                 RunEnd::Exited(status) | RunEnd::Killed(_, status) => {
-                    self.report_exit(pid, status, reason, Some(backoff));
-                    let wait = tokio::time::sleep(backoff);
+                    let delay = backoff.after_failed_run(uptime);
+                    self.report_exit(pid, status, reason, Some(delay));
+                    let wait = tokio::time::sleep(delay);
                     tokio::pin!(wait);
                     loop {
                         tokio::select! {
@@ -392,7 +386,6 @@ impl Supervising {
                             },
                         }
                     }
-                    backoff = (backoff * 2).min(self.config.backoff_max);
                 }
             }
             self.shared.count_worker_restart();
