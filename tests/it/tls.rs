@@ -120,7 +120,7 @@ async fn bad_tls_files_are_refused_at_start_with_status_2() {
                 "guildhall",
                 vec!["submit", "--stage", "a", "--payload", "x"],
             ),
-            ("guildhall", vec!["bench", "ingest", "--quick"]),
+            ("guildhall-bench", vec!["ingest", "--quick"]),
             (
                 "guildhall-agent",
                 vec!["--stage", "a", "--simulate", "median=1ms"],
@@ -151,14 +151,14 @@ async fn bad_tls_files_are_refused_at_start_with_status_2() {
             "--management-ca-file",
         ),
     ] {
-        for first in [
-            vec!["serve", "--listen", "127.0.0.1:0"],
-            vec!["bench", "ingest", "--quick"],
+        for (program, first) in [
+            ("guildhall", vec!["serve", "--listen", "127.0.0.1:0"]),
+            ("guildhall-bench", vec!["ingest", "--quick"]),
         ] {
             let args: Vec<&str> = first.iter().chain(flags.iter()).copied().collect();
-            let (out, _) = run("guildhall", &args, Duration::from_secs(30)).await;
-            let line = error_line("guildhall", &args, &out, 2);
-            assert!(line.contains(expect), "{args:?}: {line}");
+            let (out, _) = run(program, &args, Duration::from_secs(30)).await;
+            let line = error_line(program, &args, &out, 2);
+            assert!(line.contains(expect), "{program} {args:?}: {line}");
         }
     }
 }
