@@ -49,7 +49,6 @@ use guildhall_broker::publish::Pending;
 use guildhall_broker::task::new_task_id;
 use guildhall_broker::topology::{declare_stage, probe_queue};
 use guildhall_broker::{Publisher, TaskMeta, connect, now_ms};
-use guildhall_proto::headers::idempotency_key;
 use guildhall_proto::{AgentId, Names, Stage};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -654,14 +653,12 @@ impl Bare {
 async fn bare_handle(s: Arc<BareShared>, delivery: Delivery) {
     let handed = async {
         let meta = TaskMeta::from_properties(&delivery.properties)?;
-        let input = TaskInput {
-            idempotency_key: idempotency_key(meta.id.as_str(), s.stage.as_str(), meta.attempt),
-            task_id: meta.id.clone(),
-            stage: s.stage.clone(),
-            attempt: meta.attempt,
-            traceparent: meta.traceparent.clone(),
-            payload: delivery.data.clone(),
-        };
+        let input = TaskInput::new(
+            &meta,
+            &s.stage,
+            meta.traceparent.clone(),
+            delivery.data.clone(),
+        );
         let body = match s.worker.handle(&input).await {
             Outcome::Success { payload, .. } => payload,
             Outcome::Failure(f) => anyhow::bail!("the worker failed: {}", f.error),

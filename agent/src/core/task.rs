@@ -32,7 +32,6 @@ use super::{Action, AgentCore, Confirm, Delivery, TaskKey};
 use crate::config::StageRoute;
 use crate::handoff::{Outcome, TaskInput};
 use guildhall_broker::TaskMeta;
-use guildhall_proto::headers::idempotency_key;
 use guildhall_proto::{Event, TaskAbandoned, TaskStarted, WorkerResult};
 use std::time::Duration;
 
@@ -124,14 +123,7 @@ impl Task {
 
 /// The worker's input for a task (its payload is the driver's to add).
 pub fn task_input(meta: &TaskMeta, route: &StageRoute, span: &str, payload: Vec<u8>) -> TaskInput {
-    TaskInput {
-        task_id: meta.id.clone(),
-        stage: route.stage.clone(),
-        attempt: meta.attempt,
-        idempotency_key: idempotency_key(meta.id.as_str(), route.stage.as_str(), meta.attempt),
-        traceparent: Some(span.to_owned()),
-        payload,
-    }
+    TaskInput::new(meta, &route.stage, Some(span.to_owned()), payload)
 }
 
 impl AgentCore {

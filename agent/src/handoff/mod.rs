@@ -36,6 +36,30 @@ pub struct TaskInput {
     pub payload: Vec<u8>,
 }
 
+impl TaskInput {
+    /// The input of attempt `meta.attempt` of `meta.id` at `stage`, with its
+    /// idempotency key.
+    pub fn new(
+        meta: &guildhall_broker::TaskMeta,
+        stage: &Stage,
+        traceparent: Option<String>,
+        payload: Vec<u8>,
+    ) -> Self {
+        Self {
+            task_id: meta.id.clone(),
+            stage: stage.clone(),
+            attempt: meta.attempt,
+            idempotency_key: guildhall_proto::headers::idempotency_key(
+                meta.id.as_str(),
+                stage.as_str(),
+                meta.attempt,
+            ),
+            traceparent,
+            payload,
+        }
+    }
+}
+
 /// Where a successful result goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NextStage {

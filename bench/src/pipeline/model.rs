@@ -25,7 +25,6 @@ use guildhall_agent::handoff::http::HttpWorker;
 use guildhall_agent::handoff::{Outcome, TaskInput};
 use guildhall_broker::events::{EventPublisher, EventPublisherConfig};
 use guildhall_broker::{Publisher, TaskMeta, connect, now_ms};
-use guildhall_proto::headers::idempotency_key;
 use guildhall_proto::{AgentId, Event, Names, Stage, TaskStarted, TaskSucceeded};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -391,14 +390,12 @@ async fn handle(
             submitted_at_ms: meta.submitted_at_ms,
             redelivered: delivery.redelivered,
         }));
-        let input = TaskInput {
-            idempotency_key: idempotency_key(meta.id.as_str(), s.stage.as_str(), meta.attempt),
-            task_id: meta.id.clone(),
-            stage: s.stage.clone(),
-            attempt: meta.attempt,
-            traceparent: meta.traceparent.clone(),
-            payload: delivery.data.clone(),
-        };
+        let input = TaskInput::new(
+            &meta,
+            &s.stage,
+            meta.traceparent.clone(),
+            delivery.data.clone(),
+        );
         let body = match s.worker.handle(&input).await {
             Outcome::Success { payload, .. } => payload,
             Outcome::Failure(f) => anyhow::bail!("the worker failed: {}", f.error),
