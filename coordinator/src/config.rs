@@ -92,3 +92,52 @@ pub fn management_ca(
         None => Ok(amqp.ca().cloned()),
     }
 }
+
+/// The shape both binaries (`guildhall`, `guildhall-bench`) share: logging
+/// on stderr at `log_default` (`RUST_LOG` overrides), `body` on a tokio
+/// runtime, its output on stdout. An error ends the process with one line
+/// on stderr, `<program>: error: ...`: status 2 for a [`ConfigError`] (bad
+/// flags), 1 for everything else.
+pub fn run_binary(
+    program: &str,
+    log_default: &str,
+    body: impl std::future::Future<Output = anyhow::Result<String>>,
+) -> std::process::ExitCode {
+    init_logging(log_default);
+    let result = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(body),
+        Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match result {
+        Ok(output) => {
+            print!("{output}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            // Error types here carry their cause in their own message: print it once.
+            let line = e.to_string().replace('\n', " ");
+            eprintln!("{program}: error: {line}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    // lapin logs expected events (a passive probe's 404, a returned message
+    // we handle) as errors; its failures reach us as values anyway, as do
+    // the certificate errors rustls-platform-verifier also logs.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{default},lapin=off,rustls_platform_verifier=off"
+        ))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

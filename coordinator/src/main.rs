@@ -16,45 +16,8 @@ fn main() -> ExitCode {
             | Command::Worker(_)
             | Command::Healthcheck(_)
     );
-    init_logging(if quiet { "warn" } else { "info" });
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
-    };
-    match runtime.block_on(run(cli.command)) {
-        Ok(output) => {
-            print!("{output}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(&e),
-    }
-}
-
-fn fail(e: &anyhow::Error) -> ExitCode {
-    // Error types here carry their cause in their own message: print it once.
-    let line = e.to_string().replace('\n', " ");
-    eprintln!("guildhall: error: {line}");
-    if e.downcast_ref::<ConfigError>().is_some() {
-        ExitCode::from(2)
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-fn init_logging(default: &str) {
-    // lapin logs expected events (a passive probe's 404, a returned message
-    // we handle) as errors; its failures reach us as values anyway, as do
-    // the certificate errors rustls-platform-verifier also logs.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!(
-            "{default},lapin=off,rustls_platform_verifier=off"
-        ))
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let log_default = if quiet { "warn" } else { "info" };
+    guildhall::config::run_binary("guildhall", log_default, run(cli.command))
 }
 
 async fn run(command: Command) -> anyhow::Result<String> {
