@@ -8,7 +8,8 @@
 use crate::envelope::{
     DecodeError, EncodeError, MAX_ENVELOPE_BYTES, PROTOCOL_VERSION, check_version,
 };
-use crate::ids::{AgentId, Stage};
+use crate::ids::{AgentId, Stage, TaskId};
+use crate::schedule::Rate;
 use serde::{Deserialize, Serialize};
 
 /// What an agent is asked to do.
@@ -45,7 +46,26 @@ pub enum Command {
         /// How many lines at most.
         lines: u32,
     },
+    /// These tasks are cancelled: drop them if they arrive, stop them if
+    /// they run. An agent holds each id for `hold_ms` (bounded by the agent).
+    Cancel {
+        /// The tasks, at most [`MAX_CANCEL_BATCH`].
+        #[serde(deserialize_with = "crate::bounded::vec")]
+        task_ids: Vec<TaskId>,
+        /// How long to remember them.
+        hold_ms: u64,
+    },
+    /// Start at most this many tasks per second (this agent's share of its
+    /// stage's limit); `None` lifts the limit. Kept while the coordinator is
+    /// away.
+    SetRateLimit {
+        /// This agent's share.
+        limit: Option<Rate>,
+    },
 }
+
+/// Most task ids in one [`Command::Cancel`].
+pub const MAX_CANCEL_BATCH: usize = 1000;
 
 impl Command {
     /// A short, stable name for logs and labels.
@@ -59,6 +79,8 @@ impl Command {
             Command::Assign { .. } => "assign",
             Command::SetPrefetch { .. } => "prefetch",
             Command::Logs { .. } => "logs",
+            Command::Cancel { .. } => "cancel",
+            Command::SetRateLimit { .. } => "rate_limit",
         }
     }
 }

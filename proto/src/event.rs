@@ -6,6 +6,7 @@
 //! needs from the next heartbeat.
 
 use crate::ids::{AgentId, Stage, TaskId};
+use crate::schedule::{Missed, Priority, Rate};
 use serde::{Deserialize, Serialize};
 
 /// One thing that happened, as reported by an agent or a submitter.
@@ -48,6 +49,23 @@ pub enum Event {
     /// `message_id` is not a valid task id, ...) and set it aside without
     /// handing it to the worker.
     DeliveryRejected(DeliveryRejected),
+    /// A task was queued with a priority other than the default, or held
+    /// back in the delay ladder until a due time (`scheduled`).
+    TaskQueued(TaskQueued),
+    /// Someone asked (through the coordinator) for a task to be cancelled.
+    /// Written by the coordinator.
+    TaskCancelRequested(TaskCancelRequested),
+    /// An agent dropped a cancelled task before it started, or stopped it
+    /// while it ran; it is not retried.
+    TaskCancelled(TaskCancelled),
+    /// A cron schedule was created, changed, paused or removed. Written by
+    /// the coordinator.
+    ScheduleChanged(Box<ScheduleChanged>),
+    /// A schedule's tick is being fired as a task. Written by the
+    /// coordinator before it publishes the task.
+    ScheduleFired(ScheduleFired),
+    /// A stage's rate limit was set or lifted. Written by the coordinator.
+    RateLimitSet(RateLimitSet),
 }
 
 impl Event {
@@ -62,6 +80,11 @@ impl Event {
             Event::TaskRetrying(e) => Some(&e.task_id),
             Event::TaskDeadLettered(e) => Some(&e.task_id),
             Event::TaskAbandoned(e) => Some(&e.task_id),
+            Event::TaskQueued(e) => Some(&e.task_id),
+            Event::TaskCancelRequested(e) => Some(&e.task_id),
+            Event::TaskCancelled(e) => Some(&e.task_id),
+            Event::ScheduleFired(e) => Some(&e.task_id),
+            Event::ScheduleChanged(_) | Event::RateLimitSet(_) => None,
             Event::Hello(_)
             | Event::Heartbeat(_)
             | Event::WorkerExited(_)
@@ -73,7 +96,7 @@ impl Event {
     }
 
     /// Every [`kind`](Self::kind), indexed by [`kind_index`](Self::kind_index).
-    pub const KINDS: [&'static str; 15] = [
+    pub const KINDS: [&'static str; 21] = [
         "hello",
         "heartbeat",
         "task_submitted",
@@ -89,6 +112,12 @@ impl Event {
         "task_abandoned",
         "reassigned",
         "delivery_rejected",
+        "task_queued",
+        "task_cancel_requested",
+        "task_cancelled",
+        "schedule_changed",
+        "schedule_fired",
+        "rate_limit_set",
     ];
 
     /// A short, stable name for logs and metric labels.
@@ -115,6 +144,12 @@ impl Event {
             Event::TaskAbandoned(_) => 12,
             Event::Reassigned(_) => 13,
             Event::DeliveryRejected(_) => 14,
+            Event::TaskQueued(_) => 15,
+            Event::TaskCancelRequested(_) => 16,
+            Event::TaskCancelled(_) => 17,
+            Event::ScheduleChanged(_) => 18,
+            Event::ScheduleFired(_) => 19,
+            Event::RateLimitSet(_) => 20,
         }
     }
 }
@@ -515,3 +550,152 @@ pub struct Marker {
 
 /// Identity of whoever sent an envelope; events are attributed to it.
 pub type Sender = AgentId;
+
+/// See [`Event::TaskQueued`]. Sent by a submitter (`guildhall submit`, the
+/// API), by the agent that sorts a third-party message into its band or the
+/// delay ladder, and by an agent forwarding a task with a priority other
+/// than the default to the next stage. A task without one has the default
+/// priority and is not delayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskQueued {
+    /// When it was queued.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage it is queued for.
+    pub stage: Stage,
+    /// Its priority, 0-9.
+    pub priority: Priority,
+    /// When it becomes due, if it waits in the delay ladder (`scheduled`).
+    pub due_at_ms: Option<u64>,
+}
+
+/// See [`Event::TaskCancelRequested`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCancelRequested {
+    /// When the cancel was asked for.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// Who asked: the API caller's name or `cli`.
+    #[serde(deserialize_with = "crate::bounded::name")]
+    pub by: String,
+}
+
+/// Where a cancelled task was when an agent stopped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CancelPoint {
+    /// Delivered but not yet handed to the worker: it never started.
+    Queued,
+    /// Handed to the worker: the call was dropped or the process killed.
+    Running,
+}
+
+/// See [`Event::TaskCancelled`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCancelled {
+    /// When the agent settled it.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage it was at.
+    pub stage: Stage,
+    /// The attempt at that stage.
+    pub attempt: u32,
+    /// Whether it had started.
+    pub point: CancelPoint,
+}
+
+/// A cron schedule, as stored in the stream and the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleSpec {
+    /// The cron expression, as given (five or six fields).
+    #[serde(deserialize_with = "crate::bounded::text")]
+    pub cron: String,
+    /// The IANA time zone the expression is read in (`Europe/Berlin`, `UTC`).
+    #[serde(deserialize_with = "crate::bounded::name")]
+    pub timezone: String,
+    /// The stage each tick's task is submitted to.
+    pub stage: Stage,
+    /// The payload of each tick's task.
+    #[serde(with = "serde_bytes_bounded")]
+    pub payload: Vec<u8>,
+    /// The priority of each tick's task.
+    pub priority: Priority,
+    /// What to do with ticks missed while no coordinator ran.
+    pub missed: Missed,
+    /// A paused schedule fires nothing until it is resumed (its missed ticks
+    /// are then treated by `missed`).
+    pub paused: bool,
+}
+
+/// Largest payload a schedule may carry (it is written into the stream with
+/// every change of the schedule).
+pub const MAX_SCHEDULE_PAYLOAD: usize = 256 * 1024;
+
+mod serde_bytes_bounded {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                if v.len() > super::MAX_SCHEDULE_PAYLOAD {
+                    return Err(E::custom("schedule payload too large"));
+                }
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// See [`Event::ScheduleChanged`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleChanged {
+    /// When it changed.
+    pub at_ms: u64,
+    /// The schedule's name (a stage-like name: letters, digits, `_`, `-`).
+    pub name: Stage,
+    /// The schedule now; `None` when it was removed.
+    pub spec: Option<ScheduleSpec>,
+    /// Who changed it.
+    #[serde(deserialize_with = "crate::bounded::name")]
+    pub by: String,
+}
+
+/// See [`Event::ScheduleFired`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleFired {
+    /// When it was fired.
+    pub at_ms: u64,
+    /// The schedule.
+    pub name: Stage,
+    /// The tick's time (ms since the epoch, UTC).
+    pub tick_ms: u64,
+    /// The task it becomes: `<schedule>@<tick time>`, the same on every
+    /// coordinator that fires it.
+    pub task_id: TaskId,
+}
+
+/// See [`Event::RateLimitSet`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitSet {
+    /// When it was set.
+    pub at_ms: u64,
+    /// The stage.
+    pub stage: Stage,
+    /// The limit for the whole stage; `None` lifts it.
+    pub limit: Option<Rate>,
+    /// Who set it.
+    #[serde(deserialize_with = "crate::bounded::name")]
+    pub by: String,
+}

@@ -26,6 +26,15 @@ pub mod amqp {
     pub const DELIVERY_COUNT: &str = "x-delivery-count";
     /// Set by streams on each delivery: the message's offset.
     pub const STREAM_OFFSET: &str = "x-stream-offset";
+    /// From a producer: hold the task this many milliseconds before it runs
+    /// (the header of RabbitMQ's delayed-message plugin; integer or decimal
+    /// text). The priority is the standard `priority` property, not a header.
+    pub const DELAY: &str = "x-delay";
+    /// When a delayed task becomes due, ms since epoch; set on messages in
+    /// the delay ladder.
+    pub const DUE_AT: &str = "x-guildhall-due-at";
+    /// On a task fired by a cron schedule: the schedule's name.
+    pub const SCHEDULE: &str = "x-guildhall-schedule";
 }
 
 /// HTTP headers between an agent and an HTTP worker.
@@ -46,6 +55,9 @@ pub mod http {
     pub const NEXT_STAGE: &str = "x-guildhall-next-stage";
     /// Response (on failure): the worker's own error class, such as `db_timeout`.
     pub const ERROR_CLASS: &str = "x-guildhall-error-class";
+    /// Request: the task's priority, 0-9. Response: the priority the result
+    /// gets at the next stage (the task's own is kept without it).
+    pub const PRIORITY: &str = "x-guildhall-priority";
 }
 
 /// Environment of an exec worker process (one per task).
@@ -60,6 +72,8 @@ pub mod env {
     pub const IDEMPOTENCY_KEY: &str = "GUILDHALL_IDEMPOTENCY_KEY";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "TRACEPARENT";
+    /// The task's priority, 0-9.
+    pub const PRIORITY: &str = "GUILDHALL_PRIORITY";
 }
 
 /// The value of [`http::NEXT_STAGE`] that ends the pipeline.

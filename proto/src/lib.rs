@@ -14,6 +14,8 @@
 //! - [`names`]: every broker name, derived from the namespace.
 //! - [`headers`]: AMQP headers on task messages, HTTP headers and environment
 //!   variables of the worker hand-off.
+//! - [`schedule`]: priorities and their bands, the delay ladder's
+//!   arithmetic, rate limits, the missed-tick policy of cron schedules.
 //! - [`trace`]: W3C `traceparent` values carried from stage to stage.
 
 mod bounded;
@@ -23,6 +25,7 @@ pub mod event;
 pub mod headers;
 pub mod ids;
 pub mod names;
+pub mod schedule;
 pub mod trace;
 
 pub use command::{Command, CommandMessage, CommandReply};
@@ -30,6 +33,7 @@ pub use envelope::{DecodeError, Decoded, EncodeError, Envelope, EnvelopeBuilder,
 pub use event::*;
 pub use ids::{AgentId, InvalidId, Namespace, Stage, TaskId};
 pub use names::Names;
+pub use schedule::{Band, Missed, Priority, Rate};
 
 /// Longest error message carried in an event; longer ones are cut.
 pub const MAX_ERROR_LEN: usize = 1024;

@@ -4,7 +4,10 @@
 //! | what | name | kind |
 //! |---|---|---|
 //! | task exchange | `<ns>.tasks` | direct, routing key = stage |
-//! | stage queue | `<ns>.stage.<stage>` | quorum |
+//! | stage intake queue | `<ns>.stage.<stage>` | quorum; what producers publish to (key `<stage>`); agents sort it into the bands |
+//! | stage band queue | `<ns>.stage.<stage>.p<lo>-<hi>` | quorum, one per priority band (key `<stage>.p<lo>-<hi>`) |
+//! | delay ladder level | `<ns>.delay.<n>` | topic exchange + quorum queue with TTL `2^n` s, n = 0..22 |
+//! | delay delivery | `<ns>.delay.deliver` | topic, bound to every band queue with `#.<stage>.p<lo>-<hi>` |
 //! | retry queue | `<ns>.retry.<stage>.<delay_ms>` | quorum, TTL dead-letters back to `<ns>.tasks` |
 //! | dead-letter exchange | `<ns>.dead` | direct, routing key = stage |
 //! | dead-letter queue | `<ns>.dead.<stage>` | quorum |
@@ -14,6 +17,7 @@
 //! | an agent's AMQP connection | `guildhall-agent/<ns>/<agent id>` | connection name |
 
 use crate::ids::{AgentId, Namespace, Stage};
+use crate::schedule::{Band, DELAY_LEVELS};
 
 /// The namespace used when none is given.
 pub const DEFAULT_NAMESPACE: &str = "guildhall";
@@ -55,6 +59,32 @@ impl Names {
     /// A stage's work queue.
     pub fn stage_queue(&self, stage: &Stage) -> String {
         format!("{}.stage.{stage}", self.ns)
+    }
+
+    /// A stage's queue for one priority band.
+    pub fn band_queue(&self, stage: &Stage, band: Band) -> String {
+        format!("{}.stage.{stage}.p{}", self.ns, band.label())
+    }
+
+    /// The routing key of a stage's band on the task exchange (and the tail
+    /// of a delay-ladder routing key).
+    pub fn band_key(stage: &Stage, band: Band) -> String {
+        format!("{stage}.p{}", band.label())
+    }
+
+    /// The delay ladder's exchange and queue of level `level` (`0..DELAY_LEVELS`).
+    pub fn delay_level(&self, level: u32) -> String {
+        format!("{}.delay.{level}", self.ns)
+    }
+
+    /// The ladder's entry: the exchange of its top level.
+    pub fn delay_entry(&self) -> String {
+        self.delay_level(DELAY_LEVELS - 1)
+    }
+
+    /// The exchange the ladder's last level hands due messages to.
+    pub fn delay_deliver_exchange(&self) -> String {
+        format!("{}.delay.deliver", self.ns)
     }
 
     /// A stage's retry queue for one delay; its TTL sends tasks back.
@@ -118,6 +148,10 @@ mod tests {
         assert_eq!(names.tasks_exchange(), "t-1.tasks");
         assert_eq!(names.stage_queue(&stage), "t-1.stage.build");
         assert_eq!(names.retry_queue(&stage, 2000), "t-1.retry.build.2000");
+        assert_eq!(names.band_queue(&stage, Band::High), "t-1.stage.build.p7-9");
+        assert_eq!(Names::band_key(&stage, Band::Low), "build.p0-3");
+        assert_eq!(names.delay_entry(), "t-1.delay.22");
+        assert_eq!(names.delay_deliver_exchange(), "t-1.delay.deliver");
         assert_eq!(names.dead_queue(&stage), "t-1.dead.build");
         assert_eq!(names.events_stream(), "t-1.events");
         assert_eq!(names.control_exchange(), "t-1.control");

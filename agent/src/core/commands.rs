@@ -153,6 +153,10 @@ impl AgentCore {
                 }
             }
             Command::RestartWorker | Command::Logs { .. } => return Step::Supervisor,
+            // Built by issue 18's cancel and rate-limit work.
+            Command::Cancel { .. } | Command::SetRateLimit { .. } => {
+                Verdict::refused("this agent does not support this command yet")
+            }
         })
     }
 

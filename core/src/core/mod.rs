@@ -1163,6 +1163,14 @@ impl Core {
                     );
                 }
             }
+            // Issue 18's scheduling events: applied by their own modules
+            // (priorities and delays, cancel, schedules, rate limits).
+            Event::TaskQueued(_)
+            | Event::TaskCancelRequested(_)
+            | Event::TaskCancelled(_)
+            | Event::ScheduleChanged(_)
+            | Event::ScheduleFired(_)
+            | Event::RateLimitSet(_) => {}
             Event::Marker(m) => {
                 if self.config.marker_nonce == Some(m.nonce) {
                     // This coordinator's own marker: at start-up it ends the

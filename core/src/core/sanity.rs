@@ -105,6 +105,25 @@ pub fn clamp_times(event: &mut Event, now_ms: u64) -> u32 {
         }
         Event::Reassigned(e) => r.required(&mut e.at_ms, &mut n),
         Event::DeliveryRejected(e) => r.required(&mut e.at_ms, &mut n),
+        Event::TaskQueued(e) => {
+            r.required(&mut e.at_ms, &mut n);
+            // A due time may be up to the ladder's longest delay ahead.
+            if let Some(due) = &mut e.due_at_ms {
+                let latest = e
+                    .at_ms
+                    .saturating_add(guildhall_proto::schedule::MAX_DELAY_MS);
+                if *due > latest {
+                    *due = latest;
+                    n += 1;
+                }
+            }
+        }
+        Event::TaskCancelled(e) => r.required(&mut e.at_ms, &mut n),
+        // The coordinator's own: its time is read as written.
+        Event::TaskCancelRequested(_)
+        | Event::ScheduleChanged(_)
+        | Event::ScheduleFired(_)
+        | Event::RateLimitSet(_) => {}
         // The coordinator's own: its time is read as written.
         Event::Marker(_) => {}
     }
