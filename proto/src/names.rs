@@ -25,6 +25,18 @@ pub const DEFAULT_NAMESPACE: &str = "guildhall";
 /// Prefix of every agent's AMQP connection name.
 pub const AGENT_CONNECTION_PREFIX: &str = "guildhall-agent/";
 
+/// Prefix of a coordinator's sender id on the events stream
+/// (`coordinator-<random>`). Control-plane events (cancel requests,
+/// schedules, rate limits) are applied only from such a sender; with
+/// `--require-user-id` its broker user must also be the coordinator's own or
+/// a trusted one.
+pub const COORDINATOR_SENDER_PREFIX: &str = "coordinator-";
+
+/// Whether `sender` names a coordinator (see [`COORDINATOR_SENDER_PREFIX`]).
+pub fn is_coordinator_sender(sender: &AgentId) -> bool {
+    sender.as_str().starts_with(COORDINATOR_SENDER_PREFIX)
+}
+
 /// Routing key that reaches every agent on the control exchange.
 pub const CONTROL_KEY_ALL: &str = "all";
 

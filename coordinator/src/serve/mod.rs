@@ -229,7 +229,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let suffix = format!("{:08x}", rand::random::<u32>());
-    let id = AgentId::new(format!("coordinator-{suffix}")).expect("a valid id");
+    let id = AgentId::new(format!(
+        "{}{suffix}",
+        guildhall_proto::names::COORDINATOR_SENDER_PREFIX
+    ))
+    .expect("a valid id");
     let conn_name = format!("guildhall-coordinator/{suffix}");
     let link = BrokerLink::new(config.amqp_url.clone(), conn_name.clone());
     let (conn, _) = link.get().await?;
