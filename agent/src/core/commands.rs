@@ -153,10 +153,8 @@ impl AgentCore {
                 }
             }
             Command::RestartWorker | Command::Logs { .. } => return Step::Supervisor,
-            // Built by issue 18's cancel and rate-limit work.
-            Command::Cancel { .. } | Command::SetRateLimit { .. } => {
-                Verdict::refused("this agent does not support this command yet")
-            }
+            Command::Cancel { task_ids, hold_ms } => self.handle_cancel(now, task_ids, *hold_ms),
+            Command::SetRateLimit { limit } => self.handle_rate_limit(now, *limit),
         })
     }
 

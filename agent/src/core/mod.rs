@@ -34,7 +34,9 @@
 //! the consumer only while [`AgentCore::can_take`] (fewer than `concurrency`
 //! tasks in hand); the others wait in the consumer, unacked.
 
+pub mod cancel;
 pub mod commands;
+pub mod rate;
 pub mod settle;
 #[cfg(test)]
 mod settle_tests;

@@ -67,6 +67,7 @@ pub mod plan;
 pub mod query;
 pub mod records;
 pub mod sanity;
+pub mod scheduling;
 pub mod senders;
 pub mod snapshot;
 pub mod stages;
@@ -324,6 +325,8 @@ pub struct Core {
     moves: VecDeque<plan::MoveRecord>,
     /// Failures by stage and error class.
     errors: ErrorTracker,
+    /// Priorities, due times, cancels, cron schedules, rate limits.
+    scheduling: scheduling::Scheduling,
     /// `DeliveryRejected` events logged so far (the log is rate-limited).
     rejected_logged: u64,
     /// Whether the runtime's stream consumer is connected (it says so with
@@ -350,6 +353,7 @@ impl Core {
             next_plan_ms: now_ms + config.sync_period_ms,
             moves: VecDeque::new(),
             errors: ErrorTracker::new(config.max_error_classes_per_stage, config.max_stages),
+            scheduling: scheduling::Scheduling::default(),
             tasks: TaskStore::new(config.completed_limit, config.completed_max_age_ms),
             config,
             hot: FleetCounts::default(),
@@ -1163,14 +1167,13 @@ impl Core {
                     );
                 }
             }
-            // Issue 18's scheduling events: applied by their own modules
-            // (priorities and delays, cancel, schedules, rate limits).
-            Event::TaskQueued(_)
-            | Event::TaskCancelRequested(_)
-            | Event::TaskCancelled(_)
-            | Event::ScheduleChanged(_)
-            | Event::ScheduleFired(_)
-            | Event::RateLimitSet(_) => {}
+            // Scheduling (issue 18): applied in `scheduling`'s modules.
+            Event::TaskQueued(e) => self.apply_task_queued(now_ms, sender, e),
+            Event::TaskCancelRequested(e) => self.apply_cancel_requested(now_ms, sender, e),
+            Event::TaskCancelled(e) => self.apply_task_cancelled(now_ms, sender, e),
+            Event::ScheduleChanged(e) => self.apply_schedule_changed(now_ms, sender, *e),
+            Event::ScheduleFired(e) => self.apply_schedule_fired(now_ms, sender, e),
+            Event::RateLimitSet(e) => self.apply_rate_limit_set(now_ms, sender, e),
             Event::Marker(m) => {
                 if self.config.marker_nonce == Some(m.nonce) {
                     // This coordinator's own marker: at start-up it ends the

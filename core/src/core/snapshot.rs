@@ -33,6 +33,7 @@
 //! the offset and reads its new marker back).
 
 use super::errors::ErrorTracker;
+use super::scheduling::Scheduling;
 use super::stages::StageState;
 use super::tasks::{TaskRecord, TaskStore};
 use super::telemetry::{CounterSample, Telemetry, WORKER_TASKS_TOTAL};
@@ -48,7 +49,7 @@ use std::collections::{BTreeMap, HashMap};
 /// The first bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"GHSNAP\r\n";
 /// The layout of the payload. Bump it with any change to a saved type.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// Magic, format version, payload length.
 const PREFIX_LEN: usize = 8 + 4 + 8;
 /// The trailing checksum.
@@ -89,6 +90,8 @@ struct CoreState<'a> {
     planner: Cow<'a, Planner>,
     /// Failures by stage and error class.
     errors: Cow<'a, ErrorTracker>,
+    /// Cancels, cron schedules, rate limits (format 6).
+    scheduling: Cow<'a, Scheduling>,
 }
 
 /// The tasks as saved: a map of id to [`TaskRecord`]. Written from the live
@@ -268,6 +271,7 @@ impl Core {
             counters: self.counter_samples(),
             planner: Cow::Borrowed(&self.planner),
             errors: Cow::Borrowed(&self.errors),
+            scheduling: Cow::Borrowed(&self.scheduling),
         };
         let mut out = Vec::with_capacity(64 * 1024);
         out.extend_from_slice(&MAGIC);
@@ -300,6 +304,7 @@ impl Core {
             counters,
             planner,
             errors,
+            scheduling,
         } = snapshot.state;
         // Per-worker counters are not in the registry: they go back to
         // their workers (once those are restored, below).
@@ -340,6 +345,7 @@ impl Core {
             }
         }
         core.stats = stats.into_owned();
+        core.scheduling = scheduling.into_owned();
         core.errors = errors.into_owned().with_limits(
             core.config.max_error_classes_per_stage,
             core.config.max_stages,
