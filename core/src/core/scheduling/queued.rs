@@ -112,9 +112,9 @@ impl StageQueues {
 
 impl Core {
     /// Applies a `TaskQueued` event: the task's priority and due time. A
-    /// task not seen before gets a record queued at the stage (its arrival
-    /// counts now, unless it is held in the delay ladder: it arrives when
-    /// it falls due, which the planner sees coming).
+    /// task not seen before gets a record queued at the stage; its arrival
+    /// counts now unless it is held in the delay ladder (the planner sees
+    /// that work coming by its due time instead).
     pub(crate) fn apply_task_queued(&mut self, now_ms: u64, _sender: &AgentId, mut e: TaskQueued) {
         if !self.known_stage(now_ms, &mut e.stage) {
             return;
