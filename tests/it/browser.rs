@@ -575,11 +575,13 @@ async fn the_dashboard_shows_priorities_and_scheduled_tasks() {
         .await,
         "1"
     );
-    find(
+    // WEB-URGENT is the one task known queued in band 7-9.
+    let high = text_of(
         client,
         "#bands-table tr.band-row[data-stage='build'] .band-cell[data-band='7-9']",
     )
     .await;
+    assert!(high.contains("/ 1 "), "{high}");
     screenshot(client, &ns, "pipeline-bands.png").await;
     browser.client.clone().close().await.unwrap();
 }

@@ -1440,8 +1440,8 @@
       if (!b) return DASH;
       const q = b.queue ? fmtInt(b.queue.ready) : DASH;
       const wait = b.wait_ms ? fmtMs(b.wait_ms.p95) : DASH;
-      return el('span', { class: ['band-cell', b.active && 'band-active'], 'data-band': b.priority, title: `wait target ${fmtMs(b.wait_target_ms)}; ${fmtInt(b.queued)} known queued` },
-        `${q} \u00b7 p95 ${wait}`);
+      return el('span', { class: ['band-cell', b.active && 'band-active'], 'data-band': b.priority, title: `ready in the band queue / tasks known queued / p95 wait; wait target ${fmtMs(b.wait_target_ms)}` },
+        `${q} / ${fmtInt(b.queued)} \u00b7 p95 ${wait}`);
     };
     const rows = order.map((name) => {
       const s = byName.get(name);
@@ -1460,7 +1460,7 @@
       el('h3', { class: 'section-title' }, 'Priority bands'),
       el('div', { class: 'table-wrap' },
         el('table', { class: 'data-table', id: 'bands-table' },
-          el('thead', null, el('tr', null, ['Stage', '7-9 ready \u00b7 wait', '4-6 ready \u00b7 wait', '0-3 ready \u00b7 wait', 'Intake', 'Scheduled', 'Next due']
+          el('thead', null, el('tr', null, ['Stage', '7-9 ready / queued \u00b7 wait', '4-6 ready / queued \u00b7 wait', '0-3 ready / queued \u00b7 wait', 'Intake', 'Scheduled', 'Next due']
             .map((h, i) => el('th', { class: i > 0 && i < 6 ? 'num' : null }, h)))),
           el('tbody', null, rows))));
   }
