@@ -403,3 +403,23 @@ fn priorities_due_times_and_band_waits_survive_a_snapshot() {
         250
     );
 }
+
+#[test]
+fn band_wait_targets_fall_back_to_the_stage_and_zero_is_refused() {
+    let mut c = CapacityConfig::default();
+    c.stage_wait_targets.insert(st("fast"), 5_000);
+    c.band_wait_targets.insert(Band::High, 1_000);
+    assert_eq!(c.band_wait_target_for(&st("fast"), Band::High), 1_000);
+    assert_eq!(c.band_wait_target_for(&st("fast"), Band::Low), 5_000);
+    assert_eq!(c.band_wait_target_for(&st("other"), Band::Mid), 30_000);
+    // The strictest band with traffic; none: the stage's own.
+    assert_eq!(c.sizing_target_for(&st("fast"), [false, true, true]), 5_000);
+    assert_eq!(c.sizing_target_for(&st("fast"), [true, false, true]), 1_000);
+    assert_eq!(c.sizing_target_for(&st("other"), [false; 3]), 30_000);
+    assert!(c.validate().is_ok());
+    c.band_wait_targets.insert(Band::Mid, 0);
+    assert_eq!(
+        c.validate().unwrap_err().to_string(),
+        "wait target of priority band 4-6 must be more than 0"
+    );
+}
