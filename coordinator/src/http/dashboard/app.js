@@ -1387,13 +1387,20 @@
       el('span', { class: 'summary' }, left > 0 ? ` (in ${fmtMs(left)})` : ` (${fmtMs(-left)} ago)`));
   }
 
-  const taskList = { status: 'scheduled', body: null, error: null, seq: 0 };
+  const taskList = { status: 'scheduled', body: null, error: null, seq: 0, at: 0 };
+
+  /** Refetches the task list when the stages change, at most every 2 s. */
+  function refreshTaskList() {
+    if (Date.now() - taskList.at < 2000) return;
+    loadTaskList();
+  }
 
   /** Fetches the task list of the chosen status (on the Task view). */
   async function loadTaskList() {
     const sel = $('#task-list-status');
     if (!sel) return;
     taskList.status = sel.value || 'scheduled';
+    taskList.at = Date.now();
     const seq = ++taskList.seq;
     try {
       const body = await api(`/api/tasks?status=${enc(taskList.status)}&limit=100`);
@@ -1729,6 +1736,7 @@
       state.dirty.add('dead');
     }
     if (state.errors) invalidate('errors');
+    if (state.view === 'task') refreshTaskList();
   }
 
   function applyScaling(body) {
