@@ -263,3 +263,58 @@ async fn hostile_task_queued_events_and_flags_are_refused_or_clamped() {
         assert!(err.contains(needle), "{bad}: {err}");
     }
 }
+
+/// A restarted coordinator that loads its snapshot (and replays nothing
+/// older) still shows the scheduled task, its priority and due time, and
+/// the stage's scheduled count and band waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_and_scheduled_tasks_survive_a_coordinator_restart() {
+    let ns = TestNs::new("priorestart");
+    let broker = Broker::connect(&ns).await.unwrap();
+    broker.declare_stage("build").await.unwrap();
+    let data = ns.log_dir.join("data");
+    let dir = data.display().to_string();
+    let flags = ["--data-dir", dir.as_str(), "--snapshot-interval", "1s"];
+    let first = spawn_coordinator(&ns, &flags).await.unwrap();
+    let later = guildhall_broker::now_ms() + 3_600_000;
+    broker
+        .publish_raw_event(&envelope(
+            1,
+            vec![
+                submitted("KEPT", "build"),
+                queued("KEPT", "build", 7, Some(later)),
+            ],
+        ))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "KEPT scheduled", || async {
+        let t = first.api.get_ok("/api/tasks/KEPT").await?;
+        anyhow::ensure!(t["status"] == "scheduled", "{t}");
+        Ok(())
+    })
+    .await;
+    let snapshot = data.join(format!("{}.snapshot", ns.name()));
+    eventually(Duration::from_secs(10), "a snapshot", || async {
+        anyhow::ensure!(snapshot.is_file());
+        Ok(())
+    })
+    .await;
+    let mut first = first;
+    let status = first.proc.terminate(Duration::from_secs(20)).await.unwrap();
+    assert!(status.success(), "{status}");
+
+    let second = spawn_coordinator(&ns, &flags).await.unwrap();
+    let log = second.proc.log_text();
+    assert!(log.contains("loaded snapshot"), "{log}");
+    let t = eventually(
+        Duration::from_secs(10),
+        "KEPT after the restart",
+        || async { second.api.get_ok("/api/tasks/KEPT").await },
+    )
+    .await;
+    assert_eq!(t["status"], "scheduled", "{t}");
+    assert_eq!(t["priority"], 7);
+    assert_eq!(t["due_at_ms"], later);
+    let v = second.api.get_ok("/api/stages").await.unwrap();
+    assert_eq!(v["stages"][0]["scheduled"], 1, "{v}");
+}
