@@ -163,6 +163,16 @@ pub struct Metrics {
     pub stage_forecast_arrival_rate: prometheus::GaugeVec,
     /// `guildhall_stage_utilisation{stage}`: arrival rate x mean service time / capacity.
     pub stage_utilisation: prometheus::GaugeVec,
+    /// `guildhall_stage_queue_depth{stage,priority}`: ready messages in
+    /// each priority band's queue of a stage (`priority` is the band label
+    /// `0-3`, `4-6`, `7-9`).
+    pub stage_queue_depth: IntGaugeVec,
+    /// `guildhall_stage_scheduled_tasks{stage}`: tasks held in the delay
+    /// ladder until their due time.
+    pub stage_scheduled_tasks: IntGaugeVec,
+    /// `guildhall_stage_band_wait_seconds{stage,priority,quantile}`: recent
+    /// queue waits of each band's tasks (0.5, 0.95, 0.99).
+    pub stage_band_wait_seconds: prometheus::GaugeVec,
     /// `guildhall_stage_backlog_age_seconds{stage}`: how long the oldest
     /// queued task has waited.
     pub stage_backlog_age_seconds: prometheus::GaugeVec,
@@ -517,6 +527,24 @@ impl Metrics {
                 "guildhall_stage_utilisation",
                 "Arrival rate x mean service time / capacity (above 1 the queue grows).",
                 &["stage"],
+            ),
+            stage_queue_depth: gauge_vec(
+                &r,
+                "guildhall_stage_queue_depth",
+                "Ready messages in a stage's priority band queue, by band (priority 0-3, 4-6, 7-9).",
+                &["stage", "priority"],
+            ),
+            stage_scheduled_tasks: gauge_vec(
+                &r,
+                "guildhall_stage_scheduled_tasks",
+                "Tasks held in the delay ladder for the stage until their due time.",
+                &["stage"],
+            ),
+            stage_band_wait_seconds: float_gauge_vec(
+                &r,
+                "guildhall_stage_band_wait_seconds",
+                "Recent queue waits of a stage's tasks by priority band, as quantiles (0.5, 0.95, 0.99).",
+                &["stage", "priority", "quantile"],
             ),
             stage_backlog_age_seconds: float_gauge_vec(
                 &r,

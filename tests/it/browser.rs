@@ -464,3 +464,124 @@ async fn five_hundred_workers_stay_usable() {
     .await;
     browser.client.clone().close().await.unwrap();
 }
+
+/// Priorities and scheduled tasks (issue 18), from `TaskQueued` events a
+/// producer wrote to the stream: a scheduled task's page shows its state,
+/// due time and priority; the task list shows it; the pipeline view shows
+/// the stage's scheduled count and bands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_priorities_and_scheduled_tasks() {
+    use guildhall_proto::schedule::Priority;
+    use guildhall_proto::{AgentId, Envelope, Event, TaskId, TaskQueued, TaskSubmitted};
+    let ns = TestNs::new("webprio");
+    let broker = Broker::connect(&ns).await.unwrap();
+    broker.declare_stage("build").await.unwrap();
+    let c = spawn_coordinator(&ns, &["--queue-poll", "300ms"])
+        .await
+        .unwrap();
+    let now = guildhall_broker::now_ms();
+    let later = now + 3_600_000;
+    let at = |id: &str, priority: u8, due: Option<u64>| {
+        [
+            Event::TaskSubmitted(TaskSubmitted {
+                at_ms: now,
+                task_id: TaskId::new(id).unwrap(),
+                stage: TestNs::stage("build"),
+                payload_bytes: 1,
+            }),
+            Event::TaskQueued(TaskQueued {
+                at_ms: now,
+                task_id: TaskId::new(id).unwrap(),
+                stage: TestNs::stage("build"),
+                priority: Priority::new(priority).unwrap(),
+                due_at_ms: due,
+            }),
+        ]
+    };
+    let mut events: Vec<Event> = at("WEB-LATER", 8, Some(later)).into();
+    events.extend(at("WEB-URGENT", 9, None));
+    let envelope = Envelope {
+        sender: AgentId::new("producer-web").unwrap(),
+        incarnation: 1,
+        seq: 1,
+        sent_at_ms: now,
+        events,
+    };
+    broker
+        .publish_raw_event(&envelope.encode().unwrap())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the task in the API", || async {
+        c.api.get_ok("/api/tasks/WEB-LATER").await
+    })
+    .await;
+
+    let browser = spawn_browser(&ns).await.unwrap();
+    let client = &browser.client;
+    client
+        .goto(&format!("{}/#task/WEB-LATER", c.api.base))
+        .await
+        .unwrap();
+    assert_eq!(
+        text_of(client, ".task-head .task-status").await,
+        "scheduled"
+    );
+    assert_eq!(
+        text_of(client, ".task-head .badge.prio[data-priority='8']").await,
+        "priority 8"
+    );
+    let due = find(client, ".facts .due").await;
+    assert_eq!(
+        due.attr("data-due-at").await.unwrap().as_deref(),
+        Some(later.to_string().as_str())
+    );
+    assert!(
+        due.text().await.unwrap().contains("in 59m") || due.text().await.unwrap().contains("in 1h")
+    );
+    assert_eq!(
+        text_of(client, ".attempt-row[data-outcome='scheduled'] .badge").await,
+        "scheduled"
+    );
+    // The task list, scheduled first: the task, its priority, its due time.
+    let row = text_of(
+        client,
+        "tr.task-list-row[data-task-id='WEB-LATER'][data-status='scheduled']",
+    )
+    .await;
+    assert!(row.contains("scheduled") && row.contains('8'), "{row}");
+    screenshot(client, &ns, "task-scheduled.png").await;
+    // Queued tasks by priority: the urgent one, priority 9.
+    find(client, "#task-list-status")
+        .await
+        .select_by_value("queued")
+        .await
+        .unwrap();
+    let urgent = text_of(
+        client,
+        "tr.task-list-row[data-task-id='WEB-URGENT'][data-priority='9']",
+    )
+    .await;
+    assert!(urgent.contains("queued"), "{urgent}");
+    // The pipeline: the stage's bands and its scheduled count.
+    client
+        .goto(&format!("{}/#pipeline", c.api.base))
+        .await
+        .unwrap();
+    assert_eq!(
+        text_of(
+            client,
+            "#bands-table tr.band-row[data-stage='build'] .scheduled-count"
+        )
+        .await,
+        "1"
+    );
+    // WEB-URGENT is the one task known queued in band 7-9.
+    let high = text_of(
+        client,
+        "#bands-table tr.band-row[data-stage='build'] .band-cell[data-band='7-9']",
+    )
+    .await;
+    assert!(high.contains("/ 1 "), "{high}");
+    screenshot(client, &ns, "pipeline-bands.png").await;
+    browser.client.clone().close().await.unwrap();
+}

@@ -21,5 +21,6 @@ mod prometheus;
 mod rabbitmq_definitions;
 mod recovery;
 mod restart;
+mod scheduling_view;
 mod test_command;
 mod tls;

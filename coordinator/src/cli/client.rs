@@ -235,6 +235,13 @@ fn render_trace(task: &Value) -> String {
         s(&task["status"]),
         s(&task["stage"])
     );
+    // Issue 18: a priority other than the default, and a due time.
+    if let Some(p) = task["priority"].as_u64().filter(|&p| p > 0) {
+        out.push_str(&format!(", priority {p}"));
+    }
+    if let Some(due) = task["due_at_ms"].as_u64() {
+        out.push_str(&format!(", due {}", clock(due)));
+    }
     if let Some(sub) = task["submitted_at_ms"].as_u64() {
         out.push_str(&format!(", submitted {}", clock(sub)));
     }
@@ -272,6 +279,9 @@ fn render_trace(task: &Value) -> String {
         let mut outcome = s(&a["outcome"]);
         if a["redelivered"].as_bool() == Some(true) {
             outcome.push_str(" (redelivered)");
+        }
+        if let Some(due) = a["due_at_ms"].as_u64() {
+            outcome.push_str(&format!(" (due {})", clock(due)));
         }
         let error = match (a["error_class"].as_str(), a["error"].as_str()) {
             (Some(class), Some(err)) => ellipsize(&format!("[{class}] {err}"), 60),
@@ -390,5 +400,19 @@ mod tests {
         assert!(text.contains("[http_503] boom"), "{text}");
         assert!(text.contains("succeeded (redelivered)"), "{text}");
         assert_eq!(text.lines().count(), 5, "{text}");
+    }
+
+    #[test]
+    fn trace_shows_a_scheduled_task_its_priority_and_due_time() {
+        let task = json!({"id": "T2", "status": "scheduled", "stage": "a", "priority": 8,
+            "due_at_ms": 3_600_000, "attempts": [
+            {"stage": "a", "attempt": 1, "queued_at_ms": 0, "outcome": "scheduled", "due_at_ms": 3_600_000}
+        ]});
+        let text = render_trace(&task);
+        assert!(
+            text.starts_with("task T2: scheduled at a, priority 8, due 01:00:00.000Z"),
+            "{text}"
+        );
+        assert!(text.contains("scheduled (due 01:00:00.000Z)"), "{text}");
     }
 }

@@ -10,6 +10,7 @@
 //! - [`health`]: `healthcheck`, a container's HEALTHCHECK without curl;
 //! - [`render`]: terminal tables and time formatting.
 
+mod band_targets;
 pub mod client;
 pub mod health;
 pub mod render;
@@ -193,6 +194,15 @@ pub struct CoordinatorArgs {
         value_delimiter = ','
     )]
     pub stage_wait_targets: Vec<String>,
+    /// A priority band's own wait target, as BAND=DURATION with BAND one of
+    /// 0-3, 4-6, 7-9 (repeatable; or a comma-separated list in the
+    /// environment): a stage is sized for the strictest band with traffic.
+    #[arg(
+        long = "wait-target-band",
+        env = "GUILDHALL_WAIT_TARGET_BANDS",
+        value_delimiter = ','
+    )]
+    pub band_wait_targets: Vec<String>,
     /// Share of tasks allowed to wait longer than the target.
     #[arg(long, env = "GUILDHALL_WAIT_QUANTILE", default_value_t = 0.05)]
     pub wait_quantile: f64,
@@ -537,6 +547,8 @@ impl CoordinatorArgs {
             })?;
             stage_wait_targets.insert(stage, duration_ms(d));
         }
+        let band_wait_targets =
+            band_targets::parse(&self.band_wait_targets).map_err(ConfigError)?;
         let bucket_ms = duration_ms(self.forecast_bucket);
         let season_ms = duration_ms(self.forecast_season);
         if bucket_ms == 0 || !season_ms.is_multiple_of(bucket_ms) {
@@ -551,6 +563,7 @@ impl CoordinatorArgs {
             season_buckets: u32::try_from(season_ms / bucket_ms).unwrap_or(u32::MAX),
             wait_target_ms: duration_ms(self.wait_target),
             stage_wait_targets,
+            band_wait_targets,
             wait_quantile: self.wait_quantile,
             lead_time_ms: duration_ms(self.lead_time),
             scale_down_window_ms: duration_ms(self.scale_down_window),

@@ -219,6 +219,22 @@ impl Telemetry for PromTelemetry {
                 .stage_recommended_workers
                 .with_label_values(&[stage])
                 .set(n),
+            Gauge::BandQueueMessages { stage, priority, n } => m
+                .stage_queue_depth
+                .with_label_values(&[stage, priority])
+                .set(n),
+            Gauge::ScheduledTasks { stage, n } => {
+                m.stage_scheduled_tasks.with_label_values(&[stage]).set(n)
+            }
+            Gauge::BandQueueWait {
+                stage,
+                priority,
+                quantile,
+                seconds,
+            } => m
+                .stage_band_wait_seconds
+                .with_label_values(&[stage, priority, quantile])
+                .set(seconds),
             Gauge::ForecastArrivalRate { stage, bound, rate } => m
                 .stage_forecast_arrival_rate
                 .with_label_values(&[stage, bound])

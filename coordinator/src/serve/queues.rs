@@ -1,15 +1,19 @@
-//! Polls the broker for each known stage's queue counts.
+//! Polls the broker for each known stage's queue counts: its intake queue
+//! and its three priority band queues (issue 18), added up for the stage's
+//! totals and kept apart for its bands.
 //!
 //! Ready messages and consumers come from a passive declare (exact and
 //! immediate); unacked messages only exist in the management API (refreshed
 //! by the broker every few seconds), so they are added when it answers.
 
 use super::App;
+use crate::core::scheduling::queued::StageQueues;
 use crate::core::stages::QueueStats;
 use guildhall_broker::management::QueueInfo;
 use guildhall_broker::now_ms;
 use guildhall_broker::topology::probe_queue;
 use guildhall_proto::Stage;
+use guildhall_proto::schedule::Band;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -62,27 +66,40 @@ pub async fn run(app: Arc<App>, interval: Duration, mut stop: watch::Receiver<bo
         };
         let mut results = Vec::with_capacity(stages.len());
         for stage in stages {
-            let name = app.names.stage_queue(&stage);
-            match probe_queue(&conn, &name).await {
-                Ok(Some(probe)) => {
-                    let stats = QueueStats {
-                        ready: u64::from(probe.ready),
-                        unacked: unacked
-                            .as_ref()
-                            .and_then(|m| m.get(&name))
-                            .map(|q| q.messages_unacknowledged),
-                        consumers: u64::from(probe.consumers),
-                    };
-                    results.push((stage, stats));
+            let probe = |name: String| {
+                let conn = &conn;
+                let unacked = &unacked;
+                async move {
+                    match probe_queue(conn, &name).await {
+                        Ok(Some(probe)) => Some(QueueStats {
+                            ready: u64::from(probe.ready),
+                            unacked: unacked
+                                .as_ref()
+                                .and_then(|m| m.get(&name))
+                                .map(|q| q.messages_unacknowledged),
+                            consumers: u64::from(probe.consumers),
+                        }),
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::debug!("probe of {name} failed: {e}");
+                            None
+                        }
+                    }
                 }
-                Ok(None) => {}
-                Err(e) => tracing::debug!("probe of {name} failed: {e}"),
+            };
+            let mut queues = StageQueues {
+                intake: probe(app.names.stage_queue(&stage)).await,
+                ..StageQueues::default()
+            };
+            for band in Band::ALL {
+                queues.bands[band.index()] = probe(app.names.band_queue(&stage, band)).await;
             }
+            results.push((stage, queues));
         }
         let now = now_ms();
         let mut core = app.core();
-        for (stage, stats) in results {
-            core.handle_queue_stats(now, &stage, stats);
+        for (stage, queues) in results {
+            core.handle_stage_queues(now, &stage, queues);
         }
     }
 }

@@ -46,6 +46,7 @@ pub use stabilise::Stabiliser;
 
 use forecast::{Forecaster, RecentArrivals};
 use guildhall_proto::Stage;
+use guildhall_proto::schedule::Band;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -72,6 +73,10 @@ pub struct CapacityConfig {
     pub wait_target_ms: u64,
     /// Per-stage wait-time targets that override the default.
     pub stage_wait_targets: BTreeMap<Stage, u64>,
+    /// Per-priority-band wait-time targets (`--wait-target-band 7-9=2s`):
+    /// a stage is sized for the strictest target among the bands it has
+    /// traffic in (a band without one uses the stage's target).
+    pub band_wait_targets: BTreeMap<Band, u64>,
     /// Share of tasks allowed to wait longer than the target (`--wait-quantile`).
     pub wait_quantile: f64,
     /// How far ahead capacity must hold: a new worker's start-up time (`--lead-time`).
@@ -95,6 +100,7 @@ impl Default for CapacityConfig {
             season_buckets: 1440,
             wait_target_ms: 30_000,
             stage_wait_targets: BTreeMap::new(),
+            band_wait_targets: BTreeMap::new(),
             wait_quantile: 0.05,
             lead_time_ms: 60_000,
             tolerance: 0.10,
@@ -127,6 +133,11 @@ impl CapacityConfig {
         }
         if let Some((stage, _)) = self.stage_wait_targets.iter().find(|(_, t)| **t == 0) {
             return err(format!("wait target of stage {stage} must be more than 0"));
+        }
+        if let Some((band, _)) = self.band_wait_targets.iter().find(|(_, t)| **t == 0) {
+            return err(format!(
+                "wait target of priority band {band} must be more than 0"
+            ));
         }
         if !(self.wait_quantile > 0.0 && self.wait_quantile < 1.0) {
             return err(format!(
@@ -180,6 +191,39 @@ impl CapacityConfig {
             .copied()
             .unwrap_or(self.wait_target_ms)
     }
+
+    /// The wait target of `band` at `stage`, ms: the band's own, else the
+    /// stage's.
+    pub fn band_wait_target_for(&self, stage: &Stage, band: Band) -> u64 {
+        self.band_wait_targets
+            .get(&band)
+            .copied()
+            .unwrap_or_else(|| self.wait_target_for(stage))
+    }
+
+    /// The target `stage` is sized for: the strictest of the bands in
+    /// `traffic` (indexed by [`Band::index`]), or the stage's own when no
+    /// band has traffic.
+    pub fn sizing_target_for(&self, stage: &Stage, traffic: [bool; 3]) -> u64 {
+        Band::ALL
+            .into_iter()
+            .filter(|b| traffic[b.index()])
+            .map(|b| self.band_wait_target_for(stage, b))
+            .min()
+            .unwrap_or_else(|| self.wait_target_for(stage))
+    }
+}
+
+/// What the core tells the planner about a stage's priorities and
+/// scheduled work before each plan (recomputed every time, not saved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StageHints {
+    /// Which bands (by [`Band::index`]) have traffic: tasks queued in them,
+    /// or started from them lately. The stage is sized for the strictest.
+    pub traffic: [bool; 3],
+    /// Scheduled tasks (held in the delay ladder) that fall due within the
+    /// lead time: arrivals the forecast cannot see coming.
+    pub due_soon: u64,
 }
 
 /// What the coordinator sees of a stage at one moment.
@@ -277,6 +321,10 @@ struct StageCapacity {
     stabiliser: Stabiliser,
     /// The last plan.
     last: Option<StagePlan>,
+    /// Priorities and scheduled work, as the core last told
+    /// ([`Planner::set_hints`]); recomputed before every plan.
+    #[serde(skip)]
+    hints: StageHints,
 }
 
 /// Sizes every stage from what the coordinator observes. See the module
@@ -321,6 +369,7 @@ impl Planner {
                 observation: None,
                 stabiliser: Stabiliser::new(c.tolerance, c.scale_down_window_ms),
                 last: None,
+                hints: StageHints::default(),
             };
             self.stages.insert(stage.clone(), entry);
         }
@@ -350,6 +399,14 @@ impl Planner {
             s.forecaster.advance(now_ms);
             s.recent.start(now_ms);
             s.observation = Some(obs);
+        }
+    }
+
+    /// Tells the planner which bands of `stage` have traffic and how much
+    /// scheduled work falls due within the lead time (before each plan).
+    pub fn set_hints(&mut self, stage: &Stage, hints: StageHints) {
+        if let Some(s) = self.stages.get_mut(stage) {
+            s.hints = hints;
         }
     }
 
@@ -402,7 +459,7 @@ fn plan_stage(
     let rate = s.recent.rate(now);
     let ca2 = s.recent.scv(now);
     let moments = s.service.moments();
-    let target = config.wait_target_for(stage).max(1);
+    let target = config.sizing_target_for(stage, s.hints.traffic).max(1);
     let quantile = config.wait_quantile;
     let z = config.interval_z;
     let forecast = s
@@ -410,7 +467,12 @@ fn plan_stage(
         .forecast(now, config.lead_time_ms, z)
         .unwrap_or_else(|| s.recent.forecast(now, z, s.forecaster.mase()));
     let queued = obs.backlog.saturating_sub(u64::from(servers_now));
-    let sizing_rate = forecast.upper.max(rate) + queued as f64 * 1000.0 / target as f64;
+    // Scheduled tasks due within the lead time arrive then, whatever the
+    // history says: spread over the lead time, on top of the forecast.
+    let due_soon = s.hints.due_soon;
+    let scheduled_rate = due_soon as f64 * 1000.0 / config.lead_time_ms.max(1) as f64;
+    let sizing_rate =
+        forecast.upper.max(rate) + scheduled_rate + queued as f64 * 1000.0 / target as f64;
     let (min, max) = (
         config.min_workers,
         config.max_workers.max(config.min_workers),
@@ -426,6 +488,12 @@ fn plan_stage(
             _ => "recent rate; not enough history to forecast".to_string(),
         }
     );
+    if due_soon > 0 {
+        why.push_str(&format!(
+            ", {due_soon} scheduled task(s) due within {}",
+            format_wait(config.lead_time_ms as f64)
+        ));
+    }
     if queued > 0 {
         why.push_str(&format!(", {queued} queued"));
     }

@@ -10,6 +10,7 @@
 use super::stats::Reservoir;
 use super::tasks::{TaskRef, TaskStatus};
 use guildhall_proto::Stage;
+use guildhall_proto::schedule::Band;
 use std::collections::BTreeMap;
 
 /// Longest chain of stages an ETA follows (guards against cycles).
@@ -76,6 +77,10 @@ pub struct StageTiming {
     /// includes tasks the coordinator has not seen (producers outside
     /// Guildhall), which are taken to be ahead.
     pub ready: u64,
+    /// Ready messages in each band's queue ([`Band::index`]), when the
+    /// broker was asked: tasks it counts that the coordinator never saw
+    /// are ahead only of tasks of their band or lower.
+    pub band_ready: Option<[u64; 3]>,
     /// Expected wait of a task joining the queue now, at the mean service time.
     pub wait_ms: f64,
     /// The stage its results go to.
@@ -93,44 +98,101 @@ pub struct Eta {
     pub high_in_ms: u64,
 }
 
-/// Every stage's queued tasks in enqueue order, to find a task's position.
+/// Every stage's queued tasks in enqueue order, by priority band, to find a
+/// task's position; and its scheduled tasks by due time.
 #[derive(Debug, Default)]
 pub struct QueueIndex {
-    /// Per stage, the enqueue times of its queued tasks, sorted.
-    by_stage: BTreeMap<Stage, Vec<u64>>,
+    /// Per stage and band ([`Band::index`]), the enqueue times of its
+    /// queued tasks, sorted.
+    by_stage: BTreeMap<Stage, [Vec<u64>; 3]>,
+    /// Per stage, the due times of its scheduled tasks, sorted.
+    scheduled: BTreeMap<Stage, Vec<u64>>,
 }
 
 impl QueueIndex {
     /// Indexes the queued tasks of `tasks` (retrying ones whose delay is over
-    /// count as queued).
+    /// count as queued; scheduled ones are indexed apart).
     pub fn build<'a>(tasks: impl Iterator<Item = TaskRef<'a>>, now_ms: u64) -> Self {
-        let mut by_stage: BTreeMap<Stage, Vec<u64>> = BTreeMap::new();
+        let mut by_stage: BTreeMap<Stage, [Vec<u64>; 3]> = BTreeMap::new();
+        let mut scheduled: BTreeMap<Stage, Vec<u64>> = BTreeMap::new();
         for rec in tasks {
-            if let Some(at) = queued_since(rec, now_ms) {
-                by_stage.entry(rec.stage().clone()).or_default().push(at);
+            if rec.is_scheduled(now_ms) {
+                if let Some(due) = rec.due_at_ms() {
+                    scheduled.entry(rec.stage().clone()).or_default().push(due);
+                }
+            } else if let Some(at) = queued_since(rec, now_ms) {
+                by_stage.entry(rec.stage().clone()).or_default()[rec.band().index()].push(at);
             }
         }
-        for times in by_stage.values_mut() {
+        for bands in by_stage.values_mut() {
+            for times in bands {
+                times.sort_unstable();
+            }
+        }
+        for times in scheduled.values_mut() {
             times.sort_unstable();
         }
-        Self { by_stage }
+        Self {
+            by_stage,
+            scheduled,
+        }
     }
 
-    /// Tasks queued at `stage` before `since_ms`.
-    pub fn ahead_of(&self, stage: &Stage, since_ms: u64) -> usize {
+    /// Tasks queued at `stage` ahead of one of `band` queued at `since_ms`:
+    /// every task of a higher band, and those of its own band queued before
+    /// it (agents take the bands highest first).
+    pub fn ahead_of(&self, stage: &Stage, band: Band, since_ms: u64) -> usize {
+        let Some(bands) = self.by_stage.get(stage) else {
+            return 0;
+        };
+        let higher: usize = bands[..band.index()].iter().map(Vec::len).sum();
+        higher + bands[band.index()].partition_point(|&q| q < since_ms)
+    }
+
+    /// Tasks queued at `stage` that a task of `band` joining now would wait
+    /// for: its band and every higher one.
+    pub fn ahead_of_new(&self, stage: &Stage, band: Band) -> usize {
         self.by_stage
             .get(stage)
-            .map_or(0, |t| t.partition_point(|&q| q < since_ms))
+            .map_or(0, |bands| bands[..=band.index()].iter().map(Vec::len).sum())
     }
 
     /// Tasks queued at `stage`.
     pub fn len(&self, stage: &Stage) -> usize {
-        self.by_stage.get(stage).map_or(0, Vec::len)
+        self.by_stage
+            .get(stage)
+            .map_or(0, |bands| bands.iter().map(Vec::len).sum())
+    }
+
+    /// Tasks queued at `stage` in `band`.
+    pub fn band_len(&self, stage: &Stage, band: Band) -> usize {
+        self.by_stage
+            .get(stage)
+            .map_or(0, |bands| bands[band.index()].len())
     }
 
     /// When the oldest task queued at `stage` was enqueued.
     pub fn oldest(&self, stage: &Stage) -> Option<u64> {
-        self.by_stage.get(stage).and_then(|t| t.first().copied())
+        self.by_stage
+            .get(stage)
+            .and_then(|bands| bands.iter().filter_map(|t| t.first().copied()).min())
+    }
+
+    /// Scheduled tasks of `stage` (held in the delay ladder).
+    pub fn scheduled(&self, stage: &Stage) -> usize {
+        self.scheduled.get(stage).map_or(0, Vec::len)
+    }
+
+    /// When the next scheduled task of `stage` falls due.
+    pub fn next_due(&self, stage: &Stage) -> Option<u64> {
+        self.scheduled.get(stage).and_then(|t| t.first().copied())
+    }
+
+    /// Scheduled tasks of `stage` due at or before `until_ms`.
+    pub fn due_by(&self, stage: &Stage, until_ms: u64) -> usize {
+        self.scheduled
+            .get(stage)
+            .map_or(0, |t| t.partition_point(|&d| d <= until_ms))
     }
 }
 
@@ -145,7 +207,9 @@ fn queued_since(rec: TaskRef<'_>, now_ms: u64) -> Option<u64> {
     let row = rec.current_row()?;
     let at = row.queued_at_ms().unwrap_or(rec.updated_at_ms());
     match rec.status() {
-        TaskStatus::Queued => Some(at),
+        // A task that was held in the delay ladder joined the queue when
+        // it fell due.
+        TaskStatus::Queued => Some(at.max(rec.due_at_ms().unwrap_or(0))),
         TaskStatus::Retrying if at <= now_ms => Some(at),
         _ => None,
     }
@@ -178,8 +242,18 @@ fn left_ms(
     let here = timings.get(rec.stage())?;
     let service = here.service.pick(which);
     let row = rec.current_row()?;
-    let known = queues.len(rec.stage()) as u64;
-    let unseen = usize::try_from(here.ready.saturating_sub(known)).unwrap_or(usize::MAX);
+    let band = rec.band();
+    // Tasks the broker holds that the coordinator never saw (third-party
+    // producers) are ahead: with band counts, only those of this band or
+    // higher.
+    let unseen = match here.band_ready {
+        Some(ready) => Band::ALL[..=band.index()]
+            .iter()
+            .map(|b| ready[b.index()].saturating_sub(queues.band_len(rec.stage(), *b) as u64))
+            .sum::<u64>(),
+        None => here.ready.saturating_sub(queues.len(rec.stage()) as u64),
+    };
+    let unseen = usize::try_from(unseen).unwrap_or(usize::MAX);
     // Time until a server is free for a task with `ahead` tasks before it.
     let start_wait = |ahead: usize| -> Option<f64> {
         if here.servers == 0 {
@@ -194,15 +268,21 @@ fn left_ms(
             let elapsed = row.started_at_ms().map_or(0, |s| now_ms.saturating_sub(s)) as f64;
             (service - elapsed).max(0.0)
         }
+        TaskStatus::Queued if rec.is_scheduled(now_ms) => {
+            // Held in the delay ladder: due time, then what is queued at
+            // its band or higher (as it is now) ahead of it.
+            let due = rec.due_at_ms().map_or(0, |d| d.saturating_sub(now_ms)) as f64;
+            due + start_wait(queues.ahead_of_new(rec.stage(), band) + unseen)? + service
+        }
         TaskStatus::Queued => {
             let since = queued_since(rec, now_ms)?;
-            start_wait(queues.ahead_of(rec.stage(), since) + unseen)? + service
+            start_wait(queues.ahead_of(rec.stage(), band, since) + unseen)? + service
         }
         TaskStatus::Retrying => {
             let due = row.queued_at_ms().map_or(0, |q| q.saturating_sub(now_ms)) as f64;
-            due + start_wait(queues.len(rec.stage()) + unseen)? + service
+            due + start_wait(queues.ahead_of_new(rec.stage(), band) + unseen)? + service
         }
-        TaskStatus::Succeeded | TaskStatus::DeadLettered => return None,
+        TaskStatus::Succeeded | TaskStatus::DeadLettered | TaskStatus::Scheduled => return None,
     };
     let mut next = here.next.clone();
     for _ in 0..MAX_ETA_STAGES {
@@ -244,6 +324,7 @@ mod tests {
             servers,
             in_flight,
             ready: 0,
+            band_ready: None,
             wait_ms: 0.0,
             next: next.map(st),
         }

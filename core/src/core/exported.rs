@@ -99,6 +99,31 @@ impl Core {
                 .oldest(name)
                 .map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
             t.set(Gauge::BacklogAge { stage, seconds });
+            t.set(Gauge::ScheduledTasks {
+                stage,
+                n: queues.scheduled(name) as i64,
+            });
+            for band in guildhall_proto::schedule::Band::ALL {
+                let priority = band.label();
+                if let Some(q) = s.bands.depth[band.index()] {
+                    t.set(Gauge::BandQueueMessages {
+                        stage,
+                        priority,
+                        n: clamp_i64(q.ready),
+                    });
+                }
+                let waits = &s.bands.waits[band.index()];
+                if let Some(ps) = waits.percentiles([0.5, 0.95, 0.99]) {
+                    for (quantile, ms) in ["0.5", "0.95", "0.99"].into_iter().zip(ps) {
+                        t.set(Gauge::BandQueueWait {
+                            stage,
+                            priority,
+                            quantile,
+                            seconds: ms as f64 / 1000.0,
+                        });
+                    }
+                }
+            }
         }
         t.set(Gauge::TasksTracked {
             state: "in_flight",

@@ -899,6 +899,10 @@ impl Core {
                     e.redelivered,
                 );
                 if let Some(s) = self.stages.get_mut(&e.stage) {
+                    let band = guildhall_proto::schedule::Priority::new(started.priority)
+                        .unwrap_or_default()
+                        .band();
+                    s.bands.started(band, e.at_ms, started.queue_wait_ms);
                     s.pending.started += 1;
                     if let Some(wait) = started.queue_wait_ms {
                         s.waits.record(wait);

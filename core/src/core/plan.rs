@@ -38,6 +38,7 @@ pub struct MoveRecord {
 impl Core {
     /// Re-plans every stage and turns the plans into notices.
     pub(super) fn replan(&mut self, now_ms: u64) {
+        self.hint_planner(now_ms);
         let plans = self.planner.plan(now_ms);
         for p in &plans {
             self.export_plan(p);
@@ -57,6 +58,21 @@ impl Core {
             self.rebalance(&plans, now_ms);
         }
         self.size_prefetch();
+    }
+
+    /// Tells the planner, per stage, which priority bands have traffic and
+    /// how many scheduled tasks fall due within the lead time.
+    fn hint_planner(&mut self, now_ms: u64) {
+        let queues = super::eta::QueueIndex::build(self.tasks.iter(), now_ms);
+        let until = now_ms.saturating_add(self.planner.config().lead_time_ms);
+        for (name, s) in &self.stages {
+            let queued = guildhall_proto::schedule::Band::ALL.map(|b| queues.band_len(name, b));
+            let hints = crate::capacity::StageHints {
+                traffic: s.bands.traffic(now_ms, queued),
+                due_soon: queues.due_by(name, until) as u64,
+            };
+            self.planner.set_hints(name, hints);
+        }
     }
 
     fn export_plan(&mut self, p: &StagePlan) {

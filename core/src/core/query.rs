@@ -7,6 +7,7 @@ use super::stats::Reservoir;
 use super::tasks::{AttemptOutcome, TaskRecord, TaskRef, TaskStatus};
 use super::views::*;
 use super::workers::{Liveness, Worker};
+use guildhall_proto::schedule::Band;
 use guildhall_proto::{Stage, WorkerMode, WorkerResult};
 use std::collections::BTreeMap;
 
@@ -168,6 +169,13 @@ impl Core {
                     expected_wait_ms: load.and_then(|l| l.expected_wait_ms),
                     bottleneck: bottleneck.as_ref().is_some_and(|(b, _)| b == name),
                     recommended_workers: self.planner.stage(name).map(|p| p.recommended_workers),
+                    intake: s
+                        .bands
+                        .intake
+                        .map(|q| queue_view(q, s.queue.map_or(now_ms, |(_, at)| at), now_ms)),
+                    bands: self.band_views(name, s, &queues, now_ms),
+                    scheduled: queues.scheduled(name),
+                    next_due_at_ms: queues.next_due(name),
                 }
             })
             .collect();
@@ -195,6 +203,7 @@ impl Core {
                         servers: load.servers,
                         in_flight: load.in_flight,
                         ready: load.ready,
+                        band_ready: s.bands.ready(),
                         // The queueing model's expected wait (Allen-Cunneen),
                         // once the stage is planned; the queue's length over
                         // its capacity before that.
@@ -229,7 +238,12 @@ impl Core {
         );
         let eta = eta::eta(task, &timings, &queues, now_ms);
         let rec = task.to_record();
+        let scheduled = task.is_scheduled(now_ms);
+        let current = task.current_row().map(|r| (r.attempt(), r.queued_at_ms()));
         Some(TaskView {
+            priority: task.priority(),
+            band: task.band().label(),
+            due_at_ms: task.due_at_ms(),
             id: rec.id.to_string(),
             status: display_status(task, now_ms).as_str(),
             stage: rec.stage.to_string(),
@@ -245,34 +259,46 @@ impl Core {
             eta_high_in_ms: eta.map(|e| e.high_in_ms),
             attempts: rows_in_time_order(&rec)
                 .into_iter()
-                .map(|r| AttemptView {
-                    stage: r.stage.to_string(),
-                    attempt: r.attempt,
-                    worker: r.worker.as_ref().map(ToString::to_string),
-                    queued_at_ms: r.queued_at_ms,
-                    started_at_ms: r.started_at_ms,
-                    finished_at_ms: r.finished_at_ms,
-                    wait_ms: match (r.queued_at_ms, r.started_at_ms) {
-                        (Some(q), Some(s)) => Some(s.saturating_sub(q)),
-                        _ => None,
-                    },
-                    duration_ms: r.started_at_ms.map(|s| {
-                        let end = match r.outcome {
-                            AttemptOutcome::Running => now_ms,
-                            _ => r.finished_at_ms.unwrap_or(now_ms),
-                        };
-                        end.saturating_sub(s)
-                    }),
-                    outcome: r.outcome.as_str(),
-                    error: r.error.as_deref().map(String::from),
-                    error_class: r.error_class.as_deref().map(String::from),
-                    redelivered: r.redelivered,
-                    progress: r.progress,
-                    stale_result: r.stale.map(|s| match s {
-                        WorkerResult::Succeeded => "succeeded",
-                        WorkerResult::Failed => "failed",
-                        WorkerResult::Unfinished => "unfinished",
-                    }),
+                .map(|r| {
+                    // The attempt a scheduled task waits for.
+                    let waiting = scheduled
+                        && r.stage == rec.stage
+                        && r.outcome == AttemptOutcome::Queued
+                        && current == Some((r.attempt, r.queued_at_ms));
+                    AttemptView {
+                        due_at_ms: waiting.then_some(task.due_at_ms()).flatten(),
+                        stage: r.stage.to_string(),
+                        attempt: r.attempt,
+                        worker: r.worker.as_ref().map(ToString::to_string),
+                        queued_at_ms: r.queued_at_ms,
+                        started_at_ms: r.started_at_ms,
+                        finished_at_ms: r.finished_at_ms,
+                        wait_ms: match (r.queued_at_ms, r.started_at_ms) {
+                            (Some(q), Some(s)) => Some(s.saturating_sub(q)),
+                            _ => None,
+                        },
+                        duration_ms: r.started_at_ms.map(|s| {
+                            let end = match r.outcome {
+                                AttemptOutcome::Running => now_ms,
+                                _ => r.finished_at_ms.unwrap_or(now_ms),
+                            };
+                            end.saturating_sub(s)
+                        }),
+                        outcome: if waiting {
+                            "scheduled"
+                        } else {
+                            r.outcome.as_str()
+                        },
+                        error: r.error.as_deref().map(String::from),
+                        error_class: r.error_class.as_deref().map(String::from),
+                        redelivered: r.redelivered,
+                        progress: r.progress,
+                        stale_result: r.stale.map(|s| match s {
+                            WorkerResult::Succeeded => "succeeded",
+                            WorkerResult::Failed => "failed",
+                            WorkerResult::Unfinished => "unfinished",
+                        }),
+                    }
                 })
                 .collect(),
         })
@@ -317,6 +343,8 @@ impl Core {
                     eta_in_ms: eta.map(|e| e.in_ms),
                     eta_low_in_ms: eta.map(|e| e.low_in_ms),
                     eta_high_in_ms: eta.map(|e| e.high_in_ms),
+                    priority: r.priority(),
+                    due_at_ms: r.due_at_ms(),
                 }
             })
             .collect()
@@ -345,6 +373,42 @@ impl Core {
     }
 }
 
+fn queue_view(q: super::stages::QueueStats, at_ms: u64, now_ms: u64) -> QueueView {
+    QueueView {
+        ready: q.ready,
+        unacked: q.unacked,
+        consumers: q.consumers,
+        updated_ago_ms: now_ms.saturating_sub(at_ms),
+    }
+}
+
+impl Core {
+    /// The bands of stage `name` (state `s`), highest first.
+    fn band_views(
+        &self,
+        name: &Stage,
+        s: &super::stages::StageState,
+        queues: &QueueIndex,
+        now_ms: u64,
+    ) -> Vec<BandView> {
+        let polled_at = s.queue.map_or(now_ms, |(_, at)| at);
+        let queued = Band::ALL.map(|b| queues.band_len(name, b));
+        let traffic = s.bands.traffic(now_ms, queued);
+        let capacity = self.planner.config();
+        Band::ALL
+            .into_iter()
+            .map(|b| BandView {
+                priority: b.label(),
+                queue: s.bands.depth[b.index()].map(|q| queue_view(q, polled_at, now_ms)),
+                queued: queued[b.index()],
+                wait_ms: percentiles(&s.bands.waits[b.index()]),
+                wait_target_ms: capacity.band_wait_target_for(name, b),
+                active: traffic[b.index()],
+            })
+            .collect()
+    }
+}
+
 /// A task's rows in the order they began (they are stored in arrival order,
 /// which events from different agents can scramble).
 fn rows_in_time_order(rec: &TaskRecord) -> Vec<&super::tasks::AttemptRow> {
@@ -358,9 +422,11 @@ fn rows_in_time_order(rec: &TaskRecord) -> Vec<&super::tasks::AttemptRow> {
     rows
 }
 
-/// A retrying task whose delay is over is back in the queue.
+/// A retrying task whose delay is over is back in the queue; a queued one
+/// whose due time is ahead is scheduled.
 fn display_status(rec: TaskRef<'_>, now_ms: u64) -> TaskStatus {
     match rec.status() {
+        TaskStatus::Queued if rec.is_scheduled(now_ms) => TaskStatus::Scheduled,
         TaskStatus::Retrying
             if rec
                 .current_row()

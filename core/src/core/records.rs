@@ -336,6 +336,12 @@ pub(super) struct Rec {
     pub(super) stage: u32,
     /// Where it is.
     pub(super) status: TaskStatus,
+    /// Its priority, 0-9 (from `TaskQueued`; 0 when none came): the band
+    /// it is counted in and its place in the ETA's queue.
+    pub(super) priority: u8,
+    /// When it becomes due, if it was queued in the delay ladder: it is
+    /// `scheduled` until then (and until it starts).
+    pub(super) due: Ms48,
     /// Errors of its failed attempts, by row (boxed: most records have none).
     #[allow(
         clippy::box_collection,
@@ -549,6 +555,29 @@ impl<'a> TaskRef<'a> {
         self.rec.finished.get()
     }
 
+    /// Its priority, 0-9.
+    pub fn priority(&self) -> u8 {
+        self.rec.priority
+    }
+
+    /// The band its priority is queued in.
+    pub fn band(&self) -> guildhall_proto::schedule::Band {
+        guildhall_proto::schedule::Priority::new(self.rec.priority)
+            .unwrap_or_default()
+            .band()
+    }
+
+    /// When it becomes due, if it was queued in the delay ladder.
+    pub fn due_at_ms(&self) -> Option<u64> {
+        self.rec.due.get()
+    }
+
+    /// Whether it waits in the delay ladder at `now_ms`: queued, with a due
+    /// time still ahead.
+    pub fn is_scheduled(&self, now_ms: u64) -> bool {
+        self.rec.status == TaskStatus::Queued && self.rec.due.get().is_some_and(|d| d > now_ms)
+    }
+
     /// How many stage attempts it has.
     pub fn attempts(&self) -> usize {
         self.rec.rows.len()
@@ -585,6 +614,8 @@ impl<'a> TaskRef<'a> {
             status_at_ms: self.rec.status_at_ms,
             finished_at_ms: self.finished_at_ms(),
             rows: self.rows().map(|r| r.to_row()).collect(),
+            priority: self.rec.priority,
+            due_at_ms: self.due_at_ms(),
         }
     }
 }
@@ -751,6 +782,8 @@ mod tests {
             finished: Ms48::NONE,
             stage: 0,
             status: TaskStatus::Queued,
+            priority: 0,
+            due: Ms48::NONE,
             errors: None,
             rows: SmallVec::new(),
         };

@@ -107,6 +107,14 @@ pub fn clamp_times(event: &mut Event, now_ms: u64) -> u32 {
         Event::DeliveryRejected(e) => r.required(&mut e.at_ms, &mut n),
         Event::TaskQueued(e) => {
             r.required(&mut e.at_ms, &mut n);
+            // A priority is 0-9; a forged byte past 9 counts as 9.
+            if e.priority.get() > guildhall_proto::schedule::MAX_PRIORITY {
+                e.priority = guildhall_proto::schedule::Priority::new(
+                    guildhall_proto::schedule::MAX_PRIORITY,
+                )
+                .unwrap_or_default();
+                n += 1;
+            }
             // A due time may be up to the ladder's longest delay ahead.
             if let Some(due) = &mut e.due_at_ms {
                 let latest = e

@@ -52,6 +52,8 @@ pub struct StageState {
     pub retried: u64,
     /// Tasks dead-lettered here.
     pub dead_lettered: u64,
+    /// Its priority bands: depth, waits, traffic (issue 18).
+    pub bands: crate::core::scheduling::queued::BandState,
     /// Metric counts of this stage not yet handed to the telemetry (at the
     /// end of the input that made them). Not saved: empty between inputs.
     #[serde(skip)]
@@ -74,6 +76,7 @@ impl StageState {
             failed: 0,
             retried: 0,
             dead_lettered: 0,
+            bands: Default::default(),
             pending: StageCounts::default(),
         }
     }

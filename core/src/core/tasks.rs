@@ -41,16 +41,22 @@ pub enum TaskStatus {
     Succeeded,
     /// In a dead-letter queue.
     DeadLettered,
+    /// Held in the delay ladder until its due time. Never stored: a queued
+    /// task whose due time is ahead shows it (see
+    /// [`TaskRef::is_scheduled`](super::records::TaskRef::is_scheduled)),
+    /// so it turns `queued` by itself when the time passes.
+    Scheduled,
 }
 
 impl TaskStatus {
     /// Every status, for parsing and listing.
-    pub const ALL: [TaskStatus; 5] = [
+    pub const ALL: [TaskStatus; 6] = [
         TaskStatus::Queued,
         TaskStatus::Running,
         TaskStatus::Retrying,
         TaskStatus::Succeeded,
         TaskStatus::DeadLettered,
+        TaskStatus::Scheduled,
     ];
 
     /// Lower-case name used in the API.
@@ -61,6 +67,7 @@ impl TaskStatus {
             TaskStatus::Retrying => "retrying",
             TaskStatus::Succeeded => "succeeded",
             TaskStatus::DeadLettered => "dead_lettered",
+            TaskStatus::Scheduled => "scheduled",
         }
     }
 
@@ -173,6 +180,12 @@ pub struct TaskRecord {
     pub finished_at_ms: Option<u64>,
     /// Its stage attempts, oldest first.
     pub rows: Vec<AttemptRow>,
+    /// Its priority, 0-9 (from `TaskQueued`; 0 when none came), so a
+    /// restarted coordinator still bands it.
+    pub priority: u8,
+    /// When it becomes due, if it was queued in the delay ladder, so a
+    /// restarted coordinator still shows it `scheduled`.
+    pub due_at_ms: Option<u64>,
 }
 
 impl TaskRecord {
@@ -219,6 +232,8 @@ pub struct Started {
     /// stage and attempt (a producer outside Guildhall published it, or the
     /// start overtook the event that announces it): the arrival counts now.
     pub unannounced: bool,
+    /// The task's priority, 0-9 (its band's waits count this start).
+    pub priority: u8,
 }
 
 /// What the store learned from a `TaskSucceeded`.
@@ -306,6 +321,8 @@ impl Rec {
             finished: Ms48::NONE,
             stage,
             status: TaskStatus::Queued,
+            priority: 0,
+            due: Ms48::NONE,
             errors: None,
             rows: SmallVec::new(),
         }
@@ -512,6 +529,8 @@ impl TaskStore {
             packed.updated_at_ms = rec.updated_at_ms;
             packed.status_at_ms = rec.status_at_ms;
             packed.submitted = Ms48::new(rec.submitted_at_ms);
+            packed.priority = rec.priority.min(guildhall_proto::schedule::MAX_PRIORITY);
+            packed.due = Ms48::new(rec.due_at_ms);
             if rec.status.is_terminal() {
                 packed.finished = Ms48::new(Some(rec.finished_at_ms.unwrap_or(rec.updated_at_ms)));
                 finished.push((packed.finished.get().unwrap_or(0), slot));
@@ -806,6 +825,36 @@ impl TaskStore {
         })
     }
 
+    /// A `TaskQueued`: the task was queued at `stage` at `at_ms` with
+    /// `priority`, held in the delay ladder until `due_at_ms` if given. A
+    /// task not heard of before gets a record queued there (a third-party
+    /// message an agent sorted); one already further along keeps its
+    /// status (events arrive out of order) and learns its priority. Returns
+    /// whether the record is new (its arrival counts now).
+    pub fn queued(
+        &mut self,
+        id: &TaskId,
+        stage: &Stage,
+        at_ms: u64,
+        priority: u8,
+        due_at_ms: Option<u64>,
+    ) -> bool {
+        let stage = self.stages.intern(stage);
+        let priority = priority.min(guildhall_proto::schedule::MAX_PRIORITY);
+        self.update(id, stage, at_ms, |rec, slot, retention| {
+            rec.priority = priority;
+            if due_at_ms.is_some() {
+                rec.due = Ms48::new(due_at_ms);
+            }
+            if !rec.rows.is_empty() {
+                return false;
+            }
+            rec.push(Row::queued(stage, 1, Some(at_ms)));
+            rec.set_status(slot, retention, TaskStatus::Queued, stage, at_ms);
+            true
+        })
+    }
+
     /// A worker started an attempt.
     pub fn started(
         &mut self,
@@ -851,9 +900,13 @@ impl TaskStore {
             row.outcome = AttemptOutcome::Running;
             row.redelivered = redelivered;
             rec.set_status(slot, retention, TaskStatus::Running, stage, at_ms);
+            // A task held in the delay ladder waited in the queue from its
+            // due time, not from when it was published.
+            let due = rec.due.get().filter(|&d| d <= at_ms);
             Started {
-                queue_wait_ms: queued_at.map(|q| at_ms.saturating_sub(q)),
+                queue_wait_ms: queued_at.map(|q| at_ms.saturating_sub(q.max(due.unwrap_or(0)))),
                 unannounced: found.is_none(),
+                priority: rec.priority,
             }
         })
     }

@@ -208,6 +208,33 @@ pub enum Gauge<'a> {
         /// How many.
         n: i64,
     },
+    /// Ready messages in one priority band's queue of a stage.
+    BandQueueMessages {
+        /// The stage.
+        stage: &'a str,
+        /// The band's label (`0-3`, `4-6`, `7-9`).
+        priority: &'a str,
+        /// How many.
+        n: i64,
+    },
+    /// Tasks of a stage held in the delay ladder until their due time.
+    ScheduledTasks {
+        /// The stage.
+        stage: &'a str,
+        /// How many.
+        n: i64,
+    },
+    /// A quantile of the recent queue waits of a band's tasks at a stage.
+    BandQueueWait {
+        /// The stage.
+        stage: &'a str,
+        /// The band's label.
+        priority: &'a str,
+        /// `0.5`, `0.95` or `0.99`.
+        quantile: &'a str,
+        /// Seconds.
+        seconds: f64,
+    },
     /// The forecast arrival rate over the lead time, by bound (`point`,
     /// `lower`, `upper`).
     ForecastArrivalRate {

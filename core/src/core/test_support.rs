@@ -236,6 +236,18 @@ impl Sim {
         })
     }
 
+    /// A `TaskQueued` now: `task` queued at `stage` with `priority`, held
+    /// in the delay ladder until `due` if given.
+    pub fn queued(&self, task: &str, stage: &str, priority: u8, due: Option<u64>) -> Event {
+        Event::TaskQueued(guildhall_proto::TaskQueued {
+            at_ms: self.now,
+            task_id: tid(task),
+            stage: st(stage),
+            priority: guildhall_proto::schedule::Priority::new(priority).expect("a priority 0-9"),
+            due_at_ms: due,
+        })
+    }
+
     /// An attempt started now, enqueued at `enqueued`.
     pub fn started(&self, task: &str, stage: &str, attempt: u32, enqueued: u64) -> Event {
         Event::TaskStarted(TaskStarted {

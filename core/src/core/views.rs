@@ -181,6 +181,33 @@ pub struct StageView {
     pub bottleneck: bool,
     /// Workers recommended for the wait target, once planned.
     pub recommended_workers: Option<u32>,
+    /// The intake queue's broker counts (messages from third-party
+    /// producers not yet sorted into a band).
+    pub intake: Option<QueueView>,
+    /// Each priority band, highest first.
+    pub bands: Vec<BandView>,
+    /// Tasks held in the delay ladder for this stage until their due time.
+    pub scheduled: usize,
+    /// When the next of them falls due.
+    pub next_due_at_ms: Option<u64>,
+}
+
+/// One priority band of a stage.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BandView {
+    /// The band's priorities: `7-9`, `4-6` or `0-3`.
+    pub priority: &'static str,
+    /// Its queue's broker counts, when polled.
+    pub queue: Option<QueueView>,
+    /// Tasks the coordinator knows are queued in it (not scheduled).
+    pub queued: usize,
+    /// Recent queue waits of tasks started from it (ms).
+    pub wait_ms: Option<Percentiles>,
+    /// The wait target of the band at this stage (ms).
+    pub wait_target_ms: u64,
+    /// Whether it has traffic (the stage is sized for the strictest target
+    /// of the bands that do).
+    pub active: bool,
 }
 
 /// The bottleneck verdict.
@@ -233,6 +260,8 @@ pub struct AttemptView {
     /// A result that arrived after the attempt was requeued or redelivered
     /// (`succeeded`, `failed` or `unfinished`): recorded, not counted.
     pub stale_result: Option<&'static str>,
+    /// For the attempt a scheduled task waits for: when it falls due.
+    pub due_at_ms: Option<u64>,
 }
 
 /// `GET /api/tasks/{id}`.
@@ -240,7 +269,7 @@ pub struct AttemptView {
 pub struct TaskView {
     /// The task.
     pub id: String,
-    /// queued / running / retrying / succeeded / dead_lettered.
+    /// queued / scheduled / running / retrying / succeeded / dead_lettered.
     pub status: &'static str,
     /// Current (or last) stage.
     pub stage: String,
@@ -261,6 +290,13 @@ pub struct TaskView {
     pub eta_low_in_ms: Option<u64>,
     /// Pessimistic end (90th-percentile service times).
     pub eta_high_in_ms: Option<u64>,
+    /// Its priority, 0-9 (0 when none was given).
+    pub priority: u8,
+    /// The band of its priority: `7-9`, `4-6` or `0-3`.
+    pub band: &'static str,
+    /// When it falls due, if it was held in the delay ladder (status
+    /// `scheduled` until then).
+    pub due_at_ms: Option<u64>,
     /// One row per stage attempt, oldest first.
     pub attempts: Vec<AttemptView>,
 }
@@ -290,6 +326,10 @@ pub struct TaskSummary {
     pub eta_low_in_ms: Option<u64>,
     /// Pessimistic end of the range.
     pub eta_high_in_ms: Option<u64>,
+    /// Its priority, 0-9.
+    pub priority: u8,
+    /// When it falls due, if it was held in the delay ladder.
+    pub due_at_ms: Option<u64>,
 }
 
 /// The coordinator's own state, for `/healthz` and `guildhall status`.

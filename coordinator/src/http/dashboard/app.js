@@ -89,7 +89,7 @@
 
   const STATUSES = ['processing', 'idle', 'paused', 'draining', 'starting', 'suspect', 'dead', 'stopped'];
   const OUTCOMES = ['queued', 'running', 'retrying', 'succeeded', 'failed', 'retried',
-    'dead_lettered', 'lost', 'requeued', 'abandoned'];
+    'dead_lettered', 'lost', 'requeued', 'abandoned', 'scheduled'];
   const statusClass = (s) => 'st-' + (STATUSES.includes(s) ? s : 'unknown');
   const outcomeClass = (s) => 'oc-' + (OUTCOMES.includes(s) ? s : 'unknown');
 
@@ -467,6 +467,7 @@
     const { view, arg } = parseHash();
     showView(view);
     if (view === 'task') {
+      loadTaskList();
       if (arg) {
         $('#task-search').value = arg;
         if (arg !== state.task.id) loadTask(arg);
@@ -1178,6 +1179,7 @@
       el('thead', null, el('tr', null, headers.map((h, i) => el('th', { class: numeric(i) ? 'num' : null }, h)))),
       el('tbody', null, rows));
     renderMoves();
+    renderBands(layout.order, byName);
   }
 
   function renderPipelineMeta() {
@@ -1211,7 +1213,7 @@
   // Task view
   // =====================================================================
 
-  const TASK_LIVE = ['queued', 'running', 'retrying'];
+  const TASK_LIVE = ['queued', 'running', 'retrying', 'scheduled'];
 
   async function loadTask(id, { quiet = false } = {}) {
     const seq = ++state.task.seq;
@@ -1280,6 +1282,7 @@
       el('div', { class: 'task-head', 'data-task-id': data.id, 'data-status': data.status },
         el('span', { class: 'task-id' }, data.id),
         el('span', { class: ['badge', 'task-status', outcomeClass(data.status)] }, data.status),
+        priorityBadge(data.priority),
         el('span', null, 'at stage ', el('b', { class: 'task-stage' }, data.stage))),
       el('dl', { class: 'facts' },
         fact('ETA', eta),
@@ -1287,7 +1290,9 @@
         fact('Last event', isNum(data.updated_at_ms) ? agoNode(data.updated_at_ms) : DASH),
         fact('Finished', isNum(data.finished_at_ms) ? fmtClock(data.finished_at_ms) : DASH),
         fact('Duration', fmtMs(data.duration_ms)),
-        fact('Attempts', String(attempts.length))),
+        fact('Attempts', String(attempts.length)),
+        fact('Priority', isNum(data.priority) ? `${data.priority} (band ${data.band || DASH})` : DASH),
+        isNum(data.due_at_ms) ? fact(data.status === 'scheduled' ? 'Due' : 'Was due', dueNode(data.due_at_ms)) : null),
       renderTimeline(attempts, data, now));
   }
 
@@ -1334,6 +1339,7 @@
       if (a.redelivered) extra.push('redelivered');
       if (isNum(a.progress) && a.outcome === 'running') extra.push(`${fmtPct(a.progress, 0)} done`);
       if (a.stale_result) extra.push(`stale result: ${a.stale_result}`);
+      if (isNum(a.due_at_ms)) extra.push(`due ${fmtClock(a.due_at_ms)}`);
       return el('tr', { class: 'attempt-row', 'data-stage': a.stage, 'data-attempt': a.attempt, 'data-outcome': a.outcome, 'data-index': i },
         el('td', null, a.stage),
         el('td', { class: 'num' }, String(a.attempt)),
@@ -1361,7 +1367,114 @@
         el('span', null, el('span', { class: 'swatch swatch-fail' }), 'failed')));
   }
 
+  // =====================================================================
+  // Priorities and scheduled tasks (issue 18): a task's priority badge and
+  // due time, the task lists by status, each stage's priority bands.
+  // =====================================================================
+
+  /** A task's priority as a badge, coloured by band. */
+  function priorityBadge(priority) {
+    if (!isNum(priority)) return null;
+    const band = priority >= 7 ? 'high' : priority >= 4 ? 'mid' : 'low';
+    return el('span', { class: ['badge', 'prio', `prio-${band}`], 'data-priority': String(priority), title: `priority ${priority} (0-9, higher first)` },
+      `priority ${priority}`);
+  }
+
+  /** A due time: the clock time, and how far off it is. */
+  function dueNode(atMs) {
+    const left = atMs - serverNow();
+    return el('span', { class: 'due', 'data-due-at': String(atMs) }, fmtClock(atMs),
+      el('span', { class: 'summary' }, left > 0 ? ` (in ${fmtMs(left)})` : ` (${fmtMs(-left)} ago)`));
+  }
+
+  const taskList = { status: 'scheduled', body: null, error: null, seq: 0, at: 0 };
+
+  /** Refetches the task list when the stages change, at most every 2 s. */
+  function refreshTaskList() {
+    if (Date.now() - taskList.at < 2000) return;
+    loadTaskList();
+  }
+
+  /** Fetches the task list of the chosen status (on the Task view). */
+  async function loadTaskList() {
+    const sel = $('#task-list-status');
+    if (!sel) return;
+    taskList.status = sel.value || 'scheduled';
+    taskList.at = Date.now();
+    const seq = ++taskList.seq;
+    try {
+      const body = await api(`/api/tasks?status=${enc(taskList.status)}&limit=100`);
+      if (seq !== taskList.seq) return;
+      taskList.body = body;
+      taskList.error = null;
+    } catch (e) {
+      if (seq !== taskList.seq) return;
+      taskList.error = e;
+    }
+    renderTaskList();
+  }
+
+  function renderTaskList() {
+    const box = $('#task-list');
+    if (!box) return;
+    if (taskList.error) {
+      fill(box, el('div', { class: 'error-box' }, taskList.error.message));
+      return;
+    }
+    const tasks = taskList.body && Array.isArray(taskList.body.tasks) ? taskList.body.tasks : null;
+    if (!tasks) { fill(box, el('p', { class: 'loading' }, 'Loading\u2026')); return; }
+    if (!tasks.length) { fill(box, el('p', { class: 'empty' }, `No ${taskList.status} tasks.`)); return; }
+    const rows = tasks.map((t) => el('tr', { class: 'task-list-row', 'data-task-id': t.id, 'data-status': t.status, 'data-priority': String(t.priority) },
+      el('td', { class: 'mono' }, taskLink(t.id)),
+      el('td', null, el('span', { class: ['badge', outcomeClass(t.status)] }, t.status)),
+      el('td', { class: 'num' }, isNum(t.priority) ? String(t.priority) : DASH),
+      el('td', null, t.stage),
+      el('td', null, isNum(t.due_at_ms) && t.status === 'scheduled' ? dueNode(t.due_at_ms) : DASH),
+      el('td', { class: 'num' }, isNum(t.eta_in_ms) ? fmtMs(t.eta_in_ms) : DASH),
+      el('td', null, isNum(t.updated_at_ms) ? agoNode(t.updated_at_ms) : DASH)));
+    fill(box, el('div', { class: 'table-wrap' },
+      el('table', { class: 'data-table', id: 'task-list-table' },
+        el('thead', null, el('tr', null, ['Task', 'Status', 'Priority', 'Stage', 'Due', 'ETA', 'Last event']
+          .map((h, i) => el('th', { class: i === 2 || i === 5 ? 'num' : null }, h)))),
+        el('tbody', null, rows))));
+  }
+
+  /** Each stage's priority bands: depth, queued, waits, targets; scheduled. */
+  function renderBands(order, byName) {
+    const box = $('#pipeline-bands');
+    if (!box) return;
+    const bandCell = (b) => {
+      if (!b) return DASH;
+      const q = b.queue ? fmtInt(b.queue.ready) : DASH;
+      const wait = b.wait_ms ? fmtMs(b.wait_ms.p95) : DASH;
+      return el('span', { class: ['band-cell', b.active && 'band-active'], 'data-band': b.priority, title: `ready in the band queue / tasks known queued / p95 wait; wait target ${fmtMs(b.wait_target_ms)}` },
+        `${q} / ${fmtInt(b.queued)} \u00b7 p95 ${wait}`);
+    };
+    const rows = order.map((name) => {
+      const s = byName.get(name);
+      const bands = Array.isArray(s.bands) ? s.bands : [];
+      const by = (label) => bands.find((b) => b.priority === label);
+      return el('tr', { class: 'band-row', 'data-stage': name },
+        el('td', null, name),
+        el('td', { class: 'num' }, bandCell(by('7-9'))),
+        el('td', { class: 'num' }, bandCell(by('4-6'))),
+        el('td', { class: 'num' }, bandCell(by('0-3'))),
+        el('td', { class: 'num' }, s.intake ? fmtInt(s.intake.ready) : DASH),
+        el('td', { class: 'num scheduled-count' }, fmtInt(s.scheduled || 0)),
+        el('td', null, isNum(s.next_due_at_ms) ? dueNode(s.next_due_at_ms) : DASH));
+    });
+    fill(box,
+      el('h3', { class: 'section-title' }, 'Priority bands'),
+      el('div', { class: 'table-wrap' },
+        el('table', { class: 'data-table', id: 'bands-table' },
+          el('thead', null, el('tr', null, ['Stage', '7-9 ready / queued \u00b7 wait', '4-6 ready / queued \u00b7 wait', '0-3 ready / queued \u00b7 wait', 'Intake', 'Scheduled', 'Next due']
+            .map((h, i) => el('th', { class: i > 0 && i < 6 ? 'num' : null }, h)))),
+          el('tbody', null, rows))));
+  }
+
   function setupTaskView() {
+    const listStatus = $('#task-list-status');
+    if (listStatus) listStatus.addEventListener('change', loadTaskList);
     $('#task-form').addEventListener('submit', (e) => {
       e.preventDefault();
       const id = $('#task-search').value.trim();
@@ -1623,6 +1736,7 @@
       state.dirty.add('dead');
     }
     if (state.errors) invalidate('errors');
+    if (state.view === 'task') refreshTaskList();
   }
 
   function applyScaling(body) {
@@ -1663,6 +1777,7 @@
       applyWorkers(workers.value.workers, [], true);
     }
     if (stages.status === 'fulfilled') applyStages(stages.value);
+    if (state.view === 'task') loadTaskList();
     if (scaling.status === 'fulfilled') applyScaling(scaling.value);
     if (errors.status === 'fulfilled') {
       if (errors.value == null) {
