@@ -21,5 +21,6 @@ mod prometheus;
 mod rabbitmq_definitions;
 mod recovery;
 mod restart;
+mod schedules;
 mod test_command;
 mod tls;

@@ -13,6 +13,7 @@
 pub mod client;
 pub mod health;
 pub mod render;
+pub mod schedule;
 pub mod submit;
 
 use crate::capacity::CapacityConfig;
@@ -61,6 +62,9 @@ pub enum Command {
     /// Control one worker through a running coordinator: pause, resume,
     /// drain, restart, concurrency, logs.
     Worker(WorkerArgs),
+    /// Cron schedules through a running coordinator: add, list, remove,
+    /// pause, resume.
+    Schedule(schedule::ScheduleArgs),
     /// Exit 0 if a URL answers 2xx (default: the local coordinator's
     /// /healthz), else 1 with one line: a container healthcheck.
     Healthcheck(HealthcheckArgs),

@@ -353,7 +353,7 @@ impl Core {
         let s = &mut self.scheduling.schedules;
         if !is_coordinator_sender(sender) {
             s.refused += 1;
-            self.handle_malformed("schedule_event_not_from_coordinator");
+            self.handle_malformed("schedule_refused");
             return;
         }
         let Some(spec) = e.spec else {
@@ -381,7 +381,7 @@ impl Core {
             None => {
                 if s.entries.len() >= MAX_SCHEDULES {
                     s.refused += 1;
-                    self.handle_malformed("schedule_over_limit");
+                    self.handle_malformed("schedule_refused");
                     return;
                 }
                 s.entries.insert(
@@ -413,7 +413,7 @@ impl Core {
         let s = &mut self.scheduling.schedules;
         if !is_coordinator_sender(sender) {
             s.refused += 1;
-            self.handle_malformed("schedule_event_not_from_coordinator");
+            self.handle_malformed("schedule_refused");
             return;
         }
         let Some(entry) = s.entries.get_mut(&e.name) else {
