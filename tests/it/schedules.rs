@@ -54,10 +54,10 @@ async fn ticks_run(worker: &HttpWorker, schedule: &str) -> BTreeMap<u64, u32> {
     let mut out = BTreeMap::new();
     for (key, n) in worker.calls().await.unwrap_or_default() {
         let task = key.split('/').next().unwrap_or_default();
-        if task.starts_with(&format!("{schedule}@")) {
-            if let Some(t) = tick_secs(task) {
-                *out.entry(t).or_insert(0) += n;
-            }
+        if task.starts_with(&format!("{schedule}@"))
+            && let Some(t) = tick_secs(task)
+        {
+            *out.entry(t).or_insert(0) += n;
         }
     }
     out
@@ -344,4 +344,172 @@ async fn hostile_schedule_requests_are_refused() {
         Some(1),
         "{list}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schedule_cli_adds_lists_pauses_removes_and_refuses_bad_input() {
+    let ns = TestNs::new("cron-cli");
+    let coordinator = spawn_coordinator(&ns, &["--api-token", "sekrit"])
+        .await
+        .unwrap();
+    let url = coordinator.api.base.clone();
+    let dir = DataDir::new();
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("payload.json");
+    std::fs::write(&file, br#"{"report":"full"}"#).unwrap();
+    let at_file = format!("@{}", file.display());
+    let run = |args: Vec<String>| async move {
+        let mut all = vec!["schedule".to_owned()];
+        all.extend(args);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        run_guildhall(&refs).await
+    };
+    let client = |v: &[&str]| {
+        let mut a: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--api-url".into(),
+            url.clone(),
+            "--api-token".into(),
+            "sekrit".into(),
+        ]);
+        a
+    };
+    let out = run(client(&[
+        "add",
+        "nightly",
+        "--cron",
+        "0 3 * * *",
+        "--timezone",
+        "Europe/Berlin",
+        "--stage",
+        "report",
+        "--payload",
+        &at_file,
+        "--priority",
+        "7",
+        "--missed",
+        "run-once",
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("schedule nightly set"));
+    let listed = run(client(&["list"])).await;
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("nightly") && text.contains("Europe/Berlin") && text.contains("run-once"),
+        "{text}"
+    );
+    let view = coordinator
+        .api
+        .get_ok("/api/schedules/nightly")
+        .await
+        .unwrap();
+    assert_eq!(view["payload_bytes"], 17);
+    assert_eq!(view["priority"], 7);
+    let out = run(client(&["pause", "nightly"])).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view = coordinator
+        .api
+        .get_ok("/api/schedules/nightly")
+        .await
+        .unwrap();
+    assert_eq!(view["paused"], true);
+    let out = run(client(&["resume", "nightly"])).await;
+    assert!(out.status.success());
+    // Bad input: one line, status 2.
+    // Over the 256 KiB limit (a file: one argument may not be that long).
+    let big_file = dir.0.join("big");
+    std::fs::write(&big_file, "x".repeat(300 * 1024)).unwrap();
+    let big = format!("@{}", big_file.display());
+    let bad: Vec<Vec<String>> = vec![
+        client(&["add", "n", "--cron", "61 * * * *", "--stage", "s"]),
+        client(&[
+            "add",
+            "n",
+            "--cron",
+            "* * * * *",
+            "--stage",
+            "s",
+            "--timezone",
+            "Mars/Olympus",
+        ]),
+        client(&["add", "a/b", "--cron", "* * * * *", "--stage", "s"]),
+        client(&["add", "n", "--cron", "* * * * *", "--stage", "no spaces"]),
+        client(&[
+            "add",
+            "n",
+            "--cron",
+            "* * * * *",
+            "--stage",
+            "s",
+            "--priority",
+            "10",
+        ]),
+        client(&[
+            "add",
+            "n",
+            "--cron",
+            "* * * * *",
+            "--stage",
+            "s",
+            "--missed",
+            "never",
+        ]),
+        client(&[
+            "add",
+            "n",
+            "--cron",
+            "* * * * *",
+            "--stage",
+            "s",
+            "--payload",
+            &big,
+        ]),
+        client(&[
+            "add",
+            "n",
+            "--cron",
+            "* * * * *",
+            "--stage",
+            "s",
+            "--payload",
+            "@/nonexistent/file",
+        ]),
+        client(&["remove", "nope"]),
+        client(&["pause", "nope"]),
+        client(&["resume", "bad/name"]),
+    ];
+    for args in bad {
+        let out = run(args.clone()).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    // Without the token: refused (status 1, the coordinator's 401).
+    let out = run(vec!["list".into(), "--api-url".into(), url.clone()]).await;
+    assert!(out.status.success(), "the list is a read");
+    let out = run(vec![
+        "remove".into(),
+        "nightly".into(),
+        "--api-url".into(),
+        url.clone(),
+    ])
+    .await;
+    assert!(!out.status.success());
+    let out = run(client(&["remove", "nightly"])).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = run(client(&["list"])).await;
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("no schedules"));
 }
