@@ -367,6 +367,8 @@ impl Core {
                 if !same_times {
                     entry.from_ms = e.at_ms;
                     entry.resumed_at_ms = e.at_ms;
+                    // Missed ticks of the old expression are not fired.
+                    entry.run.backlog.clear();
                 }
                 if entry.spec.paused && !spec.paused {
                     entry.resumed_at_ms = entry.resumed_at_ms.max(e.at_ms);
@@ -375,7 +377,6 @@ impl Core {
                 entry.changed_at_ms = e.at_ms;
                 entry.by = e.by;
                 entry.run.missed_resolved = false;
-                entry.run.backlog.clear();
                 entry.run.next_ms = None;
             }
             None => {
@@ -503,7 +504,13 @@ impl Core {
                     continue;
                 };
                 entry.run.missed_resolved = true;
-                entry.run.backlog = backlog;
+                // Appended to what is left of an earlier backlog (a change
+                // that kept the expression, a pause while it drained).
+                for t in backlog {
+                    if entry.run.backlog.back().is_none_or(|b| t > *b) {
+                        entry.run.backlog.push_back(t);
+                    }
+                }
                 if boundary > cursor {
                     entry.run.handed_upto_ms = Some(boundary - 1);
                 }

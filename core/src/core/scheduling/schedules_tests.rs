@@ -543,3 +543,18 @@ fn a_restart_republishes_a_fired_tick_whose_task_never_got_out() {
     c.restart_from_snapshot_at(DAY + 4_200);
     assert_eq!(c.republished.len(), 1);
 }
+
+#[test]
+fn a_change_while_missed_ticks_drain_keeps_them() {
+    let mut c = Coord::new(DAY);
+    let mut s = spec("* * * * * *", "UTC", Missed::RunAll);
+    c.send(COORD, vec![changed(DAY, "s", Some(s.clone()))]);
+    // Down for 300 s: 300 missed ticks, handed over 100 per timeout.
+    c.restart_at(DAY + 300_500);
+    assert_eq!(c.ticks_of("s").len(), MAX_TICKS_PER_TIMEOUT);
+    // The priority changes before the rest are handed over.
+    s.priority = Priority::new(9).unwrap();
+    c.send(COORD, vec![changed(c.sim.now, "s", Some(s))]);
+    c.run_to(DAY + 301_000);
+    assert_eq!(c.ticks_of("s"), secs(DAY / 1000 + 1, DAY / 1000 + 301));
+}
