@@ -11,6 +11,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The coordinator's `--api-token` in these tests.
+const TOKEN: &str = "sekrit-token-0123456789";
+
 /// A data directory of its own, removed on drop.
 struct DataDir(PathBuf);
 
@@ -197,11 +200,11 @@ async fn a_tick_is_a_task_with_its_id_header_and_priority() {
     let (id, payload, headers) = &msgs[0];
     assert!(id.starts_with("props@") && tick_secs(id).is_some(), "{id}");
     assert_eq!(payload, r#"{"k":1}"#);
-    let header = headers
-        .inner()
-        .get("x-guildhall-schedule")
-        .map(|v| format!("{v:?}"));
-    assert!(header.is_some_and(|h| h.contains("props")), "{headers:?}");
+    let header = match headers.inner().get("x-guildhall-schedule") {
+        Some(lapin::types::AMQPValue::LongString(s)) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    };
+    assert_eq!(header.as_deref(), Some(&b"props"[..]), "{headers:?}");
     // The task is known to the coordinator (its TaskSubmitted was written).
     let path = format!("/api/tasks/{id}");
     eventually(
@@ -263,11 +266,11 @@ async fn a_tick_is_a_task_with_its_id_header_and_priority() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_schedule_requests_are_refused() {
     let ns = TestNs::new("cron-hostile");
-    let coordinator = spawn_coordinator(&ns, &["--api-token", "sekrit"])
+    let coordinator = spawn_coordinator(&ns, &["--api-token", TOKEN])
         .await
         .unwrap();
     let open = coordinator.api.clone();
-    let api = coordinator.api.with_token("sekrit");
+    let api = coordinator.api.with_token(TOKEN);
     let good = json!({"name": "n", "cron": "0 3 * * *", "stage": "s"});
     // Control routes need the token.
     let (status, _) = post_json(&open, "/api/schedules", good.clone()).await;
@@ -323,7 +326,7 @@ async fn hostile_schedule_requests_are_refused() {
     assert_eq!(status, 404);
     let r = reqwest::Client::new()
         .delete(format!("{}/api/schedules/nope", api.base))
-        .bearer_auth("sekrit")
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
@@ -349,7 +352,7 @@ async fn hostile_schedule_requests_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_schedule_cli_adds_lists_pauses_removes_and_refuses_bad_input() {
     let ns = TestNs::new("cron-cli");
-    let coordinator = spawn_coordinator(&ns, &["--api-token", "sekrit"])
+    let coordinator = spawn_coordinator(&ns, &["--api-token", TOKEN])
         .await
         .unwrap();
     let url = coordinator.api.base.clone();
@@ -370,7 +373,7 @@ async fn the_schedule_cli_adds_lists_pauses_removes_and_refuses_bad_input() {
             "--api-url".into(),
             url.clone(),
             "--api-token".into(),
-            "sekrit".into(),
+            TOKEN.into(),
         ]);
         a
     };
