@@ -198,6 +198,15 @@ async fn a_tick_is_a_task_with_its_id_header_and_priority() {
     })
     .await;
     let (id, payload, headers) = &msgs[0];
+    // Published within a second of its tick (enqueued-at minus tick time).
+    if let (Some(tick), Some(lapin::types::AMQPValue::LongLongInt(at))) = (
+        tick_secs(id),
+        headers.inner().get("x-guildhall-enqueued-at"),
+    ) {
+        let lag = *at - (tick as i64) * 1000;
+        eprintln!("tick {id}: published {lag} ms after its time");
+        assert!((0..1000).contains(&lag), "published {lag} ms after its tick");
+    }
     assert!(id.starts_with("props@") && tick_secs(id).is_some(), "{id}");
     assert_eq!(payload, r#"{"k":1}"#);
     let header = match headers.inner().get("x-guildhall-schedule") {
