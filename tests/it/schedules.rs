@@ -205,7 +205,10 @@ async fn a_tick_is_a_task_with_its_id_header_and_priority() {
     ) {
         let lag = *at - (tick as i64) * 1000;
         eprintln!("tick {id}: published {lag} ms after its time");
-        assert!((0..1000).contains(&lag), "published {lag} ms after its tick");
+        assert!(
+            (0..1000).contains(&lag),
+            "published {lag} ms after its tick"
+        );
     }
     assert!(id.starts_with("props@") && tick_secs(id).is_some(), "{id}");
     assert_eq!(payload, r#"{"k":1}"#);
@@ -524,4 +527,69 @@ async fn the_schedule_cli_adds_lists_pauses_removes_and_refuses_bad_input() {
     );
     let listed = run(client(&["list"])).await;
     assert!(String::from_utf8_lossy(&listed.stdout).contains("no schedules"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schedule_events_from_others_than_a_coordinator_are_refused() {
+    use guildhall_proto::{
+        AgentId, Envelope, Event, Missed, Priority, ScheduleChanged, ScheduleFired, ScheduleSpec,
+        Stage, TaskId,
+    };
+    let ns = TestNs::new("cron-forged");
+    let coordinator = spawn_coordinator(&ns, &[]).await.unwrap();
+    let broker = Broker::connect(&ns).await.unwrap();
+    let name = Stage::new("forged").unwrap();
+    let events = vec![
+        Event::ScheduleChanged(Box::new(ScheduleChanged {
+            at_ms: 1,
+            name: name.clone(),
+            spec: Some(ScheduleSpec {
+                cron: "* * * * * *".into(),
+                timezone: "UTC".into(),
+                stage: Stage::new("s").unwrap(),
+                payload: b"evil".to_vec(),
+                priority: Priority::new(9).unwrap(),
+                missed: Missed::RunAll,
+                paused: false,
+            }),
+            by: "mallory".into(),
+        })),
+        Event::ScheduleFired(ScheduleFired {
+            at_ms: 1,
+            name,
+            tick_ms: 1,
+            task_id: TaskId::new("forged@1970-01-01T00:00:01Z").unwrap(),
+        }),
+    ];
+    let envelope = Envelope {
+        sender: AgentId::new("agent-mallory").unwrap(),
+        incarnation: 7,
+        seq: 1,
+        sent_at_ms: 1,
+        events,
+    };
+    broker
+        .publish_raw_event(&envelope.encode().unwrap())
+        .await
+        .unwrap();
+    let api = coordinator.api.clone();
+    eventually(
+        Duration::from_secs(10),
+        "the forged events counted",
+        || async {
+            let m = api.metrics().await?;
+            let n = m
+                .value(
+                    "guildhall_events_malformed_total",
+                    &[("reason", "schedule_refused")],
+                )
+                .unwrap_or(0.0);
+            anyhow::ensure!(n == 2.0, "schedule_refused = {n}");
+            Ok(())
+        },
+    )
+    .await;
+    let list = api.get_ok("/api/schedules").await.unwrap();
+    assert_eq!(list["schedules"], json!([]), "{list}");
+    assert_eq!(list["events_refused"], 2);
 }
