@@ -150,6 +150,10 @@ pub struct Metrics {
     /// `guildhall_connections_closed_total{outcome}`: dead workers' broker
     /// connections closed through the management API (closed, not_found, failed).
     pub connections_closed: IntCounterVec,
+    /// `guildhall_schedule_ticks_total{outcome}`: cron ticks' tasks
+    /// published (`fired`, `republished`), tries that failed (`retried`),
+    /// tasks given up after an hour (`given_up`).
+    pub schedule_ticks: IntCounterVec,
     /// `guildhall_alerts_total{outcome}`: webhook alerts sent, failed, dropped.
     pub alerts: IntCounterVec,
     /// `guildhall_stage_recommended_workers{stage}`: the stabilised worker
@@ -203,7 +207,7 @@ pub struct Metrics {
 
 /// Every `reason` of `guildhall_events_malformed_total`: the decoder's
 /// (`DecodeError::reason`) and the core's own.
-pub const MALFORMED_REASONS: [&str; 10] = [
+pub const MALFORMED_REASONS: [&str; 11] = [
     "malformed",
     "version",
     "oversized",
@@ -220,6 +224,8 @@ pub const MALFORMED_REASONS: [&str; 10] = [
     "forged",
     // A stream message the AMQP client library could not parse, skipped.
     "unparsable",
+    // A schedule event not from a coordinator, or over the schedule limit.
+    "schedule_refused",
 ];
 
 /// The one counter a snapshot does not carry: it counts this process's writes.
@@ -502,6 +508,12 @@ impl Metrics {
                 &r,
                 "guildhall_connections_closed_total",
                 "Broker connections of dead workers closed through the management API, by outcome: closed, not_found, failed.",
+                &["outcome"],
+            ),
+            schedule_ticks: counter_vec(
+                &r,
+                "guildhall_schedule_ticks_total",
+                "Cron ticks' tasks by outcome: fired, republished (after a restart), retried (a failed try), given_up.",
                 &["outcome"],
             ),
             stage_recommended_workers: gauge_vec(

@@ -21,6 +21,7 @@ mod prometheus;
 mod rabbitmq_definitions;
 mod recovery;
 mod restart;
+mod schedules;
 mod scheduling_view;
 mod test_command;
 mod tls;

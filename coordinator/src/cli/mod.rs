@@ -14,6 +14,7 @@ mod band_targets;
 pub mod client;
 pub mod health;
 pub mod render;
+pub mod schedule;
 pub mod submit;
 
 use crate::capacity::CapacityConfig;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Control one worker through a running coordinator: pause, resume,
     /// drain, restart, concurrency, logs.
     Worker(WorkerArgs),
+    /// Cron schedules through a running coordinator: add, list, remove,
+    /// pause, resume.
+    Schedule(schedule::ScheduleArgs),
     /// Exit 0 if a URL answers 2xx (default: the local coordinator's
     /// /healthz), else 1 with one line: a container healthcheck.
     Healthcheck(HealthcheckArgs),

@@ -31,6 +31,7 @@ pub mod error;
 mod events;
 pub mod hosts;
 pub mod redact;
+pub mod schedules;
 pub mod server;
 
 use crate::serve::App;
@@ -39,7 +40,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use body::JsonBody;
 use error::ApiError;
 use hosts::AllowedHosts;
@@ -137,6 +138,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/tasks", get(api::tasks))
         .route("/api/tasks/{id}", get(api::task))
         .route("/api/dead/{stage}", get(dead_letters::list))
+        .route("/api/schedules", get(schedules::list))
+        .route("/api/schedules/{name}", get(schedules::one))
         .route_layer(from_fn_with_state(app.clone(), access::require_read));
     let control = Router::new()
         .route(
@@ -157,6 +160,12 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/workers/{id}/logs", get(control::logs))
         .route("/api/stages/{stage}/{action}", post(control::stage_command))
+        .route(
+            "/api/schedules",
+            post(schedules::upsert).route_layer(json(schedules::MAX_SCHEDULE_BODY)),
+        )
+        .route("/api/schedules/{name}", delete(schedules::remove))
+        .route("/api/schedules/{name}/{action}", post(schedules::action))
         .route_layer(from_fn_with_state(app.clone(), access::require_control));
     Router::new()
         .route("/healthz", get(api::healthz))

@@ -26,6 +26,7 @@
 pub mod actuate;
 pub mod alerts;
 pub mod control;
+pub mod cron;
 pub mod ingest;
 pub mod link;
 pub mod persist;
@@ -206,6 +207,8 @@ pub struct App {
     pub http: crate::http::HttpState,
     /// Strong mode: who may speak for which sender on the events stream.
     pub event_users: Option<EventUsers>,
+    /// Cron ticks the core decided, to [`cron::run`] (which fires them in order).
+    pub ticks: cron::TickSender,
 }
 
 /// How often the coordinator writes its echo (its marker) to the events
@@ -321,6 +324,7 @@ pub async fn run(
         &metrics,
     )
     .await;
+    let (tick_tx, tick_rx) = tokio::sync::mpsc::unbounded_channel();
     let app = Arc::new(App {
         core: Mutex::new(core),
         metrics,
@@ -349,6 +353,7 @@ pub async fn run(
             BrokerLink::new(config.amqp_url.clone(), format!("{conn_name}/dead-letters")),
         ),
         event_users: config.event_users.clone(),
+        ticks: tick_tx,
     });
     app.health
         .management_ok
@@ -367,6 +372,7 @@ pub async fn run(
         tasks.spawn(p.clone().run(app.clone(), stop_rx.clone()));
     }
     tasks.spawn(timers(app.clone(), stop_rx.clone()));
+    tasks.spawn(cron::run(app.clone(), tick_rx, stop_rx.clone()));
     tasks.spawn(publish_marker(app.clone(), nonce, stop_rx.clone()));
 
     tracing::info!(
@@ -651,6 +657,9 @@ fn act_on(app: &Arc<App>, notice: Notice) {
                 send_command(&app, worker, Command::SetPrefetch { prefetch }).await;
             });
         }
+        Notice::FireTick(tick) => {
+            let _ = app.ticks.send(tick);
+        }
         _ => {}
     }
 }
@@ -769,6 +778,9 @@ fn log_notice(notice: &Notice) {
         } => tracing::info!(%worker, %from, %to, %reason, "moving worker"),
         Notice::SetPrefetch { worker, prefetch } => {
             tracing::debug!(%worker, prefetch, "setting prefetch")
+        }
+        Notice::FireTick(t) => {
+            tracing::debug!(schedule = %t.schedule, task = %t.task_id, "cron tick due")
         }
     }
 }

@@ -276,6 +276,9 @@ pub enum Notice {
         /// Failures per minute in the 10 minutes before those.
         previous_rate_per_min: f64,
     },
+    /// A cron schedule's tick is due: the runtime writes `ScheduleFired`,
+    /// then publishes the task (see [`scheduling::schedules`]).
+    FireTick(scheduling::schedules::Tick),
 }
 
 /// Counters of what was ingested. Saved in a snapshot.
@@ -403,6 +406,7 @@ impl Core {
         if !self.caught_up {
             self.caught_up = true;
             self.telemetry.set(Gauge::CaughtUp(true));
+            self.schedules_caught_up(now_ms);
             tracing::info!(
                 workers = self.workers.len(),
                 tasks = self.tasks.in_flight() + self.tasks.finished(),
@@ -1295,6 +1299,9 @@ impl Core {
                 self.judge(&id, now_ms);
             }
         }
+        if self.caught_up {
+            self.fire_due_ticks(now_ms);
+        }
         if now_ms >= self.next_housekeeping_ms {
             self.housekeeping(now_ms);
             self.next_housekeeping_ms = now_ms + HOUSEKEEPING_MS;
@@ -1427,7 +1434,12 @@ impl Core {
         } else {
             None
         };
-        let next = self.next_housekeeping_ms.min(self.next_plan_ms);
+        let mut next = self.next_housekeeping_ms.min(self.next_plan_ms);
+        if self.caught_up
+            && let Some(tick) = self.schedules_next_due()
+        {
+            next = next.min(tick);
+        }
         Some(match liveness {
             Some(d) => d.min(next),
             None => next,
