@@ -275,6 +275,7 @@ impl Core {
                     }),
                 })
                 .collect(),
+            cancel: self.cancel_view(id),
         })
     }
 
@@ -359,7 +360,7 @@ fn rows_in_time_order(rec: &TaskRecord) -> Vec<&super::tasks::AttemptRow> {
 }
 
 /// A retrying task whose delay is over is back in the queue.
-fn display_status(rec: TaskRef<'_>, now_ms: u64) -> TaskStatus {
+pub(crate) fn display_status(rec: TaskRef<'_>, now_ms: u64) -> TaskStatus {
     match rec.status() {
         TaskStatus::Retrying
             if rec
