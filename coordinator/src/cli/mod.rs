@@ -10,6 +10,7 @@
 //! - [`health`]: `healthcheck`, a container's HEALTHCHECK without curl;
 //! - [`render`]: terminal tables and time formatting.
 
+pub mod cancel;
 pub mod client;
 pub mod health;
 pub mod render;
@@ -61,6 +62,9 @@ pub enum Command {
     /// Control one worker through a running coordinator: pause, resume,
     /// drain, restart, concurrency, logs.
     Worker(WorkerArgs),
+    /// Cancel tasks through a running coordinator: by id, or by filter
+    /// (--stage, --status, --priority, --prefix; --dry-run to count first).
+    Cancel(cancel::CancelArgs),
     /// Exit 0 if a URL answers 2xx (default: the local coordinator's
     /// /healthz), else 1 with one line: a container healthcheck.
     Healthcheck(HealthcheckArgs),

@@ -23,6 +23,7 @@
 pub mod access;
 mod api;
 mod body;
+mod cancel;
 pub mod conns;
 mod control;
 mod dashboard;
@@ -39,7 +40,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use body::JsonBody;
 use error::ApiError;
 use hosts::AllowedHosts;
@@ -157,6 +158,12 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/workers/{id}/logs", get(control::logs))
         .route("/api/stages/{stage}/{action}", post(control::stage_command))
+        // Cancelling tasks (issue 18).
+        .route("/api/tasks/{id}", delete(cancel::cancel_one))
+        .route(
+            "/api/tasks/cancel",
+            post(cancel::cancel_bulk).route_layer(json(MAX_REPLAY_BYTES)),
+        )
         .route_layer(from_fn_with_state(app.clone(), access::require_control));
     Router::new()
         .route("/healthz", get(api::healthz))

@@ -318,6 +318,14 @@ fn apply(app: &App, data: &[u8], offset: Option<u64>, user_id: Option<&str>) {
             }
         }
         Ok(decoded) => {
+            if decoded
+                .envelope
+                .events
+                .iter()
+                .any(|e| matches!(e, guildhall_proto::Event::Hello(_)))
+            {
+                app.hellos.push(&decoded.envelope.sender);
+            }
             let wake = {
                 let mut core = app.core();
                 let before = core.poll_timeout();

@@ -25,6 +25,7 @@
 
 pub mod actuate;
 pub mod alerts;
+pub mod cancel;
 pub mod control;
 pub mod ingest;
 pub mod link;
@@ -206,6 +207,8 @@ pub struct App {
     pub http: crate::http::HttpState,
     /// Strong mode: who may speak for which sender on the events stream.
     pub event_users: Option<EventUsers>,
+    /// Agents that said `Hello`: they are sent the live cancels (issue 18).
+    pub hellos: cancel::Hellos,
 }
 
 /// How often the coordinator writes its echo (its marker) to the events
@@ -349,6 +352,7 @@ pub async fn run(
             BrokerLink::new(config.amqp_url.clone(), format!("{conn_name}/dead-letters")),
         ),
         event_users: config.event_users.clone(),
+        hellos: cancel::Hellos::default(),
     });
     app.health
         .management_ok
@@ -367,6 +371,7 @@ pub async fn run(
         tasks.spawn(p.clone().run(app.clone(), stop_rx.clone()));
     }
     tasks.spawn(timers(app.clone(), stop_rx.clone()));
+    tasks.spawn(cancel::relay(app.clone(), stop_rx.clone()));
     tasks.spawn(publish_marker(app.clone(), nonce, stop_rx.clone()));
 
     tracing::info!(
