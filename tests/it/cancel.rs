@@ -332,7 +332,7 @@ async fn a_running_exec_task_is_killed_and_not_retried() {
     std::fs::remove_file(&pidfile).unwrap();
     let alive = |pid: u32| {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+            .is_ok_and(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
     };
     assert!(alive(pid));
     let (status, body) = delete(api, None, "/api/tasks/X-1").await.unwrap();
