@@ -163,18 +163,21 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
     }
 
     // Bulk: a dry run counts first and cancels nothing; then the cancel.
-    submit(api, "B-1", "sleep=3000").await;
+    submit(api, "B-1", "sleep=8000").await;
     wait_task(api, "B-1", "running", Duration::from_secs(20)).await;
     for i in 0..5 {
         submit(api, &format!("bulk-{i}"), "sleep=10").await;
     }
     let filter = json!({"stage": "work", "status": "queued", "prefix": "bulk-", "dry_run": true});
-    let (status, body) = api
-        .post_raw("/api/tasks/cancel", &filter.to_string())
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["count"], 5, "{body}");
+    // The coordinator learns of a submission from the events stream.
+    let body = eventually(Duration::from_secs(10), "5 bulk tasks known", || async {
+        let (status, body) = api
+            .post_raw("/api/tasks/cancel", &filter.to_string())
+            .await?;
+        anyhow::ensure!(status == 200 && body["count"] == 5, "{status} {body}");
+        Ok(body)
+    })
+    .await;
     assert_eq!(body["sample"].as_array().map(Vec::len), Some(5), "{body}");
     assert_eq!(
         api.get_ok("/api/tasks/bulk-0").await.unwrap()["cancel"],
