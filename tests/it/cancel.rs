@@ -355,3 +355,46 @@ async fn a_running_exec_task_is_killed_and_not_retried() {
     let _ = std::fs::remove_dir_all(&dir);
     drop(broker);
 }
+
+/// A cancel broadcast while no agent serves the stage reaches none: the
+/// agent that starts later gets the live cancels on its `Hello`, and a task
+/// it started before that is stopped as soon as the coordinator reads its
+/// `TaskStarted` (it is never finished by the worker, never retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_cancelled_before_any_agent_serves_its_stage_is_still_stopped() {
+    let ns = TestNs::new("cancell");
+    let broker = Broker::connect(&ns).await.unwrap();
+    broker.declare_stage("work").await.unwrap();
+    let c = spawn_coordinator(&ns, &[]).await.unwrap();
+    let api = &c.api;
+    submit(api, "L-1", "sleep=20000").await;
+    eventually(Duration::from_secs(10), "L-1 known", || async {
+        let (status, body) = delete(api, None, "/api/tasks/L-1").await?;
+        anyhow::ensure!(status == 202, "{status} {body}");
+        Ok(())
+    })
+    .await;
+    let worker = spawn_http_worker(&ns, "late-worker").await.unwrap();
+    let started = std::time::Instant::now();
+    let _agent = spawn_agent(
+        &ns,
+        "late",
+        "work",
+        &["--heartbeat", "500ms", "--worker-url", worker.url.as_str()],
+    )
+    .await
+    .unwrap();
+    let t = wait_task(api, "L-1", "cancelled", Duration::from_secs(15)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "stopped, not finished"
+    );
+    let rows = t["attempts"].as_array().expect("attempts");
+    assert_eq!(rows.len(), 1, "{t}");
+    assert_eq!(rows[0]["outcome"], "cancelled", "{t}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = worker.calls().await.unwrap();
+    assert!(calls.get("L-1/work/1").is_none_or(|n| *n == 1), "{calls:?}");
+    assert!(!calls.contains_key("L-1/work/2"), "retried: {calls:?}");
+    drop(broker);
+}

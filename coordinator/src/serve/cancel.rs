@@ -8,15 +8,19 @@
 //! Agents hold a cancelled id for `hold_ms`; commands sent while an agent
 //! is disconnected do not reach it, so the live cancels (requested, not
 //! settled) are sent again to an agent that says `Hello` and to every agent
-//! every [`REBROADCAST_INTERVAL`]. Normal tasks never pass through the
-//! coordinator: agents check deliveries against the set they hold.
+//! every [`REBROADCAST_INTERVAL`]; and a task that an agent starts while its
+//! cancel is live (the agent started after the broadcast) has its id sent
+//! to that agent as soon as its `TaskStarted` is read, which stops it.
+//! Normal tasks never pass through the coordinator: agents check
+//! deliveries against the set they hold.
 
 use super::App;
 use guildhall_broker::now_ms;
+use guildhall_core::core::Core;
 use guildhall_core::core::scheduling::cancels::{CANCEL_HOLD_MS, CancelOutcome};
 use guildhall_proto::command::MAX_CANCEL_BATCH;
 use guildhall_proto::names::CONTROL_KEY_ALL;
-use guildhall_proto::{AgentId, Command, Event, Names, TaskCancelRequested, TaskId};
+use guildhall_proto::{AgentId, Command, Envelope, Event, Names, TaskCancelRequested, TaskId};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -32,11 +36,15 @@ const HELLO_DELAY: Duration = Duration::from_millis(500);
 /// bounded in bytes; an id is at most 128 bytes).
 const EVENTS_PER_ENVELOPE: usize = 500;
 
-/// Agents that said `Hello` since the relay last looked, for the relay.
+/// Agents that said `Hello` since the relay last looked, and tasks that
+/// started despite a live cancel, for the relay.
 #[derive(Debug, Default)]
 pub struct Hellos {
     /// The agents (bounded: a flood of hellos is deduplicated and cut).
     agents: Mutex<Vec<AgentId>>,
+    /// Tasks an agent started while their cancel was live (it did not hold
+    /// the id: it started after the broadcast), by agent; bounded.
+    stragglers: Mutex<Vec<(AgentId, TaskId)>>,
     /// Wakes the relay.
     notify: Notify,
 }
@@ -57,6 +65,35 @@ impl Hellos {
 
     fn take(&self) -> Vec<AgentId> {
         std::mem::take(&mut *self.agents.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Notes the tasks of `envelope` that started while their cancel is
+    /// live (called with the core, before it applies the envelope): the
+    /// relay sends their ids to that agent at once, which stops them.
+    pub fn note_stragglers(&self, core: &Core, envelope: &Envelope) {
+        let cancels = core.cancels();
+        if cancels.live_count() == 0 {
+            return;
+        }
+        let mut found = false;
+        for e in &envelope.events {
+            if let Event::TaskStarted(s) = e
+                && cancels.is_live(&s.task_id)
+            {
+                let mut list = self.stragglers.lock().unwrap_or_else(|e| e.into_inner());
+                if list.len() < MAX_CANCEL_BATCH {
+                    list.push((envelope.sender.clone(), s.task_id.clone()));
+                    found = true;
+                }
+            }
+        }
+        if found {
+            self.notify.notify_one();
+        }
+    }
+
+    fn take_stragglers(&self) -> Vec<(AgentId, TaskId)> {
+        std::mem::take(&mut *self.stragglers.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -150,6 +187,10 @@ pub async fn relay(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                 }
             }
             _ = app.hellos.notify.notified() => {
+                for (agent, id) in app.hellos.take_stragglers() {
+                    tracing::info!(%agent, task = %id, "a cancelled task started: stopping it");
+                    broadcast(&app, &Names::control_key_agent(&agent), &[id]).await;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(HELLO_DELAY) => {}
                     _ = stop.changed() => return,

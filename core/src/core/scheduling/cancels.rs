@@ -120,6 +120,15 @@ impl Cancels {
             .collect()
     }
 
+    /// Whether a live request is about `id`.
+    pub fn is_live(&self, id: &TaskId) -> bool {
+        self.live > 0
+            && self
+                .requests
+                .get(id)
+                .is_some_and(|r| r.state == CancelState::Live)
+    }
+
     /// The request about `id`, if one is remembered.
     pub fn get(&self, id: &str) -> Option<&CancelRequest> {
         TaskId::new(id).ok().and_then(|id| self.requests.get(&id))
