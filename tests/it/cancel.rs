@@ -246,6 +246,30 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
         assert_eq!(stderr.trim().lines().count(), 1, "{bad:?}: {stderr}");
     }
 
+    // Metrics: requests by result, live cancels (Q-2's cancel is settled).
+    let m = api.metrics().await.unwrap();
+    assert!(
+        m.value(
+            "guildhall_cancel_requests_total",
+            &[("result", "requested")]
+        )
+        .is_some_and(|n| n >= 8.0),
+        "{}",
+        m.text
+            .lines()
+            .filter(|l| l.contains("cancel"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        m.value(
+            "guildhall_cancel_requests_total",
+            &[("result", "already_finished")]
+        )
+        .is_some_and(|n| n >= 2.0)
+    );
+    assert!(m.value("guildhall_cancels_live", &[]).is_some());
+
     // Hostile input.
     let (status, body) = delete(api, Some(TOKEN), "/api/tasks/no-such-task")
         .await

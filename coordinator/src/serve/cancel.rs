@@ -117,6 +117,12 @@ pub async fn request(
     let at_ms = now_ms();
     let outcomes = app.core().cancel(at_ms, &ids);
     let results: Vec<(TaskId, CancelOutcome)> = ids.into_iter().zip(outcomes).collect();
+    for (_, o) in &results {
+        app.metrics
+            .cancel_requests
+            .with_label_values(&[o.as_str()])
+            .inc();
+    }
     let events: Vec<Event> = results
         .iter()
         .filter(|(_, o)| matches!(o, CancelOutcome::Requested { .. }))
