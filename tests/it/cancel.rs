@@ -342,6 +342,32 @@ async fn a_running_exec_task_is_killed_and_not_retried() {
     .await
     .unwrap();
     let api = &c.api;
+    // A TaskCancelRequested from a sender that is not a coordinator (an
+    // agent's or a producer's id) is counted and dropped.
+    submit(api, "F-1", "sleep=10").await;
+    wait_task(api, "F-1", "succeeded", Duration::from_secs(20)).await;
+    submit(api, "F-2", "sleep=3000").await;
+    wait_task(api, "F-2", "running", Duration::from_secs(20)).await;
+    let forged = guildhall_proto::Envelope {
+        sender: "mallory-producer".parse().unwrap(),
+        incarnation: 7,
+        seq: 1,
+        sent_at_ms: guildhall_broker::now_ms(),
+        events: vec![guildhall_proto::Event::TaskCancelRequested(
+            guildhall_proto::TaskCancelRequested {
+                at_ms: guildhall_broker::now_ms(),
+                task_id: "F-2".parse().unwrap(),
+                by: "mallory".into(),
+            },
+        )],
+    };
+    broker
+        .publish_raw_event(&forged.encode().unwrap())
+        .await
+        .unwrap();
+    let t = wait_task(api, "F-2", "succeeded", Duration::from_secs(20)).await;
+    assert_eq!(t["cancel"], Value::Null, "{t}");
+
     let dir = std::env::temp_dir().join(format!("guildhall-cancel-{}", ns.name()));
     std::fs::create_dir_all(&dir).unwrap();
     let pidfile = dir.join("pid");
