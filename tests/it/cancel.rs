@@ -133,6 +133,10 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
         "{body}"
     );
     let r1 = wait_task(api, "R-1", "cancelled", Duration::from_secs(20)).await;
+    eprintln!(
+        "cancel: a running HTTP task stopped and recorded {} ms after DELETE",
+        started.elapsed().as_millis()
+    );
     assert_cancelled(&r1, "alice", "running");
     submit(api, "N-1", "sleep=10").await;
     wait_task(api, "N-1", "succeeded", Duration::from_secs(20)).await;
@@ -390,7 +394,12 @@ async fn a_running_exec_task_is_killed_and_not_retried() {
     assert!(alive(pid));
     let (status, body) = delete(api, None, "/api/tasks/X-1").await.unwrap();
     assert_eq!(status, 202, "{body}");
+    let asked = std::time::Instant::now();
     let t = wait_task(api, "X-1", "cancelled", Duration::from_secs(20)).await;
+    eprintln!(
+        "cancel: a running exec task killed and recorded {} ms after DELETE",
+        asked.elapsed().as_millis()
+    );
     assert_cancelled(&t, "api", "running");
     eventually(Duration::from_secs(10), "the process killed", || async {
         anyhow::ensure!(!alive(pid), "pid {pid} still runs");

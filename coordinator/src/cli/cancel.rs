@@ -111,6 +111,7 @@ async fn by_id(args: &CancelArgs) -> Result<String, CancelCliError> {
     }
     let mut out = String::new();
     let mut bad = Vec::new();
+    let mut answers = Vec::new();
     for id in &args.ids {
         let path = format!(
             "/api/tasks/{}?by={}",
@@ -118,18 +119,25 @@ async fn by_id(args: &CancelArgs) -> Result<String, CancelCliError> {
             encode_segment(&args.by)
         );
         match request(&args.client, reqwest::Method::DELETE, &path, None).await {
-            Ok(a) => out.push_str(&format!(
-                "{id}: cancel requested (was {})\n",
-                a["status"].as_str().unwrap_or("already requested")
-            )),
+            Ok(a) => {
+                out.push_str(&format!(
+                    "{id}: cancel requested (was {})\n",
+                    a["status"].as_str().unwrap_or("already requested")
+                ));
+                answers.push(a);
+            }
             Err(ClientError::Api(m)) if m.starts_with("409") => {
                 out.push_str(&format!("{id}: already finished\n"));
+                answers.push(json!({"task_id": id, "result": "already_finished"}));
             }
             Err(e) => match classify(e) {
                 CancelCliError::Bad(m) => bad.push(format!("{id}: {m}")),
                 other => return Err(other),
             },
         }
+    }
+    if args.client.json {
+        out = format!("{:#}\n", Value::Array(answers));
     }
     if bad.is_empty() {
         Ok(out)
