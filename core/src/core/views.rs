@@ -240,7 +240,7 @@ pub struct AttemptView {
 pub struct TaskView {
     /// The task.
     pub id: String,
-    /// queued / running / retrying / succeeded / dead_lettered.
+    /// queued / running / retrying / succeeded / dead_lettered / cancelled.
     pub status: &'static str,
     /// Current (or last) stage.
     pub stage: String,
