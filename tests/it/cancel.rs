@@ -415,21 +415,32 @@ async fn a_running_exec_task_is_killed_and_not_retried() {
     drop(broker);
 }
 
-/// A cancel broadcast while no agent serves the stage reaches none: the
-/// agent that starts later gets the live cancels on its `Hello`, and a task
-/// it started before that is stopped as soon as the coordinator reads its
-/// `TaskStarted` (it is never finished by the worker, never retried).
+/// A cancel broadcast while no agent serves the stage reaches none; the
+/// coordinator is then restarted (the live cancel is rebuilt from the
+/// events stream by a coordinator with another id). The agent that starts
+/// later gets the live cancels on its `Hello`, and a task it started before
+/// that is stopped as soon as the coordinator reads its `TaskStarted` (it
+/// is never finished by the worker, never retried).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_cancelled_before_any_agent_serves_its_stage_is_still_stopped() {
     let ns = TestNs::new("cancell");
     let broker = Broker::connect(&ns).await.unwrap();
     broker.declare_stage("work").await.unwrap();
-    let c = spawn_coordinator(&ns, &[]).await.unwrap();
-    let api = &c.api;
+    let mut first = spawn_coordinator(&ns, &[]).await.unwrap();
+    let api = &first.api;
     submit(api, "L-1", "sleep=20000").await;
     eventually(Duration::from_secs(10), "L-1 known", || async {
         let (status, body) = delete(api, None, "/api/tasks/L-1").await?;
         anyhow::ensure!(status == 202, "{status} {body}");
+        Ok(())
+    })
+    .await;
+    first.proc.terminate(Duration::from_secs(20)).await.unwrap();
+    let c = spawn_coordinator(&ns, &[]).await.unwrap();
+    let api = &c.api;
+    eventually(Duration::from_secs(20), "the cancel replayed", || async {
+        let t = api.get_ok("/api/tasks/L-1").await?;
+        anyhow::ensure!(t["cancel"]["state"] == "requested", "{t}");
         Ok(())
     })
     .await;
