@@ -15,6 +15,7 @@ fn main() -> ExitCode {
             | Command::Trace(_)
             | Command::Worker(_)
             | Command::Schedule(_)
+            | Command::Cancel(_)
             | Command::Healthcheck(_)
     );
     let log_default = if quiet { "warn" } else { "info" };
@@ -39,6 +40,11 @@ async fn run(command: Command) -> anyhow::Result<String> {
         Command::Simulate(args) => guildhall::sim::run(&args),
         Command::Worker(args) => Ok(cli::client::worker(&args).await?),
         Command::Schedule(args) => cli::schedule::run(&args).await,
+        Command::Cancel(args) => match cli::cancel::run(&args).await {
+            Ok(out) => Ok(out),
+            Err(cli::cancel::CancelCliError::Bad(m)) => Err(ConfigError(m).into()),
+            Err(e) => Err(e.into()),
+        },
         Command::Healthcheck(args) => Ok(cli::health::run(&args).await?),
         Command::Bench(_) => Err(ConfigError(
             "`guildhall bench` moved to its own binary: run `guildhall-bench` (same subcommands and flags)".into(),

@@ -156,6 +156,12 @@ pub struct Metrics {
     pub schedule_ticks: IntCounterVec,
     /// `guildhall_alerts_total{outcome}`: webhook alerts sent, failed, dropped.
     pub alerts: IntCounterVec,
+    /// `guildhall_cancel_requests_total{result}`: tasks asked to be
+    /// cancelled, by what the coordinator decided (issue 18).
+    pub cancel_requests: IntCounterVec,
+    /// `guildhall_cancels_live`: cancels requested and not yet settled,
+    /// which agents hold and the coordinator re-sends.
+    pub cancels_live: IntGauge,
     /// `guildhall_stage_recommended_workers{stage}`: the stabilised worker
     /// count for the wait-time target (KEDA's Prometheus scaler reads it).
     pub stage_recommended_workers: IntGaugeVec,
@@ -504,6 +510,22 @@ impl Metrics {
                 "Task failures by stage and error class: failed attempts (retried or not), dead letters without a reported failure, tasks given back because the worker process died (crash) or hung (timeout), tasks requeued from a dead worker (worker_dead). Classes past the per-stage cap count as other.",
                 &["stage", "error_class"],
             ),
+            cancel_requests: counter_vec(
+                &r,
+                "guildhall_cancel_requests_total",
+                "Tasks asked to be cancelled (API, CLI, dashboard), by result: requested, already_requested, already_finished, unknown, too_many.",
+                &["result"],
+            ),
+            cancels_live: {
+                let g = IntGauge::new(
+                    "guildhall_cancels_live",
+                    "Cancels requested and not yet settled: held by agents and sent to them again every 30 s and on Hello.",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             connections_closed: counter_vec(
                 &r,
                 "guildhall_connections_closed_total",

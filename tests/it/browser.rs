@@ -585,3 +585,139 @@ async fn the_dashboard_shows_priorities_and_scheduled_tasks() {
     screenshot(client, &ns, "pipeline-bands.png").await;
     browser.client.clone().close().await.unwrap();
 }
+
+/// Cancelling from the dashboard (issue 18): a task's page has a Cancel
+/// button with a confirmation, and a bulk cancel counts (dry run) before
+/// it cancels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_are_cancelled_from_the_dashboard() {
+    let ns = TestNs::new("webcancel");
+    let broker = Broker::connect(&ns).await.unwrap();
+    broker.declare_stage("work").await.unwrap();
+    let c = spawn_coordinator(&ns, &[]).await.unwrap();
+    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
+    let _agent = spawn_agent(
+        &ns,
+        "w1",
+        "work",
+        &[
+            "--heartbeat",
+            "500ms",
+            "--concurrency",
+            "1",
+            "--worker-url",
+            worker.url.as_str(),
+        ],
+    )
+    .await
+    .unwrap();
+    let api = &c.api;
+    let submit = |id: &'static str, payload: &'static str| async move {
+        let body = serde_json::json!({"stage": "work", "id": id, "payload": payload});
+        let (status, body) = api.post_raw("/api/tasks", &body.to_string()).await.unwrap();
+        assert!(status < 300, "{body}");
+    };
+    let status_of = |id: &'static str| async move {
+        api.get_ok(&format!("/api/tasks/{id}"))
+            .await
+            .map(|t| t["status"].clone())
+    };
+    // The tasks wait behind a long one: the cancel is requested (agents
+    // hold the id), and settles when they are delivered.
+    let cancel_of = |id: &'static str| async move {
+        api.get_ok(&format!("/api/tasks/{id}"))
+            .await
+            .map(|t| t["cancel"]["state"].clone())
+    };
+    submit("web-block", "sleep=60000").await;
+    eventually(Duration::from_secs(20), "the blocker runs", || async {
+        anyhow::ensure!(status_of("web-block").await? == "running");
+        Ok(())
+    })
+    .await;
+    submit("web-q", "sleep=10").await;
+    for id in ["bulkw-1", "bulkw-2", "bulkw-3"] {
+        submit(id, "sleep=10").await;
+    }
+
+    let browser = spawn_browser(&ns).await.unwrap();
+    let client = &browser.client;
+    client
+        .goto(&format!("{}/#task/web-q", api.base))
+        .await
+        .unwrap();
+    find(client, "#task-cancel").await.click().await.unwrap();
+    find(client, "#task-cancel-confirm")
+        .await
+        .click()
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "web-q cancel requested",
+        || async {
+            anyhow::ensure!(cancel_of("web-q").await? == "requested");
+            Ok(())
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(20), "the page says so", || async {
+        let text = client
+            .find(Locator::Css(".cancel-state"))
+            .await?
+            .text()
+            .await?;
+        anyhow::ensure!(text.contains("cancel requested by api"), "{text}");
+        Ok(())
+    })
+    .await;
+    screenshot(client, &ns, "task-cancelled.png").await;
+
+    // Bulk: count first, then cancel.
+    find(client, "#bulk-prefix")
+        .await
+        .send_keys("bulkw-")
+        .await
+        .unwrap();
+    find(client, "#bulk-count").await.click().await.unwrap();
+    let counted = text_of(client, "#bulk-result").await;
+    let counted = if counted.contains("match") {
+        counted
+    } else {
+        eventually(Duration::from_secs(10), "the count", || async {
+            let t = client
+                .find(Locator::Css("#bulk-result"))
+                .await?
+                .text()
+                .await?;
+            anyhow::ensure!(t.contains("match"), "{t}");
+            Ok(t)
+        })
+        .await
+    };
+    assert!(counted.contains("3 task(s) match"), "{counted}");
+    assert_eq!(
+        status_of("bulkw-1").await.unwrap(),
+        "queued",
+        "a dry run cancels nothing"
+    );
+    find(client, "#bulk-confirm").await.click().await.unwrap();
+    eventually(Duration::from_secs(10), "the bulk answer", || async {
+        let t = client
+            .find(Locator::Css("#bulk-result"))
+            .await?
+            .text()
+            .await?;
+        anyhow::ensure!(t.contains("3 of 3 task(s) cancelled"), "{t}");
+        Ok(())
+    })
+    .await;
+    for id in ["bulkw-1", "bulkw-2", "bulkw-3"] {
+        eventually(Duration::from_secs(30), id, || async {
+            anyhow::ensure!(cancel_of(id).await? == "requested");
+            Ok(())
+        })
+        .await;
+    }
+    drop(broker);
+}

@@ -5,6 +5,7 @@ mod agent;
 mod api;
 mod bench;
 mod browser;
+mod cancel;
 mod capacity;
 mod chaos;
 mod cli;

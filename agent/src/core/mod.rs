@@ -242,6 +242,8 @@ pub struct AgentCore {
     counts: Counts,
     /// What the driver must do.
     actions: VecDeque<Action>,
+    /// Cancelled task ids held for a bounded time (issue 18, [`cancel`]).
+    cancels: cancel::CancelSet,
 }
 
 impl AgentCore {
@@ -266,6 +268,7 @@ impl AgentCore {
             hard_deadline: None,
             counts: Counts::default(),
             actions: VecDeque::new(),
+            cancels: cancel::CancelSet::default(),
             config,
         };
         core.reconcile();

@@ -93,6 +93,8 @@ pub enum Settled {
     Failed,
     /// A delivery that could not be a task.
     Rejected,
+    /// A cancelled task, dropped or stopped (issue 18).
+    Cancelled,
 }
 
 /// What happens after the plan's confirms.

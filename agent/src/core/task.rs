@@ -32,7 +32,7 @@ use super::{Action, AgentCore, Confirm, Delivery, TaskKey};
 use crate::config::StageRoute;
 use crate::handoff::{Outcome, TaskInput};
 use guildhall_broker::TaskMeta;
-use guildhall_proto::{Event, TaskAbandoned, TaskStarted, WorkerResult};
+use guildhall_proto::{CancelPoint as Point, Event, TaskAbandoned, TaskStarted, WorkerResult};
 use std::time::Duration;
 
 /// How long a task whose link was lost still waits for its worker: a call
@@ -136,6 +136,11 @@ impl AgentCore {
         let route = self.route.clone();
         let generation = self.worker.map(|w| w.generation);
         let (meta, phase) = match delivery.meta {
+            // Cancelled (issue 18): never handed to the worker.
+            Ok(meta) if self.cancels.holds(now, &meta.id) => {
+                let events = vec![super::cancel::cancelled(now, &meta, &route, Point::Queued)];
+                (Some(meta), self.settle_cancelled(key, events))
+            }
             Ok(meta) => {
                 self.actions
                     .push_back(Action::Emit(Event::TaskStarted(TaskStarted {
@@ -290,7 +295,7 @@ impl AgentCore {
                 match p.settled {
                     Settled::Done => self.counts.done += 1,
                     Settled::Failed => self.counts.failed += 1,
-                    Settled::Rejected => {}
+                    Settled::Rejected | Settled::Cancelled => {}
                 }
                 self.tasks.remove(&key);
                 self.actions.push_back(Action::Ack(key));
@@ -331,6 +336,63 @@ impl AgentCore {
                 });
             }
         }
+    }
+
+    /// A cancelled task's phase: its `events` (a `TaskCancelled`) are
+    /// confirmed, then the delivery is acked (issue 18).
+    fn settle_cancelled(&mut self, key: TaskKey, events: Vec<Event>) -> Phase {
+        self.actions.push_back(Action::EmitConfirmed {
+            task: key,
+            events: events.clone(),
+        });
+        Phase::Confirming(Pending {
+            events,
+            settled: Settled::Cancelled,
+            then: Then::Ack,
+            next: None,
+            result: WorkerResult::Unfinished,
+            dead_lettered: false,
+        })
+    }
+
+    /// Stops every task in hand with id `id` that the worker has (issue 18):
+    /// the call is cancelled (an exec task's process group killed), its
+    /// outcome ignored, `TaskCancelled` confirmed, the delivery acked and
+    /// not retried. Returns how many were stopped.
+    pub(super) fn stop_cancelled(&mut self, now: u64, id: &guildhall_proto::TaskId) -> usize {
+        let keys: Vec<TaskKey> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| matches!(t.phase, Phase::Working { .. } | Phase::Hung { .. }))
+            .filter(|(_, t)| t.meta.as_ref().is_some_and(|m| &m.id == id))
+            .map(|(k, _)| *k)
+            .collect();
+        for &key in &keys {
+            if !self.link_alive(key) {
+                // Its delivery cannot be acked: the broker gives it again,
+                // and the held id drops it then.
+                self.abandon(now, key, "cancelled", WorkerResult::Unfinished);
+                continue;
+            }
+            self.actions.push_back(Action::CancelWork(key));
+            let Some(task) = self.tasks.get(&key) else {
+                continue;
+            };
+            let Some(meta) = &task.meta else {
+                continue;
+            };
+            let events = vec![super::cancel::cancelled(
+                now,
+                meta,
+                &task.route,
+                Point::Running,
+            )];
+            let phase = self.settle_cancelled(key, events);
+            if let Some(task) = self.tasks.get_mut(&key) {
+                task.phase = phase;
+            }
+        }
+        keys.len()
     }
 
     /// The publish is confirmed (or, for an unreadable delivery, refused):

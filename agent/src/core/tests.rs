@@ -38,7 +38,7 @@ fn config(supervised: bool) -> CoreConfig {
 }
 
 /// A core with its start-up actions drained.
-fn core(supervised: bool) -> AgentCore {
+pub(super) fn core(supervised: bool) -> AgentCore {
     let mut core = AgentCore::new(config(supervised));
     let start = drain(&mut core);
     assert_eq!(
@@ -52,11 +52,11 @@ fn core(supervised: bool) -> AgentCore {
     core
 }
 
-fn drain(core: &mut AgentCore) -> Vec<Action> {
+pub(super) fn drain(core: &mut AgentCore) -> Vec<Action> {
     std::iter::from_fn(|| core.poll_action()).collect()
 }
 
-fn task(id: &str, attempt: u32) -> Delivery {
+pub(super) fn task(id: &str, attempt: u32) -> Delivery {
     Delivery {
         meta: Ok(TaskMeta {
             id: id.parse().unwrap(),
@@ -70,7 +70,7 @@ fn task(id: &str, attempt: u32) -> Delivery {
     }
 }
 
-fn success() -> Outcome {
+pub(super) fn success() -> Outcome {
     Outcome::Success {
         payload: b"out".to_vec(),
         next: NextStage::Default,
@@ -78,7 +78,7 @@ fn success() -> Outcome {
 }
 
 /// The kinds of the events among `actions`, confirmed or not.
-fn events(actions: &[Action]) -> Vec<&'static str> {
+pub(super) fn events(actions: &[Action]) -> Vec<&'static str> {
     actions
         .iter()
         .flat_map(|a| match a {
@@ -89,7 +89,7 @@ fn events(actions: &[Action]) -> Vec<&'static str> {
         .collect()
 }
 
-fn abandoned(actions: &[Action]) -> Vec<(String, WorkerResult)> {
+pub(super) fn abandoned(actions: &[Action]) -> Vec<(String, WorkerResult)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -100,7 +100,7 @@ fn abandoned(actions: &[Action]) -> Vec<(String, WorkerResult)> {
 }
 
 /// Delivers a task and checks it goes to the worker.
-fn start(core: &mut AgentCore, now: u64, id: &str) -> TaskKey {
+pub(super) fn start(core: &mut AgentCore, now: u64, id: &str) -> TaskKey {
     let key = core.handle_delivery(now, task(id, 1));
     let actions = drain(core);
     assert_eq!(events(&actions), ["task_started"]);

@@ -343,7 +343,7 @@ pub async fn worker(args: &super::WorkerArgs) -> Result<String, ClientError> {
 
 /// `id` safe in a URL path (ids are `A-Z a-z 0-9 _ - . : @`; anything else
 /// is escaped, and the coordinator answers 400 for it).
-fn encode_segment(id: &str) -> String {
+pub(super) fn encode_segment(id: &str) -> String {
     id.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' | b':' | b'@' => {

@@ -11,6 +11,7 @@
 //! - [`render`]: terminal tables and time formatting.
 
 mod band_targets;
+pub mod cancel;
 pub mod client;
 pub mod health;
 pub mod render;
@@ -66,6 +67,9 @@ pub enum Command {
     /// Cron schedules through a running coordinator: add, list, remove,
     /// pause, resume.
     Schedule(schedule::ScheduleArgs),
+    /// Cancel tasks through a running coordinator: by id, or by filter
+    /// (--stage, --status, --priority, --prefix; --dry-run to count first).
+    Cancel(cancel::CancelArgs),
     /// Exit 0 if a URL answers 2xx (default: the local coordinator's
     /// /healthz), else 1 with one line: a container healthcheck.
     Healthcheck(HealthcheckArgs),

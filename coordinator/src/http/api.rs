@@ -64,6 +64,8 @@ pub async fn metrics(State(app): AppState) -> Response {
         let mut core = app.core();
         core.export_worker_counters();
         core.refresh_metrics(now_ms());
+        let live = core.cancels().live_count();
+        app.metrics.cancels_live.set(live as i64);
         core.worker_series()
     };
     let text = app.metrics.encode_with(workers);

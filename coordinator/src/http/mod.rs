@@ -23,6 +23,7 @@
 pub mod access;
 mod api;
 mod body;
+mod cancel;
 pub mod conns;
 mod control;
 mod dashboard;
@@ -166,6 +167,12 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/schedules/{name}", delete(schedules::remove))
         .route("/api/schedules/{name}/{action}", post(schedules::action))
+        // Cancelling tasks (issue 18).
+        .route("/api/tasks/{id}", delete(cancel::cancel_one))
+        .route(
+            "/api/tasks/cancel",
+            post(cancel::cancel_bulk).route_layer(json(MAX_REPLAY_BYTES)),
+        )
         .route_layer(from_fn_with_state(app.clone(), access::require_control));
     Router::new()
         .route("/healthz", get(api::healthz))

@@ -236,6 +236,40 @@ impl Controller {
         }
     }
 
+    /// Publishes `command` on the control exchange with routing `key`
+    /// (`all`, `agent.<id>`), confirmed by the broker, expecting no reply:
+    /// for commands that every agent keeps, like `Cancel` (issue 18). No
+    /// agent connected is not an error.
+    pub async fn broadcast(&self, key: &str, command: Command) -> Result<(), ControlError> {
+        let message = CommandMessage {
+            id: rand::random(),
+            sent_at_ms: now_ms(),
+            command,
+        };
+        let bytes = command::encode(&message).map_err(|e| ControlError::Broker(e.to_string()))?;
+        let channel = self.channel().await?;
+        let mut props = BasicProperties::default();
+        if !self.url.username().is_empty() {
+            props = props.with_user_id(self.url.username().into());
+        }
+        let confirm = channel
+            .basic_publish(
+                self.names.control_exchange().as_str().into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                &bytes,
+                props,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Nack(_) => Err(ControlError::Broker(
+                "the broker refused the command".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Closes the connection, if open.
     pub async fn close(&self) {
         if let Some(l) = self.live.lock().await.take() {

@@ -318,8 +318,17 @@ fn apply(app: &App, data: &[u8], offset: Option<u64>, user_id: Option<&str>) {
             }
         }
         Ok(decoded) => {
+            if decoded
+                .envelope
+                .events
+                .iter()
+                .any(|e| matches!(e, guildhall_proto::Event::Hello(_)))
+            {
+                app.hellos.push(&decoded.envelope.sender);
+            }
             let wake = {
                 let mut core = app.core();
+                app.hellos.note_stragglers(&core, &decoded.envelope);
                 let before = core.poll_timeout();
                 core.handle_envelope(now_ms(), decoded, offset);
                 core.has_notices() || core.poll_timeout() < before

@@ -25,6 +25,7 @@
 
 pub mod actuate;
 pub mod alerts;
+pub mod cancel;
 pub mod control;
 pub mod cron;
 pub mod ingest;
@@ -209,6 +210,8 @@ pub struct App {
     pub event_users: Option<EventUsers>,
     /// Cron ticks the core decided, to [`cron::run`] (which fires them in order).
     pub ticks: cron::TickSender,
+    /// Agents that said `Hello`: they are sent the live cancels (issue 18).
+    pub hellos: cancel::Hellos,
 }
 
 /// How often the coordinator writes its echo (its marker) to the events
@@ -354,6 +357,7 @@ pub async fn run(
         ),
         event_users: config.event_users.clone(),
         ticks: tick_tx,
+        hellos: cancel::Hellos::default(),
     });
     app.health
         .management_ok
@@ -373,6 +377,7 @@ pub async fn run(
     }
     tasks.spawn(timers(app.clone(), stop_rx.clone()));
     tasks.spawn(cron::run(app.clone(), tick_rx, stop_rx.clone()));
+    tasks.spawn(cancel::relay(app.clone(), stop_rx.clone()));
     tasks.spawn(publish_marker(app.clone(), nonce, stop_rx.clone()));
 
     tracing::info!(

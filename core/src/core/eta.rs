@@ -282,7 +282,10 @@ fn left_ms(
             let due = row.queued_at_ms().map_or(0, |q| q.saturating_sub(now_ms)) as f64;
             due + start_wait(queues.ahead_of_new(rec.stage(), band) + unseen)? + service
         }
-        TaskStatus::Succeeded | TaskStatus::DeadLettered | TaskStatus::Scheduled => return None,
+        TaskStatus::Succeeded
+        | TaskStatus::DeadLettered
+        | TaskStatus::Scheduled
+        | TaskStatus::Cancelled => return None,
     };
     let mut next = here.next.clone();
     for _ in 0..MAX_ETA_STAGES {

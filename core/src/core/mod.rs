@@ -968,6 +968,7 @@ impl Core {
                     self.record_arrival(now_ms, next, e.at_ms);
                 }
                 if done.finished {
+                    self.settle_cancel_finished(&e.task_id, e.at_ms);
                     self.hot.tasks_completed += 1;
                     if let Some(ms) = done.pipeline_ms {
                         self.hot.pipeline_s.push(ms as f64 / 1000.0);
@@ -1037,6 +1038,7 @@ impl Core {
                 ) {
                     return;
                 }
+                self.settle_cancel_finished(&e.task_id, e.at_ms);
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.dead_lettered += 1;
                     self.telemetry.count(

@@ -301,6 +301,7 @@ impl Core {
                     }
                 })
                 .collect(),
+            cancel: self.cancel_view(id),
         })
     }
 
@@ -424,7 +425,7 @@ fn rows_in_time_order(rec: &TaskRecord) -> Vec<&super::tasks::AttemptRow> {
 
 /// A retrying task whose delay is over is back in the queue; a queued one
 /// whose due time is ahead is scheduled.
-fn display_status(rec: TaskRef<'_>, now_ms: u64) -> TaskStatus {
+pub(crate) fn display_status(rec: TaskRef<'_>, now_ms: u64) -> TaskStatus {
     match rec.status() {
         TaskStatus::Queued if rec.is_scheduled(now_ms) => TaskStatus::Scheduled,
         TaskStatus::Retrying

@@ -46,17 +46,21 @@ pub enum TaskStatus {
     /// [`TaskRef::is_scheduled`](super::records::TaskRef::is_scheduled)),
     /// so it turns `queued` by itself when the time passes.
     Scheduled,
+    /// Cancelled: an agent dropped it before it started or stopped it
+    /// while it ran (issue 18); final, never retried.
+    Cancelled,
 }
 
 impl TaskStatus {
     /// Every status, for parsing and listing.
-    pub const ALL: [TaskStatus; 6] = [
+    pub const ALL: [TaskStatus; 7] = [
         TaskStatus::Queued,
         TaskStatus::Running,
         TaskStatus::Retrying,
         TaskStatus::Succeeded,
         TaskStatus::DeadLettered,
         TaskStatus::Scheduled,
+        TaskStatus::Cancelled,
     ];
 
     /// Lower-case name used in the API.
@@ -68,6 +72,7 @@ impl TaskStatus {
             TaskStatus::Succeeded => "succeeded",
             TaskStatus::DeadLettered => "dead_lettered",
             TaskStatus::Scheduled => "scheduled",
+            TaskStatus::Cancelled => "cancelled",
         }
     }
 
@@ -78,7 +83,10 @@ impl TaskStatus {
 
     /// Whether the task is finished (retention applies).
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskStatus::Succeeded | TaskStatus::DeadLettered)
+        matches!(
+            self,
+            TaskStatus::Succeeded | TaskStatus::DeadLettered | TaskStatus::Cancelled
+        )
     }
 }
 
@@ -104,6 +112,9 @@ pub enum AttemptOutcome {
     /// Its agent gave it up (connection lost, worker process died); the
     /// broker redelivers it.
     Abandoned,
+    /// Cancelled (issue 18): dropped before it started or stopped while it
+    /// ran; the row's error says by whom and where.
+    Cancelled,
 }
 
 impl AttemptOutcome {
@@ -119,6 +130,7 @@ impl AttemptOutcome {
             AttemptOutcome::Lost => "lost",
             AttemptOutcome::Requeued => "requeued",
             AttemptOutcome::Abandoned => "abandoned",
+            AttemptOutcome::Cancelled => "cancelled",
         }
     }
 
@@ -1072,6 +1084,36 @@ impl TaskStore {
                 }
             }
             rec.set_status(slot, retention, TaskStatus::DeadLettered, stage, at_ms);
+            true
+        })
+    }
+
+    /// An agent cancelled attempt `a` at `at_ms` (dropped before it started
+    /// or stopped while it ran); `detail` (who asked, and where it was) is
+    /// kept as the row's error. The task is final. `false` if the report
+    /// came from a cut-off attempt.
+    pub fn cancelled(&mut self, a: Attempt<'_>, at_ms: u64, detail: &str) -> bool {
+        let Symbols {
+            stage,
+            attempt,
+            worker,
+        } = self.symbols(a);
+        self.update(a.task, stage, at_ms, |rec, slot, retention| {
+            if rec.mark_stale(stage, attempt, worker, WorkerResult::Unfinished) {
+                return false;
+            }
+            let i = match rec.row_index(stage, attempt, Some(worker)) {
+                Some(i) => i,
+                None => rec.push(Row::queued(stage, attempt, None)),
+            };
+            let row = &mut rec.rows[i];
+            row.worker = worker;
+            row.outcome = AttemptOutcome::Cancelled;
+            if row.finished == Ms48::NONE {
+                row.finished = Ms48::new(Some(at_ms));
+            }
+            rec.set_error(i, detail, "cancelled");
+            rec.set_status(slot, retention, TaskStatus::Cancelled, stage, at_ms);
             true
         })
     }

@@ -269,7 +269,8 @@ pub struct AttemptView {
 pub struct TaskView {
     /// The task.
     pub id: String,
-    /// queued / scheduled / running / retrying / succeeded / dead_lettered.
+    /// queued / scheduled / running / retrying / succeeded / dead_lettered /
+    /// cancelled.
     pub status: &'static str,
     /// Current (or last) stage.
     pub stage: String,
@@ -299,6 +300,23 @@ pub struct TaskView {
     pub due_at_ms: Option<u64>,
     /// One row per stage attempt, oldest first.
     pub attempts: Vec<AttemptView>,
+    /// The cancel request about it, if one is remembered (issue 18).
+    pub cancel: Option<CancelView>,
+}
+
+/// A task's cancel request, in `GET /api/tasks/{id}`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CancelView {
+    /// Who asked.
+    pub by: String,
+    /// When they asked.
+    pub requested_at_ms: u64,
+    /// `requested`, `cancelled` or `already_finished`.
+    pub state: &'static str,
+    /// Where the task was when an agent cancelled it: `queued`/`running`.
+    pub point: Option<&'static str>,
+    /// When the request settled.
+    pub settled_at_ms: Option<u64>,
 }
 
 /// A line of `GET /api/tasks`.

@@ -11,7 +11,8 @@
 //! a permanent failure the first time this worker process sees the task at
 //! that stage, success afterwards, as after a fix and a dead-letter replay),
 //! `sleep=MS`, `class=NAME` (error class header), `say=TEXT` (appended to a
-//! failure's message). A word with a `stage:` prefix applies only at that stage.
+//! failure's message), `pidfile=PATH` (exec: the process's pid is written
+//! there). A word with a `stage:` prefix applies only at that stage.
 //! The output is the input with ` @<stage>` appended, so the last stage's
 //! output shows the path the task took.
 
@@ -156,6 +157,14 @@ fn exec_mode() -> i32 {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1);
     let (outcome, p) = decide(&payload, &stage, attempt, false);
+    // `pidfile=PATH` (exec only): the process writes its pid there first,
+    // so a test can see it killed (a cancelled task).
+    if let Some(path) = payload
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pidfile="))
+    {
+        let _ = std::fs::write(path, std::process::id().to_string());
+    }
     if p.sleep_ms > 0 {
         std::thread::sleep(Duration::from_millis(p.sleep_ms));
     }

@@ -1293,7 +1293,88 @@
         fact('Attempts', String(attempts.length)),
         fact('Priority', isNum(data.priority) ? `${data.priority} (band ${data.band || DASH})` : DASH),
         isNum(data.due_at_ms) ? fact(data.status === 'scheduled' ? 'Due' : 'Was due', dueNode(data.due_at_ms)) : null),
+      cancelBox(data),
       renderTimeline(attempts, data, now));
+  }
+
+  // ---- cancelling tasks (issue 18) ----
+
+  /** The task page's cancel control: a button, then a confirmation. */
+  function cancelBox(task) {
+    const c = task.cancel;
+    if (c) {
+      const how = c.state === 'cancelled'
+        ? `cancelled by ${c.by} while ${c.point}`
+        : c.state === 'already_finished'
+          ? `cancel asked by ${c.by}: already finished`
+          : `cancel requested by ${c.by}, waiting for its agent`;
+      return el('p', { class: 'cancel-state summary', 'data-cancel-state': c.state }, how,
+        isNum(c.requested_at_ms) ? ` (asked ${fmtClock(c.requested_at_ms)})` : null);
+    }
+    if (!TASK_LIVE.includes(task.status)) return null;
+    // The confirmation survives the page's refreshes (every 2 s).
+    const asking = (on) => { cancelAsked = on ? task.id : null; invalidate('task'); };
+    if (cancelAsked !== task.id) {
+      return el('div', { class: 'cancel-box toolbar' },
+        el('button', { type: 'button', class: 'btn btn-danger', id: 'task-cancel', onclick: () => asking(true) },
+          'Cancel task\u2026'));
+    }
+    return el('div', { class: 'cancel-box toolbar' },
+      el('span', null, `Cancel ${task.id}? A queued task never starts; a running one is stopped and not retried.`),
+      el('button', {
+        type: 'button', class: 'btn btn-danger', id: 'task-cancel-confirm',
+        onclick: () => { cancelAsked = null; cancelTask(task.id); },
+      }, 'Yes, cancel it'),
+      el('button', { type: 'button', class: 'btn', id: 'task-cancel-keep', onclick: () => asking(false) }, 'Keep it'));
+  }
+
+  /** The task whose cancel is being confirmed, if any. */
+  let cancelAsked = null;
+
+  async function cancelTask(id) {
+    try {
+      const r = await api(`/api/tasks/${enc(id)}`, { method: 'DELETE', interactive: true });
+      toast(`Cancel of ${id} requested (${r && r.status ? r.status : 'queued'}).`);
+    } catch (e) {
+      toastError(e, `Cannot cancel ${id}`);
+    }
+    loadTask(id, { quiet: true });
+  }
+
+  /** Bulk cancel by filter: a dry-run count first, then the cancel. */
+  function setupBulkCancel() {
+    const stage = el('input', { type: 'text', id: 'bulk-stage', placeholder: 'stage', 'aria-label': 'Stage' });
+    const status = el('select', { id: 'bulk-status', 'aria-label': 'Status' },
+      ['', 'queued', 'running', 'retrying'].map((s) => el('option', { value: s }, s || 'any status')));
+    const prefix = el('input', { type: 'text', id: 'bulk-prefix', placeholder: 'id prefix', 'aria-label': 'Id prefix' });
+    const result = el('span', { id: 'bulk-result', class: 'summary' });
+    const filter = () => {
+      const f = {};
+      if (stage.value.trim()) f.stage = stage.value.trim();
+      if (status.value) f.status = status.value;
+      if (prefix.value.trim()) f.prefix = prefix.value.trim();
+      return f;
+    };
+    const run = async (dryRun) => {
+      try {
+        const r = await api('/api/tasks/cancel', { method: 'POST', body: { ...filter(), dry_run: dryRun }, interactive: true });
+        if (dryRun) {
+          fill(result, `${r.count} task(s) match. `, r.count > 0 ? el('button', {
+            type: 'button', class: 'btn btn-danger', id: 'bulk-confirm',
+            onclick: () => run(false),
+          }, `Cancel ${r.count} task(s)`) : null);
+        } else {
+          fill(result, `${r.cancelled} of ${r.count} task(s) cancelled.`);
+        }
+      } catch (e) {
+        fill(result, el('span', { class: 'error-text' }, e.message));
+      }
+    };
+    const form = el('form', { id: 'bulk-cancel', class: 'toolbar', autocomplete: 'off' },
+      el('b', null, 'Cancel tasks by filter:'), stage, status, prefix,
+      el('button', { type: 'submit', class: 'btn', id: 'bulk-count' }, 'Count'), result);
+    form.addEventListener('submit', (e) => { e.preventDefault(); fill(result); run(true); });
+    $('#view-task').appendChild(form);
   }
 
   function renderTimeline(attempts, task, now) {
@@ -1902,6 +1983,7 @@
     setupWorkersView();
     setupLogs();
     setupTaskView();
+    setupBulkCancel();
     setupDeadView();
     window.addEventListener('hashchange', route);
     state.dirty.add('pipeline');
