@@ -18,6 +18,7 @@ fn meta(attempt: u32) -> TaskMeta {
         enqueued_at_ms: Some(10),
         submitted_at_ms: Some(5),
         traceparent: None,
+        priority: Default::default(),
     }
 }
 

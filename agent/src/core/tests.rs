@@ -64,6 +64,7 @@ fn task(id: &str, attempt: u32) -> Delivery {
             enqueued_at_ms: Some(1),
             submitted_at_ms: Some(1),
             traceparent: None,
+            priority: Default::default(),
         }),
         redelivered: false,
         span: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
