@@ -104,12 +104,14 @@
 
 pub mod cli;
 pub mod config;
+mod bands;
 mod control;
 pub mod core;
 mod dead;
 mod declare;
 pub mod handoff;
 mod heartbeat;
+mod intake;
 mod link;
 mod pgroup;
 pub mod probe;

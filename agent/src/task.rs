@@ -105,6 +105,7 @@ pub fn read(
                 attempt: 0,
                 idempotency_key: String::new(),
                 traceparent: None,
+                priority: Default::default(),
                 payload,
             },
             None,
@@ -177,11 +178,13 @@ async fn try_publish(
                 return Ok(Confirm::NoSuchStage);
             }
             let exchange = ctx.names.tasks_exchange();
+            // Straight to the next stage's band: its priority travels.
+            let key = Names::band_key(&stage, meta.priority.band());
             let published = send(
                 ctx,
                 link,
                 &exchange,
-                stage.as_str(),
+                &key,
                 payload,
                 meta.properties(),
             )

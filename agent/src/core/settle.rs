@@ -164,12 +164,26 @@ pub fn plan(outcome: Outcome, ctx: &SettleCtx<'_>) -> Plan {
                 stage: ctx.route.stage.clone(),
                 attempt: ctx.meta.attempt,
                 started_at_ms: ctx.started_at_ms,
-                next,
+                next: next.clone(),
                 submitted_at_ms: ctx.meta.submitted_at_ms,
             });
+            let mut events = vec![succeeded];
+            // The next stage's view of a task with a priority (none for
+            // the default: most tasks, and no event to pay for).
+            if let Some(stage) = &next
+                && ctx.meta.priority != guildhall_proto::Priority::DEFAULT
+            {
+                events.push(Event::TaskQueued(guildhall_proto::TaskQueued {
+                    at_ms: ctx.finished_at_ms,
+                    task_id: ctx.meta.id.clone(),
+                    stage: stage.clone(),
+                    priority: ctx.meta.priority,
+                    due_at_ms: None,
+                }));
+            }
             Plan {
                 publish,
-                events: vec![succeeded],
+                events,
                 settled: Settled::Done,
                 then: Then::Ack,
             }

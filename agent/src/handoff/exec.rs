@@ -73,6 +73,7 @@ impl ExecWorker {
             .env(env::STAGE, task.stage.as_str())
             .env(env::ATTEMPT, task.attempt.to_string())
             .env(env::IDEMPOTENCY_KEY, &task.idempotency_key)
+            .env(env::PRIORITY, task.priority.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -362,6 +363,7 @@ mod tests {
             attempt: 2,
             idempotency_key: "T-1/build/2".into(),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            priority: Default::default(),
             payload: payload.to_vec(),
         }
     }

@@ -113,6 +113,7 @@ impl HttpWorker {
             (h::STAGE, task.stage.as_str().to_owned()),
             (h::ATTEMPT, task.attempt.to_string()),
             (h::IDEMPOTENCY_KEY, task.idempotency_key.clone()),
+            (h::PRIORITY, task.priority.to_string()),
         ];
         if let Some(tp) = &task.traceparent {
             headers.push((h::TRACEPARENT, tp.clone()));
@@ -425,6 +426,7 @@ mod tests {
             attempt: 1,
             idempotency_key: "t1/s/1".into(),
             traceparent: None,
+            priority: Default::default(),
             payload: b"x".to_vec(),
         };
         let f = failure(worker.handle(&task).await);
@@ -450,6 +452,7 @@ mod tests {
             attempt: 1,
             idempotency_key: "t1/s/1".into(),
             traceparent: None,
+            priority: Default::default(),
             payload: Vec::new(),
         };
         let f = failure(worker.handle(&task).await);
@@ -497,6 +500,7 @@ mod tests {
             attempt: 1,
             idempotency_key: "t1/s/1".into(),
             traceparent: None,
+            priority: Default::default(),
             payload: b"in".to_vec(),
         };
         const TASKS: u32 = 40;

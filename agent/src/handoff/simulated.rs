@@ -288,6 +288,7 @@ mod tests {
             attempt: 1,
             idempotency_key: "t/s/1".into(),
             traceparent: None,
+            priority: Default::default(),
             payload: b"same".to_vec(),
         };
         assert_eq!(

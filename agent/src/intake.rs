@@ -1,0 +1,338 @@
+//! The intake mover: consumes a stage's intake queue (`<ns>.stage.<stage>`,
+//! what producers publish to) and moves each message into its band, into
+//! the delay ladder, or to the dead-letter queue with the reason, as
+//! [`crate::core::intake::sort`] says. Runs while the agent consumes its
+//! stage, on a channel of its own (closing it gives what it held back).
+//!
+//! Never loses a message: the move is published (mandatory, confirmed)
+//! before the intake delivery is acked; a move that is not confirmed nacks
+//! the delivery back to the intake. Publishes are pipelined in order, each
+//! ack sent when its own confirm arrives.
+//!
+//! The moved message keeps the producer's properties and payload; it gets
+//! a `message_id` if it had none (so the task keeps one id from intake to
+//! band), loses `x-delay`, and a delayed one gets `x-guildhall-due-at` and
+//! an `x-guildhall-enqueued-at` of its due time (its queue wait starts
+//! then). A move with a priority or a delay emits `TaskQueued`.
+
+use crate::core::intake::{self, IntakeMessage, RawDelay, Sorted};
+use crate::dead::{self, Reasons};
+use crate::ratelog::RateLimited;
+use futures_lite::StreamExt;
+use guildhall_broker::task::new_task_id;
+use guildhall_broker::topology::declare_delay_ladder;
+use guildhall_broker::{EventPublisher, Publisher, now_ms};
+use guildhall_proto::headers::amqp as h;
+use guildhall_proto::{
+    AgentId, DeliveryRejected, Event, Names, RejectReason, Stage, TaskId, TaskQueued,
+};
+use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use std::sync::Arc;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Intake deliveries in flight (moved but not yet confirmed and acked).
+pub const INTAKE_PREFETCH: u16 = 128;
+
+/// What the mover needs.
+#[derive(Clone)]
+pub(crate) struct IntakeCtx {
+    /// Broker names.
+    pub names: Names,
+    /// The stage whose intake is sorted.
+    pub stage: Stage,
+    /// This agent, for dead-letter headers.
+    pub agent: AgentId,
+    /// For `TaskQueued` and `DeliveryRejected`.
+    pub events: EventPublisher,
+    /// The connection's largest frame (dead letters must fit one).
+    pub frame_max: u32,
+    /// Bounds the log lines about dead-lettered intake messages.
+    pub log: Arc<RateLimited>,
+}
+
+/// A running mover; dropping it stops it (its channel closes with the
+/// task, or with the connection).
+pub(crate) struct Mover {
+    /// The mover's task.
+    handle: JoinHandle<()>,
+    /// Its channel, closed on drop so the broker takes back what it held.
+    channel: Channel,
+}
+
+impl Drop for Mover {
+    fn drop(&mut self) {
+        self.handle.abort();
+        let channel = self.channel.clone();
+        tokio::spawn(async move {
+            let _ = channel.close(200, "intake mover stopped".into()).await;
+        });
+    }
+}
+
+/// Starts moving `ctx.stage`'s intake on a new channel of `conn`.
+pub(crate) async fn start(conn: &Connection, ctx: IntakeCtx) -> Result<Mover, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(INTAKE_PREFETCH, BasicQosOptions::default())
+        .await?;
+    let publisher = Publisher::open(conn)
+        .await
+        .map_err(|e| match e {
+            guildhall_broker::BrokerError::Amqp { source, .. }
+            | guildhall_broker::BrokerError::Connect { source, .. } => source,
+            guildhall_broker::BrokerError::InvalidUrl { .. } => {
+                lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                    lapin::ConnectionState::Error,
+                ))
+            }
+        })?;
+    let queue = ctx.names.stage_queue(&ctx.stage);
+    let consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let handle = tokio::spawn(run(ctx, channel.clone(), publisher, consumer));
+    Ok(Mover { handle, channel })
+}
+
+async fn run(ctx: IntakeCtx, channel: Channel, publisher: Publisher, mut consumer: lapin::Consumer) {
+    let mut in_flight: JoinSet<()> = JoinSet::new();
+    let mut ladder_declared = false;
+    loop {
+        tokio::select! {
+            delivery = consumer.next() => match delivery {
+                Some(Ok(delivery)) => {
+                    move_one(&ctx, &channel, &publisher, &mut ladder_declared, delivery, &mut in_flight).await;
+                }
+                Some(Err(err)) => {
+                    tracing::debug!("intake consumer: {err}");
+                    break;
+                }
+                None => break,
+            },
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Reads what the sorter needs from a delivery's properties.
+pub(crate) fn read(props: &BasicProperties) -> IntakeMessage {
+    let headers = props.headers().as_ref();
+    let delay = headers
+        .and_then(|t| t.inner().get(h::DELAY))
+        .map(raw_delay);
+    let due_at_ms = headers.and_then(|t| guildhall_broker::task::header_u64(t, h::DUE_AT));
+    IntakeMessage {
+        priority: *props.priority(),
+        delay,
+        due_at_ms,
+    }
+}
+
+fn raw_delay(value: &AMQPValue) -> RawDelay {
+    match value {
+        AMQPValue::ShortShortInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::ShortShortUInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::ShortInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::ShortUInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::LongInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::LongUInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::LongLongInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::Timestamp(v) => RawDelay::Int((*v).into()),
+        AMQPValue::Float(v) => RawDelay::Float((*v).into()),
+        AMQPValue::Double(v) => RawDelay::Float(*v),
+        AMQPValue::LongString(s) => RawDelay::Text(String::from_utf8_lossy(s.as_bytes()).into()),
+        AMQPValue::ShortString(s) => RawDelay::Text(s.as_str().to_owned()),
+        AMQPValue::Boolean(_) => RawDelay::Other("boolean"),
+        AMQPValue::DecimalValue(_) => RawDelay::Other("decimal value"),
+        AMQPValue::ByteArray(_) => RawDelay::Other("byte array"),
+        AMQPValue::FieldArray(_) => RawDelay::Other("array"),
+        AMQPValue::FieldTable(_) => RawDelay::Other("table"),
+        AMQPValue::Void => RawDelay::Other("void"),
+    }
+}
+
+/// The moved message's properties (see the module docs).
+pub(crate) fn moved_properties(
+    props: &BasicProperties,
+    id: &str,
+    due_at_ms: Option<u64>,
+) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    let mut inner = headers.inner().clone();
+    inner.remove(h::DELAY);
+    headers = FieldTable::from(inner);
+    if let Some(due) = due_at_ms {
+        let due = AMQPValue::LongLongInt(i64::try_from(due).unwrap_or(i64::MAX));
+        headers.insert(h::DUE_AT.into(), due.clone());
+        headers.insert(h::ENQUEUED_AT.into(), due);
+    }
+    props
+        .clone()
+        .with_message_id(ShortString::from(id))
+        .with_headers(headers)
+}
+
+async fn move_one(
+    ctx: &IntakeCtx,
+    channel: &Channel,
+    publisher: &Publisher,
+    ladder_declared: &mut bool,
+    delivery: lapin::message::Delivery,
+    in_flight: &mut JoinSet<()>,
+) {
+    let now = now_ms();
+    let props = &delivery.properties;
+    let sorted = intake::sort(&ctx.stage, &read(props), now);
+    // The id the task will have in its band: the producer's, or a new one.
+    let id = match props.message_id() {
+        Some(id) => id.as_str().to_owned(),
+        None => new_task_id().to_string(),
+    };
+    let (exchange, key, out_props, queued, rejected) = match &sorted {
+        Sorted::Band { key, .. } => (
+            ctx.names.tasks_exchange(),
+            key.clone(),
+            moved_properties(props, &id, None),
+            sorted.queued(),
+            None,
+        ),
+        Sorted::Delay { key, due_at_ms, .. } => {
+            if !*ladder_declared {
+                match declare_delay_ladder(channel, &ctx.names).await {
+                    Ok(()) => *ladder_declared = true,
+                    Err(err) => tracing::warn!("cannot declare the delay ladder: {err}"),
+                }
+            }
+            (
+                ctx.names.delay_entry(),
+                key.clone(),
+                moved_properties(props, &id, Some(*due_at_ms)),
+                sorted.queued(),
+                None,
+            )
+        }
+        Sorted::Dead { class, error } => {
+            let reasons = Reasons {
+                error,
+                class,
+                stage: &ctx.stage,
+                agent: &ctx.agent,
+            };
+            let (dead_props, trimmed) = dead::dead_letter_properties(props, reasons, ctx.frame_max);
+            dead::log_trimmed(trimmed, "an intake message");
+            let reason = if *class == intake::INVALID_PRIORITY_CLASS {
+                RejectReason::InvalidPriority
+            } else {
+                RejectReason::InvalidDelay
+            };
+            (
+                ctx.names.dead_exchange(),
+                ctx.stage.to_string(),
+                dead_props,
+                None,
+                Some((reason, error.clone())),
+            )
+        }
+    };
+    let started = publisher
+        .start(&exchange, &key, &delivery.data, out_props)
+        .await;
+    let ctx = ctx.clone();
+    in_flight.spawn(async move {
+        let confirmed = match started {
+            Ok(pending) => pending.wait().await,
+            Err(err) => Err(err),
+        };
+        let acker = &delivery.acker;
+        match (confirmed, rejected) {
+            (Ok(()), None) => {
+                if acker.ack(Default::default()).await.is_ok()
+                    && let Some((priority, due_at_ms)) = queued
+                    && let Ok(task_id) = TaskId::new(id.as_str())
+                {
+                    ctx.events.emit(Event::TaskQueued(TaskQueued {
+                        at_ms: now,
+                        task_id,
+                        stage: ctx.stage.clone(),
+                        priority,
+                        due_at_ms,
+                    }));
+                }
+            }
+            (Ok(()), Some((reason, detail))) => {
+                let _ = acker.ack(Default::default()).await;
+                reject_event(&ctx, reason, detail, true, delivery.delivery_tag, now);
+            }
+            (Err(err), None) => {
+                tracing::warn!("moving an intake message failed (back to the intake): {err}");
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await;
+            }
+            (Err(err), Some((reason, detail))) => {
+                // As for an unreadable delivery: never requeued (it would
+                // loop); the intake dead-letters it itself, without reasons.
+                tracing::warn!("dead-lettering an intake message failed: {err}");
+                let _ = acker.reject(BasicRejectOptions { requeue: false }).await;
+                reject_event(&ctx, reason, detail, false, delivery.delivery_tag, now);
+            }
+        }
+    });
+}
+
+fn reject_event(
+    ctx: &IntakeCtx,
+    reason: RejectReason,
+    detail: String,
+    dead_lettered: bool,
+    tag: u64,
+    now: u64,
+) {
+    let rejected = DeliveryRejected {
+        at_ms: now,
+        stage: ctx.stage.clone(),
+        reason,
+        detail,
+        dead_lettered,
+    };
+    dead::log_rejected(&ctx.log, &rejected, tag);
+    ctx.events.emit(Event::DeliveryRejected(rejected));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::LongString;
+
+    #[test]
+    fn the_moved_message_loses_x_delay_and_gets_its_due_time_and_an_id() {
+        let mut headers = FieldTable::default();
+        headers.insert(h::DELAY.into(), AMQPValue::LongString(LongString::from("5000")));
+        headers.insert("own".into(), AMQPValue::LongInt(1));
+        let props = BasicProperties::default()
+            .with_headers(headers)
+            .with_priority(7);
+        let read = read(&props);
+        assert_eq!(read.priority, Some(7));
+        assert_eq!(read.delay, Some(RawDelay::Text("5000".into())));
+        let moved = moved_properties(&props, "T-1", Some(42));
+        let t = moved.headers().as_ref().unwrap();
+        assert!(t.inner().get(h::DELAY).is_none());
+        assert!(t.inner().get("own").is_some());
+        assert_eq!(guildhall_broker::task::header_u64(t, h::DUE_AT), Some(42));
+        assert_eq!(moved.message_id().as_ref().unwrap().as_str(), "T-1");
+        assert_eq!(*moved.priority(), Some(7));
+        assert_eq!(raw_delay(&AMQPValue::Boolean(true)), RawDelay::Other("boolean"));
+    }
+}
