@@ -107,10 +107,9 @@ impl Bands {
             let (b, c) = rest.split_at_mut(1);
             let any = futures_lite::future::or(
                 async { (0, a[0].next().await) },
-                futures_lite::future::or(
-                    async { (1, b[0].next().await) },
-                    async { (2, c[0].next().await) },
-                ),
+                futures_lite::future::or(async { (1, b[0].next().await) }, async {
+                    (2, c[0].next().await)
+                }),
             );
             match any.await {
                 (i, Some(Ok(delivery))) => self.held[i].push_back(delivery),
@@ -148,4 +147,3 @@ impl Bands {
         Ok(())
     }
 }
-

@@ -77,17 +77,13 @@ pub(crate) async fn start(conn: &Connection, ctx: IntakeCtx) -> Result<Mover, la
     channel
         .basic_qos(INTAKE_PREFETCH, BasicQosOptions::default())
         .await?;
-    let publisher = Publisher::open(conn)
-        .await
-        .map_err(|e| match e {
-            guildhall_broker::BrokerError::Amqp { source, .. }
-            | guildhall_broker::BrokerError::Connect { source, .. } => source,
-            guildhall_broker::BrokerError::InvalidUrl { .. } => {
-                lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-                    lapin::ConnectionState::Error,
-                ))
-            }
-        })?;
+    let publisher = Publisher::open(conn).await.map_err(|e| match e {
+        guildhall_broker::BrokerError::Amqp { source, .. }
+        | guildhall_broker::BrokerError::Connect { source, .. } => source,
+        guildhall_broker::BrokerError::InvalidUrl { .. } => lapin::Error::from(
+            lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Error),
+        ),
+    })?;
     let queue = ctx.names.stage_queue(&ctx.stage);
     let consumer = channel
         .basic_consume(
@@ -101,7 +97,12 @@ pub(crate) async fn start(conn: &Connection, ctx: IntakeCtx) -> Result<Mover, la
     Ok(Mover { handle, channel })
 }
 
-async fn run(ctx: IntakeCtx, channel: Channel, publisher: Publisher, mut consumer: lapin::Consumer) {
+async fn run(
+    ctx: IntakeCtx,
+    channel: Channel,
+    publisher: Publisher,
+    mut consumer: lapin::Consumer,
+) {
     let mut in_flight: JoinSet<()> = JoinSet::new();
     let mut ladder_declared = false;
     loop {
@@ -125,9 +126,7 @@ async fn run(ctx: IntakeCtx, channel: Channel, publisher: Publisher, mut consume
 /// Reads what the sorter needs from a delivery's properties.
 pub(crate) fn read(props: &BasicProperties) -> IntakeMessage {
     let headers = props.headers().as_ref();
-    let delay = headers
-        .and_then(|t| t.inner().get(h::DELAY))
-        .map(raw_delay);
+    let delay = headers.and_then(|t| t.inner().get(h::DELAY)).map(raw_delay);
     let due_at_ms = headers.and_then(|t| guildhall_broker::task::header_u64(t, h::DUE_AT));
     IntakeMessage {
         priority: *props.priority(),
@@ -318,7 +317,10 @@ mod tests {
     #[test]
     fn the_moved_message_loses_x_delay_and_gets_its_due_time_and_an_id() {
         let mut headers = FieldTable::default();
-        headers.insert(h::DELAY.into(), AMQPValue::LongString(LongString::from("5000")));
+        headers.insert(
+            h::DELAY.into(),
+            AMQPValue::LongString(LongString::from("5000")),
+        );
         headers.insert("own".into(), AMQPValue::LongInt(1));
         let props = BasicProperties::default()
             .with_headers(headers)
@@ -333,6 +335,9 @@ mod tests {
         assert_eq!(guildhall_broker::task::header_u64(t, h::DUE_AT), Some(42));
         assert_eq!(moved.message_id().as_ref().unwrap().as_str(), "T-1");
         assert_eq!(*moved.priority(), Some(7));
-        assert_eq!(raw_delay(&AMQPValue::Boolean(true)), RawDelay::Other("boolean"));
+        assert_eq!(
+            raw_delay(&AMQPValue::Boolean(true)),
+            RawDelay::Other("boolean")
+        );
     }
 }

@@ -102,9 +102,9 @@
 //! - `pgroup`: signalling worker process groups.
 //! - [`probe`]: `/livez` and `/readyz` for an orchestrator (`--probe-listen`).
 
+mod bands;
 pub mod cli;
 pub mod config;
-mod bands;
 mod control;
 pub mod core;
 mod dead;

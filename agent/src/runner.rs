@@ -83,9 +83,9 @@ use guildhall_broker::{
     AmqpUrl, BrokerError, EventPublisher, EventPublisherConfig, Publisher, now_ms,
 };
 use guildhall_proto::{Command, Event, Names};
+use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
-use lapin::Confirmation;
 use lapin::options::BasicQosOptions;
 use std::collections::HashMap;
 use std::future::Future;

@@ -180,15 +180,7 @@ async fn try_publish(
             let exchange = ctx.names.tasks_exchange();
             // Straight to the next stage's band: its priority travels.
             let key = Names::band_key(&stage, meta.priority.band());
-            let published = send(
-                ctx,
-                link,
-                &exchange,
-                &key,
-                payload,
-                meta.properties(),
-            )
-            .await;
+            let published = send(ctx, link, &exchange, &key, payload, meta.properties()).await;
             if let Err(PublishError::Unroutable { .. }) = &published {
                 // Someone deleted the queue since it was declared.
                 link.declarer.forget_stage(&stage);

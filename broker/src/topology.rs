@@ -131,7 +131,13 @@ pub async fn declare_stage(ch: &Channel, names: &Names, stage: &Stage) -> Result
         let key = Names::band_key(stage, band);
         queue(ch, &name, table.clone()).await?;
         bind(ch, &name, &names.tasks_exchange(), &key).await?;
-        bind(ch, &name, &names.delay_deliver_exchange(), &format!("#.{key}")).await?;
+        bind(
+            ch,
+            &name,
+            &names.delay_deliver_exchange(),
+            &format!("#.{key}"),
+        )
+        .await?;
     }
     Ok(())
 }

@@ -45,7 +45,11 @@ pub struct BandPicker {
 impl BandPicker {
     /// A picker owing each lower band `share` of the starts.
     pub fn new(share: f64) -> Self {
-        let share = if valid_share(share) { share } else { DEFAULT_SHARE };
+        let share = if valid_share(share) {
+            share
+        } else {
+            DEFAULT_SHARE
+        };
         Self {
             earn: share / (1.0 - share),
             credit: [0.0; 3],
@@ -127,7 +131,10 @@ mod tests {
             .collect();
         let lows = seq.iter().filter(|b| **b == Band::Low).count();
         assert_eq!(lows, 2, "{seq:?}");
-        assert!(seq.windows(2).all(|w| !(w[0] == Band::Low && w[1] == Band::Low)));
+        assert!(
+            seq.windows(2)
+                .all(|w| !(w[0] == Band::Low && w[1] == Band::Low))
+        );
         assert!(!valid_share(0.5) && !valid_share(-0.1) && !valid_share(f64::NAN));
         assert!(valid_share(0.0) && valid_share(DEFAULT_SHARE));
     }

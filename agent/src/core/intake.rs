@@ -119,9 +119,7 @@ pub fn parse_delay(raw: &RawDelay) -> Result<u64, String> {
                 return Err(format!("x-delay {shown:?} is negative"));
             }
             if whole.is_empty() || !digits(whole) || !digits(frac) {
-                return Err(format!(
-                    "x-delay {shown:?} is not a number of milliseconds"
-                ));
+                return Err(format!("x-delay {shown:?} is not a number of milliseconds"));
             }
             let ms: u64 = whole.parse().map_err(|_| too_long(shown.clone()))?;
             let round_up = frac.as_bytes().first().is_some_and(|b| *b >= b'5');
@@ -131,9 +129,7 @@ pub fn parse_delay(raw: &RawDelay) -> Result<u64, String> {
             }
             Ok(ms)
         }
-        RawDelay::Other(kind) => Err(format!(
-            "x-delay is a {kind}, not a number of milliseconds"
-        )),
+        RawDelay::Other(kind) => Err(format!("x-delay is a {kind}, not a number of milliseconds")),
     }
 }
 

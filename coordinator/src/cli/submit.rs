@@ -72,7 +72,8 @@ fn when(args: &SubmitArgs, now_ms: u64) -> Result<When, ConfigError> {
             return Err(ConfigError("give --delay or --at, not both".into()));
         }
         (Some(d), None) => Some(
-            now_ms.saturating_add(parse_delay(d).map_err(|e| ConfigError(format!("--delay: {e}")))?),
+            now_ms
+                .saturating_add(parse_delay(d).map_err(|e| ConfigError(format!("--delay: {e}")))?),
         ),
         (None, Some(at)) => {
             Some(parse_at(at, now_ms).map_err(|e| ConfigError(format!("--at: {e}")))?)

@@ -220,7 +220,11 @@ fn submit_when(req: &SubmitBody, now: u64) -> Result<crate::submit::When, ApiErr
                 ))
             })?,
     };
-    let delays = [req.delay_ms.is_some(), req.delay.is_some(), req.at.is_some()];
+    let delays = [
+        req.delay_ms.is_some(),
+        req.delay.is_some(),
+        req.at.is_some(),
+    ];
     if delays.iter().filter(|d| **d).count() > 1 {
         return Err(ApiError::bad_request(
             "give one of delay_ms, delay and at, not several",
