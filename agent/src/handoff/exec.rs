@@ -331,6 +331,7 @@ pub fn map_exit(
         (Some(0), _) => Outcome::Success {
             payload: out,
             next: NextStage::Default,
+            priority: None,
         },
         (Some(EXIT_PERMANENT_FAILURE), _) => Outcome::Failure(Failure::permanent(
             format!("exit_{EXIT_PERMANENT_FAILURE}"),
@@ -393,7 +394,8 @@ mod tests {
             run("tr a-z A-Z", LONG).await,
             Outcome::Success {
                 payload: b"HELLO".to_vec(),
-                next: NextStage::Default
+                next: NextStage::Default,
+                priority: None,
             }
         );
     }
@@ -488,7 +490,8 @@ mod tests {
             out,
             Outcome::Success {
                 payload: b"done\n".to_vec(),
-                next: NextStage::Default
+                next: NextStage::Default,
+                priority: None,
             }
         );
         assert!(

@@ -133,6 +133,9 @@ pub enum Outcome {
         payload: Vec<u8>,
         /// Where it goes.
         next: NextStage,
+        /// The priority the next stage gets, if the worker set one
+        /// (`x-guildhall-priority`); else the task keeps its own.
+        priority: Option<guildhall_proto::Priority>,
     },
     /// The worker failed.
     Failure(Failure),

@@ -196,6 +196,7 @@ impl SimulatedWorker {
             None => Outcome::Success {
                 payload: task.payload.clone(),
                 next: NextStage::Default,
+                priority: None,
             },
         }
     }
@@ -295,7 +296,8 @@ mod tests {
             worker.handle(&task).await,
             Outcome::Success {
                 payload: b"same".to_vec(),
-                next: NextStage::Default
+                next: NextStage::Default,
+                priority: None,
             }
         );
     }
