@@ -18,6 +18,7 @@ mod hostile_agent;
 mod hostile_http;
 mod pipeline;
 mod priority;
+mod priority_submit;
 mod probes;
 mod prometheus;
 mod rabbitmq_definitions;

@@ -716,15 +716,15 @@ pub struct SubmitArgs {
     #[arg(long, env = "GUILDHALL_SUBMIT_COUNT")]
     pub count: Option<u64>,
     /// The task's priority, 0-9, higher first (default 0).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub priority: Option<String>,
     /// Hold the task back this long before it can start (`90s`, `5m`,
     /// `2h`; at most about 97 days).
-    #[arg(long, conflicts_with = "at")]
+    #[arg(long, allow_hyphen_values = true)]
     pub delay: Option<String>,
     /// Hold the task back until this time (RFC 3339 in UTC,
     /// `2026-12-07T09:00:00Z`).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub at: Option<String>,
 }
 
