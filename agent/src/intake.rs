@@ -30,7 +30,8 @@ use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions, Bas
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use std::sync::Arc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// Intake deliveries in flight (moved but not yet confirmed and acked).
 pub const INTAKE_PREFETCH: u16 = 128;
@@ -52,64 +53,131 @@ pub(crate) struct IntakeCtx {
     pub log: Arc<RateLimited>,
 }
 
-/// A running mover; dropping it stops it (its channel closes with the
-/// task, or with the connection).
+/// A running mover; dropping it stops it gracefully: its consumer is
+/// cancelled, what it received and had not moved goes back to the intake,
+/// and moves under way finish (confirm, then ack) before its channel closes,
+/// so that stopping (a pause, an `Assign`) duplicates nothing.
 pub(crate) struct Mover {
-    /// The mover's task.
-    handle: JoinHandle<()>,
-    /// Its channel, closed on drop so the broker takes back what it held.
-    channel: Channel,
+    /// Cancelled on drop.
+    stop: CancellationToken,
 }
 
 impl Drop for Mover {
     fn drop(&mut self) {
-        self.handle.abort();
-        let channel = self.channel.clone();
-        tokio::spawn(async move {
-            let _ = channel.close(200, "intake mover stopped".into()).await;
-        });
+        self.stop.cancel();
     }
 }
 
-/// Starts moving `ctx.stage`'s intake on a new channel of `conn`.
-pub(crate) async fn start(conn: &Connection, ctx: IntakeCtx) -> Result<Mover, lapin::Error> {
-    let channel = conn.create_channel().await?;
-    channel
-        .basic_qos(INTAKE_PREFETCH, BasicQosOptions::default())
-        .await?;
-    let publisher = Publisher::open(conn).await.map_err(|e| match e {
-        guildhall_broker::BrokerError::Amqp { source, .. }
-        | guildhall_broker::BrokerError::Connect { source, .. } => source,
-        guildhall_broker::BrokerError::InvalidUrl { .. } => lapin::Error::from(
-            lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Error),
-        ),
-    })?;
-    let queue = ctx.names.stage_queue(&ctx.stage);
-    let consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let handle = tokio::spawn(run(ctx, channel.clone(), publisher, consumer));
-    Ok(Mover { handle, channel })
+/// One channel's worth of moving: the consumer and the confirm channel.
+struct Session {
+    /// The channel the intake is consumed on.
+    channel: Channel,
+    /// Confirm-mode channel for the moves.
+    publisher: Publisher,
+    /// The intake consumer.
+    consumer: lapin::Consumer,
 }
 
-async fn run(
+impl Session {
+    async fn open(conn: &Connection, ctx: &IntakeCtx) -> Result<Self, lapin::Error> {
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(INTAKE_PREFETCH, BasicQosOptions::default())
+            .await?;
+        let publisher = Publisher::open(conn).await.map_err(|e| match e {
+            guildhall_broker::BrokerError::Amqp { source, .. }
+            | guildhall_broker::BrokerError::Connect { source, .. } => source,
+            guildhall_broker::BrokerError::InvalidUrl { .. } => lapin::Error::from(
+                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Error),
+            ),
+        })?;
+        let queue = ctx.names.stage_queue(&ctx.stage);
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            channel,
+            publisher,
+            consumer,
+        })
+    }
+
+    async fn close(&self) {
+        let _ = self.channel.close(200, "intake mover stopped".into()).await;
+        let _ = self
+            .publisher
+            .channel()
+            .close(200, "intake mover stopped".into())
+            .await;
+    }
+}
+
+/// Starts moving `ctx.stage`'s intake on new channels of `conn`. A channel
+/// the broker closes (a refused move) is opened again a second later, as
+/// long as the connection lives.
+pub(crate) async fn start(conn: Arc<Connection>, ctx: IntakeCtx) -> Result<Mover, lapin::Error> {
+    let session = Session::open(&conn, &ctx).await?;
+    let stop = CancellationToken::new();
+    tokio::spawn(supervise(conn, ctx, session, stop.clone()));
+    Ok(Mover { stop })
+}
+
+async fn supervise(
+    conn: Arc<Connection>,
     ctx: IntakeCtx,
-    channel: Channel,
-    publisher: Publisher,
-    mut consumer: lapin::Consumer,
+    mut session: Session,
+    stop: CancellationToken,
 ) {
+    loop {
+        run(&ctx, &mut session, &stop).await;
+        session.close().await;
+        if stop.is_cancelled() || !conn.status().connected() {
+            return;
+        }
+        tracing::warn!(stage = %ctx.stage, "the intake channel closed; opening it again in 1s");
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = stop.cancelled() => return,
+        }
+        match Session::open(&conn, &ctx).await {
+            Ok(s) => session = s,
+            Err(err) => {
+                tracing::warn!("cannot consume the intake again: {err}");
+                if !conn.status().connected() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn run(ctx: &IntakeCtx, session: &mut Session, stop: &CancellationToken) {
     let mut in_flight: JoinSet<()> = JoinSet::new();
     let mut ladder_declared = false;
     loop {
         tokio::select! {
-            delivery = consumer.next() => match delivery {
+            () = stop.cancelled() => {
+                let tag = session.consumer.tag();
+                let _ = session.channel.basic_cancel(tag, Default::default()).await;
+                // After cancel-ok the stream yields what it buffered, then ends.
+                let back = async {
+                    while let Some(Ok(delivery)) = session.consumer.next().await {
+                        let requeue = BasicNackOptions { multiple: false, requeue: true };
+                        let _ = delivery.acker.nack(requeue).await;
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), back).await;
+                break;
+            }
+            delivery = session.consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
-                    move_one(&ctx, &channel, &publisher, &mut ladder_declared, delivery, &mut in_flight).await;
+                    let Session { channel, publisher, .. } = &*session;
+                    move_one(ctx, channel, publisher, &mut ladder_declared, delivery, &mut in_flight).await;
                 }
                 Some(Err(err)) => {
                     tracing::debug!("intake consumer: {err}");
@@ -120,7 +188,8 @@ async fn run(
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
     }
-    while in_flight.join_next().await.is_some() {}
+    let finish = async { while in_flight.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), finish).await;
 }
 
 /// Reads what the sorter needs from a delivery's properties.
@@ -173,10 +242,32 @@ pub(crate) fn moved_properties(
         headers.insert(h::DUE_AT.into(), due.clone());
         headers.insert(h::ENQUEUED_AT.into(), due);
     }
-    props
-        .clone()
+    // Not the producer's `user_id` (the broker checks it against the
+    // agent's user and would close the channel) nor its `expiration` (a
+    // message leaving a ladder level early would fire early).
+    let mut out = BasicProperties::default()
         .with_message_id(ShortString::from(id))
-        .with_headers(headers)
+        .with_headers(headers);
+    macro_rules! copy {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(v) = props.$get() {
+                out = out.$set(v.clone());
+            })*
+        };
+    }
+    copy!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    out
 }
 
 async fn move_one(
@@ -324,7 +415,9 @@ mod tests {
         headers.insert("own".into(), AMQPValue::LongInt(1));
         let props = BasicProperties::default()
             .with_headers(headers)
-            .with_priority(7);
+            .with_priority(7)
+            .with_user_id("producer".into())
+            .with_expiration("100".into());
         let read = read(&props);
         assert_eq!(read.priority, Some(7));
         assert_eq!(read.delay, Some(RawDelay::Text("5000".into())));
@@ -335,6 +428,8 @@ mod tests {
         assert_eq!(guildhall_broker::task::header_u64(t, h::DUE_AT), Some(42));
         assert_eq!(moved.message_id().as_ref().unwrap().as_str(), "T-1");
         assert_eq!(*moved.priority(), Some(7));
+        assert_eq!(*moved.user_id(), None);
+        assert_eq!(*moved.expiration(), None);
         assert_eq!(
             raw_delay(&AMQPValue::Boolean(true)),
             RawDelay::Other("boolean")

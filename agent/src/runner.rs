@@ -722,7 +722,7 @@ impl Runner {
             ..intake
         };
         link.intake = Some(
-            crate::intake::start(&link.conn, intake)
+            crate::intake::start(link.conn.clone(), intake)
                 .await
                 .map_err(|e| Lost::new("consume the stage's intake", e))?,
         );
