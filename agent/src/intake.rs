@@ -117,48 +117,62 @@ impl Session {
     }
 }
 
-/// Starts moving `ctx.stage`'s intake on new channels of `conn`. A channel
-/// the broker closes (a refused move) is opened again a second later, as
-/// long as the connection lives.
-pub(crate) async fn start(conn: Arc<Connection>, ctx: IntakeCtx) -> Result<Mover, lapin::Error> {
-    let session = Session::open(&conn, &ctx).await?;
+/// Starts moving `ctx.stage`'s intake on new channels of `conn`, in the
+/// background: the delay ladder is declared first (a delay counts from when
+/// its message is sorted, so none may wait behind the ladder's 23 queue
+/// declarations), then the intake consumed. A channel the broker closes (a
+/// refused move) is opened again a second later, as long as the
+/// connection lives.
+pub(crate) fn start(conn: Arc<Connection>, ctx: IntakeCtx) -> Mover {
     let stop = CancellationToken::new();
-    tokio::spawn(supervise(conn, ctx, session, stop.clone()));
-    Ok(Mover { stop })
+    tokio::spawn(supervise(conn, ctx, stop.clone()));
+    Mover { stop }
 }
 
-async fn supervise(
-    conn: Arc<Connection>,
-    ctx: IntakeCtx,
-    mut session: Session,
-    stop: CancellationToken,
-) {
+async fn supervise(conn: Arc<Connection>, ctx: IntakeCtx, stop: CancellationToken) {
+    let mut first = true;
     loop {
+        if !first {
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+        first = false;
+        if stop.is_cancelled() || !conn.status().connected() {
+            return;
+        }
+        let session = async {
+            let ch = conn.create_channel().await?;
+            let declared = declare_delay_ladder(&ch, &ctx.names).await;
+            let _ = ch.close(200, "declared".into()).await;
+            if let Err(err) = declared {
+                tracing::warn!("cannot declare the delay ladder: {err}");
+            }
+            Session::open(&conn, &ctx).await
+        };
+        let mut session = tokio::select! {
+            s = session => match s {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::warn!(stage = %ctx.stage, "cannot consume the intake: {err}; trying again in 1s");
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
         run(&ctx, &mut session, &stop).await;
         session.close().await;
         if stop.is_cancelled() || !conn.status().connected() {
             return;
         }
         tracing::warn!(stage = %ctx.stage, "the intake channel closed; opening it again in 1s");
-        tokio::select! {
-            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-            () = stop.cancelled() => return,
-        }
-        match Session::open(&conn, &ctx).await {
-            Ok(s) => session = s,
-            Err(err) => {
-                tracing::warn!("cannot consume the intake again: {err}");
-                if !conn.status().connected() {
-                    return;
-                }
-            }
-        }
     }
 }
 
 async fn run(ctx: &IntakeCtx, session: &mut Session, stop: &CancellationToken) {
     let mut in_flight: JoinSet<()> = JoinSet::new();
-    let mut ladder_declared = false;
+    let mut ladder_declared = true;
     loop {
         tokio::select! {
             () = stop.cancelled() => {

@@ -721,11 +721,7 @@ impl Runner {
             frame_max: link.tasks.frame_max,
             ..intake
         };
-        link.intake = Some(
-            crate::intake::start(link.conn.clone(), intake)
-                .await
-                .map_err(|e| Lost::new("consume the stage's intake", e))?,
-        );
+        link.intake = Some(crate::intake::start(link.conn.clone(), intake));
         let queue = self.names.stage_queue(stage);
         tracing::info!(%queue, prefetch, concurrency, share, "consuming");
         Ok(())

@@ -220,6 +220,8 @@ impl Submitter {
                     })?;
                 self.ladder_declared.store(true, Ordering::Relaxed);
             }
+            // The ladder's key counts from now, after the declaration.
+            let delay_s = ladder_seconds(due.saturating_sub(now_ms())).max(1);
             let mut meta = TaskMeta::submission(id.clone(), now, Some(trace.to_string()))
                 .with_priority(when.priority);
             // Its queue wait starts when it is due.
