@@ -133,3 +133,96 @@ async fn a_bad_x_delay_is_dead_lettered_with_the_reason() {
     }
     assert!(worker.calls().await.unwrap().is_empty());
 }
+
+/// The ladder is quorum queues: a delay survives a broker crash (SIGKILL
+/// and a start on the same data) and still fires on time. On a private
+/// node (needs root, as the TLS test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_survives_a_broker_restart_and_fires_on_time() {
+    use guildhall_broker::{AmqpUrl, connect};
+    use guildhall_tests::node::spawn_plain_rabbitmq_node;
+    let ns = TestNs::new("delay-restart");
+    let mut node = spawn_plain_rabbitmq_node(&ns, "delay").await.unwrap();
+    let url = node.amqp_url();
+    let conn = connect(&AmqpUrl::parse(&url).unwrap(), "delay-test")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    guildhall_broker::topology::declare_stage(&ch, &ns.names, &TestNs::stage("work"))
+        .await
+        .unwrap();
+    guildhall_broker::topology::ensure_events_stream(
+        &conn,
+        &ns.names,
+        &guildhall_broker::topology::StreamRetention::default(),
+    )
+    .await
+    .unwrap();
+    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
+    let _agent = spawn_agent(
+        &ns,
+        "work-1",
+        "work",
+        &["--worker-url", &worker.url, "--amqp-url", &url],
+    )
+    .await
+    .unwrap();
+    let delay_ms = 40_000u64;
+    let t0 = now_ms();
+    ch.basic_publish(
+        ns.names.tasks_exchange().as_str().into(),
+        "work".into(),
+        Default::default(),
+        b"x",
+        BasicProperties::default()
+            .with_message_id("R-1".into())
+            .with_delivery_mode(2)
+            .with_headers(header(h::DELAY, AMQPValue::LongLongInt(delay_ms as i64))),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let due = t0 + delay_ms;
+    // Sorted into the ladder (the intake is empty), then the crash.
+    let intake = ns.names.stage_queue(&TestNs::stage("work"));
+    eventually(
+        Duration::from_secs(10),
+        "the task in the ladder",
+        || async {
+            let p = guildhall_broker::topology::probe_queue(&conn, &intake).await?;
+            anyhow::ensure!(p.map(|p| p.ready) == Some(0), "{p:?}");
+            Ok(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(ch);
+    let _ = conn.close(200, "restart".into()).await;
+    node.restart().await.unwrap();
+    let restarted = now_ms();
+    assert!(restarted < due, "the node took too long to restart");
+    let conn = connect(&AmqpUrl::parse(&url).unwrap(), "delay-test-2")
+        .await
+        .unwrap();
+    // A stream is readable a little after its node is back.
+    let mut events = eventually(Duration::from_secs(30), "the events stream", || {
+        EventReader::open(&conn, &ns.names)
+    })
+    .await;
+    let agent = AgentId::new("work-1").unwrap();
+    // The reader waits 15 s at most: start it shortly before the due time.
+    tokio::time::sleep(Duration::from_millis(due.saturating_sub(now_ms() + 5_000))).await;
+    let deadline = Duration::from_millis(due.saturating_sub(now_ms()) + 15_000);
+    let seen = tokio::time::timeout(
+        deadline,
+        events.until(&agent, "R-1 started", |e| started_at(e, "R-1").is_some()),
+    )
+    .await
+    .expect("R-1 never started after the restart");
+    let late = started_at(&seen, "R-1").unwrap() as i64 - due as i64;
+    assert!(
+        (-500..1_000).contains(&late),
+        "R-1 started {late} ms after its due time"
+    );
+}

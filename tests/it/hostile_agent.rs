@@ -5,7 +5,6 @@
 //! `guildhall serve` binaries; raw AMQP frames for what lapin cannot send.
 
 use guildhall_broker::task::{TaskMeta, header_str};
-use guildhall_broker::topology::probe_queue;
 use guildhall_broker::{Management, now_ms};
 use guildhall_proto::Event;
 use guildhall_proto::headers::amqp as h;
