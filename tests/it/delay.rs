@@ -226,3 +226,63 @@ async fn a_delay_survives_a_broker_restart_and_fires_on_time() {
         "R-1 started {late} ms after its due time"
     );
 }
+
+/// A retry of a second or more goes through the delay ladder straight back
+/// to the task's band (no retry queue of its own delay), on time, with its
+/// priority.
+#[tokio::test]
+async fn a_retry_waits_in_the_ladder_and_comes_back_to_its_band() {
+    let ns = TestNs::new("delay-retry");
+    let broker = Broker::connect(&ns).await.unwrap();
+    broker.ensure_events_stream().await.unwrap();
+    broker.declare_stage("work").await.unwrap();
+    let mut events = EventReader::open(&broker.conn, &broker.names)
+        .await
+        .unwrap();
+    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
+    let _agent = spawn_agent(
+        &ns,
+        "work-1",
+        "work",
+        &["--worker-url", &worker.url, "--retry-delay", "2s"],
+    )
+    .await
+    .unwrap();
+    let agent = AgentId::new("work-1").unwrap();
+    publish_plain(
+        &broker,
+        "work",
+        "RT-1",
+        "fail=once",
+        BasicProperties::default().with_priority(7),
+    )
+    .await;
+    let seen = events.until_step(&agent, "RT-1", "succeeded#2").await;
+    let failed_at = seen
+        .iter()
+        .find_map(|e| match e {
+            Event::TaskFailed(f) if f.task_id.as_str() == "RT-1" => Some(f.at_ms),
+            _ => None,
+        })
+        .unwrap();
+    let second = seen
+        .iter()
+        .find_map(|e| match e {
+            Event::TaskStarted(s) if s.task_id.as_str() == "RT-1" && s.attempt == 2 => {
+                Some(s.at_ms)
+            }
+            _ => None,
+        })
+        .unwrap();
+    let waited = second as i64 - failed_at as i64;
+    assert!(
+        (1_500..3_000).contains(&waited),
+        "the retry waited {waited} ms"
+    );
+    let retry_queue = ns.names.retry_queue(&TestNs::stage("work"), 2_000);
+    assert_eq!(
+        broker.probe(&retry_queue).await,
+        None,
+        "no retry queue of its own"
+    );
+}
