@@ -319,3 +319,43 @@ impl Submitter {
             .map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_and_due_times_parse_or_say_why_not() {
+        assert_eq!(parse_delay("90s"), Ok(90_000));
+        assert_eq!(parse_delay(" 1500ms "), Ok(1_500));
+        assert_eq!(parse_delay("2h 30m"), Ok(9_000_000));
+        for bad in ["", "soon", "-5s", "5", "1e3s"] {
+            assert!(
+                parse_delay(bad).unwrap_err().contains("invalid delay"),
+                "{bad}"
+            );
+        }
+        assert!(
+            parse_delay("200days")
+                .unwrap_err()
+                .contains("longest delay")
+        );
+        assert_eq!(check_delay_ms(MAX_DELAY_MS), Ok(MAX_DELAY_MS));
+        assert!(check_delay_ms(MAX_DELAY_MS + 1).is_err());
+        let now = 1_796_626_000_000; // 2026-12-07T06:46:40Z
+        assert_eq!(parse_at("2026-12-07T09:00:00Z", now), Ok(1_796_634_000_000));
+        // In the past: due at once.
+        assert_eq!(parse_at("2026-12-07T00:00:00Z", now), Ok(1_796_601_600_000));
+        for bad in ["tomorrow", "2026-12-07 09:00", "2026-13-07T09:00:00Z", ""] {
+            assert!(
+                parse_at(bad, now).unwrap_err().contains("invalid time"),
+                "{bad}"
+            );
+        }
+        assert!(
+            parse_at("2999-01-01T00:00:00Z", now)
+                .unwrap_err()
+                .contains("longest delay")
+        );
+    }
+}
