@@ -374,8 +374,12 @@ impl Runner {
                     LinkEvent::Command(delivery) => self.on_command(delivery).await,
                     LinkEvent::Delivery(delivery) => self.on_delivery(delivery),
                     LinkEvent::ConsumerEnded => {
-                        if let Some(link) = &mut self.link {
-                            link.consumer = None;
+                        if let Some(link) = &mut self.link
+                            && let Some(bands) = link.consumer.take()
+                        {
+                            // The other bands' consumers give back what they hold.
+                            let channel = link.consume_channel.clone();
+                            tokio::spawn(async move { bands.cancel(&channel).await });
                         }
                         self.core.handle_consumer_ended(now_ms());
                     }
