@@ -179,6 +179,13 @@ pub struct Cli {
     #[arg(long, env = "GUILDHALL_ALLOW_NEW_STAGES", value_parser = FalseyValueParser::new())]
     pub allow_new_stages: bool,
 
+    /// The least share of the stage's task starts each lower priority band
+    /// gets while it has tasks waiting (0 to 0.45; 0 = strict priority).
+    /// Default 0.1: a backlog of normal tasks still drains at a tenth of
+    /// the stage's throughput during a flood of urgent ones.
+    #[arg(long, env = "GUILDHALL_PRIORITY_SHARE", default_value_t = crate::core::bands::DEFAULT_SHARE)]
+    pub priority_share: f64,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "GUILDHALL_JSON_LOGS", value_parser = FalseyValueParser::new())]
     pub json_logs: bool,
@@ -266,6 +273,7 @@ impl Cli {
             other => other,
         };
         config.allow_new_stages = self.allow_new_stages;
+        config.priority_share = self.priority_share;
         config.supervise = self.worker_command;
         config.validate()?;
         Ok(config)

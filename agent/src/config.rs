@@ -279,6 +279,9 @@ pub struct AgentConfig {
     /// nor already declared fails the task (`unknown_stage`) instead of
     /// creating a queue nobody consumes.
     pub allow_new_stages: bool,
+    /// Least share of the starts owed to each lower priority band with
+    /// tasks waiting (`--priority-share`), so they never starve.
+    pub priority_share: f64,
 }
 
 impl AgentConfig {
@@ -310,6 +313,7 @@ impl AgentConfig {
             probe_listen: None,
             command_user: None,
             allow_new_stages: false,
+            priority_share: crate::core::bands::DEFAULT_SHARE,
         }
     }
 
@@ -425,6 +429,14 @@ impl AgentConfig {
             limits::MAX_ATTEMPTS,
         )?;
         range("--batch-max", as_i64(self.batch_max), limits::BATCH_MAX)?;
+        if !crate::core::bands::valid_share(self.priority_share) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--priority-share",
+                min: "0".into(),
+                max: crate::core::bands::MAX_SHARE.to_string(),
+                got: self.priority_share.to_string(),
+            });
+        }
         range("--log-lines", as_i64(self.log_lines), limits::LOG_LINES)?;
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
@@ -555,6 +567,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("health_interval", &self.health_interval)
             .field("health_failures", &self.health_failures)
             .field("allow_new_stages", &self.allow_new_stages)
+            .field("priority_share", &self.priority_share)
             .finish()
     }
 }

@@ -154,6 +154,20 @@ impl Declarer {
         Ok(found)
     }
 
+    /// Makes sure the delay ladder exists (declared once per link).
+    pub async fn ladder(&self) -> Result<(), BrokerError> {
+        let entry = self.names.delay_entry();
+        if self.known(&entry) {
+            return Ok(());
+        }
+        let ch = self.channel().await?;
+        let result = guildhall_broker::topology::declare_delay_ladder(&ch, &self.names).await;
+        let _ = ch.close(200, "declared".into()).await;
+        result?;
+        self.remember(entry);
+        Ok(())
+    }
+
     /// Makes sure the retry queue of `stage` for `delay_ms` exists; returns its name.
     pub async fn retry_queue(&self, stage: &Stage, delay_ms: u64) -> Result<String, BrokerError> {
         let queue = self.names.retry_queue(stage, delay_ms);

@@ -102,6 +102,7 @@
 //! - `pgroup`: signalling worker process groups.
 //! - [`probe`]: `/livez` and `/readyz` for an orchestrator (`--probe-listen`).
 
+mod bands;
 pub mod cli;
 pub mod config;
 mod control;
@@ -110,6 +111,7 @@ mod dead;
 mod declare;
 pub mod handoff;
 mod heartbeat;
+mod intake;
 mod link;
 mod pgroup;
 pub mod probe;

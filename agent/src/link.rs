@@ -34,7 +34,7 @@ use guildhall_broker::topology::{
 use guildhall_broker::{AmqpUrl, BrokerError, Publisher, connect};
 use guildhall_proto::{AgentId, Names, Stage};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Connection};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,8 +89,10 @@ pub(crate) struct Link {
     pub conn: Arc<Connection>,
     /// The channel the stage is consumed on (acks go through it).
     pub consume_channel: Channel,
-    /// The stage consumer while consuming.
-    pub consumer: Option<Consumer>,
+    /// The stage's band consumers while consuming.
+    pub consumer: Option<crate::bands::Bands>,
+    /// The stage's intake mover while consuming.
+    pub intake: Option<crate::intake::Mover>,
     /// Commands from the control exchange.
     pub control: ControlQueue,
     /// What task handlers use of this link.
@@ -207,6 +209,7 @@ impl Link {
             conn,
             consume_channel,
             consumer: None,
+            intake: None,
             control,
             tasks,
             watch,

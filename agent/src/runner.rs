@@ -79,16 +79,14 @@ use crate::state::Shared;
 use crate::supervisor::{HealthCheck, Supervisor, SupervisorConfig, WorkerControl, WorkerStatus};
 use crate::task::{self, Held, Release, TaskCtx};
 use crate::{AgentError, AgentExit};
-use futures_lite::StreamExt;
 use guildhall_broker::{
     AmqpUrl, BrokerError, EventPublisher, EventPublisherConfig, Publisher, now_ms,
 };
 use guildhall_proto::{Command, Event, Names};
+use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Confirmation, Consumer};
+use lapin::options::BasicQosOptions;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -162,6 +160,8 @@ pub(crate) struct Runner {
     io: JoinSet<(TaskKey, Done)>,
     /// Acks, nacks and rejects being sent.
     releases: JoinSet<()>,
+    /// Bounds the log lines about dead-lettered intake messages.
+    intake_log: Arc<RateLimited>,
     /// The delivery tag of the last unreadable delivery let go, for the
     /// log line of its `DeliveryRejected`.
     last_unreadable_tag: Option<u64>,
@@ -304,6 +304,7 @@ impl Runner {
             held: HashMap::new(),
             io: JoinSet::new(),
             releases: JoinSet::new(),
+            intake_log: Arc::new(crate::dead::rejected_log()),
             last_unreadable_tag: None,
             worker_control: supervisor.as_ref().map(Supervisor::control),
             supervisor,
@@ -373,8 +374,12 @@ impl Runner {
                     LinkEvent::Command(delivery) => self.on_command(delivery).await,
                     LinkEvent::Delivery(delivery) => self.on_delivery(delivery),
                     LinkEvent::ConsumerEnded => {
-                        if let Some(link) = &mut self.link {
-                            link.consumer = None;
+                        if let Some(link) = &mut self.link
+                            && let Some(bands) = link.consumer.take()
+                        {
+                            // The other bands' consumers give back what they hold.
+                            let channel = link.consume_channel.clone();
+                            tokio::spawn(async move { bands.cancel(&channel).await });
                         }
                         self.core.handle_consumer_ended(now_ms());
                     }
@@ -700,49 +705,46 @@ impl Runner {
     async fn start_consumer(&mut self, stage: &guildhall_proto::Stage) -> Result<(), Lost> {
         let prefetch = self.core.prefetch();
         let concurrency = self.core.concurrency();
-        let queue = self.names.stage_queue(stage);
+        let share = self.config.priority_share;
+        let intake = crate::intake::IntakeCtx {
+            names: self.names.clone(),
+            stage: stage.clone(),
+            agent: self.config.id.clone(),
+            events: self.ctx.events.clone(),
+            frame_max: 0,
+            log: self.intake_log.clone(),
+        };
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
-        let consumer = link
-            .consume_channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let bands = crate::bands::Bands::start(&link.consume_channel, &self.names, stage, share)
             .await
-            .map_err(|e| Lost::new("consume the stage queue", e))?;
-        tracing::info!(%queue, prefetch, concurrency, "consuming");
-        link.consumer = Some(consumer);
+            .map_err(|e| Lost::new("consume the stage's band queues", e))?;
+        link.consumer = Some(bands);
+        let intake = crate::intake::IntakeCtx {
+            frame_max: link.tasks.frame_max,
+            ..intake
+        };
+        link.intake = Some(crate::intake::start(link.conn.clone(), intake));
+        let queue = self.names.stage_queue(stage);
+        tracing::info!(%queue, prefetch, concurrency, share, "consuming");
         Ok(())
     }
 
-    /// Cancels the stage consumer; deliveries it had buffered but not handed
-    /// out go back to the queue. Tasks in hand are not touched.
+    /// Cancels the stage consumers; deliveries they had buffered but not
+    /// handed out go back to their queues. Tasks in hand are not touched.
     async fn cancel_consumer(&mut self) -> Result<(), Lost> {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
-        let Some(mut consumer) = link.consumer.take() else {
+        link.intake = None;
+        let Some(bands) = link.consumer.take() else {
             return Ok(());
         };
-        link.consume_channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        bands
+            .cancel(&link.consume_channel)
             .await
             .map_err(|e| Lost::new("cancel the stage consumer", e))?;
-        // After cancel-ok the stream yields what it buffered, then ends.
-        let drain = async {
-            while let Some(Ok(delivery)) = consumer.next().await {
-                let options = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                let _ = delivery.acker.nack(options).await;
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
         tracing::info!("stopped consuming");
         Ok(())
     }
@@ -903,9 +905,11 @@ async fn control_next(control: &mut ControlQueue) -> Result<Delivery, Lost> {
 }
 
 /// The next delivery of the consumer, or never if there is none.
-async fn next_delivery(consumer: &mut Option<Consumer>) -> Option<lapin::Result<Delivery>> {
+async fn next_delivery(
+    consumer: &mut Option<crate::bands::Bands>,
+) -> Option<lapin::Result<Delivery>> {
     match consumer {
-        Some(consumer) => consumer.next().await,
+        Some(bands) => bands.next().await,
         None => std::future::pending().await,
     }
 }

@@ -16,6 +16,7 @@ use crate::state::{InHand, Shared};
 use futures_lite::FutureExt;
 use guildhall_broker::task::{ImplausibleTime, TaskMetaError};
 use guildhall_broker::{EventPublisher, PublishError, TaskMeta, now_ms};
+use guildhall_proto::schedule::{delay_routing_key, ladder_seconds};
 use guildhall_proto::trace::TraceParent;
 use guildhall_proto::{AgentId, Event, Names, RejectReason, TaskInHand, TaskProgress};
 use lapin::BasicProperties;
@@ -105,6 +106,7 @@ pub fn read(
                 attempt: 0,
                 idempotency_key: String::new(),
                 traceparent: None,
+                priority: Default::default(),
                 payload,
             },
             None,
@@ -130,6 +132,11 @@ pub async fn work(ctx: Arc<TaskCtx>, input: Arc<TaskInput>) -> Outcome {
         )),
     }
 }
+
+/// Retries waiting at least this long go through the delay ladder (whole
+/// seconds, rounded); shorter ones through a retry queue of their own delay,
+/// which keeps their millisecond precision.
+pub const LADDER_MIN_RETRY_MS: u64 = 1_000;
 
 /// Publishes what the core asked for (declaring what it needs first) and
 /// waits for the confirm.
@@ -177,20 +184,37 @@ async fn try_publish(
                 return Ok(Confirm::NoSuchStage);
             }
             let exchange = ctx.names.tasks_exchange();
-            let published = send(
-                ctx,
-                link,
-                &exchange,
-                stage.as_str(),
-                payload,
-                meta.properties(),
-            )
-            .await;
+            // Straight to the next stage's band: its priority travels.
+            let key = Names::band_key(&stage, meta.priority.band());
+            let published = send(ctx, link, &exchange, &key, payload, meta.properties()).await;
             if let Err(PublishError::Unroutable { .. }) = &published {
                 // Someone deleted the queue since it was declared.
                 link.declarer.forget_stage(&stage);
             }
             published.map_err(|e| e.to_string())?;
+        }
+        Target::Retry {
+            stage,
+            delay_ms,
+            meta,
+        } if delay_ms >= LADDER_MIN_RETRY_MS => {
+            // Through the delay ladder, straight back to the task's band: a
+            // fixed set of queues, whatever the back-off's delays.
+            link.declarer.ladder().await.map_err(|e| e.to_string())?;
+            let band_key = Names::band_key(&stage, meta.priority.band());
+            let key = delay_routing_key(ladder_seconds(delay_ms), &band_key);
+            let due = meta.enqueued_at_ms.unwrap_or_default();
+            let mut props = meta.properties();
+            let mut headers = props.headers().clone().unwrap_or_default();
+            headers.insert(
+                guildhall_proto::headers::amqp::DUE_AT.into(),
+                lapin::types::AMQPValue::LongLongInt(i64::try_from(due).unwrap_or(i64::MAX)),
+            );
+            props = props.with_headers(headers);
+            send(ctx, link, &ctx.names.delay_entry(), &key, payload, props)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(task = %input.task_id, attempt = input.attempt, delay_ms, "retrying through the delay ladder");
         }
         Target::Retry {
             stage,

@@ -33,6 +33,7 @@ pub mod memory;
 pub mod mix;
 pub mod overhead;
 pub mod pipeline;
+pub mod priority;
 pub mod probe;
 
 use clap::{Args, Parser, Subcommand};
@@ -68,6 +69,11 @@ pub enum Which {
     /// stage) and no-op HTTP workers, per-stage latency p50/p99, and with
     /// --profile where a task's time goes.
     Pipeline(PipelineArgs),
+    /// Priorities and delays on one stage of a real agent: the wait of a
+    /// trickle of priority-9 tasks behind a backlog against an idle stage,
+    /// the backlog's drain, tasks/s through the intake against straight to
+    /// a band, and how late delays fire.
+    Priority(priority::PriorityArgs),
 }
 
 /// Where the broker's version is read (the reports name it).
@@ -342,6 +348,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             let report = pipeline::run(a).await?;
             Ok(render(&report, a.target.common.json, pipeline::table))
         }
+        Which::Priority(a) => {
+            let report = priority::run(a).await?;
+            Ok(render(&report, a.target.common.json, priority::table))
+        }
     }
 }
 
@@ -436,17 +446,26 @@ pub(crate) async fn clean_up(conn: &lapin::Connection, names: &Names, stages: &[
     for s in stages {
         queues.push(names.stage_queue(s));
         queues.push(names.dead_queue(s));
+        for band in guildhall_proto::Band::ALL {
+            queues.push(names.band_queue(s, band));
+        }
+    }
+    let mut exchanges = vec![names.delay_deliver_exchange()];
+    for level in 0..guildhall_proto::schedule::DELAY_LEVELS {
+        queues.push(names.delay_level(level));
+        exchanges.push(names.delay_level(level));
     }
     for q in queues {
         if let Err(e) = delete_queue(conn, &q).await {
             tracing::warn!("cannot delete the benchmark's queue {q}: {e}");
         }
     }
-    for x in [
+    exchanges.extend([
         names.tasks_exchange(),
         names.dead_exchange(),
         names.control_exchange(),
-    ] {
+    ]);
+    for x in exchanges {
         if let Err(e) = delete_exchange(conn, &x).await {
             tracing::warn!("cannot delete the benchmark's exchange {x}: {e}");
         }

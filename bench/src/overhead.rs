@@ -332,8 +332,14 @@ async fn one_round(
     handoff.stop().await?;
     // A task that did not arrive in time may still sit on `a` or `b`:
     // purge both so the next phase counts only its own.
-    purge(ctx, &ctx.names.stage_queue(&ctx.a)).await;
-    purge(ctx, &ctx.names.stage_queue(&ctx.b)).await;
+    for stage in [&ctx.a, &ctx.b] {
+        purge(ctx, &ctx.names.stage_queue(stage)).await;
+        purge(
+            ctx,
+            &ctx.names.band_queue(stage, guildhall_proto::Band::Low),
+        )
+        .await;
+    }
     Ok(())
 }
 
@@ -348,9 +354,13 @@ async fn produce(
     rate: Option<f64>,
 ) -> anyhow::Result<f64> {
     let start = Instant::now();
+    // Straight to the first stage's default band, as Guildhall's own
+    // submitters publish: the agent and the bare consumer read the same
+    // queue (a third party's publish to the intake adds the agent's move).
+    let band_key = Names::band_key(&ctx.a, guildhall_proto::Band::Low);
     let stamped = Stamped {
         exchange: &ctx.names.tasks_exchange(),
-        routing_key: ctx.a.as_str(),
+        routing_key: &band_key,
         payload: ctx.plan.payload,
         epoch: ctx.epoch,
     };
@@ -430,7 +440,10 @@ impl Collector {
         let ch = ctx.conn.create_channel().await?;
         let mut consumer = ch
             .basic_consume(
-                ctx.names.stage_queue(&ctx.b).as_str().into(),
+                ctx.names
+                    .band_queue(&ctx.b, guildhall_proto::Band::Low)
+                    .as_str()
+                    .into(),
                 "guildhall-bench-collector".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -527,7 +540,7 @@ impl HandOff {
                 HandOff::Bare { stop, task }
             }
         };
-        let queue = ctx.names.stage_queue(&ctx.a);
+        let queue = ctx.names.band_queue(&ctx.a, guildhall_proto::Band::Low);
         let deadline = Instant::now() + ctx.plan.drain_timeout;
         loop {
             if matches!(probe_queue(&ctx.conn, &queue).await?, Some(p) if p.consumers > 0) {
@@ -601,7 +614,10 @@ impl Bare {
             .await?;
         let consumer = channel
             .basic_consume(
-                ctx.names.stage_queue(&ctx.a).as_str().into(),
+                ctx.names
+                    .band_queue(&ctx.a, guildhall_proto::Band::Low)
+                    .as_str()
+                    .into(),
                 BARE_TAG.into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -665,7 +681,12 @@ async fn bare_handle(s: Arc<BareShared>, delivery: Delivery) {
         };
         let props = meta.next_stage(now_ms(), None).properties();
         s.publisher
-            .publish(&s.exchange, s.next.as_str(), &body, props)
+            .publish(
+                &s.exchange,
+                &Names::band_key(&s.next, guildhall_proto::Band::Low),
+                &body,
+                props,
+            )
             .await?;
         anyhow::Ok(())
     }

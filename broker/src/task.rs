@@ -10,7 +10,7 @@
 //! [`TaskMeta::read`], so no wait or latency is computed from it.
 
 use guildhall_proto::headers::amqp as h;
-use guildhall_proto::{InvalidId, TaskId};
+use guildhall_proto::{InvalidId, Priority, TaskId};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
@@ -56,6 +56,9 @@ pub struct TaskMeta {
     pub submitted_at_ms: Option<u64>,
     /// W3C trace context, if any.
     pub traceparent: Option<String>,
+    /// The AMQP `priority` property (0-9; absent is 0): kept from stage to
+    /// stage, and the band the task is queued in.
+    pub priority: Priority,
 }
 
 /// Why a delivered message cannot be treated as a task.
@@ -80,7 +83,14 @@ impl TaskMeta {
             enqueued_at_ms: Some(now_ms),
             submitted_at_ms: Some(now_ms),
             traceparent,
+            priority: Priority::DEFAULT,
         }
+    }
+
+    /// The same metadata with priority `priority`.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
     }
 
     /// The same task handed on to another stage (attempt 1 there), enqueued now.
@@ -91,6 +101,7 @@ impl TaskMeta {
             enqueued_at_ms: Some(now_ms),
             submitted_at_ms: self.submitted_at_ms,
             traceparent: traceparent.or_else(|| self.traceparent.clone()),
+            priority: self.priority,
         }
     }
 
@@ -131,6 +142,9 @@ impl TaskMeta {
             .with_headers(headers);
         if let Some(t) = self.enqueued_at_ms {
             props = props.with_timestamp(t / 1000);
+        }
+        if self.priority != Priority::DEFAULT {
+            props = props.with_priority(self.priority.get());
         }
         props
     }
@@ -185,12 +199,17 @@ impl TaskMeta {
             .and_then(|t| t.inner().get(h::TRACEPARENT))
             .and_then(value_str)
             .filter(|tp| tp.len() <= MAX_TRACEPARENT_BYTES);
+        // Sorted into a band by an agent, which dead-letters a priority
+        // outside 0-9 at the intake; one published straight to a band by a
+        // third party is capped at 9.
+        let priority = Priority::new(props.priority().unwrap_or(0).min(9)).unwrap_or_default();
         let meta = Self {
             id,
             attempt,
             enqueued_at_ms,
             submitted_at_ms,
             traceparent,
+            priority,
         };
         Ok((meta, dropped))
     }

@@ -7,10 +7,11 @@
 //! missing and otherwise used as it is.
 
 use crate::BrokerError;
-use guildhall_proto::{Names, Stage};
+use guildhall_proto::schedule::{DELAY_LEVELS, delay_binding};
+use guildhall_proto::{Band, Names, Stage};
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -116,8 +117,69 @@ pub async fn declare_stage(ch: &Channel, names: &Names, stage: &Stage) -> Result
         ("x-dead-letter-strategy", text("at-least-once")),
         ("x-overflow", text("reject-publish")),
     ]);
-    queue(ch, &work, table).await?;
-    bind(ch, &work, &names.tasks_exchange(), stage.as_str()).await
+    queue(ch, &work, table.clone()).await?;
+    bind(ch, &work, &names.tasks_exchange(), stage.as_str()).await?;
+    // The bands: the same arguments as the intake (delivery limit, dead
+    // letters to the stage's dead queue), bound on the task exchange by
+    // their band key and on the ladder's delivery exchange by `#.<key>`.
+    // The ladder itself is declared by the first one to delay a task
+    // ([`declare_delay_ladder`]): 23 quorum queues a namespace without
+    // delays does not need.
+    exchange(ch, names.delay_deliver_exchange(), ExchangeKind::Topic).await?;
+    for band in Band::ALL {
+        let name = names.band_queue(stage, band);
+        let key = Names::band_key(stage, band);
+        queue(ch, &name, table.clone()).await?;
+        bind(ch, &name, &names.tasks_exchange(), &key).await?;
+        bind(
+            ch,
+            &name,
+            &names.delay_deliver_exchange(),
+            &format!("#.{key}"),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Declares the delay ladder (see [`guildhall_proto::schedule`]): for each
+/// level `n` a topic exchange and a quorum queue holding messages `2^n` s
+/// (`x-message-ttl`), dead-lettering at least once to the level below (the
+/// last level to the delivery exchange) with the routing key unchanged.
+/// Level `n`'s exchange routes a message whose bit `n` is set to its queue
+/// and one whose bit is clear straight to the level below (an
+/// exchange-to-exchange binding). Safe to repeat.
+pub async fn declare_delay_ladder(ch: &Channel, names: &Names) -> Result<(), BrokerError> {
+    let deliver = names.delay_deliver_exchange();
+    exchange(ch, deliver.clone(), ExchangeKind::Topic).await?;
+    for level in 0..DELAY_LEVELS {
+        let name = names.delay_level(level);
+        let below = match level {
+            0 => deliver.clone(),
+            n => names.delay_level(n - 1),
+        };
+        exchange(ch, name.clone(), ExchangeKind::Topic).await?;
+        let ttl_ms = (1i64 << level) * 1000;
+        let table = args(&[
+            ("x-queue-type", text("quorum")),
+            ("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)),
+            ("x-dead-letter-exchange", text(&below)),
+            ("x-dead-letter-strategy", text("at-least-once")),
+            ("x-overflow", text("reject-publish")),
+        ]);
+        queue(ch, &name, table).await?;
+        bind(ch, &name, &name, &delay_binding(level, true)).await?;
+        ch.exchange_bind(
+            below.as_str().into(),
+            name.as_str().into(),
+            delay_binding(level, false).as_str().into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::amqp(format!("bind {below} to {name}")))?;
+    }
+    Ok(())
 }
 
 /// Declares the retry queue of `stage` for one delay: a quorum queue whose

@@ -502,17 +502,28 @@ pub enum RejectReason {
     InvalidMessageId,
     /// The message could not be read as a task for another reason.
     Unreadable,
+    /// Its AMQP `priority` is outside 0-9 (found when sorting the intake).
+    InvalidPriority,
+    /// Its `x-delay` is negative, not a number, or over the longest delay.
+    InvalidDelay,
 }
 
 impl RejectReason {
     /// Every reason, for metric labels that exist from the start.
-    pub const ALL: [RejectReason; 2] = [RejectReason::InvalidMessageId, RejectReason::Unreadable];
+    pub const ALL: [RejectReason; 4] = [
+        RejectReason::InvalidMessageId,
+        RejectReason::Unreadable,
+        RejectReason::InvalidPriority,
+        RejectReason::InvalidDelay,
+    ];
 
     /// Lower-case name used in logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::InvalidMessageId => "invalid_message_id",
             RejectReason::Unreadable => "unreadable",
+            RejectReason::InvalidPriority => "invalid_priority",
+            RejectReason::InvalidDelay => "invalid_delay",
         }
     }
 }

@@ -150,8 +150,12 @@ async fn submit_a_count_and_a_stream_of_tasks() {
         Duration::from_secs(30),
         "tasks arrive at a steady rate",
         || async {
+            // `guildhall submit` publishes straight to the band.
+            let band = ns
+                .names
+                .band_queue(&TestNs::stage("load"), guildhall_proto::Band::Low);
             let depth = management
-                .queue(&queue)
+                .queue(&band)
                 .await?
                 .map_or(0, |q| q.messages_ready);
             anyhow::ensure!(depth >= 5, "{depth} so far");

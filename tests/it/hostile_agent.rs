@@ -5,7 +5,6 @@
 //! `guildhall serve` binaries; raw AMQP frames for what lapin cannot send.
 
 use guildhall_broker::task::{TaskMeta, header_str};
-use guildhall_broker::topology::probe_queue;
 use guildhall_broker::{Management, now_ms};
 use guildhall_proto::Event;
 use guildhall_proto::headers::amqp as h;
@@ -18,7 +17,8 @@ use std::time::Duration;
 
 /// Ready messages in `queue`; `None` if the queue does not exist.
 async fn ready(broker: &Broker, queue: &str) -> anyhow::Result<Option<u32>> {
-    Ok(probe_queue(&broker.conn, queue).await?.map(|p| p.ready))
+    // A stage's intake counts its bands (see `Broker::probe`).
+    Ok(broker.probe(queue).await.map(|p| p.0))
 }
 
 /// The management API's name of each agent's connection (it holds the

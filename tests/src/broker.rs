@@ -5,7 +5,6 @@
 
 use crate::events::EventReader;
 use crate::{TestNs, amqp_url, eventually, management};
-use anyhow::Context;
 use futures_lite::StreamExt;
 use guildhall_broker::task::TaskMeta;
 use guildhall_broker::{AmqpUrl, Publisher, connect, now_ms};
@@ -109,14 +108,42 @@ impl Broker {
     }
 
     /// Ready messages and consumers of a queue (`None` if it does not exist).
+    /// A stage's intake queue (`<ns>.stage.<stage>`) counts its band queues
+    /// too: a stage's queued tasks are in either (ready messages summed, the
+    /// most consumers of any).
     pub async fn probe(&self, queue: &str) -> Option<(u32, u32)> {
-        guildhall_broker::topology::probe_queue(&self.conn, queue)
-            .await
-            .expect("probe a queue")
-            .map(|p| (p.ready, p.consumers))
+        let mut total: Option<(u32, u32)> = None;
+        for q in self.with_bands(queue) {
+            let probed = guildhall_broker::topology::probe_queue(&self.conn, &q)
+                .await
+                .expect("probe a queue")
+                .map(|p| (p.ready, p.consumers));
+            if let Some((ready, consumers)) = probed {
+                let (r, c) = total.unwrap_or((0, 0));
+                total = Some((r + ready, c.max(consumers)));
+            }
+        }
+        total
     }
 
-    /// Takes one message from `queue`, waiting up to 15 s for it.
+    /// `queue`, and if it is a stage's intake, its band queues after it.
+    fn with_bands(&self, queue: &str) -> Vec<String> {
+        let mut all = vec![queue.to_owned()];
+        let intake = format!("{}stage.", self.names.prefix());
+        if let Some(stage) = queue.strip_prefix(&intake)
+            && let Ok(stage) = guildhall_proto::Stage::new(stage)
+            && self.names.stage_queue(&stage) == queue
+            && !stage.as_str().contains(".p")
+        {
+            for band in guildhall_proto::Band::ALL {
+                all.push(self.names.band_queue(&stage, band));
+            }
+        }
+        all
+    }
+
+    /// Takes one message from `queue` (for a stage's intake, from it or any
+    /// of its bands), waiting up to 15 s for it.
     pub async fn take(&self, queue: &str) -> BasicGetMessage {
         eventually(
             Duration::from_secs(15),
@@ -126,12 +153,26 @@ impl Broker {
                 // closes the channel, and RabbitMQ 3.10 answers a get on a
                 // quorum queue whose Raft member is still starting (another
                 // client just declared it) with a connection error (`noproc`).
-                let (ready, _) = self.probe(queue).await.context("no such queue")?;
-                anyhow::ensure!(ready > 0, "nothing ready");
-                self.channel
-                    .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-                    .await?
-                    .context("nothing to get")
+                for q in self.with_bands(queue) {
+                    let Some(p) = guildhall_broker::topology::probe_queue(&self.conn, &q)
+                        .await
+                        .ok()
+                        .flatten()
+                    else {
+                        continue;
+                    };
+                    if p.ready == 0 {
+                        continue;
+                    }
+                    if let Some(m) = self
+                        .channel
+                        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+                        .await?
+                    {
+                        return Ok(m);
+                    }
+                }
+                anyhow::bail!("nothing ready")
             },
         )
         .await
@@ -139,8 +180,26 @@ impl Broker {
 
     /// Takes every message now in `queue`: `(message id, payload, headers)`.
     pub async fn drain(&self, queue: &str) -> anyhow::Result<Vec<(String, String, FieldTable)>> {
-        let ch = self.conn.create_channel().await?;
         let mut out = Vec::new();
+        for q in self.with_bands(queue) {
+            if q != queue
+                && guildhall_broker::topology::probe_queue(&self.conn, &q)
+                    .await?
+                    .is_none()
+            {
+                continue;
+            }
+            self.drain_one(&q, &mut out).await?;
+        }
+        Ok(out)
+    }
+
+    async fn drain_one(
+        &self,
+        queue: &str,
+        out: &mut Vec<(String, String, FieldTable)>,
+    ) -> anyhow::Result<()> {
+        let ch = self.conn.create_channel().await?;
         while let Some(msg) = ch
             .basic_get(queue.into(), BasicGetOptions::default())
             .await?
@@ -166,7 +225,7 @@ impl Broker {
             msg.delivery.ack(BasicAckOptions::default()).await?;
         }
         let _ = ch.close(200, "drained".into()).await;
-        Ok(out)
+        Ok(())
     }
 
     /// A reader of the events stream from its start.

@@ -57,6 +57,10 @@ pub struct RabbitNode {
     dir: PathBuf,
     /// Where its log is copied when it is dropped.
     keep_log: PathBuf,
+    /// Plain TCP AMQP and http management (no TLS): [`spawn_plain_rabbitmq_node`].
+    plain: bool,
+    /// The ports given at start, to start it again the same way.
+    ports: (u16, u16),
     /// `runuser ... rabbitmq-server`, leader of a process group of its own.
     server: Child,
     /// The Erlang VM's pid, from the pid file, once known.
@@ -71,11 +75,33 @@ impl RabbitNode {
 
     /// `https://guest:guest@127.0.0.1:<port>`.
     pub fn management_url(&self) -> String {
+        if self.plain {
+            return format!("http://guest:guest@127.0.0.1:{}", self.management_port);
+        }
         format!("https://guest:guest@127.0.0.1:{}", self.management_port)
     }
 
-    /// A management API client that trusts the node's CA.
+    /// The plain AMQP URL of a node from [`spawn_plain_rabbitmq_node`].
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqps_port)
+    }
+
+    /// Kills the node (SIGKILL: a crash, what a quorum queue must survive)
+    /// and starts it again on the same data, ports and name.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.beam = None;
+        let _ = std::fs::remove_file(self.dir.join("node.pid"));
+        self.server = launch(&self.dir, &self.name, self.ports)?;
+        self.wait_started().await
+    }
+
+    /// A management API client that trusts the node's CA (plain http for
+    /// a plain node).
     pub fn management(&self) -> anyhow::Result<Management> {
+        if self.plain {
+            return Ok(Management::new(&self.management_url(), "/")?);
+        }
         let ca = CaBundle::load(&self.ca, "node CA")?;
         Ok(Management::with_ca(&self.management_url(), "/", Some(&ca))?)
     }
@@ -204,12 +230,35 @@ pub async fn spawn_rabbitmq_node(
             "cannot give {d} to the rabbitmq user (a private node must run as rabbitmq to share its Erlang cookie; the tests need root for that)"
         );
     }
-    let out = std::fs::File::create(dir.join("server.out"))?;
+    let node_port = free_port();
+    let server = launch(&dir, &name, (node_port, dist_port))?;
+    let mut node = RabbitNode {
+        name,
+        amqps_port,
+        management_port,
+        ca: dir.join("ca.pem"),
+        keep_log: ns.log_dir.join(format!("rabbitmq-{label}.log")),
+        dir,
+        server,
+        beam: None,
+        plain: false,
+        ports: (node_port, dist_port),
+    };
+    node.wait_started().await?;
+    Ok(node)
+}
+
+/// Starts the server of a node whose files are in `dir`.
+fn launch(dir: &Path, name: &str, (node_port, dist_port): (u16, u16)) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.out"))?;
     let path = |f: &str| dir.join(f);
-    let server = Command::new("runuser")
+    Command::new("runuser")
         .args(["-u", "rabbitmq", "--", SERVER])
-        .env("RABBITMQ_NODENAME", &name)
-        .env("RABBITMQ_NODE_PORT", free_port().to_string())
+        .env("RABBITMQ_NODENAME", name)
+        .env("RABBITMQ_NODE_PORT", node_port.to_string())
         .env("RABBITMQ_DIST_PORT", dist_port.to_string())
         .env("RABBITMQ_MNESIA_BASE", path("mnesia"))
         .env("RABBITMQ_LOG_BASE", path("log"))
@@ -222,44 +271,99 @@ pub async fn spawn_rabbitmq_node(
         .stderr(out)
         .process_group(0)
         .spawn()
-        .context("cannot start runuser -u rabbitmq -- rabbitmq-server")?;
+        .context("cannot start runuser -u rabbitmq -- rabbitmq-server")
+}
+
+/// A private node like [`spawn_rabbitmq_node`]'s but with a plain-TCP AMQP
+/// listener and an http management API (for tests about something else
+/// than TLS: a broker restart). Needs root too.
+pub async fn spawn_plain_rabbitmq_node(ns: &TestNs, label: &str) -> anyhow::Result<RabbitNode> {
+    if !Path::new(SERVER).exists() {
+        bail!("{SERVER} not found: a private RabbitMQ node needs the rabbitmq-server package");
+    }
+    let name = format!("gh{label}{:08x}@localhost", rand::random::<u32>());
+    let dir = std::env::temp_dir()
+        .join("guildhall-nodes")
+        .join(name.replace('@', "-"));
+    std::fs::create_dir_all(dir.join("mnesia"))?;
+    std::fs::create_dir_all(dir.join("log"))?;
+    let (amqp_port, management_port, dist_port) = (free_port(), free_port(), free_port());
+    std::fs::write(
+        dir.join("rabbitmq.conf"),
+        format!(
+            "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
+             loopback_users = none\n\
+             management.tcp.port = {management_port}\n\
+             management.tcp.ip = 127.0.0.1\n"
+        ),
+    )?;
+    std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n")?;
+    std::fs::write(
+        dir.join("rabbitmq-env.conf"),
+        "ERL_EPMD_ADDRESS=127.0.0.1\n\
+         export ERL_FLAGS=\"-kernel inet_dist_use_interface {127,0,0,1}\"\n",
+    )?;
+    let chown = Command::new("chown")
+        .args(["-R", "rabbitmq:rabbitmq"])
+        .arg(&dir)
+        .status()
+        .context("chown")?;
+    if !chown.success() {
+        bail!(
+            "cannot give {} to the rabbitmq user (the tests need root for a private node)",
+            dir.display()
+        );
+    }
+    // The AMQP port is the listener's; RABBITMQ_NODE_PORT is overridden by it.
+    let server = launch(&dir, &name, (amqp_port, dist_port))?;
     let mut node = RabbitNode {
         name,
-        amqps_port,
+        amqps_port: amqp_port,
         management_port,
-        ca: dir.join("ca.pem"),
+        ca: PathBuf::new(),
         keep_log: ns.log_dir.join(format!("rabbitmq-{label}.log")),
         dir,
         server,
         beam: None,
+        plain: true,
+        ports: (amqp_port, dist_port),
     };
-    let management = node.management()?;
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if node.beam.is_none() {
-            node.beam = read_pid(&node.dir.join("node.pid"));
+    node.wait_started().await?;
+    Ok(node)
+}
+
+impl RabbitNode {
+    /// Waits until the node answers on its management API.
+    async fn wait_started(&mut self) -> anyhow::Result<()> {
+        let node = self;
+        let management = node.management()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if node.beam.is_none() {
+                node.beam = read_pid(&node.dir.join("node.pid"));
+            }
+            if let Ok(Some(status)) = node.server.try_wait() {
+                bail!(
+                    "the node {} exited at start ({status}):\n{}\n{}",
+                    node.name,
+                    node.server_output(),
+                    tail(&node.log_text(), 40)
+                );
+            }
+            if node.beam.is_some() && management.check().await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the node {} did not answer on https://127.0.0.1:{} within {START_TIMEOUT:?}:\n{}\n{}",
+                    node.name,
+                    node.management_port,
+                    node.server_output(),
+                    tail(&node.log_text(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        if let Ok(Some(status)) = node.server.try_wait() {
-            bail!(
-                "the node {} exited at start ({status}):\n{}\n{}",
-                node.name,
-                node.server_output(),
-                tail(&node.log_text(), 40)
-            );
-        }
-        if node.beam.is_some() && management.check().await.is_ok() {
-            return Ok(node);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the node {} did not answer on https://127.0.0.1:{} within {START_TIMEOUT:?}:\n{}\n{}",
-                node.name,
-                node.management_port,
-                node.server_output(),
-                tail(&node.log_text(), 40)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

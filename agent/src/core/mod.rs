@@ -34,8 +34,10 @@
 //! the consumer only while [`AgentCore::can_take`] (fewer than `concurrency`
 //! tasks in hand); the others wait in the consumer, unacked.
 
+pub mod bands;
 pub mod cancel;
 pub mod commands;
+pub mod intake;
 pub mod rate;
 pub mod settle;
 #[cfg(test)]

@@ -144,7 +144,16 @@ pub struct SettleCtx<'a> {
 /// The settle table (see the module docs): the plan for `outcome`.
 pub fn plan(outcome: Outcome, ctx: &SettleCtx<'_>) -> Plan {
     match outcome {
-        Outcome::Success { payload, next } => {
+        Outcome::Success {
+            payload,
+            next,
+            priority,
+        } => {
+            // The worker's priority for the next stage, else the task's own.
+            let next_meta = ctx
+                .meta
+                .next_stage(ctx.finished_at_ms, Some(ctx.span.to_owned()))
+                .with_priority(priority.unwrap_or(ctx.meta.priority));
             let next = match next {
                 NextStage::Default => ctx.route.next.clone(),
                 NextStage::Stage(stage) => Some(stage),
@@ -154,9 +163,7 @@ pub fn plan(outcome: Outcome, ctx: &SettleCtx<'_>) -> Plan {
                 target: Target::Next {
                     stage: stage.clone(),
                     declare: ctx.next_stages.rule(stage) == NextStageRule::Declare,
-                    meta: ctx
-                        .meta
-                        .next_stage(ctx.finished_at_ms, Some(ctx.span.to_owned())),
+                    meta: next_meta.clone(),
                 },
                 body: Body::Output(payload),
             });
@@ -166,12 +173,26 @@ pub fn plan(outcome: Outcome, ctx: &SettleCtx<'_>) -> Plan {
                 stage: ctx.route.stage.clone(),
                 attempt: ctx.meta.attempt,
                 started_at_ms: ctx.started_at_ms,
-                next,
+                next: next.clone(),
                 submitted_at_ms: ctx.meta.submitted_at_ms,
             });
+            let mut events = vec![succeeded];
+            // The next stage's view of a task with a priority (none for
+            // the default: most tasks, and no event to pay for).
+            if let Some(stage) = &next
+                && next_meta.priority != guildhall_proto::Priority::DEFAULT
+            {
+                events.push(Event::TaskQueued(guildhall_proto::TaskQueued {
+                    at_ms: ctx.finished_at_ms,
+                    task_id: ctx.meta.id.clone(),
+                    stage: stage.clone(),
+                    priority: next_meta.priority,
+                    due_at_ms: None,
+                }));
+            }
             Plan {
                 publish,
-                events: vec![succeeded],
+                events,
                 settled: Settled::Done,
                 then: Then::Ack,
             }

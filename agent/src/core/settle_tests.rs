@@ -18,6 +18,7 @@ fn meta(attempt: u32) -> TaskMeta {
         enqueued_at_ms: Some(10),
         submitted_at_ms: Some(5),
         traceparent: None,
+        priority: Default::default(),
     }
 }
 
@@ -75,6 +76,7 @@ fn every_row_of_the_settle_table() {
     let success = |next| Outcome::Success {
         payload: b"out".to_vec(),
         next,
+        priority: None,
     };
     let delay = retry.delay(1).as_millis();
     let rows: Vec<(&str, Plan, Row)> = vec![
@@ -219,4 +221,44 @@ fn every_row_of_the_settle_table() {
         panic!("no retry");
     };
     assert_eq!(meta.attempt, 2);
+}
+
+#[test]
+fn a_priority_travels_to_the_next_stage_unless_the_worker_sets_another() {
+    let names = Names::new("ns".parse().unwrap());
+    let route = StageRoute {
+        stage: stage("a"),
+        next: Some(stage("b")),
+    };
+    let next_stages = NextStages::new(std::slice::from_ref(&route), false);
+    let retry = RetryPolicy::default();
+    let high = meta(1).with_priority(guildhall_proto::Priority::new(8).unwrap());
+    let ctx = SettleCtx {
+        names: &names,
+        route: &route,
+        meta: &high,
+        span: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        started_at_ms: 100,
+        finished_at_ms: 200,
+        retry: &retry,
+        next_stages: &next_stages,
+    };
+    let next_priority = |worker: Option<u8>| {
+        let plan = settle::plan(
+            Outcome::Success {
+                payload: vec![],
+                next: NextStage::Default,
+                priority: worker.map(|p| guildhall_proto::Priority::new(p).unwrap()),
+            },
+            &ctx,
+        );
+        let Some(Target::Next { meta, .. }) = plan.publish.map(|p| p.target) else {
+            panic!("no next stage");
+        };
+        let queued = plan.events.iter().any(|e| e.kind() == "task_queued");
+        (meta.priority.get(), queued)
+    };
+    assert_eq!(next_priority(None), (8, true));
+    assert_eq!(next_priority(Some(3)), (3, true));
+    assert_eq!(next_priority(Some(0)), (0, false));
 }

@@ -64,6 +64,7 @@ pub(super) fn task(id: &str, attempt: u32) -> Delivery {
             enqueued_at_ms: Some(1),
             submitted_at_ms: Some(1),
             traceparent: None,
+            priority: Default::default(),
         }),
         redelivered: false,
         span: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
@@ -74,6 +75,7 @@ pub(super) fn success() -> Outcome {
     Outcome::Success {
         payload: b"out".to_vec(),
         next: NextStage::Default,
+        priority: None,
     }
 }
 
@@ -193,6 +195,7 @@ fn a_next_stage_that_does_not_exist_dead_letters_the_task() {
     let named = Outcome::Success {
         payload: vec![],
         next: NextStage::Stage(stage("nowhere")),
+        priority: None,
     };
     core.handle_outcome(10, key, named);
     let actions = drain(&mut core);
@@ -293,6 +296,7 @@ fn pause_stops_consumption_resume_restarts_it_and_drain_stops_the_agent() {
         Outcome::Success {
             payload: vec![],
             next: NextStage::End,
+            priority: None,
         },
     );
     drain(&mut core);
@@ -447,6 +451,7 @@ fn set_concurrency_keeps_the_tasks_in_hand_and_the_prefetch_follows() {
         Outcome::Success {
             payload: vec![],
             next: NextStage::End,
+            priority: None,
         },
     );
     assert_eq!(events(&drain(&mut core)), ["task_succeeded"]);

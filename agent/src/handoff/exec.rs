@@ -73,6 +73,7 @@ impl ExecWorker {
             .env(env::STAGE, task.stage.as_str())
             .env(env::ATTEMPT, task.attempt.to_string())
             .env(env::IDEMPOTENCY_KEY, &task.idempotency_key)
+            .env(env::PRIORITY, task.priority.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -330,6 +331,7 @@ pub fn map_exit(
         (Some(0), _) => Outcome::Success {
             payload: out,
             next: NextStage::Default,
+            priority: None,
         },
         (Some(EXIT_PERMANENT_FAILURE), _) => Outcome::Failure(Failure::permanent(
             format!("exit_{EXIT_PERMANENT_FAILURE}"),
@@ -362,6 +364,7 @@ mod tests {
             attempt: 2,
             idempotency_key: "T-1/build/2".into(),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            priority: Default::default(),
             payload: payload.to_vec(),
         }
     }
@@ -391,7 +394,8 @@ mod tests {
             run("tr a-z A-Z", LONG).await,
             Outcome::Success {
                 payload: b"HELLO".to_vec(),
-                next: NextStage::Default
+                next: NextStage::Default,
+                priority: None,
             }
         );
     }
@@ -486,7 +490,8 @@ mod tests {
             out,
             Outcome::Success {
                 payload: b"done\n".to_vec(),
-                next: NextStage::Default
+                next: NextStage::Default,
+                priority: None,
             }
         );
         assert!(

@@ -113,6 +113,7 @@ impl HttpWorker {
             (h::STAGE, task.stage.as_str().to_owned()),
             (h::ATTEMPT, task.attempt.to_string()),
             (h::IDEMPOTENCY_KEY, task.idempotency_key.clone()),
+            (h::PRIORITY, task.priority.to_string()),
         ];
         if let Some(tp) = &task.traceparent {
             headers.push((h::TRACEPARENT, tp.clone()));
@@ -149,6 +150,7 @@ impl HttpWorker {
         };
         let status = response.status().as_u16();
         let (next, class) = read_headers(response.headers());
+        let priority = read_priority(response.headers());
         let mut body = Body::new(status);
         loop {
             match response.chunk().await {
@@ -164,7 +166,13 @@ impl HttpWorker {
                 Err(err) => return Outcome::Failure(request_error(&err)),
             }
         }
-        map_response(status, next.as_deref(), class.as_deref(), body.bytes)
+        map_response_with_priority(
+            status,
+            next.as_deref(),
+            class.as_deref(),
+            priority.as_deref(),
+            body.bytes,
+        )
     }
 
     async fn via_hyper(
@@ -191,6 +199,7 @@ impl HttpWorker {
         };
         let status = response.status().as_u16();
         let (next, class) = read_headers(response.headers());
+        let priority = read_priority(response.headers());
         let mut incoming = response.into_body();
         let mut body = Body::new(status);
         while let Some(frame) = incoming.frame().await {
@@ -211,7 +220,13 @@ impl HttpWorker {
                 }
             }
         }
-        map_response(status, next.as_deref(), class.as_deref(), body.bytes)
+        map_response_with_priority(
+            status,
+            next.as_deref(),
+            class.as_deref(),
+            priority.as_deref(),
+            body.bytes,
+        )
     }
 }
 
@@ -226,6 +241,13 @@ fn read_headers(headers: &reqwest::header::HeaderMap) -> (Option<String>, Option
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
     };
     (header(h::NEXT_STAGE), header(h::ERROR_CLASS))
+}
+
+/// The response's `x-guildhall-priority`, read lossily like the others.
+fn read_priority(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    headers
+        .get(h::PRIORITY)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
 /// A response body read up to its limit: the whole of a success's (up to
@@ -290,7 +312,33 @@ pub fn map_response(
     error_class: Option<&str>,
     body: Vec<u8>,
 ) -> Outcome {
+    map_response_with_priority(status, next_stage, error_class, None, body)
+}
+
+/// The error class of a success whose `x-guildhall-priority` is not 0-9.
+pub const INVALID_PRIORITY_CLASS: &str = "invalid_priority";
+
+/// [`map_response`] with the response's `x-guildhall-priority` header: a
+/// success sets the next stage's priority; one that is not 0-9 makes the
+/// success a permanent failure (class `invalid_priority`).
+pub fn map_response_with_priority(
+    status: u16,
+    next_stage: Option<&str>,
+    error_class: Option<&str>,
+    priority: Option<&str>,
+    body: Vec<u8>,
+) -> Outcome {
     if (200..300).contains(&status) {
+        let priority = match priority.map(str::parse::<guildhall_proto::Priority>) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(err)) => {
+                return Outcome::Failure(Failure::permanent(
+                    INVALID_PRIORITY_CLASS,
+                    format!("worker answered {}: {err}", h::PRIORITY),
+                ));
+            }
+        };
         let next = match next_stage.map(str::trim) {
             None | Some("") => NextStage::Default,
             Some(END_OF_PIPELINE) => NextStage::End,
@@ -307,6 +355,7 @@ pub fn map_response(
         return Outcome::Success {
             payload: body,
             next,
+            priority,
         };
     }
     let class = match error_class.map(str::trim) {
@@ -342,23 +391,56 @@ mod tests {
             map_response(200, None, None, b"out".to_vec()),
             Outcome::Success {
                 payload: b"out".to_vec(),
-                next: NextStage::Default
+                next: NextStage::Default,
+                priority: None,
             }
         );
         assert_eq!(
             map_response(204, Some("report"), None, Vec::new()),
             Outcome::Success {
                 payload: Vec::new(),
-                next: NextStage::Stage("report".parse().unwrap())
+                next: NextStage::Stage("report".parse().unwrap()),
+                priority: None,
             }
         );
         assert_eq!(
             map_response(201, Some("-"), None, b"x".to_vec()),
             Outcome::Success {
                 payload: b"x".to_vec(),
-                next: NextStage::End
+                next: NextStage::End,
+                priority: None,
             }
         );
+    }
+
+    #[test]
+    fn the_worker_may_set_the_next_priority_and_a_bad_one_is_a_permanent_failure() {
+        let ok = map_response_with_priority(200, None, None, Some("7"), Vec::new());
+        assert!(
+            matches!(ok, Outcome::Success { priority: Some(p), .. } if p.get() == 7),
+            "{ok:?}"
+        );
+        for bad in ["10", "-1", "high", "", "\u{fffd}"] {
+            let f = failure(map_response_with_priority(
+                200,
+                None,
+                None,
+                Some(bad),
+                Vec::new(),
+            ));
+            assert_eq!(f.class, INVALID_PRIORITY_CLASS, "{bad}");
+            assert!(!f.retryable);
+            assert!(f.error.contains("x-guildhall-priority"), "{}", f.error);
+        }
+        // A failure's priority header is not read.
+        let f = failure(map_response_with_priority(
+            500,
+            None,
+            None,
+            Some("x"),
+            Vec::new(),
+        ));
+        assert_eq!(f.class, "http_500");
     }
 
     #[test]
@@ -425,6 +507,7 @@ mod tests {
             attempt: 1,
             idempotency_key: "t1/s/1".into(),
             traceparent: None,
+            priority: Default::default(),
             payload: b"x".to_vec(),
         };
         let f = failure(worker.handle(&task).await);
@@ -450,6 +533,7 @@ mod tests {
             attempt: 1,
             idempotency_key: "t1/s/1".into(),
             traceparent: None,
+            priority: Default::default(),
             payload: Vec::new(),
         };
         let f = failure(worker.handle(&task).await);
@@ -497,6 +581,7 @@ mod tests {
             attempt: 1,
             idempotency_key: "t1/s/1".into(),
             traceparent: None,
+            priority: Default::default(),
             payload: b"in".to_vec(),
         };
         const TASKS: u32 = 40;

@@ -32,6 +32,9 @@ pub struct TaskInput {
     pub idempotency_key: String,
     /// W3C trace context of this stage attempt's span.
     pub traceparent: Option<String>,
+    /// The task's priority, 0-9 (`x-guildhall-priority`,
+    /// `GUILDHALL_PRIORITY`), so a worker can tell urgent work.
+    pub priority: guildhall_proto::Priority,
     /// The payload, opaque bytes.
     pub payload: Vec<u8>,
 }
@@ -55,6 +58,7 @@ impl TaskInput {
                 meta.attempt,
             ),
             traceparent,
+            priority: meta.priority,
             payload,
         }
     }
@@ -129,6 +133,9 @@ pub enum Outcome {
         payload: Vec<u8>,
         /// Where it goes.
         next: NextStage,
+        /// The priority the next stage gets, if the worker set one
+        /// (`x-guildhall-priority`); else the task keeps its own.
+        priority: Option<guildhall_proto::Priority>,
     },
     /// The worker failed.
     Failure(Failure),

@@ -196,6 +196,7 @@ impl SimulatedWorker {
             None => Outcome::Success {
                 payload: task.payload.clone(),
                 next: NextStage::Default,
+                priority: None,
             },
         }
     }
@@ -288,13 +289,15 @@ mod tests {
             attempt: 1,
             idempotency_key: "t/s/1".into(),
             traceparent: None,
+            priority: Default::default(),
             payload: b"same".to_vec(),
         };
         assert_eq!(
             worker.handle(&task).await,
             Outcome::Success {
                 payload: b"same".to_vec(),
-                next: NextStage::Default
+                next: NextStage::Default,
+                priority: None,
             }
         );
     }

@@ -358,7 +358,7 @@ async fn measure(
 ) -> anyhow::Result<RunFigures> {
     let deadline = Instant::now() + plan.drain_timeout;
     for s in &stages[..plan.stages] {
-        let queue = names.stage_queue(s);
+        let queue = names.band_queue(s, guildhall_proto::Band::Low);
         loop {
             if matches!(probe_queue(conn, &queue).await?, Some(p) if p.consumers > 0) {
                 break;
@@ -374,7 +374,8 @@ async fn measure(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let sink = names.stage_queue(&stages[plan.stages]);
+    // Agents forward to the next stage's band (the default priority's).
+    let sink = names.band_queue(&stages[plan.stages], guildhall_proto::Band::Low);
     let collector = Collector::start(conn, &sink, plan.tasks).await?;
     let cpu0: Vec<Option<f64>> = agents
         .iter()
@@ -420,9 +421,11 @@ pub(crate) async fn produce(
     stage: &Stage,
     epoch: Instant,
 ) -> anyhow::Result<f64> {
+    // Straight to the band, as Guildhall's own submitters publish.
+    let band_key = Names::band_key(stage, guildhall_proto::Band::Low);
     let stamped = Stamped {
         exchange: &names.tasks_exchange(),
-        routing_key: stage.as_str(),
+        routing_key: &band_key,
         payload: plan.payload,
         epoch,
     };

@@ -214,7 +214,7 @@ async fn one(plan: &Plan, urls: &[String], c: u32, mode: Mode) -> anyhow::Result
                 slots,
             )));
         }
-        let sink = names.stage_queue(&stages[plan.stages]);
+        let sink = names.band_queue(&stages[plan.stages], guildhall_proto::Band::Low);
         let collector = Collector::start(&conn, &sink, plan.tasks).await?;
         let publisher = Publisher::open(&conn).await?;
         let epoch = Instant::now();
@@ -305,7 +305,10 @@ impl ModelStage {
             .await?;
         let consumer = channel
             .basic_consume(
-                names.stage_queue(stage).as_str().into(),
+                names
+                    .band_queue(stage, guildhall_proto::Band::Low)
+                    .as_str()
+                    .into(),
                 "guildhall-bench-model".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -415,7 +418,8 @@ async fn handle(
             next: Some(s.next.clone()),
             submitted_at_ms: meta.submitted_at_ms,
         });
-        let publish = s.tasks.publish(&s.exchange, s.next.as_str(), &body, props);
+        let key = Names::band_key(&s.next, guildhall_proto::Band::Low);
+        let publish = s.tasks.publish(&s.exchange, &key, &body, props);
         let (t2, t3) = if together {
             let (p, e) = futures_lite::future::zip(publish, s.events.emit_confirmed(event)).await;
             p?;

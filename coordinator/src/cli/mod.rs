@@ -736,6 +736,17 @@ pub struct SubmitArgs {
     /// spaces them. Each task gets a new id.
     #[arg(long, env = "GUILDHALL_SUBMIT_COUNT")]
     pub count: Option<u64>,
+    /// The task's priority, 0-9, higher first (default 0).
+    #[arg(long, allow_hyphen_values = true)]
+    pub priority: Option<String>,
+    /// Hold the task back this long before it can start (`90s`, `5m`,
+    /// `2h`; at most about 97 days).
+    #[arg(long, allow_hyphen_values = true)]
+    pub delay: Option<String>,
+    /// Hold the task back until this time (RFC 3339 in UTC,
+    /// `2026-12-07T09:00:00Z`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub at: Option<String>,
 }
 
 /// `guildhall healthcheck`: for a container's HEALTHCHECK, so an image needs

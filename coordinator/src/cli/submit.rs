@@ -3,9 +3,9 @@
 //! Poisson stream (a load generator, as the compose demo's `loadgen` runs).
 
 use super::{ConfigError, SubmitArgs};
-use crate::submit::{Submitted, Submitter, poisson_gap};
+use crate::submit::{Submitted, Submitter, When, parse_at, parse_delay, poisson_gap};
 use guildhall_broker::{Publisher, connect, topology};
-use guildhall_proto::{AgentId, Stage, TaskId};
+use guildhall_proto::{AgentId, Priority, Stage, TaskId};
 use std::future::Future;
 use std::io::Read;
 
@@ -59,6 +59,33 @@ fn plan(args: &SubmitArgs) -> Result<Plan, ConfigError> {
     Ok(plan)
 }
 
+/// The priority and due time the flags ask for.
+fn when(args: &SubmitArgs, now_ms: u64) -> Result<When, ConfigError> {
+    let priority = match &args.priority {
+        Some(p) => p
+            .parse::<Priority>()
+            .map_err(|e| ConfigError(format!("--priority: {e}")))?,
+        None => Priority::DEFAULT,
+    };
+    let due_at_ms = match (&args.delay, &args.at) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError("give --delay or --at, not both".into()));
+        }
+        (Some(d), None) => Some(
+            now_ms
+                .saturating_add(parse_delay(d).map_err(|e| ConfigError(format!("--delay: {e}")))?),
+        ),
+        (None, Some(at)) => {
+            Some(parse_at(at, now_ms).map_err(|e| ConfigError(format!("--at: {e}")))?)
+        }
+        (None, None) => None,
+    };
+    Ok(When {
+        priority,
+        due_at_ms,
+    })
+}
+
 /// Runs `submit` until done or `stop` resolves; the output to print.
 pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::Result<String> {
     let (url, names) = args.broker.validate()?;
@@ -71,6 +98,7 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
         .transpose()
         .map_err(|e| ConfigError(format!("--id: {e}")))?;
     let plan = plan(args)?;
+    let when = when(args, guildhall_broker::now_ms())?;
     let payload = read_payload(&args.payload)?;
     let suffix = format!("{:08x}", rand::random::<u32>());
     let conn = connect(&url, &format!("guildhall-submit/{suffix}")).await?;
@@ -81,7 +109,9 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
     let submitter = Submitter::new(AgentId::new(format!("submit-{suffix}"))?, names)
         .with_user_id(url.user_id());
     if plan.single() {
-        let result = submitter.submit(&publisher, stage, id, &payload).await;
+        let result = submitter
+            .submit_when(Some(&conn), &publisher, stage, id, &payload, when)
+            .await;
         let _ = conn.close(200, "done".into()).await;
         let Submitted { id, stage, .. } = result?;
         return Ok(if args.json {
@@ -93,7 +123,15 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
             format!("{id}\n")
         });
     }
-    let result = stream(&submitter, &publisher, &stage, &payload, plan, stop).await;
+    let result = stream(
+        &submitter,
+        (&conn, &publisher),
+        &stage,
+        (&payload, when),
+        plan,
+        stop,
+    )
+    .await;
     let _ = conn.close(200, "done".into()).await;
     // A failure ends the run with status 1 (a restart policy starts it
     // again); what was submitted before it is in the log line.
@@ -112,9 +150,9 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
 /// how many were submitted.
 async fn stream(
     submitter: &Submitter,
-    publisher: &Publisher,
+    (conn, publisher): (&lapin::Connection, &Publisher),
     stage: &Stage,
-    payload: &[u8],
+    (payload, when): (&[u8], When),
     plan: Plan,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<u64> {
@@ -133,7 +171,7 @@ async fn stream(
         // (one more task on the queue than the summary says). A stop waits
         // at most for this one confirm.
         submitter
-            .submit(publisher, stage.clone(), None, payload)
+            .submit_when(Some(conn), publisher, stage.clone(), None, payload, when)
             .await
             .map_err(|e| anyhow::anyhow!("after {submitted} tasks: {e}"))?;
         submitted += 1;

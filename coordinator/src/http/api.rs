@@ -196,6 +196,67 @@ struct SubmitBody {
     payload: Option<Value>,
     /// The payload as base64, for binary data.
     payload_base64: Option<String>,
+    /// Priority 0-9, higher first (default 0).
+    priority: Option<Value>,
+    /// Delay before it can start, in ms.
+    delay_ms: Option<Value>,
+    /// Delay before it can start, as a duration (`90s`).
+    delay: Option<String>,
+    /// When it can start, RFC 3339 (`2026-12-07T09:00:00Z`).
+    at: Option<String>,
+}
+
+/// The priority and due time of a `POST /api/tasks` body.
+fn submit_when(req: &SubmitBody, now: u64) -> Result<crate::submit::When, ApiError> {
+    use crate::submit::{When, check_delay_ms, parse_at, parse_delay};
+    let priority = match &req.priority {
+        None | Some(Value::Null) => guildhall_proto::Priority::DEFAULT,
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u8::try_from(n).ok())
+            .and_then(|n| guildhall_proto::Priority::new(n).ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "priority must be a whole number from 0 to 9, higher first (got {})",
+                    shown(v)
+                ))
+            })?,
+    };
+    let delays = [
+        req.delay_ms.is_some(),
+        req.delay.is_some(),
+        req.at.is_some(),
+    ];
+    if delays.iter().filter(|d| **d).count() > 1 {
+        return Err(ApiError::bad_request(
+            "give one of delay_ms, delay and at, not several",
+        ));
+    }
+    let due_at_ms = if let Some(v) = &req.delay_ms {
+        let ms = v.as_u64().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "delay_ms must be a whole number of milliseconds, 0 or more (got {})",
+                shown(v)
+            ))
+        })?;
+        Some(now.saturating_add(check_delay_ms(ms).map_err(ApiError::bad_request)?))
+    } else if let Some(d) = &req.delay {
+        Some(now.saturating_add(parse_delay(d).map_err(ApiError::bad_request)?))
+    } else if let Some(at) = &req.at {
+        Some(parse_at(at, now).map_err(ApiError::bad_request)?)
+    } else {
+        None
+    };
+    Ok(When {
+        priority,
+        due_at_ms,
+    })
+}
+
+/// A JSON value in an error message, cut short.
+fn shown(v: &Value) -> String {
+    let text = v.to_string();
+    text.chars().take(40).collect()
 }
 
 pub async fn submit(
@@ -205,6 +266,7 @@ pub async fn submit(
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let req: SubmitBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let when = submit_when(&req, now_ms())?;
     let stage = Stage::new(req.stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let id = req
         .id
@@ -230,13 +292,13 @@ pub async fn submit(
     };
     let timeout = app.http.config.broker_timeout;
     let publish = async {
-        let (_, publisher) = app
+        let (conn, publisher) = app
             .link
             .get()
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         app.submitter
-            .submit(&publisher, stage, id, &payload)
+            .submit_when(Some(&conn), &publisher, stage, id, &payload, when)
             .await
             .map_err(|e| match e {
                 SubmitError::UnknownStage { .. } => ApiError::not_found(e.to_string()),
@@ -258,7 +320,9 @@ pub async fn submit(
     let body = json!({
         "id": submitted.id.as_str(),
         "stage": submitted.stage.as_str(),
-        "status": "queued",
+        "status": if when.due_at_ms.is_some_and(|d| d > now_ms() + 500) { "scheduled" } else { "queued" },
+        "priority": when.priority.get(),
+        "due_at_ms": when.due_at_ms,
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

@@ -1,0 +1,452 @@
+//! The intake mover: consumes a stage's intake queue (`<ns>.stage.<stage>`,
+//! what producers publish to) and moves each message into its band, into
+//! the delay ladder, or to the dead-letter queue with the reason, as
+//! [`crate::core::intake::sort`] says. Runs while the agent consumes its
+//! stage, on a channel of its own (closing it gives what it held back).
+//!
+//! Never loses a message: the move is published (mandatory, confirmed)
+//! before the intake delivery is acked; a move that is not confirmed nacks
+//! the delivery back to the intake. Publishes are pipelined in order, each
+//! ack sent when its own confirm arrives.
+//!
+//! The moved message keeps the producer's properties and payload; it gets
+//! a `message_id` if it had none (so the task keeps one id from intake to
+//! band), loses `x-delay`, and a delayed one gets `x-guildhall-due-at` and
+//! an `x-guildhall-enqueued-at` of its due time (its queue wait starts
+//! then). A move with a priority or a delay emits `TaskQueued`.
+
+use crate::core::intake::{self, IntakeMessage, RawDelay, Sorted};
+use crate::dead::{self, Reasons};
+use crate::ratelog::RateLimited;
+use futures_lite::StreamExt;
+use guildhall_broker::task::new_task_id;
+use guildhall_broker::topology::declare_delay_ladder;
+use guildhall_broker::{EventPublisher, Publisher, now_ms};
+use guildhall_proto::headers::amqp as h;
+use guildhall_proto::{
+    AgentId, DeliveryRejected, Event, Names, RejectReason, Stage, TaskId, TaskQueued,
+};
+use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use std::sync::Arc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Intake deliveries in flight (moved but not yet confirmed and acked).
+pub const INTAKE_PREFETCH: u16 = 128;
+
+/// What the mover needs.
+#[derive(Clone)]
+pub(crate) struct IntakeCtx {
+    /// Broker names.
+    pub names: Names,
+    /// The stage whose intake is sorted.
+    pub stage: Stage,
+    /// This agent, for dead-letter headers.
+    pub agent: AgentId,
+    /// For `TaskQueued` and `DeliveryRejected`.
+    pub events: EventPublisher,
+    /// The connection's largest frame (dead letters must fit one).
+    pub frame_max: u32,
+    /// Bounds the log lines about dead-lettered intake messages.
+    pub log: Arc<RateLimited>,
+}
+
+/// A running mover; dropping it stops it gracefully: its consumer is
+/// cancelled, what it received and had not moved goes back to the intake,
+/// and moves under way finish (confirm, then ack) before its channel closes,
+/// so that stopping (a pause, an `Assign`) duplicates nothing.
+pub(crate) struct Mover {
+    /// Cancelled on drop.
+    stop: CancellationToken,
+}
+
+impl Drop for Mover {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One channel's worth of moving: the consumer and the confirm channel.
+struct Session {
+    /// The channel the intake is consumed on.
+    channel: Channel,
+    /// Confirm-mode channel for the moves.
+    publisher: Publisher,
+    /// The intake consumer.
+    consumer: lapin::Consumer,
+}
+
+impl Session {
+    async fn open(conn: &Connection, ctx: &IntakeCtx) -> Result<Self, lapin::Error> {
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(INTAKE_PREFETCH, BasicQosOptions::default())
+            .await?;
+        let publisher = Publisher::open(conn).await.map_err(|e| match e {
+            guildhall_broker::BrokerError::Amqp { source, .. }
+            | guildhall_broker::BrokerError::Connect { source, .. } => source,
+            guildhall_broker::BrokerError::InvalidUrl { .. } => lapin::Error::from(
+                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Error),
+            ),
+        })?;
+        let queue = ctx.names.stage_queue(&ctx.stage);
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            channel,
+            publisher,
+            consumer,
+        })
+    }
+
+    async fn close(&self) {
+        let _ = self.channel.close(200, "intake mover stopped".into()).await;
+        let _ = self
+            .publisher
+            .channel()
+            .close(200, "intake mover stopped".into())
+            .await;
+    }
+}
+
+/// Starts moving `ctx.stage`'s intake on new channels of `conn`, in the
+/// background: the delay ladder is declared first (a delay counts from when
+/// its message is sorted, so none may wait behind the ladder's 23 queue
+/// declarations), then the intake consumed. A channel the broker closes (a
+/// refused move) is opened again a second later, as long as the
+/// connection lives.
+pub(crate) fn start(conn: Arc<Connection>, ctx: IntakeCtx) -> Mover {
+    let stop = CancellationToken::new();
+    tokio::spawn(supervise(conn, ctx, stop.clone()));
+    Mover { stop }
+}
+
+async fn supervise(conn: Arc<Connection>, ctx: IntakeCtx, stop: CancellationToken) {
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+        first = false;
+        if stop.is_cancelled() || !conn.status().connected() {
+            return;
+        }
+        let session = async {
+            let ch = conn.create_channel().await?;
+            let declared = declare_delay_ladder(&ch, &ctx.names).await;
+            let _ = ch.close(200, "declared".into()).await;
+            if let Err(err) = declared {
+                tracing::warn!("cannot declare the delay ladder: {err}");
+            }
+            Session::open(&conn, &ctx).await
+        };
+        let mut session = tokio::select! {
+            s = session => match s {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::warn!(stage = %ctx.stage, "cannot consume the intake: {err}; trying again in 1s");
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        run(&ctx, &mut session, &stop).await;
+        session.close().await;
+        if stop.is_cancelled() || !conn.status().connected() {
+            return;
+        }
+        tracing::warn!(stage = %ctx.stage, "the intake channel closed; opening it again in 1s");
+    }
+}
+
+async fn run(ctx: &IntakeCtx, session: &mut Session, stop: &CancellationToken) {
+    let mut in_flight: JoinSet<()> = JoinSet::new();
+    let mut ladder_declared = true;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => {
+                let tag = session.consumer.tag();
+                let _ = session.channel.basic_cancel(tag, Default::default()).await;
+                // After cancel-ok the stream yields what it buffered, then ends.
+                let back = async {
+                    while let Some(Ok(delivery)) = session.consumer.next().await {
+                        let requeue = BasicNackOptions { multiple: false, requeue: true };
+                        let _ = delivery.acker.nack(requeue).await;
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), back).await;
+                break;
+            }
+            delivery = session.consumer.next() => match delivery {
+                Some(Ok(delivery)) => {
+                    let Session { channel, publisher, .. } = &*session;
+                    move_one(ctx, channel, publisher, &mut ladder_declared, delivery, &mut in_flight).await;
+                }
+                Some(Err(err)) => {
+                    tracing::debug!("intake consumer: {err}");
+                    break;
+                }
+                None => break,
+            },
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+    let finish = async { while in_flight.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), finish).await;
+}
+
+/// Reads what the sorter needs from a delivery's properties.
+pub(crate) fn read(props: &BasicProperties) -> IntakeMessage {
+    let headers = props.headers().as_ref();
+    let delay = headers.and_then(|t| t.inner().get(h::DELAY)).map(raw_delay);
+    let due_at_ms = headers.and_then(|t| guildhall_broker::task::header_u64(t, h::DUE_AT));
+    IntakeMessage {
+        priority: *props.priority(),
+        delay,
+        due_at_ms,
+    }
+}
+
+fn raw_delay(value: &AMQPValue) -> RawDelay {
+    match value {
+        AMQPValue::ShortShortInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::ShortShortUInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::ShortInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::ShortUInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::LongInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::LongUInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::LongLongInt(v) => RawDelay::Int((*v).into()),
+        AMQPValue::Timestamp(v) => RawDelay::Int((*v).into()),
+        AMQPValue::Float(v) => RawDelay::Float((*v).into()),
+        AMQPValue::Double(v) => RawDelay::Float(*v),
+        AMQPValue::LongString(s) => RawDelay::Text(String::from_utf8_lossy(s.as_bytes()).into()),
+        AMQPValue::ShortString(s) => RawDelay::Text(s.as_str().to_owned()),
+        AMQPValue::Boolean(_) => RawDelay::Other("boolean"),
+        AMQPValue::DecimalValue(_) => RawDelay::Other("decimal value"),
+        AMQPValue::ByteArray(_) => RawDelay::Other("byte array"),
+        AMQPValue::FieldArray(_) => RawDelay::Other("array"),
+        AMQPValue::FieldTable(_) => RawDelay::Other("table"),
+        AMQPValue::Void => RawDelay::Other("void"),
+    }
+}
+
+/// The moved message's properties (see the module docs).
+pub(crate) fn moved_properties(
+    props: &BasicProperties,
+    id: &str,
+    due_at_ms: Option<u64>,
+) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    let mut inner = headers.inner().clone();
+    inner.remove(h::DELAY);
+    headers = FieldTable::from(inner);
+    if let Some(due) = due_at_ms {
+        let due = AMQPValue::LongLongInt(i64::try_from(due).unwrap_or(i64::MAX));
+        headers.insert(h::DUE_AT.into(), due.clone());
+        headers.insert(h::ENQUEUED_AT.into(), due);
+    }
+    // Not the producer's `user_id` (the broker checks it against the
+    // agent's user and would close the channel) nor its `expiration` (a
+    // message leaving a ladder level early would fire early).
+    let mut out = BasicProperties::default()
+        .with_message_id(ShortString::from(id))
+        .with_headers(headers);
+    macro_rules! copy {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(v) = props.$get() {
+                out = out.$set(v.clone());
+            })*
+        };
+    }
+    copy!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    out
+}
+
+async fn move_one(
+    ctx: &IntakeCtx,
+    channel: &Channel,
+    publisher: &Publisher,
+    ladder_declared: &mut bool,
+    delivery: lapin::message::Delivery,
+    in_flight: &mut JoinSet<()>,
+) {
+    let now = now_ms();
+    let props = &delivery.properties;
+    let sorted = intake::sort(&ctx.stage, &read(props), now);
+    // The id the task will have in its band: the producer's, or a new one.
+    let id = match props.message_id() {
+        Some(id) => id.as_str().to_owned(),
+        None => new_task_id().to_string(),
+    };
+    let (exchange, key, out_props, queued, rejected) = match &sorted {
+        Sorted::Band { key, .. } => (
+            ctx.names.tasks_exchange(),
+            key.clone(),
+            moved_properties(props, &id, None),
+            sorted.queued(),
+            None,
+        ),
+        Sorted::Delay { key, due_at_ms, .. } => {
+            if !*ladder_declared {
+                match declare_delay_ladder(channel, &ctx.names).await {
+                    Ok(()) => *ladder_declared = true,
+                    Err(err) => tracing::warn!("cannot declare the delay ladder: {err}"),
+                }
+            }
+            (
+                ctx.names.delay_entry(),
+                key.clone(),
+                moved_properties(props, &id, Some(*due_at_ms)),
+                sorted.queued(),
+                None,
+            )
+        }
+        Sorted::Dead { class, error } => {
+            let reasons = Reasons {
+                error,
+                class,
+                stage: &ctx.stage,
+                agent: &ctx.agent,
+            };
+            let (dead_props, trimmed) = dead::dead_letter_properties(props, reasons, ctx.frame_max);
+            dead::log_trimmed(trimmed, "an intake message");
+            let reason = if *class == intake::INVALID_PRIORITY_CLASS {
+                RejectReason::InvalidPriority
+            } else {
+                RejectReason::InvalidDelay
+            };
+            (
+                ctx.names.dead_exchange(),
+                ctx.stage.to_string(),
+                dead_props,
+                None,
+                Some((reason, error.clone())),
+            )
+        }
+    };
+    let started = publisher
+        .start(&exchange, &key, &delivery.data, out_props)
+        .await;
+    let ctx = ctx.clone();
+    in_flight.spawn(async move {
+        let confirmed = match started {
+            Ok(pending) => pending.wait().await,
+            Err(err) => Err(err),
+        };
+        let acker = &delivery.acker;
+        match (confirmed, rejected) {
+            (Ok(()), None) => {
+                if acker.ack(Default::default()).await.is_ok()
+                    && let Some((priority, due_at_ms)) = queued
+                    && let Ok(task_id) = TaskId::new(id.as_str())
+                {
+                    ctx.events.emit(Event::TaskQueued(TaskQueued {
+                        at_ms: now,
+                        task_id,
+                        stage: ctx.stage.clone(),
+                        priority,
+                        due_at_ms,
+                    }));
+                }
+            }
+            (Ok(()), Some((reason, detail))) => {
+                let _ = acker.ack(Default::default()).await;
+                reject_event(&ctx, reason, detail, true, delivery.delivery_tag, now);
+            }
+            (Err(err), None) => {
+                tracing::warn!("moving an intake message failed (back to the intake): {err}");
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await;
+            }
+            (Err(err), Some((reason, detail))) => {
+                // As for an unreadable delivery: never requeued (it would
+                // loop); the intake dead-letters it itself, without reasons.
+                tracing::warn!("dead-lettering an intake message failed: {err}");
+                let _ = acker.reject(BasicRejectOptions { requeue: false }).await;
+                reject_event(&ctx, reason, detail, false, delivery.delivery_tag, now);
+            }
+        }
+    });
+}
+
+fn reject_event(
+    ctx: &IntakeCtx,
+    reason: RejectReason,
+    detail: String,
+    dead_lettered: bool,
+    tag: u64,
+    now: u64,
+) {
+    let rejected = DeliveryRejected {
+        at_ms: now,
+        stage: ctx.stage.clone(),
+        reason,
+        detail,
+        dead_lettered,
+    };
+    dead::log_rejected(&ctx.log, &rejected, tag);
+    ctx.events.emit(Event::DeliveryRejected(rejected));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::LongString;
+
+    #[test]
+    fn the_moved_message_loses_x_delay_and_gets_its_due_time_and_an_id() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            h::DELAY.into(),
+            AMQPValue::LongString(LongString::from("5000")),
+        );
+        headers.insert("own".into(), AMQPValue::LongInt(1));
+        let props = BasicProperties::default()
+            .with_headers(headers)
+            .with_priority(7)
+            .with_user_id("producer".into())
+            .with_expiration("100".into());
+        let read = read(&props);
+        assert_eq!(read.priority, Some(7));
+        assert_eq!(read.delay, Some(RawDelay::Text("5000".into())));
+        let moved = moved_properties(&props, "T-1", Some(42));
+        let t = moved.headers().as_ref().unwrap();
+        assert!(t.inner().get(h::DELAY).is_none());
+        assert!(t.inner().get("own").is_some());
+        assert_eq!(guildhall_broker::task::header_u64(t, h::DUE_AT), Some(42));
+        assert_eq!(moved.message_id().as_ref().unwrap().as_str(), "T-1");
+        assert_eq!(*moved.priority(), Some(7));
+        assert_eq!(*moved.user_id(), None);
+        assert_eq!(*moved.expiration(), None);
+        assert_eq!(
+            raw_delay(&AMQPValue::Boolean(true)),
+            RawDelay::Other("boolean")
+        );
+    }
+}
