@@ -159,7 +159,10 @@ pub fn body(namespace: &str, notice: &Notice, at_ms: u64) -> Option<Value> {
             "previous_rate_per_min": previous_rate_per_min,
             "at_ms": at_ms,
         }),
-        Notice::Scale { .. } | Notice::Assign { .. } | Notice::SetPrefetch { .. } => return None,
+        Notice::Scale { .. }
+        | Notice::Assign { .. }
+        | Notice::SetPrefetch { .. }
+        | Notice::SetRateLimit { .. } => return None,
     })
 }
 

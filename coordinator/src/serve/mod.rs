@@ -651,6 +651,13 @@ fn act_on(app: &Arc<App>, notice: Notice) {
                 send_command(&app, worker, Command::SetPrefetch { prefetch }).await;
             });
         }
+        // A user's limit, not a recommendation: sent even in dry runs.
+        Notice::SetRateLimit { worker, limit, .. } => {
+            let app = app.clone();
+            tokio::spawn(async move {
+                send_command(&app, worker, Command::SetRateLimit { limit }).await;
+            });
+        }
         _ => {}
     }
 }
@@ -770,5 +777,13 @@ fn log_notice(notice: &Notice) {
         Notice::SetPrefetch { worker, prefetch } => {
             tracing::debug!(%worker, prefetch, "setting prefetch")
         }
+        Notice::SetRateLimit {
+            worker,
+            stage,
+            limit,
+        } => match limit {
+            Some(limit) => tracing::info!(%worker, %stage, %limit, "setting the agent's share of the stage's rate limit"),
+            None => tracing::info!(%worker, %stage, "lifting the agent's rate limit"),
+        },
     }
 }
