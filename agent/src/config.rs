@@ -279,6 +279,9 @@ pub struct AgentConfig {
     /// nor already declared fails the task (`unknown_stage`) instead of
     /// creating a queue nobody consumes.
     pub allow_new_stages: bool,
+    /// The agent's own start rate limit (`--rate-limit`), in force until
+    /// the coordinator sends a share of its stage's limit.
+    pub rate_limit: Option<guildhall_proto::Rate>,
 }
 
 impl AgentConfig {
@@ -310,6 +313,7 @@ impl AgentConfig {
             probe_listen: None,
             command_user: None,
             allow_new_stages: false,
+            rate_limit: None,
         }
     }
 
@@ -528,6 +532,20 @@ impl AgentConfig {
     }
 }
 
+/// `--rate-limit`: a rate such as `50/s` (the error names the flag).
+pub fn rate_limit(value: Option<&str>) -> Result<Option<guildhall_proto::Rate>, ConfigError> {
+    value
+        .map(|v| {
+            v.parse().map_err(
+                |e: guildhall_proto::schedule::InvalidRate| ConfigError::Invalid {
+                    flag: "--rate-limit",
+                    message: e.to_string(),
+                },
+            )
+        })
+        .transpose()
+}
+
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
@@ -555,6 +573,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("health_interval", &self.health_interval)
             .field("health_failures", &self.health_failures)
             .field("allow_new_stages", &self.allow_new_stages)
+            .field("rate_limit", &self.rate_limit)
             .finish()
     }
 }

@@ -242,6 +242,8 @@ pub struct AgentCore {
     counts: Counts,
     /// What the driver must do.
     actions: VecDeque<Action>,
+    /// The rate limit's token bucket: gates task starts (see [`rate`]).
+    rate: rate::RateGate,
 }
 
 impl AgentCore {
@@ -266,6 +268,7 @@ impl AgentCore {
             hard_deadline: None,
             counts: Counts::default(),
             actions: VecDeque::new(),
+            rate: rate::RateGate::new(None),
             config,
         };
         core.reconcile();
@@ -288,7 +291,7 @@ impl AgentCore {
             _ => None,
         };
         let tasks = self.tasks.values().filter_map(task::Task::deadline).min();
-        [stop, self.hard_deadline, tasks]
+        [stop, self.hard_deadline, tasks, self.rate.next_token_at()]
             .into_iter()
             .flatten()
             .min()
@@ -296,6 +299,7 @@ impl AgentCore {
 
     /// Time passed: the stop timeout, the lost link's grace, a hung worker.
     pub fn handle_timeout(&mut self, now: u64) {
+        self.rate.refill(now);
         if let Mode::Stopping {
             deadline, expired, ..
         } = &mut self.mode
@@ -421,7 +425,10 @@ impl AgentCore {
 
     /// Whether the driver may take another delivery from the consumer.
     pub fn can_take(&self) -> bool {
-        self.link.up && self.link.consuming && self.tasks.len() < self.concurrency as usize
+        self.link.up
+            && self.link.consuming
+            && self.tasks.len() < self.concurrency as usize
+            && self.rate.may_start()
     }
 
     /// The mode.

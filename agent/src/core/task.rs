@@ -137,6 +137,7 @@ impl AgentCore {
         let generation = self.worker.map(|w| w.generation);
         let (meta, phase) = match delivery.meta {
             Ok(meta) => {
+                self.rate.started(now);
                 self.actions
                     .push_back(Action::Emit(Event::TaskStarted(TaskStarted {
                         at_ms: now,

@@ -279,8 +279,7 @@ impl Core {
     /// caught up.
     pub(crate) fn resplit_rate_limits(&mut self, force: bool) {
         let rl = &self.scheduling.rate_limits;
-        if !self.caught_up || !(rl.dirty || force) || (rl.limits.is_empty() && rl.sent.is_empty())
-        {
+        if !self.caught_up || !(rl.dirty || force) || (rl.limits.is_empty() && rl.sent.is_empty()) {
             return;
         }
         self.scheduling.rate_limits.dirty = false;
