@@ -14,6 +14,7 @@ fn main() -> ExitCode {
             | Command::Status(_)
             | Command::Trace(_)
             | Command::Worker(_)
+            | Command::RateLimit(_)
             | Command::Healthcheck(_)
     );
     let log_default = if quiet { "warn" } else { "info" };
@@ -37,6 +38,7 @@ async fn run(command: Command) -> anyhow::Result<String> {
         Command::Trace(args) => Ok(cli::client::trace(&args).await?),
         Command::Simulate(args) => guildhall::sim::run(&args),
         Command::Worker(args) => Ok(cli::client::worker(&args).await?),
+        Command::RateLimit(args) => cli::rate_limit::run(&args).await,
         Command::Healthcheck(args) => Ok(cli::health::run(&args).await?),
         Command::Bench(_) => Err(ConfigError(
             "`guildhall bench` moved to its own binary: run `guildhall-bench` (same subcommands and flags)".into(),

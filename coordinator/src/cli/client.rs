@@ -30,7 +30,7 @@ async fn get(args: &ClientArgs, path: &str) -> Result<Value, ClientError> {
 
 /// Calls the API with the token, if any; an error answer becomes
 /// [`ClientError::Api`] with the coordinator's message.
-async fn request(
+pub(crate) async fn request(
     args: &ClientArgs,
     method: reqwest::Method,
     path: &str,

@@ -30,6 +30,7 @@ pub mod dead_letters;
 pub mod error;
 mod events;
 pub mod hosts;
+mod rate_limits;
 pub mod redact;
 pub mod server;
 
@@ -39,7 +40,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use body::JsonBody;
 use error::ApiError;
 use hosts::AllowedHosts;
@@ -157,6 +158,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/workers/{id}/logs", get(control::logs))
         .route("/api/stages/{stage}/{action}", post(control::stage_command))
+        .route(
+            "/api/stages/{stage}/rate-limit",
+            put(rate_limits::put).route_layer(json(MAX_COMMAND_BYTES)),
+        )
         .route_layer(from_fn_with_state(app.clone(), access::require_control));
     Router::new()
         .route("/healthz", get(api::healthz))

@@ -30,6 +30,7 @@ pub mod ingest;
 pub mod link;
 pub mod persist;
 pub mod queues;
+pub mod rate_limits;
 
 use crate::core::{Core, CoreConfig, Notice};
 use crate::metrics::Metrics;
@@ -89,6 +90,9 @@ pub struct ServeConfig {
     /// Strong mode (`--require-user-id`): who may speak for which sender
     /// on the events stream; `None`: anyone who may publish to it.
     pub event_users: Option<EventUsers>,
+    /// Stage rate limits from `--rate-limit STAGE=RATE`, written to the
+    /// events stream at start.
+    pub rate_limits: Vec<(guildhall_proto::Stage, guildhall_proto::Rate)>,
 }
 
 /// Who may speak for whom on the events stream, by RabbitMQ's validated
@@ -137,6 +141,7 @@ impl ServeConfig {
             access: crate::http::access::Access::default(),
             http: crate::http::HttpConfig::default(),
             event_users: None,
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -206,6 +211,8 @@ pub struct App {
     pub http: crate::http::HttpState,
     /// Strong mode: who may speak for which sender on the events stream.
     pub event_users: Option<EventUsers>,
+    /// Sends agents their shares of stage rate limits, in order.
+    pub rate_shares: rate_limits::ShareSender,
 }
 
 /// How often the coordinator writes its echo (its marker) to the events
@@ -349,6 +356,7 @@ pub async fn run(
             BrokerLink::new(config.amqp_url.clone(), format!("{conn_name}/dead-letters")),
         ),
         event_users: config.event_users.clone(),
+        rate_shares: rate_limits::ShareSender::default(),
     });
     app.health
         .management_ok
@@ -367,6 +375,11 @@ pub async fn run(
         tasks.spawn(p.clone().run(app.clone(), stop_rx.clone()));
     }
     tasks.spawn(timers(app.clone(), stop_rx.clone()));
+    tasks.spawn(rate_limits::write_flags(
+        app.clone(),
+        config.rate_limits.clone(),
+        stop_rx.clone(),
+    ));
     tasks.spawn(publish_marker(app.clone(), nonce, stop_rx.clone()));
 
     tracing::info!(
@@ -652,12 +665,7 @@ fn act_on(app: &Arc<App>, notice: Notice) {
             });
         }
         // A user's limit, not a recommendation: sent even in dry runs.
-        Notice::SetRateLimit { worker, limit, .. } => {
-            let app = app.clone();
-            tokio::spawn(async move {
-                send_command(&app, worker, Command::SetRateLimit { limit }).await;
-            });
-        }
+        Notice::SetRateLimit { worker, limit, .. } => app.rate_shares.send(app, worker, limit),
         _ => {}
     }
 }
@@ -782,7 +790,9 @@ fn log_notice(notice: &Notice) {
             stage,
             limit,
         } => match limit {
-            Some(limit) => tracing::info!(%worker, %stage, %limit, "setting the agent's share of the stage's rate limit"),
+            Some(limit) => {
+                tracing::info!(%worker, %stage, %limit, "setting the agent's share of the stage's rate limit")
+            }
             None => tracing::info!(%worker, %stage, "lifting the agent's rate limit"),
         },
     }
