@@ -19,6 +19,7 @@ mod pipeline;
 mod probes;
 mod prometheus;
 mod rabbitmq_definitions;
+mod rate_limit;
 mod recovery;
 mod restart;
 mod test_command;
