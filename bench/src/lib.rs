@@ -34,6 +34,7 @@ pub mod mix;
 pub mod overhead;
 pub mod pipeline;
 pub mod probe;
+pub mod rate;
 
 use clap::{Args, Parser, Subcommand};
 use guildhall::config::{BrokerArgs, ConfigError};
@@ -68,6 +69,9 @@ pub enum Which {
     /// stage) and no-op HTTP workers, per-stage latency p50/p99, and with
     /// --profile where a task's time goes.
     Pipeline(PipelineArgs),
+    /// A stage's achieved start rate against its rate limit with 1, 3 and
+    /// 10 agents and while agents join and leave.
+    RateLimit(rate::RateArgs),
 }
 
 /// Where the broker's version is read (the reports name it).
@@ -341,6 +345,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         Which::Pipeline(a) => {
             let report = pipeline::run(a).await?;
             Ok(render(&report, a.target.common.json, pipeline::table))
+        }
+        Which::RateLimit(a) => {
+            let report = rate::run(a).await?;
+            Ok(render(&report, a.target.common.json, rate::table))
         }
     }
 }

@@ -86,11 +86,7 @@ async fn start_times(broker: &Broker, until_ms: u64) -> Vec<u64> {
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline {
-        let Some(decoded) = reader
-            .next_envelope(Duration::from_secs(3))
-            .await
-            .unwrap()
-        else {
+        let Some(decoded) = reader.next_envelope(Duration::from_secs(3)).await.unwrap() else {
             break;
         };
         let Ok(envelope) = decoded else { continue };
@@ -168,7 +164,11 @@ async fn the_stage_rate_holds_with_one_and_three_agents_and_while_they_come_and_
 
     let starts = start_times(&broker, w3.1).await;
     let limit = stage_limit(api).await.unwrap();
-    for (name, (from, to)) in [("one agent", w1), ("three agents", w2), ("join and leave", w3)] {
+    for (name, (from, to)) in [
+        ("one agent", w1),
+        ("three agents", w2),
+        ("join and leave", w3),
+    ] {
         let rate = rate_in(&starts, from, to);
         eprintln!("{name}: {rate:.2} tasks/s against 20/s");
         assert!(
@@ -181,10 +181,7 @@ async fn the_stage_rate_holds_with_one_and_three_agents_and_while_they_come_and_
     assert!((15.0..=25.0).contains(&achieved), "{limit}");
     let m = api.metrics().await.unwrap();
     assert_eq!(
-        m.value(
-            "guildhall_stage_rate_limit_per_second",
-            &[("stage", STAGE)]
-        ),
+        m.value("guildhall_stage_rate_limit_per_second", &[("stage", STAGE)]),
         Some(20.0)
     );
 }
@@ -194,7 +191,9 @@ async fn the_limit_is_changed_at_run_time_and_bad_input_is_refused() {
     let ns = TestNs::new("rate-api");
     let broker = Broker::connect(&ns).await.unwrap();
     broker.declare_stage(STAGE).await.unwrap();
-    let c = spawn_coordinator(&ns, &["--api-token", TOKEN]).await.unwrap();
+    let c = spawn_coordinator(&ns, &["--api-token", TOKEN])
+        .await
+        .unwrap();
     let api = &c.api;
     let _a1 = agent(&ns, "a1").await;
     eventually(Duration::from_secs(20), "the stage known", || async {
@@ -282,7 +281,12 @@ async fn the_limit_is_changed_at_run_time_and_bad_input_is_refused() {
     let out = run(&[STAGE, "off"]).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stage_limit(api).await.unwrap(), Value::Null);
-    for bad in [[STAGE, "0/s"], [STAGE, "soon"], ["no-such-stage", "5/s"], ["a b", "5/s"]] {
+    for bad in [
+        [STAGE, "0/s"],
+        [STAGE, "soon"],
+        ["no-such-stage", "5/s"],
+        ["a b", "5/s"],
+    ] {
         let out = run(&bad).await;
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
