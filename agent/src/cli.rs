@@ -74,6 +74,12 @@ pub struct Cli {
     )]
     pub concurrency: i64,
 
+    /// Start at most this many tasks per second (`50/s`, `30/min`, `1/h`):
+    /// the agent's own limit, until the coordinator sends it a share of
+    /// its stage's limit (`guildhall serve --rate-limit`).
+    #[arg(long, env = "GUILDHALL_RATE_LIMIT", value_name = "RATE")]
+    pub rate_limit: Option<String>,
+
     /// Hand tasks to this URL by HTTP POST.
     #[arg(long, env = "GUILDHALL_WORKER_URL", value_name = "URL")]
     pub worker_url: Option<String>,
@@ -231,6 +237,7 @@ impl Cli {
             config.id = id::<AgentId>("--id", agent)?;
         }
         config.concurrency = int("--concurrency", self.concurrency, limits::CONCURRENCY)?;
+        config.rate_limit = crate::config::rate_limit(self.rate_limit.as_deref())?;
         config.retry = RetryPolicy {
             max_attempts: int("--max-attempts", self.max_attempts, limits::MAX_ATTEMPTS)?,
             base_delay: parse_duration("--retry-delay", &self.retry_delay)?,
@@ -473,6 +480,14 @@ mod tests {
             (
                 &["--stage", "s", "--exec", "cat", "--concurrency", "many"],
                 "invalid value 'many' for '--concurrency <CONCURRENCY>'",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--rate-limit", "0/s"],
+                "--rate-limit: invalid rate limit \"0/s\": write a positive number of tasks per second, minute or hour, such as 50/s, 30/min or 1/h",
+            ),
+            (
+                &["--stage", "s", "--exec", "cat", "--rate-limit", "fast"],
+                "--rate-limit: invalid rate limit \"fast\": write a positive number of tasks per second, minute or hour, such as 50/s, 30/min or 1/h",
             ),
             (
                 &["--stage", "a b", "--exec", "cat"],

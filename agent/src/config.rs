@@ -282,6 +282,9 @@ pub struct AgentConfig {
     /// Least share of the starts owed to each lower priority band with
     /// tasks waiting (`--priority-share`), so they never starve.
     pub priority_share: f64,
+    /// The agent's own start rate limit (`--rate-limit`), in force until
+    /// the coordinator sends a share of its stage's limit.
+    pub rate_limit: Option<guildhall_proto::Rate>,
 }
 
 impl AgentConfig {
@@ -314,6 +317,7 @@ impl AgentConfig {
             command_user: None,
             allow_new_stages: false,
             priority_share: crate::core::bands::DEFAULT_SHARE,
+            rate_limit: None,
         }
     }
 
@@ -540,6 +544,20 @@ impl AgentConfig {
     }
 }
 
+/// `--rate-limit`: a rate such as `50/s` (the error names the flag).
+pub fn rate_limit(value: Option<&str>) -> Result<Option<guildhall_proto::Rate>, ConfigError> {
+    value
+        .map(|v| {
+            v.parse().map_err(
+                |e: guildhall_proto::schedule::InvalidRate| ConfigError::Invalid {
+                    flag: "--rate-limit",
+                    message: e.to_string(),
+                },
+            )
+        })
+        .transpose()
+}
+
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
@@ -568,6 +586,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("health_failures", &self.health_failures)
             .field("allow_new_stages", &self.allow_new_stages)
             .field("priority_share", &self.priority_share)
+            .field("rate_limit", &self.rate_limit)
             .finish()
     }
 }

@@ -271,7 +271,7 @@ impl Runner {
             config.heartbeat,
             worker_status.clone(),
         );
-        let core = AgentCore::new(CoreConfig {
+        let mut core = AgentCore::new(CoreConfig {
             agent: config.id.clone(),
             names: names.clone(),
             routes: routes.clone(),
@@ -282,6 +282,7 @@ impl Runner {
             worker: worker_status.as_ref().map(|rx| *rx.borrow()),
             next_stages: NextStages::new(&routes, config.allow_new_stages),
         });
+        core.set_own_rate_limit(now_ms(), config.rate_limit);
         let ctx = Arc::new(TaskCtx {
             names: names.clone(),
             agent: config.id.clone(),

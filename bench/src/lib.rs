@@ -35,6 +35,7 @@ pub mod overhead;
 pub mod pipeline;
 pub mod priority;
 pub mod probe;
+pub mod rate;
 
 use clap::{Args, Parser, Subcommand};
 use guildhall::config::{BrokerArgs, ConfigError};
@@ -74,6 +75,9 @@ pub enum Which {
     /// the backlog's drain, tasks/s through the intake against straight to
     /// a band, and how late delays fire.
     Priority(priority::PriorityArgs),
+    /// A stage's achieved start rate against its rate limit with 1, 3 and
+    /// 10 agents and while agents join and leave.
+    RateLimit(rate::RateArgs),
 }
 
 /// Where the broker's version is read (the reports name it).
@@ -351,6 +355,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         Which::Priority(a) => {
             let report = priority::run(a).await?;
             Ok(render(&report, a.target.common.json, priority::table))
+        }
+        Which::RateLimit(a) => {
+            let report = rate::run(a).await?;
+            Ok(render(&report, a.target.common.json, rate::table))
         }
     }
 }

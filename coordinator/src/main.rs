@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             | Command::Worker(_)
             | Command::Schedule(_)
             | Command::Cancel(_)
+            | Command::RateLimit(_)
             | Command::Healthcheck(_)
     );
     let log_default = if quiet { "warn" } else { "info" };
@@ -45,6 +46,7 @@ async fn run(command: Command) -> anyhow::Result<String> {
             Err(cli::cancel::CancelCliError::Bad(m)) => Err(ConfigError(m).into()),
             Err(e) => Err(e.into()),
         },
+        Command::RateLimit(args) => cli::rate_limit::run(&args).await,
         Command::Healthcheck(args) => Ok(cli::health::run(&args).await?),
         Command::Bench(_) => Err(ConfigError(
             "`guildhall bench` moved to its own binary: run `guildhall-bench` (same subcommands and flags)".into(),

@@ -103,6 +103,12 @@ pub struct Metrics {
     pub stage_consumers: IntGaugeVec,
     /// `guildhall_stage_bottleneck{stage}`: 1 for the stage judged the bottleneck.
     pub stage_bottleneck: IntGaugeVec,
+    /// `guildhall_stage_rate_limit_per_second{stage}`: a stage's rate
+    /// limit (only stages that have one).
+    pub stage_rate_limit: prometheus::GaugeVec,
+    /// `guildhall_stage_rate_limit_achieved_per_second{stage}`: tasks a
+    /// limited stage started per second over the last 10 s.
+    pub stage_rate_achieved: prometheus::GaugeVec,
     /// `guildhall_events_ingested_total{kind}`.
     pub events_ingested: IntCounterVec,
     /// The handle of each `kind` of `events_ingested`, indexed by
@@ -461,6 +467,18 @@ impl Metrics {
                 &r,
                 "guildhall_stage_bottleneck",
                 "1 for the stage judged the pipeline's bottleneck, else 0.",
+                &["stage"],
+            ),
+            stage_rate_limit: float_gauge_vec(
+                &r,
+                "guildhall_stage_rate_limit_per_second",
+                "A stage's rate limit: most tasks the whole stage starts per second.",
+                &["stage"],
+            ),
+            stage_rate_achieved: float_gauge_vec(
+                &r,
+                "guildhall_stage_rate_limit_achieved_per_second",
+                "Tasks a rate-limited stage started per second over the last 10 s.",
                 &["stage"],
             ),
             events_ingested: events_ingested.clone(),

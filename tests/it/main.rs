@@ -23,6 +23,7 @@ mod priority_submit;
 mod probes;
 mod prometheus;
 mod rabbitmq_definitions;
+mod rate_limit;
 mod recovery;
 mod restart;
 mod schedules;

@@ -246,6 +246,8 @@ pub struct AgentCore {
     actions: VecDeque<Action>,
     /// Cancelled task ids held for a bounded time (issue 18, [`cancel`]).
     cancels: cancel::CancelSet,
+    /// The rate limit's token bucket: gates task starts (see [`rate`]).
+    rate: rate::RateGate,
 }
 
 impl AgentCore {
@@ -271,6 +273,7 @@ impl AgentCore {
             counts: Counts::default(),
             actions: VecDeque::new(),
             cancels: cancel::CancelSet::default(),
+            rate: rate::RateGate::new(None),
             config,
         };
         core.reconcile();
@@ -293,7 +296,7 @@ impl AgentCore {
             _ => None,
         };
         let tasks = self.tasks.values().filter_map(task::Task::deadline).min();
-        [stop, self.hard_deadline, tasks]
+        [stop, self.hard_deadline, tasks, self.rate.next_token_at()]
             .into_iter()
             .flatten()
             .min()
@@ -301,6 +304,7 @@ impl AgentCore {
 
     /// Time passed: the stop timeout, the lost link's grace, a hung worker.
     pub fn handle_timeout(&mut self, now: u64) {
+        self.rate.refill(now);
         if let Mode::Stopping {
             deadline, expired, ..
         } = &mut self.mode
@@ -426,7 +430,10 @@ impl AgentCore {
 
     /// Whether the driver may take another delivery from the consumer.
     pub fn can_take(&self) -> bool {
-        self.link.up && self.link.consuming && self.tasks.len() < self.concurrency as usize
+        self.link.up
+            && self.link.consuming
+            && self.tasks.len() < self.concurrency as usize
+            && self.rate.may_start()
     }
 
     /// The mode.

@@ -142,6 +142,7 @@ impl AgentCore {
                 (Some(meta), self.settle_cancelled(key, events))
             }
             Ok(meta) => {
+                self.rate.started(now);
                 self.actions
                     .push_back(Action::Emit(Event::TaskStarted(TaskStarted {
                         at_ms: now,

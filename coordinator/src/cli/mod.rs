@@ -14,6 +14,7 @@ mod band_targets;
 pub mod cancel;
 pub mod client;
 pub mod health;
+pub mod rate_limit;
 pub mod render;
 pub mod schedule;
 pub mod submit;
@@ -70,6 +71,9 @@ pub enum Command {
     /// Cancel tasks through a running coordinator: by id, or by filter
     /// (--stage, --status, --priority, --prefix; --dry-run to count first).
     Cancel(cancel::CancelArgs),
+    /// Set or lift a stage's rate limit (`50/s`, `30/min`, `off`) through a
+    /// running coordinator.
+    RateLimit(rate_limit::RateLimitArgs),
     /// Exit 0 if a URL answers 2xx (default: the local coordinator's
     /// /healthz), else 1 with one line: a container healthcheck.
     Healthcheck(HealthcheckArgs),
@@ -276,6 +280,12 @@ pub struct CoordinatorArgs {
     /// classes count as `other` (bounds memory and metric series).
     #[arg(long, env = "GUILDHALL_ERROR_CLASSES_PER_STAGE", default_value_t = 20)]
     pub error_classes_per_stage: usize,
+    /// A stage's rate limit, STAGE=RATE (`resize=50/s`, `mail=30/min`),
+    /// repeatable: the whole stage starts at most that many tasks per
+    /// second, split among its live agents. Change it at run time with
+    /// `guildhall rate-limit` or `PUT /api/stages/{stage}/rate-limit`.
+    #[arg(long = "rate-limit", value_name = "STAGE=RATE")]
+    pub rate_limit: Vec<String>,
     /// Require `Authorization: Bearer TOKEN` on every control endpoint
     /// (commands to workers, submitting, replaying dead letters).
     #[arg(long, env = "GUILDHALL_API_TOKEN", hide_env_values = true)]
@@ -527,6 +537,11 @@ impl CoordinatorArgs {
         config.queue_poll = self.queue_poll;
         config.data_dir = data_dir;
         config.snapshot_interval = self.snapshot_interval;
+        config.rate_limits = self
+            .rate_limit
+            .iter()
+            .map(|v| crate::serve::rate_limits::parse_flag(v).map_err(ConfigError))
+            .collect::<Result<_, _>>()?;
         Ok((config, listen))
     }
 }

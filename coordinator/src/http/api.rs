@@ -4,7 +4,7 @@ use super::error::ApiError;
 use super::redact::{self, ReadScope};
 use crate::core::query::TaskFilter;
 use crate::core::tasks::TaskStatus;
-use crate::core::views::{StagesView, TaskView, WorkerView};
+use crate::core::views::{TaskView, WorkerView};
 use crate::serve::App;
 use crate::submit::SubmitError;
 use axum::Json;
@@ -66,6 +66,7 @@ pub async fn metrics(State(app): AppState) -> Response {
         core.refresh_metrics(now_ms());
         let live = core.cancels().live_count();
         app.metrics.cancels_live.set(live as i64);
+        super::rate_limits::refresh_metrics(&app, &core.rate_limits_view(now_ms()));
         core.worker_series()
     };
     let text = app.metrics.encode_with(workers);
@@ -111,8 +112,12 @@ fn to_json<T: serde::Serialize>(view: &T) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-pub async fn stages(State(app): AppState) -> Json<StagesView> {
-    Json(app.core().stages_view(now_ms()))
+pub async fn stages(State(app): AppState) -> Json<Value> {
+    let (view, limits) = {
+        let core = app.core();
+        (core.stages_view(now_ms()), core.rate_limits_view(now_ms()))
+    };
+    Json(super::rate_limits::stages_with_limits(view, &limits))
 }
 
 pub async fn scaling(State(app): AppState) -> Json<Value> {

@@ -31,6 +31,7 @@ pub mod dead_letters;
 pub mod error;
 mod events;
 pub mod hosts;
+mod rate_limits;
 pub mod redact;
 pub mod schedules;
 pub mod server;
@@ -41,7 +42,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::middleware::from_fn_with_state;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use body::JsonBody;
 use error::ApiError;
 use hosts::AllowedHosts;
@@ -172,6 +173,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/api/tasks/cancel",
             post(cancel::cancel_bulk).route_layer(json(MAX_REPLAY_BYTES)),
+        )
+        .route(
+            "/api/stages/{stage}/rate-limit",
+            put(rate_limits::put).route_layer(json(MAX_COMMAND_BYTES)),
         )
         .route_layer(from_fn_with_state(app.clone(), access::require_control));
     Router::new()

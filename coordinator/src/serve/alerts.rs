@@ -162,7 +162,8 @@ pub fn body(namespace: &str, notice: &Notice, at_ms: u64) -> Option<Value> {
         Notice::Scale { .. }
         | Notice::Assign { .. }
         | Notice::SetPrefetch { .. }
-        | Notice::FireTick(_) => return None,
+        | Notice::FireTick(_)
+        | Notice::SetRateLimit { .. } => return None,
     })
 }
 

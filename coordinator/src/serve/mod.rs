@@ -32,6 +32,7 @@ pub mod ingest;
 pub mod link;
 pub mod persist;
 pub mod queues;
+pub mod rate_limits;
 
 use crate::core::{Core, CoreConfig, Notice};
 use crate::metrics::Metrics;
@@ -91,6 +92,9 @@ pub struct ServeConfig {
     /// Strong mode (`--require-user-id`): who may speak for which sender
     /// on the events stream; `None`: anyone who may publish to it.
     pub event_users: Option<EventUsers>,
+    /// Stage rate limits from `--rate-limit STAGE=RATE`, written to the
+    /// events stream at start.
+    pub rate_limits: Vec<(guildhall_proto::Stage, guildhall_proto::Rate)>,
 }
 
 /// Who may speak for whom on the events stream, by RabbitMQ's validated
@@ -139,6 +143,7 @@ impl ServeConfig {
             access: crate::http::access::Access::default(),
             http: crate::http::HttpConfig::default(),
             event_users: None,
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -212,6 +217,8 @@ pub struct App {
     pub ticks: cron::TickSender,
     /// Agents that said `Hello`: they are sent the live cancels (issue 18).
     pub hellos: cancel::Hellos,
+    /// Sends agents their shares of stage rate limits, in order.
+    pub rate_shares: rate_limits::ShareSender,
 }
 
 /// How often the coordinator writes its echo (its marker) to the events
@@ -358,6 +365,7 @@ pub async fn run(
         event_users: config.event_users.clone(),
         ticks: tick_tx,
         hellos: cancel::Hellos::default(),
+        rate_shares: rate_limits::ShareSender::default(),
     });
     app.health
         .management_ok
@@ -378,6 +386,11 @@ pub async fn run(
     tasks.spawn(timers(app.clone(), stop_rx.clone()));
     tasks.spawn(cron::run(app.clone(), tick_rx, stop_rx.clone()));
     tasks.spawn(cancel::relay(app.clone(), stop_rx.clone()));
+    tasks.spawn(rate_limits::write_flags(
+        app.clone(),
+        config.rate_limits.clone(),
+        stop_rx.clone(),
+    ));
     tasks.spawn(publish_marker(app.clone(), nonce, stop_rx.clone()));
 
     tracing::info!(
@@ -665,6 +678,8 @@ fn act_on(app: &Arc<App>, notice: Notice) {
         Notice::FireTick(tick) => {
             let _ = app.ticks.send(tick);
         }
+        // A user's limit, not a recommendation: sent even in dry runs.
+        Notice::SetRateLimit { worker, limit, .. } => app.rate_shares.send(app, worker, limit),
         _ => {}
     }
 }
@@ -787,5 +802,15 @@ fn log_notice(notice: &Notice) {
         Notice::FireTick(t) => {
             tracing::debug!(schedule = %t.schedule, task = %t.task_id, "cron tick due")
         }
+        Notice::SetRateLimit {
+            worker,
+            stage,
+            limit,
+        } => match limit {
+            Some(limit) => {
+                tracing::info!(%worker, %stage, %limit, "setting the agent's share of the stage's rate limit")
+            }
+            None => tracing::info!(%worker, %stage, "lifting the agent's rate limit"),
+        },
     }
 }

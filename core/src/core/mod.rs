@@ -241,6 +241,17 @@ pub enum Notice {
         /// The new prefetch.
         prefetch: u32,
     },
+    /// An agent's share of its stage's rate limit changed (see
+    /// [`scheduling::rate_limits`]): the runtime sends it
+    /// `Command::SetRateLimit`. `None` lifts it.
+    SetRateLimit {
+        /// The agent.
+        worker: AgentId,
+        /// Its stage.
+        stage: Stage,
+        /// Its share.
+        limit: Option<guildhall_proto::Rate>,
+    },
     /// A task was dead-lettered.
     TaskDeadLettered {
         /// The task.
@@ -407,6 +418,7 @@ impl Core {
             self.caught_up = true;
             self.telemetry.set(Gauge::CaughtUp(true));
             self.schedules_caught_up(now_ms);
+            self.scheduling.rate_limits.touch();
             tracing::info!(
                 workers = self.workers.len(),
                 tasks = self.tasks.in_flight() + self.tasks.finished(),
@@ -487,6 +499,7 @@ impl Core {
     /// Applies one envelope read from the stream at `offset`.
     pub fn handle_envelope(&mut self, now_ms: u64, decoded: Decoded, offset: Option<u64>) {
         self.apply_envelope(now_ms, decoded, offset);
+        self.resplit_rate_limits(false);
         self.flush_metrics();
     }
 
@@ -684,12 +697,14 @@ impl Core {
                 return;
             }
             tracing::info!(worker = %w.id, "heard at work after it said it was stopping: alive");
+            self.scheduling.rate_limits.touch();
             w.stopped_by = None;
             w.liveness = Liveness::Alive;
         }
         w.last_seen_ms = w.last_seen_ms.max(seen_ms);
         if let Some(n) = Self::revive(w, now_ms, self.caught_up) {
             push_notice(&mut self.notices, n);
+            self.scheduling.rate_limits.touch();
         }
         if !w.liveness_scheduled {
             w.liveness_scheduled = true;
@@ -805,6 +820,16 @@ impl Core {
         if let Some(n) = self.hot.events_by_kind.get_mut(event.kind_index()) {
             *n += 1;
         }
+        if matches!(
+            event,
+            Event::Hello(_) | Event::AgentStopping(_) | Event::Reassigned(_)
+        ) {
+            // The agents of a stage may have changed: re-split its limit
+            // (an agent saying Hello is a new process: sent its share anew).
+            self.scheduling
+                .rate_limits
+                .agent_changed(sender, matches!(event, Event::Hello(_)));
+        }
         match event {
             Event::Hello(mut h) => {
                 if !self.known_stage(now_ms, &mut h.stage) {
@@ -874,6 +899,7 @@ impl Core {
                 }
                 if let Some(n) = notice {
                     push_notice(&mut self.notices, n);
+                    self.scheduling.rate_limits.touch();
                 }
                 if let Some(s) = self.stages.get_mut(&h.stage) {
                     s.next = h.next.clone();
@@ -902,6 +928,7 @@ impl Core {
                     e.submitted_at_ms,
                     e.redelivered,
                 );
+                self.scheduling.rate_limits.started(&e.stage, e.at_ms);
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     let band = guildhall_proto::schedule::Priority::new(started.priority)
                         .unwrap_or_default()
@@ -1304,10 +1331,14 @@ impl Core {
         if self.caught_up {
             self.fire_due_ticks(now_ms);
         }
-        if now_ms >= self.next_housekeeping_ms {
+        let housekeeping = now_ms >= self.next_housekeeping_ms;
+        if housekeeping {
             self.housekeeping(now_ms);
             self.next_housekeeping_ms = now_ms + HOUSEKEEPING_MS;
         }
+        // Deaths above, and (each housekeeping tick) concurrency changes
+        // and pauses: re-split the rate limits.
+        self.resplit_rate_limits(housekeeping);
         if now_ms >= self.next_plan_ms {
             self.next_plan_ms = now_ms + self.config.sync_period_ms.max(1);
             if self.caught_up {
@@ -1362,6 +1393,7 @@ impl Core {
             return;
         }
         w.liveness = Liveness::Dead { since_ms: now_ms };
+        self.scheduling.rate_limits.touch();
         tracing::warn!(worker = %w.id, stage = %w.stage, tasks = w.in_hand.len(), "worker declared dead: silent for {silence} ms");
         let in_hand = std::mem::take(&mut w.in_hand);
         let (worker, stage, last_seen_ms) = (w.id.clone(), w.stage.clone(), w.last_seen_ms);

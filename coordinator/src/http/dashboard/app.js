@@ -689,6 +689,7 @@
       el('button', { type: 'button', class: 'btn btn-small', 'data-stage-action': 'pause', 'data-stage': stage, title: `Pause every live worker of ${stage}` }, 'Pause all'),
       el('button', { type: 'button', class: 'btn btn-small', 'data-stage-action': 'resume', 'data-stage': stage, title: `Resume every live worker of ${stage}` }, 'Resume all'),
       el('button', { type: 'button', class: 'btn btn-small btn-warn', 'data-stage-action': 'drain', 'data-stage': stage, title: `Drain every live worker of ${stage}` }, 'Drain all'),
+      el('button', { type: 'button', class: 'btn btn-small', 'data-stage-action': 'rate-limit', 'data-stage': stage, title: `Set or lift ${stage}'s rate limit (tasks started per second, whole stage)` }, 'Rate limit'),
     ];
   }
 
@@ -867,6 +868,30 @@
     });
   }
 
+  /** The stage's rate_limit from /api/stages (null without one). */
+  function rateLimitOf(stage) {
+    const list = state.stages && Array.isArray(state.stages.stages) ? state.stages.stages : [];
+    const s = list.find((x) => x.name === stage);
+    return (s && s.rate_limit) || null;
+  }
+
+  /** Asks for a stage's new rate limit and PUTs it (empty or "off" lifts it). */
+  async function setRateLimit(stage, button) {
+    const current = rateLimitOf(stage);
+    const entered = window.prompt(`Rate limit for ${stage}: tasks started per second across its workers (50/s, 30/min, 1/h); empty or "off" lifts it.`, current ? current.limit : '');
+    if (entered === null) return;
+    const text = entered.trim();
+    const limit = text === '' || text === 'off' ? null : text;
+    await busy(button, async () => {
+      try {
+        await api(`/api/stages/${enc(stage)}/rate-limit`, { method: 'PUT', body: { limit }, interactive: true });
+        toast(limit ? `${stage}: at most ${limit}` : `${stage}: rate limit lifted`, 'ok');
+      } catch (e) {
+        toastError(e, `${stage}: rate limit`);
+      }
+    });
+  }
+
   async function stageCommand(stage, action, button) {
     await busy(button, async () => {
       try {
@@ -915,7 +940,8 @@
     // Stage actions live in the group headers and in the pipeline table.
     document.addEventListener('click', (e) => {
       const button = e.target.closest('button[data-stage-action]');
-      if (button) stageCommand(button.dataset.stage, button.dataset.stageAction, button);
+      if (button && button.dataset.stageAction === 'rate-limit') setRateLimit(button.dataset.stage, button);
+      else if (button) stageCommand(button.dataset.stage, button.dataset.stageAction, button);
     });
     let filterTimer = null;
     $('#worker-filter').addEventListener('input', () => {
@@ -1139,7 +1165,8 @@
       const p = s.processing_ms || null;
       const bn = isBottleneck(s);
       const cells = [
-        el('span', null, name, bn ? el('span', { class: 'tag' }, 'bottleneck') : null),
+        el('span', null, name, bn ? el('span', { class: 'tag' }, 'bottleneck') : null,
+          s.rate_limit ? el('span', { class: 'tag rate-limit', title: `rate limit: ${fmtRate(s.rate_limit.achieved_per_second)} started over the last 10 s` }, `\u2264 ${s.rate_limit.limit}`) : null),
         q ? fmtInt(q.ready) : DASH,
         q && q.unacked != null ? fmtInt(q.unacked) : DASH,
         q ? fmtInt(q.consumers) : DASH,
