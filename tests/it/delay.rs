@@ -2,11 +2,10 @@
 //! holds a task in the delay ladder and it starts within a second of its
 //! due time; a bad `x-delay` is dead-lettered with the reason.
 
-use crate::priority::{header, publish_plain, reasons};
+use crate::priority::{Rig, header, publish_plain, reasons};
 use guildhall_broker::now_ms;
 use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{AgentId, Event};
-use guildhall_tests::Broker;
 use guildhall_tests::events::EventReader;
 use guildhall_tests::{TestNs, eventually, spawn_agent, spawn_http_worker};
 use lapin::BasicProperties;
@@ -23,16 +22,9 @@ fn started_at(events: &[Event], id: &str) -> Option<u64> {
 #[tokio::test]
 async fn a_delayed_task_starts_within_a_second_of_its_due_time() {
     let ns = TestNs::new("delay");
-    let broker = Broker::connect(&ns).await.unwrap();
-    broker.ensure_events_stream().await.unwrap();
-    broker.declare_stage("work").await.unwrap();
-    let mut events = EventReader::open(&broker.conn, &broker.names)
-        .await
-        .unwrap();
-    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
-    let _agent = spawn_agent(&ns, "work-1", "work", &["--worker-url", &worker.url])
-        .await
-        .unwrap();
+    let rig = Rig::start(&ns, &[], &[]).await;
+    let broker = &rig.broker;
+    let mut events = rig.events().await;
     let agent = AgentId::new("work-1").unwrap();
     // Each form a producer may use: an integer, decimal text, a priority.
     let delays: [(&str, u64, AMQPValue, Option<u8>); 3] = [
@@ -52,7 +44,7 @@ async fn a_delayed_task_starts_within_a_second_of_its_due_time() {
             props = props.with_priority(p);
         }
         let t0 = now_ms();
-        publish_plain(&broker, "work", id, "x", props).await;
+        publish_plain(broker, "work", id, "x", props).await;
         due.push((id, t0 + ms));
     }
     let seen = events
@@ -87,13 +79,8 @@ async fn a_delayed_task_starts_within_a_second_of_its_due_time() {
 #[tokio::test]
 async fn a_bad_x_delay_is_dead_lettered_with_the_reason() {
     let ns = TestNs::new("delay-bad");
-    let broker = Broker::connect(&ns).await.unwrap();
-    broker.ensure_events_stream().await.unwrap();
-    broker.declare_stage("work").await.unwrap();
-    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
-    let _agent = spawn_agent(&ns, "work-1", "work", &["--worker-url", &worker.url])
-        .await
-        .unwrap();
+    let rig = Rig::start(&ns, &[], &[]).await;
+    let (broker, worker) = (&rig.broker, &rig.worker);
     let bad: [(&str, AMQPValue, &str); 5] = [
         (
             "X-text",
@@ -115,7 +102,7 @@ async fn a_bad_x_delay_is_dead_lettered_with_the_reason() {
     ];
     for (id, value, _) in &bad {
         let props = BasicProperties::default().with_headers(header(h::DELAY, value.clone()));
-        publish_plain(&broker, "work", id, "x", props).await;
+        publish_plain(broker, "work", id, "x", props).await;
     }
     let dead = broker.names.dead_queue(&TestNs::stage("work"));
     let letters = eventually(Duration::from_secs(20), "five dead letters", || async {
@@ -233,24 +220,12 @@ async fn a_delay_survives_a_broker_restart_and_fires_on_time() {
 #[tokio::test]
 async fn a_retry_waits_in_the_ladder_and_comes_back_to_its_band() {
     let ns = TestNs::new("delay-retry");
-    let broker = Broker::connect(&ns).await.unwrap();
-    broker.ensure_events_stream().await.unwrap();
-    broker.declare_stage("work").await.unwrap();
-    let mut events = EventReader::open(&broker.conn, &broker.names)
-        .await
-        .unwrap();
-    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
-    let _agent = spawn_agent(
-        &ns,
-        "work-1",
-        "work",
-        &["--worker-url", &worker.url, "--retry-delay", "2s"],
-    )
-    .await
-    .unwrap();
+    let rig = Rig::start(&ns, &[], &["--retry-delay", "2s"]).await;
+    let broker = &rig.broker;
+    let mut events = rig.events().await;
     let agent = AgentId::new("work-1").unwrap();
     publish_plain(
-        &broker,
+        broker,
         "work",
         "RT-1",
         "fail=once",

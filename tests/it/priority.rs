@@ -8,11 +8,50 @@ use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{AgentId, Band, Event};
 use guildhall_tests::Broker;
 use guildhall_tests::events::EventReader;
-use guildhall_tests::{TestNs, eventually, spawn_agent, spawn_http_worker};
+use guildhall_tests::{Agent, HttpWorker, TestNs, eventually, spawn_agent, spawn_http_worker};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use std::time::Duration;
+
+/// One stage `work` (and `extra_stages`) with the events stream, an HTTP
+/// worker and one agent, `work-1`, given `flags` after its `--worker-url`:
+/// the set-up every priority and delay test starts from.
+pub struct Rig {
+    /// The broker, the stages declared.
+    pub broker: Broker,
+    /// The worker the agent calls.
+    pub worker: HttpWorker,
+    /// The agent, kept for the test's length (stopped when dropped).
+    pub _agent: Agent,
+}
+
+impl Rig {
+    /// Starts it in `ns`.
+    pub async fn start(ns: &TestNs, extra_stages: &[&str], flags: &[&str]) -> Rig {
+        let broker = Broker::connect(ns).await.unwrap();
+        broker.ensure_events_stream().await.unwrap();
+        for stage in std::iter::once(&"work").chain(extra_stages) {
+            broker.declare_stage(stage).await.unwrap();
+        }
+        let worker = spawn_http_worker(ns, "worker").await.unwrap();
+        let mut args = vec!["--worker-url", worker.url.as_str()];
+        args.extend_from_slice(flags);
+        let agent = spawn_agent(ns, "work-1", "work", &args).await.unwrap();
+        Rig {
+            broker,
+            worker,
+            _agent: agent,
+        }
+    }
+
+    /// A reader of the events stream from its start.
+    pub async fn events(&self) -> EventReader {
+        EventReader::open(&self.broker.conn, &self.broker.names)
+            .await
+            .unwrap()
+    }
+}
 
 /// Publishes like a third party: plain lapin, the properties given.
 pub async fn publish_plain(
@@ -53,25 +92,13 @@ pub fn reasons(headers: &FieldTable) -> (String, String) {
 #[tokio::test]
 async fn priority_9_tasks_published_after_a_backlog_overtake_it() {
     let ns = TestNs::new("prio");
-    let broker = Broker::connect(&ns).await.unwrap();
-    broker.ensure_events_stream().await.unwrap();
-    broker.declare_stage("work").await.unwrap();
-    let mut events = EventReader::open(&broker.conn, &broker.names)
-        .await
-        .unwrap();
-    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
-    let _agent = spawn_agent(
-        &ns,
-        "work-1",
-        "work",
-        &["--worker-url", &worker.url, "--concurrency", "1"],
-    )
-    .await
-    .unwrap();
+    let rig = Rig::start(&ns, &[], &["--concurrency", "1"]).await;
+    let broker = &rig.broker;
+    let mut events = rig.events().await;
     let normal = 40;
     for i in 0..normal {
         publish_plain(
-            &broker,
+            broker,
             "work",
             &format!("N-{i}"),
             "sleep=60",
@@ -93,7 +120,7 @@ async fn priority_9_tasks_published_after_a_backlog_overtake_it() {
         .await;
     for i in 0..3 {
         publish_plain(
-            &broker,
+            broker,
             "work",
             &format!("U-{i}"),
             "sleep=60",
@@ -136,16 +163,11 @@ async fn priority_9_tasks_published_after_a_backlog_overtake_it() {
 #[tokio::test]
 async fn a_priority_outside_0_to_9_is_dead_lettered_with_the_reason_and_nothing_is_lost() {
     let ns = TestNs::new("prio-bad");
-    let broker = Broker::connect(&ns).await.unwrap();
-    broker.ensure_events_stream().await.unwrap();
-    broker.declare_stage("work").await.unwrap();
-    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
-    let _agent = spawn_agent(&ns, "work-1", "work", &["--worker-url", &worker.url])
-        .await
-        .unwrap();
+    let rig = Rig::start(&ns, &[], &[]).await;
+    let (broker, worker) = (&rig.broker, &rig.worker);
     for (id, p) in [("B-10", 10u8), ("B-255", 255)] {
         publish_plain(
-            &broker,
+            broker,
             "work",
             id,
             "x",
@@ -154,7 +176,7 @@ async fn a_priority_outside_0_to_9_is_dead_lettered_with_the_reason_and_nothing_
         .await;
     }
     publish_plain(
-        &broker,
+        broker,
         "work",
         "OK-5",
         "x",
@@ -188,21 +210,10 @@ async fn a_priority_outside_0_to_9_is_dead_lettered_with_the_reason_and_nothing_
 #[tokio::test]
 async fn a_priority_travels_to_the_next_stage_band() {
     let ns = TestNs::new("prio-fwd");
-    let broker = Broker::connect(&ns).await.unwrap();
-    broker.ensure_events_stream().await.unwrap();
-    broker.declare_stage("work").await.unwrap();
-    broker.declare_stage("out").await.unwrap();
-    let worker = spawn_http_worker(&ns, "worker").await.unwrap();
-    let _agent = spawn_agent(
-        &ns,
-        "work-1",
-        "work",
-        &["--worker-url", &worker.url, "--next", "out"],
-    )
-    .await
-    .unwrap();
+    let rig = Rig::start(&ns, &["out"], &["--next", "out"]).await;
+    let broker = &rig.broker;
     publish_plain(
-        &broker,
+        broker,
         "work",
         "P-8",
         "x",
