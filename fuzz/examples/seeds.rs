@@ -304,10 +304,17 @@ fn task_headers() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-/// `status: u16 LE | next | class | body`, see `fuzz_targets/worker_response.rs`.
-fn response(status: u16, next: Option<&str>, class: Option<&str>, body: &[u8]) -> Vec<u8> {
+/// `status: u16 LE | next | class | priority | body`, see
+/// `fuzz_targets/worker_response.rs`.
+fn response(
+    status: u16,
+    next: Option<&str>,
+    class: Option<&str>,
+    priority: Option<&str>,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = status.to_le_bytes().to_vec();
-    for field in [next, class] {
+    for field in [next, class, priority] {
         match field {
             Some(v) => {
                 out.push(u8::try_from(v.len()).expect("a seed header under 255 bytes"));
@@ -322,15 +329,26 @@ fn response(status: u16, next: Option<&str>, class: Option<&str>, body: &[u8]) -
 
 fn worker_responses() -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        ("ok", response(200, None, None, b"{\"done\":true}")),
-        ("ok_next_stage", response(200, Some("report"), None, b"x")),
-        ("ok_end", response(204, Some("-"), None, b"")),
+        ("ok", response(200, None, None, None, b"{\"done\":true}")),
+        (
+            "ok_next_stage",
+            response(200, Some("report"), None, None, b"x"),
+        ),
+        ("ok_end", response(204, Some("-"), None, None, b"")),
+        ("ok_priority", response(200, None, None, Some("9"), b"x")),
+        ("bad_priority", response(200, None, None, Some("10"), b"x")),
         (
             "retry_class",
-            response(503, None, Some("db_timeout"), b"busy"),
+            response(503, None, Some("db_timeout"), None, b"busy"),
         ),
-        ("bad_input", response(422, None, None, b"no such field")),
-        ("too_many", response(429, None, Some("Not A Class"), b"")),
+        (
+            "bad_input",
+            response(422, None, None, None, b"no such field"),
+        ),
+        (
+            "too_many",
+            response(429, None, Some("Not A Class"), None, b""),
+        ),
     ]
 }
 

@@ -1,23 +1,25 @@
-//! `guildhall_agent::handoff::http::map_response`: how an agent reads an
-//! HTTP worker's answer (status, `x-guildhall-next-stage`,
-//! `x-guildhall-error-class`, body) into an outcome.
+//! `guildhall_agent::handoff::http::map_response_with_priority`: how an
+//! agent reads an HTTP worker's answer (status, `x-guildhall-next-stage`,
+//! `x-guildhall-error-class`, `x-guildhall-priority`, body) into an outcome.
 //!
 //! Input layout (so seeds are easy to write by hand, see `examples/seeds.rs`):
-//! `status: u16 LE | next: field | class: field | body: rest`, where a field
+//! `status: u16 LE | next: field | class: field | priority: field | body: rest`, where a field
 //! is a length byte then that many bytes, and the length 255 means "header
 //! absent". A header is read lossily, as the agent reads one (bytes that are
 //! not UTF-8 become U+FFFD, which no stage name or class accepts).
 //!
-//! Properties: it never panics; a 2xx is a success carrying the body, unless
-//! it names a next stage that is not a valid stage name (a permanent
-//! failure); any other status is a failure whose class is a valid class,
+//! Properties: it never panics; a 2xx is a success carrying the body and
+//! the priority it names, unless that priority is not 0-9 (a permanent
+//! failure, class `invalid_priority`) or it names a next stage that is not a
+//! valid stage name (a permanent failure, class `invalid_next_stage`); any other status is a failure whose class is a valid class,
 //! retryable exactly for 408, 429 and 5xx, and whose error quotes a bounded
 //! part of the body.
 
 #![no_main]
 
-use guildhall_agent::handoff::http::map_response;
+use guildhall_agent::handoff::http::{INVALID_PRIORITY_CLASS, map_response_with_priority};
 use guildhall_agent::handoff::{NextStage, Outcome, valid_error_class};
+use guildhall_proto::Priority;
 use libfuzzer_sys::fuzz_target;
 
 /// A field of the input: `None` for an absent header.
@@ -37,14 +39,32 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let status = u16::from_le_bytes(*status);
-    let (Some(next), Some(class)) = (field(&mut rest), field(&mut rest)) else {
+    let (Some(next), Some(class), Some(priority)) =
+        (field(&mut rest), field(&mut rest), field(&mut rest))
+    else {
         return;
     };
     let body = rest.to_vec();
-    match map_response(status, next.as_deref(), class.as_deref(), body.clone()) {
-        Outcome::Success { payload, next: to } => {
+    let named_priority = priority.as_deref().map(str::parse::<Priority>);
+    match map_response_with_priority(
+        status,
+        next.as_deref(),
+        class.as_deref(),
+        priority.as_deref(),
+        body.clone(),
+    ) {
+        Outcome::Success {
+            payload,
+            next: to,
+            priority: got,
+        } => {
             assert!((200..300).contains(&status));
             assert_eq!(payload, body);
+            match named_priority {
+                None => assert_eq!(got, None),
+                Some(Ok(p)) => assert_eq!(got, Some(p)),
+                Some(Err(_)) => panic!("an invalid priority made a success"),
+            }
             let named = next.as_deref().map(str::trim).unwrap_or("");
             match to {
                 NextStage::Default => assert_eq!(named, ""),
@@ -56,7 +76,11 @@ fuzz_target!(|data: &[u8]| {
             assert!(valid_error_class(&failure.class), "{:?}", failure.class);
             assert!(!failure.timed_out);
             if (200..300).contains(&status) {
-                assert_eq!(failure.class, "invalid_next_stage");
+                if matches!(named_priority, Some(Err(_))) {
+                    assert_eq!(failure.class, INVALID_PRIORITY_CLASS);
+                } else {
+                    assert_eq!(failure.class, "invalid_next_stage");
+                }
                 assert!(!failure.retryable);
             } else {
                 let retryable = status >= 500 || status == 408 || status == 429;
