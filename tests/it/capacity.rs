@@ -275,7 +275,11 @@ async fn the_flexible_agent_moves_to_the_overloaded_stage_and_the_actuators_run(
     }
 
     // Prefetch is sized from round trip and service time, and applied.
-    let queue = ns.names.stage_queue(&TestNs::stage("heavy"));
+    // Tasks are consumed from the band queues (the intake's consumer is the
+    // agent's sorter, with a prefetch of its own).
+    let queue = ns
+        .names
+        .band_queue(&TestNs::stage("heavy"), guildhall_proto::Band::Low);
     eventually(
         Duration::from_secs(30),
         "prefetch asked and applied",
@@ -369,7 +373,11 @@ async fn a_dry_run_reports_decisions_and_acts_on_none() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let w = worker_view(api, "flexible").await.unwrap();
     assert_eq!(w["stage"], "light", "a dry run moves no agent: {w}");
-    let queue = ns.names.stage_queue(&TestNs::stage("heavy"));
+    // Tasks are consumed from the band queues (the intake's consumer is the
+    // agent's sorter, with a prefetch of its own).
+    let queue = ns
+        .names
+        .band_queue(&TestNs::stage("heavy"), guildhall_proto::Band::Low);
     // The management API lists consumers after its next statistics refresh.
     let prefetch = eventually(Duration::from_secs(15), "heavy's consumer", || async {
         let p = consumer_prefetch(&queue).await?;
