@@ -45,23 +45,6 @@ fn queued(id: &str, stage: &str, priority: u8, due_at_ms: Option<u64>) -> Event 
 /// queue) and puts `n` messages on it, with plain lapin.
 async fn fill_band(broker: &Broker, stage: &str, band: Band, n: usize) {
     let name = broker.names.band_queue(&TestNs::stage(stage), band);
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    broker
-        .channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
     for i in 0..n {
         broker
             .channel
