@@ -6,8 +6,7 @@ use guildhall_proto::schedule::{Band, MAX_DELAY_MS, Priority};
 use guildhall_proto::{AgentId, Envelope, Event, TaskId, TaskQueued, TaskSubmitted};
 use guildhall_tests::*;
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicPublishOptions;
 use std::time::Duration;
 
 fn envelope(seq: u64, events: Vec<Event>) -> Vec<u8> {
