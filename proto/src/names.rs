@@ -3,12 +3,12 @@
 //!
 //! | what | name | kind |
 //! |---|---|---|
-//! | task exchange | `<ns>.tasks` | direct, routing key = stage |
+//! | task exchange | `<ns>.tasks` | direct, routing key = stage (its intake) or `<stage>.p<lo>-<hi>` (a band) |
 //! | stage intake queue | `<ns>.stage.<stage>` | quorum; what producers publish to (key `<stage>`); agents sort it into the bands |
 //! | stage band queue | `<ns>.stage.<stage>.p<lo>-<hi>` | quorum, one per priority band (key `<stage>.p<lo>-<hi>`) |
 //! | delay ladder level | `<ns>.delay.<n>` | topic exchange + quorum queue with TTL `2^n` s, n = 0..22 |
 //! | delay delivery | `<ns>.delay.deliver` | topic, bound to every band queue with `#.<stage>.p<lo>-<hi>` |
-//! | retry queue | `<ns>.retry.<stage>.<delay_ms>` | quorum, TTL dead-letters back to `<ns>.tasks` |
+//! | retry queue | `<ns>.retry.<stage>.<delay_ms>` | quorum, for retry delays under a second; TTL dead-letters back to `<ns>.tasks` |
 //! | dead-letter exchange | `<ns>.dead` | direct, routing key = stage |
 //! | dead-letter queue | `<ns>.dead.<stage>` | quorum |
 //! | events | `<ns>.events` | stream |
