@@ -180,6 +180,10 @@ fn unknown_ids_are_unknown_and_forged_requests_are_counted_and_dropped() {
     sim.send("w1", vec![request(&sim, "t1", "mallory")]);
     sim.send("submitter", vec![request(&sim, "t1", "mallory")]);
     assert_eq!(sim.core.cancels().forged, 2);
+    let malformed = crate::core::telemetry::Count::Malformed {
+        reason: "forged_control",
+    };
+    assert_eq!(sim.recorder.count_of(malformed), 2);
     assert!(sim.core.live_cancels(sim.now).is_empty());
     assert_eq!(status(&sim, "t1"), TaskStatus::Queued);
 }

@@ -25,7 +25,7 @@
 //! lifted, is sent `None`; a dead or stopped one is sent nothing.
 
 use crate::core::{Core, Notice, push_notice};
-use guildhall_proto::{AgentId, AgentState, Rate, RateLimitSet, Stage, names};
+use guildhall_proto::{AgentId, AgentState, Rate, RateLimitSet, Stage};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -179,10 +179,8 @@ impl Core {
     /// Applies a coordinator's `RateLimitSet`; one from any other sender is
     /// counted and dropped.
     pub(crate) fn apply_rate_limit_set(&mut self, now_ms: u64, sender: &AgentId, e: RateLimitSet) {
-        if !names::is_coordinator_sender(sender) {
+        if !self.sent_by_coordinator(sender, "forged_control") {
             self.scheduling.rate_limits.forged += 1;
-            self.handle_malformed("forged_control");
-            tracing::warn!(%sender, stage = %e.stage, "a rate limit from a sender that is not a coordinator: dropped");
             return;
         }
         let mut stage = e.stage;
@@ -451,6 +449,10 @@ mod tests {
         assert!(shares(&mut sim).is_empty());
         assert_eq!(sim.core.stage_rate_limit(&st("s")), None);
         assert_eq!(sim.core.scheduling.rate_limits.forged, 1);
+        let malformed = crate::core::telemetry::Count::Malformed {
+            reason: "forged_control",
+        };
+        assert_eq!(sim.recorder.count_of(malformed), 1);
     }
 
     #[test]
