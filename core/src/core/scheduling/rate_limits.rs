@@ -22,7 +22,10 @@
 //! only once the core has caught up with the stream; a restarted
 //! coordinator sends every share again (what it sent is not saved). An
 //! agent that moved to a stage without a limit, or whose stage's limit was
-//! lifted, is sent `None`; a dead or stopped one is sent nothing.
+//! lifted, is sent `None`; a dead, stopped, paused or draining one is sent
+//! nothing then, but is remembered as holding its share, and is sent `None`
+//! once it is alive on a stage without a limit (so a limit lifted while an
+//! agent was paused still reaches it when it resumes).
 
 use crate::core::{Core, Notice, push_notice};
 use guildhall_proto::{AgentId, AgentState, Rate, RateLimitSet, Stage};
@@ -94,6 +97,12 @@ pub struct RateLimits {
     /// sent again. Not saved: a restarted coordinator sends every share.
     #[serde(skip)]
     sent: BTreeMap<AgentId, (Stage, Option<Rate>)>,
+    /// Agents left out of the split (dead, paused, draining) that still
+    /// hold a share we sent: each is sent `None` once it is alive on a
+    /// stage without a limit, or dropped from here when it rejoins a split
+    /// or says Hello. Not saved, like `sent`.
+    #[serde(skip)]
+    held: BTreeMap<AgentId, Stage>,
     /// Whether the split must be recomputed at the end of this input.
     #[serde(skip)]
     dirty: bool,
@@ -144,6 +153,7 @@ impl RateLimits {
     pub fn agent_changed(&mut self, agent: &AgentId, hello: bool) {
         if hello {
             self.sent.remove(agent);
+            self.held.remove(agent);
         }
         self.dirty = true;
     }
@@ -277,12 +287,16 @@ impl Core {
     /// caught up.
     pub(crate) fn resplit_rate_limits(&mut self, force: bool) {
         let rl = &self.scheduling.rate_limits;
-        if !self.caught_up || !(rl.dirty || force) || (rl.limits.is_empty() && rl.sent.is_empty()) {
+        if !self.caught_up
+            || !(rl.dirty || force)
+            || (rl.limits.is_empty() && rl.sent.is_empty() && rl.held.is_empty())
+        {
             return;
         }
         self.scheduling.rate_limits.dirty = false;
         let want = self.rate_split();
         let sent = std::mem::take(&mut self.scheduling.rate_limits.sent);
+        let mut held = std::mem::take(&mut self.scheduling.rate_limits.held);
         let mut changes: Vec<(AgentId, Stage, Option<Rate>)> = Vec::new();
         let mut kept = BTreeMap::new();
         for (id, (stage, share)) in &want {
@@ -291,23 +305,34 @@ impl Core {
             }
             kept.insert(id.clone(), (stage.clone(), *share));
         }
-        for (id, (_, share)) in sent {
+        for (id, (stage, share)) in sent {
             if want.contains_key(&id) || share.is_none() {
                 continue;
             }
-            // Had a share, has none now: lifted if it is alive on a stage
-            // without a limit (the limit was lifted, or it moved). A dead,
-            // stopped, paused or draining one is sent nothing: it starts
-            // nothing now, and gets a share again when it comes back.
-            if let Some(w) = self.workers.get(&id)
-                && w.is_alive()
-                && !self.scheduling.rate_limits.limits.contains_key(&w.stage)
-            {
-                changes.push((id.clone(), w.stage.clone(), None));
-            }
+            // Had a share, has none now. A dead, stopped, paused or
+            // draining one is sent nothing: it starts nothing now, and is
+            // remembered as holding its share (below).
+            held.insert(id, stage);
         }
+        // Lifted, for an agent holding a share that is alive on a stage
+        // without a limit (the limit was lifted, or it moved); back in the
+        // split, it was sent its share above; gone from the table, forgotten.
+        held.retain(|id, _| {
+            if want.contains_key(id) {
+                return false;
+            }
+            let Some(w) = self.workers.get(id) else {
+                return false;
+            };
+            if w.is_alive() && !self.scheduling.rate_limits.limits.contains_key(&w.stage) {
+                changes.push((id.clone(), w.stage.clone(), None));
+                return false;
+            }
+            true
+        });
         changes.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
         self.scheduling.rate_limits.sent = kept;
+        self.scheduling.rate_limits.held = held;
         for (worker, stage, limit) in changes {
             push_notice(
                 &mut self.notices,
@@ -438,6 +463,37 @@ mod tests {
                 ("a3".into(), Some(10.0)),
             ]
         );
+    }
+
+    #[test]
+    fn a_limit_lifted_while_an_agent_was_paused_is_lifted_when_it_resumes() {
+        let mut sim = Sim::new();
+        let h = hello(&sim, "s", 1);
+        sim.send("a1", vec![h]);
+        sim.send("coordinator-1", vec![set(&sim, "s", Some("60/s"))]);
+        assert_eq!(shares(&mut sim), vec![("a1".into(), Some(60.0))]);
+        // Paused: out of the split, sent nothing, keeps its share.
+        sim.advance(1_000);
+        let hb = sim.heartbeat("s", AgentState::Paused, &[]);
+        sim.send("a1", vec![hb]);
+        sim.advance(2_000);
+        let hb = sim.heartbeat("s", AgentState::Paused, &[]);
+        sim.send("a1", vec![hb]);
+        assert!(shares(&mut sim).is_empty());
+        // The limit is lifted while it is paused, then it resumes.
+        sim.send("coordinator-1", vec![set(&sim, "s", None)]);
+        sim.advance(1_000);
+        let hb = sim.heartbeat("s", AgentState::Idle, &[]);
+        sim.send("a1", vec![hb]);
+        sim.advance(2_000);
+        let hb = sim.heartbeat("s", AgentState::Idle, &[]);
+        sim.send("a1", vec![hb]);
+        assert_eq!(shares(&mut sim), vec![("a1".into(), None)]);
+        // Once: nothing more afterwards.
+        sim.advance(2_000);
+        let hb = sim.heartbeat("s", AgentState::Idle, &[]);
+        sim.send("a1", vec![hb]);
+        assert!(shares(&mut sim).is_empty());
     }
 
     #[test]
