@@ -95,6 +95,40 @@ fn a_scheduled_task_that_starts_early_is_running_and_no_longer_counted() {
 }
 
 #[test]
+fn a_task_started_before_its_due_time_is_queued_not_scheduled_at_its_next_stage() {
+    let mut sim = Sim::new();
+    let due = T0 + 60_000;
+    sim.send(
+        "submitter",
+        vec![
+            sim.submitted("E", "build"),
+            sim.queued("E", "build", 5, Some(due)),
+        ],
+    );
+    // It starts early (clock skew, the ladder a little early) and goes on
+    // to the next stage well before its old due time; a TaskQueued read
+    // after the start (another sender) does not bring the due time back.
+    sim.advance(1_000);
+    sim.send("w1", vec![sim.started("E", "build", 1, T0)]);
+    sim.send("submitter", vec![sim.queued("E", "build", 5, Some(due))]);
+    sim.advance(1_000);
+    let done = sim.succeeded("E", "build", 1, T0 + 1_000, Some("test"));
+    sim.send("w1", vec![done, sim.queued("E", "test", 5, None)]);
+    let v = sim.core.task_view("E", sim.now).unwrap();
+    assert_eq!(v.status, "queued");
+    let stages = sim.core.stages_view(sim.now);
+    let test = stage(&stages, "test");
+    assert_eq!(test.scheduled, 0);
+    assert_eq!(test.bands[Band::Mid.index()].queued, 1);
+    // Its wait at the next stage counts from now, not from the old due time.
+    sim.advance(500);
+    sim.send("w2", vec![sim.started("E", "test", 1, sim.now - 500)]);
+    let stages = sim.core.stages_view(sim.now);
+    let mid = &stage(&stages, "test").bands[Band::Mid.index()];
+    assert_eq!(mid.wait_ms.as_ref().map(|p| p.p50), Some(500));
+}
+
+#[test]
 fn bands_count_queued_tasks_and_waits_and_an_unknown_band_is_low() {
     let mut sim = Sim::new();
     // Two high, one mid, and two with no TaskQueued at all (band 0-3).
