@@ -121,22 +121,6 @@ impl Script {
     }
 }
 
-fn hello(at_ms: u64, stage: &str, stages: &[&str]) -> Event {
-    Event::Hello(Box::new(Hello {
-        at_ms,
-        version: "0.1.0".into(),
-        stage: st(stage),
-        next: None,
-        stages: stages.iter().map(|s| st(s)).collect(),
-        concurrency: 2,
-        heartbeat_ms: 1000,
-        hostname: "h".into(),
-        pid: 1,
-        mode: WorkerMode::Simulated,
-        supervised: false,
-    }))
-}
-
 /// The recorded input sequence: about three minutes of a busy pipeline.
 fn script() -> Vec<Input> {
     let mut s = Script {
@@ -146,7 +130,7 @@ fn script() -> Vec<Input> {
         offset: 0,
     };
     for (id, stage, stages, _) in AGENTS {
-        let ev = vec![hello(s.b.now, stage, stages)];
+        let ev = vec![s.b.hello(stage, stages, 2)];
         s.send(id, ev);
     }
     let pipeline = |stage: &str| match stage {

@@ -262,12 +262,7 @@ fn live_cancels_survive_a_snapshot() {
     let mut sim = Sim::new();
     sim.send("submitter", vec![sim.submitted("t1", "build")]);
     sim.send(COORD, vec![request(&sim, "t1", "alice")]);
-    let ns = guildhall_proto::Namespace::new("cancels").expect("valid");
-    let bytes = sim.core.encode_snapshot(&ns, sim.now).expect("encodes");
-    let snap = crate::core::snapshot::decode(&bytes, &ns).expect("decodes");
-    let recorder = crate::core::telemetry::Recorder::new(true);
-    let restored = Core::restore(snap, crate::core::CoreConfig::default(), recorder, sim.now);
-    let mut sim2 = Sim::around(restored, sim.now);
+    let mut sim2 = sim.resume(crate::core::CoreConfig::default());
     assert_eq!(sim2.core.live_cancels(sim2.now), vec![tid("t1")]);
     assert_eq!(
         sim2.core.cancels().get("t1").map(|r| r.by.as_str()),

@@ -350,26 +350,14 @@ impl Core {
 mod tests {
     use super::*;
     use crate::core::test_support::{Sim, st};
-    use guildhall_proto::{AgentStopping, Event, Hello, WorkerMode};
+    use guildhall_proto::{AgentStopping, Event};
 
     fn rate(s: &str) -> Rate {
         s.parse().expect("a valid rate")
     }
 
     fn hello(sim: &Sim, stage: &str, concurrency: u32) -> Event {
-        Event::Hello(Box::new(Hello {
-            at_ms: sim.now,
-            version: "v".into(),
-            stage: st(stage),
-            next: None,
-            stages: vec![st(stage)],
-            concurrency,
-            heartbeat_ms: 1000,
-            hostname: "h".into(),
-            pid: 1,
-            mode: WorkerMode::Simulated,
-            supervised: false,
-        }))
+        sim.hello(stage, &[stage], concurrency)
     }
 
     fn set(sim: &Sim, stage: &str, limit: Option<&str>) -> Event {
@@ -546,15 +534,7 @@ mod tests {
         assert_eq!(view.len(), 1);
         assert_eq!(view[0].limit, "2/s");
         assert!((view[0].achieved_per_second - 2.0).abs() < 0.25, "{view:?}");
-        let ns: guildhall_proto::Namespace = "t".parse().expect("a namespace");
-        let bytes = sim.core.encode_snapshot(&ns, sim.now).expect("encodes");
-        let restored = crate::core::snapshot::decode(&bytes, &ns).expect("decodes");
-        let core = Core::restore(
-            restored,
-            crate::core::CoreConfig::default(),
-            crate::core::telemetry::Recorder::new(true),
-            sim.now,
-        );
+        let core = sim.resume(crate::core::CoreConfig::default()).core;
         assert_eq!(core.stage_rate_limit(&st("s")), Some(rate("2/s")));
     }
 }

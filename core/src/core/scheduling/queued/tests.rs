@@ -1,16 +1,15 @@
 //! Priorities and scheduled tasks as the core sees them, on virtual time.
 
 use crate::capacity::CapacityConfig;
+use crate::core::CoreConfig;
 use crate::core::query::TaskFilter;
 use crate::core::scheduling::queued::StageQueues;
-use crate::core::snapshot;
 use crate::core::stages::QueueStats;
 use crate::core::tasks::TaskStatus;
-use crate::core::telemetry::{Count, Recorder};
+use crate::core::telemetry::Count;
 use crate::core::test_support::{Sim, T0, st};
-use crate::core::{Core, CoreConfig};
+use guildhall_proto::Event;
 use guildhall_proto::schedule::{Band, MAX_DELAY_MS};
-use guildhall_proto::{Event, Namespace};
 
 fn stage<'a>(
     v: &'a crate::core::views::StagesView,
@@ -419,10 +418,7 @@ fn priorities_due_times_and_band_waits_survive_a_snapshot() {
     );
     sim.advance(250);
     sim.send("w", vec![sim.started("Q", "s", 1, T0)]);
-    let ns = Namespace::new("prio").unwrap();
-    let bytes = sim.core.encode_snapshot(&ns, sim.now).unwrap();
-    let snap = snapshot::decode(&bytes, &ns).unwrap();
-    let core = Core::restore(snap, CoreConfig::default(), Recorder::new(true), sim.now);
+    let core = sim.resume(CoreConfig::default()).core;
     let v = core.task_view("D", sim.now).unwrap();
     assert_eq!(
         (v.status, v.priority, v.due_at_ms),
