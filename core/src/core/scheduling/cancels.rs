@@ -283,11 +283,7 @@ impl Core {
         let mut room = MAX_LIVE_CANCELS.saturating_sub(cancels.live);
         ids.iter()
             .map(|id| {
-                if cancels
-                    .requests
-                    .get(id)
-                    .is_some_and(|r| r.state == CancelState::Live)
-                {
+                if cancels.is_live(id) {
                     return CancelOutcome::AlreadyRequested;
                 }
                 let Some(task) = self.tasks.get_ref(id.as_str()) else {
