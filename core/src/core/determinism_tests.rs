@@ -2,13 +2,18 @@
 //! stages, flexible agents the planner moves and sizes, tasks that succeed,
 //! fail, retry, are dead-lettered, abandoned and rejected, a worker that
 //! dies holding tasks, a duplicate batch, an unreadable message, the
-//! stream consumer lost and back, queue polls, scrapes and snapshots) fed
+//! stream consumer lost and back, queue polls, scrapes and snapshots;
+//! and issue 18's inputs: a rate limit split between two agents, tasks
+//! with priorities and a due time, a cron schedule firing, cancel requests
+//! decided, recorded, forged and settled, band queue polls) fed
 //! twice, through two fresh cores, gives the same outputs in the same
 //! order: notices, deadlines, views, per-worker rows, every metric handed
 //! over, and snapshot bytes. The workers table is a `HashMap` whose order
 //! differs between two maps even in one process, so an output that walks
 //! it unsorted fails here.
 
+use super::scheduling::queued::StageQueues;
+use super::scheduling::schedules::tick_task_id;
 use super::stages::QueueStats;
 use super::telemetry::Recorder;
 use super::test_support::{Sim, T0, st, tid};
@@ -33,6 +38,14 @@ enum Input {
         ready: u64,
         consumers: u64,
     },
+    /// A poll of a stage's intake and band queues.
+    StageQueues {
+        now: u64,
+        stage: &'static str,
+        queues: StageQueues,
+    },
+    /// A cancel request decided (the API, before its event is written).
+    Cancel { now: u64, ids: Vec<TaskId> },
     /// A stream message that could not be decoded.
     Unreadable { offset: u64 },
     /// The stream consumer disconnected or reconnected.
@@ -108,22 +121,6 @@ impl Script {
     }
 }
 
-fn hello(at_ms: u64, stage: &str, stages: &[&str]) -> Event {
-    Event::Hello(Box::new(Hello {
-        at_ms,
-        version: "0.1.0".into(),
-        stage: st(stage),
-        next: None,
-        stages: stages.iter().map(|s| st(s)).collect(),
-        concurrency: 2,
-        heartbeat_ms: 1000,
-        hostname: "h".into(),
-        pid: 1,
-        mode: WorkerMode::Simulated,
-        supervised: false,
-    }))
-}
-
 /// The recorded input sequence: about three minutes of a busy pipeline.
 fn script() -> Vec<Input> {
     let mut s = Script {
@@ -133,7 +130,7 @@ fn script() -> Vec<Input> {
         offset: 0,
     };
     for (id, stage, stages, _) in AGENTS {
-        let ev = vec![hello(s.b.now, stage, stages)];
+        let ev = vec![s.b.hello(stage, stages, 2)];
         s.send(id, ev);
     }
     let pipeline = |stage: &str| match stage {
@@ -152,11 +149,16 @@ fn script() -> Vec<Input> {
             let hb = s.heartbeat(id, stage, rtt, held);
             s.send(id, vec![hb]);
         }
+        issue_18(&mut s, second);
         // Six tasks a second through build, test, report.
         for _ in 0..6 {
             task += 1;
             let t = format!("T{task}");
-            let ev = vec![s.b.submitted(&t, "build")];
+            let mut ev = vec![s.b.submitted(&t, "build")];
+            if task % 7 == 0 {
+                // Some with a priority of their own.
+                ev.push(s.b.queued(&t, "build", (task % 10) as u8, None));
+            }
             s.send("producer", ev);
             for (i, stage) in ["build", "test", "report"].into_iter().enumerate() {
                 let worker = match stage {
@@ -266,6 +268,127 @@ fn script() -> Vec<Input> {
     s.inputs
 }
 
+/// The schedule the script sets (every 10 s, on the report stage).
+const SCHEDULE: &str = "tick";
+
+/// Issue 18's inputs at `second` of the script: a rate limit on `test`
+/// (split between t1 and t2), a cron schedule the coordinator fires (its
+/// `ScheduleFired` written a little after each tick, as the runtime does),
+/// a task held in the delay ladder that comes due and runs, cancel
+/// requests (decided, recorded, forged, settled by an agent), and polls of
+/// the band queues.
+fn issue_18(s: &mut Script, second: u64) {
+    let coord = "coordinator-1";
+    match second {
+        1 => {
+            let ev = vec![Event::RateLimitSet(RateLimitSet {
+                at_ms: s.b.now,
+                stage: st("test"),
+                limit: Some("40/s".parse().expect("a valid rate")),
+                by: "flag".into(),
+            })];
+            s.send(coord, ev);
+        }
+        2 => {
+            let spec = ScheduleSpec {
+                cron: "*/10 * * * * *".into(),
+                timezone: "UTC".into(),
+                stage: st("report"),
+                payload: b"{}".to_vec(),
+                priority: Priority::new(6).expect("a priority"),
+                missed: Missed::Skip,
+                paused: false,
+            };
+            let ev = vec![Event::ScheduleChanged(Box::new(ScheduleChanged {
+                at_ms: s.b.now,
+                name: st(SCHEDULE),
+                spec: Some(spec),
+                by: "api".into(),
+            }))];
+            s.send(coord, ev);
+        }
+        5 => {
+            // Held in the delay ladder for 35 s, high priority.
+            let due = s.b.now + 35_000;
+            let ev = vec![
+                s.b.submitted("D1", "build"),
+                s.b.queued("D1", "build", 8, Some(due)),
+            ];
+            s.send("producer", ev);
+        }
+        41 => {
+            let start = s.b.now;
+            let ev = vec![
+                s.b.started("D1", "build", 1, start - 1_000),
+                s.b.succeeded("D1", "build", 1, start, None),
+            ];
+            s.send("b1", ev);
+        }
+        48 => {
+            let ev = vec![s.b.submitted("C1", "build"), s.b.submitted("C2", "build")];
+            s.send("producer", ev);
+        }
+        50 => {
+            s.inputs.push(Input::Cancel {
+                now: s.b.now,
+                ids: vec![tid("C1"), tid("C2"), tid("T5"), tid("nope")],
+            });
+            let request = |by: &str, id: &str| {
+                Event::TaskCancelRequested(TaskCancelRequested {
+                    at_ms: s.b.now,
+                    task_id: tid(id),
+                    by: by.into(),
+                })
+            };
+            let ev = vec![request("alice", "C1"), request("alice", "C2")];
+            let forged = vec![request("mallory", "T9")];
+            s.send(coord, ev);
+            s.send("producer", forged);
+        }
+        52 => {
+            let ev = vec![Event::TaskCancelled(TaskCancelled {
+                at_ms: s.b.now,
+                task_id: tid("C1"),
+                stage: st("build"),
+                attempt: 1,
+                point: CancelPoint::Queued,
+            })];
+            s.send("b1", ev);
+        }
+        _ => {}
+    }
+    // The runtime writes each tick's ScheduleFired (then its task).
+    if second >= 13 && second % 10 == 3 {
+        let tick_ms = T0 + (second / 10) * 10_000;
+        let ev = vec![Event::ScheduleFired(ScheduleFired {
+            at_ms: s.b.now,
+            name: st(SCHEDULE),
+            tick_ms,
+            task_id: tick_task_id(&st(SCHEDULE), tick_ms),
+        })];
+        s.send(coord, ev);
+    }
+    if second % 5 == 2 {
+        for (stage, ready) in [("build", second % 7), ("test", 2)] {
+            let q = |ready| {
+                Some(QueueStats {
+                    ready,
+                    unacked: Some(1),
+                    consumers: 2,
+                })
+            };
+            s.inputs.push(Input::StageQueues {
+                now: s.b.now,
+                stage,
+                queues: StageQueues {
+                    intake: q(1),
+                    bands: [q(ready), q(0), q(ready / 2)],
+                },
+            });
+        }
+    }
+}
+
 /// Feeds `inputs` to a fresh core; every output, in order, as text, and
 /// every snapshot's bytes.
 fn run(inputs: &[Input]) -> (Vec<String>, Vec<Vec<u8>>, Recorder) {
@@ -308,6 +431,10 @@ fn run(inputs: &[Input]) -> (Vec<String>, Vec<Vec<u8>>, Recorder) {
                     consumers,
                 },
             ),
+            Input::StageQueues { now, stage, queues } => {
+                core.handle_stage_queues(now, &st(stage), queues)
+            }
+            Input::Cancel { now, ids } => out.push(format!("cancel {:?}", core.cancel(now, &ids))),
             Input::Unreadable { offset } => core.handle_unreadable("unparsable", Some(offset)),
             Input::Listening { now, on } => core.set_listening(now, on),
             Input::Scrape(now) => {
@@ -317,6 +444,9 @@ fn run(inputs: &[Input]) -> (Vec<String>, Vec<Vec<u8>>, Recorder) {
                 out.push(format!("workers {:?}", core.workers_view(now)));
                 out.push(format!("stages {:?}", core.stages_view(now)));
                 out.push(format!("scaling {:?}", core.scaling_view(now)));
+                out.push(format!("limits {:?}", core.rate_limits_view(now)));
+                out.push(format!("schedules {:?}", core.schedules(now)));
+                out.push(format!("cancel {:?}", core.cancel_view("C1")));
             }
             Input::Snapshot(now) => {
                 snapshots.push(core.encode_snapshot(&ns, now).expect("the state encodes"));
@@ -341,6 +471,9 @@ fn one_input_sequence_twice_gives_the_same_outputs_in_the_same_order() {
     assert!(has("notice SetPrefetch"), "prefetch is sized");
     assert!(has("notice TaskDeadLettered"));
     assert!(has("notice ErrorClassNew"));
+    assert!(has("notice SetRateLimit"), "the limit is split");
+    assert!(has("notice FireTick"), "the schedule fires");
+    assert!(has("cancel [Requested"), "cancels are decided");
     let prefetch_asks = out_a
         .iter()
         .filter(|o| o.starts_with("notice SetPrefetch"))

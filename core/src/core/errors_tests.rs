@@ -3,8 +3,7 @@
 //! and dead-worker classes, and the tracker across a snapshot.
 
 use super::errors::{self, ErrorTracker, Failure, MINUTE_MS, Rise, classify};
-use super::snapshot;
-use super::telemetry::{Count, Recorder};
+use super::telemetry::Count;
 use super::test_support::{Sim, T0, st, tid};
 use super::views::ErrorsView;
 use super::*;
@@ -16,22 +15,6 @@ const M0: u64 = (T0 / MINUTE_MS + 1) * MINUTE_MS;
 /// A core that has caught up with the stream.
 fn live(config: CoreConfig) -> Sim {
     Sim::with(config)
-}
-
-/// `sim`'s state restored from its snapshot on `config`, driven on from
-/// where `sim` is (fresh telemetry, the saved counters added back).
-fn resume(sim: &Sim, config: CoreConfig) -> Sim {
-    let ns = Namespace::new("errs").unwrap();
-    let bytes = sim.core.encode_snapshot(&ns, sim.now).unwrap();
-    let snap = snapshot::decode(&bytes, &ns).unwrap();
-    let recorder = Recorder::new(true);
-    let core = Core::restore(snap, config, recorder.clone(), sim.now);
-    let mut resumed = Sim::around(core, sim.now);
-    resumed.recorder = recorder;
-    resumed.seqs = sim.seqs.clone();
-    resumed.offset = sim.offset;
-    resumed.tasks = sim.tasks;
-    resumed
 }
 
 /// Events and views of this file's scenarios, on the shared driver.
@@ -593,7 +576,7 @@ fn the_tracker_survives_a_snapshot() {
             .any(|n| matches!(n, Notice::ErrorClassRising { .. })),
         "{notices:?}"
     );
-    let mut restored = resume(&sim, CoreConfig::default());
+    let mut restored = sim.resume(CoreConfig::default());
     assert_eq!(restored.core.errors_view(sim.now), sim.view());
     assert_eq!(restored.core.errors_view(sim.now).classes.len(), 2);
     assert_eq!(restored.metric("a", "http_503"), Some(6));
@@ -609,7 +592,7 @@ fn the_tracker_survives_a_snapshot() {
         max_error_classes_per_stage: 1,
         ..CoreConfig::default()
     };
-    let mut capped = resume(&sim, config);
+    let mut capped = sim.resume(config);
     capped.core.set_caught_up(capped.now);
     capped.fail("a", "timeout", "timed out");
     assert_eq!(capped.metric("a", "other"), Some(1));

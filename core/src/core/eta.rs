@@ -196,6 +196,41 @@ impl QueueIndex {
     }
 }
 
+/// What the planner needs of one stage's tasks (its hints).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BandCounts {
+    /// Tasks queued in each band ([`Band::index`]): [`QueueIndex::band_len`].
+    pub queued: [usize; 3],
+    /// Scheduled tasks due at or before the given time:
+    /// [`QueueIndex::due_by`].
+    pub due_by: usize,
+}
+
+impl BandCounts {
+    /// Per stage, what an index of `tasks` at `now_ms` would count in each
+    /// band and as due by `until_ms`, in one pass, with no lists and no
+    /// sort (the planner asks every planning tick). Stages without a
+    /// queued or scheduled task are left out.
+    pub fn of<'a>(
+        tasks: impl Iterator<Item = TaskRef<'a>>,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> BTreeMap<&'a Stage, BandCounts> {
+        let mut out: BTreeMap<&'a Stage, BandCounts> = BTreeMap::new();
+        for rec in tasks {
+            if rec.is_scheduled(now_ms) {
+                if let Some(due) = rec.due_at_ms() {
+                    let c = out.entry(rec.stage()).or_default();
+                    c.due_by += usize::from(due <= until_ms);
+                }
+            } else if queued_since(rec, now_ms).is_some() {
+                out.entry(rec.stage()).or_default().queued[rec.band().index()] += 1;
+            }
+        }
+        out
+    }
+}
+
 /// When `rec` joined its stage's queue, if it is waiting there now.
 fn queued_since(rec: TaskRef<'_>, now_ms: u64) -> Option<u64> {
     // The status first: most records are running or finished, and finding
@@ -383,6 +418,29 @@ mod tests {
         // nothing is left at a (90 at the high end), then b.
         let r = eta(s.get_ref("R").unwrap(), &timings, &queues, now).unwrap();
         assert_eq!((r.in_ms, r.low_in_ms, r.high_in_ms), (70, 56, 40 + 28 + 70));
+    }
+
+    #[test]
+    fn band_counts_are_what_the_index_counts() {
+        let mut s = store();
+        let stages = [st("a"), st("b")];
+        for i in 0..12u64 {
+            let id: TaskId = format!("P{i}").parse().unwrap();
+            let stage = &stages[(i % 2) as usize];
+            let due = (i % 3 == 0).then_some(1_000 + i * 500);
+            s.queued(&id, stage, 1_000 + i, (i % 10) as u8, due);
+        }
+        for (now, until) in [(1_010, 1_010), (1_010, 4_000), (3_000, 9_000)] {
+            let index = QueueIndex::build(s.iter(), now);
+            let counts = BandCounts::of(s.iter(), now, until);
+            for stage in &stages {
+                let want = BandCounts {
+                    queued: Band::ALL.map(|b| index.band_len(stage, b)),
+                    due_by: index.due_by(stage, until),
+                };
+                assert_eq!(counts.get(stage).copied().unwrap_or_default(), want);
+            }
+        }
     }
 
     #[test]

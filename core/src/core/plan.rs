@@ -63,13 +63,13 @@ impl Core {
     /// Tells the planner, per stage, which priority bands have traffic and
     /// how many scheduled tasks fall due within the lead time.
     fn hint_planner(&mut self, now_ms: u64) {
-        let queues = super::eta::QueueIndex::build(self.tasks.iter(), now_ms);
         let until = now_ms.saturating_add(self.planner.config().lead_time_ms);
+        let counts = super::eta::BandCounts::of(self.tasks.iter(), now_ms, until);
         for (name, s) in &self.stages {
-            let queued = guildhall_proto::schedule::Band::ALL.map(|b| queues.band_len(name, b));
+            let c = counts.get(name).copied().unwrap_or_default();
             let hints = crate::capacity::StageHints {
-                traffic: s.bands.traffic(now_ms, queued),
-                due_soon: queues.due_by(name, until) as u64,
+                traffic: s.bands.traffic(now_ms, c.queued),
+                due_soon: c.due_by as u64,
             };
             self.planner.set_hints(name, hints);
         }

@@ -33,20 +33,7 @@ trait Agents {
 
 impl Agents for Sim {
     fn hello_and_heartbeat(&mut self, a: &AgentSpec<'_>) {
-        let stages: Vec<Stage> = a.stages.iter().map(|s| st(s)).collect();
-        let hello = Event::Hello(Box::new(Hello {
-            at_ms: self.now,
-            version: "v".into(),
-            stage: st(a.stage),
-            next: None,
-            stages,
-            concurrency: a.concurrency,
-            heartbeat_ms: 1000,
-            hostname: "h".into(),
-            pid: 1,
-            mode: WorkerMode::Simulated,
-            supervised: false,
-        }));
+        let hello = self.hello(a.stage, a.stages, a.concurrency);
         self.send(a.id, vec![hello]);
         self.beat(a);
     }

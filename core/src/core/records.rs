@@ -567,13 +567,15 @@ impl<'a> TaskRef<'a> {
             .band()
     }
 
-    /// When it becomes due, if it was queued in the delay ladder.
+    /// When it becomes due, if it was queued in the delay ladder and has not
+    /// started yet.
     pub fn due_at_ms(&self) -> Option<u64> {
         self.rec.due.get()
     }
 
     /// Whether it waits in the delay ladder at `now_ms`: queued, with a due
-    /// time still ahead.
+    /// time still ahead (a task has none once an attempt started, even one
+    /// that started early: [`super::tasks::TaskStore::started`]).
     pub fn is_scheduled(&self, now_ms: u64) -> bool {
         self.rec.status == TaskStatus::Queued && self.rec.due.get().is_some_and(|d| d > now_ms)
     }

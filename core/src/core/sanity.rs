@@ -131,9 +131,8 @@ pub fn clamp_times(event: &mut Event, now_ms: u64) -> u32 {
         Event::TaskCancelRequested(_)
         | Event::ScheduleChanged(_)
         | Event::ScheduleFired(_)
-        | Event::RateLimitSet(_) => {}
-        // The coordinator's own: its time is read as written.
-        Event::Marker(_) => {}
+        | Event::RateLimitSet(_)
+        | Event::Marker(_) => {}
     }
     n
 }

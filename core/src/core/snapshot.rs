@@ -20,17 +20,32 @@
 //!
 //! # What is saved, what is rebuilt
 //!
-//! Saved: workers, stages, tasks, ingest counts (with the last offset
-//! applied), every counter series of the telemetry, the capacity planner
-//! (arrival histories and forecasts: kept only if the capacity settings are
-//! the same when restored) and the error tracker (classes, counts, samples,
-//! per-minute rates and whether a rise was reported; its limits come from
-//! the restoring core's configuration). Rebuilt on restore:
-//! the stages' metric series (announced to the restoring core's telemetry), the liveness
-//! deadline heap (every live worker re-armed), the task store's finished
-//! count and eviction queue. Not kept: notices (already acted on),
-//! histograms (they restart at zero), `caught_up` (the runtime replays from
-//! the offset and reads its new marker back).
+//! Saved: workers; stages, each with its band state (the broker's last
+//! depth of each band queue and of the intake, recent queue waits per band,
+//! last start per band); tasks, each with its priority and due time; ingest
+//! counts (with the last offset applied); every counter series of the
+//! telemetry; the capacity planner (arrival histories and forecasts: kept
+//! only if the capacity settings are the same when restored); the error
+//! tracker (classes, counts, samples, per-minute rates and whether a rise
+//! was reported; its limits come from the restoring core's configuration);
+//! and the scheduling state ([`Scheduling`], format 6): cancel requests
+//! (live and the last settled ones, and the forged count), cron schedules
+//! (each with its last fired tick, that tick's task id and when it was
+//! written, its fired count; dropped and refused counts) and stage rate
+//! limits (limit, who set it, when).
+//!
+//! Rebuilt on restore: the stages' metric series (announced to the
+//! restoring core's telemetry), the liveness deadline heap (every live
+//! worker re-armed), the task store's finished count and eviction queue.
+//!
+//! Not kept: notices (already acted on), histograms (they restart at
+//! zero), `caught_up` (the runtime replays from the offset and reads its
+//! new marker back); of the scheduling state, what this run of the core
+//! did and the next one redoes: the ticks handed over and not yet read
+//! back, and when the core caught up (each run catches up anew); the rate
+//! limit shares sent (a restarted coordinator sends every share again), the
+//! agents still holding a share, the achieved start rates (they restart
+//! empty) and the count of forged `RateLimitSet` events.
 
 use super::errors::ErrorTracker;
 use super::scheduling::Scheduling;

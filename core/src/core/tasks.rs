@@ -855,7 +855,10 @@ impl TaskStore {
         let priority = priority.min(guildhall_proto::schedule::MAX_PRIORITY);
         self.update(id, stage, at_ms, |rec, slot, retention| {
             rec.priority = priority;
-            if due_at_ms.is_some() {
+            // A due time is about the task's first wait: one that arrives
+            // after an attempt started (events from different senders are
+            // not ordered) is over.
+            if due_at_ms.is_some() && !rec.rows.iter().any(|r| r.started.get().is_some()) {
                 rec.due = Ms48::new(due_at_ms);
             }
             if !rec.rows.is_empty() {
@@ -915,6 +918,11 @@ impl TaskStore {
             // A task held in the delay ladder waited in the queue from its
             // due time, not from when it was published.
             let due = rec.due.get().filter(|&d| d <= at_ms);
+            // Started, it waits for no due time any more, even one still
+            // ahead (an early start: clock skew, or the ladder delivering
+            // up to 0.5 s early): at its next stages it is queued, never
+            // scheduled, and its wait there does not count from it.
+            rec.due = Ms48::NONE;
             Started {
                 queue_wait_ms: queued_at.map(|q| at_ms.saturating_sub(q.max(due.unwrap_or(0)))),
                 unannounced: found.is_none(),

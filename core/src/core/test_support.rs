@@ -7,8 +7,8 @@
 use super::telemetry::{Recorder, Telemetry};
 use super::{Core, CoreConfig, Notice, views};
 use guildhall_proto::{
-    AgentId, AgentState, Decoded, Envelope, Event, Heartbeat, ProcStats, Stage, TaskFailed, TaskId,
-    TaskInHand, TaskStarted, TaskSubmitted, TaskSucceeded,
+    AgentId, AgentState, Decoded, Envelope, Event, Heartbeat, Hello, Namespace, ProcStats, Stage,
+    TaskFailed, TaskId, TaskInHand, TaskStarted, TaskSubmitted, TaskSucceeded, WorkerMode,
 };
 use std::collections::HashMap;
 
@@ -102,6 +102,31 @@ impl Sim {
             tasks: 0,
             recorder: Recorder::new(true),
         }
+    }
+
+    /// A new coordinator at `at`, restored with `config` from a snapshot of
+    /// this core taken now (encoded and decoded: nothing is replayed after
+    /// it). It goes on where this one was: the same senders' sequence
+    /// numbers, stream offset and task counter, a fresh [`Recorder`]. Not
+    /// caught up, like a restored core.
+    pub fn resume_at(&self, config: CoreConfig, at: u64) -> Sim {
+        let ns = Namespace::new("sim").expect("a valid namespace");
+        let bytes = self.core.encode_snapshot(&ns, self.now).expect("encodes");
+        let snap = super::snapshot::decode(&bytes, &ns).expect("decodes");
+        let recorder = Recorder::new(true);
+        let core = Core::restore(snap, config, recorder.clone(), at);
+        let mut resumed = Sim::around(core, at);
+        resumed.recorder = recorder;
+        resumed.seqs = self.seqs.clone();
+        resumed.incarnation = self.incarnation;
+        resumed.offset = self.offset;
+        resumed.tasks = self.tasks;
+        resumed
+    }
+
+    /// [`Sim::resume_at`] now.
+    pub fn resume(&self, config: CoreConfig) -> Sim {
+        self.resume_at(config, self.now)
     }
 
     /// Sends `events` from `sender`, published at `sent_at`, as its next
@@ -214,6 +239,24 @@ impl Sim {
             hostname: "h".into(),
             worker_restarts: 0,
             rtt_ms: None,
+        }))
+    }
+
+    /// A `Hello` now from an agent on `stage` that may serve `stages`, with
+    /// `concurrency` slots and a 1 s heartbeat.
+    pub fn hello(&self, stage: &str, stages: &[&str], concurrency: u32) -> Event {
+        Event::Hello(Box::new(Hello {
+            at_ms: self.now,
+            version: "0.1.0".into(),
+            stage: st(stage),
+            next: None,
+            stages: stages.iter().map(|s| st(s)).collect(),
+            concurrency,
+            heartbeat_ms: 1000,
+            hostname: "h".into(),
+            pid: 1,
+            mode: WorkerMode::Simulated,
+            supervised: false,
         }))
     }
 

@@ -3,7 +3,7 @@
 //! lasting harm.
 
 use super::telemetry::Count;
-use super::test_support::{Sim, T0, aid, st};
+use super::test_support::{Sim, T0, aid};
 use super::*;
 use guildhall_proto::*;
 
@@ -199,11 +199,7 @@ fn a_forged_jump_does_not_blind_a_real_agent_even_across_a_restart() {
     assert_eq!(sim.worker("w1").status, "processing");
 
     // Across a coordinator restart (snapshot, restore): the same.
-    let ns = Namespace::new("trust").unwrap();
-    let bytes = sim.core.encode_snapshot(&ns, sim.now).unwrap();
-    let snap = snapshot::decode(&bytes, &ns).unwrap();
-    sim.recorder = telemetry::Recorder::new(true);
-    sim.core = Core::restore(snap, CoreConfig::default(), sim.recorder.clone(), sim.now);
+    let mut sim = sim.resume(CoreConfig::default());
     sim.core.set_caught_up(sim.now);
     forge(&mut sim, "w1", 1, 1_000_000_000_000_001, vec![stopping()]);
     let hb = sim.heartbeat("build", AgentState::Processing, &["T1"]);
@@ -242,19 +238,14 @@ fn a_forged_stop_is_undone_by_the_agent_at_work() {
 }
 
 fn hello(sim: &Sim, heartbeat_ms: u32) -> Event {
-    Event::Hello(Box::new(Hello {
-        at_ms: sim.now,
-        version: "forged".into(),
-        stage: st("build"),
-        next: None,
-        stages: vec![st("build")],
-        concurrency: 1,
-        heartbeat_ms,
-        hostname: "forger".into(),
-        pid: 666,
-        mode: WorkerMode::Simulated,
-        supervised: false,
-    }))
+    let mut e = sim.hello("build", &["build"], 1);
+    if let Event::Hello(h) = &mut e {
+        h.heartbeat_ms = heartbeat_ms;
+        h.version = "forged".into();
+        h.hostname = "forger".into();
+        h.pid = 666;
+    }
+    e
 }
 
 #[test]

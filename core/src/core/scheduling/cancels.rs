@@ -10,8 +10,8 @@
 //!   id to every agent. The core changes nothing until the event is read
 //!   back, so the stream stays the only source of truth.
 //! - `TaskCancelRequested` is applied only from a coordinator's sender
-//!   ([`names::is_coordinator_sender`]); a forged one is counted and
-//!   dropped. It makes the request *live*: the runtime re-broadcasts live
+//!   ([`guildhall_proto::names::is_coordinator_sender`]); a forged one is
+//!   counted (`malformed{reason="forged_control"}`) and dropped. It makes the request *live*: the runtime re-broadcasts live
 //!   ids to agents (periodically and to an agent that says `Hello`) until
 //!   the request settles.
 //! - A request settles when an agent reports `TaskCancelled` (the task is
@@ -28,7 +28,6 @@
 
 use crate::core::Core;
 use crate::core::tasks::{Attempt, TaskStatus};
-use guildhall_proto::names;
 use guildhall_proto::schedule::Priority;
 use guildhall_proto::{AgentId, CancelPoint, Stage, TaskCancelRequested, TaskCancelled, TaskId};
 use serde::{Deserialize, Serialize};
@@ -284,11 +283,7 @@ impl Core {
         let mut room = MAX_LIVE_CANCELS.saturating_sub(cancels.live);
         ids.iter()
             .map(|id| {
-                if cancels
-                    .requests
-                    .get(id)
-                    .is_some_and(|r| r.state == CancelState::Live)
-                {
+                if cancels.is_live(id) {
                     return CancelOutcome::AlreadyRequested;
                 }
                 let Some(task) = self.tasks.get_ref(id.as_str()) else {
@@ -379,12 +374,11 @@ impl Core {
         sender: &AgentId,
         e: TaskCancelRequested,
     ) {
-        let cancels = &mut self.scheduling.cancels;
-        if !names::is_coordinator_sender(sender) {
-            cancels.forged += 1;
-            tracing::warn!(%sender, task = %e.task_id, "dropped a TaskCancelRequested from a sender that is not a coordinator");
+        if !self.sent_by_coordinator(sender, "forged_control") {
+            self.scheduling.cancels.forged += 1;
             return;
         }
+        let cancels = &mut self.scheduling.cancels;
         let finished = self
             .tasks
             .get_ref(e.task_id.as_str())

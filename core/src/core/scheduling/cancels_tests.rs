@@ -180,6 +180,10 @@ fn unknown_ids_are_unknown_and_forged_requests_are_counted_and_dropped() {
     sim.send("w1", vec![request(&sim, "t1", "mallory")]);
     sim.send("submitter", vec![request(&sim, "t1", "mallory")]);
     assert_eq!(sim.core.cancels().forged, 2);
+    let malformed = crate::core::telemetry::Count::Malformed {
+        reason: "forged_control",
+    };
+    assert_eq!(sim.recorder.count_of(malformed), 2);
     assert!(sim.core.live_cancels(sim.now).is_empty());
     assert_eq!(status(&sim, "t1"), TaskStatus::Queued);
 }
@@ -258,12 +262,7 @@ fn live_cancels_survive_a_snapshot() {
     let mut sim = Sim::new();
     sim.send("submitter", vec![sim.submitted("t1", "build")]);
     sim.send(COORD, vec![request(&sim, "t1", "alice")]);
-    let ns = guildhall_proto::Namespace::new("cancels").expect("valid");
-    let bytes = sim.core.encode_snapshot(&ns, sim.now).expect("encodes");
-    let snap = crate::core::snapshot::decode(&bytes, &ns).expect("decodes");
-    let recorder = crate::core::telemetry::Recorder::new(true);
-    let restored = Core::restore(snap, crate::core::CoreConfig::default(), recorder, sim.now);
-    let mut sim2 = Sim::around(restored, sim.now);
+    let mut sim2 = sim.resume(crate::core::CoreConfig::default());
     assert_eq!(sim2.core.live_cancels(sim2.now), vec![tid("t1")]);
     assert_eq!(
         sim2.core.cancels().get("t1").map(|r| r.by.as_str()),

@@ -13,13 +13,17 @@
 //!
 //! Control-plane events (`TaskCancelRequested`, `ScheduleChanged`,
 //! `ScheduleFired`, `RateLimitSet`) are applied only from a coordinator's
-//! sender ([`guildhall_proto::names::is_coordinator_sender`]).
+//! sender ([`guildhall_proto::names::is_coordinator_sender`]), checked by
+//! `Core::sent_by_coordinator`: any other is counted as malformed and
+//! dropped.
 
 pub mod cancels;
 pub mod queued;
 pub mod rate_limits;
 pub mod schedules;
 
+use crate::core::Core;
+use guildhall_proto::{AgentId, names};
 use serde::{Deserialize, Serialize};
 
 /// Every scheduling state the core keeps, saved in the snapshot.
@@ -31,4 +35,19 @@ pub struct Scheduling {
     pub schedules: schedules::Schedules,
     /// Stage rate limits (see [`rate_limits`]).
     pub rate_limits: rate_limits::RateLimits,
+}
+
+impl Core {
+    /// Whether a control-plane event from `sender` may be applied: only a
+    /// coordinator's may. Any other is counted as malformed with `reason`
+    /// and logged at debug (a forger must not flood the log); the caller
+    /// counts it in its own state and drops the event.
+    pub(crate) fn sent_by_coordinator(&mut self, sender: &AgentId, reason: &'static str) -> bool {
+        if names::is_coordinator_sender(sender) {
+            return true;
+        }
+        self.handle_malformed(reason);
+        tracing::debug!(%sender, reason, "dropped a control-plane event from a sender that is not a coordinator");
+        false
+    }
 }

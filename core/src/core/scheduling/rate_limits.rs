@@ -22,10 +22,13 @@
 //! only once the core has caught up with the stream; a restarted
 //! coordinator sends every share again (what it sent is not saved). An
 //! agent that moved to a stage without a limit, or whose stage's limit was
-//! lifted, is sent `None`; a dead or stopped one is sent nothing.
+//! lifted, is sent `None`; a dead, stopped, paused or draining one is sent
+//! nothing then, but is remembered as holding its share, and is sent `None`
+//! once it is alive on a stage without a limit (so a limit lifted while an
+//! agent was paused still reaches it when it resumes).
 
 use crate::core::{Core, Notice, push_notice};
-use guildhall_proto::{AgentId, AgentState, Rate, RateLimitSet, Stage, names};
+use guildhall_proto::{AgentId, AgentState, Rate, RateLimitSet, Stage};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -94,6 +97,12 @@ pub struct RateLimits {
     /// sent again. Not saved: a restarted coordinator sends every share.
     #[serde(skip)]
     sent: BTreeMap<AgentId, (Stage, Option<Rate>)>,
+    /// Agents left out of the split (dead, paused, draining) that still
+    /// hold a share we sent: each is sent `None` once it is alive on a
+    /// stage without a limit, or dropped from here when it rejoins a split
+    /// or says Hello. Not saved, like `sent`.
+    #[serde(skip)]
+    held: BTreeMap<AgentId, Stage>,
     /// Whether the split must be recomputed at the end of this input.
     #[serde(skip)]
     dirty: bool,
@@ -144,6 +153,7 @@ impl RateLimits {
     pub fn agent_changed(&mut self, agent: &AgentId, hello: bool) {
         if hello {
             self.sent.remove(agent);
+            self.held.remove(agent);
         }
         self.dirty = true;
     }
@@ -179,10 +189,8 @@ impl Core {
     /// Applies a coordinator's `RateLimitSet`; one from any other sender is
     /// counted and dropped.
     pub(crate) fn apply_rate_limit_set(&mut self, now_ms: u64, sender: &AgentId, e: RateLimitSet) {
-        if !names::is_coordinator_sender(sender) {
+        if !self.sent_by_coordinator(sender, "forged_control") {
             self.scheduling.rate_limits.forged += 1;
-            self.handle_malformed("forged_control");
-            tracing::warn!(%sender, stage = %e.stage, "a rate limit from a sender that is not a coordinator: dropped");
             return;
         }
         let mut stage = e.stage;
@@ -279,12 +287,16 @@ impl Core {
     /// caught up.
     pub(crate) fn resplit_rate_limits(&mut self, force: bool) {
         let rl = &self.scheduling.rate_limits;
-        if !self.caught_up || !(rl.dirty || force) || (rl.limits.is_empty() && rl.sent.is_empty()) {
+        if !self.caught_up
+            || !(rl.dirty || force)
+            || (rl.limits.is_empty() && rl.sent.is_empty() && rl.held.is_empty())
+        {
             return;
         }
         self.scheduling.rate_limits.dirty = false;
         let want = self.rate_split();
         let sent = std::mem::take(&mut self.scheduling.rate_limits.sent);
+        let mut held = std::mem::take(&mut self.scheduling.rate_limits.held);
         let mut changes: Vec<(AgentId, Stage, Option<Rate>)> = Vec::new();
         let mut kept = BTreeMap::new();
         for (id, (stage, share)) in &want {
@@ -293,23 +305,34 @@ impl Core {
             }
             kept.insert(id.clone(), (stage.clone(), *share));
         }
-        for (id, (_, share)) in sent {
+        for (id, (stage, share)) in sent {
             if want.contains_key(&id) || share.is_none() {
                 continue;
             }
-            // Had a share, has none now: lifted if it is alive on a stage
-            // without a limit (the limit was lifted, or it moved). A dead,
-            // stopped, paused or draining one is sent nothing: it starts
-            // nothing now, and gets a share again when it comes back.
-            if let Some(w) = self.workers.get(&id)
-                && w.is_alive()
-                && !self.scheduling.rate_limits.limits.contains_key(&w.stage)
-            {
-                changes.push((id.clone(), w.stage.clone(), None));
-            }
+            // Had a share, has none now. A dead, stopped, paused or
+            // draining one is sent nothing: it starts nothing now, and is
+            // remembered as holding its share (below).
+            held.insert(id, stage);
         }
+        // Lifted, for an agent holding a share that is alive on a stage
+        // without a limit (the limit was lifted, or it moved); back in the
+        // split, it was sent its share above; gone from the table, forgotten.
+        held.retain(|id, _| {
+            if want.contains_key(id) {
+                return false;
+            }
+            let Some(w) = self.workers.get(id) else {
+                return false;
+            };
+            if w.is_alive() && !self.scheduling.rate_limits.limits.contains_key(&w.stage) {
+                changes.push((id.clone(), w.stage.clone(), None));
+                return false;
+            }
+            true
+        });
         changes.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
         self.scheduling.rate_limits.sent = kept;
+        self.scheduling.rate_limits.held = held;
         for (worker, stage, limit) in changes {
             push_notice(
                 &mut self.notices,
@@ -327,26 +350,14 @@ impl Core {
 mod tests {
     use super::*;
     use crate::core::test_support::{Sim, st};
-    use guildhall_proto::{AgentStopping, Event, Hello, WorkerMode};
+    use guildhall_proto::{AgentStopping, Event};
 
     fn rate(s: &str) -> Rate {
         s.parse().expect("a valid rate")
     }
 
     fn hello(sim: &Sim, stage: &str, concurrency: u32) -> Event {
-        Event::Hello(Box::new(Hello {
-            at_ms: sim.now,
-            version: "v".into(),
-            stage: st(stage),
-            next: None,
-            stages: vec![st(stage)],
-            concurrency,
-            heartbeat_ms: 1000,
-            hostname: "h".into(),
-            pid: 1,
-            mode: WorkerMode::Simulated,
-            supervised: false,
-        }))
+        sim.hello(stage, &[stage], concurrency)
     }
 
     fn set(sim: &Sim, stage: &str, limit: Option<&str>) -> Event {
@@ -443,6 +454,37 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_lifted_while_an_agent_was_paused_is_lifted_when_it_resumes() {
+        let mut sim = Sim::new();
+        let h = hello(&sim, "s", 1);
+        sim.send("a1", vec![h]);
+        sim.send("coordinator-1", vec![set(&sim, "s", Some("60/s"))]);
+        assert_eq!(shares(&mut sim), vec![("a1".into(), Some(60.0))]);
+        // Paused: out of the split, sent nothing, keeps its share.
+        sim.advance(1_000);
+        let hb = sim.heartbeat("s", AgentState::Paused, &[]);
+        sim.send("a1", vec![hb]);
+        sim.advance(2_000);
+        let hb = sim.heartbeat("s", AgentState::Paused, &[]);
+        sim.send("a1", vec![hb]);
+        assert!(shares(&mut sim).is_empty());
+        // The limit is lifted while it is paused, then it resumes.
+        sim.send("coordinator-1", vec![set(&sim, "s", None)]);
+        sim.advance(1_000);
+        let hb = sim.heartbeat("s", AgentState::Idle, &[]);
+        sim.send("a1", vec![hb]);
+        sim.advance(2_000);
+        let hb = sim.heartbeat("s", AgentState::Idle, &[]);
+        sim.send("a1", vec![hb]);
+        assert_eq!(shares(&mut sim), vec![("a1".into(), None)]);
+        // Once: nothing more afterwards.
+        sim.advance(2_000);
+        let hb = sim.heartbeat("s", AgentState::Idle, &[]);
+        sim.send("a1", vec![hb]);
+        assert!(shares(&mut sim).is_empty());
+    }
+
+    #[test]
     fn a_forged_limit_is_counted_and_dropped() {
         let mut sim = Sim::new();
         let h = hello(&sim, "s", 1);
@@ -451,6 +493,10 @@ mod tests {
         assert!(shares(&mut sim).is_empty());
         assert_eq!(sim.core.stage_rate_limit(&st("s")), None);
         assert_eq!(sim.core.scheduling.rate_limits.forged, 1);
+        let malformed = crate::core::telemetry::Count::Malformed {
+            reason: "forged_control",
+        };
+        assert_eq!(sim.recorder.count_of(malformed), 1);
     }
 
     #[test]
@@ -488,15 +534,7 @@ mod tests {
         assert_eq!(view.len(), 1);
         assert_eq!(view[0].limit, "2/s");
         assert!((view[0].achieved_per_second - 2.0).abs() < 0.25, "{view:?}");
-        let ns: guildhall_proto::Namespace = "t".parse().expect("a namespace");
-        let bytes = sim.core.encode_snapshot(&ns, sim.now).expect("encodes");
-        let restored = crate::core::snapshot::decode(&bytes, &ns).expect("decodes");
-        let core = Core::restore(
-            restored,
-            crate::core::CoreConfig::default(),
-            crate::core::telemetry::Recorder::new(true),
-            sim.now,
-        );
+        let core = sim.resume(crate::core::CoreConfig::default()).core;
         assert_eq!(core.stage_rate_limit(&st("s")), Some(rate("2/s")));
     }
 }

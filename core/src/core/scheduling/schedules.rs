@@ -41,7 +41,6 @@ use chrono::TimeZone as _;
 use croner::Cron;
 use guildhall_proto::{
     AgentId, Missed, Priority, ScheduleChanged, ScheduleFired, ScheduleSpec, Stage, TaskId,
-    names::is_coordinator_sender,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -350,12 +349,11 @@ impl Core {
         sender: &AgentId,
         e: ScheduleChanged,
     ) {
-        let s = &mut self.scheduling.schedules;
-        if !is_coordinator_sender(sender) {
-            s.refused += 1;
-            self.handle_malformed("schedule_refused");
+        if !self.sent_by_coordinator(sender, "schedule_refused") {
+            self.scheduling.schedules.refused += 1;
             return;
         }
+        let s = &mut self.scheduling.schedules;
         let Some(spec) = e.spec else {
             s.entries.remove(&e.name);
             return;
@@ -411,12 +409,11 @@ impl Core {
         sender: &AgentId,
         e: ScheduleFired,
     ) {
-        let s = &mut self.scheduling.schedules;
-        if !is_coordinator_sender(sender) {
-            s.refused += 1;
-            self.handle_malformed("schedule_refused");
+        if !self.sent_by_coordinator(sender, "schedule_refused") {
+            self.scheduling.schedules.refused += 1;
             return;
         }
+        let s = &mut self.scheduling.schedules;
         let Some(entry) = s.entries.get_mut(&e.name) else {
             return;
         };

@@ -2,11 +2,9 @@
 //! across restarts (replay and snapshot), pause, time zones and DST.
 
 use super::*;
-use crate::core::snapshot;
-use crate::core::telemetry::Recorder;
 use crate::core::test_support::{Sim, T0, st};
-use crate::core::{Core, CoreConfig, Notice};
-use guildhall_proto::{Event, Namespace};
+use crate::core::{CoreConfig, Notice};
+use guildhall_proto::Event;
 
 const COORD: &str = "coordinator-a";
 
@@ -145,13 +143,7 @@ impl Coord {
     /// A new coordinator at `at` from a snapshot taken now (nothing replayed
     /// after it).
     fn restart_from_snapshot_at(&mut self, at: u64) {
-        let ns = Namespace::new("cron").unwrap();
-        let bytes = self.sim.core.encode_snapshot(&ns, self.sim.now).unwrap();
-        let snap = snapshot::decode(&bytes, &ns).unwrap();
-        let core = Core::restore(snap, CoreConfig::default(), Recorder::new(true), at);
-        let mut sim = Sim::around(core, at);
-        sim.seqs = self.sim.seqs.clone();
-        sim.offset = self.sim.offset;
+        let mut sim = self.sim.resume_at(CoreConfig::default(), at);
         sim.core.set_caught_up(at);
         self.sim = sim;
         self.pump();

@@ -1,16 +1,15 @@
 //! Priorities and scheduled tasks as the core sees them, on virtual time.
 
 use crate::capacity::CapacityConfig;
+use crate::core::CoreConfig;
 use crate::core::query::TaskFilter;
 use crate::core::scheduling::queued::StageQueues;
-use crate::core::snapshot;
 use crate::core::stages::QueueStats;
 use crate::core::tasks::TaskStatus;
-use crate::core::telemetry::{Count, Recorder};
+use crate::core::telemetry::Count;
 use crate::core::test_support::{Sim, T0, st};
-use crate::core::{Core, CoreConfig};
+use guildhall_proto::Event;
 use guildhall_proto::schedule::{Band, MAX_DELAY_MS};
-use guildhall_proto::{Event, Namespace};
 
 fn stage<'a>(
     v: &'a crate::core::views::StagesView,
@@ -92,6 +91,40 @@ fn a_scheduled_task_that_starts_early_is_running_and_no_longer_counted() {
     sim.send("w1", vec![sim.started("E", "build", 1, T0)]);
     assert_eq!(sim.core.task_view("E", sim.now).unwrap().status, "running");
     assert_eq!(stage(&sim.core.stages_view(sim.now), "build").scheduled, 0);
+}
+
+#[test]
+fn a_task_started_before_its_due_time_is_queued_not_scheduled_at_its_next_stage() {
+    let mut sim = Sim::new();
+    let due = T0 + 60_000;
+    sim.send(
+        "submitter",
+        vec![
+            sim.submitted("E", "build"),
+            sim.queued("E", "build", 5, Some(due)),
+        ],
+    );
+    // It starts early (clock skew, the ladder a little early) and goes on
+    // to the next stage well before its old due time; a TaskQueued read
+    // after the start (another sender) does not bring the due time back.
+    sim.advance(1_000);
+    sim.send("w1", vec![sim.started("E", "build", 1, T0)]);
+    sim.send("submitter", vec![sim.queued("E", "build", 5, Some(due))]);
+    sim.advance(1_000);
+    let done = sim.succeeded("E", "build", 1, T0 + 1_000, Some("test"));
+    sim.send("w1", vec![done, sim.queued("E", "test", 5, None)]);
+    let v = sim.core.task_view("E", sim.now).unwrap();
+    assert_eq!(v.status, "queued");
+    let stages = sim.core.stages_view(sim.now);
+    let test = stage(&stages, "test");
+    assert_eq!(test.scheduled, 0);
+    assert_eq!(test.bands[Band::Mid.index()].queued, 1);
+    // Its wait at the next stage counts from now, not from the old due time.
+    sim.advance(500);
+    sim.send("w2", vec![sim.started("E", "test", 1, sim.now - 500)]);
+    let stages = sim.core.stages_view(sim.now);
+    let mid = &stage(&stages, "test").bands[Band::Mid.index()];
+    assert_eq!(mid.wait_ms.as_ref().map(|p| p.p50), Some(500));
 }
 
 #[test]
@@ -385,10 +418,7 @@ fn priorities_due_times_and_band_waits_survive_a_snapshot() {
     );
     sim.advance(250);
     sim.send("w", vec![sim.started("Q", "s", 1, T0)]);
-    let ns = Namespace::new("prio").unwrap();
-    let bytes = sim.core.encode_snapshot(&ns, sim.now).unwrap();
-    let snap = snapshot::decode(&bytes, &ns).unwrap();
-    let core = Core::restore(snap, CoreConfig::default(), Recorder::new(true), sim.now);
+    let core = sim.resume(CoreConfig::default()).core;
     let v = core.task_view("D", sim.now).unwrap();
     assert_eq!(
         (v.status, v.priority, v.due_at_ms),
