@@ -17,10 +17,11 @@
 
 use crate::core::intake::{self, IntakeMessage, RawDelay, Sorted};
 use crate::dead::{self, Reasons};
+use crate::declare::Declarer;
+use crate::link::TaskLink;
 use crate::ratelog::RateLimited;
 use futures_lite::StreamExt;
 use guildhall_broker::task::new_task_id;
-use guildhall_broker::topology::declare_delay_ladder;
 use guildhall_broker::{EventPublisher, Publisher, now_ms};
 use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{
@@ -118,18 +119,25 @@ impl Session {
 }
 
 /// Starts moving `ctx.stage`'s intake on new channels of `conn`, in the
-/// background: the delay ladder is declared first (a delay counts from when
-/// its message is sorted, so none may wait behind the ladder's 23 queue
-/// declarations), then the intake consumed. A channel the broker closes (a
+/// background: the delay ladder is declared first, once per link through
+/// the link's [`Declarer`] (a delay counts from when its message is sorted,
+/// so none may wait behind the ladder's 23 queue declarations), then the
+/// intake consumed. A channel the broker closes (a
 /// refused move) is opened again a second later, as long as the
 /// connection lives.
-pub(crate) fn start(conn: Arc<Connection>, ctx: IntakeCtx) -> Mover {
+pub(crate) fn start(conn: Arc<Connection>, tasks: Arc<TaskLink>, ctx: IntakeCtx) -> Mover {
     let stop = CancellationToken::new();
-    tokio::spawn(supervise(conn, ctx, stop.clone()));
+    tokio::spawn(supervise(conn, tasks, ctx, stop.clone()));
     Mover { stop }
 }
 
-async fn supervise(conn: Arc<Connection>, ctx: IntakeCtx, stop: CancellationToken) {
+async fn supervise(
+    conn: Arc<Connection>,
+    tasks: Arc<TaskLink>,
+    ctx: IntakeCtx,
+    stop: CancellationToken,
+) {
+    let declarer = &tasks.declarer;
     let mut first = true;
     loop {
         if !first {
@@ -143,10 +151,7 @@ async fn supervise(conn: Arc<Connection>, ctx: IntakeCtx, stop: CancellationToke
             return;
         }
         let session = async {
-            let ch = conn.create_channel().await?;
-            let declared = declare_delay_ladder(&ch, &ctx.names).await;
-            let _ = ch.close(200, "declared".into()).await;
-            if let Err(err) = declared {
+            if let Err(err) = declarer.ladder().await {
                 tracing::warn!("cannot declare the delay ladder: {err}");
             }
             Session::open(&conn, &ctx).await
@@ -161,7 +166,7 @@ async fn supervise(conn: Arc<Connection>, ctx: IntakeCtx, stop: CancellationToke
             },
             () = stop.cancelled() => return,
         };
-        run(&ctx, &mut session, &stop).await;
+        run(&ctx, declarer, &mut session, &stop).await;
         session.close().await;
         if stop.is_cancelled() || !conn.status().connected() {
             return;
@@ -170,7 +175,12 @@ async fn supervise(conn: Arc<Connection>, ctx: IntakeCtx, stop: CancellationToke
     }
 }
 
-async fn run(ctx: &IntakeCtx, session: &mut Session, stop: &CancellationToken) {
+async fn run(
+    ctx: &IntakeCtx,
+    declarer: &Declarer,
+    session: &mut Session,
+    stop: &CancellationToken,
+) {
     let mut in_flight: JoinSet<()> = JoinSet::new();
     let mut ladder_declared = true;
     loop {
@@ -190,8 +200,7 @@ async fn run(ctx: &IntakeCtx, session: &mut Session, stop: &CancellationToken) {
             }
             delivery = session.consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
-                    let Session { channel, publisher, .. } = &*session;
-                    move_one(ctx, channel, publisher, &mut ladder_declared, delivery, &mut in_flight).await;
+                    move_one(ctx, declarer, &session.publisher, &mut ladder_declared, delivery, &mut in_flight).await;
                 }
                 Some(Err(err)) => {
                     tracing::debug!("intake consumer: {err}");
@@ -286,7 +295,7 @@ pub(crate) fn moved_properties(
 
 async fn move_one(
     ctx: &IntakeCtx,
-    channel: &Channel,
+    declarer: &Declarer,
     publisher: &Publisher,
     ladder_declared: &mut bool,
     delivery: lapin::message::Delivery,
@@ -310,7 +319,7 @@ async fn move_one(
         ),
         Sorted::Delay { key, due_at_ms, .. } => {
             if !*ladder_declared {
-                match declare_delay_ladder(channel, &ctx.names).await {
+                match declarer.ladder().await {
                     Ok(()) => *ladder_declared = true,
                     Err(err) => tracing::warn!("cannot declare the delay ladder: {err}"),
                 }
