@@ -326,30 +326,11 @@ pub(crate) fn moved_properties(
     }
     // Not the producer's `user_id` (the broker checks it against the
     // agent's user and would close the channel) nor its `expiration` (a
-    // message leaving a ladder level early would fire early).
-    let mut out = BasicProperties::default()
+    // message leaving a ladder level early would fire early): what
+    // `dead::republishable` keeps.
+    dead::republishable(props)
         .with_message_id(ShortString::from(id))
-        .with_headers(headers);
-    macro_rules! copy {
-        ($($get:ident => $set:ident),* $(,)?) => {
-            $(if let Some(v) = props.$get() {
-                out = out.$set(v.clone());
-            })*
-        };
-    }
-    copy!(
-        content_type => with_content_type,
-        content_encoding => with_content_encoding,
-        delivery_mode => with_delivery_mode,
-        priority => with_priority,
-        correlation_id => with_correlation_id,
-        reply_to => with_reply_to,
-        timestamp => with_timestamp,
-        kind => with_type,
-        app_id => with_app_id,
-        cluster_id => with_cluster_id,
-    );
-    out
+        .with_headers(headers)
 }
 
 async fn move_one(
