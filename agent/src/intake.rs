@@ -230,13 +230,7 @@ async fn run(
             () = stop.cancelled() => {
                 let tag = session.consumer.tag();
                 let _ = session.channel.basic_cancel(tag, Default::default()).await;
-                // After cancel-ok the stream yields what it buffered, then ends.
-                let back = async {
-                    while let Some(Ok(delivery)) = session.consumer.next().await {
-                        let requeue = BasicNackOptions { multiple: false, requeue: true };
-                        let _ = delivery.acker.nack(requeue).await;
-                    }
-                };
+                let back = crate::bands::give_back(&mut session.consumer);
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(5), back).await;
                 break Ended::Stopped;
             }
