@@ -15,13 +15,11 @@
 use guildhall_broker::task::{TaskMeta, new_task_id};
 use guildhall_broker::topology::{declare_delay_ladder, is_not_found, probe_queue};
 use guildhall_broker::{PublishError, Publisher, now_ms};
-use guildhall_proto::headers::amqp as h;
 use guildhall_proto::schedule::{MAX_DELAY_MS, delay_routing_key, ladder_seconds};
 use guildhall_proto::trace::TraceParent;
 use guildhall_proto::{
     AgentId, Envelope, Event, Names, Priority, Stage, TaskId, TaskQueued, TaskSubmitted,
 };
-use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -226,17 +224,10 @@ impl Submitter {
                 .with_priority(when.priority);
             // Its queue wait starts when it is due.
             meta.enqueued_at_ms = Some(due);
-            let mut props = meta.properties();
-            let mut headers = props.headers().clone().unwrap_or_default();
-            headers.insert(
-                h::DUE_AT.into(),
-                AMQPValue::LongLongInt(i64::try_from(due).unwrap_or(i64::MAX)),
-            );
-            props = props.with_headers(headers);
             (
                 self.names.delay_entry(),
                 delay_routing_key(delay_s, &band_key),
-                props,
+                meta.delayed_properties(due),
             )
         } else {
             let meta = TaskMeta::submission(id.clone(), now, Some(trace.to_string()))
