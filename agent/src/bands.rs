@@ -126,24 +126,32 @@ impl Bands {
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                 .await?;
         }
-        let nack = BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        };
         for held in &mut self.held {
             for delivery in held.drain(..) {
-                let _ = delivery.acker.nack(nack).await;
+                let _ = delivery.acker.nack(REQUEUE).await;
             }
         }
-        // After cancel-ok each stream yields what it buffered, then ends.
         let drain = async {
             for consumer in &mut self.consumers {
-                while let Some(Ok(delivery)) = consumer.next().await {
-                    let _ = delivery.acker.nack(nack).await;
-                }
+                give_back(consumer).await;
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
         Ok(())
+    }
+}
+
+/// A nack that puts the delivery back in its queue.
+const REQUEUE: BasicNackOptions = BasicNackOptions {
+    multiple: false,
+    requeue: true,
+};
+
+/// Gives back (nack, requeue) what a cancelled `consumer` had buffered:
+/// after cancel-ok its stream yields what it buffered, then ends. Callers
+/// bound the wait.
+pub(crate) async fn give_back(consumer: &mut Consumer) {
+    while let Some(Ok(delivery)) = consumer.next().await {
+        let _ = delivery.acker.nack(REQUEUE).await;
     }
 }

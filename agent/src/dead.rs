@@ -126,7 +126,7 @@ pub(crate) fn dead_letter_properties(
 
 /// `original` without the properties a dead letter must not carry (see
 /// the module docs): `user_id` and `expiration`.
-fn republishable(original: &BasicProperties) -> BasicProperties {
+pub(crate) fn republishable(original: &BasicProperties) -> BasicProperties {
     let mut props = BasicProperties::default();
     macro_rules! copy {
         ($($get:ident => $set:ident),* $(,)?) => {

@@ -168,6 +168,15 @@ impl Declarer {
         Ok(())
     }
 
+    /// Forgets that the delay ladder was declared (a move into it was
+    /// refused), so the next use declares it again.
+    pub fn forget_ladder(&self) {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.names.delay_entry());
+    }
+
     /// Makes sure the retry queue of `stage` for `delay_ms` exists; returns its name.
     pub async fn retry_queue(&self, stage: &Stage, delay_ms: u64) -> Result<String, BrokerError> {
         let queue = self.names.retry_queue(stage, delay_ms);

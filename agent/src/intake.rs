@@ -17,11 +17,12 @@
 
 use crate::core::intake::{self, IntakeMessage, RawDelay, Sorted};
 use crate::dead::{self, Reasons};
+use crate::declare::Declarer;
+use crate::link::TaskLink;
 use crate::ratelog::RateLimited;
 use futures_lite::StreamExt;
 use guildhall_broker::task::new_task_id;
-use guildhall_broker::topology::declare_delay_ladder;
-use guildhall_broker::{EventPublisher, Publisher, now_ms};
+use guildhall_broker::{EventPublisher, PublishError, Publisher, now_ms};
 use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{
     AgentId, DeliveryRejected, Event, Names, RejectReason, Stage, TaskId, TaskQueued,
@@ -118,18 +119,27 @@ impl Session {
 }
 
 /// Starts moving `ctx.stage`'s intake on new channels of `conn`, in the
-/// background: the delay ladder is declared first (a delay counts from when
-/// its message is sorted, so none may wait behind the ladder's 23 queue
-/// declarations), then the intake consumed. A channel the broker closes (a
-/// refused move) is opened again a second later, as long as the
-/// connection lives.
-pub(crate) fn start(conn: Arc<Connection>, ctx: IntakeCtx) -> Mover {
+/// background: the delay ladder is declared first, once per link through
+/// the link's [`Declarer`] (a delay counts from when its message is sorted,
+/// so none may wait behind the ladder's 23 queue declarations), then the
+/// intake consumed. A channel the broker closes (a
+/// refused move: the broker closes the publish channel) ends the session:
+/// both channels are opened again a second later, as long as the
+/// connection lives, and the ladder declared again if a move was refused
+/// (a missing ladder exchange is the likely reason).
+pub(crate) fn start(conn: Arc<Connection>, tasks: Arc<TaskLink>, ctx: IntakeCtx) -> Mover {
     let stop = CancellationToken::new();
-    tokio::spawn(supervise(conn, ctx, stop.clone()));
+    tokio::spawn(supervise(conn, tasks, ctx, stop.clone()));
     Mover { stop }
 }
 
-async fn supervise(conn: Arc<Connection>, ctx: IntakeCtx, stop: CancellationToken) {
+async fn supervise(
+    conn: Arc<Connection>,
+    tasks: Arc<TaskLink>,
+    ctx: IntakeCtx,
+    stop: CancellationToken,
+) {
+    let declarer = &tasks.declarer;
     let mut first = true;
     loop {
         if !first {
@@ -143,15 +153,17 @@ async fn supervise(conn: Arc<Connection>, ctx: IntakeCtx, stop: CancellationToke
             return;
         }
         let session = async {
-            let ch = conn.create_channel().await?;
-            let declared = declare_delay_ladder(&ch, &ctx.names).await;
-            let _ = ch.close(200, "declared".into()).await;
-            if let Err(err) = declared {
-                tracing::warn!("cannot declare the delay ladder: {err}");
+            let ladder = declarer.ladder().await;
+            if let Err(err) = &ladder {
+                tracing::warn!(
+                    "cannot declare the delay ladder (trying again before the first delay): {err}"
+                );
             }
-            Session::open(&conn, &ctx).await
+            Session::open(&conn, &ctx)
+                .await
+                .map(|s| (s, ladder.is_ok()))
         };
-        let mut session = tokio::select! {
+        let (mut session, ladder_declared) = tokio::select! {
             s = session => match s {
                 Ok(s) => s,
                 Err(err) => {
@@ -161,49 +173,99 @@ async fn supervise(conn: Arc<Connection>, ctx: IntakeCtx, stop: CancellationToke
             },
             () = stop.cancelled() => return,
         };
-        run(&ctx, &mut session, &stop).await;
+        let ended = run(&ctx, declarer, ladder_declared, &mut session, &stop).await;
         session.close().await;
         if stop.is_cancelled() || !conn.status().connected() {
             return;
         }
-        tracing::warn!(stage = %ctx.stage, "the intake channel closed; opening it again in 1s");
+        match ended {
+            Ended::Stopped => return,
+            Ended::Publisher => {
+                declarer.forget_ladder();
+                tracing::warn!(stage = %ctx.stage, "a move was refused and its channel closed; opening the intake mover's channels again in 1s");
+            }
+            Ended::Consumer => {
+                tracing::warn!(stage = %ctx.stage, "the intake channel closed; opening it again in 1s");
+            }
+        }
     }
 }
 
-async fn run(ctx: &IntakeCtx, session: &mut Session, stop: &CancellationToken) {
+/// Why a session's [`run`] ended (other than by its stop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Its stop was cancelled.
+    Stopped,
+    /// The intake consumer failed or was cancelled by the broker.
+    Consumer,
+    /// The publish channel broke (a move refused with a channel error):
+    /// every later move would fail and go back to the intake, whose
+    /// delivery limit would dead-letter valid tasks without reasons.
+    Publisher,
+}
+
+/// Whether a move's failure means its publish channel is unusable (the
+/// broker closed it, as for a publish to a missing exchange) rather than
+/// one message refused.
+fn breaks_the_publisher(err: &PublishError) -> bool {
+    matches!(err, PublishError::Amqp { .. })
+}
+
+/// Moves the intake until stopped, or until the consumer or the publish
+/// channel fails. `ladder_declared`: whether the ladder was declared for
+/// this session (if not, the first delayed move declares it).
+async fn run(
+    ctx: &IntakeCtx,
+    declarer: &Declarer,
+    mut ladder_declared: bool,
+    session: &mut Session,
+    stop: &CancellationToken,
+) -> Ended {
     let mut in_flight: JoinSet<()> = JoinSet::new();
-    let mut ladder_declared = true;
-    loop {
+    // Cancelled by a move whose publish broke the channel.
+    let broken = CancellationToken::new();
+    let ended = loop {
         tokio::select! {
+            biased;
             () = stop.cancelled() => {
                 let tag = session.consumer.tag();
                 let _ = session.channel.basic_cancel(tag, Default::default()).await;
-                // After cancel-ok the stream yields what it buffered, then ends.
-                let back = async {
-                    while let Some(Ok(delivery)) = session.consumer.next().await {
-                        let requeue = BasicNackOptions { multiple: false, requeue: true };
-                        let _ = delivery.acker.nack(requeue).await;
-                    }
-                };
+                let back = crate::bands::give_back(&mut session.consumer);
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(5), back).await;
-                break;
+                break Ended::Stopped;
             }
+            () = broken.cancelled() => break Ended::Publisher,
             delivery = session.consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
-                    let Session { channel, publisher, .. } = &*session;
-                    move_one(ctx, channel, publisher, &mut ladder_declared, delivery, &mut in_flight).await;
+                    let moving = Moving {
+                        declarer,
+                        publisher: &session.publisher,
+                        broken: &broken,
+                    };
+                    move_one(ctx, &moving, &mut ladder_declared, delivery, &mut in_flight).await;
                 }
                 Some(Err(err)) => {
                     tracing::debug!("intake consumer: {err}");
-                    break;
+                    break Ended::Consumer;
                 }
-                None => break,
+                None => break Ended::Consumer,
             },
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
-    }
+    };
     let finish = async { while in_flight.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), finish).await;
+    ended
+}
+
+/// What a move needs of its session.
+struct Moving<'a> {
+    /// Declares the ladder if the session could not.
+    declarer: &'a Declarer,
+    /// The confirm channel.
+    publisher: &'a Publisher,
+    /// Cancelled when a publish breaks the channel (ends the session).
+    broken: &'a CancellationToken,
 }
 
 /// Reads what the sorter needs from a delivery's properties.
@@ -258,40 +320,30 @@ pub(crate) fn moved_properties(
     }
     // Not the producer's `user_id` (the broker checks it against the
     // agent's user and would close the channel) nor its `expiration` (a
-    // message leaving a ladder level early would fire early).
-    let mut out = BasicProperties::default()
+    // message leaving a ladder level early would fire early): what
+    // `dead::republishable` keeps.
+    dead::republishable(props)
         .with_message_id(ShortString::from(id))
-        .with_headers(headers);
-    macro_rules! copy {
-        ($($get:ident => $set:ident),* $(,)?) => {
-            $(if let Some(v) = props.$get() {
-                out = out.$set(v.clone());
-            })*
-        };
-    }
-    copy!(
-        content_type => with_content_type,
-        content_encoding => with_content_encoding,
-        delivery_mode => with_delivery_mode,
-        priority => with_priority,
-        correlation_id => with_correlation_id,
-        reply_to => with_reply_to,
-        timestamp => with_timestamp,
-        kind => with_type,
-        app_id => with_app_id,
-        cluster_id => with_cluster_id,
-    );
-    out
+        .with_headers(headers)
 }
 
 async fn move_one(
     ctx: &IntakeCtx,
-    channel: &Channel,
-    publisher: &Publisher,
+    moving: &Moving<'_>,
     ladder_declared: &mut bool,
     delivery: lapin::message::Delivery,
     in_flight: &mut JoinSet<()>,
 ) {
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    if moving.broken.is_cancelled() || !moving.publisher.channel().status().connected() {
+        // The session is ending: this one goes back untouched.
+        moving.broken.cancel();
+        let _ = delivery.acker.nack(requeue).await;
+        return;
+    }
     let now = now_ms();
     let props = &delivery.properties;
     let sorted = intake::sort(&ctx.stage, &read(props), now);
@@ -310,7 +362,7 @@ async fn move_one(
         ),
         Sorted::Delay { key, due_at_ms, .. } => {
             if !*ladder_declared {
-                match declare_delay_ladder(channel, &ctx.names).await {
+                match moving.declarer.ladder().await {
                     Ok(()) => *ladder_declared = true,
                     Err(err) => tracing::warn!("cannot declare the delay ladder: {err}"),
                 }
@@ -346,15 +398,21 @@ async fn move_one(
             )
         }
     };
-    let started = publisher
+    let started = moving
+        .publisher
         .start(&exchange, &key, &delivery.data, out_props)
         .await;
     let ctx = ctx.clone();
+    let broken = moving.broken.clone();
     in_flight.spawn(async move {
         let confirmed = match started {
             Ok(pending) => pending.wait().await,
             Err(err) => Err(err),
         };
+        let broke = matches!(&confirmed, Err(err) if breaks_the_publisher(err));
+        if broke {
+            broken.cancel();
+        }
         let acker = &delivery.acker;
         match (confirmed, rejected) {
             (Ok(()), None) => {
@@ -377,12 +435,14 @@ async fn move_one(
             }
             (Err(err), None) => {
                 tracing::warn!("moving an intake message failed (back to the intake): {err}");
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await;
+                let _ = acker.nack(requeue).await;
+            }
+            (Err(err), Some(_)) if broke => {
+                // Dead-lettered with its reasons by the next session.
+                tracing::warn!(
+                    "dead-lettering an intake message failed (back to the intake): {err}"
+                );
+                let _ = acker.nack(requeue).await;
             }
             (Err(err), Some((reason, detail))) => {
                 // As for an unreadable delivery: never requeued (it would
@@ -418,6 +478,23 @@ fn reject_event(
 mod tests {
     use super::*;
     use lapin::types::LongString;
+
+    #[test]
+    fn a_channel_error_ends_the_session_a_refused_message_does_not() {
+        let target = "ns.delay.22/key".to_owned();
+        let closed = lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+            lapin::ChannelState::Closed,
+            "basic.publish",
+        ));
+        assert!(breaks_the_publisher(&PublishError::Amqp {
+            target: target.clone(),
+            source: closed,
+        }));
+        assert!(!breaks_the_publisher(&PublishError::Nacked {
+            target: target.clone()
+        }));
+        assert!(!breaks_the_publisher(&PublishError::Unroutable { target }));
+    }
 
     #[test]
     fn the_moved_message_loses_x_delay_and_gets_its_due_time_and_an_id() {

@@ -726,7 +726,11 @@ impl Runner {
             frame_max: link.tasks.frame_max,
             ..intake
         };
-        link.intake = Some(crate::intake::start(link.conn.clone(), intake));
+        link.intake = Some(crate::intake::start(
+            link.conn.clone(),
+            link.tasks.clone(),
+            intake,
+        ));
         let queue = self.names.stage_queue(stage);
         tracing::info!(%queue, prefetch, concurrency, share, "consuming");
         Ok(())

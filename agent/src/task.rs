@@ -204,13 +204,7 @@ async fn try_publish(
             let band_key = Names::band_key(&stage, meta.priority.band());
             let key = delay_routing_key(ladder_seconds(delay_ms), &band_key);
             let due = meta.enqueued_at_ms.unwrap_or_default();
-            let mut props = meta.properties();
-            let mut headers = props.headers().clone().unwrap_or_default();
-            headers.insert(
-                guildhall_proto::headers::amqp::DUE_AT.into(),
-                lapin::types::AMQPValue::LongLongInt(i64::try_from(due).unwrap_or(i64::MAX)),
-            );
-            props = props.with_headers(headers);
+            let props = meta.delayed_properties(due);
             send(ctx, link, &ctx.names.delay_entry(), &key, payload, props)
                 .await
                 .map_err(|e| e.to_string())?;

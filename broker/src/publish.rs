@@ -22,6 +22,15 @@ pub enum PublishError {
         /// `exchange/routing key`.
         target: String,
     },
+    /// The publish was not attempted: what it needs first (a connection, a
+    /// check of its target, a declaration) failed.
+    #[error("cannot publish to {target}: {reason}")]
+    NotAttempted {
+        /// Where it would have gone.
+        target: String,
+        /// What failed.
+        reason: String,
+    },
     /// No queue is bound for the routing key: the message would be lost.
     #[error("no queue for {target}: message returned unroutable")]
     Unroutable {

@@ -149,6 +149,15 @@ impl TaskMeta {
         props
     }
 
+    /// [`TaskMeta::properties`] for a message sent into the delay ladder:
+    /// with `x-guildhall-due-at`, `due_at_ms`.
+    pub fn delayed_properties(&self, due_at_ms: u64) -> BasicProperties {
+        let props = self.properties();
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(h::DUE_AT.into(), AMQPValue::LongLongInt(clamp(due_at_ms)));
+        props.with_headers(headers)
+    }
+
     /// Reads a delivered message's metadata. A missing `message_id` gets a
     /// fresh id (producers outside Guildhall may not set one); an invalid one
     /// is an error, so the message can be dead-lettered with that reason.
@@ -396,5 +405,15 @@ mod tests {
         assert_eq!(header_u64(&t, "b"), Some(42));
         assert_eq!(header_u64(&t, "c"), None);
         assert_eq!(header_u64(&t, "missing"), None);
+    }
+
+    #[test]
+    fn delayed_properties_add_the_due_time_to_the_properties() {
+        let meta = TaskMeta::submission(TaskId::new("T-1").unwrap(), 5, None);
+        let props = meta.delayed_properties(42);
+        let t = props.headers().as_ref().unwrap();
+        assert_eq!(header_u64(t, h::DUE_AT), Some(42));
+        assert_eq!(header_u64(t, h::ENQUEUED_AT), Some(5));
+        assert_eq!(props.message_id(), meta.properties().message_id());
     }
 }

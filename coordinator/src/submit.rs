@@ -15,14 +15,14 @@
 use guildhall_broker::task::{TaskMeta, new_task_id};
 use guildhall_broker::topology::{declare_delay_ladder, is_not_found, probe_queue};
 use guildhall_broker::{PublishError, Publisher, now_ms};
-use guildhall_proto::headers::amqp as h;
 use guildhall_proto::schedule::{MAX_DELAY_MS, delay_routing_key, ladder_seconds};
 use guildhall_proto::trace::TraceParent;
 use guildhall_proto::{
     AgentId, Envelope, Event, Names, Priority, Stage, TaskId, TaskQueued, TaskSubmitted,
 };
-use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection};
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// When and in what order a submitted task runs.
@@ -131,6 +131,9 @@ pub struct Submitter {
     names: Names,
     /// Whether this submitter declared the delay ladder already.
     ladder_declared: AtomicBool,
+    /// Band queues a delayed task found already (each is probed once: the
+    /// ladder would take a task for a missing one).
+    bands_found: Mutex<HashSet<String>>,
 }
 
 impl Submitter {
@@ -143,7 +146,22 @@ impl Submitter {
             user_id: None,
             names,
             ladder_declared: AtomicBool::new(false),
+            bands_found: Mutex::default(),
         }
+    }
+
+    fn found(&self, band_queue: &str) -> bool {
+        self.bands_found
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(band_queue)
+    }
+
+    fn remember(&self, band_queue: String) {
+        self.bands_found
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(band_queue);
     }
 
     /// Sets the `user_id` of its event messages: its connection's user
@@ -196,28 +214,25 @@ impl Submitter {
             .map_or(0, |due| ladder_seconds(due.saturating_sub(now)));
         let (exchange, key, props) = if delay_s > 0 {
             let due = when.due_at_ms.unwrap_or(now);
-            let conn = conn.ok_or_else(|| {
-                SubmitError::Broker(PublishError::Nacked {
-                    target: "the delay ladder (no connection to check the stage)".into(),
+            let ladder = |reason: String| {
+                SubmitError::Broker(PublishError::NotAttempted {
+                    target: "the delay ladder".into(),
+                    reason,
                 })
-            })?;
-            match probe_queue(conn, &self.names.band_queue(&stage, band)).await {
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(unknown()),
-                Err(e) => {
-                    return Err(SubmitError::Broker(PublishError::Nacked {
-                        target: format!("the delay ladder: {e}"),
-                    }));
+            };
+            let conn = conn.ok_or_else(|| ladder("no connection to check the stage".into()))?;
+            let band_queue = self.names.band_queue(&stage, band);
+            if !self.found(&band_queue) {
+                match probe_queue(conn, &band_queue).await {
+                    Ok(Some(_)) => self.remember(band_queue),
+                    Ok(None) => return Err(unknown()),
+                    Err(e) => return Err(ladder(e.to_string())),
                 }
             }
             if !self.ladder_declared.load(Ordering::Relaxed) {
                 declare_delay_ladder(publisher.channel(), &self.names)
                     .await
-                    .map_err(|e| {
-                        SubmitError::Broker(PublishError::Nacked {
-                            target: format!("the delay ladder: {e}"),
-                        })
-                    })?;
+                    .map_err(|e| ladder(e.to_string()))?;
                 self.ladder_declared.store(true, Ordering::Relaxed);
             }
             // The ladder's key counts from now, after the declaration.
@@ -226,17 +241,10 @@ impl Submitter {
                 .with_priority(when.priority);
             // Its queue wait starts when it is due.
             meta.enqueued_at_ms = Some(due);
-            let mut props = meta.properties();
-            let mut headers = props.headers().clone().unwrap_or_default();
-            headers.insert(
-                h::DUE_AT.into(),
-                AMQPValue::LongLongInt(i64::try_from(due).unwrap_or(i64::MAX)),
-            );
-            props = props.with_headers(headers);
             (
                 self.names.delay_entry(),
                 delay_routing_key(delay_s, &band_key),
-                props,
+                meta.delayed_properties(due),
             )
         } else {
             let meta = TaskMeta::submission(id.clone(), now, Some(trace.to_string()))

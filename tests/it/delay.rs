@@ -261,3 +261,61 @@ async fn a_retry_waits_in_the_ladder_and_comes_back_to_its_band() {
         "no retry queue of its own"
     );
 }
+
+/// The ladder's entry exchange deleted under a running agent: the first
+/// delayed move is refused (404, the broker closes the mover's publish
+/// channel). The mover opens its channels again and declares the ladder
+/// again, so the task waits out its delay and starts: it is neither lost
+/// nor dead-lettered (the intake's delivery limit is not spent on a
+/// publisher that can no longer publish).
+#[tokio::test]
+async fn a_delayed_task_survives_the_ladder_entry_deleted_under_the_agent() {
+    use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
+    let ns = TestNs::new("delay-gone");
+    let rig = Rig::start(&ns, &[], &[]).await;
+    let broker = &rig.broker;
+    let mut events = rig.events().await;
+    let agent = AgentId::new("work-1").unwrap();
+    let intake = broker.names.stage_queue(&TestNs::stage("work"));
+    // The mover declares the ladder, then consumes the intake.
+    eventually(
+        Duration::from_secs(20),
+        "the intake mover consuming",
+        || async {
+            let probed = guildhall_broker::topology::probe_queue(&broker.conn, &intake).await?;
+            let consumers = probed.map_or(0, |p| p.consumers);
+            anyhow::ensure!(consumers >= 1, "{consumers} intake consumers");
+            Ok(())
+        },
+    )
+    .await;
+    let entry = broker.names.delay_entry();
+    let ch = broker.conn.create_channel().await.unwrap();
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        entry.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        passive,
+        FieldTable::default(),
+    )
+    .await
+    .expect("the agent declared the ladder");
+    ch.exchange_delete(entry.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = ch.close(200, "deleted".into()).await;
+    let props =
+        BasicProperties::default().with_headers(header(h::DELAY, AMQPValue::LongLongInt(1_000)));
+    publish_plain(broker, "work", "GONE-1", "x", props).await;
+    let seen = events
+        .until(&agent, "the delayed task started", |e| {
+            started_at(e, "GONE-1").is_some()
+        })
+        .await;
+    assert!(started_at(&seen, "GONE-1").is_some());
+    let dead = broker.names.dead_queue(&TestNs::stage("work"));
+    assert_eq!(broker.probe(&dead).await.map(|(ready, _)| ready), Some(0));
+}

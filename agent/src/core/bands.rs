@@ -5,8 +5,13 @@
 //! Each band's consumer has its own prefetch (the agent's prefetch), so the
 //! high band always has credit with the broker however many lower tasks the
 //! agent holds: a high task that arrives is delivered at once and waits
-//! only for the next free slot (or the one after, when a lower band is owed
-//! its share). That is the bound on priority inversion.
+//! only for the next free slot, or, when lower bands are owed their share,
+//! for one start of each owed band first: with a share of at most 1/3 (the
+//! default among them), at most two lower starts go ahead of a waiting
+//! high task (one per lower band), so it starts by the third slot to free
+//! up. That is the bound on priority inversion. Above 1/3 both lower bands
+//! earn a credit in under two starts and can be owed again at once: at
+//! [`MAX_SHARE`] up to ten lower starts can go ahead of it.
 //!
 //! # The share
 //!
@@ -16,8 +21,8 @@
 //! starts. Credit is not banked: a band with nothing waiting loses it.
 //! The default, [`DEFAULT_SHARE`] = 0.1: a backlog of normal tasks still
 //! drains at a tenth of the stage's throughput during a flood of urgent
-//! ones, and an urgent task is delayed by a lower one at most once in ten
-//! starts per lower band.
+//! ones, and an urgent task is delayed by at most one start of each lower
+//! band (two in all), each lower band going once in ten starts.
 
 use guildhall_proto::Band;
 
@@ -137,5 +142,22 @@ mod tests {
         );
         assert!(!valid_share(0.5) && !valid_share(-0.1) && !valid_share(f64::NAN));
         assert!(valid_share(0.0) && valid_share(DEFAULT_SHARE));
+    }
+
+    #[test]
+    fn with_both_lower_bands_owed_a_high_task_waits_for_two_lower_starts_at_most() {
+        let mut p = BandPicker::new(DEFAULT_SHARE);
+        let mut run = 0;
+        let mut longest = 0;
+        for _ in 0..1_000 {
+            if p.pick([true, true, true]) == Some(Band::High) {
+                run = 0;
+            } else {
+                run += 1;
+                longest = longest.max(run);
+            }
+        }
+        // Both lower bands come due together: one start each, then high.
+        assert_eq!(longest, 2);
     }
 }

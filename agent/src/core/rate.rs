@@ -145,12 +145,9 @@ impl AgentCore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{config, task as delivery};
     use super::super::{AgentCore, CoreConfig, Delivery};
-    use crate::config::{RetryPolicy, StageRoute};
-    use crate::declare::NextStages;
-    use guildhall_broker::TaskMeta;
-    use guildhall_proto::{Command, Names, Rate};
-    use std::time::Duration;
+    use guildhall_proto::{Command, Rate};
 
     fn rate(s: &str) -> Rate {
         s.parse().expect("a valid rate")
@@ -159,39 +156,16 @@ mod tests {
     /// A core with room for many tasks at once (the limit, not the
     /// concurrency, is what is tested), start-up actions drained.
     fn core() -> AgentCore {
-        let route = StageRoute {
-            stage: "a".parse().expect("stage"),
-            next: None,
-        };
-        let routes = vec![route.clone()];
         let mut core = AgentCore::new(CoreConfig {
-            agent: "agent-1".parse().expect("id"),
-            names: Names::new("ns".parse().expect("ns")),
-            next_stages: NextStages::new(&routes, false),
-            route,
-            routes,
             concurrency: 1000,
-            retry: RetryPolicy::default(),
-            shutdown_timeout: Duration::from_secs(30),
-            worker: None,
+            ..config(false)
         });
         while core.poll_action().is_some() {}
         core
     }
 
     fn task(n: u64) -> Delivery {
-        Delivery {
-            meta: Ok(TaskMeta {
-                id: format!("t{n}").parse().expect("task id"),
-                attempt: 1,
-                enqueued_at_ms: Some(1),
-                submitted_at_ms: Some(1),
-                traceparent: None,
-                priority: Default::default(),
-            }),
-            redelivered: false,
-            span: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-        }
+        delivery(&format!("t{n}"), 1)
     }
 
     /// Drives the core as the runner does, with an endless backlog, from

@@ -17,7 +17,7 @@ fn route(s: &str, next: Option<&str>) -> StageRoute {
     }
 }
 
-fn config(supervised: bool) -> CoreConfig {
+pub(super) fn config(supervised: bool) -> CoreConfig {
     let routes = vec![route("a", Some("b")), route("c", None)];
     CoreConfig {
         agent: "agent-1".parse().unwrap(),

@@ -149,8 +149,7 @@ impl HttpWorker {
             Err(err) => return Outcome::Failure(request_error(&err)),
         };
         let status = response.status().as_u16();
-        let (next, class) = read_headers(response.headers());
-        let priority = read_priority(response.headers());
+        let answer = Answer::read(response.headers());
         let mut body = Body::new(status);
         loop {
             match response.chunk().await {
@@ -166,13 +165,7 @@ impl HttpWorker {
                 Err(err) => return Outcome::Failure(request_error(&err)),
             }
         }
-        map_response_with_priority(
-            status,
-            next.as_deref(),
-            class.as_deref(),
-            priority.as_deref(),
-            body.bytes,
-        )
+        answer.map(status, body.bytes)
     }
 
     async fn via_hyper(
@@ -198,8 +191,7 @@ impl HttpWorker {
             }
         };
         let status = response.status().as_u16();
-        let (next, class) = read_headers(response.headers());
-        let priority = read_priority(response.headers());
+        let answer = Answer::read(response.headers());
         let mut incoming = response.into_body();
         let mut body = Body::new(status);
         while let Some(frame) = incoming.frame().await {
@@ -220,34 +212,47 @@ impl HttpWorker {
                 }
             }
         }
-        map_response_with_priority(
-            status,
-            next.as_deref(),
-            class.as_deref(),
-            priority.as_deref(),
-            body.bytes,
-        )
+        answer.map(status, body.bytes)
     }
 }
 
-/// The next-stage and error-class headers. A header that is there but not
-/// text (bytes over 0x7f) is read lossily, so it is refused as a value
-/// instead of ignored as absent (an unreadable next stage must not send the
-/// result to the default).
-fn read_headers(headers: &reqwest::header::HeaderMap) -> (Option<String>, Option<String>) {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    };
-    (header(h::NEXT_STAGE), header(h::ERROR_CLASS))
+/// The worker's answer headers: next stage, error class and priority. A
+/// header that is there but not text (bytes over 0x7f) is read lossily, so
+/// it is refused as a value instead of ignored as absent (an unreadable
+/// next stage must not send the result to the default).
+struct Answer {
+    /// `x-guildhall-next-stage`.
+    next: Option<String>,
+    /// `x-guildhall-error-class`.
+    class: Option<String>,
+    /// `x-guildhall-priority`.
+    priority: Option<String>,
 }
 
-/// The response's `x-guildhall-priority`, read lossily like the others.
-fn read_priority(headers: &reqwest::header::HeaderMap) -> Option<String> {
-    headers
-        .get(h::PRIORITY)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+impl Answer {
+    fn read(headers: &reqwest::header::HeaderMap) -> Self {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        Self {
+            next: header(h::NEXT_STAGE),
+            class: header(h::ERROR_CLASS),
+            priority: header(h::PRIORITY),
+        }
+    }
+
+    /// The outcome of a response with these headers.
+    fn map(&self, status: u16, body: Vec<u8>) -> Outcome {
+        map_response_with_priority(
+            status,
+            self.next.as_deref(),
+            self.class.as_deref(),
+            self.priority.as_deref(),
+            body,
+        )
+    }
 }
 
 /// A response body read up to its limit: the whole of a success's (up to
