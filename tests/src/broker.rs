@@ -110,20 +110,27 @@ impl Broker {
     /// Ready messages and consumers of a queue (`None` if it does not exist).
     /// A stage's intake queue (`<ns>.stage.<stage>`) counts its band queues
     /// too: a stage's queued tasks are in either (ready messages summed, the
-    /// most consumers of any).
+    /// most consumers of any). Panics if the broker does not answer: inside
+    /// [`eventually`], use [`Broker::try_probe`].
     pub async fn probe(&self, queue: &str) -> Option<(u32, u32)> {
+        self.try_probe(queue).await.expect("probe a queue")
+    }
+
+    /// [`Broker::probe`], an error if the broker does not answer (RabbitMQ
+    /// 3.10 answers a probe of a quorum queue whose Raft member is still
+    /// starting with a channel error, `noproc`).
+    pub async fn try_probe(&self, queue: &str) -> anyhow::Result<Option<(u32, u32)>> {
         let mut total: Option<(u32, u32)> = None;
         for q in self.with_bands(queue) {
             let probed = guildhall_broker::topology::probe_queue(&self.conn, &q)
-                .await
-                .expect("probe a queue")
+                .await?
                 .map(|p| (p.ready, p.consumers));
             if let Some((ready, consumers)) = probed {
                 let (r, c) = total.unwrap_or((0, 0));
                 total = Some((r + ready, c.max(consumers)));
             }
         }
-        total
+        Ok(total)
     }
 
     /// `queue`, and if it is a stage's intake, its band queues after it.
