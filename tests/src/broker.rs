@@ -133,14 +133,18 @@ impl Broker {
         Ok(total)
     }
 
-    /// `queue`, and if it is a stage's intake, its band queues after it.
+    /// `queue`, and if it is a stage's intake, its band queues after it. A
+    /// name ending in a band's suffix (`.p0-3`, `.p4-6`, `.p7-9`) is a band
+    /// queue itself (stage names have no dots).
     fn with_bands(&self, queue: &str) -> Vec<String> {
         let mut all = vec![queue.to_owned()];
         let intake = format!("{}stage.", self.names.prefix());
-        if let Some(stage) = queue.strip_prefix(&intake)
+        let is_band = guildhall_proto::Band::ALL
+            .iter()
+            .any(|b| queue.ends_with(&format!(".p{}", b.label())));
+        if !is_band
+            && let Some(stage) = queue.strip_prefix(&intake)
             && let Ok(stage) = guildhall_proto::Stage::new(stage)
-            && self.names.stage_queue(&stage) == queue
-            && !stage.as_str().contains(".p")
         {
             for band in guildhall_proto::Band::ALL {
                 all.push(self.names.band_queue(&stage, band));
