@@ -5,9 +5,9 @@
 //! hostile input (unknown id 404, malformed id 400, bad filter 400, no
 //! token 401).
 //!
-//! "Scheduled" (delayed with `x-delay`) tasks: the delay ladder is another
-//! branch's; a task waiting in the queue behind a slow worker is the same
-//! case for the agent (it is dropped when it is delivered).
+//! A scheduled task (`delay_ms`), cancelled while it really waits in the
+//! delay ladder, is dropped when the ladder hands it back: the worker never
+//! gets a call for it.
 
 use guildhall_tests::*;
 use serde_json::{Value, json};
@@ -321,6 +321,58 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
     assert_eq!(status, 401);
     // Forged requests on the stream are not applied.
     drop(broker);
+}
+
+/// A task submitted with a delay is `scheduled` and waits in the delay
+/// ladder; cancelled there (202), it is dropped
+/// when the ladder hands it back to its band, before the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_in_the_delay_ladder_is_cancelled_before_the_worker() {
+    let ns = TestNs::new("cancels");
+    let broker = Broker::connect(&ns).await.unwrap();
+    broker.declare_stage("work").await.unwrap();
+    let c = spawn_coordinator(&ns, &[]).await.unwrap();
+    let worker = spawn_http_worker(&ns, "sched-worker").await.unwrap();
+    let _agent = spawn_agent(
+        &ns,
+        "s1",
+        "work",
+        &["--heartbeat", "500ms", "--worker-url", worker.url.as_str()],
+    )
+    .await
+    .unwrap();
+    let api = &c.api;
+    let body = json!({"stage": "work", "id": "S-1", "payload": "sleep=10", "delay_ms": 5000});
+    let (status, body) = api.post_raw("/api/tasks", &body.to_string()).await.unwrap();
+    assert!(status < 300, "submit S-1: {status} {body}");
+    wait_task(api, "S-1", "scheduled", Duration::from_secs(10)).await;
+    // Sorted off the intake into the ladder (not unacked in the sorter).
+    eventually(Duration::from_secs(10), "S-1 in the ladder", || async {
+        let n = broker.ladder_ready().await?;
+        anyhow::ensure!(n == 1, "{n} in the ladder");
+        Ok(())
+    })
+    .await;
+    // The answer's status is the core's record (`queued`): `scheduled` is
+    // how the task views show a queued task whose due time is ahead.
+    let (status, body) = delete(api, None, "/api/tasks/S-1").await.unwrap();
+    assert_eq!(
+        (status, body["result"].as_str(), body["status"].as_str()),
+        (202, Some("requested"), Some("queued")),
+        "{body}"
+    );
+    let t = wait_task(api, "S-1", "cancelled", Duration::from_secs(20)).await;
+    assert_cancelled(&t, "api", "queued");
+    assert_eq!(broker.ladder_ready().await.unwrap(), 0);
+    // The agent still works: a task after it runs, and S-1 never did.
+    submit(api, "S-2", "sleep=10").await;
+    wait_task(api, "S-2", "succeeded", Duration::from_secs(20)).await;
+    let calls = worker.calls().await.unwrap();
+    assert!(
+        !calls.keys().any(|k| k.starts_with("S-1/")),
+        "S-1 reached the worker: {calls:?}"
+    );
+    assert_eq!(calls.get("S-2/work/1"), Some(&1), "{calls:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,19 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 use std::time::Duration;
 
+/// Messages waiting in the delay ladder of `names` on `conn`: the ready
+/// messages of its level queues, summed (a level not declared counts 0).
+pub async fn ladder_ready(conn: &lapin::Connection, names: &Names) -> anyhow::Result<u32> {
+    let mut total = 0;
+    for level in 0..guildhall_proto::schedule::DELAY_LEVELS {
+        let q = names.delay_level(level);
+        if let Some(p) = guildhall_broker::topology::probe_queue(conn, &q).await? {
+            total += p.ready;
+        }
+    }
+    Ok(total)
+}
+
 /// A broker connection for a test, with a confirm-mode publisher.
 pub struct Broker {
     /// The connection.
@@ -131,6 +144,12 @@ impl Broker {
             }
         }
         Ok(total)
+    }
+
+    /// Messages waiting in the delay ladder: the ready messages of its
+    /// level queues, summed (see [`ladder_ready`]).
+    pub async fn ladder_ready(&self) -> anyhow::Result<u32> {
+        ladder_ready(&self.conn, &self.names).await
     }
 
     /// `queue`, and if it is a stage's intake, its band queues after it. A

@@ -48,7 +48,7 @@ use tokio::process::{Child, Command};
 
 pub mod certs;
 pub mod node;
-pub use broker::Broker;
+pub use broker::{Broker, ladder_ready};
 pub use certs::{CertFiles, CertUse, TestCa};
 pub use events::EventReader;
 pub use node::{NodeTls, RabbitNode, spawn_rabbitmq_node};
