@@ -319,7 +319,6 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
         .await
         .unwrap();
     assert_eq!(status, 401);
-    // Forged requests on the stream are not applied.
     drop(broker);
 }
 
