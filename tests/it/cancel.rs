@@ -15,17 +15,6 @@ use std::time::Duration;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
-/// `DELETE path` with `api`'s token (if any): status and JSON body.
-async fn delete(api: &Api, token: Option<&str>, path: &str) -> anyhow::Result<(u16, Value)> {
-    let mut r = reqwest::Client::new().delete(format!("{}{path}", api.base));
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    let r = r.send().await?;
-    let status = r.status().as_u16();
-    Ok((status, r.json().await?))
-}
-
 /// Submits a task through the API (so the coordinator knows it at once).
 async fn submit(api: &Api, id: &str, payload: &str) {
     let body = json!({"stage": "work", "id": id, "payload": payload}).to_string();
@@ -96,14 +85,14 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
     wait_task(api, "B-0", "running", Duration::from_secs(20)).await;
     submit(api, "Q-1", "sleep=10").await;
     submit(api, "Q-2", "sleep=10").await;
-    let (status, body) = delete(api, Some(TOKEN), "/api/tasks/Q-1").await.unwrap();
+    let (status, body) = api.delete("/api/tasks/Q-1").await.unwrap();
     assert_eq!(status, 202, "{body}");
     assert_eq!(
         (body["result"].as_str(), body["status"].as_str()),
         (Some("requested"), Some("queued"))
     );
     // Asked again while it waits: accepted, nothing new.
-    let (status, body) = delete(api, Some(TOKEN), "/api/tasks/Q-1").await.unwrap();
+    let (status, body) = api.delete("/api/tasks/Q-1").await.unwrap();
     assert_eq!(
         (status, body["result"].as_str()),
         (202, Some("already_requested")),
@@ -124,9 +113,7 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
     submit(api, "R-1", "sleep=30000").await;
     wait_task(api, "R-1", "running", Duration::from_secs(20)).await;
     let started = std::time::Instant::now();
-    let (status, body) = delete(api, Some(TOKEN), "/api/tasks/R-1?by=alice")
-        .await
-        .unwrap();
+    let (status, body) = api.delete("/api/tasks/R-1?by=alice").await.unwrap();
     assert_eq!(
         (status, body["status"].as_str()),
         (202, Some("running")),
@@ -155,9 +142,7 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
 
     // Finished: refused as already finished (also a cancelled one).
     for id in ["N-1", "R-1"] {
-        let (status, body) = delete(api, Some(TOKEN), &format!("/api/tasks/{id}"))
-            .await
-            .unwrap();
+        let (status, body) = api.delete(&format!("/api/tasks/{id}")).await.unwrap();
         assert_eq!(status, 409, "{body}");
         assert_eq!(body["result"], "already_finished", "{body}");
         assert!(
@@ -275,9 +260,7 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
     assert!(m.value("guildhall_cancels_live", &[]).is_some());
 
     // Hostile input.
-    let (status, body) = delete(api, Some(TOKEN), "/api/tasks/no-such-task")
-        .await
-        .unwrap();
+    let (status, body) = api.delete("/api/tasks/no-such-task").await.unwrap();
     assert_eq!(status, 404, "{body}");
     assert!(body["error"].as_str().is_some());
     for path in [
@@ -285,7 +268,7 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
         "/api/tasks/Q-2?by=bad%20name",
         "/api/tasks/Q-2?x=1",
     ] {
-        let (status, body) = delete(api, Some(TOKEN), path).await.unwrap();
+        let (status, body) = api.delete(path).await.unwrap();
         assert_eq!(status, 400, "{path}: {body}");
         assert!(body["error"].as_str().is_some(), "{body}");
     }
@@ -308,9 +291,11 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body["error"].as_str().is_some(), "{body}");
     }
-    let (status, _) = delete(open, None, "/api/tasks/Q-2").await.unwrap();
+    let (status, _) = open.delete("/api/tasks/Q-2").await.unwrap();
     assert_eq!(status, 401);
-    let (status, _) = delete(open, Some("wrong-token-0123456789"), "/api/tasks/Q-2")
+    let (status, _) = open
+        .with_token("wrong-token-0123456789")
+        .delete("/api/tasks/Q-2")
         .await
         .unwrap();
     assert_eq!(status, 401);
@@ -354,7 +339,7 @@ async fn a_task_waiting_in_the_delay_ladder_is_cancelled_before_the_worker() {
     .await;
     // The answer's status is the core's record (`queued`): `scheduled` is
     // how the task views show a queued task whose due time is ahead.
-    let (status, body) = delete(api, None, "/api/tasks/S-1").await.unwrap();
+    let (status, body) = api.delete("/api/tasks/S-1").await.unwrap();
     assert_eq!(
         (status, body["result"].as_str(), body["status"].as_str()),
         (202, Some("requested"), Some("queued")),
@@ -443,7 +428,7 @@ async fn a_running_exec_task_is_killed_and_not_retried() {
             .is_ok_and(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
     };
     assert!(alive(pid));
-    let (status, body) = delete(api, None, "/api/tasks/X-1").await.unwrap();
+    let (status, body) = api.delete("/api/tasks/X-1").await.unwrap();
     assert_eq!(status, 202, "{body}");
     let asked = std::time::Instant::now();
     let t = wait_task(api, "X-1", "cancelled", Duration::from_secs(20)).await;
@@ -481,7 +466,7 @@ async fn a_task_cancelled_before_any_agent_serves_its_stage_is_still_stopped() {
     let api = &first.api;
     submit(api, "L-1", "sleep=20000").await;
     eventually(Duration::from_secs(10), "L-1 known", || async {
-        let (status, body) = delete(api, None, "/api/tasks/L-1").await?;
+        let (status, body) = api.delete("/api/tasks/L-1").await?;
         anyhow::ensure!(status == 202, "{status} {body}");
         Ok(())
     })

@@ -2,11 +2,11 @@
 //! holds a task in the delay ladder and it starts within a second of its
 //! due time; a bad `x-delay` is dead-lettered with the reason.
 
-use crate::priority::{Rig, header, publish_plain, reasons};
 use guildhall_broker::now_ms;
 use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{AgentId, Event};
 use guildhall_tests::events::EventReader;
+use guildhall_tests::rig::{Rig, header, publish_plain, reasons};
 use guildhall_tests::{TestNs, eventually, spawn_agent, spawn_http_worker};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
