@@ -5,26 +5,15 @@
 //! hostile input (unknown id 404, malformed id 400, bad filter 400, no
 //! token 401).
 //!
-//! "Scheduled" (delayed with `x-delay`) tasks: the delay ladder is another
-//! branch's; a task waiting in the queue behind a slow worker is the same
-//! case for the agent (it is dropped when it is delivered).
+//! A scheduled task (`delay_ms`), cancelled while it really waits in the
+//! delay ladder, is dropped when the ladder hands it back: the worker never
+//! gets a call for it.
 
 use guildhall_tests::*;
 use serde_json::{Value, json};
 use std::time::Duration;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
-
-/// `DELETE path` with `api`'s token (if any): status and JSON body.
-async fn delete(api: &Api, token: Option<&str>, path: &str) -> anyhow::Result<(u16, Value)> {
-    let mut r = reqwest::Client::new().delete(format!("{}{path}", api.base));
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    let r = r.send().await?;
-    let status = r.status().as_u16();
-    Ok((status, r.json().await?))
-}
 
 /// Submits a task through the API (so the coordinator knows it at once).
 async fn submit(api: &Api, id: &str, payload: &str) {
@@ -96,14 +85,14 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
     wait_task(api, "B-0", "running", Duration::from_secs(20)).await;
     submit(api, "Q-1", "sleep=10").await;
     submit(api, "Q-2", "sleep=10").await;
-    let (status, body) = delete(api, Some(TOKEN), "/api/tasks/Q-1").await.unwrap();
+    let (status, body) = api.delete("/api/tasks/Q-1").await.unwrap();
     assert_eq!(status, 202, "{body}");
     assert_eq!(
         (body["result"].as_str(), body["status"].as_str()),
         (Some("requested"), Some("queued"))
     );
     // Asked again while it waits: accepted, nothing new.
-    let (status, body) = delete(api, Some(TOKEN), "/api/tasks/Q-1").await.unwrap();
+    let (status, body) = api.delete("/api/tasks/Q-1").await.unwrap();
     assert_eq!(
         (status, body["result"].as_str()),
         (202, Some("already_requested")),
@@ -124,9 +113,7 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
     submit(api, "R-1", "sleep=30000").await;
     wait_task(api, "R-1", "running", Duration::from_secs(20)).await;
     let started = std::time::Instant::now();
-    let (status, body) = delete(api, Some(TOKEN), "/api/tasks/R-1?by=alice")
-        .await
-        .unwrap();
+    let (status, body) = api.delete("/api/tasks/R-1?by=alice").await.unwrap();
     assert_eq!(
         (status, body["status"].as_str()),
         (202, Some("running")),
@@ -155,9 +142,7 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
 
     // Finished: refused as already finished (also a cancelled one).
     for id in ["N-1", "R-1"] {
-        let (status, body) = delete(api, Some(TOKEN), &format!("/api/tasks/{id}"))
-            .await
-            .unwrap();
+        let (status, body) = api.delete(&format!("/api/tasks/{id}")).await.unwrap();
         assert_eq!(status, 409, "{body}");
         assert_eq!(body["result"], "already_finished", "{body}");
         assert!(
@@ -275,9 +260,7 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
     assert!(m.value("guildhall_cancels_live", &[]).is_some());
 
     // Hostile input.
-    let (status, body) = delete(api, Some(TOKEN), "/api/tasks/no-such-task")
-        .await
-        .unwrap();
+    let (status, body) = api.delete("/api/tasks/no-such-task").await.unwrap();
     assert_eq!(status, 404, "{body}");
     assert!(body["error"].as_str().is_some());
     for path in [
@@ -285,7 +268,7 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
         "/api/tasks/Q-2?by=bad%20name",
         "/api/tasks/Q-2?x=1",
     ] {
-        let (status, body) = delete(api, Some(TOKEN), path).await.unwrap();
+        let (status, body) = api.delete(path).await.unwrap();
         assert_eq!(status, 400, "{path}: {body}");
         assert!(body["error"].as_str().is_some(), "{body}");
     }
@@ -308,9 +291,11 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body["error"].as_str().is_some(), "{body}");
     }
-    let (status, _) = delete(open, None, "/api/tasks/Q-2").await.unwrap();
+    let (status, _) = open.delete("/api/tasks/Q-2").await.unwrap();
     assert_eq!(status, 401);
-    let (status, _) = delete(open, Some("wrong-token-0123456789"), "/api/tasks/Q-2")
+    let (status, _) = open
+        .with_token("wrong-token-0123456789")
+        .delete("/api/tasks/Q-2")
         .await
         .unwrap();
     assert_eq!(status, 401);
@@ -319,8 +304,59 @@ async fn queued_and_running_http_tasks_are_cancelled_and_finished_ones_refused()
         .await
         .unwrap();
     assert_eq!(status, 401);
-    // Forged requests on the stream are not applied.
     drop(broker);
+}
+
+/// A task submitted with a delay is `scheduled` and waits in the delay
+/// ladder; cancelled there (202), it is dropped
+/// when the ladder hands it back to its band, before the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_in_the_delay_ladder_is_cancelled_before_the_worker() {
+    let ns = TestNs::new("cancels");
+    let broker = Broker::connect(&ns).await.unwrap();
+    broker.declare_stage("work").await.unwrap();
+    let c = spawn_coordinator(&ns, &[]).await.unwrap();
+    let worker = spawn_http_worker(&ns, "sched-worker").await.unwrap();
+    let _agent = spawn_agent(
+        &ns,
+        "s1",
+        "work",
+        &["--heartbeat", "500ms", "--worker-url", worker.url.as_str()],
+    )
+    .await
+    .unwrap();
+    let api = &c.api;
+    let body = json!({"stage": "work", "id": "S-1", "payload": "sleep=10", "delay_ms": 5000});
+    let (status, body) = api.post_raw("/api/tasks", &body.to_string()).await.unwrap();
+    assert!(status < 300, "submit S-1: {status} {body}");
+    wait_task(api, "S-1", "scheduled", Duration::from_secs(10)).await;
+    // Sorted off the intake into the ladder (not unacked in the sorter).
+    eventually(Duration::from_secs(10), "S-1 in the ladder", || async {
+        let n = broker.ladder_ready().await?;
+        anyhow::ensure!(n == 1, "{n} in the ladder");
+        Ok(())
+    })
+    .await;
+    // The answer's status is the core's record (`queued`): `scheduled` is
+    // how the task views show a queued task whose due time is ahead.
+    let (status, body) = api.delete("/api/tasks/S-1").await.unwrap();
+    assert_eq!(
+        (status, body["result"].as_str(), body["status"].as_str()),
+        (202, Some("requested"), Some("queued")),
+        "{body}"
+    );
+    let t = wait_task(api, "S-1", "cancelled", Duration::from_secs(20)).await;
+    assert_cancelled(&t, "api", "queued");
+    assert_eq!(broker.ladder_ready().await.unwrap(), 0);
+    // The agent still works: a task after it runs, and S-1 never did.
+    submit(api, "S-2", "sleep=10").await;
+    wait_task(api, "S-2", "succeeded", Duration::from_secs(20)).await;
+    let calls = worker.calls().await.unwrap();
+    assert!(
+        !calls.keys().any(|k| k.starts_with("S-1/")),
+        "S-1 reached the worker: {calls:?}"
+    );
+    assert_eq!(calls.get("S-2/work/1"), Some(&1), "{calls:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,7 +428,7 @@ async fn a_running_exec_task_is_killed_and_not_retried() {
             .is_ok_and(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
     };
     assert!(alive(pid));
-    let (status, body) = delete(api, None, "/api/tasks/X-1").await.unwrap();
+    let (status, body) = api.delete("/api/tasks/X-1").await.unwrap();
     assert_eq!(status, 202, "{body}");
     let asked = std::time::Instant::now();
     let t = wait_task(api, "X-1", "cancelled", Duration::from_secs(20)).await;
@@ -430,7 +466,7 @@ async fn a_task_cancelled_before_any_agent_serves_its_stage_is_still_stopped() {
     let api = &first.api;
     submit(api, "L-1", "sleep=20000").await;
     eventually(Duration::from_secs(10), "L-1 known", || async {
-        let (status, body) = delete(api, None, "/api/tasks/L-1").await?;
+        let (status, body) = api.delete("/api/tasks/L-1").await?;
         anyhow::ensure!(status == 202, "{status} {body}");
         Ok(())
     })

@@ -17,8 +17,9 @@ use std::time::Duration;
 
 /// Ready messages in `queue`; `None` if the queue does not exist.
 async fn ready(broker: &Broker, queue: &str) -> anyhow::Result<Option<u32>> {
-    // A stage's intake counts its bands (see `Broker::probe`).
-    Ok(broker.probe(queue).await.map(|p| p.0))
+    // A stage's intake counts its bands (see `Broker::probe`); a probe the
+    // broker refuses for now (`noproc`) is an error `eventually` retries.
+    Ok(broker.try_probe(queue).await?.map(|p| p.0))
 }
 
 /// The management API's name of each agent's connection (it holds the

@@ -7,7 +7,6 @@ use guildhall_proto::Band;
 use guildhall_proto::headers::amqp as h;
 use guildhall_tests::*;
 use std::process::Output;
-use std::time::Duration;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -142,5 +141,4 @@ async fn the_api_takes_priority_delay_and_at_and_refuses_bad_ones() {
         let error = body["error"].as_str().unwrap_or_default();
         assert!(error.contains(needle), "{bad}: {error}");
     }
-    let _ = Duration::from_secs(1);
 }

@@ -14,20 +14,6 @@ use std::time::Duration;
 const TOKEN: &str = "test-token-0123456789abcdef";
 const STAGE: &str = "rl";
 
-/// PUT `body` to `path` with the token: status and JSON body.
-async fn put(api: &Api, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
-    let mut r = reqwest::Client::new()
-        .put(format!("{}{path}", api.base))
-        .header("content-type", "application/json")
-        .body(body.to_owned());
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    let r = r.send().await.expect("an answer");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// The stage's `rate_limit` object in `/api/stages`.
 async fn stage_limit(api: &Api) -> anyhow::Result<Value> {
     let stages = api.get_ok("/api/stages").await?;
@@ -195,6 +181,7 @@ async fn the_limit_is_changed_at_run_time_and_bad_input_is_refused() {
         .await
         .unwrap();
     let api = &c.api;
+    let control = &c.api.with_token(TOKEN);
     let _a1 = agent(&ns, "a1").await;
     eventually(Duration::from_secs(20), "the stage known", || async {
         anyhow::ensure!(
@@ -210,7 +197,7 @@ async fn the_limit_is_changed_at_run_time_and_bad_input_is_refused() {
     let path = format!("/api/stages/{STAGE}/rate-limit");
 
     // Without the token: refused.
-    let (status, body) = put(api, &path, r#"{"limit":"5/s"}"#, None).await;
+    let (status, body) = api.put_raw(&path, r#"{"limit":"5/s"}"#).await.unwrap();
     assert_eq!(status, 401, "{body}");
 
     // Hostile bodies and names: 400 with a JSON message, nothing set.
@@ -227,19 +214,22 @@ async fn the_limit_is_changed_at_run_time_and_bad_input_is_refused() {
         ("/api/stages/no-such-stage/rate-limit", r#"{"limit":"5/s"}"#),
         ("/api/stages/bad%20name/rate-limit", r#"{"limit":"5/s"}"#),
     ] {
-        let (status, answer) = put(api, path, body, Some(TOKEN)).await;
+        let (status, answer) = control.put_raw(path, body).await.unwrap();
         assert_eq!(status, 400, "{path} {body}: {answer}");
         assert!(answer["error"].is_string(), "{answer}");
     }
     assert_eq!(stage_limit(api).await.unwrap(), Value::Null);
 
     // Set, seen in the view with its split, then lifted.
-    let (status, body) = put(api, &path, r#"{"limit":"30/min"}"#, Some(TOKEN)).await;
+    let (status, body) = control
+        .put_raw(&path, r#"{"limit":"30/min"}"#)
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     let l = stage_limit(api).await.unwrap();
     assert_eq!(l["limit"], "30/min", "{l}");
     wait_shares(api, &["a1"]).await;
-    let (status, body) = put(api, &path, r#"{"limit":null}"#, Some(TOKEN)).await;
+    let (status, body) = control.put_raw(&path, r#"{"limit":null}"#).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(stage_limit(api).await.unwrap(), Value::Null);
 

@@ -9,7 +9,7 @@
 
 use guildhall_tests::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,29 +41,6 @@ fn payload(i: usize) -> String {
 
 fn id(i: usize) -> String {
     format!("R-{i:04}")
-}
-
-/// A data directory of its own, removed on drop.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("guildhall-restart-{:08x}", rand::random::<u32>())))
-    }
-
-    fn flag(&self) -> String {
-        self.0.display().to_string()
-    }
-
-    fn snapshot(&self, ns: &TestNs) -> PathBuf {
-        self.0.join(format!("{}.snapshot", ns.name()))
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The agents of `a` (on to `b`) and `b` (the end), sharing one HTTP worker.
@@ -220,7 +197,7 @@ fn lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_coordinator_resumes_from_its_snapshot() {
     let ns = TestNs::new("restart");
-    let data = DataDir::new();
+    let data = DataDir::new("restart");
     let dir = data.flag();
     let flags = ["--data-dir", dir.as_str(), "--snapshot-interval", "1s"];
     let first = spawn_coordinator(&ns, &flags).await.unwrap();
@@ -291,7 +268,7 @@ async fn a_restarted_coordinator_resumes_from_its_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_snapshot_is_one_warning_and_the_stream_is_replayed() {
     let ns = TestNs::new("badsnap");
-    let data = DataDir::new();
+    let data = DataDir::new("restart");
     // The pipeline runs without a coordinator: it is not on the data path.
     let (_worker, _agents) = start_pipeline(&ns).await;
     submit(&ns, 0..20).await;

@@ -8,30 +8,10 @@
 use guildhall_tests::*;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The coordinator's `--api-token` in these tests.
 const TOKEN: &str = "sekrit-token-0123456789";
-
-/// A data directory of its own, removed on drop.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("guildhall-cron-{:08x}", rand::random::<u32>())))
-    }
-
-    fn flag(&self) -> String {
-        self.0.display().to_string()
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `Some` as `Ok`, for [`eventually`].
 fn ready<T>(v: Option<T>) -> anyhow::Result<T> {
@@ -70,14 +50,19 @@ async fn post_json(api: &Api, path: &str, body: Value) -> (u16, Value) {
     api.post_raw(path, &body.to_string()).await.unwrap()
 }
 
-async fn delete(api: &Api, path: &str) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .delete(format!("{}{path}", api.base))
-        .send()
+/// Pauses (`true`) or resumes schedule `name` through the API; the answer
+/// must be 200 with the schedule's new `paused`.
+async fn set_paused(api: &Api, name: &str, paused: bool) {
+    let action = if paused { "pause" } else { "resume" };
+    let (status, body) = api
+        .post_raw(&format!("/api/schedules/{name}/{action}"), "")
         .await
         .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    assert_eq!(
+        (status, &body["schedule"]["paused"]),
+        (200, &json!(paused)),
+        "{body}"
+    );
 }
 
 /// Runs a schedule every second through a coordinator kill of ~4 s; the
@@ -95,7 +80,7 @@ async fn through_a_kill(label: &str, missed: &str) -> (BTreeMap<u64, u32>, u64, 
     )
     .await
     .unwrap();
-    let dir = DataDir::new();
+    let dir = DataDir::new("cron");
     let flags = ["--data-dir", &dir.flag(), "--snapshot-interval", "1s"];
     let mut coordinator = spawn_coordinator(&ns, &flags).await.unwrap();
     let (status, body) = post_json(
@@ -127,7 +112,11 @@ async fn through_a_kill(label: &str, missed: &str) -> (BTreeMap<u64, u32>, u64, 
     )
     .await;
     // Stop it, then let what was fired finish.
-    let (status, body) = delete(&coordinator.api, "/api/schedules/every").await;
+    let (status, body) = coordinator
+        .api
+        .delete("/api/schedules/every")
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ticks = ticks_run(&worker, "every").await;
@@ -236,16 +225,7 @@ async fn a_tick_is_a_task_with_its_id_header_and_priority() {
     .await;
     // Paused: nothing more; resumed with the default run-all: the ticks of
     // the pause are fired.
-    let (status, body) = coordinator
-        .api
-        .post_raw("/api/schedules/props/pause", "")
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, &body["schedule"]["paused"]),
-        (200, &json!(true)),
-        "{body}"
-    );
+    set_paused(&coordinator.api, "props", true).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     broker.drain(&queue).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -253,16 +233,7 @@ async fn a_tick_is_a_task_with_its_id_header_and_priority() {
         broker.drain(&queue).await.unwrap().is_empty(),
         "a paused schedule fired"
     );
-    let (status, body) = coordinator
-        .api
-        .post_raw("/api/schedules/props/resume", "")
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, &body["schedule"]["paused"]),
-        (200, &json!(false)),
-        "{body}"
-    );
+    set_paused(&coordinator.api, "props", false).await;
     let msgs = eventually(
         Duration::from_secs(10),
         "ticks after the resume",
@@ -289,7 +260,7 @@ async fn hostile_schedule_requests_are_refused() {
     assert_eq!(status, 401);
     let (status, _) = open.post_raw("/api/schedules/n/pause", "").await.unwrap();
     assert_eq!(status, 401);
-    let (status, _) = delete(&open, "/api/schedules/n").await;
+    let (status, _) = open.delete("/api/schedules/n").await.unwrap();
     assert_eq!(status, 401);
     let with = |k: &str, v: Value| {
         let mut b = good.clone();
@@ -336,13 +307,8 @@ async fn hostile_schedule_requests_are_refused() {
     }
     let (status, _) = api.get("/api/schedules/nope").await.unwrap();
     assert_eq!(status, 404);
-    let r = reqwest::Client::new()
-        .delete(format!("{}/api/schedules/nope", api.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 404);
+    let (status, _) = api.delete("/api/schedules/nope").await.unwrap();
+    assert_eq!(status, 404);
     let (status, _) = api
         .post_raw("/api/schedules/bad%2Fname/pause", "")
         .await
@@ -368,7 +334,7 @@ async fn the_schedule_cli_adds_lists_pauses_removes_and_refuses_bad_input() {
         .await
         .unwrap();
     let url = coordinator.api.base.clone();
-    let dir = DataDir::new();
+    let dir = DataDir::new("cron");
     std::fs::create_dir_all(&dir.0).unwrap();
     let file = dir.0.join("payload.json");
     std::fs::write(&file, br#"{"report":"full"}"#).unwrap();
@@ -444,60 +410,20 @@ async fn the_schedule_cli_adds_lists_pauses_removes_and_refuses_bad_input() {
     let big_file = dir.0.join("big");
     std::fs::write(&big_file, "x".repeat(300 * 1024)).unwrap();
     let big = format!("@{}", big_file.display());
+    // `schedule add NAME --cron CRON --stage STAGE EXTRA...`, with the client flags.
+    let add = |name: &str, cron: &str, stage: &str, extra: &[&str]| {
+        client(&[&["add", name, "--cron", cron, "--stage", stage][..], extra].concat())
+    };
+    let every = "* * * * *";
     let bad: Vec<Vec<String>> = vec![
-        client(&["add", "n", "--cron", "61 * * * *", "--stage", "s"]),
-        client(&[
-            "add",
-            "n",
-            "--cron",
-            "* * * * *",
-            "--stage",
-            "s",
-            "--timezone",
-            "Mars/Olympus",
-        ]),
-        client(&["add", "a/b", "--cron", "* * * * *", "--stage", "s"]),
-        client(&["add", "n", "--cron", "* * * * *", "--stage", "no spaces"]),
-        client(&[
-            "add",
-            "n",
-            "--cron",
-            "* * * * *",
-            "--stage",
-            "s",
-            "--priority",
-            "10",
-        ]),
-        client(&[
-            "add",
-            "n",
-            "--cron",
-            "* * * * *",
-            "--stage",
-            "s",
-            "--missed",
-            "never",
-        ]),
-        client(&[
-            "add",
-            "n",
-            "--cron",
-            "* * * * *",
-            "--stage",
-            "s",
-            "--payload",
-            &big,
-        ]),
-        client(&[
-            "add",
-            "n",
-            "--cron",
-            "* * * * *",
-            "--stage",
-            "s",
-            "--payload",
-            "@/nonexistent/file",
-        ]),
+        add("n", "61 * * * *", "s", &[]),
+        add("n", every, "s", &["--timezone", "Mars/Olympus"]),
+        add("a/b", every, "s", &[]),
+        add("n", every, "no spaces", &[]),
+        add("n", every, "s", &["--priority", "10"]),
+        add("n", every, "s", &["--missed", "never"]),
+        add("n", every, "s", &["--payload", &big]),
+        add("n", every, "s", &["--payload", "@/nonexistent/file"]),
         client(&["remove", "nope"]),
         client(&["pause", "nope"]),
         client(&["resume", "bad/name"]),

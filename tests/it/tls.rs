@@ -214,7 +214,7 @@ async fn amqps_with_a_private_ca_and_client_certificates_end_to_end() {
 
     let amqps = node.amqps_url();
     // Refused before authentication: any password will do, and it must not show.
-    let bad_url = format!("amqps://guest:{SECRET}@127.0.0.1:{}/%2f", node.amqps_port);
+    let bad_url = format!("amqps://guest:{SECRET}@127.0.0.1:{}/%2f", node.amqp_port);
     let identity = [
         "--amqp-cert-file",
         s(&client.cert),

@@ -16,6 +16,19 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 use std::time::Duration;
 
+/// Messages waiting in the delay ladder of `names` on `conn`: the ready
+/// messages of its level queues, summed (a level not declared counts 0).
+pub async fn ladder_ready(conn: &lapin::Connection, names: &Names) -> anyhow::Result<u32> {
+    let mut total = 0;
+    for level in 0..guildhall_proto::schedule::DELAY_LEVELS {
+        let q = names.delay_level(level);
+        if let Some(p) = guildhall_broker::topology::probe_queue(conn, &q).await? {
+            total += p.ready;
+        }
+    }
+    Ok(total)
+}
+
 /// A broker connection for a test, with a confirm-mode publisher.
 pub struct Broker {
     /// The connection.
@@ -110,30 +123,47 @@ impl Broker {
     /// Ready messages and consumers of a queue (`None` if it does not exist).
     /// A stage's intake queue (`<ns>.stage.<stage>`) counts its band queues
     /// too: a stage's queued tasks are in either (ready messages summed, the
-    /// most consumers of any).
+    /// most consumers of any). Panics if the broker does not answer: inside
+    /// [`eventually`], use [`Broker::try_probe`].
     pub async fn probe(&self, queue: &str) -> Option<(u32, u32)> {
+        self.try_probe(queue).await.expect("probe a queue")
+    }
+
+    /// [`Broker::probe`], an error if the broker does not answer (RabbitMQ
+    /// 3.10 answers a probe of a quorum queue whose Raft member is still
+    /// starting with a channel error, `noproc`).
+    pub async fn try_probe(&self, queue: &str) -> anyhow::Result<Option<(u32, u32)>> {
         let mut total: Option<(u32, u32)> = None;
         for q in self.with_bands(queue) {
             let probed = guildhall_broker::topology::probe_queue(&self.conn, &q)
-                .await
-                .expect("probe a queue")
+                .await?
                 .map(|p| (p.ready, p.consumers));
             if let Some((ready, consumers)) = probed {
                 let (r, c) = total.unwrap_or((0, 0));
                 total = Some((r + ready, c.max(consumers)));
             }
         }
-        total
+        Ok(total)
     }
 
-    /// `queue`, and if it is a stage's intake, its band queues after it.
+    /// Messages waiting in the delay ladder: the ready messages of its
+    /// level queues, summed (see [`ladder_ready`]).
+    pub async fn ladder_ready(&self) -> anyhow::Result<u32> {
+        ladder_ready(&self.conn, &self.names).await
+    }
+
+    /// `queue`, and if it is a stage's intake, its band queues after it. A
+    /// name ending in a band's suffix (`.p0-3`, `.p4-6`, `.p7-9`) is a band
+    /// queue itself (stage names have no dots).
     fn with_bands(&self, queue: &str) -> Vec<String> {
         let mut all = vec![queue.to_owned()];
         let intake = format!("{}stage.", self.names.prefix());
-        if let Some(stage) = queue.strip_prefix(&intake)
+        let is_band = guildhall_proto::Band::ALL
+            .iter()
+            .any(|b| queue.ends_with(&format!(".p{}", b.label())));
+        if !is_band
+            && let Some(stage) = queue.strip_prefix(&intake)
             && let Ok(stage) = guildhall_proto::Stage::new(stage)
-            && self.names.stage_queue(&stage) == queue
-            && !stage.as_str().contains(".p")
         {
             for band in guildhall_proto::Band::ALL {
                 all.push(self.names.band_queue(&stage, band));

@@ -32,6 +32,7 @@ mod broker;
 pub mod events;
 pub mod inproc;
 pub mod raw_amqp;
+pub mod rig;
 
 use anyhow::{Context, anyhow, bail};
 use guildhall_broker::{AmqpUrl, Management};
@@ -48,7 +49,7 @@ use tokio::process::{Child, Command};
 
 pub mod certs;
 pub mod node;
-pub use broker::Broker;
+pub use broker::{Broker, ladder_ready};
 pub use certs::{CertFiles, CertUse, TestCa};
 pub use events::EventReader;
 pub use node::{NodeTls, RabbitNode, spawn_rabbitmq_node};
@@ -112,6 +113,34 @@ enum BrokerHold {
     Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
     /// Held by a test that must run alone.
     Exclusive(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+/// A data directory of its own (for `--data-dir`), under the temporary
+/// directory, named `guildhall-<label>-<random>`; removed on drop. Not
+/// created: the coordinator creates it.
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    /// A new name for `label`.
+    pub fn new(label: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("guildhall-{label}-{:08x}", rand::random::<u32>())))
+    }
+
+    /// The path, as a command-line flag's value.
+    pub fn flag(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    /// The snapshot file a coordinator of `ns` writes there.
+    pub fn snapshot(&self, ns: &TestNs) -> PathBuf {
+        self.0.join(format!("{}.snapshot", ns.name()))
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A namespace of its own for one test; everything in it is deleted on drop.
@@ -562,6 +591,11 @@ pub fn exec_worker_command() -> String {
     format!("{} exec", bin("guildhall-test-worker").display())
 }
 
+/// A response body as JSON, `Null` if it is not (empty, plain text).
+fn json_or_null(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap_or(Value::Null)
+}
+
 /// The coordinator's HTTP API.
 #[derive(Clone)]
 pub struct Api {
@@ -632,6 +666,29 @@ impl Api {
         let status = r.status().as_u16();
         let body = r.json().await.context("JSON body")?;
         Ok((status, body))
+    }
+
+    /// DELETE `path`: status and JSON body (`Null` if the body is not JSON).
+    pub async fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .auth(self.client.delete(format!("{}{path}", self.base)))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, json_or_null(&r.bytes().await?)))
+    }
+
+    /// PUT `body` (JSON) to `path`: status and JSON body (`Null` if the
+    /// body is not JSON).
+    pub async fn put_raw(&self, path: &str, body: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .auth(self.client.put(format!("{}{path}", self.base)))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, json_or_null(&r.bytes().await?)))
     }
 
     /// `/metrics`, parsed by an independent parser of the text format.

@@ -4,10 +4,13 @@
 //! shares the Erlang cookie), **stopped and deleted when dropped**, a failed
 //! test included.
 //!
-//! Its only AMQP listener is TLS (`listeners.tcp = none`), and its
-//! management API is served over https only, both with the certificates the
-//! test gives; [`NodeTls::require_client_cert`] makes it ask clients for a
-//! certificate signed by the same CA (mutual TLS).
+//! A node from [`spawn_rabbitmq_node`] has one AMQP listener, TLS
+//! (`listeners.tcp = none`), and serves its management API over https only,
+//! both with the certificates the test gives; [`NodeTls::require_client_cert`]
+//! makes it ask clients for a certificate signed by the same CA (mutual
+//! TLS). A node from [`spawn_plain_rabbitmq_node`] has a plain-TCP listener
+//! and an http management API instead (for tests about something else than
+//! TLS: a broker restart).
 //!
 //! Needs root (to start the server as `rabbitmq`) and RabbitMQ 3.x at
 //! `/usr/lib/rabbitmq`. One node starts in 10-20 s on a 2-core machine.
@@ -47,18 +50,16 @@ pub struct NodeTls {
 pub struct RabbitNode {
     /// Its Erlang node name (`gh<label><hex>@localhost`).
     pub name: String,
-    /// The TLS AMQP listener's port (127.0.0.1).
-    pub amqps_port: u16,
-    /// The https management API's port (127.0.0.1).
+    /// The AMQP listener's port (127.0.0.1): TLS, plain TCP for a plain node.
+    pub amqp_port: u16,
+    /// The management API's port (127.0.0.1): https, http for a plain node.
     pub management_port: u16,
-    /// The CA clients must trust.
-    pub ca: PathBuf,
+    /// The CA clients must trust; `None` for a plain node (no TLS).
+    pub ca: Option<PathBuf>,
     /// Everything of the node's: config, certificates, data, logs.
     dir: PathBuf,
     /// Where its log is copied when it is dropped.
     keep_log: PathBuf,
-    /// Plain TCP AMQP and http management (no TLS): [`spawn_plain_rabbitmq_node`].
-    plain: bool,
     /// The ports given at start, to start it again the same way.
     ports: (u16, u16),
     /// `runuser ... rabbitmq-server`, leader of a process group of its own.
@@ -68,22 +69,20 @@ pub struct RabbitNode {
 }
 
 impl RabbitNode {
-    /// `amqps://guest:guest@127.0.0.1:<port>/%2f`.
+    /// `amqps://guest:guest@127.0.0.1:<port>/%2f` (a TLS node's URL).
     pub fn amqps_url(&self) -> String {
-        format!("amqps://guest:guest@127.0.0.1:{}/%2f", self.amqps_port)
+        format!("amqps://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
     }
 
-    /// `https://guest:guest@127.0.0.1:<port>`.
-    pub fn management_url(&self) -> String {
-        if self.plain {
-            return format!("http://guest:guest@127.0.0.1:{}", self.management_port);
-        }
-        format!("https://guest:guest@127.0.0.1:{}", self.management_port)
-    }
-
-    /// The plain AMQP URL of a node from [`spawn_plain_rabbitmq_node`].
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f` (a plain node's URL).
     pub fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqps_port)
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// `https://guest:guest@127.0.0.1:<port>` (`http` for a plain node).
+    pub fn management_url(&self) -> String {
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://guest:guest@127.0.0.1:{}", self.management_port)
     }
 
     /// Kills the node (SIGKILL: a crash, what a quorum queue must survive)
@@ -99,11 +98,13 @@ impl RabbitNode {
     /// A management API client that trusts the node's CA (plain http for
     /// a plain node).
     pub fn management(&self) -> anyhow::Result<Management> {
-        if self.plain {
-            return Ok(Management::new(&self.management_url(), "/")?);
+        match &self.ca {
+            None => Ok(Management::new(&self.management_url(), "/")?),
+            Some(ca) => {
+                let ca = CaBundle::load(ca, "node CA")?;
+                Ok(Management::with_ca(&self.management_url(), "/", Some(&ca))?)
+            }
         }
-        let ca = CaBundle::load(&self.ca, "node CA")?;
-        Ok(Management::with_ca(&self.management_url(), "/", Some(&ca))?)
     }
 
     /// The node's log so far (for failure messages).
@@ -176,6 +177,19 @@ pub async fn spawn_rabbitmq_node(
     label: &str,
     tls: &NodeTls,
 ) -> anyhow::Result<RabbitNode> {
+    spawn_node(ns, label, Some(tls)).await
+}
+
+/// A private node like [`spawn_rabbitmq_node`]'s but with a plain-TCP AMQP
+/// listener and an http management API (for tests about something else
+/// than TLS: a broker restart). Needs root too.
+pub async fn spawn_plain_rabbitmq_node(ns: &TestNs, label: &str) -> anyhow::Result<RabbitNode> {
+    spawn_node(ns, label, None).await
+}
+
+/// Starts a private node, with TLS listeners only (`tls`) or plain ones
+/// (`None`), and waits until its management API answers.
+async fn spawn_node(ns: &TestNs, label: &str, tls: Option<&NodeTls>) -> anyhow::Result<RabbitNode> {
     if !Path::new(SERVER).exists() {
         bail!("{SERVER} not found: a private RabbitMQ node needs the rabbitmq-server package");
     }
@@ -185,32 +199,42 @@ pub async fn spawn_rabbitmq_node(
         .join(name.replace('@', "-"));
     std::fs::create_dir_all(dir.join("mnesia"))?;
     std::fs::create_dir_all(dir.join("log"))?;
-    // The node reads its certificates as the rabbitmq user: copies it owns.
-    for (from, to) in [
-        (&tls.ca, "ca.pem"),
-        (&tls.server.cert, "server.pem"),
-        (&tls.server.key, "server.key"),
-    ] {
-        std::fs::copy(from, dir.join(to))
-            .with_context(|| format!("copy {} for the node", from.display()))?;
-    }
-    let (amqps_port, management_port, dist_port) = (free_port(), free_port(), free_port());
+    let (amqp_port, management_port, dist_port) = (free_port(), free_port(), free_port());
     let d = dir.display();
-    let config = format!(
-        "listeners.tcp = none\n\
-         listeners.ssl.default = 127.0.0.1:{amqps_port}\n\
-         ssl_options.cacertfile = {d}/ca.pem\n\
-         ssl_options.certfile = {d}/server.pem\n\
-         ssl_options.keyfile = {d}/server.key\n\
-         ssl_options.verify = verify_peer\n\
-         ssl_options.fail_if_no_peer_cert = {}\n\
-         management.ssl.port = {management_port}\n\
-         management.ssl.ip = 127.0.0.1\n\
-         management.ssl.cacertfile = {d}/ca.pem\n\
-         management.ssl.certfile = {d}/server.pem\n\
-         management.ssl.keyfile = {d}/server.key\n",
-        tls.require_client_cert
-    );
+    let config = match tls {
+        Some(tls) => {
+            // The node reads its certificates as the rabbitmq user: copies it owns.
+            for (from, to) in [
+                (&tls.ca, "ca.pem"),
+                (&tls.server.cert, "server.pem"),
+                (&tls.server.key, "server.key"),
+            ] {
+                std::fs::copy(from, dir.join(to))
+                    .with_context(|| format!("copy {} for the node", from.display()))?;
+            }
+            format!(
+                "listeners.tcp = none\n\
+                 listeners.ssl.default = 127.0.0.1:{amqp_port}\n\
+                 ssl_options.cacertfile = {d}/ca.pem\n\
+                 ssl_options.certfile = {d}/server.pem\n\
+                 ssl_options.keyfile = {d}/server.key\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = {}\n\
+                 management.ssl.port = {management_port}\n\
+                 management.ssl.ip = 127.0.0.1\n\
+                 management.ssl.cacertfile = {d}/ca.pem\n\
+                 management.ssl.certfile = {d}/server.pem\n\
+                 management.ssl.keyfile = {d}/server.key\n",
+                tls.require_client_cert
+            )
+        }
+        None => format!(
+            "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
+             loopback_users = none\n\
+             management.tcp.port = {management_port}\n\
+             management.tcp.ip = 127.0.0.1\n"
+        ),
+    };
     std::fs::write(dir.join("rabbitmq.conf"), config)?;
     // Not rabbitmq_prometheus: its fixed port 15692 is the system node's.
     std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n")?;
@@ -230,18 +254,23 @@ pub async fn spawn_rabbitmq_node(
             "cannot give {d} to the rabbitmq user (a private node must run as rabbitmq to share its Erlang cookie; the tests need root for that)"
         );
     }
-    let node_port = free_port();
+    // RABBITMQ_NODE_PORT: the plain listener's port (the config names it
+    // too); a TLS node's is not listened on (`listeners.tcp = none`).
+    let node_port = if tls.is_some() {
+        free_port()
+    } else {
+        amqp_port
+    };
     let server = launch(&dir, &name, (node_port, dist_port))?;
     let mut node = RabbitNode {
         name,
-        amqps_port,
+        amqp_port,
         management_port,
-        ca: dir.join("ca.pem"),
+        ca: tls.map(|_| dir.join("ca.pem")),
         keep_log: ns.log_dir.join(format!("rabbitmq-{label}.log")),
         dir,
         server,
         beam: None,
-        plain: false,
         ports: (node_port, dist_port),
     };
     node.wait_started().await?;
@@ -274,64 +303,6 @@ fn launch(dir: &Path, name: &str, (node_port, dist_port): (u16, u16)) -> anyhow:
         .context("cannot start runuser -u rabbitmq -- rabbitmq-server")
 }
 
-/// A private node like [`spawn_rabbitmq_node`]'s but with a plain-TCP AMQP
-/// listener and an http management API (for tests about something else
-/// than TLS: a broker restart). Needs root too.
-pub async fn spawn_plain_rabbitmq_node(ns: &TestNs, label: &str) -> anyhow::Result<RabbitNode> {
-    if !Path::new(SERVER).exists() {
-        bail!("{SERVER} not found: a private RabbitMQ node needs the rabbitmq-server package");
-    }
-    let name = format!("gh{label}{:08x}@localhost", rand::random::<u32>());
-    let dir = std::env::temp_dir()
-        .join("guildhall-nodes")
-        .join(name.replace('@', "-"));
-    std::fs::create_dir_all(dir.join("mnesia"))?;
-    std::fs::create_dir_all(dir.join("log"))?;
-    let (amqp_port, management_port, dist_port) = (free_port(), free_port(), free_port());
-    std::fs::write(
-        dir.join("rabbitmq.conf"),
-        format!(
-            "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
-             loopback_users = none\n\
-             management.tcp.port = {management_port}\n\
-             management.tcp.ip = 127.0.0.1\n"
-        ),
-    )?;
-    std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n")?;
-    std::fs::write(
-        dir.join("rabbitmq-env.conf"),
-        "ERL_EPMD_ADDRESS=127.0.0.1\n\
-         export ERL_FLAGS=\"-kernel inet_dist_use_interface {127,0,0,1}\"\n",
-    )?;
-    let chown = Command::new("chown")
-        .args(["-R", "rabbitmq:rabbitmq"])
-        .arg(&dir)
-        .status()
-        .context("chown")?;
-    if !chown.success() {
-        bail!(
-            "cannot give {} to the rabbitmq user (the tests need root for a private node)",
-            dir.display()
-        );
-    }
-    // The AMQP port is the listener's; RABBITMQ_NODE_PORT is overridden by it.
-    let server = launch(&dir, &name, (amqp_port, dist_port))?;
-    let mut node = RabbitNode {
-        name,
-        amqps_port: amqp_port,
-        management_port,
-        ca: PathBuf::new(),
-        keep_log: ns.log_dir.join(format!("rabbitmq-{label}.log")),
-        dir,
-        server,
-        beam: None,
-        plain: true,
-        ports: (amqp_port, dist_port),
-    };
-    node.wait_started().await?;
-    Ok(node)
-}
-
 impl RabbitNode {
     /// Waits until the node answers on its management API.
     async fn wait_started(&mut self) -> anyhow::Result<()> {
@@ -354,10 +325,10 @@ impl RabbitNode {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                let url = node.management_url().replace("guest:guest@", "");
                 bail!(
-                    "the node {} did not answer on https://127.0.0.1:{} within {START_TIMEOUT:?}:\n{}\n{}",
+                    "the node {} did not answer on {url} within {START_TIMEOUT:?}:\n{}\n{}",
                     node.name,
-                    node.management_port,
                     node.server_output(),
                     tail(&node.log_text(), 40)
                 );
