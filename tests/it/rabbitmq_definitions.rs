@@ -221,7 +221,29 @@ impl Drop for Deployment {
         let result = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
-                let mut first_error = admin.delete(&["vhosts", &vhost]).await.err();
+                // Queues one by one, then the vhost: deleting a vhost that
+                // still holds quorum queues with at-least-once dead-lettering
+                // (the bands, the delay ladder) can crash their DLX workers
+                // in RabbitMQ 3.10 faster than `rabbit_fifo_dlx_sup` allows,
+                // which then refuses every such queue broker-wide until the
+                // app restarts (rabbitmq-server #16652).
+                let mut first_error = None;
+                match admin.get(&["queues", &vhost]).await {
+                    Ok((200, Value::Array(queues))) => {
+                        for q in queues.iter().filter_map(|q| q["name"].as_str()) {
+                            if let Err(e) = admin.delete(&["queues", &vhost, q]).await {
+                                first_error.get_or_insert(e);
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                if let Err(e) = admin.delete(&["vhosts", &vhost]).await {
+                    first_error.get_or_insert(e);
+                }
                 for user in &users {
                     if let Err(e) = admin.delete(&["users", user]).await {
                         first_error.get_or_insert(e);
