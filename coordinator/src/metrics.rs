@@ -536,16 +536,11 @@ impl Metrics {
                 "Tasks asked to be cancelled (API, CLI, dashboard), by result: requested, already_requested, already_finished, unknown, too_many.",
                 &["result"],
             ),
-            cancels_live: {
-                let g = IntGauge::new(
-                    "guildhall_cancels_live",
-                    "Cancels requested and not yet settled: held by agents and sent to them again every 30 s and on Hello.",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(g.clone()))
-                    .expect("metric registered once");
-                g
-            },
+            cancels_live: int_gauge(
+                &r,
+                "guildhall_cancels_live",
+                "Cancels requested and not yet settled: held by agents and sent to them again every 30 s and on Hello.",
+            ),
             connections_closed: counter_vec(
                 &r,
                 "guildhall_connections_closed_total",
