@@ -4,20 +4,21 @@
 //!   "requested" | "already_requested", "status"}`; 404 for an unknown id,
 //!   409 `{"error", "result": "already_finished"}` for a finished task, 400
 //!   for a malformed id or name, 429 past the bound on live cancels, 503
-//!   when the request cannot be recorded.
+//!   when the request cannot be recorded, 504 when the broker does not
+//!   confirm it within `--broker-timeout`.
 //! - `POST /api/tasks/cancel` with `{"ids": [...]}` or a filter `{"stage",
 //!   "status", "priority", "prefix"}` (at least one), `"dry_run": true` for
 //!   the count and a sample of ids without cancelling, `"by"` for the name
 //!   in the trace. At most [`MAX_BULK`] tasks at once.
 //!
 //! What to do is the core's ([`Core::cancel`]); recording and telling the
-//! agents is [`crate::serve::cancel`]'s.
+//! agents is [`crate::serve::cancel`]'s, the broker time-out this module's.
 //!
 //! [`Core::cancel`]: guildhall_core::core::Core::cancel
 
 use super::error::ApiError;
 use crate::serve::App;
-use crate::serve::cancel::{CancelError, request};
+use crate::serve::cancel;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -60,8 +61,23 @@ pub fn valid_by(by: &str) -> Result<(), String> {
     }
 }
 
-fn recorded(e: CancelError) -> ApiError {
-    ApiError::unavailable(e.to_string())
+/// Cancels `ids` for `by`: decides, records (confirmed within the broker
+/// time-out: 503, 504), tells the agents. Each id's outcome.
+async fn request(
+    app: &App,
+    ids: Vec<TaskId>,
+    by: &str,
+) -> Result<Vec<(TaskId, CancelOutcome)>, ApiError> {
+    let (results, events) = cancel::decide(app, ids, by);
+    super::write::confirmed(
+        app,
+        cancel::record(app, events),
+        "cannot record the cancel on the events stream",
+        "the broker did not confirm the cancel in time: it may or may not be recorded; look with GET /api/tasks/{id}",
+    )
+    .await?;
+    cancel::tell(app, &results, by).await;
+    Ok(results)
 }
 
 /// `DELETE /api/tasks/{id}`.
@@ -80,8 +96,7 @@ pub async fn cancel_one(
     valid_by(by).map_err(ApiError::bad_request)?;
     let id = TaskId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let outcome = request(&app, vec![id.clone()], by)
-        .await
-        .map_err(recorded)?
+        .await?
         .pop()
         .map_or(CancelOutcome::Unknown, |(_, o)| o);
     match outcome {
@@ -236,7 +251,7 @@ pub async fn cancel_bulk(
         }))
         .into_response());
     }
-    let results = request(&app, ids, &by).await.map_err(recorded)?;
+    let results = request(&app, ids, &by).await?;
     let mut tally: HashMap<&'static str, usize> = HashMap::new();
     for (_, o) in &results {
         *tally.entry(o.as_str()).or_default() += 1;

@@ -6,8 +6,9 @@
 //! Answers of the PUT: 200 once the core applied the limit; 400 (JSON
 //! `{"error": ...}`) for a bad stage name, an unknown stage, a body that is
 //! not `{"limit": RATE|null}`, or a rate that is 0 or unparsable; 503 when
-//! the broker does not take the event; 504 when it was written but not read
-//! back within 5 s (it applies when it is).
+//! the broker does not take the event; 504 when the broker does not confirm
+//! it within `--broker-timeout`, or it was written but not read back within
+//! 5 s (it applies when it is).
 
 use super::error::ApiError;
 use crate::serve::App;
@@ -40,9 +41,14 @@ pub async fn put(
             "unknown stage '{stage}' (a stage is known once a task or an agent named it)"
         )));
     }
-    crate::serve::rate_limits::write(&app, stage.clone(), limit, "api")
-        .await
-        .map_err(|e| ApiError::unavailable(format!("cannot write the rate limit: {e}")))?;
+    let event = crate::serve::rate_limits::event(stage.clone(), limit, "api");
+    super::write::confirmed(
+        &app,
+        app.write_events(vec![event]),
+        "cannot write the rate limit",
+        "the broker did not confirm the rate limit in time: it may or may not apply; look with GET /api/stages",
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + APPLY_WAIT;
     loop {
         if app.core().stage_rate_limit(&stage) == limit {

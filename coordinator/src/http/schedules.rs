@@ -138,24 +138,13 @@ async fn change(app: &App, name: &Stage, spec: Option<ScheduleSpec>) -> Result<b
         spec,
         by: BY.into(),
     }));
-    let timeout = app.http.config.broker_timeout;
-    let write = async {
-        let (_, publisher) = app
-            .link
-            .get()
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        app.submitter
-            .try_publish_events(&publisher, vec![event])
-            .await
-            .map_err(ApiError::unavailable)
-    };
-    tokio::time::timeout(timeout, write).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "the broker did not confirm the change in time: it may or may not apply; look with GET /api/schedules",
-        )
-    })??;
+    super::write::confirmed(
+        app,
+        app.write_events(vec![event]),
+        "",
+        "the broker did not confirm the change in time: it may or may not apply; look with GET /api/schedules",
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + APPLY_WAIT;
     loop {
         let applied = {
