@@ -49,18 +49,15 @@ pub async fn put(
         "the broker did not confirm the rate limit in time: it may or may not apply; look with GET /api/stages",
     )
     .await?;
-    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
-    loop {
-        if app.core().stage_rate_limit(&stage) == limit {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the rate limit was written to the events stream but not read back yet: it applies when it is",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if !super::write::applied(&app, APPLY_WAIT, |core| {
+        core.stage_rate_limit(&stage) == limit
+    })
+    .await
+    {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the rate limit was written to the events stream but not read back yet: it applies when it is",
+        ));
     }
     tracing::info!(%stage, limit = ?limit.map(|l| l.to_string()), "stage rate limit set through the API");
     Ok(Json(json!({

@@ -145,23 +145,13 @@ async fn change(app: &App, name: &Stage, spec: Option<ScheduleSpec>) -> Result<b
         "the broker did not confirm the change in time: it may or may not apply; look with GET /api/schedules",
     )
     .await?;
-    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
-    loop {
-        let applied = {
-            let core = app.core();
-            match core.schedule_spec(name.as_str()) {
-                None => removing,
-                Some((_, changed_at)) => !removing && changed_at >= at_ms,
-            }
-        };
-        if applied {
-            return Ok(true);
+    Ok(super::write::applied(app, APPLY_WAIT, |core| {
+        match core.schedule_spec(name.as_str()) {
+            None => removing,
+            Some((_, changed_at)) => !removing && changed_at >= at_ms,
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await)
 }
 
 fn answer(app: &App, name: &Stage, applied: bool, created: bool) -> Response {
