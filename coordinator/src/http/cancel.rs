@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use guildhall_broker::now_ms;
 use guildhall_core::core::scheduling::cancels::{CancelFilter, CancelOutcome};
 use guildhall_core::core::tasks::TaskStatus;
-use guildhall_proto::{Priority, Stage, TaskId};
+use guildhall_proto::{Stage, TaskId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -175,16 +175,9 @@ fn filter_of(b: &BulkBody) -> Result<CancelFilter, ApiError> {
     };
     let priority = match &b.priority {
         None => None,
-        Some(v) => Some(
-            v.as_u64()
-                .and_then(|n| u8::try_from(n).ok())
-                .and_then(|n| Priority::new(n).ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "invalid priority {v}: a whole number from 0 to 9"
-                    ))
-                })?,
-        ),
+        Some(v) => Some(super::body::priority(v).ok_or_else(|| {
+            ApiError::bad_request(format!("invalid priority {v}: a whole number from 0 to 9"))
+        })?),
     };
     if let Some(p) = &b.prefix
         && (p.is_empty() || p.len() > 128)
@@ -206,9 +199,7 @@ pub async fn cancel_bulk(
     State(app): AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let b: BulkBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let b: BulkBody = super::body::parse(body)?;
     let by = b.by.clone().unwrap_or_else(|| DEFAULT_BY.to_owned());
     valid_by(&by).map_err(ApiError::bad_request)?;
     let filter = filter_of(&b)?;

@@ -70,8 +70,7 @@ pub async fn put(
 
 /// `{"limit": "50/s"}` or `{"limit": null}`, nothing else.
 fn parse_body(body: &[u8]) -> Result<Option<Rate>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let value: Value = super::body::parse_bytes(body)?;
     let Some(object) = value.as_object() else {
         return Err(ApiError::bad_request(
             "the body must be a JSON object like {\"limit\": \"50/s\"} or {\"limit\": null}",

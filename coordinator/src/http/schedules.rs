@@ -83,15 +83,11 @@ fn spec_of(body: ScheduleBody) -> Result<(Stage, ScheduleSpec), ApiError> {
     let timezone = body.timezone.unwrap_or_else(|| "UTC".into());
     let priority = match body.priority {
         None => Priority::DEFAULT,
-        Some(v) => v
-            .as_u64()
-            .and_then(|n| u8::try_from(n).ok())
-            .and_then(|n| Priority::new(n).ok())
-            .ok_or_else(|| {
-                bad(format!(
-                    "invalid priority {v}: a priority is a whole number from 0 to 9, higher first"
-                ))
-            })?,
+        Some(v) => super::body::priority(&v).ok_or_else(|| {
+            bad(format!(
+                "invalid priority {v}: a priority is a whole number from 0 to 9, higher first"
+            ))
+        })?,
     };
     let missed = match body.missed {
         None => Missed::default(),
@@ -205,9 +201,7 @@ pub async fn upsert(
     State(app): AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let body: ScheduleBody =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    let body: ScheduleBody = super::body::parse(body)?;
     let (name, spec) = spec_of(body)?;
     let (exists, count) = {
         let core = app.core();
