@@ -41,11 +41,7 @@ async fn run(command: Command) -> anyhow::Result<String> {
         Command::Simulate(args) => guildhall::sim::run(&args),
         Command::Worker(args) => Ok(cli::client::worker(&args).await?),
         Command::Schedule(args) => cli::schedule::run(&args).await,
-        Command::Cancel(args) => match cli::cancel::run(&args).await {
-            Ok(out) => Ok(out),
-            Err(cli::cancel::CancelCliError::Bad(m)) => Err(ConfigError(m).into()),
-            Err(e) => Err(e.into()),
-        },
+        Command::Cancel(args) => cli::cancel::run(&args).await,
         Command::RateLimit(args) => cli::rate_limit::run(&args).await,
         Command::Healthcheck(args) => Ok(cli::health::run(&args).await?),
         Command::Bench(_) => Err(ConfigError(

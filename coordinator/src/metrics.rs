@@ -219,7 +219,7 @@ pub struct Metrics {
 
 /// Every `reason` of `guildhall_events_malformed_total`: the decoder's
 /// (`DecodeError::reason`) and the core's own.
-pub const MALFORMED_REASONS: [&str; 11] = [
+pub const MALFORMED_REASONS: [&str; 12] = [
     "malformed",
     "version",
     "oversized",
@@ -238,6 +238,8 @@ pub const MALFORMED_REASONS: [&str; 11] = [
     "unparsable",
     // A schedule event not from a coordinator, or over the schedule limit.
     "schedule_refused",
+    // A rate limit (RateLimitSet) not from a coordinator.
+    "forged_control",
 ];
 
 /// The one counter a snapshot does not carry: it counts this process's writes.
@@ -534,16 +536,11 @@ impl Metrics {
                 "Tasks asked to be cancelled (API, CLI, dashboard), by result: requested, already_requested, already_finished, unknown, too_many.",
                 &["result"],
             ),
-            cancels_live: {
-                let g = IntGauge::new(
-                    "guildhall_cancels_live",
-                    "Cancels requested and not yet settled: held by agents and sent to them again every 30 s and on Hello.",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(g.clone()))
-                    .expect("metric registered once");
-                g
-            },
+            cancels_live: int_gauge(
+                &r,
+                "guildhall_cancels_live",
+                "Cancels requested and not yet settled: held by agents and sent to them again every 30 s and on Hello.",
+            ),
             connections_closed: counter_vec(
                 &r,
                 "guildhall_connections_closed_total",
@@ -684,7 +681,7 @@ impl Metrics {
 
     /// The handle of every counter a snapshot carries, to restore them: all
     /// but `snapshot_writes` (a test checks that none is missing).
-    fn saved_counters(&self) -> [CounterHandle<'_>; 18] {
+    fn saved_counters(&self) -> [CounterHandle<'_>; 22] {
         use CounterHandle::{Family, One};
         [
             Family(&self.tasks),
@@ -702,7 +699,11 @@ impl Metrics {
             Family(&self.task_results_stale),
             Family(&self.worker_deaths),
             Family(&self.task_errors),
+            Family(&self.cancel_requests),
             Family(&self.connections_closed),
+            Family(&self.schedule_ticks),
+            Family(&self.scale_actions),
+            Family(&self.worker_moves),
             Family(&self.alerts),
             Family(&self.http_connections_closed),
         ]
@@ -1024,6 +1025,35 @@ mod tests {
         m.snapshot_writes.with_label_values(&["written"]).inc();
         let saved = m.counter_values();
         assert_eq!(saved.len(), m.saved_counters().len());
+        // Every counter family defined in this file (counters, and only
+        // they, end in `_total`) has a handle, but the snapshot writes: one
+        // added without a handle would be saved and never restored.
+        let handles: Vec<String> = m
+            .saved_counters()
+            .iter()
+            .map(|h| h.collector().desc()[0].fq_name.clone())
+            .collect();
+        let source = include_str!("metrics.rs");
+        let source = &source[..source.find("#[cfg(test)]").unwrap()];
+        let defined: Vec<&str> = source
+            .split("\"guildhall_")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .filter(|s| s.ends_with("_total"))
+            .collect();
+        assert!(defined.len() > handles.len(), "{defined:?}");
+        for name in defined {
+            let name = format!("guildhall_{name}");
+            assert!(
+                name == NOT_SAVED_COUNTER || handles.contains(&name),
+                "{name} has no handle in saved_counters"
+            );
+        }
+        for family in m.registry.gather() {
+            if family.get_field_type() == MetricType::COUNTER {
+                assert!(family.name().ends_with("_total"), "{}", family.name());
+            }
+        }
         assert!(
             saved
                 .iter()

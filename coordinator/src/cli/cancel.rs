@@ -2,12 +2,14 @@
 //! [--priority N] [--dry-run]`: cancels tasks through a running
 //! coordinator (`DELETE /api/tasks/{id}`, `POST /api/tasks/cancel`).
 //!
-//! Bad input (a malformed id, an unknown id, a bad filter) is a one-line
-//! error with exit status 2; a task that already finished is reported so
-//! and is not an error.
+//! Bad input (a malformed id, an unknown id, a bad filter: the
+//! coordinator's 400 and 404) is a one-line error with exit status 2; a task
+//! that already finished is reported so and is not an error; anything else
+//! (the coordinator unreachable, 401, 429, 503, 504) exit status 1.
 
 use super::ClientArgs;
 use super::client::{ClientError, encode_segment, request};
+use crate::config::ConfigError;
 use clap::Args;
 use guildhall_proto::TaskId;
 use serde_json::{Value, json};
@@ -40,48 +42,31 @@ pub struct CancelArgs {
     pub by: String,
 }
 
-/// Why `guildhall cancel` failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CancelCliError {
-    /// Bad input: exit status 2.
-    #[error("{0}")]
-    Bad(String),
-    /// The coordinator could not be reached, or failed.
-    #[error(transparent)]
-    Client(#[from] ClientError),
-}
-
-/// A client error, with the coordinator's 4xx answers as bad input.
-fn classify(e: ClientError) -> CancelCliError {
-    match e {
-        ClientError::Api(m) if m.starts_with('4') => CancelCliError::Bad(m),
-        e => CancelCliError::Client(e),
-    }
+fn bad(msg: impl Into<String>) -> anyhow::Error {
+    ConfigError(msg.into()).into()
 }
 
 /// Runs `guildhall cancel`.
-pub async fn run(args: &CancelArgs) -> Result<String, CancelCliError> {
+pub async fn run(args: &CancelArgs) -> anyhow::Result<String> {
     let has_filter = args.stage.is_some()
         || args.status.is_some()
         || args.priority.is_some()
         || args.prefix.is_some();
     match (args.ids.is_empty(), has_filter) {
         (true, false) => {
-            return Err(CancelCliError::Bad(
-                "give task ids, or a filter (--stage, --status, --priority, --prefix)".into(),
+            return Err(bad(
+                "give task ids, or a filter (--stage, --status, --priority, --prefix)",
             ));
         }
         (false, true) => {
-            return Err(CancelCliError::Bad(
-                "give task ids or a filter, not both".into(),
-            ));
+            return Err(bad("give task ids or a filter, not both"));
         }
         _ => {}
     }
     if !args.ids.is_empty() {
         if args.dry_run {
-            return Err(CancelCliError::Bad(
-                "--dry-run goes with a filter (--stage, --status, --priority, --prefix)".into(),
+            return Err(bad(
+                "--dry-run goes with a filter (--stage, --status, --priority, --prefix)",
             ));
         }
         return by_id(args).await;
@@ -97,7 +82,7 @@ pub async fn run(args: &CancelArgs) -> Result<String, CancelCliError> {
         Some(strip_nulls(body)),
     )
     .await
-    .map_err(classify)?;
+    .map_err(ClientError::into_command_error)?;
     if args.client.json {
         return Ok(format!("{answer:#}\n"));
     }
@@ -105,12 +90,12 @@ pub async fn run(args: &CancelArgs) -> Result<String, CancelCliError> {
 }
 
 /// Cancels each id with `DELETE /api/tasks/{id}`.
-async fn by_id(args: &CancelArgs) -> Result<String, CancelCliError> {
+async fn by_id(args: &CancelArgs) -> anyhow::Result<String> {
     for id in &args.ids {
-        TaskId::new(id.as_str()).map_err(|e| CancelCliError::Bad(e.to_string()))?;
+        TaskId::new(id.as_str()).map_err(|e| bad(e.to_string()))?;
     }
     let mut out = String::new();
-    let mut bad = Vec::new();
+    let mut refused = Vec::new();
     let mut answers = Vec::new();
     for id in &args.ids {
         let path = format!(
@@ -126,25 +111,23 @@ async fn by_id(args: &CancelArgs) -> Result<String, CancelCliError> {
                 ));
                 answers.push(a);
             }
-            Err(ClientError::Api(m)) if m.starts_with("409") => {
+            Err(ClientError::Api { status: 409, .. }) => {
                 out.push_str(&format!("{id}: already finished\n"));
                 answers.push(json!({"task_id": id, "result": "already_finished"}));
             }
-            Err(e) => match classify(e) {
-                CancelCliError::Bad(m) => bad.push(format!("{id}: {m}")),
-                other => return Err(other),
-            },
+            Err(e) if e.is_bad_input() => refused.push(format!("{id}: {e}")),
+            Err(e) => return Err(e.into()),
         }
     }
     if args.client.json {
         out = format!("{:#}\n", Value::Array(answers));
     }
-    if bad.is_empty() {
+    if refused.is_empty() {
         Ok(out)
     } else {
         // What was cancelled is printed on stderr with the error line.
         eprint!("{out}");
-        Err(CancelCliError::Bad(bad.join("; ")))
+        Err(bad(refused.join("; ")))
     }
 }
 

@@ -3,6 +3,7 @@
 
 use super::render::{Table, bytes, clock, duration, ellipsize, opt, percent};
 use super::{ClientArgs, TraceArgs};
+use crate::config::ConfigError;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -20,8 +21,38 @@ pub enum ClientError {
         source: reqwest::Error,
     },
     /// The coordinator answered with an error.
-    #[error("{0}")]
-    Api(String),
+    #[error("{message}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The status and the coordinator's message (`404 Not Found: ...`).
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// Whether the coordinator refused the request as bad input: a 400 or
+    /// a 404 (an unknown task, schedule or stage).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Api {
+                status: 400 | 404,
+                ..
+            }
+        )
+    }
+
+    /// The error of a command: bad input (see [`ClientError::is_bad_input`])
+    /// is a [`ConfigError`] (one line, exit status 2), anything else (the
+    /// coordinator unreachable, 401, 503, 504, ...) exit status 1.
+    pub fn into_command_error(self) -> anyhow::Error {
+        if self.is_bad_input() {
+            ConfigError(self.to_string()).into()
+        } else {
+            self.into()
+        }
+    }
 }
 
 async fn get(args: &ClientArgs, path: &str) -> Result<Value, ClientError> {
@@ -70,7 +101,10 @@ pub(crate) async fn request(
         })?;
     if !status.is_success() {
         let msg = body["error"].as_str().unwrap_or("no error message");
-        return Err(ClientError::Api(format!("{status}: {msg}")));
+        return Err(ClientError::Api {
+            status: status.as_u16(),
+            message: format!("{status}: {msg}"),
+        });
     }
     Ok(body)
 }
@@ -219,8 +253,10 @@ fn render_status(workers: &Value, stages: &Value) -> String {
 
 /// `guildhall trace ID`: one task's pipeline.
 pub async fn trace(args: &TraceArgs) -> Result<String, ClientError> {
-    let id = guildhall_proto::TaskId::new(args.id.as_str())
-        .map_err(|e| ClientError::Api(e.to_string()))?;
+    let id = guildhall_proto::TaskId::new(args.id.as_str()).map_err(|e| ClientError::Api {
+        status: 400,
+        message: e.to_string(),
+    })?;
     let task = get(&args.client, &format!("/api/tasks/{id}")).await?;
     if args.client.json {
         return Ok(format!("{task:#}\n"));

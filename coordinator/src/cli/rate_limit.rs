@@ -1,6 +1,7 @@
 //! `guildhall rate-limit STAGE RATE|off`: sets or lifts a stage's rate
 //! limit through a running coordinator (`PUT /api/stages/{stage}/rate-limit`).
-//! A bad rate, a bad or unknown stage: one line, exit status 2.
+//! A bad rate, a bad or unknown stage: one line, exit status 2; the
+//! coordinator unreachable or failing (401, 503, 504): exit status 1.
 
 use super::ClientArgs;
 use super::client::{ClientError, request};
@@ -36,22 +37,12 @@ pub fn parse(args: &RateLimitArgs) -> Result<(Stage, Option<Rate>), ConfigError>
 /// Runs the command.
 pub async fn run(args: &RateLimitArgs) -> anyhow::Result<String> {
     let (stage, rate) = parse(args)?;
-    let stages = request(&args.client, reqwest::Method::GET, "/api/stages", None).await?;
-    let known = stages["stages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|s| s["name"].as_str() == Some(stage.as_str()));
-    if !known {
-        return Err(ConfigError(format!("unknown stage '{stage}'")).into());
-    }
     let path = format!("/api/stages/{stage}/rate-limit");
     let body = json!({ "limit": rate.map(|r| r.to_string()) });
-    let answer = match request(&args.client, reqwest::Method::PUT, &path, Some(body)).await {
-        Ok(a) => a,
-        Err(ClientError::Api(m)) => return Err(ConfigError(m).into()),
-        Err(e) => return Err(e.into()),
-    };
+    // An unknown stage is the coordinator's 400: exit status 2.
+    let answer = request(&args.client, reqwest::Method::PUT, &path, Some(body))
+        .await
+        .map_err(ClientError::into_command_error)?;
     if args.client.json {
         return Ok(format!("{answer:#}\n"));
     }

@@ -89,10 +89,7 @@ fn name_of(name: &str) -> anyhow::Result<Stage> {
 
 /// An API error answer (400, 404) is the user's input: status 2.
 fn api(e: ClientError) -> anyhow::Error {
-    match &e {
-        ClientError::Api(msg) if msg.starts_with("400") || msg.starts_with("404") => bad(msg),
-        _ => e.into(),
-    }
+    e.into_command_error()
 }
 
 /// Runs a schedule command; what to print.

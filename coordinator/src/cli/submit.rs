@@ -60,29 +60,54 @@ fn plan(args: &SubmitArgs) -> Result<Plan, ConfigError> {
 }
 
 /// The priority and due time the flags ask for.
-fn when(args: &SubmitArgs, now_ms: u64) -> Result<When, ConfigError> {
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Timing {
+    /// Every task's priority.
+    priority: Priority,
+    /// `--delay`: each task is due this long after it is submitted.
+    delay_ms: Option<u64>,
+    /// `--at`: every task is due then (ms since the epoch).
+    at_ms: Option<u64>,
+}
+
+impl Timing {
+    /// The priority and due time of a task submitted at `now_ms`.
+    fn when(&self, now_ms: u64) -> When {
+        When {
+            priority: self.priority,
+            due_at_ms: self
+                .at_ms
+                .or(self.delay_ms.map(|d| now_ms.saturating_add(d))),
+        }
+    }
+}
+
+/// The flags' [`Timing`] (`--at` read at `now_ms`).
+fn timing(args: &SubmitArgs, now_ms: u64) -> Result<Timing, ConfigError> {
     let priority = match &args.priority {
         Some(p) => p
             .parse::<Priority>()
             .map_err(|e| ConfigError(format!("--priority: {e}")))?,
         None => Priority::DEFAULT,
     };
-    let due_at_ms = match (&args.delay, &args.at) {
+    let (delay_ms, at_ms) = match (&args.delay, &args.at) {
         (Some(_), Some(_)) => {
             return Err(ConfigError("give --delay or --at, not both".into()));
         }
-        (Some(d), None) => Some(
-            now_ms
-                .saturating_add(parse_delay(d).map_err(|e| ConfigError(format!("--delay: {e}")))?),
+        (Some(d), None) => (
+            Some(parse_delay(d).map_err(|e| ConfigError(format!("--delay: {e}")))?),
+            None,
         ),
-        (None, Some(at)) => {
-            Some(parse_at(at, now_ms).map_err(|e| ConfigError(format!("--at: {e}")))?)
-        }
-        (None, None) => None,
+        (None, Some(at)) => (
+            None,
+            Some(parse_at(at, now_ms).map_err(|e| ConfigError(format!("--at: {e}")))?),
+        ),
+        (None, None) => (None, None),
     };
-    Ok(When {
+    Ok(Timing {
         priority,
-        due_at_ms,
+        delay_ms,
+        at_ms,
     })
 }
 
@@ -98,7 +123,7 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
         .transpose()
         .map_err(|e| ConfigError(format!("--id: {e}")))?;
     let plan = plan(args)?;
-    let when = when(args, guildhall_broker::now_ms())?;
+    let timing = timing(args, guildhall_broker::now_ms())?;
     let payload = read_payload(&args.payload)?;
     let suffix = format!("{:08x}", rand::random::<u32>());
     let conn = connect(&url, &format!("guildhall-submit/{suffix}")).await?;
@@ -110,7 +135,14 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
         .with_user_id(url.user_id());
     if plan.single() {
         let result = submitter
-            .submit_when(Some(&conn), &publisher, stage, id, &payload, when)
+            .submit_when(
+                Some(&conn),
+                &publisher,
+                stage,
+                id,
+                &payload,
+                timing.when(guildhall_broker::now_ms()),
+            )
             .await;
         let _ = conn.close(200, "done".into()).await;
         let Submitted { id, stage, .. } = result?;
@@ -127,7 +159,7 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
         &submitter,
         (&conn, &publisher),
         &stage,
-        (&payload, when),
+        (&payload, timing),
         plan,
         stop,
     )
@@ -152,7 +184,7 @@ async fn stream(
     submitter: &Submitter,
     (conn, publisher): (&lapin::Connection, &Publisher),
     stage: &Stage,
-    (payload, when): (&[u8], When),
+    (payload, timing): (&[u8], Timing),
     plan: Plan,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<u64> {
@@ -170,6 +202,8 @@ async fn stream(
         // and a stop that dropped this future then would leave it uncounted
         // (one more task on the queue than the summary says). A stop waits
         // at most for this one confirm.
+        // `--delay` counts from each task's own submit.
+        let when = timing.when(guildhall_broker::now_ms());
         submitter
             .submit_when(Some(conn), publisher, stage.clone(), None, payload, when)
             .await
@@ -220,6 +254,25 @@ mod tests {
         assert_eq!((p.rate, p.count), (Some(4.0), None));
         assert!(!p.single());
         assert!(!plan(&args(&["--count", "5"])).unwrap().single());
+    }
+
+    #[test]
+    fn a_delay_counts_from_each_task_s_submit_and_at_is_fixed() {
+        let t = timing(
+            &args(&["--rate", "1", "--count", "600", "--delay", "5m"]),
+            1_000,
+        )
+        .expect("valid");
+        assert_eq!(t.when(1_000).due_at_ms, Some(301_000));
+        // The 600th task, ten minutes later, is due five minutes after it.
+        assert_eq!(t.when(601_000).due_at_ms, Some(901_000));
+        let at = "1970-01-01T00:01:00Z";
+        let t = timing(&args(&["--count", "2", "--at", at]), 1_000).expect("valid");
+        assert_eq!(t.when(1_000).due_at_ms, t.when(601_000).due_at_ms);
+        assert_eq!(t.when(1_000).due_at_ms, Some(60_000));
+        let t = timing(&args(&["--priority", "7"]), 1_000).expect("valid");
+        assert_eq!(t.when(5_000).due_at_ms, None);
+        assert_eq!(t.when(5_000).priority.get(), 7);
     }
 
     #[test]

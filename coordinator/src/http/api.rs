@@ -113,11 +113,8 @@ fn to_json<T: serde::Serialize>(view: &T) -> Result<Value, ApiError> {
 }
 
 pub async fn stages(State(app): AppState) -> Json<Value> {
-    let (view, limits) = {
-        let core = app.core();
-        (core.stages_view(now_ms()), core.rate_limits_view(now_ms()))
-    };
-    Json(super::rate_limits::stages_with_limits(view, &limits))
+    let view = app.core().stages_view(now_ms());
+    Json(serde_json::to_value(view).unwrap_or_else(|e| json!({ "error": e.to_string() })))
 }
 
 pub async fn scaling(State(app): AppState) -> Json<Value> {
@@ -216,16 +213,12 @@ fn submit_when(req: &SubmitBody, now: u64) -> Result<crate::submit::When, ApiErr
     use crate::submit::{When, check_delay_ms, parse_at, parse_delay};
     let priority = match &req.priority {
         None | Some(Value::Null) => guildhall_proto::Priority::DEFAULT,
-        Some(v) => v
-            .as_u64()
-            .and_then(|n| u8::try_from(n).ok())
-            .and_then(|n| guildhall_proto::Priority::new(n).ok())
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "priority must be a whole number from 0 to 9, higher first (got {})",
-                    shown(v)
-                ))
-            })?,
+        Some(v) => super::body::priority(v).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "priority must be a whole number from 0 to 9, higher first (got {})",
+                shown(v)
+            ))
+        })?,
     };
     let delays = [
         req.delay_ms.is_some(),
@@ -268,9 +261,7 @@ pub async fn submit(
     State(app): AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let req: SubmitBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let req: SubmitBody = super::body::parse(body)?;
     let when = submit_when(&req, now_ms())?;
     let stage = Stage::new(req.stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let id = req

@@ -8,16 +8,43 @@
 //! - 408 for a body that has not fully arrived within `--http-body-timeout`
 //!   (a slow upload holds a connection and a buffer).
 //!
-//! The body is then handed on, read, to the handler.
+//! The body is then handed on, read, to the handler, which reads it with
+//! [`parse`] (a body the extractor refused answers with its status; JSON
+//! that does not fit, 400 `invalid JSON body: ...`).
 
 use super::error::ApiError;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_lite::StreamExt;
+use guildhall_proto::Priority;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use std::time::Duration;
+
+/// A handler's JSON body: the extractor's refusal with its status, or the
+/// body read as a `T` (400 `invalid JSON body: ...` if it is not one).
+pub fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    parse_bytes(&body)
+}
+
+/// `body` read as a `T` (400 `invalid JSON body: ...` if it is not one).
+pub fn parse_bytes<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// A priority given in a JSON body: a whole number from 0 to 9 (the caller
+/// words the refusal).
+pub fn priority(v: &Value) -> Option<Priority> {
+    v.as_u64()
+        .and_then(|n| u8::try_from(n).ok())
+        .and_then(|n| Priority::new(n).ok())
+}
 
 /// The body rule of one route.
 #[derive(Debug, Clone, Copy)]

@@ -4,20 +4,21 @@
 //!   "requested" | "already_requested", "status"}`; 404 for an unknown id,
 //!   409 `{"error", "result": "already_finished"}` for a finished task, 400
 //!   for a malformed id or name, 429 past the bound on live cancels, 503
-//!   when the request cannot be recorded.
+//!   when the request cannot be recorded, 504 when the broker does not
+//!   confirm it within `--broker-timeout`.
 //! - `POST /api/tasks/cancel` with `{"ids": [...]}` or a filter `{"stage",
 //!   "status", "priority", "prefix"}` (at least one), `"dry_run": true` for
 //!   the count and a sample of ids without cancelling, `"by"` for the name
 //!   in the trace. At most [`MAX_BULK`] tasks at once.
 //!
 //! What to do is the core's ([`Core::cancel`]); recording and telling the
-//! agents is [`crate::serve::cancel`]'s.
+//! agents is [`crate::serve::cancel`]'s, the broker time-out this module's.
 //!
 //! [`Core::cancel`]: guildhall_core::core::Core::cancel
 
 use super::error::ApiError;
 use crate::serve::App;
-use crate::serve::cancel::{CancelError, request};
+use crate::serve::cancel;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -27,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use guildhall_broker::now_ms;
 use guildhall_core::core::scheduling::cancels::{CancelFilter, CancelOutcome};
 use guildhall_core::core::tasks::TaskStatus;
-use guildhall_proto::{Priority, Stage, TaskId};
+use guildhall_proto::{Stage, TaskId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -60,8 +61,23 @@ pub fn valid_by(by: &str) -> Result<(), String> {
     }
 }
 
-fn recorded(e: CancelError) -> ApiError {
-    ApiError::unavailable(e.to_string())
+/// Cancels `ids` for `by`: decides, records (confirmed within the broker
+/// time-out: 503, 504), tells the agents. Each id's outcome.
+async fn request(
+    app: &App,
+    ids: Vec<TaskId>,
+    by: &str,
+) -> Result<Vec<(TaskId, CancelOutcome)>, ApiError> {
+    let (results, events) = cancel::decide(app, ids, by);
+    super::write::confirmed(
+        app,
+        cancel::record(app, events),
+        "cannot record the cancel on the events stream",
+        "the broker did not confirm the cancel in time: it may or may not be recorded; look with GET /api/tasks/{id}",
+    )
+    .await?;
+    cancel::tell(app, &results, by).await;
+    Ok(results)
 }
 
 /// `DELETE /api/tasks/{id}`.
@@ -80,8 +96,7 @@ pub async fn cancel_one(
     valid_by(by).map_err(ApiError::bad_request)?;
     let id = TaskId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let outcome = request(&app, vec![id.clone()], by)
-        .await
-        .map_err(recorded)?
+        .await?
         .pop()
         .map_or(CancelOutcome::Unknown, |(_, o)| o);
     match outcome {
@@ -160,16 +175,9 @@ fn filter_of(b: &BulkBody) -> Result<CancelFilter, ApiError> {
     };
     let priority = match &b.priority {
         None => None,
-        Some(v) => Some(
-            v.as_u64()
-                .and_then(|n| u8::try_from(n).ok())
-                .and_then(|n| Priority::new(n).ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "invalid priority {v}: a whole number from 0 to 9"
-                    ))
-                })?,
-        ),
+        Some(v) => Some(super::body::priority(v).ok_or_else(|| {
+            ApiError::bad_request(format!("invalid priority {v}: a whole number from 0 to 9"))
+        })?),
     };
     if let Some(p) = &b.prefix
         && (p.is_empty() || p.len() > 128)
@@ -191,9 +199,7 @@ pub async fn cancel_bulk(
     State(app): AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let b: BulkBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let b: BulkBody = super::body::parse(body)?;
     let by = b.by.clone().unwrap_or_else(|| DEFAULT_BY.to_owned());
     valid_by(&by).map_err(ApiError::bad_request)?;
     let filter = filter_of(&b)?;
@@ -236,7 +242,7 @@ pub async fn cancel_bulk(
         }))
         .into_response());
     }
-    let results = request(&app, ids, &by).await.map_err(recorded)?;
+    let results = request(&app, ids, &by).await?;
     let mut tally: HashMap<&'static str, usize> = HashMap::new();
     for (_, o) in &results {
         *tally.entry(o.as_str()).or_default() += 1;

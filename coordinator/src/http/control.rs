@@ -119,9 +119,7 @@ pub async fn concurrency(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let value: Value = super::body::parse(body)?;
     let Some(object) = value.as_object() else {
         return Err(ApiError::bad_request(
             "the body must be a JSON object like {\"concurrency\": 4}",

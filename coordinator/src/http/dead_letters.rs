@@ -273,9 +273,7 @@ pub async fn replay(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<dead::Replayed>, ApiError> {
     let stage = Stage::new(stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let req: ReplayBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let req: ReplayBody = super::body::parse(body)?;
     let selection = match (req.ids, req.all) {
         (Some(_), true) => {
             return Err(ApiError::bad_request("give ids or all, not both"));

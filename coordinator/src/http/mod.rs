@@ -35,6 +35,7 @@ mod rate_limits;
 pub mod redact;
 pub mod schedules;
 pub mod server;
+mod write;
 
 use crate::serve::App;
 use crate::serve::link::BrokerLink;

@@ -1,13 +1,15 @@
 //! Stage rate limits over HTTP: `PUT /api/stages/{stage}/rate-limit` with
-//! `{"limit": "50/s"}` (or `null` to lift it), a control route; the limit
-//! and achieved start rate of each stage in `GET /api/stages`; their
-//! gauges before a scrape.
+//! `{"limit": "50/s"}` (or `null` to lift it), a control route; their
+//! gauges before a scrape. (The limit, split and achieved start rate of each
+//! stage are the core's stage view: `GET /api/stages` and the dashboard's
+//! `stages` events.)
 //!
 //! Answers of the PUT: 200 once the core applied the limit; 400 (JSON
 //! `{"error": ...}`) for a bad stage name, an unknown stage, a body that is
 //! not `{"limit": RATE|null}`, or a rate that is 0 or unparsable; 503 when
-//! the broker does not take the event; 504 when it was written but not read
-//! back within 5 s (it applies when it is).
+//! the broker does not take the event; 504 when the broker does not confirm
+//! it within `--broker-timeout`, or it was written but not read back within
+//! 5 s (it applies when it is).
 
 use super::error::ApiError;
 use crate::serve::App;
@@ -17,7 +19,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use guildhall_core::core::scheduling::rate_limits::RateLimitView;
-use guildhall_core::core::views::StagesView;
 use guildhall_proto::{Rate, Stage};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -40,21 +41,23 @@ pub async fn put(
             "unknown stage '{stage}' (a stage is known once a task or an agent named it)"
         )));
     }
-    crate::serve::rate_limits::write(&app, stage.clone(), limit, "api")
-        .await
-        .map_err(|e| ApiError::unavailable(format!("cannot write the rate limit: {e}")))?;
-    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
-    loop {
-        if app.core().stage_rate_limit(&stage) == limit {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the rate limit was written to the events stream but not read back yet: it applies when it is",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let event = crate::serve::rate_limits::event(stage.clone(), limit, "api");
+    super::write::confirmed(
+        &app,
+        app.write_events(vec![event]),
+        "cannot write the rate limit",
+        "the broker did not confirm the rate limit in time: it may or may not apply; look with GET /api/stages",
+    )
+    .await?;
+    if !super::write::applied(&app, APPLY_WAIT, |core| {
+        core.stage_rate_limit(&stage) == limit
+    })
+    .await
+    {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the rate limit was written to the events stream but not read back yet: it applies when it is",
+        ));
     }
     tracing::info!(%stage, limit = ?limit.map(|l| l.to_string()), "stage rate limit set through the API");
     Ok(Json(json!({
@@ -67,8 +70,7 @@ pub async fn put(
 
 /// `{"limit": "50/s"}` or `{"limit": null}`, nothing else.
 fn parse_body(body: &[u8]) -> Result<Option<Rate>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let value: Value = super::body::parse_bytes(body)?;
     let Some(object) = value.as_object() else {
         return Err(ApiError::bad_request(
             "the body must be a JSON object like {\"limit\": \"50/s\"} or {\"limit\": null}",
@@ -94,24 +96,6 @@ fn parse_body(body: &[u8]) -> Result<Option<Rate>, ApiError> {
     }
 }
 
-/// `GET /api/stages` with each stage's `rate_limit` (null when it has none).
-pub fn stages_with_limits(view: StagesView, limits: &[RateLimitView]) -> Value {
-    let mut body = serde_json::to_value(view).unwrap_or_else(|e| json!({ "error": e.to_string() }));
-    if let Some(stages) = body.get_mut("stages").and_then(Value::as_array_mut) {
-        for s in stages {
-            let limit = s
-                .get("name")
-                .and_then(Value::as_str)
-                .and_then(|name| limits.iter().find(|l| l.stage.as_str() == name));
-            s["rate_limit"] = match limit {
-                Some(l) => serde_json::to_value(l).unwrap_or(Value::Null),
-                None => Value::Null,
-            };
-        }
-    }
-    body
-}
-
 /// Sets the rate-limit gauges from `limits` (stages without a limit have
 /// no series).
 pub fn refresh_metrics(app: &App, limits: &[RateLimitView]) {
@@ -131,6 +115,56 @@ pub fn refresh_metrics(app: &App, limits: &[RateLimitView]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::test_support::{Sim, st};
+    use guildhall_proto::{Event, Hello, RateLimitSet, WorkerMode};
+
+    /// The stage view is both `GET /api/stages` and the dashboard's
+    /// `stages` event (sent as this very JSON): each carries every stage's
+    /// limit, `null` for a stage without one.
+    #[test]
+    fn the_stage_view_carries_each_stage_s_limit() {
+        let mut sim = Sim::new();
+        for (agent, stage) in [("a1", "limited"), ("a2", "free")] {
+            let hello = Event::Hello(Box::new(Hello {
+                at_ms: sim.now,
+                version: "v".into(),
+                stage: st(stage),
+                next: None,
+                stages: vec![st(stage)],
+                concurrency: 2,
+                heartbeat_ms: 1000,
+                hostname: "h".into(),
+                pid: 1,
+                mode: WorkerMode::Simulated,
+                supervised: false,
+            }));
+            sim.send(agent, vec![hello]);
+        }
+        let set = Event::RateLimitSet(RateLimitSet {
+            at_ms: sim.now,
+            stage: st("limited"),
+            limit: Some("5/s".parse().expect("a rate")),
+            by: "test".into(),
+        });
+        sim.send("coordinator-1", vec![set]);
+        let body = serde_json::to_value(sim.core.stages_view(sim.now)).expect("serialises");
+        let stage = |name: &str| {
+            body["stages"]
+                .as_array()
+                .expect("stages")
+                .iter()
+                .find(|s| s["name"] == name)
+                .cloned()
+                .expect(name)
+        };
+        let limited = stage("limited");
+        assert_eq!(limited["rate_limit"]["limit"], "5/s", "{limited}");
+        assert_eq!(limited["rate_limit"]["limit_per_second"], 5.0);
+        assert_eq!(limited["rate_limit"]["by"], "test");
+        assert_eq!(limited["rate_limit"]["shares"][0]["agent"], "a1");
+        let free = stage("free");
+        assert_eq!(free.get("rate_limit"), Some(&Value::Null), "{free}");
+    }
 
     #[test]
     fn the_body_is_a_rate_or_null_and_nothing_else() {

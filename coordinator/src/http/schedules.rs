@@ -83,15 +83,11 @@ fn spec_of(body: ScheduleBody) -> Result<(Stage, ScheduleSpec), ApiError> {
     let timezone = body.timezone.unwrap_or_else(|| "UTC".into());
     let priority = match body.priority {
         None => Priority::DEFAULT,
-        Some(v) => v
-            .as_u64()
-            .and_then(|n| u8::try_from(n).ok())
-            .and_then(|n| Priority::new(n).ok())
-            .ok_or_else(|| {
-                bad(format!(
-                    "invalid priority {v}: a priority is a whole number from 0 to 9, higher first"
-                ))
-            })?,
+        Some(v) => super::body::priority(&v).ok_or_else(|| {
+            bad(format!(
+                "invalid priority {v}: a priority is a whole number from 0 to 9, higher first"
+            ))
+        })?,
     };
     let missed = match body.missed {
         None => Missed::default(),
@@ -138,41 +134,20 @@ async fn change(app: &App, name: &Stage, spec: Option<ScheduleSpec>) -> Result<b
         spec,
         by: BY.into(),
     }));
-    let timeout = app.http.config.broker_timeout;
-    let write = async {
-        let (_, publisher) = app
-            .link
-            .get()
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        app.submitter
-            .try_publish_events(&publisher, vec![event])
-            .await
-            .map_err(ApiError::unavailable)
-    };
-    tokio::time::timeout(timeout, write).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "the broker did not confirm the change in time: it may or may not apply; look with GET /api/schedules",
-        )
-    })??;
-    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
-    loop {
-        let applied = {
-            let core = app.core();
-            match core.schedule_spec(name.as_str()) {
-                None => removing,
-                Some((_, changed_at)) => !removing && changed_at >= at_ms,
-            }
-        };
-        if applied {
-            return Ok(true);
+    super::write::confirmed(
+        app,
+        app.write_events(vec![event]),
+        "",
+        "the broker did not confirm the change in time: it may or may not apply; look with GET /api/schedules",
+    )
+    .await?;
+    Ok(super::write::applied(app, APPLY_WAIT, |core| {
+        match core.schedule_spec(name.as_str()) {
+            None => removing,
+            Some((_, changed_at)) => !removing && changed_at >= at_ms,
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await)
 }
 
 fn answer(app: &App, name: &Stage, applied: bool, created: bool) -> Response {
@@ -226,9 +201,7 @@ pub async fn upsert(
     State(app): AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let body: ScheduleBody =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    let body: ScheduleBody = super::body::parse(body)?;
     let (name, spec) = spec_of(body)?;
     let (exists, count) = {
         let core = app.core();

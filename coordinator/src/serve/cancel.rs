@@ -97,23 +97,11 @@ impl Hellos {
     }
 }
 
-/// Why a cancel could not be carried out.
-#[derive(Debug, thiserror::Error)]
-pub enum CancelError {
-    /// The request could not be written to the events stream: nothing was
-    /// cancelled (the caller may retry).
-    #[error("cannot record the cancel on the events stream: {0}")]
-    Record(String),
-}
-
-/// Cancels `ids` for `by`: decides, records, broadcasts. Returns each id's
-/// outcome. A failed broadcast is logged, not an error: the request is
-/// recorded and the relay sends it again.
-pub async fn request(
-    app: &App,
-    ids: Vec<TaskId>,
-    by: &str,
-) -> Result<Vec<(TaskId, CancelOutcome)>, CancelError> {
+/// Decides a cancel of `ids` for `by` (the core's
+/// [`Core::cancel`](guildhall_core::core::Core::cancel)) and counts each
+/// outcome: each id's outcome, and the `TaskCancelRequested` events to
+/// [`record`] before the agents are told ([`tell`]).
+pub fn decide(app: &App, ids: Vec<TaskId>, by: &str) -> (Vec<(TaskId, CancelOutcome)>, Vec<Event>) {
     let at_ms = now_ms();
     let outcomes = app.core().cancel(at_ms, &ids);
     let results: Vec<(TaskId, CancelOutcome)> = ids.into_iter().zip(outcomes).collect();
@@ -134,19 +122,23 @@ pub async fn request(
             })
         })
         .collect();
-    if !events.is_empty() {
-        let (_, publisher) = app
-            .link
-            .get()
-            .await
-            .map_err(|e| CancelError::Record(e.to_string()))?;
-        for chunk in events.chunks(EVENTS_PER_ENVELOPE) {
-            app.submitter
-                .try_publish_events(&publisher, chunk.to_vec())
-                .await
-                .map_err(CancelError::Record)?;
-        }
+    (results, events)
+}
+
+/// Writes the cancel's events to the events stream (confirmed: the stream is
+/// the record), [`EVENTS_PER_ENVELOPE`] to an envelope. On an error nothing
+/// is cancelled (the caller may retry).
+pub async fn record(app: &App, events: Vec<Event>) -> Result<(), String> {
+    for chunk in events.chunks(EVENTS_PER_ENVELOPE) {
+        app.write_events(chunk.to_vec()).await?;
     }
+    Ok(())
+}
+
+/// Tells every agent about the recorded cancels of `results` that are to be
+/// sent. A failed broadcast is logged, not an error: the request is
+/// recorded and the relay sends it again.
+pub async fn tell(app: &App, results: &[(TaskId, CancelOutcome)], by: &str) {
     let send: Vec<TaskId> = results
         .iter()
         .filter(|(_, o)| o.broadcast())
@@ -160,7 +152,6 @@ pub async fn request(
         );
         broadcast(app, CONTROL_KEY_ALL, &send).await;
     }
-    Ok(results)
 }
 
 /// Sends `ids` in `Command::Cancel` batches with routing `key`; failures

@@ -76,32 +76,14 @@ async fn write_fired(app: &App, tick: &Tick, stop: &mut watch::Receiver<bool>) -
         tick_ms: tick.tick_ms,
         task_id: tick.task_id.clone(),
     });
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let written = match app.link.get().await {
-            Ok((_, publisher)) => {
-                app.submitter
-                    .try_publish_events(&publisher, vec![event.clone()])
-                    .await
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        match written {
-            Ok(()) => return true,
-            Err(e) => {
-                tracing::warn!(schedule = %tick.schedule, task = %tick.task_id, "cannot write ScheduleFired, retrying: {e}");
-                app.metrics
-                    .schedule_ticks
-                    .with_label_values(&["retried"])
-                    .inc();
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return false,
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
+    app.write_events_retrying(vec![event], stop, |e| {
+        tracing::warn!(schedule = %tick.schedule, task = %tick.task_id, "cannot write ScheduleFired, retrying: {e}");
+        app.metrics
+            .schedule_ticks
+            .with_label_values(&["retried"])
+            .inc();
+    })
+    .await
 }
 
 /// The AMQP properties of a tick's task.

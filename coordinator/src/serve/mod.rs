@@ -232,7 +232,44 @@ impl App {
     pub fn core(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Writes `events` to the events stream as this coordinator, in one
+    /// envelope, confirmed: the error of the broker link or of the publish.
+    pub async fn write_events(&self, events: Vec<Event>) -> Result<(), String> {
+        let (_, publisher) = self.link.get().await.map_err(|e| e.to_string())?;
+        self.submitter.try_publish_events(&publisher, events).await
+    }
+
+    /// [`App::write_events`], tried again until it is confirmed, waiting
+    /// [`WRITE_BACKOFF_MIN`] after the first failure, doubling up to
+    /// [`WRITE_BACKOFF_MAX`]; `failed` is told each failure. False if
+    /// `stop` flips first.
+    pub async fn write_events_retrying(
+        &self,
+        events: Vec<Event>,
+        stop: &mut watch::Receiver<bool>,
+        mut failed: impl FnMut(&str),
+    ) -> bool {
+        let mut backoff = WRITE_BACKOFF_MIN;
+        loop {
+            match self.write_events(events.clone()).await {
+                Ok(()) => return true,
+                Err(e) => failed(&e),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return false,
+            }
+            backoff = (backoff * 2).min(WRITE_BACKOFF_MAX);
+        }
+    }
 }
+
+/// The first wait of [`App::write_events_retrying`].
+pub const WRITE_BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// The longest wait of [`App::write_events_retrying`].
+pub const WRITE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Runs the coordinator until `shutdown` resolves: serves HTTP on
 /// `listener` (bind it to port 0 in tests).
@@ -588,15 +625,7 @@ async fn write_marker(app: &App, nonce: u64, log: bool) -> bool {
         at_ms: now_ms(),
         nonce,
     });
-    let written = match app.link.get().await {
-        Ok((_, publisher)) => app
-            .submitter
-            .try_publish_events(&publisher, vec![marker])
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    match written {
+    match app.write_events(vec![marker]).await {
         Ok(()) => true,
         Err(e) => {
             if log {

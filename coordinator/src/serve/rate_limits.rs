@@ -11,7 +11,6 @@ use guildhall_broker::now_ms;
 use guildhall_proto::{AgentId, Command, Event, Rate, RateLimitSet, Stage};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::watch;
 
 /// Parses one `--rate-limit STAGE=RATE` flag value.
@@ -66,19 +65,15 @@ async fn send_shares(
     }
 }
 
-/// Writes a `RateLimitSet` event for `stage` to the events stream (the
-/// core applies it when it reads it back).
-pub async fn write(app: &App, stage: Stage, limit: Option<Rate>, by: &str) -> Result<(), String> {
-    let event = Event::RateLimitSet(RateLimitSet {
+/// The `RateLimitSet` event that sets `stage`'s limit (the core applies it
+/// when it reads it back from the events stream).
+pub fn event(stage: Stage, limit: Option<Rate>, by: &str) -> Event {
+    Event::RateLimitSet(RateLimitSet {
         at_ms: now_ms(),
         stage,
         limit,
         by: by.chars().take(100).collect(),
-    });
-    let (_, publisher) = app.link.get().await.map_err(|e| e.to_string())?;
-    app.submitter
-        .try_publish_events(&publisher, vec![event])
-        .await
+    })
 }
 
 /// Writes the `--rate-limit` flags' limits, retrying until the broker
@@ -89,19 +84,19 @@ pub async fn write_flags(
     mut stop: watch::Receiver<bool>,
 ) {
     for (stage, rate) in limits {
-        loop {
-            match write(&app, stage.clone(), Some(rate), "--rate-limit").await {
-                Ok(()) => {
-                    tracing::info!(%stage, %rate, "stage rate limit set (--rate-limit)");
-                    break;
-                }
-                Err(e) => tracing::warn!(%stage, "cannot write the stage's rate limit yet: {e}"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => return,
-            }
+        let written = app
+            .write_events_retrying(
+                vec![event(stage.clone(), Some(rate), "--rate-limit")],
+                &mut stop,
+                |e| {
+                    tracing::warn!(%stage, "cannot write the stage's rate limit yet: {e}");
+                },
+            )
+            .await;
+        if !written {
+            return;
         }
+        tracing::info!(%stage, %rate, "stage rate limit set (--rate-limit)");
     }
 }
 

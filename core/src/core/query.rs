@@ -133,6 +133,11 @@ impl Core {
             c.alive += usize::from(w.is_alive());
             *c.by_status.entry(w.status()).or_default() += 1;
         }
+        let mut limits: BTreeMap<Stage, _> = self
+            .rate_limits_view(now_ms)
+            .into_iter()
+            .map(|l| (l.stage.clone(), l))
+            .collect();
         let stages = self
             .stages
             .iter()
@@ -176,6 +181,7 @@ impl Core {
                     bands: self.band_views(name, s, &queues, now_ms),
                     scheduled: queues.scheduled(name),
                     next_due_at_ms: queues.next_due(name),
+                    rate_limit: limits.remove(name),
                 }
             })
             .collect();

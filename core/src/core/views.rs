@@ -2,6 +2,7 @@
 //! state at one instant. Times are ms since the Unix epoch; `*_ago_ms` and
 //! `*_in_ms` are relative to the moment the view was built.
 
+use crate::core::scheduling::rate_limits::RateLimitView;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -190,6 +191,8 @@ pub struct StageView {
     pub scheduled: usize,
     /// When the next of them falls due.
     pub next_due_at_ms: Option<u64>,
+    /// The stage's rate limit with its split (`null` when it has none).
+    pub rate_limit: Option<RateLimitView>,
 }
 
 /// One priority band of a stage.
