@@ -66,6 +66,19 @@ pub enum Event {
     ScheduleFired(ScheduleFired),
     /// A stage's rate limit was set or lifted. Written by the coordinator.
     RateLimitSet(RateLimitSet),
+    /// A task waits for other tasks before it is published (issue 19):
+    /// written, payload included, by whoever accepted it.
+    TaskHeld(Box<TaskHeld>),
+    /// A worker's success produced children instead of one result; they
+    /// are published. Sent by the agent before the stage's `TaskSucceeded`.
+    TaskFannedOut(TaskFannedOut),
+    /// A child's last stage succeeded: its result, for its parent's join.
+    /// Sent by the agent before that stage's `TaskSucceeded`.
+    TaskResult(Box<TaskResult>),
+    /// A held task (a dependent, or a parent at its join) was published to
+    /// its stage, or dead-lettered there. Written by the coordinator after
+    /// the broker confirmed it.
+    TaskReleased(TaskReleased),
 }
 
 impl Event {
@@ -84,6 +97,10 @@ impl Event {
             Event::TaskCancelRequested(e) => Some(&e.task_id),
             Event::TaskCancelled(e) => Some(&e.task_id),
             Event::ScheduleFired(e) => Some(&e.task_id),
+            Event::TaskHeld(e) => Some(&e.task_id),
+            Event::TaskFannedOut(e) => Some(&e.task_id),
+            Event::TaskResult(e) => Some(&e.task_id),
+            Event::TaskReleased(e) => Some(&e.task_id),
             Event::ScheduleChanged(_) | Event::RateLimitSet(_) => None,
             Event::Hello(_)
             | Event::Heartbeat(_)
@@ -96,7 +113,7 @@ impl Event {
     }
 
     /// Every [`kind`](Self::kind), indexed by [`kind_index`](Self::kind_index).
-    pub const KINDS: [&'static str; 21] = [
+    pub const KINDS: [&'static str; 25] = [
         "hello",
         "heartbeat",
         "task_submitted",
@@ -118,6 +135,10 @@ impl Event {
         "schedule_changed",
         "schedule_fired",
         "rate_limit_set",
+        "task_held",
+        "task_fanned_out",
+        "task_result",
+        "task_released",
     ];
 
     /// A short, stable name for logs and metric labels.
@@ -150,6 +171,10 @@ impl Event {
             Event::ScheduleChanged(_) => 18,
             Event::ScheduleFired(_) => 19,
             Event::RateLimitSet(_) => 20,
+            Event::TaskHeld(_) => 21,
+            Event::TaskFannedOut(_) => 22,
+            Event::TaskResult(_) => 23,
+            Event::TaskReleased(_) => 24,
         }
     }
 }
@@ -644,6 +669,46 @@ pub struct ScheduleSpec {
 /// every change of the schedule).
 pub const MAX_SCHEDULE_PAYLOAD: usize = 256 * 1024;
 
+/// `deserialize_with` for a held task's payload: at most
+/// [`MAX_HELD_PAYLOAD`](crate::flow::MAX_HELD_PAYLOAD) bytes.
+fn held_payload<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    serde_bytes_bounded::at_most(d, crate::flow::MAX_HELD_PAYLOAD)
+}
+
+/// `deserialize_with` for a child's result: at most
+/// [`MAX_INLINE_RESULT`](crate::flow::MAX_INLINE_RESULT) bytes.
+fn inline_result<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<Vec<u8>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("optional bytes")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            serde_bytes_bounded::at_most(d, crate::flow::MAX_INLINE_RESULT).map(Some)
+        }
+    }
+    d.deserialize_option(V)
+}
+
+fn opt_bytes<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(b) => s.serialize_some(&Bytes(b)),
+        None => s.serialize_none(),
+    }
+}
+
+struct Bytes<'a>(&'a [u8]);
+
+impl Serialize for Bytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
 mod serde_bytes_bounded {
     use serde::{Deserializer, Serializer};
 
@@ -652,20 +717,26 @@ mod serde_bytes_bounded {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
+        at_most(d, super::MAX_SCHEDULE_PAYLOAD)
+    }
+
+    /// Bytes of at most `max` (the input is borrowed, so a longer value is
+    /// refused before anything is copied).
+    pub fn at_most<'de, D: Deserializer<'de>>(d: D, max: usize) -> Result<Vec<u8>, D::Error> {
+        struct V(usize);
         impl serde::de::Visitor<'_> for V {
             type Value = Vec<u8>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("bytes")
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                if v.len() > super::MAX_SCHEDULE_PAYLOAD {
-                    return Err(E::custom("schedule payload too large"));
+                if v.len() > self.0 {
+                    return Err(E::custom("payload too large"));
                 }
                 Ok(v.to_vec())
             }
         }
-        d.deserialize_bytes(V)
+        d.deserialize_bytes(V(max))
     }
 }
 
@@ -709,4 +780,101 @@ pub struct RateLimitSet {
     /// Who set it.
     #[serde(deserialize_with = "crate::bounded::name")]
     pub by: String,
+}
+
+/// See [`Event::TaskHeld`]. The stream is where a held task waits: a
+/// coordinator that restarts without a snapshot finds it again by replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskHeld {
+    /// When it was accepted.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage it is published to once released.
+    pub stage: Stage,
+    /// Its priority there.
+    pub priority: Priority,
+    /// The tasks it waits for (at most [`MAX_AFTER`](crate::flow::MAX_AFTER)
+    /// are kept).
+    #[serde(deserialize_with = "crate::bounded::short_vec")]
+    pub after: Vec<TaskId>,
+    /// What it does when one of them is dead-lettered or cancelled.
+    pub on_dependency_failure: crate::flow::DependencyPolicy,
+    /// Its payload, at most [`MAX_HELD_PAYLOAD`](crate::flow::MAX_HELD_PAYLOAD).
+    #[serde(
+        serialize_with = "serde_bytes_bounded::serialize",
+        deserialize_with = "held_payload"
+    )]
+    pub payload: Vec<u8>,
+}
+
+/// See [`Event::TaskFannedOut`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFannedOut {
+    /// When the children were confirmed.
+    pub at_ms: u64,
+    /// The parent.
+    pub task_id: TaskId,
+    /// The stage whose worker fanned out.
+    pub stage: Stage,
+    /// That stage's attempt.
+    pub attempt: u32,
+    /// How many children: `<task_id>:0` to `<task_id>:<children - 1>`.
+    pub children: u32,
+    /// Where the parent continues once every child finished; `None`: the
+    /// parent is finished when its children are.
+    pub join: Option<Stage>,
+    /// What a dead-lettered or cancelled child does to the join.
+    pub on_child_failure: crate::flow::ChildPolicy,
+    /// The parent's priority (its children and its join keep it).
+    pub priority: Priority,
+}
+
+/// See [`Event::TaskResult`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// When the stage succeeded.
+    pub at_ms: u64,
+    /// The child.
+    pub task_id: TaskId,
+    /// Its parent (the `x-guildhall-parent` header it carried).
+    pub parent: TaskId,
+    /// The child's last stage.
+    pub stage: Stage,
+    /// That stage's attempt.
+    pub attempt: u32,
+    /// The result, if at most
+    /// [`MAX_INLINE_RESULT`](crate::flow::MAX_INLINE_RESULT) bytes.
+    #[serde(serialize_with = "opt_bytes", deserialize_with = "inline_result")]
+    pub result: Option<Vec<u8>>,
+    /// The result's size, also when it is not carried.
+    pub result_bytes: u64,
+}
+
+/// What became of a released task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReleaseOutcome {
+    /// Published to its stage.
+    Published,
+    /// Published to its stage's dead-letter queue, for this reason.
+    DeadLettered {
+        /// Why (a dependency or child failed, a cycle, an unknown dependency...).
+        #[serde(deserialize_with = "crate::bounded::text")]
+        error: String,
+    },
+}
+
+/// See [`Event::TaskReleased`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReleased {
+    /// When the publish was confirmed.
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// The stage it was published to (or dead-lettered at).
+    pub stage: Stage,
+    /// Why it had been held.
+    pub reason: crate::flow::HoldReason,
+    /// What became of it.
+    pub outcome: ReleaseOutcome,
 }

@@ -35,6 +35,19 @@ pub mod amqp {
     pub const DUE_AT: &str = "x-guildhall-due-at";
     /// On a task fired by a cron schedule: the schedule's name.
     pub const SCHEDULE: &str = "x-guildhall-schedule";
+    /// From a producer: hold the task until these tasks have finished
+    /// (task ids separated by commas). The agent sorting the stage's intake
+    /// hands it to the coordinator (`TaskHeld`), which publishes it then.
+    pub const AFTER: &str = "x-guildhall-after";
+    /// With [`AFTER`]: `fail` (the default: a dead-lettered or cancelled
+    /// dependency dead-letters this task too) or `run` (run anyway).
+    pub const ON_DEPENDENCY_FAILURE: &str = "x-guildhall-on-dependency-failure";
+    /// On a child task (and its messages at every later stage): its
+    /// parent's id. Its last stage reports its result for the parent's join.
+    pub const PARENT: &str = "x-guildhall-parent";
+    /// On a parent published to its join stage: it has fanned out once and
+    /// may not again (its children's ids would repeat).
+    pub const JOINED: &str = "x-guildhall-joined";
 }
 
 /// HTTP headers between an agent and an HTTP worker.
@@ -58,7 +71,32 @@ pub mod http {
     /// Request: the task's priority, 0-9. Response: the priority the result
     /// gets at the next stage (the task's own is kept without it).
     pub const PRIORITY: &str = "x-guildhall-priority";
+    /// Request: on a child task, its parent's id.
+    pub const PARENT: &str = "x-guildhall-parent";
+    /// Response: `ndjson`: the body (`Content-Type: application/x-ndjson`)
+    /// is one child task per line, not a result (see [`super::FAN_OUT_LINE`]).
+    pub const FAN_OUT: &str = "x-guildhall-fan-out";
+    /// Response (with [`FAN_OUT`]): the stage where the parent continues
+    /// once every child has finished, with their results; `-` for none.
+    /// Without it, the agent's `--join` (or none).
+    pub const JOIN: &str = "x-guildhall-join";
+    /// Response (with [`FAN_OUT`]): `fail` (the default) or `continue`.
+    pub const ON_CHILD_FAILURE: &str = "x-guildhall-on-child-failure";
 }
+
+/// The value of [`http::FAN_OUT`], and the content type its body has.
+pub const FAN_OUT_NDJSON: &str = "ndjson";
+
+/// The content type of a fan-out body, and of nothing else.
+pub const NDJSON_CONTENT_TYPE: &str = "application/x-ndjson";
+
+/// An exec worker fans out by printing this as the first line of its
+/// stdout, optionally followed by ` join=STAGE` and
+/// ` on-child-failure=fail|continue`; each later line is a child, as in an
+/// HTTP worker's ndjson body: a JSON object with `payload` (any JSON value;
+/// a string is taken as the payload's text, anything else as its JSON) or
+/// `payload_base64`, and optionally `stage`.
+pub const FAN_OUT_LINE: &str = "#guildhall-fan-out";
 
 /// Environment of an exec worker process (one per task).
 pub mod env {
@@ -74,6 +112,8 @@ pub mod env {
     pub const TRACEPARENT: &str = "TRACEPARENT";
     /// The task's priority, 0-9.
     pub const PRIORITY: &str = "GUILDHALL_PRIORITY";
+    /// On a child task, its parent's id.
+    pub const PARENT: &str = "GUILDHALL_PARENT";
 }
 
 /// The value of [`http::NEXT_STAGE`] that ends the pipeline.

@@ -16,12 +16,14 @@
 //!   variables of the worker hand-off.
 //! - [`schedule`]: priorities and their bands, the delay ladder's
 //!   arithmetic, rate limits, the missed-tick policy of cron schedules.
+//! - [`flow`]: dependencies, fan-out and joins: policies, limits, child ids.
 //! - [`trace`]: W3C `traceparent` values carried from stage to stage.
 
 mod bounded;
 pub mod command;
 pub mod envelope;
 pub mod event;
+pub mod flow;
 pub mod headers;
 pub mod ids;
 pub mod names;

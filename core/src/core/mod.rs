@@ -1211,6 +1211,11 @@ impl Core {
             Event::ScheduleChanged(e) => self.apply_schedule_changed(now_ms, sender, *e),
             Event::ScheduleFired(e) => self.apply_schedule_fired(now_ms, sender, e),
             Event::RateLimitSet(e) => self.apply_rate_limit_set(now_ms, sender, e),
+            // Flows (issue 19): applied by `flows`, not yet wired.
+            Event::TaskHeld(_)
+            | Event::TaskFannedOut(_)
+            | Event::TaskResult(_)
+            | Event::TaskReleased(_) => {}
             Event::Marker(m) => {
                 if self.config.marker_nonce == Some(m.nonce) {
                     // This coordinator's own marker: at start-up it ends the

@@ -127,14 +127,33 @@ pub fn clamp_times(event: &mut Event, now_ms: u64) -> u32 {
             }
         }
         Event::TaskCancelled(e) => r.required(&mut e.at_ms, &mut n),
+        Event::TaskHeld(e) => {
+            r.required(&mut e.at_ms, &mut n);
+            clamp_priority(&mut e.priority, &mut n);
+        }
+        Event::TaskFannedOut(e) => {
+            r.required(&mut e.at_ms, &mut n);
+            clamp_priority(&mut e.priority, &mut n);
+        }
+        Event::TaskResult(e) => r.required(&mut e.at_ms, &mut n),
         // The coordinator's own: its time is read as written.
         Event::TaskCancelRequested(_)
         | Event::ScheduleChanged(_)
         | Event::ScheduleFired(_)
         | Event::RateLimitSet(_)
+        | Event::TaskReleased(_)
         | Event::Marker(_) => {}
     }
     n
+}
+
+/// A priority is 0-9; a forged byte past 9 counts as 9.
+fn clamp_priority(p: &mut guildhall_proto::Priority, n: &mut u32) {
+    if p.get() > guildhall_proto::schedule::MAX_PRIORITY {
+        *p = guildhall_proto::Priority::new(guildhall_proto::schedule::MAX_PRIORITY)
+            .unwrap_or_default();
+        *n += 1;
+    }
 }
 
 #[cfg(test)]
