@@ -197,6 +197,16 @@ pub struct Metrics {
     pub scale_actions: IntCounterVec,
     /// `guildhall_worker_moves_total{from,to}`: agents moved between stages.
     pub worker_moves: IntCounterVec,
+    /// `guildhall_held_tasks{reason}`: tasks the coordinator holds, waiting
+    /// for their dependencies (`dependency`) or children (`join`) (issue 19).
+    pub held_tasks: IntGaugeVec,
+    /// `guildhall_flow_releases_total{reason,outcome}`: held tasks and joins
+    /// the coordinator published (`published`) or dead-lettered
+    /// (`dead_lettered`).
+    pub flow_releases: IntCounterVec,
+    /// `guildhall_join_wait_seconds`: a fan-out to its join's decision (the
+    /// last child's end).
+    pub join_wait: Histogram,
     /// `guildhall_coordinator_caught_up`: 1 once the stream's backlog is replayed.
     pub caught_up: IntGauge,
     /// `guildhall_tasks_tracked{state}`: task records held (in_flight / completed).
@@ -219,7 +229,7 @@ pub struct Metrics {
 
 /// Every `reason` of `guildhall_events_malformed_total`: the decoder's
 /// (`DecodeError::reason`) and the core's own.
-pub const MALFORMED_REASONS: [&str; 12] = [
+pub const MALFORMED_REASONS: [&str; 13] = [
     "malformed",
     "version",
     "oversized",
@@ -240,6 +250,10 @@ pub const MALFORMED_REASONS: [&str; 12] = [
     "schedule_refused",
     // A rate limit (RateLimitSet) not from a coordinator.
     "forged_control",
+    // A flow event that contradicts what the core knows (a held task
+    // reusing a known id, a child result for another parent, a fan-out
+    // over the limits).
+    "flow_refused",
 ];
 
 /// The one counter a snapshot does not carry: it counts this process's writes.
@@ -331,6 +345,16 @@ impl Metrics {
         )
         .expect("valid metric definition");
         r.register(Box::new(pipeline_duration.clone()))
+            .expect("metric registered once");
+        let join_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "guildhall_join_wait_seconds",
+                "Time from a fan-out to its join's decision (the last child's end).",
+            )
+            .buckets(PIPELINE_BUCKETS.to_vec()),
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(join_wait.clone()))
             .expect("metric registered once");
         let event_lag = Histogram::with_opts(
             HistogramOpts::new(
@@ -613,6 +637,19 @@ impl Metrics {
                 "Agents moved from one stage to another by rebalancing.",
                 &["from", "to"],
             ),
+            held_tasks: gauge_vec(
+                &r,
+                "guildhall_held_tasks",
+                "Tasks the coordinator holds: waiting for their dependencies (dependency) or for their children to join (join).",
+                &["reason"],
+            ),
+            flow_releases: counter_vec(
+                &r,
+                "guildhall_flow_releases_total",
+                "Held tasks (dependency) and joins (join) the coordinator published to their stage (published) or to its dead-letter queue (dead_lettered).",
+                &["reason", "outcome"],
+            ),
+            join_wait,
             alerts: counter_vec(
                 &r,
                 "guildhall_alerts_total",
@@ -659,6 +696,14 @@ impl Metrics {
         for field in ["time", "heartbeat_interval"] {
             metrics.events_clamped.with_label_values(&[field]);
         }
+        for reason in guildhall_proto::flow::HoldReason::ALL {
+            metrics.held_tasks.with_label_values(&[reason.as_str()]);
+            for outcome in ["published", "dead_lettered"] {
+                metrics
+                    .flow_releases
+                    .with_label_values(&[reason.as_str(), outcome]);
+            }
+        }
         for (family, outcomes) in [
             (&metrics.alerts, &["sent", "failed", "dropped"][..]),
             (
@@ -681,7 +726,7 @@ impl Metrics {
 
     /// The handle of every counter a snapshot carries, to restore them: all
     /// but `snapshot_writes` (a test checks that none is missing).
-    fn saved_counters(&self) -> [CounterHandle<'_>; 22] {
+    fn saved_counters(&self) -> [CounterHandle<'_>; 23] {
         use CounterHandle::{Family, One};
         [
             Family(&self.tasks),
@@ -704,6 +749,7 @@ impl Metrics {
             Family(&self.schedule_ticks),
             Family(&self.scale_actions),
             Family(&self.worker_moves),
+            Family(&self.flow_releases),
             Family(&self.alerts),
             Family(&self.http_connections_closed),
         ]

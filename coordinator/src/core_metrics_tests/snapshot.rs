@@ -359,6 +359,25 @@ fn small() -> Vec<u8> {
         failed(&f, "T", "a", 1),
     ];
     f.send("w", ev);
+    // A held task and a join with one child's result (format 7).
+    let flows = vec![
+        f.held(
+            "H",
+            "a",
+            &["T"],
+            guildhall_proto::flow::DependencyPolicy::Fail,
+            b"p",
+        ),
+        f.fanned_out(
+            "T",
+            "a",
+            2,
+            Some("a"),
+            guildhall_proto::flow::ChildPolicy::Fail,
+        ),
+        f.result("T:0", "T", "a", b"r"),
+    ];
+    f.send("coordinator-x", flows);
     f.core.encode_snapshot(&ns(), f.now).unwrap()
 }
 
@@ -446,7 +465,7 @@ fn the_body_layout_is_pinned() {
     let (_, body) = postcard::take_from_bytes::<SnapshotHeader>(payload(&good)).unwrap();
     assert_eq!(
         (body.len(), crc32fast::hash(body)),
-        (3009, 857713195),
+        (3250, 1161412887),
         "the layout of a saved type changed: bump FORMAT_VERSION in core/src/core/snapshot.rs, then update this test"
     );
 }

@@ -156,6 +156,20 @@ impl Telemetry for PromTelemetry {
                 counter.inc_by(by);
             }
             Count::StaleResult { stage } => self.stage(stage).stale.inc_by(by),
+            Count::FlowReleased {
+                reason,
+                dead_lettered,
+            } => m
+                .flow_releases
+                .with_label_values(&[
+                    reason.as_str(),
+                    if dead_lettered {
+                        "dead_lettered"
+                    } else {
+                        "published"
+                    },
+                ])
+                .inc_by(by),
         }
     }
 
@@ -183,6 +197,9 @@ impl Telemetry for PromTelemetry {
         }
         for &v in &c.event_lag_s {
             m.event_lag.observe(v);
+        }
+        for &v in &c.join_wait_s {
+            m.join_wait.observe(v);
         }
     }
 
@@ -235,6 +252,7 @@ impl Telemetry for PromTelemetry {
                 .stage_band_wait_seconds
                 .with_label_values(&[stage, priority, quantile])
                 .set(seconds),
+            Gauge::HeldTasks { reason, n } => m.held_tasks.with_label_values(&[reason]).set(n),
             Gauge::ForecastArrivalRate { stage, bound, rate } => m
                 .stage_forecast_arrival_rate
                 .with_label_values(&[stage, bound])

@@ -320,7 +320,9 @@ fn left_ms(
         TaskStatus::Succeeded
         | TaskStatus::DeadLettered
         | TaskStatus::Scheduled
-        | TaskStatus::Cancelled => return None,
+        | TaskStatus::Cancelled
+        | TaskStatus::Held
+        | TaskStatus::Waiting => return None,
     };
     let mut next = here.next.clone();
     for _ in 0..MAX_ETA_STAGES {
@@ -337,6 +339,37 @@ fn left_ms(
         next = t.next.clone();
     }
     None // a cycle, or a chain longer than any real pipeline
+}
+
+/// The time a task entering `stage`'s queue now would take to finish its
+/// pipeline (the stage's expected wait and service, then each later
+/// stage's), with its range: a held task's or a join's own part of a
+/// flow's ETA (issue 19). `None` if a stage on the way is unknown or not
+/// served.
+pub fn path_from(stage: &Stage, timings: &BTreeMap<Stage, StageTiming>) -> Option<Eta> {
+    let est = |which: Which| -> Option<f64> {
+        let mut left = 0.0;
+        let mut next = Some(stage.clone());
+        for _ in 0..MAX_ETA_STAGES {
+            let Some(stage) = next else {
+                return Some(left);
+            };
+            let t = timings.get(&stage)?;
+            if t.servers == 0 {
+                return None;
+            }
+            let s = t.service.pick(which);
+            left += t.wait_ms * s / t.service.mean.max(1e-9) + s;
+            next = t.next.clone();
+        }
+        None
+    };
+    let (low, mean, high) = (est(Which::Low)?, est(Which::Mean)?, est(Which::High)?);
+    Some(Eta {
+        in_ms: mean.round() as u64,
+        low_in_ms: low.min(mean).round() as u64,
+        high_in_ms: high.max(mean).round() as u64,
+    })
 }
 
 #[cfg(test)]

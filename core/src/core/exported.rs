@@ -133,6 +133,12 @@ impl Core {
             state: "completed",
             n: self.tasks.finished() as i64,
         });
+        for (reason, n) in self.flows.held_counts() {
+            t.set(Gauge::HeldTasks {
+                reason: reason.as_str(),
+                n: n as i64,
+            });
+        }
     }
 
     /// The per-worker series (empty when they are off), by worker id,

@@ -63,6 +63,7 @@
 pub mod errors;
 pub mod eta;
 pub mod exported;
+pub mod flows;
 pub mod plan;
 pub mod query;
 pub mod records;
@@ -341,6 +342,8 @@ pub struct Core {
     errors: ErrorTracker,
     /// Priorities, due times, cancels, cron schedules, rate limits.
     scheduling: scheduling::Scheduling,
+    /// Held tasks and joins (issue 19).
+    flows: flows::Flows,
     /// `DeliveryRejected` events logged so far (the log is rate-limited).
     rejected_logged: u64,
     /// Whether the runtime's stream consumer is connected (it says so with
@@ -368,6 +371,7 @@ impl Core {
             moves: VecDeque::new(),
             errors: ErrorTracker::new(config.max_error_classes_per_stage, config.max_stages),
             scheduling: scheduling::Scheduling::default(),
+            flows: flows::Flows::default(),
             tasks: TaskStore::new(config.completed_limit, config.completed_max_age_ms),
             config,
             hot: FleetCounts::default(),
@@ -929,6 +933,9 @@ impl Core {
                     e.redelivered,
                 );
                 self.scheduling.rate_limits.started(&e.stage, e.at_ms);
+                if !self.flows.is_empty() {
+                    self.flow_started(&e.task_id, &e.stage);
+                }
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     let band = guildhall_proto::schedule::Priority::new(started.priority)
                         .unwrap_or_default()
@@ -994,12 +1001,21 @@ impl Core {
                 {
                     self.record_arrival(now_ms, next, e.at_ms);
                 }
-                if done.finished {
+                if done.finished && self.flows.is_waiting_parent(e.task_id.as_str()) {
+                    // Fanned out (its `TaskFannedOut` came first): the
+                    // parent waits for its children.
+                    self.tasks.waiting(&e.task_id, e.at_ms);
+                } else if done.finished {
                     self.settle_cancel_finished(&e.task_id, e.at_ms);
                     self.hot.tasks_completed += 1;
                     if let Some(ms) = done.pipeline_ms {
                         self.hot.pipeline_s.push(ms as f64 / 1000.0);
                     }
+                    let end = flows::End::Succeeded {
+                        result: None,
+                        bytes: 0,
+                    };
+                    self.flow_task_ended(&e.task_id, end, e.at_ms);
                 }
             }
             Event::TaskFailed(mut e) => {
@@ -1066,6 +1082,11 @@ impl Core {
                     return;
                 }
                 self.settle_cancel_finished(&e.task_id, e.at_ms);
+                let end = flows::End::Failed {
+                    status: tasks::TaskStatus::DeadLettered,
+                    error: format!("dead-lettered at {}: {}", e.stage, e.error),
+                };
+                self.flow_task_ended(&e.task_id, end, e.at_ms);
                 if let Some(s) = self.stages.get_mut(&e.stage) {
                     s.dead_lettered += 1;
                     self.telemetry.count(
@@ -1211,11 +1232,11 @@ impl Core {
             Event::ScheduleChanged(e) => self.apply_schedule_changed(now_ms, sender, *e),
             Event::ScheduleFired(e) => self.apply_schedule_fired(now_ms, sender, e),
             Event::RateLimitSet(e) => self.apply_rate_limit_set(now_ms, sender, e),
-            // Flows (issue 19): applied by `flows`, not yet wired.
-            Event::TaskHeld(_)
-            | Event::TaskFannedOut(_)
-            | Event::TaskResult(_)
-            | Event::TaskReleased(_) => {}
+            // Flows (issue 19): applied in `flows`.
+            Event::TaskHeld(e) => self.apply_task_held(now_ms, *e),
+            Event::TaskFannedOut(e) => self.apply_task_fanned_out(now_ms, e),
+            Event::TaskResult(e) => self.apply_task_result(*e),
+            Event::TaskReleased(e) => self.apply_task_released(now_ms, sender, e),
             Event::Marker(m) => {
                 if self.config.marker_nonce == Some(m.nonce) {
                     // This coordinator's own marker: at start-up it ends the
@@ -1336,6 +1357,7 @@ impl Core {
         if self.caught_up {
             self.fire_due_ticks(now_ms);
         }
+        self.flow_deadlines(now_ms);
         let housekeeping = now_ms >= self.next_housekeeping_ms;
         if housekeeping {
             self.housekeeping(now_ms);
@@ -1478,6 +1500,9 @@ impl Core {
             && let Some(tick) = self.schedules_next_due()
         {
             next = next.min(tick);
+        }
+        if let Some(t) = self.flows.next_deadline() {
+            next = next.min(t);
         }
         Some(match liveness {
             Some(d) => d.min(next),

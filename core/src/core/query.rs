@@ -242,8 +242,12 @@ impl Core {
             self.tasks.iter().filter(|r| r.stage() == task.stage()),
             now_ms,
         );
-        let eta = eta::eta(task, &timings, &queues, now_ms);
+        let mut eta = eta::eta(task, &timings, &queues, now_ms);
         let rec = task.to_record();
+        let flow = self.task_flow_view(&rec.id, now_ms);
+        if matches!(task.status(), TaskStatus::Held | TaskStatus::Waiting) {
+            eta = self.flow_eta(&rec.id, &self.eta_inputs(now_ms), now_ms);
+        }
         let scheduled = task.is_scheduled(now_ms);
         let current = task.current_row().map(|r| (r.attempt(), r.queued_at_ms()));
         Some(TaskView {
@@ -308,6 +312,7 @@ impl Core {
                 })
                 .collect(),
             cancel: self.cancel_view(id),
+            flow,
         })
     }
 

@@ -64,7 +64,7 @@ use std::collections::{BTreeMap, HashMap};
 /// The first bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"GHSNAP\r\n";
 /// The layout of the payload. Bump it with any change to a saved type.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// Magic, format version, payload length.
 const PREFIX_LEN: usize = 8 + 4 + 8;
 /// The trailing checksum.
@@ -107,6 +107,9 @@ struct CoreState<'a> {
     errors: Cow<'a, ErrorTracker>,
     /// Cancels, cron schedules, rate limits (format 6).
     scheduling: Cow<'a, Scheduling>,
+    /// Held tasks with their payloads, joins with their children's
+    /// results (format 7).
+    flows: Cow<'a, super::flows::Flows>,
 }
 
 /// The tasks as saved: a map of id to [`TaskRecord`]. Written from the live
@@ -287,6 +290,7 @@ impl Core {
             planner: Cow::Borrowed(&self.planner),
             errors: Cow::Borrowed(&self.errors),
             scheduling: Cow::Borrowed(&self.scheduling),
+            flows: Cow::Borrowed(&self.flows),
         };
         let mut out = Vec::with_capacity(64 * 1024);
         out.extend_from_slice(&MAGIC);
@@ -320,6 +324,7 @@ impl Core {
             planner,
             errors,
             scheduling,
+            flows,
         } = snapshot.state;
         // Per-worker counters are not in the registry: they go back to
         // their workers (once those are restored, below).
@@ -361,6 +366,8 @@ impl Core {
         }
         core.stats = stats.into_owned();
         core.scheduling = scheduling.into_owned();
+        core.flows = flows.into_owned();
+        core.flows.rebuild();
         core.errors = errors.into_owned().with_limits(
             core.config.max_error_classes_per_stage,
             core.config.max_stages,

@@ -49,11 +49,17 @@ pub enum TaskStatus {
     /// Cancelled: an agent dropped it before it started or stopped it
     /// while it ran (issue 18); final, never retried.
     Cancelled,
+    /// Held by the coordinator until the tasks it runs after have finished
+    /// (issue 19): not in any queue yet.
+    Held,
+    /// Fanned out: waiting for its children to finish, to continue at its
+    /// join stage or to finish with them (issue 19).
+    Waiting,
 }
 
 impl TaskStatus {
     /// Every status, for parsing and listing.
-    pub const ALL: [TaskStatus; 7] = [
+    pub const ALL: [TaskStatus; 9] = [
         TaskStatus::Queued,
         TaskStatus::Running,
         TaskStatus::Retrying,
@@ -61,6 +67,8 @@ impl TaskStatus {
         TaskStatus::DeadLettered,
         TaskStatus::Scheduled,
         TaskStatus::Cancelled,
+        TaskStatus::Held,
+        TaskStatus::Waiting,
     ];
 
     /// Lower-case name used in the API.
@@ -73,6 +81,8 @@ impl TaskStatus {
             TaskStatus::DeadLettered => "dead_lettered",
             TaskStatus::Scheduled => "scheduled",
             TaskStatus::Cancelled => "cancelled",
+            TaskStatus::Held => "held",
+            TaskStatus::Waiting => "waiting",
         }
     }
 
@@ -835,6 +845,50 @@ impl TaskStore {
             rec.set_status(slot, retention, TaskStatus::Queued, stage, at_ms);
             true
         })
+    }
+
+    /// A `TaskHeld`: the coordinator holds the task for `stage` until its
+    /// dependencies finish. `false` (and nothing changes) if the id is
+    /// already known: a task id names one task.
+    pub fn held(&mut self, id: &TaskId, stage: &Stage, at_ms: u64, priority: u8) -> bool {
+        if self.find(id.as_str()).is_some() {
+            return false;
+        }
+        let stage = self.stages.intern(stage);
+        self.update(id, stage, at_ms, |rec, slot, retention| {
+            rec.submitted = Ms48::new(Some(at_ms));
+            rec.priority = priority.min(guildhall_proto::schedule::MAX_PRIORITY);
+            rec.set_status(slot, retention, TaskStatus::Held, stage, at_ms);
+            true
+        })
+    }
+
+    /// A `TaskFannedOut`: the task waits for its children (its stage
+    /// attempt is over). Also undoes a `Succeeded` the same batch's
+    /// `TaskSucceeded` set a moment before.
+    pub fn waiting(&mut self, id: &TaskId, at_ms: u64) {
+        let Some(stage) = self.get_ref(id.as_str()).map(|t| t.stage().clone()) else {
+            return;
+        };
+        let stage = self.stages.intern(&stage);
+        self.update(id, stage, at_ms, |rec, slot, retention| {
+            if matches!(rec.status, TaskStatus::Succeeded | TaskStatus::Running) {
+                rec.set_status(slot, retention, TaskStatus::Waiting, stage, at_ms);
+            }
+        });
+    }
+
+    /// A fanned-out task without a join stage finished with its children.
+    pub fn flow_succeeded(&mut self, id: &TaskId, at_ms: u64) {
+        let Some(stage) = self.get_ref(id.as_str()).map(|t| t.stage().clone()) else {
+            return;
+        };
+        let stage = self.stages.intern(&stage);
+        self.update(id, stage, at_ms, |rec, slot, retention| {
+            if rec.status == TaskStatus::Waiting {
+                rec.set_status(slot, retention, TaskStatus::Succeeded, stage, at_ms);
+            }
+        });
     }
 
     /// A `TaskQueued`: the task was queued at `stage` at `at_ms` with

@@ -125,6 +125,14 @@ pub enum Count<'a> {
         /// The stage.
         stage: &'a str,
     },
+    /// A held task or a join was published to its stage (or dead-lettered
+    /// there) by the coordinator (issue 19).
+    FlowReleased {
+        /// Why it had been held.
+        reason: guildhall_proto::flow::HoldReason,
+        /// Whether it was dead-lettered rather than published.
+        dead_lettered: bool,
+    },
 }
 
 /// A value describing state now, with its labels.
@@ -245,6 +253,13 @@ pub enum Gauge<'a> {
         /// Per second.
         rate: f64,
     },
+    /// Tasks the coordinator holds, by reason (`dependency`, `join`).
+    HeldTasks {
+        /// Why they are held.
+        reason: &'a str,
+        /// How many.
+        n: i64,
+    },
 }
 
 /// What one stage's events added since the last flush (the hot path's
@@ -295,6 +310,8 @@ pub struct FleetCounts {
     pub pipeline_s: Vec<f64>,
     /// Envelope lags (publish to application), seconds.
     pub event_lag_s: Vec<f64>,
+    /// Joins released: fan-out to the last child's end, seconds.
+    pub join_wait_s: Vec<f64>,
 }
 
 impl Default for FleetCounts {
@@ -304,6 +321,7 @@ impl Default for FleetCounts {
             tasks_completed: 0,
             pipeline_s: Vec::new(),
             event_lag_s: Vec::new(),
+            join_wait_s: Vec::new(),
         }
     }
 }
@@ -314,6 +332,7 @@ impl FleetCounts {
         self.tasks_completed == 0
             && self.pipeline_s.is_empty()
             && self.event_lag_s.is_empty()
+            && self.join_wait_s.is_empty()
             && self.events_by_kind.iter().all(|&n| n == 0)
     }
 
@@ -323,6 +342,7 @@ impl FleetCounts {
         self.tasks_completed = 0;
         self.pipeline_s.clear();
         self.event_lag_s.clear();
+        self.join_wait_s.clear();
     }
 }
 
@@ -462,6 +482,7 @@ impl Telemetry for Recorder {
             ("tasks_completed", c.tasks_completed),
             ("pipeline", c.pipeline_s.len() as u64),
             ("event_lag", c.event_lag_s.len() as u64),
+            ("join_wait", c.join_wait_s.len() as u64),
         ] {
             Self::add(&mut r, format!("fleet {field}"), n);
         }

@@ -346,6 +346,103 @@ impl Sim {
     }
 }
 
+/// Flow events (issue 19).
+impl Sim {
+    /// A `TaskHeld` now: `task` held for `stage` after `after`.
+    pub fn held(
+        &self,
+        task: &str,
+        stage: &str,
+        after: &[&str],
+        policy: guildhall_proto::flow::DependencyPolicy,
+        payload: &[u8],
+    ) -> Event {
+        Event::TaskHeld(Box::new(guildhall_proto::TaskHeld {
+            at_ms: self.now,
+            task_id: tid(task),
+            stage: st(stage),
+            priority: guildhall_proto::Priority::default(),
+            after: after.iter().map(|a| tid(a)).collect(),
+            on_dependency_failure: policy,
+            payload: payload.to_vec(),
+        }))
+    }
+
+    /// A `TaskFannedOut` now: `parent` fanned out `children` at `stage`.
+    pub fn fanned_out(
+        &self,
+        parent: &str,
+        stage: &str,
+        children: u32,
+        join: Option<&str>,
+        policy: guildhall_proto::flow::ChildPolicy,
+    ) -> Event {
+        Event::TaskFannedOut(guildhall_proto::TaskFannedOut {
+            at_ms: self.now,
+            task_id: tid(parent),
+            stage: st(stage),
+            attempt: 1,
+            children,
+            join: join.map(st),
+            on_child_failure: policy,
+            priority: guildhall_proto::Priority::default(),
+        })
+    }
+
+    /// A `TaskResult` now: `child` of `parent` ended at `stage` with `result`.
+    pub fn result(&self, child: &str, parent: &str, stage: &str, result: &[u8]) -> Event {
+        Event::TaskResult(Box::new(guildhall_proto::TaskResult {
+            at_ms: self.now,
+            task_id: tid(child),
+            parent: tid(parent),
+            stage: st(stage),
+            attempt: 1,
+            result: Some(result.to_vec()),
+            result_bytes: result.len() as u64,
+        }))
+    }
+
+    /// A coordinator's `TaskReleased` now.
+    pub fn released(
+        &self,
+        task: &str,
+        stage: &str,
+        reason: guildhall_proto::flow::HoldReason,
+        dead_letter: Option<&str>,
+    ) -> Event {
+        Event::TaskReleased(guildhall_proto::TaskReleased {
+            at_ms: self.now,
+            task_id: tid(task),
+            stage: st(stage),
+            reason,
+            outcome: match dead_letter {
+                None => guildhall_proto::ReleaseOutcome::Published,
+                Some(e) => guildhall_proto::ReleaseOutcome::DeadLettered { error: e.into() },
+            },
+        })
+    }
+
+    /// An agent's `TaskDeadLettered` now.
+    pub fn dead_lettered(&self, task: &str, stage: &str, attempt: u32, error: &str) -> Event {
+        Event::TaskDeadLettered(guildhall_proto::TaskDeadLettered {
+            at_ms: self.now,
+            task_id: tid(task),
+            stage: st(stage),
+            attempt,
+            error: error.into(),
+        })
+    }
+
+    /// Runs `task` at `stage` from start to success now (start and end at
+    /// the same instant), its result going to `next`.
+    pub fn run(&self, task: &str, stage: &str, next: Option<&str>) -> Vec<Event> {
+        vec![
+            self.started(task, stage, 1, self.now),
+            self.succeeded(task, stage, 1, self.now, next),
+        ]
+    }
+}
+
 fn is_error_notice(n: &Notice) -> bool {
     matches!(
         n,

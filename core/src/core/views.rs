@@ -273,7 +273,7 @@ pub struct TaskView {
     /// The task.
     pub id: String,
     /// queued / scheduled / running / retrying / succeeded / dead_lettered /
-    /// cancelled.
+    /// cancelled / held (for its dependencies) / waiting (for its children).
     pub status: &'static str,
     /// Current (or last) stage.
     pub stage: String,
@@ -305,6 +305,9 @@ pub struct TaskView {
     pub attempts: Vec<AttemptView>,
     /// The cancel request about it, if one is remembered (issue 18).
     pub cancel: Option<CancelView>,
+    /// Its place in a flow (parent, children, dependencies), if it is in
+    /// one (issue 19).
+    pub flow: Option<crate::core::flows::views::TaskFlowView>,
 }
 
 /// A task's cancel request, in `GET /api/tasks/{id}`.

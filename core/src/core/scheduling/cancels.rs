@@ -384,10 +384,75 @@ impl Core {
             .get_ref(e.task_id.as_str())
             .filter(|t| t.status().is_terminal())
             .map(|t| t.finished_at_ms().unwrap_or(e.at_ms));
-        cancels.insert_live(e.task_id.clone(), e.by, e.at_ms);
+        cancels.insert_live(e.task_id.clone(), e.by.clone(), e.at_ms);
         if let Some(at_ms) = finished {
             cancels.settle(&e.task_id, CancelState::AlreadyFinished { at_ms });
+            return;
         }
+        // A task the coordinator itself holds (issue 19) is in no queue:
+        // no agent will report it, so it is cancelled here.
+        let held = self
+            .flows()
+            .held(e.task_id.as_str())
+            .filter(|h| h.decision.is_none() && !h.released);
+        let stage = match held {
+            Some(h) => Some((h.stage.clone(), "held")),
+            None if self.flows().is_waiting_parent(e.task_id.as_str()) => self
+                .tasks
+                .get_ref(e.task_id.as_str())
+                .map(|t| (t.stage().clone(), "waiting for its children")),
+            None => None,
+        };
+        if let Some((stage, while_)) = stage {
+            let detail = format!("cancelled by {} while {while_}", e.by);
+            let a = Attempt::new(&e.task_id, &stage, 1, sender);
+            if self.tasks.cancelled(a, e.at_ms, &detail) {
+                self.scheduling.cancels.settle(
+                    &e.task_id,
+                    CancelState::Cancelled {
+                        point: CancelPoint::Queued,
+                        at_ms: e.at_ms,
+                    },
+                );
+                let end = crate::core::flows::End::Failed {
+                    status: TaskStatus::Cancelled,
+                    error: detail,
+                };
+                self.flow_task_ended(&e.task_id, end, e.at_ms);
+            }
+        }
+    }
+
+    /// `ids` and every unfinished task of their flows below them (children,
+    /// theirs, ...), for a cancel that stops a whole flow; at most `max`.
+    pub fn with_flow_descendants(&self, ids: &[TaskId], max: usize) -> Vec<TaskId> {
+        let mut out: Vec<TaskId> = ids.to_vec();
+        let mut seen: std::collections::HashSet<TaskId> = ids.iter().cloned().collect();
+        let mut i = 0;
+        while i < out.len() && out.len() < max {
+            let id = out[i].clone();
+            i += 1;
+            let Some(j) = self.flows().join(id.as_str()) else {
+                continue;
+            };
+            if !j.is_open() {
+                continue;
+            }
+            for n in 0..j.children {
+                if j.slots.contains_key(&n) {
+                    continue;
+                }
+                if let Ok(child) = TaskId::new(format!("{id}:{n}"))
+                    && seen.insert(child.clone())
+                {
+                    out.push(child);
+                    if out.len() >= max {
+                        break;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Applies an agent's `TaskCancelled`: the task is `cancelled`, its row
@@ -428,6 +493,11 @@ impl Core {
                 at_ms: e.at_ms,
             },
         );
+        let end = crate::core::flows::End::Failed {
+            status: TaskStatus::Cancelled,
+            error: detail,
+        };
+        self.flow_task_ended(&e.task_id, end, e.at_ms);
     }
 
     /// A task finished (succeeded or dead-lettered) at `at_ms`: a live

@@ -369,7 +369,7 @@ fn a_paused_schedule_fires_nothing_and_resumes_per_its_policy() {
         c.run_to(DAY + 6_500);
         assert_eq!(
             c.sim.core.schedule("p", c.sim.now).unwrap().next_ticks_ms,
-            vec![]
+            Vec::<u64>::new()
         );
         s.paused = false;
         c.send(COORD, vec![changed(c.sim.now, "p", Some(s))]);
