@@ -44,7 +44,12 @@ pub struct Broker {
 impl Broker {
     /// Connects for `ns`.
     pub async fn connect(ns: &TestNs) -> anyhow::Result<Self> {
-        let url = AmqpUrl::parse(&amqp_url())?;
+        Self::connect_to(ns, &amqp_url()).await
+    }
+
+    /// Connects for `ns` to the broker at `url` (a private node).
+    pub async fn connect_to(ns: &TestNs, url: &str) -> anyhow::Result<Self> {
+        let url = AmqpUrl::parse(url)?;
         let conn = connect(&url, &format!("guildhall-test/{}", ns.name())).await?;
         let publisher = Publisher::open(&conn).await?;
         let channel = conn.create_channel().await?;

@@ -1,0 +1,394 @@
+//! Flows end to end (issue 19): the original plan's DAG, `task_worker`
+//! fanning out per file, `pm_worker` per file, `result_worker` joining,
+//! and a `deploy` task after some flows; 1,000 flows on the machine's
+//! broker, then the same shape while an agent is SIGKILLed, the
+//! coordinator is SIGKILLed and restarted without a snapshot, and the
+//! broker (a private node) restarts.
+//!
+//! Real binaries, real test workers. The join stage hands its result to
+//! `sink` (nobody consumes it), so the test reads every join's payload off
+//! the broker: each flow completes with its three children counted once,
+//! or fails for its planted reason; none is stuck.
+
+use guildhall_tests::node::spawn_plain_rabbitmq_node;
+use guildhall_tests::*;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+const FILES: usize = 3;
+
+fn parent(i: usize) -> String {
+    format!("P-{i:04}")
+}
+
+/// Every 50th flow's files fail for good at `pm`: its join fails.
+fn planted(i: usize) -> bool {
+    i % 50 == 7
+}
+
+fn payload(i: usize) -> String {
+    let fail = if planted(i) {
+        " child:pm:fail=permanent"
+    } else {
+        ""
+    };
+    format!("flow-{i} fanout={FILES} child:sleep=20{fail}")
+}
+
+/// The DAG's processes: a test worker and agents per stage, on `url`.
+struct Dag {
+    agents: Vec<(String, &'static str, Vec<String>, Agent)>,
+    workers: BTreeMap<&'static str, HttpWorker>,
+    coordinator: Option<Coordinator>,
+    coordinator_flags: Vec<String>,
+    url: String,
+    ns: TestNs,
+}
+
+impl Dag {
+    async fn start(ns: TestNs, url: String, extra: &[&str]) -> Self {
+        let mut coordinator_flags: Vec<String> = vec!["--amqp-url".into(), url.clone()];
+        coordinator_flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = coordinator_flags.iter().map(String::as_str).collect();
+        let coordinator = spawn_coordinator(&ns, &flags).await.unwrap();
+        let mut workers = BTreeMap::new();
+        for stage in ["task", "pm", "result", "deploy"] {
+            workers.insert(
+                stage,
+                spawn_http_worker(&ns, &format!("worker-{stage}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut dag = Self {
+            agents: Vec::new(),
+            workers,
+            coordinator: Some(coordinator),
+            coordinator_flags,
+            url,
+            ns,
+        };
+        for (id, stage, extra) in [
+            ("task-1", "task", &["--next", "pm", "--join", "result"][..]),
+            ("pm-1", "pm", &[][..]),
+            ("pm-2", "pm", &[][..]),
+            ("result-1", "result", &["--next", "sink"][..]),
+            ("deploy-1", "deploy", &["--next", "sink"][..]),
+        ] {
+            let mut flags: Vec<String> = [
+                "--amqp-url",
+                dag.url.as_str(),
+                "--worker-url",
+                dag.workers[stage].url.as_str(),
+                "--concurrency",
+                "8",
+                "--heartbeat",
+                "1s",
+                "--retry-delay",
+                "100ms",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            flags.extend(extra.iter().map(|s| s.to_string()));
+            let agent = dag.spawn(id, stage, &flags).await;
+            dag.agents.push((id.to_owned(), stage, flags, agent));
+        }
+        dag
+    }
+
+    async fn spawn(&self, id: &str, stage: &str, flags: &[String]) -> Agent {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        spawn_agent(&self.ns, id, stage, &flags).await.unwrap()
+    }
+
+    fn api(&self) -> Api {
+        self.coordinator
+            .as_ref()
+            .expect("a coordinator")
+            .api
+            .clone()
+    }
+
+    /// Submits flows `range` and, for every tenth, a `deploy` task held
+    /// after it, through the API.
+    async fn submit(&self, range: std::ops::Range<usize>) {
+        let api = self.api();
+        for i in range.clone() {
+            let body = json!({"stage": "task", "id": parent(i), "payload": payload(i)});
+            let (code, answer) = api.post_raw("/api/tasks", &body.to_string()).await.unwrap();
+            assert!((200..300).contains(&code), "{answer}");
+        }
+        for i in range.filter(|i| i % 10 == 0) {
+            let body = json!({
+                "stage": "deploy",
+                "id": format!("D-{i:04}"),
+                "payload": format!("deploy-{i}"),
+                "after": [parent(i)],
+            });
+            let (code, answer) = api.post_raw("/api/tasks", &body.to_string()).await.unwrap();
+            assert_eq!(code, 202, "{answer}");
+        }
+    }
+
+    /// SIGKILLs the agent `id` and starts it again.
+    async fn kill_agent(&mut self, id: &str) {
+        let idx = self.agents.iter().position(|a| a.0 == id).expect("agent");
+        let (agent_id, stage, flags, agent) = &mut self.agents[idx];
+        agent.proc.signal("KILL");
+        let _ = agent.proc.child.wait().await;
+        let (agent_id, stage, flags) = (agent_id.clone(), *stage, flags.clone());
+        let fresh = self.spawn(&agent_id, stage, &flags).await;
+        self.agents[idx].3 = fresh;
+    }
+
+    /// SIGKILLs the coordinator and starts a new one (no data dir: it
+    /// replays the whole stream).
+    async fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            c.proc.signal("KILL");
+            let _ = c.proc.child.wait().await;
+        }
+        let flags: Vec<&str> = self.coordinator_flags.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        loop {
+            match spawn_coordinator(&self.ns, &flags).await {
+                Ok(c) => {
+                    self.coordinator = Some(c);
+                    return;
+                }
+                Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("coordinator not up yet: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("no coordinator after 60 s: {e:#}"),
+            }
+        }
+    }
+}
+
+/// What reached `sink` so far: each join's payload by parent, and the
+/// deploy tasks.
+#[derive(Default)]
+struct Sink {
+    joins: BTreeMap<String, Value>,
+    deploys: BTreeSet<String>,
+    /// Messages that reached `sink` again (at least once).
+    duplicates: usize,
+}
+
+impl Sink {
+    async fn drain(&mut self, dag: &Dag) {
+        let Ok(broker) = Broker::connect_to(&dag.ns, &dag.url).await else {
+            return;
+        };
+        let Ok(msgs) = broker
+            .drain(&dag.ns.names.stage_queue(&TestNs::stage("sink")))
+            .await
+        else {
+            return;
+        };
+        for (id, body, _) in msgs {
+            if id.starts_with("D-") {
+                if !self.deploys.insert(id) {
+                    self.duplicates += 1;
+                }
+                continue;
+            }
+            // The result worker's output: the join's JSON, then " @result".
+            let json = body.trim_end_matches(" @result");
+            let v: Value = serde_json::from_str(json)
+                .unwrap_or_else(|e| panic!("{id}: the join's payload is not JSON ({e}): {body}"));
+            if self.joins.insert(id, v).is_some() {
+                self.duplicates += 1;
+            }
+        }
+    }
+}
+
+/// Waits for every flow to reach `sink` (or fail as planted).
+struct Progress {
+    sink: Sink,
+    started: Instant,
+    timeout: Duration,
+    want_joins: usize,
+    want_deploys: usize,
+}
+
+impl Progress {
+    fn new(flows: usize, timeout: Duration) -> Self {
+        Self {
+            sink: Sink::default(),
+            started: Instant::now(),
+            timeout,
+            want_joins: (0..flows).filter(|i| !planted(*i)).count(),
+            want_deploys: (0..flows).filter(|i| i % 10 == 0 && !planted(*i)).count(),
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Whether everything arrived; panics past the timeout.
+    async fn done(&mut self, dag: &Dag) -> bool {
+        self.sink.drain(dag).await;
+        if self.sink.joins.len() >= self.want_joins && self.sink.deploys.len() >= self.want_deploys
+        {
+            // Late duplicates show up now or never.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            self.sink.drain(dag).await;
+            return true;
+        }
+        assert!(
+            self.elapsed() < self.timeout,
+            "timed out: {} of {} joins, {} of {} deploys (logs in {})",
+            self.sink.joins.len(),
+            self.want_joins,
+            self.sink.deploys.len(),
+            self.want_deploys,
+            dag.ns.log_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        false
+    }
+}
+
+/// Every flow joined its three children once, or failed for its planted
+/// reason; the deploys ran after their flows.
+async fn assert_complete(dag: &Dag, flows: usize, sink: &Sink, what: &str) {
+    for i in (0..flows).filter(|i| !planted(*i)) {
+        let p = parent(i);
+        let join = sink
+            .joins
+            .get(&p)
+            .unwrap_or_else(|| panic!("{what}: {p} never joined"));
+        assert_eq!(join["parent"], p.as_str(), "{what}: {join}");
+        let children = join["children"].as_array().expect("children");
+        assert_eq!(children.len(), FILES, "{what}: {p}: {join}");
+        for (n, c) in children.iter().enumerate() {
+            assert_eq!(c["id"], format!("{p}:{n}").as_str(), "{what}: {join}");
+            assert_eq!(c["status"], "succeeded", "{what}: {join}");
+            // The pm worker's output: the child's payload, then " @pm".
+            let text = c["result_text"].as_str().unwrap_or_default();
+            assert!(
+                text.ends_with(&format!("n={n} @pm")),
+                "{what}: {p}'s child {n} carries another's result: {c}"
+            );
+        }
+    }
+    let api = dag.api();
+    for i in (0..flows).filter(|i| planted(*i)) {
+        let p = parent(i);
+        assert!(
+            !sink.joins.contains_key(&p),
+            "{what}: {p}'s children all failed, yet it joined"
+        );
+        let t = eventually(Duration::from_secs(30), "the planted failure", || async {
+            let t = api.get_ok(&format!("/api/tasks/{p}")).await?;
+            anyhow::ensure!(t["status"] == "dead_lettered", "{t}");
+            Ok(t)
+        })
+        .await;
+        let why = t["flow"]["failed_because"].as_str().unwrap_or_default();
+        assert!(why.contains(&format!("{p}:")), "{what}: {p}: {t}");
+        if i % 10 == 0 {
+            let d = format!("D-{i:04}");
+            let t = api.get_ok(&format!("/api/tasks/{d}")).await.unwrap();
+            assert_eq!(t["status"], "dead_lettered", "{what}: {d}: {t}");
+        }
+    }
+    for i in (0..flows).filter(|i| i % 10 == 0 && !planted(*i)) {
+        let d = format!("D-{i:04}");
+        assert!(sink.deploys.contains(&d), "{what}: {d} never ran");
+    }
+    // Nothing waits: no held task and no open join is left.
+    let m = api.metrics().await.unwrap();
+    for reason in ["dependency", "join"] {
+        assert_eq!(
+            m.value("guildhall_held_tasks", &[("reason", reason)]),
+            Some(0.0),
+            "{what}: {reason}"
+        );
+    }
+    eprintln!(
+        "flows {what}: {flows} flows of {FILES} files, {} joined, {} failed as planted, {} deploys, {} messages reached sink twice",
+        sink.joins.len(),
+        (0..flows).filter(|i| planted(*i)).count(),
+        sink.deploys.len(),
+        sink.duplicates
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_flows_of_the_original_plan_complete() {
+    let ns = TestNs::exclusive("flows-dag");
+    let broker = Broker::connect(&ns).await.unwrap();
+    for stage in ["task", "pm", "result", "deploy", "sink"] {
+        broker.declare_stage(stage).await.unwrap();
+    }
+    let dag = Dag::start(ns, amqp_url(), &[]).await;
+    let flows = 1_000;
+    dag.submit(0..flows).await;
+    let mut progress = Progress::new(flows, Duration::from_secs(300));
+    while !progress.done(&dag).await {}
+    let sink = progress.sink;
+    assert_complete(&dag, flows, &sink, "clean run").await;
+    // A clean run releases each join once: the result worker saw each
+    // parent once.
+    let calls = dag.workers["result"].calls().await.unwrap();
+    for i in (0..flows).filter(|i| !planted(*i)) {
+        let key = format!("{}/result/1", parent(i));
+        assert_eq!(calls.get(&key), Some(&1), "{key}: {calls:?}");
+    }
+    let m = dag.api().metrics().await.unwrap();
+    let joined = (0..flows).filter(|i| !planted(*i)).count() as f64;
+    assert_eq!(
+        m.value(
+            "guildhall_flow_releases_total",
+            &[("reason", "join"), ("outcome", "published")]
+        ),
+        Some(joined)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_complete_while_an_agent_the_coordinator_and_the_broker_die() {
+    let ns = TestNs::new("flows-chaos");
+    let mut node = spawn_plain_rabbitmq_node(&ns, "flows").await.unwrap();
+    let url = node.amqp_url();
+    let management = node.management_url();
+    {
+        let broker = Broker::connect_to(&ns, &url).await.unwrap();
+        for stage in ["task", "pm", "result", "deploy", "sink"] {
+            broker.declare_stage(stage).await.unwrap();
+        }
+    }
+    let mut dag = Dag::start(ns, url, &["--management-url", &management]).await;
+    let flows = 300;
+    dag.submit(0..flows / 2).await;
+    let mut progress = Progress::new(flows, Duration::from_secs(400));
+    let mut step = 0;
+    while !progress.done(&dag).await {
+        let elapsed = progress.elapsed();
+        match step {
+            0 if elapsed > Duration::from_secs(2) => {
+                dag.kill_agent("pm-1").await;
+                step += 1;
+            }
+            1 if elapsed > Duration::from_secs(5) => {
+                dag.kill_coordinator().await;
+                dag.submit(flows / 2..flows).await;
+                step += 1;
+            }
+            2 if elapsed > Duration::from_secs(8) => {
+                node.restart().await.unwrap();
+                step += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(step, 3, "the run ended before all the chaos");
+    assert_complete(&dag, flows, &progress.sink, "chaos").await;
+}
