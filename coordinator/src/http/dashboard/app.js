@@ -1679,7 +1679,7 @@
       items.push(item('flow-after', 'Runs after',
         after.map((d, i) => el('span', { class: 'flow-dep', 'data-task-id': d.id, 'data-waiting': String(!!d.waiting) },
           i ? ', ' : null, taskLink(d.id), ' ', el('span', { class: ['badge', outcomeClass(d.status)] }, d.status),
-          d.waiting ? ' (waited for)' : null)),
+          d.waiting ? ' (waiting for it)' : null)),
         f.on_dependency_failure ? ` \u00b7 if one fails: ${f.on_dependency_failure}` : null));
     }
     const waiting = Array.isArray(f.waiting_for) ? f.waiting_for : [];
@@ -1931,7 +1931,7 @@
       for (const item of layers[L] || []) {
         if (item.grid) {
           const n = item.members.length;
-          item.cols = Math.max(8, Math.min(40, Math.ceil(Math.sqrt(n * 2))));
+          item.cols = Math.max(8, Math.min(60, Math.ceil(Math.sqrt(n * 2))));
           item.rows = Math.ceil(n / item.cols);
           item.w = Math.max(FN_W, GRID_PAD * 2 + item.cols * (FC + FC_GAP) - FC_GAP);
           item.h = GRID_HEAD + GRID_PAD * 2 + item.rows * (FC + FC_GAP) - FC_GAP;
@@ -2014,8 +2014,9 @@
       role: 'group', 'aria-label': `Flow of ${data.root}: ${nodes.length} tasks drawn`,
     },
     svgEl('defs', null,
-      svgEl('marker', { id: 'flow-arrow', viewBox: '0 0 10 10', refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' },
-        svgEl('path', { class: 'flow-arrow-head', d: 'M0,0 L10,5 L0,10 z' }))));
+      ['flow-arrow', 'flow-arrow-after'].map((id) =>
+        svgEl('marker', { id, viewBox: '0 0 10 10', refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' },
+          svgEl('path', { class: id === 'flow-arrow' ? 'flow-arrow-head' : 'flow-arrow-head after', d: 'M0,0 L10,5 L0,10 z' })))));
     // Grid frames first, then edges, then nodes on top.
     for (const items of layout.layers) {
       for (const item of items || []) {
@@ -2043,7 +2044,7 @@
       }
       svg.appendChild(svgEl('path', {
         class: ['flow-edge', e.kind === 'after' ? 'edge-after' : 'edge-child'], d: flowCurve(rects[a], rects[b]),
-        'marker-end': 'url(#flow-arrow)', 'data-from': e.from, 'data-to': e.to, 'data-kind': e.kind,
+        'marker-end': e.kind === 'after' ? 'url(#flow-arrow-after)' : 'url(#flow-arrow)', 'data-from': e.from, 'data-to': e.to, 'data-kind': e.kind,
       }));
     }
     nodes.forEach((n, i) => {
