@@ -2,13 +2,16 @@
 //! fan-out joined at a later stage, a task held until the parent
 //! finishes, and one held after a dead-lettered child (whose error has a
 //! `<script>` in it), all written to the events stream by the test as
-//! producers and agents would, without agents: `GET /api/flows/{id}`
-//! answers the graph (400 and 404 otherwise) and the page draws it, live.
+//! producers, agents and a coordinator would, without agents:
+//! `GET /api/flows/{id}` answers the graph (400 and 404 otherwise) and the
+//! page draws it, live.
 
+use guildhall_proto::flow::HoldReason;
 use guildhall_proto::flow::{ChildPolicy, DependencyPolicy};
 use guildhall_proto::{
-    AgentId, Envelope, Event, Priority, TaskDeadLettered, TaskFailed, TaskFannedOut, TaskHeld,
-    TaskId, TaskResult, TaskStarted, TaskSubmitted, TaskSucceeded,
+    AgentId, AgentState, Envelope, Event, Heartbeat, Hello, Priority, ReleaseOutcome,
+    TaskDeadLettered, TaskFailed, TaskFannedOut, TaskHeld, TaskId, TaskReleased, TaskResult,
+    TaskStarted, TaskSubmitted, TaskSucceeded, WorkerMode,
 };
 use guildhall_tests::*;
 use std::collections::HashMap;
@@ -49,6 +52,47 @@ impl<'a> Writer<'a> {
             .await
             .unwrap();
     }
+}
+
+/// An agent of `stage` announcing itself, with a heartbeat interval long
+/// enough that it is never judged dead (its tasks would be requeued).
+fn agent_hello(stage: &str) -> Vec<Event> {
+    let hello = Hello {
+        at_ms: now(),
+        version: "0.1.0".into(),
+        stage: TestNs::stage(stage),
+        next: None,
+        stages: vec![TestNs::stage(stage)],
+        concurrency: 256,
+        heartbeat_ms: 600_000,
+        hostname: "flow-host".into(),
+        pid: 4242,
+        mode: WorkerMode::Http {
+            url: "http://127.0.0.1:1/".into(),
+        },
+        supervised: false,
+    };
+    let heartbeat = Heartbeat {
+        at_ms: now(),
+        version: "0.1.0".into(),
+        stage: TestNs::stage(stage),
+        next: None,
+        state: AgentState::Processing,
+        concurrency: 256,
+        heartbeat_ms: 600_000,
+        in_hand: vec![],
+        done: 0,
+        failed: 0,
+        worker: None,
+        agent: None,
+        hostname: "flow-host".into(),
+        worker_restarts: 0,
+        rtt_ms: Some(1),
+    };
+    vec![
+        Event::Hello(Box::new(hello)),
+        Event::Heartbeat(Box::new(heartbeat)),
+    ]
 }
 
 fn tid(id: &str) -> TaskId {
@@ -125,10 +169,13 @@ fn child_done(i: u32) -> Vec<Event> {
 
 /// The flow: P fans out 200 children at `split` (joined at `merge`);
 /// children 0-19 run, 20-59 succeeded, 199 was dead-lettered with a
-/// `<script>` in its error; D waits for P, D2 for child 199 (so it is
-/// dead-lettered by the coordinator, the child's error in its reason).
+/// `<script>` in its error; D waits for P, D2 for child 199 (so the
+/// coordinator decides to dead-letter it, the child's error in its reason:
+/// see [`release_d2`]).
 async fn publish_flow(w: &mut Writer<'_>) {
     w.send("producer-flow", vec![submitted("P", "split")]).await;
+    w.send("agent-split", agent_hello("split")).await;
+    w.send("agent-work", agent_hello("work")).await;
     let mut events = vec![started("P", "split")];
     events.extend((0..CHILDREN).map(|i| submitted(&format!("P:{i}"), "work")));
     events.push(Event::TaskFannedOut(TaskFannedOut {
@@ -143,7 +190,10 @@ async fn publish_flow(w: &mut Writer<'_>) {
     }));
     events.push(succeeded("P", "split"));
     w.send("agent-split", events).await;
-    w.send("producer-flow", vec![held("D", "P")]).await;
+    // Both held before their dependencies end: D2's reason, written when
+    // P:199 is dead-lettered, quotes the error its worker wrote.
+    w.send("producer-flow", vec![held("D", "P"), held("D2", "P:199")])
+        .await;
     let mut events: Vec<Event> = (0..20)
         .map(|i| started(&format!("P:{i}"), "work"))
         .collect();
@@ -169,7 +219,28 @@ async fn publish_flow(w: &mut Writer<'_>) {
         }),
     ]);
     w.send("agent-work", events).await;
-    w.send("producer-flow", vec![held("D2", "P:199")]).await;
+}
+
+/// What a coordinator does with D2 once it decided to dead-letter it
+/// (its dependency failed): dead-letters it at its stage and writes
+/// `TaskReleased`. The test writes that event itself, as a `coordinator-`
+/// sender, so the views do not wait on the runtime's release loop (a
+/// second `TaskReleased`, the runtime's, changes nothing).
+async fn release_d2(w: &mut Writer<'_>, api: &Api) {
+    let why = eventually(Duration::from_secs(30), "D2 decided", || async {
+        let t = api.get_ok("/api/tasks/D2").await?;
+        let why = t["flow"]["failed_because"].as_str().map(str::to_owned);
+        why.ok_or_else(|| anyhow::anyhow!("no decision yet: {}", t["flow"]))
+    })
+    .await;
+    let released = Event::TaskReleased(TaskReleased {
+        at_ms: now(),
+        task_id: tid("D2"),
+        stage: TestNs::stage("deploy"),
+        reason: HoldReason::Dependency,
+        outcome: ReleaseOutcome::DeadLettered { error: why },
+    });
+    w.send("coordinator-flowtest", vec![released]).await;
 }
 
 /// The counts by status right after [`publish_flow`], once the coordinator
@@ -204,11 +275,12 @@ async fn the_flow_route_answers_the_graph_400_and_404() {
     let broker = Broker::connect(&ns).await.unwrap();
     declare_stages(&broker).await;
     // With a token, reads stay open: only worker-written text is withheld.
-    let c = spawn_coordinator(&ns, &["--api-token", TOKEN])
+    let mut c = spawn_coordinator(&ns, &["--api-token", TOKEN])
         .await
         .unwrap();
     let mut w = Writer::new(&broker);
     publish_flow(&mut w).await;
+    release_d2(&mut w, &c.api.with_token(TOKEN)).await;
     let f = flow_settled(&c.api).await;
     assert_eq!(f["id"], "P");
     assert_eq!(f["root"], "P");
@@ -288,6 +360,18 @@ async fn the_flow_route_answers_the_graph_400_and_404() {
     assert_eq!(p["flow"]["children"]["total"], CHILDREN);
     assert_eq!(p["flow"]["children"]["state"], "waiting");
     assert_eq!(p["flow"]["dependents"], serde_json::json!(["D"]));
+
+    // A read like the others: with --protect-reads, only with the token.
+    // (The coordinator that comes back rebuilds the flow from the stream.)
+    c.proc.terminate(Duration::from_secs(10)).await.unwrap();
+    let c = spawn_coordinator(&ns, &["--api-token", TOKEN, "--protect-reads"])
+        .await
+        .unwrap();
+    let (status, body) = c.api.get("/api/flows/P").await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    let again = flow_settled(&c.api.with_token(TOKEN)).await;
+    assert_eq!(again["total"], 203);
+    assert_eq!(again["edges"].as_array().map(Vec::len), Some(202));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,6 +383,7 @@ async fn the_dashboard_draws_a_flow_live() {
     let c = spawn_coordinator(&ns, &[]).await.unwrap();
     let mut w = Writer::new(&broker);
     publish_flow(&mut w).await;
+    release_d2(&mut w, &c.api).await;
     flow_settled(&c.api).await;
 
     let browser = spawn_browser(&ns).await.unwrap();
