@@ -243,8 +243,8 @@ async fn release_d2(w: &mut Writer<'_>, api: &Api) {
     w.send("coordinator-flowtest", vec![released]).await;
 }
 
-/// The counts by status right after [`publish_flow`], once the coordinator
-/// dead-lettered D2.
+/// The counts by status after [`publish_flow`] and [`release_d2`] (D2
+/// dead-lettered).
 fn first_counts() -> serde_json::Value {
     serde_json::json!({
         "waiting": 1, "queued": 139, "running": 20, "succeeded": 40,
