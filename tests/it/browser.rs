@@ -13,7 +13,7 @@ use std::time::Duration;
 const TOKEN: &str = "browser-token-0123456789";
 
 /// Waits for the element `css` and returns it.
-async fn find(client: &Client, css: &str) -> fantoccini::elements::Element {
+pub(crate) async fn find(client: &Client, css: &str) -> fantoccini::elements::Element {
     eventually(Duration::from_secs(20), css, || async {
         Ok(client.find(Locator::Css(css)).await?)
     })
@@ -23,14 +23,14 @@ async fn find(client: &Client, css: &str) -> fantoccini::elements::Element {
 /// The text of the first element matching `css`, found and read again if
 /// the page re-renders it in between (views refresh every second, which
 /// leaves a found element stale).
-async fn text_of(client: &Client, css: &str) -> String {
+pub(crate) async fn text_of(client: &Client, css: &str) -> String {
     eventually(Duration::from_secs(20), css, || async {
         Ok(client.find(Locator::Css(css)).await?.text().await?)
     })
     .await
 }
 
-async fn screenshot(client: &Client, ns: &TestNs, name: &str) {
+pub(crate) async fn screenshot(client: &Client, ns: &TestNs, name: &str) {
     let png = client.screenshot().await.unwrap();
     let path = ns.log_dir.join(name);
     std::fs::write(&path, png).unwrap();

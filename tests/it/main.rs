@@ -15,6 +15,7 @@ mod demo;
 mod demo_worker;
 mod errors;
 mod flows_dag;
+mod flow_graph;
 mod hostile;
 mod hostile_agent;
 mod hostile_http;

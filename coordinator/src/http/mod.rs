@@ -10,6 +10,7 @@
 //!   connection, bounded in time and concurrency;
 //! - `control`: commands to workers and stages;
 //! - `events`: `GET /api/events` (SSE);
+//! - `flows`: `GET /api/flows/{id}`, a flow as a graph (issue 19);
 //! - `access`: the bearer token (`--api-token`, `--protect-reads`);
 //! - `hosts`: `--allowed-hosts` and cross-origin POSTs;
 //! - `body`: JSON request bodies (type, size, time);
@@ -30,6 +31,7 @@ mod dashboard;
 pub mod dead_letters;
 pub mod error;
 mod events;
+mod flows;
 pub mod hosts;
 mod rate_limits;
 pub mod redact;
@@ -140,6 +142,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/errors", get(api::errors))
         .route("/api/tasks", get(api::tasks))
         .route("/api/tasks/{id}", get(api::task))
+        .route("/api/flows/{id}", get(flows::flow))
         .route("/api/dead/{stage}", get(dead_letters::list))
         .route("/api/schedules", get(schedules::list))
         .route("/api/schedules/{name}", get(schedules::one))

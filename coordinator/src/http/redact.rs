@@ -1,11 +1,12 @@
 //! Text written by workers is withheld from readers without the token.
 //!
 //! Payload previews (dead letters) and free text a worker wrote (error
-//! messages and samples, a task's attempt errors) can echo a task's payload,
-//! so when the coordinator has an `--api-token` they go only to readers who
-//! present it. Everything else a read shows (statuses, counts, classes, ids,
-//! metrics) stays open. A withheld field is `null` and the object that held
-//! it says `"redacted": true`: never a silent empty string.
+//! messages and samples, a task's attempt errors, why a task of a flow was
+//! dead-lettered) can echo a task's payload, so when the coordinator has an
+//! `--api-token` they go only to readers who present it. Everything else a
+//! read shows (statuses, counts, classes, ids, metrics) stays open. A
+//! withheld field is `null` and the object that held it says
+//! `"redacted": true`: never a silent empty string.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -71,10 +72,15 @@ pub fn errors(view: &mut Value) {
     }
 }
 
-/// `GET /api/tasks/{id}`: each attempt's error.
+/// `GET /api/tasks/{id}`: each attempt's error, and why the coordinator
+/// dead-lettered a task of a flow (`flow.failed_because`), which quotes a
+/// failed dependency's or child's error as its worker wrote it.
 pub fn task(view: &mut Value) {
     for attempt in each(view, "attempts") {
         withhold(attempt, &["error"]);
+    }
+    if let Some(flow) = view.get_mut("flow") {
+        withhold(flow, &["failed_because"]);
     }
 }
 
@@ -113,6 +119,30 @@ mod tests {
         assert_eq!(v["attempts"][1]["error"], Value::Null);
         assert_eq!(v["attempts"][1]["redacted"], true);
         assert_eq!(v["attempts"][1]["error_class"], "exit_1");
+    }
+
+    #[test]
+    fn a_flow_loses_why_it_failed_and_keeps_its_shape() {
+        let mut v = json!({"id": "D", "attempts": [], "flow": {
+            "root": "P", "parent": null, "index": null, "children": null,
+            "after": [{"id": "P:7", "status": "dead_lettered", "waiting": false}],
+            "on_dependency_failure": "fail", "waiting_for": [], "dependents": [],
+            "failed_because": "dependency P:7 dead-lettered at work: card 4111 1111 1111 1111"}});
+        task(&mut v);
+        let f = &v["flow"];
+        assert_eq!(f["failed_because"], Value::Null);
+        assert_eq!(f["redacted"], true);
+        assert_eq!(f["after"][0]["id"], "P:7");
+        assert_eq!(f["after"][0]["status"], "dead_lettered");
+        assert!(!v.to_string().contains("4111"));
+        // Not failed, or in no flow: nothing withheld, nothing marked.
+        let mut ok =
+            json!({"id": "P", "attempts": [], "flow": {"root": "P", "failed_because": null}});
+        task(&mut ok);
+        assert_eq!(ok["flow"].get("redacted"), None);
+        let mut none = json!({"id": "T", "attempts": [], "flow": null});
+        task(&mut none);
+        assert_eq!(none, json!({"id": "T", "attempts": [], "flow": null}));
     }
 
     #[test]

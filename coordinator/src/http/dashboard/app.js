@@ -4,7 +4,8 @@
  * Sections: DOM helpers, formatting, API client (with the access token,
  * and the "hidden: sign in" marker of text withheld without it), toasts,
  * state, routing, workers view, logs panel, pipeline view, task view,
- * errors view, dead letters view, live updates (SSE), start-up.
+ * priorities and scheduled tasks, flows (a flow as a graph), errors view,
+ * dead letters view, live updates (SSE), start-up.
  *
  * Security: every string that comes from the server goes into the page as
  * text (textContent, text nodes, setAttribute), never as markup. Nodes are
@@ -89,7 +90,7 @@
 
   const STATUSES = ['processing', 'idle', 'paused', 'draining', 'starting', 'suspect', 'dead', 'stopped'];
   const OUTCOMES = ['queued', 'running', 'retrying', 'succeeded', 'failed', 'retried',
-    'dead_lettered', 'lost', 'requeued', 'abandoned', 'scheduled'];
+    'dead_lettered', 'lost', 'requeued', 'abandoned', 'scheduled', 'cancelled', 'held', 'waiting'];
   const statusClass = (s) => 'st-' + (STATUSES.includes(s) ? s : 'unknown');
   const outcomeClass = (s) => 'oc-' + (OUTCOMES.includes(s) ? s : 'unknown');
 
@@ -478,6 +479,7 @@
     } else {
       stopTaskRefresh();
     }
+    syncFlow();
     if (view === 'dead') {
       fillDeadStages();
       if (arg && arg !== state.dead.stage) {
@@ -1240,7 +1242,7 @@
   // Task view
   // =====================================================================
 
-  const TASK_LIVE = ['queued', 'running', 'retrying', 'scheduled'];
+  const TASK_LIVE = ['queued', 'running', 'retrying', 'scheduled', 'held', 'waiting'];
 
   async function loadTask(id, { quiet = false } = {}) {
     const seq = ++state.task.seq;
@@ -1289,10 +1291,12 @@
     const { id, data, error } = state.task;
     if (!id) {
       fill(box, el('p', { class: 'empty' }, 'Enter a task id, or click a task on a worker card.'));
+      syncFlow();
       return;
     }
     if (error) {
       fill(box, el('div', { class: 'error-box task-error' }, error.message));
+      syncFlow();
       return;
     }
     if (!data) return; // loading
@@ -1321,7 +1325,9 @@
         fact('Priority', isNum(data.priority) ? `${data.priority} (band ${data.band || DASH})` : DASH),
         isNum(data.due_at_ms) ? fact(data.status === 'scheduled' ? 'Due' : 'Was due', dueNode(data.due_at_ms)) : null),
       cancelBox(data),
+      flowSection(data),
       renderTimeline(attempts, data, now));
+    syncFlow();
   }
 
   // ---- cancelling tasks (issue 18) ----
@@ -1533,7 +1539,7 @@
     if (!tasks) { fill(box, el('p', { class: 'loading' }, 'Loading\u2026')); return; }
     if (!tasks.length) { fill(box, el('p', { class: 'empty' }, `No ${taskList.status} tasks.`)); return; }
     const rows = tasks.map((t) => el('tr', { class: 'task-list-row', 'data-task-id': t.id, 'data-status': t.status, 'data-priority': String(t.priority) },
-      el('td', { class: 'mono' }, taskLink(t.id)),
+      el('td', { class: 'mono' }, taskLink(t.id), ' ', flowBadge(t)),
       el('td', null, el('span', { class: ['badge', outcomeClass(t.status)] }, t.status)),
       el('td', { class: 'num' }, isNum(t.priority) ? String(t.priority) : DASH),
       el('td', null, t.stage),
@@ -1580,7 +1586,508 @@
           el('tbody', null, rows))));
   }
 
+  // =====================================================================
+  // Flows (issue 19): a task's place in its flow (GET /api/tasks/{id}'s
+  // `flow`, on the task's page) and the whole flow as a graph
+  // (GET /api/flows/{id}), fetched every second while it is shown.
+  //
+  // The graph is layered left to right: dependencies and roots first, each
+  // node one column right of everything it waits for. A fan-out's children
+  // in one column are drawn as a grid of small squares from GRID_MIN of
+  // them on (one bundled edge from the parent), so 2,000 nodes stay
+  // readable. Fan-out edges are solid, dependency edges dashed. Every node
+  // is a link to its task, with its id, status, stage and ETA as its
+  // tooltip. An update that changes no node or edge only recolours and
+  // retitles the nodes in place.
+  // =====================================================================
+
+  /** Every status a node of a flow can have, in the legend's order. */
+  const FLOW_STATUSES = ['held', 'scheduled', 'queued', 'running', 'retrying', 'waiting',
+    'succeeded', 'dead_lettered', 'cancelled', 'unknown'];
+  const FLOW_FINISHED = ['succeeded', 'dead_lettered', 'cancelled'];
+  const flowClass = (s) => 'fs-' + (FLOW_STATUSES.includes(s) ? s : 'unknown');
+
+  const FN_W = 190; // a node drawn as a box
+  const FN_H = 36;
+  const FC = 12; // a cell of a grid of children
+  const FC_GAP = 4;
+  const GRID_MIN = 13; // children of one parent in one column drawn as a grid
+  const GRID_HEAD = 20;
+  const GRID_PAD = 6;
+  const FL_GAP_X = 72;
+  const FL_GAP_Y = 14;
+  const FL_PAD = 12;
+
+  const flow = {
+    /** the task whose flow is shown */
+    id: null,
+    /** GET /api/flows/{id} body */
+    data: null,
+    error: null,
+    timer: null,
+    seq: 0,
+    loading: false,
+    /** nodes and edges of the drawn graph, to redraw only when they change */
+    key: '',
+    /** task id -> {g, title, sub, cls} of the drawn graph */
+    refs: new Map(),
+    countsKey: '',
+    dom: null,
+  };
+
+  /** The Flow section of the task page: one set of nodes, kept across renders. */
+  function flowDom() {
+    if (flow.dom) return flow.dom;
+    const facts = el('div', { id: 'flow-facts', class: 'flow-facts' });
+    const meta = el('div', { id: 'flow-meta', class: 'meta-line' });
+    const counts = el('div', { id: 'flow-counts', class: 'chips flow-counts' });
+    const graph = el('div', { id: 'flow-graph', class: 'diagram flow-graph' });
+    const legend = el('div', { class: 'legend flow-legend' },
+      FLOW_STATUSES.map((s) => el('span', { 'data-status': s }, el('span', { class: ['swatch', flowClass(s)] }), s)),
+      el('span', null, el('span', { class: 'swatch-line' }), 'fan-out'),
+      el('span', null, el('span', { class: 'swatch-line dashed' }), 'runs after'));
+    const root = el('section', { id: 'task-flow', class: 'flow-section', 'aria-label': 'Flow', hidden: true },
+      el('h3', { class: 'section-title' }, 'Flow'), facts, meta, counts, graph, legend);
+    flow.dom = { root, facts, meta, counts, graph };
+    return flow.dom;
+  }
+
+  /** The task's Flow section (filled from its `flow`), or null if it is in none. */
+  function flowSection(task) {
+    const dom = flowDom();
+    const f = task.flow;
+    dom.root.hidden = !f;
+    if (!f) return null;
+    const item = (cls, label, ...value) =>
+      el('div', { class: ['flow-fact', cls] }, el('span', { class: 'flow-k' }, label), ' ', value);
+    const items = [];
+    if (f.root && f.root !== task.id) items.push(item('flow-root', 'Root', taskLink(f.root)));
+    if (f.parent) {
+      items.push(item('flow-parent', 'Parent', taskLink(f.parent), isNum(f.index) ? ` (child ${f.index})` : null));
+    }
+    if (f.children) {
+      const c = f.children;
+      const ended = Object.entries(c.ended || {}).map(([k, n]) => `${fmtInt(n)} ${k}`).join(', ');
+      items.push(item('flow-children', 'Children', el('b', null, fmtInt(c.total)),
+        ended ? ` \u00b7 ended: ${ended}` : ' \u00b7 none ended yet',
+        c.join ? [' \u00b7 joins at ', el('b', null, c.join)] : ' \u00b7 finishes with them',
+        c.on_child_failure ? ` \u00b7 a failed child: ${c.on_child_failure}` : null, ' ',
+        el('span', { class: ['badge', 'flow-state', c.state === 'dead_lettered' ? 'oc-dead_lettered' : c.state === 'waiting' ? 'oc-waiting' : 'oc-succeeded'], 'data-state': c.state }, c.state)));
+    }
+    const after = Array.isArray(f.after) ? f.after : [];
+    if (after.length) {
+      items.push(item('flow-after', 'Runs after',
+        after.map((d, i) => el('span', { class: 'flow-dep', 'data-task-id': d.id, 'data-waiting': String(!!d.waiting) },
+          i ? ', ' : null, taskLink(d.id), ' ', el('span', { class: ['badge', outcomeClass(d.status)] }, d.status),
+          d.waiting ? ' (waiting for it)' : null)),
+        f.on_dependency_failure ? ` \u00b7 if one fails: ${f.on_dependency_failure}` : null));
+    }
+    const waiting = Array.isArray(f.waiting_for) ? f.waiting_for : [];
+    if (waiting.length) items.push(item('flow-waiting', 'Waiting for', waiting.join(', ')));
+    const dependents = Array.isArray(f.dependents) ? f.dependents : [];
+    if (dependents.length) {
+      items.push(item('flow-dependents', 'Run after it', dependents.map((d, i) => [i ? ', ' : null, taskLink(d)])));
+    }
+    if (f.failed_because != null || f.redacted) {
+      items.push(item('flow-failed', 'Failed because',
+        el('span', { class: 'flow-failed-text' }, workerText(f.failed_because, f.redacted, DASH))));
+    }
+    fill(dom.facts, items);
+    return dom.root;
+  }
+
+  /** The task whose flow should be fetched now, or null. */
+  function flowWanted() {
+    const d = state.task.data;
+    return state.view === 'task' && d && d.flow && !document.hidden ? d.id : null;
+  }
+
+  /** Starts, keeps or stops fetching the flow, after the task or the view changed. */
+  function syncFlow() {
+    const want = flowWanted();
+    if (!want) {
+      clearTimeout(flow.timer);
+      flow.timer = null;
+      const d = state.task.data;
+      if (!d || !d.flow || d.id !== flow.id) resetFlow();
+      return;
+    }
+    if (want !== flow.id) {
+      // Another task: keep the drawing if it is of the same flow.
+      const root = state.task.data.flow.root;
+      if (!flow.data || flow.data.root !== root) resetFlow();
+      flow.id = want;
+      loadFlow();
+    } else if (!flow.timer && !flow.loading) {
+      loadFlow();
+    }
+  }
+
+  function resetFlow() {
+    flow.seq++;
+    clearTimeout(flow.timer);
+    Object.assign(flow, { id: null, data: null, error: null, timer: null, loading: false, key: '', countsKey: '' });
+    flow.refs.clear();
+    if (flow.dom) {
+      flow.dom.graph.replaceChildren();
+      flow.dom.meta.replaceChildren();
+      flow.dom.counts.replaceChildren();
+    }
+  }
+
+  const flowFinished = (data) => Object.keys(data.counts || {}).every((s) => FLOW_FINISHED.includes(s));
+
+  async function loadFlow() {
+    const id = flow.id;
+    if (!id) return;
+    const seq = ++flow.seq;
+    clearTimeout(flow.timer);
+    flow.timer = null;
+    flow.loading = true;
+    let data = null;
+    let error = null;
+    try {
+      data = await api(`/api/flows/${enc(id)}`, { allow404: true });
+    } catch (e) {
+      error = e;
+    }
+    if (seq !== flow.seq) return;
+    flow.loading = false;
+    if (error) flow.error = error;
+    else { flow.data = data; flow.error = null; }
+    renderFlow();
+    if (flowWanted() === id) {
+      // A finished flow changes no more: looked at again now and then.
+      const every = flow.data && flowFinished(flow.data) ? 5000 : 1000;
+      flow.timer = setTimeout(() => {
+        flow.timer = null;
+        if (flowWanted() === flow.id) loadFlow();
+      }, every);
+    }
+  }
+
+  function renderFlow() {
+    const dom = flowDom();
+    const data = flow.data;
+    if (flow.error) {
+      // The last drawing stays; the meta line says why it is not refreshed.
+      fill(dom.meta, el('span', { class: 'error-text' }, `Flow: ${flow.error.message}`));
+      return;
+    }
+    if (!data || !Array.isArray(data.nodes)) {
+      fill(dom.meta, el('span', { class: 'none' }, flow.loading ? 'Loading the flow\u2026' : 'Not in a flow.'));
+      dom.graph.replaceChildren();
+      dom.counts.replaceChildren();
+      flow.key = '';
+      flow.countsKey = '';
+      flow.refs.clear();
+      return;
+    }
+    const done = flowFinished(data);
+    const eta = done
+      ? 'finished'
+      : isNum(data.eta_in_ms)
+        ? [`ETA ${fmtMs(data.eta_in_ms)}`,
+          isNum(data.eta_low_in_ms) && isNum(data.eta_high_in_ms)
+            ? ` (${fmtMs(data.eta_low_in_ms)} \u2013 ${fmtMs(data.eta_high_in_ms)})` : null]
+        : 'ETA unknown (no timings yet)';
+    fill(dom.meta,
+      el('span', null, 'root ', taskLink(data.root)),
+      el('span', { id: 'flow-total', 'data-total': String(data.total) }, el('b', null, fmtInt(data.total)), ` task${data.total === 1 ? '' : 's'}`),
+      el('span', { id: 'flow-eta' }, eta),
+      data.truncated
+        ? el('span', { id: 'flow-truncated', class: 'tag tag-muted', title: 'The graph lists the first tasks only; the counts cover them all.' },
+          `truncated: ${fmtInt(data.nodes.length)} of ${fmtInt(data.total)} drawn`)
+        : null);
+    const counts = data.counts || {};
+    const rank = (s) => { const i = FLOW_STATUSES.indexOf(s); return i < 0 ? 99 : i; };
+    const statuses = Object.keys(counts).sort((a, b) => rank(a) - rank(b) || natural(a, b));
+    const countsKey = statuses.map((s) => `${s}:${counts[s]}`).join(',');
+    if (countsKey !== flow.countsKey) {
+      flow.countsKey = countsKey;
+      fill(dom.counts, statuses.map((s) =>
+        el('span', { class: ['chip', 'flow-count', flowClass(s)], 'data-status': s, 'data-count': String(counts[s]) },
+          `${fmtInt(counts[s])} ${s}`)));
+    }
+    drawFlow(dom.graph, data);
+  }
+
+  /** A node's tooltip. */
+  function flowTitle(n) {
+    const lines = [n.id, `status: ${n.status}`, `stage: ${n.stage || DASH}`];
+    if (n.parent) lines.push(`child of ${n.parent}`);
+    if (FLOW_FINISHED.includes(n.status)) {
+      lines.push('ETA: finished');
+    } else if (isNum(n.eta_in_ms)) {
+      lines.push(`ETA: ${fmtMs(n.eta_in_ms)}${isNum(n.eta_low_in_ms) && isNum(n.eta_high_in_ms)
+        ? ` (${fmtMs(n.eta_low_in_ms)} \u2013 ${fmtMs(n.eta_high_in_ms)})` : ''}`);
+    } else {
+      lines.push('ETA: unknown');
+    }
+    lines.push('Click to open this task.');
+    return lines.join('\n');
+  }
+
+  /** A box node's second line. */
+  function flowSub(n) {
+    const parts = [n.status];
+    if (n.stage) parts.push(n.stage);
+    if (!FLOW_FINISHED.includes(n.status) && isNum(n.eta_in_ms)) parts.push(`ETA ${fmtMs(n.eta_in_ms)}`);
+    return truncate(parts.join(' \u00b7 '), 34);
+  }
+
+  const flowNodeClass = (n, cell) =>
+    ['fnode', cell ? 'fnode-cell' : 'fnode-box', flowClass(n.status), n.id === flow.id ? 'current' : null]
+      .filter(Boolean).join(' ');
+
+  /**
+   * Columns (layers) of the graph: each node one right of the furthest
+   * node it comes after; within a column, the order of what they come
+   * after, then the list's (parents before children, children in order).
+   */
+  function flowLayout(nodes, edges) {
+    const count = nodes.length;
+    const index = new Map(nodes.map((n, i) => [n.id, i]));
+    const preds = nodes.map(() => []);
+    const succs = nodes.map(() => []);
+    for (const e of edges) {
+      const a = index.get(e.from);
+      const b = index.get(e.to);
+      if (a == null || b == null || a === b) continue;
+      preds[b].push(a);
+      succs[a].push(b);
+    }
+    const layer = new Array(count).fill(0);
+    const indeg = preds.map((p) => p.length);
+    const order = [];
+    for (let i = 0; i < count; i++) if (!indeg[i]) order.push(i);
+    const placed = new Array(count).fill(false);
+    for (let head = 0; head < order.length; head++) {
+      const i = order[head];
+      placed[i] = true;
+      for (const j of succs[i]) {
+        layer[j] = Math.max(layer[j], layer[i] + 1);
+        if (--indeg[j] === 0) order.push(j);
+      }
+    }
+    // On a cycle (the coordinator dead-letters those): right of what is placed.
+    for (let i = 0; i < count; i++) {
+      if (placed[i]) continue;
+      for (const p of preds[i]) if (placed[p]) layer[i] = Math.max(layer[i], layer[p] + 1);
+    }
+    // A fan-out's children in one column, counted, to draw as a grid.
+    const siblings = new Map();
+    for (let i = 0; i < count; i++) {
+      const p = nodes[i].parent;
+      if (p != null) {
+        const k = `${layer[i]}\n${p}`;
+        siblings.set(k, (siblings.get(k) || 0) + 1);
+      }
+    }
+    const layers = [];
+    const grids = new Map();
+    const itemOf = new Array(count);
+    for (let i = 0; i < count; i++) {
+      const L = layer[i];
+      if (!layers[L]) layers[L] = [];
+      const p = nodes[i].parent;
+      const k = p != null ? `${L}\n${p}` : null;
+      let item;
+      if (k && siblings.get(k) >= GRID_MIN) {
+        item = grids.get(k);
+        if (!item) {
+          item = { grid: true, parent: p, members: [] };
+          grids.set(k, item);
+          layers[L].push(item);
+        }
+        item.members.push(i);
+      } else {
+        item = { grid: false, members: [i] };
+        layers[L].push(item);
+      }
+      itemOf[i] = item;
+    }
+    // Order each column by where what its items come after stands.
+    const rank = new Array(count).fill(0);
+    for (let L = 0; L < layers.length; L++) {
+      const items = layers[L] || [];
+      if (L > 0) {
+        const keyed = items.map((item, pos) => {
+          let best = Infinity;
+          for (const m of item.members) for (const p of preds[m]) if (layer[p] < L && rank[p] < best) best = rank[p];
+          return { item, pos, best };
+        });
+        keyed.sort((a, b) => (a.best === b.best ? 0 : a.best < b.best ? -1 : 1) || a.pos - b.pos);
+        layers[L] = keyed.map((k) => k.item);
+      }
+      (layers[L] || []).forEach((item, r) => item.members.forEach((m, j) => { rank[m] = r * 1e6 + j; }));
+    }
+    // Sizes, then places.
+    const colW = [];
+    const colH = [];
+    for (let L = 0; L < layers.length; L++) {
+      let w = 0;
+      let h = 0;
+      for (const item of layers[L] || []) {
+        if (item.grid) {
+          const n = item.members.length;
+          item.cols = Math.max(8, Math.min(60, Math.ceil(Math.sqrt(n * 2))));
+          item.rows = Math.ceil(n / item.cols);
+          item.w = Math.max(FN_W, GRID_PAD * 2 + item.cols * (FC + FC_GAP) - FC_GAP);
+          item.h = GRID_HEAD + GRID_PAD * 2 + item.rows * (FC + FC_GAP) - FC_GAP;
+        } else {
+          item.w = FN_W;
+          item.h = FN_H;
+        }
+        w = Math.max(w, item.w);
+        h += (h ? FL_GAP_Y : 0) + item.h;
+      }
+      colW.push(w);
+      colH.push(h);
+    }
+    const height = FL_PAD * 2 + Math.max(FN_H, ...colH);
+    const rects = new Array(count);
+    let x = FL_PAD;
+    for (let L = 0; L < layers.length; L++) {
+      let y = FL_PAD + (height - FL_PAD * 2 - colH[L]) / 2;
+      for (const item of layers[L] || []) {
+        item.x = x;
+        item.y = y;
+        if (item.grid) {
+          item.members.forEach((m, j) => {
+            rects[m] = {
+              x: x + GRID_PAD + (j % item.cols) * (FC + FC_GAP),
+              y: y + GRID_HEAD + GRID_PAD + Math.floor(j / item.cols) * (FC + FC_GAP),
+              w: FC,
+              h: FC,
+            };
+          });
+        } else {
+          rects[item.members[0]] = { x, y, w: FN_W, h: FN_H };
+        }
+        y += item.h + FL_GAP_Y;
+      }
+      x += (colW[L] || 0) + FL_GAP_X;
+    }
+    const width = Math.max(FN_W + FL_PAD * 2, x - FL_GAP_X + FL_PAD);
+    return { layers, rects, itemOf, index, width, height };
+  }
+
+  /** An edge's path from the right of `a` to the left of `b`. */
+  function flowCurve(a, b) {
+    const sx = a.x + a.w;
+    const sy = a.y + a.h / 2;
+    const tx = b.x;
+    const ty = b.y + b.h / 2;
+    if (tx > sx + 8) {
+      const dx = (tx - sx) / 2;
+      return `M${sx},${sy} C${sx + dx},${sy} ${tx - dx},${ty} ${tx},${ty}`;
+    }
+    return `M${sx},${sy} C${sx + 60},${sy + 70} ${tx - 60},${ty + 70} ${tx},${ty}`;
+  }
+
+  function drawFlow(box, data) {
+    const nodes = data.nodes;
+    const edges = Array.isArray(data.edges) ? data.edges : [];
+    const key = JSON.stringify([nodes.map((n) => [n.id, n.parent]), edges.map((e) => [e.from, e.to, e.kind])]);
+    if (key === flow.key && box.firstChild) {
+      for (const n of nodes) {
+        const ref = flow.refs.get(n.id);
+        if (!ref) continue;
+        const cls = flowNodeClass(n, ref.cell);
+        if (ref.cls !== cls) {
+          ref.g.setAttribute('class', cls);
+          ref.cls = cls;
+        }
+        ref.g.setAttribute('data-status', n.status);
+        setText(ref.title, flowTitle(n));
+        if (ref.sub) setText(ref.sub, flowSub(n));
+      }
+      return;
+    }
+    flow.key = key;
+    flow.refs.clear();
+    const layout = flowLayout(nodes, edges);
+    const { rects, itemOf, index, width, height } = layout;
+    const svg = svgEl('svg', {
+      id: 'flow-svg', xmlns: SVG_NS, width, height, viewBox: `0 0 ${width} ${height}`,
+      role: 'group', 'aria-label': `Flow of ${data.root}: ${nodes.length} tasks drawn`,
+    },
+    svgEl('defs', null,
+      ['flow-arrow', 'flow-arrow-after'].map((id) =>
+        svgEl('marker', { id, viewBox: '0 0 10 10', refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' },
+          svgEl('path', { class: id === 'flow-arrow' ? 'flow-arrow-head' : 'flow-arrow-head after', d: 'M0,0 L10,5 L0,10 z' })))));
+    // Grid frames first, then edges, then nodes on top.
+    for (const items of layout.layers) {
+      for (const item of items || []) {
+        if (!item.grid) continue;
+        svg.appendChild(svgEl('g', { class: 'flow-grid', 'data-parent': item.parent, 'data-count': String(item.members.length) },
+          svgEl('rect', { class: 'flow-grid-box', x: item.x, y: item.y, width: item.w, height: item.h, rx: 5, ry: 5 }),
+          svgEl('text', { class: 'flow-grid-label', x: item.x + GRID_PAD, y: item.y + 14 },
+            truncate(`${fmtInt(item.members.length)} children of ${item.parent}`, 34))));
+      }
+    }
+    const bundled = new Set();
+    for (const e of edges) {
+      const a = index.get(e.from);
+      const b = index.get(e.to);
+      if (a == null || b == null || a === b) continue;
+      const item = itemOf[b];
+      if (e.kind === 'child' && item.grid && item.parent === e.from) {
+        if (bundled.has(item)) continue;
+        bundled.add(item);
+        svg.appendChild(svgEl('path', {
+          class: 'flow-edge edge-child edge-bundle', d: flowCurve(rects[a], { x: item.x, y: item.y, w: item.w, h: item.h }),
+          'marker-end': 'url(#flow-arrow)', 'data-from': e.from, 'data-count': String(item.members.length),
+        }));
+        continue;
+      }
+      svg.appendChild(svgEl('path', {
+        class: ['flow-edge', e.kind === 'after' ? 'edge-after' : 'edge-child'], d: flowCurve(rects[a], rects[b]),
+        'marker-end': e.kind === 'after' ? 'url(#flow-arrow-after)' : 'url(#flow-arrow)', 'data-from': e.from, 'data-to': e.to, 'data-kind': e.kind,
+      }));
+    }
+    nodes.forEach((n, i) => {
+      const r = rects[i];
+      const cell = itemOf[i].grid;
+      const title = svgEl('title', null, flowTitle(n));
+      const cls = flowNodeClass(n, cell);
+      let g;
+      let sub = null;
+      if (cell) {
+        g = svgEl('g', { class: cls, 'data-task-id': n.id, 'data-status': n.status },
+          title, svgEl('rect', { class: 'fcell', x: r.x, y: r.y, width: r.w, height: r.h, rx: 2, ry: 2 }));
+      } else {
+        sub = svgEl('text', { class: 'fsub', x: 13, y: 29 }, flowSub(n));
+        g = svgEl('g', { class: cls, 'data-task-id': n.id, 'data-status': n.status, transform: `translate(${r.x},${r.y})` },
+          title,
+          svgEl('rect', { class: 'fbox', width: r.w, height: r.h, rx: 5, ry: 5 }),
+          svgEl('rect', { class: 'fbar', width: 6, height: r.h, rx: 2, ry: 2 }),
+          svgEl('text', { class: 'fid', x: 13, y: 15 }, truncate(n.id, 27)),
+          sub);
+      }
+      svg.appendChild(svgEl('a', { class: 'fnode-link', href: `#task/${enc(n.id)}`, 'aria-label': `${n.id}: ${n.status}` }, g));
+      flow.refs.set(n.id, { g, title, sub, cls, cell });
+    });
+    fill(box, svg);
+  }
+
+  /**
+   * A listed task's flow badge: held and waiting tasks are in a flow, and
+   * an id `<parent>:<n>` is a fan-out's child's (the list does not say
+   * more; the task's page tells).
+   */
+  function flowBadge(t) {
+    let why = null;
+    if (t.status === 'held') why = 'held until the tasks it runs after finish';
+    else if (t.status === 'waiting') why = 'fanned out: waiting for its children';
+    else if (/:\d+$/.test(t.id)) why = `a fan-out's child, of ${t.id.replace(/:\d+$/, '')}`;
+    if (!why) return null;
+    return el('a', { class: ['badge', 'flow-badge'], href: `#task/${enc(t.id)}`, 'data-task-id': t.id, title: `${why}: open its flow` }, 'flow');
+  }
+
   function setupTaskView() {
+    document.addEventListener('visibilitychange', syncFlow);
     const listStatus = $('#task-list-status');
     if (listStatus) listStatus.addEventListener('change', loadTaskList);
     $('#task-form').addEventListener('submit', (e) => {
