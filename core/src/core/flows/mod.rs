@@ -451,10 +451,22 @@ impl Core {
                 result: None,
                 bytes: 0,
             }),
-            TaskStatus::DeadLettered | TaskStatus::Cancelled => Some(End::Failed {
-                status: t.status(),
-                error: format!("{} at {}", t.status().as_str(), t.stage()),
-            }),
+            TaskStatus::DeadLettered | TaskStatus::Cancelled => {
+                // Worded as when the end is read live: "dead-lettered at
+                // STAGE: ERROR".
+                let error = t
+                    .current_row()
+                    .and_then(|r| r.to_row().error)
+                    .unwrap_or_default();
+                let how = match t.status() {
+                    TaskStatus::DeadLettered => "dead-lettered",
+                    _ => "cancelled",
+                };
+                Some(End::Failed {
+                    status: t.status(),
+                    error: format!("{how} at {}: {error}", t.stage()),
+                })
+            }
             _ => None,
         }
     }

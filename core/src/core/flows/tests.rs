@@ -139,7 +139,13 @@ fn a_failed_dependency_dead_letters_the_dependent_unless_it_runs_anyway() {
     r.send(COORD, vec![h3]);
     let rs = r.release_all();
     assert_eq!(ids(&rs), ["D3"]);
-    assert!(rs[0].dead_letter.is_some());
+    let why = rs[0].dead_letter.as_deref().expect("dead-lettered");
+    assert!(
+        why.starts_with(
+            "dependency D1 dead-lettered at deploy: dependency A dead-lettered at build: boom"
+        ),
+        "the same words as when the end is read live: {why}"
+    );
 }
 
 #[test]
