@@ -23,11 +23,14 @@
 //! - [`pipeline`]: `bench pipeline`, tasks/s through N stages of real
 //!   agent processes and HTTP workers, per-stage latencies, and a model of
 //!   the task path timed step by step;
+//! - [`flows`]: `bench flows`, memory per held dependent task and the
+//!   release latency of the coordinator (issue 19);
 //! - [`probe`]: what the benchmarks read off a running coordinator: CPU and
 //!   peak memory from `/proc`, counters and histograms from `/metrics`; and
 //!   where the sibling binaries (`guildhall`, `guildhall-agent`) are.
 
 pub mod fleet;
+pub mod flows;
 pub mod ingest;
 pub mod memory;
 pub mod mix;
@@ -75,6 +78,10 @@ pub enum Which {
     /// the backlog's drain, tasks/s through the intake against straight to
     /// a band, and how late delays fire.
     Priority(priority::PriorityArgs),
+    /// Flows (issue 19): memory per held dependent task, release latency
+    /// (dependency completed to dependent delivered) and a burst of
+    /// releases, with a real coordinator.
+    Flows(flows::FlowsArgs),
     /// A stage's achieved start rate against its rate limit with 1, 3 and
     /// 10 agents and while agents join and leave.
     RateLimit(rate::RateArgs),
@@ -355,6 +362,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         Which::Priority(a) => {
             let report = priority::run(a).await?;
             Ok(render(&report, a.target.common.json, priority::table))
+        }
+        Which::Flows(a) => {
+            let report = flows::run(a).await?;
+            Ok(render(&report, a.target.common.json, flows::table))
         }
         Which::RateLimit(a) => {
             let report = rate::run(a).await?;
