@@ -547,3 +547,79 @@ async fn a_cancelled_held_task_fails_its_dependents() {
     let calls = f.worker.calls().await.unwrap();
     assert!(!calls.keys().any(|k| k.starts_with("H")), "{calls:?}");
 }
+
+/// A release whose stage has no queue any more is retried, not dropped:
+/// the gauge and the task's page say so (and why) until the queue is back,
+/// then it is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_its_stage_cannot_take_is_retried_and_shown_until_it_can() {
+    let ns = TestNs::new("flowf");
+    let f = Flow::start(&ns, &[]).await;
+    let api = &f.coordinator.api;
+    f.broker.declare_stage("gone").await.unwrap();
+    submit(api, "build", "A", "sleep=1500").await;
+    let (status, body) = hold(
+        api,
+        json!({"stage": "gone", "id": "G", "payload": "g", "after": ["A"], "priority": 8}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (202, Some("held")),
+        "{body}"
+    );
+    // The stage's queues go away before A finishes.
+    let stage = TestNs::stage("gone");
+    let queues = [
+        ns.names.stage_queue(&stage),
+        ns.names.band_queue(&stage, guildhall_proto::Band::High),
+        ns.names.band_queue(&stage, guildhall_proto::Band::Mid),
+        ns.names.band_queue(&stage, guildhall_proto::Band::Low),
+    ];
+    for q in &queues {
+        guildhall_broker::topology::delete_queue(&f.broker.conn, q)
+            .await
+            .unwrap();
+    }
+    wait_task(api, "A", "succeeded", Duration::from_secs(20)).await;
+    let t = eventually(Duration::from_secs(15), "G's release retried", || async {
+        let t = api.get_ok("/api/tasks/G").await?;
+        anyhow::ensure!(t["flow"]["release"]["state"] == "retrying", "{t}");
+        Ok(t)
+    })
+    .await;
+    let error = t["flow"]["release"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("no queue for stage gone"), "{t}");
+    assert_eq!(t["status"], "held", "{t}");
+    let m = api.metrics().await.unwrap();
+    assert_eq!(m.value("guildhall_flow_releases_stalled", &[]), Some(1.0));
+    let log = f.coordinator.proc.log_text();
+    assert!(
+        log.contains("cannot release held tasks to the stage, retrying"),
+        "{log}"
+    );
+    // The queues are back: G is published to its band (priority 8).
+    f.broker.declare_stage("gone").await.unwrap();
+    let msg = f.broker.take(&ns.names.stage_queue(&stage)).await;
+    assert_eq!(
+        msg.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str()),
+        Some("G")
+    );
+    assert_eq!(*msg.delivery.properties.priority(), Some(8));
+    assert_eq!(msg.delivery.data, b"g");
+    eventually(Duration::from_secs(10), "G released", || async {
+        let t = api.get_ok("/api/tasks/G").await?;
+        anyhow::ensure!(
+            t["status"] == "queued" && t["flow"]["release"].is_null(),
+            "{t}"
+        );
+        let m = api.metrics().await?;
+        anyhow::ensure!(m.value("guildhall_flow_releases_stalled", &[]) == Some(0.0));
+        Ok(())
+    })
+    .await;
+}

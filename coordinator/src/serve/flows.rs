@@ -439,11 +439,12 @@ impl Executor {
                         reason = r.reason.as_str(), "held task published"),
                 }
                 let _ = self.events.send(released_event(r, enqueued_at));
-                if let Some(p) = self.parked.remove(&stage) {
-                    tracing::info!(%stage, waiting = p.queue.len(), after_s = p.since.elapsed().as_secs(),
-                        "releases to the stage are published again");
-                    self.again.extend(p.queue);
-                }
+                let Some(p) = self.parked.remove(&stage) else {
+                    return; // the common case: nothing parked changed
+                };
+                tracing::info!(%stage, waiting = p.queue.len(), after_s = p.since.elapsed().as_secs(),
+                    "releases to the stage are published again");
+                self.again.extend(p.queue);
             }
             Err(error) => {
                 let now = Instant::now();
