@@ -183,7 +183,7 @@ impl Backoff {
     }
 
     /// The wait before the next try; the one after is longer.
-    pub fn next(&mut self) -> Duration {
+    pub fn wait(&mut self) -> Duration {
         let wait = self.0;
         self.0 = (self.0 * 2).min(Self::MAX);
         wait
@@ -468,7 +468,7 @@ impl Executor {
                 // fail together and count as one.
                 if created || a.probe {
                     p.probing = false;
-                    p.next_try = now + p.backoff.next();
+                    p.next_try = now + p.backoff.wait();
                 }
                 if due_to_log(p.last_logged, now) {
                     p.last_logged = Some(now);
@@ -752,7 +752,7 @@ mod tests {
     #[test]
     fn the_backoff_doubles_up_to_its_cap() {
         let mut b = Backoff::new();
-        let waits: Vec<u64> = (0..12).map(|_| b.next().as_millis() as u64).collect();
+        let waits: Vec<u64> = (0..12).map(|_| b.wait().as_millis() as u64).collect();
         assert_eq!(&waits[..4], &[100, 200, 400, 800]);
         assert_eq!(*waits.last().unwrap(), 30_000);
         assert!(waits.windows(2).all(|w| w[0] <= w[1]));
