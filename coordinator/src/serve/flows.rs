@@ -380,6 +380,14 @@ impl Executor {
     /// Publishes what is ready, up to [`MAX_IN_FLIGHT`]: parked stages
     /// due for a try, stages that flow again, then new releases.
     fn fill(&mut self) {
+        let parked_before = self.parked_count();
+        self.fill_slots();
+        if self.parked_count() != parked_before {
+            self.publish_view();
+        }
+    }
+
+    fn fill_slots(&mut self) {
         let now = Instant::now();
         for p in self.parked.values_mut() {
             if self.inflight.len() >= MAX_IN_FLIGHT {
