@@ -341,6 +341,11 @@ async fn hostile_held_submissions_are_refused_and_a_forged_release_does_nothing(
     let open = &f.coordinator.api;
     let api = &open.with_token(TOKEN);
     submit(api, "build", "P", "sleep=30000").await;
+    // Known to the coordinator (read from the stream) before it is named.
+    eventually(Duration::from_secs(10), "P known", || async {
+        api.get_ok("/api/tasks/P").await.map(drop)
+    })
+    .await;
     // Refused before anything waits.
     let held = |after: Value| json!({"stage": "deploy", "payload": "x", "after": after});
     let many: Vec<String> = (0..65).map(|i| format!("t{i}")).collect();
