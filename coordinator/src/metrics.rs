@@ -207,6 +207,10 @@ pub struct Metrics {
     /// `guildhall_join_wait_seconds`: a fan-out to its join's decision (the
     /// last child's end).
     pub join_wait: Histogram,
+    /// `guildhall_flow_releases_stalled`: releases the coordinator is
+    /// retrying because their stage cannot take them now (no queue, the
+    /// broker down or refusing).
+    pub flow_releases_stalled: IntGauge,
     /// `guildhall_coordinator_caught_up`: 1 once the stream's backlog is replayed.
     pub caught_up: IntGauge,
     /// `guildhall_tasks_tracked{state}`: task records held (in_flight / completed).
@@ -650,6 +654,11 @@ impl Metrics {
                 &["reason", "outcome"],
             ),
             join_wait,
+            flow_releases_stalled: int_gauge(
+                &r,
+                "guildhall_flow_releases_stalled",
+                "Releases of held tasks and joins the coordinator is retrying because their stage cannot take them now (no queue for it, the broker down or refusing); the log names the stage once a minute.",
+            ),
             alerts: counter_vec(
                 &r,
                 "guildhall_alerts_total",

@@ -16,6 +16,7 @@ mod demo_worker;
 mod errors;
 mod flow_graph;
 mod flows_dag;
+mod flows;
 mod hostile;
 mod hostile_agent;
 mod hostile_http;

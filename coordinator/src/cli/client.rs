@@ -338,6 +338,94 @@ fn render_trace(task: &Value) -> String {
         ]);
     }
     out.push_str(&t.render());
+    if task["flow"].is_object() {
+        out.push('\n');
+        out.push_str(&render_flow(&task["flow"]));
+    }
+    out
+}
+
+/// The flow section of a trace (issue 19): parent, children and their
+/// join, what it runs after and what it waits for, why it failed.
+fn render_flow(f: &Value) -> String {
+    let mut out = format!("flow: root {}\n", s(&f["root"]));
+    if let Some(parent) = f["parent"].as_str() {
+        match f["index"].as_u64() {
+            Some(i) => out.push_str(&format!("  parent: {parent} (child {i})\n")),
+            None => out.push_str(&format!("  parent: {parent}\n")),
+        }
+    }
+    if let Some(c) = f["children"].as_object() {
+        let ended: Vec<String> = c
+            .get("ended")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{} {k}", s(v)))
+            .collect();
+        let done: u64 = c
+            .get("ended")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.as_u64())
+            .sum();
+        let join = match c.get("join").and_then(Value::as_str) {
+            Some(j) => format!("join at {j}"),
+            None => "no join stage".to_owned(),
+        };
+        out.push_str(&format!(
+            "  children: {done} of {} ended{}; {join} (on child failure: {}): {}\n",
+            s(&c["total"]),
+            if ended.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", ended.join(", "))
+            },
+            c.get("on_child_failure").map_or("-".into(), s),
+            c.get("state").map_or("-".into(), s),
+        ));
+    }
+    if let Some(after) = f["after"].as_array().filter(|a| !a.is_empty()) {
+        let deps: Vec<String> = after
+            .iter()
+            .map(|d| {
+                let waiting = if d["waiting"].as_bool() == Some(true) {
+                    ", waiting"
+                } else {
+                    ""
+                };
+                format!("{} ({}{waiting})", s(&d["id"]), s(&d["status"]))
+            })
+            .collect();
+        out.push_str(&format!(
+            "  after: {} (on dependency failure: {})\n",
+            deps.join(", "),
+            s(&f["on_dependency_failure"])
+        ));
+    }
+    if let Some(w) = f["waiting_for"].as_array().filter(|w| !w.is_empty()) {
+        let w: Vec<String> = w.iter().map(s).collect();
+        out.push_str(&format!("  waiting for: {}\n", w.join(", ")));
+    }
+    if let Some(d) = f["dependents"].as_array().filter(|d| !d.is_empty()) {
+        let d: Vec<String> = d.iter().map(s).collect();
+        out.push_str(&format!("  dependents: {}\n", d.join(", ")));
+    }
+    if let Some(why) = f["failed_because"].as_str() {
+        out.push_str(&format!("  failed because: {why}\n"));
+    }
+    if let Some(r) = f["release"].as_object() {
+        out.push_str(&format!(
+            "  release to {}: retrying since {} ({} tries): {}\n",
+            r.get("stage").map_or("-".into(), s),
+            r.get("since_ms")
+                .and_then(Value::as_u64)
+                .map_or("-".into(), clock),
+            r.get("attempts").map_or("-".into(), s),
+            r.get("error").map_or("-".into(), s),
+        ));
+    }
     out
 }
 
@@ -436,6 +524,53 @@ mod tests {
         assert!(text.contains("[http_503] boom"), "{text}");
         assert!(text.contains("succeeded (redelivered)"), "{text}");
         assert_eq!(text.lines().count(), 5, "{text}");
+    }
+
+    #[test]
+    fn trace_shows_the_flow_section() {
+        let task = json!({"id": "D", "status": "held", "stage": "deploy", "attempts": [],
+            "flow": {"root": "A", "parent": null, "index": null, "children": null,
+                "after": [{"id": "A", "status": "succeeded", "waiting": false},
+                          {"id": "B", "status": "running", "waiting": true}],
+                "on_dependency_failure": "fail", "waiting_for": ["dependency B"],
+                "dependents": ["E"], "failed_because": null,
+                "release": {"stage": "deploy", "since_ms": 1000, "attempts": 3,
+                    "error": "no queue for stage deploy"}}});
+        let text = render_trace(&task);
+        assert!(text.contains("flow: root A\n"), "{text}");
+        assert!(
+            text.contains(
+                "  after: A (succeeded), B (running, waiting) (on dependency failure: fail)\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("  waiting for: dependency B\n"), "{text}");
+        assert!(text.contains("  dependents: E\n"), "{text}");
+        assert!(
+            text.contains("  release to deploy: retrying since 00:00:01.000Z (3 tries): no queue"),
+            "{text}"
+        );
+        assert!(!text.contains("children"), "{text}");
+        let task = json!({"id": "P", "status": "waiting", "stage": "split", "attempts": [],
+            "flow": {"root": "R", "parent": "R", "index": 2,
+                "children": {"total": 5, "ended": {"succeeded": 2, "dead_lettered": 1},
+                    "join": "merge", "on_child_failure": "continue", "state": "waiting"},
+                "after": [], "waiting_for": ["2 of 5 children"], "dependents": [],
+                "failed_because": "child P:1 dead_lettered: boom"}});
+        let text = render_trace(&task);
+        assert!(text.contains("  parent: R (child 2)\n"), "{text}");
+        assert!(
+            text.contains("  children: 3 of 5 ended (1 dead_lettered, 2 succeeded); join at merge (on child failure: continue): waiting\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  failed because: child P:1 dead_lettered: boom\n"),
+            "{text}"
+        );
+        // No flow: no section.
+        let plain =
+            json!({"id": "T", "status": "queued", "stage": "a", "attempts": [], "flow": null});
+        assert!(!render_trace(&plain).contains("flow:"));
     }
 
     #[test]

@@ -762,6 +762,26 @@ pub struct SubmitArgs {
     /// `2026-12-07T09:00:00Z`).
     #[arg(long, allow_hyphen_values = true)]
     pub at: Option<String>,
+    /// Hold the task until this task has finished (repeatable, or ids
+    /// separated by commas; at most 64). The task is then submitted
+    /// through the coordinator's API (--api-url), which holds it.
+    #[arg(long, value_name = "ID", allow_hyphen_values = true)]
+    pub after: Vec<String>,
+    /// With --after: what a dependency that is dead-lettered or cancelled
+    /// does to this task: `fail` (it is dead-lettered too, the default) or
+    /// `run` (it runs anyway).
+    #[arg(long, value_name = "fail|run")]
+    pub on_dependency_failure: Option<String>,
+    /// With --after: the coordinator's HTTP address.
+    #[arg(
+        long,
+        env = "GUILDHALL_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub api_url: String,
+    /// With --after: the coordinator's --api-token, if it has one.
+    #[arg(long, env = "GUILDHALL_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
 }
 
 /// `guildhall healthcheck`: for a container's HEALTHCHECK, so an image needs

@@ -1,10 +1,17 @@
 //! `guildhall submit`: publish tasks straight to the broker (no coordinator
 //! needed): one task, `--count N` tasks back to back, or with `--rate R` a
 //! Poisson stream (a load generator, as the compose demo's `loadgen` runs).
+//!
+//! With `--after ID` (issue 19, flows) the one task is held until those
+//! tasks have finished: it goes through the coordinator's API (`POST
+//! /api/tasks` with `after`), which holds it. Bad flags, a 400 or a 404 exit
+//! with status 2 and one line; anything else (unreachable, 401, 409, 413,
+//! 429, 503, 504) status 1.
 
 use super::{ConfigError, SubmitArgs};
 use crate::submit::{Submitted, Submitter, When, parse_at, parse_delay, poisson_gap};
 use guildhall_broker::{Publisher, connect, topology};
+use guildhall_proto::flow::{DependencyPolicy, after_list};
 use guildhall_proto::{AgentId, Priority, Stage, TaskId};
 use std::future::Future;
 use std::io::Read;
@@ -111,8 +118,139 @@ fn timing(args: &SubmitArgs, now_ms: u64) -> Result<Timing, ConfigError> {
     })
 }
 
+/// What `--after` and `--on-dependency-failure` ask for: `None` without
+/// them, else the dependencies and the policy (checked here, so bad input
+/// never reaches the coordinator).
+fn hold(args: &SubmitArgs) -> Result<Option<(Vec<TaskId>, DependencyPolicy)>, ConfigError> {
+    if args.after.is_empty() {
+        if args.on_dependency_failure.is_some() {
+            return Err(ConfigError(
+                "--on-dependency-failure goes with --after".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let after = after_list(args.after.iter().flat_map(|a| a.split(',')))
+        .map_err(|e| ConfigError(format!("--after: {e}")))?;
+    let policy = match &args.on_dependency_failure {
+        None => DependencyPolicy::default(),
+        Some(p) => DependencyPolicy::parse(p).ok_or_else(|| {
+            let shown: String = p.chars().take(40).collect();
+            ConfigError(format!(
+                "--on-dependency-failure must be fail or run (got {shown:?})"
+            ))
+        })?,
+    };
+    if args.rate.is_some() || args.count.is_some_and(|n| n != 1) {
+        return Err(ConfigError(
+            "--after holds one task: it cannot be used with --rate or --count".into(),
+        ));
+    }
+    if args.delay.is_some() || args.at.is_some() {
+        return Err(ConfigError(
+            "--after and --delay/--at together are not supported: a held task is published when its dependencies have finished".into(),
+        ));
+    }
+    if args.declare {
+        return Err(ConfigError(
+            "--declare publishes straight to the broker; with --after the coordinator holds the task (declare the stage first)".into(),
+        ));
+    }
+    Ok(Some((after, policy)))
+}
+
+/// Submits one task held until `after` have finished, through the API.
+async fn held(
+    args: &SubmitArgs,
+    (after, policy): (Vec<TaskId>, DependencyPolicy),
+) -> anyhow::Result<String> {
+    let stage =
+        Stage::new(args.stage.as_str()).map_err(|e| ConfigError(format!("--stage: {e}")))?;
+    let id = args
+        .id
+        .as_deref()
+        .map(TaskId::new)
+        .transpose()
+        .map_err(|e| ConfigError(format!("--id: {e}")))?;
+    let priority = timing(args, guildhall_broker::now_ms())?.priority;
+    let payload = read_payload(&args.payload)?;
+    let mut body = serde_json::json!({
+        "stage": stage.as_str(),
+        "after": after.iter().map(TaskId::as_str).collect::<Vec<_>>(),
+        "on_dependency_failure": policy.as_str(),
+        "priority": priority.get(),
+    });
+    if let Some(id) = &id {
+        body["id"] = id.as_str().into();
+    }
+    match String::from_utf8(payload) {
+        Ok(text) => body["payload"] = text.into(),
+        Err(e) => {
+            use base64::Engine;
+            body["payload_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(e.into_bytes())
+                .into();
+        }
+    }
+    let client = super::ClientArgs {
+        broker: args.broker.clone(),
+        api_url: args.api_url.clone(),
+        json: args.json,
+        api_token: args.api_token.clone(),
+    };
+    let answer = super::client::request(&client, reqwest::Method::POST, "/api/tasks", Some(body))
+        .await
+        .map_err(super::client::ClientError::into_command_error)?;
+    if args.json {
+        return Ok(format!(
+            "{answer}
+"
+        ));
+    }
+    Ok(render_held(&answer))
+}
+
+/// A held submission's answer, for a person: the id, then what it waits for.
+fn render_held(a: &serde_json::Value) -> String {
+    let list = |v: &serde_json::Value| -> String {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let id = a["id"].as_str().unwrap_or("-");
+    let stage = a["stage"].as_str().unwrap_or("-");
+    let policy = a["on_dependency_failure"].as_str().unwrap_or("fail");
+    let then = match a["status"].as_str() {
+        Some("held") => format!(
+            "held until: {} (then queued at {stage}; on dependency failure: {policy})",
+            list(&a["waiting_for"])
+        ),
+        Some("dead_lettered") => format!(
+            "dead-lettered at {stage}: {}",
+            a["failed_because"]
+                .as_str()
+                .unwrap_or("a dependency failed")
+        ),
+        _ => format!(
+            "not held: {} already finished; queued at {stage}",
+            list(&a["after"])
+        ),
+    };
+    format!(
+        "{id}
+{then}
+"
+    )
+}
+
 /// Runs `submit` until done or `stop` resolves; the output to print.
 pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::Result<String> {
+    if let Some(hold) = hold(args)? {
+        return held(args, hold).await;
+    }
     let (url, names) = args.broker.validate()?;
     let stage =
         Stage::new(args.stage.as_str()).map_err(|e| ConfigError(format!("--stage: {e}")))?;
@@ -273,6 +411,75 @@ mod tests {
         let t = timing(&args(&["--priority", "7"]), 1_000).expect("valid");
         assert_eq!(t.when(5_000).due_at_ms, None);
         assert_eq!(t.when(5_000).priority.get(), 7);
+    }
+
+    #[test]
+    fn after_is_read_from_repeated_and_comma_separated_flags() {
+        assert_eq!(hold(&args(&[])).unwrap(), None);
+        let (after, policy) = hold(&args(&["--after", "A-1,B-2", "--after", "C-3"]))
+            .unwrap()
+            .unwrap();
+        let ids: Vec<&str> = after.iter().map(TaskId::as_str).collect();
+        assert_eq!(ids, ["A-1", "B-2", "C-3"]);
+        assert_eq!(policy, DependencyPolicy::Fail);
+        let (_, policy) = hold(&args(&["--after", "A", "--on-dependency-failure", "run"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(policy, DependencyPolicy::Run);
+        for (extra, expected) in [
+            (
+                &["--after", "bad id"][..],
+                "--after: dependency invalid task id",
+            ),
+            (
+                &["--after", "A,,B"],
+                "--after: dependency invalid task id \"\"",
+            ),
+            (
+                &["--on-dependency-failure", "run"],
+                "--on-dependency-failure goes with --after",
+            ),
+            (
+                &["--after", "A", "--on-dependency-failure", "maybe"],
+                "--on-dependency-failure must be",
+            ),
+            (&["--after", "A", "--count", "2"], "--after holds one task"),
+            (&["--after", "A", "--rate", "2"], "--after holds one task"),
+            (
+                &["--after", "A", "--delay", "5s"],
+                "--after and --delay/--at",
+            ),
+            (
+                &["--after", "A", "--declare"],
+                "--declare publishes straight",
+            ),
+        ] {
+            let err = hold(&args(extra)).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{extra:?}: {err}");
+            assert!(!err.contains('\n'));
+        }
+        let many: Vec<String> = (0..65).map(|i| format!("t{i}")).collect();
+        let err = hold(&args(&["--after", &many.join(",")])).unwrap_err();
+        assert!(err.to_string().contains("more than 64"), "{err}");
+    }
+
+    #[test]
+    fn a_held_answer_says_what_it_waits_for() {
+        let a = serde_json::json!({"id": "D-1", "status": "held", "stage": "deploy",
+            "after": ["A", "B"], "waiting_for": ["B"], "on_dependency_failure": "run"});
+        assert_eq!(
+            render_held(&a),
+            "D-1\nheld until: B (then queued at deploy; on dependency failure: run)\n"
+        );
+        let a = serde_json::json!({"id": "D-2", "status": "queued", "stage": "deploy",
+            "after": ["A"], "waiting_for": []});
+        assert!(render_held(&a).contains("not held: A already finished"));
+        let a = serde_json::json!({"id": "D-3", "status": "dead_lettered", "stage": "deploy",
+            "failed_because": "dependency A dead_lettered at build"});
+        assert!(
+            render_held(&a)
+                .ends_with("dead-lettered at deploy: dependency A dead_lettered at build\n")
+        );
     }
 
     #[test]

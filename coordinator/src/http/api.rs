@@ -137,6 +137,12 @@ pub async fn task(
         ))
     })?;
     let mut body = to_json(&view)?;
+    // Flows (issue 19): a release its stage cannot take now, and why.
+    if body["flow"].is_object()
+        && let Some(release) = super::held::release_view(&app, &id)
+    {
+        body["flow"]["release"] = release;
+    }
     if !scope.full {
         redact::task(&mut body);
     }
@@ -206,6 +212,10 @@ struct SubmitBody {
     delay: Option<String>,
     /// When it can start, RFC 3339 (`2026-12-07T09:00:00Z`).
     at: Option<String>,
+    /// Flows (issue 19): hold it until these tasks have finished.
+    after: Option<Value>,
+    /// With `after`: `fail` (default) or `run` when one of them fails.
+    on_dependency_failure: Option<Value>,
 }
 
 /// The priority and due time of a `POST /api/tasks` body.
@@ -262,6 +272,12 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: SubmitBody = super::body::parse(body)?;
+    let hold = super::held::hold_of(req.after.as_ref(), req.on_dependency_failure.as_ref())?;
+    if hold.is_some() && (req.delay_ms.is_some() || req.delay.is_some() || req.at.is_some()) {
+        return Err(ApiError::bad_request(
+            "after and delay together are not supported (delay_ms, delay and at): a held task is published when its dependencies have finished",
+        ));
+    }
     let when = submit_when(&req, now_ms())?;
     let stage = Stage::new(req.stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let id = req
@@ -286,6 +302,9 @@ pub async fn submit(
             })?,
         (None, None) => Vec::new(),
     };
+    if let Some(hold) = hold {
+        return super::held::submit(&app, stage, id, payload, when.priority, hold).await;
+    }
     let timeout = app.http.config.broker_timeout;
     let publish = async {
         let (conn, publisher) = app

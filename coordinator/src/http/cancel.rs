@@ -1,7 +1,8 @@
 //! Cancel endpoints (issue 18), control routes behind the token:
 //!
 //! - `DELETE /api/tasks/{id}[?by=NAME]`: 202 `{"task_id", "result":
-//!   "requested" | "already_requested", "status"}`; 404 for an unknown id,
+//!   "requested" | "already_requested", "status", "with_children",
+//!   "cancelled"}`; 404 for an unknown id,
 //!   409 `{"error", "result": "already_finished"}` for a finished task, 400
 //!   for a malformed id or name, 429 past the bound on live cancels, 503
 //!   when the request cannot be recorded, 504 when the broker does not
@@ -9,7 +10,15 @@
 //! - `POST /api/tasks/cancel` with `{"ids": [...]}` or a filter `{"stage",
 //!   "status", "priority", "prefix"}` (at least one), `"dry_run": true` for
 //!   the count and a sample of ids without cancelling, `"by"` for the name
-//!   in the trace. At most [`MAX_BULK`] tasks at once.
+//!   in the trace. At most [`MAX_BULK`] tasks at once (besides their
+//!   children); `cancelled` counts the children too.
+//!
+//! Flows (issue 19): a cancel stops a whole flow. The ids asked for are
+//! expanded with their open children (and theirs: the core's
+//! `with_flow_descendants`, at most [`MAX_CHILDREN`] more per call) before
+//! anything is decided; the answers say how many of those were cancelled
+//! too (`with_children`) and in all (`cancelled`). A held task cancelled is
+//! settled by the core at once (it is in no queue).
 //!
 //! What to do is the core's ([`Core::cancel`]); recording and telling the
 //! agents is [`crate::serve::cancel`]'s, the broker time-out this module's.
@@ -39,6 +48,10 @@ type AppState = State<Arc<App>>;
 /// Most tasks one bulk cancel takes (the rest stay: run it again).
 pub const MAX_BULK: usize = 10_000;
 
+/// Most open children (of fanned-out tasks, at any depth) one call
+/// cancels besides the tasks it names.
+pub const MAX_CHILDREN: usize = 10_000;
+
 /// Ids shown in a bulk answer.
 const SAMPLE: usize = 20;
 
@@ -61,14 +74,29 @@ pub fn valid_by(by: &str) -> Result<(), String> {
     }
 }
 
-/// Cancels `ids` for `by`: decides, records (confirmed within the broker
-/// time-out: 503, 504), tells the agents. Each id's outcome.
-async fn request(
-    app: &App,
-    ids: Vec<TaskId>,
-    by: &str,
-) -> Result<Vec<(TaskId, CancelOutcome)>, ApiError> {
-    let (results, events) = cancel::decide(app, ids, by);
+/// What one cancel call did.
+struct Cancelled {
+    /// Each id asked for, with its outcome.
+    asked: Vec<(TaskId, CancelOutcome)>,
+    /// Their open children (issue 19), with theirs.
+    children: Vec<(TaskId, CancelOutcome)>,
+}
+
+impl Cancelled {
+    /// Children whose cancel was requested (or already was).
+    fn with_children(&self) -> usize {
+        self.children.iter().filter(|(_, o)| o.broadcast()).count()
+    }
+}
+
+/// Cancels `ids` and their open children for `by`: decides, records
+/// (confirmed within the broker time-out: 503, 504), tells the agents.
+async fn request(app: &App, ids: Vec<TaskId>, by: &str) -> Result<Cancelled, ApiError> {
+    let asked = ids.len();
+    let ids = app
+        .core()
+        .with_flow_descendants(&ids, asked.saturating_add(MAX_CHILDREN));
+    let (mut results, events) = cancel::decide(app, ids, by);
     super::write::confirmed(
         app,
         cancel::record(app, events),
@@ -77,7 +105,11 @@ async fn request(
     )
     .await?;
     cancel::tell(app, &results, by).await;
-    Ok(results)
+    let children = results.split_off(asked.min(results.len()));
+    Ok(Cancelled {
+        asked: results,
+        children,
+    })
 }
 
 /// `DELETE /api/tasks/{id}`.
@@ -95,10 +127,9 @@ pub async fn cancel_one(
     let by = query.get("by").map_or(DEFAULT_BY, String::as_str);
     valid_by(by).map_err(ApiError::bad_request)?;
     let id = TaskId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let outcome = request(&app, vec![id.clone()], by)
-        .await?
-        .pop()
-        .map_or(CancelOutcome::Unknown, |(_, o)| o);
+    let mut done = request(&app, vec![id.clone()], by).await?;
+    let children = done.with_children();
+    let outcome = done.asked.pop().map_or(CancelOutcome::Unknown, |(_, o)| o);
     match outcome {
         CancelOutcome::Requested { status } => Ok((
             StatusCode::ACCEPTED,
@@ -107,12 +138,20 @@ pub async fn cancel_one(
                 "result": outcome.as_str(),
                 "status": status.as_str(),
                 "by": by,
+                "with_children": children,
+                "cancelled": 1 + children,
             })),
         )
             .into_response()),
         CancelOutcome::AlreadyRequested => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"task_id": id.as_str(), "result": outcome.as_str(), "by": by})),
+            Json(json!({
+                "task_id": id.as_str(),
+                "result": outcome.as_str(),
+                "by": by,
+                "with_children": children,
+                "cancelled": 1 + children,
+            })),
         )
             .into_response()),
         CancelOutcome::AlreadyFinished { status } => Ok((
@@ -242,12 +281,14 @@ pub async fn cancel_bulk(
         }))
         .into_response());
     }
-    let results = request(&app, ids, &by).await?;
+    let done = request(&app, ids, &by).await?;
+    let with_children = done.with_children();
     let mut tally: HashMap<&'static str, usize> = HashMap::new();
-    for (_, o) in &results {
+    for (_, o) in done.asked.iter().chain(&done.children) {
         *tally.entry(o.as_str()).or_default() += 1;
     }
-    let sample: Vec<Value> = results
+    let sample: Vec<Value> = done
+        .asked
         .iter()
         .take(SAMPLE)
         .map(|(id, o)| json!({"task_id": id.as_str(), "result": o.as_str()}))
@@ -260,6 +301,7 @@ pub async fn cancel_bulk(
             "cancelled": tally.get("requested").copied().unwrap_or(0)
                 + tally.get("already_requested").copied().unwrap_or(0),
             "results": tally,
+            "with_children": with_children,
             "sample": sample,
             "by": by,
         })),

@@ -6,6 +6,7 @@
 //! - `server`: the accept loop and connections (time-outs, connection
 //!   limit, shedding), with `conns`, the connection tracker;
 //! - `api`: read endpoints and submitting;
+//! - `held`: submitting a task held until others finish (`after`, issue 19);
 //! - `dead_letters`: listing and replaying dead letters, on a shared
 //!   connection, bounded in time and concurrency;
 //! - `control`: commands to workers and stages;
@@ -32,6 +33,7 @@ pub mod dead_letters;
 pub mod error;
 mod events;
 mod flows;
+mod held;
 pub mod hosts;
 mod rate_limits;
 pub mod redact;

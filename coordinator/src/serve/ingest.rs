@@ -331,6 +331,9 @@ fn apply(app: &App, data: &[u8], offset: Option<u64>, user_id: Option<&str>) {
                 app.hellos.note_stragglers(&core, &decoded.envelope);
                 let before = core.poll_timeout();
                 core.handle_envelope(now_ms(), decoded, offset);
+                // A dependency finished, a join's last child, the replay
+                // caught up: the release executor has work.
+                app.flows.wake_if(&core);
                 core.has_notices() || core.poll_timeout() < before
             };
             // The timer task sleeps until the core's next deadline: it is

@@ -16,7 +16,8 @@
 //! - [`link`]: a lazily (re)connected broker link for publishing and probes;
 //! - [`actuate`]: carrying out scaling decisions (webhook, command, dry run);
 //! - [`alerts`]: webhook alerts, queued and retried off the core's path;
-//! - [`persist`]: snapshot files (load at start, periodic atomic writes).
+//! - [`persist`]: snapshot files (load at start, periodic atomic writes);
+//! - [`flows`]: carrying out the core's releases of held tasks and joins.
 //!
 //! When the core declares a worker dead, the runtime closes that agent's
 //! connection through the management API (agents name their connections
@@ -28,6 +29,7 @@ pub mod alerts;
 pub mod cancel;
 pub mod control;
 pub mod cron;
+pub mod flows;
 pub mod ingest;
 pub mod link;
 pub mod persist;
@@ -219,6 +221,9 @@ pub struct App {
     pub hellos: cancel::Hellos,
     /// Sends agents their shares of stage rate limits, in order.
     pub rate_shares: rate_limits::ShareSender,
+    /// Flows (issue 19): wakes the release executor, and what it is
+    /// retrying.
+    pub flows: flows::Flows,
 }
 
 /// How often the coordinator writes its echo (its marker) to the events
@@ -403,6 +408,7 @@ pub async fn run(
         ticks: tick_tx,
         hellos: cancel::Hellos::default(),
         rate_shares: rate_limits::ShareSender::default(),
+        flows: flows::Flows::default(),
     });
     app.health
         .management_ok
@@ -423,6 +429,11 @@ pub async fn run(
     tasks.spawn(timers(app.clone(), stop_rx.clone()));
     tasks.spawn(cron::run(app.clone(), tick_rx, stop_rx.clone()));
     tasks.spawn(cancel::relay(app.clone(), stop_rx.clone()));
+    tasks.spawn(flows::run(
+        app.clone(),
+        format!("{conn_name}/flows"),
+        stop_rx.clone(),
+    ));
     tasks.spawn(rate_limits::write_flags(
         app.clone(),
         config.rate_limits.clone(),
@@ -604,7 +615,9 @@ fn snapshot_step<T>(
 async fn publish_marker(app: Arc<App>, nonce: u64, mut stop: watch::Receiver<bool>) {
     if !write_marker(&app, nonce, true).await {
         tracing::warn!("start-up marker not written: treating the stream as replayed");
-        app.core().set_caught_up(now_ms());
+        let mut core = app.core();
+        core.set_caught_up(now_ms());
+        app.flows.wake_if(&core);
     }
     let mut tick = tokio::time::interval(ECHO_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -652,6 +665,8 @@ async fn timers(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let notices: Vec<Notice> = {
             let mut core = app.core();
             core.handle_timeout(now_ms());
+            // An unknown dependency's grace may have run out.
+            app.flows.wake_if(&core);
             std::iter::from_fn(|| core.poll_notice()).collect()
         };
         for notice in notices {

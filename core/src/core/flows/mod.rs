@@ -420,6 +420,10 @@ impl Core {
                 return Err(HoldError::Unknown(dep.clone()));
             }
         }
+        // A held task already waiting for `id` (named before `id` existed).
+        if let Some(path) = self.cycle_through(id, after) {
+            return Err(HoldError::Cycle(path));
+        }
         Ok(())
     }
 

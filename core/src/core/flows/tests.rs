@@ -200,6 +200,15 @@ fn a_cycle_is_dead_lettered_at_once() {
         Err(HoldError::Unknown(_))
     ));
     assert_eq!(r.sim.core.check_hold(&id, &[tid("X")]), Ok(()));
+    // A held task waits for an id nobody knows yet: holding that id after
+    // it would close a cycle, and is refused before it is written.
+    let h = r.sim.held("H", "s", &["Z"], Dep::Fail, b"h");
+    r.send("agent-s", vec![h]);
+    assert_eq!(
+        r.sim.core.check_hold(&tid("Z"), &[tid("H")]),
+        Err(HoldError::Cycle("Z -> H -> Z".into()))
+    );
+    assert_eq!(r.sim.core.check_hold(&tid("Z"), &[tid("X")]), Ok(()));
 }
 
 /// Parent P runs at `split`, fans out 3 children to `work`, joins at `merge`.
