@@ -528,7 +528,10 @@ mod tests {
             (AMQPValue::LongString("has space".into()), "not a task id"),
             (AMQPValue::LongString("".into()), "not a task id"),
             (AMQPValue::LongInt(5), "not text"),
-            (AMQPValue::LongString("x".repeat(500).into()), "not a task id"),
+            (
+                AMQPValue::LongString("x".repeat(500).into()),
+                "not a task id",
+            ),
         ] {
             let props = BasicProperties::default().with_headers({
                 let mut t = FieldTable::default();
@@ -541,8 +544,11 @@ mod tests {
             assert!(err.contains(why), "{value:?}: {err}");
         }
         assert_eq!(malformed_parent(&BasicProperties::default()), None);
-        let ok = TaskMeta::submission(TaskId::new("P").unwrap(), NOW, None)
-            .child(TaskId::new("P:0").unwrap(), NOW, None);
+        let ok = TaskMeta::submission(TaskId::new("P").unwrap(), NOW, None).child(
+            TaskId::new("P:0").unwrap(),
+            NOW,
+            None,
+        );
         assert_eq!(malformed_parent(&ok.properties()), None);
     }
 

@@ -55,7 +55,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 pub use commands::{Step, Verdict};
-pub use settle::{Body, Publish, Target};
+pub use settle::{Body, ChildMessage, Children, FanOutRules, Publish, Target};
 pub use task::{CONNECTION_LOST, LOST_LINK_GRACE, SETTLE_FAILED, STOP_TIMEOUT};
 pub use worker::WorkerStatus;
 
@@ -87,6 +87,8 @@ pub struct CoreConfig {
     pub worker: Option<WorkerStatus>,
     /// Which next stages named by a worker are declared.
     pub next_stages: NextStages,
+    /// `--join` and `--max-children` (issue 19).
+    pub fan_out: settle::FanOutRules,
 }
 
 /// What the driver must do, in order.
@@ -127,6 +129,16 @@ pub enum Action {
         /// What to publish.
         publish: Publish,
     },
+    /// Check (or declare) every stage of a fan-out, publish every child,
+    /// then wait for all their confirms; answer with
+    /// [`AgentCore::handle_confirm`] ([`Confirm::NoSuchStage`] before
+    /// publishing anything if a stage is missing).
+    PublishChildren {
+        /// The parent.
+        task: TaskKey,
+        /// What to check and publish.
+        children: settle::Children,
+    },
     /// Emit an event (buffered, not waited for).
     Emit(Event),
     /// Emit events in one batch and wait for its confirm; answer with
@@ -153,8 +165,9 @@ pub enum Action {
 pub enum Confirm {
     /// The message (or the event batch) was confirmed.
     Confirmed,
-    /// The next stage does not exist and the agent may not declare it.
-    NoSuchStage,
+    /// This stage (a next stage, or a fan-out's child or join stage) does
+    /// not exist and the agent may not declare it.
+    NoSuchStage(Stage),
     /// It was not confirmed (a nack, an unroutable message, a failed
     /// declaration or event batch): one line.
     Failed(String),

@@ -3,11 +3,15 @@
 //! | response | outcome |
 //! |---|---|
 //! | 2xx | success; the body is the next payload; `x-guildhall-next-stage` may name another stage or `-` |
+//! | 2xx with `x-guildhall-fan-out: ndjson` | a fan-out: the body lists child tasks, one per line ([`super::fanout`]); a bad one is a permanent failure, class `invalid_fan_out` |
 //! | 408, 429 | retryable (the worker asks to be tried again later) |
 //! | other 4xx, 1xx, 3xx | permanent |
 //! | 5xx | retryable |
 //! | connection error | retryable, class `connection` |
 //! | no answer within the task timeout | retryable, class `timeout` (a supervised worker is restarted instead and the task given back) |
+//!
+//! The request carries the task's id, stage, attempt, idempotency key,
+//! priority, `traceparent` and, on a child task, `x-guildhall-parent`.
 //!
 //! A next stage that is not a valid stage name (bad characters, bytes that
 //! are not ASCII, over 255 bytes) is a permanent failure, class
@@ -118,6 +122,9 @@ impl HttpWorker {
         if let Some(tp) = &task.traceparent {
             headers.push((h::TRACEPARENT, tp.clone()));
         }
+        if let Some(parent) = &task.parent {
+            headers.push((h::PARENT, parent.as_str().to_owned()));
+        }
         match &self.transport {
             Transport::Reqwest(client) => self.via_reqwest(client, headers, task).await,
             Transport::Plain(client) => {
@@ -216,10 +223,10 @@ impl HttpWorker {
     }
 }
 
-/// The worker's answer headers: next stage, error class and priority. A
-/// header that is there but not text (bytes over 0x7f) is read lossily, so
-/// it is refused as a value instead of ignored as absent (an unreadable
-/// next stage must not send the result to the default).
+/// The worker's answer headers: next stage, error class, priority and the
+/// fan-out's. A header that is there but not text (bytes over 0x7f) is read
+/// lossily, so it is refused as a value instead of ignored as absent (an
+/// unreadable next stage must not send the result to the default).
 struct Answer {
     /// `x-guildhall-next-stage`.
     next: Option<String>,
@@ -227,6 +234,14 @@ struct Answer {
     class: Option<String>,
     /// `x-guildhall-priority`.
     priority: Option<String>,
+    /// `x-guildhall-fan-out`.
+    fan_out: Option<String>,
+    /// `Content-Type` (read only for a fan-out).
+    content_type: Option<String>,
+    /// `x-guildhall-join`.
+    join: Option<String>,
+    /// `x-guildhall-on-child-failure`.
+    on_child_failure: Option<String>,
 }
 
 impl Answer {
@@ -240,11 +255,31 @@ impl Answer {
             next: header(h::NEXT_STAGE),
             class: header(h::ERROR_CLASS),
             priority: header(h::PRIORITY),
+            fan_out: header(h::FAN_OUT),
+            content_type: header(CONTENT_TYPE.as_str()),
+            join: header(h::JOIN),
+            on_child_failure: header(h::ON_CHILD_FAILURE),
         }
     }
 
     /// The outcome of a response with these headers.
     fn map(&self, status: u16, body: Vec<u8>) -> Outcome {
+        if let (Some(fan_out), true) = (&self.fan_out, (200..300).contains(&status)) {
+            // A fan-out's children keep the task's priority: the
+            // priority header is not read.
+            let next = match next_stage(self.next.as_deref()) {
+                Ok(next) => next,
+                Err(failure) => return Outcome::Failure(failure),
+            };
+            return super::fanout::from_http(
+                fan_out,
+                self.content_type.as_deref(),
+                self.join.as_deref(),
+                self.on_child_failure.as_deref(),
+                next,
+                &body,
+            );
+        }
         map_response_with_priority(
             status,
             self.next.as_deref(),
@@ -344,18 +379,9 @@ pub fn map_response_with_priority(
                 ));
             }
         };
-        let next = match next_stage.map(str::trim) {
-            None | Some("") => NextStage::Default,
-            Some(END_OF_PIPELINE) => NextStage::End,
-            Some(name) => match Stage::new(name) {
-                Ok(stage) => NextStage::Stage(stage),
-                Err(err) => {
-                    return Outcome::Failure(Failure::permanent(
-                        "invalid_next_stage",
-                        format!("worker answered {}: {err}", h::NEXT_STAGE),
-                    ));
-                }
-            },
+        let next = match self::next_stage(next_stage) {
+            Ok(next) => next,
+            Err(failure) => return Outcome::Failure(failure),
         };
         return Outcome::Success {
             payload: body,
@@ -377,6 +403,22 @@ pub fn map_response_with_priority(
         retryable,
         timed_out: false,
     })
+}
+
+/// Reads `x-guildhall-next-stage`: absent or empty for the default, `-`
+/// for the end; a name that is not a stage is a permanent failure, class
+/// `invalid_next_stage`.
+fn next_stage(value: Option<&str>) -> Result<NextStage, Failure> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(NextStage::Default),
+        Some(END_OF_PIPELINE) => Ok(NextStage::End),
+        Some(name) => Stage::new(name).map(NextStage::Stage).map_err(|err| {
+            Failure::permanent(
+                "invalid_next_stage",
+                format!("worker answered {}: {err}", h::NEXT_STAGE),
+            )
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -514,6 +556,7 @@ mod tests {
             traceparent: None,
             priority: Default::default(),
             payload: b"x".to_vec(),
+            parent: None,
         };
         let f = failure(worker.handle(&task).await);
         assert_eq!(f.class, "connection");
@@ -540,6 +583,7 @@ mod tests {
             traceparent: None,
             priority: Default::default(),
             payload: Vec::new(),
+            parent: None,
         };
         let f = failure(worker.handle(&task).await);
         assert_eq!(f.class, "timeout");
@@ -588,6 +632,7 @@ mod tests {
             traceparent: None,
             priority: Default::default(),
             payload: b"in".to_vec(),
+            parent: None,
         };
         const TASKS: u32 = 40;
         let t0 = std::time::Instant::now();
