@@ -171,6 +171,9 @@ pub struct AgentExit {
     /// Enqueue or submit times in task messages that could not be right
     /// (before 2000, over an hour ahead, overflowing), read as absent.
     pub implausible_times: u64,
+    /// Task messages whose `x-guildhall-parent` header was not a task id,
+    /// read as absent (issue 19).
+    pub malformed_parents: u64,
     /// Times the link to the broker was lost (and reopened).
     pub links_lost: u64,
 }

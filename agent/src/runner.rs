@@ -296,6 +296,7 @@ impl Runner {
             shared,
             rejected_log: crate::dead::rejected_log(),
             implausible_log: RateLimited::new(task::IMPLAUSIBLE_LOG_INTERVAL, 1),
+            parent_log: RateLimited::new(task::IMPLAUSIBLE_LOG_INTERVAL, 1),
         });
         Ok(Self {
             config,
@@ -872,6 +873,7 @@ impl Runner {
             requeued: self.ctx.shared.requeued(),
             rejected: self.ctx.shared.rejected(),
             implausible_times: self.ctx.shared.implausible_times(),
+            malformed_parents: self.ctx.shared.malformed_parents(),
             links_lost: self.ctx.shared.links_lost(),
         };
         tracing::info!(
@@ -881,6 +883,7 @@ impl Runner {
             requeued = exit.requeued,
             rejected = exit.rejected,
             implausible_times = exit.implausible_times,
+            malformed_parents = exit.malformed_parents,
             links_lost = exit.links_lost,
             "stopped"
         );

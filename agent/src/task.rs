@@ -5,7 +5,9 @@
 //!
 //! Times in a message that cannot be right (before 2000, over an hour
 //! ahead) are read as absent ([`TaskMeta::read`]), counted, and logged at
-//! most once per [`IMPLAUSIBLE_LOG_INTERVAL`].
+//! most once per [`IMPLAUSIBLE_LOG_INTERVAL`]; so is an
+//! `x-guildhall-parent` header that is not a task id (the task is then
+//! treated as no one's child).
 
 use crate::core::{self, Body, Confirm, Publish, Target};
 use crate::dead::{self, Reasons};
@@ -43,6 +45,8 @@ pub struct TaskCtx {
     pub rejected_log: RateLimited,
     /// Bounds the log lines about implausible times in task messages.
     pub implausible_log: RateLimited,
+    /// Bounds the log lines about malformed `x-guildhall-parent` headers.
+    pub parent_log: RateLimited,
 }
 
 /// Least time between two log lines about implausible times.
@@ -76,6 +80,9 @@ pub fn read(
         Ok((meta, implausible)) => {
             if !implausible.is_empty() {
                 report_implausible(ctx, &meta, &implausible);
+            }
+            if let Some(why) = guildhall_broker::task::malformed_parent(&delivery.properties) {
+                report_malformed_parent(ctx, &meta, &why);
             }
             Ok(meta)
         }
@@ -371,6 +378,19 @@ fn report_implausible(ctx: &TaskCtx, meta: &TaskMeta, dropped: &[ImplausibleTime
                 "ignored an implausible time in a task message (before 2000 or over an hour ahead): the task's waits are not measured from it"
             );
         }
+    }
+}
+
+/// Counts and logs (at most once per [`IMPLAUSIBLE_LOG_INTERVAL`]) a
+/// parent header read as absent.
+fn report_malformed_parent(ctx: &TaskCtx, meta: &TaskMeta, why: &str) {
+    ctx.shared.count_malformed_parent();
+    if let Some(held_back) = ctx.parent_log.hit() {
+        tracing::warn!(
+            task = %meta.id,
+            more_since_last_line = held_back,
+            "ignored the parent header of a task message: {why}; the task is treated as no one's child"
+        );
     }
 }
 

@@ -22,7 +22,8 @@
 //! - [`commands`]: what each command does;
 //! - [`worker`]: the supervised worker's runs as plain data (which run a
 //!   task went to, why a run ended), produced by the supervisor;
-//! - `tests`, `settle_tests`: virtual time.
+//! - `tests`, `settle_tests`, `flows_tests` (fan-outs and child results,
+//!   issue 19): virtual time.
 //!
 //! # Consumption
 //!
@@ -37,6 +38,8 @@
 pub mod bands;
 pub mod cancel;
 pub mod commands;
+#[cfg(test)]
+mod flows_tests;
 pub mod intake;
 pub mod rate;
 pub mod settle;

@@ -646,4 +646,78 @@ mod tests {
         assert!(each < Duration::from_millis(15), "{each:?} per task");
         server.abort();
     }
+
+    /// A fan-out answer through the real client: the child lines and the
+    /// headers are read, and the request names the task's parent.
+    #[tokio::test]
+    async fn a_fan_out_answer_is_read_and_the_parent_is_sent() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                seen.extend_from_slice(&buf[..n]);
+            }
+            let body = "{\"payload\":\"a\"}\n\n{\"payload\":{\"k\":1},\"stage\":\"s2\"}\n";
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\
+                 x-guildhall-fan-out: ndjson\r\nx-guildhall-join: merge\r\n\
+                 x-guildhall-next-stage: kids\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            socket.write_all(head.as_bytes()).await.unwrap();
+            socket.write_all(body.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&seen).to_lowercase()
+        });
+        let worker = HttpWorker::new(&format!("http://{addr}/"), Duration::from_secs(5)).unwrap();
+        let task = TaskInput {
+            task_id: "P-1:2".parse().unwrap(),
+            stage: "s".parse().unwrap(),
+            attempt: 1,
+            idempotency_key: "P-1:2/s/1".into(),
+            traceparent: None,
+            priority: Default::default(),
+            payload: Vec::new(),
+            parent: Some("P-1".parse().unwrap()),
+        };
+        let Outcome::FanOut(f) = worker.handle(&task).await else {
+            panic!("not a fan-out")
+        };
+        assert_eq!(f.children.len(), 2);
+        assert_eq!(f.children[1].payload, br#"{"k":1}"#);
+        assert_eq!(f.children[1].stage, Some("s2".parse().unwrap()));
+        assert_eq!(f.next, NextStage::Stage("kids".parse().unwrap()));
+        assert_eq!(
+            f.join,
+            super::super::fanout::Join::Stage("merge".parse().unwrap())
+        );
+        let request = server.await.unwrap();
+        assert!(request.contains("x-guildhall-parent: p-1\r\n"), "{request}");
+    }
+
+    #[test]
+    fn a_fan_out_header_on_a_failure_is_not_read() {
+        let answer = Answer {
+            next: None,
+            class: None,
+            priority: None,
+            fan_out: Some("ndjson".into()),
+            content_type: Some("application/x-ndjson".into()),
+            join: None,
+            on_child_failure: None,
+        };
+        assert_eq!(failure(answer.map(503, Vec::new())).class, "http_503");
+        let f = failure(
+            Answer {
+                next: Some("bad stage".into()),
+                ..answer
+            }
+            .map(200, b"{\"payload\":1}".to_vec()),
+        );
+        assert_eq!(f.class, "invalid_next_stage");
+    }
 }
