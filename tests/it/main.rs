@@ -14,6 +14,7 @@ mod delay;
 mod demo;
 mod demo_worker;
 mod errors;
+mod flows_agent;
 mod hostile;
 mod hostile_agent;
 mod hostile_http;
