@@ -335,11 +335,10 @@ impl AgentCore {
     }
 
     /// Starts carrying out `plan` for `key`.
-    fn carry_out(&mut self, key: TaskKey, plan: Plan, result: WorkerResult) {
+    fn carry_out(&mut self, key: TaskKey, mut plan: Plan, result: WorkerResult) {
         let Some(task) = self.tasks.get_mut(&key) else {
             return;
         };
-        let mut plan = plan;
         let publish = plan.publish.take();
         let children = plan.children.take();
         let handoff = match (&publish, &children) {

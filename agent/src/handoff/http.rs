@@ -267,9 +267,10 @@ impl Answer {
         if let (Some(fan_out), true) = (&self.fan_out, (200..300).contains(&status)) {
             // A fan-out's children keep the task's priority: the
             // priority header is not read.
+            // The children's default stage: a bad one refuses the fan-out.
             let next = match next_stage(self.next.as_deref()) {
                 Ok(next) => next,
-                Err(failure) => return Outcome::Failure(failure),
+                Err(failure) => return super::fanout::invalid(failure.error),
             };
             return super::fanout::from_http(
                 fan_out,
@@ -718,6 +719,8 @@ mod tests {
             }
             .map(200, b"{\"payload\":1}".to_vec()),
         );
-        assert_eq!(f.class, "invalid_next_stage");
+        // The children's default stage: the fan-out is refused.
+        assert_eq!(f.class, "invalid_fan_out");
+        assert!(f.error.contains("x-guildhall-next-stage"), "{}", f.error);
     }
 }
