@@ -1,8 +1,8 @@
 //! Flows (issue 19), the agent's part, on the real broker with the real
 //! agent binary and the test worker: an HTTP worker's fan-out publishes its
 //! children (ids `<parent>:<i>`, the parent header, the parent's priority)
-//! before the events that report it; a child whose pipeline ends reports
-//! its result; an exec worker fans out too; a hostile fan-out is
+//! before the events that report it, 10,000 of them too; a child whose
+//! pipeline ends reports its result; an exec worker fans out too; a hostile fan-out is
 //! dead-lettered (`invalid_fan_out`) with nothing published; a third-party
 //! message with `x-guildhall-after` is held (`TaskHeld`), a malformed one
 //! dead-lettered (`invalid_after`).
@@ -434,4 +434,26 @@ async fn a_message_with_after_is_held_and_a_malformed_one_dead_lettered() {
     .await;
     assert_eq!(broker.probe(&intake).await, Some((0, 0)));
     assert!(rig.worker.calls().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_fan_out_of_the_most_children_is_published_whole() {
+    let ns = TestNs::new("fan-max");
+    let rig = Rig::start(&ns, &["kid"], &[]).await;
+    let mut events = rig.events().await;
+    rig.broker
+        .publish_task("work", "M-1", "fanout=10000 fanstage=kid")
+        .await
+        .unwrap();
+    let seen = events
+        .until(&agent("work-1"), "the parent's success", |e| {
+            e.iter()
+                .any(|e| matches!(e, Event::TaskSucceeded(s) if s.task_id.as_str() == "M-1"))
+        })
+        .await;
+    let submitted = seen.iter().filter(|e| e.kind() == "task_submitted").count();
+    assert_eq!(submitted, 10_000);
+    // Confirmed before the events: all there already.
+    let kid = rig.broker.names.stage_queue(&TestNs::stage("kid"));
+    assert_eq!(rig.broker.probe(&kid).await, Some((10_000, 0)));
 }
