@@ -192,6 +192,23 @@ pub struct Cli {
     #[arg(long, env = "GUILDHALL_PRIORITY_SHARE", default_value_t = crate::core::bands::DEFAULT_SHARE)]
     pub priority_share: f64,
 
+    /// Where the parent of a fan-out continues once its children have all
+    /// finished, when its worker's answer names no join
+    /// (`x-guildhall-join`); declared if missing, like --next. Default: no
+    /// join (the parent is finished when its children are).
+    #[arg(long, env = "GUILDHALL_JOIN", value_name = "STAGE")]
+    pub join: Option<String>,
+
+    /// Most children one fan-out may list, 1 to 10000; a worker listing
+    /// more has its task dead-lettered (`invalid_fan_out`).
+    #[arg(
+        long,
+        env = "GUILDHALL_MAX_CHILDREN",
+        default_value_t = guildhall_proto::flow::MAX_CHILDREN as i64,
+        allow_negative_numbers = true
+    )]
+    pub max_children: i64,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "GUILDHALL_JSON_LOGS", value_parser = FalseyValueParser::new())]
     pub json_logs: bool,
@@ -281,6 +298,10 @@ impl Cli {
         };
         config.allow_new_stages = self.allow_new_stages;
         config.priority_share = self.priority_share;
+        if let Some(join) = self.join.as_deref() {
+            config.join = Some(id("--join", join)?);
+        }
+        config.max_children = int("--max-children", self.max_children, limits::MAX_CHILDREN)?;
         config.supervise = self.worker_command;
         config.validate()?;
         Ok(config)
@@ -452,6 +473,41 @@ mod tests {
         assert_eq!(defaults.command_user, None);
         assert!(c.allow_new_stages);
         assert!(!defaults.allow_new_stages);
+        assert_eq!(defaults.join, None);
+        assert_eq!(defaults.max_children, 10_000);
+    }
+
+    #[test]
+    fn fan_out_flags_set_the_join_and_the_most_children() {
+        let c = parse(&[
+            "--stage",
+            "s",
+            "--exec",
+            "cat",
+            "--join",
+            "merge",
+            "--max-children",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!(c.join.as_ref().map(|s| s.as_str()), Some("merge"));
+        assert_eq!(c.max_children, 50);
+        for (args, expected) in [
+            (
+                &["--max-children", "0"][..],
+                "--max-children must be between 1 and 10000 (got 0)",
+            ),
+            (
+                &["--max-children", "10001"],
+                "--max-children must be between 1 and 10000 (got 10001)",
+            ),
+            (&["--join", "a b"], "--join"),
+        ] {
+            let mut all = vec!["--stage", "s", "--exec", "cat"];
+            all.extend_from_slice(args);
+            let err = parse(&all).unwrap_err().to_string();
+            assert!(err.contains(expected), "{args:?}: {err}");
+        }
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub(crate) mod limits {
     pub const LOG_LINES: RangeInclusive<i64> = 0..=100_000;
     /// `--health-failures`.
     pub const HEALTH_FAILURES: RangeInclusive<i64> = 1..=1000;
+    /// `--max-children`.
+    pub const MAX_CHILDREN: RangeInclusive<i64> = 1..=guildhall_proto::flow::MAX_CHILDREN as i64;
 }
 
 /// How tasks reach the worker.
@@ -285,6 +287,14 @@ pub struct AgentConfig {
     /// The agent's own start rate limit (`--rate-limit`), in force until
     /// the coordinator sends a share of its stage's limit.
     pub rate_limit: Option<guildhall_proto::Rate>,
+    /// Where a fan-out's parent continues once its children have finished,
+    /// when its worker names no join (`--join`, issue 19); `None`: no join.
+    /// Declared if missing, like a next stage.
+    pub join: Option<Stage>,
+    /// Most children one fan-out may have (`--max-children`, at most
+    /// [`guildhall_proto::flow::MAX_CHILDREN`]); more dead-letters the
+    /// parent (`invalid_fan_out`).
+    pub max_children: u32,
 }
 
 impl AgentConfig {
@@ -318,6 +328,8 @@ impl AgentConfig {
             allow_new_stages: false,
             priority_share: crate::core::bands::DEFAULT_SHARE,
             rate_limit: None,
+            join: None,
+            max_children: guildhall_proto::flow::MAX_CHILDREN,
         }
     }
 
@@ -406,6 +418,18 @@ impl AgentConfig {
         self
     }
 
+    /// Sets the default join stage of a fan-out (`--join`, issue 19).
+    pub fn with_join(mut self, join: Option<Stage>) -> Self {
+        self.join = join;
+        self
+    }
+
+    /// Sets the most children one fan-out may have (`--max-children`).
+    pub fn with_max_children(mut self, max: u32) -> Self {
+        self.max_children = max;
+        self
+    }
+
     /// Health-checks the supervised worker: GET `url` every `interval`;
     /// `failures` failed checks in a row restart it.
     pub fn with_health_check(
@@ -442,6 +466,11 @@ impl AgentConfig {
             });
         }
         range("--log-lines", as_i64(self.log_lines), limits::LOG_LINES)?;
+        range(
+            "--max-children",
+            self.max_children.into(),
+            limits::MAX_CHILDREN,
+        )?;
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
         duration_range("--task-timeout", self.task_timeout, ms(1), s(86_400))?;
@@ -587,6 +616,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("allow_new_stages", &self.allow_new_stages)
             .field("priority_share", &self.priority_share)
             .field("rate_limit", &self.rate_limit)
+            .field("join", &self.join)
+            .field("max_children", &self.max_children)
             .finish()
     }
 }

@@ -18,6 +18,10 @@
 //! | any other stage whose queue exists (the coordinator's submit, another agent or the operator declared it) | used |
 //! | any other stage | the task fails permanently at its current stage with class `unknown_stage` (dead-lettered) |
 //! | anything, with `--allow-new-stages` | declared if missing |
+//!
+//! A fan-out's children's stages and its join stage (issue 19) follow the
+//! same rule, the agent's `--join` counting as one of its own stages; a
+//! missing one dead-letters the parent with class `invalid_fan_out`.
 
 use crate::config::StageRoute;
 use guildhall_broker::BrokerError;
@@ -58,6 +62,14 @@ impl NextStages {
             configured,
             allow_new,
         }
+    }
+
+    /// The same rule, with the agent's `--join` stage (issue 19) among its
+    /// own: a fan-out's join stage and children's stages follow the rule of
+    /// next stages.
+    pub fn with_join(mut self, join: Option<&Stage>) -> Self {
+        self.configured.extend(join.cloned());
+        self
     }
 
     /// What to do with `stage`, named by a worker as the next stage.

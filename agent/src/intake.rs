@@ -14,8 +14,16 @@
 //! band), loses `x-delay`, and a delayed one gets `x-guildhall-due-at` and
 //! an `x-guildhall-enqueued-at` of its due time (its queue wait starts
 //! then). A move with a priority or a delay emits `TaskQueued`.
+//!
+//! A message with `x-guildhall-after` (issue 19) is not moved: the mover
+//! writes it to the events stream as `TaskHeld` (its id, or a new UUIDv7,
+//! the stage, its priority, the dependencies, the policy and the payload),
+//! waits for that event's confirm, and only then acks the delivery (nacks
+//! it back if the event was not confirmed). The coordinator publishes it
+//! once its dependencies have finished; the producer's other properties and
+//! headers are not kept.
 
-use crate::core::intake::{self, IntakeMessage, RawDelay, Sorted};
+use crate::core::intake::{self, IntakeMessage, RawAfter, RawDelay, Sorted};
 use crate::dead::{self, Reasons};
 use crate::declare::Declarer;
 use crate::link::TaskLink;
@@ -25,7 +33,7 @@ use guildhall_broker::task::new_task_id;
 use guildhall_broker::{EventPublisher, PublishError, Publisher, now_ms};
 use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{
-    AgentId, DeliveryRejected, Event, Names, RejectReason, Stage, TaskId, TaskQueued,
+    AgentId, DeliveryRejected, Event, Names, RejectReason, Stage, TaskHeld, TaskId, TaskQueued,
 };
 use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -268,15 +276,68 @@ struct Moving<'a> {
     broken: &'a CancellationToken,
 }
 
-/// Reads what the sorter needs from a delivery's properties.
-pub(crate) fn read(props: &BasicProperties) -> IntakeMessage {
+/// Reads what the sorter needs from a delivery's properties (and its
+/// payload's size).
+pub(crate) fn read(props: &BasicProperties, payload_bytes: usize) -> IntakeMessage {
     let headers = props.headers().as_ref();
-    let delay = headers.and_then(|t| t.inner().get(h::DELAY)).map(raw_delay);
+    let get = |key: &str| headers.and_then(|t| t.inner().get(key));
+    let delay = get(h::DELAY).map(raw_delay);
     let due_at_ms = headers.and_then(|t| guildhall_broker::task::header_u64(t, h::DUE_AT));
     IntakeMessage {
         priority: *props.priority(),
         delay,
         due_at_ms,
+        after: get(h::AFTER).map(raw_after),
+        on_dependency_failure: get(h::ON_DEPENDENCY_FAILURE)
+            .map(|v| text(v).ok_or_else(|| type_name(v))),
+        message_id: props.message_id().as_ref().map(|id| id.as_str().to_owned()),
+        payload_bytes,
+    }
+}
+
+/// A text header's value (long strings read lossily).
+fn text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn raw_after(value: &AMQPValue) -> RawAfter {
+    match value {
+        AMQPValue::FieldArray(items) => items
+            .as_slice()
+            .iter()
+            .map(text)
+            .collect::<Option<Vec<String>>>()
+            .map_or(
+                RawAfter::Other("array with an element that is not text"),
+                RawAfter::List,
+            ),
+        other => text(other).map_or_else(|| RawAfter::Other(type_name(other)), RawAfter::Text),
+    }
+}
+
+/// The name of an AMQP value's type, for errors.
+fn type_name(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::Boolean(_) => "boolean",
+        AMQPValue::ShortShortInt(_)
+        | AMQPValue::ShortShortUInt(_)
+        | AMQPValue::ShortInt(_)
+        | AMQPValue::ShortUInt(_)
+        | AMQPValue::LongInt(_)
+        | AMQPValue::LongUInt(_)
+        | AMQPValue::LongLongInt(_) => "number",
+        AMQPValue::Float(_) | AMQPValue::Double(_) => "floating-point number",
+        AMQPValue::DecimalValue(_) => "decimal value",
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "string",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "byte array",
+        AMQPValue::Void => "void",
     }
 }
 
@@ -346,7 +407,40 @@ async fn move_one(
     }
     let now = now_ms();
     let props = &delivery.properties;
-    let sorted = intake::sort(&ctx.stage, &read(props), now);
+    let sorted = intake::sort(&ctx.stage, &read(props, delivery.data.len()), now);
+    if let Sorted::Hold {
+        task_id,
+        priority,
+        after,
+        on_dependency_failure,
+    } = sorted
+    {
+        let held = TaskHeld {
+            at_ms: now,
+            task_id: task_id.unwrap_or_else(new_task_id),
+            stage: ctx.stage.clone(),
+            priority,
+            after,
+            on_dependency_failure,
+            payload: delivery.data.clone(),
+        };
+        let events = ctx.events.clone();
+        in_flight.spawn(async move {
+            let id = held.task_id.clone();
+            let deps = held.after.len();
+            match events.emit_confirmed(Event::TaskHeld(Box::new(held))).await {
+                Ok(()) => {
+                    tracing::debug!(task = %id, dependencies = deps, "held until its dependencies finish");
+                    let _ = delivery.acker.ack(Default::default()).await;
+                }
+                Err(err) => {
+                    tracing::warn!(task = %id, "holding an intake message failed (back to the intake): {err}");
+                    let _ = delivery.acker.nack(requeue).await;
+                }
+            }
+        });
+        return;
+    }
     // The id the task will have in its band: the producer's, or a new one.
     let id = match props.message_id() {
         Some(id) => id.as_str().to_owned(),
@@ -375,28 +469,24 @@ async fn move_one(
                 None,
             )
         }
-        Sorted::Dead { class, error } => {
+        Sorted::Dead { reason, error } => {
             let reasons = Reasons {
                 error,
-                class,
+                class: reason.as_str(),
                 stage: &ctx.stage,
                 agent: &ctx.agent,
             };
             let (dead_props, trimmed) = dead::dead_letter_properties(props, reasons, ctx.frame_max);
             dead::log_trimmed(trimmed, "an intake message");
-            let reason = if *class == intake::INVALID_PRIORITY_CLASS {
-                RejectReason::InvalidPriority
-            } else {
-                RejectReason::InvalidDelay
-            };
             (
                 ctx.names.dead_exchange(),
                 ctx.stage.to_string(),
                 dead_props,
                 None,
-                Some((reason, error.clone())),
+                Some((*reason, error.clone())),
             )
         }
+        Sorted::Hold { .. } => return, // held above
     };
     let started = moving
         .publisher
@@ -509,7 +599,7 @@ mod tests {
             .with_priority(7)
             .with_user_id("producer".into())
             .with_expiration("100".into());
-        let read = read(&props);
+        let read = read(&props, 0);
         assert_eq!(read.priority, Some(7));
         assert_eq!(read.delay, Some(RawDelay::Text("5000".into())));
         let moved = moved_properties(&props, "T-1", Some(42));
@@ -525,5 +615,50 @@ mod tests {
             raw_delay(&AMQPValue::Boolean(true)),
             RawDelay::Other("boolean")
         );
+    }
+
+    #[test]
+    fn after_and_its_policy_are_read_as_text_or_an_array_of_text() {
+        use lapin::types::FieldArray;
+        let with = |after: AMQPValue, policy: Option<AMQPValue>| {
+            let mut headers = FieldTable::default();
+            headers.insert(h::AFTER.into(), after);
+            if let Some(p) = policy {
+                headers.insert(h::ON_DEPENDENCY_FAILURE.into(), p);
+            }
+            read(
+                &BasicProperties::default()
+                    .with_headers(headers)
+                    .with_message_id("D-1".into()),
+                7,
+            )
+        };
+        let m = with(
+            AMQPValue::LongString(LongString::from("A,B")),
+            Some(AMQPValue::ShortString("run".into())),
+        );
+        assert_eq!(m.after, Some(RawAfter::Text("A,B".into())));
+        assert_eq!(m.on_dependency_failure, Some(Ok("run".into())));
+        assert_eq!((m.message_id.as_deref(), m.payload_bytes), (Some("D-1"), 7));
+        let list = FieldArray::from(vec![
+            AMQPValue::LongString(LongString::from("A")),
+            AMQPValue::ShortString("B".into()),
+        ]);
+        let m = with(AMQPValue::FieldArray(list), Some(AMQPValue::LongInt(1)));
+        assert_eq!(m.after, Some(RawAfter::List(vec!["A".into(), "B".into()])));
+        assert_eq!(m.on_dependency_failure, Some(Err("number")));
+        let mixed = FieldArray::from(vec![
+            AMQPValue::LongString(LongString::from("A")),
+            AMQPValue::LongInt(3),
+        ]);
+        assert!(matches!(
+            with(AMQPValue::FieldArray(mixed), None).after,
+            Some(RawAfter::Other(_))
+        ));
+        assert_eq!(
+            with(AMQPValue::Boolean(true), None).after,
+            Some(RawAfter::Other("boolean"))
+        );
+        assert_eq!(read(&BasicProperties::default(), 0).after, None);
     }
 }

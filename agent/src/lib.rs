@@ -34,6 +34,14 @@
 //! - events wait in the event publisher's buffer while the broker is away,
 //!   and are resent in order, with their sequence numbers, once it is back.
 //!
+//! **Flows** (issue 19): a worker may answer with child tasks instead of a
+//! result (a fan-out, [`handoff::fanout`]): the agent publishes them all
+//! (`<parent>:<i>`, confirmed) before reporting `TaskFannedOut` and acking
+//! the parent; a child whose pipeline ends reports `TaskResult` for its
+//! parent's join. A third party's message with `x-guildhall-after` is held
+//! (`TaskHeld`, confirmed) instead of queued, for the coordinator to
+//! publish once its dependencies have finished.
+//!
 //! The tables in [`core::settle`] (what an outcome calls for),
 //! [`core::task`] (when a task is given up) and `runner` (the reconnect
 //! loop) are the reference.
@@ -80,10 +88,15 @@
 //! - `link`: one connection and everything declared on it, noticing its
 //!   loss, the reconnect backoff, and which broker errors are fatal.
 //! - `task`: the IO of one task for the driver (read a delivery, call the
-//!   worker, publish with declarations, confirmed events, ack / nack /
-//!   reject); each confirmed publish is a round-trip sample.
+//!   worker, publish with declarations, a fan-out's children, confirmed
+//!   events, ack / nack / reject); each confirmed publish is a round-trip
+//!   sample.
+//! - `intake`: the intake mover (a stage's intake sorted into its bands,
+//!   the delay ladder or the dead-letter queue; a message with
+//!   `x-guildhall-after` held with a `TaskHeld` event).
 //! - [`handoff`]: the worker modes ([`handoff::http`], [`handoff::exec`],
-//!   [`handoff::simulated`]) and the [`handoff::Outcome`] they produce.
+//!   [`handoff::simulated`]), the [`handoff::Outcome`] they produce, and
+//!   the fan-out reader both HTTP and exec share ([`handoff::fanout`]).
 //! - `control`: the command queue (its stage binding follows the stage
 //!   served), reading a command and sending the reply.
 //! - `supervisor`: the supervised worker process: restarts, backoff, health
@@ -171,6 +184,9 @@ pub struct AgentExit {
     /// Enqueue or submit times in task messages that could not be right
     /// (before 2000, over an hour ahead, overflowing), read as absent.
     pub implausible_times: u64,
+    /// Task messages whose `x-guildhall-parent` header was not a task id,
+    /// read as absent (issue 19).
+    pub malformed_parents: u64,
     /// Times the link to the broker was lost (and reopened).
     pub links_lost: u64,
 }

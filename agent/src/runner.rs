@@ -280,7 +280,12 @@ impl Runner {
             retry: config.retry,
             shutdown_timeout: config.shutdown_timeout,
             worker: worker_status.as_ref().map(|rx| *rx.borrow()),
-            next_stages: NextStages::new(&routes, config.allow_new_stages),
+            next_stages: NextStages::new(&routes, config.allow_new_stages)
+                .with_join(config.join.as_ref()),
+            fan_out: crate::core::FanOutRules {
+                join: config.join.clone(),
+                max_children: config.max_children,
+            },
         });
         core.set_own_rate_limit(now_ms(), config.rate_limit);
         let ctx = Arc::new(TaskCtx {
@@ -291,6 +296,7 @@ impl Runner {
             shared,
             rejected_log: crate::dead::rejected_log(),
             implausible_log: RateLimited::new(task::IMPLAUSIBLE_LOG_INTERVAL, 1),
+            parent_log: RateLimited::new(task::IMPLAUSIBLE_LOG_INTERVAL, 1),
         });
         Ok(Self {
             config,
@@ -485,6 +491,23 @@ impl Runner {
                         held.delivery.properties.clone(),
                         held.input.clone(),
                         publish,
+                    );
+                    let handle = self
+                        .io
+                        .spawn(async move { (key, Done::Confirm(published.await)) });
+                    held.pending = Some(handle);
+                }
+            }
+            Action::PublishChildren {
+                task: key,
+                children,
+            } => {
+                if let Some(held) = self.held.get_mut(&key) {
+                    let published = task::publish_children(
+                        self.ctx.clone(),
+                        held.link.clone(),
+                        held.input.clone(),
+                        children,
                     );
                     let handle = self
                         .io
@@ -850,6 +873,7 @@ impl Runner {
             requeued: self.ctx.shared.requeued(),
             rejected: self.ctx.shared.rejected(),
             implausible_times: self.ctx.shared.implausible_times(),
+            malformed_parents: self.ctx.shared.malformed_parents(),
             links_lost: self.ctx.shared.links_lost(),
         };
         tracing::info!(
@@ -859,6 +883,7 @@ impl Runner {
             requeued = exit.requeued,
             rejected = exit.rejected,
             implausible_times = exit.implausible_times,
+            malformed_parents = exit.malformed_parents,
             links_lost = exit.links_lost,
             "stopped"
         );

@@ -38,6 +38,8 @@ pub struct Shared {
     /// right (a producer's clock or a forged header), see
     /// [`guildhall_broker::task::plausible_time`].
     implausible_times: AtomicU64,
+    /// Malformed `x-guildhall-parent` headers read as absent.
+    malformed_parents: AtomicU64,
     /// Links to the broker lost since start: a poison message or a hostile
     /// header must never be one of the causes.
     links_lost: AtomicU64,
@@ -79,6 +81,7 @@ impl Shared {
             requeued: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             implausible_times: AtomicU64::new(0),
+            malformed_parents: AtomicU64::new(0),
             links_lost: AtomicU64::new(0),
             mode: Mutex::new(AgentState::Starting),
             concurrency: AtomicU32::new(concurrency),
@@ -258,6 +261,16 @@ impl Shared {
     /// Deliveries set aside as unreadable so far.
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Counts a malformed `x-guildhall-parent` header read as absent.
+    pub fn count_malformed_parent(&self) {
+        self.malformed_parents.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Malformed parent headers read as absent so far.
+    pub fn malformed_parents(&self) -> u64 {
+        self.malformed_parents.load(Ordering::Relaxed)
     }
 
     /// Counts `n` implausible times read as absent.

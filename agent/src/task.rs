@@ -5,7 +5,9 @@
 //!
 //! Times in a message that cannot be right (before 2000, over an hour
 //! ahead) are read as absent ([`TaskMeta::read`]), counted, and logged at
-//! most once per [`IMPLAUSIBLE_LOG_INTERVAL`].
+//! most once per [`IMPLAUSIBLE_LOG_INTERVAL`]; so is an
+//! `x-guildhall-parent` header that is not a task id (the task is then
+//! treated as no one's child).
 
 use crate::core::{self, Body, Confirm, Publish, Target};
 use crate::dead::{self, Reasons};
@@ -43,6 +45,8 @@ pub struct TaskCtx {
     pub rejected_log: RateLimited,
     /// Bounds the log lines about implausible times in task messages.
     pub implausible_log: RateLimited,
+    /// Bounds the log lines about malformed `x-guildhall-parent` headers.
+    pub parent_log: RateLimited,
 }
 
 /// Least time between two log lines about implausible times.
@@ -77,6 +81,9 @@ pub fn read(
             if !implausible.is_empty() {
                 report_implausible(ctx, &meta, &implausible);
             }
+            if let Some(why) = guildhall_broker::task::malformed_parent(&delivery.properties) {
+                report_malformed_parent(ctx, &meta, &why);
+            }
             Ok(meta)
         }
         Err(err) => {
@@ -108,6 +115,7 @@ pub fn read(
                 traceparent: None,
                 priority: Default::default(),
                 payload,
+                parent: None,
             },
             None,
         ),
@@ -181,7 +189,7 @@ async fn try_publish(
                 .await
                 .map_err(|e| e.to_string())?
             {
-                return Ok(Confirm::NoSuchStage);
+                return Ok(Confirm::NoSuchStage(stage));
             }
             let exchange = ctx.names.tasks_exchange();
             // Straight to the next stage's band: its priority travels.
@@ -252,6 +260,79 @@ async fn try_publish(
     Ok(Confirm::Confirmed)
 }
 
+/// Publishes a fan-out's children (issue 19): first makes sure every stage
+/// they go to and the join stage exist (declared if the agent may, else
+/// checked: the first missing one is [`Confirm::NoSuchStage`], and nothing
+/// is published), then publishes them all (mandatory, to their first
+/// stage's band) and only then waits for every confirm, so 10,000 children
+/// take a few round trips, not 10,000.
+pub async fn publish_children(
+    ctx: Arc<TaskCtx>,
+    link: Arc<TaskLink>,
+    parent: Arc<TaskInput>,
+    children: core::Children,
+) -> Confirm {
+    match try_publish_children(&ctx, &link, children).await {
+        Ok(Confirm::Confirmed) => {
+            tracing::debug!(task = %parent.task_id, "fanned out");
+            Confirm::Confirmed
+        }
+        Ok(other) => other,
+        Err(err) => Confirm::Failed(crate::config::one_line(&err)),
+    }
+}
+
+async fn try_publish_children(
+    ctx: &TaskCtx,
+    link: &TaskLink,
+    children: core::Children,
+) -> Result<Confirm, String> {
+    for (stage, declare) in &children.stages {
+        if *declare {
+            link.declarer
+                .stage(stage)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else if !link
+            .declarer
+            .exists(stage)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(Confirm::NoSuchStage(stage.clone()));
+        }
+    }
+    let exchange = ctx.names.tasks_exchange();
+    let mut pending = Vec::with_capacity(children.messages.len());
+    for child in children.messages {
+        let key = Names::band_key(&child.stage, child.meta.priority.band());
+        let sent = link
+            .publisher
+            .start(&exchange, &key, &child.payload, child.meta.properties())
+            .await
+            .map_err(|e| e.to_string())?;
+        pending.push((child.stage, sent));
+    }
+    let mut failed = None;
+    for (stage, sent) in pending {
+        match sent.wait().await {
+            Ok(()) => {}
+            Err(err) => {
+                if let PublishError::Unroutable { .. } = &err {
+                    // Someone deleted the queue since it was declared.
+                    link.declarer.forget_stage(&stage);
+                }
+                failed.get_or_insert(err.to_string());
+            }
+        }
+    }
+    // Not a round-trip sample: the confirms of a whole batch.
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(Confirm::Confirmed),
+    }
+}
+
 /// Emits `events` in one batch, in order, and waits for its confirm.
 pub async fn emit_confirmed(ctx: Arc<TaskCtx>, events: Vec<Event>) -> Confirm {
     // Every event is queued (in order) before any confirm is waited for.
@@ -297,6 +378,19 @@ fn report_implausible(ctx: &TaskCtx, meta: &TaskMeta, dropped: &[ImplausibleTime
                 "ignored an implausible time in a task message (before 2000 or over an hour ahead): the task's waits are not measured from it"
             );
         }
+    }
+}
+
+/// Counts and logs (at most once per [`IMPLAUSIBLE_LOG_INTERVAL`]) a
+/// parent header read as absent.
+fn report_malformed_parent(ctx: &TaskCtx, meta: &TaskMeta, why: &str) {
+    ctx.shared.count_malformed_parent();
+    if let Some(held_back) = ctx.parent_log.hit() {
+        tracing::warn!(
+            task = %meta.id,
+            more_since_last_line = held_back,
+            "ignored the parent header of a task message: {why}; the task is treated as no one's child"
+        );
     }
 }
 

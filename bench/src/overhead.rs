@@ -677,6 +677,7 @@ async fn bare_handle(s: Arc<BareShared>, delivery: Delivery) {
         );
         let body = match s.worker.handle(&input).await {
             Outcome::Success { payload, .. } => payload,
+            Outcome::FanOut(_) => anyhow::bail!("the worker fanned out (not measured here)"),
             Outcome::Failure(f) => anyhow::bail!("the worker failed: {}", f.error),
         };
         let props = meta.next_stage(now_ms(), None).properties();

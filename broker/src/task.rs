@@ -8,6 +8,14 @@
 //! [`FUTURE_TOLERANCE_MS`] ahead of the reader's clock; an AMQP `timestamp`
 //! whose milliseconds do not fit 64 bits) is read as absent and reported by
 //! [`TaskMeta::read`], so no wait or latency is computed from it.
+//!
+//! Flows (issue 19): a child task carries its parent's id
+//! (`x-guildhall-parent`) and a parent published to its join stage carries
+//! `x-guildhall-joined`; both travel with the task to every later stage. A
+//! parent header that is not a valid task id is read as absent
+//! ([`malformed_parent`] says why, for the reader to count and log). The
+//! joined header counts as set unless it says no (`false`, `0`, empty text):
+//! written as a boolean `true`.
 
 use guildhall_proto::headers::amqp as h;
 use guildhall_proto::{InvalidId, Priority, TaskId};
@@ -59,6 +67,12 @@ pub struct TaskMeta {
     /// The AMQP `priority` property (0-9; absent is 0): kept from stage to
     /// stage, and the band the task is queued in.
     pub priority: Priority,
+    /// On a child task (issue 19): its parent's id (`x-guildhall-parent`),
+    /// kept from stage to stage.
+    pub parent: Option<TaskId>,
+    /// On a parent published to its join stage (`x-guildhall-joined`): it
+    /// fanned out once and may not again. Kept from stage to stage.
+    pub joined: bool,
 }
 
 /// Why a delivered message cannot be treated as a task.
@@ -84,6 +98,24 @@ impl TaskMeta {
             submitted_at_ms: Some(now_ms),
             traceparent,
             priority: Priority::DEFAULT,
+            parent: None,
+            joined: false,
+        }
+    }
+
+    /// A child of a fan-out (issue 19): `id` (`<parent>:<n>`) entering the
+    /// pipeline now, attempt 1, with its parent's priority, the parent's id
+    /// and the parent's stage attempt's span as its trace.
+    pub fn child(&self, id: TaskId, now_ms: u64, traceparent: Option<String>) -> Self {
+        Self {
+            id,
+            attempt: 1,
+            enqueued_at_ms: Some(now_ms),
+            submitted_at_ms: Some(now_ms),
+            traceparent: traceparent.or_else(|| self.traceparent.clone()),
+            priority: self.priority,
+            parent: Some(self.id.clone()),
+            joined: false,
         }
     }
 
@@ -102,6 +134,8 @@ impl TaskMeta {
             submitted_at_ms: self.submitted_at_ms,
             traceparent: traceparent.or_else(|| self.traceparent.clone()),
             priority: self.priority,
+            parent: self.parent.clone(),
+            joined: self.joined,
         }
     }
 
@@ -134,6 +168,15 @@ impl TaskMeta {
                 h::TRACEPARENT.into(),
                 AMQPValue::LongString(LongString::from(tp.as_str())),
             );
+        }
+        if let Some(parent) = &self.parent {
+            headers.insert(
+                h::PARENT.into(),
+                AMQPValue::LongString(LongString::from(parent.as_str())),
+            );
+        }
+        if self.joined {
+            headers.insert(h::JOINED.into(), AMQPValue::Boolean(true));
         }
         let mut props = BasicProperties::default()
             .with_message_id(ShortString::from(self.id.as_str()))
@@ -212,6 +255,8 @@ impl TaskMeta {
         // outside 0-9 at the intake; one published straight to a band by a
         // third party is capped at 9.
         let priority = Priority::new(props.priority().unwrap_or(0).min(9)).unwrap_or_default();
+        let parent = headers.and_then(|t| read_parent(t).ok().flatten());
+        let joined = headers.is_some_and(read_joined);
         let meta = Self {
             id,
             attempt,
@@ -219,8 +264,45 @@ impl TaskMeta {
             submitted_at_ms,
             traceparent,
             priority,
+            parent,
+            joined,
         };
         Ok((meta, dropped))
+    }
+}
+
+/// The `x-guildhall-parent` header: `Ok(None)` without one, an error (one
+/// line) when it is there but not a valid task id (or not text).
+fn read_parent(table: &FieldTable) -> Result<Option<TaskId>, String> {
+    let Some(value) = table.inner().get(h::PARENT) else {
+        return Ok(None);
+    };
+    let Some(text) = value_str(value) else {
+        return Err(format!("{} is not text", h::PARENT));
+    };
+    TaskId::new(text)
+        .map(Some)
+        .map_err(|e| format!("{} is not a task id: {e}", h::PARENT))
+}
+
+/// Why a message's `x-guildhall-parent` header was read as absent (it is
+/// there, but not text or not a valid task id); `None` when it is absent
+/// or valid. [`TaskMeta::read`] ignores such a header; the reader counts
+/// and logs it.
+pub fn malformed_parent(props: &BasicProperties) -> Option<String> {
+    read_parent(props.headers().as_ref()?).err()
+}
+
+/// Whether `x-guildhall-joined` is set: present and not saying no (a
+/// boolean `false`, a number 0, text `false`, `0` or empty).
+fn read_joined(table: &FieldTable) -> bool {
+    match table.inner().get(h::JOINED) {
+        None | Some(AMQPValue::Void) => false,
+        Some(AMQPValue::Boolean(b)) => *b,
+        Some(value) => match value_str(value) {
+            Some(text) => !matches!(text.trim(), "" | "0" | "false"),
+            None => header_u64(table, h::JOINED) != Some(0),
+        },
     }
 }
 
@@ -415,5 +497,87 @@ mod tests {
         assert_eq!(header_u64(t, h::DUE_AT), Some(42));
         assert_eq!(header_u64(t, h::ENQUEUED_AT), Some(5));
         assert_eq!(props.message_id(), meta.properties().message_id());
+    }
+
+    #[test]
+    fn parent_and_joined_travel_to_the_next_stage_and_retries() {
+        let parent = TaskMeta::submission(TaskId::new("P-1").unwrap(), NOW, None)
+            .with_priority(Priority::new(7).unwrap());
+        let child = parent.child(TaskId::new("P-1:3").unwrap(), NOW + 5, Some("00-t".into()));
+        assert_eq!(child.parent.as_ref().map(TaskId::as_str), Some("P-1"));
+        assert_eq!((child.attempt, child.priority.get()), (1, 7));
+        assert_eq!(child.submitted_at_ms, Some(NOW + 5));
+        let (back, _) = TaskMeta::read(&child.properties(), NOW).unwrap();
+        assert_eq!(back, child);
+        let next = back.next_stage(NOW + 10, None);
+        assert_eq!(next.parent, child.parent);
+        let joined = TaskMeta {
+            joined: true,
+            ..parent.clone()
+        };
+        let (back, _) = TaskMeta::read(&joined.retry(NOW, 10).properties(), NOW).unwrap();
+        assert!(back.joined);
+        assert!(back.next_stage(NOW, None).joined);
+        let (back, _) = TaskMeta::read(&parent.properties(), NOW).unwrap();
+        assert!(!back.joined && back.parent.is_none());
+    }
+
+    #[test]
+    fn a_malformed_parent_is_ignored_and_said_why() {
+        for (value, why) in [
+            (AMQPValue::LongString("has space".into()), "not a task id"),
+            (AMQPValue::LongString("".into()), "not a task id"),
+            (AMQPValue::LongInt(5), "not text"),
+            (
+                AMQPValue::LongString("x".repeat(500).into()),
+                "not a task id",
+            ),
+        ] {
+            let props = BasicProperties::default().with_headers({
+                let mut t = FieldTable::default();
+                t.insert(h::PARENT.into(), value.clone());
+                t
+            });
+            let (meta, _) = TaskMeta::read(&props, NOW).unwrap();
+            assert_eq!(meta.parent, None, "{value:?}");
+            let err = malformed_parent(&props).unwrap();
+            assert!(err.contains(why), "{value:?}: {err}");
+        }
+        assert_eq!(malformed_parent(&BasicProperties::default()), None);
+        let ok = TaskMeta::submission(TaskId::new("P").unwrap(), NOW, None).child(
+            TaskId::new("P:0").unwrap(),
+            NOW,
+            None,
+        );
+        assert_eq!(malformed_parent(&ok.properties()), None);
+    }
+
+    #[test]
+    fn joined_is_set_unless_the_header_says_no() {
+        let read = |value: AMQPValue| {
+            let mut t = FieldTable::default();
+            t.insert(h::JOINED.into(), value);
+            let props = BasicProperties::default().with_headers(t);
+            TaskMeta::read(&props, NOW).unwrap().0.joined
+        };
+        for yes in [
+            AMQPValue::Boolean(true),
+            AMQPValue::LongString("true".into()),
+            AMQPValue::LongString("1".into()),
+            AMQPValue::LongInt(1),
+            AMQPValue::ShortShortUInt(2),
+        ] {
+            assert!(read(yes.clone()), "{yes:?}");
+        }
+        for no in [
+            AMQPValue::Boolean(false),
+            AMQPValue::LongString("false".into()),
+            AMQPValue::LongString(" 0 ".into()),
+            AMQPValue::LongString("".into()),
+            AMQPValue::LongInt(0),
+            AMQPValue::Void,
+        ] {
+            assert!(!read(no.clone()), "{no:?}");
+        }
     }
 }

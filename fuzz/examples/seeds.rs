@@ -294,7 +294,18 @@ fn task_headers() -> Vec<(&'static str, Vec<u8>)> {
     let nested = BasicProperties::default()
         .with_message_id("CODE-4".into())
         .with_headers(headers);
+    // Flows (issue 19): a child (parent header), a parent at its join, and
+    // a parent header that is not a task id.
+    let child = submitted.child(task("CODE-1:3"), 1_700_000_003_000, None);
+    let joined = TaskMeta {
+        joined: true,
+        ..submitted.clone()
+    };
+    let bad_parent = with_text_header(submitted.properties(), h::PARENT, "not an id");
     vec![
+        ("child", properties(&child.properties())),
+        ("joined", properties(&joined.properties())),
+        ("bad_parent", properties(&bad_parent)),
         ("nested_headers", properties(&nested)),
         ("submitted", properties(&submitted.properties())),
         ("retried", properties(&retried.properties())),
@@ -352,6 +363,22 @@ fn worker_responses() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// A worker's output as `fuzz_targets/fan_out.rs` reads it.
+fn fan_outs() -> Vec<(&'static str, Vec<u8>)> {
+    let lines = "{\"payload\":\"a\"}\n\n{\"payload\":{\"k\":[1,2]},\"stage\":\"report\"}\r\n\
+                 {\"payload_base64\":\"AAEC\",\"stage\":null}\n";
+    vec![
+        ("ndjson", lines.as_bytes().to_vec()),
+        (
+            "exec",
+            format!("#guildhall-fan-out join=merge on-child-failure=continue\n{lines}").into_bytes(),
+        ),
+        ("exec_no_join", b"#guildhall-fan-out join=-\n{\"payload\":1}".to_vec()),
+        ("bad_line", b"#guildhall-fan-out\n{\"payload\":1}\n{\"stgae\":\"x\"}\n".to_vec()),
+        ("not_a_fan_out", b"ordinary output\n".to_vec()),
+    ]
+}
+
 fn main() {
     let check = std::env::args().any(|a| a == "--check");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
@@ -361,6 +388,7 @@ fn main() {
         ("command", commands()),
         ("task_headers", task_headers()),
         ("worker_response", worker_responses()),
+        ("fan_out", fan_outs()),
     ] {
         let dir = root.join(target);
         if !check {

@@ -18,12 +18,18 @@
 //!   the next stage, a retry) travels through the wire format and reads back
 //!   as written (a time `TaskMeta::properties` clamps to `i64::MAX` ms, or
 //!   that is implausible, reads back as absent);
-//! - a `traceparent` that parses prints as one that parses the same.
+//! - a `traceparent` that parses prints as one that parses the same;
+//! - a parent header (issue 19) is kept only if it is a valid task id (else
+//!   `malformed_parent` says why), and a child the agent makes of the task
+//!   travels as written too.
 
 #![no_main]
 
-use guildhall_broker::task::{TaskMeta, header_str, header_u64, plausible_time};
+use guildhall_broker::task::{
+    TaskMeta, header_str, header_u64, malformed_parent, plausible_time,
+};
 use guildhall_proto::trace::TraceParent;
+use guildhall_proto::headers::amqp as h;
 use lapin::BasicProperties;
 use lapin::protocol::basic::{gen_properties, parse_properties};
 use libfuzzer_sys::fuzz_target;
@@ -96,7 +102,18 @@ fuzz_target!(|data: &[u8]| {
     if let Some(parent) = meta.traceparent.as_deref().and_then(TraceParent::parse) {
         assert_eq!(TraceParent::parse(&parent.to_string()), Some(parent));
     }
+    assert_eq!(
+        meta.parent.is_some(),
+        props
+            .headers()
+            .as_ref()
+            .is_some_and(|t| t.inner().contains_key(h::PARENT))
+            && malformed_parent(&props).is_none()
+    );
     check_travels(&meta);
+    if let Ok(id) = guildhall_proto::flow::child_id(&meta.id, 9_999) {
+        check_travels(&meta.child(id, NOW_MS, None));
+    }
     check_travels(&meta.next_stage(NOW_MS, None));
     check_travels(&meta.retry(NOW_MS, 1000));
     // A retry whose delay ends past the clamp: written as i64::MAX ms,

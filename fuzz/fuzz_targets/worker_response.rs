@@ -72,6 +72,7 @@ fuzz_target!(|data: &[u8]| {
                 NextStage::Stage(stage) => assert_eq!(stage.as_str(), named),
             }
         }
+        Outcome::FanOut(_) => panic!("a fan-out without its header"),
         Outcome::Failure(failure) => {
             assert!(valid_error_class(&failure.class), "{:?}", failure.class);
             assert!(!failure.timed_out);

@@ -531,15 +531,25 @@ pub enum RejectReason {
     InvalidPriority,
     /// Its `x-delay` is negative, not a number, or over the longest delay.
     InvalidDelay,
+    /// Its `x-guildhall-after` (or `x-guildhall-on-dependency-failure`) is
+    /// not a list of task ids (or a policy), or comes with `x-delay`
+    /// (issue 19, found when sorting the intake).
+    InvalidAfter,
+    /// A task to hold (`x-guildhall-after`) whose payload is over
+    /// [`MAX_HELD_PAYLOAD`](crate::flow::MAX_HELD_PAYLOAD) bytes: it would
+    /// be written into the events stream.
+    PayloadTooLarge,
 }
 
 impl RejectReason {
     /// Every reason, for metric labels that exist from the start.
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::InvalidMessageId,
         RejectReason::Unreadable,
         RejectReason::InvalidPriority,
         RejectReason::InvalidDelay,
+        RejectReason::InvalidAfter,
+        RejectReason::PayloadTooLarge,
     ];
 
     /// Lower-case name used in logs and metric labels.
@@ -549,6 +559,8 @@ impl RejectReason {
             RejectReason::Unreadable => "unreadable",
             RejectReason::InvalidPriority => "invalid_priority",
             RejectReason::InvalidDelay => "invalid_delay",
+            RejectReason::InvalidAfter => "invalid_after",
+            RejectReason::PayloadTooLarge => "payload_too_large",
         }
     }
 }

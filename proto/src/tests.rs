@@ -457,15 +457,21 @@ fn arb_event() -> impl Strategy<Value = Event> {
             })
         }),
         any::<u64>().prop_map(|nonce| Event::Marker(Marker { at_ms: 1, nonce })),
-        (arb_stage(), ".{0,30}", any::<bool>()).prop_map(|(stage, detail, dead_lettered)| {
-            Event::DeliveryRejected(DeliveryRejected {
-                at_ms: 1,
-                stage,
-                reason: RejectReason::InvalidMessageId,
-                detail,
-                dead_lettered,
-            })
-        }),
+        (
+            arb_stage(),
+            ".{0,30}",
+            any::<bool>(),
+            0..RejectReason::ALL.len(),
+        )
+            .prop_map(|(stage, detail, dead_lettered, reason)| {
+                Event::DeliveryRejected(DeliveryRejected {
+                    at_ms: 1,
+                    stage,
+                    reason: RejectReason::ALL[reason],
+                    detail,
+                    dead_lettered,
+                })
+            }),
         (arb_task(), arb_stage(), ".{0,30}").prop_map(|(task_id, stage, reason)| {
             Event::TaskAbandoned(TaskAbandoned {
                 at_ms: 1,
@@ -740,4 +746,12 @@ proptest! {
     fn ids_match_the_old_rule_on_arbitrary_strings(value in any::<String>()) {
         all_kinds_same_as_old_rule(&value);
     }
+}
+
+#[test]
+fn every_reject_reason_has_its_own_name() {
+    let names: std::collections::HashSet<&str> =
+        RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+    assert_eq!(names.len(), RejectReason::ALL.len());
+    assert!(names.contains("invalid_after") && names.contains("payload_too_large"));
 }

@@ -17,6 +17,7 @@ mod errors;
 mod flow_graph;
 mod flows_dag;
 mod flows;
+mod flows_agent;
 mod hostile;
 mod hostile_agent;
 mod hostile_http;

@@ -22,7 +22,8 @@
 //! - [`commands`]: what each command does;
 //! - [`worker`]: the supervised worker's runs as plain data (which run a
 //!   task went to, why a run ended), produced by the supervisor;
-//! - `tests`, `settle_tests`: virtual time.
+//! - `tests`, `settle_tests`, `flows_tests` (fan-outs and child results,
+//!   issue 19): virtual time.
 //!
 //! # Consumption
 //!
@@ -37,6 +38,8 @@
 pub mod bands;
 pub mod cancel;
 pub mod commands;
+#[cfg(test)]
+mod flows_tests;
 pub mod intake;
 pub mod rate;
 pub mod settle;
@@ -55,7 +58,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 pub use commands::{Step, Verdict};
-pub use settle::{Body, Publish, Target};
+pub use settle::{Body, ChildMessage, Children, FanOutRules, Publish, Target};
 pub use task::{CONNECTION_LOST, LOST_LINK_GRACE, SETTLE_FAILED, STOP_TIMEOUT};
 pub use worker::WorkerStatus;
 
@@ -87,6 +90,8 @@ pub struct CoreConfig {
     pub worker: Option<WorkerStatus>,
     /// Which next stages named by a worker are declared.
     pub next_stages: NextStages,
+    /// `--join` and `--max-children` (issue 19).
+    pub fan_out: settle::FanOutRules,
 }
 
 /// What the driver must do, in order.
@@ -127,6 +132,16 @@ pub enum Action {
         /// What to publish.
         publish: Publish,
     },
+    /// Check (or declare) every stage of a fan-out, publish every child,
+    /// then wait for all their confirms; answer with
+    /// [`AgentCore::handle_confirm`] ([`Confirm::NoSuchStage`] before
+    /// publishing anything if a stage is missing).
+    PublishChildren {
+        /// The parent.
+        task: TaskKey,
+        /// What to check and publish.
+        children: settle::Children,
+    },
     /// Emit an event (buffered, not waited for).
     Emit(Event),
     /// Emit events in one batch and wait for its confirm; answer with
@@ -153,8 +168,9 @@ pub enum Action {
 pub enum Confirm {
     /// The message (or the event batch) was confirmed.
     Confirmed,
-    /// The next stage does not exist and the agent may not declare it.
-    NoSuchStage,
+    /// This stage (a next stage, or a fan-out's child or join stage) does
+    /// not exist and the agent may not declare it.
+    NoSuchStage(Stage),
     /// It was not confirmed (a nack, an unroutable message, a failed
     /// declaration or event batch): one line.
     Failed(String),

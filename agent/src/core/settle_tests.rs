@@ -19,6 +19,8 @@ fn meta(attempt: u32) -> TaskMeta {
         submitted_at_ms: Some(5),
         traceparent: None,
         priority: Default::default(),
+        parent: None,
+        joined: false,
     }
 }
 
@@ -68,6 +70,7 @@ fn every_row_of_the_settle_table() {
         finished_at_ms: 200,
         retry: Box::leak(Box::new(retry)),
         next_stages: Box::leak(Box::new(next_stages.clone())),
+        fan_out: Box::leak(Box::new(settle::FanOutRules::default())),
     };
     let route: &'static StageRoute = Box::leak(Box::new(route));
     let last: &'static StageRoute = Box::leak(Box::new(last));
@@ -242,6 +245,7 @@ fn a_priority_travels_to_the_next_stage_unless_the_worker_sets_another() {
         finished_at_ms: 200,
         retry: &retry,
         next_stages: &next_stages,
+        fan_out: &settle::FanOutRules::default(),
     };
     let next_priority = |worker: Option<u8>| {
         let plan = settle::plan(

@@ -81,12 +81,26 @@ struct Pending {
     settled: Settled,
     /// Then.
     then: Then,
-    /// The next stage the worker named, if the plan publishes there.
-    next: Option<guildhall_proto::Stage>,
+    /// What the plan publishes, for a stage found missing.
+    handoff: Handoff,
     /// What the worker produced.
     result: WorkerResult,
     /// Whether the dead letter was confirmed (for `DeliveryRejected`).
     dead_lettered: bool,
+}
+
+/// What a plan publishes that may name a stage that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Handoff {
+    /// The result, to this next stage.
+    Next(guildhall_proto::Stage),
+    /// A fan-out's children, with its join stage.
+    FanOut {
+        /// The join stage, if any.
+        join: Option<guildhall_proto::Stage>,
+    },
+    /// Anything else (a retry, a dead letter, nothing).
+    Other,
 }
 
 /// One task in hand.
@@ -165,7 +179,7 @@ impl AgentCore {
                     .push_back(Action::Publish { task: key, publish });
                 (
                     None,
-                    Phase::Publishing(pending(plan, None, WorkerResult::Failed)),
+                    Phase::Publishing(pending(plan, Handoff::Other, WorkerResult::Failed)),
                 )
             }
         };
@@ -193,7 +207,7 @@ impl AgentCore {
             return;
         };
         let result = match &outcome {
-            Outcome::Success { .. } => WorkerResult::Succeeded,
+            Outcome::Success { .. } | Outcome::FanOut(_) => WorkerResult::Succeeded,
             Outcome::Failure(_) => WorkerResult::Failed,
         };
         // Settling would publish for a delivery that can no longer be acked
@@ -238,6 +252,7 @@ impl AgentCore {
             finished_at_ms: now,
             retry: &self.config.retry,
             next_stages: &self.config.next_stages,
+            fan_out: &self.config.fan_out,
         };
         let plan = settle::plan(outcome, &ctx);
         self.carry_out(key, plan, result);
@@ -264,9 +279,9 @@ impl AgentCore {
                 }
                 self.confirm_events(now, key, p);
             }
-            (Phase::Publishing(p), Confirm::NoSuchStage) => {
-                let (Some(next), Some(meta)) = (p.next.clone(), task.meta.clone()) else {
-                    return self.settle_failed(now, key, p.result, "no next stage".into());
+            (Phase::Publishing(p), Confirm::NoSuchStage(stage)) => {
+                let Some(meta) = task.meta.clone() else {
+                    return self.settle_failed(now, key, p.result, "no task".into());
                 };
                 let finished_at_ms = match p.events.first() {
                     Some(Event::TaskSucceeded(e)) => e.at_ms,
@@ -281,8 +296,18 @@ impl AgentCore {
                     finished_at_ms,
                     retry: &self.config.retry,
                     next_stages: &self.config.next_stages,
+                    fan_out: &self.config.fan_out,
                 };
-                let plan = settle::unknown_stage(&next, &ctx);
+                let plan = match &p.handoff {
+                    Handoff::Next(_) => settle::unknown_stage(&stage, &ctx),
+                    Handoff::FanOut { join } => {
+                        let is_join = join.as_ref() == Some(&stage);
+                        settle::unknown_fan_out_stage(&stage, is_join, &ctx)
+                    }
+                    Handoff::Other => {
+                        return self.settle_failed(now, key, p.result, format!("no stage {stage}"));
+                    }
+                };
                 self.carry_out(key, plan, p.result);
             }
             (Phase::Publishing(p), Confirm::Failed(err)) if p.then == Then::AckOrReject => {
@@ -292,7 +317,7 @@ impl AgentCore {
             (Phase::Publishing(p) | Phase::Confirming(p), Confirm::Failed(err)) => {
                 self.settle_failed(now, key, p.result, err);
             }
-            (Phase::Confirming(p), Confirm::Confirmed | Confirm::NoSuchStage) => {
+            (Phase::Confirming(p), Confirm::Confirmed | Confirm::NoSuchStage(_)) => {
                 match p.settled {
                     Settled::Done => self.counts.done += 1,
                     Settled::Failed => self.counts.failed += 1,
@@ -310,26 +335,43 @@ impl AgentCore {
     }
 
     /// Starts carrying out `plan` for `key`.
-    fn carry_out(&mut self, key: TaskKey, plan: Plan, result: WorkerResult) {
+    fn carry_out(&mut self, key: TaskKey, mut plan: Plan, result: WorkerResult) {
         let Some(task) = self.tasks.get_mut(&key) else {
             return;
         };
-        let publish = plan.publish.clone();
-        let next = match &publish {
-            Some(settle::Publish {
-                target: Target::Next { stage, .. },
-                ..
-            }) => Some(stage.clone()),
-            _ => None,
+        let publish = plan.publish.take();
+        let children = plan.children.take();
+        let handoff = match (&publish, &children) {
+            (
+                Some(settle::Publish {
+                    target: Target::Next { stage, .. },
+                    ..
+                }),
+                _,
+            ) => Handoff::Next(stage.clone()),
+            (_, Some(_)) => Handoff::FanOut {
+                join: plan.events.iter().find_map(|e| match e {
+                    Event::TaskFannedOut(f) => f.join.clone(),
+                    _ => None,
+                }),
+            },
+            _ => Handoff::Other,
         };
-        let pending = pending(plan, next, result);
-        match publish {
-            Some(publish) => {
+        let pending = pending(plan, handoff, result);
+        match (publish, children) {
+            (_, Some(children)) => {
+                task.phase = Phase::Publishing(pending);
+                self.actions.push_back(Action::PublishChildren {
+                    task: key,
+                    children,
+                });
+            }
+            (Some(publish), None) => {
                 task.phase = Phase::Publishing(pending);
                 self.actions
                     .push_back(Action::Publish { task: key, publish });
             }
-            None => {
+            (None, None) => {
                 task.phase = Phase::Confirming(pending.clone());
                 self.actions.push_back(Action::EmitConfirmed {
                     task: key,
@@ -350,7 +392,7 @@ impl AgentCore {
             events,
             settled: Settled::Cancelled,
             then: Then::Ack,
-            next: None,
+            handoff: Handoff::Other,
             result: WorkerResult::Unfinished,
             dead_lettered: false,
         })
@@ -544,12 +586,12 @@ impl AgentCore {
 }
 
 /// The rest of `plan` once its publish is under way.
-fn pending(plan: Plan, next: Option<guildhall_proto::Stage>, result: WorkerResult) -> Pending {
+fn pending(plan: Plan, handoff: Handoff, result: WorkerResult) -> Pending {
     Pending {
         events: plan.events,
         settled: plan.settled,
         then: plan.then,
-        next,
+        handoff,
         result,
         dead_lettered: false,
     }

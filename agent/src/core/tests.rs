@@ -23,6 +23,7 @@ pub(super) fn config(supervised: bool) -> CoreConfig {
         agent: "agent-1".parse().unwrap(),
         names: Names::new("ns".parse().unwrap()),
         next_stages: NextStages::new(&routes, false),
+        fan_out: settle::FanOutRules::default(),
         route: routes[0].clone(),
         routes,
         concurrency: 2,
@@ -65,6 +66,8 @@ pub(super) fn task(id: &str, attempt: u32) -> Delivery {
             submitted_at_ms: Some(1),
             traceparent: None,
             priority: Default::default(),
+            parent: None,
+            joined: false,
         }),
         redelivered: false,
         span: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
@@ -209,7 +212,7 @@ fn a_next_stage_that_does_not_exist_dead_letters_the_task() {
             ..
         }]
     ));
-    core.handle_confirm(20, key, Confirm::NoSuchStage);
+    core.handle_confirm(20, key, Confirm::NoSuchStage(stage("nowhere")));
     let actions = drain(&mut core);
     assert!(matches!(
         &actions[..],

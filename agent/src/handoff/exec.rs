@@ -1,13 +1,15 @@
 //! Exec hand-off: one `sh -c COMMAND` process per task.
 //!
-//! The payload goes to stdin; the task's id, stage, attempt, idempotency key
-//! and `TRACEPARENT` go in the environment; stdout (at most 64 MiB) is the
-//! next payload. The process leads its own process group, so a timeout kills
+//! The payload goes to stdin; the task's id, stage, attempt, idempotency key,
+//! priority, `TRACEPARENT` and, on a child task, `GUILDHALL_PARENT` go in
+//! the environment; stdout (at most 64 MiB) is the next payload, or a
+//! fan-out if its first line is `#guildhall-fan-out` ([`super::fanout`]). The process leads its own process group, so a timeout kills
 //! everything it started.
 //!
 //! | what happened | outcome |
 //! |---|---|
 //! | exit 0 | success, stdout is the result |
+//! | exit 0, stdout starting with a `#guildhall-fan-out` line | a fan-out (a bad one: permanent, class `invalid_fan_out`) |
 //! | exit 65 (`EX_DATAERR`) | permanent failure, class `exit_65` |
 //! | any other exit code `n` | retryable, class `exit_<n>` |
 //! | killed by signal `n` | retryable, class `signal_<n>` |
@@ -82,6 +84,10 @@ impl ExecWorker {
         match &task.traceparent {
             Some(tp) => cmd.env(env::TRACEPARENT, tp),
             None => cmd.env_remove(env::TRACEPARENT),
+        };
+        match &task.parent {
+            Some(parent) => cmd.env(env::PARENT, parent.as_str()),
+            None => cmd.env_remove(env::PARENT),
         };
         let mut child = match cmd.spawn() {
             Ok(child) => child,
@@ -328,11 +334,11 @@ pub fn map_exit(
     };
     let described = |what: String| last_stderr_line.clone().unwrap_or(what);
     match (status.code(), status.signal()) {
-        (Some(0), _) => Outcome::Success {
+        (Some(0), _) => super::fanout::from_exec(&out).unwrap_or(Outcome::Success {
             payload: out,
             next: NextStage::Default,
             priority: None,
-        },
+        }),
         (Some(EXIT_PERMANENT_FAILURE), _) => Outcome::Failure(Failure::permanent(
             format!("exit_{EXIT_PERMANENT_FAILURE}"),
             described(format!("exited with code {EXIT_PERMANENT_FAILURE}")),
@@ -366,6 +372,7 @@ mod tests {
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             priority: Default::default(),
             payload: payload.to_vec(),
+            parent: None,
         }
     }
 
@@ -414,6 +421,33 @@ mod tests {
             String::from_utf8(payload).unwrap(),
             "T-1|build|2|T-1/build/2|00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         );
+    }
+
+    #[tokio::test]
+    async fn a_child_task_knows_its_parent_and_a_marker_line_fans_out() {
+        let mut child = task(b"");
+        child.parent = Some("P-1".parse().unwrap());
+        let out = ExecWorker::new(
+            r#"printf '#guildhall-fan-out join=merge\n{"payload":"%s"}\n' "$GUILDHALL_PARENT""#
+                .into(),
+            LONG,
+        )
+        .handle(&child, &no_progress())
+        .await;
+        let Outcome::FanOut(f) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(f.children[0].payload, b"P-1");
+        assert_eq!(
+            f.join,
+            super::super::fanout::Join::Stage("merge".parse().unwrap())
+        );
+        // Without a parent, the variable is not inherited from the agent.
+        let out = run(r#"printf '%s' "${GUILDHALL_PARENT-unset}""#, LONG).await;
+        let Outcome::Success { payload, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(payload, b"unset");
     }
 
     #[tokio::test]

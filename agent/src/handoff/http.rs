@@ -3,11 +3,15 @@
 //! | response | outcome |
 //! |---|---|
 //! | 2xx | success; the body is the next payload; `x-guildhall-next-stage` may name another stage or `-` |
+//! | 2xx with `x-guildhall-fan-out: ndjson` | a fan-out: the body lists child tasks, one per line ([`super::fanout`]); a bad one is a permanent failure, class `invalid_fan_out` |
 //! | 408, 429 | retryable (the worker asks to be tried again later) |
 //! | other 4xx, 1xx, 3xx | permanent |
 //! | 5xx | retryable |
 //! | connection error | retryable, class `connection` |
 //! | no answer within the task timeout | retryable, class `timeout` (a supervised worker is restarted instead and the task given back) |
+//!
+//! The request carries the task's id, stage, attempt, idempotency key,
+//! priority, `traceparent` and, on a child task, `x-guildhall-parent`.
 //!
 //! A next stage that is not a valid stage name (bad characters, bytes that
 //! are not ASCII, over 255 bytes) is a permanent failure, class
@@ -118,6 +122,9 @@ impl HttpWorker {
         if let Some(tp) = &task.traceparent {
             headers.push((h::TRACEPARENT, tp.clone()));
         }
+        if let Some(parent) = &task.parent {
+            headers.push((h::PARENT, parent.as_str().to_owned()));
+        }
         match &self.transport {
             Transport::Reqwest(client) => self.via_reqwest(client, headers, task).await,
             Transport::Plain(client) => {
@@ -216,10 +223,10 @@ impl HttpWorker {
     }
 }
 
-/// The worker's answer headers: next stage, error class and priority. A
-/// header that is there but not text (bytes over 0x7f) is read lossily, so
-/// it is refused as a value instead of ignored as absent (an unreadable
-/// next stage must not send the result to the default).
+/// The worker's answer headers: next stage, error class, priority and the
+/// fan-out's. A header that is there but not text (bytes over 0x7f) is read
+/// lossily, so it is refused as a value instead of ignored as absent (an
+/// unreadable next stage must not send the result to the default).
 struct Answer {
     /// `x-guildhall-next-stage`.
     next: Option<String>,
@@ -227,6 +234,14 @@ struct Answer {
     class: Option<String>,
     /// `x-guildhall-priority`.
     priority: Option<String>,
+    /// `x-guildhall-fan-out`.
+    fan_out: Option<String>,
+    /// `Content-Type` (read only for a fan-out).
+    content_type: Option<String>,
+    /// `x-guildhall-join`.
+    join: Option<String>,
+    /// `x-guildhall-on-child-failure`.
+    on_child_failure: Option<String>,
 }
 
 impl Answer {
@@ -240,11 +255,32 @@ impl Answer {
             next: header(h::NEXT_STAGE),
             class: header(h::ERROR_CLASS),
             priority: header(h::PRIORITY),
+            fan_out: header(h::FAN_OUT),
+            content_type: header(CONTENT_TYPE.as_str()),
+            join: header(h::JOIN),
+            on_child_failure: header(h::ON_CHILD_FAILURE),
         }
     }
 
     /// The outcome of a response with these headers.
     fn map(&self, status: u16, body: Vec<u8>) -> Outcome {
+        if let (Some(fan_out), true) = (&self.fan_out, (200..300).contains(&status)) {
+            // A fan-out's children keep the task's priority: the
+            // priority header is not read.
+            // The children's default stage: a bad one refuses the fan-out.
+            let next = match next_stage(self.next.as_deref()) {
+                Ok(next) => next,
+                Err(failure) => return super::fanout::invalid(failure.error),
+            };
+            return super::fanout::from_http(
+                fan_out,
+                self.content_type.as_deref(),
+                self.join.as_deref(),
+                self.on_child_failure.as_deref(),
+                next,
+                &body,
+            );
+        }
         map_response_with_priority(
             status,
             self.next.as_deref(),
@@ -344,18 +380,9 @@ pub fn map_response_with_priority(
                 ));
             }
         };
-        let next = match next_stage.map(str::trim) {
-            None | Some("") => NextStage::Default,
-            Some(END_OF_PIPELINE) => NextStage::End,
-            Some(name) => match Stage::new(name) {
-                Ok(stage) => NextStage::Stage(stage),
-                Err(err) => {
-                    return Outcome::Failure(Failure::permanent(
-                        "invalid_next_stage",
-                        format!("worker answered {}: {err}", h::NEXT_STAGE),
-                    ));
-                }
-            },
+        let next = match self::next_stage(next_stage) {
+            Ok(next) => next,
+            Err(failure) => return Outcome::Failure(failure),
         };
         return Outcome::Success {
             payload: body,
@@ -377,6 +404,22 @@ pub fn map_response_with_priority(
         retryable,
         timed_out: false,
     })
+}
+
+/// Reads `x-guildhall-next-stage`: absent or empty for the default, `-`
+/// for the end; a name that is not a stage is a permanent failure, class
+/// `invalid_next_stage`.
+fn next_stage(value: Option<&str>) -> Result<NextStage, Failure> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(NextStage::Default),
+        Some(END_OF_PIPELINE) => Ok(NextStage::End),
+        Some(name) => Stage::new(name).map(NextStage::Stage).map_err(|err| {
+            Failure::permanent(
+                "invalid_next_stage",
+                format!("worker answered {}: {err}", h::NEXT_STAGE),
+            )
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -514,6 +557,7 @@ mod tests {
             traceparent: None,
             priority: Default::default(),
             payload: b"x".to_vec(),
+            parent: None,
         };
         let f = failure(worker.handle(&task).await);
         assert_eq!(f.class, "connection");
@@ -540,6 +584,7 @@ mod tests {
             traceparent: None,
             priority: Default::default(),
             payload: Vec::new(),
+            parent: None,
         };
         let f = failure(worker.handle(&task).await);
         assert_eq!(f.class, "timeout");
@@ -588,6 +633,7 @@ mod tests {
             traceparent: None,
             priority: Default::default(),
             payload: b"in".to_vec(),
+            parent: None,
         };
         const TASKS: u32 = 40;
         let t0 = std::time::Instant::now();
@@ -600,5 +646,81 @@ mod tests {
         // tasks; without one a task is about a millisecond here.
         assert!(each < Duration::from_millis(15), "{each:?} per task");
         server.abort();
+    }
+
+    /// A fan-out answer through the real client: the child lines and the
+    /// headers are read, and the request names the task's parent.
+    #[tokio::test]
+    async fn a_fan_out_answer_is_read_and_the_parent_is_sent() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                seen.extend_from_slice(&buf[..n]);
+            }
+            let body = "{\"payload\":\"a\"}\n\n{\"payload\":{\"k\":1},\"stage\":\"s2\"}\n";
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\
+                 x-guildhall-fan-out: ndjson\r\nx-guildhall-join: merge\r\n\
+                 x-guildhall-next-stage: kids\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            socket.write_all(head.as_bytes()).await.unwrap();
+            socket.write_all(body.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&seen).to_lowercase()
+        });
+        let worker = HttpWorker::new(&format!("http://{addr}/"), Duration::from_secs(5)).unwrap();
+        let task = TaskInput {
+            task_id: "P-1:2".parse().unwrap(),
+            stage: "s".parse().unwrap(),
+            attempt: 1,
+            idempotency_key: "P-1:2/s/1".into(),
+            traceparent: None,
+            priority: Default::default(),
+            payload: Vec::new(),
+            parent: Some("P-1".parse().unwrap()),
+        };
+        let Outcome::FanOut(f) = worker.handle(&task).await else {
+            panic!("not a fan-out")
+        };
+        assert_eq!(f.children.len(), 2);
+        assert_eq!(f.children[1].payload, br#"{"k":1}"#);
+        assert_eq!(f.children[1].stage, Some("s2".parse().unwrap()));
+        assert_eq!(f.next, NextStage::Stage("kids".parse().unwrap()));
+        assert_eq!(
+            f.join,
+            super::super::fanout::Join::Stage("merge".parse().unwrap())
+        );
+        let request = server.await.unwrap();
+        assert!(request.contains("x-guildhall-parent: p-1\r\n"), "{request}");
+    }
+
+    #[test]
+    fn a_fan_out_header_on_a_failure_is_not_read() {
+        let answer = Answer {
+            next: None,
+            class: None,
+            priority: None,
+            fan_out: Some("ndjson".into()),
+            content_type: Some("application/x-ndjson".into()),
+            join: None,
+            on_child_failure: None,
+        };
+        assert_eq!(failure(answer.map(503, Vec::new())).class, "http_503");
+        let f = failure(
+            Answer {
+                next: Some("bad stage".into()),
+                ..answer
+            }
+            .map(200, b"{\"payload\":1}".to_vec()),
+        );
+        // The children's default stage: the fan-out is refused.
+        assert_eq!(f.class, "invalid_fan_out");
+        assert!(f.error.contains("x-guildhall-next-stage"), "{}", f.error);
     }
 }

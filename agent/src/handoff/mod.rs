@@ -1,16 +1,20 @@
 //! Handing one task to the worker and reading back what happened.
 //!
 //! Every mode turns a [`TaskInput`] into an [`Outcome`]: success with the
-//! next payload (and maybe another next stage), or a failure with an error, a
-//! short bounded class and whether another attempt may help. The modes know
+//! next payload (and maybe another next stage), a fan-out (child tasks
+//! instead of one result, issue 19), or a failure with an error, a short
+//! bounded class and whether another attempt may help. The modes know
 //! nothing of the broker; [`crate::task`] acts on the outcome.
 //!
 //! - [`http`]: POST to a worker URL.
+//! - [`fanout`]: reading a fan-out answer (child lines, join, policy), for
+//!   both HTTP and exec workers.
 //! - [`quickack`]: the connector of `http://` workers (TCP_NODELAY, TCP_QUICKACK).
 //! - [`exec`]: one `sh -c` process per task, payload on stdin.
 //! - [`simulated`]: a built-in worker with a lognormal service time.
 
 pub mod exec;
+pub mod fanout;
 pub mod http;
 pub mod quickack;
 pub mod simulated;
@@ -37,6 +41,9 @@ pub struct TaskInput {
     pub priority: guildhall_proto::Priority,
     /// The payload, opaque bytes.
     pub payload: Vec<u8>,
+    /// On a child task (issue 19): its parent's id (`x-guildhall-parent`,
+    /// `GUILDHALL_PARENT`).
+    pub parent: Option<TaskId>,
 }
 
 impl TaskInput {
@@ -60,6 +67,7 @@ impl TaskInput {
             traceparent,
             priority: meta.priority,
             payload,
+            parent: meta.parent.clone(),
         }
     }
 }
@@ -137,6 +145,10 @@ pub enum Outcome {
         /// (`x-guildhall-priority`); else the task keeps its own.
         priority: Option<guildhall_proto::Priority>,
     },
+    /// The worker listed child tasks instead of a result (issue 19): they
+    /// are published, and the parent continues at its join once they have
+    /// all finished.
+    FanOut(fanout::FanOut),
     /// The worker failed.
     Failure(Failure),
 }

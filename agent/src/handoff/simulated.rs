@@ -291,6 +291,7 @@ mod tests {
             traceparent: None,
             priority: Default::default(),
             payload: b"same".to_vec(),
+            parent: None,
         };
         assert_eq!(
             worker.handle(&task).await,

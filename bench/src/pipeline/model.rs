@@ -401,6 +401,7 @@ async fn handle(
         );
         let body = match s.worker.handle(&input).await {
             Outcome::Success { payload, .. } => payload,
+            Outcome::FanOut(_) => anyhow::bail!("the worker fanned out (not measured here)"),
             Outcome::Failure(f) => anyhow::bail!("the worker failed: {}", f.error),
         };
         let t1 = Instant::now();

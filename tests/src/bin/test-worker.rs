@@ -14,7 +14,19 @@
 //! failure's message), `pidfile=PATH` (exec: the process's pid is written
 //! there). A word with a `stage:` prefix applies only at that stage.
 //! The output is the input with ` @<stage>` appended, so the last stage's
-//! output shows the path the task took.
+//! output shows the path the task took (a join stage's input is the
+//! coordinator's JSON of its children's results: its output is that JSON
+//! with ` @<stage>` appended).
+//!
+//! Fan-outs (issue 19), HTTP (an ndjson body with `x-guildhall-fan-out`)
+//! and exec (a `#guildhall-fan-out` first line): `fanout=N` answers with N
+//! children instead of a result; child `i`'s payload is the input's words
+//! that start with `child:` (that prefix stripped) and ` n=i` (so
+//! `child:kid:fail=permanent` plants `fail=permanent` at stage `kid` in
+//! every child). `fanstage=S` names each child's stage (else the agent's
+//! default), `join=S` the join (`-` for none; else the agent's `--join`),
+//! `onchild=continue` the policy; `fanbad=I` replaces child `I`'s line by
+//! one that is not JSON (a hostile worker).
 
 use axum::Router;
 use axum::body::Bytes;
@@ -35,6 +47,16 @@ struct Plan {
     class: Option<String>,
     /// Appended to a failure's message (`say=TEXT`, no spaces).
     say: Option<String>,
+    /// `fanout=N`: answer with N children.
+    fanout: Option<u32>,
+    /// `fanstage=S`: the children's stage.
+    fanstage: Option<String>,
+    /// `join=S`: the join stage (`-` for none).
+    join: Option<String>,
+    /// `onchild=continue`: the on-child-failure policy.
+    onchild: Option<String>,
+    /// `fanbad=I`: child I's line is not JSON.
+    fanbad: Option<u32>,
 }
 
 fn plan(payload: &str, stage: &str) -> Plan {
@@ -50,6 +72,11 @@ fn plan(payload: &str, stage: &str) -> Plan {
             Some(("sleep", v)) => plan.sleep_ms = v.parse().unwrap_or(0),
             Some(("class", v)) => plan.class = Some(v.to_owned()),
             Some(("say", v)) => plan.say = Some(v.to_owned()),
+            Some(("fanout", v)) => plan.fanout = v.parse().ok(),
+            Some(("fanstage", v)) => plan.fanstage = Some(v.to_owned()),
+            Some(("join", v)) => plan.join = Some(v.to_owned()),
+            Some(("onchild", v)) => plan.onchild = Some(v.to_owned()),
+            Some(("fanbad", v)) => plan.fanbad = v.parse().ok(),
             _ => {}
         }
     }
@@ -58,8 +85,31 @@ fn plan(payload: &str, stage: &str) -> Plan {
 
 enum Outcome {
     Ok(String),
+    /// The child lines of a fan-out (one JSON object per line).
+    FanOut(Vec<String>),
     Permanent(String),
     Transient(String),
+}
+
+/// The child lines `fanout=N` asks for (see the module docs).
+fn child_lines(payload: &str, p: &Plan, n: u32) -> Vec<String> {
+    let words: Vec<&str> = payload
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("child:"))
+        .collect();
+    (0..n)
+        .map(|i| {
+            if p.fanbad == Some(i) {
+                return "{\"payload\": not json".to_owned();
+            }
+            let payload = format!("{} n={i}", words.join(" ")).trim_start().to_owned();
+            let mut line = serde_json::json!({ "payload": payload });
+            if let Some(stage) = &p.fanstage {
+                line["stage"] = serde_json::Value::from(stage.as_str());
+            }
+            line.to_string()
+        })
+        .collect()
 }
 
 /// `seen_before`: whether this worker already processed the task at this
@@ -75,7 +125,10 @@ fn decide(payload: &str, stage: &str, attempt: u32, seen_before: bool) -> (Outco
         Some("once") if attempt <= 1 => {
             Outcome::Transient(format!("first attempt fails at {stage}"))
         }
-        _ => Outcome::Ok(format!("{payload} @{stage}")),
+        _ => match p.fanout {
+            Some(n) => Outcome::FanOut(child_lines(payload, &p, n)),
+            None => Outcome::Ok(format!("{payload} @{stage}")),
+        },
     };
     let outcome = match (outcome, &p.say) {
         (Outcome::Permanent(m), Some(say)) => Outcome::Permanent(format!("{m}: {say}")),
@@ -123,6 +176,19 @@ async fn handle(State(calls): State<Calls>, headers: HeaderMap, body: Bytes) -> 
     };
     match outcome {
         Outcome::Ok(out) => (StatusCode::OK, out).into_response(),
+        Outcome::FanOut(lines) => {
+            let mut r = (StatusCode::OK, lines.join("\n")).into_response();
+            let h = r.headers_mut();
+            h.insert("content-type", "application/x-ndjson".parse().unwrap());
+            h.insert("x-guildhall-fan-out", "ndjson".parse().unwrap());
+            if let Some(join) = p.join.as_deref().and_then(|j| j.parse().ok()) {
+                h.insert("x-guildhall-join", join);
+            }
+            if let Some(policy) = p.onchild.as_deref().and_then(|j| j.parse().ok()) {
+                h.insert("x-guildhall-on-child-failure", policy);
+            }
+            r
+        }
         Outcome::Permanent(msg) => with_class(StatusCode::UNPROCESSABLE_ENTITY, msg),
         Outcome::Transient(msg) => with_class(StatusCode::SERVICE_UNAVAILABLE, msg),
     }
@@ -171,6 +237,20 @@ fn exec_mode() -> i32 {
     match outcome {
         Outcome::Ok(out) => {
             print!("{out}");
+            0
+        }
+        Outcome::FanOut(lines) => {
+            let mut marker = "#guildhall-fan-out".to_owned();
+            if let Some(join) = &p.join {
+                marker.push_str(&format!(" join={join}"));
+            }
+            if let Some(policy) = &p.onchild {
+                marker.push_str(&format!(" on-child-failure={policy}"));
+            }
+            println!("{marker}");
+            for line in lines {
+                println!("{line}");
+            }
             0
         }
         Outcome::Permanent(msg) => {
@@ -234,5 +314,37 @@ mod tests {
             decide("fail=permanent-first", "s", 1, true).0,
             Outcome::Ok(_)
         ));
+    }
+
+    #[test]
+    fn fanout_lists_children_with_the_child_words() {
+        let (outcome, p) = decide(
+            "work:fanout=3 fanstage=kid join=merge child:kid:sleep=5 child:x",
+            "work",
+            1,
+            false,
+        );
+        let Outcome::FanOut(lines) = outcome else {
+            panic!("not a fan-out")
+        };
+        assert_eq!(p.join.as_deref(), Some("merge"));
+        assert_eq!(
+            lines,
+            [
+                r#"{"payload":"kid:sleep=5 x n=0","stage":"kid"}"#,
+                r#"{"payload":"kid:sleep=5 x n=1","stage":"kid"}"#,
+                r#"{"payload":"kid:sleep=5 x n=2","stage":"kid"}"#,
+            ]
+        );
+        // Not at another stage; a child's own payload does not fan out.
+        assert!(matches!(
+            decide("work:fanout=3", "kid", 1, false).0,
+            Outcome::Ok(_)
+        ));
+        let Outcome::FanOut(lines) = decide("fanout=2 fanbad=1", "s", 1, false).0 else {
+            panic!("not a fan-out")
+        };
+        assert_eq!(lines[0], r#"{"payload":"n=0"}"#);
+        assert!(serde_json::from_str::<serde_json::Value>(&lines[1]).is_err());
     }
 }
