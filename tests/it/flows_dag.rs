@@ -5,9 +5,9 @@
 //! coordinator is SIGKILLed and restarted without a snapshot, and the
 //! broker (a private node) restarts.
 //!
-//! Real binaries, real test workers. The join stage hands its result to
-//! `sink` (nobody consumes it), so the test reads every join's payload off
-//! the broker: each flow completes with its three children counted once,
+//! Real binaries, real test workers. The test reads every join's payload
+//! off the join stage's worker (`/inputs`) and every task's status off the
+//! coordinator: each flow completes with its three children counted once,
 //! or fails for its planted reason; none is stuck.
 
 use guildhall_tests::node::spawn_plain_rabbitmq_node;
@@ -73,8 +73,8 @@ impl Dag {
             ("task-1", "task", &["--next", "pm", "--join", "result"][..]),
             ("pm-1", "pm", &[][..]),
             ("pm-2", "pm", &[][..]),
-            ("result-1", "result", &["--next", "sink"][..]),
-            ("deploy-1", "deploy", &["--next", "sink"][..]),
+            ("result-1", "result", &[][..]),
+            ("deploy-1", "deploy", &[][..]),
         ] {
             let mut flags: Vec<String> = [
                 "--amqp-url",
@@ -168,46 +168,68 @@ impl Dag {
     }
 }
 
-/// What reached `sink` so far: each join's payload by parent, and the
-/// deploy tasks.
+/// What has finished so far: each join's payload (the last the join
+/// stage's worker was given) and the flows and deploys the coordinator
+/// shows succeeded or dead-lettered.
 #[derive(Default)]
 struct Sink {
     joins: BTreeMap<String, Value>,
-    deploys: BTreeSet<String>,
-    /// Messages that reached `sink` again (at least once).
+    /// Joins the worker was given more than once (at least once).
     duplicates: usize,
+    succeeded: BTreeSet<String>,
+    dead: BTreeSet<String>,
 }
 
 impl Sink {
     async fn drain(&mut self, dag: &Dag) {
-        let Ok(broker) = Broker::connect_to(&dag.ns, &dag.url).await else {
-            return;
-        };
-        let Ok(msgs) = broker
-            .drain(&dag.ns.names.stage_queue(&TestNs::stage("sink")))
-            .await
-        else {
-            return;
-        };
-        for (id, body, _) in msgs {
-            if id.starts_with("D-") {
-                if !self.deploys.insert(id) {
-                    self.duplicates += 1;
-                }
-                continue;
+        if let Ok(inputs) = dag.workers["result"].inputs().await {
+            self.duplicates = inputs.keys().filter(|k| !k.ends_with("/result/1")).count();
+            for (key, body) in inputs {
+                let Some(id) = key.split('/').next() else {
+                    continue;
+                };
+                let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| {
+                    panic!("{key}: the join's payload is not JSON ({e}): {body}")
+                });
+                self.joins.insert(id.to_owned(), v);
             }
-            // The result worker's output: the join's JSON, then " @result".
-            let json = body.trim_end_matches(" @result");
-            let v: Value = serde_json::from_str(json)
-                .unwrap_or_else(|e| panic!("{id}: the join's payload is not JSON ({e}): {body}"));
-            if self.joins.insert(id, v).is_some() {
-                self.duplicates += 1;
+        }
+        let Some(c) = dag.coordinator.as_ref() else {
+            return;
+        };
+        for (status, set) in [
+            ("succeeded", &mut self.succeeded),
+            ("dead_lettered", &mut self.dead),
+        ] {
+            for stage in ["result", "deploy"] {
+                let path = format!("/api/tasks?status={status}&stage={stage}&limit=1000");
+                if let Ok(v) = c.api.get_ok(&path).await {
+                    for t in v["tasks"].as_array().into_iter().flatten() {
+                        if let Some(id) = t["id"].as_str() {
+                            set.insert(id.to_owned());
+                        }
+                    }
+                }
             }
         }
     }
+
+    fn deploys(&self) -> usize {
+        self.succeeded
+            .iter()
+            .filter(|id| id.starts_with("D-"))
+            .count()
+    }
+
+    fn flows_done(&self) -> usize {
+        self.succeeded
+            .iter()
+            .filter(|id| id.starts_with("P-"))
+            .count()
+    }
 }
 
-/// Waits for every flow to reach `sink` (or fail as planted).
+/// Waits for every flow to finish (or fail as planted).
 struct Progress {
     sink: Sink,
     started: Instant,
@@ -231,26 +253,22 @@ impl Progress {
         self.started.elapsed()
     }
 
-    /// Whether everything arrived; panics past the timeout.
+    /// Whether everything finished; panics past the timeout.
     async fn done(&mut self, dag: &Dag) -> bool {
         self.sink.drain(dag).await;
-        if self.sink.joins.len() >= self.want_joins && self.sink.deploys.len() >= self.want_deploys
-        {
-            // Late duplicates show up now or never.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            self.sink.drain(dag).await;
+        if self.sink.flows_done() >= self.want_joins && self.sink.deploys() >= self.want_deploys {
             return true;
         }
         assert!(
             self.elapsed() < self.timeout,
-            "timed out: {} of {} joins, {} of {} deploys (logs in {})",
-            self.sink.joins.len(),
+            "timed out: {} of {} flows, {} of {} deploys (logs in {})",
+            self.sink.flows_done(),
             self.want_joins,
-            self.sink.deploys.len(),
+            self.sink.deploys(),
             self.want_deploys,
             dag.ns.log_dir.display()
         );
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         false
     }
 }
@@ -260,6 +278,7 @@ impl Progress {
 async fn assert_complete(dag: &Dag, flows: usize, sink: &Sink, what: &str) {
     for i in (0..flows).filter(|i| !planted(*i)) {
         let p = parent(i);
+        assert!(sink.succeeded.contains(&p), "{what}: {p} did not finish");
         let join = sink
             .joins
             .get(&p)
@@ -301,7 +320,20 @@ async fn assert_complete(dag: &Dag, flows: usize, sink: &Sink, what: &str) {
     }
     for i in (0..flows).filter(|i| i % 10 == 0 && !planted(*i)) {
         let d = format!("D-{i:04}");
-        assert!(sink.deploys.contains(&d), "{what}: {d} never ran");
+        assert!(sink.succeeded.contains(&d), "{what}: {d} never ran");
+        // ... and after its flow: its start follows the parent's end.
+        let t = api.get_ok(&format!("/api/tasks/{d}")).await.unwrap();
+        let p = api
+            .get_ok(&format!("/api/tasks/{}", parent(i)))
+            .await
+            .unwrap();
+        let started = t["attempts"][0]["started_at_ms"].as_u64().unwrap_or(0);
+        let finished = p["finished_at_ms"].as_u64().unwrap_or(u64::MAX);
+        assert!(
+            started >= finished,
+            "{what}: {d} started before {} finished",
+            parent(i)
+        );
     }
     // Nothing waits: no held task and no open join is left.
     let m = api.metrics().await.unwrap();
@@ -313,10 +345,10 @@ async fn assert_complete(dag: &Dag, flows: usize, sink: &Sink, what: &str) {
         );
     }
     eprintln!(
-        "flows {what}: {flows} flows of {FILES} files, {} joined, {} failed as planted, {} deploys, {} messages reached sink twice",
+        "flows {what}: {flows} flows of {FILES} files, {} joined, {} failed as planted, {} deploys, {} joins given to the worker twice",
         sink.joins.len(),
         (0..flows).filter(|i| planted(*i)).count(),
-        sink.deploys.len(),
+        sink.deploys(),
         sink.duplicates
     );
 }
@@ -325,7 +357,7 @@ async fn assert_complete(dag: &Dag, flows: usize, sink: &Sink, what: &str) {
 async fn a_thousand_flows_of_the_original_plan_complete() {
     let ns = TestNs::exclusive("flows-dag");
     let broker = Broker::connect(&ns).await.unwrap();
-    for stage in ["task", "pm", "result", "deploy", "sink"] {
+    for stage in ["task", "pm", "result", "deploy"] {
         broker.declare_stage(stage).await.unwrap();
     }
     let dag = Dag::start(ns, amqp_url(), &[]).await;
@@ -361,7 +393,7 @@ async fn flows_complete_while_an_agent_the_coordinator_and_the_broker_die() {
     let management = node.management_url();
     {
         let broker = Broker::connect_to(&ns, &url).await.unwrap();
-        for stage in ["task", "pm", "result", "deploy", "sink"] {
+        for stage in ["task", "pm", "result", "deploy"] {
             broker.declare_stage(stage).await.unwrap();
         }
     }

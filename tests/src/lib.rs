@@ -568,6 +568,14 @@ impl HttpWorker {
             .json()
             .await?)
     }
+
+    /// The last payload each `task/stage/attempt` was given.
+    pub async fn inputs(&self) -> anyhow::Result<HashMap<String, String>> {
+        Ok(reqwest::get(format!("{}inputs", self.url))
+            .await?
+            .json()
+            .await?)
+    }
 }
 
 /// Starts `guildhall-test-worker http` on a free port.

@@ -2,7 +2,8 @@
 //!
 //! - `guildhall-test-worker http [--listen ADDR]`: an HTTP worker; prints
 //!   `listening on http://ADDR` once bound; `GET /calls` returns how many
-//!   times each `task/stage/attempt` was processed.
+//!   times each `task/stage/attempt` was processed, `GET /inputs` the last
+//!   payload each `task/stage/attempt` was given (a join's input, say).
 //! - `guildhall-test-worker exec`: one task per process, payload on stdin.
 //!
 //! Behaviour is planted in the payload as words `[stage:]key=value`:
@@ -140,7 +141,16 @@ fn decide(payload: &str, stage: &str, attempt: u32, seen_before: bool) -> (Outco
 
 type Calls = Arc<Mutex<HashMap<String, u32>>>;
 
-async fn handle(State(calls): State<Calls>, headers: HeaderMap, body: Bytes) -> Response {
+/// What the HTTP worker remembers: calls per `task/stage/attempt`, and the
+/// last payload of each.
+#[derive(Clone, Default)]
+struct Shared {
+    calls: Calls,
+    inputs: Arc<Mutex<HashMap<String, String>>>,
+}
+
+async fn handle(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let calls = &shared.calls;
     let h = |k: &str| {
         headers
             .get(k)
@@ -160,6 +170,11 @@ async fn handle(State(calls): State<Calls>, headers: HeaderMap, body: Bytes) -> 
         seen
     };
     let payload = String::from_utf8_lossy(&body).into_owned();
+    shared
+        .inputs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(format!("{task}/{stage}/{attempt}"), payload.clone());
     let (outcome, p) = decide(&payload, &stage, attempt, seen_before);
     if p.sleep_ms > 0 {
         tokio::time::sleep(Duration::from_millis(p.sleep_ms)).await;
@@ -194,8 +209,21 @@ async fn handle(State(calls): State<Calls>, headers: HeaderMap, body: Bytes) -> 
     }
 }
 
-async fn calls(State(calls): State<Calls>) -> Response {
-    let map = calls.lock().unwrap_or_else(|e| e.into_inner()).clone();
+async fn calls(State(shared): State<Shared>) -> Response {
+    let map = shared
+        .calls
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    axum::Json(map).into_response()
+}
+
+async fn inputs(State(shared): State<Shared>) -> Response {
+    let map = shared
+        .inputs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     axum::Json(map).into_response()
 }
 
@@ -203,10 +231,11 @@ async fn http_mode(listen: &str) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on http://{}", listener.local_addr()?);
     std::io::stdout().flush()?;
-    let state: Calls = Arc::default();
+    let state = Shared::default();
     let app = Router::new()
         .route("/", post(handle))
         .route("/calls", get(calls))
+        .route("/inputs", get(inputs))
         .with_state(state);
     axum::serve(listener, app).await
 }

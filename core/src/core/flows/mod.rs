@@ -669,24 +669,12 @@ impl Core {
                 {
                     self.record_arrival(now_ms, &stage, e.at_ms);
                 }
-                self.telemetry.count(
-                    crate::core::telemetry::Count::FlowReleased {
-                        reason: e.reason,
-                        dead_lettered: false,
-                    },
-                    1,
-                );
+                self.count_release(e.reason, false);
             }
             ReleaseOutcome::DeadLettered { error } => {
                 let a = Attempt::new(&e.task_id, &e.stage, 1, sender);
                 self.tasks.dead_lettered(a, e.at_ms, &error);
-                self.telemetry.count(
-                    crate::core::telemetry::Count::FlowReleased {
-                        reason: e.reason,
-                        dead_lettered: true,
-                    },
-                    1,
-                );
+                self.count_release(e.reason, true);
                 let end = End::Failed {
                     status: TaskStatus::DeadLettered,
                     error,
@@ -714,6 +702,7 @@ impl Core {
             && !h.released
         {
             self.flows.retire_held(id);
+            self.count_release(HoldReason::Dependency, false);
         }
         if let Some(j) = self.flows.joins.get_mut(id)
             && j.join.as_ref() == Some(stage)
@@ -723,7 +712,20 @@ impl Core {
             j.released = true;
             self.flows.handed.remove(id);
             self.flows.remember_finished_join(id);
+            self.count_release(HoldReason::Join, false);
         }
+    }
+
+    /// A release carried out, counted once per task whichever is read
+    /// first: its `TaskReleased`, or its start at the stage.
+    fn count_release(&mut self, reason: HoldReason, dead_lettered: bool) {
+        self.telemetry.count(
+            crate::core::telemetry::Count::FlowReleased {
+                reason,
+                dead_lettered,
+            },
+            1,
+        );
     }
 
     /// `id` ended (succeeded at its last stage, dead-lettered, cancelled):

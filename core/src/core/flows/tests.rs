@@ -388,6 +388,14 @@ fn a_start_at_its_stage_retires_a_release_whose_event_was_lost() {
     let started = fresh.started("D", "deploy", 1, fresh.now);
     fresh.send("agent-2", vec![started]);
     assert!(fresh.core.poll_release().is_none());
+    // Counted once, whichever of its start and its TaskReleased comes first.
+    let e = fresh.released("D", "deploy", HoldReason::Dependency, None);
+    fresh.send(COORD, vec![e]);
+    let released = crate::core::telemetry::Count::FlowReleased {
+        reason: HoldReason::Dependency,
+        dead_lettered: false,
+    };
+    assert_eq!(fresh.recorder.count_of(released), 1);
 }
 
 #[test]
