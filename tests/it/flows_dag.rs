@@ -27,13 +27,14 @@ fn planted(i: usize) -> bool {
     i % 50 == 7
 }
 
-fn payload(i: usize) -> String {
+/// Flow `i`'s payload; each of its files takes `sleep_ms` at `pm`.
+fn payload(i: usize, sleep_ms: u64) -> String {
     let fail = if planted(i) {
         " child:pm:fail=permanent"
     } else {
         ""
     };
-    format!("flow-{i} fanout={FILES} child:sleep=20{fail}")
+    format!("flow-{i} fanout={FILES} child:sleep={sleep_ms}{fail}")
 }
 
 /// The DAG's processes: a test worker and agents per stage, on `url`.
@@ -44,6 +45,8 @@ struct Dag {
     coordinator_flags: Vec<String>,
     url: String,
     ns: TestNs,
+    /// What each file costs at `pm`, ms.
+    sleep_ms: u64,
 }
 
 impl Dag {
@@ -68,6 +71,7 @@ impl Dag {
             coordinator_flags,
             url,
             ns,
+            sleep_ms: 20,
         };
         for (id, stage, extra) in [
             ("task-1", "task", &["--next", "pm", "--join", "result"][..]),
@@ -116,7 +120,8 @@ impl Dag {
     async fn submit(&self, range: std::ops::Range<usize>) {
         let api = self.api();
         for i in range.clone() {
-            let body = json!({"stage": "task", "id": parent(i), "payload": payload(i)});
+            let body =
+                json!({"stage": "task", "id": parent(i), "payload": payload(i, self.sleep_ms)});
             let (code, answer) = api.post_raw("/api/tasks", &body.to_string()).await.unwrap();
             assert!((200..300).contains(&code), "{answer}");
         }
@@ -398,6 +403,9 @@ async fn flows_complete_while_an_agent_the_coordinator_and_the_broker_die() {
         }
     }
     let mut dag = Dag::start(ns, url, &["--management-url", &management]).await;
+    // 300 flows of 3 files at 150 ms on 16 slots: ~9 s of work, so the
+    // chaos strikes mid-run.
+    dag.sleep_ms = 150;
     let flows = 300;
     dag.submit(0..flows / 2).await;
     let mut progress = Progress::new(flows, Duration::from_secs(400));
@@ -409,12 +417,12 @@ async fn flows_complete_while_an_agent_the_coordinator_and_the_broker_die() {
                 dag.kill_agent("pm-1").await;
                 step += 1;
             }
-            1 if elapsed > Duration::from_secs(5) => {
+            1 if elapsed > Duration::from_secs(4) => {
                 dag.kill_coordinator().await;
                 dag.submit(flows / 2..flows).await;
                 step += 1;
             }
-            2 if elapsed > Duration::from_secs(8) => {
+            2 => {
                 node.restart().await.unwrap();
                 step += 1;
             }
