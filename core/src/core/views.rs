@@ -354,6 +354,9 @@ pub struct TaskSummary {
     pub priority: u8,
     /// When it falls due, if it was held in the delay ladder.
     pub due_at_ms: Option<u64>,
+    /// The root of its flow (issue 19), if it is in one: held for
+    /// dependencies, fanned out, or a fan-out's child.
+    pub flow_root: Option<String>,
 }
 
 /// The coordinator's own state, for `/healthz` and `guildhall status`.

@@ -2073,16 +2073,14 @@
   }
 
   /**
-   * A listed task's flow badge: held and waiting tasks are in a flow, and
-   * an id `<parent>:<n>` is a fan-out's child's (the list does not say
-   * more; the task's page tells).
+   * A listed task's flow badge: the list says when a task is in a flow
+   * (held, fanned out, or a fan-out's child) and its flow's root.
    */
   function flowBadge(t) {
-    let why = null;
+    if (!t.flow_root) return null;
+    let why = `in the flow of ${t.flow_root}`;
     if (t.status === 'held') why = 'held until the tasks it runs after finish';
     else if (t.status === 'waiting') why = 'fanned out: waiting for its children';
-    else if (/:\d+$/.test(t.id)) why = `a fan-out's child, of ${t.id.replace(/:\d+$/, '')}`;
-    if (!why) return null;
     return el('a', { class: ['badge', 'flow-badge'], href: `#task/${enc(t.id)}`, 'data-task-id': t.id, title: `${why}: open its flow` }, 'flow');
   }
 

@@ -11,6 +11,7 @@ use guildhall_proto::flow::split_child_id;
 use guildhall_proto::{Stage, TaskId};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::ops::Not;
 
 /// Most nodes a flow view lists (the counts cover every node).
 pub const MAX_FLOW_NODES: usize = 2_000;
@@ -145,6 +146,15 @@ impl Core {
             Some(t) => display_status(t, now_ms).as_str(),
             None => "unknown",
         }
+    }
+
+    /// Whether `id` is in a flow: held for dependencies, fanned out, or a
+    /// fan-out's child (cheap: for every line of a task list).
+    pub fn in_flow(&self, id: &TaskId) -> bool {
+        self.flows.is_empty().not()
+            && (self.flows.held.contains_key(id)
+                || self.flows.joins.contains_key(id)
+                || self.parent_of(id).is_some())
     }
 
     /// The flow's root above `id`: its top parent, or for a held task
