@@ -262,6 +262,21 @@ fn a_join_waits_for_every_child_counts_each_once_and_keeps_child_order() {
     let run = r.sim.run("P", "merge", None);
     r.send("agent-merge", run);
     assert_eq!(status(&r.sim, "P"), TaskStatus::Succeeded);
+    // The task list says which tasks are in a flow, and its root.
+    let list = r.sim.core.tasks_view(
+        &crate::core::query::TaskFilter {
+            limit: 100,
+            ..Default::default()
+        },
+        r.sim.now,
+    );
+    let root = |id: &str| {
+        list.iter()
+            .find(|t| t.id == id)
+            .and_then(|t| t.flow_root.clone())
+    };
+    assert_eq!(root("P:1").as_deref(), Some("P"));
+    assert_eq!(root("P").as_deref(), Some("P"));
     let view = r
         .sim
         .core
