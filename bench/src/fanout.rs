@@ -233,6 +233,9 @@ pub struct FanOutReport {
     pub fan_out_total_s: Spread,
     /// Its phases (see the module docs), s.
     pub fan_out_phase_s: Spread,
+    /// Published to the first child's start at `work` (children run
+    /// while the rest are still being published), s.
+    pub first_child_started_s: Spread,
     /// ...
     pub children_phase_s: Spread,
     /// ...
@@ -293,6 +296,7 @@ pub(crate) async fn run(target: &Target, plan: &Plan) -> anyhow::Result<FanOutRe
         concurrency: plan.concurrency,
         fan_out_total_s,
         fan_out_phase_s: Spread::of(f.iter().map(|r| r.fan_out_s)),
+        first_child_started_s: Spread::of(f.iter().map(|r| r.first_child_started_s)),
         children_phase_s: Spread::of(f.iter().map(|r| r.children_s)),
         release_phase_s: Spread::of(f.iter().map(|r| r.release_s)),
         join_phase_s: Spread::of(f.iter().map(|r| r.join_s)),
@@ -934,7 +938,11 @@ pub fn table(r: &FanOutReport) -> String {
         ),
         (
             "  fan-out (-> TaskFannedOut)",
-            format!("{} s", r.fan_out_phase_s.show(s)),
+            format!(
+                "{} s (the first child started at {} s)",
+                r.fan_out_phase_s.show(s),
+                r.first_child_started_s.show(s)
+            ),
         ),
         (
             "  children (-> last child done)",
