@@ -1,6 +1,10 @@
-//! `guildhall-bench flows`: what holding and releasing dependent tasks
-//! costs the coordinator (issue 19), on the real broker with a real
-//! `guildhall serve` child.
+//! `guildhall-bench flows`: what flows cost (issue 19), on the real broker
+//! with a real `guildhall serve` child. Two parts (`--only` picks one),
+//! each run `--runs` times in fresh namespaces; the figures are medians
+//! with their range.
+//!
+//! **Held** dependents, what the coordinator keeps and how fast it lets
+//! them go (this module):
 //!
 //! 1. **Held**: N dependencies (`TaskSubmitted`) and N dependents
 //!    (`TaskHeld`, each after one dependency, a 100-byte payload) written
@@ -13,11 +17,16 @@
 //!    confirmed before), p50/p99/max.
 //! 3. **Burst**: every other dependency completed at once: releases/s until
 //!    the last dependent arrives.
+//!
+//! **Fan-out** of N children joined back, against the same N tasks
+//! submitted independently, with real agents: [`crate::fanout`].
 
+use crate::fanout::{self, FanOutReport, Spread};
 use crate::probe::ChildCoordinator;
-use crate::{BenchTarget, clean_up};
+use crate::{BenchTarget, Target, clean_up, in_range};
 use anyhow::{Context, anyhow};
 use clap::Args;
+use guildhall::config::ConfigError;
 use futures_lite::StreamExt;
 use guildhall_broker::Publisher;
 use guildhall_broker::events::{EventPublisher, EventPublisherConfig};
@@ -40,6 +49,13 @@ pub struct FlowsArgs {
     /// Broker, namespace prefix, `--json`, `--quick`, `--management-url`.
     #[command(flatten)]
     pub target: BenchTarget,
+    /// Run only this part (default: both).
+    #[arg(long, value_enum)]
+    pub only: Option<Part>,
+    /// Runs of each part (and of each fan-out case), each in a fresh
+    /// namespace with its own coordinator (default 3; --quick 1).
+    #[arg(long)]
+    pub runs: Option<usize>,
     /// Dependent tasks held (default 100,000; --quick 2,000).
     #[arg(long)]
     pub held: Option<usize>,
@@ -50,11 +66,73 @@ pub struct FlowsArgs {
     /// Completions per second in the latency sample.
     #[arg(long, default_value_t = 100.0)]
     pub sample_rate: f64,
+    /// Children of the fan-out, and tasks submitted independently against
+    /// it (default 10,000, the agent's most; --quick 500).
+    #[arg(long)]
+    pub children: Option<usize>,
+    /// Agent processes on the fan-out's `work` stage.
+    #[arg(long, default_value_t = 2)]
+    pub work_agents: usize,
+    /// Their concurrency.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u32,
+    /// Longest one fan-out case may take.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// A part of `bench flows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Held dependents: memory, release latency, burst.
+    Held,
+    /// A fan-out and its join against independent submissions.
+    FanOut,
 }
 
 /// The figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlowsReport {
+    /// `RabbitMQ <version>`.
+    pub broker: String,
+    /// Runs of each part.
+    pub runs: usize,
+    /// Held dependents (unless `--only fan-out`).
+    pub held: Option<HeldReport>,
+    /// The fan-out (unless `--only held`).
+    pub fan_out: Option<FanOutReport>,
+}
+
+/// The held part: medians and ranges over the runs, and every run.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldReport {
+    /// Dependents held per run.
+    pub held: usize,
+    /// Latency sample size.
+    pub sample: usize,
+    /// Dependents released in the burst.
+    pub burst: usize,
+    /// Bytes of coordinator memory per held task.
+    pub bytes_per_held_task: Spread,
+    /// Seconds until every `TaskHeld` was applied.
+    pub hold_s: Spread,
+    /// Release latency p50, ms.
+    pub release_p50_ms: Spread,
+    /// ... p99.
+    pub release_p99_ms: Spread,
+    /// ... max.
+    pub release_max_ms: Spread,
+    /// Burst releases/s.
+    pub burst_per_s: Spread,
+    /// The coordinator's peak memory, bytes.
+    pub peak_rss: Spread,
+    /// Every run, in order.
+    pub runs: Vec<HeldRun>,
+}
+
+/// One held run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldRun {
     /// Dependents held.
     pub held: usize,
     /// The coordinator's resident memory after the dependencies, bytes.
@@ -88,14 +166,74 @@ const PAYLOAD: [u8; 100] = [b'x'; 100];
 pub async fn run(args: &FlowsArgs) -> anyhow::Result<FlowsReport> {
     let target = args.target.resolve()?;
     let quick = args.target.common.quick;
-    let n = args
-        .held
-        .unwrap_or(if quick { 2_000 } else { 100_000 })
-        .max(2);
-    let sample = args
-        .sample
-        .unwrap_or(if quick { 100 } else { 2_000 })
-        .min(n - 1);
+    let runs = in_range("--runs", args.runs.unwrap_or(if quick { 1 } else { 3 }), 1, 20)?;
+    let n = in_range(
+        "--held",
+        args.held.unwrap_or(if quick { 2_000 } else { 100_000 }),
+        2,
+        10_000_000,
+    )?;
+    let sample = in_range(
+        "--sample",
+        args.sample.unwrap_or(if quick { 100 } else { 2_000 }),
+        1,
+        10_000_000,
+    )?
+    .min(n - 1);
+    if !(args.sample_rate > 0.0 && args.sample_rate <= 100_000.0) {
+        return Err(ConfigError(format!(
+            "--sample-rate {} is out of range (above 0, at most 100000)",
+            args.sample_rate
+        ))
+        .into());
+    }
+    let plan = fanout::Plan::new(
+        args.children,
+        runs,
+        args.work_agents,
+        args.concurrency,
+        args.timeout,
+        quick,
+    )?;
+    let broker = args.target.version.broker_version(&target.url).await;
+    let held = if args.only.is_none_or(|p| p == Part::Held) {
+        let mut all = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            all.push(held_run(&target, n, sample, args.sample_rate).await?);
+        }
+        let f = |get: fn(&HeldRun) -> f64| Spread::of(all.iter().map(get));
+        Some(HeldReport {
+            held: n,
+            sample,
+            burst: n - sample,
+            bytes_per_held_task: f(|r| r.bytes_per_held_task),
+            hold_s: f(|r| r.hold_s),
+            release_p50_ms: f(|r| r.release_p50_ms),
+            release_p99_ms: f(|r| r.release_p99_ms),
+            release_max_ms: f(|r| r.release_max_ms),
+            burst_per_s: f(|r| r.burst_per_s),
+            peak_rss: f(|r| r.peak_rss as f64),
+            runs: all,
+        })
+    } else {
+        None
+    };
+    let fan_out = if args.only.is_none_or(|p| p == Part::FanOut) {
+        Some(fanout::run(&target, &plan).await?)
+    } else {
+        None
+    };
+    Ok(FlowsReport {
+        broker,
+        runs,
+        held,
+        fan_out,
+    })
+}
+
+/// One held run: `n` dependents, `sample` paced releases at `rate`/s, the
+/// rest in a burst.
+async fn held_run(target: &Target, n: usize, sample: usize, rate: f64) -> anyhow::Result<HeldRun> {
     let (names, conn) = target.open().await?;
     let dep_stage: Stage = "dep".parse()?;
     let after: Stage = "after".parse()?;
@@ -193,7 +331,7 @@ pub async fn run(args: &FlowsArgs) -> anyhow::Result<FlowsReport> {
         };
         // 2. One at a time, paced: latency.
         let mut latencies = Vec::with_capacity(sample);
-        let every = Duration::from_secs_f64(1.0 / args.sample_rate.max(0.1));
+        let every = Duration::from_secs_f64(1.0 / rate);
         for i in 0..sample {
             let [s, ok] = complete(i)?;
             events.emit(s);
@@ -239,7 +377,7 @@ pub async fn run(args: &FlowsArgs) -> anyhow::Result<FlowsReport> {
         let _ = task.await;
         latencies.sort_by(f64::total_cmp);
         let q = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-        Ok::<FlowsReport, anyhow::Error>(FlowsReport {
+        Ok::<HeldRun, anyhow::Error>(HeldRun {
             held: n,
             rss_dependencies,
             rss_held,
@@ -296,24 +434,59 @@ async fn wait_gauge(c: &ChildCoordinator, key: &str, value: f64) -> anyhow::Resu
 
 /// The report as a table.
 pub fn table(r: &FlowsReport) -> String {
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    format!(
-        "held dependents        {}\n\
-         memory                 {:.1} MiB with the dependencies, {:.1} MiB with the dependents too: {:.0} bytes per held task (peak {:.1} MiB)\n\
-         hold                   {:.2} s until every TaskHeld was applied\n\
-         release latency        p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} paced releases (completion confirmed -> dependent delivered)\n\
-         burst                  {} releases at {:.0}/s\n",
-        r.held,
-        mib(r.rss_dependencies),
-        mib(r.rss_held),
-        r.bytes_per_held_task,
-        mib(r.peak_rss),
-        r.hold_s,
-        r.release_p50_ms,
-        r.release_p99_ms,
-        r.release_max_ms,
-        r.sample,
-        r.burst,
-        r.burst_per_s,
-    )
+    let mut out = format!(
+        "guildhall-bench flows: {} run(s) of each part; {}\n\n",
+        r.runs, r.broker
+    );
+    if let Some(h) = &r.held {
+        out.push_str(&held_table(h));
+        out.push('\n');
+    }
+    if let Some(f) = &r.fan_out {
+        out.push_str(&fanout::table(f));
+    }
+    out
+}
+
+/// The held part as a table.
+fn held_table(r: &HeldReport) -> String {
+    let mib = |b: f64| format!("{:.1} MiB", b / (1024.0 * 1024.0));
+    let ms = |x: f64| format!("{x:.1}");
+    let rows = vec![
+        ("held dependents", crate::thousands(r.held as f64)),
+        (
+            "memory per held task",
+            format!(
+                "{} bytes (coordinator peak {})",
+                r.bytes_per_held_task.show(crate::thousands),
+                r.peak_rss.show(mib)
+            ),
+        ),
+        (
+            "hold",
+            format!(
+                "{} s until every TaskHeld was applied",
+                r.hold_s.show(|x| format!("{x:.2}"))
+            ),
+        ),
+        (
+            "release latency",
+            format!(
+                "p50 {} ms, p99 {} ms, max {} ms over {} paced releases (completion confirmed -> dependent delivered)",
+                r.release_p50_ms.show(ms),
+                r.release_p99_ms.show(ms),
+                r.release_max_ms.show(ms),
+                crate::thousands(r.sample as f64)
+            ),
+        ),
+        (
+            "burst",
+            format!(
+                "{} releases at {}/s",
+                crate::thousands(r.burst as f64),
+                r.burst_per_s.show(crate::thousands)
+            ),
+        ),
+    ];
+    crate::lines("held dependents (median (min-max))", &rows)
 }

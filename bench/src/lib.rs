@@ -24,11 +24,14 @@
 //!   agent processes and HTTP workers, per-stage latencies, and a model of
 //!   the task path timed step by step;
 //! - [`flows`]: `bench flows`, memory per held dependent task and the
-//!   release latency of the coordinator (issue 19);
+//!   release latency of the coordinator (issue 19), and
+//!   [`fanout`]: its other part, a fan-out of N children joined back
+//!   against the same N tasks submitted independently;
 //! - [`probe`]: what the benchmarks read off a running coordinator: CPU and
 //!   peak memory from `/proc`, counters and histograms from `/metrics`; and
 //!   where the sibling binaries (`guildhall`, `guildhall-agent`) are.
 
+pub mod fanout;
 pub mod fleet;
 pub mod flows;
 pub mod ingest;
@@ -80,7 +83,9 @@ pub enum Which {
     Priority(priority::PriorityArgs),
     /// Flows (issue 19): memory per held dependent task, release latency
     /// (dependency completed to dependent delivered) and a burst of
-    /// releases, with a real coordinator.
+    /// releases, with a real coordinator; and a fan-out of N children
+    /// joined back through real agents, against the same N tasks
+    /// submitted independently: time and memory.
     Flows(flows::FlowsArgs),
     /// A stage's achieved start rate against its rate limit with 1, 3 and
     /// 10 agents and while agents join and leave.

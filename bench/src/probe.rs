@@ -197,6 +197,15 @@ impl ChildCoordinator {
         Ok((took, body.len()))
     }
 
+    /// GETs `path` as JSON; `None` when it answers 404.
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        let resp = self.http.get(format!("{}{path}", self.base)).send().await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Ok(Some(resp.error_for_status()?.json().await?))
+    }
+
     /// `/metrics` as text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(self

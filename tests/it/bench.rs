@@ -350,6 +350,93 @@ async fn pipeline_quick_moves_every_task_through_real_agents() {
 }
 
 #[tokio::test]
+async fn flows_quick_holds_releases_and_joins_a_fan_out() {
+    let ns = TestNs::new("bench");
+    let r = json_within(
+        &ns,
+        "flows",
+        &["--quick", "--json"],
+        std::time::Duration::from_secs(240),
+    )
+    .await;
+    assert!(
+        r["broker"].as_str().unwrap().starts_with("RabbitMQ 3."),
+        "{r}"
+    );
+    assert_eq!(num(&r, "runs"), 1.0, "{r}");
+    // Held: every dependent held, the sample released one at a time, the
+    // rest in a burst; the figures are the one run's.
+    let h = &r["held"];
+    assert_eq!(num(h, "held"), 2_000.0, "{r}");
+    assert_eq!(num(h, "sample") + num(h, "burst"), 2_000.0, "{r}");
+    assert_eq!(h["runs"].as_array().map(Vec::len), Some(1), "{r}");
+    assert!(
+        num(h, "release_p50_ms.median") <= num(h, "release_p99_ms.median"),
+        "{r}"
+    );
+    assert!(
+        num(h, "release_p99_ms.median") <= num(h, "release_max_ms.median"),
+        "{r}"
+    );
+    assert!(num(h, "burst_per_s.median") > 0.0, "{r}");
+    assert!(num(h, "peak_rss.median") > 1e6, "{r}");
+    assert_eq!(
+        num(h, "bytes_per_held_task.median"),
+        num(&h["runs"][0], "bytes_per_held_task"),
+        "{r}"
+    );
+    // Fan-out: every child ran and is in the join's payload, which the
+    // merge stage got; the independent tasks all ran too.
+    let f = &r["fan_out"];
+    assert_eq!(num(f, "children"), 500.0, "{r}");
+    let run = &f["fan_out_runs"][0];
+    assert_eq!(f["fan_out_runs"].as_array().map(Vec::len), Some(1), "{r}");
+    assert_eq!(num(run, "children_ended"), 500.0, "{r}");
+    assert_eq!(num(run, "join_children"), 500.0, "{r}");
+    assert_eq!(num(run, "join_children_succeeded"), 500.0, "{r}");
+    assert!(num(run, "join_payload_bytes") > 500.0 * 20.0, "{r}");
+    let total = num(run, "total_s");
+    assert!(total > 0.0, "{r}");
+    for phase in ["fan_out_s", "children_s", "release_s", "join_s"] {
+        let p = num(run, phase);
+        assert!((0.0..=total).contains(&p), "{phase}: {r}");
+    }
+    assert!(num(run, "coordinator.peak_rss") > 1e6, "{r}");
+    assert!(num(run, "agents.split_peak_rss") > 1e6, "{r}");
+    let ind = &f["independent_runs"][0];
+    assert_eq!(num(ind, "ended"), 500.0, "{r}");
+    assert!(num(ind, "total_s") >= num(ind, "publish_s") - 0.01, "{r}");
+    assert!(num(ind, "coordinator.peak_rss") > 1e6, "{r}");
+    assert_eq!(num(f, "fan_out_total_s.median"), total, "{r}");
+    assert!(num(f, "time_ratio") > 0.0, "{r}");
+    assert_nothing_left(&ns).await;
+
+    // The table names both parts and the fan-out's phases.
+    assert_table(
+        &ns,
+        "flows",
+        &[
+            "--quick",
+            "--held",
+            "200",
+            "--sample",
+            "10",
+            "--children",
+            "50",
+        ],
+        &[
+            "held dependents",
+            "release latency",
+            "fan-out and join",
+            "join release",
+            "independent, first publish",
+        ],
+    )
+    .await;
+    assert_nothing_left(&ns).await;
+}
+
+#[tokio::test]
 async fn bench_flags_out_of_range_are_one_line() {
     for (args, needle) in [
         (vec!["ingest", "--agents", "0"], "--agents"),
@@ -375,6 +462,12 @@ async fn bench_flags_out_of_range_are_one_line() {
         (vec!["pipeline", "--concurrency", "0"], "--concurrency"),
         (vec!["pipeline", "--tasks", "5"], "--tasks"),
         (vec!["pipeline", "--payload", "4"], "--payload"),
+        (vec!["flows", "--runs", "0"], "--runs"),
+        (vec!["flows", "--held", "1"], "--held"),
+        (vec!["flows", "--children", "0"], "--children"),
+        (vec!["flows", "--children", "10001"], "--children"),
+        (vec!["flows", "--work-agents", "0"], "--work-agents"),
+        (vec!["flows", "--sample-rate", "0"], "--sample-rate"),
     ] {
         let o = run_bench(&args).await;
         let err = String::from_utf8_lossy(&o.stderr);

@@ -290,11 +290,11 @@ async fn one_run(
 }
 
 /// A running agent process.
-struct AgentProc {
+pub(crate) struct AgentProc {
     /// The process.
-    child: Child,
-    /// Its pid, for its CPU time.
-    pid: u32,
+    pub child: Child,
+    /// Its pid, for its CPU time and memory.
+    pub pid: u32,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -307,30 +307,75 @@ fn spawn_agent(
     url: &str,
     c: u32,
 ) -> anyhow::Result<AgentProc> {
-    let id = format!("bench-{stage}-{:08x}", rand::random::<u32>());
-    let child = Command::new(bin)
-        .args(["--amqp-url", &plan.target.raw_url])
-        .args(["--namespace", names.namespace().as_str()])
-        .args(["--stage", stage.as_str(), "--next", next.as_str()])
-        .args(["--id", &id, "--concurrency", &c.to_string()])
-        .args(["--worker-url", url, "--task-timeout", TASK_TIMEOUT])
-        .env("RUST_LOG", "warn")
-        .env_remove("GUILDHALL_NAMESPACE")
-        .env_remove("AMQP_URL")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let pid = child
-        .id()
-        .ok_or_else(|| anyhow!("the agent for {stage} exited at once"))?;
-    Ok(AgentProc { child, pid })
+    AgentSpec {
+        stage,
+        next: Some(next),
+        join: None,
+        url,
+        concurrency: c,
+    }
+    .spawn(bin, &plan.target.raw_url, names)
+}
+
+/// One `guildhall-agent` process to start: its stage, where results go,
+/// its join stage (fan-outs), its HTTP worker and its concurrency.
+pub(crate) struct AgentSpec<'a> {
+    /// The stage it consumes.
+    pub stage: &'a Stage,
+    /// `--next`; `None` ends the pipeline after `stage`.
+    pub next: Option<&'a Stage>,
+    /// `--join`.
+    pub join: Option<&'a Stage>,
+    /// `--worker-url`.
+    pub url: &'a str,
+    /// `--concurrency`.
+    pub concurrency: u32,
+}
+
+impl AgentSpec<'_> {
+    /// Starts it (the binary `bin`) on the broker at `amqp_url`, in the
+    /// namespace of `names`, logging warnings only.
+    pub(crate) fn spawn(
+        &self,
+        bin: &std::path::Path,
+        amqp_url: &str,
+        names: &Names,
+    ) -> anyhow::Result<AgentProc> {
+        let stage = self.stage;
+        let id = format!("bench-{stage}-{:08x}", rand::random::<u32>());
+        let mut cmd = Command::new(bin);
+        cmd.args(["--amqp-url", amqp_url])
+            .args(["--namespace", names.namespace().as_str()])
+            .args(["--stage", stage.as_str()]);
+        if let Some(next) = self.next {
+            cmd.args(["--next", next.as_str()]);
+        }
+        if let Some(join) = self.join {
+            cmd.args(["--join", join.as_str()]);
+        }
+        let child = cmd
+            .args(["--id", &id, "--concurrency", &self.concurrency.to_string()])
+            .args(["--worker-url", self.url, "--task-timeout", TASK_TIMEOUT])
+            .env("RUST_LOG", "warn")
+            .env_remove("GUILDHALL_NAMESPACE")
+            .env_remove("AMQP_URL")
+            .env_remove("GUILDHALL_NEXT")
+            .env_remove("GUILDHALL_JOIN")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("the agent for {stage} exited at once"))?;
+        Ok(AgentProc { child, pid })
+    }
 }
 
 /// SIGTERM, then a kill if an agent takes longer than [`STOP_GRACE`].
-async fn stop_agents(agents: &mut [AgentProc]) {
+pub(crate) async fn stop_agents(agents: &mut [AgentProc]) {
     for a in agents.iter() {
         if let Ok(pid) = i32::try_from(a.pid) {
             // SAFETY: kill(2) on a child we started and have not reaped.
@@ -356,24 +401,7 @@ async fn measure(
     stages: &[Stage],
     agents: &mut [AgentProc],
 ) -> anyhow::Result<RunFigures> {
-    let deadline = Instant::now() + plan.drain_timeout;
-    for s in &stages[..plan.stages] {
-        let queue = names.band_queue(s, guildhall_proto::Band::Low);
-        loop {
-            if matches!(probe_queue(conn, &queue).await?, Some(p) if p.consumers > 0) {
-                break;
-            }
-            for a in agents.iter_mut() {
-                if let Ok(Some(status)) = a.child.try_wait() {
-                    anyhow::bail!("an agent exited before consuming ({status})");
-                }
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!("no agent consumed {queue} within --drain-timeout");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_consumers(conn, names, &stages[..plan.stages], agents, plan.drain_timeout).await?;
     // Agents forward to the next stage's band (the default priority's).
     let sink = names.band_queue(&stages[plan.stages], guildhall_proto::Band::Low);
     let collector = Collector::start(conn, &sink, plan.tasks).await?;
@@ -410,6 +438,37 @@ async fn measure(
         stages: Vec::new(),
         agent_cpu_us_per_task,
     })
+}
+
+/// Waits until each of `stages` has a consumer on its default band's
+/// queue (what the agents publish to and read first), at most `timeout`;
+/// an agent that exits meanwhile is an error.
+pub(crate) async fn wait_consumers(
+    conn: &lapin::Connection,
+    names: &Names,
+    stages: &[Stage],
+    agents: &mut [AgentProc],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    for s in stages {
+        let queue = names.band_queue(s, guildhall_proto::Band::Low);
+        loop {
+            if matches!(probe_queue(conn, &queue).await?, Some(p) if p.consumers > 0) {
+                break;
+            }
+            for a in agents.iter_mut() {
+                if let Ok(Some(status)) = a.child.try_wait() {
+                    anyhow::bail!("an agent exited before consuming ({status})");
+                }
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("no agent consumed {queue} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Publishes the burst to `stage`, each payload starting with its publish
