@@ -357,7 +357,9 @@ impl Core {
                     eta_high_in_ms: eta.map(|e| e.high_in_ms),
                     priority: r.priority(),
                     due_at_ms: r.due_at_ms(),
-                    flow_root: self.in_flow(&r.id()).then(|| self.flow_root(&r.id()).to_string()),
+                    flow_root: self
+                        .in_flow(&r.id())
+                        .then(|| self.flow_root(&r.id()).to_string()),
                 }
             })
             .collect()
