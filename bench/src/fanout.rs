@@ -505,7 +505,9 @@ impl Rig {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the coordinator says {id} is {status:?}, not succeeded, after {APPLY_LIMIT:?}");
+                bail!(
+                    "the coordinator says {id} is {status:?}, not succeeded, after {APPLY_LIMIT:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -566,7 +568,9 @@ async fn fan_out_run(
                 TaskMeta::submission(parent.clone(), t0, None).properties(),
             )
             .await?;
-        events.emit_confirmed(submitted(&parent, &rig.stages.split, t0, 2)).await?;
+        events
+            .emit_confirmed(submitted(&parent, &rig.stages.split, t0, 2))
+            .await?;
         let seen = watcher.await.context("the events watcher")??;
         rig.applied(parent.as_str()).await?;
         let (coordinator, agents) = rig.costs(&cpu0, rss_before);
@@ -971,7 +975,10 @@ pub fn table(r: &FanOutReport) -> String {
         ),
         (
             "  join release (-> TaskReleased)",
-            format!("{} ms", r.release_phase_s.show(|x| format!("{:.0}", x * 1000.0))),
+            format!(
+                "{} ms",
+                r.release_phase_s.show(|x| format!("{:.0}", x * 1000.0))
+            ),
         ),
         (
             "  join stage (-> merge done)",

@@ -26,8 +26,8 @@ use crate::probe::ChildCoordinator;
 use crate::{BenchTarget, Target, clean_up, in_range};
 use anyhow::{Context, anyhow};
 use clap::Args;
-use guildhall::config::ConfigError;
 use futures_lite::StreamExt;
+use guildhall::config::ConfigError;
 use guildhall_broker::Publisher;
 use guildhall_broker::events::{EventPublisher, EventPublisherConfig};
 use guildhall_broker::now_ms;
@@ -166,7 +166,12 @@ const PAYLOAD: [u8; 100] = [b'x'; 100];
 pub async fn run(args: &FlowsArgs) -> anyhow::Result<FlowsReport> {
     let target = args.target.resolve()?;
     let quick = args.target.common.quick;
-    let runs = in_range("--runs", args.runs.unwrap_or(if quick { 1 } else { 3 }), 1, 20)?;
+    let runs = in_range(
+        "--runs",
+        args.runs.unwrap_or(if quick { 1 } else { 3 }),
+        1,
+        20,
+    )?;
     let n = in_range(
         "--held",
         args.held.unwrap_or(if quick { 2_000 } else { 100_000 }),

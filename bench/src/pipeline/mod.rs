@@ -401,7 +401,14 @@ async fn measure(
     stages: &[Stage],
     agents: &mut [AgentProc],
 ) -> anyhow::Result<RunFigures> {
-    wait_consumers(conn, names, &stages[..plan.stages], agents, plan.drain_timeout).await?;
+    wait_consumers(
+        conn,
+        names,
+        &stages[..plan.stages],
+        agents,
+        plan.drain_timeout,
+    )
+    .await?;
     // Agents forward to the next stage's band (the default priority's).
     let sink = names.band_queue(&stages[plan.stages], guildhall_proto::Band::Low);
     let collector = Collector::start(conn, &sink, plan.tasks).await?;
