@@ -21,9 +21,12 @@
 //! from the stream's first message) by the events' own times (`at_ms`,
 //! whole ms, every process on this host's clock):
 //!
-//! 1. *fan-out*: published (the bench's clock before the publish) to
-//!    `TaskFannedOut` (the split agent has every child confirmed; children
-//!    start on `work` as soon as they are queued, before this);
+//! 1. *fan-out*: published (the bench's clock before the publish) to the
+//!    split agent's `TaskFannedOut` read off the stream (the bench's clock:
+//!    the agent writes it once every child is confirmed; children start on
+//!    `work` as soon as they are queued, before this). The event's own
+//!    `at_ms` is when the worker answered (the agent stamps it so), also
+//!    reported;
 //! 2. *children*: to the last child's `TaskSucceeded` at `work`;
 //! 3. *join release*: to the coordinator's `TaskReleased` of the parent
 //!    (written once its publish to `merge` was confirmed; includes the
@@ -177,9 +180,14 @@ pub struct AgentCosts {
 pub struct FanOutRun {
     /// Published to the parent's success at `merge`, s.
     pub total_s: f64,
-    /// Published to `TaskFannedOut`, s.
+    /// Published to `TaskFannedOut` read off the stream (every child
+    /// confirmed, the events written), s.
     pub fan_out_s: f64,
-    /// `TaskFannedOut` to the last child's success, s (0 if it came first).
+    /// Published to `TaskFannedOut`'s own time (the split worker's
+    /// answer), s.
+    pub worker_answered_s: f64,
+    /// `TaskFannedOut` read to the last child's success, s (0 if it came
+    /// first).
     pub children_s: f64,
     /// The last child's success to the join's `TaskReleased`, s.
     pub release_s: f64,
@@ -233,6 +241,9 @@ pub struct FanOutReport {
     pub fan_out_total_s: Spread,
     /// Its phases (see the module docs), s.
     pub fan_out_phase_s: Spread,
+    /// Published to the split worker's answer (`TaskFannedOut`'s own
+    /// time), s.
+    pub worker_answered_s: Spread,
     /// Published to the first child's start at `work` (children run
     /// while the rest are still being published), s.
     pub first_child_started_s: Spread,
@@ -297,6 +308,7 @@ pub(crate) async fn run(target: &Target, plan: &Plan) -> anyhow::Result<FanOutRe
         fan_out_total_s,
         fan_out_phase_s: Spread::of(f.iter().map(|r| r.fan_out_s)),
         first_child_started_s: Spread::of(f.iter().map(|r| r.first_child_started_s)),
+        worker_answered_s: Spread::of(f.iter().map(|r| r.worker_answered_s)),
         children_phase_s: Spread::of(f.iter().map(|r| r.children_s)),
         release_phase_s: Spread::of(f.iter().map(|r| r.release_s)),
         join_phase_s: Spread::of(f.iter().map(|r| r.join_s)),
@@ -568,7 +580,7 @@ async fn fan_out_run(
         let at = |t: Option<u64>| t.unwrap_or(t0);
         let s = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1000.0;
         let (fanned, last, released, done) = (
-            at(seen.fanned_out_ms),
+            at(seen.fanned_out_read_ms),
             seen.last_ended_ms.unwrap_or(t0),
             at(seen.released_ms),
             at(seen.join_done_ms),
@@ -576,6 +588,7 @@ async fn fan_out_run(
         anyhow::Ok(FanOutRun {
             total_s: s(t0, done),
             fan_out_s: s(t0, fanned),
+            worker_answered_s: s(t0, at(seen.fanned_out_ms)),
             children_s: s(fanned, last),
             release_s: s(last.max(fanned), released),
             join_s: s(released, done),
@@ -695,6 +708,8 @@ struct Watch {
 struct Seen {
     parent_started_ms: Option<u64>,
     fanned_out_ms: Option<u64>,
+    /// When the bench read it (its clock, `now_ms`).
+    fanned_out_read_ms: Option<u64>,
     first_started_ms: Option<u64>,
     ended: HashSet<String>,
     last_ended_ms: Option<u64>,
@@ -715,12 +730,15 @@ impl Watch {
 
     fn done(&self, seen: &Seen) -> bool {
         match self.parent {
-            Some(_) => seen.join_done_ms.is_some(),
+            // The coordinator writes `TaskReleased` after its publish was
+            // confirmed: the merge agent's report may come first.
+            Some(_) => seen.join_done_ms.is_some() && seen.released_ms.is_some(),
             None => seen.ended.len() >= self.expect,
         }
     }
 
-    fn apply(&self, seen: &mut Seen, event: Event) {
+    /// Takes in `event`, read off the stream at `read_ms`.
+    fn apply(&self, seen: &mut Seen, event: Event, read_ms: u64) {
         match event {
             Event::TaskStarted(e) => {
                 if e.stage == self.work && self.counted(&e.task_id) {
@@ -743,6 +761,7 @@ impl Watch {
             }
             Event::TaskFannedOut(e) if self.is_parent(&e.task_id) => {
                 seen.fanned_out_ms.get_or_insert(e.at_ms);
+                seen.fanned_out_read_ms.get_or_insert(read_ms);
             }
             Event::TaskReleased(e) if self.is_parent(&e.task_id) => {
                 seen.released_ms.get_or_insert(e.at_ms);
@@ -806,8 +825,9 @@ impl Watch {
                         .await?;
                 }
                 if let Ok(decoded) = guildhall_proto::decode(&delivery.data) {
+                    let read_ms = now_ms();
                     for event in decoded.envelope.events {
-                        self.apply(&mut seen, event);
+                        self.apply(&mut seen, event, read_ms);
                     }
                 }
             }
@@ -941,10 +961,11 @@ pub fn table(r: &FanOutReport) -> String {
             format!("{} s", r.fan_out_total_s.show(s)),
         ),
         (
-            "  fan-out (-> TaskFannedOut)",
+            "  fan-out (-> TaskFannedOut read)",
             format!(
-                "{} s (the first child started at {} s)",
+                "{} s (the worker answered at {} s, the first child started at {} s)",
                 r.fan_out_phase_s.show(s),
+                r.worker_answered_s.show(s),
                 r.first_child_started_s.show(s)
             ),
         ),
@@ -954,7 +975,10 @@ pub fn table(r: &FanOutReport) -> String {
         ),
         (
             "  join release (-> TaskReleased)",
-            format!("{} s", r.release_phase_s.show(s)),
+            format!(
+                "{} ms",
+                r.release_phase_s.show(|x| format!("{:.0}", x * 1000.0))
+            ),
         ),
         (
             "  join stage (-> merge done)",
