@@ -823,7 +823,9 @@ pub struct TaskHeld {
 /// See [`Event::TaskFannedOut`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskFannedOut {
-    /// When the children were confirmed.
+    /// When the worker answered: the hand-off time, also the children's
+    /// enqueued time, so the parent's `TaskSucceeded` is never older. The
+    /// event itself is written once every child was confirmed.
     pub at_ms: u64,
     /// The parent.
     pub task_id: TaskId,
