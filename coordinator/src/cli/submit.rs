@@ -159,11 +159,8 @@ fn hold(args: &SubmitArgs) -> Result<Option<(Vec<TaskId>, DependencyPolicy)>, Co
     Ok(Some((after, policy)))
 }
 
-/// Submits one task held until `after` have finished, through the API.
-async fn held(
-    args: &SubmitArgs,
-    (after, policy): (Vec<TaskId>, DependencyPolicy),
-) -> anyhow::Result<String> {
+/// The validated `--stage` and `--id`.
+fn stage_and_id(args: &SubmitArgs) -> Result<(Stage, Option<TaskId>), ConfigError> {
     let stage =
         Stage::new(args.stage.as_str()).map_err(|e| ConfigError(format!("--stage: {e}")))?;
     let id = args
@@ -172,6 +169,15 @@ async fn held(
         .map(TaskId::new)
         .transpose()
         .map_err(|e| ConfigError(format!("--id: {e}")))?;
+    Ok((stage, id))
+}
+
+/// Submits one task held until `after` have finished, through the API.
+async fn held(
+    args: &SubmitArgs,
+    (after, policy): (Vec<TaskId>, DependencyPolicy),
+) -> anyhow::Result<String> {
+    let (stage, id) = stage_and_id(args)?;
     let priority = timing(args, guildhall_broker::now_ms())?.priority;
     let payload = read_payload(&args.payload)?;
     let mut body = serde_json::json!({
@@ -252,14 +258,7 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
         return held(args, hold).await;
     }
     let (url, names) = args.broker.validate()?;
-    let stage =
-        Stage::new(args.stage.as_str()).map_err(|e| ConfigError(format!("--stage: {e}")))?;
-    let id = args
-        .id
-        .as_deref()
-        .map(TaskId::new)
-        .transpose()
-        .map_err(|e| ConfigError(format!("--id: {e}")))?;
+    let (stage, id) = stage_and_id(args)?;
     let plan = plan(args)?;
     let timing = timing(args, guildhall_broker::now_ms())?;
     let payload = read_payload(&args.payload)?;

@@ -258,13 +258,7 @@ pub fn eta(
     queues: &QueueIndex,
     now_ms: u64,
 ) -> Option<Eta> {
-    let est = |which| left_ms(rec, timings, queues, now_ms, which);
-    let (low, mean, high) = (est(Which::Low)?, est(Which::Mean)?, est(Which::High)?);
-    Some(Eta {
-        in_ms: mean.round() as u64,
-        low_in_ms: low.min(mean).round() as u64,
-        high_in_ms: high.max(mean).round() as u64,
-    })
+    Eta::of(|which| left_ms(rec, timings, queues, now_ms, which))
 }
 
 fn left_ms(
@@ -298,7 +292,7 @@ fn left_ms(
         let waiting_for = (ahead + 1).saturating_sub(idle) as f64;
         Some(waiting_for / f64::from(here.servers) * service)
     };
-    let mut left = match rec.status() {
+    let left = match rec.status() {
         TaskStatus::Running => {
             let elapsed = row.started_at_ms().map_or(0, |s| now_ms.saturating_sub(s)) as f64;
             (service - elapsed).max(0.0)
@@ -324,7 +318,19 @@ fn left_ms(
         | TaskStatus::Held
         | TaskStatus::Waiting => return None,
     };
-    let mut next = here.next.clone();
+    Some(left + stages_from(here.next.clone(), timings, which)?)
+}
+
+/// The expected wait and service of `first` and every stage after it, for
+/// a task entering `first`'s queue now; `None` if a stage on the way is
+/// unknown or not served, or the chain loops.
+fn stages_from(
+    first: Option<Stage>,
+    timings: &BTreeMap<Stage, StageTiming>,
+    which: Which,
+) -> Option<f64> {
+    let mut left = 0.0;
+    let mut next = first;
     for _ in 0..MAX_ETA_STAGES {
         let Some(stage) = next else {
             return Some(left);
@@ -341,35 +347,25 @@ fn left_ms(
     None // a cycle, or a chain longer than any real pipeline
 }
 
+impl Eta {
+    /// The estimate from its three ends (each `None` if unknown).
+    fn of(est: impl Fn(Which) -> Option<f64>) -> Option<Eta> {
+        let (low, mean, high) = (est(Which::Low)?, est(Which::Mean)?, est(Which::High)?);
+        Some(Eta {
+            in_ms: mean.round() as u64,
+            low_in_ms: low.min(mean).round() as u64,
+            high_in_ms: high.max(mean).round() as u64,
+        })
+    }
+}
+
 /// The time a task entering `stage`'s queue now would take to finish its
 /// pipeline (the stage's expected wait and service, then each later
 /// stage's), with its range: a held task's or a join's own part of a
 /// flow's ETA (issue 19). `None` if a stage on the way is unknown or not
 /// served.
 pub fn path_from(stage: &Stage, timings: &BTreeMap<Stage, StageTiming>) -> Option<Eta> {
-    let est = |which: Which| -> Option<f64> {
-        let mut left = 0.0;
-        let mut next = Some(stage.clone());
-        for _ in 0..MAX_ETA_STAGES {
-            let Some(stage) = next else {
-                return Some(left);
-            };
-            let t = timings.get(&stage)?;
-            if t.servers == 0 {
-                return None;
-            }
-            let s = t.service.pick(which);
-            left += t.wait_ms * s / t.service.mean.max(1e-9) + s;
-            next = t.next.clone();
-        }
-        None
-    };
-    let (low, mean, high) = (est(Which::Low)?, est(Which::Mean)?, est(Which::High)?);
-    Some(Eta {
-        in_ms: mean.round() as u64,
-        low_in_ms: low.min(mean).round() as u64,
-        high_in_ms: high.max(mean).round() as u64,
-    })
+    Eta::of(|which| stages_from(Some(stage.clone()), timings, which))
 }
 
 #[cfg(test)]

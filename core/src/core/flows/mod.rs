@@ -299,11 +299,6 @@ impl Flows {
             .is_some_and(|j| j.children > 0 && j.is_open())
     }
 
-    /// The held tasks that wait for `id`.
-    pub fn dependents(&self, id: &str) -> &[TaskId] {
-        self.waiters.get(id).map_or(&[], Vec::as_slice)
-    }
-
     /// Rebuilds what is not saved, after a restore.
     pub(crate) fn rebuild(&mut self) {
         self.waiters.clear();
