@@ -308,6 +308,9 @@ pub struct IngestStats {
     pub malformed: u64,
     /// Stream offset of the last envelope applied.
     pub last_offset: Option<u64>,
+    /// Envelopes of a dead worker's run sent before its death (on its
+    /// clock) and read after it: late, not a sign of life.
+    pub late_after_death: u64,
 }
 
 /// The coordinator's state.
@@ -547,11 +550,30 @@ impl Core {
                 Admitted::Apply => {}
                 Admitted::Repeat => {
                     self.telemetry.count(Count::BatchDuplicate, 1);
-                    self.touch(now_ms, seen_ms, &sender, None);
+                    self.touch(now_ms, seen_ms, &sender, (envelope.sent_at_ms, head), false);
                     return;
                 }
                 Admitted::Refused => return,
             }
+        }
+        // Sent before its sender was declared dead (on the sender's clock),
+        // read late (a broker node failing over): what it says happened,
+        // but it is no sign of life, and its heartbeats are stale.
+        if self.late_after_death(&sender, envelope.sent_at_ms, head) {
+            self.stats.late_after_death += 1;
+            tracing::info!(worker = %sender, "an envelope sent before the worker was declared dead was read late: it does not bring it back");
+            for event in envelope.events {
+                if !matches!(event, Event::Heartbeat(_)) {
+                    self.apply(
+                        now_ms,
+                        seen_ms,
+                        &sender,
+                        (head.incarnation, head.seq),
+                        event,
+                    );
+                }
+            }
+            return;
         }
         // A batch showing the agent at work: it is not stopped.
         let active = envelope
@@ -572,7 +594,13 @@ impl Core {
             let quiet = w.dead_after_ms(self.config.missed_heartbeats);
             let _ = w.sender.admit(head, now_ms, quiet);
         }
-        self.touch(now_ms, seen_ms, &sender, active.then_some(head));
+        self.touch(
+            now_ms,
+            seen_ms,
+            &sender,
+            (envelope.sent_at_ms, head),
+            active,
+        );
     }
 
     /// Tells the core whether the runtime's stream consumer is connected.
@@ -681,23 +709,30 @@ impl Core {
         }
     }
 
-    /// After an envelope from `sender`: it is alive. `active`: the batch
-    /// showed it at work (a heartbeat, a task started), which revives a
-    /// worker that said it was stopping if the batch comes from another
+    /// After an envelope from `sender`, sent at `sent` (its send time on
+    /// the agent's clock, and its batch head): it is alive. `active`: the
+    /// batch showed it at work (a heartbeat, a task started), which revives
+    /// a worker that said it was stopping if the batch comes from another
     /// run or after the one that said so (a stop that was forged, or is
-    /// over).
+    /// over). An envelope of a dead worker's run sent before its death (on
+    /// the agent's clock) was late, not a sign of life: it changes nothing.
     fn touch(
         &mut self,
         now_ms: u64,
         seen_ms: u64,
         sender: &AgentId,
-        active: Option<senders::BatchHead>,
+        sent: (u64, senders::BatchHead),
+        active: bool,
     ) {
         let Some(w) = self.workers.get_mut(sender) else {
             return;
         };
+        let (sent_at_ms, head) = sent;
+        if head.incarnation != w.last_sent.1 || sent_at_ms > w.last_sent.0 {
+            w.last_sent = (sent_at_ms, head.incarnation);
+        }
         if matches!(w.liveness, Liveness::Stopped { .. }) {
-            let revived = match (active, w.stopped_by) {
+            let revived = match (active.then_some(head), w.stopped_by) {
                 (Some(b), Some((incarnation, seq))) => b.incarnation != incarnation || b.seq > seq,
                 _ => false,
             };
@@ -721,10 +756,29 @@ impl Core {
         }
     }
 
+    /// Whether a batch of `sender`'s, sent at `sent_at_ms` on its clock,
+    /// was sent by the run the coordinator declared dead before the moment
+    /// of its death on that clock (a new run, a `Hello`, is always news).
+    fn late_after_death(
+        &self,
+        sender: &AgentId,
+        sent_at_ms: u64,
+        head: senders::BatchHead,
+    ) -> bool {
+        match self.workers.get(sender).map(|w| &w.liveness) {
+            Some(Liveness::Dead {
+                agent_clock_ms,
+                incarnation,
+                ..
+            }) => !head.hello && head.incarnation == *incarnation && sent_at_ms < *agent_clock_ms,
+            _ => false,
+        }
+    }
+
     /// Marks `w` alive; the notice to send if it had been declared dead.
     fn revive(w: &mut Worker, now_ms: u64, caught_up: bool) -> Option<Notice> {
         let notice = match w.liveness {
-            Liveness::Dead { since_ms } if caught_up => Some(Notice::WorkerReturned {
+            Liveness::Dead { since_ms, .. } if caught_up => Some(Notice::WorkerReturned {
                 worker: w.id.clone(),
                 stage: w.stage.clone(),
                 dead_for_ms: now_ms.saturating_sub(since_ms),
@@ -1424,7 +1478,12 @@ impl Core {
             self.deadlines.push(Reverse((next, id.clone())));
             return;
         }
-        w.liveness = Liveness::Dead { since_ms: now_ms };
+        w.liveness = Liveness::Dead {
+            since_ms: now_ms,
+            // The silence since it was last heard, on the agent's clock too.
+            agent_clock_ms: w.last_sent.0 + now_ms.saturating_sub(w.last_seen_ms),
+            incarnation: w.last_sent.1,
+        };
         self.scheduling.rate_limits.touch();
         tracing::warn!(worker = %w.id, stage = %w.stage, tasks = w.in_hand.len(), "worker declared dead: silent for {silence} ms");
         let in_hand = std::mem::take(&mut w.in_hand);
@@ -1486,7 +1545,7 @@ impl Core {
         self.workers.retain(|_, w| {
             let gone_since = match &w.liveness {
                 Liveness::Alive | Liveness::Suspect { .. } => return true,
-                Liveness::Dead { since_ms } => *since_ms,
+                Liveness::Dead { since_ms, .. } => *since_ms,
                 Liveness::Stopped { at_ms, .. } => *at_ms,
             };
             now_ms.saturating_sub(gone_since) < retention

@@ -83,7 +83,7 @@ impl Core {
             last_seen_ago_ms: now_ms.saturating_sub(w.last_seen_ms),
             first_seen_at_ms: w.first_seen_ms,
             dead_since_ms: match w.liveness {
-                Liveness::Dead { since_ms } => Some(since_ms),
+                Liveness::Dead { since_ms, .. } => Some(since_ms),
                 _ => None,
             },
             suspect_since_ms: match w.liveness {

@@ -61,6 +61,63 @@ fn a_worker_is_dead_after_exactly_three_missed_heartbeats() {
 }
 
 #[test]
+fn a_late_envelope_sent_before_a_death_does_not_bring_the_worker_back() {
+    // Issue 20: a broker node fails over; an envelope the agent sent just
+    // before the node died is read after the coordinator declared the
+    // agent dead. The agent's clock runs 7 s behind the coordinator's:
+    // only durations on one clock are compared.
+    let skew = 7_000;
+    let mut sim = Sim::new();
+    sim.advance(1_000); // the agent clock stays positive
+    let hb = sim.heartbeat("build", AgentState::Processing, &["T1"]);
+    let first = sim.now - skew;
+    sim.send_at("w1", first, vec![hb]);
+    sim.advance(3_000);
+    assert_eq!(sim.worker("w1").status, "dead");
+    assert!(matches!(sim.notices()[..], [Notice::WorkerDead { .. }]));
+    // Sent 500 ms after its last heartbeat (agent clock), read now.
+    sim.advance(1_000);
+    let late = sim.heartbeat("build", AgentState::Processing, &["T1"]);
+    sim.send_at("w1", first + 500, vec![late]);
+    assert_eq!(
+        sim.worker("w1").status,
+        "dead",
+        "a late envelope is no sign of life"
+    );
+    assert!(sim.notices().is_empty(), "no false 'returned'");
+    assert_eq!(sim.core.ingest_stats().late_after_death, 1);
+    // The agent really comes back: sent after its death on its own clock.
+    let back = sim.heartbeat("build", AgentState::Idle, &[]);
+    sim.send_at("w1", sim.now - skew, vec![back]);
+    assert_eq!(sim.worker("w1").status, "idle");
+    assert!(matches!(
+        sim.notices()[..],
+        [Notice::WorkerReturned {
+            dead_for_ms: 1_000,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_new_run_of_a_dead_worker_brings_it_back_whatever_its_clock() {
+    let mut sim = Sim::new();
+    let hb = sim.heartbeat("build", AgentState::Idle, &[]);
+    sim.send("w1", vec![hb]);
+    sim.advance(3_000);
+    assert_eq!(sim.worker("w1").status, "dead");
+    let _ = sim.notices();
+    // Restarted: its Hello opens a new run, sent "earlier" by a clock
+    // that was set back.
+    sim.incarnation += 1;
+    let hello = sim.hello("build", &["build"], 1);
+    let hb = sim.heartbeat("build", AgentState::Idle, &[]);
+    sim.send_at("w1", T0 + 10, vec![hello, hb]);
+    assert_eq!(sim.worker("w1").status, "idle");
+    assert!(matches!(sim.notices()[..], [Notice::WorkerReturned { .. }]));
+}
+
+#[test]
 fn the_reported_state_shows_unless_the_worker_is_dead() {
     let mut sim = Sim::new();
     for (state, in_hand, want) in [

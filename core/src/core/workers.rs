@@ -37,6 +37,13 @@ pub enum Liveness {
     Dead {
         /// When the coordinator declared it dead.
         since_ms: u64,
+        /// That moment on the agent's own clock (its last envelope's send
+        /// time plus the silence since): an envelope of the same run sent
+        /// before it is a late one, read after the death (a broker node
+        /// failing over), and does not bring the worker back.
+        agent_clock_ms: u64,
+        /// The run (incarnation) that went silent.
+        incarnation: u64,
     },
     /// Said it was stopping (drain, SIGTERM).
     Stopped {
@@ -87,6 +94,9 @@ pub struct Worker {
     pub first_seen_ms: u64,
     /// Last time it was heard from, the basis of liveness.
     pub last_seen_ms: u64,
+    /// The latest send time (agent clock) of its envelopes, and their run:
+    /// where a death is placed on the agent's clock.
+    pub last_sent: (u64, u64),
     /// Alive, dead or stopped.
     pub liveness: Liveness,
     /// Tasks in hand: replaced by each heartbeat, kept current between
@@ -156,6 +166,7 @@ impl Worker {
             supervised: false,
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,
+            last_sent: (0, 0),
             liveness: Liveness::Alive,
             in_hand: Vec::new(),
             done: 0,
