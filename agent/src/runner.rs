@@ -102,6 +102,10 @@ const REPLY_GRACE: Duration = Duration::from_secs(2);
 /// Longest the stop waits for the last events to be confirmed.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
 
+/// What each of those waits is when the broker is away at the end of a
+/// stop (which already waited for it: `core::STOP_WAIT_FOR_BROKER`).
+const LOST_BROKER_GRACE: Duration = Duration::from_millis(500);
+
 /// How often the agent checks for a recent round-trip sample, and measures
 /// one with a probe if there is none.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -831,15 +835,24 @@ impl Runner {
             at_ms,
             reason: reason.clone(),
         });
-        if let Err(err) = self.ctx.events.emit_confirmed(stopping).await {
-            tracing::warn!("AgentStopping not published: {err}");
+        // Without the broker (the stop already waited for it), the last
+        // events get a moment only: they stay unsent and are logged.
+        let (flush, reply) = if self.link.is_some() {
+            (FLUSH_GRACE, REPLY_GRACE)
+        } else {
+            (LOST_BROKER_GRACE, LOST_BROKER_GRACE)
+        };
+        match tokio::time::timeout(flush, self.ctx.events.emit_confirmed(stopping)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!("AgentStopping not published: {err}"),
+            Err(_) => tracing::warn!("AgentStopping not confirmed: the broker is away"),
         }
         if let Some(supervisor) = self.supervisor.take() {
             supervisor.stop().await;
         }
         let replies = async { while self.replies.join_next().await.is_some() {} };
-        let _ = tokio::time::timeout(REPLY_GRACE, replies).await;
-        let _ = tokio::time::timeout(FLUSH_GRACE, self.ctx.events.flush()).await;
+        let _ = tokio::time::timeout(reply, replies).await;
+        let _ = tokio::time::timeout(flush, self.ctx.events.flush()).await;
         let unsent = self
             .ctx
             .events

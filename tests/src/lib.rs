@@ -31,6 +31,7 @@
 mod broker;
 pub mod events;
 pub mod inproc;
+pub mod proxy;
 pub mod raw_amqp;
 pub mod rig;
 

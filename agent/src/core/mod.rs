@@ -69,6 +69,12 @@ pub type TaskKey = u64;
 /// before they are dropped (their deliveries go back with the connection).
 pub const ABANDON_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a stop with no task in hand waits for a lost broker to come
+/// back, so that `AgentStopping` gets out (at most `--shutdown-timeout`).
+/// Longer would keep an agent that has nothing to finish `draining` for
+/// the whole timeout while a broker node is down (issue 20).
+pub const STOP_WAIT_FOR_BROKER: Duration = Duration::from_secs(3);
+
 /// What the core is configured with.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -312,10 +318,20 @@ impl AgentCore {
             _ => None,
         };
         let tasks = self.tasks.values().filter_map(task::Task::deadline).min();
-        [stop, self.hard_deadline, tasks, self.rate.next_token_at()]
-            .into_iter()
-            .flatten()
-            .min()
+        // A stop waiting for a lost broker with nothing in hand.
+        let broker_wait = self
+            .stop_broker_wait()
+            .filter(|_| self.tasks.is_empty() && !self.link.up);
+        [
+            stop,
+            broker_wait,
+            self.hard_deadline,
+            tasks,
+            self.rate.next_token_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Time passed: the stop timeout, the lost link's grace, a hung worker.
@@ -426,13 +442,29 @@ impl AgentCore {
     }
 
     /// Whether a stop is complete: no task in hand, and the broker is there
-    /// to take the last events (or the stop waited long enough for it).
+    /// to take the last events, or the stop waited for it long enough
+    /// ([`STOP_WAIT_FOR_BROKER`] once nothing is in hand, at most the
+    /// shutdown timeout: with no task in hand, only `AgentStopping` and
+    /// heartbeats can be waiting, as task events are confirmed before acks).
     pub fn is_finished(&self, now: u64) -> bool {
         match &self.mode {
-            Mode::Stopping { deadline, .. } => {
-                self.tasks.is_empty() && (self.link.up || now >= *deadline)
+            Mode::Stopping { .. } => {
+                self.tasks.is_empty()
+                    && (self.link.up || self.stop_broker_wait().is_some_and(|at| now >= at))
             }
             _ => false,
+        }
+    }
+
+    /// When a stop with nothing in hand stops waiting for a lost broker.
+    fn stop_broker_wait(&self) -> Option<u64> {
+        match &self.mode {
+            Mode::Stopping {
+                deadline, at_ms, ..
+            } => {
+                Some((*deadline).min(at_ms.saturating_add(STOP_WAIT_FOR_BROKER.as_millis() as u64)))
+            }
+            _ => None,
         }
     }
 

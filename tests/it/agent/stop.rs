@@ -107,3 +107,54 @@ async fn the_binary_finishes_the_task_in_hand_on_sigterm() {
     };
     assert_eq!(stopping.reason, "SIGTERM");
 }
+
+/// Issue 20: an agent told to stop while its broker node is gone, with no
+/// task in hand, used to stay `draining` for the whole shutdown timeout
+/// (30 s). It waits a few seconds for the broker, then exits cleanly.
+#[tokio::test]
+async fn a_stop_while_the_broker_is_away_with_nothing_in_hand_ends_in_seconds() {
+    use guildhall_tests::proxy::TcpProxy;
+    let ns = TestNs::new("stop-away");
+    // The broker's host:port, from `amqp://user:pass@host:port/vhost`.
+    let url = guildhall_tests::amqp_url();
+    let authority = url.split('@').nth(1).unwrap_or("127.0.0.1:5672");
+    let target = authority.split('/').next().unwrap_or("127.0.0.1:5672");
+    let proxy = TcpProxy::start(target.parse().expect("an address"))
+        .await
+        .unwrap();
+    let url = proxy.amqp_url();
+    let mut agent = guildhall_tests::spawn_agent(
+        &ns,
+        "away-1",
+        "away",
+        &["--amqp-url", &url, "--exec", "cat"],
+    )
+    .await
+    .unwrap();
+    let broker = guildhall_tests::Broker::connect(&ns).await.unwrap();
+    broker.wait_for_connection(&"away-1".parse().unwrap()).await;
+    proxy.cut();
+    // The agent notices (its heartbeat or the socket) and reconnects in vain.
+    eventually(
+        Duration::from_secs(30),
+        "the agent to lose the broker",
+        || async {
+            let log = std::fs::read_to_string(ns.log_dir.join("away-1.log")).unwrap_or_default();
+            anyhow::ensure!(log.contains("lost the broker"), "not yet");
+            Ok(())
+        },
+    )
+    .await;
+    let started = Instant::now();
+    agent.proc.signal("TERM");
+    let status = agent
+        .proc
+        .wait(Duration::from_secs(25))
+        .await
+        .expect("the agent exits well before its 30 s shutdown timeout");
+    eprintln!(
+        "stopped {:?} after SIGTERM without a broker",
+        started.elapsed()
+    );
+    assert!(status.success(), "{status:?}");
+}
