@@ -91,6 +91,21 @@ pub fn split_list<S: AsRef<str>>(values: &[S]) -> Result<Vec<&str>, BrokerError>
     Ok(entries)
 }
 
+/// A list of addresses as given (one, or comma-separated), each without
+/// its password, for `Debug` forms of configurations that keep the raw
+/// string. A list whose shape is wrong (an entry without a scheme: maybe a
+/// password cut at a comma) is not shown at all.
+pub fn redact_list(raw: &str) -> String {
+    match split_list(&[raw]) {
+        Ok(entries) => entries
+            .iter()
+            .map(|e| crate::connect::redact(e))
+            .collect::<Vec<_>>()
+            .join(","),
+        Err(_) => "(not a valid list of addresses)".into(),
+    }
+}
+
 impl AmqpUrls {
     /// Parses a comma-separated list (see the module's rule); each entry as
     /// [`AmqpUrl::parse`] does.
@@ -208,6 +223,11 @@ impl AmqpUrls {
     /// The user the broker knows connections by (see [`AmqpUrl::user_id`]).
     pub fn user_id(&self) -> Option<&str> {
         self.first().user_id()
+    }
+
+    /// The user name (the first address's).
+    pub fn username(&self) -> &str {
+        self.first().username()
     }
 
     /// The first address's extra CA certificates (see [`AmqpUrl::ca`]).
@@ -372,6 +392,20 @@ mod tests {
             assert!(!err.contains('\n'), "{err}");
             assert!(err.contains("entry 2 of 2"), "{second}: {err}");
         }
+    }
+
+    #[test]
+    fn redact_list_hides_every_password_of_a_raw_list() {
+        let raw = format!("{},{}", url("a"), url("b"));
+        // What a single-URL redaction made of it: the second password shown.
+        assert!(crate::connect::redact(&raw).contains(SECRET));
+        let shown = redact_list(&raw);
+        assert_eq!(
+            shown,
+            "amqp://guest:***@a:5672/%2f,amqp://guest:***@b:5672/%2f"
+        );
+        let shown = redact_list("amqp://guest:pa,ss@h:5672/%2f");
+        assert!(!shown.contains("pa") && !shown.contains("ss@"), "{shown}");
     }
 
     #[test]

@@ -430,13 +430,12 @@ impl Management {
     ) -> Result<usize, ManagementError> {
         let mut closed = 0;
         for conn in self.connections().await? {
-            if conn.user_provided_name.as_deref() == Some(user_provided_name) {
-                if self
+            if conn.user_provided_name.as_deref() == Some(user_provided_name)
+                && self
                     .delete(&["connections", &conn.name], "connection", reason)
                     .await?
-                {
-                    closed += 1;
-                }
+            {
+                closed += 1;
             }
         }
         Ok(closed)
