@@ -275,16 +275,17 @@ pub async fn connect_any(
     last: Option<usize>,
 ) -> Result<(Connection, usize), BrokerError> {
     let mut failures = Vec::new();
+    let mut skipped = Vec::new();
     for index in urls.order(last) {
         let url = &urls.urls[index];
         let attempt = tokio::time::timeout(attempt_timeout(url), connect(url, name)).await;
         let err = match attempt {
             Ok(Ok(conn)) => {
-                if !failures.is_empty() {
+                if !skipped.is_empty() {
                     tracing::info!(
                         broker = %url.redacted(),
-                        "connected as {name} after {} address(es) did not answer",
-                        failures.len()
+                        "connected as {name}; no answer from {}",
+                        skipped.join(", ")
                     );
                 }
                 return Ok((conn, index));
@@ -298,6 +299,7 @@ pub async fn connect_any(
         if urls.len() > 1 {
             tracing::debug!("{name}: {err}");
         }
+        skipped.push(url.redacted());
         failures.push(err);
     }
     if failures.len() == 1 {
