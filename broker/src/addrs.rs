@@ -11,7 +11,7 @@
 //! them (host names, addresses and ports hold none), so the only place one
 //! could appear is a user name or password: there it must be
 //! percent-encoded, `%2C`. An entry that does not start with `amqp://` or
-//! `amqps://` is refused with that advice, and without showing the entry
+//! `amqps://` in a list of several is refused with that advice, and without showing the entry
 //! (it may be the tail of a password). Empty entries (a stray comma) are
 //! refused too. Every entry must name the same virtual host and the same
 //! user: they are the nodes of one cluster, and an agent's events carry
@@ -80,8 +80,11 @@ pub fn split_list<S: AsRef<str>>(values: &[S]) -> Result<Vec<&str>, BrokerError>
                 "entry {n} of {total} is empty: separate addresses with single commas"
             )));
         }
+        // One entry: [`AmqpUrl::parse`] says what is wrong with it, as it
+        // always did. Several: an entry without a scheme may be the tail of
+        // a password cut at a comma, so none of the list is parsed.
         let lower = entry.get(..8).unwrap_or(entry).to_ascii_lowercase();
-        if !lower.starts_with("amqp://") && !lower.starts_with("amqps://") {
+        if total > 1 && !lower.starts_with("amqp://") && !lower.starts_with("amqps://") {
             return Err(list_error(format!(
                 "entry {n} of {total} does not start with amqp:// or amqps:// \
                  (entries are separated by commas: write a comma inside a user name or password as %2C)"
@@ -363,6 +366,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("entry 2 of 2 is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_single_bad_url_keeps_its_own_error() {
+        let err = AmqpUrls::parse(&format!("http://guest:{SECRET}@h/"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid AMQP URL "), "{err}");
+        assert!(!err.contains("entry"), "{err}");
+        assert!(!err.contains(SECRET), "{err}");
     }
 
     #[test]
