@@ -9,13 +9,14 @@
 //! Entries are separated by commas; spaces around an entry are dropped.
 //! A comma is never part of an `amqp://` URL's authority as Guildhall uses
 //! them (host names, addresses and ports hold none), so the only place one
-//! could appear is a user name or password: there it must be
-//! percent-encoded, `%2C`. An entry that does not start with `amqp://` or
-//! `amqps://` in a list of several is refused with that advice, and without showing the entry
-//! (it may be the tail of a password). Empty entries (a stray comma) are
-//! refused too. Every entry must name the same virtual host and the same
-//! user: they are the nodes of one cluster, and an agent's events carry
-//! the user as `user_id`, which the broker checks.
+//! could appear is a user name or password, or a query value (a TLS file
+//! path): there it must be percent-encoded, `%2C`. In a list of several,
+//! an entry that does not start with `amqp://` or `amqps://` is refused
+//! with that advice, and without showing the entry (it may be the tail of
+//! a password); a single entry gets [`AmqpUrl::parse`]'s own error. Empty
+//! entries (a stray comma) are refused too. Every entry must name the same
+//! virtual host and the same user: they are the nodes of one cluster, and
+//! an agent's events carry the user as `user_id`, which the broker checks.
 //!
 //! No error or log line shows a password: addresses are shown with
 //! [`crate::connect::redact`].
