@@ -180,6 +180,23 @@ impl Declarer {
         Ok(())
     }
 
+    /// Makes sure the stream of stored flow results exists (declared once
+    /// per link, with the default retention if this agent creates it).
+    pub async fn results_stream(&self) -> Result<(), BrokerError> {
+        let stream = self.names.results_stream();
+        if self.known(&stream) {
+            return Ok(());
+        }
+        guildhall_broker::topology::ensure_results_stream(
+            &self.conn,
+            &self.names,
+            &guildhall_broker::topology::StreamRetention::default(),
+        )
+        .await?;
+        self.remember(stream);
+        Ok(())
+    }
+
     /// Forgets that the delay ladder was declared (a move into it was
     /// refused), so the next use declares it again.
     pub fn forget_ladder(&self) {

@@ -233,6 +233,19 @@ async fn try_publish(
                 .map_err(|e| e.to_string())?;
             tracing::debug!(task = %input.task_id, attempt = input.attempt, delay_ms, "retrying");
         }
+        Target::Result { meta } => {
+            // A fan-out child's large result (issue 19), stored before the
+            // `TaskResult` that refers to it is written.
+            link.declarer
+                .results_stream()
+                .await
+                .map_err(|e| e.to_string())?;
+            let stream = ctx.names.results_stream();
+            send(ctx, link, "", &stream, payload, meta.properties())
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(task = %input.task_id, bytes = payload.len(), "result stored");
+        }
         Target::Dead {
             stage,
             error,

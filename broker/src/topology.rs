@@ -4,7 +4,8 @@
 //! refuses with `PRECONDITION_FAILED`, so they are built here and nowhere
 //! else. The events stream is the exception: its retention is the operator's
 //! choice (a coordinator flag or a broker policy), so it is only declared when
-//! missing and otherwise used as it is.
+//! missing and otherwise used as it is; so is the stream of stored flow
+//! results (`<ns>.results`).
 
 use crate::BrokerError;
 use guildhall_proto::schedule::{DELAY_LEVELS, delay_binding};
@@ -219,8 +220,26 @@ pub async fn ensure_events_stream(
     names: &Names,
     retention: &StreamRetention,
 ) -> Result<(), BrokerError> {
-    let name = names.events_stream();
-    if probe_queue(conn, &name).await?.is_some() {
+    ensure_stream(conn, &names.events_stream(), retention).await
+}
+
+/// Makes sure the stream of stored flow results (`<ns>.results`, issue 19)
+/// exists, creating it with `retention` if it does not; an existing one is
+/// used as it is (its retention is the operator's: a broker policy).
+pub async fn ensure_results_stream(
+    conn: &Connection,
+    names: &Names,
+    retention: &StreamRetention,
+) -> Result<(), BrokerError> {
+    ensure_stream(conn, &names.results_stream(), retention).await
+}
+
+async fn ensure_stream(
+    conn: &Connection,
+    name: &str,
+    retention: &StreamRetention,
+) -> Result<(), BrokerError> {
+    if probe_queue(conn, name).await?.is_some() {
         return Ok(());
     }
     let ch = conn
@@ -239,7 +258,7 @@ pub async fn ensure_events_stream(
             AMQPValue::LongLongInt(100_000_000),
         ),
     ]);
-    let result = queue(&ch, &name, table).await;
+    let result = queue(&ch, name, table).await;
     let _ = ch.close(200, "declared".into()).await;
     result
 }

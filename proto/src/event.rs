@@ -863,6 +863,11 @@ pub struct TaskResult {
     pub result: Option<Vec<u8>>,
     /// The result's size, also when it is not carried.
     pub result_bytes: u64,
+    /// The SHA-256 of a result that is not carried because the agent
+    /// stored it in the `<ns>.results` stream (confirmed before this event
+    /// was written; its message id is the child's id). The digest is what
+    /// tells the stored message from a forged one with the same id.
+    pub stored_sha256: Option<[u8; 32]>,
 }
 
 /// What became of a released task.

@@ -12,8 +12,11 @@
 //! - A **fan-out**: a worker's success lists children, one per line; the
 //!   agent publishes them (`<parent>:<n>`, confirmed) and reports
 //!   [`TaskFannedOut`]. A child's last stage reports its result
-//!   ([`TaskResult`]). When every child has finished, the coordinator
-//!   publishes the parent to its join stage with the results as payload.
+//!   ([`TaskResult`]): inline up to [`MAX_INLINE_RESULT`], else stored in
+//!   the `<ns>.results` stream first (confirmed) and referred to by its
+//!   SHA-256. When every child has finished, the coordinator publishes the
+//!   parent to its join stage with the results (or the references) as
+//!   payload.
 //!
 //! [`TaskHeld`]: crate::TaskHeld
 //! [`TaskReleased`]: crate::TaskReleased
@@ -32,12 +35,47 @@ pub const MAX_HELD_PAYLOAD: usize = 256 * 1024;
 /// Most children one fan-out may have (an agent may be configured lower).
 pub const MAX_CHILDREN: u32 = 10_000;
 
-/// Largest child result carried to its join inline; a larger one is
-/// reported by size only (the join's entry says it was left out).
+/// Largest child result carried to its join inline; a larger one is stored
+/// in the `<ns>.results` stream and the join's entry refers to it
+/// (`result_ref`: the stream, the child's id, the SHA-256, a URL of the
+/// coordinator's API that returns it).
 pub const MAX_INLINE_RESULT: usize = 64 * 1024;
 
-/// Largest join payload: results are left out (largest first) past it.
+/// Largest join payload: inline results that would take it past this limit
+/// (in child order, those that no longer fit) are left out and marked
+/// `result_omitted`, with their size.
 pub const MAX_JOIN_PAYLOAD: usize = 16 * 1024 * 1024;
+
+/// Lower-case hex of a stored result's SHA-256, as references show it.
+pub fn digest_hex(digest: &[u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// A SHA-256 from 64 hex digits (either case); `None` for anything else.
+pub fn parse_digest_hex(text: &str) -> Option<[u8; 32]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// The coordinator API's URL of a stored result (`GET /api/results/{id}`);
+/// task ids need no escaping in a path (letters, digits and `_-.:@`).
+pub fn result_url(child: &TaskId, digest: &[u8; 32]) -> String {
+    format!("/api/results/{child}?sha256={}", digest_hex(digest))
+}
 
 /// What a dependent task does when a task it waits for is dead-lettered or
 /// cancelled.
@@ -186,6 +224,35 @@ pub fn after_list<'a>(ids: impl IntoIterator<Item = &'a str>) -> Result<Vec<Task
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn digests_are_written_and_read_as_64_hex_digits() {
+        let mut d = [0u8; 32];
+        d[0] = 0x0a;
+        d[31] = 0xf1;
+        let hex = digest_hex(&d);
+        assert_eq!(hex.len(), 64);
+        assert!(hex.starts_with("0a") && hex.ends_with("f1"));
+        assert_eq!(parse_digest_hex(&hex), Some(d));
+        assert_eq!(parse_digest_hex(&hex.to_uppercase()), Some(d));
+        for bad in [
+            "",
+            "0a",
+            &"g0".repeat(32),
+            &"0".repeat(65),
+            &"+1".repeat(32),
+            &"é".repeat(32),
+            &"0".repeat(63),
+        ] {
+            assert_eq!(parse_digest_hex(bad), None, "{bad}");
+        }
+        let child = TaskId::new("P:3").unwrap();
+        assert_eq!(
+            result_url(&child, &d),
+            format!("/api/results/P:3?sha256={hex}")
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -12,6 +12,7 @@
 //! | dead-letter exchange | `<ns>.dead` | direct, routing key = stage |
 //! | dead-letter queue | `<ns>.dead.<stage>` | quorum |
 //! | events | `<ns>.events` | stream |
+//! | stored results | `<ns>.results` | stream; a fan-out child's result over the inline limit (message id = the child's id) |
 //! | control exchange | `<ns>.control` | topic |
 //! | an agent's command queue | `<ns>.agent.<agent id>` | classic, exclusive |
 //! | an agent's AMQP connection | `guildhall-agent/<ns>/<agent id>` | connection name |
@@ -119,6 +120,12 @@ impl Names {
         format!("{}.events", self.ns)
     }
 
+    /// The stream of flow results too large to travel inline (issue 19):
+    /// one message per stored result, its message id the child's id.
+    pub fn results_stream(&self) -> String {
+        format!("{}.results", self.ns)
+    }
+
     /// The topic exchange for commands.
     pub fn control_exchange(&self) -> String {
         format!("{}.control", self.ns)
@@ -166,6 +173,7 @@ mod tests {
         assert_eq!(names.delay_deliver_exchange(), "t-1.delay.deliver");
         assert_eq!(names.dead_queue(&stage), "t-1.dead.build");
         assert_eq!(names.events_stream(), "t-1.events");
+        assert_eq!(names.results_stream(), "t-1.results");
         assert_eq!(names.control_exchange(), "t-1.control");
         let agent: AgentId = "a1".parse().unwrap();
         assert_eq!(

@@ -161,6 +161,7 @@ fn child_done(i: u32) -> Vec<Event> {
             stage: TestNs::stage("work"),
             attempt: 1,
             result_bytes: result.len() as u64,
+            stored_sha256: None,
             result: Some(result),
         })),
         succeeded(&id, "work"),

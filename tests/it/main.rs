@@ -16,6 +16,7 @@ mod demo;
 mod demo_worker;
 mod errors;
 mod flow_graph;
+mod flow_results;
 mod flows;
 mod flows_agent;
 mod flows_dag;

@@ -10,6 +10,7 @@ use crate::handoff::fanout::{Child, FanOut, INVALID_FAN_OUT_CLASS, Join};
 use crate::handoff::{NextStage, Outcome};
 use guildhall_proto::flow::{ChildPolicy, MAX_INLINE_RESULT};
 use guildhall_proto::{Priority, TaskId, WorkerResult};
+use sha2::Digest;
 
 const SPAN: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
@@ -405,18 +406,38 @@ fn a_child_at_its_pipeline_end_reports_its_result_before_its_success() {
         (r.result.as_deref(), r.result_bytes),
         (Some(&b"out"[..]), 3)
     );
-    // Too large to carry: its size only.
+    assert_eq!(r.stored_sha256, None);
+    // Too large to carry: stored in the results stream first (confirmed
+    // before the events), the event carrying its size and SHA-256.
     let big = vec![b'x'; MAX_INLINE_RESULT + 1];
-    let plan = settle::plan(success(big, NextStage::Default), &setup.ctx(&kid));
+    let plan = settle::plan(success(big.clone(), NextStage::Default), &setup.ctx(&kid));
     let Event::TaskResult(r) = &plan.events[0] else {
         panic!()
     };
     assert_eq!((r.result.as_ref(), r.result_bytes), (None, 65_537));
+    let digest: [u8; 32] = sha2::Sha256::digest(&big).into();
+    assert_eq!(r.stored_sha256, Some(digest));
+    assert_eq!(events_of(&plan), ["task_result", "task_succeeded"]);
+    let Some(settle::Publish {
+        target: Target::Result { meta },
+        body: settle::Body::Output(stored),
+    }) = &plan.publish
+    else {
+        panic!(
+            "the result is not stored: {:?}",
+            plan.publish.map(|p| p.target)
+        )
+    };
+    assert_eq!((meta.id.as_str(), stored.len()), ("P-1:4", 65_537));
+    assert_eq!(plan.then, settle::Then::Ack);
     let plan = settle::plan(
         success(vec![b'x'; MAX_INLINE_RESULT], NextStage::Default),
         &setup.ctx(&kid),
     );
-    assert!(matches!(&plan.events[0], Event::TaskResult(r) if r.result.is_some()));
+    assert!(
+        matches!(&plan.events[0], Event::TaskResult(r) if r.result.is_some() && r.stored_sha256.is_none())
+    );
+    assert!(plan.publish.is_none());
     // The worker ends the pipeline early: the result is reported too.
     let with_next = Setup::new();
     let plan = settle::plan(success(b"o".to_vec(), NextStage::End), &with_next.ctx(&kid));

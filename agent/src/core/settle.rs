@@ -8,7 +8,7 @@
 //! |---|---|---|---|
 //! | success with a next stage | result to `<ns>.tasks` / next stage | `TaskSucceeded` | ack |
 //! | success, pipeline ends | - | `TaskSucceeded` | ack |
-//! | success of a child task (`x-guildhall-parent`), pipeline ends | - | `TaskResult` (the result inline up to 64 KiB, else its size), `TaskSucceeded` | ack |
+//! | success of a child task (`x-guildhall-parent`), pipeline ends | the result to `<ns>.results` if over 64 KiB | `TaskResult` (the result inline up to 64 KiB, else its size and SHA-256), `TaskSucceeded` | ack |
 //! | fan-out ([`fan_out`]) | every child to its first stage's band (all published, then all confirms awaited) | a `TaskSubmitted` per child, `TaskFannedOut`, `TaskSucceeded` (next: none) | ack |
 //! | fan-out refused (see [`fan_out`]), or naming a child or join stage that does not exist | as a permanent failure, class `invalid_fan_out` | `TaskFailed`, `TaskDeadLettered` | ack |
 //! | retryable failure, attempts left | original payload to the retry queue of this attempt's delay | `TaskFailed`, `TaskRetrying` | ack |
@@ -34,6 +34,7 @@ use guildhall_proto::{
     Event, Names, RejectReason, Stage, TaskDeadLettered, TaskFailed, TaskFannedOut, TaskResult,
     TaskRetrying, TaskSubmitted, TaskSucceeded, truncate_error,
 };
+use sha2::{Digest, Sha256};
 
 /// The error class of a task whose worker named a next stage that does not
 /// exist (and that the agent may not create).
@@ -59,6 +60,13 @@ pub enum Target {
         /// The retry queue's TTL.
         delay_ms: u64,
         /// The retry message's task properties.
+        meta: TaskMeta,
+    },
+    /// `<ns>.results` (declared first): a fan-out child's result over the
+    /// inline limit, stored before the `TaskResult` that refers to it
+    /// (issue 19). Its message id is the child's id.
+    Result {
+        /// The child's task properties (message id, parent, attempt).
         meta: TaskMeta,
     },
     /// `<ns>.dead` with the stage as routing key: the original message's
@@ -229,9 +237,13 @@ pub fn plan(outcome: Outcome, ctx: &SettleCtx<'_>) -> Plan {
             };
             let mut events = Vec::with_capacity(2);
             // A child's pipeline ends here: its result, for its parent's
-            // join (issue 19), before the stage's success.
+            // join (issue 19), before the stage's success; one too large
+            // to travel inline is stored first, and the event refers to it.
+            let mut publish = publish;
             if let (None, Some(parent)) = (&publish, &ctx.meta.parent) {
-                events.push(result_event(parent, payload, ctx));
+                let (event, stored) = result_event(parent, payload, ctx);
+                events.push(event);
+                publish = stored;
             }
             events.push(succeeded(next.clone(), ctx));
             // The next stage's view of a task with a priority (none for
@@ -274,18 +286,38 @@ fn succeeded(next: Option<Stage>, ctx: &SettleCtx<'_>) -> Event {
 }
 
 /// A child's `TaskResult`: its result inline up to
-/// [`flow::MAX_INLINE_RESULT`] bytes, else only its size.
-fn result_event(parent: &guildhall_proto::TaskId, payload: Vec<u8>, ctx: &SettleCtx<'_>) -> Event {
+/// [`flow::MAX_INLINE_RESULT`] bytes; a larger one is to be stored in the
+/// results stream first (the [`Publish`] returned), and the event carries
+/// its SHA-256 instead.
+fn result_event(
+    parent: &guildhall_proto::TaskId,
+    payload: Vec<u8>,
+    ctx: &SettleCtx<'_>,
+) -> (Event, Option<Publish>) {
     let result_bytes = payload.len() as u64;
-    Event::TaskResult(Box::new(TaskResult {
+    let (result, stored_sha256, store) = if payload.len() <= flow::MAX_INLINE_RESULT {
+        (Some(payload), None, None)
+    } else {
+        let digest: [u8; 32] = Sha256::digest(&payload).into();
+        let store = Publish {
+            target: Target::Result {
+                meta: ctx.meta.clone(),
+            },
+            body: Body::Output(payload),
+        };
+        (None, Some(digest), Some(store))
+    };
+    let event = Event::TaskResult(Box::new(TaskResult {
         at_ms: ctx.finished_at_ms,
         task_id: ctx.meta.id.clone(),
         parent: parent.clone(),
         stage: ctx.route.stage.clone(),
         attempt: ctx.meta.attempt,
-        result: (payload.len() <= flow::MAX_INLINE_RESULT).then_some(payload),
+        result,
         result_bytes,
-    }))
+        stored_sha256,
+    }));
+    (event, store)
 }
 
 /// The plan of a fan-out (issue 19). It is refused (a permanent failure,

@@ -36,6 +36,7 @@ fn row(plan: &Plan) -> Row {
             stage, delay_ms, ..
         }) => format!("retry {stage} {delay_ms}"),
         Some(Target::Dead { stage, class, .. }) => format!("dead {stage} {class}"),
+        Some(Target::Result { meta }) => format!("result {}", meta.id),
     };
     let body = match plan.publish.as_ref().map(|p| &p.body) {
         None => "-",

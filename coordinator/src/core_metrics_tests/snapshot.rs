@@ -359,7 +359,8 @@ fn small() -> Vec<u8> {
         failed(&f, "T", "a", 1),
     ];
     f.send("w", ev);
-    // A held task and a join with one child's result (format 7).
+    // A held task and a join with one child's result inline and one
+    // stored (formats 7 and 8).
     let flows = vec![
         f.held(
             "H",
@@ -376,6 +377,7 @@ fn small() -> Vec<u8> {
             guildhall_proto::flow::ChildPolicy::Fail,
         ),
         f.result("T:0", "T", "a", b"r"),
+        f.stored_result("T:1", "T", "a", 1 << 20, [9; 32]),
     ];
     f.send("coordinator-x", flows);
     f.core.encode_snapshot(&ns(), f.now).unwrap()
@@ -465,7 +467,7 @@ fn the_body_layout_is_pinned() {
     let (_, body) = postcard::take_from_bytes::<SnapshotHeader>(payload(&good)).unwrap();
     assert_eq!(
         (body.len(), crc32fast::hash(body)),
-        (3250, 1161412887),
+        (3297, 1697166549),
         "the layout of a saved type changed: bump FORMAT_VERSION in core/src/core/snapshot.rs, then update this test"
     );
 }

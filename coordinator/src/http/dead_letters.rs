@@ -1,6 +1,7 @@
 //! `GET /api/dead/{stage}` and `POST /api/dead/{stage}/replay`.
 //!
-//! Every call shares one broker connection ([`DeadLetters::link`], its own,
+//! Every call (and every read of a stored flow result, `results.rs`) shares
+//! one broker connection ([`DeadLetters::link`], its own,
 //! so a broker error there cannot disturb submissions or the events
 //! consumer), at most [`DEAD_LETTER_WORK`] run at once, calls on one stage
 //! take turns (a listing holds the messages it has seen until it is done, so
@@ -183,7 +184,11 @@ async fn take_turn(app: &App, stage: &Stage, deadline: Instant) -> Result<StageT
 }
 
 /// Runs `call` on the shared connection, once a place is free, by `deadline`.
-async fn on_broker<T, F, Fut>(app: &App, deadline: Instant, call: F) -> Result<T, DeadError>
+pub(super) async fn on_broker<T, F, Fut>(
+    app: &App,
+    deadline: Instant,
+    call: F,
+) -> Result<T, DeadError>
 where
     F: FnOnce(Arc<Connection>, Publisher) -> Fut,
     Fut: Future<Output = Result<T, DeadError>>,

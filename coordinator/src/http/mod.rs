@@ -12,6 +12,8 @@
 //! - `control`: commands to workers and stages;
 //! - `events`: `GET /api/events` (SSE);
 //! - `flows`: `GET /api/flows/{id}`, a flow as a graph (issue 19);
+//! - `results`: `GET /api/results/{id}`, a fan-out child's result, stored
+//!   ones read from `<ns>.results` (issue 19);
 //! - `access`: the bearer token (`--api-token`, `--protect-reads`);
 //! - `hosts`: `--allowed-hosts` and cross-origin POSTs;
 //! - `body`: JSON request bodies (type, size, time);
@@ -37,6 +39,7 @@ mod held;
 pub mod hosts;
 mod rate_limits;
 pub mod redact;
+pub mod results;
 pub mod schedules;
 pub mod server;
 mod write;
@@ -145,6 +148,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/tasks", get(api::tasks))
         .route("/api/tasks/{id}", get(api::task))
         .route("/api/flows/{id}", get(flows::flow))
+        .route("/api/results/{id}", get(results::result))
         .route("/api/dead/{stage}", get(dead_letters::list))
         .route("/api/schedules", get(schedules::list))
         .route("/api/schedules/{name}", get(schedules::one))

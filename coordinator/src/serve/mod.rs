@@ -17,7 +17,8 @@
 //! - [`actuate`]: carrying out scaling decisions (webhook, command, dry run);
 //! - [`alerts`]: webhook alerts, queued and retried off the core's path;
 //! - [`persist`]: snapshot files (load at start, periodic atomic writes);
-//! - [`flows`]: carrying out the core's releases of held tasks and joins.
+//! - [`flows`]: carrying out the core's releases of held tasks and joins;
+//! - [`results`]: the index of flow results stored in `<ns>.results`.
 //!
 //! When the core declares a worker dead, the runtime closes that agent's
 //! connection through the management API (agents name their connections
@@ -35,6 +36,7 @@ pub mod link;
 pub mod persist;
 pub mod queues;
 pub mod rate_limits;
+pub mod results;
 
 use crate::core::{Core, CoreConfig, Notice};
 use crate::metrics::Metrics;
@@ -224,6 +226,9 @@ pub struct App {
     /// Flows (issue 19): wakes the release executor, and what it is
     /// retrying.
     pub flows: flows::Flows,
+    /// Where each stored flow result is in `<ns>.results` (issue 19), for
+    /// `GET /api/results/{id}`.
+    pub results: Arc<results::ResultsIndex>,
 }
 
 /// How often the coordinator writes its echo (its marker) to the events
@@ -361,6 +366,7 @@ pub async fn run(
     let core_config = CoreConfig {
         marker_nonce: Some(nonce),
         echo_interval_ms: Some(ECHO_INTERVAL.as_millis() as u64),
+        results_stream: config.names.results_stream(),
         ..config.core.clone()
     };
     let persist = config.data_dir.as_ref().map(|dir| Persist {
@@ -409,6 +415,7 @@ pub async fn run(
         hellos: cancel::Hellos::default(),
         rate_shares: rate_limits::ShareSender::default(),
         flows: flows::Flows::default(),
+        results: Arc::default(),
     });
     app.health
         .management_ok
@@ -432,6 +439,12 @@ pub async fn run(
     tasks.spawn(flows::run(
         app.clone(),
         format!("{conn_name}/flows"),
+        stop_rx.clone(),
+    ));
+    tasks.spawn(results::run(
+        app.clone(),
+        config.amqp_url.clone(),
+        format!("{conn_name}/results"),
         stop_rx.clone(),
     ));
     tasks.spawn(rate_limits::write_flags(

@@ -150,6 +150,9 @@ pub struct CoreConfig {
     /// without one. `None`: no echoes (tests, benchmarks); only
     /// [`Core::set_listening`] tells the core it is deaf.
     pub echo_interval_ms: Option<u64>,
+    /// The stream of stored flow results (`<ns>.results`), named in a
+    /// join's references to the results it does not carry inline.
+    pub results_stream: String,
 }
 
 /// Echo intervals without an echo read after which the core counts itself
@@ -175,6 +178,7 @@ impl Default for CoreConfig {
             prefetch_cap: 256,
             max_error_classes_per_stage: errors::DEFAULT_MAX_CLASSES_PER_STAGE,
             echo_interval_ms: None,
+            results_stream: guildhall_proto::Names::default().results_stream(),
         }
     }
 }
@@ -1014,6 +1018,7 @@ impl Core {
                     let end = flows::End::Succeeded {
                         result: None,
                         bytes: 0,
+                        stored: None,
                     };
                     self.flow_task_ended(&e.task_id, end, e.at_ms);
                 }

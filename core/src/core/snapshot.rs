@@ -64,7 +64,7 @@ use std::collections::{BTreeMap, HashMap};
 /// The first bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"GHSNAP\r\n";
 /// The layout of the payload. Bump it with any change to a saved type.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 /// Magic, format version, payload length.
 const PREFIX_LEN: usize = 8 + 4 + 8;
 /// The trailing checksum.
@@ -108,7 +108,7 @@ struct CoreState<'a> {
     /// Cancels, cron schedules, rate limits (format 6).
     scheduling: Cow<'a, Scheduling>,
     /// Held tasks with their payloads, joins with their children's
-    /// results (format 7).
+    /// results (format 7; a stored result's digest: format 8).
     flows: Cow<'a, super::flows::Flows>,
 }
 

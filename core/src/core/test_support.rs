@@ -399,6 +399,29 @@ impl Sim {
             attempt: 1,
             result: Some(result.to_vec()),
             result_bytes: result.len() as u64,
+            stored_sha256: None,
+        }))
+    }
+
+    /// A `TaskResult` now for a result of `bytes` bytes its agent stored in
+    /// the results stream with SHA-256 `digest`.
+    pub fn stored_result(
+        &self,
+        child: &str,
+        parent: &str,
+        stage: &str,
+        bytes: u64,
+        digest: [u8; 32],
+    ) -> Event {
+        Event::TaskResult(Box::new(guildhall_proto::TaskResult {
+            at_ms: self.now,
+            task_id: tid(child),
+            parent: tid(parent),
+            stage: st(stage),
+            attempt: 1,
+            result: None,
+            result_bytes: bytes,
+            stored_sha256: Some(digest),
         }))
     }
 

@@ -28,6 +28,10 @@
 //! default), `join=S` the join (`-` for none; else the agent's `--join`),
 //! `onchild=continue` the policy; `fanbad=I` replaces child `I`'s line by
 //! one that is not JSON (a hostile worker).
+//!
+//! `pad=N` appends ` ` and N bytes of `x` to the output (a large result);
+//! `padonly=I` restricts it to the task whose payload has `n=I` (one child
+//! of a fan-out).
 
 use axum::Router;
 use axum::body::Bytes;
@@ -58,6 +62,12 @@ struct Plan {
     onchild: Option<String>,
     /// `fanbad=I`: child I's line is not JSON.
     fanbad: Option<u32>,
+    /// `pad=N`: N bytes of padding appended to the output.
+    pad: usize,
+    /// `padonly=I`: pad only the task whose payload has `n=I`.
+    padonly: Option<u32>,
+    /// `n=I`: the child index `fanout` wrote into a child's payload.
+    n: Option<u32>,
 }
 
 fn plan(payload: &str, stage: &str) -> Plan {
@@ -78,6 +88,9 @@ fn plan(payload: &str, stage: &str) -> Plan {
             Some(("join", v)) => plan.join = Some(v.to_owned()),
             Some(("onchild", v)) => plan.onchild = Some(v.to_owned()),
             Some(("fanbad", v)) => plan.fanbad = v.parse().ok(),
+            Some(("pad", v)) => plan.pad = v.parse().unwrap_or(0),
+            Some(("padonly", v)) => plan.padonly = v.parse().ok(),
+            Some(("n", v)) => plan.n = v.parse().ok(),
             _ => {}
         }
     }
@@ -128,6 +141,9 @@ fn decide(payload: &str, stage: &str, attempt: u32, seen_before: bool) -> (Outco
         }
         _ => match p.fanout {
             Some(n) => Outcome::FanOut(child_lines(payload, &p, n)),
+            None if p.pad > 0 && p.padonly.is_none_or(|i| p.n == Some(i)) => {
+                Outcome::Ok(format!("{payload} @{stage} {}", "x".repeat(p.pad)))
+            }
             None => Outcome::Ok(format!("{payload} @{stage}")),
         },
     };
@@ -343,6 +359,18 @@ mod tests {
             decide("fail=permanent-first", "s", 1, true).0,
             Outcome::Ok(_)
         ));
+    }
+
+    #[test]
+    fn pad_makes_a_large_output_for_the_child_it_names() {
+        let Outcome::Ok(out) = decide("pad=10 padonly=1 n=1", "s", 1, false).0 else {
+            panic!("not a success")
+        };
+        assert_eq!(out, format!("pad=10 padonly=1 n=1 @s {}", "x".repeat(10)));
+        let Outcome::Ok(out) = decide("pad=10 padonly=1 n=2", "s", 1, false).0 else {
+            panic!("not a success")
+        };
+        assert_eq!(out, "pad=10 padonly=1 n=2 @s");
     }
 
     #[test]

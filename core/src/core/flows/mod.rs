@@ -121,6 +121,9 @@ pub enum Slot {
         result: Option<Arc<[u8]>>,
         /// Its size.
         bytes: u64,
+        /// The SHA-256 of a result stored in the results stream instead
+        /// (the join refers to it).
+        stored: Option<[u8; 32]>,
     },
     /// It was dead-lettered or cancelled.
     Failed {
@@ -159,6 +162,17 @@ pub struct Join {
 }
 
 impl Join {
+    /// Carried out (or ended without a join stage): the results were handed
+    /// on, so only the outcomes (and stored results' digests) are kept.
+    fn hand_on(&mut self) {
+        self.released = true;
+        for s in self.slots.values_mut() {
+            if let Slot::Succeeded { result, .. } = s {
+                *result = None;
+            }
+        }
+    }
+
     fn new(at_ms: u64) -> Self {
         Self {
             stage: None,
@@ -212,6 +226,7 @@ pub(crate) enum End {
     Succeeded {
         result: Option<Arc<[u8]>>,
         bytes: u64,
+        stored: Option<[u8; 32]>,
     },
     /// Dead-lettered or cancelled.
     Failed { status: TaskStatus, error: String },
@@ -449,6 +464,7 @@ impl Core {
             TaskStatus::Succeeded => Some(End::Succeeded {
                 result: None,
                 bytes: 0,
+                stored: None,
             }),
             TaskStatus::DeadLettered | TaskStatus::Cancelled => {
                 // Worded as when the end is read live: "dead-lettered at
@@ -618,9 +634,16 @@ impl Core {
             self.handle_malformed("flow_refused");
             return;
         }
+        if e.result.is_some() && e.stored_sha256.is_some() {
+            // Carried and stored: one of the two is a lie.
+            self.flows.refused += 1;
+            self.handle_malformed("flow_refused");
+            return;
+        }
         let end = End::Succeeded {
             result: e.result.map(Arc::from),
             bytes: e.result_bytes,
+            stored: e.stored_sha256,
         };
         self.child_ended(&e.parent, index, end, e.at_ms, true);
     }
@@ -646,13 +669,7 @@ impl Core {
                 if j.released {
                     return;
                 }
-                j.released = true;
-                // The results were handed on: keep only the outcomes.
-                for s in j.slots.values_mut() {
-                    if let Slot::Succeeded { result, .. } = s {
-                        *result = None;
-                    }
-                }
+                j.hand_on();
                 self.flows.remember_finished_join(&e.task_id);
             }
         }
@@ -704,7 +721,8 @@ impl Core {
             && j.decision == Some(Decision::Release)
             && !j.released
         {
-            j.released = true;
+            // Seen running before its `TaskReleased` was read.
+            j.hand_on();
             self.flows.handed.remove(id);
             self.flows.remember_finished_join(id);
             self.count_release(HoldReason::Join, false);
@@ -744,7 +762,7 @@ impl Core {
             {
                 j.decision = Some(Decision::Done);
                 j.decided_at_ms = Some(at_ms);
-                j.released = true;
+                j.hand_on();
                 self.flows.remember_finished_join(id);
             }
         }
@@ -800,7 +818,15 @@ impl Core {
             return; // counted once
         }
         let slot = match end {
-            End::Succeeded { result, bytes } => Slot::Succeeded { result, bytes },
+            End::Succeeded {
+                result,
+                bytes,
+                stored,
+            } => Slot::Succeeded {
+                result,
+                bytes,
+                stored,
+            },
             End::Failed { status, error } => Slot::Failed { status, error },
         };
         j.slots.insert(index, slot);
@@ -835,14 +861,16 @@ impl Core {
             Decision::Done => {
                 // No join stage: the parent is finished with its children,
                 // and its result (for its own parent) is theirs.
-                j.released = true;
-                let payload: Arc<[u8]> = join::payload(parent, j).into();
+                let payload: Arc<[u8]> =
+                    join::payload(parent, j, &self.config.results_stream).into();
+                j.hand_on();
                 self.flows.remember_finished_join(parent);
                 self.tasks.flow_succeeded(parent, at_ms);
                 let bytes = payload.len() as u64;
                 let end = End::Succeeded {
                     result: Some(payload),
                     bytes,
+                    stored: None,
                 };
                 self.flow_task_ended(parent, end, at_ms);
             }
@@ -925,7 +953,7 @@ impl Core {
                     task_id: id.clone(),
                     stage,
                     priority: j.priority,
-                    payload: join::payload(&id, j).into(),
+                    payload: join::payload(&id, j, &self.config.results_stream).into(),
                     parent: self.parent_of(&id),
                     joined: true,
                     reason: HoldReason::Join,

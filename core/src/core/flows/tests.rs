@@ -440,6 +440,101 @@ fn held_tasks_and_joins_survive_a_snapshot() {
 }
 
 #[test]
+fn a_stored_result_reaches_the_join_as_a_reference_and_survives_a_replay() {
+    let mut r = Rec::new();
+    fan_out(&mut r, Child::Fail);
+    child_done(&mut r, 0, "0");
+    child_done(&mut r, 2, "2");
+    let digest = [7u8; 32];
+    let mut ev = vec![r.sim.started("P:1", "work", 1, r.sim.now)];
+    ev.push(r.sim.stored_result("P:1", "P", "work", 1 << 20, digest));
+    ev.push(r.sim.succeeded("P:1", "work", 1, r.sim.now, None));
+    r.send("agent-work", ev);
+    // What the route reads: the digest, no bytes.
+    let known = r.sim.core.child_result(&tid("P:1")).expect("known");
+    assert_eq!(
+        (known.sha256, known.bytes, known.inline),
+        (Some(digest), 1 << 20, None)
+    );
+    assert_eq!(
+        r.sim
+            .core
+            .child_result(&tid("P:0"))
+            .and_then(|c| c.inline)
+            .as_deref(),
+        Some(&b"0"[..])
+    );
+    assert_eq!(r.sim.core.child_result(&tid("P:9")), None);
+    assert_eq!(r.sim.core.child_result(&tid("Q:1")), None);
+    let replayed = r.replayed();
+    let rs = r.release_all();
+    assert_eq!(ids(&rs), ["P"]);
+    let v: serde_json::Value = serde_json::from_slice(&rs[0].payload).expect("JSON");
+    let entry = &v["children"][1];
+    assert_eq!(entry["result_bytes"], 1 << 20);
+    assert_eq!(entry["result_ref"]["stream"], "guildhall.results");
+    assert_eq!(entry["result_ref"]["sha256"], "07".repeat(32));
+    assert_eq!(v["children"][0]["result"], 0);
+    // A core rebuilt from the stream alone decides the same payload.
+    let mut replayed = replayed;
+    let again = replayed
+        .core
+        .poll_release()
+        .expect("released after a replay");
+    assert_eq!(again.payload, rs[0].payload);
+    // Handed on: the inline bytes are dropped, the digest is kept.
+    assert_eq!(
+        r.sim.core.child_result(&tid("P:0")).map(|c| c.inline),
+        Some(None)
+    );
+    assert_eq!(
+        r.sim.core.child_result(&tid("P:1")).and_then(|c| c.sha256),
+        Some(digest)
+    );
+}
+
+#[test]
+fn a_join_seen_running_before_its_release_is_read_drops_the_inline_results() {
+    let mut r = Rec::new();
+    fan_out(&mut r, Child::Fail);
+    for i in 0..3 {
+        child_done(&mut r, i, "\"r\"");
+    }
+    assert!(r.sim.core.poll_release().is_some());
+    assert!(
+        r.sim
+            .core
+            .child_result(&tid("P:0"))
+            .and_then(|c| c.inline)
+            .is_some()
+    );
+    // The join's agent reports it before the `TaskReleased` is read.
+    let st = r.sim.started("P", "merge", 1, r.sim.now);
+    r.send("agent-merge", vec![st]);
+    for i in 0..3 {
+        let c = r
+            .sim
+            .core
+            .child_result(&tid(&format!("P:{i}")))
+            .expect("known");
+        assert_eq!((c.inline, c.bytes), (None, 3), "P:{i}");
+    }
+}
+
+#[test]
+fn a_result_both_carried_and_stored_is_refused() {
+    let mut r = Rec::new();
+    fan_out(&mut r, Child::Fail);
+    let Event::TaskResult(mut forged) = r.sim.result("P:0", "P", "work", b"x") else {
+        unreachable!()
+    };
+    forged.stored_sha256 = Some([1; 32]);
+    r.send("agent-work", vec![Event::TaskResult(forged)]);
+    assert_eq!(r.sim.core.flows().refused, 1);
+    assert_eq!(r.sim.core.child_result(&tid("P:0")), None);
+}
+
+#[test]
 fn a_release_from_a_sender_that_is_not_a_coordinator_is_refused() {
     let mut r = Rec::new();
     let h = r.sim.held("D", "deploy", &["A"], Dep::Fail, b"d");

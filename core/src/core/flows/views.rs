@@ -127,6 +127,18 @@ pub struct FlowView {
 }
 
 /// What ETAs of a flow are computed from, built once per view.
+/// A fan-out child's result as its parent's join holds it (issue 19).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildResult {
+    /// The bytes, while they are carried inline and the join has not
+    /// handed them on yet.
+    pub inline: Option<std::sync::Arc<[u8]>>,
+    /// Its size.
+    pub bytes: u64,
+    /// The SHA-256 of a result stored in the results stream.
+    pub sha256: Option<[u8; 32]>,
+}
+
 pub(crate) struct EtaInputs {
     timings: BTreeMap<Stage, StageTiming>,
     queues: QueueIndex,
@@ -155,6 +167,26 @@ impl Core {
             && (self.flows.held.contains_key(id)
                 || self.flows.joins.contains_key(id)
                 || self.parent_of(id).is_some())
+    }
+
+    /// What this coordinator knows of a fan-out child's result, while its
+    /// parent's join is remembered: `None` if the child is unknown, has
+    /// not succeeded, or its join was forgotten.
+    pub fn child_result(&self, child: &TaskId) -> Option<ChildResult> {
+        let (parent, index) = split_child_id(child.as_str())?;
+        let j = self.flows.joins.get(parent)?;
+        match j.slots.get(&index)? {
+            Slot::Succeeded {
+                result,
+                bytes,
+                stored,
+            } => Some(ChildResult {
+                inline: result.clone(),
+                bytes: *bytes,
+                sha256: *stored,
+            }),
+            Slot::Failed { .. } => None,
+        }
     }
 
     /// The flow's root above `id`: its top parent, or for a held task
