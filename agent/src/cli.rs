@@ -11,7 +11,7 @@ use crate::config::{
 };
 use clap::Parser;
 use clap::builder::FalseyValueParser;
-use guildhall_broker::AmqpUrl;
+use guildhall_broker::AmqpUrls;
 use guildhall_broker::tls::TlsFiles;
 use guildhall_proto::{AgentId, Namespace, Stage};
 use std::path::PathBuf;
@@ -25,9 +25,11 @@ use std::str::FromStr;
 #[derive(Clone, Parser)]
 #[command(name = "guildhall-agent", version, about)]
 pub struct Cli {
-    /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
-    pub amqp_url: String,
+    /// Broker URL; several (the nodes of a cluster) as a comma-separated
+    /// list or by repeating the flag: the agent connects to one that
+    /// answers, chosen at random. A comma in a password must be written %2C.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true, action = clap::ArgAction::Append)]
+    pub amqp_url: Vec<String>,
 
     /// PEM CA certificates to trust, besides the system's, for an amqps:// broker.
     #[arg(long, env = "GUILDHALL_AMQP_CA_FILE", value_name = "FILE")]
@@ -342,15 +344,14 @@ impl Cli {
     }
 }
 
-/// The broker URL with the TLS files of the flags (which replace those the
-/// URL names) as query parameters, read and checked: the string the agent
-/// connects with.
-fn broker_url(raw: &str, files: &TlsFiles) -> Result<String, ConfigError> {
-    if files.is_empty() {
-        return Ok(raw.to_owned());
-    }
-    let url = AmqpUrl::parse(raw).map_err(|e| ConfigError::invalid("--amqp-url", e.to_string()))?;
-    Ok(url.with_tls_files(files)?.raw().to_owned())
+/// The broker URLs (each flag's value one URL or a comma-separated list)
+/// as one comma-separated list, with the TLS files of the flags (which
+/// replace those the URLs name) as query parameters, read and checked: the
+/// string the agent connects with.
+fn broker_url(values: &[String], files: &TlsFiles) -> Result<String, ConfigError> {
+    let urls = AmqpUrls::from_values(values)
+        .map_err(|e| ConfigError::invalid("--amqp-url", e.to_string()))?;
+    Ok(urls.with_tls_files(files)?.raw())
 }
 
 fn id<T: FromStr<Err = guildhall_proto::InvalidId>>(
@@ -394,6 +395,33 @@ mod tests {
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).map_err(|e| clap_error_line(&e))?;
         cli.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn several_broker_urls_by_repeating_or_commas_become_one_list() {
+        let a = "amqp://guest:s3cret@node1:5672/%2f";
+        let b = "amqp://guest:s3cret@node2:5672/%2f";
+        let c = "amqp://guest:s3cret@node3:5672/%2f";
+        let base = ["--stage", "build", "--exec", "true"];
+        let both = format!("{b}, {c}");
+        let mut args = base.to_vec();
+        args.extend(["--amqp-url", a, "--amqp-url", &both]);
+        let config = parse(&args).unwrap();
+        assert_eq!(config.amqp_url, format!("{a},{b},{c}"));
+        config.validate().unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        for bad in [
+            format!("{a},amqp://guest:s3cret@node2:port/%2f"),
+            format!("{a},,{b}"),
+            "amqp://guest:s3,cret@node1/%2f".to_owned(),
+        ] {
+            let mut args = base.to_vec();
+            args.extend(["--amqp-url", &bad]);
+            let err = parse(&args).unwrap_err();
+            assert!(err.starts_with("--amqp-url: invalid AMQP URL"), "{err}");
+            assert!(!err.contains("s3"), "{err}");
+        }
     }
 
     #[test]

@@ -218,7 +218,9 @@ impl RetryPolicy {
 /// Its `Debug` form hides the broker password.
 #[derive(Clone)]
 pub struct AgentConfig {
-    /// Broker URL; may hold a password, so it is only ever logged redacted.
+    /// Broker URL, or several (the nodes of a cluster) comma-separated
+    /// ([`guildhall_broker::AmqpUrls`]); may hold passwords, so it is only
+    /// ever logged redacted.
     pub amqp_url: String,
     /// Prefix of every broker name, so deployments (and tests) share a broker.
     pub namespace: Namespace,
@@ -333,7 +335,7 @@ impl AgentConfig {
         }
     }
 
-    /// Sets the broker URL.
+    /// Sets the broker URL (or a comma-separated list of them).
     pub fn with_amqp_url(mut self, url: impl Into<String>) -> Self {
         self.amqp_url = url.into();
         self
@@ -496,7 +498,7 @@ impl AgentConfig {
             self.health_failures.into(),
             limits::HEALTH_FAILURES,
         )?;
-        guildhall_broker::AmqpUrl::parse(&self.amqp_url)
+        guildhall_broker::AmqpUrls::parse(&self.amqp_url)
             .map_err(|e| ConfigError::invalid("--amqp-url", e.to_string()))?;
         match &self.worker {
             WorkerSpec::Http { url } => {
@@ -592,7 +594,7 @@ impl std::fmt::Debug for AgentConfig {
         f.debug_struct("AgentConfig")
             .field(
                 "amqp_url",
-                &guildhall_broker::connect::redact(&self.amqp_url),
+                &guildhall_broker::addrs::redact_list(&self.amqp_url),
             )
             .field("namespace", &self.namespace)
             .field("stage", &self.stage)
@@ -961,6 +963,19 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(shown.contains("guest:***@broker"), "{shown}");
         assert!(!shown.contains("hunter2"));
+        let c = config()
+            .with_amqp_url("amqp://guest:hunter2@a:5672/%2f,amqp://guest:hunter3@b:5672/%2f");
+        let shown = format!("{c:?}");
+        assert!(shown.contains("guest:***@b"), "{shown}");
+        assert!(!shown.contains("hunter"), "{shown}");
+        c.validate().unwrap();
+        let msg = config()
+            .with_amqp_url("amqp://guest:hunter2@a:5672/%2f,http://guest:hunter3@b/")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("--amqp-url: invalid AMQP URL"), "{msg}");
+        assert!(!msg.contains("hunter"), "{msg}");
     }
 
     #[test]

@@ -96,9 +96,9 @@ impl Session {
         let publisher = Publisher::open(conn).await.map_err(|e| match e {
             guildhall_broker::BrokerError::Amqp { source, .. }
             | guildhall_broker::BrokerError::Connect { source, .. } => source,
-            guildhall_broker::BrokerError::InvalidUrl { .. } => lapin::Error::from(
-                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Error),
-            ),
+            _ => lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                lapin::ConnectionState::Error,
+            )),
         })?;
         let queue = ctx.names.stage_queue(&ctx.stage);
         let consumer = channel

@@ -31,7 +31,7 @@ use futures_lite::{Stream, StreamExt};
 use guildhall_broker::topology::{
     StreamRetention, declare_control, declare_stage, ensure_events_stream,
 };
-use guildhall_broker::{AmqpUrl, BrokerError, Publisher, connect};
+use guildhall_broker::{AmqpUrls, BrokerError, Publisher, connect_any};
 use guildhall_proto::{AgentId, Names, Stage};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::{Channel, Connection};
@@ -71,8 +71,8 @@ impl Lost {
 /// What opening a link needs.
 #[derive(Debug, Clone)]
 pub(crate) struct LinkParams {
-    /// The broker.
-    pub url: AmqpUrl,
+    /// The broker's addresses.
+    pub url: AmqpUrls,
     /// Broker names of the namespace.
     pub names: Names,
     /// The agent, for the connection name and its command queue.
@@ -99,6 +99,9 @@ pub(crate) struct Link {
     pub tasks: Arc<TaskLink>,
     /// Notices the loss of the link.
     pub watch: Watch,
+    /// Index in [`LinkParams::url`] of the address connected to: tried
+    /// last by the next reconnect.
+    pub address: usize,
 }
 
 /// Follows a link's connection and long-lived channels.
@@ -148,13 +151,22 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// Connects and declares everything; returns the link and the confirm
-    /// channel for the event publisher. On error nothing stays open.
-    pub async fn open(params: &LinkParams) -> Result<(Self, Publisher), BrokerError> {
+    /// Connects to one of the broker's addresses (`last`, that of a link
+    /// just lost, tried last) and declares everything; returns the link and
+    /// the confirm channel for the event publisher. On error nothing stays
+    /// open.
+    pub async fn open(
+        params: &LinkParams,
+        last: Option<usize>,
+    ) -> Result<(Self, Publisher), BrokerError> {
         let name = params.names.agent_connection_name(&params.id);
-        let conn = Arc::new(connect(&params.url, &name).await?);
+        let (conn, address) = connect_any(&params.url, &name, last).await?;
+        let conn = Arc::new(conn);
         match Self::set_up(conn.clone(), params).await {
-            Ok(opened) => Ok(opened),
+            Ok((mut link, events)) => {
+                link.address = address;
+                Ok((link, events))
+            }
             Err(err) => {
                 close(&conn, "set-up failed").await;
                 Err(err)
@@ -213,6 +225,7 @@ impl Link {
             control,
             tasks,
             watch,
+            address: 0,
         };
         Ok((link, events))
     }
@@ -289,7 +302,11 @@ async fn open_channel(conn: &Connection, what: &str) -> Result<Channel, BrokerEr
 /// connection) may pass.
 pub(crate) fn is_fatal(err: &BrokerError) -> bool {
     let source = match err {
-        BrokerError::InvalidUrl { .. } => return true,
+        BrokerError::InvalidUrl { .. } | BrokerError::InvalidUrlList(_) => return true,
+        BrokerError::ConnectTimeout { .. } => return false,
+        // Credentials, permissions and virtual hosts are the cluster's: one
+        // node refusing them is enough.
+        BrokerError::ConnectAny(failures) => return failures.iter().any(is_fatal),
         BrokerError::Connect { source, .. } | BrokerError::Amqp { source, .. } => source,
     };
     match source.kind() {

@@ -52,7 +52,10 @@
 //!    (`TaskAbandoned`, reason `connection lost`; see [`crate::core::task`]);
 //! 3. closes the old connection (the broker requeues its unacked
 //!    deliveries), waits a [`Backoff`] delay (200 ms doubling to 30 s, with
-//!    jitter) and opens a new link, declaring everything again; a failed
+//!    jitter) and opens a new link, declaring everything again; each
+//!    attempt tries every broker address once (shuffled, the lost link's
+//!    last, see [`guildhall_broker::connect_any`]), so the back-off only
+//!    grows while no address answers; a failed
 //!    attempt is logged and retried after the next delay, forever, unless
 //!    the error [`is_fatal`] (then the run ends with
 //!    [`AgentError::Refused`]);
@@ -80,7 +83,7 @@ use crate::supervisor::{HealthCheck, Supervisor, SupervisorConfig, WorkerControl
 use crate::task::{self, Held, Release, TaskCtx};
 use crate::{AgentError, AgentExit};
 use guildhall_broker::{
-    AmqpUrl, BrokerError, EventPublisher, EventPublisherConfig, Publisher, now_ms,
+    AmqpUrls, BrokerError, EventPublisher, EventPublisherConfig, Publisher, now_ms,
 };
 use guildhall_proto::{Command, Event, Names};
 use lapin::Confirmation;
@@ -154,6 +157,9 @@ pub(crate) struct Runner {
     backoff: Backoff,
     /// When the link was lost, for the log line once it is back.
     lost_at: Option<Instant>,
+    /// The broker address of the link lost last, tried last by reconnects
+    /// (the others are tried first: its node may be the one that died).
+    lost_address: Option<usize>,
     /// Every decision.
     core: AgentCore,
     /// Shared with every task's IO.
@@ -198,7 +204,7 @@ impl Runner {
             .as_deref()
             .map(|url| HealthCheck::new(url, config.health_interval, config.health_failures))
             .transpose()?;
-        let url = AmqpUrl::parse(&config.amqp_url)?;
+        let url = AmqpUrls::parse(&config.amqp_url)?;
         let names = Names::new(config.namespace.clone());
         let params = LinkParams {
             url: url.clone(),
@@ -212,7 +218,7 @@ impl Runner {
             Some(addr) => Some(crate::probe::bind(addr).await?),
             None => None,
         };
-        let (link, events_publisher) = Link::open(&params).await?;
+        let (link, events_publisher) = Link::open(&params, None).await?;
         let routes = config.routes();
         let route = StageRoute {
             stage: config.stage.clone(),
@@ -310,6 +316,7 @@ impl Runner {
             connecting: None,
             backoff: Backoff::new(),
             lost_at: None,
+            lost_address: None,
             core,
             ctx,
             held: HashMap::new(),
@@ -677,6 +684,8 @@ impl Runner {
             delay.as_secs_f64()
         );
         self.lost_at.get_or_insert_with(Instant::now);
+        self.lost_address = Some(link.address);
+        let last = self.lost_address;
         let old = link.conn.clone();
         let params = self.params.clone();
         self.connecting = Some(Box::pin(async move {
@@ -686,7 +695,7 @@ impl Runner {
             link::close(&old, "reconnecting").await;
             drop(old);
             tokio::time::sleep(delay).await;
-            Link::open(&params).await
+            Link::open(&params, last).await
         }));
     }
 
@@ -721,9 +730,10 @@ impl Runner {
                     delay.as_secs_f64()
                 );
                 let params = self.params.clone();
+                let last = self.lost_address;
                 self.connecting = Some(Box::pin(async move {
                     tokio::time::sleep(delay).await;
-                    Link::open(&params).await
+                    Link::open(&params, last).await
                 }));
                 Ok(())
             }

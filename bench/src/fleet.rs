@@ -143,7 +143,7 @@ fn plan(a: &FleetArgs) -> Result<Plan, ConfigError> {
 /// Runs the benchmark for each fleet size.
 pub async fn run(args: &FleetArgs) -> anyhow::Result<FleetReport> {
     let plan = plan(args)?;
-    let broker = args.target.version.broker_version(&plan.target.url).await;
+    let broker = args.target.version.broker_version(&plan.target.urls).await;
     let mut runs = Vec::new();
     for &n in &plan.sizes {
         runs.push(one_size(&plan, n).await?);

@@ -200,7 +200,7 @@ pub async fn run(args: &FlowsArgs) -> anyhow::Result<FlowsReport> {
         args.timeout,
         quick,
     )?;
-    let broker = args.target.version.broker_version(&target.url).await;
+    let broker = args.target.version.broker_version(&target.urls).await;
     let held = if args.only.is_none_or(|p| p == Part::Held) {
         let mut all = Vec::with_capacity(runs);
         for _ in 0..runs {

@@ -225,7 +225,7 @@ pub struct DrainRound {
 pub async fn run(args: &IngestArgs) -> anyhow::Result<IngestReport> {
     let plan = plan(args)?;
     let (names, admin) = plan.target.open().await?;
-    let broker = args.target.version.broker_version(&plan.target.url).await;
+    let broker = args.target.version.broker_version(&plan.target.urls).await;
     let retention = StreamRetention {
         max_age: "1h".into(),
         max_bytes: 20_000_000_000,

@@ -107,7 +107,7 @@ pub struct VersionArgs {
 
 impl VersionArgs {
     /// The broker's version, or why it is unknown.
-    pub async fn broker_version(&self, url: &guildhall_broker::AmqpUrl) -> String {
+    pub async fn broker_version(&self, url: &guildhall_broker::AmqpUrls) -> String {
         if self.management_url.trim().is_empty() {
             return "RabbitMQ (version unknown: no --management-url)".into();
         }
@@ -159,10 +159,13 @@ pub struct BenchTarget {
 /// A validated [`BenchTarget`].
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
-    /// The broker.
+    /// The broker's first address: the benchmarks' own load connections
+    /// all go there, so a run measures one node.
     pub url: guildhall_broker::AmqpUrl,
-    /// The same as a string, with TLS files from flags as query parameters
-    /// (for a `guildhall serve` child or an agent).
+    /// Every address given (set-up connections go to one that answers).
+    pub urls: guildhall_broker::AmqpUrls,
+    /// Every address as one comma-separated string, with TLS files from
+    /// flags as query parameters (for a `guildhall serve` child or an agent).
     pub raw_url: String,
     /// Prefix of the benchmark's own namespaces.
     pub prefix: String,
@@ -174,10 +177,10 @@ impl Target {
     pub(crate) async fn open(&self) -> anyhow::Result<(Names, lapin::Connection)> {
         use anyhow::Context;
         let names = bench_namespace(&self.prefix)?;
-        let conn =
-            guildhall_broker::connect(&self.url, &format!("guildhall-bench/{}", names.namespace()))
-                .await
-                .context("cannot reach the broker")?;
+        let name = format!("guildhall-bench/{}", names.namespace());
+        let (conn, _) = guildhall_broker::connect_any(&self.urls, &name, None)
+            .await
+            .context("cannot reach the broker")?;
         Ok((names, conn))
     }
 }
@@ -192,8 +195,9 @@ impl BenchTarget {
             &url,
         )?;
         Ok(Target {
-            raw_url: url.raw().to_owned(),
-            url,
+            raw_url: url.raw(),
+            url: url.first().clone(),
+            urls: url,
             prefix: names.namespace().to_string(),
         })
     }

@@ -203,7 +203,7 @@ struct Ctx {
 pub async fn run(args: &AgentArgs) -> anyhow::Result<OverheadReport> {
     let plan = plan(args)?;
     let (names, conn) = plan.target.open().await?;
-    let broker = args.target.version.broker_version(&plan.target.url).await;
+    let broker = args.target.version.broker_version(&plan.target.urls).await;
     let (worker_url, worker) = spawn_echo_worker().await?;
     let ctx = Ctx {
         a: "a".parse().context("stage name")?,

@@ -240,7 +240,7 @@ pub async fn run(args: &PriorityArgs) -> anyhow::Result<PriorityReport> {
     let backlog = args.backlog.unwrap_or(if quick { 200 } else { 1_000 });
     let cost_tasks = args.cost_tasks.unwrap_or(if quick { 300 } else { 2_000 });
     let delays = args.delays.unwrap_or(if quick { 10 } else { 50 });
-    let broker = args.target.version.broker_version(&target.url).await;
+    let broker = args.target.version.broker_version(&target.urls).await;
     let (names, conn) = target.open().await?;
     let stage: Stage = "work".parse()?;
     let result = measure(

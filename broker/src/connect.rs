@@ -189,6 +189,15 @@ impl AmqpUrl {
     pub fn password(&self) -> &str {
         &self.uri.authority.userinfo.password
     }
+
+    /// The connect timeout (ms): the URL's `connection_timeout`, else
+    /// [`DEFAULT_CONNECT_TIMEOUT_MS`].
+    pub fn connect_timeout_ms(&self) -> u64 {
+        self.uri
+            .query
+            .connection_timeout
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS)
+    }
 }
 
 /// The TLS files a URL's query names (`cacertfile`, `certfile`, `keyfile`);

@@ -7,6 +7,9 @@
 //! - [`connect()`]: open a named connection from an `amqp://` or `amqps://`
 //!   URL, with a heartbeat and connect timeout filled in, and a password-free
 //!   form of the URL for log lines.
+//! - [`addrs`]: several addresses (the nodes of a cluster) as one
+//!   [`AmqpUrls`], from repeated flags and comma lists, and [`connect_any`],
+//!   which tries them in a shuffled order and returns the first that answers.
 //! - [`tls`]: the CA bundle and client identity of `amqps://` (and of the
 //!   management API over https), read from PEM files and checked at start.
 //! - [`topology`]: idempotent declarations (task exchange, stage, retry and
@@ -29,6 +32,7 @@
 //! that sends a message returns only after the broker took responsibility for
 //! it, or returns an error.
 
+pub mod addrs;
 pub mod connect;
 pub mod events;
 pub mod management;
@@ -37,6 +41,7 @@ pub mod task;
 pub mod tls;
 pub mod topology;
 
+pub use addrs::{AmqpUrls, connect_any};
 pub use connect::{AmqpUrl, connect};
 pub use events::{EventPublisher, EventPublisherConfig};
 pub use management::Management;
@@ -88,6 +93,22 @@ pub enum BrokerError {
         /// The client's error.
         source: lapin::Error,
     },
+    /// A list of addresses is malformed (the reason shows no entry).
+    #[error("invalid AMQP URL list: {0}")]
+    InvalidUrlList(String),
+    /// A connection attempt took longer than the URL's connect timeout
+    /// (a node that accepts connections but does not answer).
+    #[error("cannot reach RabbitMQ at {url}: no answer within {ms} ms")]
+    ConnectTimeout {
+        /// The URL, without its password.
+        url: String,
+        /// The timeout.
+        ms: u64,
+    },
+    /// Several addresses, none of which answered: each one's error
+    /// ([`BrokerError::Connect`] or [`BrokerError::ConnectTimeout`]).
+    #[error("cannot reach RabbitMQ at any of {} addresses: {}", .0.len(), connect_failures(.0))]
+    ConnectAny(Vec<BrokerError>),
     /// An AMQP operation failed.
     #[error("{what}: {source}")]
     Amqp {
@@ -96,6 +117,20 @@ pub enum BrokerError {
         /// The client's error.
         source: lapin::Error,
     },
+}
+
+/// Each address's failure, `; `-separated, without the repeated preamble.
+fn connect_failures(failures: &[BrokerError]) -> String {
+    failures
+        .iter()
+        .map(|f| {
+            let text = one_line(&f.to_string());
+            text.strip_prefix("cannot reach RabbitMQ at ")
+                .map(str::to_owned)
+                .unwrap_or(text)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What to check when a TLS handshake failed over certificates (rustls's

@@ -10,7 +10,7 @@
 //! and [`management_ca`].
 
 use clap::Args;
-use guildhall_broker::AmqpUrl;
+use guildhall_broker::AmqpUrls;
 use guildhall_broker::tls::{CaBundle, TlsFiles};
 use guildhall_proto::{Names, Namespace};
 use std::path::PathBuf;
@@ -28,9 +28,11 @@ pub struct ConfigError(pub String);
 /// Where the broker is and which namespace to use.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: String,
+    /// RabbitMQ URL; several (the nodes of a cluster) as a comma-separated
+    /// list or by repeating the flag: connections go to one that answers,
+    /// chosen at random. A comma in a password must be written %2C.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, action = clap::ArgAction::Append)]
+    pub amqp_url: Vec<String>,
     /// Prefix of every broker name, so deployments can share a broker.
     #[arg(long, env = "GUILDHALL_NAMESPACE", default_value = guildhall_proto::names::DEFAULT_NAMESPACE)]
     pub namespace: String,
@@ -48,10 +50,11 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
-    /// Parses the URL and namespace, and reads and checks the TLS files.
-    pub fn validate(&self) -> Result<(AmqpUrl, Names), ConfigError> {
-        let url =
-            AmqpUrl::parse(&self.amqp_url).map_err(|e| ConfigError(format!("--amqp-url: {e}")))?;
+    /// Parses the URLs and namespace, and reads and checks the TLS files
+    /// (which apply to every URL).
+    pub fn validate(&self) -> Result<(AmqpUrls, Names), ConfigError> {
+        let url = AmqpUrls::from_values(&self.amqp_url)
+            .map_err(|e| ConfigError(format!("--amqp-url: {e}")))?;
         let url = url
             .with_tls_files(&TlsFiles {
                 ca: self.amqp_ca_file.clone(),
@@ -76,11 +79,14 @@ pub fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
 pub fn management_ca(
     management_url: &str,
     ca_file: Option<&std::path::Path>,
-    amqp: &AmqpUrl,
+    amqp: &AmqpUrls,
 ) -> Result<Option<CaBundle>, ConfigError> {
     match ca_file.filter(|p| !p.as_os_str().is_empty()) {
         Some(path) => {
-            if !management_url.trim_start().starts_with("https://") {
+            if !management_url
+                .split(',')
+                .all(|u| u.trim_start().starts_with("https://"))
+            {
                 return Err(ConfigError(
                     "--management-ca-file needs an https:// --management-url".into(),
                 ));

@@ -11,7 +11,7 @@ use crate::cli::{ConfigError, DemoArgs};
 use crate::serve;
 use crate::submit::Submitter;
 use guildhall_agent::{AgentConfig, AgentHandle, RetryPolicy, SimulateSpec, WorkerSpec};
-use guildhall_broker::{Management, Publisher, connect, topology};
+use guildhall_broker::{Management, Publisher, connect_any, topology};
 use guildhall_proto::{AgentId, Stage, TaskId};
 use std::future::Future;
 use std::time::Duration;
@@ -87,13 +87,14 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         .into());
     }
     let names = config.names.clone();
-    let conn = connect(&config.amqp_url, "guildhall-demo/feeder")
+    let conn = connect_any(&config.amqp_url, "guildhall-demo/feeder", None)
         .await
         .map_err(|e| {
             let local = matches!(config.amqp_url.host(), "127.0.0.1" | "localhost" | "::1");
             let path = std::env::var_os("PATH").unwrap_or_default();
             DemoError::NoBroker(e, start_hint(local, installed_server(&path)))
-        })?;
+        })?
+        .0;
     let publisher = Publisher::open(&conn).await.map_err(DemoError::Broker)?;
     let stages: Vec<Stage> = PIPELINE
         .iter()

@@ -63,3 +63,26 @@ fn bad_values_are_one_line_and_status_2() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn a_bad_address_in_an_amqp_url_list_shows_no_password() {
+    // The list in the environment, as a deployment gives it: before, it
+    // was read as one URL and the error line showed the second password.
+    for list in [
+        "amqp://me:s3cret@node1/%2f,amqp://me:s3cret@node2:bad/%2f",
+        "amqp://me:s3cret@node1/%2f,http://me:s3cret@node2/",
+        "amqp://me:s3,cret@node1/%2f",
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_guildhall"))
+            .args(["submit", "--stage", "a"])
+            .env("AMQP_URL", list)
+            .env_remove("GUILDHALL_NAMESPACE")
+            .output()
+            .expect("run guildhall");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{list}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{list}: {err}");
+        assert!(err.contains("--amqp-url"), "{err}");
+        assert!(!err.contains("s3"), "{list}: {err}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Guildhall's integration tests: one binary, one module per area.
 //! Every test runs against the real RabbitMQ in a namespace of its own.
 
+mod addresses;
 mod agent;
 mod api;
 mod bench;

@@ -186,7 +186,7 @@ pub struct RunFigures {
 /// Runs the benchmark.
 pub async fn run(args: &PipelineArgs) -> anyhow::Result<PipelineReport> {
     let plan = plan(args)?;
-    let broker = args.target.version.broker_version(&plan.target.url).await;
+    let broker = args.target.version.broker_version(&plan.target.urls).await;
     let agent_bin = sibling_bin("guildhall-agent")?;
     let workers = Workers::start(plan.worker, plan.stages, &plan.python).await?;
     let mut series = Vec::new();

@@ -153,8 +153,10 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "GUILDHALL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// RabbitMQ management API (for unacked counts); "" to go without.
-    #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = DEFAULT_MANAGEMENT_URL, hide_env_values = true)]
-    pub management_url: String,
+    /// Several (one per cluster node) as a comma-separated list or by
+    /// repeating the flag: calls go to the first that answers.
+    #[arg(long, env = "GUILDHALL_MANAGEMENT_URL", default_value = DEFAULT_MANAGEMENT_URL, hide_env_values = true, action = clap::ArgAction::Append)]
+    pub management_url: Vec<String>,
     /// PEM CA certificates to trust, besides the system's, for an https://
     /// --management-url [default: --amqp-ca-file].
     #[arg(long, env = "GUILDHALL_MANAGEMENT_CA_FILE", value_parser = any_path)]
@@ -427,21 +429,19 @@ impl CoordinatorArgs {
                 ))
             })?;
         }
-        let management_ca = management_ca(
-            &self.management_url,
-            self.management_ca_file.as_deref(),
-            &url,
-        )?;
-        let management_url = if self.management_url.trim().is_empty() {
+        let management_urls = self.management_url.join(",");
+        let management_ca =
+            management_ca(&management_urls, self.management_ca_file.as_deref(), &url)?;
+        let management_url = if management_urls.split(',').all(|u| u.trim().is_empty()) {
             None
         } else {
             guildhall_broker::Management::with_ca(
-                &self.management_url,
+                &management_urls,
                 url.vhost(),
                 management_ca.as_ref(),
             )
             .map_err(|e| ConfigError(format!("--management-url: {e}")))?;
-            Some(self.management_url.clone())
+            Some(management_urls)
         };
         let trusted: Vec<String> = self
             .trusted_users
@@ -918,6 +918,51 @@ mod tests {
         let (config, _) = serve(&["--require-user-id", "--amqp-url", "amqp://127.0.0.1"]).unwrap();
         let users = config.event_users.expect("strong mode");
         assert!(!users.allows(Some("guest"), "x"));
+    }
+
+    #[test]
+    fn several_broker_and_management_urls_by_repeating_or_commas() {
+        let a = "amqp://guest:s3cret@node1:5672/%2f";
+        let b = "amqp://guest:s3cret@node2:5672/%2f";
+        let (config, _) = serve(&["--amqp-url", a, "--amqp-url", b]).unwrap();
+        assert_eq!(config.amqp_url.len(), 2);
+        let (config, _) = serve(&["--amqp-url", &format!("{a},{b}")]).unwrap();
+        let hosts: Vec<&str> = config.amqp_url.iter().map(|u| u.host()).collect();
+        assert_eq!(hosts, ["node1", "node2"]);
+        let (config, _) = serve(&[
+            "--management-url",
+            "http://guest:guest@node1:15672",
+            "--management-url",
+            "http://guest:guest@node2:15672,http://guest:guest@node3:15672",
+        ])
+        .unwrap();
+        assert_eq!(
+            config
+                .management_url
+                .as_deref()
+                .map(|u| u.split(',').count()),
+            Some(3)
+        );
+        // A bad second address: one line, naming the flag and the entry,
+        // without any password (the first address's included).
+        for bad in [
+            format!("{a},amqp://guest:s3cret@node2:port/%2f"),
+            format!("{a},"),
+            "amqp://guest:s3,cret@node1/%2f".to_owned(),
+        ] {
+            let err = serve(&["--amqp-url", &bad]).unwrap_err().to_string();
+            assert!(err.starts_with("--amqp-url: invalid AMQP URL"), "{err}");
+            assert!(!err.contains("s3"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let err = serve(&[
+            "--management-url",
+            "http://u:s3cret@n1:15672,ftp://u:s3cret@n2",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("--management-url: "), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use super::{ConfigError, SubmitArgs};
 use crate::submit::{Submitted, Submitter, When, parse_at, parse_delay, poisson_gap};
-use guildhall_broker::{Publisher, connect, topology};
+use guildhall_broker::{Publisher, connect_any, topology};
 use guildhall_proto::flow::{DependencyPolicy, after_list};
 use guildhall_proto::{AgentId, Priority, Stage, TaskId};
 use std::future::Future;
@@ -263,7 +263,7 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
     let timing = timing(args, guildhall_broker::now_ms())?;
     let payload = read_payload(&args.payload)?;
     let suffix = format!("{:08x}", rand::random::<u32>());
-    let conn = connect(&url, &format!("guildhall-submit/{suffix}")).await?;
+    let (conn, _) = connect_any(&url, &format!("guildhall-submit/{suffix}"), None).await?;
     let publisher = Publisher::open(&conn).await?;
     if args.declare {
         topology::declare_stage(publisher.channel(), &names, &stage).await?;

@@ -376,10 +376,10 @@ async fn announce(app: &App, stage: &Stage, replayed: &dead::Replayed) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guildhall_broker::AmqpUrl;
+    use guildhall_broker::AmqpUrls;
 
     fn dead_letters() -> DeadLetters {
-        let url = AmqpUrl::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        let url = AmqpUrls::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
         DeadLetters::new(BrokerLink::new(url, "test".into()))
     }
 

@@ -10,7 +10,7 @@
 
 use futures_lite::StreamExt;
 use guildhall_broker::topology::declare_control;
-use guildhall_broker::{AmqpUrl, BrokerError, connect, now_ms};
+use guildhall_broker::{AmqpUrls, BrokerError, connect_any, now_ms};
 use guildhall_proto::command::{self, CommandMessage};
 use guildhall_proto::{AgentId, Command, CommandReply, Names};
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
@@ -66,12 +66,15 @@ struct Live {
     /// Publishes commands and consumes replies (direct reply-to needs both
     /// on one channel).
     channel: Channel,
+    /// Index of the broker address connected to: tried last once this
+    /// connection is lost.
+    address: usize,
 }
 
 /// Sends commands to agents.
 pub struct Controller {
     /// Where the broker is.
-    url: AmqpUrl,
+    url: AmqpUrls,
     /// Broker names of the namespace.
     names: Names,
     /// The connection's name.
@@ -84,7 +87,7 @@ pub struct Controller {
 
 impl Controller {
     /// A controller for `names` on the broker at `url`; connects on first use.
-    pub fn new(url: AmqpUrl, names: Names, conn_name: String) -> Self {
+    pub fn new(url: AmqpUrls, names: Names, conn_name: String) -> Self {
         Self {
             url,
             names,
@@ -102,7 +105,8 @@ impl Controller {
         {
             return Ok(l.channel.clone());
         }
-        let conn = connect(&self.url, &self.conn_name).await?;
+        let last = live.as_ref().map(|l| l.address);
+        let (conn, address) = connect_any(&self.url, &self.conn_name, last).await?;
         let channel = conn.create_channel().await?;
         declare_control(&channel, &self.names).await?;
         channel
@@ -139,6 +143,7 @@ impl Controller {
         *live = Some(Live {
             conn,
             channel: channel.clone(),
+            address,
         });
         Ok(channel)
     }

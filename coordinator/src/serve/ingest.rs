@@ -24,7 +24,7 @@ use futures_lite::StreamExt;
 use guildhall_broker::topology::{
     StreamRetention, StreamStart, consume_stream, ensure_events_stream,
 };
-use guildhall_broker::{AmqpUrl, BrokerError, connect, now_ms};
+use guildhall_broker::{AmqpUrls, BrokerError, connect_any, now_ms};
 use guildhall_proto::headers::amqp::STREAM_OFFSET;
 use lapin::options::BasicAckOptions;
 use std::sync::Arc;
@@ -89,14 +89,17 @@ impl PoisonGuard {
 /// retention) until `stop` flips, reconnecting with backoff.
 pub async fn run(
     app: Arc<App>,
-    url: AmqpUrl,
+    url: AmqpUrls,
     conn_name: String,
     prefetch: u16,
     start_offset: Option<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut next_offset = start_offset;
-    let mut backoff = Duration::from_millis(200);
+    let mut retry = Reconnect {
+        backoff: Duration::from_millis(200),
+        address: None,
+    };
     let mut guard = PoisonGuard::default();
     loop {
         let before = next_offset;
@@ -107,7 +110,7 @@ pub async fn run(
             prefetch,
             &mut next_offset,
             &mut stop,
-            &mut backoff,
+            &mut retry,
         )
         .await;
         app.health.ingest_connected.store(false, Ordering::Relaxed);
@@ -129,24 +132,34 @@ pub async fn run(
                     );
                     app.core().handle_unreadable("unparsable", Some(skip));
                     next_offset = Some(skip + 1);
-                    backoff = Duration::from_millis(200);
+                    retry.backoff = Duration::from_millis(200);
                     continue;
                 }
                 let jitter = Duration::from_millis(
-                    rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1),
+                    rand::random::<u64>() % (retry.backoff.as_millis() as u64 / 2 + 1),
                 );
                 tracing::warn!(
                     "events stream consumer: {e}; reconnecting in {:?}",
-                    backoff + jitter
+                    retry.backoff + jitter
                 );
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = tokio::time::sleep(retry.backoff + jitter) => {}
                     _ = stop.changed() => return,
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                retry.backoff = (retry.backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
+}
+
+/// What a reconnect carries over from the connection before.
+struct Reconnect {
+    /// The delay before the next attempt (reset once connected).
+    backoff: Duration,
+    /// Index of the broker address connected to last: tried last, since a
+    /// lost connection may mean its node died (every other address is
+    /// tried first, in the same attempt).
+    address: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,14 +174,15 @@ enum IngestError {
 
 async fn follow(
     app: &App,
-    url: &AmqpUrl,
+    url: &AmqpUrls,
     conn_name: &str,
     prefetch: u16,
     next_offset: &mut Option<u64>,
     stop: &mut watch::Receiver<bool>,
-    backoff: &mut Duration,
+    retry: &mut Reconnect,
 ) -> Result<(), IngestError> {
-    let conn = connect(url, conn_name).await?;
+    let (conn, address) = connect_any(url, conn_name, retry.address).await?;
+    retry.address = Some(address);
     let stream = app.names.events_stream();
     ensure_events_stream(&conn, &app.names, &StreamRetention::default()).await?;
     let channel = conn.create_channel().await?;
@@ -178,7 +192,7 @@ async fn follow(
     app.health.ingest_connected.store(true, Ordering::Relaxed);
     app.health.ingest_started.store(true, Ordering::Relaxed);
     app.core().set_listening(now_ms(), true);
-    *backoff = Duration::from_millis(200);
+    retry.backoff = Duration::from_millis(200);
     tracing::info!(%stream, from = ?next_offset, "following the events stream");
 
     // What was asked for: anything below it was applied already.

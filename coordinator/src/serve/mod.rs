@@ -44,7 +44,7 @@ use crate::submit::Submitter;
 use actuate::{Actuator, ActuatorConfig, ScaleDecision};
 use control::Controller;
 use guildhall_broker::topology::{StreamRetention, ensure_events_stream};
-use guildhall_broker::{AmqpUrl, BrokerError, Management, now_ms};
+use guildhall_broker::{AmqpUrls, BrokerError, Management, now_ms};
 use guildhall_proto::{AgentId, Command, Event, Marker, Names};
 use link::BrokerLink;
 use persist::Persist;
@@ -60,7 +60,7 @@ use tokio::sync::{Notify, watch};
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     /// The broker.
-    pub amqp_url: AmqpUrl,
+    pub amqp_url: AmqpUrls,
     /// Broker names of the namespace served.
     pub names: Names,
     /// The management API, for unacked counts; `None` to go without.
@@ -128,7 +128,7 @@ impl EventUsers {
 
 impl ServeConfig {
     /// Defaults for `names` on the broker at `amqp_url`.
-    pub fn new(amqp_url: AmqpUrl, names: Names) -> Self {
+    pub fn new(amqp_url: AmqpUrls, names: Names) -> Self {
         Self {
             amqp_url,
             names,
@@ -199,7 +199,7 @@ pub struct App {
     /// Webhook alerts, if configured.
     pub alerts: Option<alerts::Alerts>,
     /// The broker.
-    pub amqp_url: AmqpUrl,
+    pub amqp_url: AmqpUrls,
     /// Sends commands to agents (rebalancing, prefetch, controls).
     pub control: Controller,
     /// Carries out scaling decisions, if any actuator is configured.

@@ -27,7 +27,7 @@ use futures_lite::StreamExt;
 use guildhall_broker::topology::{
     StreamRetention, StreamStart, consume_stream, ensure_results_stream,
 };
-use guildhall_broker::{AmqpUrl, BrokerError, connect};
+use guildhall_broker::{AmqpUrls, BrokerError, connect_any};
 use guildhall_proto::TaskId;
 use guildhall_proto::flow::MAX_INLINE_RESULT;
 use guildhall_proto::headers::amqp::STREAM_OFFSET;
@@ -165,9 +165,11 @@ impl ResultsIndex {
 
 /// Follows the results stream into `app.results` until `stop` flips,
 /// reconnecting with backoff.
-pub async fn run(app: Arc<App>, url: AmqpUrl, conn_name: String, mut stop: watch::Receiver<bool>) {
+pub async fn run(app: Arc<App>, url: AmqpUrls, conn_name: String, mut stop: watch::Receiver<bool>) {
     let mut next_offset: Option<u64> = None;
     let mut backoff = Duration::from_millis(200);
+    // The broker address connected to last: tried last by a reconnect.
+    let mut address: Option<usize> = None;
     loop {
         match follow(
             &app,
@@ -176,6 +178,7 @@ pub async fn run(app: Arc<App>, url: AmqpUrl, conn_name: String, mut stop: watch
             &mut next_offset,
             &mut stop,
             &mut backoff,
+            &mut address,
         )
         .await
         {
@@ -204,14 +207,16 @@ enum FollowError {
 
 async fn follow(
     app: &App,
-    url: &AmqpUrl,
+    url: &AmqpUrls,
     conn_name: &str,
     next_offset: &mut Option<u64>,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
+    address: &mut Option<usize>,
 ) -> Result<(), FollowError> {
     let index = &app.results;
-    let conn = connect(url, conn_name).await?;
+    let (conn, connected) = connect_any(url, conn_name, *address).await?;
+    *address = Some(connected);
     ensure_results_stream(&conn, &app.names, &StreamRetention::default()).await?;
     let stream = app.names.results_stream();
     // Where the stream ends now: reaching it is being caught up.
