@@ -166,6 +166,18 @@ impl AmqpUrls {
         Ok(Self { urls })
     }
 
+    /// Every address with an AMQP heartbeat of `seconds` (see
+    /// [`AmqpUrl::with_heartbeat`]).
+    pub fn with_heartbeat(&self, seconds: u16) -> Self {
+        Self {
+            urls: self
+                .urls
+                .iter()
+                .map(|u| u.clone().with_heartbeat(seconds))
+                .collect(),
+        }
+    }
+
     /// Every address with the TLS files given by flags (see
     /// [`AmqpUrl::with_tls_files`]).
     pub fn with_tls_files(self, files: &TlsFiles) -> Result<Self, TlsError> {

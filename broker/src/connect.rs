@@ -88,6 +88,13 @@ impl AmqpUrl {
         })
     }
 
+    /// The same URL with an AMQP heartbeat of `seconds` (the coordinator's
+    /// lock connection wants a short one: issue 20).
+    pub fn with_heartbeat(mut self, seconds: u16) -> Self {
+        self.uri.query.heartbeat = Some(seconds);
+        self
+    }
+
     /// The same URL with the TLS files given by flags (`--amqp-ca-file`,
     /// `--amqp-cert-file`, `--amqp-key-file`), which replace those the URL
     /// names. The files are read and checked; they are also written into
@@ -341,6 +348,7 @@ mod tests {
         let url = AmqpUrl::parse("amqp://u:p@h:5672/v?heartbeat=3").unwrap();
         assert_eq!(url.vhost(), "v");
         assert_eq!(url.uri.query.heartbeat, Some(3));
+        assert_eq!(url.clone().with_heartbeat(1).uri.query.heartbeat, Some(1));
         assert_eq!(url.username(), "u");
     }
 

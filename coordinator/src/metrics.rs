@@ -213,6 +213,14 @@ pub struct Metrics {
     pub flow_releases_stalled: IntGauge,
     /// `guildhall_coordinator_caught_up`: 1 once the stream's backlog is replayed.
     pub caught_up: IntGauge,
+    /// `guildhall_leader`: 1 while this coordinator leads (issue 20).
+    pub leader: IntGauge,
+    /// `guildhall_leader_epoch`: the epoch it leads with; 0 while following.
+    pub leader_epoch: IntGauge,
+    /// `guildhall_leader_actions_total{action}`: what this coordinator did
+    /// as the leader ([`LEADER_ACTIONS`]), so two coordinators' sums show
+    /// that no action was done twice.
+    pub leader_actions: IntCounterVec,
     /// `guildhall_tasks_tracked{state}`: task records held (in_flight / completed).
     pub tasks_tracked: IntGaugeVec,
     /// `guildhall_snapshot_writes_total{outcome}`: snapshot files written or
@@ -233,7 +241,7 @@ pub struct Metrics {
 
 /// Every `reason` of `guildhall_events_malformed_total`: the decoder's
 /// (`DecodeError::reason`) and the core's own.
-pub const MALFORMED_REASONS: [&str; 13] = [
+pub const MALFORMED_REASONS: [&str; 14] = [
     "malformed",
     "version",
     "oversized",
@@ -258,6 +266,21 @@ pub const MALFORMED_REASONS: [&str; 13] = [
     // reusing a known id, a child result for another parent, a fan-out
     // over the limits).
     "flow_refused",
+    // A LeaderElected with an older epoch than the leader already read (a
+    // frozen leader that woke up), issue 20.
+    "stale_leader",
+];
+
+/// Every `action` of `guildhall_leader_actions_total`.
+pub const LEADER_ACTIONS: [&str; 8] = [
+    "take_over",
+    "close_connection",
+    "command",
+    "scale",
+    "tick",
+    "rate_share",
+    "cancel_relay",
+    "alert",
 ];
 
 /// The one counter a snapshot does not carry: it counts this process's writes.
@@ -666,6 +689,22 @@ impl Metrics {
                 &["outcome"],
             ),
             caught_up,
+            leader: int_gauge(
+                &r,
+                "guildhall_leader",
+                "1 while this coordinator leads its namespace's coordinators (it holds the lock and is the one that acts), else 0.",
+            ),
+            leader_epoch: int_gauge(
+                &r,
+                "guildhall_leader_epoch",
+                "The fencing epoch this coordinator leads with; 0 while it follows.",
+            ),
+            leader_actions: counter_vec(
+                &r,
+                "guildhall_leader_actions_total",
+                "What this coordinator did on its own as the leader, by action: take_over, close_connection, command, scale, tick, rate_share, cancel_relay, alert.",
+                &["action"],
+            ),
             snapshot_writes: counter_vec(
                 &r,
                 "guildhall_snapshot_writes_total",
@@ -721,6 +760,7 @@ impl Metrics {
             ),
             (&metrics.scale_actions, &["done", "failed", "dry_run"]),
             (&metrics.snapshot_writes, &["written", "failed"]),
+            (&metrics.leader_actions, &LEADER_ACTIONS),
             (
                 &metrics.http_connections_closed,
                 &crate::http::conns::CloseReason::LABELS,

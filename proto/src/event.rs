@@ -79,6 +79,11 @@ pub enum Event {
     /// its stage, or dead-lettered there. Written by the coordinator after
     /// the broker confirmed it.
     TaskReleased(TaskReleased),
+    /// A coordinator took the lead (issue 20): from here on in the stream,
+    /// it alone acts (closes dead workers' connections, releases held
+    /// tasks, fires cron ticks, scales). Written by that coordinator once
+    /// it holds the broker lock, with the next epoch.
+    LeaderElected(LeaderElected),
 }
 
 impl Event {
@@ -101,7 +106,7 @@ impl Event {
             Event::TaskFannedOut(e) => Some(&e.task_id),
             Event::TaskResult(e) => Some(&e.task_id),
             Event::TaskReleased(e) => Some(&e.task_id),
-            Event::ScheduleChanged(_) | Event::RateLimitSet(_) => None,
+            Event::ScheduleChanged(_) | Event::RateLimitSet(_) | Event::LeaderElected(_) => None,
             Event::Hello(_)
             | Event::Heartbeat(_)
             | Event::WorkerExited(_)
@@ -113,7 +118,7 @@ impl Event {
     }
 
     /// Every [`kind`](Self::kind), indexed by [`kind_index`](Self::kind_index).
-    pub const KINDS: [&'static str; 25] = [
+    pub const KINDS: [&'static str; 26] = [
         "hello",
         "heartbeat",
         "task_submitted",
@@ -139,6 +144,7 @@ impl Event {
         "task_fanned_out",
         "task_result",
         "task_released",
+        "leader_elected",
     ];
 
     /// A short, stable name for logs and metric labels.
@@ -175,6 +181,7 @@ impl Event {
             Event::TaskFannedOut(_) => 22,
             Event::TaskResult(_) => 23,
             Event::TaskReleased(_) => 24,
+            Event::LeaderElected(_) => 25,
         }
     }
 }
@@ -881,6 +888,17 @@ pub enum ReleaseOutcome {
         #[serde(deserialize_with = "crate::bounded::text")]
         error: String,
     },
+}
+
+/// See [`Event::LeaderElected`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderElected {
+    /// When it took the lead (its clock).
+    pub at_ms: u64,
+    /// The fencing epoch: one more than the last epoch it read. Its
+    /// actions carry it, and the epoch of a leader that froze and woke up
+    /// is older than the one every reader has seen since.
+    pub epoch: u64,
 }
 
 /// See [`Event::TaskReleased`].

@@ -14,6 +14,7 @@
 //! | events | `<ns>.events` | stream |
 //! | stored results | `<ns>.results` | stream; a fan-out child's result over the inline limit (message id = the child's id) |
 //! | control exchange | `<ns>.control` | topic |
+//! | coordinators' lock | `<ns>.coordinator.lock` | classic, exclusive, auto-delete: held by the leading coordinator's connection (issue 20) |
 //! | an agent's command queue | `<ns>.agent.<agent id>` | classic, exclusive |
 //! | an agent's AMQP connection | `guildhall-agent/<ns>/<agent id>` | connection name |
 
@@ -124,6 +125,12 @@ impl Names {
     /// one message per stored result, its message id the child's id.
     pub fn results_stream(&self) -> String {
         format!("{}.results", self.ns)
+    }
+
+    /// The exclusive queue whose holder leads the namespace's coordinators
+    /// (issue 20).
+    pub fn coordinator_lock_queue(&self) -> String {
+        format!("{}.coordinator.lock", self.ns)
     }
 
     /// The topic exchange for commands.

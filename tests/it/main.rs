@@ -23,6 +23,7 @@ mod flows_dag;
 mod hostile;
 mod hostile_agent;
 mod hostile_http;
+mod leadership;
 mod pipeline;
 mod priority;
 mod priority_submit;

@@ -44,9 +44,29 @@ pub async fn healthz(State(app): AppState) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "broker_connected": ingest,
         "management_api": app.health.management_ok.load(Ordering::Relaxed),
+        "leader": app.leadership.acting(),
+        "epoch": app.leadership.epoch(),
         "core": overview,
     });
     (status, Json(body)).into_response()
+}
+
+/// `GET /api/cluster` (issue 20): this coordinator's part in the
+/// leadership, and the leader the events stream names.
+pub async fn cluster(State(app): AppState) -> Json<Value> {
+    let leader = app.core().leader().cloned();
+    Json(json!({
+        "coordinator": app.id.as_str(),
+        "leading": app.leadership.leading(),
+        "acting": app.leadership.acting(),
+        "epoch": app.leadership.epoch(),
+        "takeovers": app.leadership.takeovers.load(Ordering::Relaxed),
+        "leader": leader.map(|l| json!({
+            "id": l.id.as_str(),
+            "epoch": l.epoch,
+            "since_ms": l.since_ms,
+        })),
+    }))
 }
 
 /// Liveness for an orchestrator: answers while the HTTP server runs and the

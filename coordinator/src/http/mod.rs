@@ -149,6 +149,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/tasks/{id}", get(api::task))
         .route("/api/flows/{id}", get(flows::flow))
         .route("/api/results/{id}", get(results::result))
+        .route("/api/cluster", get(api::cluster))
         .route("/api/dead/{stage}", get(dead_letters::list))
         .route("/api/schedules", get(schedules::list))
         .route("/api/schedules/{name}", get(schedules::one))

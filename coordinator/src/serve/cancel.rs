@@ -170,8 +170,17 @@ async fn broadcast(app: &App, key: &str, ids: &[TaskId]) -> bool {
     true
 }
 
+/// Counts a relay as the leader's action.
+fn count_relay(app: &App) {
+    app.metrics
+        .leader_actions
+        .with_label_values(&["cancel_relay"])
+        .inc();
+}
+
 /// Sends live cancels again: to an agent that said `Hello`, and to every
-/// agent every [`REBROADCAST_INTERVAL`].
+/// agent every [`REBROADCAST_INTERVAL`]; only the leading coordinator does
+/// (issue 20).
 pub async fn relay(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut next_all = tokio::time::Instant::now() + REBROADCAST_INTERVAL;
     loop {
@@ -179,12 +188,20 @@ pub async fn relay(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep_until(next_all) => {
                 next_all = tokio::time::Instant::now() + REBROADCAST_INTERVAL;
                 let live = app.core().live_cancels(now_ms());
-                if !live.is_empty() {
+                // Relayed by the leader only (issue 20).
+                if !live.is_empty() && app.leadership.acting() {
+                    count_relay(&app);
                     broadcast(&app, CONTROL_KEY_ALL, &live).await;
                 }
             }
             _ = app.hellos.notify.notified() => {
-                for (agent, id) in app.hellos.take_stragglers() {
+                let stragglers = app.hellos.take_stragglers();
+                if !app.leadership.acting() {
+                    let _ = app.hellos.take();
+                    continue;
+                }
+                count_relay(&app);
+                for (agent, id) in stragglers {
                     tracing::info!(%agent, task = %id, "a cancelled task started: stopping it");
                     broadcast(&app, &Names::control_key_agent(&agent), &[id]).await;
                 }

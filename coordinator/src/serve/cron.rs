@@ -47,6 +47,35 @@ pub async fn run(
             t = ticks.recv() => match t { Some(t) => t, None => return },
             _ = stop.changed() => return,
         };
+        // Only the leader fires (issue 20): a follower holds the tick until
+        // it leads, or until the leader's `ScheduleFired` for it is read (a
+        // tick to publish again only, for a short while: the coordinator
+        // that just started is about to lead, or the leader does it).
+        let hold_until = tokio::time::Instant::now() + REPUBLISH_HOLD;
+        loop {
+            if app.leadership.acting() {
+                break;
+            }
+            let done = if tick.republish {
+                tokio::time::Instant::now() >= hold_until
+            } else {
+                app.core().tick_fired(tick.schedule.as_str(), tick.tick_ms)
+            };
+            if done {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(HOLD_LOOK) => {}
+                _ = stop.changed() => return,
+            }
+        }
+        if !app.leadership.acting() {
+            continue; // fired by the leader
+        }
+        app.metrics
+            .leader_actions
+            .with_label_values(&["tick"])
+            .inc();
         if !tick.republish && !write_fired(&app, &tick, &mut stop).await {
             return;
         }
@@ -63,6 +92,14 @@ pub async fn run(
         }
     }
 }
+
+/// How often a follower looks whether it leads now, or the leader fired
+/// the tick it holds.
+const HOLD_LOOK: Duration = Duration::from_millis(50);
+
+/// How long a follower holds a tick to publish again before leaving it to
+/// the leader.
+const REPUBLISH_HOLD: Duration = Duration::from_secs(5);
 
 /// How long a tick's publish is retried in line before it moves aside.
 const SHORT_RETRY: Duration = Duration::from_secs(2);

@@ -380,6 +380,12 @@ impl Executor {
     /// Publishes what is ready, up to [`MAX_IN_FLIGHT`]: parked stages
     /// due for a try, stages that flow again, then new releases.
     fn fill(&mut self) {
+        if !self.app.leadership.acting() {
+            // A follower (issue 20): the leader releases; only the queue of
+            // what the leader has done is trimmed.
+            self.app.core().prune_done_releases();
+            return;
+        }
         let parked_before = self.parked_count();
         self.fill_slots();
         if self.parked_count() != parked_before {

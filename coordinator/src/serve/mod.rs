@@ -18,7 +18,9 @@
 //! - [`alerts`]: webhook alerts, queued and retried off the core's path;
 //! - [`persist`]: snapshot files (load at start, periodic atomic writes);
 //! - [`flows`]: carrying out the core's releases of held tasks and joins;
-//! - [`results`]: the index of flow results stored in `<ns>.results`.
+//! - [`results`]: the index of flow results stored in `<ns>.results`;
+//! - [`leader`]: leadership among the namespace's coordinators: only the
+//!   leader acts on its own (issue 20).
 //!
 //! When the core declares a worker dead, the runtime closes that agent's
 //! connection through the management API (agents name their connections
@@ -32,6 +34,7 @@ pub mod control;
 pub mod cron;
 pub mod flows;
 pub mod ingest;
+pub mod leader;
 pub mod link;
 pub mod persist;
 pub mod queues;
@@ -229,6 +232,8 @@ pub struct App {
     /// Where each stored flow result is in `<ns>.results` (issue 19), for
     /// `GET /api/results/{id}`.
     pub results: Arc<results::ResultsIndex>,
+    /// Whether this coordinator leads, and may act (issue 20).
+    pub leadership: leader::Leadership,
 }
 
 /// How often the coordinator writes its echo (its marker) to the events
@@ -416,6 +421,7 @@ pub async fn run(
         rate_shares: rate_limits::ShareSender::default(),
         flows: flows::Flows::default(),
         results: Arc::default(),
+        leadership: leader::Leadership::default(),
     });
     app.health
         .management_ok
@@ -445,6 +451,11 @@ pub async fn run(
         app.clone(),
         config.amqp_url.clone(),
         format!("{conn_name}/results"),
+        stop_rx.clone(),
+    ));
+    tasks.spawn(leader::run(
+        app.clone(),
+        format!("{conn_name}/lock"),
         stop_rx.clone(),
     ));
     tasks.spawn(rate_limits::write_flags(
@@ -688,10 +699,26 @@ async fn timers(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Logs a notice, alerts about it, and frees a dead worker's tasks.
+/// Logs a notice, alerts about it, and frees a dead worker's tasks. Only
+/// the leading coordinator acts (issue 20); a follower logs, and holds cron
+/// ticks (see [`cron::run`]).
 fn act_on(app: &Arc<App>, notice: Notice) {
     log_notice(&notice);
+    if let Notice::FireTick(tick) = notice {
+        let _ = app.ticks.send(tick);
+        return;
+    }
+    if !app.leadership.acting() {
+        return;
+    }
+    let count = |action: &str| {
+        app.metrics
+            .leader_actions
+            .with_label_values(&[action])
+            .inc()
+    };
     if let Some(alerts) = &app.alerts {
+        count("alert");
         alerts.notify(app.names.namespace().as_str(), &notice);
     }
     match notice {
@@ -700,6 +727,7 @@ fn act_on(app: &Arc<App>, notice: Notice) {
             tasks_requeued,
             ..
         } => {
+            count("close_connection");
             tokio::spawn(close_connection(app.clone(), worker, tasks_requeued.len()));
         }
         Notice::Scale {
@@ -709,6 +737,7 @@ fn act_on(app: &Arc<App>, notice: Notice) {
             reason,
         } => {
             if let Some(actuator) = &app.actuator {
+                count("scale");
                 actuator.decide(ScaleDecision {
                     stage,
                     from,
@@ -720,6 +749,7 @@ fn act_on(app: &Arc<App>, notice: Notice) {
         Notice::Assign {
             worker, to, reason, ..
         } if !app.dry_run => {
+            count("command");
             let app = app.clone();
             tokio::spawn(async move {
                 let command = Command::Assign { stage: to, reason };
@@ -727,16 +757,17 @@ fn act_on(app: &Arc<App>, notice: Notice) {
             });
         }
         Notice::SetPrefetch { worker, prefetch } if !app.dry_run => {
+            count("command");
             let app = app.clone();
             tokio::spawn(async move {
                 send_command(&app, worker, Command::SetPrefetch { prefetch }).await;
             });
         }
-        Notice::FireTick(tick) => {
-            let _ = app.ticks.send(tick);
-        }
         // A user's limit, not a recommendation: sent even in dry runs.
-        Notice::SetRateLimit { worker, limit, .. } => app.rate_shares.send(app, worker, limit),
+        Notice::SetRateLimit { worker, limit, .. } => {
+            count("rate_share");
+            app.rate_shares.send(app, worker, limit)
+        }
         _ => {}
     }
 }
@@ -761,7 +792,7 @@ const CLOSE_ATTEMPTS: u32 = 10;
 /// Closes a dead worker's broker connection so its unacked tasks go back to
 /// the queue now. A killed process has lost its connection already; a frozen
 /// one (SIGSTOP, a stalled VM) keeps it for a minute or more otherwise.
-async fn close_connection(app: Arc<App>, worker: AgentId, tasks: usize) {
+pub(super) async fn close_connection(app: Arc<App>, worker: AgentId, tasks: usize) {
     let Some(management) = &app.management else {
         tracing::warn!(%worker, tasks, "cannot close a dead worker's connection without the management API");
         return;

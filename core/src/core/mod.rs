@@ -408,6 +408,25 @@ impl Core {
         self.caught_up
     }
 
+    /// Workers declared dead at `since_ms` or later (a new leading
+    /// coordinator closes their connections again: issue 20).
+    pub fn dead_workers_since(&self, since_ms: u64) -> Vec<AgentId> {
+        self.workers
+            .values()
+            .filter(|w| matches!(w.liveness, Liveness::Dead { since_ms: at, .. } if at >= since_ms))
+            .map(|w| w.id.clone())
+            .collect()
+    }
+
+    /// A coordinator took the lead: the prefetches its core took as asked
+    /// while it followed were not, so the next plan asks them again
+    /// (issue 20).
+    pub fn forget_asked_prefetches(&mut self) {
+        for w in self.workers.values_mut() {
+            w.prefetch_sent = None;
+        }
+    }
+
     /// Ingest counters.
     pub fn ingest_stats(&self) -> &IngestStats {
         &self.stats
@@ -1296,6 +1315,7 @@ impl Core {
             Event::TaskFannedOut(e) => self.apply_task_fanned_out(now_ms, e),
             Event::TaskResult(e) => self.apply_task_result(*e),
             Event::TaskReleased(e) => self.apply_task_released(now_ms, sender, e),
+            Event::LeaderElected(e) => self.apply_leader_elected(sender, e),
             Event::Marker(m) => {
                 if self.config.marker_nonce == Some(m.nonce) {
                     // This coordinator's own marker: at start-up it ends the

@@ -142,6 +142,7 @@ pub fn clamp_times(event: &mut Event, now_ms: u64) -> u32 {
         | Event::ScheduleFired(_)
         | Event::RateLimitSet(_)
         | Event::TaskReleased(_)
+        | Event::LeaderElected(_)
         | Event::Marker(_) => {}
     }
     n

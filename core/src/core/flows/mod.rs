@@ -906,6 +906,21 @@ impl Core {
         }
     }
 
+    /// Drops from the queue of releases those carried out already (a
+    /// follower's: it reads the leader's `TaskReleased` and never polls;
+    /// issue 20), so the queue stays as short as what is left to do.
+    pub fn prune_done_releases(&mut self) {
+        let flows = &mut self.flows;
+        let (held, joins) = (&flows.held, &flows.joins);
+        flows
+            .ready
+            .retain(|id| match (held.get(id), joins.get(id)) {
+                (Some(h), _) => !h.released,
+                (None, Some(j)) => !j.released,
+                (None, None) => false,
+            });
+    }
+
     /// The next decision for the runtime to carry out, once caught up.
     /// Each is handed over once per run; it is retired when its
     /// `TaskReleased` is read back.

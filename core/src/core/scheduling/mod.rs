@@ -35,6 +35,20 @@ pub struct Scheduling {
     pub schedules: schedules::Schedules,
     /// Stage rate limits (see [`rate_limits`]).
     pub rate_limits: rate_limits::RateLimits,
+    /// The coordinator leading now, as the stream last said (issue 20): in
+    /// the snapshot so that the next epoch is always higher.
+    pub leader: Option<Leader>,
+}
+
+/// The leading coordinator, from its `LeaderElected`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leader {
+    /// Its sender id.
+    pub id: AgentId,
+    /// Its fencing epoch.
+    pub epoch: u64,
+    /// When it took the lead (its clock).
+    pub since_ms: u64,
 }
 
 impl Core {
@@ -49,5 +63,38 @@ impl Core {
         self.handle_malformed(reason);
         tracing::debug!(%sender, reason, "dropped a control-plane event from a sender that is not a coordinator");
         false
+    }
+
+    /// A `LeaderElected`: `sender` leads from here on, unless its epoch is
+    /// older than the leader's already read (a frozen leader that woke up
+    /// and wrote before noticing it lost the lock: counted, ignored).
+    pub(crate) fn apply_leader_elected(
+        &mut self,
+        sender: &AgentId,
+        e: guildhall_proto::LeaderElected,
+    ) {
+        if !self.sent_by_coordinator(sender, "forged_control") {
+            return;
+        }
+        if let Some(l) = self.scheduling.leader.clone()
+            && e.epoch < l.epoch
+        {
+            self.handle_malformed("stale_leader");
+            tracing::warn!(%sender, epoch = e.epoch, leader = %l.id, leader_epoch = l.epoch, "ignored a leader election older than the current leader's");
+            return;
+        }
+        if self.caught_up {
+            tracing::info!(%sender, epoch = e.epoch, "coordinator leading");
+        }
+        self.scheduling.leader = Some(Leader {
+            id: sender.clone(),
+            epoch: e.epoch,
+            since_ms: e.at_ms,
+        });
+    }
+
+    /// The leading coordinator, as the stream last said.
+    pub fn leader(&self) -> Option<&Leader> {
+        self.scheduling.leader.as_ref()
     }
 }

@@ -282,6 +282,13 @@ impl Core {
         out
     }
 
+    /// Every agent's share is to be sent again (a coordinator took the
+    /// lead: what its core took as sent, as a follower, was not; issue 20).
+    pub fn resend_rate_shares(&mut self) {
+        self.scheduling.rate_limits.sent.clear();
+        self.resplit_rate_limits(true);
+    }
+
     /// Re-splits the limits if something changed (or `force`), and notices
     /// every agent whose share changed. Nothing is sent before the core has
     /// caught up.

@@ -425,6 +425,18 @@ impl Core {
         entry.fired_total += 1;
     }
 
+    /// Whether `schedule`'s tick `tick_ms` (or a later one) was fired, as
+    /// the stream says (a follower holds the ticks its core decides until it
+    /// leads or the leader has fired them: issue 20). A schedule that no
+    /// longer exists counts as fired (nothing to do).
+    pub fn tick_fired(&self, schedule: &str, tick_ms: u64) -> bool {
+        self.scheduling
+            .schedules
+            .entries
+            .get(schedule)
+            .is_none_or(|e| e.last_fired_tick_ms.is_some_and(|t| t >= tick_ms))
+    }
+
     /// The core caught up at `now_ms`: ticks before it were missed. The
     /// last tick of each schedule whose `ScheduleFired` is recent but whose
     /// task the stream has no word of (the coordinator died between the two
