@@ -465,12 +465,13 @@ pub(crate) fn bench_namespace(prefix: &str) -> Result<Names, ConfigError> {
 }
 
 /// Deletes what a benchmark's namespace may hold: the events stream, the
-/// queues of `stages` (work and dead-letter) and the exchanges (tasks, dead,
-/// control: a `guildhall serve` child or an agent declares the last). A
-/// failure is logged, not fatal: the figures are already measured.
+/// stream of stored flow results (a `guildhall serve` child declares it),
+/// the queues of `stages` (work and dead-letter) and the exchanges (tasks,
+/// dead, control: a `guildhall serve` child or an agent declares the last).
+/// A failure is logged, not fatal: the figures are already measured.
 pub(crate) async fn clean_up(conn: &lapin::Connection, names: &Names, stages: &[&Stage]) {
     use guildhall_broker::topology::{delete_exchange, delete_queue};
-    let mut queues = vec![names.events_stream()];
+    let mut queues = vec![names.events_stream(), names.results_stream()];
     for s in stages {
         queues.push(names.stage_queue(s));
         queues.push(names.dead_queue(s));
