@@ -775,7 +775,7 @@ impl Metrics {
 
     /// The handle of every counter a snapshot carries, to restore them: all
     /// but `snapshot_writes` (a test checks that none is missing).
-    fn saved_counters(&self) -> [CounterHandle<'_>; 23] {
+    fn saved_counters(&self) -> [CounterHandle<'_>; 24] {
         use CounterHandle::{Family, One};
         [
             Family(&self.tasks),
@@ -799,6 +799,7 @@ impl Metrics {
             Family(&self.scale_actions),
             Family(&self.worker_moves),
             Family(&self.flow_releases),
+            Family(&self.leader_actions),
             Family(&self.alerts),
             Family(&self.http_connections_closed),
         ]
