@@ -9,6 +9,7 @@ mod cancel;
 mod capacity;
 mod chaos;
 mod cli;
+mod cluster;
 mod control;
 mod delay;
 mod demo;
