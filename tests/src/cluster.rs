@@ -39,7 +39,8 @@ const CLUSTER_CONFIG: &str = "cluster_partition_handling = pause_minority\n";
 /// Where a queue's replicas are, as the management API reports them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueMembers {
-    /// The node of its leader (`""` while it has none).
+    /// The node of its leader; `""` when the API names none (RabbitMQ
+    /// 3.10 named none for a fresh stream in `tests/it/cluster.rs`).
     pub leader: String,
     /// Every node with a replica.
     pub members: Vec<String>,
@@ -177,8 +178,9 @@ impl RabbitCluster {
         self.nodes[i].management()
     }
 
-    /// Where `queue` (vhost `/`) has replicas, asked of node `i`: quorum
-    /// queues and streams list `members`, `online` and `leader`.
+    /// Where `queue` (vhost `/`) has replicas, asked of node `i`'s
+    /// management API (`members`, `online` and `leader` of a quorum queue
+    /// or a stream).
     pub async fn queue_members(&self, i: usize, queue: &str) -> anyhow::Result<QueueMembers> {
         let info = self.get_json(i, &["queues", "/", queue]).await?;
         let names = |key: &str| -> Vec<String> {
