@@ -15,10 +15,14 @@ kustomize`; without them those extra checks are skipped with a note.
 What is checked:
 
 - compose (docker-compose.yml): it parses (and `docker-compose config -q`
-  accepts it); every bind-mounted host path, env_file and build context /
-  dockerfile exists; every service another one waits for with
-  `condition: service_healthy` exists and has a healthcheck (its own, or a
-  HEALTHCHECK in the Dockerfile its image is built from).
+  accepts it: every service, those of profiles included); every
+  bind-mounted host path, env_file and build context / dockerfile exists;
+  every service another one waits for with `condition: service_healthy`
+  exists and has a healthcheck (its own, or a HEALTHCHECK in the Dockerfile
+  its image is built from); a service depends only on services that run
+  whenever it runs (none of a profile it is not in); no two services
+  publish the same host port; every host in an AMQP or management URL
+  (each entry of a comma-separated list) is a compose service.
 - environment: every GUILDHALL_* variable set in compose or in deploy/k8s is
   one the binaries read (`env = "..."` in coordinator/src/cli/mod.rs and
   agent/src/cli.rs).
@@ -32,6 +36,11 @@ What is checked:
   of compose or deploy/k8s exists, has that password, has permissions on
   the URL's vhost (AMQP) or a management tag (management URL); policy
   patterns compile and a stream policy matches `<namespace>.events`.
+- RabbitMQ cluster (compose services whose mounted rabbitmq.conf or
+  conf.d files list `cluster_formation.classic_config.nodes.*`): the list
+  names exactly those services' nodes (`rabbit@<hostname>`, so each sets
+  `hostname`), they share one RABBITMQ_ERLANG_COOKIE, and they set
+  `cluster_partition_handling = pause_minority`.
 - Prometheus (deploy/prometheus/prometheus.yml): every scrape target's host
   is a compose service; every rule file is mounted from an existing file.
 - Kubernetes (deploy/k8s): every file parses (multi-document); every
@@ -91,7 +100,9 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 # the manifests claim to support.
 K8S_SCHEMA_VERSION = "1.29.0"
 
-URL_RE = re.compile(r"\b(amqps?|https?)://([^\s:/@'\"]+):([^\s@'\"]*)@([^\s/'\"?#]+)(/[^\s'\"?#]*)?")
+# A comma ends a URL's path: several URLs in one value are a comma list (a
+# comma inside a vhost is written %2C).
+URL_RE = re.compile(r"\b(amqps?|https?)://([^\s:/@'\"]+):([^\s@'\"]*)@([^\s/'\"?#,]+)(/[^\s'\"?#,]*)?")
 ENV_DECL_RE = re.compile(r'\benv\s*=\s*"([A-Z][A-Z0-9_]*)"')
 METRIC_DECL_RE = re.compile(r'"(guildhall_[a-z0-9_]+)"')
 METRIC_USE_RE = re.compile(r"\b(guildhall_[a-z0-9_]+)\b")
@@ -349,7 +360,45 @@ class Checker:
                     f"waits for {dep} with condition service_healthy, but {dep} has no healthcheck "
                     "(none in compose, and its image is not built from a Dockerfile with a HEALTHCHECK)",
                 )
+        self.check_compose_profiles(services)
+        self.check_compose_ports(services)
         self.section("compose", before)
+
+    @staticmethod
+    def profiles_of(svc):
+        """The profiles a compose service runs with; empty: it always runs."""
+        p = svc.get("profiles") if isinstance(svc, dict) else None
+        return {str(x) for x in p} if isinstance(p, list) else set()
+
+    def check_compose_profiles(self, services):
+        """A dependency must run whenever its dependent does: a service
+        without profiles (always started) or one of every profile the
+        dependent runs with."""
+        for name, svc in services.items():
+            if not isinstance(svc, dict):
+                continue
+            mine = self.profiles_of(svc)
+            deps = svc.get("depends_on") or {}
+            for dep in deps if isinstance(deps, (list, dict)) else []:
+                theirs = self.profiles_of(services.get(dep))
+                if theirs and not (mine and mine <= theirs):
+                    when = f"with profile {', '.join(sorted(mine))}" if mine else "without any profile"
+                    self.problem(f"{COMPOSE}: service {name}", f"depends on {dep}, which runs only with profile {', '.join(sorted(theirs))}, but {name} runs {when}")
+
+    def check_compose_ports(self, services):
+        """No two services publish the same host port (whatever their
+        profiles: both may be enabled at once)."""
+        owner = {}
+        for name, svc in services.items():
+            if not isinstance(svc, dict):
+                continue
+            for port in svc.get("ports") or []:
+                published = host_port(port)
+                if published is None:
+                    continue
+                if published in owner and owner[published] != name:
+                    self.problem(f"{COMPOSE}: service {name}", f"publishes host port {published[0]}/{published[1]}, which service {owner[published]} publishes too")
+                owner.setdefault(published, name)
 
     # ----- environment variable names -----
 
@@ -578,8 +627,13 @@ class Checker:
             elif not any(re.search(pat, stream) for _, pat in stream_policies):
                 pats = ", ".join(f"{n} {pat!r}" for n, pat in stream_policies)
                 self.problem(DEFINITIONS, f"no stream policy matches the events stream {stream} (policies: {pats})")
+        compose_hosts = self.compose_hosts() if self.compose_services() else None
         for where, scheme, user, password, host, vhost, management in self.urls_in_deploy_files():
             kind = "management URL" if management else f"{scheme} URL"
+            hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if compose_hosts is not None and where.startswith(COMPOSE) and "$" not in hostname \
+                    and hostname not in compose_hosts and hostname not in ("localhost", "127.0.0.1"):
+                self.problem(where, f"{kind} names host {hostname}, which is no compose service")
             if user not in users:
                 self.problem(where, f"{kind} uses RabbitMQ user {user!r}, which {DEFINITIONS} does not define")
                 continue
@@ -594,7 +648,61 @@ class Checker:
                 self.problem(where, f"{kind} uses vhost {vhost!r}, which {DEFINITIONS} does not define")
             elif (user, vhost) not in perms:
                 self.problem(where, f"{kind}: user {user!r} has no permissions on vhost {vhost!r} in {DEFINITIONS}")
+        self.check_rabbitmq_cluster()
         self.section("RabbitMQ", before)
+
+    def rabbitmq_settings(self, name, svc):
+        """The `key = value` settings of the rabbitmq.conf and conf.d files
+        compose mounts into a service (rabbitmq.conf first, then conf.d in
+        name order: a later value wins, as in RabbitMQ)."""
+        files = []
+        for service, host, target, _, _ in self.bind_mounts():
+            if service != name or not os.path.isfile(host):
+                continue
+            if target == "/etc/rabbitmq/rabbitmq.conf":
+                files.append(("", host))
+            elif target.startswith("/etc/rabbitmq/conf.d/"):
+                files.append((target, host))
+        settings = {}
+        for _, host in sorted(files):
+            with open(host, encoding="utf-8") as f:
+                for line in f:
+                    key, eq, value = line.split("#", 1)[0].partition("=")
+                    if eq and key.strip():
+                        settings[key.strip()] = value.strip()
+        return settings
+
+    def check_rabbitmq_cluster(self):
+        """Compose services clustered by classic_config peer discovery."""
+        clusters = {}
+        for name, svc in self.compose_services().items():
+            if not isinstance(svc, dict):
+                continue
+            settings = self.rabbitmq_settings(name, svc)
+            listed = tuple(sorted(v for k, v in settings.items() if k.startswith("cluster_formation.classic_config.nodes.")))
+            if listed:
+                clusters.setdefault(listed, []).append((name, svc, settings))
+        for listed, members in clusters.items():
+            where = f"{COMPOSE}: RabbitMQ cluster {', '.join(n for n, _, _ in members)}"
+            env = {n: dict((k, v) for s2, k, v in self.compose_env() if s2 == n) for n, _, _ in members}
+            nodes = {}
+            for name, svc, settings in members:
+                if not svc.get("hostname"):
+                    self.problem(where, f"service {name} sets no hostname: its node name (rabbit@<hostname>) would change with every container, and its peers could not list it")
+                    continue
+                prefix = (env[name].get("RABBITMQ_NODENAME") or "rabbit@").split("@")[0]
+                nodes[f"{prefix}@{svc['hostname']}"] = name
+                if settings.get("cluster_partition_handling") != "pause_minority":
+                    self.problem(where, f"service {name}: cluster_partition_handling is {settings.get('cluster_partition_handling', 'ignore (the default)')}, not pause_minority: both sides of a partition would keep accepting work")
+            for node in listed:
+                if node not in nodes:
+                    self.problem(where, f"cluster_formation.classic_config lists {node}, which is no service's node name ({', '.join(sorted(nodes)) or 'none'})")
+            for node, name in nodes.items():
+                if node not in listed:
+                    self.problem(where, f"service {name} (node {node}) is not in its own cluster_formation.classic_config list")
+            cookies = {env[n].get("RABBITMQ_ERLANG_COOKIE") for n, _, _ in members}
+            if len(cookies) != 1 or None in cookies:
+                self.problem(where, "the nodes do not all set the same RABBITMQ_ERLANG_COOKIE: nodes with different Erlang cookies cannot cluster")
 
     def namespaces(self):
         found = set()
@@ -926,6 +1034,21 @@ class Checker:
 # ----- small helpers -----
 
 
+def host_port(port):
+    """(host port, protocol) a compose `ports` entry publishes, or None
+    (a container port only). Short syntax `[IP:]HOST:CONTAINER[/proto]`,
+    the IP possibly a `${VAR:-default}`; long syntax with `published`."""
+    if isinstance(port, dict):
+        published = port.get("published")
+        return (str(published), str(port.get("protocol", "tcp"))) if published else None
+    text = re.sub(r"^\$\{[^}]*\}", "IP", str(port))
+    text, _, proto = text.partition("/")
+    parts = text.rsplit(":", 2)
+    if len(parts) < 2:
+        return None
+    return (parts[-2], proto or "tcp")
+
+
 def one_line(text):
     return " ".join(str(text).split())
 
@@ -1134,9 +1257,61 @@ services:
       - ./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro
     depends_on:
       - prometheus
+  rabbit-1:
+    image: rabbitmq:3.10-management
+    profiles: [cluster]
+    hostname: rabbit-1
+    environment:
+      RABBITMQ_ERLANG_COOKIE: secret-cookie
+    volumes:
+      - ./deploy/rabbitmq/cluster.conf:/etc/rabbitmq/conf.d/90-cluster.conf:ro
+    ports:
+      - "${HOST_IP:-127.0.0.1}:5673:5672"
+    healthcheck:
+      test: ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+  rabbit-2:
+    image: rabbitmq:3.10-management
+    profiles: [cluster]
+    hostname: rabbit-2
+    environment:
+      RABBITMQ_ERLANG_COOKIE: secret-cookie
+    volumes:
+      - ./deploy/rabbitmq/cluster.conf:/etc/rabbitmq/conf.d/90-cluster.conf:ro
+    ports:
+      - "${HOST_IP:-127.0.0.1}:5674:5672"
+  rabbit-3:
+    image: rabbitmq:3.10-management
+    profiles: [cluster]
+    hostname: rabbit-3
+    environment:
+      - RABBITMQ_ERLANG_COOKIE=secret-cookie
+    volumes:
+      - ./deploy/rabbitmq/cluster.conf:/etc/rabbitmq/conf.d/90-cluster.conf:ro
+    ports:
+      - "5675:5672"
+  cluster-coordinator:
+    image: guildhall:dev
+    profiles: [cluster]
+    command: ["guildhall", "serve"]
+    environment:
+      AMQP_URL: amqp://coordinator:coordinator@rabbit-1:5672/%2f,amqp://coordinator:coordinator@rabbit-2:5672/%2f,amqp://coordinator:coordinator@rabbit-3:5672/%2f
+      GUILDHALL_MANAGEMENT_URL: http://coordinator:coordinator@rabbit-1:15672,http://coordinator:coordinator@rabbit-2:15672
+    ports:
+      - target: 8080
+        published: 8081
+    depends_on:
+      rabbit-1:
+        condition: service_healthy
+      pm_worker:
+        condition: service_started
 volumes:
   data: {}
 """,
+    "deploy/rabbitmq/cluster.conf": "cluster_formation.peer_discovery_backend = classic_config\n"
+                                    "cluster_formation.classic_config.nodes.1 = rabbit@rabbit-1\n"
+                                    "cluster_formation.classic_config.nodes.2 = rabbit@rabbit-2 # a comment\n"
+                                    "cluster_formation.classic_config.nodes.3 = rabbit@rabbit-3\n"
+                                    "cluster_partition_handling = pause_minority\n",
     f"{K8S}/{KUSTOMIZATION}": "resources:\n  - secret.yaml\n  - apps.yaml\nimages:\n  - name: guildhall\n    newTag: dev\n",
     f"{K8S}/secret.yaml": """\
 apiVersion: v1
@@ -1300,6 +1475,15 @@ BREAKAGES = [
     ("compose: service_healthy on a service without healthcheck", _edit(COMPOSE, "    healthcheck:\n      test: [\"CMD\", \"rabbitmq-diagnostics\", \"-q\", \"ping\"]\n", ""), "waits for rabbitmq with condition service_healthy, but rabbitmq has no healthcheck"),
     ("compose: service_healthy on the guildhall image without HEALTHCHECK", _edit(DOCKERFILE, "HEALTHCHECK --interval=5s", "# no health check:"), "waits for coordinator with condition service_healthy, but coordinator has no healthcheck"),
     ("compose: depends_on an unknown service", _edit(COMPOSE, "    depends_on:\n      - prometheus", "    depends_on:\n      - prometheus2"), "depends_on names service prometheus2, which does not exist"),
+    ("compose: depends on a service of a profile it does not run with", _edit(COMPOSE, "    depends_on:\n      - prometheus", "    depends_on:\n      - rabbit-2"), "depends on rabbit-2, which runs only with profile cluster, but grafana runs without any profile"),
+    ("compose: two services publish one host port", _edit(COMPOSE, '"${HOST_IP:-127.0.0.1}:5674:5672"', '"5673:5672"'), "publishes host port 5673/tcp, which service rabbit-1 publishes too"),
+    ("compose: long-syntax port published twice", _edit(COMPOSE, '"5675:5672"', '"8081:5672"'), "publishes host port 8081/tcp, which service"),
+    ("compose: a URL list names a host that is no service", _edit(COMPOSE, "coordinator@rabbit-3:5672", "coordinator@rabbit-4:5672"), "amqp URL names host rabbit-4, which is no compose service"),
+    ("rabbitmq: wrong password in a URL list's second entry", _edit(COMPOSE, "coordinator:coordinator@rabbit-2:15672", "coordinator:secret@rabbit-2:15672"), "management URL: the password for user 'coordinator' is not the one"),
+    ("rabbitmq cluster: a listed node is no service", _edit(COMPOSE, "hostname: rabbit-3", "hostname: rabbit-03"), "lists rabbit@rabbit-3, which is no service's node name"),
+    ("rabbitmq cluster: a node without hostname", _edit(COMPOSE, "    hostname: rabbit-2\n", ""), "service rabbit-2 sets no hostname"),
+    ("rabbitmq cluster: different Erlang cookies", _edit(COMPOSE, "RABBITMQ_ERLANG_COOKIE=secret-cookie", "RABBITMQ_ERLANG_COOKIE=other-cookie"), "do not all set the same RABBITMQ_ERLANG_COOKIE"),
+    ("rabbitmq cluster: partitions not paused", _edit("deploy/rabbitmq/cluster.conf", "cluster_partition_handling = pause_minority", "cluster_partition_handling = autoheal"), "cluster_partition_handling is autoheal, not pause_minority"),
     ("env: unknown GUILDHALL_* in compose", _edit(COMPOSE, "GUILDHALL_DATA_DIR: /var", "GUILDHALL_DATADIR: /var"), "sets GUILDHALL_DATADIR, which neither binary reads"),
     ("env: unknown GUILDHALL_* in k8s", _edit(f"{K8S}/apps.yaml", "GUILDHALL_PROBE_LISTEN", "GUILDHALL_PROBES_LISTEN"), "sets GUILDHALL_PROBES_LISTEN, which neither binary reads"),
     ("grafana: dashboard is not JSON", _write(DASHBOARD, "{ not json"), f"{DASHBOARD}: is not valid JSON"),

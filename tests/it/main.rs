@@ -10,6 +10,7 @@ mod cancel;
 mod capacity;
 mod chaos;
 mod cli;
+mod cluster;
 mod control;
 mod delay;
 mod demo;

@@ -24,6 +24,9 @@
 //!   arguments they share, [`inproc::start_agent`] starts one.
 //! - [`node`]: a private RabbitMQ node with TLS listeners, stopped on drop
 //!   ([`spawn_rabbitmq_node`]); [`certs`]: throw-away CAs for it.
+//! - [`cluster`]: a private 3-node RabbitMQ cluster
+//!   ([`spawn_rabbitmq_cluster`]): kill, start, stop and start all of it,
+//!   where each queue's replicas are; torn down on drop.
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`);
 //! `cargo test --workspace` builds them.
@@ -49,9 +52,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub mod certs;
+pub mod cluster;
 pub mod node;
 pub use broker::{Broker, ladder_ready};
 pub use certs::{CertFiles, CertUse, TestCa};
+pub use cluster::{RabbitCluster, spawn_rabbitmq_cluster};
 pub use events::EventReader;
 pub use node::{NodeTls, RabbitNode, spawn_rabbitmq_node};
 
@@ -236,7 +241,24 @@ impl Drop for TestNs {
 
 /// Polls `check` every 100 ms until it returns `Ok`, or fails with its last
 /// error after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    match try_eventually(timeout, what, check).await {
+        Ok(v) => v,
+        Err(e) => panic!("{e:#}"),
+    }
+}
+
+/// [`eventually`] for harness code that returns its errors: the error names
+/// `what`, `timeout` and `check`'s last error instead of panicking.
+pub async fn try_eventually<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
@@ -244,9 +266,9 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match check().await {
-            Ok(v) => return v,
+            Ok(v) => return Ok(v),
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}: {e:#}")
+                bail!("timed out after {timeout:?} waiting for {what}: {e:#}")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }

@@ -10,7 +10,9 @@
 //! makes it ask clients for a certificate signed by the same CA (mutual
 //! TLS). A node from [`spawn_plain_rabbitmq_node`] has a plain-TCP listener
 //! and an http management API instead (for tests about something else than
-//! TLS: a broker restart).
+//! TLS: a broker restart). [`crate::cluster`] joins three plain nodes into a
+//! cluster with the pieces here ([`RabbitNode::kill`], [`RabbitNode::start`],
+//! [`RabbitNode::shut_down`]).
 //!
 //! Needs root (to start the server as `rabbitmq`) and RabbitMQ 3.x at
 //! `/usr/lib/rabbitmq`. One node starts in 10-20 s on a 2-core machine.
@@ -62,8 +64,9 @@ pub struct RabbitNode {
     keep_log: PathBuf,
     /// The ports given at start, to start it again the same way.
     ports: (u16, u16),
-    /// `runuser ... rabbitmq-server`, leader of a process group of its own.
-    server: Child,
+    /// `runuser ... rabbitmq-server`, leader of a process group of its own;
+    /// `None` while the node is stopped.
+    server: Option<Child>,
     /// The Erlang VM's pid, from the pid file, once known.
     beam: Option<u32>,
 }
@@ -88,11 +91,58 @@ impl RabbitNode {
     /// Kills the node (SIGKILL: a crash, what a quorum queue must survive)
     /// and starts it again on the same data, ports and name.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.stop();
-        self.beam = None;
-        let _ = std::fs::remove_file(self.dir.join("node.pid"));
-        self.server = launch(&self.dir, &self.name, self.ports)?;
+        self.kill();
+        self.start().await
+    }
+
+    /// The Erlang VM's pid (from the node's pid file), `None` while the
+    /// node is stopped or before the VM wrote it.
+    pub fn pid(&self) -> Option<u32> {
+        self.beam
+    }
+
+    /// The node's Erlang name (`gh...@localhost`), as `rabbitmqctl -n`
+    /// takes it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the node's server has been started and not stopped since.
+    pub fn is_running(&self) -> bool {
+        self.server.is_some()
+    }
+
+    /// SIGKILLs the node (a crash: no goodbye to its peers, its clients'
+    /// connections just break) and waits until its processes are gone. Its
+    /// data stays; [`RabbitNode::start`] starts it again. Nothing if it is
+    /// not running.
+    pub fn kill(&mut self) {
+        self.stop("KILL", STOP_TIMEOUT);
+    }
+
+    /// Stops the node gracefully (SIGTERM to the VM: RabbitMQ stops its
+    /// apps, tells its peers, and exits), waiting up to `timeout` before a
+    /// SIGKILL. Nothing if it is not running.
+    pub fn shut_down(&mut self, timeout: Duration) {
+        self.stop("TERM", timeout);
+    }
+
+    /// Starts a stopped node again on the same data, ports and name, and
+    /// waits until it answers on its management API.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        self.launch()?;
         self.wait_started().await
+    }
+
+    /// Starts the server of a stopped node (nothing if it runs), without
+    /// waiting for it: [`RabbitNode::wait_started`] does.
+    pub(crate) fn launch(&mut self) -> anyhow::Result<()> {
+        if self.server.is_none() {
+            self.beam = None;
+            let _ = std::fs::remove_file(self.dir.join("node.pid"));
+            self.server = Some(launch(&self.dir, &self.name, self.ports)?);
+        }
+        Ok(())
     }
 
     /// A management API client that trusts the node's CA (plain http for
@@ -116,41 +166,59 @@ impl RabbitNode {
         self.dir.join("log").join(format!("{}.log", self.name))
     }
 
-    fn server_output(&self) -> String {
-        std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default()
+    /// The server's own output and the last lines of the node's log, for
+    /// a failure message.
+    pub(crate) fn failure_output(&self) -> String {
+        let out = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
+        format!("{out}\n{}", tail(&self.log_text(), 40))
     }
 
-    /// Stops the node: SIGKILL to the VM and the process group (its data is
-    /// deleted next, so a graceful stop, 5-10 s, would buy nothing), then
-    /// waits up to [`STOP_TIMEOUT`] for them to be gone.
-    fn stop(&mut self) {
-        let group = format!("-{}", self.server.id());
-        let beam = self.beam.map(|pid| pid.to_string());
-        let signal = |sig: &str| {
-            let mut targets = vec![group.clone()];
-            targets.extend(beam.clone());
+    /// Stops the node: `sig` (`KILL`, or `TERM` for a graceful stop) to
+    /// the VM, then, once the VM is gone or after `timeout`, SIGKILL to the
+    /// VM and the whole process group (the runuser and script wrappers,
+    /// `erl_child_setup`); waits up to [`STOP_TIMEOUT`] for them to be gone.
+    /// Nothing if the node is not running.
+    fn stop(&mut self, sig: &str, timeout: Duration) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        // The pid file names the VM even if the node never answered.
+        let beam = self
+            .beam
+            .take()
+            .or_else(|| read_pid(&self.dir.join("node.pid")));
+        let beam_gone = || beam.is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        let signal = |sig: &str, targets: &[String]| {
             let _ = Command::new("kill")
                 .arg(format!("-{sig}"))
                 .arg("--")
-                .args(&targets)
+                .args(targets)
                 .stderr(Stdio::null())
                 .status();
         };
-        signal("KILL");
+        let group = format!("-{}", server.id());
+        let mut all = vec![group.clone()];
+        all.extend(beam.map(|pid| pid.to_string()));
+        match (sig, beam) {
+            (_, None) | ("KILL", _) => signal("KILL", &all),
+            (sig, Some(pid)) => {
+                signal(sig, &[pid.to_string()]);
+                let deadline = Instant::now() + timeout;
+                while !beam_gone() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                signal("KILL", &all);
+            }
+        }
         let deadline = Instant::now() + STOP_TIMEOUT;
-        let gone = |node: &mut Self| {
-            let beam_gone = node
-                .beam
-                .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists());
-            beam_gone && matches!(node.server.try_wait(), Ok(Some(_)))
-        };
-        while !gone(self) && Instant::now() < deadline {
+        let gone = |server: &mut Child| beam_gone() && matches!(server.try_wait(), Ok(Some(_)));
+        while !gone(&mut server) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
-        if !gone(self) {
+        if !gone(&mut server) {
             eprintln!(
-                "warning: the private node {} (pid {:?}) is still there {STOP_TIMEOUT:?} after SIGKILL",
-                self.name, self.beam
+                "warning: the private node {} (pid {beam:?}) is still there {STOP_TIMEOUT:?} after SIGKILL",
+                self.name
             );
         }
     }
@@ -158,7 +226,7 @@ impl RabbitNode {
 
 impl Drop for RabbitNode {
     fn drop(&mut self) {
-        self.stop();
+        self.kill();
         let _ = std::fs::copy(self.log_file(), &self.keep_log);
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             eprintln!(
@@ -177,19 +245,31 @@ pub async fn spawn_rabbitmq_node(
     label: &str,
     tls: &NodeTls,
 ) -> anyhow::Result<RabbitNode> {
-    spawn_node(ns, label, Some(tls)).await
+    let mut node = create_node(ns, label, Some(tls), "")?;
+    node.wait_started().await?;
+    Ok(node)
 }
 
 /// A private node like [`spawn_rabbitmq_node`]'s but with a plain-TCP AMQP
 /// listener and an http management API (for tests about something else
 /// than TLS: a broker restart). Needs root too.
 pub async fn spawn_plain_rabbitmq_node(ns: &TestNs, label: &str) -> anyhow::Result<RabbitNode> {
-    spawn_node(ns, label, None).await
+    let mut node = create_node(ns, label, None, "")?;
+    node.wait_started().await?;
+    Ok(node)
 }
 
-/// Starts a private node, with TLS listeners only (`tls`) or plain ones
-/// (`None`), and waits until its management API answers.
-async fn spawn_node(ns: &TestNs, label: &str, tls: Option<&NodeTls>) -> anyhow::Result<RabbitNode> {
+/// Writes a private node's files, with TLS listeners only (`tls`) or plain
+/// ones (`None`) and `extra_config` (`rabbitmq.conf` lines) after them, and
+/// starts its server without waiting for it ([`RabbitNode::wait_started`]
+/// does). Its log is copied to `<test log dir>/rabbitmq-<label>.log` when it
+/// is dropped.
+pub(crate) fn create_node(
+    ns: &TestNs,
+    label: &str,
+    tls: Option<&NodeTls>,
+    extra_config: &str,
+) -> anyhow::Result<RabbitNode> {
     if !Path::new(SERVER).exists() {
         bail!("{SERVER} not found: a private RabbitMQ node needs the rabbitmq-server package");
     }
@@ -235,7 +315,7 @@ async fn spawn_node(ns: &TestNs, label: &str, tls: Option<&NodeTls>) -> anyhow::
              management.tcp.ip = 127.0.0.1\n"
         ),
     };
-    std::fs::write(dir.join("rabbitmq.conf"), config)?;
+    std::fs::write(dir.join("rabbitmq.conf"), config + extra_config)?;
     // Not rabbitmq_prometheus: its fixed port 15692 is the system node's.
     std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n")?;
     // The system env file sets NODENAME=rabbit@localhost, which would win.
@@ -262,19 +342,17 @@ async fn spawn_node(ns: &TestNs, label: &str, tls: Option<&NodeTls>) -> anyhow::
         amqp_port
     };
     let server = launch(&dir, &name, (node_port, dist_port))?;
-    let mut node = RabbitNode {
+    Ok(RabbitNode {
         name,
         amqp_port,
         management_port,
         ca: tls.map(|_| dir.join("ca.pem")),
         keep_log: ns.log_dir.join(format!("rabbitmq-{label}.log")),
         dir,
-        server,
+        server: Some(server),
         beam: None,
         ports: (node_port, dist_port),
-    };
-    node.wait_started().await?;
-    Ok(node)
+    })
 }
 
 /// Starts the server of a node whose files are in `dir`.
@@ -304,8 +382,9 @@ fn launch(dir: &Path, name: &str, (node_port, dist_port): (u16, u16)) -> anyhow:
 }
 
 impl RabbitNode {
-    /// Waits until the node answers on its management API.
-    async fn wait_started(&mut self) -> anyhow::Result<()> {
+    /// Waits until the node answers on its management API (an error at
+    /// once if it is stopped or its server exits).
+    pub(crate) async fn wait_started(&mut self) -> anyhow::Result<()> {
         let node = self;
         let management = node.management()?;
         let deadline = Instant::now() + START_TIMEOUT;
@@ -313,12 +392,14 @@ impl RabbitNode {
             if node.beam.is_none() {
                 node.beam = read_pid(&node.dir.join("node.pid"));
             }
-            if let Ok(Some(status)) = node.server.try_wait() {
+            let Some(server) = node.server.as_mut() else {
+                bail!("the node {} is stopped", node.name);
+            };
+            if let Ok(Some(status)) = server.try_wait() {
                 bail!(
-                    "the node {} exited at start ({status}):\n{}\n{}",
+                    "the node {} exited at start ({status}):\n{}",
                     node.name,
-                    node.server_output(),
-                    tail(&node.log_text(), 40)
+                    node.failure_output()
                 );
             }
             if node.beam.is_some() && management.check().await.is_ok() {
@@ -327,10 +408,9 @@ impl RabbitNode {
             if Instant::now() > deadline {
                 let url = node.management_url().replace("guest:guest@", "");
                 bail!(
-                    "the node {} did not answer on {url} within {START_TIMEOUT:?}:\n{}\n{}",
+                    "the node {} did not answer on {url} within {START_TIMEOUT:?}:\n{}",
                     node.name,
-                    node.server_output(),
-                    tail(&node.log_text(), 40)
+                    node.failure_output()
                 );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
