@@ -72,6 +72,9 @@ pub const LEASE: Duration = Duration::from_millis(1_500);
 /// their connections closed (again) by it.
 pub const TAKEOVER_LOOKBACK: Duration = Duration::from_secs(300);
 
+/// Longest wait for the lock connection to close.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 /// Longest wait between reconnections of the lock connection.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -144,17 +147,18 @@ pub async fn run(app: Arc<App>, conn_name: String, mut stop: watch::Receiver<boo
                 last = Some(index);
                 backoff = Duration::from_millis(200);
                 let ended = hold(&app, &conn, &mut stop).await;
-                let _ = conn.close(200, "coordinator lock".into()).await;
+                // Not leading any more before anything else: closing a
+                // connection the broker already dropped (a frozen process
+                // woken up) can wait for an answer that never comes.
+                step_down(&app);
+                let _ =
+                    tokio::time::timeout(CLOSE_WAIT, conn.close(200, "coordinator lock".into()))
+                        .await;
                 ended
             }
             Err(e) => Ended::Lost(e.to_string()),
         };
-        if app.leadership.leading() {
-            app.leadership.step_down();
-            app.metrics.leader.set(0);
-            app.metrics.leader_epoch.set(0);
-            tracing::warn!("no longer leading");
-        }
+        step_down(&app);
         match ended {
             Ended::Stopped => return,
             Ended::Lost(why) => {
@@ -169,16 +173,29 @@ pub async fn run(app: Arc<App>, conn_name: String, mut stop: watch::Receiver<boo
     }
 }
 
+/// Marks this coordinator as not leading (logged once).
+fn step_down(app: &App) {
+    if app.leadership.leading() {
+        app.leadership.step_down();
+        app.metrics.leader.set(0);
+        app.metrics.leader_epoch.set(0);
+        tracing::warn!("no longer leading");
+    }
+}
+
 /// Follows until the lock is free, then leads until it is lost.
 async fn hold(app: &Arc<App>, conn: &Connection, stop: &mut watch::Receiver<bool>) -> Ended {
     let lock = app.names.coordinator_lock_queue();
     let channel = loop {
         let caught_up = app.core().is_caught_up();
         let wait = if caught_up {
-            match try_lock(conn, &lock).await {
-                Ok(Some(channel)) => break channel,
-                Ok(None) => TRY_EVERY,
-                Err(e) => return Ended::Lost(e.to_string()),
+            // Bounded: a connection the broker dropped while this process
+            // was frozen may never answer.
+            match tokio::time::timeout(LEASE, try_lock(conn, &lock)).await {
+                Ok(Ok(Some(channel))) => break channel,
+                Ok(Ok(None)) => TRY_EVERY,
+                Ok(Err(e)) => return Ended::Lost(e.to_string()),
+                Err(_) => return Ended::Lost("the lock connection does not answer".into()),
             }
         } else {
             // Starting: ask as soon as the replay is done.
@@ -195,7 +212,7 @@ async fn hold(app: &Arc<App>, conn: &Connection, stop: &mut watch::Receiver<bool
         epoch,
     });
     if let Err(e) = app.write_events(vec![elected]).await {
-        let _ = channel.close(200, "not elected".into()).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, channel.close(200, "not elected".into())).await;
         return Ended::Lost(format!("could not write LeaderElected: {e}"));
     }
     app.leadership.lead(epoch);
@@ -216,9 +233,11 @@ async fn hold(app: &Arc<App>, conn: &Connection, stop: &mut watch::Receiver<bool
             _ = tick.tick() => {}
             _ = stop.changed() => {
                 // Hand over at once rather than when the connection closes.
-                let _ = channel
-                    .queue_delete(lock.as_str().into(), QueueDeleteOptions::default())
-                    .await;
+                let _ = tokio::time::timeout(
+                    CLOSE_WAIT,
+                    channel.queue_delete(lock.as_str().into(), QueueDeleteOptions::default()),
+                )
+                .await;
                 return Ended::Stopped;
             }
         }
