@@ -36,8 +36,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// File descriptors kept for everything but HTTP connections (broker
-/// connections, snapshot files, the management API client).
-pub const RESERVED_FDS: u64 = 256;
+/// connections (about a dozen, with their reactors), snapshot files, the
+/// management API client, HTTP sockets being shed but not yet closed).
+pub const RESERVED_FDS: u64 = 320;
 /// Largest read or write buffer of a connection: request heads must fit.
 const MAX_BUF: usize = 64 * 1024;
 /// Backoff after running out of file descriptors: first and longest.
@@ -372,7 +373,7 @@ mod tests {
     fn the_connection_budget_leaves_room_for_other_files() {
         assert_eq!(connection_budget(1024, None), 1024);
         assert_eq!(connection_budget(1024, Some(1_048_576)), 1024);
-        assert_eq!(connection_budget(4096, Some(1024)), 1024 - 256);
+        assert_eq!(connection_budget(4096, Some(1024)), 1024 - 320);
         assert_eq!(connection_budget(4096, Some(100)), 1);
     }
 

@@ -269,7 +269,7 @@ async fn event_streams_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_open_files_limit_lowers_the_connection_limit_instead_of_failing_accept() {
     let ns = TestNs::new("hh-nofile");
-    // 400 files at most (soft and hard): 144 connections, 256 kept for the rest.
+    // 400 files at most (soft and hard): 80 connections, 320 kept for the rest.
     let script = "ulimit -n 400 && exec \"$0\" \"$@\"".to_owned();
     let args = vec![
         "-c".to_owned(),
@@ -310,11 +310,11 @@ async fn a_low_open_files_limit_lowers_the_connection_limit_instead_of_failing_a
     .await;
     let m = api.metrics().await.unwrap();
     let open = m.value("guildhall_http_connections", &[]).unwrap();
-    assert!(open <= 144.0, "{open} open");
+    assert!(open <= 80.0, "{open} open");
     release(idle).await;
     let log = proc.log_text();
     assert!(
-        log.contains("at most 144 HTTP connections instead of --http-max-connections 1024"),
+        log.contains("at most 80 HTTP connections instead of --http-max-connections 1024"),
         "{log}"
     );
     assert!(!log.contains("cannot accept"), "{log}");
