@@ -162,8 +162,10 @@ struct Reconnect {
     address: Option<usize>,
 }
 
+/// Why a stream consumer (the events' here, the stored results' in
+/// `results.rs`) stopped.
 #[derive(Debug, thiserror::Error)]
-enum IngestError {
+pub(super) enum IngestError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("{0}")]
@@ -209,11 +211,7 @@ async fn follow(
                     Some(d) => d?,
                     None => return Err(IngestError::Cancelled),
                 };
-                let offset = delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| guildhall_broker::task::header_u64(h, STREAM_OFFSET));
+                let offset = offset_of(&delivery);
                 let seen_before = matches!((offset, floor), (Some(o), Some(f)) if o < f);
                 if first && !seen_before {
                     first = false;
@@ -283,11 +281,7 @@ pub async fn stream_reaches(
             Ok(Some(d)) => d?,
             Ok(None) | Err(_) => break,
         };
-        let seen = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| guildhall_broker::task::header_u64(h, STREAM_OFFSET));
+        let seen = offset_of(&delivery);
         delivery
             .acker
             .ack(BasicAckOptions { multiple: true })
@@ -300,6 +294,15 @@ pub async fn stream_reaches(
     }
     let _ = channel.close(200, "probed".into()).await;
     Ok(reached)
+}
+
+/// A stream delivery's offset (its `x-stream-offset` header).
+pub(super) fn offset_of(delivery: &lapin::message::Delivery) -> Option<u64> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| guildhall_broker::task::header_u64(h, STREAM_OFFSET))
 }
 
 async fn ack(last: &mut Option<lapin::Acker>, unacked: &mut u32) -> Result<(), lapin::Error> {

@@ -23,14 +23,14 @@
 //! index holds; only readers of the references wait for it.
 
 use super::App;
+use super::ingest::{IngestError, offset_of};
 use futures_lite::StreamExt;
 use guildhall_broker::topology::{
     StreamRetention, StreamStart, consume_stream, ensure_results_stream,
 };
-use guildhall_broker::{AmqpUrls, BrokerError, connect_any};
+use guildhall_broker::{AmqpUrls, connect_any};
 use guildhall_proto::TaskId;
 use guildhall_proto::flow::MAX_INLINE_RESULT;
-use guildhall_proto::headers::amqp::STREAM_OFFSET;
 use lapin::options::BasicAckOptions;
 use lapin::{Channel, Connection};
 use sha2::{Digest, Sha256};
@@ -195,16 +195,6 @@ pub async fn run(app: Arc<App>, url: AmqpUrls, conn_name: String, mut stop: watc
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum FollowError {
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    #[error("{0}")]
-    Amqp(#[from] lapin::Error),
-    #[error("consumer cancelled by the broker")]
-    Cancelled,
-}
-
 async fn follow(
     app: &App,
     url: &AmqpUrls,
@@ -213,7 +203,7 @@ async fn follow(
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
     address: &mut Option<usize>,
-) -> Result<(), FollowError> {
+) -> Result<(), IngestError> {
     let index = &app.results;
     let (conn, connected) = connect_any(url, conn_name, *address).await?;
     *address = Some(connected);
@@ -241,13 +231,9 @@ async fn follow(
             delivery = consumer.next() => {
                 let delivery = match delivery {
                     Some(d) => d?,
-                    None => return Err(FollowError::Cancelled),
+                    None => return Err(IngestError::Cancelled),
                 };
-                let offset = delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| guildhall_broker::task::header_u64(h, STREAM_OFFSET));
+                let offset = offset_of(&delivery);
                 if let Some(o) = offset
                     && next_offset.is_none_or(|n| o >= n)
                 {
@@ -307,14 +293,6 @@ async fn last_offset(conn: &Connection, stream: &str) -> Result<Option<u64>, lap
     }
     let _ = channel.close(200, "probed".into()).await;
     Ok(last)
-}
-
-fn offset_of(delivery: &lapin::message::Delivery) -> Option<u64> {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| guildhall_broker::task::header_u64(h, STREAM_OFFSET))
 }
 
 /// What [`read_at`] found.

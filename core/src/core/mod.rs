@@ -578,21 +578,10 @@ impl Core {
         // Sent before its sender was declared dead (on the sender's clock),
         // read late (a broker node failing over): what it says happened,
         // but it is no sign of life, and its heartbeats are stale.
-        if self.late_after_death(&sender, envelope.sent_at_ms, head) {
+        let late = self.late_after_death(&sender, envelope.sent_at_ms, head);
+        if late {
             self.stats.late_after_death += 1;
             tracing::info!(worker = %sender, "an envelope sent before the worker was declared dead was read late: it does not bring it back");
-            for event in envelope.events {
-                if !matches!(event, Event::Heartbeat(_)) {
-                    self.apply(
-                        now_ms,
-                        seen_ms,
-                        &sender,
-                        (head.incarnation, head.seq),
-                        event,
-                    );
-                }
-            }
-            return;
         }
         // A batch showing the agent at work: it is not stopped.
         let active = envelope
@@ -600,6 +589,9 @@ impl Core {
             .iter()
             .any(|e| matches!(e, Event::Heartbeat(_) | Event::TaskStarted(_)));
         for event in envelope.events {
+            if late && matches!(event, Event::Heartbeat(_)) {
+                continue;
+            }
             self.apply(
                 now_ms,
                 seen_ms,
@@ -607,6 +599,9 @@ impl Core {
                 (head.incarnation, head.seq),
                 event,
             );
+        }
+        if late {
+            return;
         }
         if !known && let Some(w) = self.workers.get_mut(&sender) {
             // First sight: its run and numbering start with this batch.

@@ -413,16 +413,11 @@ impl Sim {
         bytes: u64,
         digest: [u8; 32],
     ) -> Event {
-        Event::TaskResult(Box::new(guildhall_proto::TaskResult {
-            at_ms: self.now,
-            task_id: tid(child),
-            parent: tid(parent),
-            stage: st(stage),
-            attempt: 1,
-            result: None,
-            result_bytes: bytes,
-            stored_sha256: Some(digest),
-        }))
+        let mut e = self.result(child, parent, stage, b"");
+        if let Event::TaskResult(r) = &mut e {
+            (r.result, r.result_bytes, r.stored_sha256) = (None, bytes, Some(digest));
+        }
+        e
     }
 
     /// A coordinator's `TaskReleased` now.
