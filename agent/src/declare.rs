@@ -27,7 +27,7 @@ use crate::config::StageRoute;
 use guildhall_broker::BrokerError;
 use guildhall_broker::topology::{declare_retry_queue, declare_stage, probe_queue};
 use guildhall_proto::{Names, Stage};
-use lapin::{Channel, Connection};
+use lapin::Connection;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
@@ -118,16 +118,6 @@ impl Declarer {
             .insert(queue);
     }
 
-    async fn channel(&self) -> Result<Channel, BrokerError> {
-        self.conn
-            .create_channel()
-            .await
-            .map_err(|source| BrokerError::Amqp {
-                what: "open a channel for declarations".into(),
-                source,
-            })
-    }
-
     /// Forgets that `stage` was declared (its queue turned out to be gone),
     /// so the next use declares it again.
     pub fn forget_stage(&self, stage: &Stage) {
@@ -143,10 +133,7 @@ impl Declarer {
         if self.known(&queue) {
             return Ok(());
         }
-        let ch = self.channel().await?;
-        let result = declare_stage(&ch, &self.names, stage).await;
-        let _ = ch.close(200, "declared".into()).await;
-        result?;
+        declare_stage(&self.conn, &self.names, stage).await?;
         self.remember(queue);
         Ok(())
     }
@@ -172,10 +159,7 @@ impl Declarer {
         if self.known(&entry) {
             return Ok(());
         }
-        let ch = self.channel().await?;
-        let result = guildhall_broker::topology::declare_delay_ladder(&ch, &self.names).await;
-        let _ = ch.close(200, "declared".into()).await;
-        result?;
+        guildhall_broker::topology::declare_delay_ladder(&self.conn, &self.names).await?;
         self.remember(entry);
         Ok(())
     }
@@ -212,10 +196,7 @@ impl Declarer {
         if self.known(&queue) {
             return Ok(queue);
         }
-        let ch = self.channel().await?;
-        let result = declare_retry_queue(&ch, &self.names, stage, delay_ms).await;
-        let _ = ch.close(200, "declared".into()).await;
-        let queue = result?;
+        let queue = declare_retry_queue(&self.conn, &self.names, stage, delay_ms).await?;
         self.remember(queue.clone());
         Ok(queue)
     }

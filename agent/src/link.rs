@@ -179,17 +179,11 @@ impl Link {
         params: &LinkParams,
     ) -> Result<(Self, Publisher), BrokerError> {
         let names = &params.names;
-        let setup = open_channel(&conn, "declarations").await?;
-        let declared = async {
-            declare_stage(&setup, names, &params.stage).await?;
-            if let Some(next) = &params.next {
-                declare_stage(&setup, names, next).await?;
-            }
-            declare_control(&setup, names).await
+        declare_stage(&conn, names, &params.stage).await?;
+        if let Some(next) = &params.next {
+            declare_stage(&conn, names, next).await?;
         }
-        .await;
-        let _ = setup.close(200, "declared".into()).await;
-        declared?;
+        declare_control(&conn, names).await?;
         ensure_events_stream(&conn, names, &StreamRetention::default()).await?;
         let publisher = Publisher::open(&conn).await?;
         let events = Publisher::open(&conn).await?;

@@ -242,9 +242,8 @@ async fn held_run(target: &Target, n: usize, sample: usize, rate: f64) -> anyhow
     let (names, conn) = target.open().await?;
     let dep_stage: Stage = "dep".parse()?;
     let after: Stage = "after".parse()?;
-    let channel = conn.create_channel().await?;
     for s in [&dep_stage, &after] {
-        declare_stage(&channel, &names, s).await?;
+        declare_stage(&conn, &names, s).await?;
     }
     let mut coordinator = ChildCoordinator::spawn(&target.raw_url, &names, &[]).await?;
     let result = async {

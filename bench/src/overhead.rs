@@ -222,12 +222,8 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<OverheadReport> {
 }
 
 async fn measure(ctx: &Ctx, broker: String) -> anyhow::Result<OverheadReport> {
-    {
-        let ch = ctx.conn.create_channel().await?;
-        declare_stage(&ch, &ctx.names, &ctx.a).await?;
-        declare_stage(&ch, &ctx.names, &ctx.b).await?;
-        let _ = ch.close(200, "declared".into()).await;
-    }
+    declare_stage(&ctx.conn, &ctx.names, &ctx.a).await?;
+    declare_stage(&ctx.conn, &ctx.names, &ctx.b).await?;
     let publisher = Publisher::open(&ctx.conn).await?;
     let mut samples = [Samples::default(), Samples::default()];
     for round in 0..ctx.plan.rounds {

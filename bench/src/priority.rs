@@ -281,7 +281,7 @@ async fn measure(
 ) -> anyhow::Result<Measured> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    declare_stage(&ch, names, stage).await?;
+    declare_stage(conn, names, stage).await?;
     ensure_events_stream(conn, names, &StreamRetention::default()).await?;
     let events_ch = conn.create_channel().await?;
     let mut starts = Starts::open(&events_ch, names).await?;

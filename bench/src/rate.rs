@@ -114,8 +114,7 @@ async fn scenario(
 ) -> anyhow::Result<f64> {
     let (names, conn) = target.open().await?;
     let stage: Stage = STAGE.parse()?;
-    let channel = conn.create_channel().await?;
-    guildhall_broker::topology::declare_stage(&channel, &names, &stage).await?;
+    guildhall_broker::topology::declare_stage(&conn, &names, &stage).await?;
     let publisher = Publisher::open(&conn).await?;
     let backlog = (limit.per_sec() * (window.as_secs_f64() + 20.0) * 1.3) as u64 + 100;
     for i in 0..backlog {

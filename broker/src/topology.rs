@@ -6,6 +6,19 @@
 //! choice (a coordinator flag or a broker policy), so it is only declared when
 //! missing and otherwise used as it is; so is the stream of stored flow
 //! results (`<ns>.results`).
+//!
+//! # Placement on a cluster
+//!
+//! Every quorum queue and stream is created with [`REPLICAS`] replicas
+//! (`x-quorum-initial-group-size`, `x-initial-cluster-size`; the broker
+//! caps it at the number of nodes, so one node is fine) and its leader
+//! placed by `x-queue-leader-locator: balanced` (the node with the fewest
+//! leaders), not on the node of whoever declared it first. The broker
+//! checks those arguments on every redeclaration too, and a queue created
+//! before they were added (an older Guildhall) has none: a declaration
+//! refused with `PRECONDITION_FAILED` is tried once more, on a new channel,
+//! with the arguments such a queue has. A queue that matches neither is
+//! refused as before.
 
 use crate::BrokerError;
 use guildhall_proto::schedule::{DELAY_LEVELS, delay_binding};
@@ -21,6 +34,25 @@ use lapin::{Channel, Connection, ExchangeKind};
 /// dead-letters it (a poison message that kills every agent that takes it).
 /// Every redelivery counts, including those after a lost connection.
 pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Replicas of every quorum queue and stream, given when it is created: an
+/// odd number, so that a majority survives one node's loss; more than 3-5
+/// slow every write. Grow a queue later with `rabbitmq-queues grow`.
+pub const REPLICAS: i64 = 3;
+
+/// The placement arguments ([`REPLICAS`], balanced leaders) a queue of
+/// type `kind` is created with.
+fn placement(kind: &str) -> [(&'static str, AMQPValue); 2] {
+    let size = if kind == "stream" {
+        "x-initial-cluster-size"
+    } else {
+        "x-quorum-initial-group-size"
+    };
+    [
+        (size, AMQPValue::LongLongInt(REPLICAS)),
+        ("x-queue-leader-locator", text("balanced")),
+    ]
+}
 
 /// Retention of the events stream, applied only when the stream is created.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,79 +100,147 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
-async fn exchange(ch: &Channel, name: String, kind: ExchangeKind) -> Result<(), BrokerError> {
-    ch.exchange_declare(
-        name.as_str().into(),
-        kind,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map_err(BrokerError::amqp(format!("declare exchange {name}")))
+/// Declarations on one connection, on a channel replaced when the broker
+/// closes it for a refused declaration.
+struct Declarer<'a> {
+    /// Where new channels come from.
+    conn: &'a Connection,
+    /// The channel declarations go out on.
+    ch: Channel,
 }
 
-async fn queue(ch: &Channel, name: &str, table: FieldTable) -> Result<(), BrokerError> {
-    ch.queue_declare(name.into(), durable(), table)
-        .await
-        .map(|_| ())
-        .map_err(BrokerError::amqp(format!("declare queue {name}")))
-}
+impl<'a> Declarer<'a> {
+    async fn open(conn: &'a Connection) -> Result<Self, BrokerError> {
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(BrokerError::amqp("open a channel for declarations"))?;
+        Ok(Self { conn, ch })
+    }
 
-async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BrokerError> {
-    ch.queue_bind(
-        queue.into(),
-        exchange.into(),
-        key.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(BrokerError::amqp(format!("bind {queue} to {exchange}")))
+    /// Closes the channel and hands `result` on.
+    async fn close<T>(self, result: Result<T, BrokerError>) -> Result<T, BrokerError> {
+        let _ = self.ch.close(200, "declared".into()).await;
+        result
+    }
+
+    async fn exchange(&self, name: String, kind: ExchangeKind) -> Result<(), BrokerError> {
+        self.ch
+            .exchange_declare(
+                name.as_str().into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::amqp(format!("declare exchange {name}")))
+    }
+
+    /// Declares the durable queue `name` with `table` and the placement
+    /// arguments; one created without them (an older Guildhall's) is
+    /// declared again without them (see the module's doc).
+    async fn queue(&mut self, name: &str, table: &FieldTable) -> Result<(), BrokerError> {
+        let kind = match table.inner().get("x-queue-type") {
+            Some(AMQPValue::LongString(kind)) => kind.to_string(),
+            _ => String::new(),
+        };
+        let mut placed = table.clone();
+        for (key, value) in placement(&kind) {
+            placed.insert(key.into(), value);
+        }
+        let first = self.declare(name, placed).await;
+        match first {
+            Err(e) if is_precondition_failed(&e) => {
+                self.ch = self
+                    .conn
+                    .create_channel()
+                    .await
+                    .map_err(BrokerError::amqp("open a channel for declarations"))?;
+                self.declare(name, table.clone())
+                    .await
+                    .map_err(BrokerError::amqp(format!("declare queue {name}")))
+            }
+            other => other.map_err(BrokerError::amqp(format!("declare queue {name}"))),
+        }
+    }
+
+    async fn declare(&self, name: &str, table: FieldTable) -> Result<(), lapin::Error> {
+        self.ch
+            .queue_declare(name.into(), durable(), table)
+            .await
+            .map(drop)
+    }
+
+    async fn bind(&self, queue: &str, exchange: &str, key: &str) -> Result<(), BrokerError> {
+        self.ch
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::amqp(format!("bind {queue} to {exchange}")))
+    }
 }
 
 /// Declares a stage: the task exchange, the stage's quorum queue bound to it,
 /// and the stage's dead-letter exchange and queue. Safe to repeat.
-pub async fn declare_stage(ch: &Channel, names: &Names, stage: &Stage) -> Result<(), BrokerError> {
-    exchange(ch, names.tasks_exchange(), ExchangeKind::Direct).await?;
-    exchange(ch, names.dead_exchange(), ExchangeKind::Direct).await?;
-    let dead = names.dead_queue(stage);
-    queue(ch, &dead, args(&[("x-queue-type", text("quorum"))])).await?;
-    bind(ch, &dead, &names.dead_exchange(), stage.as_str()).await?;
-    let work = names.stage_queue(stage);
-    let table = args(&[
-        ("x-queue-type", text("quorum")),
-        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
-        ("x-dead-letter-exchange", text(&names.dead_exchange())),
-        ("x-dead-letter-routing-key", text(stage.as_str())),
-        ("x-dead-letter-strategy", text("at-least-once")),
-        ("x-overflow", text("reject-publish")),
-    ]);
-    queue(ch, &work, table.clone()).await?;
-    bind(ch, &work, &names.tasks_exchange(), stage.as_str()).await?;
-    // The bands: the same arguments as the intake (delivery limit, dead
-    // letters to the stage's dead queue), bound on the task exchange by
-    // their band key and on the ladder's delivery exchange by `#.<key>`.
-    // The ladder itself is declared by the first one to delay a task
-    // ([`declare_delay_ladder`]): 23 quorum queues a namespace without
-    // delays does not need.
-    exchange(ch, names.delay_deliver_exchange(), ExchangeKind::Topic).await?;
-    for band in Band::ALL {
-        let name = names.band_queue(stage, band);
-        let key = Names::band_key(stage, band);
-        queue(ch, &name, table.clone()).await?;
-        bind(ch, &name, &names.tasks_exchange(), &key).await?;
-        bind(
-            ch,
-            &name,
-            &names.delay_deliver_exchange(),
-            &format!("#.{key}"),
-        )
-        .await?;
+pub async fn declare_stage(
+    conn: &Connection,
+    names: &Names,
+    stage: &Stage,
+) -> Result<(), BrokerError> {
+    let mut d = Declarer::open(conn).await?;
+    let result = stage_on(&mut d, names, stage).await;
+    d.close(result).await
+}
+
+async fn stage_on(d: &mut Declarer<'_>, names: &Names, stage: &Stage) -> Result<(), BrokerError> {
+    {
+        d.exchange(names.tasks_exchange(), ExchangeKind::Direct)
+            .await?;
+        d.exchange(names.dead_exchange(), ExchangeKind::Direct)
+            .await?;
+        let dead = names.dead_queue(stage);
+        d.queue(&dead, &args(&[("x-queue-type", text("quorum"))]))
+            .await?;
+        d.bind(&dead, &names.dead_exchange(), stage.as_str())
+            .await?;
+        let work = names.stage_queue(stage);
+        let table = args(&[
+            ("x-queue-type", text("quorum")),
+            ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+            ("x-dead-letter-exchange", text(&names.dead_exchange())),
+            ("x-dead-letter-routing-key", text(stage.as_str())),
+            ("x-dead-letter-strategy", text("at-least-once")),
+            ("x-overflow", text("reject-publish")),
+        ]);
+        d.queue(&work, &table).await?;
+        d.bind(&work, &names.tasks_exchange(), stage.as_str())
+            .await?;
+        // The bands: the same arguments as the intake (delivery limit, dead
+        // letters to the stage's dead queue), bound on the task exchange by
+        // their band key and on the ladder's delivery exchange by `#.<key>`.
+        // The ladder itself is declared by the first one to delay a task
+        // ([`declare_delay_ladder`]): 23 quorum queues a namespace without
+        // delays does not need.
+        d.exchange(names.delay_deliver_exchange(), ExchangeKind::Topic)
+            .await?;
+        for band in Band::ALL {
+            let name = names.band_queue(stage, band);
+            let key = Names::band_key(stage, band);
+            d.queue(&name, &table).await?;
+            d.bind(&name, &names.tasks_exchange(), &key).await?;
+            d.bind(&name, &names.delay_deliver_exchange(), &format!("#.{key}"))
+                .await?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Declares the delay ladder (see [`guildhall_proto::schedule`]): for each
@@ -150,44 +250,52 @@ pub async fn declare_stage(ch: &Channel, names: &Names, stage: &Stage) -> Result
 /// Level `n`'s exchange routes a message whose bit `n` is set to its queue
 /// and one whose bit is clear straight to the level below (an
 /// exchange-to-exchange binding). Safe to repeat.
-pub async fn declare_delay_ladder(ch: &Channel, names: &Names) -> Result<(), BrokerError> {
-    let deliver = names.delay_deliver_exchange();
-    exchange(ch, deliver.clone(), ExchangeKind::Topic).await?;
-    for level in 0..DELAY_LEVELS {
-        let name = names.delay_level(level);
-        let below = match level {
-            0 => deliver.clone(),
-            n => names.delay_level(n - 1),
-        };
-        exchange(ch, name.clone(), ExchangeKind::Topic).await?;
-        let ttl_ms = (1i64 << level) * 1000;
-        let table = args(&[
-            ("x-queue-type", text("quorum")),
-            ("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)),
-            ("x-dead-letter-exchange", text(&below)),
-            ("x-dead-letter-strategy", text("at-least-once")),
-            ("x-overflow", text("reject-publish")),
-        ]);
-        queue(ch, &name, table).await?;
-        bind(ch, &name, &name, &delay_binding(level, true)).await?;
-        ch.exchange_bind(
-            below.as_str().into(),
-            name.as_str().into(),
-            delay_binding(level, false).as_str().into(),
-            ExchangeBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(BrokerError::amqp(format!("bind {below} to {name}")))?;
+pub async fn declare_delay_ladder(conn: &Connection, names: &Names) -> Result<(), BrokerError> {
+    let mut d = Declarer::open(conn).await?;
+    let result = ladder_on(&mut d, names).await;
+    d.close(result).await
+}
+
+async fn ladder_on(d: &mut Declarer<'_>, names: &Names) -> Result<(), BrokerError> {
+    {
+        let deliver = names.delay_deliver_exchange();
+        d.exchange(deliver.clone(), ExchangeKind::Topic).await?;
+        for level in 0..DELAY_LEVELS {
+            let name = names.delay_level(level);
+            let below = match level {
+                0 => deliver.clone(),
+                n => names.delay_level(n - 1),
+            };
+            d.exchange(name.clone(), ExchangeKind::Topic).await?;
+            let ttl_ms = (1i64 << level) * 1000;
+            let table = args(&[
+                ("x-queue-type", text("quorum")),
+                ("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)),
+                ("x-dead-letter-exchange", text(&below)),
+                ("x-dead-letter-strategy", text("at-least-once")),
+                ("x-overflow", text("reject-publish")),
+            ]);
+            d.queue(&name, &table).await?;
+            d.bind(&name, &name, &delay_binding(level, true)).await?;
+            d.ch.exchange_bind(
+                below.as_str().into(),
+                name.as_str().into(),
+                delay_binding(level, false).as_str().into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::amqp(format!("bind {below} to {name}")))?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Declares the retry queue of `stage` for one delay: a quorum queue whose
 /// TTL dead-letters (at least once) back to the stage through the task
 /// exchange. Safe to repeat.
 pub async fn declare_retry_queue(
-    ch: &Channel,
+    conn: &Connection,
     names: &Names,
     stage: &Stage,
     delay_ms: u64,
@@ -204,13 +312,19 @@ pub async fn declare_retry_queue(
         ("x-dead-letter-strategy", text("at-least-once")),
         ("x-overflow", text("reject-publish")),
     ]);
-    queue(ch, &name, table).await?;
+    let mut d = Declarer::open(conn).await?;
+    let result = d.queue(&name, &table).await;
+    d.close(result).await?;
     Ok(name)
 }
 
 /// Declares the control exchange (topic). Safe to repeat.
-pub async fn declare_control(ch: &Channel, names: &Names) -> Result<(), BrokerError> {
-    exchange(ch, names.control_exchange(), ExchangeKind::Topic).await
+pub async fn declare_control(conn: &Connection, names: &Names) -> Result<(), BrokerError> {
+    let d = Declarer::open(conn).await?;
+    let result = d
+        .exchange(names.control_exchange(), ExchangeKind::Topic)
+        .await;
+    d.close(result).await
 }
 
 /// Makes sure the events stream exists, creating it with `retention` if it
@@ -242,10 +356,6 @@ async fn ensure_stream(
     if probe_queue(conn, name).await?.is_some() {
         return Ok(());
     }
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(BrokerError::amqp("open channel"))?;
     let table = args(&[
         ("x-queue-type", text("stream")),
         ("x-max-age", text(&retention.max_age)),
@@ -258,9 +368,9 @@ async fn ensure_stream(
             AMQPValue::LongLongInt(100_000_000),
         ),
     ]);
-    let result = queue(&ch, name, table).await;
-    let _ = ch.close(200, "declared".into()).await;
-    result
+    let mut d = Declarer::open(conn).await?;
+    let result = d.queue(name, &table).await;
+    d.close(result).await
 }
 
 /// Where a consumer of a stream starts reading.
@@ -336,6 +446,14 @@ pub async fn probe_queue(conn: &Connection, name: &str) -> Result<Option<QueuePr
             source,
         }),
     }
+}
+
+/// Whether an error is the broker's `PRECONDITION_FAILED` (406): a
+/// declaration whose arguments differ from the existing queue's.
+pub fn is_precondition_failed(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+        if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
 /// Whether an error is the broker's `NOT_FOUND` (404).

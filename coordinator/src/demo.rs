@@ -101,7 +101,7 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         .map(|(s, ..)| Stage::new(*s).expect("valid stage names"))
         .collect();
     for stage in &stages {
-        topology::declare_stage(publisher.channel(), &names, stage)
+        topology::declare_stage(&conn, &names, stage)
             .await
             .map_err(DemoError::Broker)?;
     }

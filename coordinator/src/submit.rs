@@ -230,7 +230,7 @@ impl Submitter {
                 }
             }
             if !self.ladder_declared.load(Ordering::Relaxed) {
-                declare_delay_ladder(publisher.channel(), &self.names)
+                declare_delay_ladder(conn, &self.names)
                     .await
                     .map_err(|e| ladder(e.to_string()))?;
                 self.ladder_declared.store(true, Ordering::Relaxed);

@@ -166,13 +166,16 @@ async fn a_three_node_cluster_replicates_loses_a_node_and_restarts_whole() {
     cluster.start_all().await.unwrap();
     timing("whole cluster started (node 1 first)", t.elapsed());
     let third = Broker::connect_to(&ns, &cluster.amqp_url(2)).await.unwrap();
-    // A quorum queue answers once its members have elected a leader.
+    // A quorum queue answers once its members have elected a leader. The
+    // broker is at-least-once: a task consumed and acked before the
+    // restart may come back (CI saw one in 101), so every kept task must
+    // be there and anything more must be one of the earlier tasks.
     eventually(
         Duration::from_secs(60),
         "the queue's tasks back after the restart",
         || async {
             match third.try_probe(&queue).await? {
-                Some((ready, _)) if ready as usize == RESTART_BATCH => Ok(()),
+                Some((ready, _)) if ready as usize >= RESTART_BATCH => Ok(()),
                 other => bail!("ready and consumers: {other:?}"),
             }
         },
@@ -185,6 +188,17 @@ async fn a_three_node_cluster_replicates_loses_a_node_and_restarts_whole() {
         .into_iter()
         .map(|(id, _, _)| id)
         .collect();
-    assert_eq!(drained, kept, "the tasks published before the restart");
+    let lost: Vec<_> = kept.difference(&drained).collect();
+    assert!(lost.is_empty(), "tasks lost in the restart: {lost:?}");
+    let again: Vec<_> = drained.difference(&kept).collect();
+    assert!(
+        again.iter().all(|id| all.contains(*id)),
+        "only earlier tasks may come back: {again:?}"
+    );
+    eprintln!(
+        "cluster: {} tasks back after the restart, {} of them consumed before it",
+        drained.len(),
+        again.len()
+    );
     replicated_everywhere(&cluster, 2, &queue).await;
 }

@@ -135,7 +135,7 @@ async fn a_delay_survives_a_broker_restart_and_fires_on_time() {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    guildhall_broker::topology::declare_stage(&ch, &ns.names, &TestNs::stage("work"))
+    guildhall_broker::topology::declare_stage(&conn, &ns.names, &TestNs::stage("work"))
         .await
         .unwrap();
     guildhall_broker::topology::ensure_events_stream(

@@ -12,6 +12,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod control;
+mod declarations;
 mod delay;
 mod demo;
 mod demo_worker;

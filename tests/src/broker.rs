@@ -75,12 +75,8 @@ impl Broker {
 
     /// Declares a stage (queue, bindings, dead-letter queue).
     pub async fn declare_stage(&self, stage: &str) -> anyhow::Result<()> {
-        guildhall_broker::topology::declare_stage(
-            &self.channel,
-            &self.names,
-            &TestNs::stage(stage),
-        )
-        .await?;
+        guildhall_broker::topology::declare_stage(&self.conn, &self.names, &TestNs::stage(stage))
+            .await?;
         Ok(())
     }
 

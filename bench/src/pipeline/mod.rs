@@ -246,11 +246,9 @@ pub(crate) async fn setup(
     stages: &[Stage],
 ) -> anyhow::Result<(Names, lapin::Connection)> {
     let (names, conn) = target.open().await?;
-    let ch = conn.create_channel().await?;
     for s in stages {
-        declare_stage(&ch, &names, s).await?;
+        declare_stage(&conn, &names, s).await?;
     }
-    let _ = ch.close(200, "declared".into()).await;
     ensure_events_stream(&conn, &names, &StreamRetention::default()).await?;
     Ok((names, conn))
 }

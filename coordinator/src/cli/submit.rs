@@ -266,7 +266,7 @@ pub async fn run(args: &SubmitArgs, stop: impl Future<Output = ()>) -> anyhow::R
     let (conn, _) = connect_any(&url, &format!("guildhall-submit/{suffix}"), None).await?;
     let publisher = Publisher::open(&conn).await?;
     if args.declare {
-        topology::declare_stage(publisher.channel(), &names, &stage).await?;
+        topology::declare_stage(&conn, &names, &stage).await?;
     }
     let submitter = Submitter::new(AgentId::new(format!("submit-{suffix}"))?, names)
         .with_user_id(url.user_id());

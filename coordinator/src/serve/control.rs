@@ -107,8 +107,8 @@ impl Controller {
         }
         let last = live.as_ref().map(|l| l.address);
         let (conn, address) = connect_any(&self.url, &self.conn_name, last).await?;
+        declare_control(&conn, &self.names).await?;
         let channel = conn.create_channel().await?;
-        declare_control(&channel, &self.names).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
