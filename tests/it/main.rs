@@ -11,6 +11,7 @@ mod capacity;
 mod chaos;
 mod cli;
 mod cluster;
+mod cluster_pipeline;
 mod control;
 mod declarations;
 mod delay;
