@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 const BATCH: usize = 300;
 /// What each task asks of the worker: a little work at each stage, so
 /// that tasks are in hand when the blows fall.
-const PAYLOAD: &str = "sleep=20";
+const PAYLOAD: &str = "sleep=100";
 
 fn timing(what: &str, d: Duration) {
     eprintln!("cluster timing: {what}: {:.1} s", d.as_secs_f64());
@@ -190,10 +190,9 @@ impl Rig {
         self.metric_sum_but(None, name, labels).await
     }
 
-    /// Waits until coordinator `i` hears every agent (idle or busy, seen
-    /// within `fresh`); how long it took.
-    async fn all_agents_heard(&self, i: usize, fresh: Duration, what: &str) -> Duration {
-        let started = Instant::now();
+    /// Waits until coordinator `i` hears every agent: idle or busy, and
+    /// seen since `since`.
+    async fn all_agents_heard(&self, i: usize, since: Instant, what: &str) {
         let c = self.coordinators[i].as_ref().expect("running");
         let ids: Vec<String> = self.agents.iter().map(|a| a.id.clone()).collect();
         eventually(Duration::from_secs(90), what, || async {
@@ -207,14 +206,26 @@ impl Rig {
                 let status = worker["status"].as_str().unwrap_or_default();
                 let ago = worker["last_seen_ago_ms"].as_u64().unwrap_or(u64::MAX);
                 ensure!(
-                    matches!(status, "idle" | "busy") && ago < fresh.as_millis() as u64,
+                    matches!(status, "idle" | "busy") && ago < since.elapsed().as_millis() as u64,
                     "{id}: {status}, seen {ago} ms ago"
                 );
             }
             Ok(())
         })
         .await;
-        started.elapsed()
+    }
+
+    /// The nodes (indexes) the agents' connections are on.
+    async fn agent_nodes(&self) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for a in &self.agents {
+            let name = self
+                .ns
+                .names
+                .agent_connection_name(&a.id.parse().expect("an agent id"));
+            out.push((a.id.clone(), self.node_of(&name).await));
+        }
+        out
     }
 }
 
@@ -307,14 +318,25 @@ async fn a_pipeline_on_a_three_node_cluster_loses_nodes_and_coordinators_and_no_
         sunk: HashMap::new(),
     };
     let (leader, epoch) = rig.leader("one leader of two").await;
-    rig.all_agents_heard(leader, Duration::from_secs(3), "four agents heard")
+    rig.all_agents_heard(leader, Instant::now(), "four agents heard")
         .await;
 
     // (1) The leader's node dies, with whatever agents are on it.
     let node = rig.lock_node(leader).await;
     let via = rig.other_node(&[node]);
     rig.publish("K", via).await;
-    rig.wait_sunk(50, "the first batch flowing").await;
+    rig.wait_sunk(20, "the first batch flowing").await;
+    let on: Vec<String> = rig
+        .agent_nodes()
+        .await
+        .into_iter()
+        .filter(|(_, n)| *n == node)
+        .map(|(id, _)| id)
+        .collect();
+    eprintln!(
+        "cluster: killing node {} with the leader's lock and agents {on:?}",
+        node + 1
+    );
     let killed = Instant::now();
     rig.cluster.kill(node);
     let (leader, epoch1) = rig.leader("a leader after the node's loss").await;
@@ -323,12 +345,8 @@ async fn a_pipeline_on_a_three_node_cluster_loses_nodes_and_coordinators_and_no_
         killed.elapsed(),
     );
     assert!(epoch1 > epoch, "a new election: {epoch1} after {epoch}");
-    rig.all_agents_heard(
-        leader,
-        Duration::from_secs(2),
-        "every agent heard after the node's loss",
-    )
-    .await;
+    rig.all_agents_heard(leader, killed, "every agent heard after the node's loss")
+        .await;
     timing(
         "every agent heard again after the node was SIGKILLed",
         killed.elapsed(),
@@ -344,18 +362,19 @@ async fn a_pipeline_on_a_three_node_cluster_loses_nodes_and_coordinators_and_no_
     let deaths = rig.metric_sum("guildhall_worker_deaths_total", &[]).await;
     rig.publish("F", rig.other_node(&[victim])).await;
     let before = rig.sunk.len();
-    rig.wait_sunk(before + 50, "the second batch flowing").await;
+    rig.wait_sunk(before + 20, "the second batch flowing").await;
+    let killed = Instant::now();
     rig.cluster.kill(victim);
     rig.all_agents_heard(
         leader,
-        Duration::from_secs(2),
+        killed,
         "every agent heard after a follower node's loss",
     )
     .await;
     let t = Instant::now();
     rig.cluster.start(victim).await.unwrap();
     timing("the follower node restarted and rejoined", t.elapsed());
-    rig.all_agents_heard(leader, Duration::from_secs(2), "every agent heard")
+    rig.all_agents_heard(leader, Instant::now(), "every agent heard")
         .await;
     assert_eq!(
         rig.leader("the same leader").await,
@@ -381,7 +400,7 @@ async fn a_pipeline_on_a_three_node_cluster_loses_nodes_and_coordinators_and_no_
     .await;
     rig.publish("S", rig.other_node(&[])).await;
     let before = rig.sunk.len();
-    rig.wait_sunk(before + 50, "the third batch flowing").await;
+    rig.wait_sunk(before + 20, "the third batch flowing").await;
     // Counts of the coordinators that will be left: the leader's die
     // with it.
     let closes = rig
@@ -430,7 +449,7 @@ async fn a_pipeline_on_a_three_node_cluster_loses_nodes_and_coordinators_and_no_
         killed.elapsed(),
     );
     signal_pid(frozen, "CONT");
-    rig.all_agents_heard(next, Duration::from_secs(2), "the frozen agent back")
+    rig.all_agents_heard(next, Instant::now(), "the frozen agent back")
         .await;
     let stopped = Instant::now();
     rig.coordinators[next]
@@ -491,7 +510,7 @@ async fn a_pipeline_on_a_three_node_cluster_loses_nodes_and_coordinators_and_no_
     // (4) The whole cluster stops and starts.
     rig.publish("R", rig.other_node(&[])).await;
     let before = rig.sunk.len();
-    rig.wait_sunk(before + 50, "the fourth batch flowing").await;
+    rig.wait_sunk(before + 20, "the fourth batch flowing").await;
     let t = Instant::now();
     rig.cluster.stop_all();
     timing("whole cluster stopped", t.elapsed());
@@ -499,12 +518,8 @@ async fn a_pipeline_on_a_three_node_cluster_loses_nodes_and_coordinators_and_no_
     rig.cluster.start_all().await.unwrap();
     timing("whole cluster started", t.elapsed());
     let (leader, _) = rig.leader("a leader after the restart").await;
-    rig.all_agents_heard(
-        leader,
-        Duration::from_secs(2),
-        "every agent heard after the restart",
-    )
-    .await;
+    rig.all_agents_heard(leader, t, "every agent heard after the restart")
+        .await;
     timing(
         "a leader and every agent back after the whole cluster started",
         t.elapsed(),

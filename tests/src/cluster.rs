@@ -142,8 +142,9 @@ impl RabbitCluster {
     /// Starts node `i` again on its data and waits until it runs and sees
     /// the other running nodes (it rejoined the cluster).
     pub async fn start(&mut self, i: usize) -> anyhow::Result<()> {
-        self.nodes[i].start().await?;
+        self.nodes[i].launch()?;
         self.down.retain(|&d| d != i);
+        self.boot_waiting().await?;
         self.wait_clustered(i).await
     }
 
@@ -169,8 +170,28 @@ impl RabbitCluster {
             self.nodes[i].launch()?;
         }
         self.down.clear();
-        self.wait_all_started().await?;
+        self.boot_waiting().await?;
         self.wait_clustered(0).await
+    }
+
+    /// Waits until every launched node answers. RabbitMQ 3.10: a node that
+    /// boots while a peer is booting too may fail to sync feature flags
+    /// with it (`incompatible_feature_flags`, a `badmap` in
+    /// `rabbit_feature_flags:enable_dependencies`) and exit; it boots once
+    /// started again, as a supervisor would. One such retry.
+    async fn boot_waiting(&mut self) -> anyhow::Result<()> {
+        let Err(first) = self.wait_all_started().await else {
+            return Ok(());
+        };
+        let mut again = false;
+        for node in &mut self.nodes {
+            again |= node.relaunch_if_exited()?;
+        }
+        if !again {
+            return Err(first);
+        }
+        eprintln!("cluster: a node exited at boot, started again: {first:#}");
+        self.wait_all_started().await
     }
 
     /// A management API client of node `i` (vhost `/`).
@@ -218,10 +239,16 @@ impl RabbitCluster {
         Ok(response.json().await?)
     }
 
-    /// Waits until every node answers on its management API.
+    /// Waits until every launched node answers on its management API.
     async fn wait_all_started(&mut self) -> anyhow::Result<()> {
+        async fn wait(node: &mut RabbitNode) -> anyhow::Result<()> {
+            match node.is_running() {
+                true => node.wait_started().await,
+                false => Ok(()),
+            }
+        }
         let [a, b, c] = &mut self.nodes;
-        tokio::try_join!(a.wait_started(), b.wait_started(), c.wait_started())?;
+        tokio::try_join!(wait(a), wait(b), wait(c))?;
         Ok(())
     }
 

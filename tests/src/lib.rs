@@ -399,7 +399,15 @@ pub async fn spawn_logged(
     env: &[(&str, String)],
     ready: Option<&str>,
 ) -> anyhow::Result<(Proc, Option<String>)> {
-    let log = ns.log_dir.join(format!("{name}.log"));
+    // A second process of the same name (another coordinator) gets a log
+    // of its own: `<name>-2.log`, ...
+    let log = (1..)
+        .map(|n| match n {
+            1 => ns.log_dir.join(format!("{name}.log")),
+            n => ns.log_dir.join(format!("{name}-{n}.log")),
+        })
+        .find(|p| !p.exists())
+        .expect("a free log name");
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())

@@ -145,6 +145,20 @@ impl RabbitNode {
         Ok(())
     }
 
+    /// Launches the node again if its server exited (a failed boot); whether
+    /// it did.
+    pub(crate) fn relaunch_if_exited(&mut self) -> anyhow::Result<bool> {
+        let exited = self
+            .server
+            .as_mut()
+            .is_some_and(|s| matches!(s.try_wait(), Ok(Some(_))));
+        if exited {
+            self.server = None;
+            self.launch()?;
+        }
+        Ok(exited)
+    }
+
     /// A management API client that trusts the node's CA (plain http for
     /// a plain node).
     pub fn management(&self) -> anyhow::Result<Management> {
