@@ -333,9 +333,17 @@ async fn a_pipeline_on_a_three_node_cluster_loses_nodes_and_coordinators_and_no_
         .filter(|(_, n)| *n == node)
         .map(|(id, _)| id)
         .collect();
+    let events = rig
+        .cluster
+        .queue_members(via, &rig.ns.names.events_stream())
+        .await
+        .map(|m| m.leader)
+        .unwrap_or_default();
     eprintln!(
-        "cluster: killing node {} with the leader's lock and agents {on:?}",
-        node + 1
+        "cluster: killing node {} ({}) with the leader's lock and agents {on:?}; \
+         the events stream's leader is {events}",
+        node + 1,
+        rig.cluster.names()[node]
     );
     let killed = Instant::now();
     rig.cluster.kill(node);
