@@ -39,8 +39,8 @@ const CLUSTER_CONFIG: &str = "cluster_partition_handling = pause_minority\n";
 /// Where a queue's replicas are, as the management API reports them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueMembers {
-    /// The node of its leader; `""` when the API names none (RabbitMQ
-    /// 3.10 named none for a fresh stream in `tests/it/cluster.rs`).
+    /// The node of its leader (RabbitMQ 3.10 gives a quorum queue's as
+    /// `leader`, a stream's as `node`); `""` when the API names none.
     pub leader: String,
     /// Every node with a replica.
     pub members: Vec<String>,
@@ -217,7 +217,12 @@ impl RabbitCluster {
             v
         };
         Ok(QueueMembers {
-            leader: info["leader"].as_str().unwrap_or_default().to_owned(),
+            // A quorum queue names its leader `leader`; a stream, `node`.
+            leader: info["leader"]
+                .as_str()
+                .or(info["node"].as_str())
+                .unwrap_or_default()
+                .to_owned(),
             members: names("members"),
             online: names("online"),
         })

@@ -16,6 +16,14 @@
 //! While the consumer is down the core is told it cannot hear the fleet
 //! ([`crate::core::Core::set_listening`]): it judges no one meanwhile.
 //!
+//! **A stalled consumer is replaced.** The coordinator writes an echo
+//! marker to the stream every 250 ms; when the broker has confirmed
+//! markers for [`STALL_AFTER`] and the consumer has delivered nothing in
+//! that time, or an ack hangs for [`ACK_TIMEOUT`], the connection is given
+//! up and opened again (logged as any lost consumer). Seen on a 3-node cluster
+//! after every node was stopped and started: the consumer's connection was
+//! gone, yet nothing woke the consumer, and the coordinator stayed deaf.
+//!
 //! In strong mode (`--require-user-id`) a message is applied only if its
 //! `user_id`, which RabbitMQ validates, may speak for the envelope's sender.
 
@@ -36,6 +44,11 @@ use tokio::sync::watch;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How often pending credit is returned when deliveries slow down.
 const ACK_TICK: Duration = Duration::from_millis(50);
+/// Longest silence of the consumer while the broker confirms this
+/// coordinator's echo markers: past it, the consumer is stalled.
+pub const STALL_AFTER: Duration = Duration::from_secs(10);
+/// Longest wait for an ack (credit) to be sent.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Unreadable messages logged in full before only every 1000th is.
 static MALFORMED_LOGGED: AtomicU64 = AtomicU64::new(0);
@@ -172,6 +185,8 @@ pub(super) enum IngestError {
     Amqp(#[from] lapin::Error),
     #[error("consumer cancelled by the broker")]
     Cancelled,
+    #[error("consumer stalled: {0}")]
+    Stalled(String),
 }
 
 async fn follow(
@@ -204,6 +219,8 @@ async fn follow(
     let mut unacked = 0u32;
     let mut last: Option<lapin::Acker> = None;
     let mut tick = tokio::time::interval(ACK_TICK);
+    // When the consumer last delivered (or started).
+    let mut last_delivery_ms = now_ms();
     loop {
         tokio::select! {
             delivery = consumer.next() => {
@@ -211,6 +228,7 @@ async fn follow(
                     Some(d) => d?,
                     None => return Err(IngestError::Cancelled),
                 };
+                last_delivery_ms = now_ms();
                 let offset = offset_of(&delivery);
                 let seen_before = matches!((offset, floor), (Some(o), Some(f)) if o < f);
                 if first && !seen_before {
@@ -240,6 +258,15 @@ async fn follow(
             _ = tick.tick() => {
                 if unacked > 0 {
                     ack(&mut last, &mut unacked).await?;
+                }
+                let confirmed = app.health.marker_confirmed_ms.load(Ordering::Relaxed);
+                if let Some(why) = stalled(now_ms(), last_delivery_ms, confirmed) {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        conn.close(200, "stalled".into()),
+                    )
+                    .await;
+                    return Err(IngestError::Stalled(why));
                 }
             }
             _ = stop.changed() => {
@@ -305,12 +332,32 @@ pub(super) fn offset_of(delivery: &lapin::message::Delivery) -> Option<u64> {
         .and_then(|h| guildhall_broker::task::header_u64(h, STREAM_OFFSET))
 }
 
-async fn ack(last: &mut Option<lapin::Acker>, unacked: &mut u32) -> Result<(), lapin::Error> {
+async fn ack(last: &mut Option<lapin::Acker>, unacked: &mut u32) -> Result<(), IngestError> {
     if let Some(acker) = last.take() {
-        acker.ack(BasicAckOptions { multiple: true }).await?;
+        tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions { multiple: true }))
+            .await
+            .map_err(|_| IngestError::Stalled(format!("an ack took over {ACK_TIMEOUT:?}")))??;
     }
     *unacked = 0;
     Ok(())
+}
+
+/// Why the consumer counts as stalled at `now_ms`, if it does: it has
+/// delivered nothing since `last_delivery_ms` for [`STALL_AFTER`], while
+/// the broker confirmed an echo marker well after that delivery (at
+/// `confirmed_ms`, 0 for none yet), which it should have delivered.
+fn stalled(now_ms: u64, last_delivery_ms: u64, confirmed_ms: u64) -> Option<String> {
+    let silent = now_ms.saturating_sub(last_delivery_ms);
+    let stall = STALL_AFTER.as_millis() as u64;
+    // A marker confirmed at least a second after the last delivery (the
+    // one in flight then may be the one just delivered).
+    (silent > stall && confirmed_ms > last_delivery_ms + 1_000).then(|| {
+        format!(
+            "nothing delivered for {} s while the broker confirmed echo markers written {} s ago and since",
+            silent / 1_000,
+            confirmed_ms.saturating_sub(last_delivery_ms) / 1_000
+        )
+    })
 }
 
 /// Decodes one message and applies it; unreadable ones (and, in strong
@@ -377,6 +424,24 @@ fn apply(app: &App, data: &[u8], offset: Option<u64>, user_id: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_consumer_silent_while_echoes_are_confirmed_is_stalled() {
+        let stall = STALL_AFTER.as_millis() as u64;
+        let t0 = 1_000_000;
+        // Silent, but nothing confirmed since (the broker is down too):
+        // not the consumer's fault.
+        assert_eq!(stalled(t0 + stall + 1, t0, t0), None);
+        assert_eq!(stalled(t0 + stall + 1, t0, 0), None);
+        // Echoes confirmed since, but not silent long enough yet.
+        assert_eq!(stalled(t0 + stall, t0, t0 + 5_000), None);
+        // Both: stalled.
+        let why = stalled(t0 + stall + 1, t0, t0 + 5_000).unwrap();
+        assert!(why.contains("nothing delivered for 10 s"), "{why}");
+        // A marker confirmed within a second of the last delivery may be
+        // that delivery.
+        assert_eq!(stalled(t0 + stall + 1, t0, t0 + 1_000), None);
+    }
 
     #[test]
     fn an_offset_that_cannot_be_parsed_three_times_running_is_skipped() {

@@ -53,7 +53,7 @@ use link::BrokerLink;
 use persist::Persist;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -176,6 +176,10 @@ pub struct Health {
     pub ingest_started: AtomicBool,
     /// The management API answered the last time it was asked.
     pub management_ok: AtomicBool,
+    /// When (ms) the last echo marker this coordinator wrote was confirmed
+    /// by the broker: it is in the stream, so the stream consumer should
+    /// read it back soon (the ingest's stall watchdog).
+    pub marker_confirmed_ms: AtomicU64,
 }
 
 /// State shared by the runtime tasks and the HTTP handlers.
@@ -663,7 +667,12 @@ async fn write_marker(app: &App, nonce: u64, log: bool) -> bool {
         nonce,
     });
     match app.write_events(vec![marker]).await {
-        Ok(()) => true,
+        Ok(()) => {
+            app.health
+                .marker_confirmed_ms
+                .fetch_max(now_ms(), Ordering::Relaxed);
+            true
+        }
         Err(e) => {
             if log {
                 tracing::warn!("cannot publish start-up marker: {e}");
