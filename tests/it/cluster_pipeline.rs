@@ -190,7 +190,7 @@ impl Rig {
         self.metric_sum_but(None, name, labels).await
     }
 
-    /// Waits until coordinator `i` hears every agent: idle or busy, and
+    /// Waits until coordinator `i` hears every agent: idle or processing, and
     /// seen since `since`.
     async fn all_agents_heard(&self, i: usize, since: Instant, what: &str) {
         let c = self.coordinators[i].as_ref().expect("running");
@@ -206,7 +206,8 @@ impl Rig {
                 let status = worker["status"].as_str().unwrap_or_default();
                 let ago = worker["last_seen_ago_ms"].as_u64().unwrap_or(u64::MAX);
                 ensure!(
-                    matches!(status, "idle" | "busy") && ago < since.elapsed().as_millis() as u64,
+                    matches!(status, "idle" | "processing")
+                        && ago < since.elapsed().as_millis() as u64,
                     "{id}: {status}, seen {ago} ms ago"
                 );
             }
