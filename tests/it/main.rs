@@ -27,6 +27,7 @@ mod hostile;
 mod hostile_agent;
 mod hostile_http;
 mod leadership;
+mod manual_scale;
 mod pipeline;
 mod priority;
 mod priority_submit;

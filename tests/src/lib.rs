@@ -377,6 +377,14 @@ impl WebhookSink {
         Self { url, received }
     }
 
+    /// Every body received so far, in order.
+    pub fn received(&self) -> Vec<Value> {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The bodies received so far whose `kind` is `kind`.
     pub fn of_kind(&self, kind: &str) -> Vec<Value> {
         self.received

@@ -141,6 +141,7 @@ pub async fn scaling(State(app): AppState) -> Json<Value> {
     let view = app.core().scaling_view(now_ms());
     let mut body = serde_json::to_value(view).unwrap_or_else(|e| json!({ "error": e.to_string() }));
     body["dry_run"] = json!(app.dry_run);
+    body["manual"] = json!(app.manual_scales.list());
     Json(body)
 }
 

@@ -10,6 +10,8 @@
 //! - `dead_letters`: listing and replaying dead letters, on a shared
 //!   connection, bounded in time and concurrency;
 //! - `control`: commands to workers and stages;
+//! - `scale`: `POST /api/stages/{stage}/scale`, scaling by hand through
+//!   the actuator (issue 21);
 //! - `events`: `GET /api/events` (SSE);
 //! - `flows`: `GET /api/flows/{id}`, a flow as a graph (issue 19);
 //! - `results`: `GET /api/results/{id}`, a fan-out child's result, stored
@@ -40,6 +42,7 @@ pub mod hosts;
 mod rate_limits;
 pub mod redact;
 pub mod results;
+pub mod scale;
 pub mod schedules;
 pub mod server;
 mod write;
@@ -188,6 +191,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/api/stages/{stage}/rate-limit",
             put(rate_limits::put).route_layer(json(MAX_COMMAND_BYTES)),
+        )
+        .route(
+            "/api/stages/{stage}/scale",
+            post(scale::scale).route_layer(json(MAX_COMMAND_BYTES)),
         )
         .route_layer(from_fn_with_state(app.clone(), access::require_control));
     Router::new()

@@ -35,6 +35,9 @@ pub struct ScaleDecision {
     pub to: u32,
     /// Why, in words.
     pub reason: String,
+    /// Asked by a person (`POST /api/stages/{stage}/scale`): carried out
+    /// at once, whatever `min_interval` says.
+    pub manual: bool,
 }
 
 /// How decisions are carried out.
@@ -118,8 +121,10 @@ async fn act(
         let due: Vec<Stage> = waiting
             .keys()
             .filter(|s| {
-                last.get(*s)
-                    .is_none_or(|t| t.elapsed() >= config.min_interval)
+                waiting.get(*s).is_some_and(|d| d.manual)
+                    || last
+                        .get(*s)
+                        .is_none_or(|t| t.elapsed() >= config.min_interval)
             })
             .cloned()
             .collect();
@@ -248,6 +253,7 @@ mod tests {
             from: 1,
             to,
             reason: "test".into(),
+            manual: false,
         }
     }
 
@@ -298,6 +304,47 @@ mod tests {
         assert_eq!(lines, "build=4\nreport=9\nreport=9\n");
         assert_eq!(outcomes.with_label_values(&["done"]).get(), 2);
         assert_eq!(outcomes.with_label_values(&["failed"]).get(), 1);
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_manual_decision_is_not_held_back_by_the_interval() {
+        let dir =
+            std::env::temp_dir().join(format!("guildhall-actuate-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("log");
+        let outcomes = counter();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let config = ActuatorConfig {
+            command: Some(format!("echo {{stage}}={{workers}} >> {}", log.display())),
+            min_interval: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let (a, task) = Actuator::spawn(config, outcomes.clone(), stop_rx);
+        let wait_done = |n: u64| {
+            let outcomes = outcomes.clone();
+            async move {
+                for _ in 0..40 {
+                    if outcomes.with_label_values(&["done"]).get() >= n {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        a.decide(decision("build", 2));
+        wait_done(1).await;
+        // An automatic one waits an hour; a manual one goes at once.
+        a.decide(decision("build", 3));
+        a.decide(ScaleDecision {
+            manual: true,
+            ..decision("build", 5)
+        });
+        wait_done(2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "build=2\nbuild=5\n");
         let _ = stop_tx.send(true);
         let _ = task.await;
         let _ = std::fs::remove_dir_all(&dir);

@@ -211,6 +211,11 @@ pub struct App {
     pub control: Controller,
     /// Carries out scaling decisions, if any actuator is configured.
     pub actuator: Option<Actuator>,
+    /// What the actuator does (`command`, `webhook`, `command+webhook`;
+    /// `none`), for the answer of a manual scaling request.
+    pub actuator_kind: &'static str,
+    /// The last manual scaling requests (`GET /api/scaling`).
+    pub manual_scales: crate::http::scale::ManualScales,
     /// Whether scaling decisions and rebalancing moves are only reported.
     pub dry_run: bool,
     /// How long an agent has to confirm a command.
@@ -411,6 +416,13 @@ pub async fn run(
             format!("{conn_name}/control"),
         ),
         actuator,
+        actuator_kind: match (&config.actuator.command, &config.actuator.webhook) {
+            (Some(_), Some(_)) => "command+webhook",
+            (Some(_), None) => "command",
+            (None, Some(_)) => "webhook",
+            (None, None) => "none",
+        },
+        manual_scales: Default::default(),
         dry_run: config.actuator.dry_run,
         command_timeout: config.command_timeout,
         access: config.access.clone(),
@@ -752,6 +764,7 @@ fn act_on(app: &Arc<App>, notice: Notice) {
                     from,
                     to,
                     reason,
+                    manual: false,
                 });
             }
         }

@@ -692,6 +692,8 @@
       el('button', { type: 'button', class: 'btn btn-small', 'data-stage-action': 'resume', 'data-stage': stage, title: `Resume every live worker of ${stage}` }, 'Resume all'),
       el('button', { type: 'button', class: 'btn btn-small btn-warn', 'data-stage-action': 'drain', 'data-stage': stage, title: `Drain every live worker of ${stage}` }, 'Drain all'),
       el('button', { type: 'button', class: 'btn btn-small', 'data-stage-action': 'rate-limit', 'data-stage': stage, title: `Set or lift ${stage}'s rate limit (tasks started per second, whole stage)` }, 'Rate limit'),
+      el('button', { type: 'button', class: 'btn btn-small', 'data-stage-action': 'scale', 'data-delta': '-1', 'data-stage': stage, title: `Ask the actuator (--scale-command or --scale-webhook) for one worker fewer on ${stage}` }, 'Scale \u22121'),
+      el('button', { type: 'button', class: 'btn btn-small', 'data-stage-action': 'scale', 'data-delta': '1', 'data-stage': stage, title: `Ask the actuator (--scale-command or --scale-webhook) for one worker more on ${stage}` }, 'Scale +1'),
     ];
   }
 
@@ -894,6 +896,19 @@
     });
   }
 
+  /** Asks the actuator for `delta` workers more (or fewer) on a stage. */
+  async function scaleStage(stage, delta, button) {
+    await busy(button, async () => {
+      try {
+        const answer = await api(`/api/stages/${enc(stage)}/scale`, { method: 'POST', body: { delta }, interactive: true });
+        const how = answer.dry_run ? 'dry run: logged only' : `through the ${answer.actuator}`;
+        toast(`${stage}: ${answer.from} \u2192 ${answer.to} worker${answer.to === 1 ? '' : 's'} asked (${how})`, 'ok');
+      } catch (e) {
+        toastError(e, `${stage}: scale`);
+      }
+    });
+  }
+
   async function stageCommand(stage, action, button) {
     await busy(button, async () => {
       try {
@@ -943,6 +958,7 @@
     document.addEventListener('click', (e) => {
       const button = e.target.closest('button[data-stage-action]');
       if (button && button.dataset.stageAction === 'rate-limit') setRateLimit(button.dataset.stage, button);
+      else if (button && button.dataset.stageAction === 'scale') scaleStage(button.dataset.stage, Number(button.dataset.delta), button);
       else if (button) stageCommand(button.dataset.stage, button.dataset.stageAction, button);
     });
     let filterTimer = null;
