@@ -17,6 +17,7 @@ fn main() -> ExitCode {
             | Command::Schedule(_)
             | Command::Cancel(_)
             | Command::RateLimit(_)
+            | Command::Scale(_)
             | Command::Healthcheck(_)
     );
     let log_default = if quiet { "warn" } else { "info" };
@@ -43,6 +44,7 @@ async fn run(command: Command) -> anyhow::Result<String> {
         Command::Schedule(args) => cli::schedule::run(&args).await,
         Command::Cancel(args) => cli::cancel::run(&args).await,
         Command::RateLimit(args) => cli::rate_limit::run(&args).await,
+        Command::Scale(args) => cli::scale::run(&args).await,
         Command::Healthcheck(args) => Ok(cli::health::run(&args).await?),
         Command::Bench(_) => Err(ConfigError(
             "`guildhall bench` moved to its own binary: run `guildhall-bench` (same subcommands and flags)".into(),

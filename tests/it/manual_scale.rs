@@ -109,6 +109,39 @@ async fn scaling_by_hand_goes_through_the_actuator_at_once() {
         Ok(())
     })
     .await;
+    // The command line: a step, then a bad count (status 2, one line).
+    let base = c.api.base.clone();
+    let out_cli = run_guildhall(&[
+        "scale",
+        "work",
+        "+2",
+        "--api-url",
+        &base,
+        "--api-token",
+        TOKEN,
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&out_cli.stdout);
+    assert!(out_cli.status.success(), "{out_cli:?}");
+    assert_eq!(
+        stdout.trim(),
+        "work: 1 -> 3 workers asked (through the command+webhook)"
+    );
+    let bad = run_guildhall(&[
+        "scale",
+        "work",
+        "plenty",
+        "--api-url",
+        &base,
+        "--api-token",
+        TOKEN,
+    ])
+    .await;
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).trim().lines().count(),
+        1
+    );
     // Recorded and counted.
     let scaling = api.get_ok("/api/scaling").await.unwrap();
     let manual = scaling["manual"].as_array().cloned().unwrap_or_default();
@@ -118,7 +151,11 @@ async fn scaling_by_hand_goes_through_the_actuator_at_once() {
         .collect();
     assert_eq!(
         asked,
-        vec![(json!("work"), json!(2)), (json!("work"), json!(5))],
+        vec![
+            (json!("work"), json!(2)),
+            (json!("work"), json!(5)),
+            (json!("work"), json!(3))
+        ],
         "{scaling}"
     );
     let m = api.metrics().await.unwrap();

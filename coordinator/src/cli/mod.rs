@@ -8,6 +8,7 @@
 //! - [`submit`]: `submit`, which publishes straight to the broker (one
 //!   task, a count, or a Poisson stream with `--rate`);
 //! - [`health`]: `healthcheck`, a container's HEALTHCHECK without curl;
+//! - [`rate_limit`], [`scale`]: a stage's rate limit, scaling it by hand;
 //! - [`render`]: terminal tables and time formatting.
 
 mod band_targets;
@@ -16,6 +17,7 @@ pub mod client;
 pub mod health;
 pub mod rate_limit;
 pub mod render;
+pub mod scale;
 pub mod schedule;
 pub mod submit;
 
@@ -74,6 +76,9 @@ pub enum Command {
     /// Set or lift a stage's rate limit (`50/s`, `30/min`, `off`) through a
     /// running coordinator.
     RateLimit(rate_limit::RateLimitArgs),
+    /// Scale a stage by hand (`+1`, `-1`, or a count) through a running
+    /// coordinator's actuator.
+    Scale(scale::ScaleArgs),
     /// Exit 0 if a URL answers 2xx (default: the local coordinator's
     /// /healthz), else 1 with one line: a container healthcheck.
     Healthcheck(HealthcheckArgs),
