@@ -26,6 +26,7 @@ mod flows_dag;
 mod hostile;
 mod hostile_agent;
 mod hostile_http;
+mod ingest_stall;
 mod leadership;
 mod manual_scale;
 mod pipeline;
