@@ -286,4 +286,15 @@ async fn the_dashboard_scales_a_stage_with_a_click() {
     .await;
     let toast = find(client, ".toast").await.text().await.unwrap();
     assert!(toast.contains("1 \u{2192} 2"), "{toast}");
+    // Listed under "Scaled by hand" in the pipeline view (fed by /api/events).
+    client
+        .goto(&format!("{}/#pipeline", c.api.base))
+        .await
+        .unwrap();
+    let row = find(client, "#manual-scale-table .manual-scale-row").await;
+    let text = row.text().await.unwrap();
+    assert!(
+        text.contains("work") && text.contains("1 \u{2192} 2"),
+        "{text}"
+    );
 }

@@ -187,6 +187,7 @@ impl Conn {
         }
         let mut scaling = serde_json::to_value(&scaling).unwrap_or(Value::Null);
         scaling["dry_run"] = json!(self.app.dry_run);
+        scaling["manual"] = json!(self.app.manual_scales.list());
         let print = scaling.to_string();
         if print != self.scaling {
             self.scaling = print;

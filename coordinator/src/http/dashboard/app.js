@@ -1242,16 +1242,26 @@
   function renderMoves() {
     const box = $('#pipeline-moves');
     const moves = state.scaling && Array.isArray(state.scaling.moves) ? state.scaling.moves : [];
-    if (!moves.length) { box.replaceChildren(); return; }
+    const manual = state.scaling && Array.isArray(state.scaling.manual) ? state.scaling.manual : [];
+    if (!moves.length && !manual.length) { box.replaceChildren(); return; }
     const recent = moves.slice(-20).reverse();
+    const byHand = manual.slice(-20).reverse();
     fill(box,
-      el('h3', { class: 'section-title' }, 'Recent moves'),
-      el('div', { class: 'table-wrap' },
+      recent.length ? el('h3', { class: 'section-title' }, 'Recent moves') : null,
+      recent.length ? el('div', { class: 'table-wrap' },
         el('table', { class: 'data-table', id: 'moves-table' },
           el('thead', null, el('tr', null, ['When', 'Worker', 'From', 'To', 'Why'].map((h) => el('th', null, h)))),
           el('tbody', null, recent.map((m) => el('tr', { class: 'move-row' },
             el('td', null, agoNode(m.at_ms)), el('td', { class: 'mono' }, m.worker), el('td', null, m.from),
-            el('td', null, m.to), el('td', null, m.reason)))))));
+            el('td', null, m.to), el('td', null, m.reason)))))) : null,
+      byHand.length ? el('h3', { class: 'section-title' }, 'Scaled by hand') : null,
+      byHand.length ? el('div', { class: 'table-wrap' },
+        el('table', { class: 'data-table', id: 'manual-scale-table' },
+          el('thead', null, el('tr', null, ['When', 'Stage', 'Workers', 'Carried out'].map((h) => el('th', null, h)))),
+          el('tbody', null, byHand.map((m) => el('tr', { class: 'manual-scale-row' },
+            el('td', null, agoNode(m.at_ms)), el('td', { class: 'mono' }, m.stage),
+            el('td', null, `${m.from} \u2192 ${m.to}`),
+            el('td', null, m.dry_run ? 'dry run: logged only' : 'through the actuator')))))) : null);
   }
 
   // =====================================================================
