@@ -41,14 +41,14 @@ pub const DELIVERY_LIMIT: i64 = 20;
 pub const REPLICAS: i64 = 3;
 
 /// The placement arguments ([`REPLICAS`], balanced leaders) a queue of
-/// type `kind` is created with.
-fn placement(kind: &str) -> [(&'static str, AMQPValue); 2] {
-    let size = if kind == "stream" {
-        "x-initial-cluster-size"
-    } else {
-        "x-quorum-initial-group-size"
+/// type `kind` is created with; none for a type that is not replicated.
+fn placement(kind: &str) -> Vec<(&'static str, AMQPValue)> {
+    let size = match kind {
+        "stream" => "x-initial-cluster-size",
+        "quorum" => "x-quorum-initial-group-size",
+        _ => return Vec::new(),
     };
-    [
+    vec![
         (size, AMQPValue::LongLongInt(REPLICAS)),
         ("x-queue-leader-locator", text("balanced")),
     ]
@@ -111,11 +111,14 @@ struct Declarer<'a> {
 
 impl<'a> Declarer<'a> {
     async fn open(conn: &'a Connection) -> Result<Self, BrokerError> {
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(BrokerError::amqp("open a channel for declarations"))?;
+        let ch = Self::channel(conn).await?;
         Ok(Self { conn, ch })
+    }
+
+    async fn channel(conn: &Connection) -> Result<Channel, BrokerError> {
+        conn.create_channel()
+            .await
+            .map_err(BrokerError::amqp("open a channel for declarations"))
     }
 
     /// Closes the channel and hands `result` on.
@@ -154,11 +157,7 @@ impl<'a> Declarer<'a> {
         let first = self.declare(name, placed).await;
         match first {
             Err(e) if is_precondition_failed(&e) => {
-                self.ch = self
-                    .conn
-                    .create_channel()
-                    .await
-                    .map_err(BrokerError::amqp("open a channel for declarations"))?;
+                self.ch = Self::channel(self.conn).await?;
                 self.declare(name, table.clone())
                     .await
                     .map_err(BrokerError::amqp(format!("declare queue {name}")))
@@ -201,46 +200,44 @@ pub async fn declare_stage(
 }
 
 async fn stage_on(d: &mut Declarer<'_>, names: &Names, stage: &Stage) -> Result<(), BrokerError> {
-    {
-        d.exchange(names.tasks_exchange(), ExchangeKind::Direct)
+    d.exchange(names.tasks_exchange(), ExchangeKind::Direct)
+        .await?;
+    d.exchange(names.dead_exchange(), ExchangeKind::Direct)
+        .await?;
+    let dead = names.dead_queue(stage);
+    d.queue(&dead, &args(&[("x-queue-type", text("quorum"))]))
+        .await?;
+    d.bind(&dead, &names.dead_exchange(), stage.as_str())
+        .await?;
+    let work = names.stage_queue(stage);
+    let table = args(&[
+        ("x-queue-type", text("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+        ("x-dead-letter-exchange", text(&names.dead_exchange())),
+        ("x-dead-letter-routing-key", text(stage.as_str())),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ]);
+    d.queue(&work, &table).await?;
+    d.bind(&work, &names.tasks_exchange(), stage.as_str())
+        .await?;
+    // The bands: the same arguments as the intake (delivery limit, dead
+    // letters to the stage's dead queue), bound on the task exchange by
+    // their band key and on the ladder's delivery exchange by `#.<key>`.
+    // The ladder itself is declared by the first one to delay a task
+    // ([`declare_delay_ladder`]): 23 quorum queues a namespace without
+    // delays does not need.
+    d.exchange(names.delay_deliver_exchange(), ExchangeKind::Topic)
+        .await?;
+    for band in Band::ALL {
+        let name = names.band_queue(stage, band);
+        let key = Names::band_key(stage, band);
+        d.queue(&name, &table).await?;
+        d.bind(&name, &names.tasks_exchange(), &key).await?;
+        d.bind(&name, &names.delay_deliver_exchange(), &format!("#.{key}"))
             .await?;
-        d.exchange(names.dead_exchange(), ExchangeKind::Direct)
-            .await?;
-        let dead = names.dead_queue(stage);
-        d.queue(&dead, &args(&[("x-queue-type", text("quorum"))]))
-            .await?;
-        d.bind(&dead, &names.dead_exchange(), stage.as_str())
-            .await?;
-        let work = names.stage_queue(stage);
-        let table = args(&[
-            ("x-queue-type", text("quorum")),
-            ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
-            ("x-dead-letter-exchange", text(&names.dead_exchange())),
-            ("x-dead-letter-routing-key", text(stage.as_str())),
-            ("x-dead-letter-strategy", text("at-least-once")),
-            ("x-overflow", text("reject-publish")),
-        ]);
-        d.queue(&work, &table).await?;
-        d.bind(&work, &names.tasks_exchange(), stage.as_str())
-            .await?;
-        // The bands: the same arguments as the intake (delivery limit, dead
-        // letters to the stage's dead queue), bound on the task exchange by
-        // their band key and on the ladder's delivery exchange by `#.<key>`.
-        // The ladder itself is declared by the first one to delay a task
-        // ([`declare_delay_ladder`]): 23 quorum queues a namespace without
-        // delays does not need.
-        d.exchange(names.delay_deliver_exchange(), ExchangeKind::Topic)
-            .await?;
-        for band in Band::ALL {
-            let name = names.band_queue(stage, band);
-            let key = Names::band_key(stage, band);
-            d.queue(&name, &table).await?;
-            d.bind(&name, &names.tasks_exchange(), &key).await?;
-            d.bind(&name, &names.delay_deliver_exchange(), &format!("#.{key}"))
-                .await?;
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Declares the delay ladder (see [`guildhall_proto::schedule`]): for each
@@ -257,38 +254,36 @@ pub async fn declare_delay_ladder(conn: &Connection, names: &Names) -> Result<()
 }
 
 async fn ladder_on(d: &mut Declarer<'_>, names: &Names) -> Result<(), BrokerError> {
-    {
-        let deliver = names.delay_deliver_exchange();
-        d.exchange(deliver.clone(), ExchangeKind::Topic).await?;
-        for level in 0..DELAY_LEVELS {
-            let name = names.delay_level(level);
-            let below = match level {
-                0 => deliver.clone(),
-                n => names.delay_level(n - 1),
-            };
-            d.exchange(name.clone(), ExchangeKind::Topic).await?;
-            let ttl_ms = (1i64 << level) * 1000;
-            let table = args(&[
-                ("x-queue-type", text("quorum")),
-                ("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)),
-                ("x-dead-letter-exchange", text(&below)),
-                ("x-dead-letter-strategy", text("at-least-once")),
-                ("x-overflow", text("reject-publish")),
-            ]);
-            d.queue(&name, &table).await?;
-            d.bind(&name, &name, &delay_binding(level, true)).await?;
-            d.ch.exchange_bind(
-                below.as_str().into(),
-                name.as_str().into(),
-                delay_binding(level, false).as_str().into(),
-                ExchangeBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::amqp(format!("bind {below} to {name}")))?;
-        }
-        Ok(())
+    let deliver = names.delay_deliver_exchange();
+    d.exchange(deliver.clone(), ExchangeKind::Topic).await?;
+    for level in 0..DELAY_LEVELS {
+        let name = names.delay_level(level);
+        let below = match level {
+            0 => deliver.clone(),
+            n => names.delay_level(n - 1),
+        };
+        d.exchange(name.clone(), ExchangeKind::Topic).await?;
+        let ttl_ms = (1i64 << level) * 1000;
+        let table = args(&[
+            ("x-queue-type", text("quorum")),
+            ("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)),
+            ("x-dead-letter-exchange", text(&below)),
+            ("x-dead-letter-strategy", text("at-least-once")),
+            ("x-overflow", text("reject-publish")),
+        ]);
+        d.queue(&name, &table).await?;
+        d.bind(&name, &name, &delay_binding(level, true)).await?;
+        d.ch.exchange_bind(
+            below.as_str().into(),
+            name.as_str().into(),
+            delay_binding(level, false).as_str().into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::amqp(format!("bind {below} to {name}")))?;
     }
+    Ok(())
 }
 
 /// Declares the retry queue of `stage` for one delay: a quorum queue whose

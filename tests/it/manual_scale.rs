@@ -45,6 +45,16 @@ async fn setup(ns: &TestNs, out: &Path, hook: &WebhookSink) -> (Coordinator, Age
     (c, agent)
 }
 
+/// Waits until the scale command wrote `line` to `out`.
+async fn wait_for_line(out: &Path, line: &str, what: &str) {
+    eventually(Duration::from_secs(15), what, || async {
+        let written = lines(out);
+        anyhow::ensure!(written.iter().any(|l| l == line), "{written:?}");
+        Ok(())
+    })
+    .await;
+}
+
 /// The lines the scale command wrote so far.
 fn lines(out: &Path) -> Vec<String> {
     std::fs::read_to_string(out)
@@ -80,25 +90,13 @@ async fn scaling_by_hand_goes_through_the_actuator_at_once() {
         ),
         "{body}"
     );
-    eventually(Duration::from_secs(10), "the command ran", || async {
-        anyhow::ensure!(
-            lines(&out).contains(&"work=2".to_owned()),
-            "{:?}",
-            lines(&out)
-        );
-        Ok(())
-    })
-    .await;
+    wait_for_line(&out, "work=2", "the command ran").await;
     // The next one is not held back by --scale-interval (1 h).
     let (status, body) = api.post_raw(path, r#"{"workers": 5}"#).await.unwrap();
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["to"], 5, "{body}");
-    eventually(Duration::from_secs(10), "the command ran again", || async {
-        anyhow::ensure!(
-            lines(&out).contains(&"work=5".to_owned()),
-            "{:?}",
-            lines(&out)
-        );
+    wait_for_line(&out, "work=5", "the command ran again").await;
+    eventually(Duration::from_secs(10), "the webhook called", || async {
         let posted: Vec<Value> = hook.received();
         anyhow::ensure!(
             posted
@@ -275,15 +273,7 @@ async fn the_dashboard_scales_a_stage_with_a_click() {
         .unwrap();
     let plus = "button[data-stage-action='scale'][data-delta='1'][data-stage='work']";
     find(client, plus).await.click().await.unwrap();
-    eventually(Duration::from_secs(15), "the click scaled", || async {
-        anyhow::ensure!(
-            lines(&out).contains(&"work=2".to_owned()),
-            "{:?}",
-            lines(&out)
-        );
-        Ok(())
-    })
-    .await;
+    wait_for_line(&out, "work=2", "the click scaled").await;
     let toast = find(client, ".toast").await.text().await.unwrap();
     assert!(toast.contains("1 \u{2192} 2"), "{toast}");
     // Listed under "Scaled by hand" in the pipeline view (fed by /api/events).

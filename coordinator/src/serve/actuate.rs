@@ -261,6 +261,24 @@ mod tests {
         prometheus::IntCounterVec::new(prometheus::Opts::new("x", "x"), &["outcome"]).unwrap()
     }
 
+    /// A fresh directory for a test's command log.
+    fn scratch_dir() -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("guildhall-actuate-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Waits (up to 4 s) until `outcome` was counted at least `n` times.
+    async fn wait_counted(outcomes: &prometheus::IntCounterVec, outcome: &str, n: u64) {
+        for _ in 0..80 {
+            if outcomes.with_label_values(&[outcome]).get() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     #[test]
     fn templates_are_filled() {
         let s: Stage = "build".parse().unwrap();
@@ -272,9 +290,7 @@ mod tests {
 
     #[tokio::test]
     async fn commands_run_with_the_latest_count_and_failures_are_retried() {
-        let dir =
-            std::env::temp_dir().join(format!("guildhall-actuate-{:08x}", rand::random::<u32>()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir();
         let log = dir.join("log");
         let outcomes = counter();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -294,12 +310,7 @@ mod tests {
         a.decide(decision("build", 3));
         a.decide(decision("build", 4));
         a.decide(decision("report", 9)); // fails once, then is retried
-        for _ in 0..40 {
-            if outcomes.with_label_values(&["done"]).get() >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_counted(&outcomes, "done", 2).await;
         let lines = std::fs::read_to_string(&log).unwrap();
         assert_eq!(lines, "build=4\nreport=9\nreport=9\n");
         assert_eq!(outcomes.with_label_values(&["done"]).get(), 2);
@@ -311,9 +322,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_manual_decision_is_not_held_back_by_the_interval() {
-        let dir =
-            std::env::temp_dir().join(format!("guildhall-actuate-{:08x}", rand::random::<u32>()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir();
         let log = dir.join("log");
         let outcomes = counter();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -323,26 +332,15 @@ mod tests {
             ..Default::default()
         };
         let (a, task) = Actuator::spawn(config, outcomes.clone(), stop_rx);
-        let wait_done = |n: u64| {
-            let outcomes = outcomes.clone();
-            async move {
-                for _ in 0..40 {
-                    if outcomes.with_label_values(&["done"]).get() >= n {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        };
         a.decide(decision("build", 2));
-        wait_done(1).await;
+        wait_counted(&outcomes, "done", 1).await;
         // An automatic one waits an hour; a manual one goes at once.
         a.decide(decision("build", 3));
         a.decide(ScaleDecision {
             manual: true,
             ..decision("build", 5)
         });
-        wait_done(2).await;
+        wait_counted(&outcomes, "done", 2).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "build=2\nbuild=5\n");
         let _ = stop_tx.send(true);
@@ -361,12 +359,7 @@ mod tests {
         };
         let (a, _task) = Actuator::spawn(config, outcomes.clone(), stop_rx);
         a.decide(decision("build", 2));
-        for _ in 0..40 {
-            if outcomes.with_label_values(&["dry_run"]).get() == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_counted(&outcomes, "dry_run", 1).await;
         assert_eq!(outcomes.with_label_values(&["dry_run"]).get(), 1);
         assert_eq!(outcomes.with_label_values(&["failed"]).get(), 0);
     }
